@@ -1,0 +1,122 @@
+"""One place for configuration: defaults < infra state file < env vars (STREAMREC_*) < CLI flags.
+
+`streamrec infra up` writes the addresses of the broker and Redis it started into
+`$STREAMREC_HOME/infra.json`; every other command reads them from there unless the environment or a
+flag says otherwise, so a user never has to copy addresses around.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_HOME = Path.home() / ".streamrec"
+INFRA_STATE_FILE = "infra.json"
+
+
+def home_dir() -> Path:
+    """The state directory, honouring STREAMREC_HOME without building a full Settings."""
+    import os
+
+    return Path(os.environ.get("STREAMREC_HOME", str(DEFAULT_HOME))).expanduser()
+
+
+def read_infra_state(home: Path | None = None) -> dict[str, Any]:
+    """What `infra up` recorded, or {} when nothing is running."""
+    path = (home or home_dir()) / INFRA_STATE_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(f"infra state file {path} is unreadable: {exc}") from exc
+
+
+class _InfraStateSource(PydanticBaseSettingsSource):
+    """Addresses written by `streamrec infra up`; below env vars, above defaults."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        state = read_infra_state()
+        return {k: state[k] for k in ("kafka_bootstrap", "redis_url") if state.get(k)}
+
+
+class Settings(BaseSettings):
+    """Every tunable of every streamrec process. Env var: STREAMREC_<FIELD NAME IN CAPITALS>."""
+
+    model_config = SettingsConfigDict(env_prefix="STREAMREC_", extra="forbid")
+
+    home: Path = Field(DEFAULT_HOME, description="state directory (infra.json, logs, checkpoints)")
+    # Kafka
+    kafka_bootstrap: str = Field("127.0.0.1:9092", description="bootstrap servers, host:port[,..]")
+    kafka_client: Literal["kafka-python", "confluent"] = Field(
+        "kafka-python", description="client backend; 'confluent' needs the [fast] extra"
+    )
+    topic: str = Field("streamrec.events", description="interaction events topic")
+    dlq_suffix: str = Field(".dlq", description="dead-letter topic = <topic><suffix>")
+    topic_partitions: int = Field(3, ge=1, description="partitions for topics streamrec creates")
+    consumer_group: str = Field("streamrec-trainer", description="online trainer consumer group")
+    session_timeout_ms: int = Field(6000, ge=1000, description="consumer group session timeout")
+    heartbeat_interval_ms: int = Field(1000, ge=100, description="consumer heartbeat interval")
+    # Events
+    custom_event_types: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="event types accepted beside the built-in ones"
+    )
+    max_context_keys: int = Field(32, ge=0, description="most keys in an event's context")
+    max_context_bytes: int = Field(2048, ge=0, description="most bytes of an event's context")
+    # Redis
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="feature store")
+    # Parameter server
+    param_servers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["127.0.0.1:7070"], description="host:port of each shard, in order"
+    )
+    param_server_token: str | None = Field(None, description="shared secret for every call")
+    # Serving
+    serving_port: int = Field(8000, description="HTTP port of the serving workers")
+    poll_interval: float = Field(60.0, ge=0.05, description="seconds between parameter pulls")
+    # Metrics
+    metrics_port: int = Field(0, ge=0, description="Prometheus port for this process (0: none)")
+
+    @field_validator("custom_event_types", "param_servers", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            stripped = value.strip()
+            if stripped.startswith("["):
+                return json.loads(stripped)
+            return [v.strip() for v in stripped.split(",") if v.strip()]
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _InfraStateSource(settings_cls))
+
+    @property
+    def dlq_topic(self) -> str:
+        return self.topic + self.dlq_suffix
+
+    def public_dict(self) -> dict[str, Any]:
+        """The effective configuration, secrets masked, JSON-ready."""
+        data = self.model_dump(mode="json")
+        if data.get("param_server_token"):
+            data["param_server_token"] = "***"
+        data["dlq_topic"] = self.dlq_topic
+        return data
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings with CLI overrides applied (None means 'not given on the command line')."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
