@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     )
     topic: str = Field("streamrec.events", description="interaction events topic")
     dlq_suffix: str = Field(".dlq", description="dead-letter topic = <topic><suffix>")
+    producer_acks: Literal["0", "1", "all"] = Field(
+        "all", description="producer acks; 'all' also turns on idempotent delivery"
+    )
+    producer_linger_ms: int = Field(5, ge=0, description="producer batching delay")
     topic_partitions: int = Field(3, ge=1, description="partitions for topics streamrec creates")
     consumer_group: str = Field("streamrec-trainer", description="online trainer consumer group")
     session_timeout_ms: int = Field(6000, ge=1000, description="consumer group session timeout")

@@ -1,0 +1,178 @@
+"""Historical interaction logs -> one columnar, time-ordered table.
+
+Every consumer of a log file (replay to Kafka, batch refits, `streamrec evaluate`) reads it through
+`load_log`, so ids, ordering and tie-breaking are identical everywhere. Ids stay opaque strings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+LogFormat = Literal["ml-100k", "ml-latest", "csv", "jsonl"]
+FORMATS: tuple[str, ...] = ("ml-100k", "ml-latest", "csv", "jsonl")
+CANONICAL_COLUMNS = ("user_id", "item_id", "rating", "timestamp", "event_type")
+
+
+@dataclass(frozen=True)
+class InteractionLog:
+    """Columns of equal length, sorted by (timestamp, user, item) unless built otherwise.
+
+    `rating` is NaN where the log has no explicit value (implicit feedback); `event_type` is None
+    when the format carries no event types (then ratings are `rating` events, others `view`).
+    """
+
+    user_id: np.ndarray  # object array of str
+    item_id: np.ndarray  # object array of str
+    rating: np.ndarray  # float64, NaN = none
+    timestamp: np.ndarray  # float64 epoch seconds
+    event_type: np.ndarray | None = None  # object array of str
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.user_id)
+
+    @property
+    def has_ratings(self) -> bool:
+        return bool(np.isfinite(self.rating).any())
+
+    def take(self, index: np.ndarray) -> InteractionLog:
+        """Rows at `index` (a slice, mask or integer array), keeping the source name."""
+        return InteractionLog(
+            self.user_id[index],
+            self.item_id[index],
+            self.rating[index],
+            self.timestamp[index],
+            None if self.event_type is None else self.event_type[index],
+            self.source,
+        )
+
+    def event_types(self) -> np.ndarray:
+        """Event type per row: the log's own, else `rating` where rated and `view` elsewhere."""
+        if self.event_type is not None:
+            return self.event_type
+        return np.where(np.isfinite(self.rating), "rating", "view").astype(object)
+
+    def event_ids(self) -> list[str]:
+        """Deterministic ids: the same file gives the same ids, so consumers can de-duplicate.
+
+        Built from the row's content plus its occurrence number among identical rows, so two
+        identical lines still get distinct ids while a reordered file keeps each row's id.
+        """
+        keys = pd.DataFrame(
+            {"u": self.user_id, "i": self.item_id, "t": self.timestamp, "r": self.rating}
+        )
+        occurrence = keys.groupby(["u", "i", "t", "r"], dropna=False, sort=False).cumcount()
+        return [
+            hashlib.blake2b(f"{u}\x1f{i}\x1f{t!r}\x1f{r!r}\x1f{n}".encode(), digest_size=12).hexdigest()
+            for u, i, t, r, n in zip(
+                self.user_id, self.item_id, self.timestamp, self.rating, occurrence.to_numpy()
+            )
+        ]
+
+
+def id_sort_key(ids: np.ndarray) -> np.ndarray:
+    """Ids compare as integers when every id is an integer, else as strings (EVALUATION.md)."""
+    numeric = pd.to_numeric(pd.Series(ids, copy=False), errors="coerce")
+    if len(ids) and numeric.notna().all() and (numeric == np.floor(numeric)).all():
+        as_int = pd.Series(ids, copy=False).astype(str).str.fullmatch(r"[+-]?\d+")
+        if as_int.all():
+            return numeric.to_numpy(dtype=np.float64)
+    return np.asarray(ids, dtype=str)
+
+
+def time_order(log: InteractionLog) -> np.ndarray:
+    """Stable order by timestamp, then user id, then item id."""
+    return np.lexsort((id_sort_key(log.item_id), id_sort_key(log.user_id), log.timestamp))
+
+
+def _parse_mapping(mapping: dict[str, str] | None) -> dict[str, str]:
+    """`--map user_id=userId,...` gives canonical -> source column; pandas wants the reverse."""
+    unknown = set(mapping or {}) - set(CANONICAL_COLUMNS)
+    if unknown:
+        raise ValueError(f"--map names unknown fields {sorted(unknown)}; known: {CANONICAL_COLUMNS}")
+    return {src: dst for dst, src in (mapping or {}).items()}
+
+
+def _read_frame(path: Path, fmt: str, mapping: dict[str, str] | None) -> pd.DataFrame:
+    if fmt == "ml-100k":
+        file = path / "u.data" if path.is_dir() else path
+        return pd.read_csv(
+            file, sep="\t", header=None, names=["user_id", "item_id", "rating", "timestamp"],
+            dtype={"user_id": str, "item_id": str, "rating": np.float64, "timestamp": np.float64},
+        )
+    if fmt == "ml-latest":
+        file = path / "ratings.csv" if path.is_dir() else path
+        frame = pd.read_csv(file, dtype={"userId": str, "movieId": str})
+        return frame.rename(columns={"userId": "user_id", "movieId": "item_id"})
+    if fmt == "csv":
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    elif fmt == "jsonl":
+        frame = pd.read_json(path, lines=True, dtype=False)
+    else:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+    return frame.rename(columns=_parse_mapping(mapping))
+
+
+def _numeric_column(frame: pd.DataFrame, name: str, required: bool) -> np.ndarray:
+    if name not in frame.columns:
+        if required:
+            raise ValueError(f"log has no {name!r} column (columns: {list(frame.columns)}); use --map")
+        return np.full(len(frame), np.nan)
+    raw = frame[name].replace("", np.nan)
+    values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64)
+    bad = np.isnan(values) & raw.notna().to_numpy()
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise ValueError(f"column {name!r} row {row}: {raw.iloc[row]!r} is not a number")
+    if required and np.isnan(values).any():
+        raise ValueError(f"column {name!r} has empty values")
+    return values
+
+
+def load_log(
+    path: str | Path, fmt: str = "ml-100k", mapping: dict[str, str] | None = None, sort: bool = True
+) -> InteractionLog:
+    """Read a log file (or an ml-100k / ml-latest folder) into time order.
+
+    Columns: user_id, item_id, timestamp required; rating and event_type optional.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such log: {path}")
+    frame = _read_frame(path, fmt, mapping)
+    for name in ("user_id", "item_id"):
+        if name not in frame.columns:
+            raise ValueError(f"log has no {name!r} column (columns: {list(frame.columns)}); use --map")
+    log = InteractionLog(
+        user_id=frame["user_id"].astype(str).to_numpy(dtype=object),
+        item_id=frame["item_id"].astype(str).to_numpy(dtype=object),
+        rating=_numeric_column(frame, "rating", required=False),
+        timestamp=_numeric_column(frame, "timestamp", required=True),
+        event_type=(
+            frame["event_type"].astype(str).to_numpy(dtype=object)
+            if "event_type" in frame.columns
+            else None
+        ),
+        source=str(path),
+    )
+    return log.take(time_order(log)) if sort else log
+
+
+def parse_map_option(values: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """`("user_id=userId,item_id=movieId", "rating=stars")` -> {"user_id": "userId", ...}."""
+    mapping: dict[str, str] = {}
+    for chunk in values:
+        for pair in chunk.split(","):
+            if not pair.strip():
+                continue
+            key, sep, value = pair.partition("=")
+            if not sep or not key.strip() or not value.strip():
+                raise ValueError(f"bad --map entry {pair!r}; expected field=column")
+            mapping[key.strip()] = value.strip()
+    return mapping
