@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from trainer.models.base import Recommender
+from trainer.models.neural.registry import NEURAL_MODELS
 
 MODELS: dict[str, str] = {
     "popularity": "trainer.models.popularity:Popularity",
@@ -28,6 +29,7 @@ MODELS: dict[str, str] = {
     "neighborhood-factor": "trainer.models.integrated:IntegratedModel",
     "rbm": "trainer.models.rbm:RBM",
     "blend": "trainer.models.blend:Blend",
+    **NEURAL_MODELS,
 }
 
 

@@ -1,0 +1,1 @@
+"""Neural recommender families (torch), behind the same `Recommender` interface."""
