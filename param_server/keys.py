@@ -50,9 +50,10 @@ def padded_width(lens: np.ndarray) -> int:
 
 
 def hash_strings(blob: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """A 64-bit hash per string: the length, then each 8-byte word, chained through mix64.
+    """A 64-bit hash per string: the length, then each of its 8-byte words, chained through mix64.
 
-    Loops over word positions (a handful per id), never over ids.
+    Loops over word positions (a handful per id), never over ids. Depends only on the string, not
+    on the batch it arrives in (the padding of a batch's longest id is skipped).
     """
     n = offsets.size - 1
     out = np.empty(n, np.uint64)
@@ -61,9 +62,10 @@ def hash_strings(blob: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         starts = offsets[lo:hi]
         lens = offsets[lo + 1 : hi + 1] - starts
         words = gather_padded(blob, starts, lens, padded_width(lens)).view(np.uint64)
+        words_used = (lens + 7) // 8
         h = mix64(lens.astype(np.uint64) ^ _STRING_SEED)
-        for column in words.T:
-            h = mix64(h ^ column)
+        for position, column in enumerate(words.T):  # padding words must not change the hash
+            h = np.where(position < words_used, mix64(h ^ column), h)
         out[lo:hi] = h
     return out
 

@@ -82,6 +82,8 @@ class TableSpec:
 
 def sum_duplicates(rows: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distinct rows with the gradients of repeated rows added up (sort + reduceat, no loop)."""
+    if rows.size < 2:
+        return rows, grads
     order = np.argsort(rows, kind="stable")
     ordered = rows[order]
     starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])

@@ -1,0 +1,80 @@
+"""Real server processes on free loopback ports, stopped with SIGTERM like in production."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from param_server.client import ParamClient
+
+
+class ServerProcess:
+    def __init__(self, args: list[str], env: dict[str, str]):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "param_server", "--port", "0", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"server did not start: {self.proc.stderr.read()}")
+        self.ready = json.loads(line)
+        self.address: str = self.ready["address"]
+
+    def stop(self) -> str:
+        """SIGTERM (final checkpoint) and wait; returns the server's stderr."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            _, err = self.proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        assert self.proc.returncode == 0, err
+        return err
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.communicate()
+
+
+StartServer = Callable[..., ServerProcess]
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[StartServer]:
+    """start_server(*cli_args, token=None) -> ServerProcess; all are stopped at the end."""
+    started: list[ServerProcess] = []
+
+    def start(*args: str, token: str | None = None) -> ServerProcess:
+        env = {**os.environ, "STREAMREC_HOME": str(tmp_path / "home")}
+        env.pop("STREAMREC_PARAM_SERVER_TOKEN", None)
+        if token:
+            env["STREAMREC_PARAM_SERVER_TOKEN"] = token
+        server = ServerProcess([*args], env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        if server.proc.poll() is None:
+            server.kill()
+
+
+@pytest.fixture
+def server(start_server: StartServer, tmp_path: Path) -> ServerProcess:
+    return start_server("--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "0")
+
+
+@pytest.fixture
+def client(server: ServerProcess) -> Iterator[ParamClient]:
+    with ParamClient([server.address]) as c:
+        yield c

@@ -1,0 +1,143 @@
+"""The table in-process: collision freedom, admission, expiry, memory reuse, optimiser math."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from param_server.admission import CountMinSketch
+from param_server.keyindex import KeyIndex
+from param_server.keys import Keys, as_keys
+from param_server.optimizers import OptimizerSpec
+from param_server.table import Table, TableFullError, TableSpec
+
+
+def grads_for(n: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, width)).astype(np.float32)
+
+
+def test_no_collisions_at_scale() -> None:
+    """300k random 64-bit ints and 300k random strings (some sharing prefixes): one row each."""
+    rng = np.random.default_rng(1)
+    ints = np.unique(rng.integers(-(2**63), 2**63 - 1, 300_000, dtype=np.int64))
+    strings = [f"user-{x:x}" for x in rng.integers(0, 2**62, 300_000)]
+    strings = list(dict.fromkeys(strings + ["", "é", "user-", "user-0"]))
+    for keys in (Keys(ints=ints), as_keys(strings)):
+        table = Table(TableSpec("t", 4, key_type=keys.kind, max_rows=1 << 20))
+        for start in range(0, len(keys), 50_000):
+            part = keys.take(np.arange(start, min(len(keys), start + 50_000)))
+            table.assign(part, np.full((len(part), 4), start, np.float32), 1, 0.0)
+        rows = table.lookup(keys)
+        assert table.live_rows == len(keys)
+        assert (rows >= 0).all() and np.unique(rows).size == len(keys)
+        assert table.keys_of(rows).to_list() == keys.to_list()
+
+
+def test_index_resolves_equal_64bit_keys_exactly() -> None:
+    """Distinct ids whose 64-bit keys are equal still get distinct rows (exact compare)."""
+    exact = np.arange(50) * 7  # the true ids; every 64-bit key collides
+    row_key = np.full(64, 42, np.uint64)
+    row_slot = np.full(64, -1, np.int32)
+    index = KeyIndex(row_key, row_slot)
+    same = lambda pos, rows: exact[pos] == rows * 7  # row r holds id 7r  # noqa: E731
+    index.insert(np.full(50, 42, np.uint64), np.arange(50), 50)
+    assert (index.find(np.full(50, 42, np.uint64), same) == np.arange(50)).all()
+    assert (index.find(np.full(1, 42, np.uint64), lambda pos, rows: rows < 0) == -1).all()
+
+
+def test_string_and_int_ids_round_trip_through_keys() -> None:
+    ids = ["a", "ü-ñ", "", "x" * 300]
+    keys = as_keys(ids)
+    assert keys.to_list() == ids
+    assert keys.take(np.array([3, 0])).to_list() == ["x" * 300, "a"]
+    assert (as_keys(np.array([5, -1])).ints == [5, -1]).all()
+    assert as_keys(["a"]).hash64()[0] != as_keys(["b"]).hash64()[0]
+
+
+def test_pull_default_and_mask() -> None:
+    table = Table(TableSpec("t", 3, scalars=1))
+    table.push(as_keys(["a"]), np.zeros((1, 4), np.float32), 1, 0.0)
+    values, found = table.pull(as_keys(["a", "b"]))
+    assert found.tolist() == [True, False]
+    assert (values[1] == 0).all() and np.abs(values[0, :3]).max() > 0  # a was initialised
+    again = Table(TableSpec("t", 3, scalars=1)).initial_values(as_keys(["a"]).hash64())
+    assert np.array_equal(values[:1], again)  # init is deterministic per id
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad"])
+def test_optimiser_matches_torch(name: str) -> None:
+    """Several pushes with repeated ids, separate vector/bias rates, against torch.optim."""
+    dim, scalars, lr, scalar_lr = 5, 1, 0.07, 0.05
+    table = Table(TableSpec("t", dim, scalars=scalars, key_type="int", optimizer=OptimizerSpec(name, lr, scalar_lr)))
+    ids = np.arange(6)
+    table.push(Keys(ints=ids), np.zeros((6, dim + scalars), np.float32), 1, 0.0)  # creates the rows
+    start, _ = table.pull(Keys(ints=ids))
+    vec = torch.nn.Parameter(torch.tensor(start[:, :dim]))
+    bias = torch.nn.Parameter(torch.tensor(start[:, dim:]))
+    opt_cls = torch.optim.SGD if name == "sgd" else torch.optim.Adagrad
+    opt = opt_cls([{"params": [vec], "lr": lr}, {"params": [bias], "lr": scalar_lr}])
+    rng = np.random.default_rng(3)
+    for step in range(5):
+        batch = rng.integers(0, 6, 10)  # repeated ids: summed before applying
+        grads = grads_for(10, dim + scalars, step)
+        table.push(Keys(ints=batch), grads, step + 2, 0.0)
+        dense = np.zeros((6, dim + scalars), np.float32)
+        np.add.at(dense, batch, grads)
+        opt.zero_grad()
+        vec.grad = torch.tensor(dense[:, :dim])
+        bias.grad = torch.tensor(dense[:, dim:])
+        touched = np.unique(batch)  # rows with zero gradient are unchanged on both sides
+        opt.step()
+        got, _ = table.pull(Keys(ints=touched))
+        want = torch.cat([vec, bias], 1).detach().numpy()[touched]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_admission_counts_then_admits() -> None:
+    table = Table(TableSpec("t", 2, key_type="int", min_count=3, optimizer=OptimizerSpec("sgd", 1.0)))
+    ones = np.ones((1, 2), np.float32)
+    for version in (1, 2):
+        assert table.push(Keys(ints=np.array([9])), ones, version, 0.0) == 0
+        assert not table.pull(Keys(ints=np.array([9])))[1][0]
+    assert table.rejected == 2
+    assert table.push(Keys(ints=np.array([9])), ones, 3, 0.0) == 1  # third sighting admits and applies
+    values, found = table.pull(Keys(ints=np.array([9])))
+    assert found[0] and table.admitted == 1
+    np.testing.assert_allclose(values[0], table.initial_values(np.array([9], np.uint64))[0] - 1.0)
+
+
+def test_sketch_never_undercounts() -> None:
+    sketch = CountMinSketch(width=1 << 10, depth=4)  # small: forces collisions
+    rng = np.random.default_rng(0)
+    stream = rng.zipf(1.3, 50_000).astype(np.uint64)
+    for part in np.array_split(stream, 20):
+        sketch.add(part)
+    keys, truth = np.unique(stream, return_counts=True)
+    estimate = sketch.add(keys) - 1
+    assert (estimate >= truth).all()
+    bound = np.e / sketch.width * stream.size
+    assert np.mean(estimate - truth <= bound) >= 0.98
+
+
+def test_expiry_evicts_reports_and_reuses_memory() -> None:
+    table = Table(TableSpec("t", 2, key_type="int", ttl=10.0, max_rows=8))
+    g = np.zeros((4, 2), np.float32)
+    table.push(Keys(ints=np.arange(4)), g, 1, 100.0)
+    table.push(Keys(ints=np.arange(2)), g[:2], 2, 105.0)  # ids 0, 1 refreshed
+    table.push(Keys(ints=np.array([0])), g[:1], 3, 112.0)  # 2, 3 are 12s old: evicted
+    assert table.pull(Keys(ints=np.arange(4)))[1].tolist() == [True, True, False, False]
+    assert sorted(table.deleted_since(2).to_list()) == [2, 3]
+    assert table.deleted_since(3).to_list() == []
+    table.push(Keys(ints=np.arange(10, 14)), g, 4, 113.0)  # reuses the two freed rows
+    assert table.size == 6 and table.live_rows == 6
+    with pytest.raises(TableFullError):
+        table.push(Keys(ints=np.arange(20, 23)), np.zeros((3, 2), np.float32), 5, 113.0)
+
+
+def test_wrong_shapes_and_kinds_are_refused() -> None:
+    table = Table(TableSpec("t", 2, key_type="int"))
+    with pytest.raises(ValueError):
+        table.validate_push(Keys(ints=np.arange(2)), np.zeros((2, 3), np.float32))
+    with pytest.raises(TypeError):
+        table.lookup(as_keys(["a"]))
