@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from param_server.protocol import ALLOWED_DTYPES, view_array
+from param_server.protocol import ALLOWED_DTYPES, raw_bytes, view_array
 from param_server.store import Blob, ParamStore
 from param_server.table import Table
 
@@ -93,7 +93,7 @@ def write(path: Path, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> 
         written = 0
         for name, array in arrays.items():
             emit(b"\0" * (layout[name]["offset"] - written))
-            emit(memoryview(np.ascontiguousarray(array)).cast("B"))
+            emit(raw_bytes(array))
             written = layout[name]["offset"] + array.nbytes
         out.write(digest.digest())
         out.flush()

@@ -43,6 +43,11 @@ def _pad(n: int) -> int:
     return (8 - n % 8) % 8
 
 
+def raw_bytes(array: np.ndarray) -> memoryview:
+    """The array's bytes, C order, as a flat memoryview (copying only if it is not contiguous)."""
+    return memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+
+
 def send(sock: socket.socket, header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> None:
     """Write one frame with a single gathered send where the kernel accepts it all."""
     buffers: list[memoryview] = []
@@ -50,7 +55,7 @@ def send(sock: socket.socket, header: dict[str, Any], arrays: dict[str, np.ndarr
     for name, array in (arrays or {}).items():
         array = np.ascontiguousarray(array)
         layout.append([name, array.dtype.str, list(array.shape), offset])
-        buffers.append(memoryview(array).cast("B") if array.nbytes else memoryview(b""))
+        buffers.append(raw_bytes(array))
         pad = _pad(array.nbytes)
         if pad:
             buffers.append(memoryview(b"\0" * pad))
