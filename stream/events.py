@@ -25,6 +25,7 @@ MIN_TIMESTAMP = 788_918_400.0  # 1995-01-01T00:00:00Z: nothing older is a plausi
 MAX_FUTURE_SECONDS = 86_400.0
 MAX_ID_BYTES = 256
 _NUMBER = (int, float)
+_INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1  # what JSON encoders and decoders here accept
 
 
 class InvalidEvent(ValueError):
@@ -114,6 +115,8 @@ class EventSchema:
                 raise InvalidEvent("bad_context_value", f"{str(key)[:64]}: {kind.__name__}")
             if kind is float and not math.isfinite(value):
                 raise InvalidEvent("non_finite:context", str(key)[:64])
+            if kind is int and not _INT64_MIN <= value <= _UINT64_MAX:
+                raise InvalidEvent("bad_context_value", f"{str(key)[:64]}: integer out of 64-bit range")
         size = len(orjson.dumps(context))
         if size > self.max_context_bytes:
             raise InvalidEvent("context_too_large", f"{size} bytes > {self.max_context_bytes}")
@@ -140,7 +143,10 @@ def _finite_number(name: str, value: Any) -> float:
     kind = type(value)
     if kind not in _NUMBER:  # bool is excluded: type(True) is bool
         raise InvalidEvent(f"bad_type:{name}", kind.__name__)
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        raise InvalidEvent(f"non_finite:{name}", "integer too large") from None
     if not math.isfinite(number):
         raise InvalidEvent(f"non_finite:{name}", repr(value))
     return number

@@ -85,6 +85,3 @@ _register_all()
 def main() -> None:
     cli(prog_name="streamrec")
 
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,119 @@
+"""The stream commands' JSON outputs, run through the real CLI against the real broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+from click.testing import CliRunner
+
+from streamrec.cli import cli
+from tests.conftest import REPO, settings_env
+
+
+def run(settings, *args: str, input: bytes | None = None) -> dict | list:
+    result = CliRunner().invoke(cli, list(args), env=settings_env(settings), input=input, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_config_json_reflects_env_and_flags(settings):
+    data = run(settings, "config", "--json")
+    assert data["kafka_bootstrap"] == settings.kafka_bootstrap and data["topic"] == settings.topic
+    assert data["dlq_topic"] == settings.topic + ".dlq"
+    flagged = run(settings, "--topic", "other", "config", "--json")
+    assert flagged["topic"] == "other"
+
+
+def test_topics_create_list_describe(settings):
+    created = run(settings, "topics", "create", "--partitions", "2", "--json")
+    assert created == {settings.topic: "created", settings.dlq_topic: "created"}
+    assert run(settings, "topics", "create", "--json")[settings.topic] == "exists"
+    assert settings.topic in run(settings, "topics", "list", "--json")
+    described = run(settings, "topics", "describe", "--json")
+    assert described["messages"] == 0 and len(described["partitions"]) == 2
+
+
+def test_produce_counts_every_line(settings, tmp_path):
+    run(settings, "topics", "create", "--json")
+    good = {"user_id": "u1", "item_id": "i1", "event_type": "click", "timestamp": 1_700_000_000}
+    lines = [orjson.dumps(good), b"garbage", orjson.dumps({**good, "event_type": "nope"}), orjson.dumps(good), b""]
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    summary = run(settings, "produce", str(path), "--json")
+    assert summary["accepted"] == 2 and summary["dead_lettered"] == 3 and summary["lines"] == 5
+    from_stdin = run(settings, "produce", "-", "--json", input=b"\n".join(lines[:3]))
+    assert (from_stdin["accepted"], from_stdin["dead_lettered"]) == (1, 2)
+    described = run(settings, "topics", "describe", "--json")
+    assert described["messages"] == 3
+
+
+def test_replay_json_summary(settings, ml100k):
+    summary = run(settings, "replay", "--data", str(ml100k), "--limit", "500", "--json")
+    assert summary["produced"] == 500 and summary["dead_lettered"] == 0
+    assert summary["first_timestamp"] == 874724710.0 and summary["events_per_second"] > 0
+
+
+def test_bad_format_is_a_clear_error(settings, tmp_path):
+    path = tmp_path / "x.csv"
+    path.write_text("a,b\n1,2\n")
+    result = CliRunner().invoke(cli, ["replay", "--data", str(path), "--format", "csv"], env=settings_env(settings))
+    assert result.exit_code != 0 and "use --map" in result.output
+
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_bench_stream_json(settings, client):
+    data = run(settings, "bench", "stream", "--events", "3000", "--client", client, "--json")
+    assert data["client"] == client and data["events"] == 3000 and data["rejected"] == 0
+    assert data["produce_events_per_second"] > 0 and data["consume_events_per_second"] > 0
+
+
+def test_infra_up_is_idempotent_and_down_stops_what_it_started(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")}
+    env["STREAMREC_HOME"] = str(tmp_path / "home")
+    exe = [str(Path(sys.executable).parent / "streamrec")]
+    first = json.loads(subprocess.run([*exe, "infra", "up", "--json"], env=env, check=True, capture_output=True).stdout)
+    try:
+        assert first["kafka_reachable"] and first["redis_reachable"]
+        second = json.loads(subprocess.run([*exe, "infra", "up", "--json"], env=env, check=True, capture_output=True).stdout)
+        assert second["kafka_bootstrap"] == first["kafka_bootstrap"] and second["started"] == first["started"]
+        status = json.loads(subprocess.run([*exe, "infra", "status", "--json"], env=env, check=True, capture_output=True).stdout)
+        assert status["kafka_bootstrap"] == first["kafka_bootstrap"]
+        if "broker" in first["started"]:
+            assert "memory only" in status["broker"] and status["note"]
+    finally:
+        down = json.loads(subprocess.run([*exe, "infra", "down", "--json"], env=env, check=True, capture_output=True).stdout)
+    assert all(down["stopped"].values())
+    assert set(down["stopped"]) == set(first["started"])
+
+
+def test_embedded_redis_starts_and_stops(tmp_path):
+    from stream import infra
+
+    server = infra.start_redis(tmp_path)
+    url = f"redis://{server.host}:{server.port}/0"
+    assert infra.redis_ping(url)
+    assert infra.stop(server.to_json())
+    assert not infra.redis_ping(url)
+
+
+def compose_command() -> list[str] | None:
+    """`docker compose` (v2 plugin) or the standalone `docker-compose`; either validates offline."""
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    return None
+
+
+@pytest.mark.skipif(compose_command() is None, reason="no docker compose client installed")
+def test_docker_compose_file_is_valid():
+    result = subprocess.run([*compose_command(), "-f", str(REPO / "docker-compose.yml"), "config", "-q"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
