@@ -17,6 +17,7 @@ from collections.abc import Callable
 import numpy as np
 
 from param_server.keys import mix64
+from param_server.memory import reserve
 
 EMPTY = -1
 TOMBSTONE = -2  # a deleted slot: probing continues past it, inserts may reuse it
@@ -25,13 +26,19 @@ MAX_LOAD = 0.5  # live + tombstones; above it the index is rebuilt
 SameFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
+def _empty_slots(capacity: int) -> np.ndarray:
+    slots = reserve((capacity,), np.int32)  # huge pages where possible: probes are random
+    slots.fill(EMPTY)
+    return slots
+
+
 class KeyIndex:
     """Slots hold row numbers; `row_key[row]` and `row_slot[row]` are shared with the row store."""
 
     def __init__(self, row_key: np.ndarray, row_slot: np.ndarray, capacity: int = MIN_CAPACITY):
         self.row_key = row_key
         self.row_slot = row_slot
-        self.slots = np.full(capacity, EMPTY, np.int32)
+        self.slots = _empty_slots(capacity)
         self.live = 0
         self.tombstones = 0
 
@@ -51,8 +58,7 @@ class KeyIndex:
         mask = self.capacity - 1
         while pending.size:
             seen = self.slots[pos]
-            hit = seen >= 0
-            hit[hit] = self.row_key[seen[hit]] == wanted[hit]
+            hit = (seen >= 0) & (self.row_key.take(np.maximum(seen, 0)) == wanted)
             if same is not None and hit.any():
                 where = np.flatnonzero(hit)
                 hit[where] = same(pending[where], seen[where])
@@ -101,7 +107,7 @@ class KeyIndex:
         """Re-insert every live row into a fresh slot array sized for ~3x the live keys (load <= 0.375),
         so rebuilds happen once per doubling of the table; this is the one pause that grows with size."""
         wanted = max(MIN_CAPACITY, 3 * (live_rows.size + extra))
-        self.slots = np.full(1 << (wanted - 1).bit_length(), EMPTY, np.int32)
+        self.slots = _empty_slots(1 << (wanted - 1).bit_length())
         self.tombstones = 0
         self.live = int(live_rows.size)
         self._place(self.row_key[live_rows], live_rows)

@@ -1,8 +1,10 @@
 """One named embedding table: collisionless rows created on first (admitted) use, evicted by TTL.
 
-Layout (struct of arrays, one row per live id):
-  values      (rows, dim + scalars) float32   the vector, then the scalar side values (biases)
-  state       (rows, dim + scalars) float32   Adagrad accumulator (absent for SGD)
+Layout (one row per live id):
+  block       (rows, W * (1 + state)) float32, W = dim + scalars, split into two views:
+    values    the vector, then the scalar side values (biases)
+    state     the Adagrad accumulator (absent for SGD), next to the values so an update gathers and
+              scatters one contiguous span per row
   row_key     uint64   the integer id, or the string's 64-bit hash
   row_version int64    last global version that changed the row (delta = rows with version > since)
   row_time    float64  event time of the last update (TTL expiry)
@@ -80,9 +82,16 @@ class TableSpec:
         return TableSpec(**data)
 
 
-def sum_duplicates(rows: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct rows with the gradients of repeated rows added up (sort + reduceat, no loop)."""
-    if rows.size < 2:
+def sum_duplicates(rows: np.ndarray, grads: np.ndarray, scratch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct rows with the gradients of repeated rows added up.
+
+    The usual batch has no repeats, and detecting that by sorting costs more than the update, so
+    first an O(n) test: write each position into `scratch` (one int32 per table row) at its row and
+    read back; only if some position was overwritten by a later repeat do we sort + reduceat.
+    """
+    positions = np.arange(rows.size, dtype=np.int32)
+    scratch[rows] = positions
+    if (scratch[rows] == positions).all():
         return rows, grads
     order = np.argsort(rows, kind="stable")
     ordered = rows[order]
@@ -97,12 +106,15 @@ class Table:
         self.spec = spec
         self.optimizer = RowOptimizer(spec.optimizer, spec.dim, spec.scalars)
         n, width = spec.max_rows, spec.width
-        self.values = reserve((n, width), np.float32)
-        self.state = reserve((n, width), np.float32) if spec.optimizer.state_per_value else None
+        # values and optimiser state side by side in one row: an update touches one span of memory
+        self.block = reserve((n, width * (1 + spec.optimizer.state_per_value)), np.float32)
+        self.values = self.block[:, :width]
+        self.state = self.block[:, width:] if spec.optimizer.state_per_value else None
         self.row_key = reserve((n,), np.uint64)
         self.row_version = reserve((n,), np.int64)
         self.row_time = reserve((n,), np.float64)
         self.row_slot = reserve((n,), np.int32)
+        self._scratch = reserve((n,), np.int32)  # duplicate detection in push
         if spec.key_type == "str":
             self.row_key_start = reserve((n,), np.int64)
             self.row_key_len = reserve((n,), np.int32)
@@ -271,7 +283,7 @@ class Table:
         """(values, found): the table's default (zeros) where an id has no row yet."""
         rows = self.lookup(keys)
         found = rows >= 0
-        out = self.values.take(np.where(found, rows, 0), axis=0)
+        out = self.gather(np.where(found, rows, 0))
         if not found.all():
             out[~found] = 0.0
         return out, found
@@ -301,8 +313,8 @@ class Table:
         valid = rows >= 0
         if not valid.all():
             rows, grads = rows[valid], grads[valid]
-        rows, grads = sum_duplicates(rows, grads)
-        self.optimizer.apply(self.values, self.state, rows, grads)
+        rows, grads = sum_duplicates(rows, grads, self._scratch)
+        self.optimizer.apply(self.block, rows, grads)
         self._stamp(rows, version, now)
         if self.spec.ttl is not None and self.clock - self.last_sweep >= self.spec.ttl / 8:
             self.expire(version)
@@ -338,7 +350,12 @@ class Table:
     def read_rows(self, rows: np.ndarray) -> tuple[Keys, np.ndarray]:
         """Ids and values of the rows still alive among `rows` (some may have been evicted since)."""
         rows = rows[self.row_slot[rows] >= 0]
-        return self.keys_of(rows), self.values[rows]
+        return self.keys_of(rows), self.gather(rows)
+
+    def gather(self, rows: np.ndarray) -> np.ndarray:
+        """Values of rows, contiguous. Taking whole block rows then slicing is faster than fancy
+        indexing the strided `values` view (and `take` on that view would copy the whole table)."""
+        return np.ascontiguousarray(self.block.take(rows, axis=0)[:, : self.spec.width])
 
     def info(self) -> dict[str, Any]:
         return {
