@@ -1,0 +1,70 @@
+"""A local replica of one parameter-server table, kept current by incremental deltas.
+
+The trainer ranks all known items for its live prequential metrics, and serving workers hold
+their item vectors the same way: pull only what changed since the last version.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+
+class TableMirror:
+    def __init__(self, store: Any, table: str) -> None:
+        self.store, self.table = store, table
+        self.version: int | tuple[int, ...] = 0
+        self.index = pd.Index([], dtype=object)
+        self._values = np.zeros((0, 0), np.float32)  # capacity grows by doubling
+        self.alive = np.zeros(0, bool)
+        self.dim = 0
+
+    @property
+    def values(self) -> np.ndarray:
+        """(len(index), dim + scalars) rows; dead rows stay until a full snapshot replaces them."""
+        return self._values[: len(self.index)]
+
+    def _reserve(self, rows: int, width: int) -> None:
+        if rows > len(self._values) or self._values.shape[1] != width:
+            grown = np.zeros((max(rows, 2 * len(self._values), 1024), width), np.float32)
+            kept = min(len(self._values), len(grown))
+            if self._values.shape[1] == width:
+                grown[:kept] = self._values[:kept]
+            self._values = grown
+
+    def __len__(self) -> int:
+        return int(self.alive.sum())
+
+    def sync(self) -> int:
+        """Apply the delta since the last sync; returns the number of rows changed or removed."""
+        delta = self.store.delta(self.table, self.version)
+        self.dim = delta.dim
+        self._reserve(len(self.index), delta.values.shape[1])
+        if delta.full:
+            self.index = pd.Index([], dtype=object)
+            self.alive = np.zeros(0, bool)
+        if len(delta.deleted):
+            gone = self.index.get_indexer(delta.deleted.to_list())
+            self.alive[gone[gone >= 0]] = False
+        if len(delta.ids):
+            ids = np.array(delta.ids.to_list(), dtype=object)
+            position = self.index.get_indexer(ids)
+            new = position < 0
+            if new.any():
+                self.index = self.index.append(pd.Index(ids[new], dtype=object))
+                self._reserve(len(self.index), delta.values.shape[1])
+                self.alive = np.concatenate([self.alive, np.zeros(int(new.sum()), bool)])
+                position = self.index.get_indexer(ids)
+            self._values[position] = delta.values
+            self.alive[position] = True
+        self.version = delta.version
+        return len(delta.ids) + len(delta.deleted)
+
+    def positions(self, ids: np.ndarray) -> np.ndarray:
+        """Row of each id in `values`, -1 where unknown or deleted."""
+        position = self.index.get_indexer(np.asarray(ids, dtype=object))
+        known = position >= 0
+        position[known & ~self.alive[np.where(known, position, 0)]] = -1
+        return position
