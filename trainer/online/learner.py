@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from trainer.online.batch import TrainBatch
-from trainer.online.mirror import TableMirror
+from param_server.replica import TableMirror
 from trainer.online.models import OnlineModel, StepStats
 
 

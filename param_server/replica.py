@@ -1,15 +1,30 @@
 """A local replica of one parameter-server table, kept current by incremental deltas.
 
-The trainer ranks all known items for its live prequential metrics, and serving workers hold
-their item vectors the same way: pull only what changed since the last version.
+The online trainer ranks all known items for its live prequential metrics and serving workers hold
+their user and item vectors the same way: pull only what changed since the last version. `apply`
+reports which rows changed so a derived structure (serving's FAISS index) can follow incrementally.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+
+@dataclass(frozen=True)
+class Changes:
+    """Rows touched by one delta: `full` (everything was replaced), upserted and removed rows."""
+
+    full: bool
+    upserted: np.ndarray  # int64 row positions whose values changed (or appeared)
+    removed: np.ndarray  # int64 row positions that died
+
+    @property
+    def empty(self) -> bool:
+        return not self.full and not len(self.upserted) and not len(self.removed)
 
 
 class TableMirror:
@@ -26,6 +41,11 @@ class TableMirror:
         """(len(index), dim + scalars) rows; dead rows stay until a full snapshot replaces them."""
         return self._values[: len(self.index)]
 
+    @property
+    def scalars(self) -> int:
+        """Scalars per row after the `dim` vector values (biases)."""
+        return self._values.shape[1] - self.dim if self._values.ndim == 2 else 0
+
     def _reserve(self, rows: int, width: int) -> None:
         if rows > len(self._values) or self._values.shape[1] != width:
             grown = np.zeros((max(rows, 2 * len(self._values), 1024), width), np.float32)
@@ -40,14 +60,23 @@ class TableMirror:
     def sync(self) -> int:
         """Apply the delta since the last sync; returns the number of rows changed or removed."""
         delta = self.store.delta(self.table, self.version)
+        self.apply(delta)
+        return len(delta.ids) + len(delta.deleted)
+
+    def apply(self, delta: Any) -> Changes:
+        """Apply one `ParamClient.delta` result (deletions first, then upserts) in place."""
         self.dim = delta.dim
         self._reserve(len(self.index), delta.values.shape[1])
         if delta.full:
             self.index = pd.Index([], dtype=object)
             self.alive = np.zeros(0, bool)
+        removed = np.zeros(0, np.int64)
         if len(delta.deleted):
             gone = self.index.get_indexer(delta.deleted.to_list())
-            self.alive[gone[gone >= 0]] = False
+            removed = gone[gone >= 0]
+            removed = removed[self.alive[removed]]
+            self.alive[removed] = False
+        position = np.zeros(0, np.int64)
         if len(delta.ids):
             ids = np.array(delta.ids.to_list(), dtype=object)
             position = self.index.get_indexer(ids)
@@ -60,9 +89,9 @@ class TableMirror:
             self._values[position] = delta.values
             self.alive[position] = True
         self.version = delta.version
-        return len(delta.ids) + len(delta.deleted)
+        return Changes(bool(delta.full), position.astype(np.int64), removed.astype(np.int64))
 
-    def positions(self, ids: np.ndarray) -> np.ndarray:
+    def positions(self, ids: np.ndarray | list) -> np.ndarray:
         """Row of each id in `values`, -1 where unknown or deleted."""
         position = self.index.get_indexer(np.asarray(ids, dtype=object))
         known = position >= 0
