@@ -1,0 +1,41 @@
+"""Shared pieces of the SGD-trained factor models: mini-batches, seeding, zero-row fallbacks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed))
+
+
+def shuffled_batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """Index batches covering 0..n-1 once, in a fresh random order.
+
+    Mini-batch updates sum the per-sample SGD steps of the batch (parameters of one batch are
+    updated simultaneously), which is per-sample SGD up to the staleness of one batch.
+    """
+    order = torch.randperm(n, generator=gen)
+    yield from order.split(batch_size)
+
+
+def gather_or_zero(table: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Rows of `table` at `index`, zeros where index is -1 (unknown user or item: no signal)."""
+    index = np.asarray(index)
+    out = table[np.maximum(index, 0)]
+    out[index < 0] = 0
+    return out
+
+
+def to_torch_csr(matrix) -> torch.Tensor:
+    """scipy CSR -> torch sparse CSR (float32)."""
+    matrix = matrix.tocsr()
+    return torch.sparse_csr_tensor(
+        torch.from_numpy(matrix.indptr.astype(np.int64)),
+        torch.from_numpy(matrix.indices.astype(np.int64)),
+        torch.from_numpy(matrix.data.astype(np.float32)),
+        size=matrix.shape,
+    )

@@ -1,0 +1,30 @@
+"""Prometheus metrics of the online trainer (`streamrec_trainer_*`)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+EVENTS_CONSUMED = Counter("streamrec_trainer_events_consumed_total", "Records read from the topic")
+EVENTS_APPLIED = Counter("streamrec_trainer_events_applied_total", "Valid events learned and committed")
+BATCH_SECONDS = Histogram(
+    "streamrec_trainer_batch_seconds", "Wall time of one consumed batch: decode, learn, features, commit",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+PUSH_SECONDS = Histogram(
+    "streamrec_trainer_push_seconds", "Wall time of one micro-batch update (pull, gradients, push)",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+)
+FEATURE_SECONDS = Histogram(
+    "streamrec_trainer_feature_store_seconds", "Wall time of one batch's feature-store write",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+FEATURE_ERRORS = Counter(
+    "streamrec_trainer_feature_store_errors_total", "Batches whose feature-store write failed after retries"
+)
+CONSUMER_LAG = Gauge("streamrec_trainer_consumer_lag_events", "End offset minus next offset to read", ["partition"])
+LOSS = Gauge("streamrec_trainer_loss", "Mean training loss of the last batch", ["model"])
+PREQUENTIAL = Gauge(
+    "streamrec_trainer_prequential", "Prequential (test-then-train) metric over the last `window` evaluated events",
+    ["metric", "window"],
+)
+EVENT_TIME = Gauge("streamrec_trainer_event_time_seconds", "Event time of the newest learned event")
