@@ -1,0 +1,142 @@
+"""Artifacts batch refits publish as parameter-server blobs, and how serving decodes them.
+
+Conventions (serving defines them; refit jobs write them with the `encode_*` helpers):
+
+* `KNN_BLOB` = "refit/item-knn/neighbors": an .npz (no pickle) with `items` (n,) unicode ids,
+  `neighbors` (n, m) int32 indices into `items` (-1 = no neighbour), `scores` (n, m) float32,
+  each row sorted by decreasing score.
+* `RANKER_BLOB` = "refit/ranker": a dense blob = b"SRDENSE1" | u32 header length | UTF-8 JSON
+  header | .npz arrays. The header's `kind` picks the loader in `RANKER_LOADERS`; kind "linear"
+  has `features` (names from `FEATURES`) and arrays `weights` (len(features),) and `bias` (1,):
+  score = features @ weights + bias.
+
+Other families' item vectors are not blobs: they are parameter-server tables, chosen with
+`ServingConfig.user_table` / `item_table`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import pandas as pd
+
+KNN_BLOB = "refit/item-knn/neighbors"
+RANKER_BLOB = "refit/ranker"
+DENSE_MAGIC = b"SRDENSE1"
+# per-candidate features a ranking model may use (computed by serving.pipeline)
+FEATURES = ("dot", "bias", "ann", "item_knn", "trending", "knn_score", "popularity")
+
+
+def _npz(arrays: dict[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _load_npz(data: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        return {name: npz[name] for name in npz.files}
+
+
+def encode_dense(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
+    head = json.dumps(header).encode()
+    return DENSE_MAGIC + struct.pack("<I", len(head)) + head + _npz(arrays)
+
+
+def decode_dense(data: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    if data[:8] != DENSE_MAGIC:
+        raise ValueError("not a dense blob (bad magic)")
+    (length,) = struct.unpack_from("<I", data, 8)
+    return json.loads(data[12 : 12 + length]), _load_npz(data[12 + length :])
+
+
+def encode_neighbors(items: list[str] | np.ndarray, neighbors: np.ndarray, scores: np.ndarray) -> bytes:
+    return _npz({"items": np.asarray(items, dtype=str), "neighbors": np.asarray(neighbors, np.int32),
+                 "scores": np.asarray(scores, np.float32)})
+
+
+@dataclass(frozen=True)
+class ItemNeighbors:
+    """Item-kNN lists of a batch refit, looked up by item id."""
+
+    index: pd.Index
+    ids: np.ndarray  # object ids by row
+    neighbors: np.ndarray
+    scores: np.ndarray
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ItemNeighbors:
+        arrays = _load_npz(data)
+        ids = arrays["items"].astype(object)
+        neighbors, scores = arrays["neighbors"], arrays["scores"]
+        if neighbors.shape != scores.shape or neighbors.shape[0] != len(ids):
+            raise ValueError(f"neighbour blob shapes disagree: {len(ids)} items, {neighbors.shape}, {scores.shape}")
+        return cls(pd.Index(ids, dtype=object), ids, neighbors, scores)
+
+    def lookup(self, item_ids: list[str], per_item: int) -> tuple[np.ndarray, np.ndarray]:
+        """(neighbour ids, scores) of the known items, flattened, at most per_item each."""
+        rows = self.index.get_indexer(item_ids)
+        rows = rows[rows >= 0]
+        neighbors, scores = self.neighbors[rows, :per_item].ravel(), self.scores[rows, :per_item].ravel()
+        valid = neighbors >= 0
+        return self.ids[neighbors[valid]], scores[valid]
+
+
+class Ranker(Protocol):
+    name: str
+
+    def score(self, features: dict[str, np.ndarray]) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class LinearRanker:
+    features: tuple[str, ...]
+    weights: np.ndarray
+    bias: float
+    name: str = "linear"
+
+    @classmethod
+    def from_dense(cls, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> LinearRanker:
+        features = tuple(header["features"])
+        unknown = set(features) - set(FEATURES)
+        if unknown:
+            raise ValueError(f"ranker uses unknown features {sorted(unknown)}; known: {FEATURES}")
+        weights = np.asarray(arrays["weights"], np.float64)
+        if weights.shape != (len(features),):
+            raise ValueError(f"ranker weights shape {weights.shape} != ({len(features)},)")
+        return cls(features, weights, float(np.asarray(arrays["bias"]).reshape(-1)[0]))
+
+    def score(self, features: dict[str, np.ndarray]) -> np.ndarray:
+        return np.column_stack([features[f] for f in self.features]) @ self.weights + self.bias
+
+
+RANKER_LOADERS: dict[str, Callable[[dict[str, Any], dict[str, np.ndarray]], Ranker]] = {
+    "linear": LinearRanker.from_dense,
+}
+
+
+def load_ranker(data: bytes) -> Ranker:
+    header, arrays = decode_dense(data)
+    kind = header.get("kind")
+    if kind not in RANKER_LOADERS:
+        raise ValueError(f"unknown ranker kind {kind!r}; known: {sorted(RANKER_LOADERS)}")
+    return RANKER_LOADERS[kind](header, arrays)
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    """The refit artifacts a serving state uses, with the blob versions they came from."""
+
+    knn: ItemNeighbors | None = None
+    ranker: Ranker | None = None
+    versions: dict[str, int] = field(default_factory=dict)
+
+    def with_blob(self, name: str, kind: str, data: bytes, version: int) -> Artifacts:
+        """A copy with one blob decoded and replaced (`kind`: "knn" or "ranker")."""
+        value = ItemNeighbors.from_bytes(data) if kind == "knn" else load_ranker(data)
+        return replace(self, **{kind: value}, versions={**self.versions, name: version})

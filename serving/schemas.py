@@ -1,0 +1,80 @@
+"""Response shapes for the OpenAPI document (handlers encode with orjson; tests validate against
+these models so the document cannot drift from the wire)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Error(BaseModel):
+    detail: str
+
+
+class ScoredItem(BaseModel):
+    item_id: str
+    score: float
+
+
+class RecommendedItem(ScoredItem):
+    sources: list[str]  # "ann", "item_knn", "trending" (cold start: "trending" or "prior")
+    dot: float | None = None  # explain=true: p_u . q_i
+    bias: float | None = None  # explain=true: b_i (+ b_u)
+    knn_score: float | None = None  # explain=true: best kNN similarity to a recent item
+    popularity: float | None = None  # explain=true: decayed popularity (trending candidates)
+    mmr: float | None = None  # explain=true and diversity > 0: the MMR value when picked
+
+
+class Explain(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    candidates: dict[str, int]  # candidates per source before the union
+    union: int
+    seen_filtered: int
+    lambda_: float = Field(alias="lambda", description="MMR weight of relevance: 1 - diversity")
+    ranker: str | None
+
+
+class RecommendResponse(BaseModel):
+    user_id: str
+    items: list[RecommendedItem]
+    cold_start: bool
+    degraded: list[str]  # "redis" when the feature store could not be read
+    model_version: int | None
+    staleness_seconds: float | None
+    explain: Explain | None = None
+
+
+class RescoreResponse(BaseModel):
+    user_id: str
+    items: list[ScoredItem]
+    unknown: list[str]
+    cold_start: bool
+    model_version: int
+    staleness_seconds: float | None
+
+
+class SimilarResponse(BaseModel):
+    item_id: str
+    items: list[ScoredItem]
+    item_knn: list[ScoredItem] | None
+    model_version: int
+    staleness_seconds: float | None
+
+
+class Health(BaseModel):
+    alive: bool
+    pid: int
+
+
+class Ready(BaseModel):
+    ready: bool
+    pid: int
+    model_version: int | None
+    staleness_seconds: float | None
+    synced_at: float | None
+    loaded_at: float | None
+    index_items: int
+    index_kind: str | None
+    users: int
+    artifacts: dict[str, int]
+    last_error: str | None

@@ -1,0 +1,177 @@
+"""The HTTP API of one worker against a parameter server loaded with known vectors and a Redis
+feature store with known history: exact results, filters, cold start, kNN, errors, metrics."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from param_server.client import ParamClient
+from serving import schemas
+from serving.artifacts import KNN_BLOB, encode_neighbors
+from serving.mmr import mmr
+from tests.serving.conftest import Serving, clear_prefix, load_model, serving_factory, start_param_server, write_history
+from trainer.online.feature_store import FeatureStore, FeatureStoreConfig
+
+DIM, N_ITEMS, N_USERS = 8, 40, 5
+SEEN = ["i3", "i7"]  # u1's history (i7 most recent)
+POPULAR = ["i30", "i31", "i32"]  # i30 most popular
+
+
+@dataclass
+class World:
+    serving: Serving
+    users: np.ndarray
+    items: np.ndarray
+    bias: np.ndarray
+
+    def scores(self, user: int) -> np.ndarray:
+        return self.items @ self.users[user] + self.bias
+
+    def top(self, user: int, k: int, exclude: tuple[str, ...] = ()) -> list[str]:
+        scores = self.scores(user)
+        order = [f"i{j}" for j in np.argsort(-scores, kind="stable")]
+        return [i for i in order if i not in exclude][:k]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[World]:
+    home = tmp_path_factory.mktemp("serving-api")
+    server = start_param_server(home / "ps")
+    rng = np.random.default_rng(7)
+    users = rng.normal(size=(N_USERS, DIM)).astype(np.float32)
+    items = rng.normal(size=(N_ITEMS, DIM)).astype(np.float32)
+    bias = rng.normal(scale=0.1, size=N_ITEMS).astype(np.float32)
+    prefix = f"test-serving-{uuid.uuid4().hex[:10]}"
+    start, started = serving_factory(home)
+    try:
+        with ParamClient([server.address]) as client:
+            load_model(client, {f"u{u}": users[u] for u in range(N_USERS)}, {f"i{j}": items[j] for j in range(N_ITEMS)}, bias)
+            # item-kNN: every item's neighbours are the next three items
+            neighbors = (np.arange(N_ITEMS)[:, None] + np.arange(1, 4)) % N_ITEMS
+            client.put_blob(KNN_BLOB, encode_neighbors([f"i{j}" for j in range(N_ITEMS)], neighbors,
+                                                       np.tile([0.9, 0.8, 0.7], (N_ITEMS, 1))))
+        store = FeatureStore.from_url(redis_url, FeatureStoreConfig(prefix=prefix))
+        write_history(store, [("u1", "i3", 1e9), ("u1", "i7", 1e9 + 1)]
+                      + [("x", item, 1e9 + 2) for item, n in zip(POPULAR, (3, 2, 1)) for _ in range(n)])
+        serving = start(server.address, redis_url, prefix, args=("--index", "flat"))
+        yield World(serving, users.astype(np.float64), items.astype(np.float64), bias.astype(np.float64))
+    finally:
+        for s in started:
+            s.stop()
+        server.kill()
+        clear_prefix(redis_url, prefix)
+
+
+def test_exact_top_k(world: World) -> None:
+    for user in range(N_USERS):
+        reply = world.serving.get("/recommend", user_id=f"u{user}", k=10, exclude_seen="false")
+        assert reply.status_code == 200, reply.text
+        body = schemas.RecommendResponse.model_validate(reply.json())
+        assert [item.item_id for item in body.items] == world.top(user, 10)
+        expected = world.scores(user)[[int(item.item_id[1:]) for item in body.items]]
+        assert [item.score for item in body.items] == pytest.approx(expected.tolist(), rel=1e-5)
+        assert not body.cold_start and body.degraded == [] and body.model_version > 0
+        assert 0 <= body.staleness_seconds < 5
+        assert all("ann" in item.sources for item in body.items)  # the flat index holds all 40 items
+
+
+def test_seen_filter(world: World) -> None:
+    reply = world.serving.get("/recommend", user_id="u1", k=N_ITEMS).json()
+    assert [item["item_id"] for item in reply["items"]] == world.top(1, N_ITEMS, exclude=tuple(SEEN))
+    unfiltered = world.serving.get("/recommend", user_id="u1", k=N_ITEMS, exclude_seen="false").json()
+    assert set(SEEN) <= {item["item_id"] for item in unfiltered["items"]}
+
+
+def test_item_knn_and_trending_sources_and_explain(world: World) -> None:
+    body = world.serving.get("/recommend", user_id="u1", k=N_ITEMS, explain="true").json()
+    explain = schemas.Explain.model_validate(body["explain"])
+    # recent items i7, i3 -> neighbours i8, i9, i10, i4, i5, i6; trending i30, i31, i32, i3, i7
+    assert explain.candidates == {"ann": N_ITEMS, "item_knn": 6, "trending": 5}
+    assert explain.union == N_ITEMS and explain.seen_filtered == 2 and explain.lambda_ == 1.0
+    sources = {item["item_id"]: item["sources"] for item in body["items"]}
+    assert sources["i8"] == ["ann", "item_knn"] and sources["i30"] == ["ann", "trending"]
+    i8 = next(item for item in body["items"] if item["item_id"] == "i8")
+    assert i8["knn_score"] == pytest.approx(0.9) and i8["dot"] + i8["bias"] == pytest.approx(i8["score"], rel=1e-6)
+
+
+def test_diversity_is_mmr(world: World) -> None:
+    body = world.serving.get("/recommend", user_id="u0", k=5, exclude_seen="false", diversity=0.6, explain="true").json()
+    scores = world.scores(0)
+    order = np.argsort(-scores, kind="stable")
+    picks, values = mmr(scores[order], world.items[order], 5, 0.4)
+    assert [item["item_id"] for item in body["items"]] == [f"i{j}" for j in order[picks]]
+    assert [item["mmr"] for item in body["items"]] == pytest.approx(values.tolist(), abs=1e-5)
+    assert body["items"] != world.serving.get("/recommend", user_id="u0", k=5, exclude_seen="false").json()["items"]
+
+
+def test_cold_start_user_gets_trending(world: World) -> None:
+    body = world.serving.get("/recommend", user_id="newcomer", k=2).json()
+    assert body["cold_start"] is True
+    assert [(item["item_id"], item["sources"]) for item in body["items"]] == [("i30", ["trending"]), ("i31", ["trending"])]
+
+
+def test_rescore_reports_unknown(world: World) -> None:
+    reply = world.serving.http.post("/rescore", json={"user_id": "u2", "candidates": ["i5", "nope", "i1", "i5"]})
+    body = schemas.RescoreResponse.model_validate(reply.json())
+    scores = world.scores(2)
+    expected = sorted(["i5", "i1"], key=lambda i: -scores[int(i[1:])])
+    assert [item.item_id for item in body.items] == expected and body.unknown == ["nope"]
+    assert [item.score for item in body.items] == pytest.approx([scores[int(i[1:])] for i in expected], rel=1e-5)
+    cold = world.serving.http.post("/rescore", json={"user_id": "newcomer", "candidates": ["i5"]}).json()
+    assert cold["cold_start"] and cold["items"][0]["score"] == pytest.approx(world.bias[5], rel=1e-5)
+
+
+def test_similar(world: World) -> None:
+    body = schemas.SimilarResponse.model_validate(world.serving.get("/similar/i4", k=3).json())
+    unit = world.items / np.linalg.norm(world.items, axis=1, keepdims=True)
+    cosine = unit @ unit[4]
+    cosine[4] = -np.inf
+    expected = np.argsort(-cosine)[:3]
+    assert [item.item_id for item in body.items] == [f"i{j}" for j in expected]
+    assert [item.score for item in body.items] == pytest.approx(cosine[expected].tolist(), rel=1e-5)
+    assert [(n.item_id, n.score) for n in body.item_knn] == [("i5", pytest.approx(0.9)), ("i6", pytest.approx(0.8)),
+                                                              ("i7", pytest.approx(0.7))]
+    missing = world.serving.get("/similar/unknown-item")
+    assert missing.status_code == 404 and "unknown item" in missing.json()["detail"]
+
+
+@pytest.mark.parametrize("params", [
+    {"user_id": "u1", "k": 0}, {"user_id": "u1", "k": 1001}, {"user_id": "u1", "k": "ten"},
+    {"user_id": "u1", "diversity": 1.5}, {"user_id": "u1", "diversity": -0.1}, {"k": 5}, {"user_id": ""},
+    {"user_id": "u1", "exclude_seen": "maybe"},
+])
+def test_bad_recommend_parameters(world: World, params: dict) -> None:
+    reply = world.serving.get("/recommend", **params)
+    assert reply.status_code == 422 and reply.json()["detail"][0]["msg"]
+
+
+def test_bad_rescore_and_similar_bodies(world: World) -> None:
+    http = world.serving.http
+    assert http.post("/rescore", json={"user_id": "u1", "candidates": []}).status_code == 422
+    assert http.post("/rescore", json={"user_id": "u1"}).status_code == 422
+    assert http.post("/rescore", content=b"not json", headers={"content-type": "application/json"}).status_code == 422
+    assert http.post("/rescore", json={"user_id": "u1", "candidates": ["x"] * 10_001}).status_code == 422
+    assert world.serving.get("/similar/i1", k=5000).status_code == 422
+    assert world.serving.get("/recommend", user_id="u1", k=1000).status_code == 200  # the bound itself is fine
+
+
+def test_health_ready_metrics_openapi(world: World) -> None:
+    assert world.serving.get("/healthz").json()["alive"] is True
+    ready = schemas.Ready.model_validate(world.serving.get("/readyz").json())
+    assert ready.ready and ready.index_items == N_ITEMS and ready.users == N_USERS and KNN_BLOB in ready.artifacts
+    world.serving.get("/recommend", user_id="u3")
+    text = world.serving.get("/metrics").text
+    for name in ('streamrec_serving_request_seconds_bucket{endpoint="/recommend"', "streamrec_serving_requests_total",
+                 'streamrec_serving_errors_total{endpoint="/recommend",status="422"}',
+                 'streamrec_serving_candidates_total{source="ann"}', "streamrec_serving_model_version",
+                 "streamrec_serving_staleness_seconds", "streamrec_serving_index_items 40.0",
+                 "streamrec_serving_sync_seconds_count"):
+        assert name in text, name
+    paths = world.serving.get("/openapi.json").json()["paths"]
+    assert {"/recommend", "/rescore", "/similar/{item_id}", "/healthz", "/readyz", "/metrics"} <= set(paths)
