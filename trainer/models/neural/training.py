@@ -112,12 +112,11 @@ def sequences(data: Interactions) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
     return users, data.item_idx[order], data.timestamps[order], np.cumsum(indptr)
 
 
-def last_items(items: np.ndarray, indptr: np.ndarray, ends: np.ndarray, length: int, pad: int) -> np.ndarray:
-    """(len(ends), length) windows: the `length` items before position `ends` of each row's
-    sequence in (items, indptr), right-aligned and left-padded with `pad`."""
-    rows = np.searchsorted(indptr, ends, side="right") - 1
+def last_items(items: np.ndarray, starts: np.ndarray, ends: np.ndarray, length: int, pad: int) -> np.ndarray:
+    """(len(ends), length) windows of `items[starts:ends]` (the latest `length` of each),
+    right-aligned and left-padded with `pad`."""
     pos = ends[:, None] - length + np.arange(length)[None, :]
-    valid = pos >= indptr[rows][:, None]
+    valid = pos >= starts[:, None]
     return np.where(valid, items[np.clip(pos, 0, max(len(items) - 1, 0))], pad)
 
 

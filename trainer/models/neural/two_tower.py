@@ -84,7 +84,8 @@ class YouTubeDNN(NeuralRecommender):
         order = rng.permutation(len(self.seq_items))
         for start in range(0, len(order), self.params["batch_size"]):
             pos = order[start : start + self.params["batch_size"]]
-            history = last_items(self.seq_items, self.seq_indptr, pos, self.params["history"], self.dims["n_items"])
+            starts = self.seq_indptr[self.seq_users[pos]]
+            history = last_items(self.seq_items, starts, pos, self.params["history"], self.dims["n_items"])
             yield tuple(
                 torch.as_tensor(a, device=self.device)
                 for a in (history, self.seq_users[pos], self.example_age[pos], self.seq_items[pos])
@@ -101,7 +102,7 @@ class YouTubeDNN(NeuralRecommender):
     # ---- serving -----------------------------------------------------------------------------
     def _use_history(self, data: Interactions) -> None:
         _, items, _, indptr = sequences(data)
-        self.user_history = last_items(items, indptr, indptr[1:], self.params["history"], self.n_items)
+        self.user_history = last_items(items, indptr[:-1], indptr[1:], self.params["history"], self.n_items)
 
     def _tower(self, history: np.ndarray, codes: torch.Tensor) -> torch.Tensor:
         """User vectors at serving time: example age 0."""
