@@ -1,8 +1,8 @@
 """The HTTP API of one serving worker (FastAPI; OpenAPI at /docs and /openapi.json).
 
-Handlers are `async def` and compute inline on the event loop: a request is a few hundred
-microseconds of numpy/FAISS work plus Redis round trips of ~0.1 ms, cheaper than a hop to a thread
-pool; the parameter-server sync runs in a background thread and never blocks a request.
+Handlers are plain `def`, so FastAPI runs them in its thread pool: while one request waits for
+Redis (a round trip costs ~1 ms on a loaded machine) others compute, and FAISS and numpy release
+the GIL. The parameter-server sync runs in a background thread and never blocks a request.
 Responses are encoded with orjson; the pydantic models in `serving.schemas` document them.
 """
 
@@ -103,7 +103,7 @@ def create_app(config: ServingConfig) -> FastAPI:
         return body
 
     @app.get("/recommend", responses={200: {"model": schemas.RecommendResponse}, 503: {"model": schemas.Error}})
-    async def recommend(
+    def recommend(
         user_id: str = Query(min_length=1, max_length=256),
         k: int = Query(10, ge=1, le=MAX_K),
         exclude_seen: bool = Query(True, description="drop items the user interacted with (Redis)"),
@@ -119,7 +119,7 @@ def create_app(config: ServingConfig) -> FastAPI:
             return _json(envelope(state, {"user_id": user_id, **body}))
 
     @app.post("/rescore", responses={200: {"model": schemas.RescoreResponse}, 503: {"model": schemas.Error}})
-    async def rescore(request: RescoreRequest) -> Response:
+    def rescore(request: RescoreRequest) -> Response:
         """The candidates scored by the latest model, best first; unknown candidates listed in `unknown`."""
         with holder.use() as state:
             try:
@@ -130,7 +130,7 @@ def create_app(config: ServingConfig) -> FastAPI:
 
     @app.get("/similar/{item_id}", responses={200: {"model": schemas.SimilarResponse}, 404: {"model": schemas.Error},
                                               503: {"model": schemas.Error}})
-    async def similar(item_id: str = Path(min_length=1, max_length=256), k: int = Query(10, ge=1, le=MAX_K)) -> Response:
+    def similar(item_id: str = Path(min_length=1, max_length=256), k: int = Query(10, ge=1, le=MAX_K)) -> Response:
         """Nearest items by cosine of the item vectors (ANN), and the published item-kNN neighbours."""
         with holder.use() as state:
             try:
@@ -142,12 +142,12 @@ def create_app(config: ServingConfig) -> FastAPI:
             return _json(envelope(state, body))
 
     @app.get("/healthz", responses={200: {"model": schemas.Health}})
-    async def healthz() -> Response:
+    def healthz() -> Response:
         """The process answers."""
         return _json({"alive": True, "pid": os.getpid()})
 
     @app.get("/readyz", responses={200: {"model": schemas.Ready}, 503: {"model": schemas.Ready}})
-    async def readyz() -> Response:
+    def readyz() -> Response:
         """Ready once a model with at least one item is loaded; reports versions and staleness."""
         state = holder.current
         ready = state is not None and state.index.size > 0
@@ -161,7 +161,7 @@ def create_app(config: ServingConfig) -> FastAPI:
         return _json(body, 200 if ready else 503)
 
     @app.get("/metrics", response_class=Response)
-    async def prometheus() -> Response:
+    def prometheus() -> Response:
         """Prometheus exposition (all workers merged)."""
         data, content_type = render()
         return Response(data, media_type=content_type)

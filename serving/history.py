@@ -57,4 +57,4 @@ class History:
             if fresh is None:
                 return None
             self._trending, self._trending_n, self._trending_at = fresh, fetch, now
-        return self._trending[:n]
+        return self._trending if len(self._trending) <= n else self._trending[:n]  # same object while cached

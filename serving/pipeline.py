@@ -48,13 +48,14 @@ class Recommender:
         self._candidates = [metrics.candidates.labels(s) for s in SOURCES]
         self._recommended = [metrics.recommended.labels(s) for s in SOURCES]
         self._fallback = {r: metrics.degraded.labels(r) for r in ("cold_start", "prior")}
+        self._trending_cache: tuple[ServingState, list, np.ndarray, np.ndarray] | None = None
 
     # ---- shared -------------------------------------------------------------------------------
     @staticmethod
     def _user(state: ServingState, user_id: str) -> tuple[np.ndarray, float] | None:
         """(p_u, b_u) of a user with a vector, else None."""
         users, dim = state.users, state.items.dim
-        row = users.positions([user_id])[0] if len(users.index) else -1
+        row = users.position(user_id)
         if row < 0:
             return None
         if users.dim != dim:
@@ -114,31 +115,50 @@ class Recommender:
         return {"cold_start": True, "items": [{"item_id": i, "score": s, "sources": [source]}
                                                 for i, s in zip(ids.tolist(), np.asarray(scores, float).tolist())]}
 
+    def _trending_rows(self, state: ServingState, trending: list[tuple[str, float]]) -> tuple[np.ndarray, np.ndarray]:
+        """Item rows and popularity of the trending list, computed once per (state, trending list)."""
+        cached = self._trending_cache
+        if cached is not None and cached[0] is state and cached[1] is trending:
+            return cached[2], cached[3]
+        rows = state.items.positions([item for item, _ in trending])
+        popularity = np.array([score for _, score in trending])[rows >= 0]
+        rows = rows[rows >= 0]
+        self._trending_cache = (state, trending, rows, popularity)
+        return rows, popularity
+
+    def _item_knn(self, state: ServingState, recent_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Item rows and scores of the neighbours of the user's recent items (artifact order)."""
+        knn, per_item = state.artifacts.knn, self.config.knn_per_item
+        rows = state.knn_item_row[recent_rows]
+        rows = rows[rows >= 0]
+        neighbors, scores = knn.neighbors[rows, :per_item].ravel(), knn.scores[rows, :per_item].ravel()
+        valid = neighbors >= 0
+        item_rows = state.knn_neighbor_row[neighbors[valid]]
+        return item_rows[item_rows >= 0], scores[valid][item_rows >= 0]
+
     def _personal(self, state: ServingState, user_id: str, user: tuple[np.ndarray, float], k: int,
                   seen: set[str], diversity: float, explain: bool, degraded: list[str]) -> dict[str, Any]:
         c, items = self.config, state.items
-        seen_rows = items.positions(list(seen)) if seen else np.zeros(0, np.int64)
-        seen_rows = seen_rows[seen_rows >= 0]
+        recent: list[str] = []
+        if state.artifacts.knn is not None and c.knn_recent and c.knn_per_item:
+            fetched = self.history.recent(user_id, c.knn_recent)
+            if fetched is None:
+                _note_redis(degraded)
+            else:
+                recent = fetched
+        looked_up = items.positions([*recent, *seen]) if recent or seen else np.zeros(0, np.int64)
+        recent_rows, seen_rows = looked_up[: len(recent)], looked_up[len(recent) :]
+        recent_rows, seen_rows = recent_rows[recent_rows >= 0], seen_rows[seen_rows >= 0]
         # sources
         _, ann = state.index.search(query_rows(user[0][None], items), max(c.ann_candidates, k) + len(seen_rows))
         ann = ann[0][ann[0] >= 0]
-        knn_rows, knn_scores = np.zeros(0, np.int64), np.zeros(0)
-        if state.artifacts.knn is not None and c.knn_recent and c.knn_per_item:
-            recent = self.history.recent(user_id, c.knn_recent)
-            if recent is None:
-                _note_redis(degraded)
-            elif recent:
-                ids, scores = state.artifacts.knn.lookup(recent, c.knn_per_item)
-                knn_rows = items.positions(ids) if len(ids) else np.zeros(0, np.int64)
-                knn_rows, knn_scores = knn_rows[knn_rows >= 0], scores[knn_rows >= 0]
+        knn_rows, knn_scores = self._item_knn(state, recent_rows) if len(recent_rows) else (np.zeros(0, np.int64), np.zeros(0))
         trending = self.history.trending(c.trending_candidates)
         trend_rows, trend_pop = np.zeros(0, np.int64), np.zeros(0)
         if trending is None:
             _note_redis(degraded)
         elif trending:
-            trend_rows = items.positions([item for item, _ in trending])
-            trend_pop = np.array([score for _, score in trending])[trend_rows >= 0]
-            trend_rows = trend_rows[trend_rows >= 0]
+            trend_rows, trend_pop = self._trending_rows(state, trending)
         # union, with per-candidate source bits and source features
         sizes = (len(ann), len(knn_rows), len(trend_rows))
         for counter, size in zip(self._candidates, sizes):
@@ -211,7 +231,7 @@ class Recommender:
         if state is None:
             raise Unavailable("no model loaded yet")
         items, knn = state.items, state.artifacts.knn
-        row = items.positions([item_id])[0] if len(items.index) else -1
+        row = items.position(item_id)
         in_knn = knn is not None and item_id in knn.index
         if row < 0 and not in_knn:
             raise UnknownItem(item_id)

@@ -33,6 +33,8 @@ class ServingState:
     loaded_at: float  # wall time this state was swapped in
     item_ids: np.ndarray  # object ids by item row
     prior: np.ndarray  # item rows by decreasing bias (alive only)
+    knn_item_row: np.ndarray  # item row -> row of the kNN artifact (-1: none)
+    knn_neighbor_row: np.ndarray  # kNN artifact row -> item row (-1: no live vector)
     refs: int = 0  # requests using this state; guarded by the holder's lock
 
     @classmethod
@@ -41,7 +43,12 @@ class ServingState:
         alive = np.flatnonzero(items.alive)
         bias = items.values[alive, items.dim] if items.scalars else np.zeros(len(alive), np.float32)
         top = alive[np.argsort(-bias, kind="stable")[:PRIOR_ITEMS]]
-        return cls(users, items, index, artifacts, version, time.time(), items.index.values, top)
+        # the kNN lists mapped onto item rows once per state, so a request does no id lookups for them
+        neighbor_row = items.positions(artifacts.knn.ids) if artifacts.knn is not None else np.zeros(0, np.int64)
+        item_row = np.full(len(items.index), -1, np.int64)
+        known = neighbor_row >= 0
+        item_row[neighbor_row[known]] = np.flatnonzero(known)
+        return cls(users, items, index, artifacts, version, time.time(), items.index.values, top, item_row, neighbor_row)
 
 
 class StateHolder:

@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import redis
 
 from param_server.client import ParamClient
+from serving.bench import clear_prefix
 from tests.param_server.conftest import ServerProcess
 from trainer.online.batch import TrainBatch
 from trainer.online.feature_store import FeatureStore, FeatureStoreConfig
@@ -141,14 +141,6 @@ def param_server(tmp_path: Path) -> Iterator[ServerProcess]:
 def ps(param_server: ServerProcess) -> Iterator[ParamClient]:
     with ParamClient([param_server.address]) as client:
         yield client
-
-
-def clear_prefix(url: str, prefix: str) -> None:
-    client = redis.Redis.from_url(url)
-    keys = list(client.scan_iter(f"{prefix}:*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 @pytest.fixture
