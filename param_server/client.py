@@ -321,6 +321,35 @@ class ParamClient:
             found[pos] = replies[shard].arrays["found"]
         return Rows(values, found, first.header["dim"])
 
+    def pull_many(self, requests: Mapping[str, IdsLike]) -> dict[str, Rows]:
+        """Several tables' pulls in one round trip per shard: every request is written before any
+        reply is read (the server answers a connection's frames in order)."""
+        plan: list[tuple[str, Keys, list[tuple[int, np.ndarray | None]]]] = []
+        for table, ids in requests.items():
+            keys = as_keys(ids)
+            plan.append((table, keys, self._split(keys)))
+        try:
+            for table, keys, parts in plan:
+                for shard, pos in parts:
+                    self._send(shard, {"op": "pull", "table": table}, keys_arrays(keys if pos is None else keys.take(pos)))
+            replies = [[self._check(shard, self._conns[shard].recv()) for shard, _ in parts] for _, _, parts in plan]
+        except OSError:  # a lost connection mid-pipeline: reconnect and fall back to one call per table
+            for conn in self._conns:
+                conn.close()
+            return {table: self.pull(table, keys) for table, keys, _ in plan}
+        result = {}
+        for (table, keys, parts), table_replies in zip(plan, replies):
+            if len(parts) == 1 and parts[0][1] is None:
+                reply = table_replies[0]
+                result[table] = Rows(reply.arrays["values"], reply.arrays["found"], reply.header["dim"])
+                continue
+            width = table_replies[0].arrays["values"].shape[1]
+            values, found = np.empty((len(keys), width), np.float32), np.empty(len(keys), bool)
+            for (_, pos), reply in zip(parts, table_replies):
+                values[pos], found[pos] = reply.arrays["values"], reply.arrays["found"]
+            result[table] = Rows(values, found, table_replies[0].header["dim"])
+        return result
+
     def push(
         self,
         updates: Mapping[str, tuple[IdsLike, np.ndarray | tuple[np.ndarray, np.ndarray]]],

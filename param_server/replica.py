@@ -91,9 +91,18 @@ class TableMirror:
         self.version = delta.version
         return Changes(bool(delta.full), position.astype(np.int64), removed.astype(np.int64))
 
+    def position(self, key: Any) -> int:
+        """Row of one id, -1 where unknown or deleted (a hash lookup, no array round trip)."""
+        try:
+            row = self.index.get_loc(key)
+        except KeyError:
+            return -1
+        return row if isinstance(row, int) and self.alive[row] else -1
+
     def positions(self, ids: np.ndarray | list) -> np.ndarray:
         """Row of each id in `values`, -1 where unknown or deleted."""
         position = self.index.get_indexer(np.asarray(ids, dtype=object))
         known = position >= 0
-        position[known & ~self.alive[np.where(known, position, 0)]] = -1
+        if known.any():
+            position[known & ~self.alive[np.where(known, position, 0)]] = -1
         return position

@@ -28,6 +28,17 @@ from param_server.table import Table, TableSpec
 RECENT_PUSHERS = 4096  # clients whose last push sequence number is remembered (retry dedup)
 
 
+def merge_meta(old: Any, new: Any) -> Any:
+    """Deep-merge JSON objects (other values: the new one wins). Several trainers of one consumer
+    group each push the offsets of their own partitions; merging keeps every partition's latest."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        merged = dict(old)
+        for key, value in new.items():
+            merged[key] = merge_meta(old.get(key), value)
+        return merged
+    return new
+
+
 def fresh_version(previous: int = 0) -> int:
     return max(previous, time.time_ns() // 1000) + 1
 
@@ -120,7 +131,7 @@ class ParamStore:
             for table, (_, keys, grads) in zip(tables, updates):
                 table.push(keys, grads, self.version, now)
             if meta is not None:
-                self.meta, self.meta_version = meta, self.version
+                self.meta, self.meta_version = merge_meta(self.meta, meta), self.version
             self.applied_events += int(events)
             self.pushes += 1
             if client is not None:

@@ -82,6 +82,19 @@ class TableSpec:
         return TableSpec(**data)
 
 
+def initial_values(spec: TableSpec, key64: np.ndarray) -> np.ndarray:
+    """Deterministic per id and seed: uniform(-a, a) with std init_std; scalars start at 0.
+    A pure function of the spec and the 64-bit key, so a trainer can compute the value a row will
+    be created with before the server has created it."""
+    out = np.zeros((key64.size, spec.width), np.float32)
+    cols = np.arange(spec.dim, dtype=np.uint64) * _GOLDEN
+    seed = mix64(np.array([spec.seed], np.uint64))[0]
+    bits = mix64((key64 ^ seed)[:, None] + cols)
+    uniform = (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    out[:, : spec.dim] = (2.0 * uniform - 1.0) * (spec.init_std * np.sqrt(3.0))
+    return out
+
+
 def sum_duplicates(rows: np.ndarray, grads: np.ndarray, scratch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distinct rows with the gradients of repeated rows added up.
 
@@ -132,8 +145,6 @@ class Table:
         self.last_sweep = 0.0
         self.deletions: deque[tuple[int, Keys]] = deque()
         self.retained_deletions = 0
-        seed = np.array([spec.seed], np.uint64)
-        self._seed = mix64(seed)[0]
 
     # ---- keys ---------------------------------------------------------------------------------
 
@@ -196,14 +207,7 @@ class Table:
         self.arena_used = need
 
     def initial_values(self, key64: np.ndarray) -> np.ndarray:
-        """Deterministic per id and seed: uniform(-a, a) with std init_std; scalars start at 0."""
-        spec = self.spec
-        out = np.zeros((key64.size, spec.width), np.float32)
-        cols = np.arange(spec.dim, dtype=np.uint64) * _GOLDEN
-        bits = mix64((key64 ^ self._seed)[:, None] + cols)
-        uniform = (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
-        out[:, : spec.dim] = (2.0 * uniform - 1.0) * (spec.init_std * np.sqrt(3.0))
-        return out
+        return initial_values(self.spec, key64)
 
     def _create(self, keys: Keys, key64: np.ndarray, version: int, now: float) -> None:
         """Give rows to ids not in the table; repeated ids get one row.

@@ -16,7 +16,9 @@ import orjson
 
 from streamrec.config import Settings, load_settings
 
-COMMAND_MODULES = ("stream.cli", "param_server.cli", "trainer.cli", "serving.cli", "streamrec.demo_cli")
+COMMAND_MODULES = (
+    "stream.cli", "param_server.cli", "trainer.cli", "trainer.online.cli", "serving.cli", "streamrec.demo_cli",
+)
 
 
 def print_json(obj: Any) -> None:

@@ -46,10 +46,13 @@ def make_consumer(
     heartbeat_interval_ms: int = 1000,
     on_assign: RebalanceCallback | None = None,
     on_revoke: RebalanceCallback | None = None,
+    partition_fetch_bytes: int = 8 * 1024 * 1024,
     **extra: Any,
 ) -> Consumer:
     """A consumer of the chosen backend; with `topics` it joins `group_id` and is assigned
-    partitions by the group, without it call `.assign(...)` to read partitions directly."""
+    partitions by the group, without it call `.assign(...)` to read partitions directly.
+    A small `partition_fetch_bytes` makes each poll mix all assigned partitions (a backlog is then
+    read roughly in time order instead of one partition after another)."""
     if client == "confluent":
         from stream.kafka.confluent_client import ConfluentConsumer as cls
     elif client == "kafka-python":
@@ -57,4 +60,4 @@ def make_consumer(
     else:
         raise ValueError(f"unknown Kafka client {client!r}; expected kafka-python or confluent")
     return cls(bootstrap, group_id, topics, session_timeout_ms, heartbeat_interval_ms,
-               on_assign, on_revoke, **extra)
+               on_assign, on_revoke, partition_fetch_bytes, **extra)

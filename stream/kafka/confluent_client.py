@@ -71,6 +71,7 @@ class ConfluentConsumer(Consumer):
         heartbeat_interval_ms: int = 1000,
         on_assign: RebalanceCallback | None = None,
         on_revoke: RebalanceCallback | None = None,
+        partition_fetch_bytes: int = 8 * 1024 * 1024,
         **extra: Any,
     ) -> None:
         self._consumer = ck.Consumer(
@@ -84,6 +85,7 @@ class ConfluentConsumer(Consumer):
                 "session.timeout.ms": session_timeout_ms,
                 "heartbeat.interval.ms": heartbeat_interval_ms,
                 "enable.partition.eof": False,
+                "max.partition.fetch.bytes": partition_fetch_bytes,
                 **extra,
             }
         )

@@ -74,6 +74,7 @@ class KafkaPythonConsumer(Consumer):
         heartbeat_interval_ms: int = 1000,
         on_assign: RebalanceCallback | None = None,
         on_revoke: RebalanceCallback | None = None,
+        partition_fetch_bytes: int = 8 * 1024 * 1024,
         **extra: Any,
     ) -> None:
         self._consumer = kafka.KafkaConsumer(
@@ -85,7 +86,7 @@ class KafkaPythonConsumer(Consumer):
             heartbeat_interval_ms=heartbeat_interval_ms,
             max_poll_interval_ms=max(300_000, session_timeout_ms),
             fetch_max_bytes=64 * 1024 * 1024,
-            max_partition_fetch_bytes=8 * 1024 * 1024,
+            max_partition_fetch_bytes=partition_fetch_bytes,
             **extra,
         )
         if topics:

@@ -37,7 +37,6 @@ def parse_model_params(models: tuple[str, ...], pairs: tuple[str, ...]) -> dict[
 @click.option("--param", "pairs", multiple=True, help="MODEL.KEY=VALUE, e.g. online-bpr.dim=64")
 @click.option("--batch-events", type=int, default=2000, show_default=True, help="most records per consumed batch")
 @click.option("--batch-seconds", type=float, default=0.5, show_default=True, help="most wait for a batch to fill")
-@click.option("--micro-batch", type=int, default=256, show_default=True, help="events per model update")
 @click.option("--evaluate-every", type=int, default=10, show_default=True, help="prequential sample: every Nth event")
 @click.option("--max-events", type=int, help="stop after this many records")
 @click.option("--idle-exit", type=float, help="stop after this many seconds without records")
@@ -47,11 +46,12 @@ def parse_model_params(models: tuple[str, ...], pairs: tuple[str, ...]) -> dict[
 @click.option("--json", "as_json", is_flag=True, help="print the final report as JSON")
 @click.pass_context
 def train_online(ctx: click.Context, models: tuple[str, ...], pairs: tuple[str, ...], batch_events: int,
-                 batch_seconds: float, micro_batch: int, evaluate_every: int, max_events: int | None,
+                 batch_seconds: float, evaluate_every: int, max_events: int | None,
                  idle_exit: float | None, report_path: str | None, metrics_port: int | None,
                  no_feature_store: bool, as_json: bool) -> None:
     """Consume the interaction topic and train the online models into the parameter server."""
     from prometheus_client import start_http_server
+    from threadpoolctl import threadpool_limits
 
     from param_server.client import ParamClient
     from stream.topics import create_topics
@@ -69,13 +69,14 @@ def train_online(ctx: click.Context, models: tuple[str, ...], pairs: tuple[str, 
     create_topics(settings.kafka_bootstrap, [settings.topic, settings.dlq_topic], settings.topic_partitions)
     store = ParamClient.from_settings(settings)
     features = None if no_feature_store else FeatureStore.from_url(settings.redis_url)
-    config = TrainerConfig(batch_events=batch_events, batch_seconds=batch_seconds, micro_batch=micro_batch,
+    config = TrainerConfig(batch_events=batch_events, batch_seconds=batch_seconds,
                            evaluate_every=evaluate_every, max_events=max_events, idle_exit_seconds=idle_exit,
                            report_path=report_path)
     trainer = OnlineTrainer(settings, store, [create_online_model(m, **params[m]) for m in models], config, features)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: trainer.stop_requested.set())
-    trainer.run()
+    with threadpool_limits(1):  # small matrix products: BLAS threads only contend on 2 cores
+        trainer.run()
     report = trainer.report()
     store.close()
     if as_json:

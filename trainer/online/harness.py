@@ -28,7 +28,8 @@ class PrequentialAdapter:
                                       types, batch.rating, batch.timestamp))
 
     def score_users(self, users: np.ndarray) -> np.ndarray:
-        scores, item_ids = self.learner.item_scores(self.catalogue.users.ids[users])
+        scores = self.learner.item_scores(self.catalogue.users.ids[users], sync=True)
+        item_ids = self.learner.ranker.items.index
         known = len(self._catalogue_position)
         if len(item_ids) > known:  # the mirror only appends: map the new rows once
             self._catalogue_position = np.concatenate(

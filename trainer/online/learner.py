@@ -8,8 +8,7 @@ from typing import Any
 import numpy as np
 
 from trainer.online.batch import TrainBatch
-from param_server.replica import TableMirror
-from trainer.online.models import OnlineModel, StepStats
+from trainer.online.models import OnlineModel, StepHook, StepStats
 
 
 class OnlineLearner:
@@ -19,7 +18,7 @@ class OnlineLearner:
         self.store, self.models = store, models
         for model in models:
             model.create_tables(store)
-        self.mirrors = {model.name: TableMirror(store, model.item_table) for model in models}
+            model.attach(store)
 
     @property
     def ranker(self) -> OnlineModel:
@@ -33,25 +32,32 @@ class OnlineLearner:
         for model in self.models:
             model.restore(((meta or {}).get("models") or {}).get(model.name, {}))
 
-    def learn(self, batch: TrainBatch, offsets: dict[str, int] | None = None) -> dict[str, StepStats]:
-        """Gradients of every model, then one push: the update, the offsets and the applied-event
-        count land together, so a checkpoint never holds one without the others."""
+    def learn(self, batch: TrainBatch, offsets: dict[str, int] | None = None,
+              before_step: StepHook | None = None) -> dict[str, StepStats]:
+        """Pull every model's rows in one round trip, let each walk the batch in steps (the ranker
+        calls `before_step` before each step: prequential scoring), then ONE push: the deltas, the
+        offsets and the applied-event count land together, so a checkpoint never holds one
+        without the others."""
+        needs = {table: ids for model in self.models for table, ids in model.needs(batch).items()}
+        rows = self.store.pull_many(needs) if needs else {}
         updates: dict[str, tuple[list, np.ndarray]] = {}
         stats = {}
         for model in self.models:
-            model_updates, stats[model.name] = model.gradients(self.store, batch)
+            model_updates, stats[model.name] = model.learn(batch, rows, before_step if model is self.ranker else None)
             updates.update(model_updates)
         self.store.push(updates, meta=self.meta(offsets), events=len(batch),
                         event_time=float(batch.timestamp.max()) if len(batch) else None)
         return stats
 
-    def item_scores(self, user_ids: np.ndarray, model: OnlineModel | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(scores (users, known items), item ids) from the current state; users without a row
-        get zero vectors, i.e. the items' biases: a learned popularity prior for cold users."""
-        model = model or self.ranker
-        mirror = self.mirrors[model.name]
-        mirror.sync()
-        users = self.store.pull(model.user_table, list(user_ids))
-        scores = model.score(users.values.astype(np.float64), mirror.values.astype(np.float64))
-        scores[:, ~mirror.alive] = -np.inf
-        return scores, mirror.index.to_numpy()
+    def item_scores(self, user_ids: np.ndarray, sync: bool = True) -> np.ndarray:
+        """(users, rows of `ranker.items`) scores. `sync=False` inside a batch (its local state is
+        the newest); users without a row get zero vectors, i.e. the items' biases: a learned
+        popularity prior for cold users. Items not (yet) in the stream score -inf."""
+        model = self.ranker
+        if sync:
+            model.items.sync()
+        scores = model.score(model.user_rows(user_ids, self.store), model.items.values)
+        scores[:, ~model.items.alive] = -np.inf
+        if len(model.hidden) == scores.shape[1] and model.hidden.any():
+            scores[:, model.hidden] = -np.inf
+        return scores

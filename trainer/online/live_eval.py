@@ -34,33 +34,43 @@ class LivePrequential:
         self.total = {"evaluated": 0, "hits": 0.0, "ndcg": 0.0, "ratings": 0, "sq_error": 0.0}
         self.series: list[dict[str, float]] = []
 
-    def sampled(self, n: int) -> np.ndarray:
-        """Positions (within the next n events) that are evaluated: every `every`-th of the stream."""
-        first = (-self.position) % self.every
-        return np.arange(first, n, self.every)
+    def start_batch(self, learner: OnlineLearner) -> None:
+        """Per batch: id -> row lookups for the ranker's items and this batch's users (dicts:
+        a handful of lookups per step would cost more through pandas than the scoring itself)."""
+        ranker = learner.ranker
+        self._item_row = dict(zip(ranker.items.index, range(len(ranker.items.index))))
+        self._user_row = dict(zip(ranker.users.ids, range(len(ranker.users.ids)))) if ranker.users else {}
 
-    def evaluate(self, learner: OnlineLearner, batch: TrainBatch, positives: np.ndarray) -> None:
-        """Score the sampled positive events of `batch` with the model as it is now."""
-        picks = self.sampled(len(batch))
-        picks = picks[positives[picks]]
-        if len(picks):
-            users, targets = batch.user_id[picks], batch.item_id[picks]
-            scores, item_ids = learner.item_scores(users)
-            position = pd.Index(item_ids, dtype=object)
-            target_pos = position.get_indexer(targets)
-            for row, user in enumerate(users):  # exclude each user's earlier items (not the target)
-                earlier = self.history.get(user)
-                if earlier:
-                    drop = position.get_indexer(list(earlier))
-                    scores[row, drop[(drop >= 0) & (drop != target_pos[row])]] = -np.inf
-            known = target_pos >= 0
-            greater = np.empty(len(picks), np.int64)
-            ties = np.zeros(len(picks), np.int64)
-            if known.any():
-                greater[known], ties[known] = rank_counts(scores[known], target_pos[known])
-            # an item the model has never seen ranks below every known candidate
-            greater[~known] = np.isfinite(scores[~known]).sum(axis=1)
-            self._record(expected_hit(greater, ties, K), expected_ndcg(greater, ties, K), batch.timestamp[picks])
+    def evaluate_step(self, learner: OnlineLearner, batch: TrainBatch, positives: np.ndarray, step: slice) -> None:
+        """Before the model learns events[step] of `batch`: rank the sampled positive ones (stream
+        positions divisible by `every`) against every known item minus the user's earlier items
+        (earlier batches, and earlier events of this batch)."""
+        first = step.start + (-(self.position + step.start)) % self.every
+        picks = [q for q in range(first, step.stop, self.every) if positives[q]]
+        if not picks:
+            return
+        if step.start == 0:
+            self.start_batch(learner)
+        ranker, item_row = learner.ranker, self._item_row
+        users = batch.user_id[picks]
+        user_rows = ranker.users.values[[self._user_row[u] for u in users]]
+        scores = ranker.score(user_rows, ranker.items.values)
+        scores[:, ~ranker.items.alive] = -np.inf
+        if ranker.hidden.any():
+            scores[:, ranker.hidden] = -np.inf
+        target_pos = np.array([item_row.get(i, -1) for i in batch.item_id[picks]])
+        for row, (pick, user) in enumerate(zip(picks, users)):
+            earlier = [*self.history.get(user, ()), *batch.item_id[:pick][batch.user_id[:pick] == user]]
+            drop = [r for r in map(item_row.get, earlier) if r is not None and r != target_pos[row]]
+            scores[row, drop] = -np.inf
+        known = target_pos >= 0
+        greater = np.empty(len(picks), np.int64)
+        ties = np.zeros(len(picks), np.int64)
+        if known.any():
+            greater[known], ties[known] = rank_counts(scores[known], target_pos[known])
+        # an item the model has never seen ranks below every known candidate
+        greater[~known] = np.isfinite(scores[~known]).sum(axis=1)
+        self._record(expected_hit(greater, ties, K), expected_ndcg(greater, ties, K), batch.timestamp[picks])
 
     def record_ratings(self, squared_errors: float, count: int) -> None:
         if count:
@@ -97,12 +107,13 @@ class LivePrequential:
                 "events": self.position, "event_time": float(times.max()), "evaluated": self.total["evaluated"],
                 "hr@10": float(np.mean(list(self.hits)[-window:])), "ndcg@10": float(np.mean(list(self.ndcgs)[-window:])),
             })
-        for window in self.windows:
-            if self.hits:
-                PREQUENTIAL.labels("hr@10", str(window)).set(np.mean(list(self.hits)[-window:]))
-                PREQUENTIAL.labels("ndcg@10", str(window)).set(np.mean(list(self.ndcgs)[-window:]))
-            if self.sq_errors:
-                PREQUENTIAL.labels("rmse", str(window)).set(self._windowed_rmse(window))
+
+    def publish(self) -> None:
+        """Set the Prometheus gauges (once per batch: the windows are recomputed)."""
+        for window, values in self.report()["windows"].items():
+            for metric, value in values.items():
+                if value is not None:
+                    PREQUENTIAL.labels(metric, window).set(value)
 
     def _windowed_rmse(self, window: int) -> float:
         """RMSE over (about) the last `window` rated events, whole batches at a time."""
@@ -119,7 +130,8 @@ class LivePrequential:
         for window in self.windows:
             hits, ndcgs = list(self.hits)[-window:], list(self.ndcgs)[-window:]
             windows[str(window)] = {"hr@10": float(np.mean(hits)) if hits else None,
-                                    "ndcg@10": float(np.mean(ndcgs)) if ndcgs else None}
+                                    "ndcg@10": float(np.mean(ndcgs)) if ndcgs else None,
+                                    "rmse": self._windowed_rmse(window) if self.sq_errors else None}
         return {
             "evaluated": t["evaluated"],
             "hr@10": t["hits"] / t["evaluated"] if t["evaluated"] else None,

@@ -40,6 +40,9 @@ class LocalStore:
         values, found, dim = self.store.pull(table, as_keys(ids))
         return Rows(values, found, dim)
 
+    def pull_many(self, requests: Mapping[str, IdsLike]) -> dict[str, Rows]:
+        return {table: self.pull(table, ids) for table, ids in requests.items()}
+
     def push(
         self, updates: Mapping[str, tuple[IdsLike, np.ndarray]], *, meta: Any = None, events: int = 0,
         event_time: float | None = None,

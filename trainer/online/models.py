@@ -1,38 +1,56 @@
-"""Online models: each micro-batch pulls the rows it needs, computes gradients vectorised, pushes them.
+"""Online models: learn a consumed batch in small sequential steps locally, push one delta per batch.
 
-The models hold no embeddings themselves (TorchRec's separation of tables from the models that use
-them): rows live in parameter-server tables, created on first use by the server's admission, and
-the optimiser (Adagrad / SGD, per row) runs on the server. A model only turns events into gradients.
+The rows live in parameter-server tables (TorchRec's separation of tables from the models that use
+them); a model pulls the rows a batch needs once, then walks the batch in steps of `step_events`
+events (10 by default, the prequential protocol's granularity), each step vectorised, updating its
+local copy, and finally returns the change of every touched row. The online tables use the
+server's SGD with learning rate 1, so a pushed "gradient" of -delta adds the delta: concurrent
+trainers' updates add up, and a row the server has not created yet is created with the same
+deterministic initial value the model assumed (`param_server.table.initial_values`).
 
-- `OnlineBPR` (implicit feedback): x_uij = p_u . (q_i - q_j) + b_i - b_j, loss -w log sigma(x_uij)
-  over `negatives` sampled items j per positive (uniform, popularity^0.75 or in-batch), plus a
-  pointwise -log sigma(-(p_u . q_j + b_j)) for explicit negatives (skips).
-- `OnlineMF` (explicit ratings): r = mu + b_u + b_i + p_u . q_i with Koren's SGD defaults, mu the
-  running mean of the ratings seen.
+Why steps and not one update per batch: on MovieLens a user's next item is best predicted from
+their last few events; learning a 256-event micro-batch at once drops prequential hr@10 from 0.12
+to 0.06-0.08 (measured), while steps of 10 keep it, at numpy speed, without a round trip per step.
+
+- `OnlineBPR` (implicit): x_uij = p_u . (q_i - q_j) + b_i - b_j, loss -w log sigma(x_uij) over
+  `negatives` items j per positive (uniform over known items, popularity^0.75, or in-batch), and
+  -log sigma(-(p_u . q_j + b_j)) for explicit negatives (skips). SGD with `lr`, L2 `reg`.
+- `OnlineMF` (explicit ratings): r = mu + b_u + b_i + p_u . q_i with Koren's SGD defaults
+  (lr 0.007, reg 0.015, bias lr 0.005, bias reg 0.005); mu is the running mean of the ratings.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 
-from trainer.online.batch import TrainBatch, scatter_sum
+from param_server.client import Delta, Rows
+from param_server.keys import Keys, as_keys
+from param_server.optimizers import OptimizerSpec
+from param_server.replica import TableMirror
+from param_server.table import TableSpec, initial_values
+from trainer.online.batch import TrainBatch
 from trainer.online.roles import EventRoles
 from trainer.online.sampling import NegativeSampler
 
-
 Updates = dict[str, tuple[list, np.ndarray]]
+StepHook = Callable[[slice], None]  # called before each step learns events[slice]
 
 
 @dataclass
 class StepStats:
     events: int = 0
     examples: int = 0  # positives (BPR) or ratings (MF) learned
-    loss: float = float("nan")  # mean loss over the examples, before the update
-    squared_error: float = 0.0  # MF: sum of squared errors of predict-then-learn
+    loss_sum: float = 0.0  # summed loss of the examples, each before its step's update
+    squared_error: float = 0.0  # MF: summed squared error of predict-then-learn
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.examples if self.examples else float("nan")
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -43,8 +61,25 @@ def _log_sigmoid(x: np.ndarray) -> np.ndarray:
     return -np.logaddexp(0.0, -x)
 
 
+class LocalRows:
+    """A batch's working copy of some rows: pulled values, rows the server lacks initialised as
+    the server will initialise them, and the change since the pull."""
+
+    def __init__(self, spec: TableSpec, ids: list, pulled: Rows) -> None:
+        self.ids = ids
+        self.values = pulled.values.astype(np.float64)
+        if not pulled.found.all():
+            missing = np.flatnonzero(~pulled.found)
+            self.values[missing] = initial_values(spec, as_keys([ids[m] for m in missing]).hash64())
+        self.start = self.values.copy()
+
+    def delta_update(self) -> tuple[list, np.ndarray]:
+        """(ids, -delta): with the server's SGD at lr 1 this adds exactly the local change."""
+        return self.ids, (self.start - self.values).astype(np.float32)
+
+
 class OnlineModel:
-    """Shared plumbing: table names, creation, pulling rows for a batch, scoring from rows."""
+    """Shared plumbing: parameters, table names and specs, state kept in the meta record."""
 
     name: ClassVar[str]
     defaults: ClassVar[dict[str, Any]]
@@ -57,16 +92,51 @@ class OnlineModel:
         self.roles = roles or EventRoles()
         prefix = prefix or self.name.replace("online-", "")
         self.user_table, self.item_table = f"{prefix}_users", f"{prefix}_items"
+        self.step_events = int(self.params["step_events"])
+        self.items: TableMirror | None = None  # set by `attach`
+        self.hidden = np.zeros(0, bool)  # item rows added for this batch but not reached yet
+        self.users: LocalRows | None = None  # the current batch's user rows
+        self._user_index = pd.Index([], dtype=object)
 
-    def table_specs(self) -> dict[str, dict[str, Any]]:
+    def _spec(self, name: str, scalars: int) -> TableSpec:
+        p = self.params
+        return TableSpec(name=name, dim=int(p["dim"]), scalars=scalars, optimizer=OptimizerSpec("sgd", 1.0),
+                         init_std=float(p["init_std"]), seed=int(p["seed"]), min_count=int(p["min_count"]))
+
+    def table_specs(self) -> dict[str, TableSpec]:
         raise NotImplementedError
 
     def create_tables(self, store: Any) -> None:
-        for name, spec in self.table_specs().items():
-            store.create_table(name, **spec)
+        for spec in self.table_specs().values():
+            store.create_table(spec.name, spec.dim, scalars=spec.scalars, optimizer="sgd", lr=1.0,
+                               init_std=spec.init_std, seed=spec.seed, min_count=spec.min_count)
 
-    def gradients(self, store: Any, batch: TrainBatch) -> tuple[Updates, StepStats]:
-        """Pull what the batch needs and return {table: (ids, summed gradients)} to push."""
+    def attach(self, store: Any) -> None:
+        """Keep a replica of every known item's row (negatives, full rankings)."""
+        self.items = TableMirror(store, self.item_table)
+
+    def needs(self, batch: TrainBatch) -> dict[str, list]:
+        """Rows to pull before learning `batch` (one round trip for every model together)."""
+        raise NotImplementedError
+
+    def score(self, user_rows: np.ndarray, item_rows: np.ndarray) -> np.ndarray:
+        """(users, items) scores from rows (vectors then scalars)."""
+        raise NotImplementedError
+
+    def user_rows(self, user_ids: np.ndarray, store: Any) -> np.ndarray:
+        """Current user rows: the batch's working copy where the user is in it, else the server's."""
+        position = self._user_index.get_indexer(np.asarray(user_ids, dtype=object))
+        out = np.zeros((len(user_ids), self.table_specs()["users"].width))
+        local = position >= 0
+        if local.any():
+            out[local] = self.users.values[position[local]]
+        if (~local).any():
+            out[~local] = store.pull(self.user_table, list(np.asarray(user_ids)[~local])).values
+        return out
+
+    def learn(self, batch: TrainBatch, rows: dict[str, Rows], before_step: StepHook | None = None,
+              ) -> tuple[Updates, StepStats]:
+        """Walk the batch in steps; return the deltas to push and the training statistics."""
         raise NotImplementedError
 
     def state(self) -> dict[str, Any]:
@@ -76,109 +146,118 @@ class OnlineModel:
     def restore(self, state: dict[str, Any]) -> None:
         """Inverse of `state` (after a restart)."""
 
-    def score(self, user_rows: np.ndarray, item_rows: np.ndarray) -> np.ndarray:
-        """(users, items) scores from pulled/mirrored rows (vectors then scalars)."""
-        raise NotImplementedError
-
-
-@dataclass
-class _Pulled:
-    """Rows of the distinct ids of one batch and where each event's ids sit among them."""
-
-    ids: np.ndarray
-    rows: np.ndarray
-    found: np.ndarray
-
-
-def _pull(store: Any, table: str, ids: np.ndarray) -> _Pulled:
-    rows = store.pull(table, ids.tolist())
-    return _Pulled(ids, rows.values.astype(np.float64), rows.found)
+    def steps(self, n: int) -> list[slice]:
+        return [slice(s, min(s + self.step_events, n)) for s in range(0, n, self.step_events)]
 
 
 class OnlineBPR(OnlineModel):
     name = "online-bpr"
     defaults: ClassVar[dict[str, Any]] = {
-        "dim": 32, "lr": 0.2, "reg": 0.01, "negatives": 10, "sampling": "uniform", "pool": 512,
-        "init_std": 0.1, "min_count": 1, "seed": 0, "skip_weight": 1.0, "optimizer": "adagrad",
+        "dim": 32, "lr": 0.05, "reg": 0.01, "negatives": 10, "sampling": "uniform",
+        "init_std": 0.1, "min_count": 1, "seed": 0, "skip_weight": 1.0, "step_events": 10,
     }
 
     def __init__(self, roles: EventRoles | None = None, prefix: str | None = None, **params: Any) -> None:
         super().__init__(roles, prefix, **params)
         p = self.params
-        self.sampler = NegativeSampler(p["sampling"], int(p["pool"]), int(p["seed"]))
+        self.sampler = NegativeSampler(p["sampling"], int(p["seed"]))
         self.rng = np.random.default_rng(int(p["seed"]) + 1)
 
-    def table_specs(self) -> dict[str, dict[str, Any]]:
-        p = self.params
-        common = {"optimizer": p["optimizer"], "lr": p["lr"], "init_std": p["init_std"],
-                  "min_count": int(p["min_count"]), "seed": int(p["seed"])}
-        return {self.user_table: {"dim": int(p["dim"]), **common},
-                self.item_table: {"dim": int(p["dim"]), "scalars": 1, **common}}
+    def table_specs(self) -> dict[str, TableSpec]:
+        return {"users": self._spec(self.user_table, 0), "items": self._spec(self.item_table, 1)}
+
+    def needs(self, batch: TrainBatch) -> dict[str, list]:
+        return {self.user_table: list(pd.unique(batch.user_id))} if len(batch) else {}
 
     def score(self, user_rows: np.ndarray, item_rows: np.ndarray) -> np.ndarray:
         dim = int(self.params["dim"])
         return user_rows[:, :dim] @ item_rows[:, :dim].T + item_rows[:, dim]
 
-    def gradients(self, store: Any, batch: TrainBatch) -> tuple[Updates, StepStats]:
-        p, dim = self.params, int(self.params["dim"])
-        weight = self.roles.positive_weight(batch.event_type, batch.value)
-        positive = weight > 0
-        skip = self.roles.is_negative(batch.event_type)
-        self.sampler.observe(batch.item_id[positive | skip])
-        stats = StepStats(events=len(batch), examples=int(positive.sum()))
-        if not positive.any() and not skip.any():
+    def _add_new_items(self, item_ids: np.ndarray) -> np.ndarray:
+        """Items never seen before join the local item rows with their server-side initial value."""
+        new = np.asarray(pd.unique(item_ids[self.items.positions(item_ids) < 0]), dtype=object)
+        if len(new):
+            keys = Keys.from_strings(new.tolist())
+            spec = self.table_specs()["items"]
+            values = initial_values(spec, keys.hash64())
+            changes = self.items.apply(Delta(values=values, found=np.ones(len(new), bool), dim=spec.dim, ids=keys,
+                                             deleted=Keys.empty("str"), version=self.items.version, full=False))
+            return changes.upserted
+        return np.zeros(0, np.int64)
+
+    def learn(self, batch: TrainBatch, rows: dict[str, Rows], before_step: StepHook | None = None,
+              ) -> tuple[Updates, StepStats]:
+        p, dim, k, lr, reg = self.params, int(self.params["dim"]), int(self.params["negatives"]), \
+            float(self.params["lr"]), float(self.params["reg"])
+        stats = StepStats(events=len(batch))
+        if not len(batch):
             return {}, stats
+        self.items.sync()
+        weight = self.roles.positive_weight(batch.event_type, batch.value)
+        skip = self.roles.is_negative(batch.event_type)
+        learnable = (weight > 0) | skip
+        self.sampler.observe(batch.item_id[learnable])
+        new_rows = self._add_new_items(batch.item_id[learnable])
+        self.hidden = np.zeros(len(self.items.index), bool)
+        self.hidden[new_rows] = True  # not yet in the stream for the events before their first one
+        user_ids = self.needs(batch)[self.user_table]
+        self.users = LocalRows(self.table_specs()["users"], user_ids, rows[self.user_table])
+        self._user_index = pd.Index(user_ids, dtype=object)
+        u_all = self._user_index.get_indexer(batch.user_id)
+        i_all = self.items.positions(batch.item_id)
+        # negatives for the whole batch up front: the touched item rows are then known
+        positive_pos = np.flatnonzero(weight > 0)
+        negatives = self.items.positions(self.sampler.sample(batch.item_id[positive_pos], (len(positive_pos), k)).ravel())
+        negatives = negatives.reshape(len(positive_pos), k)
+        # an item evicted meanwhile is no candidate: its pair contributes nothing
+        negatives = np.where(negatives >= 0, negatives, i_all[positive_pos][:, None])
+        neg_of = np.full((len(batch), k), -1, np.int64)
+        neg_of[positive_pos] = negatives
+        touched = np.unique(np.concatenate([i_all[learnable], negatives.ravel()]))
+        start_items = self.items.values[touched].astype(np.float64)
+        P, Q = self.users.values, self.items.values  # Q is the mirror's storage: updated in place
 
-        pos_users, pos_items, w = batch.user_id[positive], batch.item_id[positive], weight[positive]
-        pool = self.sampler.pool(pos_items)
-        k = int(p["negatives"])
-        neg_items = pool[self.rng.integers(0, len(pool), (len(pos_items), k))] if len(pool) else np.empty((0, k), object)
-        skip_users, skip_items = batch.user_id[skip], batch.item_id[skip]
-
-        user_codes, user_ids = pd.factorize(np.concatenate([pos_users, skip_users]))
-        item_codes, item_ids = pd.factorize(np.concatenate([pos_items, neg_items.ravel(), skip_items]))
-        users = _pull(store, self.user_table, np.asarray(user_ids, dtype=object))
-        items = _pull(store, self.item_table, np.asarray(item_ids, dtype=object))
-        n_pos, reg = len(pos_items), float(p["reg"])
-        u_pos, u_skip = user_codes[:n_pos], user_codes[n_pos:]
-        i_pos = item_codes[:n_pos]
-        i_neg = item_codes[n_pos : n_pos + neg_items.size].reshape(n_pos, k)
-        i_skip = item_codes[n_pos + neg_items.size :]
-
-        P, Q = users.rows, items.rows
-        grad_users = np.zeros_like(P)
-        grad_items = np.zeros_like(Q)
-        losses = []
-        if n_pos and k:
-            pu, qi, qj = P[u_pos], Q[i_pos], Q[i_neg]  # (n, d+0), (n, d+1), (n, k, d+1)
-            diff = qi[:, None, :dim] - qj[..., :dim]
-            x = np.einsum("nd,nkd->nk", pu, diff) + qi[:, None, dim] - qj[..., dim]
-            g = w[:, None] * _sigmoid(-x)  # d(-log sigma(x))/dx = -sigma(-x)
-            losses.append(-(w[:, None] * _log_sigmoid(x)).mean(axis=1))
-            gs = g.sum(axis=1)
-            grad_u = -np.einsum("nk,nkd->nd", g, diff) + reg * k * pu
-            grad_i = np.hstack([-gs[:, None] * pu, -gs[:, None]]) + reg * k * qi
-            grad_j = np.concatenate([g[..., None] * pu[:, None, :], g[..., None]], axis=2) + reg * qj
-            grad_users += scatter_sum(u_pos, grad_u, len(P))
-            grad_items += scatter_sum(np.concatenate([i_pos, i_neg.ravel()]),
-                                      np.vstack([grad_i, grad_j.reshape(-1, dim + 1)]), len(Q))
-        if len(i_skip):
-            pu, qj = P[u_skip], Q[i_skip]
-            s = np.einsum("nd,nd->n", pu, qj[:, :dim]) + qj[:, dim]
-            g = float(p["skip_weight"]) * _sigmoid(s)  # d(-log sigma(-s))/ds = sigma(s)
-            losses.append(-float(p["skip_weight"]) * _log_sigmoid(-s))
-            grad_users += scatter_sum(u_skip, g[:, None] * qj[:, :dim] + reg * pu, len(P))
-            grad_items += scatter_sum(i_skip, np.hstack([g[:, None] * pu, g[:, None]]) + reg * qj, len(Q))
-        stats.loss = float(np.concatenate(losses).mean())
-        return {self.user_table: (users.ids.tolist(), grad_users),
-                self.item_table: (items.ids.tolist(), grad_items)}, stats
+        for step in self.steps(len(batch)):
+            if before_step is not None:
+                before_step(step)
+            self.hidden[i_all[step][learnable[step]]] = False
+            pos = np.flatnonzero(weight[step] > 0) + step.start
+            if len(pos) and k:
+                u, i, j, w = u_all[pos], i_all[pos], neg_of[pos], weight[pos]
+                pu, qi, qj = P[u], Q[i].astype(np.float64), Q[j].astype(np.float64)
+                diff = qi[:, None, :dim] - qj[..., :dim]
+                x = np.einsum("nd,nkd->nk", pu, diff) + qi[:, None, dim] - qj[..., dim]
+                g = w[:, None] * _sigmoid(-x)  # minus the derivative of -w log sigma(x)
+                stats.loss_sum -= float((w[:, None] * _log_sigmoid(x)).mean(axis=1).sum())
+                stats.examples += len(pos)
+                gs = g.sum(axis=1)
+                np.add.at(P, u, lr * (np.einsum("nk,nkd->nd", g, diff) - reg * k * pu))
+                step_i = np.hstack([gs[:, None] * pu, gs[:, None]]) - reg * k * qi
+                step_j = -np.concatenate([g[..., None] * pu[:, None, :], g[..., None]], axis=2) - reg * qj
+                np.add.at(Q, i, (lr * step_i).astype(Q.dtype))
+                np.add.at(Q, j.ravel(), (lr * step_j.reshape(-1, dim + 1)).astype(Q.dtype))
+            neg = np.flatnonzero(skip[step]) + step.start
+            if len(neg):
+                u, j = u_all[neg], i_all[neg]
+                pu, qj = P[u], Q[j].astype(np.float64)
+                s = np.einsum("nd,nd->n", pu, qj[:, :dim]) + qj[:, dim]
+                g = float(p["skip_weight"]) * _sigmoid(s)  # derivative of -log sigma(-s)
+                stats.loss_sum -= float(p["skip_weight"] * _log_sigmoid(-s).sum())
+                stats.examples += len(neg)
+                np.add.at(P, u, -lr * (g[:, None] * qj[:, :dim] + reg * pu))
+                np.add.at(Q, j, (-lr * (np.hstack([g[:, None] * pu, g[:, None]]) + reg * qj)).astype(Q.dtype))
+        self.hidden[:] = False
+        item_delta = Q[touched].astype(np.float64) - start_items
+        item_ids = list(self.items.index[touched])
+        return {self.user_table: self.users.delta_update(),
+                self.item_table: (item_ids, (-item_delta).astype(np.float32))}, stats
 
 
 class OnlineMF(OnlineModel):
     name = "online-mf"
     defaults: ClassVar[dict[str, Any]] = {
         "dim": 32, "lr": 0.007, "reg": 0.015, "bias_lr": 0.005, "bias_reg": 0.005, "init_std": 0.1,
-        "min_count": 1, "seed": 0,
+        "min_count": 1, "seed": 0, "step_events": 10,
     }
 
     def __init__(self, roles: EventRoles | None = None, prefix: str | None = None, **params: Any) -> None:
@@ -190,11 +269,8 @@ class OnlineMF(OnlineModel):
     def mu(self) -> float:
         return self.rating_sum / self.rating_count if self.rating_count else 0.0
 
-    def table_specs(self) -> dict[str, dict[str, Any]]:
-        p = self.params
-        spec = {"dim": int(p["dim"]), "scalars": 1, "optimizer": "sgd", "lr": p["lr"], "scalar_lr": p["bias_lr"],
-                "init_std": p["init_std"], "min_count": int(p["min_count"]), "seed": int(p["seed"])}
-        return {self.user_table: spec, self.item_table: spec}
+    def table_specs(self) -> dict[str, TableSpec]:
+        return {"users": self._spec(self.user_table, 1), "items": self._spec(self.item_table, 1)}
 
     def state(self) -> dict[str, Any]:
         return {"rating_sum": self.rating_sum, "rating_count": self.rating_count}
@@ -208,29 +284,48 @@ class OnlineMF(OnlineModel):
         return (self.mu + user_rows[:, dim][:, None] + item_rows[:, dim][None, :]
                 + user_rows[:, :dim] @ item_rows[:, :dim].T)
 
-    def gradients(self, store: Any, batch: TrainBatch) -> tuple[Updates, StepStats]:
+    def _rated(self, batch: TrainBatch) -> np.ndarray:
+        return self.roles.is_rating(batch.event_type, batch.value)
+
+    def needs(self, batch: TrainBatch) -> dict[str, list]:
+        rated = self._rated(batch)
+        if not rated.any():
+            return {}
+        return {self.user_table: list(pd.unique(batch.user_id[rated])), self.item_table: list(pd.unique(batch.item_id[rated]))}
+
+    def learn(self, batch: TrainBatch, rows: dict[str, Rows], before_step: StepHook | None = None,
+              ) -> tuple[Updates, StepStats]:
         p, dim = self.params, int(self.params["dim"])
-        rated = self.roles.is_rating(batch.event_type, batch.value)
-        stats = StepStats(events=len(batch), examples=int(rated.sum()))
+        rated = self._rated(batch)
+        stats = StepStats(events=len(batch))
         if not rated.any():
             return {}, stats
-        r = batch.value[rated]
-        self.rating_sum += float(r.sum())
-        self.rating_count += len(r)
-        user_codes, user_ids = pd.factorize(batch.user_id[rated])
-        item_codes, item_ids = pd.factorize(batch.item_id[rated])
-        users = _pull(store, self.user_table, np.asarray(user_ids, dtype=object))
-        items = _pull(store, self.item_table, np.asarray(item_ids, dtype=object))
-        pu, qi = users.rows[user_codes], items.rows[item_codes]
-        prediction = self.mu + pu[:, dim] + qi[:, dim] + np.einsum("nd,nd->n", pu[:, :dim], qi[:, :dim])
-        error = r - prediction
-        stats.squared_error = float((error**2).sum())
-        stats.loss = stats.squared_error / len(r)
-        reg, bias_reg = float(p["reg"]), float(p["bias_reg"])
-        grad_u = np.hstack([-error[:, None] * qi[:, :dim] + reg * pu[:, :dim], (-error + bias_reg * pu[:, dim])[:, None]])
-        grad_i = np.hstack([-error[:, None] * pu[:, :dim] + reg * qi[:, :dim], (-error + bias_reg * qi[:, dim])[:, None]])
-        return {self.user_table: (users.ids.tolist(), scatter_sum(user_codes, grad_u, len(user_ids))),
-                self.item_table: (items.ids.tolist(), scatter_sum(item_codes, grad_i, len(item_ids)))}, stats
+        needs = self.needs(batch)
+        specs = self.table_specs()
+        users = self.users = LocalRows(specs["users"], needs[self.user_table], rows[self.user_table])
+        self._user_index = pd.Index(needs[self.user_table], dtype=object)
+        items = LocalRows(specs["items"], needs[self.item_table], rows[self.item_table])
+        u_all = self._user_index.get_indexer(batch.user_id)
+        i_all = pd.Index(needs[self.item_table], dtype=object).get_indexer(batch.item_id)
+        lr, reg, blr, breg = float(p["lr"]), float(p["reg"]), float(p["bias_lr"]), float(p["bias_reg"])
+        P, Q = users.values, items.values
+        for step in self.steps(len(batch)):
+            pos = np.flatnonzero(rated[step]) + step.start
+            if not len(pos):
+                continue
+            r, u, i = batch.value[pos], u_all[pos], i_all[pos]
+            pu, qi = P[u], Q[i]
+            error = r - (self.mu + pu[:, dim] + qi[:, dim] + np.einsum("nd,nd->n", pu[:, :dim], qi[:, :dim]))
+            self.rating_sum += float(r.sum())  # predict first, then learn (mu included)
+            self.rating_count += len(r)
+            stats.squared_error += float((error**2).sum())
+            stats.loss_sum += float((error**2).sum())
+            stats.examples += len(pos)
+            np.add.at(P, u, np.hstack([lr * (error[:, None] * qi[:, :dim] - reg * pu[:, :dim]),
+                                       (blr * (error - breg * pu[:, dim]))[:, None]]))
+            np.add.at(Q, i, np.hstack([lr * (error[:, None] * pu[:, :dim] - reg * qi[:, :dim]),
+                                       (blr * (error - breg * qi[:, dim]))[:, None]]))
+        return {self.user_table: users.delta_update(), self.item_table: items.delta_update()}, stats
 
 
 ONLINE_MODELS: dict[str, type[OnlineModel]] = {OnlineBPR.name: OnlineBPR, OnlineMF.name: OnlineMF}

@@ -1,8 +1,9 @@
 """`streamrec train-online`: the consumer loop that makes recommendations real-time.
 
 Per consumed batch (bounded by size and time): validate (bad records to the dead-letter topic),
-then per micro-batch of at most `micro_batch` events: prequential scoring of sampled events, pull
-rows, gradients, ONE push carrying the update + the Kafka offsets + the event count; the
+then one pull of the rows the batch needs, learning in small steps locally (prequential scoring
+of sampled events before each step), and ONE push carrying the deltas + the Kafka offsets + the
+event count; the
 feature-store write of the batch runs on a background thread meanwhile; offsets are committed only
 after both are done. So after a crash of either process nothing is lost: a restarted trainer
 resumes from the group's committed offsets, or from the parameter server's recorded offsets when
@@ -16,6 +17,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ from trainer.online.metrics import (
 from trainer.online.models import OnlineModel
 
 log = logging.getLogger("streamrec.trainer")
+PARTITION_FETCH_BYTES = 64 * 1024  # ~250 events per partition per fetch: a backlog interleaves in time
 
 
 def offset_key(topic: str, partition: int) -> str:
@@ -58,7 +61,6 @@ def recorded_offsets(meta_records: list[dict[str, Any]]) -> dict[str, int]:
 class TrainerConfig:
     batch_events: int = 2000
     batch_seconds: float = 0.5
-    micro_batch: int = 256
     evaluate_every: int = 10
     max_events: int | None = None  # stop after this many consumed records (benchmarks, tests)
     idle_exit_seconds: float | None = None  # stop when nothing arrived for this long
@@ -99,6 +101,7 @@ class OnlineTrainer:
             settings.kafka_bootstrap, settings.kafka_client, group_id=settings.consumer_group,
             topics=[settings.topic], session_timeout_ms=settings.session_timeout_ms,
             heartbeat_interval_ms=settings.heartbeat_interval_ms, on_assign=self._on_assign,
+            partition_fetch_bytes=PARTITION_FETCH_BYTES,
         )
 
     # ---- offsets ------------------------------------------------------------------------------
@@ -195,6 +198,8 @@ class OnlineTrainer:
         offsets = {}
         for r in records:
             offsets[(r.topic, r.partition)] = r.offset + 1
+        # Learn in event-time order (stable: one user's events keep their partition order).
+        events.sort(key=itemgetter("timestamp"))
         batch = TrainBatch.from_events(EventBatch.from_events(events)) if events else None
         pending: Future | None = None
         if batch is not None:
@@ -211,23 +216,19 @@ class OnlineTrainer:
         self._account(records, events, time.perf_counter() - started)
 
     def _learn(self, batch: TrainBatch, offsets: dict[str, int]) -> None:
-        ranker = self.learner.ranker
-        positives = ranker.roles.positive_weight(batch.event_type, batch.value) > 0
-        size = self.config.micro_batch
-        for start in range(0, len(batch), size):
-            part = batch.take(slice(start, start + size))
-            t0 = time.perf_counter()
-            self.evaluator.evaluate(self.learner, part, positives[start : start + size])
-            last = start + size >= len(batch)
-            stats = self.learner.learn(part, offsets if last else None)
-            PUSH_SECONDS.observe(time.perf_counter() - t0)
-            self.evaluator.observe(part)
-            for name, s in stats.items():
-                if np.isfinite(s.loss):
-                    self.stats.losses[name] = s.loss
-                    LOSS.labels(name).set(s.loss)
-                if s.squared_error:
-                    self.evaluator.record_ratings(s.squared_error, s.examples)
+        positives = self.learner.ranker.roles.positive_weight(batch.event_type, batch.value) > 0
+        t0 = time.perf_counter()
+        stats = self.learner.learn(
+            batch, offsets, before_step=lambda step: self.evaluator.evaluate_step(self.learner, batch, positives, step))
+        PUSH_SECONDS.observe(time.perf_counter() - t0)
+        self.evaluator.observe(batch)
+        for name, s in stats.items():
+            if np.isfinite(s.loss):
+                self.stats.losses[name] = s.loss
+                LOSS.labels(name).set(s.loss)
+            if s.squared_error:
+                self.evaluator.record_ratings(s.squared_error, s.examples)
+        self.evaluator.publish()
 
     def _write_features(self, batch: TrainBatch, attempts: int = 5) -> None:
         """Write with retries (backoff 0.2 s .. 3.2 s); after that the batch's features are skipped
