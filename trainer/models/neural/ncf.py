@@ -18,7 +18,7 @@ from torch import nn
 
 from trainer.interactions import Interactions
 from trainer.models.neural.training import (
-    COMMON_DEFAULTS, NeuralRecommender, SeenPairs, int_list, mlp, sample_negatives, shuffled_batches,
+    COMMON_DEFAULTS, NeuralRecommender, SeenPairs, int_list, mlp, pointwise_batches,
 )
 
 
@@ -82,13 +82,11 @@ class GMF(NeuralRecommender):
         )
 
     def _batches(self, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
-        k = self.params["negatives"]
-        neg_users = np.repeat(self.pos_users, k)
-        neg_items = sample_negatives(rng, neg_users, self.seen_pairs, self.dims["n_items"])
-        users = np.concatenate([self.pos_users, neg_users])
-        items = np.concatenate([self.pos_items, neg_items])
-        labels = np.r_[np.ones(len(self.pos_users), np.float32), np.zeros(len(neg_users), np.float32)]
-        return shuffled_batches(rng, [users, items, labels], self.params["batch_size"], self.device)
+        p = self.params
+        return pointwise_batches(
+            rng, self.pos_users, self.pos_items, self.seen_pairs, self.dims["n_items"],
+            p["negatives"], p["batch_size"], self.device,
+        )
 
     def _loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         users, items, labels = batch

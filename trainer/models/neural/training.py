@@ -103,6 +103,19 @@ def sample_negatives(
     return items
 
 
+def pointwise_batches(
+    rng: np.random.Generator, pos_users: np.ndarray, pos_items: np.ndarray, seen: SeenPairs,
+    n_items: int, negatives: int, batch_size: int, device: torch.device,
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """One epoch of (user, item, label) batches: every positive plus `negatives` fresh samples each."""
+    neg_users = np.repeat(pos_users, negatives)
+    neg_items = sample_negatives(rng, neg_users, seen, n_items)
+    users = np.concatenate([pos_users, neg_users])
+    items = np.concatenate([pos_items, neg_items])
+    labels = np.r_[np.ones(len(pos_users), np.float32), np.zeros(len(neg_users), np.float32)]
+    return shuffled_batches(rng, [users, items, labels], batch_size, device)
+
+
 def sequences(data: Interactions) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Events sorted by (user, time, item): (users, items, timestamps, indptr per user)."""
     order = np.lexsort((data.item_idx, data.timestamps, data.user_idx))
