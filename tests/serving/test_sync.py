@@ -10,7 +10,6 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import pytest
 
 from param_server.client import ParamClient
 from param_server.replica import TableMirror
