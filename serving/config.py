@@ -45,7 +45,8 @@ class ServingConfig(BaseModel):
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: object) -> ServingConfig:
         base = {"param_servers": settings.param_servers, "param_server_token": settings.param_server_token,
-                "redis_url": settings.redis_url, "poll_interval": settings.poll_interval}
+                "redis_url": settings.redis_url, "poll_interval": settings.poll_interval,
+                "feature_prefix": settings.feature_prefix}
         return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
     @classmethod

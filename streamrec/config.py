@@ -76,6 +76,7 @@ class Settings(BaseSettings):
     max_context_bytes: int = Field(2048, ge=0, description="most bytes of an event's context")
     # Redis
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="feature store")
+    feature_prefix: str = Field("sr", description="key prefix of the feature store in Redis")
     # Parameter server
     param_servers: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["127.0.0.1:7070"], description="host:port of each shard, in order"

@@ -55,7 +55,7 @@ def train_online(ctx: click.Context, models: tuple[str, ...], pairs: tuple[str, 
 
     from param_server.client import ParamClient
     from stream.topics import create_topics
-    from trainer.online.feature_store import FeatureStore
+    from trainer.online.feature_store import FeatureStore, FeatureStoreConfig
     from trainer.online.models import create_online_model
     from trainer.online.trainer import OnlineTrainer, TrainerConfig
 
@@ -68,7 +68,8 @@ def train_online(ctx: click.Context, models: tuple[str, ...], pairs: tuple[str, 
         start_http_server(port)
     create_topics(settings.kafka_bootstrap, [settings.topic, settings.dlq_topic], settings.topic_partitions)
     store = ParamClient.from_settings(settings)
-    features = None if no_feature_store else FeatureStore.from_url(settings.redis_url)
+    features = None if no_feature_store else FeatureStore.from_url(
+        settings.redis_url, FeatureStoreConfig(prefix=settings.feature_prefix))
     config = TrainerConfig(batch_events=batch_events, batch_seconds=batch_seconds,
                            evaluate_every=evaluate_every, max_events=max_events, idle_exit_seconds=idle_exit,
                            report_path=report_path)

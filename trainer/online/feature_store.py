@@ -133,6 +133,14 @@ class FeatureStore:
             return 0
         return int(self._write(args=[self.payload(batch, weights)]))
 
+    def clear(self) -> int:
+        """Delete every key under this store's prefix (benchmark and test data); returns the count."""
+        deleted = 0
+        keys = list(self.redis.scan_iter(f"{self.config.prefix}:*", count=1000))
+        for start in range(0, len(keys), 1000):
+            deleted += self.redis.delete(*keys[start : start + 1000])
+        return deleted
+
     # ---- reading (serving and tests) ----------------------------------------------------------
     def key(self, *parts: str) -> str:
         return ":".join((self.config.prefix, *parts))

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from trainer.evaluation.metrics import expected_hit, expected_ndcg, rank_counts
+from trainer.evaluation.metrics import expected_hit, expected_ndcg
 from trainer.online.batch import TrainBatch
 from trainer.online.learner import OnlineLearner
 from trainer.online.metrics import PREQUENTIAL
@@ -33,6 +33,7 @@ class LivePrequential:
         self.sq_errors: deque[tuple[float, int]] = deque(maxlen=max(windows))  # (sum, count) per batch
         self.total = {"evaluated": 0, "hits": 0.0, "ndcg": 0.0, "ratings": 0, "sq_error": 0.0}
         self.series: list[dict[str, float]] = []
+        self._pending: list[tuple[int, int, int]] = []  # (greater, ties, position) of this batch
 
     def start_batch(self, learner: OnlineLearner) -> None:
         """Per batch: id -> row lookups for the ranker's items and this batch's users (dicts:
@@ -58,19 +59,23 @@ class LivePrequential:
         scores[:, ~ranker.items.alive] = -np.inf
         if ranker.hidden.any():
             scores[:, ranker.hidden] = -np.inf
-        target_pos = np.array([item_row.get(i, -1) for i in batch.item_id[picks]])
         for row, (pick, user) in enumerate(zip(picks, users)):
+            target = item_row.get(batch.item_id[pick], -1)
             earlier = [*self.history.get(user, ()), *batch.item_id[:pick][batch.user_id[:pick] == user]]
-            drop = [r for r in map(item_row.get, earlier) if r is not None and r != target_pos[row]]
-            scores[row, drop] = -np.inf
-        known = target_pos >= 0
-        greater = np.empty(len(picks), np.int64)
-        ties = np.zeros(len(picks), np.int64)
-        if known.any():
-            greater[known], ties[known] = rank_counts(scores[known], target_pos[known])
-        # an item the model has never seen ranks below every known candidate
-        greater[~known] = np.isfinite(scores[~known]).sum(axis=1)
-        self._record(expected_hit(greater, ties, K), expected_ndcg(greater, ties, K), batch.timestamp[picks])
+            drop = [r for r in map(item_row.get, earlier) if r is not None and r != target]
+            line = scores[row]
+            line[drop] = -np.inf
+            if target >= 0:
+                self._pending.append((int((line > line[target]).sum()), int((line == line[target]).sum()) - 1, pick))
+            else:  # an item the model has never seen ranks below every known candidate
+                self._pending.append((int(np.isfinite(line).sum()), 0, pick))
+
+    def end_batch(self, batch: TrainBatch) -> None:
+        """Turn the batch's rank counts into expected hit@10 / ndcg@10 (vectorised, once)."""
+        if self._pending:
+            greater, ties, picks = (np.array(v) for v in zip(*self._pending))
+            self._pending.clear()
+            self._record(expected_hit(greater, ties, K), expected_ndcg(greater, ties, K), batch.timestamp[picks])
 
     def record_ratings(self, squared_errors: float, count: int) -> None:
         if count:
@@ -80,6 +85,7 @@ class LivePrequential:
 
     def observe(self, batch: TrainBatch) -> None:
         """After learning: the batch's items become the users' earlier items."""
+        self.end_batch(batch)
         codes, users = pd.factorize(batch.user_id)
         order = np.argsort(codes, kind="stable")
         groups = np.split(batch.item_id[order], np.cumsum(np.bincount(codes))[:-1])

@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
+from scipy.special import expit
 
 from param_server.client import Delta, Rows
 from param_server.keys import Keys, as_keys
@@ -51,10 +52,6 @@ class StepStats:
     @property
     def loss(self) -> float:
         return self.loss_sum / self.examples if self.examples else float("nan")
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * x))  # overflow-free logistic
 
 
 def _log_sigmoid(x: np.ndarray) -> np.ndarray:
@@ -211,41 +208,52 @@ class OnlineBPR(OnlineModel):
         negatives = negatives.reshape(len(positive_pos), k)
         # an item evicted meanwhile is no candidate: its pair contributes nothing
         negatives = np.where(negatives >= 0, negatives, i_all[positive_pos][:, None])
-        neg_of = np.full((len(batch), k), -1, np.int64)
-        neg_of[positive_pos] = negatives
         touched = np.unique(np.concatenate([i_all[learnable], negatives.ravel()]))
         start_items = self.items.values[touched].astype(np.float64)
-        P, Q = self.users.values, self.items.values  # Q is the mirror's storage: updated in place
-
-        for step in self.steps(len(batch)):
+        # Users carry a constant 1 after their vector, so x = [p_u, 1] . (q_i - q_j) includes the
+        # item biases and the item update needs no special bias column.
+        P = np.hstack([self.users.values, np.ones((len(user_ids), 1))]).astype(np.float32)
+        self.users.values = P[:, :dim]  # a view: scoring between steps sees the newest vectors
+        Q = self.items.values  # the mirror's storage: updated in place
+        U, I, W = u_all[positive_pos], i_all[positive_pos], weight[positive_pos].astype(np.float32)
+        skip_pos = np.flatnonzero(skip)
+        steps = self.steps(len(batch))
+        bounds = np.searchsorted(positive_pos, [st.start for st in steps] + [len(batch)])
+        skip_bounds = np.searchsorted(skip_pos, [st.start for st in steps] + [len(batch)])
+        margins = []
+        lr32, reg_k, reg32 = np.float32(lr), np.float32(reg * k), np.float32(reg)
+        for n, step in enumerate(steps):
             if before_step is not None:
                 before_step(step)
             self.hidden[i_all[step][learnable[step]]] = False
-            pos = np.flatnonzero(weight[step] > 0) + step.start
-            if len(pos) and k:
-                u, i, j, w = u_all[pos], i_all[pos], neg_of[pos], weight[pos]
-                pu, qi, qj = P[u], Q[i].astype(np.float64), Q[j].astype(np.float64)
-                diff = qi[:, None, :dim] - qj[..., :dim]
-                x = np.einsum("nd,nkd->nk", pu, diff) + qi[:, None, dim] - qj[..., dim]
-                g = w[:, None] * _sigmoid(-x)  # minus the derivative of -w log sigma(x)
-                stats.loss_sum -= float((w[:, None] * _log_sigmoid(x)).mean(axis=1).sum())
-                stats.examples += len(pos)
-                gs = g.sum(axis=1)
-                np.add.at(P, u, lr * (np.einsum("nk,nkd->nd", g, diff) - reg * k * pu))
-                step_i = np.hstack([gs[:, None] * pu, gs[:, None]]) - reg * k * qi
-                step_j = -np.concatenate([g[..., None] * pu[:, None, :], g[..., None]], axis=2) - reg * qj
-                np.add.at(Q, i, (lr * step_i).astype(Q.dtype))
-                np.add.at(Q, j.ravel(), (lr * step_j.reshape(-1, dim + 1)).astype(Q.dtype))
-            neg = np.flatnonzero(skip[step]) + step.start
-            if len(neg):
-                u, j = u_all[neg], i_all[neg]
-                pu, qj = P[u], Q[j].astype(np.float64)
-                s = np.einsum("nd,nd->n", pu, qj[:, :dim]) + qj[:, dim]
-                g = float(p["skip_weight"]) * _sigmoid(s)  # derivative of -log sigma(-s)
-                stats.loss_sum -= float(p["skip_weight"] * _log_sigmoid(-s).sum())
-                stats.examples += len(neg)
-                np.add.at(P, u, -lr * (g[:, None] * qj[:, :dim] + reg * pu))
-                np.add.at(Q, j, (-lr * (np.hstack([g[:, None] * pu, g[:, None]]) + reg * qj)).astype(Q.dtype))
+            a, b = bounds[n], bounds[n + 1]
+            if b > a and k:
+                u, i, j, w = U[a:b], I[a:b], negatives[a:b], W[a:b]
+                pu, qi, qj = P[u], Q[i], Q[j]
+                diff = qi[:, None, :] - qj  # (n, k, dim + 1)
+                x = np.einsum("nd,nkd->nk", pu, diff)
+                margins.append((x, w))
+                g = w[:, None] * expit(-x)  # minus the derivative of -w log sigma(x)
+                user_step = np.einsum("nk,nkd->nd", g, diff) - reg_k * pu
+                user_step[:, dim] = 0.0  # the constant stays 1
+                np.add.at(P, u, lr32 * user_step)
+                item_steps = np.concatenate([g.sum(axis=1)[:, None] * pu - reg_k * qi,
+                                             (-(g[..., None] * pu[:, None, :]) - reg32 * qj).reshape(-1, dim + 1)])
+                np.add.at(Q, np.concatenate([i, j.ravel()]), lr32 * item_steps)
+            a, b = skip_bounds[n], skip_bounds[n + 1]
+            if b > a:
+                u, j = u_all[skip_pos[a:b]], i_all[skip_pos[a:b]]
+                pu, qj = P[u], Q[j]
+                s = np.einsum("nd,nd->n", pu, qj)
+                margins.append((-s, np.full(len(s), float(p["skip_weight"]), np.float32)))
+                g = float(p["skip_weight"]) * expit(s)  # derivative of -log sigma(-s)
+                user_step = -(g[:, None] * qj + reg32 * pu)
+                user_step[:, dim] = 0.0
+                np.add.at(P, u, lr32 * user_step)
+                np.add.at(Q, j, -lr32 * (g[:, None] * pu + reg32 * qj))
+        for x, w in margins:  # the loss, from the margins each example had before its step
+            stats.loss_sum -= float((w[:, None] * _log_sigmoid(x.reshape(len(w), -1))).mean(axis=1).sum())
+            stats.examples += len(w)
         self.hidden[:] = False
         item_delta = Q[touched].astype(np.float64) - start_items
         item_ids = list(self.items.index[touched])

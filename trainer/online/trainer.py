@@ -283,7 +283,7 @@ class OnlineTrainer:
             "events_per_second": s.consumed / elapsed if elapsed > 0 else None,
             "p50_batch_seconds": float(np.percentile(batch, 50)), "p99_batch_seconds": float(np.percentile(batch, 99)),
             "lag": self.lag() if self._open else None, "loss": s.losses, "prequential": self.evaluator.report(),
-            "models": [m.name for m in self.learner.models],
+            "models": [m.name for m in self.learner.models], "finished_at": time.time(),
         }
 
     def close(self) -> None:

@@ -1,0 +1,124 @@
+"""Real processes for the online-trainer tests: broker and Redis (session fixtures), a parameter
+server subprocess, and `streamrec train-online` subprocesses (or in-process trainers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from param_server.client import ParamClient
+from stream.publish import EventPublisher
+from stream.topics import create_topics
+from streamrec.config import Settings
+from tests.conftest import settings_env
+from tests.param_server.conftest import ServerProcess
+
+STREAMREC = str(Path(sys.executable).parent / "streamrec")
+
+
+def planted_events(n: int, users: int = 200, clusters: int = 4, items_per_cluster: int = 25, seed: int = 0,
+                   start: float = 1_700_000_000.0) -> list[dict]:
+    """Users belong to a cluster and interact (90%) with their cluster's items: learnable structure."""
+    rng = np.random.default_rng(seed)
+    user = rng.integers(0, users, n)
+    cluster = user % clusters
+    own = rng.random(n) < 0.9
+    item_cluster = np.where(own, cluster, rng.integers(0, clusters, n))
+    item = item_cluster * items_per_cluster + rng.integers(0, items_per_cluster, n)
+    return [
+        {"event_id": f"e{i}", "user_id": f"u{u}", "item_id": f"i{it}", "event_type": "click",
+         "timestamp": start + i * 0.5}
+        for i, (u, it) in enumerate(zip(user.tolist(), item.tolist()))
+    ]
+
+
+def produce_events(settings: Settings, events: list[dict]) -> None:
+    publisher = EventPublisher.from_settings(settings, "test")
+    for n, event in enumerate(events):
+        publisher.publish(event, {"test": n})
+    publisher.close()
+    assert publisher.dead_lettered == 0
+
+
+@pytest.fixture
+def param_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """start(*args) -> a parameter-server process (checkpoints under tmp_path by default)."""
+    started: list[ServerProcess] = []
+
+    def start(*args: str) -> ServerProcess:
+        env = {**os.environ, "STREAMREC_HOME": str(tmp_path / "ps-home")}
+        env.pop("STREAMREC_PARAM_SERVER_TOKEN", None)
+        server = ServerProcess(list(args) or ["--no-checkpoints"], env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        if server.proc.poll() is None:
+            server.kill()
+
+
+@pytest.fixture
+def online_settings(settings: Settings, tmp_path: Path) -> Settings:
+    """Test settings with a fresh topic (3 partitions) and a feature-store prefix of its own."""
+    create_topics(settings.kafka_bootstrap, [settings.topic, settings.dlq_topic], 3)
+    return settings
+
+
+class TrainerProcess:
+    """`streamrec train-online` as a real process; `report()` reads its --report file."""
+
+    def __init__(self, settings: Settings, ps_address: str, report: Path, *args: str) -> None:
+        env = {**os.environ, **settings_env(settings), "STREAMREC_PARAM_SERVERS": ps_address}
+        self.report_path = report
+        self.proc = subprocess.Popen(
+            [STREAMREC, "train-online", "--report", str(report), "--batch-events", "200", *args],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+
+    def report(self) -> dict | None:
+        try:
+            return json.loads(self.report_path.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def wait(self, timeout: float = 120) -> str:
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+        assert self.proc.returncode == 0, err[-3000:]
+        return out
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.communicate()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 60, interval: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise TimeoutError("condition not reached")
+
+
+def applied(address: str) -> int:
+    with ParamClient([address]) as client:
+        return client.applied_events()
+
+
+def unique_prefix() -> str:
+    return f"srt{uuid.uuid4().hex[:8]}"

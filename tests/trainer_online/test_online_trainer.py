@@ -1,0 +1,179 @@
+"""The online trainer against the real broker, Redis and parameter server."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+
+import numpy as np
+import orjson
+import pytest
+
+from param_server.client import ParamClient
+from stream.deadletter import read_dead_letter
+from stream.kafka import make_producer
+from stream.reader import read_records
+from tests.trainer_online.conftest import (
+    TrainerProcess, applied, planted_events, produce_events, unique_prefix, wait_until,
+)
+from trainer.online.batch import TrainBatch
+from trainer.online.feature_store import WINDOWS, FeatureStore, FeatureStoreConfig
+from trainer.online.local_store import LocalStore
+from trainer.online.models import OnlineBPR, OnlineMF
+from trainer.online.trainer import OnlineTrainer, TrainerConfig
+
+
+def run_trainer(settings, address: str, **config) -> OnlineTrainer:
+    client = ParamClient([address])
+    trainer = OnlineTrainer(settings, client, [OnlineBPR(), OnlineMF()],
+                            TrainerConfig(idle_exit_seconds=3.0, batch_events=500, **config))
+    trainer.run()
+    return trainer
+
+
+def test_learning_happens_on_planted_structure(online_settings, param_server):
+    server = param_server()
+    produce_events(online_settings, planted_events(6000))
+    trainer = run_trainer(online_settings, server.address, evaluate_every=2)
+    report = trainer.report()
+    assert report["consumed"] == report["applied"] == 6000
+    series = report["prequential"]["series"]  # a point per 500 evaluated events
+    assert len(series) == 6
+    early, late = series[0]["hr@10"], series[-1]["hr@10"]
+    # 100 items, a user's cluster holds 25: popularity alone gives ~0.1; learning the clusters ~0.4
+    assert late > 0.3 and late > early + 0.1, series
+    assert applied(server.address) == 6000
+
+
+def test_dead_letters_and_keeps_running(online_settings, param_server):
+    server = param_server()
+    good = planted_events(50)
+    with make_producer(online_settings.kafka_bootstrap) as producer:
+        for n, event in enumerate(good):
+            producer.send(online_settings.topic, orjson.dumps(event), event["user_id"].encode())
+            if n % 10 == 0:
+                producer.send(online_settings.topic, b"{broken json", b"x")
+        producer.send(online_settings.topic, orjson.dumps({**good[0], "event_type": "teleport"}), b"y")
+        producer.flush()
+    trainer = run_trainer(online_settings, server.address)
+    assert trainer.stats.applied == 50 and trainer.stats.dead_lettered == 6
+    letters = [read_dead_letter(r.value) for r in read_records(online_settings.kafka_bootstrap, online_settings.dlq_topic)]
+    assert Counter(letter["reason"] for letter in letters) == {"not_json": 5, "unknown_event_type": 1}
+    assert all(letter["source"]["topic"] == online_settings.topic and letter["component"] == "trainer" for letter in letters)
+
+
+def test_sigkill_mid_stream_resumes_from_committed_offsets(online_settings, param_server, tmp_path):
+    server = param_server()
+    events = planted_events(20000)
+    produce_events(online_settings, events)
+    first = TrainerProcess(online_settings, server.address, tmp_path / "r1.json")
+    wait_until(lambda: applied(server.address) >= 4000, timeout=120)
+    first.kill()  # mid-stream, no chance to commit or flush anything
+    killed_at = applied(server.address)
+    assert 0 < killed_at < 20000
+    # the killed member holds its partitions until its session times out: wait through the rebalance
+    second = TrainerProcess(online_settings, server.address, tmp_path / "r2.json", "--idle-exit", "10")
+    second.wait()
+    # every produced event applied at least once; at most the one uncommitted batch twice
+    total = applied(server.address)
+    assert 20000 <= total <= 20000 + 200
+    described = read_records(online_settings.kafka_bootstrap, online_settings.topic)
+    assert len(described) == 20000
+
+
+def test_param_server_restored_from_checkpoint_trainer_resumes(online_settings, param_server, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    server = param_server("--checkpoint-dir", str(ckpt), "--checkpoint-every", "0")
+    produce_events(online_settings, planted_events(3000))
+    run_trainer(online_settings, server.address)
+    with ParamClient([server.address]) as client:
+        client.checkpoint()  # state + offsets of the first 3000 events
+    produce_events(online_settings, planted_events(2000, seed=1, start=1_700_100_000.0))
+    run_trainer(online_settings, server.address)
+    assert applied(server.address) == 5000
+    server.kill()  # the last 2000 events' updates were never checkpointed: lost with the process
+    restarted = param_server("--checkpoint-dir", str(ckpt), "--checkpoint-every", "0")
+    assert restarted.ready["restored"] is not None
+    assert applied(restarted.address) == 3000
+    # the group committed 5000, the server holds offsets of 3000: the trainer rewinds and re-learns
+    run_trainer(online_settings, restarted.address)
+    assert applied(restarted.address) == 5000
+
+
+def test_two_trainers_in_one_group_split_the_work(online_settings, param_server, tmp_path):
+    server = param_server()
+    a = TrainerProcess(online_settings, server.address, tmp_path / "a.json", "--idle-exit", "6")
+    b = TrainerProcess(online_settings, server.address, tmp_path / "b.json", "--idle-exit", "6")
+    wait_until(lambda: a.report() is not None and b.report() is not None, timeout=60)
+    produce_events(online_settings, planted_events(6000))
+    a.wait()
+    b.wait()
+    ra, rb = a.report(), b.report()
+    assert ra["consumed"] > 0 and rb["consumed"] > 0
+    assert ra["consumed"] + rb["consumed"] == 6000
+    assert applied(server.address) == 6000
+
+
+def test_feature_store_after_replay_matches_direct_computation(redis_url):
+    config = FeatureStoreConfig(prefix=unique_prefix(), recent_cap=5, popularity_half_life=3600.0)
+    store = FeatureStore.from_url(redis_url, config)
+    rng = np.random.default_rng(3)
+    n = 700
+    users = np.array([f"u{i}" for i in rng.integers(0, 12, n)], object)
+    items = np.array([f"i{i}" for i in rng.integers(0, 30, n)], object)
+    times = 1_700_000_000.0 + np.sort(rng.uniform(0, 7200, n))
+    for chunk in np.array_split(np.arange(n), 7):  # several batches, as the trainer writes them
+        store.write(TrainBatch(users[chunk], items[chunk], np.full(len(chunk), "view", object),
+                               np.full(len(chunk), np.nan), times[chunk]))
+    try:
+        assert store.clock() == pytest.approx(times.max())
+        history = defaultdict(list)
+        for u, i in zip(users, items):
+            history[u].append(i)
+        for u, seq in history.items():
+            assert store.recent_items(u) == seq[::-1][:5]
+            assert store.seen_items(u) == set(seq)
+            assert store.entity("u", u)["events"] == len(seq)
+        landmark = times.min()
+        expected = defaultdict(float)
+        for i, t in zip(items, times):
+            expected[i] += 2.0 ** ((t - landmark) / 3600.0)
+        popular = dict(store.popular(100))
+        assert set(popular) == set(expected)
+        for i, score in expected.items():
+            assert popular[i] == pytest.approx(score, rel=1e-9)
+        now = times.max()
+        for window, bucket in WINDOWS.items():
+            start = (math.floor(now / bucket) * bucket) - window + bucket
+            for kind, ids in (("u", users), ("i", items)):
+                for entity in set(ids[:20]):
+                    direct = int(((ids == entity) & (times >= start)).sum())
+                    assert store.window_count(kind, entity, window) == direct
+        last = {i: t for i, t in zip(items, times)}
+        for i, t in last.items():
+            assert store.entity("i", i)["last_seen"] == pytest.approx(t)
+    finally:
+        store.clear()
+
+
+def test_offline_learner_matches_protocol_granularity():
+    """The in-process store runs the same learning code as the live trainer (no network)."""
+    from trainer.online.learner import OnlineLearner
+
+    events = planted_events(3000)
+    batch = TrainBatch(
+        np.array([e["user_id"] for e in events], object), np.array([e["item_id"] for e in events], object),
+        np.array(["click"] * len(events), object), np.full(len(events), np.nan),
+        np.array([e["timestamp"] for e in events]),
+    )
+    store = LocalStore()
+    learner = OnlineLearner(store, [OnlineBPR()])
+    for start in range(0, len(events), 500):
+        learner.learn(batch.take(slice(start, start + 500)))
+    scores = learner.item_scores(np.array(["u0", "u1"], object))
+    items = learner.ranker.items.index.to_numpy()
+    top = items[np.argsort(-scores, axis=1)[:, :10]]
+    cluster = lambda item: int(item[1:]) // 25  # noqa: E731
+    assert np.mean([cluster(i) == 0 for i in top[0]]) > 0.7  # u0 is in cluster 0
+    assert np.mean([cluster(i) == 1 for i in top[1]]) > 0.7  # u1 is in cluster 1
+    assert store.store.applied_events == 3000
