@@ -40,11 +40,11 @@ class History:
     def count_degraded(self) -> None:
         self._redis_errors.inc()
 
-    def recent(self, user: str, n: int) -> list[str] | None:
-        return self._call(lambda: self.store.recent_items(user, n)) if n else []
-
-    def seen(self, user: str) -> set[str] | None:
-        return self._call(lambda: self.store.seen_items(user))
+    def user_history(self, user: str, recent: int, seen: bool) -> tuple[list[str], set[str]] | None:
+        """(newest `recent` items, seen items) in one Redis round trip; None while Redis is down."""
+        if not recent and not seen:
+            return [], set()
+        return self._call(lambda: self.store.user_history(user, recent, seen))
 
     def trending(self, n: int) -> list[tuple[str, float]] | None:
         """Top-n by decayed popularity; one worker reuses the list for `trending_cache_s`."""

@@ -79,15 +79,18 @@ class Recommender:
     def recommend(self, state: ServingState | None, user_id: str, k: int, exclude_seen: bool,
                   diversity: float, explain: bool) -> dict[str, Any]:
         degraded: list[str] = []
-        seen = self.history.seen(user_id) if exclude_seen else set()
-        if seen is None:
+        c = self.config
+        wants_recent = state is not None and state.artifacts.knn is not None and c.knn_per_item
+        history = self.history.user_history(user_id, c.knn_recent if wants_recent else 0, exclude_seen)
+        if history is None:
             _note_redis(degraded)
-            seen = set()
+            history = ([], set())
+        recent, seen = history
         user = self._user(state, user_id) if state is not None else None
         if user is None:
             body = self._cold_start(state, k, seen, degraded)
         else:
-            body = self._personal(state, user_id, user, k, seen, diversity, explain, degraded)
+            body = self._personal(state, recent, user, k, seen, diversity, explain, degraded)
         if "redis" in degraded:
             self.history.count_degraded()
         body["degraded"] = degraded
@@ -136,16 +139,9 @@ class Recommender:
         item_rows = state.knn_neighbor_row[neighbors[valid]]
         return item_rows[item_rows >= 0], scores[valid][item_rows >= 0]
 
-    def _personal(self, state: ServingState, user_id: str, user: tuple[np.ndarray, float], k: int,
+    def _personal(self, state: ServingState, recent: list[str], user: tuple[np.ndarray, float], k: int,
                   seen: set[str], diversity: float, explain: bool, degraded: list[str]) -> dict[str, Any]:
         c, items = self.config, state.items
-        recent: list[str] = []
-        if state.artifacts.knn is not None and c.knn_recent and c.knn_per_item:
-            fetched = self.history.recent(user_id, c.knn_recent)
-            if fetched is None:
-                _note_redis(degraded)
-            else:
-                recent = fetched
         looked_up = items.positions([*recent, *seen]) if recent or seen else np.zeros(0, np.int64)
         recent_rows, seen_rows = looked_up[: len(recent)], looked_up[len(recent) :]
         recent_rows, seen_rows = recent_rows[recent_rows >= 0], seen_rows[seen_rows >= 0]

@@ -153,6 +153,18 @@ class FeatureStore:
         end = (n or self.config.recent_cap) - 1
         return [v.decode() for v in self.redis.lrange(self.key("u", user, "recent"), 0, end)]
 
+    def user_history(self, user: str, recent: int, seen: bool) -> tuple[list[str], set[str]]:
+        """The user's `recent` newest items and (if asked) every seen item, in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        if recent:
+            pipe.lrange(self.key("u", user, "recent"), 0, recent - 1)
+        if seen:
+            pipe.smembers(self.key("u", user, "seen"))
+        replies = pipe.execute() if recent or seen else []
+        newest = [v.decode() for v in replies.pop(0)] if recent else []
+        everything = {v.decode() for v in replies.pop(0)} if seen else set()
+        return newest, everything
+
     def seen_items(self, user: str) -> set[str]:
         return {v.decode() for v in self.redis.smembers(self.key("u", user, "seen"))}
 
