@@ -70,5 +70,37 @@ def demo(ctx: click.Context, data_path: Path | None, fmt: str, speed: float, as_
     stderr_console.print("Stop the local infrastructure with: streamrec infra down")
 
 
+@click.group()
+def probe() -> None:
+    """Probes against running processes."""
+
+
+@probe.command("freshness")
+@click.option("--url", default=None, help="serving base URL [http://127.0.0.1:<settings.serving_port>]")
+@click.option("--trials", type=int, default=20, show_default=True)
+@click.option("--burst", type=int, default=20, show_default=True, help="interactions per trial")
+@click.option("--min-hits", type=int, default=3, show_default=True, help="cluster items in the top 10 that count")
+@click.option("--spread", type=float, default=0.0, show_default=True,
+              help="start trials at random moments within this many seconds (use the poll interval)")
+@click.option("--timeout", type=float, default=180.0, show_default=True, help="seconds before a trial fails")
+@click.option("--table", default="bpr_items", show_default=True, help="item table the clusters come from")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def probe_freshness_cmd(ctx: click.Context, url: str | None, trials: int, burst: int, min_hits: int, spread: float,
+                        timeout: float, table: str, as_json: bool) -> None:
+    """Time from a burst of interactions of a new user to recommendations that reflect them."""
+    from streamrec.probe import probe_freshness
+
+    settings = settings_from(ctx)
+    result = probe_freshness(settings, url or f"http://127.0.0.1:{settings.serving_port}", trials, burst, min_hits,
+                             table=table, timeout_s=timeout, spread_s=spread)
+    if as_json:
+        print_json(result)
+    else:
+        click.echo(f"freshness over {result['reflected']}/{trials} trials: p50 {result['p50_seconds']} s, "
+                   f"p99 {result['p99_seconds']} s ({result['timeouts']} timed out)")
+
+
 def register(cli: click.Group, bench: click.Group) -> None:
     cli.add_command(demo)
+    cli.add_command(probe)
