@@ -30,7 +30,7 @@ class _StoreCollector(Collector):
         info = self.store.info()
         rows = GaugeMetricFamily(f"{PREFIX}_table_rows", "live rows per table", labels=["table"])
         counters = {
-            what: CounterMetricFamily(f"{PREFIX}_{what}", help_text, labels=["table"])
+            what: CounterMetricFamily(f"{PREFIX}_{what}_total", help_text, labels=["table"])
             for what, help_text in (
                 ("admitted", "ids given a row"),
                 ("evicted", "rows evicted by TTL"),
@@ -44,7 +44,7 @@ class _StoreCollector(Collector):
         yield rows
         yield from counters.values()
         yield GaugeMetricFamily(f"{PREFIX}_version", "global version counter", value=info["version"])
-        yield CounterMetricFamily(f"{PREFIX}_applied_events", "events credited by pushes", value=info["applied_events"])
+        yield CounterMetricFamily(f"{PREFIX}_applied_events_total", "events credited by pushes", value=info["applied_events"])
         last = self.metrics.last_checkpoint_time
         age = GaugeMetricFamily(f"{PREFIX}_checkpoint_age_seconds", "seconds since the last checkpoint (-1: none)")
         age.add_metric([], time.time() - last if last else -1.0)
@@ -61,15 +61,15 @@ class ServerMetrics:
         self.request_rows = Histogram(
             f"{PREFIX}_request_rows", "ids or rows per request", ["op"], buckets=ROW_BUCKETS, registry=self.registry
         )
-        self.errors = Counter(f"{PREFIX}_errors", "requests answered with an error", ["op", "type"], registry=self.registry)
+        self.errors = Counter(f"{PREFIX}_errors_total", "requests answered with an error", ["op", "type"], registry=self.registry)
         self.checkpoint_seconds = Histogram(
             f"{PREFIX}_checkpoint_seconds", "time to write a checkpoint", buckets=LATENCY_BUCKETS, registry=self.registry
         )
         self.checkpoint_failures = Counter(
-            f"{PREFIX}_checkpoint_failures", "checkpoints that could not be written", registry=self.registry
+            f"{PREFIX}_checkpoint_failures_total", "checkpoints that could not be written", registry=self.registry
         )
         self.checkpoints_rejected = Counter(
-            f"{PREFIX}_checkpoints_rejected", "corrupt checkpoints skipped at start", registry=self.registry
+            f"{PREFIX}_checkpoints_rejected_total", "corrupt checkpoints skipped at start", registry=self.registry
         )
         self.registry.register(_StoreCollector(store, self))
 

@@ -219,12 +219,19 @@ def up(settings: Settings, kafka_flag: str | None = None, redis_flag: str | None
     return status(settings, new_state)
 
 
-def down(settings: Settings) -> dict[str, Any]:
-    """Stop what `up` started; leave external services alone."""
+def down(settings: Settings, only: set[str] | None = None) -> dict[str, Any]:
+    """Stop what `up` started (or only the named ones: "broker", "redis"); leave external services
+    alone. The state file keeps whatever is still running."""
     home = Path(settings.home)
     state = read_infra_state(home)
-    stopped = {name: stop(proc) for name, proc in state.get("started", {}).items()}
-    (home / INFRA_STATE_FILE).unlink(missing_ok=True)
+    started = state.get("started", {})
+    names = set(started) if only is None else set(started) & set(only)
+    stopped = {name: stop(started[name]) for name in sorted(names)}
+    remaining = {name: proc for name, proc in started.items() if name not in names}
+    if remaining:
+        _write_state(home, {**state, "started": remaining})
+    else:
+        (home / INFRA_STATE_FILE).unlink(missing_ok=True)
     return {"stopped": stopped}
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
 
 import click
@@ -20,54 +22,85 @@ def default_demo_data() -> Path:
 @click.command("demo")
 @click.option("--data", "data_path", type=click.Path(path_type=Path), help="log to replay [MovieLens 100K]")
 @click.option("--format", "fmt", type=click.Choice(["ml-100k", "ml-latest", "csv", "jsonl"]), default="ml-100k")
-@click.option("--speed", type=float, default=0.0, show_default=True, help="event-time compression; 0 = max")
+@click.option("--duration", type=float, default=120.0, show_default=True, help="replay the log in about this many seconds")
+@click.option("--speed", type=float, help="event-time seconds per wall second (overrides --duration)")
+@click.option("--poll-interval", type=float, default=5.0, show_default=True, help="serving poll interval")
+@click.option("--refit-every", type=int, default=20_000, show_default=True, help="refit item kNN and ALS every N events")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
 @click.pass_context
-def demo(ctx: click.Context, data_path: Path | None, fmt: str, speed: float, as_json: bool) -> None:
-    """Start the local infrastructure and replay a log into it, with progress and a summary."""
+def demo(ctx: click.Context, data_path: Path | None, fmt: str, duration: float, speed: float | None,
+         poll_interval: float, refit_every: int, as_json: bool) -> None:
+    """Run the whole real-time pipeline on a replayed log: broker, Redis, parameter server, online
+    trainer, two serving workers and a refit loop; live display, summary and plots. Stops
+    everything it started, also on Ctrl-C."""
+    from rich.console import Console
+    from rich.live import Live
+    from rich.table import Table
+
     from stream import infra
-    from stream.loaders import load_log
-    from stream.publish import EventPublisher
-    from stream.replay import replay
-    from stream.topics import create_topics, describe_topic
-    from streamrec.config import load_settings
-    from streamrec.progress import progress_bar, stderr_console
+    from streamrec.config import load_settings, read_infra_state
+    from streamrec.demo import DemoOptions, run_demo
+    from streamrec.progress import stderr_console
 
     data_path = data_path or default_demo_data()
     if not data_path.exists():
         raise click.ClickException(
             f"no demo data at {data_path}: pass --data (MovieLens 100K folder) or set STREAMREC_DEMO_DATA"
         )
-    settings = settings_from(ctx)
     root = ctx.find_root().params
+    settings = settings_from(ctx)
+    before = read_infra_state(Path(settings.home)).get("started", {})
     try:
         state = infra.up(settings, root.get("kafka_bootstrap"), root.get("redis_url"))
     except infra.InfraError as exc:
         raise click.ClickException(str(exc)) from exc
+    started_here = {name: proc for name, proc in state["started"].items() if name not in before}
     stderr_console.print(f"[bold]broker[/] {state['kafka_bootstrap']} ({state['broker']})  "
                          f"[bold]redis[/] {state['redis_url']} ({state['redis']})")
-    settings = load_settings(**root)  # again: `up` may have just recorded new addresses
-    create_topics(settings.kafka_bootstrap, [settings.topic, settings.dlq_topic], settings.topic_partitions)
-    log = load_log(data_path, fmt)
-    publisher = EventPublisher.from_settings(settings, "demo")
-    with progress_bar(f"replay {data_path.name} -> {settings.topic}", len(log), enabled=not as_json or None) as advance:
-        result = replay(log, publisher, speed, progress=advance)
-    publisher.close()
-    topic = describe_topic(settings.kafka_bootstrap, settings.topic)
-    summary = {**result.to_json(), "topic": settings.topic, "topic_messages": topic["messages"],
-               "kafka_bootstrap": settings.kafka_bootstrap, "redis_url": state["redis_url"], "note": state["note"]}
+    settings = load_settings(**root)  # `up` may have just recorded new addresses
+    options = DemoOptions(data_path, fmt, duration, speed, poll_interval, refit_every)
+
+    def render(status: dict) -> Table:
+        table = Table(title="streamrec demo (Ctrl-C stops everything)", show_header=False)
+        rows = status.get("ps_rows") or {}
+        for key, value in (
+            ("replayed", f"{status['replayed']:,} / {status['total']:,}"),
+            ("events/s", f"{status['events_per_second']:,.0f}"),
+            ("trainer consumed", status.get("trainer_consumed")), ("consumer lag", status.get("lag")),
+            ("prequential hr@10 (last 1000)", status.get("hr@10")),
+            ("parameter-server rows", ", ".join(f"{k}={v:,}" for k, v in rows.items()) or None),
+            ("serving p99 ms (last 200)", status.get("serving_p99_ms")),
+            ("serving requests / errors", f"{status['serving_requests']} / {status['serving_errors']}"),
+            ("staleness s", status.get("staleness_s")), ("refits", status.get("refits")),
+        ):
+            table.add_row(key, "-" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value)))
+        return table
+
+    try:
+        if stderr_console.is_terminal:
+            with Live(console=stderr_console, refresh_per_second=4) as live:
+                summary = run_demo(settings, options, lambda status: live.update(render(status)))
+        else:  # logs, CI: a line every 10 s instead of a redrawn table
+            last = [0.0]
+
+            def log_line(status: dict) -> None:
+                if time.monotonic() - last[0] >= 10:
+                    last[0] = time.monotonic()
+                    stderr_console.print(f"replayed {status['replayed']}/{status['total']} "
+                                         f"hr@10 {status.get('hr@10')} lag {status.get('lag')} "
+                                         f"serving p99 {status.get('serving_p99_ms')} ms")
+
+            summary = run_demo(settings, options, log_line)
+    finally:  # leave the machine as we found it
+        if started_here:
+            infra.down(settings, only=set(started_here))
     if as_json:
         print_json(summary)
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="streamrec demo", show_header=False)
+    table = Table(title="streamrec demo summary", show_header=False)
     for key, value in summary.items():
-        if value is not None:
-            table.add_row(key, str(value))
+        table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
     Console().print(table)
-    stderr_console.print("Stop the local infrastructure with: streamrec infra down")
 
 
 @click.group()

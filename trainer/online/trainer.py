@@ -101,6 +101,7 @@ class OnlineTrainer:
             settings.kafka_bootstrap, settings.kafka_client, group_id=settings.consumer_group,
             topics=[settings.topic], session_timeout_ms=settings.session_timeout_ms,
             heartbeat_interval_ms=settings.heartbeat_interval_ms, on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
             partition_fetch_bytes=PARTITION_FETCH_BYTES,
         )
 
@@ -112,6 +113,15 @@ class OnlineTrainer:
     def _on_assign(self, partitions: list[TopicPartition]) -> None:
         """Runs inside the client's poll, where it must not block: only note the partitions."""
         self._newly_assigned.extend(partitions)
+
+    def _on_revoke(self, partitions: list[TopicPartition]) -> None:
+        """Another member owns these now: stop reporting their lag from here."""
+        for topic, partition in partitions:
+            self._positions.pop((topic, partition), None)
+            try:
+                CONSUMER_LAG.remove(str(partition))
+            except KeyError:
+                pass  # never reported a lag for it
 
     def _apply_rewinds(self, records: list[Record]) -> list[Record]:
         """For newly assigned partitions, resume from the parameter server's recorded offset when
