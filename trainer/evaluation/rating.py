@@ -23,11 +23,22 @@ def fold_predictions(model: Recommender, test: InteractionLog) -> np.ndarray:
     return np.clip(predicted, low, high)
 
 
+def member_rmses(model: Recommender, test: InteractionLog) -> dict[str, float]:
+    """Per-member RMSE for ensembles (models exposing `member_scores`); {} otherwise."""
+    if not hasattr(model, "member_scores"):
+        return {}
+    low, high = model.rating_scale
+    scores = model.member_scores(
+        model.users.index(test.user_id), model.items.index(test.item_id), test.timestamp
+    )
+    return {name: rmse(np.clip(s, low, high), test.rating) for name, s in scores.items()}
+
+
 def run_rating(
     make_model: Callable[[], Recommender], log: InteractionLog, path: str | Path, fmt: str, seed: int
 ) -> dict[str, Any]:
     """Fit a fresh model per fold on the train part, score the test part."""
-    errors, fit_times, eval_times = [], [], []
+    errors, fit_times, eval_times, members = [], [], [], {}
     for train_log, test_log in track(rating_folds(log, path, fmt, seed), "rating folds", N_FOLDS):
         model = make_model()
         start = time.perf_counter()
@@ -37,11 +48,14 @@ def run_rating(
         predicted = fold_predictions(model, test_log)
         eval_times.append(time.perf_counter() - start)
         errors.append((rmse(predicted, test_log.rating), mae(predicted, test_log.rating)))
+        for name, rmse_value in member_rmses(model, test_log).items():
+            members.setdefault(name, []).append(rmse_value)
     rmses, maes = np.array(errors).T
     return {
         "metrics": {
             "rmse": float(rmses.mean()), "mae": float(maes.mean()),
             "rmse_per_fold": [float(v) for v in rmses],
+            **({"members_rmse": {k: float(np.mean(v)) for k, v in members.items()}} if members else {}),
         },
         "fit_seconds": float(np.mean(fit_times)),
         "eval_seconds": float(np.mean(eval_times)),

@@ -3,8 +3,9 @@
 Loss per sampled triple (u, i, j): -ln sigma(x_ui - x_uj) + reg |theta|^2, x_ui = p_u . q_i + b_i.
 Each epoch draws as many triples as there are interactions: (u, i) uniformly from the observed
 pairs, j by the chosen negative sampler (resampled while it is one of u's items):
-  uniform     - any item (as `implicit` does);
-  popularity  - items drawn in proportion to their interaction count ("harder" negatives);
+  uniform     - any item;
+  popularity  - items drawn in proportion to their interaction count ("harder" negatives; what
+                `implicit` does by drawing the item of a random interaction; the default);
   in-batch    - the positives of other triples in the same mini-batch.
 Updates are the per-sample SGD steps of the paper, summed over a mini-batch.
 """
@@ -16,7 +17,7 @@ import torch
 
 from trainer.interactions import Interactions
 from trainer.models.base import Capabilities, Recommender
-from trainer.models.sgd import generator, shuffled_batches
+from trainer.models.sgd import single_threaded, generator, shuffled_batches
 
 NEGATIVE_SAMPLERS = ("uniform", "popularity", "in-batch")
 MAX_RESAMPLES = 10
@@ -52,11 +53,15 @@ class BPR(Recommender):
     name = "bpr"
     capabilities = Capabilities(implicit=True)
     defaults = {
-        "factors": 64, "lr": 0.01, "reg": 0.01, "epochs": 100, "batch_size": 256,
-        "negatives": "uniform", "seed": 0,
+        "factors": 64, "lr": 0.01, "reg": 0.01, "epochs": 100, "batch_size": 1024,
+        "negatives": "popularity", "seed": 0,
     }
 
     def _fit(self, interactions: Interactions) -> None:
+        with single_threaded():
+            self._train(interactions)
+
+    def _train(self, interactions: Interactions) -> None:
         p = self.params
         if p["negatives"] not in NEGATIVE_SAMPLERS:
             raise ValueError(f"negatives must be one of {NEGATIVE_SAMPLERS}, got {p['negatives']!r}")

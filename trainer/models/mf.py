@@ -7,7 +7,7 @@ import torch
 
 from trainer.interactions import Interactions
 from trainer.models.base import Capabilities, Recommender
-from trainer.models.sgd import gather_or_zero, generator, shuffled_batches
+from trainer.models.sgd import single_threaded, gather_or_zero, generator, shuffled_batches
 
 
 class BiasedMF(Recommender):
@@ -24,6 +24,10 @@ class BiasedMF(Recommender):
     }
 
     def _fit(self, interactions: Interactions) -> None:
+        with single_threaded():
+            self._train(interactions)
+
+    def _train(self, interactions: Interactions) -> None:
         p = self.params
         gen = generator(p["seed"])
         users, items, ratings, _ = interactions.pair_view()

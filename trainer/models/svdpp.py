@@ -21,7 +21,7 @@ import torch
 
 from trainer.interactions import Interactions
 from trainer.models.base import Capabilities, Recommender
-from trainer.models.sgd import gather_or_zero, generator, shuffled_batches, to_torch_csr
+from trainer.models.sgd import single_threaded, gather_or_zero, generator, shuffled_batches, to_torch_csr
 
 DAY = 86400.0
 
@@ -44,6 +44,10 @@ def predict_batch(theta: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]
         dev = batch["dev"]
         pu = pu + theta["Ap"][u] * dev[:, None]
         bias = bias + theta["au"][u] * dev + theta["but"][u, batch["bin"]] + theta["bit"][i, batch["bin"]]
+    if "nb_res" in batch:  # integrated model: learned weights on the item's neighbours
+        bias = bias + batch["nb_norm"] * (
+            batch["nb_res"] * theta["W"][i] + batch["nb_has"] * theta["C"][i]
+        ).sum(1)
     user = pu + z[u]
     pred = batch["mu"] + bias + (theta["Q"][i] * user).sum(1)
     return pred, user
@@ -64,7 +68,7 @@ def batch_gradients(
     grads["P"].index_add_(0, u, -e[:, None] * qi + reg_f * theta["P"][u])
     grads["Q"].index_add_(0, i, -e[:, None] * user + reg_f * qi)
     per_user = torch.zeros_like(theta["P"]).index_add_(0, u, -e[:, None] * qi)
-    ratings_per_user = torch.zeros(len(theta["P"])).index_add_(0, u, torch.ones_like(e))
+    ratings_per_user = torch.zeros(len(theta["P"]), dtype=e.dtype).index_add_(0, u, torch.ones_like(e))
     grads["Y"] = torch.sparse.mm(NT, per_user) + reg_f * torch.sparse.mm(
         BT, ratings_per_user[:, None]
     ) * theta["Y"]
@@ -74,6 +78,10 @@ def batch_gradients(
         grads["Ap"].index_add_(0, u, -e[:, None] * qi * dev[:, None] + reg_t["Ap"] * theta["Ap"][u])
         grads["but"].index_put_((u, b), -e + reg_t["but"] * theta["but"][u, b], accumulate=True)
         grads["bit"].index_put_((i, b), -e + reg_t["bit"] * theta["bit"][i, b], accumulate=True)
+    if "nb_res" in batch:
+        scale, has = (-e * batch["nb_norm"])[:, None], batch["nb_has"]
+        grads["W"].index_add_(0, i, scale * batch["nb_res"] + reg_t["W"] * theta["W"][i] * has)
+        grads["C"].index_add_(0, i, scale * has + reg_t["W"] * theta["C"][i] * has)
     return grads
 
 
@@ -81,10 +89,9 @@ def batch_loss(theta, batch, N, reg_b: float, reg_f: float, reg_t: dict[str, flo
     """The loss `batch_gradients` differentiates (used by the gradient tests)."""
     u, i = batch["u"], batch["i"]
     pred, _ = predict_batch(theta, batch, N)
-    sizes = torch.sparse.mm(N, torch.ones(N.shape[1], 1, dtype=theta["Y"].dtype)).squeeze(1)
-    y_norms = torch.sparse.mm(N, (theta["Y"] ** 2).sum(1, keepdim=True)).squeeze(1)
-    # sum_j |y_j|^2 over I_u = (sum_j n_u y_j^2) / n_u with n_u = |I_u|^-1/2 (N's row values)
-    y_sq = torch.where(sizes > 0, y_norms / (sizes / torch.clamp((N.to_dense() > 0).sum(1), min=1)), 0)
+    # N's rows hold |I_u|^-1/2 on I_u, so N 1 = |I_u|^1/2 and N |y|^2 = |I_u|^-1/2 sum_j |y_j|^2
+    root_sizes = torch.sparse.mm(N, torch.ones(N.shape[1], 1, dtype=theta["Y"].dtype)).squeeze(1)
+    y_sq = torch.sparse.mm(N, (theta["Y"] ** 2).sum(1, keepdim=True)).squeeze(1) * root_sizes
     loss = 0.5 * ((batch["r"] - pred) ** 2).sum()
     loss = loss + 0.5 * reg_b * ((theta["bu"][u] ** 2) + (theta["bi"][i] ** 2)).sum()
     loss = loss + 0.5 * reg_f * ((theta["P"][u] ** 2).sum() + (theta["Q"][i] ** 2).sum() + y_sq[u].sum())
@@ -94,6 +101,9 @@ def batch_loss(theta, batch, N, reg_b: float, reg_f: float, reg_t: dict[str, flo
             reg_t["au"] * (theta["au"][u] ** 2).sum() + reg_t["Ap"] * (theta["Ap"][u] ** 2).sum()
             + reg_t["but"] * (theta["but"][u, b] ** 2).sum() + reg_t["bit"] * (theta["bit"][i, b] ** 2).sum()
         )
+    if "nb_res" in batch:
+        has = batch["nb_has"]
+        loss = loss + 0.5 * reg_t["W"] * ((theta["W"][i] ** 2 + theta["C"][i] ** 2) * has).sum()
     return loss
 
 
@@ -131,6 +141,10 @@ class SVDpp(Recommender):
         }
 
     def _fit(self, data: Interactions) -> None:
+        with single_threaded():
+            self._train(data)
+
+    def _train(self, data: Interactions) -> None:
         p = self.params
         gen = generator(p["seed"])
         theta = self._init_theta(data, gen)

@@ -12,7 +12,7 @@ import copy
 import sys
 import time
 from abc import abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
-from trainer.interactions import Interactions
+from trainer.interactions import IdIndex, Interactions
 from trainer.models.base import Capabilities, Recommender
 
 COMMON_DEFAULTS: dict[str, Any] = {
@@ -131,6 +131,18 @@ def last_items(items: np.ndarray, starts: np.ndarray, ends: np.ndarray, length: 
     pos = ends[:, None] - length + np.arange(length)[None, :]
     valid = pos >= starts[:, None]
     return np.where(valid, items[np.clip(pos, 0, max(len(items) - 1, 0))], pad)
+
+
+def history_windows(index: IdIndex, histories: Sequence[Sequence[str]], length: int, pad: int) -> np.ndarray:
+    """Item-id histories (oldest first) of users unseen at fit -> padded index windows like
+    `last_items` (ids unknown to the model are skipped)."""
+    rows = np.full((len(histories), length), pad, np.int64)
+    for n, items in enumerate(histories):
+        known = index.index(list(items))
+        known = known[known >= 0][-length:]
+        if len(known):
+            rows[n, -len(known):] = known
+    return rows
 
 
 class NeuralRecommender(Recommender):

@@ -22,7 +22,7 @@ from trainer.features import load_side_features
 from trainer.interactions import Interactions
 from trainer.models.neural.losses import LogQSampler, sampled_softmax
 from trainer.models.neural.training import (
-    COMMON_DEFAULTS, NeuralRecommender, int_list, last_items, mlp, sequences,
+    COMMON_DEFAULTS, NeuralRecommender, history_windows, int_list, last_items, mlp, sequences,
 )
 
 
@@ -134,13 +134,7 @@ class YouTubeDNN(NeuralRecommender):
         """(len(histories), dim + 1) for users unseen at fit: item ids oldest first (unknown
         ids are skipped); demographics unknown."""
         net: YouTubeNet = self.module
-        length = self.params["history"]
-        rows = np.full((len(histories), length), self.n_items, np.int64)
-        for n, items in enumerate(histories):
-            known = self.items.index(list(items))
-            known = known[known >= 0][-length:]
-            if len(known):
-                rows[n, -len(known):] = known
+        rows = history_windows(self.items, histories, self.params["history"], self.n_items)
         net.eval()
         with torch.no_grad():
             codes = torch.zeros(len(histories), len(net.side), dtype=torch.long, device=self.device)
