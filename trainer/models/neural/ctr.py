@@ -125,7 +125,7 @@ class CTRRecommender(NeuralRecommender):
     kind: ClassVar[str]
     defaults: ClassVar[dict[str, Any]] = {
         **COMMON_DEFAULTS, "dim": 16, "hidden": "128,64", "cross_layers": 3, "dropout": 0.0,
-        "negatives": 4, "batch_size": 2048, "lr": 2e-3, "weight_decay": 0.0, "val_users": 500,
+        "negatives": 4, "batch_size": 2048, "lr": 5e-3, "weight_decay": 0.0, "val_users": 500,
     }
 
     def _prepare(self, train: Interactions, rng: np.random.Generator) -> None:
