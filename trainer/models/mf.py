@@ -17,7 +17,7 @@ class BiasedMF(Recommender):
     """
 
     name = "mf-sgd"
-    capabilities = Capabilities(explicit=True, implicit=True)
+    capabilities = Capabilities(explicit=True)  # on implicit data (all 1s) it has nothing to fit
     defaults = {
         "factors": 100, "epochs": 20, "lr": 0.005, "reg": 0.02, "init_std": 0.1,
         "batch_size": 128, "seed": 0,

@@ -1,0 +1,87 @@
+"""`streamrec evaluate` prints EVALUATION.md's JSON; `streamrec refit` publishes to a live server."""
+
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+from click.testing import CliRunner
+
+from param_server.client import ParamClient
+from param_server.server import ParamServer
+from param_server.store import ParamStore
+from serving.artifacts import KNN_BLOB, decode_dense
+from streamrec.cli import cli
+from tests.trainer.synthetic import planted_log
+
+TOP_LEVEL = {"protocol", "model", "params", "data", "metrics", "fit_seconds", "eval_seconds", "events_per_second", "seed"}
+
+
+@pytest.fixture(scope="module")
+def csv_log(tmp_path_factory) -> Path:
+    log = planted_log(n_users=40, n_items=30, per_user=10)
+    path = tmp_path_factory.mktemp("log") / "events.csv"
+    lines = ["user_id,item_id,rating,timestamp"] + [
+        f"{u},{i},{r:g},{t:.0f}" for u, i, r, t in zip(log.user_id, log.item_id, log.rating, log.timestamp)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _run(args: list[str]) -> dict:
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return orjson.loads(result.stdout)
+
+
+@pytest.mark.parametrize(
+    "protocol,model,params,metrics",
+    [
+        ("rating", "mf-sgd", ["factors=4", "epochs=3"], {"rmse", "mae"}),
+        ("topn", "item-knn", ["k=5"], {"hr@10", "ndcg@10", "mrr", "recall@20", "coverage@10"}),
+        ("prequential", "popularity", [], {"hr@10_second_half", "ndcg@10_second_half", "hr@10_all", "ndcg@10_all"}),
+    ],
+)
+def test_evaluate_json_schema(csv_log, protocol, model, params, metrics):
+    args = ["evaluate", "--protocol", protocol, "--model", model, "--data", str(csv_log), "--format", "csv", "--json"]
+    out = _run(args + [a for p in params for a in ("--param", p)])
+    assert TOP_LEVEL <= set(out) and metrics <= set(out["metrics"])
+    assert out["protocol"] == protocol and out["model"] == model and out["seed"] == 0
+    assert out["data"] == {"path": str(csv_log), "format": "csv", "users": 40, "items": 30, "interactions": 400}
+    assert all(np.isfinite(out["metrics"][m]) for m in metrics)
+    assert (out["events_per_second"] is None) == (protocol != "prequential")
+
+
+def test_evaluate_rejects_unknown_params_and_wrong_protocol(csv_log):
+    base = ["evaluate", "--data", str(csv_log), "--format", "csv", "--json"]
+    bad_param = CliRunner().invoke(cli, base + ["--protocol", "rating", "--model", "mf-sgd", "--param", "nope=1"])
+    assert bad_param.exit_code == 2 and "nope" in bad_param.output
+    wrong = CliRunner().invoke(cli, base + ["--protocol", "rating", "--model", "als"])
+    assert wrong.exit_code == 2 and "explicit" in wrong.output
+
+
+@pytest.fixture()
+def param_server():
+    server = ParamServer(ParamStore())
+    server.start()
+    yield "{}:{}".format(*server.address)
+    server.stop()
+
+
+@pytest.mark.parametrize("model,params", [("item-knn", ["k=5"]), ("bpr", ["factors=4", "epochs=2"])])
+def test_refit_publishes_to_the_parameter_server(csv_log, param_server, tmp_path, monkeypatch, model, params):
+    monkeypatch.setenv("STREAMREC_PARAM_SERVERS", param_server)
+    monkeypatch.setenv("STREAMREC_HOME", str(tmp_path))
+    args = ["refit", "--model", model, "--from", str(csv_log), "--format", "csv"]
+    report = _run(args + [a for p in params for a in ("--param", p)])
+    assert report["model"] == model and report["events"] == 400
+    assert Path(report["artefacts"]["model"], "arrays.npz").exists()
+    with ParamClient(param_server) as client:
+        header, arrays = decode_dense(client.get_blob(f"refit/{model}/manifest").data)
+        assert header["version"] == report["version"] and len(arrays["popularity"]) == 30
+        if model == "item-knn":
+            assert client.get_blob(KNN_BLOB) is not None
+        else:
+            rows = client.pull("refit_bpr_items", ["item-000x", "item-001x"])
+            assert rows.vectors.shape == (2, 3) and rows.found.all()
+            assert "refit_bpr_users" in client.tables()

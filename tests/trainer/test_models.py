@@ -1,0 +1,104 @@
+"""Every batch model through the one interface, on small synthetic data with planted groups."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.trainer.synthetic import group_of, planted_log
+from trainer.interactions import Interactions
+from trainer.models import MODELS, create, load
+
+FAST = {  # small settings so the suite stays quick; defaults are exercised on MovieLens (slow)
+    "popularity": {},
+    "user-knn": {"k": 10},
+    "item-knn": {"k": 10},
+    "amazon-i2i": {"k": 10},
+    "mf-sgd": {"factors": 8, "epochs": 30, "lr": 0.02, "batch_size": 32},
+    "svdpp": {"factors": 8, "epochs": 30, "lr": 0.02, "lr_bias": 0.02, "lr_decay": 1.0, "batch_size": 32},
+    "timesvdpp": {"factors": 8, "epochs": 30, "lr": 0.02, "lr_bias": 0.02, "lr_decay": 1.0, "batch_size": 32, "bins": 4},
+    "neighborhood-factor": {"factors": 8, "epochs": 30, "lr": 0.02, "lr_bias": 0.02, "lr_decay": 1.0, "batch_size": 32, "neighbors": 10},
+    "als": {"factors": 3, "iterations": 8, "alpha": 5.0},
+    "bpr": {"factors": 8, "epochs": 40, "lr": 0.05, "batch_size": 64},
+    "rbm": {"hidden": 16, "epochs": 30, "batch_size": 8, "lr": 0.05},
+    "blend": {"members": "mf-sgd,item-knn"},
+}
+IMPLICIT = ["popularity", "user-knn", "item-knn", "amazon-i2i", "als", "bpr"]
+EXPLICIT = ["user-knn", "item-knn", "mf-sgd", "svdpp", "timesvdpp", "neighborhood-factor", "rbm", "blend"]
+SAVABLE = [name for name in FAST if name != "blend"]
+
+
+@pytest.fixture(scope="module")
+def log():
+    return planted_log()
+
+
+def _fit(name, log, implicit, seed=0):
+    params = dict(FAST[name])
+    model = create(name, **params)
+    if "seed" in model.params:
+        model = create(name, **params, seed=seed)
+    return model.fit(Interactions.from_log(log, implicit=implicit))
+
+
+def test_every_family_of_this_package_is_registered():
+    assert set(FAST) <= set(MODELS)
+
+
+@pytest.mark.parametrize("name", [n for n in IMPLICIT if n != "popularity"])
+def test_implicit_models_recover_groups(name, log):
+    model = _fit(name, log, implicit=True)
+    users = np.unique(log.user_id)
+    recommended, _ = model.recommend(users, 5)
+    same_group = group_of(recommended) == group_of(users)[:, None]
+    assert same_group.mean() > 0.8, f"{name}: {same_group.mean():.2f}"
+
+
+@pytest.mark.parametrize("name", EXPLICIT)
+def test_explicit_models_recover_ratings(name, log):
+    model = _fit(name, log, implicit=False)
+    users = np.unique(log.user_id)
+    items = np.unique(log.item_id)
+    grid_u, grid_i = np.repeat(users, len(items)), np.tile(items, len(users))
+    scores = model.score(grid_u, grid_i, np.full(len(grid_u), 1_200_000.0))
+    same = group_of(grid_u) == group_of(grid_i)
+    assert scores[same].mean() - scores[~same].mean() > 1.0, name
+
+
+@pytest.mark.parametrize("name", SAVABLE)
+def test_save_load_round_trip_and_determinism(name, log, tmp_path: Path):
+    implicit = not create(name).capabilities.explicit
+    model = _fit(name, log, implicit=implicit)
+    users = np.r_[np.unique(log.user_id)[:5], ["never-seen-user"]]
+    items = np.r_[np.unique(log.item_id)[:5], ["never-seen-item"]]
+    stamps = np.full(len(users), 1_100_000.0)
+    loaded = load(model.save(tmp_path / name))
+    np.testing.assert_array_equal(model.score(users, items, stamps), loaded.score(users, items, stamps))
+    ids, scores = model.recommend(users, 4)
+    ids2, scores2 = loaded.recommend(users, 4)
+    np.testing.assert_array_equal(ids, ids2)
+    np.testing.assert_array_equal(scores, scores2)
+    again = _fit(name, log, implicit=implicit)
+    np.testing.assert_array_equal(model.score(users, items, stamps), again.score(users, items, stamps))
+    assert np.isfinite(model.score(users, items, stamps)).all()
+
+
+@pytest.mark.parametrize("name", ["popularity", "als", "item-knn"])
+def test_unseen_users_get_fallback_and_seen_items_are_excluded(name, log):
+    model = _fit(name, log, implicit=True)
+    ids, _ = model.recommend(["never-seen-user", "user-001"], 5)
+    assert len(set(ids[0])) == 5
+    seen = set(log.item_id[log.user_id == "user-001"])
+    assert not seen & set(ids[1])
+
+
+def test_similar_items_and_because(log):
+    model = _fit("amazon-i2i", log, implicit=True)
+    similar, sims = model.similar_items(["item-000x"], 5)
+    assert (group_of(similar) == 0).mean() >= 0.8 and (np.diff(sims[0]) <= 0).all()
+    recommended, _ = model.recommend(["user-000"], 3)
+    reasons = model.because("user-000", recommended[0])
+    history = set(log.item_id[log.user_id == "user-000"])
+    assert all(r in history for r in reasons if r is not None) and any(reasons)
+    als = _fit("als", log, implicit=True)
+    assert als.similar_items(["item-001x"], 3)[0].shape == (1, 3)
