@@ -7,8 +7,6 @@ and from order (sequence models), while popularity is flat.
 
 from __future__ import annotations
 
-import io
-import json
 
 import numpy as np
 import pytest

@@ -144,9 +144,9 @@ class CTRRecommender(NeuralRecommender):
         side = getattr(self, "side", None)
         if side is not None and side.has_any:
             with torch.no_grad():
-                net.ucodes[:-1] = torch.as_tensor(side.user_codes)
-                net.icodes[:-1] = torch.as_tensor(side.item_codes)
-                net.genres[:-1] = torch.as_tensor(side.genres)
+                net.ucodes[:-1] = torch.tensor(side.user_codes)
+                net.icodes[:-1] = torch.tensor(side.item_codes)
+                net.genres[:-1] = torch.tensor(side.genres)
         return net
 
     def _batches(self, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, ...]]:

@@ -1,0 +1,140 @@
+"""Building blocks of the neural families: FM term, log-Q correction, sessions, side features,
+ranker export and two-tower vectors."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.features import load_side_features, trigram_bags
+from trainer.interactions import IdIndex, Interactions
+from trainer.models import create
+from trainer.models.neural.ctr import fm_second_order, load_ranker
+from trainer.models.neural.losses import LogQSampler, sampled_softmax
+from trainer.models.neural.sequential import sessions
+
+from tests.trainer.neural.test_neural_models import fast_params, planted_sequences
+
+
+def test_fm_second_order_equals_pairwise_sum() -> None:
+    fields = torch.randn(5, 7, 4, dtype=torch.float64)
+    explicit = sum((fields[:, i] * fields[:, j]).sum(1) for i, j in itertools.combinations(range(7), 2))
+    torch.testing.assert_close(fm_second_order(fields), explicit)
+
+
+@pytest.mark.parametrize("correct", [True, False])
+def test_log_q_correction_recovers_the_full_softmax(correct: bool) -> None:
+    """Fit free logits with sampled softmax (negatives from a skewed q) to labels drawn from p:
+    with log-Q the learned softmax matches p; without it, q's favourites are pushed down."""
+    torch.manual_seed(0)
+    n = 20
+    p = np.linspace(1, 3, n) / np.linspace(1, 3, n).sum()
+    counts = np.arange(1, n + 1) ** 2.0  # proposal q heavily favours the last items
+    sampler = LogQSampler(counts, 1.0, seed=0)
+    logits = torch.zeros(n, requires_grad=True)
+    one = torch.ones(1, 1)
+    optimizer = torch.optim.Adam([logits], lr=0.05)
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        labels = torch.as_tensor(rng.choice(n, size=256, p=p))
+        optimizer.zero_grad()
+        loss = sampled_softmax(
+            one.expand(len(labels), 1), labels, sampler.sample(64, torch.device("cpu")),
+            torch.zeros(n, 1), logits, sampler.log_q if correct else None,
+        )
+        loss.backward()
+        optimizer.step()
+    learned = torch.softmax(logits.detach(), 0).numpy()
+    error = np.abs(learned - p).sum()
+    if correct:
+        assert error < 0.2, error
+    else:
+        assert error > 0.8 and learned[-1] < p[-1] / 2, error
+
+
+def test_sessions_cut_at_inactivity_gaps() -> None:
+    users = IdIndex.from_ids(np.array(["a", "b"]))
+    items = IdIndex.from_ids(np.array(["x", "y", "z"]))
+    data = Interactions(
+        users, items, np.array([0, 0, 0, 0, 1, 1]), np.array([0, 1, 2, 0, 1, 2]),
+        np.full(6, np.nan), np.array([0.0, 10, 5000, 5010, 0, 20]),
+    )
+    seq, bounds, owners = sessions(data, gap=3600)
+    assert bounds.tolist() == [0, 2, 4, 6] and owners.tolist() == [0, 0, 1]
+    assert seq.tolist() == [0, 1, 2, 0, 1, 2]
+
+
+def test_gru4rec_session_parallel_batches_visit_every_transition_once() -> None:
+    data = Interactions.from_log(planted_sequences(), implicit=True)
+    model = create("gru4rec", **fast_params("gru4rec"))
+    model.users, model.items, model.device = data.users, data.items, torch.device("cpu")
+    model._prepare(data, np.random.default_rng(0))
+    seen = []
+    for inputs, targets, keep, reset in model._batches(np.random.default_rng(0)):
+        model._state_h = torch.zeros(len(inputs), 1)  # lanes only; the loss is not needed here
+        seen += list(zip(inputs.tolist(), targets.tolist()))
+    expected = sum(int(e - s) - 1 for s, e in zip(model.sess_start, model.sess_end))
+    assert len(seen) == expected
+
+
+def write_side_files(folder, n_users: int, n_items: int) -> None:
+    occupations = ["artist", "doctor", "student"]
+    (folder / "u.user").write_text(
+        "".join(f"u{u}|{18 + u % 50}|{'MF'[u % 2]}|{occupations[u % 3]}|{10000 + u}\n" for u in range(n_users))
+    )
+    genres = lambda i: "|".join("1" if g == i % 4 else "0" for g in range(19))  # noqa: E731
+    (folder / "u.item").write_text(
+        "".join(f"i{i}|Movie number {i} ({1950 + i})|01-Jan-{1950 + i}||http://x|{genres(i)}\n" for i in range(n_items))
+    )
+
+
+def test_side_features_load_and_degrade(tmp_path) -> None:
+    users = IdIndex.from_ids(np.array(["u1", "u2", "nobody"]))
+    items = IdIndex.from_ids(np.array(["i1", "i3", "unknown"]))
+    none = load_side_features(tmp_path, users, items)
+    assert not none.has_any and "none" in none.source
+    write_side_files(tmp_path, 5, 5)
+    side = load_side_features(tmp_path, users, items)
+    assert len(side.user_cards) == 4 and side.genres.shape == (3, 19)
+    assert (side.user_codes[users.index(["nobody"])[0]] == 0).all()  # unknown user -> code 0
+    assert side.titles[items.index(["i3"])[0]] == "Movie number 3 (1953)"
+    indices, offsets = trigram_bags(["ab", ""], 64)
+    assert len(indices) == 2 and offsets.tolist() == [0, 2]  # '#ab#' -> '#ab', 'ab#'
+
+
+@pytest.mark.parametrize("name", ["deepfm", "dcn", "dcn-v2", "wide-deep"])
+def test_exported_ranker_scores_like_the_model(name: str, tmp_path) -> None:
+    log = planted_sequences()
+    write_side_files(tmp_path, 160, 60)
+    data = Interactions.from_log(log, implicit=True)
+    model = create(name, **fast_params(name, epochs=2, side_data=str(tmp_path))).fit(data)
+    header, arrays = model.export_ranker()
+    blob = io.BytesIO()
+    np.savez(blob, **arrays)  # what serving receives: npz bytes + a JSON header
+    loaded = np.load(io.BytesIO(blob.getvalue()), allow_pickle=False)
+    ranker = load_ranker(json.loads(json.dumps(header)), {k: loaded[k] for k in loaded.files})
+    users, items = np.array(["u1", "u5", "u9", "stranger"]), np.array(["i3", "i7", "i40", "i2"])
+    scores = ranker.score(users, items)
+    expected = 1 / (1 + np.exp(-model.score(users[:3], items[:3])))
+    np.testing.assert_allclose(scores[:3], expected, rtol=1e-5)
+    assert np.isfinite(scores[3])  # unknown user: scored from the unknown row
+
+
+@pytest.mark.parametrize("name", ["youtube-dnn", "dssm"])
+def test_two_tower_vectors_reproduce_scores(name: str) -> None:
+    data = Interactions.from_log(planted_sequences(), implicit=True)
+    model = create(name, **fast_params(name, epochs=2)).fit(data)
+    items, users = model.item_vectors(), model.user_vectors()
+    assert items.shape[0] == data.n_items and users.shape == (data.n_users, items.shape[1])
+    np.testing.assert_allclose(users[:5] @ items.T, model.user_scores(np.arange(5)), rtol=1e-4, atol=1e-5)
+    history = data.items.ids[data.item_idx[data.user_idx == 3]]
+    order = np.argsort(data.timestamps[data.user_idx == 3], kind="stable")
+    fresh = model.history_vectors([list(history[order]), ["never-seen"]])
+    if name == "dssm":  # no demographics: a known user's history reproduces their vector
+        np.testing.assert_allclose(fresh[0], users[3], rtol=1e-4, atol=1e-5)
+    assert fresh.shape == (2, items.shape[1]) and np.isfinite(fresh).all()
