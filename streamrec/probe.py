@@ -79,8 +79,10 @@ def probe_freshness(settings: Any, serving_url: str, trials: int = 20, burst: in
         ids, clusters = item_clusters(client, table, n_clusters, seed)
     with httpx.Client(base_url=serving_url, timeout=10.0) as http:
         cold = set(_top(http, f"probe-cold-{uuid.uuid4().hex[:8]}"))
+        # clusters absent from the cold-start list, big enough that after the burst's items are
+        # filtered as seen, plenty of the cluster is left to recommend
         candidates = [c for c in range(n_clusters) if not cold & set(ids[clusters == c].tolist())
-                      and (clusters == c).sum() >= burst]
+                      and (clusters == c).sum() >= 2 * burst]
         if not candidates:
             raise RuntimeError("every cluster is already in the cold-start list; use more clusters")
         results: list[Trial] = []

@@ -152,6 +152,7 @@ class OnlineBPR(OnlineModel):
     defaults: ClassVar[dict[str, Any]] = {
         "dim": 32, "lr": 0.05, "reg": 0.01, "negatives": 10, "sampling": "uniform",
         "init_std": 0.1, "min_count": 1, "seed": 0, "skip_weight": 1.0, "step_events": 10,
+        "user_iterations": 3,
     }
 
     def __init__(self, roles: EventRoles | None = None, prefix: str | None = None, **params: Any) -> None:
@@ -222,6 +223,7 @@ class OnlineBPR(OnlineModel):
         skip_bounds = np.searchsorted(skip_pos, [st.start for st in steps] + [len(batch)])
         margins = []
         lr32, reg_k, reg32 = np.float32(lr), np.float32(reg * k), np.float32(reg)
+        user_iterations = int(p["user_iterations"])
         for n, step in enumerate(steps):
             if before_step is not None:
                 before_step(step)
@@ -234,11 +236,15 @@ class OnlineBPR(OnlineModel):
                 x = np.einsum("nd,nkd->nk", pu, diff)
                 margins.append((x, w))
                 g = w[:, None] * expit(-x)  # minus the derivative of -w log sigma(x)
-                user_step = np.einsum("nk,nkd->nd", g, diff) - reg_k * pu
-                user_step[:, dim] = 0.0  # the constant stays 1
-                np.add.at(P, u, lr32 * user_step)
                 item_steps = np.concatenate([g.sum(axis=1)[:, None] * pu - reg_k * qi,
                                              (-(g[..., None] * pu[:, None, :]) - reg32 * qj).reshape(-1, dim + 1)])
+                for iteration in range(user_iterations):  # extra passes move new users faster
+                    if iteration:
+                        pu = P[u]
+                        g = w[:, None] * expit(-np.einsum("nd,nkd->nk", pu, diff))
+                    user_step = np.einsum("nk,nkd->nd", g, diff) - reg_k * pu
+                    user_step[:, dim] = 0.0  # the constant stays 1
+                    np.add.at(P, u, lr32 * user_step)
                 np.add.at(Q, np.concatenate([i, j.ravel()]), lr32 * item_steps)
             a, b = skip_bounds[n], skip_bounds[n + 1]
             if b > a:
