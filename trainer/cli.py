@@ -11,6 +11,7 @@ def register(cli: click.Group, bench: click.Group) -> None:
     """Attach the trainer's commands to the root group."""
     cli.add_command(evaluate_cmd)
     cli.add_command(refit_cmd)
+    bench.add_command(bench_models_cmd)
 
 
 @click.command("evaluate")
@@ -62,3 +63,22 @@ def refit_cmd(
             print_json(report)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
+
+
+@click.command("models")
+@click.option("--data", "data_path", required=True, type=click.Path(exists=True), help="log file or folder")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="ml-100k", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--only", multiple=True, help="restrict to these model names (repeatable)")
+@click.option("--markdown", "markdown_path", type=click.Path(), default=None, help="also write the table here")
+def bench_models_cmd(data_path: str, fmt: str, seed: int, only: tuple[str, ...], markdown_path: str | None) -> None:
+    """Every batch family on one data set beside the ANCHORS references (docs/models.md table)."""
+    from pathlib import Path
+
+    from streamrec.cli import print_json
+    from trainer.benchmarks import run_table
+
+    result = run_table(data_path, fmt, seed, only)
+    if markdown_path:
+        Path(markdown_path).write_text(result["markdown"] + "\n")
+    print_json(result)

@@ -16,7 +16,7 @@ import orjson
 from trainer.interactions import Interactions
 from trainer.models.base import Capabilities, Recommender
 
-DEFAULT_MEMBERS = "mf-sgd,svdpp,item-knn,rbm"
+DEFAULT_MEMBERS = "mf-sgd,svdpp,item-knn,user-knn,rbm,neighborhood-factor"
 
 
 class Blend(Recommender):

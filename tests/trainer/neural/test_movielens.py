@@ -1,0 +1,25 @@
+"""MovieLens 100K quality check (slow): a few neural families with reduced epochs beat popularity
+on the topn protocol. Full-budget figures come from `python -m trainer.models.neural.report`."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import ML100K
+from trainer.evaluation.harness import evaluate
+
+POPULARITY_HR = 0.0498
+QUICK = {
+    "ncf-gmf": ("epochs=6",),
+    "youtube-dnn": ("epochs=6",),
+    "gru4rec": ("epochs=4",),
+    "caser": ("epochs=4",),
+    "deepfm": ("epochs=4", "val_users=200", f"side_data={ML100K}"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (ML100K / "u.data").exists(), reason="MovieLens 100K not present")
+def test_neural_models_beat_popularity_on_movielens() -> None:
+    results = {name: evaluate("topn", name, params, ML100K)["metrics"]["hr@10"] for name, params in QUICK.items()}
+    assert all(hr > POPULARITY_HR + 0.01 for hr in results.values()), results
