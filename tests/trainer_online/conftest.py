@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ from stream.publish import EventPublisher
 from stream.topics import create_topics
 from streamrec.config import Settings
 from tests.conftest import settings_env
-from tests.param_server.conftest import ServerProcess
+from tests.param_server.conftest import start_server  # noqa: F401  (a fixture shared with this suite)
 
 STREAMREC = str(Path(sys.executable).parent / "streamrec")
 
@@ -48,24 +48,6 @@ def produce_events(settings: Settings, events: list[dict]) -> None:
         publisher.publish(event, {"test": n})
     publisher.close()
     assert publisher.dead_lettered == 0
-
-
-@pytest.fixture
-def param_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
-    """start(*args) -> a parameter-server process (checkpoints under tmp_path by default)."""
-    started: list[ServerProcess] = []
-
-    def start(*args: str) -> ServerProcess:
-        env = {**os.environ, "STREAMREC_HOME": str(tmp_path / "ps-home")}
-        env.pop("STREAMREC_PARAM_SERVER_TOKEN", None)
-        server = ServerProcess(list(args) or ["--no-checkpoints"], env)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        if server.proc.poll() is None:
-            server.kill()
 
 
 @pytest.fixture

@@ -31,8 +31,8 @@ def run_trainer(settings, address: str, **config) -> OnlineTrainer:
     return trainer
 
 
-def test_learning_happens_on_planted_structure(online_settings, param_server):
-    server = param_server()
+def test_learning_happens_on_planted_structure(online_settings, start_server):
+    server = start_server("--no-checkpoints")
     produce_events(online_settings, planted_events(6000))
     trainer = run_trainer(online_settings, server.address, evaluate_every=2)
     report = trainer.report()
@@ -45,8 +45,8 @@ def test_learning_happens_on_planted_structure(online_settings, param_server):
     assert applied(server.address) == 6000
 
 
-def test_dead_letters_and_keeps_running(online_settings, param_server):
-    server = param_server()
+def test_dead_letters_and_keeps_running(online_settings, start_server):
+    server = start_server("--no-checkpoints")
     good = planted_events(50)
     with make_producer(online_settings.kafka_bootstrap) as producer:
         for n, event in enumerate(good):
@@ -62,8 +62,8 @@ def test_dead_letters_and_keeps_running(online_settings, param_server):
     assert all(letter["source"]["topic"] == online_settings.topic and letter["component"] == "trainer" for letter in letters)
 
 
-def test_sigkill_mid_stream_resumes_from_committed_offsets(online_settings, param_server, tmp_path):
-    server = param_server()
+def test_sigkill_mid_stream_resumes_from_committed_offsets(online_settings, start_server, tmp_path):
+    server = start_server("--no-checkpoints")
     events = planted_events(20000)
     produce_events(online_settings, events)
     first = TrainerProcess(online_settings, server.address, tmp_path / "r1.json")
@@ -81,9 +81,9 @@ def test_sigkill_mid_stream_resumes_from_committed_offsets(online_settings, para
     assert len(described) == 20000
 
 
-def test_param_server_restored_from_checkpoint_trainer_resumes(online_settings, param_server, tmp_path):
+def test_param_server_restored_from_checkpoint_trainer_resumes(online_settings, start_server, tmp_path):
     ckpt = tmp_path / "ckpt"
-    server = param_server("--checkpoint-dir", str(ckpt), "--checkpoint-every", "0")
+    server = start_server("--checkpoint-dir", str(ckpt), "--checkpoint-every", "0")
     produce_events(online_settings, planted_events(3000))
     run_trainer(online_settings, server.address)
     with ParamClient([server.address]) as client:
@@ -92,7 +92,7 @@ def test_param_server_restored_from_checkpoint_trainer_resumes(online_settings, 
     run_trainer(online_settings, server.address)
     assert applied(server.address) == 5000
     server.kill()  # the last 2000 events' updates were never checkpointed: lost with the process
-    restarted = param_server("--checkpoint-dir", str(ckpt), "--checkpoint-every", "0")
+    restarted = start_server("--checkpoint-dir", str(ckpt), "--checkpoint-every", "0")
     assert restarted.ready["restored"] is not None
     assert applied(restarted.address) == 3000
     # the group committed 5000, the server holds offsets of 3000: the trainer rewinds and re-learns
@@ -100,8 +100,8 @@ def test_param_server_restored_from_checkpoint_trainer_resumes(online_settings, 
     assert applied(restarted.address) == 5000
 
 
-def test_two_trainers_in_one_group_split_the_work(online_settings, param_server, tmp_path):
-    server = param_server()
+def test_two_trainers_in_one_group_split_the_work(online_settings, start_server, tmp_path):
+    server = start_server("--no-checkpoints")
     a = TrainerProcess(online_settings, server.address, tmp_path / "a.json", "--idle-exit", "6")
     b = TrainerProcess(online_settings, server.address, tmp_path / "b.json", "--idle-exit", "6")
     wait_until(lambda: a.report() is not None and b.report() is not None, timeout=60)
