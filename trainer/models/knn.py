@@ -171,12 +171,13 @@ class AmazonI2I(_NeighbourModel):
         self._require_fitted()
         user = int(self.users.index([user_id])[0])
         items = self.items.index(item_ids)
-        if user < 0:
+        history = self.ratings[user].indices if user >= 0 else np.empty(0, dtype=np.int64)
+        if not len(history):
             return [None] * len(items)
-        history = self.ratings[user].indices
         contributions = self.sim[history][:, np.maximum(items, 0)].toarray()  # (history, items)
         best = contributions.argmax(axis=0)
+        strongest = contributions[best, np.arange(len(items))]
         return [
-            str(self.items.ids[history[b]]) if i >= 0 and len(history) and contributions[b, n] > 0 else None
-            for n, (i, b) in enumerate(zip(items, best))
-        ] if len(history) else [None] * len(items)
+            str(self.items.ids[history[b]]) if item >= 0 and weight > 0 else None
+            for item, b, weight in zip(items, best, strongest)
+        ]

@@ -161,9 +161,7 @@ class SVDpp(Recommender):
                     theta[name] -= rates[name] * grad
             rates = {name: rate * p["lr_decay"] for name, rate in rates.items()}
         self.theta = {name: value.numpy() for name, value in theta.items()}
-        self.z = N.to_dense().numpy() @ self.theta["Y"] if data.n_users * data.n_items < 5e7 else (
-            torch.sparse.mm(N, theta["Y"]).numpy()
-        )
+        self.z = torch.sparse.mm(N, theta["Y"]).numpy()  # implicit part of each user's vector
 
     def _time_terms(self, users: np.ndarray, items: np.ndarray, timestamps) -> tuple[np.ndarray, np.ndarray]:
         """Extra bias and user-factor offset at time t (none for SVD++)."""
