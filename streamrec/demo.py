@@ -26,7 +26,6 @@ from typing import Any
 
 import httpx
 import numpy as np
-import pandas as pd
 
 from param_server.client import ParamClient
 from stream import infra
@@ -205,40 +204,21 @@ class RefitLoop:
     def _refit(self) -> None:
         from stream.events import EventSchema
         from trainer.models import create
+        from trainer.refit import publish
 
         try:
             log, _ = read_log(self.settings.kafka_bootstrap, self.settings.topic, EventSchema.from_settings(self.settings))
-            data = Interactions.from_log(log)
+            data = Interactions.from_log(log, implicit=True)  # both refit models rank from interactions
             with ParamClient.from_settings(self.settings) as client:
                 for name, params in (("item-knn", {}), ("als", {})):
                     t0 = time.perf_counter()
                     model = create(name, **params).fit(data)
-                    publish(client, name, model)
+                    publish(client, model, self.done + 1)
                     self.durations[name].append(time.perf_counter() - t0)
                     self.scorer.publish_model(name, model)
             self.done += 1
         finally:
             self.busy.release()
-
-
-def publish(client: ParamClient, name: str, model: Any, neighbors: int = 20) -> None:
-    """Item kNN -> the neighbour-list blob serving reads; factor models -> `<name>_users/_items`
-    tables (vectors, zero bias) that serving can retrieve from (`serve --item-table`)."""
-    from serving.artifacts import KNN_BLOB, encode_neighbors
-
-    items = model.items.ids
-    if name == "item-knn":
-        ids, scores = model.similar_items(items, neighbors)
-        index = pd.Index(items, dtype=object).get_indexer(ids.ravel()).reshape(ids.shape).astype(np.int32)
-        client.put_blob(KNN_BLOB, encode_neighbors(items, index, scores.astype(np.float32)))
-        return
-    item_vectors, user_vectors = model.item_vectors(), model.user_vectors()
-    dim = item_vectors.shape[1]
-    table = name.replace("-", "_")
-    client.create_table(f"{table}_items", dim, scalars=1, optimizer="sgd", lr=1.0)
-    client.create_table(f"{table}_users", dim, optimizer="sgd", lr=1.0)
-    client.assign(f"{table}_items", list(items), item_vectors.astype(np.float32), np.zeros(len(items), np.float32))
-    client.assign(f"{table}_users", list(model.users.ids), user_vectors.astype(np.float32))
 
 
 def _free_port() -> int:
