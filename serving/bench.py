@@ -137,7 +137,7 @@ def _search_p50_ms(address: str, config: ServingConfig, user_vectors: np.ndarray
 
 
 def run_bench(settings: Settings, items: int, users: int, dim: int, workers: int, concurrency: int,
-              duration: float, k: int, index: str) -> dict[str, Any]:
+              duration: float, k: int, index: str, rate: float = 0.0) -> dict[str, Any]:
     home = Path(tempfile.mkdtemp(prefix="streamrec-bench-serving-"))
     prefix = f"bench-serving-{uuid.uuid4().hex[:8]}"
     redis_up = infra.redis_ping(settings.redis_url)
@@ -162,7 +162,8 @@ def run_bench(settings: Settings, items: int, users: int, dim: int, workers: int
         ready = _wait_ready(url, workers, serve)
         load = subprocess.run(
             [sys.executable, "-m", "serving.loadgen", "--url", url, "--users", str(users), "--concurrency",
-             str(concurrency), "--duration", str(duration), "--template", f"/recommend?user_id=u{{user}}&k={k}"],
+             str(concurrency), "--duration", str(duration), "--rate", str(rate),
+             "--template", f"/recommend?user_id=u{{user}}&k={k}"],
             capture_output=True, text=True, check=True)
         result = json.loads(load.stdout)
         serve.send_signal(signal.SIGTERM)

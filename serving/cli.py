@@ -41,6 +41,8 @@ def serve_cmd(ctx: click.Context, workers: int, host: str, port: int | None, pol
 @click.option("--dim", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--workers", type=click.IntRange(1, 64), default=2, show_default=True)
 @click.option("--concurrency", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--rate", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="pace the closed loop to about this many requests/s in total (0: as fast as possible)")
 @click.option("--duration", type=click.FloatRange(min=1), default=20.0, show_default=True, help="seconds of load")
 @click.option("--k", type=click.IntRange(1, 1000), default=10, show_default=True)
 @click.option("--index", type=click.Choice(["auto", "flat", "ivf"]), default="auto", show_default=True)

@@ -21,10 +21,15 @@ import orjson
 
 
 async def _client(host: str, port: int, paths: list[str], start: float, end: float,
-                  latencies: list[float], errors: list[int], seed: int) -> None:
+                  latencies: list[float], errors: list[int], seed: int, interval: float) -> None:
+    """One closed-loop user; with `interval` > 0 it also waits for its next slot (paced load)."""
     rng = random.Random(seed)
     reader = writer = None
+    next_at = time.perf_counter() + rng.uniform(0, interval)
     while time.perf_counter() < end:
+        if interval:
+            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+            next_at = max(next_at + interval, time.perf_counter() - interval)
         if writer is None:
             reader, writer = await asyncio.open_connection(host, port)
         path = paths[rng.randrange(len(paths))]
@@ -48,19 +53,22 @@ async def _client(host: str, port: int, paths: list[str], start: float, end: flo
         writer.close()
 
 
-async def run(url: str, paths: list[str], concurrency: int, duration: float, warmup: float) -> dict[str, float]:
+async def run(url: str, paths: list[str], concurrency: int, duration: float, warmup: float,
+              rate: float = 0.0) -> dict[str, float]:
+    """Closed loop; `rate` > 0 paces the users to about that many requests/s in total."""
     parts = urlsplit(url)
     latencies: list[float] = []
     errors: list[int] = []
     start = time.perf_counter() + warmup
     end = start + duration
     await asyncio.gather(*(_client(parts.hostname or "127.0.0.1", parts.port or 80, paths, start, end,
-                                   latencies, errors, seed) for seed in range(concurrency)))
+                                   latencies, errors, seed, concurrency / rate if rate else 0.0)
+                           for seed in range(concurrency)))
     ms = np.array(latencies) * 1000
     return {"requests": len(ms), "qps": round(len(ms) / duration, 1),
             "p50_ms": round(float(np.percentile(ms, 50)), 3) if len(ms) else None,
             "p99_ms": round(float(np.percentile(ms, 99)), 3) if len(ms) else None,
-            "errors": len(errors), "duration_s": duration}
+            "errors": len(errors), "duration_s": duration, "rate": rate or None}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -71,9 +79,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--rate", type=float, default=0.0, help="total requests/s to pace to (0: as fast as possible)")
     args = parser.parse_args(argv)
     paths = [args.template.format(user=u) for u in range(args.users)]
-    result = asyncio.run(run(args.url, paths, args.concurrency, args.duration, args.warmup))
+    result = asyncio.run(run(args.url, paths, args.concurrency, args.duration, args.warmup, args.rate))
     sys.stdout.write(orjson.dumps(result).decode() + "\n")
 
 
