@@ -40,7 +40,7 @@ from trainer.online.metrics import (
 from trainer.online.models import OnlineModel
 
 log = logging.getLogger("streamrec.trainer")
-PARTITION_FETCH_BYTES = 64 * 1024  # ~250 events per partition per fetch: a backlog interleaves in time
+PARTITION_FETCH_BYTES = 256 * 1024  # ~1,000 events per partition per fetch: a backlog interleaves in time
 
 
 def offset_key(topic: str, partition: int) -> str:
