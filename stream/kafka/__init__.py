@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
-from stream.kafka.base import Consumer, KafkaError, Offsets, Producer, RebalanceCallback, Record, TopicPartition
+from stream.kafka.base import Consumer, ConsumerConfig, KafkaError, Offsets, Producer, Record, TopicPartition
 
 __all__ = [
-    "Consumer", "KafkaError", "Offsets", "Producer", "Record", "TopicPartition",
+    "Consumer", "ConsumerConfig", "KafkaError", "Offsets", "Producer", "Record", "TopicPartition",
     "make_consumer", "make_producer",
 ]
 
@@ -37,27 +36,18 @@ def producer_from(settings: Any, **extra: Any) -> Producer:
     )
 
 
-def make_consumer(
-    bootstrap: str,
-    client: str = "kafka-python",
-    group_id: str | None = None,
-    topics: Sequence[str] = (),
-    session_timeout_ms: int = 6000,
-    heartbeat_interval_ms: int = 1000,
-    on_assign: RebalanceCallback | None = None,
-    on_revoke: RebalanceCallback | None = None,
-    partition_fetch_bytes: int = 8 * 1024 * 1024,
-    **extra: Any,
-) -> Consumer:
-    """A consumer of the chosen backend; with `topics` it joins `group_id` and is assigned
-    partitions by the group, without it call `.assign(...)` to read partitions directly.
-    A small `partition_fetch_bytes` makes each poll mix all assigned partitions (a backlog is then
-    read roughly in time order instead of one partition after another)."""
+def make_consumer(bootstrap: str, client: str = "kafka-python", **options: Any) -> Consumer:
+    """A consumer of the chosen backend; `options` are `ConsumerConfig` fields (plus, rarely,
+    backend-specific settings passed through)."""
+    fields = set(ConsumerConfig.__dataclass_fields__)
+    config = ConsumerConfig(bootstrap, **{k: v for k, v in options.items() if k in fields})
+    extra = {k: v for k, v in options.items() if k not in fields}
     if client == "confluent":
-        from stream.kafka.confluent_client import ConfluentConsumer as cls
-    elif client == "kafka-python":
-        from stream.kafka.kafka_python_client import KafkaPythonConsumer as cls  # type: ignore[assignment]
-    else:
-        raise ValueError(f"unknown Kafka client {client!r}; expected kafka-python or confluent")
-    return cls(bootstrap, group_id, topics, session_timeout_ms, heartbeat_interval_ms,
-               on_assign, on_revoke, partition_fetch_bytes, **extra)
+        from stream.kafka.confluent_client import ConfluentConsumer
+
+        return ConfluentConsumer(config, **extra)
+    if client == "kafka-python":
+        from stream.kafka.kafka_python_client import KafkaPythonConsumer
+
+        return KafkaPythonConsumer(config, **extra)
+    raise ValueError(f"unknown Kafka client {client!r}; expected kafka-python or confluent")

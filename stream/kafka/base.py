@@ -8,11 +8,29 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 TopicPartition = tuple[str, int]
 Offsets = dict[TopicPartition, int]  # next offset to read, as Kafka commits it
 RebalanceCallback = Callable[[list[TopicPartition]], None]
+
+
+@dataclass(frozen=True)
+class ConsumerConfig:
+    """What every backend's consumer takes. With `topics` it joins `group_id` and the group assigns
+    partitions; without, call `Consumer.assign`. A small `partition_fetch_bytes` makes each poll mix
+    all assigned partitions (a backlog is then read roughly in time order, not partition by
+    partition)."""
+
+    bootstrap: str
+    group_id: str | None = None
+    topics: Sequence[str] = ()
+    session_timeout_ms: int = 6000
+    heartbeat_interval_ms: int = 1000
+    on_assign: RebalanceCallback | None = None
+    on_revoke: RebalanceCallback | None = None
+    partition_fetch_bytes: int = 8 * 1024 * 1024
 
 
 class Record(NamedTuple):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from stream.kafka.base import Consumer, KafkaError, Offsets, Producer, RebalanceCallback, Record, TopicPartition
+from stream.kafka.base import Consumer, ConsumerConfig, KafkaError, Offsets, Producer, Record, TopicPartition
 
 try:
     import confluent_kafka as ck
@@ -62,36 +62,26 @@ class ConfluentProducer(Producer):
 
 
 class ConfluentConsumer(Consumer):
-    def __init__(
-        self,
-        bootstrap: str,
-        group_id: str | None,
-        topics: Sequence[str] = (),
-        session_timeout_ms: int = 6000,
-        heartbeat_interval_ms: int = 1000,
-        on_assign: RebalanceCallback | None = None,
-        on_revoke: RebalanceCallback | None = None,
-        partition_fetch_bytes: int = 8 * 1024 * 1024,
-        **extra: Any,
-    ) -> None:
+    def __init__(self, config: ConsumerConfig, **extra: Any) -> None:
+        c = config
         self._consumer = ck.Consumer(
             {
-                "bootstrap.servers": bootstrap,
+                "bootstrap.servers": c.bootstrap,
                 # librdkafka needs a group id even for assign(); it is never committed to then.
-                "group.id": group_id or "streamrec-standalone",
+                "group.id": c.group_id or "streamrec-standalone",
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
                 "auto.offset.reset": "earliest",
-                "session.timeout.ms": session_timeout_ms,
-                "heartbeat.interval.ms": heartbeat_interval_ms,
+                "session.timeout.ms": c.session_timeout_ms,
+                "heartbeat.interval.ms": c.heartbeat_interval_ms,
                 "enable.partition.eof": False,
-                "max.partition.fetch.bytes": partition_fetch_bytes,
+                "max.partition.fetch.bytes": c.partition_fetch_bytes,
                 **extra,
             }
         )
-        self._on_assign, self._on_revoke = on_assign, on_revoke
-        if topics:
-            self._consumer.subscribe(list(topics), on_assign=self._assigned, on_revoke=self._revoked)
+        self._on_assign, self._on_revoke = c.on_assign, c.on_revoke
+        if c.topics:
+            self._consumer.subscribe(list(c.topics), on_assign=self._assigned, on_revoke=self._revoked)
 
     def _assigned(self, consumer: Any, partitions: list[Any]) -> None:
         if self._on_assign:

@@ -10,7 +10,7 @@ from kafka import errors as kafka_errors
 from kafka.structs import OffsetAndMetadata
 from kafka.structs import TopicPartition as KTP
 
-from stream.kafka.base import Consumer, KafkaError, Offsets, Producer, RebalanceCallback, Record, TopicPartition
+from stream.kafka.base import Consumer, ConsumerConfig, KafkaError, Offsets, Producer, RebalanceCallback, Record, TopicPartition
 
 
 class KafkaPythonProducer(Producer):
@@ -65,32 +65,22 @@ class _Listener(kafka.ConsumerRebalanceListener):
 
 
 class KafkaPythonConsumer(Consumer):
-    def __init__(
-        self,
-        bootstrap: str,
-        group_id: str | None,
-        topics: Sequence[str] = (),
-        session_timeout_ms: int = 6000,
-        heartbeat_interval_ms: int = 1000,
-        on_assign: RebalanceCallback | None = None,
-        on_revoke: RebalanceCallback | None = None,
-        partition_fetch_bytes: int = 8 * 1024 * 1024,
-        **extra: Any,
-    ) -> None:
+    def __init__(self, config: ConsumerConfig, **extra: Any) -> None:
+        c = config
         self._consumer = kafka.KafkaConsumer(
-            bootstrap_servers=bootstrap.split(","),
-            group_id=group_id,
+            bootstrap_servers=c.bootstrap.split(","),
+            group_id=c.group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            session_timeout_ms=session_timeout_ms,
-            heartbeat_interval_ms=heartbeat_interval_ms,
-            max_poll_interval_ms=max(300_000, session_timeout_ms),
+            session_timeout_ms=c.session_timeout_ms,
+            heartbeat_interval_ms=c.heartbeat_interval_ms,
+            max_poll_interval_ms=max(300_000, c.session_timeout_ms),
             fetch_max_bytes=64 * 1024 * 1024,
-            max_partition_fetch_bytes=partition_fetch_bytes,
+            max_partition_fetch_bytes=c.partition_fetch_bytes,
             **extra,
         )
-        if topics:
-            self._consumer.subscribe(list(topics), listener=_Listener(on_assign, on_revoke))
+        if c.topics:
+            self._consumer.subscribe(list(c.topics), listener=_Listener(c.on_assign, c.on_revoke))
 
     def assign(self, partitions: Sequence[TopicPartition]) -> None:
         self._consumer.assign([KTP(t, p) for t, p in partitions])
