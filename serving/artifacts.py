@@ -90,7 +90,7 @@ class ItemNeighbors:
 class Ranker(Protocol):
     name: str
 
-    def score(self, features: dict[str, np.ndarray]) -> np.ndarray: ...
+    def score(self, features: dict[str, np.ndarray], user_id: str, item_ids: np.ndarray) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -111,12 +111,31 @@ class LinearRanker:
             raise ValueError(f"ranker weights shape {weights.shape} != ({len(features)},)")
         return cls(features, weights, float(np.asarray(arrays["bias"]).reshape(-1)[0]))
 
-    def score(self, features: dict[str, np.ndarray]) -> np.ndarray:
+    def score(self, features: dict[str, np.ndarray], user_id: str, item_ids: np.ndarray) -> np.ndarray:
         return np.column_stack([features[f] for f in self.features]) @ self.weights + self.bias
+
+
+@dataclass(frozen=True)
+class NeuralRanker:
+    """A ranking-stage network published by a refit (Wide & Deep, DeepFM, DCN, DCN-v2): it scores
+    (user, item) pairs itself from its own embeddings; torch is imported only when one is loaded."""
+
+    model: Any
+    name: str
+
+    @classmethod
+    def from_dense(cls, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> NeuralRanker:
+        from trainer.models.neural.ctr import load_ranker as load_network
+
+        return cls(load_network(header, arrays), header.get("model", header["kind"]))
+
+    def score(self, features: dict[str, np.ndarray], user_id: str, item_ids: np.ndarray) -> np.ndarray:
+        return self.model.score(np.full(len(item_ids), user_id, dtype=object), item_ids)
 
 
 RANKER_LOADERS: dict[str, Callable[[dict[str, Any], dict[str, np.ndarray]], Ranker]] = {
     "linear": LinearRanker.from_dense,
+    **{kind: NeuralRanker.from_dense for kind in ("wide-deep", "deepfm", "dcn", "dcn-v2")},
 }
 
 

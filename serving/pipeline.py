@@ -71,9 +71,12 @@ class Recommender:
         bias = values[:, items.dim] if items.scalars else np.zeros(len(rows), np.float32)
         return {"dot": dot.astype(np.float64), "bias": bias.astype(np.float64) + b_u}
 
-    def _rank(self, state: ServingState, features: dict[str, np.ndarray]) -> np.ndarray:
+    def _rank(self, state: ServingState, user_id: str, rows: np.ndarray, features: dict[str, np.ndarray]) -> np.ndarray:
+        """The published ranking model's scores, else the retrieval model's (dot + biases)."""
         ranker = state.artifacts.ranker
-        return ranker.score(features) if ranker is not None else features["dot"] + features["bias"]
+        if ranker is None:
+            return features["dot"] + features["bias"]
+        return np.asarray(ranker.score(features, user_id, state.item_ids[rows]), dtype=np.float64)
 
     # ---- /recommend ---------------------------------------------------------------------------
     def recommend(self, state: ServingState | None, user_id: str, k: int, exclude_seen: bool,
@@ -90,7 +93,7 @@ class Recommender:
         if user is None:
             body = self._cold_start(state, k, seen, degraded)
         else:
-            body = self._personal(state, recent, user, k, seen, diversity, explain, degraded)
+            body = self._personal(state, user_id, recent, user, k, seen, diversity, explain, degraded)
         if "redis" in degraded:
             self.history.count_degraded()
         body["degraded"] = degraded
@@ -139,7 +142,7 @@ class Recommender:
         item_rows = state.knn_neighbor_row[neighbors[valid]]
         return item_rows[item_rows >= 0], scores[valid][item_rows >= 0]
 
-    def _personal(self, state: ServingState, recent: list[str], user: tuple[np.ndarray, float], k: int,
+    def _personal(self, state: ServingState, user_id: str, recent: list[str], user: tuple[np.ndarray, float], k: int,
                   seen: set[str], diversity: float, explain: bool, degraded: list[str]) -> dict[str, Any]:
         c, items = self.config, state.items
         looked_up = items.positions([*recent, *seen]) if recent or seen else np.zeros(0, np.int64)
@@ -175,7 +178,7 @@ class Recommender:
         features.update({"ann": (bits & 1).astype(np.float64), "item_knn": (bits >> 1 & 1).astype(np.float64),
                          "trending": (bits >> 2 & 1).astype(np.float64), "knn_score": knn_score,
                          "popularity": popularity})
-        score = self._rank(state, features)
+        score = self._rank(state, user_id, rows, features)
         lam = 1.0 - diversity
         mmr_values = None
         if diversity > 0 and len(rows) > 1:
@@ -217,7 +220,7 @@ class Recommender:
         features = self._scores(state, rows[known], user)
         zeros = np.zeros(int(known.sum()))
         features.update({name: zeros for name in ("ann", "item_knn", "trending", "knn_score", "popularity")})
-        score = self._rank(state, features)
+        score = self._rank(state, user_id, rows[known], features)
         order = np.argsort(-score, kind="stable")
         return {"cold_start": cold, "unknown": ids[~known].tolist(),
                 "items": [{"item_id": i, "score": s} for i, s in zip(ids[known][order].tolist(), score[order].tolist())]}
