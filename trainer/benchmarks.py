@@ -17,7 +17,7 @@ ROWS: tuple[tuple[str, str, tuple[str, ...], str, dict[str, float], float | None
     ("rating", "svdpp", ("lr=0.015", "lr_bias=0.01"), "Surprise SVDpp", {"rmse": 0.9218, "mae": 0.7238}, 9.4),
     ("rating", "timesvdpp", ("lr=0.015", "lr_bias=0.01"), "our SVD++ (tuned lr)", {}, None),
     ("rating", "item-knn", (), "Surprise KNNBaseline", {"rmse": 0.9204, "mae": 0.7214}, 0.51),
-    ("rating", "user-knn", (), "Surprise KNNBasic (item)", {"rmse": 1.0300, "mae": 0.8141}, 0.34),
+    ("rating", "user-knn", (), "Surprise KNNBasic, item-based (orientation)", {"rmse": 1.0300, "mae": 0.8141}, 0.34),
     ("rating", "neighborhood-factor", (), "-", {}, None),
     ("rating", "rbm", (), "-", {}, None),
     ("rating", "blend", (), "best member", {}, None),
