@@ -9,37 +9,42 @@ a few CG steps per half-step, warm-started from the previous factors (as in `imp
 from __future__ import annotations
 
 import numpy as np
-import scipy.sparse as sp
+import torch
 
 from trainer.interactions import Interactions
 from trainer.models.base import Capabilities, Recommender
+from trainer.models.sgd import single_threaded, to_torch_csr
 
 
 def conjugate_gradient(
-    X: np.ndarray, Y: np.ndarray, confidence: sp.csr_matrix, reg: float, steps: int
-) -> np.ndarray:
-    """A few batched CG steps on every row's normal equations; returns the updated X."""
-    gram = Y.T @ Y + reg * np.eye(Y.shape[1], dtype=Y.dtype)
-    cols = confidence.indices
-    extra = (confidence.data - 1.0).astype(Y.dtype)
-    Y_at_pairs = Y[cols]  # fixed during the solve: gathered once
+    X: torch.Tensor, Y: torch.Tensor, confidence: torch.Tensor, reg: float, steps: int
+) -> torch.Tensor:
+    """A few batched CG steps on every row's normal equations; returns the updated X.
 
-    def matvec(V: np.ndarray) -> np.ndarray:
-        weights = extra * np.einsum("nk,nk->n", np.repeat(V, np.diff(confidence.indptr), axis=0), Y_at_pairs)
-        return V @ gram + sp.csr_matrix((weights, cols, confidence.indptr), shape=confidence.shape) @ Y
+    `confidence` is a sparse CSR tensor of c_ui; (c_ui - 1) y_i . x_u for the observed pairs is a
+    sampled dense-dense product (SDDMM), so the cost is O(nnz k) per step.
+    """
+    gram = Y.T @ Y + reg * torch.eye(Y.shape[1], dtype=Y.dtype)
+    crow, col, values = confidence.crow_indices(), confidence.col_indices(), confidence.values()
+    pattern = torch.sparse_csr_tensor(crow, col, torch.ones_like(values), size=confidence.shape, check_invariants=False)
+    Yt = Y.T.contiguous()
 
-    b = sp.csr_matrix((confidence.data.astype(Y.dtype), cols, confidence.indptr), shape=confidence.shape) @ Y
-    residual = b - matvec(X)
-    direction = residual.copy()
-    rs = np.einsum("nk,nk->n", residual, residual)
+    def matvec(V: torch.Tensor) -> torch.Tensor:
+        dots = torch.sparse.sampled_addmm(pattern, V, Yt, beta=0.0).values()
+        weighted = torch.sparse_csr_tensor(crow, col, (values - 1.0) * dots, size=confidence.shape, check_invariants=False)
+        return V @ gram + torch.sparse.mm(weighted, Y)
+
+    residual = torch.sparse.mm(confidence, Y) - matvec(X)
+    direction = residual.clone()
+    rs = (residual * residual).sum(1)
     for _ in range(steps):
         Ad = matvec(direction)
-        denom = np.einsum("nk,nk->n", direction, Ad)
-        alpha = np.divide(rs, denom, out=np.zeros_like(rs), where=denom > 0)
+        denom = (direction * Ad).sum(1)
+        alpha = torch.where(denom > 0, rs / torch.where(denom > 0, denom, 1.0), 0.0)
         X = X + alpha[:, None] * direction
-        residual -= alpha[:, None] * Ad
-        rs_new = np.einsum("nk,nk->n", residual, residual)
-        beta = np.divide(rs_new, rs, out=np.zeros_like(rs), where=rs > 0)
+        residual = residual - alpha[:, None] * Ad
+        rs_new = (residual * residual).sum(1)
+        beta = torch.where(rs > 0, rs_new / torch.where(rs > 0, rs, 1.0), 0.0)
         direction = residual + beta[:, None] * direction
         rs = rs_new
     return X
@@ -56,18 +61,19 @@ class ImplicitALS(Recommender):
 
     def _fit(self, interactions: Interactions) -> None:
         p = self.params
-        rng = np.random.default_rng(p["seed"])
-        counts = interactions.counts()
-        confidence = counts.copy()
+        gen = torch.Generator().manual_seed(int(p["seed"]))
+        confidence = interactions.counts()
         confidence.data = 1.0 + p["alpha"] * confidence.data
-        confidence_t = confidence.T.tocsr()
+        by_user, by_item = to_torch_csr(confidence), to_torch_csr(confidence.T.tocsr())
         k = p["factors"]
-        X = (rng.standard_normal((interactions.n_users, k)) * 0.01).astype(np.float32)
-        Y = (rng.standard_normal((interactions.n_items, k)) * 0.01).astype(np.float32)
-        for _ in range(p["iterations"]):
-            X = conjugate_gradient(X, Y, confidence, p["reg"], p["cg_steps"])
-            Y = conjugate_gradient(Y, X, confidence_t, p["reg"], p["cg_steps"])
-        self.X, self.Y = X, Y
+        # uniform [0, 0.01) start, as `implicit` initialises its factors
+        X = torch.rand(interactions.n_users, k, generator=gen) * 0.01
+        Y = torch.rand(interactions.n_items, k, generator=gen) * 0.01
+        with single_threaded():
+            for _ in range(p["iterations"]):
+                X = conjugate_gradient(X, Y, by_user, p["reg"], p["cg_steps"])
+                Y = conjugate_gradient(Y, X, by_item, p["reg"], p["cg_steps"])
+        self.X, self.Y = X.numpy(), Y.numpy()
 
     def _user_scores(self, users: np.ndarray) -> np.ndarray:
         return self.X[users] @ self.Y.T

@@ -17,7 +17,7 @@ import torch
 
 from trainer.interactions import Interactions
 from trainer.models.base import Capabilities, Recommender
-from trainer.models.sgd import single_threaded, generator, shuffled_batches
+from trainer.models.sgd import generator, single_threaded
 
 NEGATIVE_SAMPLERS = ("uniform", "popularity", "in-batch")
 MAX_RESAMPLES = 10
@@ -25,25 +25,32 @@ MAX_RESAMPLES = 10
 
 def sample_negatives(
     users: torch.Tensor, positives: torch.Tensor, seen_keys: torch.Tensor, n_items: int,
-    sampler: str, item_weights: torch.Tensor, gen: torch.Generator,
+    sampler: str, item_weights: torch.Tensor, batch_size: int, gen: torch.Generator,
 ) -> torch.Tensor:
-    """One negative item per (user, positive); items the user has are redrawn (a few rounds)."""
+    """One negative per (user, positive) of a whole epoch in training order; items the user has
+    are redrawn (a few rounds). In-batch draws among the positives of the same mini-batch."""
+    position = torch.arange(len(users))
+    batch_start = position - position % batch_size
+    batch_len = torch.clamp(len(users) - batch_start, max=batch_size)
 
-    def draw(count: int) -> torch.Tensor:
+    def draw(where: torch.Tensor) -> torch.Tensor:
+        count = len(where)
         if sampler == "popularity":
             return torch.multinomial(item_weights, count, replacement=True, generator=gen)
         if sampler == "in-batch":
-            return positives[torch.randint(len(positives), (count,), generator=gen)]
+            offset = (torch.rand(count, generator=gen) * batch_len[where]).long()
+            return positives[batch_start[where] + offset]
         return torch.randint(n_items, (count,), generator=gen)
 
-    negatives = draw(len(users))
-    for _ in range(MAX_RESAMPLES):
-        keys = users * n_items + negatives
+    negatives = draw(position)
+    suspects = position
+    for _ in range(MAX_RESAMPLES):  # only the redrawn ones are checked again
+        keys = users[suspects] * n_items + negatives[suspects]
         found = torch.searchsorted(seen_keys, keys).clamp(max=len(seen_keys) - 1)
-        bad = seen_keys[found] == keys
-        if not bad.any():
+        suspects = suspects[seen_keys[found] == keys]
+        if not len(suspects):
             break
-        negatives[bad] = draw(int(bad.sum()))
+        negatives[suspects] = draw(suspects)
     return negatives
 
 
@@ -76,9 +83,13 @@ class BPR(Recommender):
         b = torch.zeros(n_items)
         lr, reg = p["lr"], p["reg"]
         for _ in range(p["epochs"]):
-            for batch in shuffled_batches(len(users), p["batch_size"], gen):
-                u, i = users[batch], items[batch]
-                j = sample_negatives(u, i, seen_keys, n_items, p["negatives"], item_weights, gen)
+            order = torch.randperm(len(users), generator=gen)
+            epoch_users, epoch_items = users[order], items[order]
+            epoch_negatives = sample_negatives(
+                epoch_users, epoch_items, seen_keys, n_items, p["negatives"], item_weights, p["batch_size"], gen
+            )
+            for batch in torch.arange(len(users)).split(p["batch_size"]):
+                u, i, j = epoch_users[batch], epoch_items[batch], epoch_negatives[batch]
                 pu, qi, qj = P[u], Q[i], Q[j]
                 z = torch.sigmoid(-((pu * (qi - qj)).sum(1) + b[i] - b[j]))  # d(-ln sigma(x))/dx = -z
                 P.index_add_(0, u, lr * (z[:, None] * (qi - qj) - reg * pu))
