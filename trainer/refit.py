@@ -74,7 +74,7 @@ def write_artefacts(model: Recommender, out: Path) -> dict[str, Any]:
 
 def publish(client: Any, model: Recommender, version: int) -> dict[str, Any]:
     """Push vectors into tables and neighbour lists / manifest as blobs; returns what was written."""
-    from serving.artifacts import KNN_BLOB, encode_dense, encode_neighbors
+    from serving.artifacts import KNN_BLOB, RANKER_BLOB, encode_dense, encode_neighbors
 
     written: dict[str, Any] = {"tables": {}, "blobs": {}}
     items, users = model.item_vectors(), model.user_vectors()
@@ -97,6 +97,8 @@ def publish(client: Any, model: Recommender, version: int) -> dict[str, Any]:
     if lists is not None:
         blob = KNN_BLOB if model.name == "item-knn" else f"refit/{model.name}/neighbors"
         written["blobs"][blob] = client.put_blob(blob, encode_neighbors(model.items.ids.astype(str), *lists))
+    if hasattr(model, "export_ranker"):  # ranking-stage networks: serving rescores with them
+        written["blobs"][RANKER_BLOB] = client.put_blob(RANKER_BLOB, encode_dense(*model.export_ranker()))
     manifest = f"refit/{model.name}/manifest"
     header = {"model": model.name, "version": version, "params": model.params, "published_at": time.time(),
               "tables": sorted(written["tables"]), "blobs": sorted(written["blobs"])}
