@@ -40,7 +40,8 @@ def evaluate_cmd(
 @click.command("refit")
 @click.option("--model", "model_name", required=True, help="model name (see docs/models.md)")
 @click.option("--param", "params", multiple=True, help="hyperparameter key=value (repeatable)")
-@click.option("--from", "source", required=True, help="log file or folder to read from the beginning")
+@click.option("--from", "source", required=True,
+              help="'topic' (the interaction topic), 'topic:NAME', or a log file/folder; read from the beginning")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="ml-100k", show_default=True)
 @click.option("--every", default=None, help="refit period like 10m, 30s, 1h (default: once)")
 @click.option("--out", "out_dir", type=click.Path(), default=None, help="artefact folder (default: $STREAMREC_HOME/refits)")

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from stream.loaders import load_log
+from stream.loaders import InteractionLog, load_log
 from trainer.interactions import Interactions
 from trainer.models.base import Recommender
 
@@ -108,6 +108,20 @@ def publish(client: Any, model: Recommender, version: int) -> dict[str, Any]:
     return written
 
 
+def read_event_log(settings: Any, source: str, fmt: str) -> InteractionLog:
+    """The event log from its beginning: `topic` (the interaction topic), `topic:NAME`, or a file."""
+    if source == "topic" or source.startswith("topic:"):
+        from stream.events import EventSchema
+        from stream.reader import read_log
+
+        topic = source.partition(":")[2] or settings.topic
+        log, _ = read_log(settings.kafka_bootstrap, topic, EventSchema.from_settings(settings), settings.kafka_client)
+        if not len(log):
+            raise ValueError(f"topic {topic!r} holds no valid events yet")
+        return log
+    return load_log(source, fmt)
+
+
 def refit_once(
     settings: Any, model_name: str, params: list[str] | tuple[str, ...], source: str, fmt: str,
     out_dir: str | Path | None, do_publish: bool, version: int,
@@ -115,7 +129,7 @@ def refit_once(
     """One refit: load the log from the beginning, fit, write artefacts, publish."""
     from trainer.models import coerce_params, create
 
-    log = load_log(source, fmt)
+    log = read_event_log(settings, source, fmt)
     model = create(model_name, **coerce_params(model_name, params))
     data = Interactions.from_log(log, implicit=not model.capabilities.explicit)
     fit_seconds = fit_with_progress(model, data)

@@ -21,7 +21,7 @@ from stream.publish import EventPublisher
 from stream.topics import create_topics
 from streamrec.config import Settings
 from tests.conftest import settings_env
-from tests.param_server.conftest import start_server  # noqa: F401  (a fixture shared with this suite)
+from tests.param_server.conftest import start_server  # noqa: F401  (a fixture shared with these suites)
 
 STREAMREC = str(Path(sys.executable).parent / "streamrec")
 
