@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainer.progress import track
+from streamrec.progress import track
 
 # (protocol, model, params, reference label, reference metrics, reference fit seconds)
 ROWS: tuple[tuple[str, str, tuple[str, ...], str, dict[str, float], float | None], ...] = (

@@ -26,7 +26,7 @@ import numpy as np
 from stream.loaders import InteractionLog
 from trainer.evaluation.metrics import expected_hit, expected_ndcg, rank_counts
 from trainer.interactions import IdIndex, Interactions
-from trainer.progress import track
+from streamrec.progress import track
 
 EVAL_EVERY = 10
 MAX_BATCH = 256

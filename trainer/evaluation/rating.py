@@ -13,7 +13,7 @@ from trainer.evaluation.metrics import mae, rmse
 from trainer.evaluation.splits import N_FOLDS, rating_folds
 from trainer.interactions import Interactions
 from trainer.models.base import Recommender
-from trainer.progress import track
+from streamrec.progress import track
 
 
 def fold_predictions(model: Recommender, test: InteractionLog) -> np.ndarray:
