@@ -8,17 +8,15 @@ as in the paper (Adam's moments are not part of the pretrained state).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from trainer.interactions import Interactions
 from trainer.models.neural.training import (
-    COMMON_DEFAULTS, NeuralRecommender, SeenPairs, int_list, mlp, pointwise_batches,
+    COMMON_DEFAULTS, PointwiseRecommender, SeenPairs, int_list, mlp,
 )
 
 
@@ -58,7 +56,7 @@ class NCFNet(nn.Module):
         return self.out(self.branches(users, items)).squeeze(-1)
 
 
-class GMF(NeuralRecommender):
+class GMF(PointwiseRecommender):
     """Generalised MF: a learned weighting of the element-wise product of embeddings."""
 
     name = "ncf-gmf"
@@ -80,17 +78,6 @@ class GMF(NeuralRecommender):
             self.dims["n_users"], self.dims["n_items"], self.params["factors"],
             int_list(self.params["mlp_layers"]), gmf, use_mlp,
         )
-
-    def _batches(self, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
-        p = self.params
-        return pointwise_batches(
-            rng, self.pos_users, self.pos_items, self.seen_pairs, self.dims["n_items"],
-            p["negatives"], p["batch_size"], self.device,
-        )
-
-    def _loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        users, items, labels = batch
-        return F.binary_cross_entropy_with_logits(self.module(users, items), labels)
 
     def _scores(self, users: torch.Tensor) -> torch.Tensor:
         items = torch.arange(self.n_items, device=users.device)

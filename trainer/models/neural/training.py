@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 import scipy.sparse as sp
 import torch
+import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
@@ -280,3 +281,20 @@ class NeuralRecommender(Recommender):
         load_numpy_state(self.module, {k[2:]: v for k, v in arrays.items() if k.startswith("w.")})
         self.module.eval()
         self._load_extra_state({k[2:]: v for k, v in arrays.items() if k.startswith("x.")})
+
+
+class PointwiseRecommender(NeuralRecommender):
+    """Models trained as binary classifiers of (user, item) pairs: every positive plus sampled
+    negatives, binary cross-entropy on `module(users, items)` logits (NCF and the CTR families).
+    Subclasses set `pos_users`, `pos_items`, `seen_pairs` and `dims["n_items"]` in `_prepare`."""
+
+    def _batches(self, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
+        p = self.params
+        return pointwise_batches(
+            rng, self.pos_users, self.pos_items, self.seen_pairs, self.dims["n_items"],
+            p["negatives"], p["batch_size"], self.device,
+        )
+
+    def _loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        users, items, labels = batch
+        return F.binary_cross_entropy_with_logits(self.module(users, items), labels)
