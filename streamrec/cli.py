@@ -72,13 +72,7 @@ def config_cmd(ctx: click.Context, as_json: bool) -> None:
 
 def _register_all() -> None:
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:  # a real missing dependency inside the module: surface it
-                raise
-            continue  # that part of the system is not built yet
-        module.register(cli, bench)
+        importlib.import_module(name).register(cli, bench)
 
 
 _register_all()
