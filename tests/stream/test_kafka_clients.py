@@ -81,10 +81,12 @@ def test_two_consumers_share_partitions(kafka_bootstrap, kafka_client, topic):
     a = group_consumer(kafka_bootstrap, kafka_client, group, topic)
     b = group_consumer(kafka_bootstrap, kafka_client, group, topic)
     try:
-        deadline = time.monotonic() + 30
+        # a rebalance on the embedded broker waits for every member to rejoin (JoinGroup is held
+        # for half the session timeout, per round): give it time on a loaded machine
+        deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
-            a.poll(timeout_s=0.2)
-            b.poll(timeout_s=0.2)
+            a.poll(timeout_s=0.1)
+            b.poll(timeout_s=0.1)
             if len(a.assignment()) + len(b.assignment()) == 4 and a.assignment() and b.assignment():
                 break
         assert a.assignment() and b.assignment(), "both members must own partitions"
