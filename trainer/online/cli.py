@@ -35,7 +35,7 @@ def parse_model_params(models: tuple[str, ...], pairs: tuple[str, ...]) -> dict[
 @click.option("--model", "models", multiple=True, type=click.Choice(["online-bpr", "online-mf"]),
               help="online models to train (default: both; the first ranks items)")
 @click.option("--param", "pairs", multiple=True, help="MODEL.KEY=VALUE, e.g. online-bpr.dim=64")
-@click.option("--batch-events", type=int, default=2000, show_default=True, help="most records per consumed batch")
+@click.option("--batch-events", type=int, default=5000, show_default=True, help="most records per consumed batch")
 @click.option("--batch-seconds", type=float, default=0.5, show_default=True, help="most wait for a batch to fill")
 @click.option("--evaluate-every", type=int, default=10, show_default=True, help="prequential sample: every Nth event")
 @click.option("--max-events", type=int, help="stop after this many records")

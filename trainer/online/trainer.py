@@ -59,7 +59,7 @@ def recorded_offsets(meta_records: list[dict[str, Any]]) -> dict[str, int]:
 
 @dataclass
 class TrainerConfig:
-    batch_events: int = 2000
+    batch_events: int = 5000
     batch_seconds: float = 0.5
     evaluate_every: int = 10
     max_events: int | None = None  # stop after this many consumed records (benchmarks, tests)
