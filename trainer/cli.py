@@ -14,6 +14,17 @@ def register(cli: click.Group, bench: click.Group) -> None:
     bench.add_command(bench_models_cmd)
 
 
+def with_device(model_name: str, params: tuple[str, ...], device: str | None) -> tuple[str, ...]:
+    """`--device X` is `--param device=X` for the models that run on torch devices."""
+    if device is None:
+        return params
+    from trainer.models import model_class
+
+    if "device" not in model_class(model_name).defaults:
+        raise click.BadParameter(f"{model_name} does not run on a torch device", param_hint="--device")
+    return (*params, f"device={device}")
+
+
 @click.command("evaluate")
 @click.option("--protocol", type=click.Choice(["rating", "topn", "prequential"]), required=True)
 @click.option("--model", "model_name", required=True, help="model name (see docs/models.md)")
@@ -21,17 +32,18 @@ def register(cli: click.Group, bench: click.Group) -> None:
 @click.option("--data", "data_path", required=True, type=click.Path(exists=True), help="log file or folder")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="ml-100k", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default=None, help="torch device of the neural models, e.g. cuda (default: cpu)")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON (the only output form)")
 def evaluate_cmd(
     protocol: str, model_name: str, params: tuple[str, ...], data_path: str, fmt: str, seed: int,
-    as_json: bool,
+    device: str | None, as_json: bool,
 ) -> None:
     """Evaluate a model with one protocol of EVALUATION.md; prints one JSON object."""
     from streamrec.cli import print_json
     from trainer.evaluation.harness import evaluate
 
     try:
-        result = evaluate(protocol, model_name, params, data_path, fmt, seed)
+        result = evaluate(protocol, model_name, with_device(model_name, params, device), data_path, fmt, seed)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     print_json(result)
@@ -46,10 +58,11 @@ def evaluate_cmd(
 @click.option("--every", default=None, help="refit period like 10m, 30s, 1h (default: once)")
 @click.option("--out", "out_dir", type=click.Path(), default=None, help="artefact folder (default: $STREAMREC_HOME/refits)")
 @click.option("--publish/--no-publish", default=True, show_default=True, help="push to the parameter server")
+@click.option("--device", default=None, help="torch device of the neural models, e.g. cuda (default: cpu)")
 @click.pass_context
 def refit_cmd(
     ctx: click.Context, model_name: str, params: tuple[str, ...], source: str, fmt: str,
-    every: str | None, out_dir: str | None, publish: bool,
+    every: str | None, out_dir: str | None, publish: bool, device: str | None,
 ) -> None:
     """Fit a batch model on the event log and publish it for serving, once or periodically."""
     from streamrec.cli import print_json, settings_from
@@ -59,7 +72,7 @@ def refit_cmd(
     try:
         period = parse_period(every) if every else None
         for report in refit_loop(
-            settings, model_name, params, source, fmt, period, out_dir, publish
+            settings, model_name, with_device(model_name, params, device), source, fmt, period, out_dir, publish
         ):
             print_json(report)
     except ValueError as exc:
