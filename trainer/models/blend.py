@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import orjson
 
 from trainer.interactions import Interactions
 from trainer.models.base import Capabilities, Recommender

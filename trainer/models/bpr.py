@@ -64,11 +64,8 @@ class BPR(Recommender):
         "negatives": "popularity", "seed": 0,
     }
 
+    @single_threaded()
     def _fit(self, interactions: Interactions) -> None:
-        with single_threaded():
-            self._train(interactions)
-
-    def _train(self, interactions: Interactions) -> None:
         p = self.params
         if p["negatives"] not in NEGATIVE_SAMPLERS:
             raise ValueError(f"negatives must be one of {NEGATIVE_SAMPLERS}, got {p['negatives']!r}")

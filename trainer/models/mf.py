@@ -23,11 +23,8 @@ class BiasedMF(Recommender):
         "batch_size": 128, "seed": 0,
     }
 
+    @single_threaded()
     def _fit(self, interactions: Interactions) -> None:
-        with single_threaded():
-            self._train(interactions)
-
-    def _train(self, interactions: Interactions) -> None:
         p = self.params
         gen = generator(p["seed"])
         users, items, ratings, _ = interactions.pair_view()

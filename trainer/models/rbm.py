@@ -44,11 +44,8 @@ class RBM(Recommender):
         logits = self.bv[None] + torch.einsum("bf,mkf->bmk", hidden, self.W)
         return torch.softmax(logits, dim=-1)
 
+    @single_threaded()
     def _fit(self, data: Interactions) -> None:
-        with single_threaded():
-            self._train(data)
-
-    def _train(self, data: Interactions) -> None:
         p = self.params
         gen = generator(p["seed"])
         self.ratings = data.matrix()

@@ -12,8 +12,9 @@ import torch
 
 @contextmanager
 def single_threaded() -> Iterator[None]:
-    """Run torch on one thread: mini-batch steps are too small to split, and on a shared machine
-    intra-op threads contend (measured 15x slower BPR epochs with 2 threads under load)."""
+    """Run torch on one thread (a context manager, or `@single_threaded()` on a fit method):
+    mini-batch steps are too small to split, and on a shared machine intra-op threads contend
+    (measured 15x slower BPR epochs with 2 threads under load)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -140,11 +140,8 @@ class SVDpp(Recommender):
             "r": torch.from_numpy(ratings.astype(np.float32)),
         }
 
+    @single_threaded()
     def _fit(self, data: Interactions) -> None:
-        with single_threaded():
-            self._train(data)
-
-    def _train(self, data: Interactions) -> None:
         p = self.params
         gen = generator(p["seed"])
         theta = self._init_theta(data, gen)
