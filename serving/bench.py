@@ -36,29 +36,6 @@ CHUNK = 50_000
 SEARCH_SAMPLES = 2000
 
 
-def clear_prefix(url: str, prefix: str) -> None:
-    """Delete a feature-store key prefix (benchmark and test data)."""
-    import redis
-
-    client = redis.Redis.from_url(url)
-    try:
-        for batch in _batched(client.scan_iter(f"{prefix}:*", count=1000), 1000):
-            client.delete(*batch)
-    finally:
-        client.close()
-
-
-def _batched(iterable: Any, size: int) -> Any:
-    batch: list = []
-    for item in iterable:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def _start_param_server(home: Path) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "STREAMREC_HOME": str(home)}
     env.pop("STREAMREC_PARAM_SERVER_TOKEN", None)
@@ -180,5 +157,5 @@ def run_bench(settings: Settings, items: int, users: int, dim: int, workers: int
         ps_proc.kill()
         ps_proc.wait()
         if redis_up:
-            clear_prefix(settings.redis_url, prefix)
+            FeatureStore.from_url(settings.redis_url, FeatureStoreConfig(prefix=prefix)).clear()
         shutil.rmtree(home, ignore_errors=True)

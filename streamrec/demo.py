@@ -221,10 +221,6 @@ class RefitLoop:
             self.busy.release()
 
 
-def _free_port() -> int:
-    return infra.free_port()
-
-
 def run_demo(settings: Settings, options: DemoOptions, display: Any) -> dict[str, Any]:
     """Everything the demo does; `display(status: dict)` is called about twice a second."""
     run = uuid.uuid4().hex[:8]
@@ -251,7 +247,7 @@ def run_demo(settings: Settings, options: DemoOptions, display: Any) -> dict[str
         env["STREAMREC_PARAM_SERVERS"] = ps_address
         settings = settings.model_copy(update={"param_servers": [ps_address]})
         report_path = out / "trainer.json"
-        trainer_metrics, serving_port = _free_port(), _free_port()
+        trainer_metrics, serving_port = infra.free_port(), infra.free_port()
         processes.start("trainer", [STREAMREC, "train-online", "--report", str(report_path),
                                     "--metrics-port", str(trainer_metrics)], env)
         processes.start("serving", [STREAMREC, "serve", "--workers", "2", "--port", str(serving_port),

@@ -15,16 +15,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.bench import clear_prefix
 from stream.kafka import make_producer
 from stream.topics import create_topics
 from tests.param_server.conftest import ServerProcess
 from tests.serving.conftest import free_port, serving_factory
 from tests.trainer_online.conftest import TrainerProcess, planted_events, produce_events, wait_until
+from trainer.online.feature_store import FeatureStore, FeatureStoreConfig
 
 CATALOGUE = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
 ROW = re.compile(r"^\|\s*`(streamrec_[a-z0-9_]+)`\s*\|\s*(\w+)\s*\|([^|]*)\|\s*([\w-]+)\s*\|")
@@ -80,7 +79,7 @@ def consumed(url: str) -> float:
 def prefix(redis_url: str) -> Iterator[str]:
     name = f"test-e2e-{uuid.uuid4().hex[:10]}"
     yield name
-    clear_prefix(redis_url, name)
+    FeatureStore.from_url(redis_url, FeatureStoreConfig(prefix=name)).clear()
 
 
 def test_every_catalogued_metric_is_exposed_and_counters_move(settings, redis_url, prefix, tmp_path, monkeypatch):

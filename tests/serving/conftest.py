@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from param_server.client import ParamClient
-from serving.bench import clear_prefix
 from tests.param_server.conftest import ServerProcess
 from trainer.online.batch import TrainBatch
 from trainer.online.feature_store import FeatureStore, FeatureStoreConfig
@@ -148,7 +147,7 @@ def prefix(redis_url: str) -> Iterator[str]:
     """A feature-store key prefix of this test alone, removed afterwards."""
     name = f"test-serving-{uuid.uuid4().hex[:10]}"
     yield name
-    clear_prefix(redis_url, name)
+    FeatureStore.from_url(redis_url, FeatureStoreConfig(prefix=name)).clear()
 
 
 @pytest.fixture

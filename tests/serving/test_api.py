@@ -14,7 +14,7 @@ from param_server.client import ParamClient
 from serving import schemas
 from serving.artifacts import KNN_BLOB, encode_neighbors
 from serving.mmr import mmr
-from tests.serving.conftest import Serving, clear_prefix, load_model, serving_factory, start_param_server, write_history
+from tests.serving.conftest import Serving, load_model, serving_factory, start_param_server, write_history
 from trainer.online.feature_store import FeatureStore, FeatureStoreConfig
 
 DIM, N_ITEMS, N_USERS = 8, 40, 5
@@ -64,7 +64,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[
         for s in started:
             s.stop()
         server.kill()
-        clear_prefix(redis_url, prefix)
+        FeatureStore.from_url(redis_url, FeatureStoreConfig(prefix=prefix)).clear()
 
 
 def test_exact_top_k(world: World) -> None:
