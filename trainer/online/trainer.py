@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -74,7 +75,7 @@ class TrainerStats:
     applied: int = 0
     dead_lettered: int = 0
     batches: int = 0
-    batch_seconds: list[float] = field(default_factory=list)
+    batch_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))  # recent batches
     first_record_at: float | None = None
     last_batch_at: float | None = None
     losses: dict[str, float] = field(default_factory=dict)
@@ -205,18 +206,19 @@ class OnlineTrainer:
         """Learn one batch, write its features, then commit its offsets."""
         started = time.perf_counter()
         events = self._decode(records)
-        offsets = {}
-        for r in records:
-            offsets[(r.topic, r.partition)] = r.offset + 1
+        offsets = {(r.topic, r.partition): r.offset + 1 for r in records}  # the last record's wins
+        recorded = {offset_key(*tp): o for tp, o in {**self._positions, **offsets}.items()}
         # Learn in event-time order (stable: one user's events keep their partition order).
         events.sort(key=itemgetter("timestamp"))
-        batch = TrainBatch.from_events(EventBatch.from_events(events)) if events else None
         pending: Future | None = None
-        if batch is not None:
-            pending = self._feature_pool.submit(self._write_features, batch) if self.features else None
-            self._learn(batch, {offset_key(*tp): o for tp, o in {**self._positions, **offsets}.items()})
+        if events:
+            batch = TrainBatch.from_events(EventBatch.from_events(events))
+            weights = self.learner.ranker.roles.positive_weight(batch.event_type, batch.value)
+            if self.features:
+                pending = self._feature_pool.submit(self._write_features, batch, np.where(weights > 0, weights, 1.0))
+            self._learn(batch, weights > 0, recorded)
         else:  # nothing valid: still record the offsets with the state
-            self.store.push({}, meta=self.learner.meta({offset_key(*tp): o for tp, o in {**self._positions, **offsets}.items()}))
+            self.store.push({}, meta=self.learner.meta(recorded))
         if self.dead_letters.count:
             self._producer.flush()
         if pending is not None:
@@ -225,8 +227,7 @@ class OnlineTrainer:
         self._positions.update(offsets)
         self._account(records, events, time.perf_counter() - started)
 
-    def _learn(self, batch: TrainBatch, offsets: dict[str, int]) -> None:
-        positives = self.learner.ranker.roles.positive_weight(batch.event_type, batch.value) > 0
+    def _learn(self, batch: TrainBatch, positives: np.ndarray, offsets: dict[str, int]) -> None:
         t0 = time.perf_counter()
         stats = self.learner.learn(
             batch, offsets, before_step=lambda step: self.evaluator.evaluate_step(self.learner, batch, positives, step))
@@ -240,14 +241,13 @@ class OnlineTrainer:
                 self.evaluator.record_ratings(s.squared_error, s.examples)
         self.evaluator.publish()
 
-    def _write_features(self, batch: TrainBatch, attempts: int = 5) -> None:
+    def _write_features(self, batch: TrainBatch, weights: np.ndarray, attempts: int = 5) -> None:
         """Write with retries (backoff 0.2 s .. 3.2 s); after that the batch's features are skipped
         and counted, so a Redis outage slows learning down but never stops it."""
         t0 = time.perf_counter()
-        weights = self.learner.ranker.roles.positive_weight(batch.event_type, batch.value)
         for attempt in range(attempts):
             try:
-                self.features.write(batch, np.where(weights > 0, weights, 1.0))
+                self.features.write(batch, weights)
                 FEATURE_SECONDS.observe(time.perf_counter() - t0)
                 return
             except RedisError as exc:
@@ -270,19 +270,21 @@ class OnlineTrainer:
         EVENTS_ACCEPTED.labels("trainer").inc(len(events))
         BATCH_SECONDS.observe(seconds)
         if events:
-            EVENT_TIME.set(max(e["timestamp"] for e in events))
-        for (topic, partition), position in self._positions.items():
-            high = self.consumer.high_watermark((topic, partition))
-            if high is not None:
-                CONSUMER_LAG.labels(str(partition)).set(max(0, high - position))
+            EVENT_TIME.set(events[-1]["timestamp"])  # sorted by event time
+        for (_, partition), lag in self._partition_lags().items():
+            CONSUMER_LAG.labels(str(partition)).set(lag)
 
-    def lag(self) -> int:
-        total = 0
+    def _partition_lags(self) -> dict[TopicPartition, int]:
+        """End offset (latest fetch high-water mark) minus next offset, per partition owned."""
+        lags = {}
         for tp, position in self._positions.items():
             high = self.consumer.high_watermark(tp)
             if high is not None:
-                total += max(0, high - position)
-        return total
+                lags[tp] = max(0, high - position)
+        return lags
+
+    def lag(self) -> int:
+        return sum(self._partition_lags().values())
 
     def report(self) -> dict[str, Any]:
         s = self.stats
