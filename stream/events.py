@@ -157,14 +157,6 @@ def encode(event: dict[str, Any]) -> bytes:
     return orjson.dumps(event)
 
 
-def record_key(event: dict[str, Any]) -> bytes:
-    return event["user_id"].encode()
-
-
-def record_timestamp_ms(event: dict[str, Any]) -> int:
-    return int(event["timestamp"] * 1000)
-
-
 @dataclass(frozen=True)
 class EventBatch:
     """Columns of a micro-batch of validated events, in arrival order (what trainers consume)."""

@@ -31,10 +31,3 @@ class TrainBatch:
         return TrainBatch(self.user_id[index], self.item_id[index], self.event_type[index],
                           self.value[index], self.timestamp[index])
 
-
-def scatter_sum(index: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
-    """Rows of `values` summed by `index` into (size, width): duplicate ids in one push are summed
-    here already, so the push carries each row once."""
-    out = np.zeros((size, values.shape[1]), dtype=np.float64)
-    np.add.at(out, index, values)
-    return out
