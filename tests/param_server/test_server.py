@@ -149,7 +149,9 @@ def test_shards_route_stably_across_restarts(start_server: StartServer, tmp_path
 
     ids = [f"item{i}" for i in range(4000)]
     # golden values: routing must never change between releases or processes
-    assert shard_of(["a", "b", "item0"], 2).tolist() == shard_of(["a", "b", "item0"], 2).tolist()
+    assert shard_of(["a", "b", "item0", "u42", "x" * 300], 2).tolist() == [1, 1, 0, 1, 1]
+    assert shard_of(["a", "b", "item0", "u42"], 3).tolist() == [2, 0, 1, 1]
+    assert shard_of([0, 1, 2, 2**40], 4).tolist() == [0, 0, 1, 0]
     servers = start_shards()
     with ParamClient([s.address for s in servers]) as c:
         c.create_table("items", 8)
