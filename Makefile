@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-slow test-all demo clean
+.PHONY: setup lint test test-slow test-all demo clean
 
 $(BIN)/streamrec: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (set PYTHON=...)"; exit 1; }
@@ -17,9 +17,13 @@ $(BIN)/streamrec: pyproject.toml
 
 setup: $(BIN)/streamrec
 
-# `make test`: everything but the suites marked slow (model quality on MovieLens); CI runs both.
-test: setup
+# `make test`: the import-layers contract, then everything but the suites marked slow (model
+# quality on MovieLens); CI runs both.
+test: setup lint
 	$(BIN)/python -m pytest -m 'not slow' $(PYTEST_ARGS)
+
+lint: setup  # the floor plan of docs/architecture.md: imports only go down
+	$(BIN)/lint-imports
 
 test-slow: setup  # pytest exits 5 when nothing is marked slow: not a failure
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]

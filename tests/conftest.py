@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from stream import infra
-from streamrec.config import Settings
+from streamrec.app import infra
+from streamrec.core import net
+from streamrec.core.config import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 ML100K = REPO.parent / "shared" / "data" / "ml-100k"
@@ -74,7 +75,7 @@ def redis_url(infra_home: Path) -> Iterator[str]:
             yield f"redis://{container.get_container_host_ip()}:{container.get_exposed_port(6379)}/0"
         return
     default = Settings.model_fields["redis_url"].default
-    if infra.redis_ping(default):
+    if net.redis_ping(default):
         yield default
         return
     server = infra.start_redis(infra_home)

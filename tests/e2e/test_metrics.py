@@ -18,12 +18,12 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from stream.kafka import make_producer
-from stream.topics import create_topics
+from streamrec.stream.kafka import make_producer
+from streamrec.stream.topics import create_topics
 from tests.param_server.conftest import ServerProcess
 from tests.serving.conftest import free_port, serving_factory
 from tests.trainer_online.conftest import TrainerProcess, planted_events, produce_events, wait_until
-from trainer.online.feature_store import FeatureStore, FeatureStoreConfig
+from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
 
 CATALOGUE = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
 ROW = re.compile(r"^\|\s*`(streamrec_[a-z0-9_]+)`\s*\|\s*(\w+)\s*\|([^|]*)\|\s*([\w-]+)\s*\|")

@@ -9,13 +9,13 @@ import uuid
 import numpy as np
 import pytest
 
-from param_server.client import ParamClient
-from stream.loaders import InteractionLog
+from streamrec.param_server.client import ParamClient
+from streamrec.stream.loaders import InteractionLog
 from tests.serving.conftest import serving_factory, start_param_server
 from tests.trainer_online.conftest import planted_events
-from trainer.interactions import Interactions
-from trainer.models import create
-from trainer.refit import publish
+from streamrec.trainer.interactions import Interactions
+from streamrec.trainer.models import create
+from streamrec.trainer.refit import publish
 
 
 def planted_interactions(n: int = 4000) -> Interactions:

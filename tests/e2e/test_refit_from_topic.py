@@ -7,8 +7,8 @@ import json
 import os
 import subprocess
 
-from param_server.client import ParamClient
-from stream.topics import create_topics
+from streamrec.param_server.client import ParamClient
+from streamrec.stream.topics import create_topics
 from tests.conftest import settings_env
 from tests.trainer_online.conftest import STREAMREC, planted_events, produce_events
 

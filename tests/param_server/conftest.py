@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from param_server.client import ParamClient
+from streamrec.param_server.client import ParamClient
 
 
 class ServerProcess:
     def __init__(self, args: list[str], env: dict[str, str]):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "param_server", "--port", "0", *args],
+            [sys.executable, "-m", "streamrec.param_server", "--port", "0", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

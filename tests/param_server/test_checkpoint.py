@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from param_server import checkpoint
-from param_server.checkpoint import CheckpointDir, CorruptCheckpoint
-from param_server.keys import Keys, as_keys
-from param_server.optimizers import OptimizerSpec
-from param_server.store import ParamStore
-from param_server.table import TableSpec
+from streamrec.param_server import checkpoint
+from streamrec.param_server.checkpoint import CheckpointDir, CorruptCheckpoint
+from streamrec.param_server.keys import Keys, as_keys
+from streamrec.param_server.optimizers import OptimizerSpec
+from streamrec.param_server.store import ParamStore
+from streamrec.param_server.table import TableSpec
 
 
 def populated_store() -> ParamStore:

@@ -8,10 +8,10 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from param_server.client import Delta, ParamClient
-from param_server.keys import Keys
-from param_server.store import ParamStore
-from param_server.table import TableSpec
+from streamrec.param_server.client import Delta, ParamClient
+from streamrec.param_server.keys import Keys
+from streamrec.param_server.store import ParamStore
+from streamrec.param_server.table import TableSpec
 
 Replica = dict[object, bytes]
 

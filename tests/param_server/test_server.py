@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from param_server.client import ParamClient, ParamServerError, shard_of
+from streamrec.param_server.client import ParamClient, ParamServerError, shard_of
 from tests.param_server.conftest import ServerProcess, StartServer
 
 

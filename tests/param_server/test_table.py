@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from param_server.admission import CountMinSketch
-from param_server.keyindex import KeyIndex
-from param_server.keys import Keys, as_keys
-from param_server.optimizers import OptimizerSpec
-from param_server.table import Table, TableFullError, TableSpec
+from streamrec.param_server.admission import CountMinSketch
+from streamrec.param_server.keyindex import KeyIndex
+from streamrec.param_server.keys import Keys, as_keys
+from streamrec.param_server.optimizers import OptimizerSpec
+from streamrec.param_server.table import Table, TableFullError, TableSpec
 
 
 def grads_for(n: int, width: int, seed: int = 0) -> np.ndarray:

@@ -16,10 +16,10 @@ import httpx
 import numpy as np
 import pytest
 
-from param_server.client import ParamClient
+from streamrec.param_server.client import ParamClient
 from tests.param_server.conftest import ServerProcess
-from trainer.online.batch import TrainBatch
-from trainer.online.feature_store import FeatureStore, FeatureStoreConfig
+from streamrec.trainer.online.batch import TrainBatch
+from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
 
 STREAMREC = str(Path(sys.executable).parent / "streamrec")
 

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from param_server.client import ParamClient
-from serving import schemas
-from serving.artifacts import KNN_BLOB, encode_neighbors
-from serving.mmr import mmr
+from streamrec.param_server.client import ParamClient
+from streamrec.serving import schemas
+from streamrec.param_server.artifacts import KNN_BLOB, encode_neighbors
+from streamrec.serving.mmr import mmr
 from tests.serving.conftest import Serving, load_model, serving_factory, start_param_server, write_history
-from trainer.online.feature_store import FeatureStore, FeatureStoreConfig
+from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
 
 DIM, N_ITEMS, N_USERS = 8, 40, 5
 SEEN = ["i3", "i7"]  # u1's history (i7 most recent)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving.mmr import mmr
+from streamrec.serving.mmr import mmr
 
 
 def test_mmr_hand_computed() -> None:

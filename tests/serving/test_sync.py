@@ -11,13 +11,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from param_server.client import ParamClient
-from param_server.replica import TableMirror
-from serving.index import ItemIndex, query_rows
-from stream import infra
+from streamrec.param_server.client import ParamClient
+from streamrec.param_server.replica import TableMirror
+from streamrec.serving.index import ItemIndex, query_rows
+from streamrec.app import infra
 from tests.param_server.conftest import ServerProcess
 from tests.serving.conftest import StartServing, load_model, write_history
-from trainer.online.feature_store import FeatureStore, FeatureStoreConfig
+from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
 
 DIM = 4
 

@@ -13,7 +13,7 @@ import orjson
 import pytest
 from click.testing import CliRunner
 
-from streamrec.cli import cli
+from streamrec.app.cli import cli
 from tests.conftest import REPO, settings_env
 
 
@@ -94,13 +94,14 @@ def test_infra_up_is_idempotent_and_down_stops_what_it_started(tmp_path):
 
 
 def test_embedded_redis_starts_and_stops(tmp_path):
-    from stream import infra
+    from streamrec.app import infra
+    from streamrec.core import net
 
     server = infra.start_redis(tmp_path)
     url = f"redis://{server.host}:{server.port}/0"
-    assert infra.redis_ping(url)
+    assert net.redis_ping(url)
     assert infra.stop(server.to_json())
-    assert not infra.redis_ping(url)
+    assert not net.redis_ping(url)
 
 
 def compose_command() -> list[str] | None:

@@ -9,12 +9,12 @@ import orjson
 from hypothesis import HealthCheck, given, settings as hsettings
 from hypothesis import strategies as st
 
-from stream.deadletter import REASON_HEADER, read_dead_letter
-from stream.events import EventSchema, InvalidEvent
-from stream.kafka import make_producer
-from stream.publish import EventPublisher
-from stream.reader import read_records
-from stream.topics import create_topics
+from streamrec.stream.deadletter import REASON_HEADER, read_dead_letter
+from streamrec.stream.events import EventSchema, InvalidEvent
+from streamrec.stream.kafka import make_producer
+from streamrec.stream.publish import EventPublisher
+from streamrec.stream.reader import read_records
+from streamrec.stream.topics import create_topics
 
 NOW_VALID = {"user_id": "u", "item_id": "i", "event_type": "view", "timestamp": 1_700_000_000.0}
 BAD_LINES = {

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream.events import EventBatch, EventSchema, InvalidEvent
+from streamrec.stream.events import EventBatch, EventSchema, InvalidEvent
 
 NOW = 1_700_000_000.0
 SCHEMA = EventSchema(custom_event_types=("share",), max_context_keys=4, max_context_bytes=100)

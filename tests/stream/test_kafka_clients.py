@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from stream.kafka import Consumer, Record, make_consumer, make_producer
-from stream.topics import create_topics
+from streamrec.stream.kafka import Consumer, Record, make_consumer, make_producer
+from streamrec.stream.topics import create_topics
 from tests.conftest import TEST_HEARTBEAT_MS, TEST_SESSION_MS
 
 

@@ -8,12 +8,12 @@ from collections import defaultdict
 
 import pytest
 
-from stream.events import EventSchema
-from stream.loaders import load_log, parse_map_option
-from stream.publish import EventPublisher
-from stream.reader import read_records
-from stream.replay import replay
-from stream.topics import create_topics, describe_topic
+from streamrec.stream.events import EventSchema
+from streamrec.stream.loaders import load_log, parse_map_option
+from streamrec.stream.publish import EventPublisher
+from streamrec.stream.reader import read_records
+from streamrec.stream.replay import replay
+from streamrec.stream.topics import create_topics, describe_topic
 
 
 def test_movielens_replay_through_broker(settings, ml100k, kafka_client):

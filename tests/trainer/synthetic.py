@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from stream.loaders import InteractionLog, time_order
+from streamrec.stream.loaders import InteractionLog, time_order
 
 GROUPS = 3
 

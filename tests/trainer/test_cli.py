@@ -7,11 +7,11 @@ import orjson
 import pytest
 from click.testing import CliRunner
 
-from param_server.client import ParamClient
-from param_server.server import ParamServer
-from param_server.store import ParamStore
-from serving.artifacts import KNN_BLOB, decode_dense
-from streamrec.cli import cli
+from streamrec.param_server.client import ParamClient
+from streamrec.param_server.server import ParamServer
+from streamrec.param_server.store import ParamStore
+from streamrec.param_server.artifacts import KNN_BLOB, decode_dense
+from streamrec.app.cli import cli
 from tests.trainer.synthetic import planted_log
 
 TOP_LEVEL = {"protocol", "model", "params", "data", "metrics", "fit_seconds", "eval_seconds", "events_per_second", "seed"}

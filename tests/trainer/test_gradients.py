@@ -5,7 +5,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from trainer.models.svdpp import batch_gradients, batch_loss, implicit_matrices
+from streamrec.trainer.models.svdpp import batch_gradients, batch_loss, implicit_matrices
 
 N_USERS, N_ITEMS, K, BINS, NB = 7, 9, 4, 3, 5
 REG_B, REG_F = 0.005, 0.015

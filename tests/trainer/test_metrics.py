@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from trainer.evaluation import metrics as m
+from streamrec.trainer.evaluation import metrics as m
 
 RECOMMENDED = [1, 3, 5, 7, 9, 11, 13, 15, 17, 19]
 RELEVANT = {3, 7, 15, 22, 25}

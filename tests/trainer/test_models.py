@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from tests.trainer.synthetic import group_of, planted_log
-from trainer.interactions import Interactions
-from trainer.models import MODELS, create, load
+from streamrec.trainer.interactions import Interactions
+from streamrec.trainer.models import create, load
+from streamrec.trainer.registry import names as registered_names
 
 FAST = {  # small settings so the suite stays quick; defaults are exercised on MovieLens (slow)
     "popularity": {},
@@ -42,7 +43,7 @@ def _fit(name, log, implicit, seed=0):
 
 
 def test_every_family_of_this_package_is_registered():
-    assert set(FAST) <= set(MODELS)
+    assert set(FAST) <= set(registered_names())
 
 
 @pytest.mark.parametrize("name", [n for n in IMPLICIT if n != "popularity"])

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.evaluation.harness import evaluate
+from streamrec.trainer.evaluation.harness import evaluate
 
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "ml-100k"
 pytestmark = [

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from param_server.client import ParamClient
-from stream.publish import EventPublisher
-from stream.topics import create_topics
-from streamrec.config import Settings
+from streamrec.param_server.client import ParamClient
+from streamrec.stream.publish import EventPublisher
+from streamrec.stream.topics import create_topics
+from streamrec.core.config import Settings
 from tests.conftest import settings_env
 from tests.param_server.conftest import start_server  # noqa: F401  (a fixture shared with these suites)
 

@@ -9,18 +9,18 @@ import numpy as np
 import orjson
 import pytest
 
-from param_server.client import ParamClient
-from stream.deadletter import read_dead_letter
-from stream.kafka import make_producer
-from stream.reader import read_records
+from streamrec.param_server.client import ParamClient
+from streamrec.stream.deadletter import read_dead_letter
+from streamrec.stream.kafka import make_producer
+from streamrec.stream.reader import read_records
 from tests.trainer_online.conftest import (
     TrainerProcess, applied, planted_events, produce_events, unique_prefix, wait_until,
 )
-from trainer.online.batch import TrainBatch
-from trainer.online.feature_store import WINDOWS, FeatureStore, FeatureStoreConfig
-from trainer.online.local_store import LocalStore
-from trainer.online.models import OnlineBPR, OnlineMF
-from trainer.online.trainer import OnlineTrainer, TrainerConfig
+from streamrec.trainer.online.batch import TrainBatch
+from streamrec.trainer.online.feature_store import WINDOWS, FeatureStore, FeatureStoreConfig
+from streamrec.param_server.local_store import LocalStore
+from streamrec.trainer.online.models import OnlineBPR, OnlineMF
+from streamrec.trainer.online.trainer import OnlineTrainer, TrainerConfig
 
 
 def run_trainer(settings, address: str, **config) -> OnlineTrainer:
@@ -158,7 +158,7 @@ def test_feature_store_after_replay_matches_direct_computation(redis_url):
 
 def test_offline_learner_matches_protocol_granularity():
     """The in-process store runs the same learning code as the live trainer (no network)."""
-    from trainer.online.learner import OnlineLearner
+    from streamrec.trainer.online.learner import OnlineLearner
 
     events = planted_events(3000)
     batch = TrainBatch(

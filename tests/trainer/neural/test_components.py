@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.features import load_side_features, trigram_bags
-from trainer.interactions import IdIndex, Interactions
-from trainer.models import create
-from trainer.models.neural.ctr import fm_second_order, load_ranker
-from trainer.models.neural.losses import LogQSampler, sampled_softmax
-from trainer.models.neural.sequential import sessions
+from streamrec.trainer.features import load_side_features, trigram_bags
+from streamrec.trainer.interactions import IdIndex, Interactions
+from streamrec.trainer.models import create
+from streamrec.trainer.models.neural.ctr import fm_second_order, load_ranker
+from streamrec.trainer.models.neural.losses import LogQSampler, sampled_softmax
+from streamrec.trainer.models.neural.sequential import sessions
 
 from tests.trainer.neural.test_neural_models import fast_params, planted_sequences
 

@@ -1,13 +1,13 @@
 """MovieLens 100K quality check (slow): a few neural families with reduced epochs beat popularity (GRU4Rec needs
 ~15 epochs before it leaves popularity behind, too long for this check)
-on the topn protocol. Full-budget figures come from `python -m trainer.models.neural.report`."""
+on the topn protocol. Full-budget figures come from `python -m streamrec.trainer.models.neural.report`."""
 
 from __future__ import annotations
 
 import pytest
 
 from tests.conftest import ML100K
-from trainer.evaluation.harness import evaluate
+from streamrec.trainer.evaluation.harness import evaluate
 
 POPULARITY_HR = 0.0498
 QUICK = {

@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from stream.loaders import InteractionLog, time_order
-from trainer.evaluation.topn import run_topn
-from trainer.interactions import Interactions
-from trainer.models import create, load
-from trainer.models.neural.registry import NEURAL_MODELS
+from streamrec.stream.loaders import InteractionLog, time_order
+from streamrec.trainer.evaluation.topn import run_topn
+from streamrec.trainer.interactions import Interactions
+from streamrec.trainer.models import create, load
+from streamrec.trainer import registry
+
+NEURAL_MODELS = registry.names("streamrec.trainer.models.neural")
 
 GROUPS, PER_GROUP, USERS, STEPS = 4, 15, 160, 10
 FAST = {"epochs": 12, "batch_size": 64, "patience": 0, "seed": 0, "threads": 1}

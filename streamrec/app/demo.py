@@ -1,0 +1,388 @@
+"""`streamrec demo`: the whole real-time pipeline on one machine, watched live.
+
+Starts (and always stops) a parameter server, the online trainer and two serving workers as
+processes, runs a refit loop (item kNN and ALS every N events, read back from the topic and
+published to serving), replays a log at compressed speed, queries serving as users would, shows a
+live display, and ends with a summary and plots. Every refit model is scored prequentially on the
+events that arrive after it was fitted, exactly as the online trainer scores itself, so the plot
+compares like with like.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from streamrec.param_server.client import ParamClient
+from streamrec.app import infra
+from streamrec.core import net
+from streamrec.stream.loaders import InteractionLog, load_log
+from streamrec.stream.publish import EventPublisher
+from streamrec.stream.reader import read_log
+from streamrec.stream.replay import replay
+from streamrec.stream.topics import create_topics
+from streamrec.core.config import Settings
+from streamrec.trainer.evaluation.metrics import expected_hit, expected_ndcg
+from streamrec.trainer.interactions import Interactions
+
+STREAMREC = str(Path(sys.executable).parent / "streamrec")
+K = 10
+
+
+@dataclass
+class DemoOptions:
+    data: Path
+    fmt: str = "ml-100k"
+    duration_s: float = 120.0  # replay the whole log in about this long (unless speed is given)
+    speed: float | None = None
+    poll_interval: float = 5.0
+    refit_every: int = 20_000
+    query_rate: float = 20.0
+    out_dir: Path | None = None
+
+
+class Processes:
+    """Child processes of the demo; `stop_all` terminates them (SIGTERM, then SIGKILL)."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.children: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
+        log = (self.logs / f"{name}.log").open("wb")
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE if name == "param-server" else log,
+                                stderr=log, stdin=subprocess.DEVNULL)
+        self.children.append((name, proc))
+        return proc
+
+    def check(self) -> None:
+        for name, proc in self.children:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.logs / (name + '.log')}")
+
+    def stop_all(self) -> None:
+        for _, proc in reversed(self.children):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for _, proc in reversed(self.children):
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+class StreamScorer:
+    """Prequential scoring of the refit models on the replayed stream (every 10th event, before
+    it counts as the user's history), the same computation as the trainer's live metrics."""
+
+    def __init__(self, log: InteractionLog, every: int = 10) -> None:
+        self.log, self.every = log, every
+        self.ranges: queue.Queue[tuple[int, int] | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="scorer", daemon=True)
+        self.thread.start()
+        self.position = 0
+        self.history: dict[str, set[str]] = defaultdict(set)
+        self.models: dict[str, Any] = {}  # name -> fitted batch model (swapped in by the refit loop)
+        self.points: dict[str, list[tuple[float, float, float]]] = defaultdict(list)  # (time, hit, ndcg)
+        self.lock = threading.Lock()
+
+    def publish_model(self, name: str, model: Any) -> None:
+        with self.lock:
+            self.models[name] = model
+
+    def submit(self, start: int, stop: int) -> None:
+        """Score events[start:stop] on the scorer's own thread (the replay keeps its pace)."""
+        self.ranges.put((start, stop))
+
+    def finish(self) -> None:
+        self.ranges.put(None)
+        self.thread.join()
+
+    def _run(self) -> None:
+        while (span := self.ranges.get()) is not None:
+            self.observe(self.log, *span)
+
+    def observe(self, log: InteractionLog, start: int, stop: int) -> None:
+        with self.lock:
+            models = dict(self.models)
+        for row in range(start, stop):
+            user, item = log.user_id[row], log.item_id[row]
+            if self.position % self.every == 0:
+                for name, model in models.items():
+                    self.points[name].append((float(log.timestamp[row]), *self._score(model, user, item)))
+            self.history[user].add(item)
+            self.position += 1
+
+    def _score(self, model: Any, user: str, item: str) -> tuple[float, float]:
+        u = model.users.index([user])
+        target = model.items.index([item])[0]
+        scores = np.array(model.user_scores(u)[0], dtype=np.float64)
+        earlier = model.items.index(list(self.history[user] - {item}))
+        scores[earlier[earlier >= 0]] = -np.inf
+        if target < 0:  # an item the model has never seen ranks below every known one
+            greater, ties = np.isfinite(scores).sum(), 0
+        else:
+            greater, ties = int((scores > scores[target]).sum()), int((scores == scores[target]).sum()) - 1
+        g, t = np.array([greater]), np.array([ties])
+        return float(expected_hit(g, t, K)[0]), float(expected_ndcg(g, t, K)[0])
+
+
+class Queries:
+    """Users asking for recommendations during the replay: latency, errors, staleness."""
+
+    def __init__(self, url: str, rate: float, users: np.ndarray) -> None:
+        self.url, self.rate, self.users = url, rate, users
+        self.latencies: list[tuple[float, float]] = []  # (wall time, ms)
+        self.errors = 0
+        self.last_error: str | None = None
+        self.staleness: float | None = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="queries", daemon=True)
+
+    def _run(self) -> None:
+        rng = np.random.default_rng(0)
+        with httpx.Client(base_url=self.url, timeout=5.0) as http:
+            while not self.stop.wait(0.2):  # the workers are starting: not an error yet
+                try:
+                    if http.get("/healthz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    continue
+            while not self.stop.wait(1.0 / self.rate):
+                user = str(self.users[rng.integers(len(self.users))])
+                t0 = time.perf_counter()
+                try:
+                    reply = http.get("/recommend", params={"user_id": user, "k": 10})
+                    if reply.status_code == 503:  # no model loaded yet: not an error of the demo
+                        continue
+                    reply.raise_for_status()
+                    self.staleness = reply.json().get("staleness_seconds")
+                    self.latencies.append((time.time(), (time.perf_counter() - t0) * 1000))
+                except httpx.HTTPError as exc:
+                    self.errors += 1
+                    self.last_error = repr(exc)
+
+    def percentile(self, q: float, last: int | None = None) -> float | None:
+        values = [ms for _, ms in self.latencies[-last:]] if last else [ms for _, ms in self.latencies]
+        return float(np.percentile(values, q)) if values else None
+
+
+@dataclass
+class RefitLoop:
+    """Refits item kNN and ALS every `every` replayed events from the topic and publishes them."""
+
+    settings: Settings
+    scorer: StreamScorer
+    every: int
+    durations: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    done: int = 0
+    next_at: int = 0
+    busy: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.next_at = self.every
+
+    def maybe_start(self, replayed: int) -> None:
+        if replayed >= self.next_at and self.busy.acquire(blocking=False):
+            self.next_at = replayed + self.every
+            threading.Thread(target=self._refit, name="refit", daemon=True).start()
+
+    def _refit(self) -> None:
+        from streamrec.stream.events import EventSchema
+        from streamrec.trainer.models import create
+        from streamrec.trainer.refit import publish
+
+        try:
+            log, _ = read_log(self.settings.kafka_bootstrap, self.settings.topic, EventSchema.from_settings(self.settings))
+            data = Interactions.from_log(log, implicit=True)  # both refit models rank from interactions
+            with ParamClient.from_settings(self.settings) as client:
+                for name, params in (("item-knn", {}), ("als", {})):
+                    t0 = time.perf_counter()
+                    model = create(name, **params).fit(data)
+                    publish(client, model, self.done + 1)
+                    self.durations[name].append(time.perf_counter() - t0)
+                    self.scorer.publish_model(name, model)
+            self.done += 1
+        finally:
+            self.busy.release()
+
+
+def run_demo(settings: Settings, options: DemoOptions, display: Any) -> dict[str, Any]:
+    """Everything the demo does; `display(status: dict)` is called about twice a second."""
+    run = uuid.uuid4().hex[:8]
+    out = options.out_dir or Path(settings.home) / "demo" / run
+    out.mkdir(parents=True, exist_ok=True)
+    settings = settings.model_copy(update={
+        "topic": f"streamrec.demo.{run}", "consumer_group": f"demo-{run}", "feature_prefix": f"demo{run}",
+    })
+    log = load_log(options.data, options.fmt)
+    span = float(log.timestamp[-1] - log.timestamp[0]) or 1.0
+    speed = options.speed if options.speed is not None else span / options.duration_s
+    create_topics(settings.kafka_bootstrap, [settings.topic, settings.dlq_topic], settings.topic_partitions)
+
+    processes = Processes(out)
+    env = {**os.environ, "STREAMREC_HOME": str(settings.home), "STREAMREC_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+           "STREAMREC_REDIS_URL": settings.redis_url, "STREAMREC_TOPIC": settings.topic,
+           "STREAMREC_CONSUMER_GROUP": settings.consumer_group, "STREAMREC_FEATURE_PREFIX": settings.feature_prefix,
+           "STREAMREC_KAFKA_CLIENT": settings.kafka_client}
+    queries: Queries | None = None
+    try:
+        server = processes.start("param-server", [sys.executable, "-m", "streamrec.param_server", "--port", "0",
+                                                  "--checkpoint-dir", str(out / "checkpoints")], env)
+        ps_address = json.loads(server.stdout.readline())["address"]
+        env["STREAMREC_PARAM_SERVERS"] = ps_address
+        settings = settings.model_copy(update={"param_servers": [ps_address]})
+        report_path = out / "trainer.json"
+        trainer_metrics, serving_port = net.free_port(), net.free_port()
+        processes.start("trainer", [STREAMREC, "train-online", "--report", str(report_path),
+                                    "--metrics-port", str(trainer_metrics)], env)
+        processes.start("serving", [STREAMREC, "serve", "--workers", "2", "--port", str(serving_port),
+                                    "--poll-interval", str(options.poll_interval)], env)
+        url = f"http://127.0.0.1:{serving_port}"
+        scorer = StreamScorer(log)
+        refits = RefitLoop(settings, scorer, options.refit_every)
+        queries = Queries(url, options.query_rate, np.unique(log.user_id))
+        queries.thread.start()
+        publisher = EventPublisher.from_settings(settings, "demo")
+        replayed = 0
+        started = time.monotonic()
+        last_draw = 0.0
+
+        def progress(n: int) -> None:
+            nonlocal replayed, last_draw
+            scorer.submit(replayed, replayed + n)
+            replayed += n
+            refits.maybe_start(replayed)
+            if time.monotonic() - last_draw > 0.5:
+                last_draw = time.monotonic()
+                processes.check()
+                display(_status(replayed, len(log), started, report_path, ps_address, queries, refits))
+
+        result = replay(log, publisher, speed, progress=progress, chunk=500)
+        publisher.close()
+        # drain: wait until the trainer has learned everything that was produced
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            report = _read_json(report_path)
+            if report and report["consumed"] >= result.produced:
+                break
+            display(_status(replayed, len(log), started, report_path, ps_address, queries, refits))
+            time.sleep(0.5)
+        time.sleep(options.poll_interval + 1)  # one more poll: serving holds the final model
+        queries.stop.set()
+        queries.thread.join()
+        while refits.busy.locked():
+            time.sleep(0.2)
+        scorer.finish()
+    finally:
+        if queries is not None:
+            queries.stop.set()
+        processes.stop_all()
+    report = _read_json(report_path) or {}
+    plots = _plots(out, report, scorer, queries)
+    prequential = report.get("prequential") or {}
+    latencies = [ms for _, ms in queries.latencies]
+    return {
+        "events": result.produced, "dead_lettered": result.dead_lettered,
+        "events_per_second": round(result.produced / result.seconds, 1) if result.seconds else None,
+        "replay_seconds": round(result.seconds, 1), "speed": speed,
+        "trainer": {"consumed": report.get("consumed"), "events_per_second": report.get("events_per_second")},
+        "prequential": {"hr@10": prequential.get("hr@10"), "ndcg@10": prequential.get("ndcg@10"),
+                        "rmse": prequential.get("rmse"),
+                        "refit_models": {name: {"hr@10": float(np.mean([p[1] for p in points])),
+                                                "ndcg@10": float(np.mean([p[2] for p in points])),
+                                                "evaluated": len(points)}
+                                         for name, points in scorer.points.items() if points}},
+        "serving": {"requests": len(latencies), "p50_ms": _pct(latencies, 50), "p99_ms": _pct(latencies, 99),
+                    "staleness_seconds": queries.staleness},
+        "serving_errors": queries.errors, "last_serving_error": queries.last_error,
+        "refits": {name: {"count": len(d), "mean_seconds": float(np.mean(d))} for name, d in refits.durations.items()},
+        "plots": plots, "logs": str(out),
+    }
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 2) if values else None
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _status(replayed: int, total: int, started: float, report_path: Path, ps_address: str, queries: Queries,
+            refits: RefitLoop) -> dict[str, Any]:
+    report = _read_json(report_path) or {}
+    rows = None
+    try:
+        with ParamClient([ps_address], timeout=1.0) as client:
+            rows = {name: info["rows"] for name, info in client.tables().items()}
+    except (OSError, RuntimeError):
+        pass
+    elapsed = time.monotonic() - started
+    return {
+        "replayed": replayed, "total": total, "events_per_second": replayed / elapsed if elapsed else 0.0,
+        "trainer_consumed": report.get("consumed"), "lag": report.get("lag"),
+        "hr@10": (report.get("prequential") or {}).get("windows", {}).get("1000", {}).get("hr@10"),
+        "ps_rows": rows, "serving_p99_ms": queries.percentile(99, last=200), "serving_requests": len(queries.latencies),
+        "serving_errors": queries.errors, "last_serving_error": queries.last_error, "staleness_s": queries.staleness, "refits": refits.done,
+    }
+
+
+def _plots(out: Path, report: dict[str, Any], scorer: StreamScorer, queries: Queries | None) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    series = (report.get("prequential") or {}).get("series") or []
+    if series:
+        ax.plot([np.datetime64(int(p["event_time"]), "s") for p in series], [p["hr@10"] for p in series],
+                label="online BPR (live trainer)", linewidth=2)
+    for name, points in scorer.points.items():
+        if len(points) >= 50:
+            times, hits = np.array([p[0] for p in points]), np.array([p[1] for p in points])
+            window = 500
+            rolling = np.convolve(hits, np.ones(window) / window, mode="valid") if len(hits) >= window else hits
+            ax.plot(times[len(times) - len(rolling):].astype("datetime64[s]"), rolling, label=f"{name} (refit)")
+    ax.set_title("prequential hr@10 over event time (500 evaluated events per point)")
+    ax.set_ylabel("hr@10")
+    ax.legend()
+    fig.autofmt_xdate()
+    path = out / "prequential_hr10.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    paths.append(str(path))
+    if queries is not None and queries.latencies:
+        fig, ax = plt.subplots(figsize=(9, 4))
+        t0 = queries.latencies[0][0]
+        ax.scatter([t - t0 for t, _ in queries.latencies], [ms for _, ms in queries.latencies], s=4, alpha=0.5)
+        ax.set_xlabel("seconds since the first request")
+        ax.set_ylabel("/recommend latency (ms)")
+        ax.set_yscale("log")
+        ax.set_title(f"serving latency: p50 {_pct([m for _, m in queries.latencies], 50)} ms, "
+                     f"p99 {_pct([m for _, m in queries.latencies], 99)} ms")
+        path = out / "serving_latency.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(str(path))
+    return paths

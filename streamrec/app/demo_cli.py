@@ -1,0 +1,139 @@
+"""`streamrec demo`: one command that shows the system working on MovieLens 100K."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import click
+
+from streamrec.core.cli import print_json, settings_from
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_demo_data() -> Path:
+    """$STREAMREC_DEMO_DATA, else the shared MovieLens 100K beside the checkout."""
+    return Path(os.environ.get("STREAMREC_DEMO_DATA", REPO_ROOT.parent / "shared" / "data" / "ml-100k"))
+
+
+@click.command("demo")
+@click.option("--data", "data_path", type=click.Path(path_type=Path), help="log to replay [MovieLens 100K]")
+@click.option("--format", "fmt", type=click.Choice(["ml-100k", "ml-latest", "csv", "jsonl"]), default="ml-100k")
+@click.option("--duration", type=float, default=120.0, show_default=True, help="replay the log in about this many seconds")
+@click.option("--speed", type=float, help="event-time seconds per wall second (overrides --duration)")
+@click.option("--poll-interval", type=float, default=5.0, show_default=True, help="serving poll interval")
+@click.option("--refit-every", type=int, default=20_000, show_default=True, help="refit item kNN and ALS every N events")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+@click.pass_context
+def demo(ctx: click.Context, data_path: Path | None, fmt: str, duration: float, speed: float | None,
+         poll_interval: float, refit_every: int, as_json: bool) -> None:
+    """Run the whole real-time pipeline on a replayed log: broker, Redis, parameter server, online
+    trainer, two serving workers and a refit loop; live display, summary and plots. Stops
+    everything it started, also on Ctrl-C."""
+    from rich.console import Console
+    from rich.live import Live
+    from rich.table import Table
+
+    from streamrec.app import infra
+    from streamrec.core.config import load_settings, read_infra_state
+    from streamrec.app.demo import DemoOptions, run_demo
+    from streamrec.core.progress import stderr_console
+
+    data_path = data_path or default_demo_data()
+    if not data_path.exists():
+        raise click.ClickException(
+            f"no demo data at {data_path}: pass --data (MovieLens 100K folder) or set STREAMREC_DEMO_DATA"
+        )
+    root = ctx.find_root().params
+    settings = settings_from(ctx)
+    before = read_infra_state(Path(settings.home)).get("started", {})
+    try:
+        state = infra.up(settings, root.get("kafka_bootstrap"), root.get("redis_url"))
+    except infra.InfraError as exc:
+        raise click.ClickException(str(exc)) from exc
+    started_here = {name: proc for name, proc in state["started"].items() if name not in before}
+    stderr_console.print(f"[bold]broker[/] {state['kafka_bootstrap']} ({state['broker']})  "
+                         f"[bold]redis[/] {state['redis_url']} ({state['redis']})")
+    settings = load_settings(**root)  # `up` may have just recorded new addresses
+    options = DemoOptions(data_path, fmt, duration, speed, poll_interval, refit_every)
+
+    def render(status: dict) -> Table:
+        table = Table(title="streamrec demo (Ctrl-C stops everything)", show_header=False)
+        rows = status.get("ps_rows") or {}
+        for key, value in (
+            ("replayed", f"{status['replayed']:,} / {status['total']:,}"),
+            ("events/s", f"{status['events_per_second']:,.0f}"),
+            ("trainer consumed", status.get("trainer_consumed")), ("consumer lag", status.get("lag")),
+            ("prequential hr@10 (last 1000)", status.get("hr@10")),
+            ("parameter-server rows", ", ".join(f"{k}={v:,}" for k, v in rows.items()) or None),
+            ("serving p99 ms (last 200)", status.get("serving_p99_ms")),
+            ("serving requests / errors", f"{status['serving_requests']} / {status['serving_errors']}"),
+            ("staleness s", status.get("staleness_s")), ("refits", status.get("refits")),
+        ):
+            table.add_row(key, "-" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value)))
+        return table
+
+    try:
+        if stderr_console.is_terminal:
+            with Live(console=stderr_console, refresh_per_second=4) as live:
+                summary = run_demo(settings, options, lambda status: live.update(render(status)))
+        else:  # logs, CI: a line every 10 s instead of a redrawn table
+            last = [0.0]
+
+            def log_line(status: dict) -> None:
+                if time.monotonic() - last[0] >= 10:
+                    last[0] = time.monotonic()
+                    stderr_console.print(f"replayed {status['replayed']}/{status['total']} "
+                                         f"hr@10 {status.get('hr@10')} lag {status.get('lag')} "
+                                         f"serving p99 {status.get('serving_p99_ms')} ms")
+
+            summary = run_demo(settings, options, log_line)
+    finally:  # leave the machine as we found it
+        if started_here:
+            infra.down(settings, only=set(started_here))
+    if as_json:
+        print_json(summary)
+        return
+    table = Table(title="streamrec demo summary", show_header=False)
+    for key, value in summary.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+    Console().print(table)
+
+
+@click.group()
+def probe() -> None:
+    """Probes against running processes."""
+
+
+@probe.command("freshness")
+@click.option("--url", default=None, help="serving base URL [http://127.0.0.1:<settings.serving_port>]")
+@click.option("--trials", type=int, default=20, show_default=True)
+@click.option("--burst", type=int, default=20, show_default=True, help="interactions per trial")
+@click.option("--min-hits", type=int, default=3, show_default=True, help="cluster items in the top 10 that count")
+@click.option("--spread", type=float, default=0.0, show_default=True,
+              help="start trials at random moments within this many seconds (use the poll interval)")
+@click.option("--timeout", type=float, default=180.0, show_default=True, help="seconds before a trial fails")
+@click.option("--table", default="bpr_items", show_default=True, help="item table the clusters come from")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def probe_freshness_cmd(ctx: click.Context, url: str | None, trials: int, burst: int, min_hits: int, spread: float,
+                        timeout: float, table: str, as_json: bool) -> None:
+    """Time from a burst of interactions of a new user to recommendations that reflect them."""
+    from streamrec.app.probe import probe_freshness
+
+    settings = settings_from(ctx)
+    result = probe_freshness(settings, url or f"http://127.0.0.1:{settings.serving_port}", trials, burst, min_hits,
+                             table=table, timeout_s=timeout, spread_s=spread)
+    if as_json:
+        print_json(result)
+    else:
+        click.echo(f"freshness over {result['reflected']}/{trials} trials: p50 {result['p50_seconds']} s, "
+                   f"p99 {result['p99_seconds']} s ({result['timeouts']} timed out)")
+
+
+def register(cli: click.Group, bench: click.Group) -> None:
+    cli.add_command(demo)
+    cli.add_command(probe)

@@ -1,0 +1,28 @@
+"""CLI plumbing every command module shares: the Settings of the invocation and JSON output.
+
+It lives on the ground floor so that each layer's command module (`streamrec.stream.cli`, ...) can
+use it without importing the roof that assembles them (`streamrec.app.cli`).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import orjson
+
+from streamrec.core.config import Settings
+
+
+def print_json(obj: object) -> None:
+    """Machine-readable output goes to stdout as one JSON document; everything else to stderr."""
+    sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY).decode() + "\n")
+    sys.stdout.flush()
+
+
+def settings_from(ctx: click.Context) -> Settings:
+    """The Settings built by the root group from env vars and global flags."""
+    settings = ctx.find_root().obj
+    if not isinstance(settings, Settings):
+        raise click.UsageError("no configuration: run this command through the `streamrec` CLI")
+    return settings

@@ -1,0 +1,18 @@
+"""`python -m streamrec.param_server [OPTIONS]` = `streamrec param-server [OPTIONS]` (no console script needed)."""
+
+import sys
+
+import click
+
+from streamrec.param_server.cli import register
+from streamrec.core.config import load_settings
+
+
+@click.group()
+@click.pass_context
+def _root(ctx: click.Context) -> None:
+    ctx.obj = load_settings()
+
+
+register(_root, click.Group("bench"))
+_root(["param-server", *sys.argv[1:]], prog_name="python -m streamrec.param_server")

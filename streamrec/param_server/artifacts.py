@@ -1,0 +1,55 @@
+"""Encodings of the artefacts that batch refits publish as parameter-server blobs.
+
+Refit jobs (trainer layer) write them and serving reads them, so the format lives here, in the
+lowest layer both use; nothing is pickled, every blob is numpy's .npz read with
+`allow_pickle=False` plus JSON.
+
+* `KNN_BLOB` = "refit/item-knn/neighbors": an .npz with `items` (n,) unicode ids, `neighbors`
+  (n, m) int32 indices into `items` (-1 = no neighbour), `scores` (n, m) float32, each row sorted
+  by decreasing score.
+* `RANKER_BLOB` = "refit/ranker": a dense blob = b"SRDENSE1" | u32 header length | UTF-8 JSON
+  header | .npz arrays. The header's `kind` says which ranking model it holds (serving's
+  `RANKER_LOADERS`).
+* `refit/<model>/manifest`: a dense blob whose header says what a refit published.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+from typing import Any
+
+import numpy as np
+
+KNN_BLOB = "refit/item-knn/neighbors"
+RANKER_BLOB = "refit/ranker"
+DENSE_MAGIC = b"SRDENSE1"
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def load_npz(data: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        return {name: npz[name] for name in npz.files}
+
+
+def encode_dense(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
+    head = json.dumps(header).encode()
+    return DENSE_MAGIC + struct.pack("<I", len(head)) + head + npz_bytes(arrays)
+
+
+def decode_dense(data: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    if data[:8] != DENSE_MAGIC:
+        raise ValueError("not a dense blob (bad magic)")
+    (length,) = struct.unpack_from("<I", data, 8)
+    return json.loads(data[12 : 12 + length]), load_npz(data[12 + length :])
+
+
+def encode_neighbors(items: list[str] | np.ndarray, neighbors: np.ndarray, scores: np.ndarray) -> bytes:
+    return npz_bytes({"items": np.asarray(items, dtype=str), "neighbors": np.asarray(neighbors, np.int32),
+                       "scores": np.asarray(scores, np.float32)})

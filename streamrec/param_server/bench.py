@@ -1,0 +1,144 @@
+"""`streamrec bench param-server`: the issue's figures, measured on this machine.
+
+In-process figures use one Table; remote figures start a real server process on loopback and
+talk to it with ParamClient. Memory is the growth of this process's resident set while the
+1M-row table is built (/proc/self/statm), so it includes the key index and every side array.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from streamrec.param_server.client import ParamClient
+from streamrec.param_server.keys import Keys
+from streamrec.param_server.table import Table, TableSpec
+
+SCALARS = 1  # a bias per row, as the trainer uses
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+
+def _per_second(count: int, run: Callable[[], None]) -> float:
+    started = time.perf_counter()
+    run()
+    return count / (time.perf_counter() - started)
+
+
+def _batches(ids: np.ndarray, batch: int) -> list[np.ndarray]:
+    return [ids[start : start + batch] for start in range(0, ids.size, batch)]
+
+
+def _in_process(ids: np.ndarray, dim: int, batch: int, grads: np.ndarray) -> tuple[dict[str, Any], Table]:
+    rss_before = _rss_bytes()
+    table = Table(TableSpec("bench", dim, scalars=SCALARS, key_type="int"))
+    version = 1
+    for part in _batches(ids, batch):
+        table.push(Keys(ints=part), grads[: part.size], version, 0.0)
+        version += 1
+    grown = _rss_bytes() - rss_before
+    shuffled = [Keys(ints=part) for part in _batches(np.random.default_rng(1).permutation(ids), batch)]
+
+    def gather() -> None:
+        for keys in shuffled:
+            table.pull(keys)
+
+    def apply() -> None:
+        for step, keys in enumerate(shuffled):
+            table.push(keys, grads[: len(keys)], version + step, 0.0)
+
+    width = dim + SCALARS
+    return {
+        "gather_keys_per_second": round(_per_second(ids.size, gather)),
+        "apply_rows_per_second": round(_per_second(ids.size, apply)),
+        "bytes_per_row": round(grown / ids.size, 1),
+        "raw_bytes_per_row": 2 * 4 * width,  # float32 values + Adagrad accumulator
+    }, table
+
+
+def _collisions(int_table: Table, ids: np.ndarray, num_strings: int) -> int:
+    """Distinct ids that share a row with another id (or lost theirs): must be 0."""
+    rows = int_table.lookup(Keys(ints=ids))
+    int_collisions = np.unique(ids).size - np.unique(rows[rows >= 0]).size + int(np.count_nonzero(rows < 0))
+    rng = np.random.default_rng(2)
+    strings = Keys.from_strings(list(map("s{:x}".format, rng.integers(0, 2**63, num_strings).tolist())))
+    table = Table(TableSpec("strings", 1, key_type="str", optimizer=int_table.spec.optimizer, max_rows=2 * num_strings))
+    for start in range(0, num_strings, 65536):
+        part = strings.take(np.arange(start, min(num_strings, start + 65536)))
+        table.assign(part, np.zeros((len(part), 1), np.float32), 1, 0.0)
+    rows = table.lookup(strings)
+    distinct = len(set(strings.to_list()))
+    return int(int_collisions + distinct - np.unique(rows[rows >= 0]).size + np.count_nonzero(rows < 0))
+
+
+def _remote(ids: np.ndarray, dim: int, batch: int, grads: np.ndarray) -> dict[str, Any]:
+    server = subprocess.Popen(
+        [sys.executable, "-m", "streamrec.param_server", "--port", "0", "--no-checkpoints", "--metrics-port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        address = json.loads(server.stdout.readline())["address"]
+        with ParamClient([address]) as client:
+            client.create_table("bench", dim, scalars=SCALARS, key_type="int")
+            parts = _batches(ids, batch)
+            for part in parts:  # create every row first: pushes below update existing rows
+                client.push({"bench": (part, grads[: part.size])})
+            since = client.delta("bench", 0).version
+
+            def pull() -> None:
+                for part in parts:
+                    client.pull("bench", part)
+
+            def push() -> None:
+                for part in parts:
+                    client.push({"bench": (part, grads[: part.size])})
+
+            pull_rate = _per_second(ids.size, pull)
+            since = client.delta("bench", since).version
+            push_rate = _per_second(ids.size, push)
+            since = client.delta("bench", since).version
+            changed = ids[: min(100_000, ids.size)]
+            for part in _batches(changed, batch):
+                client.push({"bench": (part, grads[: part.size])})
+            started = time.perf_counter()
+            delta = client.delta("bench", since)
+            delta_seconds = time.perf_counter() - started
+            assert len(delta.ids) == changed.size
+            started = time.perf_counter()
+            client.delta("bench", delta.version)
+            empty_seconds = time.perf_counter() - started
+        return {
+            "remote_pull_keys_per_second": round(pull_rate),
+            "remote_push_rows_per_second": round(push_rate),
+            "delta_seconds_100k": round(delta_seconds, 4),
+            "empty_delta_seconds": round(empty_seconds, 5),
+        }
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def run_benchmark(num_ids: int = 1_000_000, dim: int = 64, batch: int = 4096) -> dict[str, Any]:
+    rng = np.random.default_rng(0)
+    ids = np.unique(rng.integers(-(2**63), 2**63 - 1, num_ids, dtype=np.int64))
+    ids = rng.permutation(ids)
+    grads = rng.normal(size=(batch, dim + SCALARS)).astype(np.float32) * 0.01
+    result: dict[str, Any] = {"ids": int(ids.size), "dim": dim, "scalars": SCALARS, "batch": batch, "optimizer": "adagrad"}
+    figures, table = _in_process(ids, dim, batch, grads)
+    result.update(figures)
+    result["collisions"] = _collisions(table, ids, num_ids)
+    del table
+    result.update(_remote(ids, dim, batch, grads))
+    result["bytes_ratio"] = round(result["bytes_per_row"] / result["raw_bytes_per_row"], 3)
+    return result

@@ -1,0 +1,83 @@
+"""`streamrec param-server` (one shard) and `streamrec bench param-server`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+
+@click.command("param-server")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to bind")
+@click.option("--port", type=int, default=None, help="port (0: any free one) [default: this shard's port in settings.param_servers]")
+@click.option("--shard", type=int, default=0, show_default=True, help="index of this shard")
+@click.option("--num-shards", type=int, default=None, help="shards in total [default: len(settings.param_servers)]")
+@click.option("--checkpoint-dir", type=click.Path(path_type=Path), default=None, help="[default: <home>/param_server]")
+@click.option("--no-checkpoints", is_flag=True, help="keep state in memory only")
+@click.option("--checkpoint-every", type=float, default=60.0, show_default=True, help="seconds between checkpoints (0: only on exit)")
+@click.option("--metrics-port", type=int, default=None, help="Prometheus port (0: off) [default: settings.metrics_port]")
+@click.pass_context
+def param_server_cmd(
+    ctx: click.Context,
+    host: str,
+    port: int | None,
+    shard: int,
+    num_shards: int | None,
+    checkpoint_dir: Path | None,
+    no_checkpoints: bool,
+    checkpoint_every: float,
+    metrics_port: int | None,
+) -> None:
+    """Run one parameter-server shard until SIGTERM (which writes a final checkpoint).
+
+    Prints one JSON line when it is listening: {"address": ..., "restored": ..., ...}.
+    """
+    from streamrec.core.cli import print_json, settings_from
+
+    from streamrec.param_server.server import run
+
+    settings = settings_from(ctx)
+    num_shards = num_shards or len(settings.param_servers)
+    if port is None:
+        port = int(settings.param_servers[shard].rpartition(":")[2]) if shard < len(settings.param_servers) else 7070 + shard
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        run(
+            host=host,
+            port=port,
+            shard=shard,
+            num_shards=num_shards,
+            token=settings.param_server_token,
+            checkpoint_dir=None if no_checkpoints else (checkpoint_dir or Path(settings.home) / "param_server"),
+            checkpoint_every=checkpoint_every,
+            metrics_port=settings.metrics_port if metrics_port is None else metrics_port,
+            ready=print_json,
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+@click.command("param-server")
+@click.option("--json", "as_json", is_flag=True, help="print JSON (the default output is the same JSON, indented)")
+@click.option("--ids", type=int, default=1_000_000, show_default=True, help="table size")
+@click.option("--dim", type=int, default=64, show_default=True)
+@click.option("--batch", type=int, default=4096, show_default=True)
+def bench_cmd(as_json: bool, ids: int, dim: int, batch: int) -> None:
+    """Table, loopback, delta, memory and collision figures of the parameter server."""
+    from streamrec.core.cli import print_json
+
+    from streamrec.param_server.bench import run_benchmark
+
+    result = run_benchmark(num_ids=ids, dim=dim, batch=batch)
+    if as_json:
+        print_json(result)
+    else:
+        import json
+
+        click.echo(json.dumps(result, indent=2))
+
+
+def register(cli: click.Group, bench: click.Group) -> None:
+    cli.add_command(param_server_cmd, "param-server")
+    bench.add_command(bench_cmd, "param-server")

@@ -1,0 +1,495 @@
+"""Client library: the server's calls over the network, routed to shards by a stable id hash.
+
+    client = ParamClient(["127.0.0.1:7070", "127.0.0.1:7071"], token=...)
+    client.create_table("users", 64, scalars=1, optimizer="adagrad", lr=0.007, scalar_lr=0.005)
+    rows = client.pull("users", ["u1", "u2"])            # rows.vectors, rows.scalars, rows.found
+    client.push({"users": (ids, grads)}, meta={...}, events=n)
+    d = client.delta("items", since=0); d = client.delta("items", since=d.version)
+
+Routing: shard = mix64(key64 ^ salt) % num_shards, where key64 is the integer id or the string
+id's 64-bit hash (`Keys.hash64`); it depends only on the id, so it is the same in every process
+and across restarts. A call that needs several shards sends all requests before reading any reply,
+so shards work in parallel. Lost connections are re-opened and the call retried; a retried push is
+recognised by the server (client id + sequence number) and not applied twice. Errors raised by the
+server arrive as ParamServerError with the server's error type. Not thread-safe: one client per
+thread (connections are cheap).
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from streamrec.param_server import protocol
+from streamrec.param_server.keys import IdsLike, Keys, as_keys, mix64
+from streamrec.param_server.optimizers import OptimizerSpec
+from streamrec.param_server.protocol import Message, keys_arrays, keys_from
+from streamrec.param_server.table import TableSpec
+
+_SHARD_SALT = np.uint64(0x5BD1E9955BD1E995)
+Request = tuple[dict[str, Any], dict[str, np.ndarray]]
+
+
+class ParamServerError(RuntimeError):
+    """The server refused or failed a call; `kind` is the server-side error type."""
+
+    def __init__(self, kind: str, message: str, shard: int):
+        super().__init__(f"shard {shard}: {kind}: {message}")
+        self.kind, self.shard = kind, shard
+
+
+def shard_of(ids: IdsLike, num_shards: int) -> np.ndarray:
+    """The shard of each id (stable across processes and restarts)."""
+    key64 = as_keys(ids).hash64()
+    return (mix64(key64 ^ _SHARD_SALT) % np.uint64(num_shards)).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Pulled rows: `values` is (n, dim + scalars); `found` marks ids that have a real row (the
+    others got the table's default, zeros)."""
+
+    values: np.ndarray
+    found: np.ndarray
+    dim: int
+
+    @property
+    def vectors(self) -> np.ndarray:
+        return self.values[:, : self.dim]
+
+    @property
+    def scalars(self) -> np.ndarray:
+        return self.values[:, self.dim :]
+
+
+@dataclass(frozen=True)
+class DeltaChunk:
+    shard: int
+    ids: Keys
+    values: np.ndarray
+    deleted: Keys  # only on a shard's first chunk
+    version: int  # the shard's version when the delta was planned
+    reset: bool  # the shard sent a full snapshot: drop everything held for this shard first
+    dim: int
+
+
+@dataclass(frozen=True)
+class Delta(Rows):
+    """Changed rows of all shards (apply `deleted` first, then upsert ids/values). `full`: a complete
+    snapshot, replace the local copy. Pass `version` back as `since` next time."""
+
+    ids: Keys
+    deleted: Keys
+    version: tuple[int, ...]
+    full: bool
+
+
+@dataclass(frozen=True)
+class Blob:
+    data: bytes
+    version: int
+
+
+class _Connection:
+    def __init__(self, address: str, timeout: float):
+        host, _, port = address.rpartition(":")
+        self.address, self.host, self.port, self.timeout = address, host, int(port), timeout
+        self.sock: socket.socket | None = None
+
+    def open(self) -> bool:
+        """Connect if needed; True when a new connection was made."""
+        if self.sock is not None:
+            return False
+        sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        return True
+
+    def send(self, header: dict[str, Any], arrays: dict[str, np.ndarray] | None) -> None:
+        protocol.send(self.sock, header, arrays)
+
+    def recv(self) -> Message:
+        message = protocol.recv(self.sock)
+        if message is None:
+            raise ConnectionError(f"{self.address} closed the connection")
+        return message
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+class ParamClient:
+    def __init__(
+        self,
+        addresses: Sequence[str] | str,
+        token: str | None = None,
+        timeout: float = 60.0,
+        retries: int = 3,
+        retry_backoff: float = 0.2,
+    ):
+        addresses = [addresses] if isinstance(addresses, str) else list(addresses)
+        if not addresses:
+            raise ValueError("need at least one parameter-server address")
+        self.addresses = addresses
+        self.token, self.retries, self.retry_backoff = token, retries, retry_backoff
+        self._conns = [_Connection(address, timeout) for address in addresses]
+        self._client_id = secrets.randbits(62)
+        self._seq = 0
+
+    @classmethod
+    def from_settings(cls, settings: Any, **kwargs: Any) -> ParamClient:
+        """From streamrec Settings: `param_servers` and `param_server_token`."""
+        return cls(settings.param_servers, token=settings.param_server_token, **kwargs)
+
+    @property
+    def num_shards(self) -> int:
+        return len(self._conns)
+
+    def shard_of(self, ids: IdsLike) -> np.ndarray:
+        return shard_of(ids, self.num_shards)
+
+    def close(self) -> None:
+        for conn in self._conns:
+            conn.close()
+
+    def __enter__(self) -> ParamClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- transport ----------------------------------------------------------------------------
+
+    def _header(self, header: dict[str, Any]) -> dict[str, Any]:
+        return {**header, "token": self.token} if self.token else header
+
+    def _check(self, shard: int, reply: Message) -> Message:
+        if not reply.header.get("ok"):
+            error = reply.header.get("error", {})
+            raise ParamServerError(error.get("type", "Error"), error.get("message", ""), shard)
+        return reply
+
+    def _open(self, shard: int) -> None:
+        """Connect, and on a new connection check the server is the shard this client thinks it is
+        (a wrong order of addresses would silently route ids to the wrong shards)."""
+        conn = self._conns[shard]
+        if not conn.open():
+            return
+        conn.send(self._header({"op": "hello"}), None)
+        hello = self._check(shard, conn.recv()).header
+        if (hello["shard"], hello["num_shards"]) != (shard, self.num_shards):
+            conn.close()
+            raise ParamServerError(
+                "Misconfigured",
+                f"{conn.address} is shard {hello['shard']} of {hello['num_shards']}, "
+                f"expected shard {shard} of {self.num_shards}",
+                shard,
+            )
+
+    def _send(self, shard: int, header: dict[str, Any], arrays: dict[str, np.ndarray] | None) -> None:
+        self._open(shard)
+        self._conns[shard].send(self._header(header), arrays)
+
+    def _exchange(self, shard: int, header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> Message:
+        """One request and its (first) reply, retried on connection loss."""
+        for attempt in range(self.retries + 1):
+            try:
+                self._send(shard, header, arrays)
+                return self._check(shard, self._conns[shard].recv())
+            except OSError as exc:  # ConnectionError and socket timeouts are OSErrors
+                self._conns[shard].close()
+                if attempt == self.retries:
+                    raise ConnectionError(f"shard {shard} ({self.addresses[shard]}): {exc}") from exc
+                time.sleep(self.retry_backoff * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _fanout(self, requests: Mapping[int, Request]) -> dict[int, Message]:
+        """Send every request, then read every reply; shards that failed are retried one by one."""
+        sent, failed, replies = [], [], {}
+        for shard, (header, arrays) in requests.items():
+            try:
+                self._send(shard, header, arrays)
+                sent.append(shard)
+            except OSError:
+                self._conns[shard].close()
+                failed.append(shard)
+        for shard in sent:
+            try:
+                replies[shard] = self._conns[shard].recv()
+            except OSError:
+                self._conns[shard].close()
+                failed.append(shard)
+        checked = {shard: self._check(shard, reply) for shard, reply in replies.items()}
+        for shard in failed:
+            checked[shard] = self._exchange(shard, *requests[shard])
+        return checked
+
+    def _all(self, header: dict[str, Any]) -> list[Message]:
+        replies = self._fanout({shard: (header, {}) for shard in range(self.num_shards)})
+        return [replies[shard] for shard in range(self.num_shards)]
+
+    def _split(self, keys: Keys) -> list[tuple[int, np.ndarray | None]]:
+        """(shard, positions in the batch) per shard with ids; positions None = the whole batch."""
+        if self.num_shards == 1:
+            return [(0, None)]
+        shards = self.shard_of(keys)
+        return [(s, np.flatnonzero(shards == s)) for s in np.unique(shards).tolist()]
+
+    # ---- tables -------------------------------------------------------------------------------
+
+    def create_table(
+        self,
+        name: str,
+        dim: int,
+        *,
+        scalars: int = 0,
+        key_type: str = "str",
+        optimizer: str = "adagrad",
+        lr: float = 0.01,
+        scalar_lr: float | None = None,
+        initial_accumulator: float = 0.0,
+        init_std: float = 0.01,
+        seed: int = 0,
+        min_count: int = 1,
+        ttl: float | None = None,
+        max_rows: int | None = None,
+    ) -> dict[str, Any]:
+        """Create the table on every shard (idempotent; a different spec is an error).
+        `max_rows` is per shard."""
+        spec = TableSpec(
+            name=name,
+            dim=dim,
+            scalars=scalars,
+            key_type=key_type,
+            optimizer=OptimizerSpec(optimizer, lr, scalar_lr, initial_accumulator=initial_accumulator),
+            init_std=init_std,
+            seed=seed,
+            min_count=min_count,
+            ttl=ttl,
+            **({"max_rows": max_rows} if max_rows else {}),
+        )
+        self._all({"op": "create_table", "spec": spec.to_dict()})
+        return self.table_info(name)
+
+    def drop_table(self, name: str) -> bool:
+        """Idempotent; True if some shard had the table."""
+        return any(reply.header["dropped"] for reply in self._all({"op": "drop_table", "table": name}))
+
+    def tables(self) -> dict[str, dict[str, Any]]:
+        """Per table: spec and rows/admitted/evicted/rejected summed over shards, per-shard versions."""
+        merged: dict[str, dict[str, Any]] = {}
+        for reply in self._all({"op": "info"}):
+            for table in reply.header["info"]["tables"]:
+                entry = merged.setdefault(
+                    table["name"], {"spec": table["spec"], "rows": 0, "admitted": 0, "evicted": 0, "rejected": 0, "versions": []}
+                )
+                for key in ("rows", "admitted", "evicted", "rejected"):
+                    entry[key] += table[key]
+                entry["versions"].append(table["version"])
+        return merged
+
+    def table_info(self, name: str) -> dict[str, Any]:
+        try:
+            return self.tables()[name]
+        except KeyError:
+            raise ParamServerError("KeyError", f"no table named {name!r}", 0) from None
+
+    def pull(self, table: str, ids: IdsLike) -> Rows:
+        keys = as_keys(ids)
+        parts = self._split(keys)
+        requests = {
+            shard: ({"op": "pull", "table": table}, keys_arrays(keys if pos is None else keys.take(pos)))
+            for shard, pos in parts
+        }
+        replies = self._fanout(requests)
+        if len(parts) == 1 and parts[0][1] is None:
+            reply = replies[0]
+            return Rows(reply.arrays["values"], reply.arrays["found"], reply.header["dim"])
+        first = next(iter(replies.values()))
+        values = np.empty((len(keys), first.arrays["values"].shape[1]), np.float32)
+        found = np.empty(len(keys), bool)
+        for shard, pos in parts:
+            values[pos] = replies[shard].arrays["values"]
+            found[pos] = replies[shard].arrays["found"]
+        return Rows(values, found, first.header["dim"])
+
+    def pull_many(self, requests: Mapping[str, IdsLike]) -> dict[str, Rows]:
+        """Several tables' pulls in one round trip per shard: every request is written before any
+        reply is read (the server answers a connection's frames in order)."""
+        plan: list[tuple[str, Keys, list[tuple[int, np.ndarray | None]]]] = []
+        for table, ids in requests.items():
+            keys = as_keys(ids)
+            plan.append((table, keys, self._split(keys)))
+        try:
+            for table, keys, parts in plan:
+                for shard, pos in parts:
+                    self._send(shard, {"op": "pull", "table": table}, keys_arrays(keys if pos is None else keys.take(pos)))
+            replies = [[self._check(shard, self._conns[shard].recv()) for shard, _ in parts] for _, _, parts in plan]
+        except OSError:  # a lost connection mid-pipeline: reconnect and fall back to one call per table
+            for conn in self._conns:
+                conn.close()
+            return {table: self.pull(table, keys) for table, keys, _ in plan}
+        result = {}
+        for (table, keys, parts), table_replies in zip(plan, replies):
+            if len(parts) == 1 and parts[0][1] is None:
+                reply = table_replies[0]
+                result[table] = Rows(reply.arrays["values"], reply.arrays["found"], reply.header["dim"])
+                continue
+            width = table_replies[0].arrays["values"].shape[1]
+            values, found = np.empty((len(keys), width), np.float32), np.empty(len(keys), bool)
+            for (_, pos), reply in zip(parts, table_replies):
+                values[pos], found[pos] = reply.arrays["values"], reply.arrays["found"]
+            result[table] = Rows(values, found, table_replies[0].header["dim"])
+        return result
+
+    def push(
+        self,
+        updates: Mapping[str, tuple[IdsLike, np.ndarray | tuple[np.ndarray, np.ndarray]]],
+        *,
+        meta: Any = None,
+        events: int = 0,
+        event_time: float | None = None,
+    ) -> dict[int, int]:
+        """Apply gradients to several tables as one update per shard; returns {shard: version}.
+
+        grads: (n, dim + scalars) float32, or (vector_grads, scalar_grads). `meta` (small JSON) is
+        stored by every shard atomically with its part of the update; `events` is credited once
+        (to shard 0). `event_time` (seconds) drives TTL expiry; default: now.
+        """
+        self._seq += 1
+        per_shard: dict[int, Request] = {}
+        for name, (ids, grads) in updates.items():
+            keys = as_keys(ids)
+            matrix = _as_matrix(grads)
+            for shard, pos in self._split(keys):
+                header, arrays = per_shard.setdefault(shard, ({"tables": []}, {}))
+                i = len(header["tables"])
+                header["tables"].append(name)
+                arrays.update(keys_arrays(keys if pos is None else keys.take(pos), f"ids{i}"))
+                arrays[f"grads{i}"] = matrix if pos is None else matrix[pos]
+        if meta is not None:
+            for shard in range(self.num_shards):
+                per_shard.setdefault(shard, ({"tables": []}, {}))
+        if events:
+            per_shard.setdefault(0, ({"tables": []}, {}))
+        requests = {}
+        for shard, (header, arrays) in per_shard.items():
+            header.update(op="push", client_id=self._client_id, seq=self._seq, event_time=event_time)
+            if meta is not None:
+                header["meta"] = meta
+            if events and shard == 0:
+                header["events"] = int(events)
+            requests[shard] = (header, arrays)
+        return {shard: reply.header["version"] for shard, reply in self._fanout(requests).items()}
+
+    def assign(self, table: str, ids: IdsLike, vectors: np.ndarray, scalars: np.ndarray | None = None) -> dict[int, int]:
+        """Replace rows' values (bulk load / refit), creating rows as needed; bypasses optimiser
+        and admission. Returns {shard: version}."""
+        keys = as_keys(ids)
+        matrix = _as_matrix(vectors if scalars is None else (vectors, scalars))
+        requests = {
+            shard: ({"op": "assign", "table": table}, {**keys_arrays(keys if pos is None else keys.take(pos)), "values": matrix if pos is None else matrix[pos]})
+            for shard, pos in self._split(keys)
+        }
+        return {shard: reply.header["version"] for shard, reply in self._fanout(requests).items()}
+
+    # ---- sync ---------------------------------------------------------------------------------
+
+    def _since(self, since: int | Sequence[int]) -> list[int]:
+        if isinstance(since, (int, np.integer)):
+            return [int(since)] * self.num_shards
+        since = [int(v) for v in since]
+        if len(since) != self.num_shards:
+            raise ValueError(f"since has {len(since)} versions for {self.num_shards} shards")
+        return since
+
+    def delta_chunks(self, table: str, since: int | Sequence[int] = 0, chunk_rows: int = 65536) -> Iterator[DeltaChunk]:
+        """Changed rows shard by shard, in chunks of at most chunk_rows (0: full snapshot).
+        Connection loss before a shard's first chunk is retried; later it raises ConnectionError
+        (call again with the same since)."""
+        for shard, shard_since in enumerate(self._since(since)):
+            request = {"op": "delta", "table": table, "since": shard_since, "chunk_rows": chunk_rows}
+            reply = self._exchange(shard, request)
+            deleted = keys_from(reply.arrays, "deleted")
+            while True:
+                header = reply.header
+                yield DeltaChunk(shard, keys_from(reply.arrays), reply.arrays["values"], deleted, header["version"], header["reset"], header["dim"])
+                if not header["more"]:
+                    break
+                deleted = Keys.empty(deleted.kind)
+                try:
+                    reply = self._check(shard, self._conns[shard].recv())
+                except OSError:
+                    self._conns[shard].close()
+                    raise
+
+    def delta(self, table: str, since: int | Sequence[int] = 0) -> Delta:
+        """All chunks concatenated. If some shard had to reset, every shard is re-read in full so
+        the result is either a consistent delta or a complete snapshot (`full`)."""
+        chunks = list(self.delta_chunks(table, since))
+        if any(c.reset for c in chunks) and not all(c.reset for c in chunks):
+            chunks = list(self.delta_chunks(table, 0))
+        kind = chunks[0].ids.kind if len(chunks[0].ids) else chunks[0].deleted.kind
+        versions = {c.shard: c.version for c in chunks}
+        return Delta(
+            values=np.concatenate([c.values for c in chunks]),
+            found=np.ones(sum(len(c.ids) for c in chunks), bool),
+            dim=chunks[0].dim,
+            ids=Keys.concat([c.ids for c in chunks if len(c.ids)], kind),
+            deleted=Keys.concat([c.deleted for c in chunks if len(c.deleted)], kind),
+            version=tuple(versions[shard] for shard in range(self.num_shards)),
+            full=all(c.reset for c in chunks),
+        )
+
+    # ---- blobs, meta, admin -------------------------------------------------------------------
+
+    def _blob_shard(self, name: str) -> int:
+        return int(self.shard_of([name])[0])
+
+    def put_blob(self, name: str, data: bytes) -> int:
+        """Store bytes under a name (on the shard the name hashes to); returns its version."""
+        arrays = {"data": np.frombuffer(data, np.uint8)}
+        return self._exchange(self._blob_shard(name), {"op": "put_blob", "name": name}, arrays).header["version"]
+
+    def get_blob(self, name: str, since: int = 0) -> Blob | None:
+        """The blob, or None if its version is not newer than `since`."""
+        reply = self._exchange(self._blob_shard(name), {"op": "get_blob", "name": name, "since": since})
+        if not reply.header["changed"]:
+            return None
+        return Blob(reply.arrays["data"].tobytes(), reply.header["version"])
+
+    def blobs(self) -> dict[str, int]:
+        """Every blob's name and version."""
+        merged: dict[str, int] = {}
+        for reply in self._all({"op": "get_blob"}):
+            merged.update(reply.header["blobs"])
+        return merged
+
+    def get_meta(self) -> list[dict[str, Any]]:
+        """Per shard: the meta of the last push it received, its version, applied events."""
+        return [reply.header["meta"] for reply in self._all({"op": "meta"})]
+
+    def applied_events(self) -> int:
+        return sum(record["applied_events"] for record in self.get_meta())
+
+    def info(self) -> list[dict[str, Any]]:
+        return [reply.header["info"] for reply in self._all({"op": "info"})]
+
+    def checkpoint(self) -> list[dict[str, Any]]:
+        """Force a checkpoint on every shard now; per shard: path, version, seconds."""
+        return [reply.header for reply in self._all({"op": "checkpoint"})]
+
+
+def _as_matrix(grads: np.ndarray | tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    if isinstance(grads, tuple):
+        vectors, scalars = (np.asarray(g, np.float32) for g in grads)
+        grads = np.hstack([vectors, scalars.reshape(len(scalars), -1)])
+    return np.ascontiguousarray(grads, dtype=np.float32)

@@ -1,0 +1,117 @@
+"""Open-addressing hash index from 64-bit keys to row numbers, vectorised over whole batches.
+
+Why not a dict: a Python dict of 1M keys costs ~100 bytes per entry and a Python call per lookup.
+Here the index is one int32 slot array (about 12-16 bytes per live key at our load factors); the
+key of each row lives beside the row (`row_key`), so a probe compares `row_key[slot]` with the
+wanted key. Linear probing runs as rounds over the *batch* (each round handles every key still
+unresolved), so the Python-level loop count is the longest probe sequence, not the batch size.
+
+The caller may pass `same(batch_positions, rows)` to confirm a 64-bit match exactly (string ids
+compare their bytes), which is what makes string keys collisionless.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from streamrec.param_server.keys import mix64
+from streamrec.param_server.memory import reserve
+
+EMPTY = -1
+TOMBSTONE = -2  # a deleted slot: probing continues past it, inserts may reuse it
+MIN_CAPACITY = 1024
+MAX_LOAD = 0.5  # live + tombstones; above it the index is rebuilt
+SameFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def _empty_slots(capacity: int) -> np.ndarray:
+    slots = reserve((capacity,), np.int32)  # huge pages where possible: probes are random
+    slots.fill(EMPTY)
+    return slots
+
+
+class KeyIndex:
+    """Slots hold row numbers; `row_key[row]` and `row_slot[row]` are shared with the row store."""
+
+    def __init__(self, row_key: np.ndarray, row_slot: np.ndarray, capacity: int = MIN_CAPACITY):
+        self.row_key = row_key
+        self.row_slot = row_slot
+        self.slots = _empty_slots(capacity)
+        self.live = 0
+        self.tombstones = 0
+
+    @property
+    def capacity(self) -> int:
+        return int(self.slots.size)
+
+    def _home(self, keys: np.ndarray) -> np.ndarray:
+        return (mix64(keys) & np.uint64(self.capacity - 1)).astype(np.int64)
+
+    def find(self, keys: np.ndarray, same: SameFn | None = None) -> np.ndarray:
+        """Row of each key, -1 where absent."""
+        out = np.full(keys.size, -1, np.int64)
+        pending = np.arange(keys.size)
+        pos = self._home(keys)
+        wanted = keys
+        mask = self.capacity - 1
+        while pending.size:
+            seen = self.slots[pos]
+            hit = (seen >= 0) & (self.row_key.take(np.maximum(seen, 0)) == wanted)
+            if same is not None and hit.any():
+                where = np.flatnonzero(hit)
+                hit[where] = same(pending[where], seen[where])
+            out[pending[hit]] = seen[hit]
+            go_on = ~hit & (seen != EMPTY)
+            pending, wanted = pending[go_on], wanted[go_on]
+            pos = (pos[go_on] + 1) & mask
+        return out
+
+    def insert(self, keys: np.ndarray, rows: np.ndarray, row_count: int) -> None:
+        """Add keys known to be absent and distinct (their rows' row_slot must be -1). Grows first if
+        the load would pass MAX_LOAD; `row_count` bounds the rows in use, for that rebuild."""
+        if self.live + self.tombstones + keys.size > MAX_LOAD * self.capacity:
+            self.rebuild(np.flatnonzero(self.row_slot[:row_count] >= 0), extra=keys.size)
+        self._place(keys, rows)
+        self.live += keys.size
+
+    def _place(self, keys: np.ndarray, rows: np.ndarray) -> None:
+        """Claim a free slot for every key. Several keys racing for one slot: the last write wins and
+        a read-back tells each key whether it got it; the losers probe on. No sort needed."""
+        pending = np.arange(keys.size)
+        pos = self._home(keys)
+        mask = self.capacity - 1
+        while pending.size:
+            seen = self.slots[pos]
+            free = seen < 0
+            free_pos = pos[free]
+            free_rows = rows[pending[free]]
+            self.slots[free_pos] = free_rows
+            won = self.slots[free_pos] == free_rows
+            self.tombstones -= int(np.count_nonzero(seen[free][won] == TOMBSTONE))
+            self.row_slot[free_rows[won]] = free_pos[won]
+            placed = np.zeros(pending.size, bool)
+            placed[np.flatnonzero(free)[won]] = True
+            # occupied slots: probe the next one; lost races: look again at the same slot
+            pos = np.where(free, pos, (pos + 1) & mask)[~placed]
+            pending = pending[~placed]
+
+    def remove(self, rows: np.ndarray) -> None:
+        self.slots[self.row_slot[rows]] = TOMBSTONE
+        self.row_slot[rows] = -1
+        self.live -= rows.size
+        self.tombstones += rows.size
+
+    def rebuild(self, live_rows: np.ndarray, extra: int = 0) -> None:
+        """Re-insert every live row into a fresh slot array sized for ~3x the live keys (load <= 0.375),
+        so rebuilds happen once per doubling of the table; this is the one pause that grows with size."""
+        wanted = max(MIN_CAPACITY, 3 * (live_rows.size + extra))
+        self.slots = _empty_slots(1 << (wanted - 1).bit_length())
+        self.tombstones = 0
+        self.live = int(live_rows.size)
+        self._place(self.row_key[live_rows], live_rows)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.slots.nbytes)

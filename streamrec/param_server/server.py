@@ -1,0 +1,297 @@
+"""The parameter-server process: a threaded TCP server in front of one shard's ParamStore.
+
+One thread per connection (a client keeps its connection open), each reading a frame, running the
+operation under the store's lock and writing the reply. Numpy releases the GIL for large copies
+and the socket I/O releases it too, so concurrent clients overlap well enough for one shard; more
+throughput comes from more shards. Every request carries the shared token when one is configured.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import signal
+import socket
+import socketserver
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from streamrec.param_server import protocol
+from streamrec.param_server.checkpoint import CheckpointDir, CheckpointResult
+from streamrec.param_server.metrics import ServerMetrics
+from streamrec.param_server.protocol import Message, keys_arrays, keys_from
+from streamrec.param_server.store import ParamStore
+from streamrec.param_server.table import TableFullError, TableSpec
+
+DEFAULT_CHUNK_ROWS = 65536
+log = logging.getLogger(__name__)
+Reply = tuple[dict[str, Any], dict[str, np.ndarray]]
+# errors a caller caused: reported to it by type name, not logged as server faults
+CLIENT_ERRORS = (KeyError, ValueError, TypeError, TableFullError)
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    server: _TCPServer
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        param_server = self.server.param_server
+        while True:
+            try:
+                message = protocol.recv(sock)
+                if message is None:
+                    return
+                if not param_server.authorised(message.header):
+                    protocol.send(sock, {"ok": False, "error": {"type": "Unauthorized", "message": "bad or missing token"}})
+                    return
+                param_server.answer(sock, message)
+            except ConnectionError as exc:  # includes ProtocolError: drop this connection only
+                log.debug("connection from %s dropped: %s", self.client_address, exc)
+                return
+
+
+class _TCPServer(socketserver.ThreadingTCPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+    param_server: ParamServer
+
+
+class ParamServer:
+    def __init__(
+        self,
+        store: ParamStore,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        token: str | None = None,
+        checkpoints: CheckpointDir | None = None,
+        metrics: ServerMetrics | None = None,
+    ):
+        self.store = store
+        self.token = token.encode() if token else None
+        self.checkpoints = checkpoints
+        self.metrics = metrics or ServerMetrics(store)
+        self._checkpoint_lock = threading.Lock()
+        self._checkpointed_version = store.version
+        self._tcp = _TCPServer((host, port), _Handler)
+        self._tcp.param_server = self
+        self._thread: threading.Thread | None = None
+        self._ops: dict[str, Callable[[Message], Iterable[Reply]]] = {
+            "hello": self._hello,
+            "info": self._info,
+            "create_table": self._create_table,
+            "drop_table": self._drop_table,
+            "pull": self._pull,
+            "push": self._push,
+            "assign": self._assign,
+            "delta": self._delta,
+            "put_blob": self._put_blob,
+            "get_blob": self._get_blob,
+            "meta": self._meta,
+            "checkpoint": self._checkpoint,
+        }
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self._tcp.server_address[:2]
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._tcp.serve_forever, name="param-server", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._tcp.shutdown()
+        self._tcp.server_close()
+
+    def authorised(self, header: dict[str, Any]) -> bool:
+        if self.token is None:
+            return True
+        offered = header.get("token")
+        return isinstance(offered, str) and hmac.compare_digest(offered.encode(), self.token)
+
+    # ---- checkpoints --------------------------------------------------------------------------
+
+    def checkpoint(self, force: bool = False) -> CheckpointResult | None:
+        """Write a checkpoint if anything changed since the last one (or if forced)."""
+        if self.checkpoints is None:
+            raise ValueError("this server has no checkpoint directory (--checkpoint-dir)")
+        with self._checkpoint_lock:
+            if not force and self.store.version == self._checkpointed_version:
+                return None
+            try:
+                result = self.checkpoints.save(self.store)
+            except OSError:
+                self.metrics.checkpoint_failures.inc()
+                raise
+            self._checkpointed_version = result.version
+            self.metrics.checkpoint_seconds.observe(result.seconds)
+            self.metrics.last_checkpoint_time = time.time()
+            log.info("checkpoint %s (%d bytes, %.2fs)", result.path, result.bytes, result.seconds)
+            return result
+
+    # ---- requests -----------------------------------------------------------------------------
+
+    def answer(self, sock: socket.socket, message: Message) -> None:
+        op = message.header.get("op")
+        handler = self._ops.get(op)
+        started = time.perf_counter()
+        try:
+            if handler is None:
+                raise ValueError(f"unknown operation {op!r}")
+            for header, arrays in handler(message):
+                protocol.send(sock, {"ok": True, **header}, arrays)
+        except CLIENT_ERRORS as exc:
+            self._error(sock, op, exc)
+        except OSError:
+            raise
+        except Exception as exc:  # a server bug: log it with its traceback, tell the caller, stay up
+            log.exception("request %s failed", op)
+            self._error(sock, op, exc)
+        self.metrics.request_seconds.labels(op=str(op)).observe(time.perf_counter() - started)
+
+    def _error(self, sock: socket.socket, op: Any, exc: Exception) -> None:
+        kind = type(exc).__name__
+        self.metrics.errors.labels(op=str(op), type=kind).inc()
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        protocol.send(sock, {"ok": False, "error": {"type": kind, "message": str(message)}})
+
+    def _rows(self, op: str, n: int) -> None:
+        self.metrics.request_rows.labels(op=op).observe(n)
+
+    def _hello(self, message: Message) -> Iterable[Reply]:
+        info = self.store.info()
+        return [({key: info[key] for key in ("shard", "num_shards", "version", "start_version")}, {})]
+
+    def _info(self, message: Message) -> Iterable[Reply]:
+        return [({"info": self.store.info()}, {})]
+
+    def _create_table(self, message: Message) -> Iterable[Reply]:
+        return [({"table": self.store.create_table(TableSpec.from_dict(message.header["spec"]))}, {})]
+
+    def _drop_table(self, message: Message) -> Iterable[Reply]:
+        return [({"dropped": self.store.drop_table(message.header["table"])}, {})]
+
+    def _pull(self, message: Message) -> Iterable[Reply]:
+        keys = keys_from(message.arrays)
+        self._rows("pull", len(keys))
+        values, found, dim = self.store.pull(message.header["table"], keys)
+        return [({"dim": dim}, {"values": values, "found": found})]
+
+    def _push(self, message: Message) -> Iterable[Reply]:
+        header, arrays = message.header, message.arrays
+        updates = []
+        for i, name in enumerate(header["tables"]):
+            keys = keys_from(arrays, f"ids{i}")
+            updates.append((name, keys, arrays[f"grads{i}"]))
+            self._rows("push", len(keys))
+        client = (int(header["client_id"]), int(header["seq"])) if "client_id" in header else None
+        version, duplicate = self.store.push(
+            updates, header.get("meta"), int(header.get("events", 0)), header.get("event_time"), client
+        )
+        return [({"version": version, "duplicate": duplicate}, {})]
+
+    def _assign(self, message: Message) -> Iterable[Reply]:
+        keys = keys_from(message.arrays)
+        self._rows("assign", len(keys))
+        version = self.store.assign(message.header["table"], keys, message.arrays["values"], message.header.get("event_time"))
+        return [({"version": version}, {})]
+
+    def _delta(self, message: Message) -> Iterable[Reply]:
+        """Stream the rows changed since `since` in chunks; deletions ride on the first chunk."""
+        table = message.header["table"]
+        chunk_rows = max(1, int(message.header.get("chunk_rows", DEFAULT_CHUNK_ROWS)))
+        plan = self.store.delta_plan(table, int(message.header.get("since", 0)))
+        self._rows("delta", plan.rows.size)
+        starts = range(0, max(plan.rows.size, 1), chunk_rows)
+        for i, start in enumerate(starts):
+            keys, values, dim = self.store.delta_rows(table, plan.rows[start : start + chunk_rows])
+            header = {"version": plan.version, "reset": plan.reset, "dim": dim, "more": i < len(starts) - 1}
+            arrays = {**keys_arrays(keys), "values": values}
+            if i == 0:
+                arrays.update(keys_arrays(plan.deleted, "deleted"))
+            yield header, arrays
+
+    def _put_blob(self, message: Message) -> Iterable[Reply]:
+        data = message.arrays.get("data", np.empty(0, np.uint8)).tobytes()
+        self._rows("put_blob", len(data))
+        return [({"version": self.store.put_blob(message.header["name"], data)}, {})]
+
+    def _get_blob(self, message: Message) -> Iterable[Reply]:
+        if "name" not in message.header:
+            return [({"blobs": self.store.blob_versions()}, {})]
+        blob = self.store.get_blob(message.header["name"])
+        if blob is None:
+            raise KeyError(f"no blob named {message.header['name']!r}")
+        if blob.version <= int(message.header.get("since", 0)):
+            return [({"version": blob.version, "changed": False}, {})]
+        return [({"version": blob.version, "changed": True}, {"data": np.frombuffer(blob.data, np.uint8)})]
+
+    def _meta(self, message: Message) -> Iterable[Reply]:
+        return [({"meta": self.store.meta_record()}, {})]
+
+    def _checkpoint(self, message: Message) -> Iterable[Reply]:
+        result = self.checkpoint(force=True)
+        return [({"path": str(result.path), "version": result.version, "seconds": result.seconds}, {})]
+
+
+def open_store(shard: int, num_shards: int, checkpoint_dir: Path | None) -> tuple[ParamStore, CheckpointDir | None, Path | None]:
+    """(store, its checkpoint directory, the checkpoint restored): the newest valid checkpoint, or
+    a fresh store; corrupt checkpoints are skipped and listed in `CheckpointDir.rejected`."""
+    if checkpoint_dir is None:
+        return ParamStore(shard, num_shards), None, None
+    checkpoints = CheckpointDir(checkpoint_dir, shard, num_shards)
+    loaded = checkpoints.load_newest()
+    if loaded is None:
+        return ParamStore(shard, num_shards), checkpoints, None
+    return loaded[0], checkpoints, loaded[1]
+
+
+def run(
+    *,
+    host: str,
+    port: int,
+    shard: int,
+    num_shards: int,
+    token: str | None,
+    checkpoint_dir: Path | None,
+    checkpoint_every: float,
+    metrics_port: int,
+    ready: Callable[[dict[str, Any]], None],
+) -> None:
+    """Serve until SIGTERM/SIGINT, checkpointing every `checkpoint_every` seconds and on the way out."""
+    store, checkpoints, restored = open_store(shard, num_shards, checkpoint_dir)
+    metrics = ServerMetrics(store)
+    if checkpoints is not None and checkpoints.rejected:
+        metrics.checkpoints_rejected.inc(len(checkpoints.rejected))
+    if metrics_port:
+        metrics.serve(metrics_port, host)
+    server = ParamServer(store, host, port, token, checkpoints, metrics)
+    server.start()
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    ready(
+        {
+            "address": "%s:%d" % server.address,
+            "shard": shard,
+            "num_shards": num_shards,
+            "version": store.version,
+            "restored": str(restored) if restored else None,
+            "rejected_checkpoints": checkpoints.rejected if checkpoints else [],
+        }
+    )
+    period = checkpoint_every if checkpoint_every > 0 and checkpoints is not None else 1.0
+    while not stop.wait(period):
+        if checkpoints is not None and checkpoint_every > 0:
+            try:
+                server.checkpoint()
+            except OSError:
+                log.exception("periodic checkpoint failed")
+    server.stop()
+    if checkpoints is not None:
+        server.checkpoint()

@@ -1,0 +1,174 @@
+"""The HTTP API of one serving worker (FastAPI; OpenAPI at /docs and /openapi.json).
+
+Handlers are plain `def`, so FastAPI runs them in its thread pool: while one request waits for
+Redis (a round trip costs ~1 ms on a loaded machine) others compute, and FAISS and numpy release
+the GIL. The parameter-server sync runs in a background thread and never blocks a request.
+Responses are encoded with orjson; the pydantic models in `streamrec.serving.schemas` document them.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import faiss
+import orjson
+from fastapi import FastAPI, Path, Query
+from fastapi.responses import Response
+from pydantic import BaseModel, Field
+
+from streamrec.serving import schemas
+from streamrec.serving.config import MAX_K, ServingConfig
+from streamrec.serving.history import History
+from streamrec.serving.metrics import ENDPOINTS, ServingMetrics, mark_worker_dead, render, serving_metrics
+from streamrec.serving.pipeline import Recommender, Unavailable, UnknownItem
+from streamrec.serving.state import StateHolder
+from streamrec.serving.sync import Syncer
+
+MAX_CANDIDATES = 10_000
+Scope = MutableMapping[str, Any]
+ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status, media_type="application/json")
+
+
+class RequestMetrics:
+    """Pure ASGI middleware: latency per endpoint, requests and errors by status."""
+
+    def __init__(self, app: ASGIApp, metrics: ServingMetrics) -> None:
+        self.app, self.metrics = app, metrics
+        self._latency = {e: metrics.request_seconds.labels(e) for e in (*ENDPOINTS, "other")}
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        endpoint = next((e for e in ENDPOINTS if path == e or path.startswith(e + "/")), "other")
+        status = 500
+        started = time.perf_counter()
+
+        async def send_status(message: MutableMapping[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self._latency[endpoint].observe(time.perf_counter() - started)
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            if status >= 400:
+                self.metrics.errors.labels(endpoint, str(status)).inc()
+
+
+class RescoreRequest(BaseModel):
+    user_id: str = Field(min_length=1, max_length=256)
+    candidates: list[str] = Field(min_length=1, max_length=MAX_CANDIDATES)
+
+
+def create_app(config: ServingConfig) -> FastAPI:
+    metrics = serving_metrics()
+    holder = StateHolder()
+    syncer = Syncer(config, holder, metrics)
+    recommender = Recommender(config, History(config, metrics), metrics)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        faiss.omp_set_num_threads(1)  # workers are processes; OpenMP threads would fight over cores
+        stop = threading.Event()
+        thread = threading.Thread(target=syncer.run, args=(stop,), name="serving-sync", daemon=True)
+        thread.start()
+        yield
+        stop.set()
+        thread.join(timeout=10)
+        syncer.close()
+        mark_worker_dead(os.getpid())
+
+    app = FastAPI(title="streamrec serving", version="1", lifespan=lifespan,
+                  description="Recommendations from the live embeddings (docs/serving.md).")
+    app.add_middleware(RequestMetrics, metrics=metrics)
+
+    def envelope(state: Any, body: dict[str, Any]) -> dict[str, Any]:
+        body["model_version"] = state.version if state is not None else None
+        staleness = holder.staleness()
+        body["staleness_seconds"] = None if staleness is None else round(staleness, 3)
+        return body
+
+    @app.get("/recommend", responses={200: {"model": schemas.RecommendResponse}, 503: {"model": schemas.Error}})
+    def recommend(
+        user_id: str = Query(min_length=1, max_length=256),
+        k: int = Query(10, ge=1, le=MAX_K),
+        exclude_seen: bool = Query(True, description="drop items the user interacted with (Redis)"),
+        diversity: float = Query(0.0, ge=0.0, le=1.0, description="MMR: 0 = pure relevance (lambda = 1 - diversity)"),
+        explain: bool = Query(False, description="score components and candidate counts"),
+    ) -> Response:
+        """Top-k items for a user: ANN + item-kNN + trending candidates, rescored, seen-filtered, MMR."""
+        with holder.use() as state:
+            try:
+                body = recommender.recommend(state, user_id, k, exclude_seen, diversity, explain)
+            except Unavailable as exc:
+                return _json({"detail": str(exc)}, 503)
+            return _json(envelope(state, {"user_id": user_id, **body}))
+
+    @app.post("/rescore", responses={200: {"model": schemas.RescoreResponse}, 503: {"model": schemas.Error}})
+    def rescore(request: RescoreRequest) -> Response:
+        """The candidates scored by the latest model, best first; unknown candidates listed in `unknown`."""
+        with holder.use() as state:
+            try:
+                body = recommender.rescore(state, request.user_id, request.candidates)
+            except Unavailable as exc:
+                return _json({"detail": str(exc)}, 503)
+            return _json(envelope(state, {"user_id": request.user_id, **body}))
+
+    @app.get("/similar/{item_id}", responses={200: {"model": schemas.SimilarResponse}, 404: {"model": schemas.Error},
+                                              503: {"model": schemas.Error}})
+    def similar(item_id: str = Path(min_length=1, max_length=256), k: int = Query(10, ge=1, le=MAX_K)) -> Response:
+        """Nearest items by cosine of the item vectors (ANN), and the published item-kNN neighbours."""
+        with holder.use() as state:
+            try:
+                body = recommender.similar(state, item_id, k)
+            except UnknownItem:
+                return _json({"detail": f"unknown item {item_id!r}"}, 404)
+            except Unavailable as exc:
+                return _json({"detail": str(exc)}, 503)
+            return _json(envelope(state, body))
+
+    @app.get("/healthz", responses={200: {"model": schemas.Health}})
+    def healthz() -> Response:
+        """The process answers."""
+        return _json({"alive": True, "pid": os.getpid()})
+
+    @app.get("/readyz", responses={200: {"model": schemas.Ready}, 503: {"model": schemas.Ready}})
+    def readyz() -> Response:
+        """Ready once a model with at least one item is loaded; reports versions and staleness."""
+        state = holder.current
+        ready = state is not None and state.index.size > 0
+        body = {
+            "ready": ready, "pid": os.getpid(), "model_version": state.version if state else None,
+            "staleness_seconds": holder.staleness(), "synced_at": holder.confirmed_at or None,
+            "loaded_at": state.loaded_at if state else None, "index_items": state.index.size if state else 0,
+            "index_kind": state.index.built_kind if state else None, "users": len(state.users) if state else 0,
+            "artifacts": state.artifacts.versions if state else {}, "last_error": holder.last_error,
+        }
+        return _json(body, 200 if ready else 503)
+
+    @app.get("/metrics", response_class=Response)
+    def prometheus() -> Response:
+        """Prometheus exposition (all workers merged)."""
+        data, content_type = render()
+        return Response(data, media_type=content_type)
+
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn factory for worker processes: the config comes from `streamrec serve` via env."""
+    return create_app(ServingConfig.from_env())

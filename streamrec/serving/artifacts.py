@@ -1,0 +1,123 @@
+"""How serving decodes the artefacts batch refits publish (formats: `streamrec.param_server.artifacts`).
+
+The ranker blob's header `kind` picks the loader in `RANKER_LOADERS`; kind "linear" has
+`features` (names from `FEATURES`) and arrays `weights` (len(features),) and `bias` (1,):
+score = features @ weights + bias.
+
+Other families' item vectors are not blobs: they are parameter-server tables, chosen with
+`ServingConfig.user_table` / `item_table`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import pandas as pd
+
+from streamrec.param_server.artifacts import decode_dense, load_npz
+
+# per-candidate features a ranking model may use (computed by serving.pipeline)
+FEATURES = ("dot", "bias", "ann", "item_knn", "trending", "knn_score", "popularity")
+
+
+@dataclass(frozen=True)
+class ItemNeighbors:
+    """Item-kNN lists of a batch refit, looked up by item id."""
+
+    index: pd.Index
+    ids: np.ndarray  # object ids by row
+    neighbors: np.ndarray
+    scores: np.ndarray
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ItemNeighbors:
+        arrays = load_npz(data)
+        ids = arrays["items"].astype(object)
+        neighbors, scores = arrays["neighbors"], arrays["scores"]
+        if neighbors.shape != scores.shape or neighbors.shape[0] != len(ids):
+            raise ValueError(f"neighbour blob shapes disagree: {len(ids)} items, {neighbors.shape}, {scores.shape}")
+        return cls(pd.Index(ids, dtype=object), ids, neighbors, scores)
+
+    def lookup(self, item_ids: list[str], per_item: int) -> tuple[np.ndarray, np.ndarray]:
+        """(neighbour ids, scores) of the known items, flattened, at most per_item each."""
+        rows = self.index.get_indexer(item_ids)
+        rows = rows[rows >= 0]
+        neighbors, scores = self.neighbors[rows, :per_item].ravel(), self.scores[rows, :per_item].ravel()
+        valid = neighbors >= 0
+        return self.ids[neighbors[valid]], scores[valid]
+
+
+class Ranker(Protocol):
+    name: str
+
+    def score(self, features: dict[str, np.ndarray], user_id: str, item_ids: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class LinearRanker:
+    features: tuple[str, ...]
+    weights: np.ndarray
+    bias: float
+    name: str = "linear"
+
+    @classmethod
+    def from_dense(cls, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> LinearRanker:
+        features = tuple(header["features"])
+        unknown = set(features) - set(FEATURES)
+        if unknown:
+            raise ValueError(f"ranker uses unknown features {sorted(unknown)}; known: {FEATURES}")
+        weights = np.asarray(arrays["weights"], np.float64)
+        if weights.shape != (len(features),):
+            raise ValueError(f"ranker weights shape {weights.shape} != ({len(features)},)")
+        return cls(features, weights, float(np.asarray(arrays["bias"]).reshape(-1)[0]))
+
+    def score(self, features: dict[str, np.ndarray], user_id: str, item_ids: np.ndarray) -> np.ndarray:
+        return np.column_stack([features[f] for f in self.features]) @ self.weights + self.bias
+
+
+@dataclass(frozen=True)
+class NeuralRanker:
+    """A ranking-stage network published by a refit (Wide & Deep, DeepFM, DCN, DCN-v2): it scores
+    (user, item) pairs itself from its own embeddings; torch is imported only when one is loaded."""
+
+    model: Any
+    name: str
+
+    @classmethod
+    def from_dense(cls, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> NeuralRanker:
+        from streamrec.trainer.models.neural.ctr import load_ranker as load_network
+
+        return cls(load_network(header, arrays), header.get("model", header["kind"]))
+
+    def score(self, features: dict[str, np.ndarray], user_id: str, item_ids: np.ndarray) -> np.ndarray:
+        return self.model.score(np.full(len(item_ids), user_id, dtype=object), item_ids)
+
+
+RANKER_LOADERS: dict[str, Callable[[dict[str, Any], dict[str, np.ndarray]], Ranker]] = {
+    "linear": LinearRanker.from_dense,
+    **{kind: NeuralRanker.from_dense for kind in ("wide-deep", "deepfm", "dcn", "dcn-v2")},
+}
+
+
+def load_ranker(data: bytes) -> Ranker:
+    header, arrays = decode_dense(data)
+    kind = header.get("kind")
+    if kind not in RANKER_LOADERS:
+        raise ValueError(f"unknown ranker kind {kind!r}; known: {sorted(RANKER_LOADERS)}")
+    return RANKER_LOADERS[kind](header, arrays)
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    """The refit artifacts a serving state uses, with the blob versions they came from."""
+
+    knn: ItemNeighbors | None = None
+    ranker: Ranker | None = None
+    versions: dict[str, int] = field(default_factory=dict)
+
+    def with_blob(self, name: str, kind: str, data: bytes, version: int) -> Artifacts:
+        """A copy with one blob decoded and replaced (`kind`: "knn" or "ranker")."""
+        value = ItemNeighbors.from_bytes(data) if kind == "knn" else load_ranker(data)
+        return replace(self, **{kind: value}, versions={**self.versions, name: version})

@@ -1,0 +1,56 @@
+"""`streamrec serve` and `streamrec bench serving` (heavy imports stay inside the commands)."""
+
+from __future__ import annotations
+
+import click
+
+
+def register(cli: click.Group, bench: click.Group) -> None:
+    cli.add_command(serve_cmd)
+    bench.add_command(bench_serving_cmd)
+
+
+@click.command("serve")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True, help="worker processes")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=None, help="HTTP port [default: settings serving_port]")
+@click.option("--poll-interval", type=click.FloatRange(min=0.05), default=None,
+              help="seconds between parameter-server polls [default: settings poll_interval]")
+@click.option("--user-table", default=None, help="user vectors table [default: bpr_users]")
+@click.option("--item-table", default=None, help="item vectors table, the retrieval index [default: bpr_items]")
+@click.option("--feature-prefix", default=None, help="Redis feature-store key prefix [default: sr]")
+@click.option("--index", type=click.Choice(["auto", "flat", "ivf"]), default=None, help="FAISS index kind")
+@click.option("--nprobe", type=click.IntRange(min=1), default=None, help="IVF lists probed per query")
+@click.option("--log-level", default="warning", show_default=True)
+@click.pass_context
+def serve_cmd(ctx: click.Context, workers: int, host: str, port: int | None, poll_interval: float | None,
+              log_level: str, **overrides: object) -> None:
+    """Serving workers: poll the parameter server, answer /recommend, /rescore, /similar over HTTP."""
+    from streamrec.serving.config import ServingConfig
+    from streamrec.serving.server import run_workers
+    from streamrec.core.cli import settings_from
+
+    settings = settings_from(ctx)
+    config = ServingConfig.from_settings(settings, poll_interval=poll_interval, **overrides)
+    run_workers(config, host, settings.serving_port if port is None else port, workers, log_level)
+
+
+@click.command("serving")
+@click.option("--items", type=click.IntRange(min=1), default=100_000, show_default=True)
+@click.option("--users", type=click.IntRange(min=1), default=10_000, show_default=True)
+@click.option("--dim", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--workers", type=click.IntRange(1, 64), default=2, show_default=True)
+@click.option("--concurrency", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--rate", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="pace the closed loop to about this many requests/s in total (0: as fast as possible)")
+@click.option("--duration", type=click.FloatRange(min=1), default=20.0, show_default=True, help="seconds of load")
+@click.option("--k", type=click.IntRange(1, 1000), default=10, show_default=True)
+@click.option("--index", type=click.Choice(["auto", "flat", "ivf"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON (the only output form)")
+@click.pass_context
+def bench_serving_cmd(ctx: click.Context, as_json: bool, **options: object) -> None:
+    """Random vectors in a private parameter server, N workers, a closed-loop load generator."""
+    from streamrec.serving.bench import run_bench
+    from streamrec.core.cli import print_json, settings_from
+
+    print_json(run_bench(settings_from(ctx), **options))

@@ -1,0 +1,57 @@
+"""What one serving worker needs to know; built once by `streamrec serve` and handed to every
+worker process as JSON in an environment variable (uvicorn starts workers by import string)."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from streamrec.core.config import Settings
+
+CONFIG_ENV = "STREAMREC_SERVING_CONFIG_JSON"
+MAX_K = 1000
+
+
+class ServingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    param_servers: list[str] = Field(default_factory=lambda: ["127.0.0.1:7070"])
+    param_server_token: str | None = None
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    feature_prefix: str = Field("sr", description="Redis key prefix of the online trainer's feature store")
+    poll_interval: float = Field(60.0, ge=0.05, description="seconds between parameter-server polls")
+    # which tables serve: rows are [vector | scalars]; the first item scalar is the item bias
+    user_table: str = "bpr_users"
+    item_table: str = "bpr_items"
+    knn_blob: str = Field("refit/item-knn/neighbors", description="item-kNN neighbour lists blob")
+    ranker_blob: str = Field("refit/ranker", description="ranking-model blob")
+    # candidate generation
+    ann_candidates: int = Field(200, ge=1)
+    knn_recent: int = Field(10, ge=0, description="recent items whose neighbours become candidates")
+    knn_per_item: int = Field(20, ge=0)
+    trending_candidates: int = Field(50, ge=0)
+    trending_cache_s: float = Field(1.0, ge=0, description="how long a worker reuses the trending list")
+    # index
+    index: Literal["auto", "flat", "ivf"] = Field("auto", description="auto: IVF from ivf_min_items items")
+    ivf_min_items: int = Field(50_000, ge=1)
+    nprobe: int = Field(16, ge=1)
+    rebuild_fraction: float = Field(0.25, gt=0, description="rebuild the index when a delta touches more")
+    # degradation
+    redis_timeout_s: float = Field(0.1, gt=0)
+    redis_retry_s: float = Field(1.0, ge=0, description="skip Redis this long after a failure")
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: object) -> ServingConfig:
+        base = {"param_servers": settings.param_servers, "param_server_token": settings.param_server_token,
+                "redis_url": settings.redis_url, "poll_interval": settings.poll_interval,
+                "feature_prefix": settings.feature_prefix}
+        return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
+
+    @classmethod
+    def from_env(cls) -> ServingConfig:
+        raw = os.environ.get(CONFIG_ENV)
+        if not raw:
+            raise RuntimeError(f"{CONFIG_ENV} is not set: start workers with `streamrec serve`")
+        return cls.model_validate_json(raw)

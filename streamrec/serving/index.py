@@ -1,0 +1,114 @@
+"""A FAISS inner-product index over item rows, following the item replica incrementally.
+
+Rows are [q_i | b_i] (the item bias as one more dimension) and queries [p_u | 1], so the
+maximum-inner-product search ranks by the model's own score p_u . q_i + b_i. FAISS ids are the
+replica's row positions. Small catalogues use exact search (IndexFlatIP behind an id map); from
+`ivf_min_items` items an IVF index (sqrt(n) lists, `nprobe` probed) keeps search cost sub-linear.
+Both support incremental add / update (remove + add) / remove; a delta touching more than
+`rebuild_fraction` of the rows, a full snapshot or a change of kind rebuilds instead, reusing the
+IVF centroids while the catalogue stays within 2x of the size they were trained on.
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+from streamrec.param_server.replica import Changes, TableMirror
+
+IVF_TRAIN_PER_LIST = 64
+IVF_TRAIN_ITERATIONS = 10
+
+
+def index_rows(mirror: TableMirror, positions: np.ndarray | slice) -> np.ndarray:
+    """The rows the index stores: the vector and, when the table has scalars, the first (bias)."""
+    width = mirror.dim + min(mirror.scalars, 1)
+    return np.ascontiguousarray(mirror.values[positions, :width], dtype=np.float32)
+
+
+def query_rows(vectors: np.ndarray, item_mirror: TableMirror, bias_weight: float = 1.0) -> np.ndarray:
+    """User vectors as queries: a constant `bias_weight` where the items carry a bias column."""
+    if item_mirror.scalars:
+        vectors = np.hstack([vectors, np.full((len(vectors), 1), bias_weight, np.float32)])
+    return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+class ItemIndex:
+    def __init__(self, kind: str = "auto", nprobe: int = 16, ivf_min_items: int = 50_000,
+                 rebuild_fraction: float = 0.25) -> None:
+        self.kind, self.nprobe, self.ivf_min_items, self.rebuild_fraction = kind, nprobe, ivf_min_items, rebuild_fraction
+        self.index: faiss.Index | None = None
+        self.built_kind = ""
+        self._centroids: np.ndarray | None = None
+        self._trained_on = 0
+        self.rebuilds = 0
+
+    @property
+    def size(self) -> int:
+        return 0 if self.index is None else int(self.index.ntotal)
+
+    def _wanted_kind(self, n: int) -> str:
+        if self.kind != "auto":
+            return self.kind
+        return "ivf" if n >= self.ivf_min_items else "flat"
+
+    def rebuild(self, mirror: TableMirror) -> None:
+        positions = np.flatnonzero(mirror.alive)
+        rows = index_rows(mirror, positions)
+        dim = rows.shape[1] if rows.ndim == 2 and rows.shape[1] else mirror.dim + min(mirror.scalars, 1)
+        kind = self._wanted_kind(len(rows))
+        if kind == "ivf" and len(rows):
+            index = self._ivf(rows, dim)
+        else:
+            kind, index = "flat", faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        if len(rows):
+            index.add_with_ids(rows, positions.astype(np.int64))
+        self.index, self.built_kind = index, kind
+        self.rebuilds += 1
+
+    def _ivf(self, rows: np.ndarray, dim: int) -> faiss.Index:
+        n = len(rows)
+        reuse = (self._centroids is not None and self._centroids.shape[1] == dim
+                 and self._trained_on / 2 <= n <= self._trained_on * 2)
+        if not reuse:
+            nlist = max(1, int(np.sqrt(n)))
+            sample = rows[np.random.default_rng(0).choice(n, min(n, nlist * IVF_TRAIN_PER_LIST), replace=False)]
+            kmeans = faiss.Kmeans(dim, nlist, niter=IVF_TRAIN_ITERATIONS, spherical=False, seed=1)
+            kmeans.train(sample)
+            self._centroids, self._trained_on = kmeans.centroids.copy(), n
+        quantizer = faiss.IndexFlatIP(dim)
+        quantizer.add(self._centroids)
+        index = faiss.IndexIVFFlat(quantizer, dim, len(self._centroids), faiss.METRIC_INNER_PRODUCT)
+        index.is_trained = True
+        index.nprobe = self.nprobe
+        return index
+
+    def update(self, changes: Changes, mirror: TableMirror) -> bool:
+        """Follow one applied delta; returns True when the index was rebuilt."""
+        touched = len(changes.upserted) + len(changes.removed)
+        if (self.index is None or changes.full or touched > self.rebuild_fraction * max(self.size, 1)
+                or self._wanted_kind(len(mirror)) != self.built_kind
+                or self.index.d != mirror.dim + min(mirror.scalars, 1)):
+            self.rebuild(mirror)
+            return True
+        stale = np.concatenate([changes.removed, changes.upserted]).astype(np.int64)
+        if len(stale):
+            self.index.remove_ids(faiss.IDSelectorBatch(stale))
+        if len(changes.upserted):
+            self.index.add_with_ids(index_rows(mirror, changes.upserted), changes.upserted)
+        return False
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, row positions), -1 positions where fewer than k items exist."""
+        if self.index is None or not self.size:
+            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+        return self.index.search(queries, min(k, self.size))
+
+    def clone(self) -> ItemIndex:
+        """An independent copy (the second buffer after a rebuild: a copy is cheaper than a rebuild)."""
+        copy = ItemIndex(self.kind, self.nprobe, self.ivf_min_items, self.rebuild_fraction)
+        copy.index = None if self.index is None else faiss.clone_index(self.index)
+        if copy.index is not None and self.built_kind == "ivf":
+            faiss.extract_index_ivf(copy.index).nprobe = self.nprobe
+        copy.built_kind, copy._centroids, copy._trained_on = self.built_kind, self._centroids, self._trained_on
+        return copy

@@ -1,0 +1,253 @@
+"""The request pipeline: candidates from several sources -> union -> rescore -> seen-filter ->
+MMR -> top k; plus rescoring given candidates and similar items. Everything is computed from one
+`ServingState`, vectorised over candidates (the only Python loops are MMR's k picks and building
+the k result objects)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from streamrec.serving.config import ServingConfig
+from streamrec.serving.history import History
+from streamrec.serving.index import query_rows
+from streamrec.serving.metrics import ServingMetrics
+from streamrec.serving.mmr import mmr
+from streamrec.serving.state import ServingState
+
+SOURCES = ("ann", "item_knn", "trending")  # bit i of a candidate's source mask
+_SOURCE_LISTS = [[s for i, s in enumerate(SOURCES) if mask >> i & 1] for mask in range(1 << len(SOURCES))]
+
+
+class Unavailable(RuntimeError):
+    """Nothing to answer with yet (no model loaded and no fallback): HTTP 503."""
+
+
+class UnknownItem(KeyError):
+    """An item neither the item table nor the kNN artifact knows: HTTP 404."""
+
+
+def _note_redis(degraded: list[str]) -> None:
+    if "redis" not in degraded:
+        degraded.append("redis")
+
+
+def top_order(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest scores, best first."""
+    if len(scores) > k:
+        part = np.argpartition(-scores, k - 1)[:k]
+        return part[np.argsort(-scores[part], kind="stable")]
+    return np.argsort(-scores, kind="stable")
+
+
+class Recommender:
+    def __init__(self, config: ServingConfig, history: History, metrics: ServingMetrics) -> None:
+        self.config, self.history = config, history
+        self._candidates = [metrics.candidates.labels(s) for s in SOURCES]
+        self._recommended = [metrics.recommended.labels(s) for s in SOURCES]
+        self._fallback = {r: metrics.degraded.labels(r) for r in ("cold_start", "prior")}
+        self._trending_cache: tuple[ServingState, list, np.ndarray, np.ndarray] | None = None
+
+    # ---- shared -------------------------------------------------------------------------------
+    @staticmethod
+    def _user(state: ServingState, user_id: str) -> tuple[np.ndarray, float] | None:
+        """(p_u, b_u) of a user with a vector, else None."""
+        users, dim = state.users, state.items.dim
+        row = users.position(user_id)
+        if row < 0:
+            return None
+        if users.dim != dim:
+            raise Unavailable(f"user table dim {users.dim} != item table dim {dim}: check user_table/item_table")
+        values = users.values[row]
+        return values[:dim].astype(np.float32), float(values[dim]) if users.scalars else 0.0
+
+    @staticmethod
+    def _scores(state: ServingState, rows: np.ndarray, user: tuple[np.ndarray, float]) -> dict[str, np.ndarray]:
+        items, (p_u, b_u) = state.items, user
+        values = items.values[rows]
+        dot = values[:, : items.dim] @ p_u
+        bias = values[:, items.dim] if items.scalars else np.zeros(len(rows), np.float32)
+        return {"dot": dot.astype(np.float64), "bias": bias.astype(np.float64) + b_u}
+
+    def _rank(self, state: ServingState, user_id: str, rows: np.ndarray, features: dict[str, np.ndarray]) -> np.ndarray:
+        """The published ranking model's scores, else the retrieval model's (dot + biases)."""
+        ranker = state.artifacts.ranker
+        if ranker is None:
+            return features["dot"] + features["bias"]
+        return np.asarray(ranker.score(features, user_id, state.item_ids[rows]), dtype=np.float64)
+
+    # ---- /recommend ---------------------------------------------------------------------------
+    def recommend(self, state: ServingState | None, user_id: str, k: int, exclude_seen: bool,
+                  diversity: float, explain: bool) -> dict[str, Any]:
+        degraded: list[str] = []
+        c = self.config
+        wants_recent = state is not None and state.artifacts.knn is not None and c.knn_per_item
+        history = self.history.user_history(user_id, c.knn_recent if wants_recent else 0, exclude_seen)
+        if history is None:
+            _note_redis(degraded)
+            history = ([], set())
+        recent, seen = history
+        user = self._user(state, user_id) if state is not None else None
+        if user is None:
+            body = self._cold_start(state, k, seen, degraded)
+        else:
+            body = self._personal(state, user_id, recent, user, k, seen, diversity, explain, degraded)
+        if "redis" in degraded:
+            self.history.count_degraded()
+        body["degraded"] = degraded
+        return body
+
+    def _cold_start(self, state: ServingState | None, k: int, seen: set[str], degraded: list[str]) -> dict[str, Any]:
+        """A user without a vector: trending items; without Redis, the items with the largest bias."""
+        trending = self.history.trending(k + len(seen))
+        if trending is None:
+            _note_redis(degraded)
+        if trending:
+            ids = np.array([item for item, _ in trending], dtype=object)
+            scores = np.array([score for _, score in trending])
+            source = "trending"
+        elif state is not None and len(state.prior):
+            ids = state.item_ids[state.prior]
+            scores = state.items.values[state.prior, state.items.dim] if state.items.scalars else np.zeros(len(ids))
+            source = "prior"
+            self._fallback["prior"].inc()
+        else:
+            raise Unavailable("no model loaded yet and no trending items")
+        self._fallback["cold_start"].inc()
+        keep = ~pd.Index(ids).isin(list(seen)) if seen else np.ones(len(ids), bool)
+        ids, scores = ids[keep][:k], scores[keep][:k]
+        return {"cold_start": True, "items": [{"item_id": i, "score": s, "sources": [source]}
+                                                for i, s in zip(ids.tolist(), np.asarray(scores, float).tolist())]}
+
+    def _trending_rows(self, state: ServingState, trending: list[tuple[str, float]]) -> tuple[np.ndarray, np.ndarray]:
+        """Item rows and popularity of the trending list, computed once per (state, trending list)."""
+        cached = self._trending_cache
+        if cached is not None and cached[0] is state and cached[1] is trending:
+            return cached[2], cached[3]
+        rows = state.items.positions([item for item, _ in trending])
+        popularity = np.array([score for _, score in trending])[rows >= 0]
+        rows = rows[rows >= 0]
+        self._trending_cache = (state, trending, rows, popularity)
+        return rows, popularity
+
+    def _item_knn(self, state: ServingState, recent_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Item rows and scores of the neighbours of the user's recent items (artifact order)."""
+        knn, per_item = state.artifacts.knn, self.config.knn_per_item
+        rows = state.knn_item_row[recent_rows]
+        rows = rows[rows >= 0]
+        neighbors, scores = knn.neighbors[rows, :per_item].ravel(), knn.scores[rows, :per_item].ravel()
+        valid = neighbors >= 0
+        item_rows = state.knn_neighbor_row[neighbors[valid]]
+        return item_rows[item_rows >= 0], scores[valid][item_rows >= 0]
+
+    def _personal(self, state: ServingState, user_id: str, recent: list[str], user: tuple[np.ndarray, float], k: int,
+                  seen: set[str], diversity: float, explain: bool, degraded: list[str]) -> dict[str, Any]:
+        c, items = self.config, state.items
+        looked_up = items.positions([*recent, *seen]) if recent or seen else np.zeros(0, np.int64)
+        recent_rows, seen_rows = looked_up[: len(recent)], looked_up[len(recent) :]
+        recent_rows, seen_rows = recent_rows[recent_rows >= 0], seen_rows[seen_rows >= 0]
+        # sources
+        _, ann = state.index.search(query_rows(user[0][None], items), max(c.ann_candidates, k) + len(seen_rows))
+        ann = ann[0][ann[0] >= 0]
+        knn_rows, knn_scores = self._item_knn(state, recent_rows) if len(recent_rows) else (np.zeros(0, np.int64), np.zeros(0))
+        trending = self.history.trending(c.trending_candidates)
+        trend_rows, trend_pop = np.zeros(0, np.int64), np.zeros(0)
+        if trending is None:
+            _note_redis(degraded)
+        elif trending:
+            trend_rows, trend_pop = self._trending_rows(state, trending)
+        # union, with per-candidate source bits and source features
+        sizes = (len(ann), len(knn_rows), len(trend_rows))
+        for counter, size in zip(self._candidates, sizes):
+            counter.inc(size)
+        rows, inverse = np.unique(np.concatenate([ann, knn_rows, trend_rows]), return_inverse=True)
+        bits = np.zeros(len(rows), np.uint8)
+        np.bitwise_or.at(bits, inverse, np.repeat(np.array([1, 2, 4], np.uint8), sizes))
+        knn_score = np.zeros(len(rows))
+        np.maximum.at(knn_score, inverse[sizes[0] : sizes[0] + sizes[1]], knn_scores)
+        popularity = np.zeros(len(rows))
+        popularity[inverse[sizes[0] + sizes[1] :]] = trend_pop
+        union = len(rows)
+        if len(seen_rows):
+            keep = ~np.isin(rows, seen_rows)
+            rows, bits, knn_score, popularity = rows[keep], bits[keep], knn_score[keep], popularity[keep]
+        # rescore, then pick
+        features = self._scores(state, rows, user)
+        features.update({"ann": (bits & 1).astype(np.float64), "item_knn": (bits >> 1 & 1).astype(np.float64),
+                         "trending": (bits >> 2 & 1).astype(np.float64), "knn_score": knn_score,
+                         "popularity": popularity})
+        score = self._rank(state, user_id, rows, features)
+        lam = 1.0 - diversity
+        mmr_values = None
+        if diversity > 0 and len(rows) > 1:
+            by_score = np.argsort(-score, kind="stable")  # ties between equal MMR values go to relevance
+            picks, mmr_values = mmr(score[by_score], items.values[rows[by_score], : items.dim], k, lam)
+            order = by_score[picks]
+        else:
+            order = top_order(score, k)
+        src = bits[order]
+        for bit, counter in enumerate(self._recommended):
+            counter.inc(int(np.count_nonzero(src & (1 << bit))))
+        ids, scores = state.item_ids[rows[order]].tolist(), score[order].tolist()
+        result: list[dict[str, Any]] = [{"item_id": i, "score": s, "sources": _SOURCE_LISTS[b]}
+                                        for i, s, b in zip(ids, scores, src.tolist())]
+        body: dict[str, Any] = {"cold_start": False, "items": result}
+        if explain:
+            columns = {name: features[name][order].tolist() for name in ("dot", "bias", "knn_score", "popularity")}
+            if mmr_values is not None:
+                columns["mmr"] = mmr_values.tolist()
+            for position, entry in enumerate(result):
+                entry.update({name: values[position] for name, values in columns.items()})
+            body["explain"] = {
+                "candidates": dict(zip(SOURCES, sizes)), "union": union, "seen_filtered": union - len(rows),
+                "lambda": lam, "ranker": state.artifacts.ranker.name if state.artifacts.ranker else None,
+            }
+        return body
+
+    # ---- /rescore -----------------------------------------------------------------------------
+    def rescore(self, state: ServingState | None, user_id: str, candidates: list[str]) -> dict[str, Any]:
+        if state is None:
+            raise Unavailable("no model loaded yet")
+        ids = pd.unique(np.asarray(candidates, dtype=object))
+        rows = state.items.positions(ids)
+        known = rows >= 0
+        user = self._user(state, user_id)
+        cold = user is None
+        if cold:  # a zero user vector: the items' biases, the model's popularity prior
+            user = (np.zeros(state.items.dim, np.float32), 0.0)
+        features = self._scores(state, rows[known], user)
+        zeros = np.zeros(int(known.sum()))
+        features.update({name: zeros for name in ("ann", "item_knn", "trending", "knn_score", "popularity")})
+        score = self._rank(state, user_id, rows[known], features)
+        order = np.argsort(-score, kind="stable")
+        return {"cold_start": cold, "unknown": ids[~known].tolist(),
+                "items": [{"item_id": i, "score": s} for i, s in zip(ids[known][order].tolist(), score[order].tolist())]}
+
+    # ---- /similar -----------------------------------------------------------------------------
+    def similar(self, state: ServingState | None, item_id: str, k: int) -> dict[str, Any]:
+        if state is None:
+            raise Unavailable("no model loaded yet")
+        items, knn = state.items, state.artifacts.knn
+        row = items.position(item_id)
+        in_knn = knn is not None and item_id in knn.index
+        if row < 0 and not in_knn:
+            raise UnknownItem(item_id)
+        nearest: list[dict[str, Any]] = []
+        if row >= 0:
+            q = items.values[row, : items.dim].astype(np.float32)
+            q = q / max(float(np.linalg.norm(q)), 1e-12)
+            # inner product on the vector part only (bias weight 0); over-fetch, then exact cosine
+            _, cand = state.index.search(query_rows(q[None], items, bias_weight=0.0), 4 * k + 1)
+            cand = cand[0][(cand[0] >= 0) & (cand[0] != row)]
+            vectors = items.values[cand, : items.dim]
+            cosine = vectors @ q / np.maximum(np.linalg.norm(vectors, axis=1), 1e-12)
+            order = top_order(cosine, k)
+            nearest = [{"item_id": i, "score": s}
+                       for i, s in zip(state.item_ids[cand[order]].tolist(), cosine[order].astype(float).tolist())]
+        neighbours = None
+        if in_knn:
+            ids, scores = knn.lookup([item_id], k)
+            neighbours = [{"item_id": i, "score": s} for i, s in zip(ids.tolist(), scores.astype(float).tolist())]
+        return {"item_id": item_id, "items": nearest, "item_knn": neighbours}

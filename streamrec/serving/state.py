@@ -1,0 +1,91 @@
+"""The state a request reads, and the holder that swaps it atomically.
+
+A request takes the current `ServingState` once (`StateHolder.use`) and computes its whole answer
+from it, so it never sees a half-applied update or two model versions. The sync thread builds the
+next state in a standby buffer, swaps the reference, then waits until no request still uses the
+old state before it touches the old buffers again (`wait_unused`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+from streamrec.param_server.replica import TableMirror
+from streamrec.serving.artifacts import Artifacts
+from streamrec.serving.index import ItemIndex
+
+PRIOR_ITEMS = 1000  # cold-start fallback without Redis: the items with the largest learned bias
+
+
+@dataclass(eq=False)
+class ServingState:
+    users: TableMirror
+    items: TableMirror
+    index: ItemIndex
+    artifacts: Artifacts
+    version: int  # the parameter server's version (summed over shards) at the last applied change
+    loaded_at: float  # wall time this state was swapped in
+    item_ids: np.ndarray  # object ids by item row
+    prior: np.ndarray  # item rows by decreasing bias (alive only)
+    knn_item_row: np.ndarray  # item row -> row of the kNN artifact (-1: none)
+    knn_neighbor_row: np.ndarray  # kNN artifact row -> item row (-1: no live vector)
+    refs: int = 0  # requests using this state; guarded by the holder's lock
+
+    @classmethod
+    def build(cls, users: TableMirror, items: TableMirror, index: ItemIndex, artifacts: Artifacts,
+              version: int) -> ServingState:
+        alive = np.flatnonzero(items.alive)
+        bias = items.values[alive, items.dim] if items.scalars else np.zeros(len(alive), np.float32)
+        top = alive[np.argsort(-bias, kind="stable")[:PRIOR_ITEMS]]
+        # the kNN lists mapped onto item rows once per state, so a request does no id lookups for them
+        neighbor_row = items.positions(artifacts.knn.ids) if artifacts.knn is not None else np.zeros(0, np.int64)
+        item_row = np.full(len(items.index), -1, np.int64)
+        known = neighbor_row >= 0
+        item_row[neighbor_row[known]] = np.flatnonzero(known)
+        return cls(users, items, index, artifacts, version, time.time(), items.index.values, top, item_row, neighbor_row)
+
+
+class StateHolder:
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._current: ServingState | None = None
+        self.confirmed_at = 0.0  # wall time of the last successful poll (the state was current then)
+        self.last_error: str | None = None
+
+    @property
+    def current(self) -> ServingState | None:
+        return self._current
+
+    def staleness(self) -> float | None:
+        """Seconds since the parameter server last confirmed this worker's state; None before any."""
+        return None if not self.confirmed_at else max(0.0, time.time() - self.confirmed_at)
+
+    @contextmanager
+    def use(self) -> Iterator[ServingState | None]:
+        with self._cond:
+            state = self._current
+            if state is not None:
+                state.refs += 1
+        try:
+            yield state
+        finally:
+            if state is not None:
+                with self._cond:
+                    state.refs -= 1
+                    if not state.refs:
+                        self._cond.notify_all()
+
+    def swap(self, state: ServingState) -> ServingState | None:
+        with self._cond:
+            old, self._current = self._current, state
+        return old
+
+    def wait_unused(self, state: ServingState) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: state.refs == 0)

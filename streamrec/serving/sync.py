@@ -1,0 +1,145 @@
+"""Polling the parameter server and swapping new state in atomically (double buffering).
+
+Each worker keeps two buffers, each a user replica, an item replica and a FAISS index. A poll
+fetches the deltas of both tables and any changed artifact blob, applies them to the standby
+buffer, swaps a new `ServingState` over it in, waits until requests have left the old state,
+then applies the same deltas to the old buffer, so both are identical again and the next poll
+can start from either. Requests never wait for a sync; a sync costs twice the apply work and the
+replicas take twice the memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from streamrec.param_server.client import ParamClient
+from streamrec.param_server.replica import TableMirror
+from streamrec.serving.artifacts import Artifacts
+from streamrec.serving.config import ServingConfig
+from streamrec.serving.index import ItemIndex
+from streamrec.serving.metrics import ServingMetrics
+from streamrec.serving.state import ServingState, StateHolder
+
+log = logging.getLogger(__name__)
+GAUGE_REFRESH_S = 1.0  # the staleness gauge is refreshed at least this often between polls
+
+
+@dataclass
+class Buffer:
+    users: TableMirror
+    items: TableMirror
+    index: ItemIndex
+
+
+def _changed(delta: Any) -> bool:
+    return bool(delta.full or len(delta.ids) or len(delta.deleted))
+
+
+class Syncer:
+    def __init__(self, config: ServingConfig, holder: StateHolder, metrics: ServingMetrics) -> None:
+        self.config, self.holder, self.metrics = config, holder, metrics
+        self.buffers = [self._buffer(), self._buffer()]
+        self.standby = 0
+        self.since: dict[str, Any] = {config.user_table: 0, config.item_table: 0}
+        self.artifacts = Artifacts()
+        self._client: ParamClient | None = None
+
+    def _buffer(self) -> Buffer:
+        c = self.config
+        return Buffer(TableMirror(None, c.user_table), TableMirror(None, c.item_table),
+                      ItemIndex(c.index, c.nprobe, c.ivf_min_items, c.rebuild_fraction))
+
+    def _connect(self) -> ParamClient:
+        if self._client is None:
+            self._client = ParamClient(self.config.param_servers, token=self.config.param_server_token,
+                                       timeout=30.0, retries=1, retry_backoff=0.1)
+        return self._client
+
+    def _fetch_artifacts(self, client: ParamClient) -> Artifacts:
+        """Artifacts with every configured blob that has a newer version decoded."""
+        artifacts = self.artifacts
+        published = client.blobs()
+        for name, kind in ((self.config.knn_blob, "knn"), (self.config.ranker_blob, "ranker")):
+            version = published.get(name)
+            if version is not None and version > artifacts.versions.get(name, 0):
+                blob = client.get_blob(name, since=artifacts.versions.get(name, 0))
+                if blob is not None:
+                    artifacts = artifacts.with_blob(name, kind, blob.data, blob.version)
+        return artifacts
+
+    def poll(self) -> bool:
+        """One poll; True when a new state was swapped in. Raises on parameter-server errors."""
+        started = time.perf_counter()
+        client = self._connect()
+        try:
+            deltas = {table: client.delta(table, since) for table, since in self.since.items()}
+            artifacts = self._fetch_artifacts(client)
+        except OSError:
+            client.close()  # reconnect next time
+            raise
+        changed = (any(_changed(d) for d in deltas.values()) or artifacts is not self.artifacts
+                   or self.holder.current is None)
+        if changed:
+            self._swap_in(deltas, artifacts)
+        for table, delta in deltas.items():
+            self.since[table] = delta.version
+        self.artifacts = artifacts
+        self.holder.confirmed_at, self.holder.last_error = time.time(), None
+        self.metrics.sync_seconds.observe(time.perf_counter() - started)
+        self.metrics.staleness.set(0.0)
+        return changed
+
+    def _apply(self, buffer: Buffer, deltas: dict[str, Any], rebuilt_from: ItemIndex | None) -> bool:
+        """Apply the deltas to one buffer; the index is cloned from `rebuilt_from` when given."""
+        users, items = deltas[self.config.user_table], deltas[self.config.item_table]
+        if _changed(users):
+            buffer.users.apply(users)
+        if not _changed(items):
+            return False
+        changes = buffer.items.apply(items)
+        if rebuilt_from is not None:
+            buffer.index = rebuilt_from.clone()
+            return True
+        rebuilt = buffer.index.update(changes, buffer.items)
+        if rebuilt:
+            self.metrics.index_rebuilds.inc()
+        return rebuilt
+
+    def _swap_in(self, deltas: dict[str, Any], artifacts: Artifacts) -> None:
+        standby = self.buffers[self.standby]
+        rebuilt = self._apply(standby, deltas, None)
+        versions = deltas[self.config.item_table].version
+        state = ServingState.build(standby.users, standby.items, standby.index, artifacts, int(sum(versions)))
+        old = self.holder.swap(state)
+        self.metrics.model_version.set(state.version)
+        self.metrics.index_items.set(standby.index.size)
+        if old is not None:
+            self.holder.wait_unused(old)
+        other = self.buffers[1 - self.standby]
+        self._apply(other, deltas, standby.index if rebuilt else None)
+        self.standby = 1 - self.standby  # the buffer just caught up is the next standby
+
+    def run(self, stop: threading.Event) -> None:
+        """Poll every `poll_interval` seconds until `stop` is set; never raises."""
+        while not stop.is_set():
+            next_poll = time.monotonic() + self.config.poll_interval
+            try:
+                self.poll()
+            except Exception as exc:  # noqa: BLE001 - the sync thread must survive any failure and keep the last state
+                self.metrics.sync_failures.inc()
+                self.holder.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("parameter-server poll failed: %s", self.holder.last_error)
+            while not stop.wait(max(0.0, min(GAUGE_REFRESH_S, next_poll - time.monotonic()))):
+                staleness = self.holder.staleness()
+                if staleness is not None:
+                    self.metrics.staleness.set(staleness)
+                if time.monotonic() >= next_poll:
+                    break
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()

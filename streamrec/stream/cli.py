@@ -1,0 +1,162 @@
+"""Commands of the event stream: topics, produce, replay, bench stream."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from streamrec.core.cli import print_json, settings_from
+
+
+def _fail(message: str) -> click.ClickException:
+    return click.ClickException(message)
+
+
+# ---------------------------------------------------------------- topics
+@click.group()
+def topics() -> None:
+    """Create, list and describe topics."""
+
+
+@topics.command("create")
+@click.argument("names", nargs=-1)
+@click.option("--partitions", type=int, help="partitions per topic [settings.topic_partitions]")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def topics_create(ctx: click.Context, names: tuple[str, ...], partitions: int | None, as_json: bool) -> None:
+    """Create NAMES (default: the interaction topic and its dead-letter topic)."""
+    from streamrec.stream.topics import create_topics
+
+    settings = settings_from(ctx)
+    names = names or (settings.topic, settings.dlq_topic)
+    result = create_topics(settings.kafka_bootstrap, list(names), partitions or settings.topic_partitions)
+    _show(result, as_json)
+
+
+@topics.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def topics_list(ctx: click.Context, as_json: bool) -> None:
+    """Topics on the broker."""
+    from streamrec.stream.topics import list_topics
+
+    names = list_topics(settings_from(ctx).kafka_bootstrap)
+    if as_json:
+        print_json(names)
+    else:
+        click.echo("\n".join(names))
+
+
+@topics.command("describe")
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def topics_describe(ctx: click.Context, name: str | None, as_json: bool) -> None:
+    """Partitions, end offsets, message count, and per consumer group committed offsets and lag."""
+    from streamrec.stream.topics import describe_topic
+
+    settings = settings_from(ctx)
+    try:
+        data = describe_topic(settings.kafka_bootstrap, name or settings.topic)
+    except KeyError as exc:
+        raise _fail(str(exc)) from exc
+    if as_json:
+        print_json(data)
+        return
+    click.echo(f"topic {data['topic']}: {data['messages']} messages")
+    for row in data["partitions"]:
+        click.echo(f"  partition {row['partition']}: offsets {row['beginning_offset']}..{row['end_offset']}")
+    for group, info in data["groups"].items():
+        click.echo(f"  group {group}: lag {info['total_lag']} {info['lag']}")
+
+
+# ---------------------------------------------------------------- produce / replay
+@click.command("produce")
+@click.argument("file", type=click.File("rb"), default="-")
+@click.option("--topic", "topic_flag", help="target topic [settings.topic]")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def produce(ctx: click.Context, file: Any, topic_flag: str | None, as_json: bool) -> None:
+    """Send JSON lines from FILE (or stdin) to the topic; invalid lines go to the dead-letter topic."""
+    from streamrec.stream.publish import EventPublisher
+
+    settings = settings_from(ctx)
+    publisher = EventPublisher.from_settings(settings, "produce", topic_flag)
+    name = getattr(file, "name", "-")
+    lines = 0
+    for lines, raw in enumerate(file, start=1):
+        publisher.publish_raw(raw.rstrip(b"\r\n"), {"file": name, "line": lines})
+    publisher.close()
+    result = {"lines": lines, **publisher.summary(), "topic": publisher.topic}
+    if as_json:
+        print_json(result)
+    else:
+        click.echo(f"{result['accepted']} accepted, {result['dead_lettered']} dead-lettered to {publisher.topic}{settings.dlq_suffix}")
+
+
+@click.command("replay")
+@click.option("--data", "data_path", required=True, type=click.Path(exists=True, path_type=Path),
+              help="log file or folder (ml-100k: the folder or u.data)")
+@click.option("--format", "fmt", type=click.Choice(["ml-100k", "ml-latest", "csv", "jsonl"]), default="ml-100k")
+@click.option("--topic", "topic_flag", help="target topic [settings.topic]")
+@click.option("--speed", type=float, default=0.0, show_default=True,
+              help="event-time seconds per wall second; 0 = as fast as possible")
+@click.option("--limit", type=int, help="replay only the first N events (in time order)")
+@click.option("--map", "mapping", multiple=True, help="field=column, e.g. user_id=userId,item_id=movieId")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def replay_cmd(ctx: click.Context, data_path: Path, fmt: str, topic_flag: str | None, speed: float,
+               limit: int | None, mapping: tuple[str, ...], as_json: bool) -> None:
+    """Replay a historical log into the topic in timestamp order (ties: user, then item)."""
+    from streamrec.stream.loaders import load_log, parse_map_option
+    from streamrec.stream.publish import EventPublisher
+    from streamrec.stream.replay import replay
+    from streamrec.stream.topics import create_topics
+    from streamrec.core.progress import progress_bar
+
+    if speed < 0:
+        raise click.BadParameter("must be >= 0", param_hint="--speed")
+    settings = settings_from(ctx)
+    try:
+        log = load_log(data_path, fmt, parse_map_option(mapping))
+    except (ValueError, KeyError) as exc:
+        raise _fail(f"cannot read {data_path} as {fmt}: {exc}") from exc
+    publisher = EventPublisher.from_settings(settings, "replay", topic_flag)
+    create_topics(settings.kafka_bootstrap, [publisher.topic, publisher.dead_letters.topic], settings.topic_partitions)
+    total = min(len(log), limit) if limit is not None else len(log)
+    with progress_bar(f"replay -> {publisher.topic}", total) as advance:
+        result = replay(log, publisher, speed, limit, advance)
+    publisher.close()
+    summary = result.to_json()
+    if as_json:
+        print_json(summary)
+    else:
+        click.echo(
+            f"replayed {summary['produced']} events ({summary['dead_lettered']} dead-lettered) in "
+            f"{summary['seconds']} s, {summary['events_per_second']} events/s; event time "
+            f"{summary['first_timestamp']} .. {summary['last_timestamp']}"
+        )
+
+
+# ---------------------------------------------------------------- bench
+@click.command("stream")
+@click.option("--events", type=int, default=200_000, show_default=True)
+@click.option("--client", type=click.Choice(["kafka-python", "confluent"]), help="[settings.kafka_client]")
+@click.option("--partitions", type=int, default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="(output is always JSON)")
+@click.pass_context
+def bench_stream_cmd(ctx: click.Context, events: int, client: str | None, partitions: int, as_json: bool) -> None:
+    """Produce and consume (decode + validate) EVENTS through the configured broker."""
+    from streamrec.stream.bench import bench_stream
+
+    settings = settings_from(ctx)
+    print_json(bench_stream(settings, events, client or settings.kafka_client, partitions))
+
+
+def register(cli: click.Group, bench: click.Group) -> None:
+    cli.add_command(topics)
+    cli.add_command(produce)
+    cli.add_command(replay_cmd)
+    bench.add_command(bench_stream_cmd)

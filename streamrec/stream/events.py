@@ -1,0 +1,202 @@
+"""The one interaction-event schema: validation, normalisation, wire encoding and batching.
+
+Wire format: a UTF-8 JSON object per Kafka record, key = user id (per-user order within a
+partition), record timestamp = the event timestamp in milliseconds. Validation is strict: a
+record that fails any check raises `InvalidEvent` with a short machine-readable reason, and the
+caller sends it to the dead-letter topic (see `streamrec.stream.deadletter`) - nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+BUILTIN_EVENT_TYPES: tuple[str, ...] = ("view", "click", "like", "rating", "purchase", "watch", "skip")
+FIELDS = frozenset({"event_id", "user_id", "item_id", "event_type", "value", "timestamp", "context"})
+REQUIRED = ("user_id", "item_id", "event_type", "timestamp")
+MIN_TIMESTAMP = 788_918_400.0  # 1995-01-01T00:00:00Z: nothing older is a plausible interaction
+MAX_FUTURE_SECONDS = 86_400.0
+MAX_ID_BYTES = 256
+_NUMBER = (int, float)
+_INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1  # what JSON encoders and decoders here accept
+
+
+class InvalidEvent(ValueError):
+    """A record that breaks the schema; `reason` is a short code such as `bad_type:user_id`."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class EventSchema:
+    """The accepted event types and context bounds; one instance per process."""
+
+    custom_event_types: tuple[str, ...] = ()
+    max_context_keys: int = 32
+    max_context_bytes: int = 2048
+    event_types: frozenset[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "event_types", frozenset(BUILTIN_EVENT_TYPES) | frozenset(self.custom_event_types)
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> EventSchema:
+        return cls(
+            tuple(settings.custom_event_types), settings.max_context_keys, settings.max_context_bytes
+        )
+
+    def validate(self, obj: Any, now: float | None = None) -> dict[str, Any]:
+        """Check one decoded record and return it normalised (event_id filled, value a float).
+
+        The returned dict is a new object holding only schema fields, so it can be re-encoded as is.
+        """
+        if type(obj) is not dict:
+            raise InvalidEvent("not_object", f"expected a JSON object, got {type(obj).__name__}")
+        extra = obj.keys() - FIELDS
+        if extra:
+            raise InvalidEvent("unknown_field", ",".join(sorted(map(str, extra)))[:200])
+        for name in REQUIRED:
+            if name not in obj or obj[name] is None:
+                raise InvalidEvent(f"missing_field:{name}")
+        event_id = obj.get("event_id")
+        if event_id is None:
+            event_id = uuid.uuid4().hex
+        else:
+            _check_id("event_id", event_id)
+        user_id, item_id = obj["user_id"], obj["item_id"]
+        _check_id("user_id", user_id)
+        _check_id("item_id", item_id)
+        event_type = obj["event_type"]
+        if type(event_type) is not str:
+            raise InvalidEvent("bad_type:event_type", type(event_type).__name__)
+        if event_type not in self.event_types:
+            raise InvalidEvent("unknown_event_type", event_type[:64])
+        timestamp = _finite_number("timestamp", obj["timestamp"])
+        now = time.time() if now is None else now
+        if timestamp < MIN_TIMESTAMP or timestamp > now + MAX_FUTURE_SECONDS:
+            raise InvalidEvent("timestamp_out_of_range", repr(timestamp))
+        event: dict[str, Any] = {
+            "event_id": event_id,
+            "user_id": user_id,
+            "item_id": item_id,
+            "event_type": event_type,
+            "timestamp": timestamp,
+        }
+        value = obj.get("value")
+        if value is not None:
+            event["value"] = _finite_number("value", value)
+        context = obj.get("context")
+        if context is not None:
+            event["context"] = self._check_context(context)
+        return event
+
+    def _check_context(self, context: Any) -> dict[str, Any]:
+        if type(context) is not dict:
+            raise InvalidEvent("bad_type:context", type(context).__name__)
+        if len(context) > self.max_context_keys:
+            raise InvalidEvent("context_too_large", f"{len(context)} keys > {self.max_context_keys}")
+        for key, value in context.items():
+            kind = type(value)
+            if kind is str:
+                continue
+            if kind not in _NUMBER:
+                raise InvalidEvent("bad_context_value", f"{str(key)[:64]}: {kind.__name__}")
+            if kind is float and not math.isfinite(value):
+                raise InvalidEvent("non_finite:context", str(key)[:64])
+            if kind is int and not _INT64_MIN <= value <= _UINT64_MAX:
+                raise InvalidEvent("bad_context_value", f"{str(key)[:64]}: integer out of 64-bit range")
+        size = len(orjson.dumps(context))
+        if size > self.max_context_bytes:
+            raise InvalidEvent("context_too_large", f"{size} bytes > {self.max_context_bytes}")
+        return context
+
+    def decode(self, raw: bytes, now: float | None = None) -> dict[str, Any]:
+        """Wire bytes -> validated event."""
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidEvent("not_json", str(exc)[:200]) from None
+        return self.validate(obj, now)
+
+
+def _check_id(name: str, value: Any) -> None:
+    if type(value) is not str:
+        raise InvalidEvent(f"bad_type:{name}", type(value).__name__)
+    # A str of <= 64 chars is at most 256 UTF-8 bytes: encode only the rare long ones.
+    if not value or (len(value) > 64 and len(value.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES):
+        raise InvalidEvent(f"bad_length:{name}", f"{len(value)} chars")
+
+
+def _finite_number(name: str, value: Any) -> float:
+    kind = type(value)
+    if kind not in _NUMBER:  # bool is excluded: type(True) is bool
+        raise InvalidEvent(f"bad_type:{name}", kind.__name__)
+    try:
+        number = float(value)
+    except OverflowError:
+        raise InvalidEvent(f"non_finite:{name}", "integer too large") from None
+    if not math.isfinite(number):
+        raise InvalidEvent(f"non_finite:{name}", repr(value))
+    return number
+
+
+def encode(event: dict[str, Any]) -> bytes:
+    """Validated event -> wire bytes."""
+    return orjson.dumps(event)
+
+
+@dataclass(frozen=True)
+class EventBatch:
+    """Columns of a micro-batch of validated events, in arrival order (what trainers consume)."""
+
+    event_id: list[str]
+    user_id: list[str]
+    item_id: list[str]
+    event_type: list[str]
+    value: np.ndarray  # float64, NaN where the event has no value
+    timestamp: np.ndarray  # float64 epoch seconds
+    context: list[dict[str, Any] | None]
+
+    def __len__(self) -> int:
+        return len(self.event_id)
+
+    @classmethod
+    def from_events(cls, events: Sequence[dict[str, Any]]) -> EventBatch:
+        return cls(
+            [e["event_id"] for e in events],
+            [e["user_id"] for e in events],
+            [e["item_id"] for e in events],
+            [e["event_type"] for e in events],
+            np.fromiter((e.get("value", math.nan) for e in events), np.float64, len(events)),
+            np.fromiter((e["timestamp"] for e in events), np.float64, len(events)),
+            [e.get("context") for e in events],
+        )
+
+
+def iter_events(
+    user_id: Iterable[str],
+    item_id: Iterable[str],
+    event_type: Iterable[str],
+    value: Iterable[float],
+    timestamp: Iterable[float],
+    event_id: Iterable[str],
+) -> Iterable[dict[str, Any]]:
+    """Columns (e.g. of a historical log) -> raw event dicts, value omitted where NaN."""
+    for e_id, user, item, kind, val, ts in zip(event_id, user_id, item_id, event_type, value, timestamp):
+        event = {"event_id": e_id, "user_id": user, "item_id": item, "event_type": kind,
+                 "timestamp": float(ts)}
+        if val == val:  # not NaN
+            event["value"] = float(val)
+        yield event

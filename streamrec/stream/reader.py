@@ -1,0 +1,76 @@
+"""Read a topic from its beginning up to its current end, outside any consumer group.
+
+Batch refits build their training log this way (`read_log`), and so do tools that inspect the
+dead-letter topic. The end is fixed when reading starts (fetch high-water marks, see
+`streamrec.stream.topics.end_offsets`), so a topic that keeps growing still yields a finite read.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from streamrec.stream.events import EventSchema, InvalidEvent
+from streamrec.stream.kafka import Record, make_consumer
+from streamrec.stream.loaders import InteractionLog, time_order
+from streamrec.stream.topics import end_offsets, partitions_of
+
+
+def read_records(
+    bootstrap: str, topic: str, client: str = "kafka-python", timeout_s: float = 60.0,
+    progress: Callable[[int], None] | None = None,
+) -> list[Record]:
+    """Every record of `topic` present when called, ordered by (partition, offset)."""
+    partitions = partitions_of(bootstrap, topic)
+    bounds = end_offsets(bootstrap, topic, partitions)
+    remaining = {p: e for p, (b, e) in bounds.items() if e > b}
+    records: list[Record] = []
+    if not remaining:
+        return records
+    consumer = make_consumer(bootstrap, client)
+    try:
+        consumer.assign([(topic, p) for p in remaining])
+        for p in remaining:
+            consumer.seek((topic, p), bounds[p][0])
+        deadline = time.monotonic() + timeout_s
+        while remaining:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{topic}: partitions {sorted(remaining)} not read to their end in {timeout_s}s")
+            batch = consumer.poll(max_records=10_000, timeout_s=0.5)
+            kept = [r for r in batch if r.partition in remaining and r.offset < remaining[r.partition]]
+            records.extend(kept)
+            if progress:
+                progress(len(kept))
+            for r in kept:
+                if r.offset + 1 >= remaining[r.partition]:
+                    del remaining[r.partition]
+    finally:
+        consumer.close()
+    records.sort(key=lambda r: (r.partition, r.offset))
+    return records
+
+
+def read_log(
+    bootstrap: str, topic: str, schema: EventSchema, client: str = "kafka-python",
+    progress: Callable[[int], None] | None = None,
+) -> tuple[InteractionLog, int]:
+    """The topic as a time-ordered `InteractionLog` plus the number of invalid records skipped
+    (they were dead-lettered when produced; a batch job only reports them)."""
+    events, invalid = [], 0
+    for record in read_records(bootstrap, topic, client, progress=progress):
+        try:
+            events.append(schema.decode(record.value))
+        except InvalidEvent:
+            invalid += 1
+    log = InteractionLog(
+        user_id=np.array([e["user_id"] for e in events], dtype=object),
+        item_id=np.array([e["item_id"] for e in events], dtype=object),
+        rating=np.array([e.get("value", np.nan) if e["event_type"] == "rating" else np.nan for e in events],
+                        dtype=np.float64),
+        timestamp=np.array([e["timestamp"] for e in events], dtype=np.float64),
+        event_type=np.array([e["event_type"] for e in events], dtype=object),
+        source=f"kafka:{topic}",
+    )
+    return log.take(time_order(log)), invalid

@@ -1,0 +1,98 @@
+"""trainer commands: `streamrec evaluate` (EVALUATION.md) and `streamrec refit`."""
+
+from __future__ import annotations
+
+import click
+
+from streamrec.stream.loaders import FORMATS
+
+
+def register(cli: click.Group, bench: click.Group) -> None:
+    """Attach the trainer's commands to the root group."""
+    cli.add_command(evaluate_cmd)
+    cli.add_command(refit_cmd)
+    bench.add_command(bench_models_cmd)
+
+
+def with_device(model_name: str, params: tuple[str, ...], device: str | None) -> tuple[str, ...]:
+    """`--device X` is `--param device=X` for the models that run on torch devices."""
+    if device is None:
+        return params
+    from streamrec.trainer.models import model_class
+
+    if "device" not in model_class(model_name).defaults:
+        raise click.BadParameter(f"{model_name} does not run on a torch device", param_hint="--device")
+    return (*params, f"device={device}")
+
+
+@click.command("evaluate")
+@click.option("--protocol", type=click.Choice(["rating", "topn", "prequential"]), required=True)
+@click.option("--model", "model_name", required=True, help="model name (see docs/models.md)")
+@click.option("--param", "params", multiple=True, help="hyperparameter key=value (repeatable)")
+@click.option("--data", "data_path", required=True, type=click.Path(exists=True), help="log file or folder")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="ml-100k", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default=None, help="torch device of the neural models, e.g. cuda (default: cpu)")
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON (the only output form)")
+def evaluate_cmd(
+    protocol: str, model_name: str, params: tuple[str, ...], data_path: str, fmt: str, seed: int,
+    device: str | None, as_json: bool,
+) -> None:
+    """Evaluate a model with one protocol of EVALUATION.md; prints one JSON object."""
+    from streamrec.core.cli import print_json
+    from streamrec.trainer.evaluation.harness import evaluate
+
+    try:
+        result = evaluate(protocol, model_name, with_device(model_name, params, device), data_path, fmt, seed)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    print_json(result)
+
+
+@click.command("refit")
+@click.option("--model", "model_name", required=True, help="model name (see docs/models.md)")
+@click.option("--param", "params", multiple=True, help="hyperparameter key=value (repeatable)")
+@click.option("--from", "source", required=True,
+              help="'topic' (the interaction topic), 'topic:NAME', or a log file/folder; read from the beginning")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="ml-100k", show_default=True)
+@click.option("--every", default=None, help="refit period like 10m, 30s, 1h (default: once)")
+@click.option("--out", "out_dir", type=click.Path(), default=None, help="artefact folder (default: $STREAMREC_HOME/refits)")
+@click.option("--publish/--no-publish", default=True, show_default=True, help="push to the parameter server")
+@click.option("--device", default=None, help="torch device of the neural models, e.g. cuda (default: cpu)")
+@click.pass_context
+def refit_cmd(
+    ctx: click.Context, model_name: str, params: tuple[str, ...], source: str, fmt: str,
+    every: str | None, out_dir: str | None, publish: bool, device: str | None,
+) -> None:
+    """Fit a batch model on the event log and publish it for serving, once or periodically."""
+    from streamrec.core.cli import print_json, settings_from
+    from streamrec.trainer.refit import parse_period, refit_loop
+
+    settings = settings_from(ctx)
+    try:
+        period = parse_period(every) if every else None
+        for report in refit_loop(
+            settings, model_name, with_device(model_name, params, device), source, fmt, period, out_dir, publish
+        ):
+            print_json(report)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+@click.command("models")
+@click.option("--data", "data_path", required=True, type=click.Path(exists=True), help="log file or folder")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="ml-100k", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--only", multiple=True, help="restrict to these model names (repeatable)")
+@click.option("--markdown", "markdown_path", type=click.Path(), default=None, help="also write the table here")
+def bench_models_cmd(data_path: str, fmt: str, seed: int, only: tuple[str, ...], markdown_path: str | None) -> None:
+    """Every batch family on one data set beside the ANCHORS references (docs/models.md table)."""
+    from pathlib import Path
+
+    from streamrec.core.cli import print_json
+    from streamrec.trainer.benchmarks import run_table
+
+    result = run_table(data_path, fmt, seed, only)
+    if markdown_path:
+        Path(markdown_path).write_text(result["markdown"] + "\n")
+    print_json(result)

@@ -1,0 +1,50 @@
+"""Train/test splits of an interaction log, exactly as EVALUATION.md defines them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from streamrec.stream.loaders import InteractionLog, load_log
+from streamrec.trainer.interactions import Interactions
+
+N_FOLDS = 5
+
+
+def rating_folds(
+    log: InteractionLog, path: str | Path, fmt: str, seed: int
+) -> list[tuple[InteractionLog, InteractionLog]]:
+    """ml-100k: the given u1..u5 base/test files; other data: five shuffled 80/20 folds."""
+    folder = Path(path)
+    if fmt == "ml-100k" and folder.is_dir() and (folder / "u1.base").exists():
+        return [
+            (load_log(folder / f"u{n}.base", fmt), load_log(folder / f"u{n}.test", fmt))
+            for n in range(1, N_FOLDS + 1)
+        ]
+    rated = np.flatnonzero(np.isfinite(log.rating))
+    if not len(rated):
+        raise ValueError("the rating protocol needs explicit ratings; this log has none")
+    parts = np.array_split(np.random.default_rng(seed).permutation(rated), N_FOLDS)
+    folds = []
+    for n in range(N_FOLDS):
+        test = np.sort(parts[n])
+        train = np.sort(np.concatenate([p for m, p in enumerate(parts) if m != n]))
+        folds.append((log.take(train), log.take(test)))
+    return folds
+
+
+def leave_last_out(data: Interactions) -> tuple[np.ndarray, np.ndarray]:
+    """(train mask over events, test event index per test user) for temporal leave-last-out.
+
+    The test event of a user is their latest one (ties: the largest item id; item indices follow
+    id order). Users with a single interaction are training-only.
+    """
+    order = np.lexsort((data.item_idx, data.timestamps, data.user_idx))
+    users = data.user_idx[order]
+    last = np.r_[users[1:] != users[:-1], True]
+    first = np.r_[True, users[1:] != users[:-1]]
+    test = order[last & ~first]
+    train = np.ones(len(data), dtype=bool)
+    train[test] = False
+    return train, test

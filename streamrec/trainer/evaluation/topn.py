@@ -1,0 +1,57 @@
+"""topn protocol: temporal leave-last-out, full ranking over all items minus training items."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from streamrec.stream.loaders import InteractionLog
+from streamrec.trainer.evaluation.metrics import (
+    catalogue_coverage, expected_hit, expected_ndcg, expected_reciprocal_rank, rank_counts,
+)
+from streamrec.trainer.evaluation.splits import leave_last_out
+from streamrec.trainer.interactions import Interactions
+from streamrec.trainer.models.base import SCORE_CHUNK, Recommender, mask_seen, top_k
+
+
+def ranking_metrics(model: Recommender, users: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+    """hr@10, ndcg@10, mrr, recall@20 (tie-aware) and coverage@10 over test users."""
+    greater, ties, top10 = [], [], []
+    for start in range(0, len(users), SCORE_CHUNK):
+        block, block_targets = users[start : start + SCORE_CHUNK], targets[start : start + SCORE_CHUNK]
+        scores = model.user_scores(block)
+        target_scores = scores[np.arange(len(block)), block_targets]
+        scores = mask_seen(scores, model.seen, block)
+        scores[np.arange(len(block)), block_targets] = target_scores  # the target stays a candidate
+        g, t = rank_counts(scores, block_targets)
+        greater.append(g)
+        ties.append(t)
+        top10.append(top_k(scores, 10)[0])
+    g, t = np.concatenate(greater), np.concatenate(ties)
+    return {
+        "hr@10": float(expected_hit(g, t, 10).mean()),
+        "ndcg@10": float(expected_ndcg(g, t, 10).mean()),
+        "mrr": float(expected_reciprocal_rank(g, t).mean()),
+        "recall@20": float(expected_hit(g, t, 20).mean()),
+        "coverage@10": catalogue_coverage(np.concatenate(top10), model.n_items),
+    }
+
+
+def run_topn(make_model: Callable[[], Recommender], log: InteractionLog) -> dict[str, Any]:
+    """Fit on everything but each user's last interaction; rank that one among all items."""
+    data = Interactions.from_log(log, implicit=True)
+    train_mask, test = leave_last_out(data)
+    model = make_model()
+    start = time.perf_counter()
+    model.fit(data.subset(train_mask))
+    fit_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    metrics = ranking_metrics(model, data.user_idx[test], data.item_idx[test])
+    eval_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    model.recommend_indices(np.arange(data.n_users), 10)
+    metrics["recommend_ms_per_user"] = 1000 * (time.perf_counter() - start) / data.n_users
+    metrics["test_users"] = len(test)
+    return {"metrics": metrics, "fit_seconds": fit_seconds, "eval_seconds": eval_seconds}

@@ -1,0 +1,150 @@
+"""The training view of an event log: dense integer indices, sparse user x item matrices.
+
+Every batch model trains on an `Interactions`; ids stay opaque strings outside it. A fixed item (or
+user) universe can be passed in, so that a protocol can rank items that appear only in its test
+split, and so that train and test splits of one log share one index space.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+import scipy.sparse as sp
+
+from streamrec.stream.loaders import InteractionLog, id_sort_key
+
+
+@dataclass(frozen=True)
+class IdIndex:
+    """Opaque string ids <-> dense indices 0..n-1 (order: `id_sort_key`, so it is deterministic)."""
+
+    ids: np.ndarray  # object array of str, position = index
+    _lookup: dict[str, int] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_ids(cls, ids: np.ndarray) -> IdIndex:
+        unique = np.unique(np.asarray(ids, dtype=object).astype(str)).astype(object)
+        ordered = unique[np.argsort(id_sort_key(unique), kind="stable")]
+        return cls.from_ordered(ordered)
+
+    @classmethod
+    def from_ordered(cls, ids: np.ndarray) -> IdIndex:
+        """An index whose order is given (e.g. read back from a saved model)."""
+        ordered = np.asarray(ids).astype(str).astype(object)
+        return cls(ordered, {v: i for i, v in enumerate(ordered)})
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def index(self, ids: np.ndarray | list[str]) -> np.ndarray:
+        """Indices of `ids`; -1 for ids this index has never seen."""
+        get = self._lookup.get
+        return np.fromiter((get(str(v), -1) for v in ids), dtype=np.int64, count=len(ids))
+
+
+@dataclass(frozen=True)
+class Interactions:
+    """One row per event (time order kept) plus the matrices models train on.
+
+    `ratings` is NaN for implicit events. `matrix()` holds the latest explicit rating per
+    (user, item) (1.0 where implicit); `counts()` how often the pair occurred (implicit strength).
+    """
+
+    users: IdIndex
+    items: IdIndex
+    user_idx: np.ndarray  # int64 per event
+    item_idx: np.ndarray  # int64 per event
+    ratings: np.ndarray  # float64 per event, NaN = implicit
+    timestamps: np.ndarray  # float64 per event
+
+    @classmethod
+    def from_log(
+        cls,
+        log: InteractionLog,
+        users: IdIndex | None = None,
+        items: IdIndex | None = None,
+        implicit: bool = False,
+    ) -> Interactions:
+        """Index a log. Events whose user/item is outside a given universe are dropped.
+
+        `implicit=True` discards rating values (every event is one interaction).
+        """
+        users = users or IdIndex.from_ids(log.user_id)
+        items = items or IdIndex.from_ids(log.item_id)
+        u, i = users.index(log.user_id), items.index(log.item_id)
+        keep = (u >= 0) & (i >= 0)
+        ratings = np.full(int(keep.sum()), np.nan) if implicit else log.rating[keep].astype(np.float64)
+        return cls(users, items, u[keep], i[keep], ratings, log.timestamp[keep].astype(np.float64))
+
+    def subset(self, mask: np.ndarray) -> Interactions:
+        """The same index space restricted to some events (train/test splits)."""
+        return Interactions(
+            self.users, self.items, self.user_idx[mask], self.item_idx[mask],
+            self.ratings[mask], self.timestamps[mask],
+        )
+
+    @property
+    def n_users(self) -> int:
+        return len(self.users)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.items)
+
+    def __len__(self) -> int:
+        return len(self.user_idx)
+
+    @property
+    def is_explicit(self) -> bool:
+        return bool(len(self.ratings)) and bool(np.isfinite(self.ratings).all())
+
+    @cached_property
+    def global_mean(self) -> float:
+        finite = self.ratings[np.isfinite(self.ratings)]
+        return float(finite.mean()) if len(finite) else 0.0
+
+    def _coo(self, data: np.ndarray) -> sp.csr_matrix:
+        return sp.csr_matrix(
+            (data, (self.user_idx, self.item_idx)), shape=(self.n_users, self.n_items)
+        )
+
+    @cached_property
+    def _last_event(self) -> np.ndarray:
+        """Index of the last event of every distinct (user, item) pair, sorted by (user, item)."""
+        key = self.user_idx * self.n_items + self.item_idx
+        order = np.lexsort((np.arange(len(key)), key))
+        last = np.r_[key[order][1:] != key[order][:-1], True]
+        return order[last]
+
+    def matrix(self) -> sp.csr_matrix:
+        """User x item, latest rating per pair (1.0 for implicit events); canonical CSR."""
+        last = self._last_event
+        values = np.where(np.isfinite(self.ratings[last]), self.ratings[last], 1.0)
+        return sp.csr_matrix(
+            (values, (self.user_idx[last], self.item_idx[last])), shape=(self.n_users, self.n_items)
+        )
+
+    def counts(self) -> sp.csr_matrix:
+        """User x item, number of events per pair (implicit feedback strength); canonical CSR."""
+        m = self._coo(np.ones(len(self), dtype=np.float64))
+        m.sum_duplicates()
+        return m
+
+    def binary(self) -> sp.csr_matrix:
+        """User x item, 1.0 where the user interacted with the item."""
+        m = self.counts()
+        m.data[:] = 1.0
+        return m
+
+    def pair_view(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(user, item, rating, timestamp) with one row per distinct pair (the latest event)."""
+        last = self._last_event
+        values = np.where(np.isfinite(self.ratings[last]), self.ratings[last], 1.0)
+        return self.user_idx[last], self.item_idx[last], values, self.timestamps[last]
+
+    @cached_property
+    def rating_scale(self) -> tuple[float, float]:
+        finite = self.ratings[np.isfinite(self.ratings)]
+        return (float(finite.min()), float(finite.max())) if len(finite) else (0.0, 1.0)

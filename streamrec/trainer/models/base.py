@@ -1,0 +1,248 @@
+"""The one interface every batch model implements.
+
+Models work in index space (dense ints from `Interactions`); this base class owns the id <-> index
+mapping, seen-item exclusion, cold-start fallbacks, top-k selection and persistence, so a model
+only writes `_fit`, `_user_scores` (and `_pair_scores` when it can do better than gathering).
+
+Index conventions: -1 means "unknown to the model" (a user or item not in its training data).
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import scipy.sparse as sp
+
+from streamrec.trainer.interactions import IdIndex, Interactions
+
+FORMAT_VERSION = 1
+SCORE_CHUNK = 1024  # users scored per dense block: bounds memory at chunk x n_items floats
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a model can use: explicit ratings (predicts ratings), implicit feedback (ranks from
+    interactions alone), timestamps (time-aware predictions)."""
+
+    explicit: bool = False
+    implicit: bool = False
+    time_aware: bool = False
+
+
+class Recommender(ABC):
+    """Base of every batch model: fit / score / recommend / similar_items / save / load.
+
+    Subclasses declare `name`, `capabilities` and `defaults` (hyperparameters with the survey's
+    values); unknown parameters are rejected so a typo in `--param` cannot pass silently.
+    """
+
+    name: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, **params: Any) -> None:
+        unknown = set(params) - set(self.defaults)
+        if unknown:
+            raise ValueError(
+                f"{self.name}: unknown parameters {sorted(unknown)}; known: {sorted(self.defaults)}"
+            )
+        self.params: dict[str, Any] = {**self.defaults, **params}
+        self.users: IdIndex | None = None
+        self.items: IdIndex | None = None
+        self.seen: sp.csr_matrix | None = None
+        self.popularity: np.ndarray | None = None
+        self.global_mean = 0.0
+        self.rating_scale = (0.0, 1.0)
+
+    # ---- training ----------------------------------------------------------------------------
+    def fit(self, interactions: Interactions) -> Recommender:
+        """Train on `interactions`; keeps the id maps and seen items for recommend()."""
+        self.users, self.items = interactions.users, interactions.items
+        self.seen = interactions.binary()
+        self.popularity = np.asarray(self.seen.sum(axis=0)).ravel()
+        self.global_mean = interactions.global_mean
+        self.rating_scale = interactions.rating_scale
+        self._fit(interactions)
+        return self
+
+    @abstractmethod
+    def _fit(self, interactions: Interactions) -> None:
+        """Learn the parameters (vectorised: no per-rating Python loops)."""
+
+    # ---- scoring in index space --------------------------------------------------------------
+    @abstractmethod
+    def _user_scores(self, users: np.ndarray) -> np.ndarray:
+        """(len(users), n_items) scores for known user indices (all >= 0)."""
+
+    def _cold_user_scores(self, count: int) -> np.ndarray:
+        """Scores for users unseen in training: popularity (the only signal there is)."""
+        return np.broadcast_to(self.popularity.astype(np.float64), (count, len(self.popularity)))
+
+    def user_scores(self, users: np.ndarray) -> np.ndarray:
+        """(len(users), n_items) scores; -1 rows get the cold-start fallback."""
+        users = np.asarray(users, dtype=np.int64)
+        out = np.empty((len(users), self.n_items), dtype=np.float64)
+        known = users >= 0
+        if known.any():
+            out[known] = self._user_scores(users[known])
+        if (~known).any():
+            out[~known] = self._cold_user_scores(int((~known).sum()))
+        return out
+
+    def pair_scores(
+        self, users: np.ndarray, items: np.ndarray, timestamps: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Score of each (user, item) pair; the default gathers from `user_scores` per chunk.
+
+        Rating models override this with a direct formula (and the rating-scale fallback for
+        unknown users/items); time-aware models use `timestamps`.
+        """
+        users = np.asarray(users, dtype=np.int64)
+        items = np.asarray(items, dtype=np.int64)
+        out = np.zeros(len(users), dtype=np.float64)
+        unique, inverse = np.unique(users, return_inverse=True)
+        for start in range(0, len(unique), SCORE_CHUNK):
+            block = unique[start : start + SCORE_CHUNK]
+            rows = np.flatnonzero((inverse >= start) & (inverse < start + len(block)))
+            ok = rows[items[rows] >= 0]
+            out[ok] = self.user_scores(block)[inverse[ok] - start, items[ok]]
+        return out
+
+    # ---- public API in id space --------------------------------------------------------------
+    @property
+    def n_items(self) -> int:
+        return len(self.items) if self.items is not None else 0
+
+    def _require_fitted(self) -> None:
+        if self.items is None:
+            raise RuntimeError(f"{self.name} is not fitted")
+
+    def score(
+        self, user_ids: list[str] | np.ndarray, item_ids: list[str] | np.ndarray,
+        timestamps: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Predicted score (a rating for explicit models) of each (user, item) pair."""
+        self._require_fitted()
+        return self.pair_scores(self.users.index(user_ids), self.items.index(item_ids), timestamps)
+
+    def recommend(
+        self, user_ids: list[str] | np.ndarray, k: int = 10, exclude_seen: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k item ids and scores per user, best first, (n_users, k) each."""
+        self._require_fitted()
+        idx, scores = self.recommend_indices(self.users.index(user_ids), k, exclude_seen)
+        return self.items.ids[idx], scores
+
+    def recommend_indices(
+        self, users: np.ndarray, k: int, exclude_seen: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k item indices and scores for user indices (-1: cold start)."""
+        k = min(k, self.n_items)
+        users = np.asarray(users, dtype=np.int64)
+        top = np.empty((len(users), k), dtype=np.int64)
+        top_scores = np.empty((len(users), k), dtype=np.float64)
+        for start in range(0, len(users), SCORE_CHUNK):
+            block = users[start : start + SCORE_CHUNK]
+            scores = self.user_scores(block)
+            if exclude_seen:
+                scores = mask_seen(scores, self.seen, block)
+            top[start : start + len(block)], top_scores[start : start + len(block)] = top_k(scores, k)
+        return top, top_scores
+
+    def similar_items(self, item_ids: list[str] | np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """The k items most similar to each item (itself excluded), (n, k) ids and similarities."""
+        self._require_fitted()
+        items = self.items.index(item_ids)
+        if (items < 0).any():
+            raise KeyError(f"unknown items: {list(np.asarray(item_ids)[items < 0][:5])}")
+        sims = self._item_similarities(items)
+        sims[np.arange(len(items)), items] = -np.inf
+        idx, scores = top_k(sims, min(k, self.n_items - 1))
+        return self.items.ids[idx], scores
+
+    def _item_similarities(self, items: np.ndarray) -> np.ndarray:
+        """(len(items), n_items) similarities; cosine of item vectors for factor models."""
+        vectors = self.item_vectors()
+        if vectors is None:
+            raise NotImplementedError(f"{self.name} has no notion of item similarity")
+        norm = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return norm[items] @ norm.T
+
+    def item_vectors(self) -> np.ndarray | None:
+        """(n_items, d) vectors serving can use for retrieval, or None."""
+        return None
+
+    def user_vectors(self) -> np.ndarray | None:
+        """(n_users, d) vectors matching `item_vectors` (dot product = score), or None."""
+        return None
+
+    # ---- persistence (numpy + JSON, no pickle) -----------------------------------------------
+    @abstractmethod
+    def _state(self) -> dict[str, np.ndarray]:
+        """The learned arrays."""
+
+    @abstractmethod
+    def _load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore what `_state` returned."""
+
+    def save(self, path: str | Path) -> Path:
+        """Write `<path>/meta.json` and `<path>/arrays.npz`."""
+        self._require_fitted()
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format_version": FORMAT_VERSION, "model": self.name, "params": self.params,
+            "global_mean": self.global_mean, "rating_scale": list(self.rating_scale),
+            "capabilities": asdict(self.capabilities),
+        }
+        (path / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        arrays = {f"model.{k}": np.asarray(v) for k, v in self._state().items()}
+        arrays.update(
+            users=self.users.ids.astype(str), items=self.items.ids.astype(str),
+            seen_indptr=self.seen.indptr, seen_indices=self.seen.indices, popularity=self.popularity,
+        )
+        np.savez(path / "arrays.npz", **arrays)
+        return path
+
+    @classmethod
+    def restore(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> Recommender:
+        """Rebuild a fitted model from `save`'s files (see `streamrec.trainer.models.load`)."""
+        model = cls(**meta["params"])
+        model.users = IdIndex.from_ordered(arrays["users"])
+        model.items = IdIndex.from_ordered(arrays["items"])
+        indices = arrays["seen_indices"]
+        model.seen = sp.csr_matrix(
+            (np.ones(len(indices)), indices, arrays["seen_indptr"]),
+            shape=(len(model.users), len(model.items)),
+        )
+        model.popularity = arrays["popularity"]
+        model.global_mean = float(meta["global_mean"])
+        model.rating_scale = tuple(meta["rating_scale"])
+        model._load_state({k[len("model."):]: v for k, v in arrays.items() if k.startswith("model.")})
+        return model
+
+
+def mask_seen(scores: np.ndarray, seen: sp.csr_matrix, users: np.ndarray) -> np.ndarray:
+    """Copy of `scores` with each known user's seen items at -inf."""
+    scores = np.array(scores, dtype=np.float64)
+    known = np.flatnonzero(users >= 0)
+    if len(known):
+        rows = seen[users[known]]
+        scores[known[np.repeat(np.arange(len(known)), np.diff(rows.indptr))], rows.indices] = -np.inf
+    return scores
+
+
+def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and values of the k largest scores per row, best first (ties: lower index)."""
+    if k <= 0:
+        return np.empty((len(scores), 0), np.int64), np.empty((len(scores), 0))
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    values = np.take_along_axis(scores, part, axis=1)
+    order = np.lexsort((part, -values), axis=1) if scores.size else part
+    idx = np.take_along_axis(part, order, axis=1)
+    return idx, np.take_along_axis(scores, idx, axis=1)

@@ -1,0 +1,102 @@
+"""The integrated neighbourhood + factor model (Koren, KDD 2008, "Factorization meets the
+neighborhood"):
+
+  r_ui = mu + b_u + b_i + q_i . (p_u + |N(u)|^-1/2 sum_{j in N(u)} y_j)
+         + |R^k(i;u)|^-1/2 sum_{j in R^k(i;u)} ((r_uj - b_uj) w_ij + c_ij)
+
+R^k(i;u) = the user's rated items among the k items most similar to i (shrunk Pearson on
+baseline residuals); b_uj are fixed baseline predictors. Trained with the SVD++ machinery
+(`svdpp.batch_gradients` handles the neighbour terms); w, c get Koren's smaller step (0.001).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from streamrec.trainer.interactions import Interactions
+from streamrec.trainer.models.base import Capabilities
+from streamrec.trainer.models.neighbors import baselines, similarity, truncate_top_k
+from streamrec.trainer.models.svdpp import SVDpp
+
+
+class IntegratedModel(SVDpp):
+    name = "neighborhood-factor"
+    capabilities = Capabilities(explicit=True)
+    defaults: dict[str, Any] = {
+        **SVDpp.defaults, "lr": 0.015, "lr_bias": 0.01, "neighbors": 50, "lr_w": 0.001,
+        "reg_w": 0.015, "shrinkage": 100.0,
+    }
+
+    def _fit(self, data: Interactions) -> None:
+        users, items, ratings, _ = data.pair_view()
+        self.mu_b, self.bu_b, self.bi_b = baselines(users, items, ratings, data.n_users, data.n_items)
+        matrix = data.matrix()
+        residual = matrix.copy()
+        rows = np.repeat(np.arange(data.n_users), np.diff(residual.indptr))
+        residual.data = residual.data - (self.mu_b + self.bu_b[rows] + self.bi_b[residual.indices])
+        sim = similarity(matrix.T.tocsr(), "pearson-baseline", self.params["shrinkage"], residuals=residual.T.tocsr())
+        k = self.params["neighbors"]
+        top = truncate_top_k(sim, k)
+        table = np.full((data.n_items, k), -1, dtype=np.int64)
+        counts = np.diff(top.indptr)
+        slot = np.arange(top.nnz) - np.repeat(top.indptr[:-1], counts)
+        table[np.repeat(np.arange(data.n_items), counts), slot] = top.indices
+        self.neighbors = table
+        self.keys = rows * data.n_items + residual.indices  # canonical CSR: sorted
+        self.key_residuals = residual.data
+        super()._fit(data)
+
+    def _neighbour_inputs(self, users: np.ndarray, items: np.ndarray) -> dict[str, np.ndarray]:
+        """Residuals and membership of each pair's neighbours in the user's ratings."""
+        nb = self.neighbors[np.maximum(items, 0)]
+        keys = np.maximum(users, 0)[:, None] * len(self.neighbors) + np.maximum(nb, 0)
+        pos = np.clip(np.searchsorted(self.keys, keys), 0, len(self.keys) - 1)
+        has = (self.keys[pos] == keys) & (nb >= 0) & (users >= 0)[:, None] & (items >= 0)[:, None]
+        res = np.where(has, self.key_residuals[pos], 0.0)
+        count = has.sum(1)
+        norm = np.where(count > 0, 1.0 / np.sqrt(np.maximum(count, 1)), 0.0)
+        return {"nb_res": res, "nb_has": has.astype(np.float64), "nb_norm": norm}
+
+    def _init_theta(self, data: Interactions, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        k = self.params["neighbors"]
+        return super()._init_theta(data, gen) | {
+            "W": torch.zeros(data.n_items, k), "C": torch.zeros(data.n_items, k),
+        }
+
+    def _time_regs(self) -> dict[str, float]:
+        return {"W": self.params["reg_w"]}
+
+    def _learning_rates(self) -> dict[str, float]:
+        return super()._learning_rates() | {"W": self.params["lr_w"], "C": self.params["lr_w"]}
+
+    def _batch_data(self, data: Interactions) -> dict[str, torch.Tensor]:
+        users, items, _, _ = data.pair_view()
+        extra = self._neighbour_inputs(users, items)
+        return super()._batch_data(data) | {
+            name: torch.from_numpy(value.astype(np.float32)) for name, value in extra.items()
+        }
+
+    def _time_terms(self, users, items, timestamps) -> tuple[np.ndarray, np.ndarray]:
+        extra = self._neighbour_inputs(users, items)
+        W = self.theta["W"][np.maximum(items, 0)]
+        C = self.theta["C"][np.maximum(items, 0)]
+        term = extra["nb_norm"] * (extra["nb_res"] * W + extra["nb_has"] * C).sum(1)
+        return term, np.zeros((len(users), self.theta["P"].shape[1]))
+
+    def _user_scores(self, users: np.ndarray) -> np.ndarray:
+        grid_u = np.repeat(users, self.n_items)
+        grid_i = np.tile(np.arange(self.n_items), len(users))
+        return self.pair_scores(grid_u, grid_i).reshape(len(users), self.n_items)
+
+    def _state(self) -> dict[str, np.ndarray]:
+        return super()._state() | {
+            "neighbors": self.neighbors, "keys": self.keys, "key_residuals": self.key_residuals,
+        }
+
+    def _load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        self.neighbors = arrays.pop("neighbors")
+        self.keys, self.key_residuals = arrays.pop("keys"), arrays.pop("key_residuals")
+        super()._load_state(arrays)

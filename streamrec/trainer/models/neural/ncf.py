@@ -1,0 +1,120 @@
+"""Neural Collaborative Filtering (He et al. 2017): GMF, MLP and NeuMF.
+
+Pointwise log loss on observed pairs plus `negatives` uniformly sampled unobserved items per
+positive, resampled every epoch (the paper's setting). NeuMF can start from a fitted GMF and MLP
+(`pretrain`), with the output layer `[alpha * h_gmf, (1 - alpha) * h_mlp]` and plain SGD after,
+as in the paper (Adam's moments are not part of the pretrained state).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from streamrec.trainer.interactions import Interactions
+from streamrec.trainer.models.neural.training import (
+    COMMON_DEFAULTS, PointwiseRecommender, SeenPairs, int_list, mlp,
+)
+
+
+class NCFNet(nn.Module):
+    """GMF and/or MLP branches over separate embeddings, one linear output on their concat."""
+
+    def __init__(self, n_users: int, n_items: int, factors: int, layers: list[int], gmf: bool, use_mlp: bool) -> None:
+        super().__init__()
+        self.gmf, self.use_mlp = gmf, use_mlp
+        width = 0
+        if gmf:
+            self.gmf_user, self.gmf_item = nn.Embedding(n_users, factors), nn.Embedding(n_items, factors)
+            width += factors
+        if use_mlp:
+            self.mlp_user = nn.Embedding(n_users, layers[0] // 2)
+            self.mlp_item = nn.Embedding(n_items, layers[0] - layers[0] // 2)
+            self.mlp = mlp(layers)
+            width += layers[-1]
+        self.out = nn.Linear(width, 1)
+        for m in self.modules():
+            if isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.01)
+            elif isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def branches(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        parts = []
+        if self.gmf:
+            parts.append(self.gmf_user(users) * self.gmf_item(items))
+        if self.use_mlp:
+            parts.append(self.mlp(torch.cat([self.mlp_user(users), self.mlp_item(items)], dim=-1)))
+        return torch.cat(parts, dim=-1)
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Logits of (user, item) pairs (any matching shapes)."""
+        return self.out(self.branches(users, items)).squeeze(-1)
+
+
+class GMF(PointwiseRecommender):
+    """Generalised MF: a learned weighting of the element-wise product of embeddings."""
+
+    name = "ncf-gmf"
+    defaults: ClassVar[dict[str, Any]] = {
+        **COMMON_DEFAULTS, "factors": 32, "mlp_layers": "64,32,16", "negatives": 4, "lr": 5e-3,
+        "batch_size": 2048,
+    }
+    branches: ClassVar[tuple[bool, bool]] = (True, False)
+
+    def _prepare(self, train: Interactions, rng: np.random.Generator) -> None:
+        users, items, _, _ = train.pair_view()
+        self.pos_users, self.pos_items = users, items
+        self.seen_pairs = SeenPairs(train.binary())
+        self.dims = {"n_users": train.n_users, "n_items": train.n_items}
+
+    def _build(self) -> nn.Module:
+        gmf, use_mlp = self.branches
+        return NCFNet(
+            self.dims["n_users"], self.dims["n_items"], self.params["factors"],
+            int_list(self.params["mlp_layers"]), gmf, use_mlp,
+        )
+
+    def _scores(self, users: torch.Tensor) -> torch.Tensor:
+        items = torch.arange(self.n_items, device=users.device)
+        return self.module(users[:, None].expand(-1, self.n_items), items[None, :].expand(len(users), -1))
+
+
+class MLPRecommender(GMF):
+    """NCF's MLP branch alone: a tower over the concatenated user and item embeddings."""
+
+    name = "ncf-mlp"
+    branches = (False, True)
+
+
+class NeuMF(GMF):
+    """GMF and MLP fused under one output layer; optionally pretrained from both (the paper)."""
+
+    name = "neumf"
+    defaults: ClassVar[dict[str, Any]] = {**GMF.defaults, "pretrain": True, "alpha": 0.5, "pretrain_lr": 0.05}
+    branches = (True, True)
+
+    def _pretrain(self, interactions: Interactions) -> None:
+        if not self.params["pretrain"]:
+            return
+        shared = {k: v for k, v in self.params.items() if k in GMF.defaults}
+        gmf = GMF(**shared).fit(interactions).module
+        mlp_net = MLPRecommender(**shared).fit(interactions).module
+        alpha = self.params["alpha"]
+        net: NCFNet = self.module
+        with torch.no_grad():
+            for name in ("gmf_user", "gmf_item"):
+                getattr(net, name).weight.copy_(getattr(gmf, name).weight)
+            for name in ("mlp_user", "mlp_item", "mlp"):
+                getattr(net, name).load_state_dict(getattr(mlp_net, name).state_dict())
+            net.out.weight.copy_(torch.cat([alpha * gmf.out.weight, (1 - alpha) * mlp_net.out.weight], dim=1))
+            net.out.bias.copy_(alpha * gmf.out.bias + (1 - alpha) * mlp_net.out.bias)
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        if self.params["pretrain"]:
+            return torch.optim.SGD(self.module.parameters(), lr=self.params["pretrain_lr"])
+        return super()._optimizer()

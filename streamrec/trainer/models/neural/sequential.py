@@ -1,0 +1,230 @@
+"""Sequence models: GRU4Rec (Hidasi et al. 2016) and Caser (Tang & Wang 2018).
+
+Both predict the next item from the user's recent items; on the topn protocol that is the item after
+the user's training history. GRU4Rec works on sessions cut from the log by an inactivity gap, with
+session-parallel mini-batches (each lane of the batch walks one session; when it ends, the lane takes
+the next session and its hidden state is reset) and one-step truncated backpropagation, as in the
+paper. Caser convolves the embedding matrix of the last L items horizontally (union-level patterns)
+and vertically (point-level patterns) and adds a user embedding (long-term taste).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from streamrec.trainer.interactions import Interactions
+from streamrec.trainer.models.neural.losses import LogQSampler, bpr_loss, top1_loss
+from streamrec.trainer.models.neural.training import (
+    COMMON_DEFAULTS, NeuralRecommender, SeenPairs, last_items, sample_negatives, sequences,
+)
+
+
+def sessions(data: Interactions, gap: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Events in (user, time) order cut where the user changes or is idle longer than `gap`
+    seconds: (items, session starts, session owner user)."""
+    users, items, times, _ = sequences(data)
+    cut = np.r_[True, (users[1:] != users[:-1]) | (np.diff(times) > gap)] if len(users) else np.zeros(0, bool)
+    starts = np.flatnonzero(cut)
+    return items, np.r_[starts, len(items)], users[starts]
+
+
+class GRU4RecNet(nn.Module):
+    """Item embedding -> GRU cell -> dot product with output item embeddings (+ bias)."""
+
+    def __init__(self, n_items: int, dim: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.pad = n_items
+        self.embed = nn.Embedding(n_items + 1, dim, padding_idx=n_items)
+        self.cell = nn.GRUCell(dim, hidden)
+        self.drop = nn.Dropout(dropout)
+        self.out = nn.Embedding(n_items, hidden)
+        self.bias = nn.Parameter(torch.zeros(n_items))
+        nn.init.normal_(self.embed.weight, std=0.05)
+        nn.init.normal_(self.out.weight, std=0.05)
+
+    def step(self, items: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.cell(self.embed(items), h))
+
+    def encode(self, windows: torch.Tensor) -> torch.Tensor:
+        """Hidden state after left-padded item windows (B, L); padding leaves the state at 0."""
+        h = torch.zeros(len(windows), self.cell.hidden_size, device=windows.device)
+        for t in range(windows.shape[1]):
+            x = windows[:, t]
+            h = torch.where((x != self.pad)[:, None], self.step(x, h), h)
+        return h
+
+
+class GRU4Rec(NeuralRecommender):
+    """Session-based RNN; BPR or TOP1 over in-batch targets plus shared popularity-sampled items."""
+
+    name = "gru4rec"
+    defaults: ClassVar[dict[str, Any]] = {
+        **COMMON_DEFAULTS, "dim": 64, "hidden": 100, "dropout": 0.2, "loss": "bpr", "batch_size": 128,
+        "negatives": 256, "sample_alpha": 0.5, "session_gap": 3600.0, "history": 50, "lr": 2e-3,
+    }
+
+    def _prepare(self, train: Interactions, rng: np.random.Generator) -> None:
+        if self.params["loss"] not in ("bpr", "top1"):
+            raise ValueError(f"gru4rec: loss must be bpr or top1, not {self.params['loss']!r}")
+        self.items_seq, bounds, _ = sessions(train, self.params["session_gap"])
+        lengths = np.diff(bounds)
+        self.sess_start, self.sess_end = bounds[:-1][lengths >= 2], bounds[1:][lengths >= 2]
+        counts = np.bincount(train.item_idx, minlength=train.n_items)
+        self.sampler = LogQSampler(counts, self.params["sample_alpha"], self.params["seed"])
+        self.dims = {"n_items": train.n_items}
+
+    def _build(self) -> nn.Module:
+        p = self.params
+        return GRU4RecNet(self.dims["n_items"], p["dim"], p["hidden"], p["dropout"])
+
+    def _batches(self, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Session-parallel: one step of every lane per batch, with lane bookkeeping for `_loss`."""
+        order = rng.permutation(len(self.sess_start))
+        lanes = order[: self.params["batch_size"]]
+        upcoming = len(lanes)
+        cursor, end = self.sess_start[lanes].copy(), self.sess_end[lanes].copy()
+        keep, reset = np.arange(len(lanes)), np.ones(len(lanes), bool)
+        self._state_h = torch.zeros(len(lanes), self.params["hidden"], device=self.device)
+        while len(cursor):
+            yield tuple(
+                torch.as_tensor(a, device=self.device)
+                for a in (self.items_seq[cursor], self.items_seq[cursor + 1], keep, reset)
+            )
+            cursor += 1
+            done = np.flatnonzero(cursor + 1 >= end)
+            refill = done[: max(0, min(len(done), len(order) - upcoming))]
+            cursor[refill] = self.sess_start[order[upcoming : upcoming + len(refill)]]
+            end[refill] = self.sess_end[order[upcoming : upcoming + len(refill)]]
+            upcoming += len(refill)
+            reset = np.zeros(len(cursor), bool)
+            reset[refill] = True
+            keep = np.setdiff1d(np.arange(len(cursor)), done[len(refill):])
+            cursor, end, reset = cursor[keep], end[keep], reset[keep]
+
+    def _loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        inputs, targets, keep, reset = batch
+        net: GRU4RecNet = self.module
+        h = self._state_h[keep].masked_fill(reset[:, None], 0.0)
+        h = net.step(inputs, h)
+        self._state_h = h.detach()
+        extra = self.sampler.sample(self.params["negatives"], self.device)
+        candidates = torch.cat([targets, extra])
+        scores = h @ net.out(candidates).T + net.bias[candidates]
+        pos = scores.diagonal()
+        valid = (candidates[None, :] != targets[:, None]).float()
+        loss = bpr_loss if self.params["loss"] == "bpr" else top1_loss
+        return loss(pos, scores, valid)
+
+    def _use_history(self, data: Interactions) -> None:
+        """Each user's last session (at most `history` items) is the input at scoring time."""
+        items, bounds, owners = sessions(data, self.params["session_gap"])
+        starts, ends = np.zeros(data.n_users, np.int64), np.zeros(data.n_users, np.int64)
+        last = np.r_[owners[1:] != owners[:-1], True] if len(owners) else np.zeros(0, bool)
+        starts[owners[last]], ends[owners[last]] = bounds[:-1][last], bounds[1:][last]
+        self.user_windows = last_items(items, starts, ends, self.params["history"], self.n_items)
+
+    def _scores(self, users: torch.Tensor) -> torch.Tensor:
+        net: GRU4RecNet = self.module
+        h = net.encode(torch.as_tensor(self.user_windows[users.cpu().numpy()], device=users.device))
+        return h @ net.out.weight.T + net.bias
+
+    def _extra_state(self) -> dict[str, np.ndarray]:
+        return {"user_windows": self.user_windows}
+
+    def _load_extra_state(self, arrays: dict[str, np.ndarray]) -> None:
+        self.user_windows = arrays["user_windows"]
+
+
+class CaserNet(nn.Module):
+    """Horizontal convolutions (heights 1..L, max-pooled) and a vertical one over the last L
+    item embeddings, a dense layer, then [z; user embedding] dotted with output item vectors."""
+
+    def __init__(self, n_users: int, n_items: int, window: int, dim: int, n_h: int, n_v: int, dropout: float) -> None:
+        super().__init__()
+        self.pad = n_items
+        self.items = nn.Embedding(n_items + 1, dim, padding_idx=n_items)
+        self.users = nn.Embedding(n_users, dim)
+        self.vertical = nn.Conv2d(1, n_v, (window, 1))
+        self.horizontal = nn.ModuleList(nn.Conv2d(1, n_h, (h, dim)) for h in range(1, window + 1))
+        self.fc = nn.Linear(n_v * dim + n_h * window, dim)
+        self.drop = nn.Dropout(dropout)
+        self.out = nn.Embedding(n_items, 2 * dim)
+        self.bias = nn.Parameter(torch.zeros(n_items))
+        for emb in (self.items, self.users, self.out):
+            nn.init.normal_(emb.weight, std=1.0 / dim)
+
+    def encode(self, users: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+        """(B, 2 dim) sequence-and-user representation."""
+        e = self.items(windows).unsqueeze(1)  # (B, 1, L, d)
+        vertical = self.vertical(e).flatten(1)
+        horizontal = [F.relu(conv(e).squeeze(3)).amax(dim=2) for conv in self.horizontal]
+        z = F.relu(self.fc(self.drop(torch.cat([vertical, *horizontal], dim=1))))
+        return torch.cat([z, self.users(users)], dim=1)
+
+
+class Caser(NeuralRecommender):
+    """Convolutional sequence embedding; log loss on the next `targets` items and sampled negatives."""
+
+    name = "caser"
+    defaults: ClassVar[dict[str, Any]] = {
+        **COMMON_DEFAULTS, "window": 5, "targets": 3, "dim": 50, "n_h": 16, "n_v": 4, "dropout": 0.5,
+        "negatives": 3, "batch_size": 512, "lr": 1e-3, "weight_decay": 1e-6,
+    }
+
+    def _prepare(self, train: Interactions, rng: np.random.Generator) -> None:
+        users, self.seq_items, _, indptr = sequences(train)
+        self.seq_users = users
+        self.seq_start, self.seq_end = indptr[users], indptr[users + 1]
+        self.positions = np.flatnonzero(np.arange(len(users)) > self.seq_start)  # at least one item before
+        self.seen_pairs = SeenPairs(train.binary())
+        self.dims = {"n_users": train.n_users, "n_items": train.n_items}
+
+    def _build(self) -> nn.Module:
+        p = self.params
+        return CaserNet(self.dims["n_users"], self.dims["n_items"], p["window"], p["dim"], p["n_h"], p["n_v"], p["dropout"])
+
+    def _batches(self, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
+        p, pad = self.params, self.dims["n_items"]
+        order = rng.permutation(self.positions)
+        for start in range(0, len(order), p["batch_size"]):
+            pos = order[start : start + p["batch_size"]]
+            users = self.seq_users[pos]
+            windows = last_items(self.seq_items, self.seq_start[pos], pos, p["window"], pad)
+            ahead = pos[:, None] + np.arange(p["targets"])[None, :]
+            valid = ahead < self.seq_end[pos][:, None]
+            targets = np.where(valid, self.seq_items[np.minimum(ahead, len(self.seq_items) - 1)], 0)
+            negs = sample_negatives(rng, np.repeat(users, p["negatives"] * p["targets"]), self.seen_pairs, pad)
+            yield tuple(
+                torch.as_tensor(a, device=self.device)
+                for a in (users, windows, targets, valid.astype(np.float32), negs.reshape(len(pos), -1))
+            )
+
+    def _loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        users, windows, targets, valid, negs = batch
+        net: CaserNet = self.module
+        x = net.encode(users, windows)[:, None, :]
+        pos = (x * net.out(targets)).sum(-1) + net.bias[targets]
+        neg = (x * net.out(negs)).sum(-1) + net.bias[negs]
+        pos_loss = (F.softplus(-pos) * valid).sum() / valid.sum()
+        return pos_loss + F.softplus(neg).mean() * self.params["targets"]
+
+    def _use_history(self, data: Interactions) -> None:
+        _, items, _, indptr = sequences(data)
+        self.user_windows = last_items(items, indptr[:-1], indptr[1:], self.params["window"], self.n_items)
+
+    def _scores(self, users: torch.Tensor) -> torch.Tensor:
+        net: CaserNet = self.module
+        x = net.encode(users, torch.as_tensor(self.user_windows[users.cpu().numpy()], device=users.device))
+        return x @ net.out.weight.T + net.bias
+
+    def _extra_state(self) -> dict[str, np.ndarray]:
+        return {"user_windows": self.user_windows}
+
+    def _load_extra_state(self, arrays: dict[str, np.ndarray]) -> None:
+        self.user_windows = arrays["user_windows"]

@@ -1,0 +1,300 @@
+"""What every neural model shares: seeding and threads, the epoch loop with early stopping on a
+validation split, progress on stderr, negative sampling, and persistence of torch weights as npz.
+
+A model subclasses `NeuralRecommender` and writes `_prepare` (training structures from the
+training part), `_build` (the `nn.Module`, from `self.dims` only, so `load` can rebuild it),
+`_batches` (one epoch of tensors), `_loss` and `_scores` (all-item scores for a batch of users).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from abc import abstractmethod
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+from streamrec.trainer.interactions import IdIndex, Interactions
+from streamrec.trainer.models.base import Capabilities, Recommender
+
+COMMON_DEFAULTS: dict[str, Any] = {
+    "epochs": 30, "batch_size": 1024, "lr": 1e-3, "weight_decay": 0.0, "patience": 3,
+    "val_users": 1000, "seed": 0, "threads": 1, "device": "cpu", "side_data": "",
+}
+SCORE_BATCH = 256  # users scored per forward pass
+_console = Console(file=sys.stderr)
+
+
+def configure(seed: int, threads: int, device: str) -> torch.device:
+    """Seed torch, cap its threads (the machine is shared) and pick the device."""
+    torch.manual_seed(seed)
+    torch.set_num_threads(max(1, int(threads)))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device=cuda requested but torch sees no GPU")
+    return torch.device(device)
+
+
+def to_numpy_state(module: nn.Module) -> dict[str, np.ndarray]:
+    """A module's parameters and buffers as numpy arrays (what `save` writes, no pickle)."""
+    return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
+
+
+def load_numpy_state(module: nn.Module, arrays: dict[str, np.ndarray]) -> None:
+    module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}, strict=True)
+
+
+def int_list(text: str) -> list[int]:
+    """'64,32,16' -> [64, 32, 16] (list hyperparameters travel as strings through --param)."""
+    return [int(v) for v in str(text).replace(" ", "").split(",") if v]
+
+
+def mlp(sizes: list[int], dropout: float = 0.0, activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    """Linear + activation (+ dropout) per consecutive pair of `sizes`."""
+    layers: list[nn.Module] = []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(n_in, n_out), activation()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+def shuffled_batches(
+    rng: np.random.Generator, arrays: list[np.ndarray], batch_size: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Equal-length arrays, shuffled together, as mini-batches of tensors on `device`."""
+    order = rng.permutation(len(arrays[0]))
+    tensors = [torch.as_tensor(a[order], device=device) for a in arrays]
+    for start in range(0, len(order), batch_size):
+        yield tuple(t[start : start + batch_size] for t in tensors)
+
+
+class SeenPairs:
+    """Membership test for (user, item) pairs, vectorised through sorted int64 keys."""
+
+    def __init__(self, matrix: sp.csr_matrix) -> None:
+        coo = matrix.tocoo()
+        self.n_items = matrix.shape[1]
+        self.keys = np.sort(coo.row.astype(np.int64) * self.n_items + coo.col)
+
+    def contains(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        keys = users.astype(np.int64) * self.n_items + items
+        pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        return self.keys[pos] == keys if len(self.keys) else np.zeros(len(keys), bool)
+
+
+def sample_negatives(
+    rng: np.random.Generator, users: np.ndarray, seen: SeenPairs, n_items: int, rounds: int = 5
+) -> np.ndarray:
+    """One uniformly sampled unobserved item per entry of `users` (a few rejection rounds)."""
+    items = rng.integers(0, n_items, len(users))
+    for _ in range(rounds):
+        bad = np.flatnonzero(seen.contains(users, items))
+        if not len(bad):
+            break
+        items[bad] = rng.integers(0, n_items, len(bad))
+    return items
+
+
+def pointwise_batches(
+    rng: np.random.Generator, pos_users: np.ndarray, pos_items: np.ndarray, seen: SeenPairs,
+    n_items: int, negatives: int, batch_size: int, device: torch.device,
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """One epoch of (user, item, label) batches: every positive plus `negatives` fresh samples each."""
+    neg_users = np.repeat(pos_users, negatives)
+    neg_items = sample_negatives(rng, neg_users, seen, n_items)
+    users = np.concatenate([pos_users, neg_users])
+    items = np.concatenate([pos_items, neg_items])
+    labels = np.r_[np.ones(len(pos_users), np.float32), np.zeros(len(neg_users), np.float32)]
+    return shuffled_batches(rng, [users, items, labels], batch_size, device)
+
+
+def sequences(data: Interactions) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Events sorted by (user, time, item): (users, items, timestamps, indptr per user)."""
+    order = np.lexsort((data.item_idx, data.timestamps, data.user_idx))
+    users = data.user_idx[order]
+    indptr = np.zeros(data.n_users + 1, np.int64)
+    np.add.at(indptr, users + 1, 1)
+    return users, data.item_idx[order], data.timestamps[order], np.cumsum(indptr)
+
+
+def last_items(items: np.ndarray, starts: np.ndarray, ends: np.ndarray, length: int, pad: int) -> np.ndarray:
+    """(len(ends), length) windows of `items[starts:ends]` (the latest `length` of each),
+    right-aligned and left-padded with `pad`."""
+    pos = ends[:, None] - length + np.arange(length)[None, :]
+    valid = pos >= starts[:, None]
+    return np.where(valid, items[np.clip(pos, 0, max(len(items) - 1, 0))], pad)
+
+
+def history_windows(index: IdIndex, histories: Sequence[Sequence[str]], length: int, pad: int) -> np.ndarray:
+    """Item-id histories (oldest first) of users unseen at fit -> padded index windows like
+    `last_items` (ids unknown to the model are skipped)."""
+    rows = np.full((len(histories), length), pad, np.int64)
+    for n, items in enumerate(histories):
+        known = index.index(list(items))
+        known = known[known >= 0][-length:]
+        if len(known):
+            rows[n, -len(known):] = known
+    return rows
+
+
+class NeuralRecommender(Recommender):
+    """Base of the torch models: fit with early stopping, all-item scoring, npz persistence."""
+
+    capabilities: ClassVar[Capabilities] = Capabilities(implicit=True)
+    defaults: ClassVar[dict[str, Any]] = COMMON_DEFAULTS
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self.module: nn.Module | None = None
+        self.dims: dict[str, Any] = {}
+        self.device = torch.device("cpu")
+        self.history: list[dict[str, float]] = []
+
+    # ---- hooks -------------------------------------------------------------------------------
+    @abstractmethod
+    def _prepare(self, train: Interactions, rng: np.random.Generator) -> None:
+        """Training structures from the training part; must set `self.dims`."""
+
+    @abstractmethod
+    def _build(self) -> nn.Module:
+        """The network, from `self.dims` and `self.params` alone."""
+
+    @abstractmethod
+    def _batches(self, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
+        """One epoch of mini-batches (already on `self.device`)."""
+
+    @abstractmethod
+    def _loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Mean loss of one mini-batch."""
+
+    @abstractmethod
+    def _scores(self, users: torch.Tensor) -> torch.Tensor:
+        """(len(users), n_items) scores from the current weights (called under no_grad)."""
+
+    def _pretrain(self, interactions: Interactions) -> None:
+        """Initialise the fresh module from other fitted models (NeuMF from GMF and MLP)."""
+
+    def _use_history(self, data: Interactions) -> None:
+        """Keep what scoring needs from `data` (sequence models: each user's recent items)."""
+
+    def _extra_state(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def _load_extra_state(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore what `_extra_state` returned."""
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(
+            self.module.parameters(), lr=self.params["lr"], weight_decay=self.params["weight_decay"]
+        )
+
+    # ---- training ----------------------------------------------------------------------------
+    def _fit(self, interactions: Interactions) -> None:
+        """Hold out each user's last training event for early stopping, train, keep the best."""
+        from streamrec.trainer.evaluation.splits import leave_last_out
+
+        p = self.params
+        self.device = configure(p["seed"], p["threads"], p["device"])
+        rng = np.random.default_rng(p["seed"])
+        train_mask, val = leave_last_out(interactions)
+        if p["patience"] <= 0 or not len(val):
+            train_mask, val = np.ones(len(interactions), bool), val[:0]
+        if len(val) > p["val_users"]:
+            val = np.sort(rng.choice(val, p["val_users"], replace=False))
+        train = interactions.subset(train_mask)
+        self._prepare(train, rng)
+        self.module = self._build().to(self.device)
+        self._pretrain(interactions)
+        self._use_history(train)
+        self._train_epochs(rng, interactions.user_idx[val], interactions.item_idx[val])
+        self._use_history(interactions)
+
+    def _train_epochs(self, rng: np.random.Generator, val_users: np.ndarray, val_items: np.ndarray) -> None:
+        from streamrec.trainer.evaluation.topn import ranking_metrics
+
+        p = self.params
+        optimizer = self._optimizer()
+        best, best_state, waited = -np.inf, None, 0
+        self.history = []
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=_console, transient=True, disable=not _console.is_terminal) as bar:
+            task = bar.add_task(f"{self.name} epoch 1", total=p["epochs"])
+            for epoch in range(p["epochs"]):
+                start, total, count = time.perf_counter(), 0.0, 0
+                self.module.train()
+                for batch in self._batches(rng):
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = self._loss(batch)
+                    loss.backward()
+                    optimizer.step()
+                    total += float(loss.detach())
+                    count += 1
+                report = {"epoch": epoch + 1, "loss": total / max(count, 1), "seconds": time.perf_counter() - start}
+                if len(val_users):
+                    report["val_ndcg@10"] = ranking_metrics(self, val_users, val_items)["ndcg@10"]
+                self.history.append(report)
+                shown = " ".join(f"{k} {v:.4f}" for k, v in report.items() if k not in ("epoch", "seconds"))
+                bar.update(task, advance=1, description=f"{self.name} epoch {epoch + 1} {shown}")
+                if not len(val_users):
+                    continue
+                if report["val_ndcg@10"] > best:
+                    best, waited = report["val_ndcg@10"], 0
+                    best_state = copy.deepcopy(self.module.state_dict())
+                else:
+                    waited += 1
+                    if waited >= p["patience"]:
+                        break
+        if best_state is not None:
+            self.module.load_state_dict(best_state)
+        self.module.eval()
+
+    # ---- scoring -----------------------------------------------------------------------------
+    def _user_scores(self, users: np.ndarray) -> np.ndarray:
+        self.module.eval()
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(users), SCORE_BATCH):
+                block = torch.as_tensor(users[start : start + SCORE_BATCH], device=self.device)
+                out.append(self._scores(block).double().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.n_items))
+
+    # ---- persistence -------------------------------------------------------------------------
+    def _state(self) -> dict[str, np.ndarray]:
+        state = {f"w.{k}": v for k, v in to_numpy_state(self.module).items()}
+        state.update({f"dims.{k}": np.asarray(v) for k, v in self.dims.items()})
+        state.update({f"x.{k}": v for k, v in self._extra_state().items()})
+        return state
+
+    def _load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        self.device = torch.device("cpu")
+        self.dims = {k[5:]: v.tolist() for k, v in arrays.items() if k.startswith("dims.")}
+        self.module = self._build()
+        load_numpy_state(self.module, {k[2:]: v for k, v in arrays.items() if k.startswith("w.")})
+        self.module.eval()
+        self._load_extra_state({k[2:]: v for k, v in arrays.items() if k.startswith("x.")})
+
+
+class PointwiseRecommender(NeuralRecommender):
+    """Models trained as binary classifiers of (user, item) pairs: every positive plus sampled
+    negatives, binary cross-entropy on `module(users, items)` logits (NCF and the CTR families).
+    Subclasses set `pos_users`, `pos_items`, `seen_pairs` and `dims["n_items"]` in `_prepare`."""
+
+    def _batches(self, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
+        p = self.params
+        return pointwise_batches(
+            rng, self.pos_users, self.pos_items, self.seen_pairs, self.dims["n_items"],
+            p["negatives"], p["batch_size"], self.device,
+        )
+
+    def _loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        users, items, labels = batch
+        return F.binary_cross_entropy_with_logits(self.module(users, items), labels)

@@ -1,0 +1,103 @@
+"""`streamrec train-online` and `streamrec bench pipeline`."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from typing import Any
+
+import click
+
+from streamrec.core.cli import print_json, settings_from
+
+DEFAULT_MODELS = ("online-bpr", "online-mf")
+
+
+def parse_model_params(models: tuple[str, ...], pairs: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """`online-bpr.dim=64` -> {"online-bpr": {"dim": 64}}; values typed like the model's defaults."""
+    from streamrec.trainer.online.models import ONLINE_MODELS
+
+    params: dict[str, dict[str, Any]] = {m: {} for m in models}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        model, dot, name = key.partition(".")
+        if not sep or not dot or model not in params:
+            raise click.BadParameter(f"{pair!r}: expected MODEL.KEY=VALUE with MODEL one of {list(models)}", param_hint="--param")
+        defaults = ONLINE_MODELS[model].defaults
+        if name not in defaults:
+            raise click.BadParameter(f"{model} has no parameter {name!r}; known: {sorted(defaults)}", param_hint="--param")
+        default = defaults[name]
+        params[model][name] = type(default)(raw) if not isinstance(default, str) else raw
+    return params
+
+
+@click.command("train-online")
+@click.option("--model", "models", multiple=True, type=click.Choice(["online-bpr", "online-mf"]),
+              help="online models to train (default: both; the first ranks items)")
+@click.option("--param", "pairs", multiple=True, help="MODEL.KEY=VALUE, e.g. online-bpr.dim=64")
+@click.option("--batch-events", type=int, default=5000, show_default=True, help="most records per consumed batch")
+@click.option("--batch-seconds", type=float, default=0.5, show_default=True, help="most wait for a batch to fill")
+@click.option("--evaluate-every", type=int, default=10, show_default=True, help="prequential sample: every Nth event")
+@click.option("--max-events", type=int, help="stop after this many records")
+@click.option("--idle-exit", type=float, help="stop after this many seconds without records")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="JSON report file, rewritten every 5 s")
+@click.option("--metrics-port", type=int, help="Prometheus port [settings.metrics_port]")
+@click.option("--no-feature-store", is_flag=True, help="do not write the Redis feature store")
+@click.option("--json", "as_json", is_flag=True, help="print the final report as JSON")
+@click.pass_context
+def train_online(ctx: click.Context, models: tuple[str, ...], pairs: tuple[str, ...], batch_events: int,
+                 batch_seconds: float, evaluate_every: int, max_events: int | None,
+                 idle_exit: float | None, report_path: str | None, metrics_port: int | None,
+                 no_feature_store: bool, as_json: bool) -> None:
+    """Consume the interaction topic and train the online models into the parameter server."""
+    from prometheus_client import start_http_server
+    from threadpoolctl import threadpool_limits
+
+    from streamrec.param_server.client import ParamClient
+    from streamrec.stream.topics import create_topics
+    from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
+    from streamrec.trainer.online.models import create_online_model
+    from streamrec.trainer.online.trainer import OnlineTrainer, TrainerConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = settings_from(ctx)
+    models = models or DEFAULT_MODELS
+    params = parse_model_params(models, pairs)
+    port = settings.metrics_port if metrics_port is None else metrics_port
+    if port:
+        start_http_server(port)
+    create_topics(settings.kafka_bootstrap, [settings.topic, settings.dlq_topic], settings.topic_partitions)
+    store = ParamClient.from_settings(settings)
+    features = None if no_feature_store else FeatureStore.from_url(
+        settings.redis_url, FeatureStoreConfig(prefix=settings.feature_prefix))
+    config = TrainerConfig(batch_events=batch_events, batch_seconds=batch_seconds,
+                           evaluate_every=evaluate_every, max_events=max_events, idle_exit_seconds=idle_exit,
+                           report_path=report_path)
+    trainer = OnlineTrainer(settings, store, [create_online_model(m, **params[m]) for m in models], config, features)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: trainer.stop_requested.set())
+    with threadpool_limits(1):  # small matrix products: BLAS threads only contend on 2 cores
+        trainer.run()
+    report = trainer.report()
+    store.close()
+    if as_json:
+        print_json(report)
+
+
+@click.command("pipeline")
+@click.option("--events", type=int, default=200_000, show_default=True)
+@click.option("--client", type=click.Choice(["kafka-python", "confluent"]), help="[settings.kafka_client]")
+@click.option("--data", "data_path", type=click.Path(exists=True), help="replay this log (ml-100k) instead of synthetic events")
+@click.option("--json", "as_json", is_flag=True, help="(output is always JSON)")
+@click.pass_context
+def bench_pipeline(ctx: click.Context, events: int, client: str | None, data_path: str | None, as_json: bool) -> None:
+    """Events through the real broker into a running trainer, parameter server and feature store."""
+    from streamrec.trainer.online.bench import run_pipeline_bench
+
+    settings = settings_from(ctx)
+    print_json(run_pipeline_bench(settings, events, client or settings.kafka_client, data_path))
+
+
+def register(cli: click.Group, bench: click.Group) -> None:
+    cli.add_command(train_online)
+    bench.add_command(bench_pipeline)
