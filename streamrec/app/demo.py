@@ -26,21 +26,23 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pandas as pd
 
-from streamrec.param_server.client import ParamClient
-from streamrec.app import infra
 from streamrec.core import net
+from streamrec.core.config import Settings
+from streamrec.param_server.client import ParamClient
+from streamrec.stream.events import EventBatch
 from streamrec.stream.loaders import InteractionLog, load_log
 from streamrec.stream.publish import EventPublisher
 from streamrec.stream.reader import read_log
 from streamrec.stream.replay import replay
 from streamrec.stream.topics import create_topics
-from streamrec.core.config import Settings
-from streamrec.trainer.evaluation.metrics import expected_hit, expected_ndcg
+from streamrec.trainer.evaluation.prequential import PrequentialScorer, ScoreFn
 from streamrec.trainer.interactions import Interactions
+from streamrec.trainer.models.base import Recommender
+from streamrec.trainer.online.base import ItemScores
 
 STREAMREC = str(Path(sys.executable).parent / "streamrec")
-K = 10
 
 
 @dataclass
@@ -86,24 +88,34 @@ class Processes:
                 proc.wait()
 
 
+def refit_scores(model: Recommender) -> ScoreFn:
+    """A fitted batch model as the prequential scorer sees a model: user ids -> scores over its items."""
+    items = pd.Index(model.items.ids, dtype=object)
+
+    def score_users(user_ids: np.ndarray) -> ItemScores:
+        return ItemScores(items, model.user_scores(model.users.index(user_ids)))
+
+    return score_users
+
+
 class StreamScorer:
-    """Prequential scoring of the refit models on the replayed stream (every 10th event, before
-    it counts as the user's history), the same computation as the trainer's live metrics."""
+    """Prequential scoring of the refit models on the replayed stream with the trainer's own
+    computation (`PrequentialScorer`): every 10th event, before it counts as the user's history."""
 
     def __init__(self, log: InteractionLog, every: int = 10) -> None:
-        self.log, self.every = log, every
+        self.stream = EventBatch.from_log(log)
+        self.prequential = PrequentialScorer(every)
         self.ranges: queue.Queue[tuple[int, int] | None] = queue.Queue()
-        self.thread = threading.Thread(target=self._run, name="scorer", daemon=True)
-        self.thread.start()
-        self.position = 0
-        self.history: dict[str, set[str]] = defaultdict(set)
-        self.models: dict[str, Any] = {}  # name -> fitted batch model (swapped in by the refit loop)
+        self.models: dict[str, ScoreFn] = {}  # name -> the newest refit model (swapped in by the refit loop)
         self.points: dict[str, list[tuple[float, float, float]]] = defaultdict(list)  # (time, hit, ndcg)
         self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, name="scorer", daemon=True)
+        self.thread.start()
 
-    def publish_model(self, name: str, model: Any) -> None:
+    def publish_model(self, name: str, model: Recommender) -> None:
+        scores = refit_scores(model)
         with self.lock:
-            self.models[name] = model
+            self.models[name] = scores
 
     def submit(self, start: int, stop: int) -> None:
         """Score events[start:stop] on the scorer's own thread (the replay keeps its pace)."""
@@ -115,31 +127,13 @@ class StreamScorer:
 
     def _run(self) -> None:
         while (span := self.ranges.get()) is not None:
-            self.observe(self.log, *span)
+            self.score_span(*span)
 
-    def observe(self, log: InteractionLog, start: int, stop: int) -> None:
+    def score_span(self, start: int, stop: int) -> None:
         with self.lock:
             models = dict(self.models)
-        for row in range(start, stop):
-            user, item = log.user_id[row], log.item_id[row]
-            if self.position % self.every == 0:
-                for name, model in models.items():
-                    self.points[name].append((float(log.timestamp[row]), *self._score(model, user, item)))
-            self.history[user].add(item)
-            self.position += 1
-
-    def _score(self, model: Any, user: str, item: str) -> tuple[float, float]:
-        u = model.users.index([user])
-        target = model.items.index([item])[0]
-        scores = np.array(model.user_scores(u)[0], dtype=np.float64)
-        earlier = model.items.index(list(self.history[user] - {item}))
-        scores[earlier[earlier >= 0]] = -np.inf
-        if target < 0:  # an item the model has never seen ranks below every known one
-            greater, ties = np.isfinite(scores).sum(), 0
-        else:
-            greater, ties = int((scores > scores[target]).sum()), int((scores == scores[target]).sum()) - 1
-        g, t = np.array([greater]), np.array([ties])
-        return float(expected_hit(g, t, K)[0]), float(expected_ndcg(g, t, K)[0])
+        for name, evaluated in self.prequential.evaluate(self.stream.take(slice(start, stop)), models).items():
+            self.points[name].extend(zip(evaluated.timestamp.tolist(), evaluated.hit.tolist(), evaluated.ndcg.tolist()))
 
 
 class Queries:

@@ -1,8 +1,9 @@
-"""The parameter server's tables in-process, behind the client's API.
+"""The parameter server's tables in-process: a `TableStore` like `ParamClient`, without sockets.
 
 `streamrec evaluate --protocol prequential --model online-bpr` runs the exact learning code of the
-live trainer without a network: the models only see `pull` / `push` / `delta`, served here by the
-same `ParamStore` a server process holds.
+live trainer without a network: the models only see the `TableStore` methods, served here by the
+same `ParamStore` a server process holds. It is every online model's default store, so
+`OnlineBPR()` works standalone.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class LocalStore:
     def create_table(
         self, name: str, dim: int, *, scalars: int = 0, optimizer: str = "adagrad", lr: float = 0.01,
         scalar_lr: float | None = None, init_std: float = 0.01, seed: int = 0, min_count: int = 1,
-        ttl: float | None = None, **_: Any,
+        ttl: float | None = None,
     ) -> dict[str, Any]:
         spec = TableSpec(name=name, dim=dim, scalars=scalars, optimizer=OptimizerSpec(optimizer, lr, scalar_lr),
                          init_std=init_std, seed=seed, min_count=min_count, ttl=ttl)
@@ -44,8 +45,8 @@ class LocalStore:
         return {table: self.pull(table, ids) for table, ids in requests.items()}
 
     def push(
-        self, updates: Mapping[str, tuple[IdsLike, np.ndarray]], *, meta: Any = None, events: int = 0,
-        event_time: float | None = None,
+        self, updates: Mapping[str, tuple[IdsLike, np.ndarray]], *, meta: dict[str, Any] | None = None,
+        events: int = 0, event_time: float | None = None,
     ) -> dict[int, int]:
         batch = [(name, as_keys(ids), np.ascontiguousarray(grads, np.float32)) for name, (ids, grads) in updates.items()]
         version, _ = self.store.push(batch, meta=meta, events=events, event_time=event_time)

@@ -18,6 +18,9 @@ from typing import Any
 import numpy as np
 import orjson
 
+from streamrec.core.config import Settings
+from streamrec.stream.loaders import InteractionLog
+
 BUILTIN_EVENT_TYPES: tuple[str, ...] = ("view", "click", "like", "rating", "purchase", "watch", "skip")
 FIELDS = frozenset({"event_id", "user_id", "item_id", "event_type", "value", "timestamp", "context"})
 REQUIRED = ("user_id", "item_id", "event_type", "timestamp")
@@ -52,7 +55,7 @@ class EventSchema:
         )
 
     @classmethod
-    def from_settings(cls, settings: Any) -> EventSchema:
+    def from_settings(cls, settings: Settings) -> EventSchema:
         return cls(
             tuple(settings.custom_event_types), settings.max_context_keys, settings.max_context_bytes
         )
@@ -159,30 +162,63 @@ def encode(event: dict[str, Any]) -> bytes:
 
 @dataclass(frozen=True)
 class EventBatch:
-    """Columns of a micro-batch of validated events, in arrival order (what trainers consume)."""
+    """Columns of validated events in stream order: what the trainer and the online models learn from.
 
-    event_id: list[str]
-    user_id: list[str]
-    item_id: list[str]
-    event_type: list[str]
-    value: np.ndarray  # float64, NaN where the event has no value
-    timestamp: np.ndarray  # float64 epoch seconds
-    context: list[dict[str, Any] | None]
+    numpy columns, so models index and mask them without conversion: ids, event types, event ids
+    and contexts are object arrays (event id and context None where the source has none), `value`
+    and `timestamp` float64 (value NaN where the event has none). A historical log becomes the
+    same columns with `from_log`, so offline evaluation feeds models exactly what Kafka does.
+    """
+
+    user_id: np.ndarray
+    item_id: np.ndarray
+    event_type: np.ndarray
+    value: np.ndarray
+    timestamp: np.ndarray
+    event_id: np.ndarray
+    context: np.ndarray
 
     def __len__(self) -> int:
-        return len(self.event_id)
+        return len(self.user_id)
 
     @classmethod
     def from_events(cls, events: Sequence[dict[str, Any]]) -> EventBatch:
+        """Validated event dicts -> columns (one pass per column, no intermediate lists)."""
+        n = len(events)
+
+        def column(name: str) -> np.ndarray:
+            return np.fromiter((e[name] for e in events), object, n)
+
         return cls(
-            [e["event_id"] for e in events],
-            [e["user_id"] for e in events],
-            [e["item_id"] for e in events],
-            [e["event_type"] for e in events],
-            np.fromiter((e.get("value", math.nan) for e in events), np.float64, len(events)),
-            np.fromiter((e["timestamp"] for e in events), np.float64, len(events)),
-            [e.get("context") for e in events],
+            column("user_id"), column("item_id"), column("event_type"),
+            np.fromiter((e.get("value", math.nan) for e in events), np.float64, n),
+            np.fromiter((e["timestamp"] for e in events), np.float64, n),
+            column("event_id"), np.fromiter((e.get("context") for e in events), object, n),
         )
+
+    @classmethod
+    def from_columns(
+        cls, user_id: np.ndarray, item_id: np.ndarray, event_type: np.ndarray, timestamp: np.ndarray,
+        value: np.ndarray | None = None,
+    ) -> EventBatch:
+        """Events given as columns (benchmarks, tests, a log): no event ids or contexts."""
+        n = len(user_id)
+        return cls(
+            np.asarray(user_id, dtype=object), np.asarray(item_id, dtype=object), np.asarray(event_type, dtype=object),
+            np.full(n, math.nan) if value is None else np.asarray(value, dtype=np.float64),
+            np.asarray(timestamp, dtype=np.float64), np.full(n, None, object), np.full(n, None, object),
+        )
+
+    @classmethod
+    def from_log(cls, log: InteractionLog) -> EventBatch:
+        """The whole log as one batch, in its (time) order; slice it with `take`. Event types as
+        the log gives them (`rating` where rated, else `view`, for logs without types)."""
+        return cls.from_columns(log.user_id, log.item_id, log.event_types(), log.timestamp, log.rating)
+
+    def take(self, index: np.ndarray | slice) -> EventBatch:
+        """Rows at `index` (a slice, mask or integer array)."""
+        return EventBatch(self.user_id[index], self.item_id[index], self.event_type[index], self.value[index],
+                          self.timestamp[index], self.event_id[index], self.context[index])
 
 
 def iter_events(

@@ -123,7 +123,7 @@ def test_fuzzed_python_objects_are_accepted_or_rejected_never_crash(obj: dict):
 def test_batch_columns():
     events = [SCHEMA.validate(good(value=1.5), NOW), SCHEMA.validate(good(item_id="i2"), NOW)]
     batch = EventBatch.from_events(events)
-    assert batch.item_id == ["i1", "i2"] and len(batch) == 2
+    assert batch.item_id.tolist() == ["i1", "i2"] and batch.item_id.dtype == object and len(batch) == 2
     assert batch.value[0] == 1.5 and math.isnan(batch.value[1])
     assert batch.timestamp.tolist() == [NOW - 5, NOW - 5]
 

@@ -1,175 +1,208 @@
-"""prequential protocol: test-then-train over the time-ordered stream (EVALUATION.md).
+"""The prequential protocol (test-then-train, EVALUATION.md): the ONE computation behind
+`streamrec evaluate --protocol prequential`, the live trainer's metrics and the demo's refit curves.
 
-Learner protocol (River-style, vectorised). An online model is any object with
-
-    learn_many(batch: StreamBatch) -> None
-        learn the events of `batch`, in their order (the harness passes at most 256 events);
-    score_users(users: np.ndarray) -> np.ndarray
-        (len(users), catalogue.n_items) scores, higher is better, from the model's current state.
-        Items the model has not seen yet may get any score below the others (e.g. -inf).
-
-and is built by a factory `(catalogue: Catalogue, params: dict) -> learner` registered with
-`@register_online_model("name")`. Indices are dense over the whole data set (`Catalogue`), raw
-ids ride along in each batch for learners that keep their own id maps. The online trainer's live
-metrics reuse `PrequentialScorer`, so a replay reproduces `streamrec evaluate` exactly.
+Rules, the same for all three callers:
+- the stream is time-ordered; every `every`-th event (stream positions 0, 10, 20, ...) is due, and
+  is scored BEFORE the model learns it;
+- only positive events are scored (a skip is learned, not predicted);
+- an event whose item the user already interacted with earlier in the stream is a
+  re-consumption: it is learned but NOT evaluated (predicting repeats is a different task), and
+  the evaluated positions stay every `every`-th event of the stream (a skipped one is not
+  replaced by the next event);
+- candidates are the items the model holds minus the user's earlier items; the target ranks by
+  its score among them, ties counted as the expected rank under a random order of the tied
+  items. An item the model has not seen (not held, or held at -inf) ranks just below every
+  candidate it knows: greater = their number, no ties.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from itertools import chain
+from typing import Any
 
 import numpy as np
+import pandas as pd
 
-from streamrec.stream.loaders import InteractionLog
-from streamrec.trainer.evaluation.metrics import expected_hit, expected_ndcg, rank_counts
-from streamrec.trainer.interactions import IdIndex, Interactions
 from streamrec.core.progress import track
+from streamrec.stream.events import EventBatch
+from streamrec.stream.loaders import InteractionLog
+from streamrec.trainer.evaluation.metrics import expected_hit, expected_ndcg
+from streamrec.trainer.online.base import ItemScores, OnlineRecommender
+from streamrec.trainer.online.roles import EventRoles
 
 EVAL_EVERY = 10
-MAX_BATCH = 256
 K = 10
+ScoreFn = Callable[[np.ndarray], ItemScores]  # user ids -> their scores over the items a model holds
+
+
+def rank_counts_among_known(scores: ItemScores, targets: np.ndarray, earlier: Sequence[Collection[str]],
+                            ) -> tuple[np.ndarray, np.ndarray]:
+    """Per row r: how many candidates score above `targets[r]` and how many others tie it.
+
+    Candidates are the scored items minus `earlier[r]` (the user's earlier items; a target is
+    never among them, re-consumptions are not scored). A target the model does not know ranks
+    below every known candidate.
+    """
+    matrix = np.where(np.isnan(scores.scores), -np.inf, scores.scores)
+    rows = np.repeat(np.arange(len(targets)), [len(items) for items in earlier])
+    # (an object Index, not an array: pandas would infer a string dtype for the array first)
+    cols = scores.item_ids.get_indexer(pd.Index(np.fromiter(chain.from_iterable(earlier), object, len(rows)), dtype=object))
+    matrix[rows[cols >= 0], cols[cols >= 0]] = -np.inf
+    held = scores.item_ids
+    target = np.array([matrix[r, held.get_loc(t)] if t in held else -np.inf for r, t in enumerate(targets)])
+    known = np.isfinite(target)
+    greater = np.where(known, (matrix > target[:, None]).sum(axis=1), np.isfinite(matrix).sum(axis=1))
+    ties = np.where(known, (matrix == target[:, None]).sum(axis=1) - 1, 0)
+    return greater, ties
 
 
 @dataclass(frozen=True)
-class Catalogue:
-    """Every user and item of the stream: dense index spaces fixed before the first event."""
+class Evaluated:
+    """Scored events: stream position, event time and rank counts (hit/ndcg are derived)."""
 
-    users: IdIndex
-    items: IdIndex
-
-    @property
-    def n_users(self) -> int:
-        return len(self.users)
-
-    @property
-    def n_items(self) -> int:
-        return len(self.items)
-
-
-@dataclass(frozen=True)
-class StreamBatch:
-    """Consecutive events of the stream, in order."""
-
-    user_idx: np.ndarray
-    item_idx: np.ndarray
-    rating: np.ndarray  # NaN = implicit
-    timestamp: np.ndarray
-    user_id: np.ndarray
-    item_id: np.ndarray
+    position: np.ndarray  # int64
+    timestamp: np.ndarray  # float64
+    greater: np.ndarray  # int64
+    ties: np.ndarray  # int64
 
     def __len__(self) -> int:
-        return len(self.user_idx)
+        return len(self.position)
+
+    @classmethod
+    def concat(cls, parts: Sequence[Evaluated]) -> Evaluated:
+        if not parts:
+            return cls(np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64))
+        return cls(*(np.concatenate([getattr(p, name) for p in parts])
+                     for name in ("position", "timestamp", "greater", "ties")))
+
+    @property
+    def hit(self) -> np.ndarray:
+        """Expected hit@10 of each event (ties in random order)."""
+        return expected_hit(self.greater, self.ties, K)
+
+    @property
+    def ndcg(self) -> np.ndarray:
+        """Expected ndcg@10 of each event (ties in random order)."""
+        return expected_ndcg(self.greater, self.ties, K)
 
 
-class OnlineLearner(Protocol):
-    def learn_many(self, batch: StreamBatch) -> None: ...
+class EarlierItems:
+    """Each user's items so far in the stream: the excluded candidates and the re-consumption test.
+    With `max_users` (a live stream never ends) the least recently active users are forgotten."""
 
-    def score_users(self, users: np.ndarray) -> np.ndarray: ...
+    def __init__(self, max_users: int | None = None) -> None:
+        self.max_users = max_users
+        self._items: OrderedDict[str, set[str]] = OrderedDict()
 
+    def of(self, user: str) -> Collection[str]:
+        return self._items.get(user, ())
 
-OnlineFactory = Callable[[Catalogue, dict[str, Any]], OnlineLearner]
-ONLINE_MODELS: dict[str, OnlineFactory] = {}
-
-
-def register_online_model(name: str) -> Callable[[OnlineFactory], OnlineFactory]:
-    """Make an online model available to `streamrec evaluate --protocol prequential --model`."""
-
-    def add(factory: OnlineFactory) -> OnlineFactory:
-        ONLINE_MODELS[name] = factory
-        return factory
-
-    return add
+    def add(self, users: np.ndarray, items: np.ndarray) -> None:
+        """Record events (in stream order): one set update per user of the chunk."""
+        if not len(users):
+            return
+        codes, uniques = pd.factorize(users)
+        order = np.argsort(codes, kind="stable")
+        groups = np.split(items[order], np.cumsum(np.bincount(codes))[:-1])
+        for user, group in zip(uniques, groups):
+            known = self._items.get(user)
+            if known is None:
+                known = self._items[user] = set()
+                if self.max_users is not None and len(self._items) > self.max_users:
+                    self._items.popitem(last=False)
+            else:
+                self._items.move_to_end(user)
+            known.update(group.tolist())
 
 
 class PrequentialScorer:
-    """Scores one event against a learner before it is learned; accumulates hit@10 / ndcg@10.
+    """Walks the stream chunk by chunk, scoring each due event with every given model before the
+    event joins the user's history; the caller lets the models learn a chunk after scoring it."""
 
-    Keeps each user's earlier items (the excluded candidates) as the stream goes by.
-    """
+    def __init__(self, every: int = EVAL_EVERY, roles: EventRoles | None = None, max_users: int | None = None) -> None:
+        self.every = every
+        self.roles = roles or EventRoles()
+        self.position = 0  # stream position of the next event
+        self.history = EarlierItems(max_users)
 
-    def __init__(self, n_items: int, n_events: int) -> None:
-        self.n_items = n_items
-        self.half = n_events / 2
-        self.history: dict[int, list[int]] = {}
-        self.hits: list[float] = []
-        self.ndcgs: list[float] = []
-        self.second_half: list[bool] = []
+    def pass_unscored(self, events: EventBatch) -> None:
+        """Events that pass without being scored still become the users' earlier items."""
+        self.history.add(events.user_id, events.item_id)
+        self.position += len(events)
 
-    def observe(self, users: np.ndarray, items: np.ndarray) -> None:
-        """Record events as the user's earlier items (after they were learned)."""
-        for u, i in zip(users.tolist(), items.tolist()):
-            self.history.setdefault(u, []).append(i)
-
-    def score(self, learner: OnlineLearner, position: int, user: int, item: int) -> None:
-        """Rank `item` for `user` among all items the user has not had before."""
-        scores = np.array(learner.score_users(np.array([user])), dtype=np.float64).reshape(1, -1)
-        target = scores[0, item]
-        scores[0, self.history.get(user, [])] = -np.inf
-        scores[0, item] = target
-        greater, ties = rank_counts(scores, np.array([item]))
-        self.hits.append(float(expected_hit(greater, ties, K)[0]))
-        self.ndcgs.append(float(expected_ndcg(greater, ties, K)[0]))
-        self.second_half.append(position >= self.half)
-
-    def metrics(self) -> dict[str, float]:
-        hits, ndcgs, late = np.array(self.hits), np.array(self.ndcgs), np.array(self.second_half)
-        mean = lambda v: float(v.mean()) if len(v) else 0.0  # noqa: E731
-        return {
-            "hr@10_second_half": mean(hits[late]), "ndcg@10_second_half": mean(ndcgs[late]),
-            "hr@10_all": mean(hits), "ndcg@10_all": mean(ndcgs),
-            "evaluated_events": len(hits), "evaluated_second_half": int(late.sum()),
-        }
+    def evaluate(self, events: EventBatch, models: Mapping[str, ScoreFn]) -> dict[str, Evaluated]:
+        """Score the due events of `events` (the next events of the stream, not learned yet) with
+        each model, then record all of them as history. One scoring per evaluated event."""
+        if not models:
+            self.pass_unscored(events)
+            return {}
+        found: dict[str, list[tuple[int, int, int, float]]] = {name: [] for name in models}
+        observed = 0
+        for q in range(-self.position % self.every, len(events), self.every):
+            if events.event_type[q] not in self.roles.positive_types:
+                continue
+            self.pass_unscored(events.take(slice(observed, q)))
+            observed = q
+            user, item = events.user_id[q], events.item_id[q]
+            earlier = self.history.of(user)
+            if item in earlier:  # a re-consumption: learned, not evaluated
+                continue
+            for name, score_users in models.items():
+                greater, ties = rank_counts_among_known(score_users(np.array([user], object)), np.array([item], object),
+                                                        [earlier])
+                found[name].append((self.position, int(greater[0]), int(ties[0]), float(events.timestamp[q])))
+        self.pass_unscored(events.take(slice(observed, None)))
+        return {name: _evaluated(rows) for name, rows in found.items()}
 
 
-def run_prequential(
-    factory: OnlineFactory, params: dict[str, Any], log: InteractionLog
-) -> dict[str, Any]:
-    """Feed the stream in order: score every 10th event first, then learn it (batches <= 256)."""
-    data = Interactions.from_log(log)  # load_log already sorted by (timestamp, user, item)
-    catalogue = Catalogue(data.users, data.items)
-    learner = factory(catalogue, params)
-    scorer = PrequentialScorer(catalogue.n_items, len(data))
-    learn_seconds, eval_seconds = 0.0, 0.0
-    n = len(data)
-    for start in track(range(0, n, EVAL_EVERY), "prequential", total=-(-n // EVAL_EVERY)):
-        t0 = time.perf_counter()
-        scorer.score(learner, start, int(data.user_idx[start]), int(data.item_idx[start]))
-        eval_seconds += time.perf_counter() - t0
-        stop = min(start + min(EVAL_EVERY, MAX_BATCH), n)
-        batch = StreamBatch(
-            data.user_idx[start:stop], data.item_idx[start:stop], data.ratings[start:stop],
-            data.timestamps[start:stop], log.user_id[start:stop], log.item_id[start:stop],
-        )
-        t0 = time.perf_counter()
-        learner.learn_many(batch)
-        learn_seconds += time.perf_counter() - t0
-        scorer.observe(batch.user_idx, batch.item_idx)
+def _evaluated(rows: list[tuple[int, int, int, float]]) -> Evaluated:
+    if not rows:
+        return Evaluated.concat([])
+    position, greater, ties, timestamp = (np.array(column) for column in zip(*rows))
+    return Evaluated(position.astype(np.int64), timestamp.astype(np.float64), greater.astype(np.int64),
+                     ties.astype(np.int64))
+
+
+def _mean(values: np.ndarray) -> float:
+    return float(values.mean()) if len(values) else 0.0
+
+
+def prequential_metrics(evaluated: Evaluated, n_events: int) -> dict[str, float | int]:
+    """EVALUATION.md's metrics: means over the second half of the stream and over all of it."""
+    late = evaluated.position >= n_events / 2
+    hits, ndcgs = evaluated.hit, evaluated.ndcg
     return {
-        "metrics": scorer.metrics(),
+        "hr@10_second_half": _mean(hits[late]), "ndcg@10_second_half": _mean(ndcgs[late]),
+        "hr@10_all": _mean(hits), "ndcg@10_all": _mean(ndcgs),
+        "evaluated_events": len(evaluated), "evaluated_second_half": int(late.sum()),
+    }
+
+
+def run_prequential(model: OnlineRecommender, log: InteractionLog) -> dict[str, Any]:
+    """Feed the log (already in the protocol's order) through `model` in chunks of `EVAL_EVERY`
+    events: each chunk's due event is scored, then the model learns the chunk (the protocol
+    allows micro-batches up to 256; 10 keeps each evaluated event's predecessors learned)."""
+    stream = EventBatch.from_log(log)
+    scorer = PrequentialScorer(EVAL_EVERY, model.roles)
+    models = {model.name: model.score_users}
+    parts = []
+    learn_seconds, eval_seconds = 0.0, 0.0
+    n = len(stream)
+    for start in track(range(0, n, EVAL_EVERY), "prequential", total=-(-n // EVAL_EVERY)):
+        chunk = stream.take(slice(start, start + EVAL_EVERY))
+        t0 = time.perf_counter()
+        parts.append(scorer.evaluate(chunk, models)[model.name])
+        eval_seconds += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model.learn_many(chunk)
+        learn_seconds += time.perf_counter() - t0
+    return {
+        "metrics": prequential_metrics(Evaluated.concat(parts), n),
         "fit_seconds": learn_seconds,
         "eval_seconds": eval_seconds,
         "events_per_second": n / learn_seconds if learn_seconds > 0 else None,
     }
-
-
-class OnlinePopularity:
-    """Counts of events per item so far; every user gets the same scores."""
-
-    def __init__(self, catalogue: Catalogue) -> None:
-        self.counts = np.zeros(catalogue.n_items, dtype=np.float64)
-
-    def learn_many(self, batch: StreamBatch) -> None:
-        self.counts += np.bincount(batch.item_idx, minlength=len(self.counts))
-
-    def score_users(self, users: np.ndarray) -> np.ndarray:
-        return np.broadcast_to(self.counts, (len(users), len(self.counts)))
-
-
-@register_online_model("popularity")
-def _online_popularity(catalogue: Catalogue, params: dict[str, Any]) -> OnlinePopularity:
-    if params:
-        raise ValueError(f"online popularity takes no parameters, got {sorted(params)}")
-    return OnlinePopularity(catalogue)

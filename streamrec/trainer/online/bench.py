@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from streamrec.core.config import Settings
 from streamrec.stream.bench import synthetic_events
 from streamrec.stream.events import iter_events
 from streamrec.stream.loaders import load_log
@@ -31,7 +32,7 @@ def _events(n: int, data_path: str | None) -> list[dict[str, Any]]:
     return list(iter_events(log.user_id, log.item_id, log.event_types(), log.rating, log.timestamp, log.event_ids()))
 
 
-def run_pipeline_bench(settings: Any, n: int, client: str, data_path: str | None = None) -> dict[str, Any]:
+def run_pipeline_bench(settings: Settings, n: int, client: str, data_path: str | None = None) -> dict[str, Any]:
     events = _events(n, data_path)
     n = len(events)
     work = Path(tempfile.mkdtemp(prefix="streamrec-bench-pipeline-"))

@@ -4,36 +4,31 @@ from __future__ import annotations
 
 import logging
 import signal
-from typing import Any
 
 import click
 
 from streamrec.core.cli import print_json, settings_from
+from streamrec.core.params import ParamError, parse_params
+from streamrec.trainer.registry import model_class, names
 
 DEFAULT_MODELS = ("online-bpr", "online-mf")
 
 
-def parse_model_params(models: tuple[str, ...], pairs: tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    """`online-bpr.dim=64` -> {"online-bpr": {"dim": 64}}; values typed like the model's defaults."""
-    from streamrec.trainer.online.models import ONLINE_MODELS
-
-    params: dict[str, dict[str, Any]] = {m: {} for m in models}
+def split_model_params(models: tuple[str, ...], pairs: tuple[str, ...]) -> dict[str, list[str]]:
+    """`online-bpr.dim=64` -> {"online-bpr": ["dim=64"]}: each model's `KEY=VALUE` pairs."""
+    per_model: dict[str, list[str]] = {m: [] for m in models}
     for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        model, dot, name = key.partition(".")
-        if not sep or not dot or model not in params:
-            raise click.BadParameter(f"{pair!r}: expected MODEL.KEY=VALUE with MODEL one of {list(models)}", param_hint="--param")
-        defaults = ONLINE_MODELS[model].defaults
-        if name not in defaults:
-            raise click.BadParameter(f"{model} has no parameter {name!r}; known: {sorted(defaults)}", param_hint="--param")
-        default = defaults[name]
-        params[model][name] = type(default)(raw) if not isinstance(default, str) else raw
-    return params
+        model, dot, rest = pair.partition(".")
+        if not dot or model not in per_model:
+            raise click.BadParameter(f"{pair!r}: expected MODEL.KEY=VALUE with MODEL one of {list(models)}",
+                                     param_hint="--param")
+        per_model[model].append(rest)
+    return per_model
 
 
 @click.command("train-online")
-@click.option("--model", "models", multiple=True, type=click.Choice(["online-bpr", "online-mf"]),
-              help="online models to train (default: both; the first ranks items)")
+@click.option("--model", "models", multiple=True, type=click.Choice(names("streamrec.trainer.online")),
+              help="online models to train (default: online-bpr and online-mf; the first ranks items)")
 @click.option("--param", "pairs", multiple=True, help="MODEL.KEY=VALUE, e.g. online-bpr.dim=64")
 @click.option("--batch-events", type=int, default=5000, show_default=True, help="most records per consumed batch")
 @click.option("--batch-seconds", type=float, default=0.5, show_default=True, help="most wait for a batch to fill")
@@ -56,13 +51,16 @@ def train_online(ctx: click.Context, models: tuple[str, ...], pairs: tuple[str, 
     from streamrec.param_server.client import ParamClient
     from streamrec.stream.topics import create_topics
     from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
-    from streamrec.trainer.online.models import create_online_model
     from streamrec.trainer.online.trainer import OnlineTrainer, TrainerConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = settings_from(ctx)
     models = models or DEFAULT_MODELS
-    params = parse_model_params(models, pairs)
+    per_model = split_model_params(models, pairs)
+    try:
+        hyper = {name: parse_params(model_class(name).Params, per_model[name], name).model_dump() for name in models}
+    except ParamError as exc:
+        raise click.BadParameter(str(exc), param_hint="--param") from None
     port = settings.metrics_port if metrics_port is None else metrics_port
     if port:
         start_http_server(port)
@@ -73,7 +71,7 @@ def train_online(ctx: click.Context, models: tuple[str, ...], pairs: tuple[str, 
     config = TrainerConfig(batch_events=batch_events, batch_seconds=batch_seconds,
                            evaluate_every=evaluate_every, max_events=max_events, idle_exit_seconds=idle_exit,
                            report_path=report_path)
-    trainer = OnlineTrainer(settings, store, [create_online_model(m, **params[m]) for m in models], config, features)
+    trainer = OnlineTrainer(settings, [model_class(name)(**hyper[name], store=store) for name in models], config, features)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: trainer.stop_requested.set())
     with threadpool_limits(1):  # small matrix products: BLAS threads only contend on 2 cores

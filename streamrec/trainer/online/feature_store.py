@@ -25,11 +25,12 @@ window buckets after their window has passed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import numpy as np
 import orjson
 import redis
 
-from streamrec.trainer.online.batch import TrainBatch
+from streamrec.stream.events import EventBatch
 
 WINDOWS: dict[int, int] = {300: 60, 3600: 300}  # window seconds -> bucket seconds
 
@@ -115,7 +116,7 @@ class FeatureStore:
         return cls(redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s), config)
 
     # ---- writing ------------------------------------------------------------------------------
-    def payload(self, batch: TrainBatch, weights: np.ndarray | None = None) -> bytes:
+    def payload(self, batch: EventBatch, weights: np.ndarray | None = None) -> bytes:
         """The batch's columns in time order; the script aggregates them inside Redis."""
         c = self.config
         order = np.argsort(batch.timestamp, kind="stable")
@@ -127,7 +128,7 @@ class FeatureStore:
             "w": np.ones(len(batch)) if weights is None else np.asarray(weights, np.float64)[order],
         }, option=orjson.OPT_SERIALIZE_NUMPY)
 
-    def write(self, batch: TrainBatch, weights: np.ndarray | None = None) -> int:
+    def write(self, batch: EventBatch, weights: np.ndarray | None = None) -> int:
         """One round trip for the whole batch; returns the number of entities written."""
         if not len(batch):
             return 0

@@ -1,16 +1,11 @@
-"""Online models: learn a consumed batch in small sequential steps locally, push one delta per batch.
+"""Online factor models: learn a consumed batch in small sequential steps locally, push one delta.
 
 The rows live in parameter-server tables (TorchRec's separation of tables from the models that use
-them); a model pulls the rows a batch needs once, then walks the batch in steps of `step_events`
-events (10 by default, the prequential protocol's granularity), each step vectorised, updating its
-local copy, and finally returns the change of every touched row. The online tables use the
-server's SGD with learning rate 1, so a pushed "gradient" of -delta adds the delta: concurrent
-trainers' updates add up, and a row the server has not created yet is created with the same
-deterministic initial value the model assumed (`streamrec.param_server.table.initial_values`).
-
-Why steps and not one update per batch: on MovieLens a user's next item is best predicted from
-their last few events; learning a 256-event micro-batch at once drops prequential hr@10 from 0.12
-to 0.06-0.08 (measured), while steps of 10 keep it, at numpy speed, without a round trip per step.
+them); a model pulls the rows a batch needs once, then walks the batch in steps (`steps`), each
+vectorised, updating its local copy, and finally returns the change of every touched row. The
+online tables use the server's SGD with learning rate 1, so a pushed "gradient" of -delta adds the
+delta: concurrent trainers' updates add up, and a row the server has not created yet is created
+with the same deterministic initial value the model assumed (`streamrec.param_server.table.initial_values`).
 
 - `OnlineBPR` (implicit): x_uij = p_u . (q_i - q_j) + b_i - b_j, loss -w log sigma(x_uij) over
   `negatives` items j per positive (uniform over known items, popularity^0.75, or in-batch), and
@@ -21,37 +16,28 @@ to 0.06-0.08 (measured), while steps of 10 keep it, at numpy speed, without a ro
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 from scipy.special import expit
 
-from streamrec.param_server.client import Delta, Rows
-from streamrec.param_server.keys import Keys, as_keys
+from streamrec.param_server.client import Rows
+from streamrec.param_server.keys import as_keys
 from streamrec.param_server.optimizers import OptimizerSpec
-from streamrec.param_server.replica import TableMirror
 from streamrec.param_server.table import TableSpec, initial_values
-from streamrec.trainer.online.batch import TrainBatch
+from streamrec.param_server.table_store import TableStore
+from streamrec.stream.events import EventBatch
+from streamrec.trainer.online.base import (
+    OnlineParams,
+    OnlineRecommender,
+    StepHook,
+    StepStats,
+    Updates,
+)
 from streamrec.trainer.online.roles import EventRoles
-from streamrec.trainer.online.sampling import NegativeSampler
-
-Updates = dict[str, tuple[list, np.ndarray]]
-StepHook = Callable[[slice], None]  # called before each step learns events[slice]
-
-
-@dataclass
-class StepStats:
-    events: int = 0
-    examples: int = 0  # positives (BPR) or ratings (MF) learned
-    loss_sum: float = 0.0  # summed loss of the examples, each before its step's update
-    squared_error: float = 0.0  # MF: summed squared error of predict-then-learn
-
-    @property
-    def loss(self) -> float:
-        return self.loss_sum / self.examples if self.examples else float("nan")
+from streamrec.trainer.online.sampling import NegativeSampler, SamplingMode
 
 
 def _log_sigmoid(x: np.ndarray) -> np.ndarray:
@@ -64,6 +50,7 @@ class LocalRows:
 
     def __init__(self, spec: TableSpec, ids: list, pulled: Rows) -> None:
         self.ids = ids
+        self.index = pd.Index(ids, dtype=object)
         self.values = pulled.values.astype(np.float64)
         if not pulled.found.all():
             missing = np.flatnonzero(~pulled.found)
@@ -75,118 +62,88 @@ class LocalRows:
         return self.ids, (self.start - self.values).astype(np.float32)
 
 
-class OnlineModel:
-    """Shared plumbing: parameters, table names and specs, state kept in the meta record."""
+class FactorParams(OnlineParams):
+    """Table layout shared by the factor models."""
 
-    name: ClassVar[str]
-    defaults: ClassVar[dict[str, Any]]
+    dim: int = Field(32, ge=1)
+    init_std: float = Field(0.1, ge=0.0)
+    min_count: int = Field(1, ge=1)  # sightings before an id gets a row (the server's admission)
+    seed: int = 0
 
-    def __init__(self, roles: EventRoles | None = None, prefix: str | None = None, **params: Any) -> None:
-        unknown = set(params) - set(self.defaults)
-        if unknown:
-            raise ValueError(f"{self.name}: unknown parameters {sorted(unknown)}; known: {sorted(self.defaults)}")
-        self.params = {**self.defaults, **params}
-        self.roles = roles or EventRoles()
-        prefix = prefix or self.name.replace("online-", "")
-        self.user_table, self.item_table = f"{prefix}_users", f"{prefix}_items"
-        self.step_events = int(self.params["step_events"])
-        self.items: TableMirror | None = None  # set by `attach`
-        self.hidden = np.zeros(0, bool)  # item rows added for this batch but not reached yet
-        self.users: LocalRows | None = None  # the current batch's user rows
-        self._user_index = pd.Index([], dtype=object)
+
+class OnlineBPRParams(FactorParams):
+    lr: float = Field(0.05, gt=0.0)
+    reg: float = Field(0.01, ge=0.0)
+    negatives: int = Field(10, ge=0)
+    sampling: SamplingMode = "uniform"
+    skip_weight: float = Field(1.0, ge=0.0)
+    user_iterations: int = Field(3, ge=1)  # extra passes over a step's user rows move new users faster
+
+
+class OnlineMFParams(FactorParams):
+    lr: float = Field(0.007, gt=0.0)
+    reg: float = Field(0.015, ge=0.0)
+    bias_lr: float = Field(0.005, ge=0.0)
+    bias_reg: float = Field(0.005, ge=0.0)
+
+
+class _FactorModel(OnlineRecommender):
+    """Plumbing of the two factor models (user and item tables); not a model of its own."""
+
+    params: FactorParams
+    users: LocalRows | None = None  # the current (or last) batch's user rows
+
+    @property
+    def user_table(self) -> str:
+        return f"{self.table_prefix}_users"
+
+    @property
+    def item_table(self) -> str:
+        return f"{self.table_prefix}_items"
 
     def _spec(self, name: str, scalars: int) -> TableSpec:
         p = self.params
-        return TableSpec(name=name, dim=int(p["dim"]), scalars=scalars, optimizer=OptimizerSpec("sgd", 1.0),
-                         init_std=float(p["init_std"]), seed=int(p["seed"]), min_count=int(p["min_count"]))
+        return TableSpec(name=name, dim=p.dim, scalars=scalars, optimizer=OptimizerSpec("sgd", 1.0),
+                         init_std=p.init_std, seed=p.seed, min_count=p.min_count)
 
-    def table_specs(self) -> dict[str, TableSpec]:
-        raise NotImplementedError
-
-    def create_tables(self, store: Any) -> None:
-        for spec in self.table_specs().values():
-            store.create_table(spec.name, spec.dim, scalars=spec.scalars, optimizer="sgd", lr=1.0,
-                               init_std=spec.init_std, seed=spec.seed, min_count=spec.min_count)
-
-    def attach(self, store: Any) -> None:
-        """Keep a replica of every known item's row (negatives, full rankings)."""
-        self.items = TableMirror(store, self.item_table)
-
-    def needs(self, batch: TrainBatch) -> dict[str, list]:
-        """Rows to pull before learning `batch` (one round trip for every model together)."""
-        raise NotImplementedError
-
-    def score(self, user_rows: np.ndarray, item_rows: np.ndarray) -> np.ndarray:
-        """(users, items) scores from rows (vectors then scalars)."""
-        raise NotImplementedError
-
-    def user_rows(self, user_ids: np.ndarray, store: Any) -> np.ndarray:
-        """Current user rows: the batch's working copy where the user is in it, else the server's."""
-        position = self._user_index.get_indexer(np.asarray(user_ids, dtype=object))
+    def user_rows(self, user_ids: np.ndarray) -> np.ndarray:
+        """Current user rows: the batch's working copy where the user is in it, else the store's."""
+        if self.users is None:
+            position = np.full(len(user_ids), -1)
+        else:  # an object Index, not an array: pandas would first infer a string dtype for the array
+            position = self.users.index.get_indexer(pd.Index(user_ids, dtype=object))
         out = np.zeros((len(user_ids), self.table_specs()["users"].width))
         local = position >= 0
         if local.any():
             out[local] = self.users.values[position[local]]
         if (~local).any():
-            out[~local] = store.pull(self.user_table, list(np.asarray(user_ids)[~local])).values
+            out[~local] = self.store.pull(self.user_table, list(user_ids[~local])).values
         return out
 
-    def learn(self, batch: TrainBatch, rows: dict[str, Rows], before_step: StepHook | None = None,
-              ) -> tuple[Updates, StepStats]:
-        """Walk the batch in steps; return the deltas to push and the training statistics."""
-        raise NotImplementedError
 
-    def state(self) -> dict[str, Any]:
-        """Small JSON state kept beside the offsets in the parameter server's meta record."""
-        return {}
-
-    def restore(self, state: dict[str, Any]) -> None:
-        """Inverse of `state` (after a restart)."""
-
-    def steps(self, n: int) -> list[slice]:
-        return [slice(s, min(s + self.step_events, n)) for s in range(0, n, self.step_events)]
-
-
-class OnlineBPR(OnlineModel):
+class OnlineBPR(_FactorModel):
     name = "online-bpr"
-    defaults: ClassVar[dict[str, Any]] = {
-        "dim": 32, "lr": 0.05, "reg": 0.01, "negatives": 10, "sampling": "uniform",
-        "init_std": 0.1, "min_count": 1, "seed": 0, "skip_weight": 1.0, "step_events": 10,
-        "user_iterations": 3,
-    }
+    Params = OnlineBPRParams
+    params: OnlineBPRParams
 
-    def __init__(self, roles: EventRoles | None = None, prefix: str | None = None, **params: Any) -> None:
-        super().__init__(roles, prefix, **params)
-        p = self.params
-        self.sampler = NegativeSampler(p["sampling"], int(p["seed"]))
-        self.rng = np.random.default_rng(int(p["seed"]) + 1)
+    def __init__(self, *, store: TableStore | None = None, roles: EventRoles | None = None, **params: object) -> None:
+        super().__init__(store=store, roles=roles, **params)
+        self.sampler = NegativeSampler(self.params.sampling, self.params.seed)
 
     def table_specs(self) -> dict[str, TableSpec]:
         return {"users": self._spec(self.user_table, 0), "items": self._spec(self.item_table, 1)}
 
-    def needs(self, batch: TrainBatch) -> dict[str, list]:
+    def needs(self, batch: EventBatch) -> dict[str, list]:
         return {self.user_table: list(pd.unique(batch.user_id))} if len(batch) else {}
 
-    def score(self, user_rows: np.ndarray, item_rows: np.ndarray) -> np.ndarray:
-        dim = int(self.params["dim"])
-        return user_rows[:, :dim] @ item_rows[:, :dim].T + item_rows[:, dim]
+    def _scores(self, user_ids: np.ndarray, item_rows: np.ndarray) -> np.ndarray:
+        dim = self.params.dim
+        return self.user_rows(user_ids)[:, :dim] @ item_rows[:, :dim].T + item_rows[:, dim]
 
-    def _add_new_items(self, item_ids: np.ndarray) -> np.ndarray:
-        """Items never seen before join the local item rows with their server-side initial value."""
-        new = np.asarray(pd.unique(item_ids[self.items.positions(item_ids) < 0]), dtype=object)
-        if len(new):
-            keys = Keys.from_strings(new.tolist())
-            spec = self.table_specs()["items"]
-            values = initial_values(spec, keys.hash64())
-            changes = self.items.apply(Delta(values=values, found=np.ones(len(new), bool), dim=spec.dim, ids=keys,
-                                             deleted=Keys.empty("str"), version=self.items.version, full=False))
-            return changes.upserted
-        return np.zeros(0, np.int64)
-
-    def learn(self, batch: TrainBatch, rows: dict[str, Rows], before_step: StepHook | None = None,
-              ) -> tuple[Updates, StepStats]:
-        p, dim, k, lr, reg = self.params, int(self.params["dim"]), int(self.params["negatives"]), \
-            float(self.params["lr"]), float(self.params["reg"])
+    def _learn(self, batch: EventBatch, rows: dict[str, Rows], before_step: StepHook | None,
+               ) -> tuple[Updates, StepStats]:
+        p = self.params
+        dim, k, lr, reg = p.dim, p.negatives, p.lr, p.reg
         stats = StepStats(events=len(batch))
         if not len(batch):
             return {}, stats
@@ -194,14 +151,13 @@ class OnlineBPR(OnlineModel):
         weight = self.roles.positive_weight(batch.event_type, batch.value)
         skip = self.roles.is_negative(batch.event_type)
         learnable = (weight > 0) | skip
-        self.sampler.observe(batch.item_id[learnable])
+        self.sampler.count_items(batch.item_id[learnable])
         new_rows = self._add_new_items(batch.item_id[learnable])
         self.hidden = np.zeros(len(self.items.index), bool)
         self.hidden[new_rows] = True  # not yet in the stream for the events before their first one
         user_ids = self.needs(batch)[self.user_table]
         self.users = LocalRows(self.table_specs()["users"], user_ids, rows[self.user_table])
-        self._user_index = pd.Index(user_ids, dtype=object)
-        u_all = self._user_index.get_indexer(batch.user_id)
+        u_all = self.users.index.get_indexer(batch.user_id)
         i_all = self.items.positions(batch.item_id)
         # negatives for the whole batch up front: the touched item rows are then known
         positive_pos = np.flatnonzero(weight > 0)
@@ -223,7 +179,7 @@ class OnlineBPR(OnlineModel):
         skip_bounds = np.searchsorted(skip_pos, [st.start for st in steps] + [len(batch)])
         margins = []
         lr32, reg_k, reg32 = np.float32(lr), np.float32(reg * k), np.float32(reg)
-        user_iterations = int(p["user_iterations"])
+        user_iterations = p.user_iterations
         for n, step in enumerate(steps):
             if before_step is not None:
                 before_step(step)
@@ -251,8 +207,8 @@ class OnlineBPR(OnlineModel):
                 u, j = u_all[skip_pos[a:b]], i_all[skip_pos[a:b]]
                 pu, qj = P[u], Q[j]
                 s = np.einsum("nd,nd->n", pu, qj)
-                margins.append((-s, np.full(len(s), float(p["skip_weight"]), np.float32)))
-                g = float(p["skip_weight"]) * expit(s)  # derivative of -log sigma(-s)
+                margins.append((-s, np.full(len(s), p.skip_weight, np.float32)))
+                g = p.skip_weight * expit(s)  # derivative of -log sigma(-s)
                 user_step = -(g[:, None] * qj + reg32 * pu)
                 user_step[:, dim] = 0.0
                 np.add.at(P, u, lr32 * user_step)
@@ -267,15 +223,13 @@ class OnlineBPR(OnlineModel):
                 self.item_table: (item_ids, (-item_delta).astype(np.float32))}, stats
 
 
-class OnlineMF(OnlineModel):
+class OnlineMF(_FactorModel):
     name = "online-mf"
-    defaults: ClassVar[dict[str, Any]] = {
-        "dim": 32, "lr": 0.007, "reg": 0.015, "bias_lr": 0.005, "bias_reg": 0.005, "init_std": 0.1,
-        "min_count": 1, "seed": 0, "step_events": 10,
-    }
+    Params = OnlineMFParams
+    params: OnlineMFParams
 
-    def __init__(self, roles: EventRoles | None = None, prefix: str | None = None, **params: Any) -> None:
-        super().__init__(roles, prefix, **params)
+    def __init__(self, *, store: TableStore | None = None, roles: EventRoles | None = None, **params: object) -> None:
+        super().__init__(store=store, roles=roles, **params)
         self.rating_sum = 0.0
         self.rating_count = 0
 
@@ -293,37 +247,43 @@ class OnlineMF(OnlineModel):
         self.rating_sum = float(state.get("rating_sum", 0.0))
         self.rating_count = int(state.get("rating_count", 0))
 
-    def score(self, user_rows: np.ndarray, item_rows: np.ndarray) -> np.ndarray:
-        dim = int(self.params["dim"])
+    def _scores(self, user_ids: np.ndarray, item_rows: np.ndarray) -> np.ndarray:
+        dim = self.params.dim
+        user_rows = self.user_rows(user_ids)
         return (self.mu + user_rows[:, dim][:, None] + item_rows[:, dim][None, :]
                 + user_rows[:, :dim] @ item_rows[:, :dim].T)
 
-    def _rated(self, batch: TrainBatch) -> np.ndarray:
+    def _rated(self, batch: EventBatch) -> np.ndarray:
         return self.roles.is_rating(batch.event_type, batch.value)
 
-    def needs(self, batch: TrainBatch) -> dict[str, list]:
+    def needs(self, batch: EventBatch) -> dict[str, list]:
         rated = self._rated(batch)
         if not rated.any():
             return {}
         return {self.user_table: list(pd.unique(batch.user_id[rated])), self.item_table: list(pd.unique(batch.item_id[rated]))}
 
-    def learn(self, batch: TrainBatch, rows: dict[str, Rows], before_step: StepHook | None = None,
-              ) -> tuple[Updates, StepStats]:
-        p, dim = self.params, int(self.params["dim"])
+    def _learn(self, batch: EventBatch, rows: dict[str, Rows], before_step: StepHook | None,
+               ) -> tuple[Updates, StepStats]:
+        p = self.params
+        dim = p.dim
         rated = self._rated(batch)
         stats = StepStats(events=len(batch))
-        if not rated.any():
+        if not rated.any():  # nothing to learn; the hook still sees every step
+            for step in self.steps(len(batch)):
+                if before_step is not None:
+                    before_step(step)
             return {}, stats
         needs = self.needs(batch)
         specs = self.table_specs()
         users = self.users = LocalRows(specs["users"], needs[self.user_table], rows[self.user_table])
-        self._user_index = pd.Index(needs[self.user_table], dtype=object)
         items = LocalRows(specs["items"], needs[self.item_table], rows[self.item_table])
-        u_all = self._user_index.get_indexer(batch.user_id)
-        i_all = pd.Index(needs[self.item_table], dtype=object).get_indexer(batch.item_id)
-        lr, reg, blr, breg = float(p["lr"]), float(p["reg"]), float(p["bias_lr"]), float(p["bias_reg"])
+        u_all = users.index.get_indexer(batch.user_id)
+        i_all = items.index.get_indexer(batch.item_id)
+        lr, reg, blr, breg = p.lr, p.reg, p.bias_lr, p.bias_reg
         P, Q = users.values, items.values
         for step in self.steps(len(batch)):
+            if before_step is not None:
+                before_step(step)
             pos = np.flatnonzero(rated[step]) + step.start
             if not len(pos):
                 continue
@@ -340,14 +300,3 @@ class OnlineMF(OnlineModel):
             np.add.at(Q, i, np.hstack([lr * (error[:, None] * pu[:, :dim] - reg * qi[:, :dim]),
                                        (blr * (error - breg * qi[:, dim]))[:, None]]))
         return {self.user_table: users.delta_update(), self.item_table: items.delta_update()}, stats
-
-
-ONLINE_MODELS: dict[str, type[OnlineModel]] = {OnlineBPR.name: OnlineBPR, OnlineMF.name: OnlineMF}
-
-
-def create_online_model(name: str, roles: EventRoles | None = None, **params: Any) -> OnlineModel:
-    try:
-        cls = ONLINE_MODELS[name]
-    except KeyError:
-        raise ValueError(f"unknown online model {name!r}; known: {sorted(ONLINE_MODELS)}") from None
-    return cls(roles, **params)

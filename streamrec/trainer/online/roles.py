@@ -4,6 +4,7 @@ and how much a positive weighs (by type, and by value for watch time as YouTube 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -17,6 +18,11 @@ class EventRoles:
     rating_types: frozenset[str] = frozenset({"rating"})
     value_weighted_types: frozenset[str] = frozenset({"watch"})
     value_unit: float = 60.0  # a watch of this many seconds weighs 1 x the type weight
+
+    @cached_property
+    def positive_types(self) -> frozenset[str]:
+        """Event types that count as positives (weight > 0)."""
+        return frozenset(kind for kind, weight in self.positive_weights.items() if weight > 0)
 
     def positive_weight(self, event_type: np.ndarray, value: np.ndarray) -> np.ndarray:
         """Weight of each event as a positive (0 for non-positive types)."""

@@ -27,7 +27,7 @@ class NegativeSampler:
     def __len__(self) -> int:
         return len(self._index)
 
-    def observe(self, item_ids: np.ndarray) -> None:
+    def count_items(self, item_ids: np.ndarray) -> None:
         """Count the items of a batch (new ones join the catalogue)."""
         codes, uniques = pd.factorize(np.asarray(item_ids, dtype=object))
         per_unique = np.bincount(codes, minlength=len(uniques)).astype(np.float64)

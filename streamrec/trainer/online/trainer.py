@@ -18,7 +18,6 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +25,36 @@ import numpy as np
 import orjson
 from redis.exceptions import RedisError
 
+from streamrec.core.config import Settings
 from streamrec.stream.deadletter import DeadLetterSink
 from streamrec.stream.events import EventBatch, EventSchema, InvalidEvent
-from streamrec.stream.kafka import Consumer, Record, TopicPartition, make_consumer, producer_from
+from streamrec.stream.kafka import (
+    Consumer,
+    Record,
+    TopicPartition,
+    make_consumer,
+    producer_from,
+)
 from streamrec.stream.metrics import EVENTS_ACCEPTED
-from streamrec.trainer.online.batch import TrainBatch
+from streamrec.trainer.online.base import (
+    OnlineRecommender,
+    learn_together,
+    meta_record,
+    restore_states,
+)
 from streamrec.trainer.online.feature_store import FeatureStore
-from streamrec.trainer.online.learner import OnlineLearner
 from streamrec.trainer.online.live_eval import LivePrequential
 from streamrec.trainer.online.metrics import (
-    BATCH_SECONDS, CONSUMER_LAG, EVENT_TIME, EVENTS_APPLIED, EVENTS_CONSUMED, FEATURE_ERRORS, FEATURE_SECONDS, LOSS,
+    BATCH_SECONDS,
+    CONSUMER_LAG,
+    EVENT_TIME,
+    EVENTS_APPLIED,
+    EVENTS_CONSUMED,
+    FEATURE_ERRORS,
+    FEATURE_SECONDS,
+    LOSS,
     PUSH_SECONDS,
 )
-from streamrec.trainer.online.models import OnlineModel
 
 log = logging.getLogger("streamrec.trainer")
 PARTITION_FETCH_BYTES = 256 * 1024  # ~1,000 events per partition per fetch: a backlog interleaves in time
@@ -82,14 +98,18 @@ class TrainerStats:
 
 
 class OnlineTrainer:
-    def __init__(self, settings: Any, store: Any, models: list[OnlineModel], config: TrainerConfig | None = None,
+    def __init__(self, settings: Settings, models: list[OnlineRecommender], config: TrainerConfig | None = None,
                  feature_store: FeatureStore | None = None, consumer: Consumer | None = None) -> None:
-        self.settings, self.store, self.config = settings, store, config or TrainerConfig()
-        self.learner = OnlineLearner(store, models)
-        self.learner.restore(self._meta())
+        """`models` share one store (the parameter server they were built on); the first ranks
+        items for the prequential metrics."""
+        if not models:
+            raise ValueError("at least one online model is needed")
+        self.settings, self.models, self.config = settings, models, config or TrainerConfig()
+        self.store = models[0].store
+        restore_states(models, self._meta())
         self.schema = EventSchema.from_settings(settings)
         self.features = feature_store
-        self.evaluator = LivePrequential(every=self.config.evaluate_every)
+        self.evaluator = LivePrequential(models[0], every=self.config.evaluate_every)
         self.stats = TrainerStats()
         self.stop_requested = threading.Event()
         self._producer = producer_from(settings)
@@ -208,31 +228,31 @@ class OnlineTrainer:
         events = self._decode(records)
         offsets = {(r.topic, r.partition): r.offset + 1 for r in records}  # the last record's wins
         recorded = {offset_key(*tp): o for tp, o in {**self._positions, **offsets}.items()}
-        # Learn in event-time order (stable: one user's events keep their partition order).
-        events.sort(key=itemgetter("timestamp"))
         pending: Future | None = None
-        if events:
-            batch = TrainBatch.from_events(EventBatch.from_events(events))
-            weights = self.learner.ranker.roles.positive_weight(batch.event_type, batch.value)
+        batch = EventBatch.from_events(events)
+        # Learn in event-time order (stable: one user's events keep their partition order).
+        batch = batch.take(np.argsort(batch.timestamp, kind="stable"))
+        if len(batch):
             if self.features:
+                weights = self.models[0].roles.positive_weight(batch.event_type, batch.value)
                 pending = self._feature_pool.submit(self._write_features, batch, np.where(weights > 0, weights, 1.0))
-            self._learn(batch, weights > 0, recorded)
+            self._learn(batch, recorded)
         else:  # nothing valid: still record the offsets with the state
-            self.store.push({}, meta=self.learner.meta(recorded))
+            self.store.push({}, meta=meta_record(self.models, recorded))
         if self.dead_letters.count:
             self._producer.flush()
         if pending is not None:
             pending.result()
         self.consumer.commit(offsets)
         self._positions.update(offsets)
-        self._account(records, events, time.perf_counter() - started)
+        self._account(records, batch, time.perf_counter() - started)
 
-    def _learn(self, batch: TrainBatch, positives: np.ndarray, offsets: dict[str, int]) -> None:
+    def _learn(self, batch: EventBatch, offsets: dict[str, int]) -> None:
         t0 = time.perf_counter()
-        stats = self.learner.learn(
-            batch, offsets, before_step=lambda step: self.evaluator.evaluate_step(self.learner, batch, positives, step))
+        stats = learn_together(self.models, batch, offsets,
+                               before_step=lambda step: self.evaluator.before_step(batch, step))
         PUSH_SECONDS.observe(time.perf_counter() - t0)
-        self.evaluator.observe(batch)
+        self.evaluator.end_batch(batch)
         for name, s in stats.items():
             if np.isfinite(s.loss):
                 self.stats.losses[name] = s.loss
@@ -241,7 +261,7 @@ class OnlineTrainer:
                 self.evaluator.record_ratings(s.squared_error, s.examples)
         self.evaluator.publish()
 
-    def _write_features(self, batch: TrainBatch, weights: np.ndarray, attempts: int = 5) -> None:
+    def _write_features(self, batch: EventBatch, weights: np.ndarray, attempts: int = 5) -> None:
         """Write with retries (backoff 0.2 s .. 3.2 s); after that the batch's features are skipped
         and counted, so a Redis outage slows learning down but never stops it."""
         t0 = time.perf_counter()
@@ -257,20 +277,20 @@ class OnlineTrainer:
                 break
         FEATURE_ERRORS.inc()
 
-    def _account(self, records: list[Record], events: list[dict[str, Any]], seconds: float) -> None:
+    def _account(self, records: list[Record], batch: EventBatch, seconds: float) -> None:
         s = self.stats
         s.consumed += len(records)
-        s.applied += len(events)
+        s.applied += len(batch)
         s.dead_lettered = self.dead_letters.count
         s.batches += 1
         s.batch_seconds.append(seconds)
         s.last_batch_at = time.monotonic()
         EVENTS_CONSUMED.inc(len(records))
-        EVENTS_APPLIED.inc(len(events))
-        EVENTS_ACCEPTED.labels("trainer").inc(len(events))
+        EVENTS_APPLIED.inc(len(batch))
+        EVENTS_ACCEPTED.labels("trainer").inc(len(batch))
         BATCH_SECONDS.observe(seconds)
-        if events:
-            EVENT_TIME.set(events[-1]["timestamp"])  # sorted by event time
+        if len(batch):
+            EVENT_TIME.set(batch.timestamp[-1])  # sorted by event time
         for (_, partition), lag in self._partition_lags().items():
             CONSUMER_LAG.labels(str(partition)).set(lag)
 
@@ -295,7 +315,7 @@ class OnlineTrainer:
             "events_per_second": s.consumed / elapsed if elapsed > 0 else None,
             "p50_batch_seconds": float(np.percentile(batch, 50)), "p99_batch_seconds": float(np.percentile(batch, 99)),
             "lag": self.lag() if self._open else None, "loss": s.losses, "prequential": self.evaluator.report(),
-            "models": [m.name for m in self.learner.models], "finished_at": time.time(),
+            "models": [m.name for m in self.models], "finished_at": time.time(),
         }
 
     def close(self) -> None:

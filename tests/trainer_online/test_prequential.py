@@ -1,0 +1,98 @@
+"""The one prequential computation (EVALUATION.md): offline, live and the online-model interface."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from streamrec.app.cli import cli
+from streamrec.core.params import ParamError
+from streamrec.stream.events import EventBatch
+from streamrec.stream.loaders import InteractionLog
+from streamrec.trainer.evaluation.harness import evaluate
+from streamrec.trainer.evaluation.prequential import (
+    PrequentialScorer,
+    rank_counts_among_known,
+    run_prequential,
+)
+from streamrec.trainer.online.base import ItemScores, OnlineRecommender, learn_together
+from streamrec.trainer.online.live_eval import LivePrequential
+from streamrec.trainer.online.models import OnlineBPR, OnlineMF
+from streamrec.trainer.online.popularity import OnlinePopularity
+from streamrec.trainer.registry import model_class
+from tests.trainer_online.conftest import planted_events
+
+
+def _log(events: list[dict]) -> InteractionLog:
+    return InteractionLog(np.array([e["user_id"] for e in events], object), np.array([e["item_id"] for e in events], object),
+                          np.full(len(events), np.nan), np.array([e["timestamp"] for e in events]))
+
+
+def test_unseen_target_ranks_below_every_known_candidate():
+    scores = ItemScores(pd.Index(["a", "b", "c", "d"], dtype=object), np.array([[3.0, 2.0, 2.0, -np.inf]] * 3))
+    greater, ties = rank_counts_among_known(
+        scores, np.array(["b", "zz", "d"], object), [{"a"}, {"a"}, set()])
+    # "b": "a" is excluded, "c" ties; "zz" is not held and "d" is held at -inf: below b and c (and a)
+    assert greater.tolist() == [0, 2, 3] and ties.tolist() == [1, 0, 0]
+
+
+def test_reconsumption_is_learned_not_evaluated_and_positions_stay_every_tenth():
+    events = planted_events(60)
+    events[20]["item_id"] = events[3]["item_id"]
+    events[20]["user_id"] = events[3]["user_id"]  # position 20 repeats an earlier (user, item)
+    scorer = PrequentialScorer(every=10)
+    model = OnlinePopularity()
+    stream = EventBatch.from_log(_log(events))
+    found = []
+    for start in range(0, len(stream), 7):  # chunks that do not align with the due positions
+        chunk = stream.take(slice(start, start + 7))
+        found.append(scorer.evaluate(chunk, {model.name: model.score_users})[model.name].position)
+        model.learn_many(chunk)
+    assert np.concatenate(found).tolist() == [0, 10, 30, 40, 50]
+    assert model.store.get_meta()[0]["applied_events"] == 60  # the repeat was learned
+
+
+def test_live_scoring_reproduces_offline_prequential():
+    """Batches of 500 learned in steps of 10 with the live evaluator give exactly the offline
+    protocol's figures (popularity learns deterministically, so any difference is the scoring)."""
+    events = planted_events(3000)
+    events[1500]["user_id"], events[1500]["item_id"] = events[100]["user_id"], events[100]["item_id"]
+    log = _log(events)
+    offline = run_prequential(OnlinePopularity(), log)["metrics"]
+    model = OnlinePopularity()
+    live = LivePrequential(model, every=10)
+    stream = EventBatch.from_log(log)
+    for start in range(0, len(stream), 500):
+        batch = stream.take(slice(start, start + 500))
+        learn_together([model], batch, before_step=lambda step, batch=batch: live.before_step(batch, step))
+        live.end_batch(batch)
+    report = live.report()
+    assert report["evaluated"] == offline["evaluated_events"] < 300
+    assert report["hr@10"] == pytest.approx(offline["hr@10_all"], abs=1e-12)
+    assert report["ndcg@10"] == pytest.approx(offline["ndcg@10_all"], abs=1e-12)
+
+
+@pytest.mark.parametrize("name,cls", [("online-bpr", OnlineBPR), ("online-mf", OnlineMF),
+                                      ("online-popularity", OnlinePopularity)])
+def test_online_models_are_registered_with_typed_params(name, cls):
+    assert model_class(name) is cls and issubclass(cls, OnlineRecommender)
+    model = cls(**cls.Params(step_events=5).model_dump())
+    assert model.params.step_events == 5
+    with pytest.raises(ParamError, match="nope"):
+        cls(nope=1)
+
+
+def test_prequential_refuses_a_batch_model(tmp_path):
+    path = tmp_path / "events.csv"
+    path.write_text("user_id,item_id,timestamp\nu1,i1,1700000000\n")
+    with pytest.raises(ValueError, match="not an online model"):
+        evaluate("prequential", "popularity", [], path, "csv")
+
+
+def test_train_online_validates_params_with_the_shared_parser():
+    bad_type = CliRunner().invoke(cli, ["train-online", "--param", "online-bpr.dim=abc"])
+    assert bad_type.exit_code == 2 and "dim" in bad_type.output
+    unknown = CliRunner().invoke(cli, ["train-online", "--model", "online-popularity", "--param", "online-popularity.lr=1"])
+    assert unknown.exit_code == 2 and "lr" in unknown.output
