@@ -27,7 +27,7 @@ ROWS: tuple[tuple[str, str, tuple[str, ...], str, dict[str, float], float | None
     ("topn", "item-knn", (), "implicit Cosine K=100", {"hr@10": 0.0615, "ndcg@10": 0.0283}, 0.05),
     ("topn", "amazon-i2i", (), "implicit BM25 K=100", {"hr@10": 0.0689, "ndcg@10": 0.0340}, 0.05),
     ("topn", "user-knn", (), "-", {}, None),
-    ("prequential", "popularity", (), "popularity online", {"hr@10_second_half": 0.0784, "ndcg@10_second_half": 0.0364}, None),
+    ("prequential", "online-popularity", (), "popularity online", {"hr@10_second_half": 0.0784, "ndcg@10_second_half": 0.0364}, None),
 )
 SHOWN = {"rating": ("rmse", "mae"), "topn": ("hr@10", "ndcg@10"), "prequential": ("hr@10_second_half", "ndcg@10_second_half")}
 

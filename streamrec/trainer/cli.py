@@ -20,7 +20,7 @@ def with_device(model_name: str, params: tuple[str, ...], device: str | None) ->
         return params
     from streamrec.trainer.models import model_class
 
-    if "device" not in model_class(model_name).defaults:
+    if "device" not in model_class(model_name).Params.model_fields:
         raise click.BadParameter(f"{model_name} does not run on a torch device", param_hint="--device")
     return (*params, f"device={device}")
 

@@ -7,7 +7,7 @@ split, and so that train and test splits of one log share one index space.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import numpy as np
@@ -46,18 +46,21 @@ class IdIndex:
 
 @dataclass(frozen=True)
 class Interactions:
-    """One row per event (time order kept) plus the matrices models train on.
+    """The indexed training view of one `InteractionLog`: the log's events plus their dense indices.
 
-    `ratings` is NaN for implicit events. `matrix()` holds the latest explicit rating per
-    (user, item) (1.0 where implicit); `counts()` how often the pair occurred (implicit strength).
+    The events stay in the log (the one column type of a training log); this view adds what models
+    need on top: the id maps, each event's user/item index, and the sparse user x item matrices.
+    `implicit` views read every event as one interaction (`ratings` is NaN throughout), whatever
+    values the log carries. `matrix()` holds the latest explicit rating per (user, item) (1.0
+    where implicit); `counts()` how often the pair occurred (implicit strength).
     """
 
+    log: InteractionLog  # only events inside the index universe, in the log's order
     users: IdIndex
     items: IdIndex
-    user_idx: np.ndarray  # int64 per event
-    item_idx: np.ndarray  # int64 per event
-    ratings: np.ndarray  # float64 per event, NaN = implicit
-    timestamps: np.ndarray  # float64 per event
+    user_idx: np.ndarray  # int64 per event of `log`
+    item_idx: np.ndarray  # int64 per event of `log`
+    implicit: bool = False
 
     @classmethod
     def from_log(
@@ -75,15 +78,31 @@ class Interactions:
         items = items or IdIndex.from_ids(log.item_id)
         u, i = users.index(log.user_id), items.index(log.item_id)
         keep = (u >= 0) & (i >= 0)
-        ratings = np.full(int(keep.sum()), np.nan) if implicit else log.rating[keep].astype(np.float64)
-        return cls(users, items, u[keep], i[keep], ratings, log.timestamp[keep].astype(np.float64))
+        if keep.all():
+            return cls(log, users, items, u, i, implicit)
+        return cls(log.take(keep), users, items, u[keep], i[keep], implicit)
 
     def subset(self, mask: np.ndarray) -> Interactions:
         """The same index space restricted to some events (train/test splits)."""
         return Interactions(
-            self.users, self.items, self.user_idx[mask], self.item_idx[mask],
-            self.ratings[mask], self.timestamps[mask],
+            self.log.take(mask), self.users, self.items, self.user_idx[mask], self.item_idx[mask], self.implicit
         )
+
+    def as_implicit(self) -> Interactions:
+        """The same events read as implicit feedback (rating values ignored)."""
+        return replace(self, implicit=True)
+
+    @cached_property
+    def ratings(self) -> np.ndarray:
+        """float64 per event, NaN = implicit."""
+        if self.implicit:
+            return np.full(len(self), np.nan)
+        return self.log.rating.astype(np.float64, copy=False)
+
+    @property
+    def timestamps(self) -> np.ndarray:
+        """float64 epoch seconds per event."""
+        return self.log.timestamp.astype(np.float64, copy=False)
 
     @property
     def n_users(self) -> int:

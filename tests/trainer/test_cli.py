@@ -39,7 +39,7 @@ def _run(args: list[str]) -> dict:
     [
         ("rating", "mf-sgd", ["factors=4", "epochs=3"], {"rmse", "mae"}),
         ("topn", "item-knn", ["k=5"], {"hr@10", "ndcg@10", "mrr", "recall@20", "coverage@10"}),
-        ("prequential", "popularity", [], {"hr@10_second_half", "ndcg@10_second_half", "hr@10_all", "ndcg@10_all"}),
+        ("prequential", "online-popularity", [], {"hr@10_second_half", "ndcg@10_second_half", "hr@10_all", "ndcg@10_all"}),
     ],
 )
 def test_evaluate_json_schema(csv_log, protocol, model, params, metrics):

@@ -13,6 +13,7 @@ from streamrec.trainer.evaluation.metrics import mae, rmse
 from streamrec.trainer.evaluation.splits import N_FOLDS, rating_folds
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.base import Recommender
+from streamrec.trainer.models.blend import Blend
 from streamrec.core.progress import track
 
 
@@ -24,8 +25,8 @@ def fold_predictions(model: Recommender, test: InteractionLog) -> np.ndarray:
 
 
 def member_rmses(model: Recommender, test: InteractionLog) -> dict[str, float]:
-    """Per-member RMSE for ensembles (models exposing `member_scores`); {} otherwise."""
-    if not hasattr(model, "member_scores"):
+    """Per-member RMSE of a blend; {} for other models."""
+    if not isinstance(model, Blend):
         return {}
     low, high = model.rating_scale
     scores = model.member_scores(

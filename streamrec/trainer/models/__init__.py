@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -23,29 +22,10 @@ def model_class(name: str) -> type[Recommender]:
     return cls
 
 
-def create(name: str, **params: Any) -> Recommender:
-    """An unfitted model with the given hyperparameters (the rest at their defaults)."""
+def create(name: str, **params: object) -> Recommender:
+    """An unfitted model with the given hyperparameters (the rest at their defaults), validated
+    against the model's `Params`."""
     return model_class(name)(**params)
-
-
-def coerce_params(name: str, pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """`["factors=64", "reg=0.05"]` -> typed values, following the types of the defaults."""
-    defaults = model_class(name).defaults
-    params: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or key not in defaults:
-            raise ValueError(f"bad --param {pair!r} for {name}; known: {sorted(defaults)}")
-        default = defaults[key]
-        if isinstance(default, bool):
-            params[key] = raw.strip().lower() in ("1", "true", "yes", "on")
-        elif isinstance(default, (int, float)) and not isinstance(default, bool):
-            value = float(raw)
-            params[key] = int(value) if isinstance(default, int) and value.is_integer() else value
-        else:
-            params[key] = raw.strip()
-    return params
 
 
 def load(path: str | Path) -> Recommender:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from streamrec.core.params import ModelParams
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.base import Capabilities, Recommender
 from streamrec.trainer.models.sgd import single_threaded, to_torch_csr
@@ -50,14 +51,23 @@ def conjugate_gradient(
     return X
 
 
+class ALSParams(ModelParams):
+    """`implicit`'s setup with the paper's confidence scale alpha = 40."""
+
+    factors: int = 64
+    reg: float = 0.05
+    iterations: int = 15
+    alpha: float = 40.0
+    cg_steps: int = 3
+    seed: int = 0
+
+
 class ImplicitALS(Recommender):
     """Weighted matrix factorisation for implicit feedback; scores are x_u . y_i."""
 
     name = "als"
     capabilities = Capabilities(implicit=True)
-    defaults = {
-        "factors": 64, "reg": 0.05, "iterations": 15, "alpha": 40.0, "cg_steps": 3, "seed": 0,
-    }
+    Params = ALSParams
 
     def _fit(self, interactions: Interactions) -> None:
         p = self.params

@@ -18,7 +18,9 @@ from typing import Any, ClassVar
 import numpy as np
 import scipy.sparse as sp
 
+from streamrec.core.params import ModelParams, parse_params
 from streamrec.trainer.interactions import IdIndex, Interactions
+from streamrec.trainer.models.export import Export
 
 FORMAT_VERSION = 1
 SCORE_CHUNK = 1024  # users scored per dense block: bounds memory at chunk x n_items floats
@@ -37,21 +39,18 @@ class Capabilities:
 class Recommender(ABC):
     """Base of every batch model: fit / score / recommend / similar_items / save / load.
 
-    Subclasses declare `name`, `capabilities` and `defaults` (hyperparameters with the survey's
-    values); unknown parameters are rejected so a typo in `--param` cannot pass silently.
+    Subclasses declare `name`, `capabilities` and `Params` (their typed hyperparameters, with the
+    survey's values as defaults); parameters are validated against `Params`, so a typo or a
+    mistyped value in `--param` cannot pass silently. `self.params` is the validated plain dict
+    (every field, defaults filled in) that the model code reads and `save` writes.
     """
 
     name: ClassVar[str]
     capabilities: ClassVar[Capabilities]
-    defaults: ClassVar[dict[str, Any]] = {}
+    Params: ClassVar[type[ModelParams]]
 
-    def __init__(self, **params: Any) -> None:
-        unknown = set(params) - set(self.defaults)
-        if unknown:
-            raise ValueError(
-                f"{self.name}: unknown parameters {sorted(unknown)}; known: {sorted(self.defaults)}"
-            )
-        self.params: dict[str, Any] = {**self.defaults, **params}
+    def __init__(self, **params: object) -> None:
+        self.params: dict[str, Any] = parse_params(self.Params, params, self.name).model_dump()
         self.users: IdIndex | None = None
         self.items: IdIndex | None = None
         self.seen: sp.csr_matrix | None = None
@@ -160,10 +159,14 @@ class Recommender(ABC):
         items = self.items.index(item_ids)
         if (items < 0).any():
             raise KeyError(f"unknown items: {list(np.asarray(item_ids)[items < 0][:5])}")
+        idx, scores = self.similar_item_indices(items, k)
+        return self.items.ids[idx], scores
+
+    def similar_item_indices(self, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """`similar_items` in index space: (len(items), k) item indices and similarities."""
         sims = self._item_similarities(items)
         sims[np.arange(len(items)), items] = -np.inf
-        idx, scores = top_k(sims, min(k, self.n_items - 1))
-        return self.items.ids[idx], scores
+        return top_k(sims, min(k, self.n_items - 1))
 
     def _item_similarities(self, items: np.ndarray) -> np.ndarray:
         """(len(items), n_items) similarities; cosine of item vectors for factor models."""
@@ -180,6 +183,15 @@ class Recommender(ABC):
     def user_vectors(self) -> np.ndarray | None:
         """(n_users, d) vectors matching `item_vectors` (dot product = score), or None."""
         return None
+
+    def export(self) -> Export:
+        """What a refit publishes for serving: the retrieval vectors, when the model has them.
+
+        Models with other serving artefacts (an item bias kept apart, neighbour lists, a ranker)
+        override this; the refit publishes exactly what it returns.
+        """
+        self._require_fitted()
+        return Export(item_vectors=self.item_vectors(), user_vectors=self.user_vectors())
 
     # ---- persistence (numpy + JSON, no pickle) -----------------------------------------------
     @abstractmethod

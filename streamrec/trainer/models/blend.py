@@ -8,23 +8,38 @@ used for predictions, `member_scores` exposes every member and both blends for r
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Literal
 
 import numpy as np
 
+from streamrec.core.params import ModelParams
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.base import Capabilities, Recommender
+from streamrec.trainer.models.combiners import BoostedTrees, RidgeCombiner
 
 DEFAULT_MEMBERS = "mf-sgd,svdpp,item-knn,user-knn,rbm,neighborhood-factor"
 
 
+class BlendParams(ModelParams):
+    """Members (comma-separated model names, each at its defaults and the blend's seed), the
+    combiner used for predictions, the held-out share the combiners learn on, and their settings."""
+
+    members: str = DEFAULT_MEMBERS
+    combiner: Literal["ridge", "gbt"] = "ridge"
+    holdout: float = 0.2
+    ridge_alpha: float = 1.0
+    gbt_iterations: int = 200
+    seed: int = 0
+
+
 class Blend(Recommender):
+    """Members and both combiners; saved as one model (combiners' arrays, then each member's
+    learned arrays under `member<n>.`; members share the blend's id maps and seen items, since
+    they are refitted on the blend's own training data)."""
+
     name = "blend"
     capabilities = Capabilities(explicit=True)
-    defaults: dict[str, Any] = {
-        "members": DEFAULT_MEMBERS, "combiner": "ridge", "holdout": 0.2, "ridge_alpha": 1.0,
-        "gbt_iterations": 200, "seed": 0,
-    }
+    Params = BlendParams
 
     def _member_names(self) -> list[str]:
         return [name.strip() for name in self.params["members"].split(",") if name.strip()]
@@ -35,7 +50,7 @@ class Blend(Recommender):
         members = []
         for name in self._member_names():
             cls = model_class(name)
-            members.append(cls(seed=self.params["seed"]) if "seed" in cls.defaults else cls())
+            members.append(cls(seed=self.params["seed"]) if "seed" in cls.Params.model_fields else cls())
         return members
 
     def _features(self, predictions: np.ndarray, users: np.ndarray, items: np.ndarray) -> np.ndarray:
@@ -46,21 +61,16 @@ class Blend(Recommender):
         return np.column_stack([predictions, support_u, support_i])
 
     def _fit(self, data: Interactions) -> None:
-        from sklearn.ensemble import HistGradientBoostingRegressor
-        from sklearn.linear_model import Ridge
-
         p = self.params
-        if p["combiner"] not in ("ridge", "gbt"):
-            raise ValueError(f"combiner must be ridge or gbt, got {p['combiner']!r}")
         held = np.random.default_rng(p["seed"]).random(len(data)) < p["holdout"]
         train, probe = data.subset(~held), data.subset(held)
         members = [m.fit(train) for m in self._new_members()]
         X = np.column_stack([m.pair_scores(probe.user_idx, probe.item_idx, probe.timestamps) for m in members])
         low, high = data.rating_scale
         X = np.clip(X, low, high)
-        self.ridge = Ridge(alpha=p["ridge_alpha"]).fit(X, probe.ratings)
-        self.gbt = HistGradientBoostingRegressor(max_iter=p["gbt_iterations"], random_state=p["seed"]).fit(
-            self._features(X, probe.user_idx, probe.item_idx), probe.ratings
+        self.ridge = RidgeCombiner.fit(X, probe.ratings, p["ridge_alpha"])
+        self.gbt = BoostedTrees.fit(
+            self._features(X, probe.user_idx, probe.item_idx), probe.ratings, p["gbt_iterations"], p["seed"]
         )
         self.members = [m.fit(data) for m in self._new_members()]
 
@@ -85,7 +95,22 @@ class Blend(Recommender):
         return self.pair_scores(grid_u, grid_i).reshape(len(users), self.n_items)
 
     def _state(self) -> dict[str, np.ndarray]:
-        raise NotImplementedError("blend is evaluated in place; save its members individually")
+        state = {f"ridge.{k}": v for k, v in self.ridge.state().items()}
+        state.update({f"gbt.{k}": v for k, v in self.gbt.state().items()})
+        for n, member in enumerate(self.members):
+            state.update({f"member{n}.{k}": v for k, v in member._state().items()})
+        return state
 
     def _load_state(self, arrays: dict[str, np.ndarray]) -> None:
-        raise NotImplementedError("blend is evaluated in place; save its members individually")
+        def part(prefix: str) -> dict[str, np.ndarray]:
+            return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+        self.ridge = RidgeCombiner.from_state(part("ridge."))
+        self.gbt = BoostedTrees.from_state(part("gbt."))
+        self.members = self._new_members()
+        for n, member in enumerate(self.members):
+            member.users, member.items, member.seen = self.users, self.items, self.seen
+            member.popularity, member.global_mean, member.rating_scale = (
+                self.popularity, self.global_mean, self.rating_scale,
+            )
+            member._load_state(part(f"member{n}."))

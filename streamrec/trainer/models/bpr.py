@@ -12,14 +12,17 @@ Updates are the per-sample SGD steps of the paper, summed over a mini-batch.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import torch
 
+from streamrec.core.params import ModelParams
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.base import Capabilities, Recommender
+from streamrec.trainer.models.export import Export
 from streamrec.trainer.models.sgd import generator, single_threaded
 
-NEGATIVE_SAMPLERS = ("uniform", "popularity", "in-batch")
 MAX_RESAMPLES = 10
 
 
@@ -54,21 +57,28 @@ def sample_negatives(
     return negatives
 
 
+class BPRParams(ModelParams):
+    """`implicit`'s defaults: 64 factors including the item bias, lr 0.01, reg 0.01."""
+
+    factors: int = 64
+    lr: float = 0.01
+    reg: float = 0.01
+    epochs: int = 100
+    batch_size: int = 1024
+    negatives: Literal["uniform", "popularity", "in-batch"] = "popularity"
+    seed: int = 0
+
+
 class BPR(Recommender):
-    """BPR-MF with an item bias; `implicit`'s defaults (64 factors incl. bias, lr 0.01, reg 0.01)."""
+    """BPR-MF with an item bias (see the module doc)."""
 
     name = "bpr"
     capabilities = Capabilities(implicit=True)
-    defaults = {
-        "factors": 64, "lr": 0.01, "reg": 0.01, "epochs": 100, "batch_size": 1024,
-        "negatives": "popularity", "seed": 0,
-    }
+    Params = BPRParams
 
     @single_threaded()
     def _fit(self, interactions: Interactions) -> None:
         p = self.params
-        if p["negatives"] not in NEGATIVE_SAMPLERS:
-            raise ValueError(f"negatives must be one of {NEGATIVE_SAMPLERS}, got {p['negatives']!r}")
         gen = generator(p["seed"])
         binary = interactions.binary().tocoo()
         users, items = torch.from_numpy(binary.row.astype(np.int64)), torch.from_numpy(binary.col.astype(np.int64))
@@ -105,6 +115,11 @@ class BPR(Recommender):
 
     def user_vectors(self) -> np.ndarray:
         return np.hstack([self.P, np.ones((len(self.P), 1), dtype=self.P.dtype)])
+
+    def export(self) -> Export:
+        """Factors as vectors and the item bias as each item row's scalar (not a coordinate)."""
+        self._require_fitted()
+        return Export(item_vectors=self.Q, user_vectors=self.P, item_biases=self.b)
 
     def _state(self) -> dict[str, np.ndarray]:
         return {"P": self.P, "Q": self.Q, "b": self.b}

@@ -11,24 +11,31 @@ baseline residuals); b_uj are fixed baseline predictors. Trained with the SVD++ 
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.base import Capabilities
 from streamrec.trainer.models.neighbors import baselines, similarity, truncate_top_k
-from streamrec.trainer.models.svdpp import SVDpp
+from streamrec.trainer.models.svdpp import SVDpp, SVDppParams
+
+
+class IntegratedParams(SVDppParams):
+    """SVD++'s with larger steps, plus k neighbours per item and their weights' step and
+    regularisation (Koren 2008), and the similarity's shrinkage."""
+
+    lr: float = 0.015
+    lr_bias: float = 0.01
+    neighbors: int = 50
+    lr_w: float = 0.001
+    reg_w: float = 0.015
+    shrinkage: float = 100.0
 
 
 class IntegratedModel(SVDpp):
     name = "neighborhood-factor"
     capabilities = Capabilities(explicit=True)
-    defaults: dict[str, Any] = {
-        **SVDpp.defaults, "lr": 0.015, "lr_bias": 0.01, "neighbors": 50, "lr_w": 0.001,
-        "reg_w": 0.015, "shrinkage": 100.0,
-    }
+    Params = IntegratedParams
 
     def _fit(self, data: Interactions) -> None:
         users, items, ratings, _ = data.pair_view()

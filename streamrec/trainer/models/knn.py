@@ -8,17 +8,27 @@ with the neighbour lists truncated to the top k per entity: score(u, c) = sum_{j
 
 from __future__ import annotations
 
-from typing import Any
+from abc import abstractmethod
+from typing import Literal
 
 import numpy as np
 import scipy.sparse as sp
 
+from streamrec.core.params import ModelParams
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.base import Capabilities, Recommender
-from streamrec.trainer.models.neighbors import baselines, knn_estimate, similarity, truncate_top_k
+from streamrec.trainer.models.export import Export, NeighbourLists
+from streamrec.trainer.models.neighbors import (
+    Similarity,
+    baselines,
+    knn_estimate,
+    similarity,
+    truncate_top_k,
+)
 from streamrec.trainer.models.sgd import gather_or_zero
 
 PAIR_CHUNK = 2048
+NEIGHBOURS = 100  # neighbours per item a refit publishes
 
 
 def _csr_state(prefix: str, m: sp.csr_matrix) -> dict[str, np.ndarray]:
@@ -33,13 +43,34 @@ def _csr_load(prefix: str, arrays: dict[str, np.ndarray]) -> sp.csr_matrix:
     )
 
 
+class NeighbourParams(ModelParams):
+    """Similarity ('auto': pearson-baseline for item-knn on ratings, else cosine), k neighbours
+    (0: 40 on ratings, 100 / 50 item / user lists on implicit data), the fewest neighbours a
+    rating estimate needs, Pearson shrinkage and Amazon's popularity damping."""
+
+    similarity: Literal["auto"] | Similarity = "auto"
+    k: int = 0
+    min_k: int = 1
+    shrinkage: float = 100.0
+    damping: float = 0.5
+
+
+class AmazonI2IParams(NeighbourParams):
+    """Co-occurrence damped by popularity, top 100 neighbours per item (Amazon's setup)."""
+
+    similarity: Literal["auto"] | Similarity = "cooccurrence"
+    k: int = 100
+
+
 class _NeighbourModel(Recommender):
     """Shared fit/predict of user- and item-based CF; subclasses say which side is the entity."""
 
-    item_based = True
-    defaults: dict[str, Any] = {
-        "similarity": "auto", "k": 0, "min_k": 1, "shrinkage": 100.0, "damping": 0.5,
-    }
+    Params = NeighbourParams
+
+    @property
+    @abstractmethod
+    def item_based(self) -> bool:
+        """True when neighbours are items (item-based CF), False when they are users."""
 
     def _resolved(self, explicit: bool) -> tuple[str, int]:
         """'auto' picks the survey's rating setup on ratings and cosine top-k on implicit data."""
@@ -116,6 +147,16 @@ class _NeighbourModel(Recommender):
             return super()._item_similarities(items)
         return self.sim[items].toarray()
 
+    def export(self) -> Export:
+        """Item-based models publish each item's top neighbours (serving's similar items and
+        candidates); user-based ones have no item neighbourhood to publish."""
+        if not self.item_based:
+            return super().export()
+        self._require_fitted()
+        index, scores = self.similar_item_indices(np.arange(self.n_items), NEIGHBOURS)
+        index[~np.isfinite(scores) | (scores <= 0)] = -1
+        return Export(neighbours=NeighbourLists(index, np.where(index >= 0, scores, 0.0)))
+
     def _state(self) -> dict[str, np.ndarray]:
         return {
             **_csr_state("sim", self.sim), **_csr_state("ratings", self.ratings),
@@ -156,14 +197,10 @@ class AmazonI2I(_NeighbourModel):
     name = "amazon-i2i"
     capabilities = Capabilities(implicit=True)
     item_based = True
-    defaults = {**_NeighbourModel.defaults, "similarity": "cooccurrence", "k": 100}
+    Params = AmazonI2IParams
 
     def _fit(self, data: Interactions) -> None:
-        implicit_view = Interactions(
-            data.users, data.items, data.user_idx, data.item_idx,
-            np.full(len(data), np.nan), data.timestamps,
-        )
-        super()._fit(implicit_view)
+        super()._fit(data.as_implicit())
 
     def because(self, user_id: str, item_ids: list[str] | np.ndarray) -> list[str | None]:
         """For each recommended item, the history item that contributed most ("because you

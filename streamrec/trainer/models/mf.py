@@ -5,9 +5,22 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from streamrec.core.params import ModelParams
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.base import Capabilities, Recommender
 from streamrec.trainer.models.sgd import single_threaded, gather_or_zero, generator, shuffled_batches
+
+
+class BiasedMFParams(ModelParams):
+    """Surprise SVD's defaults (100 factors, lr 0.005, reg 0.02, 20 epochs)."""
+
+    factors: int = 100
+    epochs: int = 20
+    lr: float = 0.005
+    reg: float = 0.02
+    init_std: float = 0.1
+    batch_size: int = 128
+    seed: int = 0
 
 
 class BiasedMF(Recommender):
@@ -18,10 +31,7 @@ class BiasedMF(Recommender):
 
     name = "mf-sgd"
     capabilities = Capabilities(explicit=True)  # on implicit data (all 1s) it has nothing to fit
-    defaults = {
-        "factors": 100, "epochs": 20, "lr": 0.005, "reg": 0.02, "init_std": 0.1,
-        "batch_size": 128, "seed": 0,
-    }
+    Params = BiasedMFParams
 
     @single_threaded()
     def _fit(self, interactions: Interactions) -> None:

@@ -7,10 +7,13 @@ computed with sparse products, so only co-occurring pairs are ever materialised.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import numpy as np
 import scipy.sparse as sp
 
-SIMILARITIES = ("cosine", "adjusted-cosine", "pearson", "pearson-baseline", "jaccard", "cooccurrence")
+Similarity = Literal["cosine", "adjusted-cosine", "pearson", "pearson-baseline", "jaccard", "cooccurrence"]
+SIMILARITIES: tuple[str, ...] = get_args(Similarity)
 
 
 def baselines(

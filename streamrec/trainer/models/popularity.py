@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from streamrec.core.params import ModelParams
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.base import Capabilities, Recommender
+
+
+class PopularityParams(ModelParams):
+    """Popularity has no hyperparameters."""
 
 
 class Popularity(Recommender):
@@ -13,7 +18,7 @@ class Popularity(Recommender):
 
     name = "popularity"
     capabilities = Capabilities(implicit=True)
-    defaults: dict = {}
+    Params = PopularityParams
 
     def _fit(self, interactions: Interactions) -> None:
         """Nothing beyond the counts `Recommender.fit` keeps."""

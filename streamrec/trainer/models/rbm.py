@@ -8,11 +8,10 @@ is predicted as the expectation of p(v_i = k | p_hat), p_hat = p(h | the user's 
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 
+from streamrec.core.params import ModelParams
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.base import Capabilities, Recommender
 from streamrec.trainer.models.sgd import single_threaded, generator
@@ -20,13 +19,23 @@ from streamrec.trainer.models.sgd import single_threaded, generator
 USER_CHUNK = 256
 
 
+class RBMParams(ModelParams):
+    """F hidden units and CD-1 training with momentum and weight decay (the paper's setup)."""
+
+    hidden: int = 100
+    epochs: int = 40
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.001
+    batch_size: int = 64
+    init_std: float = 0.01
+    seed: int = 0
+
+
 class RBM(Recommender):
     name = "rbm"
     capabilities = Capabilities(explicit=True)
-    defaults: dict[str, Any] = {
-        "hidden": 100, "epochs": 40, "lr": 0.01, "momentum": 0.9, "weight_decay": 0.001,
-        "batch_size": 64, "init_std": 0.01, "seed": 0,
-    }
+    Params = RBMParams
 
     def _one_hot(self, users: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, m, K) one-hot ratings and (B, m) mask of rated items."""

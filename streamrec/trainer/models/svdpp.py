@@ -13,12 +13,11 @@ The implicit sums use a sparse |I_u|^-1/2-normalised user x item matrix: no per-
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import scipy.sparse as sp
 import torch
 
+from streamrec.core.params import ModelParams
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.base import Capabilities, Recommender
 from streamrec.trainer.models.sgd import single_threaded, gather_or_zero, generator, shuffled_batches, to_torch_csr
@@ -107,15 +106,28 @@ def batch_loss(theta, batch, N, reg_b: float, reg_f: float, reg_t: dict[str, flo
     return loss
 
 
+class SVDppParams(ModelParams):
+    """Koren's hyperparameters (survey table): gamma 0.007 / gamma1 0.005, lambda2 0.015 /
+    lambda1 0.005, learning rates x0.9 per epoch."""
+
+    factors: int = 20
+    epochs: int = 20
+    lr: float = 0.007
+    lr_bias: float = 0.005
+    reg: float = 0.015
+    reg_bias: float = 0.005
+    lr_decay: float = 0.9
+    init_std: float = 0.1
+    batch_size: int = 1024
+    seed: int = 0
+
+
 class SVDpp(Recommender):
     """SVD++ with Koren's hyperparameters (survey table); see the module doc."""
 
     name = "svdpp"
     capabilities = Capabilities(explicit=True)
-    defaults: dict[str, Any] = {
-        "factors": 20, "epochs": 20, "lr": 0.007, "lr_bias": 0.005, "reg": 0.015, "reg_bias": 0.005,
-        "lr_decay": 0.9, "init_std": 0.1, "batch_size": 1024, "seed": 0,
-    }
+    Params = SVDppParams
 
     def _init_theta(self, data: Interactions, gen: torch.Generator) -> dict[str, torch.Tensor]:
         k, std = self.params["factors"], self.params["init_std"]
@@ -193,6 +205,18 @@ class SVDpp(Recommender):
         self.theta = arrays
 
 
+class TimeSVDppParams(SVDppParams):
+    """SVD++'s plus the time terms: drift exponent beta, time bins, and the drift slopes' tiny
+    learning rate with strong regularisation (Koren 2009)."""
+
+    beta: float = 0.4
+    bins: int = 30
+    lr_bin: float = 0.005
+    reg_bin: float = 0.1
+    lr_alpha: float = 1e-5
+    reg_alpha: float = 50.0
+
+
 class TimeSVDpp(SVDpp):
     """timeSVD++: SVD++ plus drifting user biases/factors and per-time-bin biases (beta = 0.4).
 
@@ -202,10 +226,7 @@ class TimeSVDpp(SVDpp):
 
     name = "timesvdpp"
     capabilities = Capabilities(explicit=True, time_aware=True)
-    defaults: dict[str, Any] = {
-        **SVDpp.defaults, "beta": 0.4, "bins": 30, "lr_bin": 0.005, "reg_bin": 0.1,
-        "lr_alpha": 1e-5, "reg_alpha": 50.0,
-    }
+    Params = TimeSVDppParams
 
     def _fit(self, data: Interactions) -> None:
         days = data.timestamps / DAY

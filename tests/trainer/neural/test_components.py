@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from streamrec.trainer.features import load_side_features, trigram_bags
+from streamrec.stream.loaders import InteractionLog
 from streamrec.trainer.interactions import IdIndex, Interactions
 from streamrec.trainer.models import create
 from streamrec.trainer.models.neural.ctr import fm_second_order, load_ranker
@@ -58,12 +59,11 @@ def test_log_q_correction_recovers_the_full_softmax(correct: bool) -> None:
 
 
 def test_sessions_cut_at_inactivity_gaps() -> None:
-    users = IdIndex.from_ids(np.array(["a", "b"]))
-    items = IdIndex.from_ids(np.array(["x", "y", "z"]))
-    data = Interactions(
-        users, items, np.array([0, 0, 0, 0, 1, 1]), np.array([0, 1, 2, 0, 1, 2]),
+    log = InteractionLog(
+        np.array(["a", "a", "a", "a", "b", "b"], object), np.array(["x", "y", "z", "x", "y", "z"], object),
         np.full(6, np.nan), np.array([0.0, 10, 5000, 5010, 0, 20]),
     )
+    data = Interactions.from_log(log, implicit=True)  # users a, b -> 0, 1; items x, y, z -> 0, 1, 2
     seq, bounds, owners = sessions(data, gap=3600)
     assert bounds.tolist() == [0, 2, 4, 6] and owners.tolist() == [0, 0, 1]
     assert seq.tolist() == [0, 1, 2, 0, 1, 2]
@@ -113,11 +113,12 @@ def test_exported_ranker_scores_like_the_model(name: str, tmp_path) -> None:
     write_side_files(tmp_path, 160, 60)
     data = Interactions.from_log(log, implicit=True)
     model = create(name, **fast_params(name, epochs=2, side_data=str(tmp_path))).fit(data)
-    header, arrays = model.export_ranker()
+    export = model.export()
+    assert export.ranker is not None and export.item_vectors is None and export.neighbours is None
     blob = io.BytesIO()
-    np.savez(blob, **arrays)  # what serving receives: npz bytes + a JSON header
+    np.savez(blob, **export.ranker.arrays)  # what serving receives: npz bytes + a JSON header
     loaded = np.load(io.BytesIO(blob.getvalue()), allow_pickle=False)
-    ranker = load_ranker(json.loads(json.dumps(header)), {k: loaded[k] for k in loaded.files})
+    ranker = load_ranker(json.loads(json.dumps(export.ranker.header)), {k: loaded[k] for k in loaded.files})
     users, items = np.array(["u1", "u5", "u9", "stranger"]), np.array(["i3", "i7", "i40", "i2"])
     scores = ranker.score(users, items)
     expected = 1 / (1 + np.exp(-model.score(users[:3], items[:3])))

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from streamrec.stream.loaders import InteractionLog, time_order
-from streamrec.trainer.evaluation.topn import run_topn
+from streamrec.trainer.evaluation.splits import leave_last_out
+from streamrec.trainer.evaluation.topn import ranking_metrics, run_topn
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models import create, load
 from streamrec.trainer import registry
@@ -105,7 +106,15 @@ def test_same_seed_same_model(log: InteractionLog) -> None:
 
 
 def test_early_stopping_keeps_best_epoch(log: InteractionLog) -> None:
+    """Training stops `patience` epochs after the best validation ndcg@10, and the weights kept
+    are that epoch's: the fitted model scores exactly the best ndcg@10 on the validation events."""
     data = Interactions.from_log(log, implicit=True)
-    model = create("ncf-gmf", **fast_params("ncf-gmf", epochs=6, patience=2)).fit(data)
-    assert model.history and all("val_ndcg@10" in h for h in model.history)
-    assert len(model.history) <= 6
+    patience, epochs = 2, 40
+    model = create("ncf-gmf", **fast_params("ncf-gmf", epochs=epochs, patience=patience)).fit(data)
+    val = [h["val_ndcg@10"] for h in model.history]
+    best = int(np.argmax(val))  # the first best: a later tie is not an improvement
+    assert len(val) == best + 1 + patience < epochs  # stopped early, exactly `patience` epochs after the best
+    assert val[-1] < val[best]  # the last epoch was worse: keeping the last weights would show below
+    _, validation = leave_last_out(data)  # each user's last event (all of them: fewer users than val_users)
+    kept = ranking_metrics(model, data.user_idx[validation], data.item_idx[validation])["ndcg@10"]
+    assert kept == val[best]

@@ -6,13 +6,14 @@ embeddings). Without side files the models see ids only (and Wide & Deep's wide 
 user id x genre cross when genres exist, else the first-order terms).
 
 Trained pointwise (log loss, positives = interactions, sampled unobserved items as negatives), so
-the same weights serve as a ranking stage: `export_ranker()` gives a JSON header plus numpy arrays,
+the same weights serve as a ranking stage: `export()` gives a JSON header plus numpy arrays,
 and `load_ranker` rebuilds a scorer from them without pickle or this class.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from abc import abstractmethod
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,8 +21,14 @@ from torch import nn
 
 from streamrec.trainer.features import load_side_features
 from streamrec.trainer.interactions import IdIndex, Interactions
+from streamrec.trainer.models.export import Export, RankerBlob
 from streamrec.trainer.models.neural.training import (
-    COMMON_DEFAULTS, PointwiseRecommender, SeenPairs, int_list, load_numpy_state, mlp,
+    NeuralParams,
+    PointwiseRecommender,
+    SeenPairs,
+    int_list,
+    load_numpy_state,
+    mlp,
     to_numpy_state,
 )
 
@@ -117,14 +124,36 @@ class CTRNet(nn.Module):
         return logit
 
 
+class CTRParams(NeuralParams):
+    """Field embedding width, deep tower widths, cross layers (DCN), dropout, sampled negatives
+    per positive, and a smaller validation sample (scoring every item per user is costly)."""
+
+    dim: int = 16
+    hidden: str = "128,64"
+    cross_layers: int = 3
+    dropout: float = 0.0
+    negatives: int = 4
+    batch_size: int = 2048
+    lr: float = 5e-3
+    weight_decay: float = 0.0
+    val_users: int = 500
+
+
+class DCNv2Params(CTRParams):
+    """Full-matrix cross layers need room: at dim 16, hr@10 0.066; at dim 32, 0.091 (MovieLens 100K)."""
+
+    dim: int = 32
+
+
 class CTRRecommender(PointwiseRecommender):
     """Shared fit/score/export of the four heads; subclasses only name their `kind`."""
 
-    kind: ClassVar[str]
-    defaults: ClassVar[dict[str, Any]] = {
-        **COMMON_DEFAULTS, "dim": 16, "hidden": "128,64", "cross_layers": 3, "dropout": 0.0,
-        "negatives": 4, "batch_size": 2048, "lr": 5e-3, "weight_decay": 0.0, "val_users": 500,
-    }
+    Params = CTRParams
+
+    @property
+    @abstractmethod
+    def kind(self) -> str:
+        """Which head (`CTRNet` builds it and the published ranker records it)."""
 
     def _prepare(self, train: Interactions, rng: np.random.Generator) -> None:
         side = load_side_features(self.params["side_data"], train.users, train.items)
@@ -153,8 +182,8 @@ class CTRRecommender(PointwiseRecommender):
         grid_items = items.repeat(len(users))
         return self.module(grid_users, grid_items).view(len(users), self.n_items)
 
-    def export_ranker(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """(JSON-able header, arrays) for serving's rescoring stage; see `load_ranker`."""
+    def export(self) -> Export:
+        """The network as serving's rescoring stage (a JSON header plus arrays; see `load_ranker`)."""
         self._require_fitted()
         header = {
             "format": RANKER_FORMAT, "model": self.name, "kind": self.kind, "dims": self.dims,
@@ -162,7 +191,7 @@ class CTRRecommender(PointwiseRecommender):
         }
         arrays = {f"w.{k}": v for k, v in to_numpy_state(self.module).items()}
         arrays["users"], arrays["items"] = self.users.ids.astype(str), self.items.ids.astype(str)
-        return header, arrays
+        return Export(ranker=RankerBlob(header, arrays))
 
 
 class Ranker:
@@ -184,7 +213,7 @@ class Ranker:
 
 
 def load_ranker(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> Ranker:
-    """Rebuild a ranker published by `export_ranker` (weights only, no code objects)."""
+    """Rebuild a ranker published by `CTRRecommender.export` (weights only, no code objects)."""
     if header.get("format") != RANKER_FORMAT:
         raise ValueError(f"not a {RANKER_FORMAT} blob: {header.get('format')!r}")
     net = CTRNet(header["kind"], header["dims"], header["params"])
@@ -210,5 +239,4 @@ class DCN(CTRRecommender):
 class DCNv2(CTRRecommender):
     name = "dcn-v2"
     kind = "dcn-v2"
-    # full-matrix cross layers need room: at dim 16, hr@10 0.066; at dim 32, 0.091 (MovieLens 100K)
-    defaults: ClassVar[dict[str, Any]] = {**CTRRecommender.defaults, "dim": 32}
+    Params = DCNv2Params

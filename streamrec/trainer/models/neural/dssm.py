@@ -14,7 +14,6 @@ of per-item first-layer outputs: one EmbeddingBag pass over the catalogue per st
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -25,7 +24,7 @@ from streamrec.trainer.features import load_side_features, stable_hash, trigram_
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.neural.losses import in_batch_softmax
 from streamrec.trainer.models.neural.training import (
-    COMMON_DEFAULTS, NeuralRecommender, history_windows, int_list, last_items, mlp, sequences,
+    NeuralParams, NeuralRecommender, history_windows, int_list, last_items, mlp, sequences,
 )
 
 
@@ -59,14 +58,26 @@ class DSSMNet(nn.Module):
         return F.normalize(self.user_tower(torch.tanh(mean + self.user_bias)), dim=-1)
 
 
+class DSSMParams(NeuralParams):
+    """Tower widths, trigram hash buckets, the cosine's temperature, whether an item-id token joins
+    the title, how many recent items make the user's text, and the log-Q correction."""
+
+    hidden: str = "300,300,128"
+    buckets: int = 8192
+    temperature: float = 10.0
+    epochs: int = 12
+    id_token: bool = True
+    history: int = 50
+    logq: bool = True
+    batch_size: int = 1024
+    lr: float = 2e-3
+
+
 class DSSM(NeuralRecommender):
     """Text two-tower model; exposes unit item/user vectors (inner product = cosine)."""
 
     name = "dssm"
-    defaults: ClassVar[dict[str, Any]] = {
-        **COMMON_DEFAULTS, "hidden": "300,300,128", "buckets": 8192, "temperature": 10.0, "epochs": 12,
-        "id_token": True, "history": 50, "logq": True, "batch_size": 1024, "lr": 2e-3,
-    }
+    Params = DSSMParams
 
     def _prepare(self, train: Interactions, rng: np.random.Generator) -> None:
         side = load_side_features(self.params["side_data"], train.users, train.items)

@@ -8,7 +8,7 @@ as in the paper (Adam's moments are not part of the pretrained state).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from torch import nn
 
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.neural.training import (
-    COMMON_DEFAULTS, PointwiseRecommender, SeenPairs, int_list, mlp,
+    NeuralParams, PointwiseRecommender, SeenPairs, int_list, mlp,
 )
 
 
@@ -56,14 +56,31 @@ class NCFNet(nn.Module):
         return self.out(self.branches(users, items)).squeeze(-1)
 
 
+class NCFParams(NeuralParams):
+    """The paper's setting: GMF factors, MLP tower widths (the first is the concatenated
+    embedding), 4 sampled negatives per positive."""
+
+    factors: int = 32
+    mlp_layers: str = "64,32,16"
+    negatives: int = 4
+    lr: float = 5e-3
+    batch_size: int = 2048
+
+
+class NeuMFParams(NCFParams):
+    """NCF's, plus pretraining from GMF and MLP, the mix `alpha` of their output layers and the
+    learning rate of the plain SGD that follows (the paper)."""
+
+    pretrain: bool = True
+    alpha: float = 0.5
+    pretrain_lr: float = 0.05
+
+
 class GMF(PointwiseRecommender):
     """Generalised MF: a learned weighting of the element-wise product of embeddings."""
 
     name = "ncf-gmf"
-    defaults: ClassVar[dict[str, Any]] = {
-        **COMMON_DEFAULTS, "factors": 32, "mlp_layers": "64,32,16", "negatives": 4, "lr": 5e-3,
-        "batch_size": 2048,
-    }
+    Params = NCFParams
     branches: ClassVar[tuple[bool, bool]] = (True, False)
 
     def _prepare(self, train: Interactions, rng: np.random.Generator) -> None:
@@ -95,13 +112,13 @@ class NeuMF(GMF):
     """GMF and MLP fused under one output layer; optionally pretrained from both (the paper)."""
 
     name = "neumf"
-    defaults: ClassVar[dict[str, Any]] = {**GMF.defaults, "pretrain": True, "alpha": 0.5, "pretrain_lr": 0.05}
+    Params = NeuMFParams
     branches = (True, True)
 
     def _pretrain(self, interactions: Interactions) -> None:
         if not self.params["pretrain"]:
             return
-        shared = {k: v for k, v in self.params.items() if k in GMF.defaults}
+        shared = {k: v for k, v in self.params.items() if k in NCFParams.model_fields}
         gmf = GMF(**shared).fit(interactions).module
         mlp_net = MLPRecommender(**shared).fit(interactions).module
         alpha = self.params["alpha"]

@@ -11,7 +11,7 @@ and vertically (point-level patterns) and adds a user embedding (long-term taste
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import Literal
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from torch import nn
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.neural.losses import LogQSampler, bpr_loss, top1_loss
 from streamrec.trainer.models.neural.training import (
-    COMMON_DEFAULTS, NeuralRecommender, SeenPairs, last_items, sample_negatives, sequences,
+    NeuralParams, NeuralRecommender, SeenPairs, last_items, sample_negatives, sequences,
 )
 
 
@@ -60,18 +60,29 @@ class GRU4RecNet(nn.Module):
         return h
 
 
+class GRU4RecParams(NeuralParams):
+    """Embedding and GRU widths, dropout, the ranking loss, popularity-sampled extra negatives
+    (q ~ count^sample_alpha), the inactivity gap that ends a session (seconds), scoring history."""
+
+    dim: int = 64
+    hidden: int = 100
+    dropout: float = 0.2
+    loss: Literal["bpr", "top1"] = "bpr"
+    batch_size: int = 128
+    negatives: int = 256
+    sample_alpha: float = 0.5
+    session_gap: float = 3600.0
+    history: int = 50
+    lr: float = 2e-3
+
+
 class GRU4Rec(NeuralRecommender):
     """Session-based RNN; BPR or TOP1 over in-batch targets plus shared popularity-sampled items."""
 
     name = "gru4rec"
-    defaults: ClassVar[dict[str, Any]] = {
-        **COMMON_DEFAULTS, "dim": 64, "hidden": 100, "dropout": 0.2, "loss": "bpr", "batch_size": 128,
-        "negatives": 256, "sample_alpha": 0.5, "session_gap": 3600.0, "history": 50, "lr": 2e-3,
-    }
+    Params = GRU4RecParams
 
     def _prepare(self, train: Interactions, rng: np.random.Generator) -> None:
-        if self.params["loss"] not in ("bpr", "top1"):
-            raise ValueError(f"gru4rec: loss must be bpr or top1, not {self.params['loss']!r}")
         self.items_seq, bounds, _ = sessions(train, self.params["session_gap"])
         lengths = np.diff(bounds)
         self.sess_start, self.sess_end = bounds[:-1][lengths >= 2], bounds[1:][lengths >= 2]
@@ -168,14 +179,27 @@ class CaserNet(nn.Module):
         return torch.cat([z, self.users(users)], dim=1)
 
 
+class CaserParams(NeuralParams):
+    """The paper's: window L of recent items, T next items as targets, embedding width, n_h
+    horizontal and n_v vertical filters, dropout, negatives per target, Adam's settings."""
+
+    window: int = 5
+    targets: int = 3
+    dim: int = 50
+    n_h: int = 16
+    n_v: int = 4
+    dropout: float = 0.5
+    negatives: int = 3
+    batch_size: int = 512
+    lr: float = 1e-3
+    weight_decay: float = 1e-6
+
+
 class Caser(NeuralRecommender):
     """Convolutional sequence embedding; log loss on the next `targets` items and sampled negatives."""
 
     name = "caser"
-    defaults: ClassVar[dict[str, Any]] = {
-        **COMMON_DEFAULTS, "window": 5, "targets": 3, "dim": 50, "n_h": 16, "n_v": 4, "dropout": 0.5,
-        "negatives": 3, "batch_size": 512, "lr": 1e-3, "weight_decay": 1e-6,
-    }
+    Params = CaserParams
 
     def _prepare(self, train: Interactions, rng: np.random.Generator) -> None:
         users, self.seq_items, _, indptr = sequences(train)

@@ -23,13 +23,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
+from streamrec.core.params import ModelParams
 from streamrec.trainer.interactions import IdIndex, Interactions
 from streamrec.trainer.models.base import Capabilities, Recommender
 
-COMMON_DEFAULTS: dict[str, Any] = {
-    "epochs": 30, "batch_size": 1024, "lr": 1e-3, "weight_decay": 0.0, "patience": 3,
-    "val_users": 1000, "seed": 0, "threads": 1, "device": "cpu", "side_data": "",
-}
 SCORE_BATCH = 256  # users scored per forward pass
 _console = Console(file=sys.stderr)
 
@@ -146,13 +143,30 @@ def history_windows(index: IdIndex, histories: Sequence[Sequence[str]], length: 
     return rows
 
 
+class NeuralParams(ModelParams):
+    """What every neural family shares: Adam's settings, early stopping (`patience` epochs without
+    a better validation ndcg@10 over `val_users` users; 0 = off), seeding, torch threads and
+    device, and `side_data`, the folder of MovieLens side files ("" = ids only)."""
+
+    epochs: int = 30
+    batch_size: int = 1024
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    patience: int = 3
+    val_users: int = 1000
+    seed: int = 0
+    threads: int = 1
+    device: str = "cpu"
+    side_data: str = ""
+
+
 class NeuralRecommender(Recommender):
     """Base of the torch models: fit with early stopping, all-item scoring, npz persistence."""
 
     capabilities: ClassVar[Capabilities] = Capabilities(implicit=True)
-    defaults: ClassVar[dict[str, Any]] = COMMON_DEFAULTS
+    Params: ClassVar[type[NeuralParams]] = NeuralParams
 
-    def __init__(self, **params: Any) -> None:
+    def __init__(self, **params: object) -> None:
         super().__init__(**params)
         self.module: nn.Module | None = None
         self.dims: dict[str, Any] = {}

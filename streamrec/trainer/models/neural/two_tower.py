@@ -12,7 +12,6 @@ correction. Serving gets `item_vectors()` for FAISS and user vectors from `user_
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -22,7 +21,7 @@ from streamrec.trainer.features import load_side_features
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.neural.losses import LogQSampler, sampled_softmax
 from streamrec.trainer.models.neural.training import (
-    COMMON_DEFAULTS, NeuralRecommender, history_windows, int_list, last_items, mlp, sequences,
+    NeuralParams, NeuralRecommender, history_windows, int_list, last_items, mlp, sequences,
 )
 
 
@@ -54,14 +53,26 @@ class YouTubeNet(nn.Module):
         return self.project(self.tower(torch.cat(parts, dim=1)))
 
 
+class YouTubeDNNParams(NeuralParams):
+    """Embedding width, demographic embedding width, tower widths, watch-history length, sampled
+    softmax size, the sampling exponent of q ~ count^alpha and the log-Q correction."""
+
+    dim: int = 64
+    side_dim: int = 8
+    hidden: str = "256,128"
+    history: int = 50
+    negatives: int = 512
+    sample_alpha: float = 0.75
+    logq: bool = True
+    batch_size: int = 512
+    lr: float = 2e-3
+
+
 class YouTubeDNN(NeuralRecommender):
     """Candidate generation by softmax over items; exposes item/user vectors for retrieval."""
 
     name = "youtube-dnn"
-    defaults: ClassVar[dict[str, Any]] = {
-        **COMMON_DEFAULTS, "dim": 64, "side_dim": 8, "hidden": "256,128", "history": 50,
-        "negatives": 512, "sample_alpha": 0.75, "logq": True, "batch_size": 512, "lr": 2e-3,
-    }
+    Params = YouTubeDNNParams
 
     def _prepare(self, train: Interactions, rng: np.random.Generator) -> None:
         side = load_side_features(self.params["side_data"], train.users, train.items)

@@ -1,0 +1,96 @@
+"""Typed hyperparameters, what each model exports for a refit, and the blend's array combiners."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from streamrec.core.params import ParamError, parse_params
+from streamrec.trainer.interactions import Interactions
+from streamrec.trainer.models import create, load, model_class
+from streamrec.trainer.models.combiners import BoostedTrees, RidgeCombiner
+from streamrec.trainer.models.export import Export
+from tests.trainer.synthetic import planted_log
+
+
+@pytest.fixture(scope="module")
+def log():
+    return planted_log()
+
+
+def test_params_are_typed_from_strings_and_unknown_or_mistyped_ones_are_refused():
+    cls = model_class("bpr")
+    typed = parse_params(cls.Params, ["factors=8", "lr=0.5", "negatives=uniform"], "bpr")
+    assert cls(**typed.model_dump()).params == {**cls().params, "factors": 8, "lr": 0.5, "negatives": "uniform"}
+    with pytest.raises(ParamError, match="facotrs.*known: .*factors"):
+        create("bpr", facotrs=8)
+    with pytest.raises(ParamError, match="negatives"):
+        create("bpr", negatives="hard")  # not one of the samplers
+    with pytest.raises(ParamError, match="factors"):
+        create("als", factors="2.5")  # an int field refuses a fraction
+
+
+def test_bpr_exports_its_bias_as_the_item_scalar(log):
+    model = create("bpr", factors=8, epochs=3).fit(Interactions.from_log(log, implicit=True))
+    export = model.export()
+    np.testing.assert_array_equal(export.item_vectors, model.Q)
+    np.testing.assert_array_equal(export.user_vectors, model.P)
+    np.testing.assert_array_equal(export.item_biases, model.b)
+    scores = export.user_vectors[:3] @ export.item_vectors.T + export.item_biases
+    np.testing.assert_allclose(scores, model.user_scores(np.arange(3)), rtol=1e-5)
+    assert export.neighbours is None and export.ranker is None
+
+
+def test_factor_models_export_their_vectors_and_neighbour_models_their_lists(log):
+    data = Interactions.from_log(log, implicit=True)
+    als = create("als", factors=3, iterations=2).fit(data).export()
+    assert als.item_vectors.shape == (data.n_items, 3) and als.user_vectors.shape == (data.n_users, 3)
+    assert als.item_biases is None and als.neighbours is None
+    knn = create("item-knn", k=10).fit(data)
+    lists = knn.export().neighbours
+    assert lists.indices.shape == (data.n_items, data.n_items - 1)
+    similar, _ = knn.similar_items(knn.items.ids[:1], 5)
+    assert knn.items.ids[lists.indices[0, :5]].tolist() == similar[0].tolist()
+    assert ((lists.indices >= 0) == (lists.scores > 0)).all()  # -1 exactly where there is no neighbour
+    assert create("user-knn", k=10).fit(data).export() == Export()  # no item neighbourhood to publish
+    assert create("popularity").fit(data).export() == Export()
+
+
+def test_export_refuses_inconsistent_parts():
+    with pytest.raises(ValueError, match="alongside item vectors"):
+        Export(user_vectors=np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="dimensions"):
+        Export(item_vectors=np.zeros((4, 3)), user_vectors=np.zeros((2, 5)))
+    with pytest.raises(ValueError, match="biases"):
+        Export(item_vectors=np.zeros((4, 3)), item_biases=np.zeros(3))
+
+
+def test_array_combiners_predict_exactly_like_sklearn():
+    from sklearn.ensemble import HistGradientBoostingRegressor
+    from sklearn.linear_model import Ridge
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(3000, 4))
+    X[rng.random(X.shape) < 0.05] = np.nan  # missing values take each split's learned side
+    y = np.nansum(X, axis=1) + rng.normal(size=len(X))
+    test = rng.normal(size=(500, 4))
+    test[:20, 1] = np.nan
+    trees = BoostedTrees.fit(X, y, iterations=50, seed=0)
+    reference = HistGradientBoostingRegressor(max_iter=50, random_state=0).fit(X, y)
+    np.testing.assert_array_equal(trees.predict(test), reference.predict(test))
+    np.testing.assert_array_equal(BoostedTrees.from_state(trees.state()).predict(test), reference.predict(test))
+    dense, clean = np.nan_to_num(X), np.nan_to_num(test)
+    ridge = RidgeCombiner.fit(dense, y, alpha=1.0)
+    np.testing.assert_array_equal(ridge.predict(clean), Ridge(alpha=1.0).fit(dense, y).predict(clean))
+
+
+def test_blend_round_trips_with_every_member_and_both_combiners(log, tmp_path: Path):
+    model = create("blend", members="mf-sgd,item-knn", combiner="gbt", gbt_iterations=30).fit(Interactions.from_log(log))
+    loaded = load(model.save(tmp_path / "blend"))
+    users = model.users.index(np.repeat(np.unique(log.user_id)[:6], 5))
+    items = model.items.index(np.tile(np.unique(log.item_id)[:5], 6))
+    expected, restored = model.member_scores(users, items), loaded.member_scores(users, items)
+    assert set(expected) == {"mf-sgd", "item-knn", "blend-ridge", "blend-gbt"} == set(restored)
+    for name in expected:
+        np.testing.assert_array_equal(restored[name], expected[name], err_msg=name)
+    assert loaded.params == model.params
