@@ -11,16 +11,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
-from streamrec.core.net import free_port, host_port, port_open, redis_ping
 from streamrec.core.config import INFRA_STATE_FILE, Settings, read_infra_state
+from streamrec.core.net import free_port, host_port, port_open, redis_ping
 
 BROKER_NOTE = (
     "the local broker is Tansu with memory-only storage: topics and offsets are lost when it "

@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import click
 
 from streamrec.app import infra as local
-from streamrec.core.cli import print_json, settings_from
+from streamrec.core.cli import settings_from, show
 
 
 # ---------------------------------------------------------------- infra
 @click.group()
 def infra() -> None:
     """Local infrastructure: embedded Kafka-compatible broker (Tansu, memory only) and Redis."""
-
-
-def _show(data: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        print_json(data)
-        return
-    for key, value in data.items():
-        if value is not None and key != "started":
-            click.echo(f"{key}: {value}")
 
 
 @infra.command("up")
@@ -32,7 +21,7 @@ def infra_up(ctx: click.Context, as_json: bool) -> None:
     """Start (or reuse) a broker and Redis and record their addresses; idempotent."""
     root = ctx.find_root().params
     try:
-        _show(local.up(settings_from(ctx), root.get("kafka_bootstrap"), root.get("redis_url")), as_json)
+        show(local.up(settings_from(ctx), root.get("kafka_bootstrap"), root.get("redis_url")), as_json)
     except local.InfraError as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -42,7 +31,7 @@ def infra_up(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def infra_down(ctx: click.Context, as_json: bool) -> None:
     """Stop only what `infra up` started."""
-    _show(local.down(settings_from(ctx)), as_json)
+    show(local.down(settings_from(ctx)), as_json)
 
 
 @infra.command("status")
@@ -50,7 +39,7 @@ def infra_down(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def infra_status(ctx: click.Context, as_json: bool) -> None:
     """Addresses, reachability and what was started locally."""
-    _show(local.status(settings_from(ctx)), as_json)
+    show(local.status(settings_from(ctx)), as_json)
 
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from streamrec.core.config import Settings
 from streamrec.param_server.client import ParamClient
 from streamrec.stream.publish import EventPublisher
 
@@ -49,7 +50,7 @@ def _top(http: httpx.Client, user: str) -> list[str]:
     return [item["item_id"] for item in reply.json()["items"]]
 
 
-def run_trial(settings: Any, http: httpx.Client, ids: np.ndarray, clusters: np.ndarray, cluster: int,
+def run_trial(settings: Settings, http: httpx.Client, ids: np.ndarray, clusters: np.ndarray, cluster: int,
               burst: int, min_hits: int, timeout_s: float, rng: np.random.Generator) -> Trial:
     user = f"probe-{uuid.uuid4().hex[:12]}"
     members = ids[clusters == cluster]
@@ -69,7 +70,7 @@ def run_trial(settings: Any, http: httpx.Client, ids: np.ndarray, clusters: np.n
     return Trial(None, cluster)
 
 
-def probe_freshness(settings: Any, serving_url: str, trials: int = 20, burst: int = 20, min_hits: int = 3,
+def probe_freshness(settings: Settings, serving_url: str, trials: int = 20, burst: int = 20, min_hits: int = 3,
                     n_clusters: int = 20, table: str = "bpr_items", timeout_s: float = 180.0,
                     spread_s: float = 0.0, seed: int = 0) -> dict[str, Any]:
     """Run `trials` trials, started at random moments within `spread_s` seconds (so they sample
@@ -104,7 +105,7 @@ def probe_freshness(settings: Any, serving_url: str, trials: int = 20, burst: in
             thread.join()
     seconds = np.array([t.seconds for t in results if t.seconds is not None])
     return {
-        "trials": trials, "reflected": int(len(seconds)), "timeouts": trials - int(len(seconds)),
+        "trials": trials, "reflected": len(seconds), "timeouts": trials - len(seconds),
         "p50_seconds": float(np.percentile(seconds, 50)) if len(seconds) else None,
         "p99_seconds": float(np.percentile(seconds, 99)) if len(seconds) else None,
         "max_seconds": float(seconds.max()) if len(seconds) else None,

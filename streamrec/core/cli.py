@@ -20,6 +20,16 @@ def print_json(obj: object) -> None:
     sys.stdout.flush()
 
 
+def show(data: dict[str, object], as_json: bool) -> None:
+    """A command's result: one JSON document, or `key: value` lines for a person."""
+    if as_json:
+        print_json(data)
+        return
+    for key, value in data.items():
+        if value is not None and key != "started":
+            click.echo(f"{key}: {value}")
+
+
 def settings_from(ctx: click.Context) -> Settings:
     """The Settings built by the root group from env vars and global flags."""
     settings = ctx.find_root().obj

@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 DEFAULT_HOME = Path.home() / ".streamrec"
 INFRA_STATE_FILE = "infra.json"
@@ -39,7 +45,7 @@ def read_infra_state(home: Path | None = None) -> dict[str, Any]:
 class _InfraStateSource(PydanticBaseSettingsSource):
     """Addresses written by `streamrec infra up`; below env vars, above defaults."""
 
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
@@ -90,7 +96,7 @@ class Settings(BaseSettings):
 
     @field_validator("custom_event_types", "param_servers", mode="before")
     @classmethod
-    def _split_commas(cls, value: Any) -> Any:
+    def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             stripped = value.strip()
             if stripped.startswith("["):
@@ -122,6 +128,6 @@ class Settings(BaseSettings):
         return data
 
 
-def load_settings(**overrides: Any) -> Settings:
+def load_settings(**overrides: object) -> Settings:
     """Settings with CLI overrides applied (None means 'not given on the command line')."""
     return Settings(**{k: v for k, v in overrides.items() if v is not None})

@@ -4,8 +4,8 @@ import sys
 
 import click
 
-from streamrec.param_server.cli import register
 from streamrec.core.config import load_settings
+from streamrec.param_server.cli import register
 
 
 @click.group()

@@ -1,4 +1,4 @@
-"""`streamrec bench param-server`: the issue's figures, measured on this machine.
+"""`streamrec bench param-server`: push, pull and memory figures of the store, measured on this machine.
 
 In-process figures use one Table; remote figures start a real server process on loopback and
 talk to it with ParamClient. Memory is the growth of this process's resident set while the

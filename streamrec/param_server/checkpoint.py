@@ -27,7 +27,7 @@ import numpy as np
 import orjson
 
 from streamrec.param_server.protocol import ALLOWED_DTYPES, raw_bytes, view_array
-from streamrec.param_server.store import Blob, ParamStore
+from streamrec.param_server.store import ParamStore, StoredBlob
 from streamrec.param_server.table import Table
 
 MAGIC = b"SRPSCKP1"
@@ -136,7 +136,7 @@ def restore(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> ParamStore
         table = Table.restore(table_header, table_arrays, start_version=store.version)
         store.tables[table.spec.name] = table
     for blob in header["blobs"]:
-        store.blobs[blob["name"]] = Blob(arrays[blob["array"]].tobytes(), blob["version"])
+        store.blobs[blob["name"]] = StoredBlob(arrays[blob["array"]].tobytes(), blob["version"])
     store.meta, store.meta_version = header["meta"], header["meta_version"]
     store.applied_events, store.pushes = header["applied_events"], header["pushes"]
     return store

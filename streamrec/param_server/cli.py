@@ -34,7 +34,6 @@ def param_server_cmd(
     Prints one JSON line when it is listening: {"address": ..., "restored": ..., ...}.
     """
     from streamrec.core.cli import print_json, settings_from
-
     from streamrec.param_server.server import run
 
     settings = settings_from(ctx)
@@ -66,7 +65,6 @@ def param_server_cmd(
 def bench_cmd(as_json: bool, ids: int, dim: int, batch: int) -> None:
     """Table, loopback, delta, memory and collision figures of the parameter server."""
     from streamrec.core.cli import print_json
-
     from streamrec.param_server.bench import run_benchmark
 
     result = run_benchmark(num_ids=ids, dim=dim, batch=batch)

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from streamrec.core.config import Settings
 from streamrec.param_server import protocol
 from streamrec.param_server.keys import IdsLike, Keys, as_keys, mix64
 from streamrec.param_server.optimizers import OptimizerSpec
@@ -91,7 +92,9 @@ class Delta(Rows):
 
 
 @dataclass(frozen=True)
-class Blob:
+class FetchedBlob:
+    """A blob as `get_blob` returns it: the bytes and the version to pass back as `since`."""
+
     data: bytes
     version: int
 
@@ -145,9 +148,9 @@ class ParamClient:
         self._seq = 0
 
     @classmethod
-    def from_settings(cls, settings: Any, **kwargs: Any) -> ParamClient:
+    def from_settings(cls, settings: Settings) -> ParamClient:
         """From streamrec Settings: `param_servers` and `param_server_token`."""
-        return cls(settings.param_servers, token=settings.param_server_token, **kwargs)
+        return cls(settings.param_servers, token=settings.param_server_token)
 
     @property
     def num_shards(self) -> int:
@@ -459,12 +462,12 @@ class ParamClient:
         arrays = {"data": np.frombuffer(data, np.uint8)}
         return self._exchange(self._blob_shard(name), {"op": "put_blob", "name": name}, arrays).header["version"]
 
-    def get_blob(self, name: str, since: int = 0) -> Blob | None:
+    def get_blob(self, name: str, since: int = 0) -> FetchedBlob | None:
         """The blob, or None if its version is not newer than `since`."""
         reply = self._exchange(self._blob_shard(name), {"op": "get_blob", "name": name, "since": since})
         if not reply.header["changed"]:
             return None
-        return Blob(reply.arrays["data"].tobytes(), reply.header["version"])
+        return FetchedBlob(reply.arrays["data"].tobytes(), reply.header["version"])
 
     def blobs(self) -> dict[str, int]:
         """Every blob's name and version."""

@@ -8,10 +8,12 @@ reports which rows changed so a derived structure (serving's FAISS index) can fo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from streamrec.param_server.client import Delta
+from streamrec.param_server.table_store import TableStore
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,10 @@ class Changes:
 
 
 class TableMirror:
-    def __init__(self, store: Any, table: str) -> None:
+    """One table's rows by id. With a `store` it pulls its own deltas (`sync`); without, the owner
+    fetches deltas and feeds them to `apply` (serving applies one delta to two mirrors)."""
+
+    def __init__(self, store: TableStore | None, table: str) -> None:
         self.store, self.table = store, table
         self.version: int | tuple[int, ...] = 0
         self.index = pd.Index([], dtype=object)
@@ -59,11 +64,13 @@ class TableMirror:
 
     def sync(self) -> int:
         """Apply the delta since the last sync; returns the number of rows changed or removed."""
+        if self.store is None:
+            raise RuntimeError(f"the mirror of {self.table!r} has no store to sync from: feed it deltas with apply()")
         delta = self.store.delta(self.table, self.version)
         self.apply(delta)
         return len(delta.ids) + len(delta.deleted)
 
-    def apply(self, delta: Any) -> Changes:
+    def apply(self, delta: Delta) -> Changes:
         """Apply one `ParamClient.delta` result (deletions first, then upserts) in place."""
         self.dim = delta.dim
         self._reserve(len(self.index), delta.values.shape[1])
@@ -91,7 +98,7 @@ class TableMirror:
         self.version = delta.version
         return Changes(bool(delta.full), position.astype(np.int64), removed.astype(np.int64))
 
-    def position(self, key: Any) -> int:
+    def position(self, key: str | int) -> int:
         """Row of one id, -1 where unknown or deleted (a hash lookup, no array round trip)."""
         try:
             row = self.index.get_loc(key)

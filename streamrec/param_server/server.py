@@ -154,7 +154,7 @@ class ParamServer:
             self._error(sock, op, exc)
         self.metrics.request_seconds.labels(op=str(op)).observe(time.perf_counter() - started)
 
-    def _error(self, sock: socket.socket, op: Any, exc: Exception) -> None:
+    def _error(self, sock: socket.socket, op: object, exc: Exception) -> None:
         kind = type(exc).__name__
         self.metrics.errors.labels(op=str(op), type=kind).inc()
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)

@@ -44,7 +44,9 @@ def fresh_version(previous: int = 0) -> int:
 
 
 @dataclass(frozen=True)
-class Blob:
+class StoredBlob:
+    """A blob as one shard holds it: the bytes and the store version of its last put."""
+
     data: bytes
     version: int
 
@@ -64,7 +66,7 @@ class ParamStore:
         self.shard, self.num_shards = shard, num_shards
         self.lock = threading.Lock()
         self.tables: dict[str, Table] = {}
-        self.blobs: dict[str, Blob] = {}
+        self.blobs: dict[str, StoredBlob] = {}
         self.version = self.start_version = fresh_version(previous_version)
         self.meta: Any = None
         self.meta_version = 0
@@ -168,10 +170,10 @@ class ParamStore:
     def put_blob(self, name: str, data: bytes) -> int:
         with self.lock:
             self.version += 1
-            self.blobs[name] = Blob(data, self.version)
+            self.blobs[name] = StoredBlob(data, self.version)
             return self.version
 
-    def get_blob(self, name: str) -> Blob | None:
+    def get_blob(self, name: str) -> StoredBlob | None:
         with self.lock:
             return self.blobs.get(name)
 

@@ -28,7 +28,13 @@ import numpy as np
 
 from streamrec.param_server.admission import DEFAULT_WIDTH, CountMinSketch
 from streamrec.param_server.keyindex import KeyIndex
-from streamrec.param_server.keys import Keys, KeyType, gather_padded, mix64, padded_width
+from streamrec.param_server.keys import (
+    Keys,
+    KeyType,
+    gather_padded,
+    mix64,
+    padded_width,
+)
 from streamrec.param_server.memory import reserve
 from streamrec.param_server.optimizers import OptimizerSpec, RowOptimizer
 

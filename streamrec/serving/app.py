@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -20,21 +20,26 @@ import orjson
 from fastapi import FastAPI, Path, Query
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from streamrec.serving import schemas
 from streamrec.serving.config import MAX_K, ServingConfig
 from streamrec.serving.history import History
-from streamrec.serving.metrics import ENDPOINTS, ServingMetrics, mark_worker_dead, render, serving_metrics
-from streamrec.serving.pipeline import Recommender, Unavailable, UnknownItem
-from streamrec.serving.state import StateHolder
+from streamrec.serving.metrics import (
+    ENDPOINTS,
+    ServingMetrics,
+    mark_worker_dead,
+    render,
+    serving_metrics,
+)
+from streamrec.serving.pipeline import CandidatePipeline, Unavailable, UnknownItem
+from streamrec.serving.state import ServingState, StateHolder
 from streamrec.serving.sync import Syncer
 
 MAX_CANDIDATES = 10_000
-Scope = MutableMapping[str, Any]
-ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
 
 
-def _json(body: Any, status: int = 200) -> Response:
+def _json(body: dict[str, Any], status: int = 200) -> Response:
     return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status, media_type="application/json")
 
 
@@ -45,7 +50,7 @@ class RequestMetrics:
         self.app, self.metrics = app, metrics
         self._latency = {e: metrics.request_seconds.labels(e) for e in (*ENDPOINTS, "other")}
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -54,7 +59,7 @@ class RequestMetrics:
         status = 500
         started = time.perf_counter()
 
-        async def send_status(message: MutableMapping[str, Any]) -> None:
+        async def send_status(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
@@ -78,7 +83,7 @@ def create_app(config: ServingConfig) -> FastAPI:
     metrics = serving_metrics()
     holder = StateHolder()
     syncer = Syncer(config, holder, metrics)
-    recommender = Recommender(config, History(config, metrics), metrics)
+    pipeline = CandidatePipeline(config, History(config, metrics), metrics)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -96,7 +101,7 @@ def create_app(config: ServingConfig) -> FastAPI:
                   description="Recommendations from the live embeddings (docs/serving.md).")
     app.add_middleware(RequestMetrics, metrics=metrics)
 
-    def envelope(state: Any, body: dict[str, Any]) -> dict[str, Any]:
+    def envelope(state: ServingState | None, body: dict[str, Any]) -> dict[str, Any]:
         body["model_version"] = state.version if state is not None else None
         staleness = holder.staleness()
         body["staleness_seconds"] = None if staleness is None else round(staleness, 3)
@@ -113,7 +118,7 @@ def create_app(config: ServingConfig) -> FastAPI:
         """Top-k items for a user: ANN + item-kNN + trending candidates, rescored, seen-filtered, MMR."""
         with holder.use() as state:
             try:
-                body = recommender.recommend(state, user_id, k, exclude_seen, diversity, explain)
+                body = pipeline.recommend(state, user_id, k, exclude_seen, diversity, explain)
             except Unavailable as exc:
                 return _json({"detail": str(exc)}, 503)
             return _json(envelope(state, {"user_id": user_id, **body}))
@@ -123,7 +128,7 @@ def create_app(config: ServingConfig) -> FastAPI:
         """The candidates scored by the latest model, best first; unknown candidates listed in `unknown`."""
         with holder.use() as state:
             try:
-                body = recommender.rescore(state, request.user_id, request.candidates)
+                body = pipeline.rescore(state, request.user_id, request.candidates)
             except Unavailable as exc:
                 return _json({"detail": str(exc)}, 503)
             return _json(envelope(state, {"user_id": request.user_id, **body}))
@@ -134,7 +139,7 @@ def create_app(config: ServingConfig) -> FastAPI:
         """Nearest items by cosine of the item vectors (ANN), and the published item-kNN neighbours."""
         with holder.use() as state:
             try:
-                body = recommender.similar(state, item_id, k)
+                body = pipeline.similar(state, item_id, k)
             except UnknownItem:
                 return _json({"detail": f"unknown item {item_id!r}"}, 404)
             except Unavailable as exc:

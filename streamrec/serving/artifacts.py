@@ -10,15 +10,19 @@ Other families' item vectors are not blobs: they are parameter-server tables, ch
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pandas as pd
 
 from streamrec.param_server.artifacts import decode_dense, load_npz
 
-# per-candidate features a ranking model may use (computed by serving.pipeline)
+if TYPE_CHECKING:  # torch is imported only when a neural ranker is loaded
+    from streamrec.trainer.models.neural.ctr import Ranker as CTRRanker
+
+# per-candidate features a ranking model may use (computed by streamrec.serving.pipeline)
 FEATURES = ("dot", "bias", "ann", "item_knn", "trending", "knn_score", "popularity")
 
 
@@ -49,7 +53,10 @@ class ItemNeighbors:
         return self.ids[neighbors[valid]], scores[valid]
 
 
-class Ranker(Protocol):
+class CandidateRanker(Protocol):
+    """A published ranking model as the candidate pipeline calls it: one score per candidate, from
+    the per-candidate `FEATURES` or from the model's own embeddings of (user, item)."""
+
     name: str
 
     def score(self, features: dict[str, np.ndarray], user_id: str, item_ids: np.ndarray) -> np.ndarray: ...
@@ -82,7 +89,7 @@ class NeuralRanker:
     """A ranking-stage network published by a refit (Wide & Deep, DeepFM, DCN, DCN-v2): it scores
     (user, item) pairs itself from its own embeddings; torch is imported only when one is loaded."""
 
-    model: Any
+    model: CTRRanker
     name: str
 
     @classmethod
@@ -95,13 +102,13 @@ class NeuralRanker:
         return self.model.score(np.full(len(item_ids), user_id, dtype=object), item_ids)
 
 
-RANKER_LOADERS: dict[str, Callable[[dict[str, Any], dict[str, np.ndarray]], Ranker]] = {
+RANKER_LOADERS: dict[str, Callable[[dict[str, Any], dict[str, np.ndarray]], CandidateRanker]] = {
     "linear": LinearRanker.from_dense,
     **{kind: NeuralRanker.from_dense for kind in ("wide-deep", "deepfm", "dcn", "dcn-v2")},
 }
 
 
-def load_ranker(data: bytes) -> Ranker:
+def load_ranker(data: bytes) -> CandidateRanker:
     header, arrays = decode_dense(data)
     kind = header.get("kind")
     if kind not in RANKER_LOADERS:
@@ -114,7 +121,7 @@ class Artifacts:
     """The refit artifacts a serving state uses, with the blob versions they came from."""
 
     knn: ItemNeighbors | None = None
-    ranker: Ranker | None = None
+    ranker: CandidateRanker | None = None
     versions: dict[str, int] = field(default_factory=dict)
 
     def with_blob(self, name: str, kind: str, data: bytes, version: int) -> Artifacts:

@@ -27,7 +27,7 @@ from streamrec.serving.config import ServingConfig
 from streamrec.serving.index import ItemIndex, query_rows
 from streamrec.core import net
 from streamrec.core.config import Settings
-from streamrec.trainer.online.batch import TrainBatch
+from streamrec.stream.events import EventBatch
 from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
 
 EVENTS_PER_USER = 10
@@ -73,8 +73,8 @@ def _history(store: FeatureStore, rng: np.random.Generator, items: int, users: i
     times = 1.7e9 + np.arange(n, dtype=np.float64)
     for lo in range(0, n, 20_000):
         part = slice(lo, lo + 20_000)
-        store.write(TrainBatch(user_ids[part], item_ids[part], np.full(len(user_ids[part]), "click", dtype=object),
-                               np.full(len(user_ids[part]), np.nan), times[part]))
+        store.write(EventBatch.from_columns(user_ids[part], item_ids[part], np.full(len(user_ids[part]), "click", dtype=object),
+                                            times[part]))
 
 
 def _wait_ready(url: str, workers: int, proc: subprocess.Popen, timeout: float = 600.0) -> dict[str, Any]:

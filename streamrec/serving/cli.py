@@ -26,9 +26,9 @@ def register(cli: click.Group, bench: click.Group) -> None:
 def serve_cmd(ctx: click.Context, workers: int, host: str, port: int | None, poll_interval: float | None,
               log_level: str, **overrides: object) -> None:
     """Serving workers: poll the parameter server, answer /recommend, /rescore, /similar over HTTP."""
+    from streamrec.core.cli import settings_from
     from streamrec.serving.config import ServingConfig
     from streamrec.serving.server import run_workers
-    from streamrec.core.cli import settings_from
 
     settings = settings_from(ctx)
     config = ServingConfig.from_settings(settings, poll_interval=poll_interval, **overrides)
@@ -50,7 +50,7 @@ def serve_cmd(ctx: click.Context, workers: int, host: str, port: int | None, pol
 @click.pass_context
 def bench_serving_cmd(ctx: click.Context, as_json: bool, **options: object) -> None:
     """Random vectors in a private parameter server, N workers, a closed-loop load generator."""
-    from streamrec.serving.bench import run_bench
     from streamrec.core.cli import print_json, settings_from
+    from streamrec.serving.bench import run_bench
 
     print_json(run_bench(settings_from(ctx), **options))

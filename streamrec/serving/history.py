@@ -5,7 +5,8 @@ again for `redis_retry_s` so an outage costs one timeout, not one per request.""
 from __future__ import annotations
 
 import time
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import redis
 

@@ -42,7 +42,11 @@ def top_order(scores: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-scores, kind="stable")
 
 
-class Recommender:
+class CandidatePipeline:
+    """Answers /recommend, /rescore and /similar from one `ServingState` per request: gathers
+    candidates from every source, scores them with the published ranker (or the retrieval model)
+    and picks the top k, optionally diversified with MMR."""
+
     def __init__(self, config: ServingConfig, history: History, metrics: ServingMetrics) -> None:
         self.config, self.history = config, history
         self._candidates = [metrics.candidates.labels(s) for s in SOURCES]

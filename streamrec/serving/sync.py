@@ -14,9 +14,8 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
 
-from streamrec.param_server.client import ParamClient
+from streamrec.param_server.client import Delta, ParamClient
 from streamrec.param_server.replica import TableMirror
 from streamrec.serving.artifacts import Artifacts
 from streamrec.serving.config import ServingConfig
@@ -35,7 +34,7 @@ class Buffer:
     index: ItemIndex
 
 
-def _changed(delta: Any) -> bool:
+def _changed(delta: Delta) -> bool:
     return bool(delta.full or len(delta.ids) or len(delta.deleted))
 
 
@@ -44,7 +43,7 @@ class Syncer:
         self.config, self.holder, self.metrics = config, holder, metrics
         self.buffers = [self._buffer(), self._buffer()]
         self.standby = 0
-        self.since: dict[str, Any] = {config.user_table: 0, config.item_table: 0}
+        self.since: dict[str, int | tuple[int, ...]] = {config.user_table: 0, config.item_table: 0}
         self.artifacts = Artifacts()
         self._client: ParamClient | None = None
 
@@ -93,7 +92,7 @@ class Syncer:
         self.metrics.staleness.set(0.0)
         return changed
 
-    def _apply(self, buffer: Buffer, deltas: dict[str, Any], rebuilt_from: ItemIndex | None) -> bool:
+    def _apply(self, buffer: Buffer, deltas: dict[str, Delta], rebuilt_from: ItemIndex | None) -> bool:
         """Apply the deltas to one buffer; the index is cloned from `rebuilt_from` when given."""
         users, items = deltas[self.config.user_table], deltas[self.config.item_table]
         if _changed(users):
@@ -109,7 +108,7 @@ class Syncer:
             self.metrics.index_rebuilds.inc()
         return rebuilt
 
-    def _swap_in(self, deltas: dict[str, Any], artifacts: Artifacts) -> None:
+    def _swap_in(self, deltas: dict[str, Delta], artifacts: Artifacts) -> None:
         standby = self.buffers[self.standby]
         rebuilt = self._apply(standby, deltas, None)
         versions = deltas[self.config.item_table].version

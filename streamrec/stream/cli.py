@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import BinaryIO
 
 import click
 
-from streamrec.core.cli import print_json, settings_from
+from streamrec.core.cli import print_json, settings_from, show
 
 
 def _fail(message: str) -> click.ClickException:
@@ -32,7 +32,7 @@ def topics_create(ctx: click.Context, names: tuple[str, ...], partitions: int | 
     settings = settings_from(ctx)
     names = names or (settings.topic, settings.dlq_topic)
     result = create_topics(settings.kafka_bootstrap, list(names), partitions or settings.topic_partitions)
-    _show(result, as_json)
+    show(result, as_json)
 
 
 @topics.command("list")
@@ -78,7 +78,7 @@ def topics_describe(ctx: click.Context, name: str | None, as_json: bool) -> None
 @click.option("--topic", "topic_flag", help="target topic [settings.topic]")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def produce(ctx: click.Context, file: Any, topic_flag: str | None, as_json: bool) -> None:
+def produce(ctx: click.Context, file: BinaryIO, topic_flag: str | None, as_json: bool) -> None:
     """Send JSON lines from FILE (or stdin) to the topic; invalid lines go to the dead-letter topic."""
     from streamrec.stream.publish import EventPublisher
 
@@ -110,11 +110,11 @@ def produce(ctx: click.Context, file: Any, topic_flag: str | None, as_json: bool
 def replay_cmd(ctx: click.Context, data_path: Path, fmt: str, topic_flag: str | None, speed: float,
                limit: int | None, mapping: tuple[str, ...], as_json: bool) -> None:
     """Replay a historical log into the topic in timestamp order (ties: user, then item)."""
+    from streamrec.core.progress import progress_bar
     from streamrec.stream.loaders import load_log, parse_map_option
     from streamrec.stream.publish import EventPublisher
     from streamrec.stream.replay import replay
     from streamrec.stream.topics import create_topics
-    from streamrec.core.progress import progress_bar
 
     if speed < 0:
         raise click.BadParameter("must be >= 0", param_hint="--speed")

@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 
+from streamrec.core.config import Settings
 from streamrec.stream.deadletter import DeadLetterSink
 from streamrec.stream.events import EventSchema, InvalidEvent, encode
 from streamrec.stream.kafka import Producer, producer_from
@@ -29,7 +30,7 @@ class EventPublisher:
         self._produced_metric = EVENTS_PRODUCED.labels(component)
 
     @classmethod
-    def from_settings(cls, settings: Any, component: str, topic: str | None = None) -> EventPublisher:
+    def from_settings(cls, settings: Settings, component: str, topic: str | None = None) -> EventPublisher:
         topic = topic or settings.topic
         return cls(producer_from(settings), EventSchema.from_settings(settings), topic,
                    topic + settings.dlq_suffix, component)
@@ -52,7 +53,7 @@ class EventPublisher:
         self._send(event)
         return True
 
-    def publish(self, obj: Any, source: dict[str, Any], now: float | None = None) -> bool:
+    def publish(self, obj: object, source: dict[str, Any], now: float | None = None) -> bool:
         """One already-decoded record; True when accepted."""
         try:
             event = self.schema.validate(obj, now)
@@ -80,7 +81,7 @@ class EventPublisher:
         return {"accepted": self.accepted, "dead_lettered": self.dead_lettered}
 
 
-def _to_bytes(obj: Any) -> bytes:
+def _to_bytes(obj: object) -> bytes:
     try:
         return orjson.dumps(obj)
     except TypeError:

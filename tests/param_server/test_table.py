@@ -40,7 +40,7 @@ def test_index_resolves_equal_64bit_keys_exactly() -> None:
     row_key = np.full(64, 42, np.uint64)
     row_slot = np.full(64, -1, np.int32)
     index = KeyIndex(row_key, row_slot)
-    same = lambda pos, rows: exact[pos] == rows * 7  # row r holds id 7r  # noqa: E731
+    same = lambda pos, rows: exact[pos] == rows * 7  # row r holds id 7r
     index.insert(np.full(50, 42, np.uint64), np.arange(50), 50)
     assert (index.find(np.full(50, 42, np.uint64), same) == np.arange(50)).all()
     assert (index.find(np.full(1, 42, np.uint64), lambda pos, rows: rows < 0) == -1).all()

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from streamrec.param_server.client import ParamClient
-from tests.param_server.conftest import ServerProcess
-from streamrec.trainer.online.batch import TrainBatch
+from streamrec.stream.events import EventBatch
 from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
+from tests.param_server.conftest import ServerProcess
 
 STREAMREC = str(Path(sys.executable).parent / "streamrec")
 
@@ -44,9 +44,8 @@ def load_model(client: ParamClient, users: dict[str, np.ndarray], items: dict[st
 def write_history(store: FeatureStore, events: list[tuple[str, str, float]]) -> None:
     """(user, item, timestamp) events through the online trainer's own writer."""
     users, items, times = zip(*events)
-    n = len(events)
-    store.write(TrainBatch(np.array(users, object), np.array(items, object), np.array(["click"] * n, object),
-                           np.full(n, np.nan), np.array(times, np.float64)))
+    store.write(EventBatch.from_columns(np.array(users, object), np.array(items, object),
+                                        np.array(["click"] * len(events), object), np.array(times, np.float64)))
 
 
 class Serving:

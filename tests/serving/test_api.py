@@ -10,21 +10,39 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from streamrec.param_server.artifacts import KNN_BLOB, encode_neighbors
 from streamrec.param_server.client import ParamClient
 from streamrec.serving import schemas
-from streamrec.param_server.artifacts import KNN_BLOB, encode_neighbors
-from streamrec.serving.mmr import mmr
-from tests.serving.conftest import Serving, load_model, serving_factory, start_param_server, write_history
 from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
+from tests.serving.conftest import (
+    Serving,
+    load_model,
+    serving_factory,
+    start_param_server,
+    write_history,
+)
 
 DIM, N_ITEMS, N_USERS = 8, 40, 5
 SEEN = ["i3", "i7"]  # u1's history (i7 most recent)
 POPULAR = ["i30", "i31", "i32"]  # i30 most popular
 
 
+# A tiny model served by a second worker for the MMR test: user (1, 0) and five items whose
+# scores (dot + bias) are 1.0, 0.9, 0.5, 0.6, 0.0 and whose cosines are easy to see.
+TINY_USER = np.array([1.0, 0.0], np.float32)
+TINY_ITEMS = {  # item: (vector, bias)
+    "a": ((1.0, 0.0), 0.0),  # score 1.0
+    "b": ((0.5, 0.0), 0.4),  # score 0.9, same direction as a
+    "c": ((0.0, 1.0), 0.5),  # score 0.5, orthogonal to a and b
+    "d": ((0.6, 0.8), 0.0),  # score 0.6, cos 0.6 with a and b, 0.8 with c
+    "e": ((0.0, -1.0), 0.0),  # score 0.0, opposite c, orthogonal to a and b
+}
+
+
 @dataclass
 class World:
     serving: Serving
+    tiny: Serving  # serves the TINY_ITEMS tables
     users: np.ndarray
     items: np.ndarray
     bias: np.ndarray
@@ -47,6 +65,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[
     items = rng.normal(size=(N_ITEMS, DIM)).astype(np.float32)
     bias = rng.normal(scale=0.1, size=N_ITEMS).astype(np.float32)
     prefix = f"test-serving-{uuid.uuid4().hex[:10]}"
+    tiny_prefix = f"test-serving-tiny-{uuid.uuid4().hex[:10]}"  # no history: no trending, nothing seen
     start, started = serving_factory(home)
     try:
         with ParamClient([server.address]) as client:
@@ -55,16 +74,24 @@ def world(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[
             neighbors = (np.arange(N_ITEMS)[:, None] + np.arange(1, 4)) % N_ITEMS
             client.put_blob(KNN_BLOB, encode_neighbors([f"i{j}" for j in range(N_ITEMS)], neighbors,
                                                        np.tile([0.9, 0.8, 0.7], (N_ITEMS, 1))))
+            client.create_table("tiny_users", 2)
+            client.create_table("tiny_items", 2, scalars=1)
+            client.assign("tiny_users", ["u"], TINY_USER[None])
+            client.assign("tiny_items", list(TINY_ITEMS), np.array([v for v, _ in TINY_ITEMS.values()], np.float32),
+                          np.array([b for _, b in TINY_ITEMS.values()], np.float32))
         store = FeatureStore.from_url(redis_url, FeatureStoreConfig(prefix=prefix))
         write_history(store, [("u1", "i3", 1e9), ("u1", "i7", 1e9 + 1)]
                       + [("x", item, 1e9 + 2) for item, n in zip(POPULAR, (3, 2, 1)) for _ in range(n)])
         serving = start(server.address, redis_url, prefix, args=("--index", "flat"))
-        yield World(serving, users.astype(np.float64), items.astype(np.float64), bias.astype(np.float64))
+        tiny = start(server.address, redis_url, tiny_prefix,
+                     args=("--index", "flat", "--user-table", "tiny_users", "--item-table", "tiny_items"))
+        yield World(serving, tiny, users.astype(np.float64), items.astype(np.float64), bias.astype(np.float64))
     finally:
         for s in started:
             s.stop()
         server.kill()
-        FeatureStore.from_url(redis_url, FeatureStoreConfig(prefix=prefix)).clear()
+        for name in (prefix, tiny_prefix):
+            FeatureStore.from_url(redis_url, FeatureStoreConfig(prefix=name)).clear()
 
 
 def test_exact_top_k(world: World) -> None:
@@ -100,13 +127,22 @@ def test_item_knn_and_trending_sources_and_explain(world: World) -> None:
 
 
 def test_diversity_is_mmr(world: World) -> None:
-    body = world.serving.get("/recommend", user_id="u0", k=5, exclude_seen="false", diversity=0.6, explain="true").json()
-    scores = world.scores(0)
-    order = np.argsort(-scores, kind="stable")
-    picks, values = mmr(scores[order], world.items[order], 5, 0.4)
-    assert [item["item_id"] for item in body["items"]] == [f"i{j}" for j in order[picks]]
-    assert [item["mmr"] for item in body["items"]] == pytest.approx(values.tolist(), abs=1e-5)
-    assert body["items"] != world.serving.get("/recommend", user_id="u0", k=5, exclude_seen="false").json()["items"]
+    """MMR by hand, lambda = 1 - diversity = 0.5, value = 0.5 * rel - 0.5 * max cos to the picked.
+    Scores a 1.0, b 0.9, d 0.6, c 0.5, e 0.0 -> rel (min-max over 0..1) is the score itself.
+      pick 1: 0.5 * rel: a .5, b .45, d .3, c .25, e 0                          -> a (0.5)
+      pick 2: max cos to {a}: b 1, d .6, c 0, e 0
+              b .45 - .5 = -.05, d .3 - .3 = 0, c .25 - 0 = .25, e 0 - 0 = 0    -> c (0.25)
+      pick 3: max cos to {a, c}: b 1, d max(.6, .8) = .8, e max(0, -1) = 0
+              b -.05, d .3 - .4 = -.1, e 0                                       -> e (0.0)
+      pick 4: max cos to {a, c, e}: b 1, d .8: b -.05, d -.1                     -> b (-0.05)
+      pick 5:                                                                    -> d (-0.1)
+    Pure relevance orders them a, b, d, c, e."""
+    body = world.tiny.get("/recommend", user_id="u", k=5, diversity=0.5, explain="true").json()
+    assert [item["item_id"] for item in body["items"]] == ["a", "c", "e", "b", "d"]
+    assert [item["mmr"] for item in body["items"]] == pytest.approx([0.5, 0.25, 0.0, -0.05, -0.1], abs=1e-6)
+    assert [item["score"] for item in body["items"]] == pytest.approx([1.0, 0.5, 0.0, 0.9, 0.6], abs=1e-6)
+    relevance = world.tiny.get("/recommend", user_id="u", k=5).json()
+    assert [item["item_id"] for item in relevance["items"]] == ["a", "b", "d", "c", "e"]
 
 
 def test_cold_start_user_gets_trending(world: World) -> None:

@@ -6,7 +6,8 @@ import json
 import uuid
 
 import orjson
-from hypothesis import HealthCheck, given, settings as hsettings
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from streamrec.stream.deadletter import REASON_HEADER, read_dead_letter

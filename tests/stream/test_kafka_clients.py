@@ -108,15 +108,18 @@ def test_two_consumers_share_partitions(kafka_bootstrap, kafka_client, topic):
 
 @pytest.mark.parametrize("partitions", [1, 3])
 def test_high_watermark_after_fetch(kafka_bootstrap, kafka_client, topic, partitions):
+    """Records are spread evenly over the partitions, so every partition is fetched and its end
+    offset after reading it all is exactly the number of records sent to it."""
     create_topics(kafka_bootstrap, [topic], partitions)
-    produce(kafka_bootstrap, kafka_client, topic, 30)
+    produce(kafka_bootstrap, kafka_client, topic, 30, partitions=partitions)
     consumer = make_consumer(kafka_bootstrap, kafka_client)
     try:
         consumer.assign([(topic, p) for p in range(partitions)])
         records = poll_until(consumer, 30)
+        assert len(records) == 30
+        per_partition = 30 // partitions
         counts = {p: sum(1 for r in records if r.partition == p) for p in range(partitions)}
-        for p, n in counts.items():
-            if n:
-                assert consumer.high_watermark((topic, p)) == n
+        assert counts == {p: per_partition for p in range(partitions)}
+        assert {p: consumer.high_watermark((topic, p)) for p in range(partitions)} == counts
     finally:
         consumer.close()

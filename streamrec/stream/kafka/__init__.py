@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from streamrec.stream.kafka.base import Consumer, ConsumerConfig, KafkaError, Offsets, Producer, Record, TopicPartition
+from streamrec.core.config import Settings
+from streamrec.stream.kafka.base import (
+    Consumer,
+    ConsumerConfig,
+    KafkaError,
+    Offsets,
+    Producer,
+    Record,
+    TopicPartition,
+)
 
 __all__ = [
     "Consumer", "ConsumerConfig", "KafkaError", "Offsets", "Producer", "Record", "TopicPartition",
@@ -28,7 +37,7 @@ def make_producer(
     raise ValueError(f"unknown Kafka client {client!r}; expected kafka-python or confluent")
 
 
-def producer_from(settings: Any, **extra: Any) -> Producer:
+def producer_from(settings: Settings, **extra: Any) -> Producer:
     """The configured producer (backend, acks, linger) for `settings`."""
     return make_producer(
         settings.kafka_bootstrap, settings.kafka_client, settings.producer_acks,

@@ -5,7 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from streamrec.stream.kafka.base import Consumer, ConsumerConfig, KafkaError, Offsets, Producer, Record, TopicPartition
+from streamrec.stream.kafka.base import (
+    Consumer,
+    ConsumerConfig,
+    KafkaError,
+    Offsets,
+    Producer,
+    Record,
+    TopicPartition,
+)
 
 try:
     import confluent_kafka as ck
@@ -30,11 +38,12 @@ class ConfluentProducer(Producer):
         )
         self._failures: list[str] = []
 
-    def _on_delivery(self, err: Any, msg: Any) -> None:
+    def _on_delivery(self, err: ck.KafkaError | None, msg: ck.Message) -> None:
         if err is not None:
             self._failures.append(str(err))
 
-    def send(self, topic, value, key=None, timestamp_ms=None, headers=None, partition=None) -> None:  # type: ignore[override]
+    def send(self, topic: str, value: bytes, key: bytes | None = None, timestamp_ms: int | None = None,
+             headers: Sequence[tuple[str, bytes]] | None = None, partition: int | None = None) -> None:
         kwargs: dict[str, Any] = {"on_delivery": self._on_delivery}
         if timestamp_ms is not None:
             kwargs["timestamp"] = timestamp_ms
@@ -83,11 +92,11 @@ class ConfluentConsumer(Consumer):
         if c.topics:
             self._consumer.subscribe(list(c.topics), on_assign=self._assigned, on_revoke=self._revoked)
 
-    def _assigned(self, consumer: Any, partitions: list[Any]) -> None:
+    def _assigned(self, consumer: ck.Consumer, partitions: list[ck.TopicPartition]) -> None:
         if self._on_assign:
             self._on_assign(sorted((p.topic, p.partition) for p in partitions))
 
-    def _revoked(self, consumer: Any, partitions: list[Any]) -> None:
+    def _revoked(self, consumer: ck.Consumer, partitions: list[ck.TopicPartition]) -> None:
         if self._on_revoke:
             self._on_revoke(sorted((p.topic, p.partition) for p in partitions))
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import kafka
@@ -10,7 +10,16 @@ from kafka import errors as kafka_errors
 from kafka.structs import OffsetAndMetadata
 from kafka.structs import TopicPartition as KTP
 
-from streamrec.stream.kafka.base import Consumer, ConsumerConfig, KafkaError, Offsets, Producer, RebalanceCallback, Record, TopicPartition
+from streamrec.stream.kafka.base import (
+    Consumer,
+    ConsumerConfig,
+    KafkaError,
+    Offsets,
+    Producer,
+    RebalanceCallback,
+    Record,
+    TopicPartition,
+)
 
 
 class KafkaPythonProducer(Producer):
@@ -28,7 +37,8 @@ class KafkaPythonProducer(Producer):
     def _on_error(self, exc: BaseException) -> None:
         self._failures.append(exc)
 
-    def send(self, topic, value, key=None, timestamp_ms=None, headers=None, partition=None) -> None:  # type: ignore[override]
+    def send(self, topic: str, value: bytes, key: bytes | None = None, timestamp_ms: int | None = None,
+             headers: Sequence[tuple[str, bytes]] | None = None, partition: int | None = None) -> None:
         future = self._producer.send(
             topic, value=value, key=key, timestamp_ms=timestamp_ms,
             headers=list(headers) if headers else None, partition=partition,
@@ -55,11 +65,11 @@ class _Listener(kafka.ConsumerRebalanceListener):
     def __init__(self, on_assign: RebalanceCallback | None, on_revoke: RebalanceCallback | None) -> None:
         self._on_assign, self._on_revoke = on_assign, on_revoke
 
-    def on_partitions_assigned(self, assigned: Any) -> None:
+    def on_partitions_assigned(self, assigned: Collection[KTP]) -> None:
         if self._on_assign:
             self._on_assign(sorted((tp.topic, tp.partition) for tp in assigned))
 
-    def on_partitions_revoked(self, revoked: Any) -> None:
+    def on_partitions_revoked(self, revoked: Collection[KTP]) -> None:
         if self._on_revoke:
             self._on_revoke(sorted((tp.topic, tp.partition) for tp in revoked))
 
