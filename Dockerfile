@@ -6,10 +6,6 @@ WORKDIR /app
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 COPY pyproject.toml README.md ./
 COPY streamrec ./streamrec
-COPY stream ./stream
-COPY param_server ./param_server
-COPY trainer ./trainer
-COPY serving ./serving
 RUN pip install '.[fast]'
 ENV STREAMREC_HOME=/data
 VOLUME ["/data"]

@@ -20,7 +20,7 @@ def _metric(protocol: str, model: str, metric: str, *params: str) -> float:
 def test_popularity_reproduces_anchors():
     assert _metric("topn", "popularity", "hr@10") == pytest.approx(0.0498, abs=5e-4)
     # prequential: ANCHORS 0.0784 with one standard error ~0.004
-    assert _metric("prequential", "popularity", "hr@10_second_half") == pytest.approx(0.0784, abs=0.004)
+    assert _metric("prequential", "online-popularity", "hr@10_second_half") == pytest.approx(0.0784, abs=0.004)
 
 
 def test_item_knn_matches_knnbaseline_and_implicit_cosine():
