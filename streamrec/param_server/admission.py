@@ -14,6 +14,8 @@ real error much smaller than this bound for skewed streams.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from streamrec.param_server.keys import mix64
@@ -22,6 +24,15 @@ DEFAULT_WIDTH = 1 << 20
 DEFAULT_DEPTH = 4
 _DEPTH_SALT = np.uint64(0xD6E8FEB86659FD93)
 _MAX_COUNT = np.uint64(np.iinfo(np.uint32).max)
+
+
+@dataclass(frozen=True)
+class Sightings:
+    """A planned count: the counters' columns, their new values, and each key's new estimate."""
+
+    columns: np.ndarray
+    updated: np.ndarray
+    estimates: np.ndarray
 
 
 class CountMinSketch:
@@ -36,13 +47,22 @@ class CountMinSketch:
         salts = (np.arange(1, self.depth + 1, dtype=np.uint64) * _DEPTH_SALT)[:, None]
         return (mix64(keys[None, :] ^ salts) & np.uint64(self.width - 1)).astype(np.int64)
 
-    def add(self, keys: np.ndarray) -> np.ndarray:
-        """Count one sighting per element of keys; return each element's estimated total count."""
+    def plan(self, keys: np.ndarray) -> Sightings:
+        """What counting one sighting per element of keys would do, without doing it: a push checks
+        admission (and so the rows it needs) before it changes anything."""
         distinct, inverse, times = np.unique(keys, return_inverse=True, return_counts=True)
         cols = self._columns(distinct)
         rows = np.arange(self.depth)[:, None]
         estimate = self.counts[rows, cols].min(axis=0).astype(np.uint64)
         updated = np.minimum(estimate + times.astype(np.uint64), _MAX_COUNT).astype(np.uint32)
+        return Sightings(cols, updated, updated[inverse.ravel()])
+
+    def commit(self, sightings: Sightings) -> None:
         for depth in range(self.depth):  # conservative update: raise each counter only to the new estimate
-            np.maximum.at(self.counts[depth], cols[depth], updated)
-        return updated[inverse.ravel()]
+            np.maximum.at(self.counts[depth], sightings.columns[depth], sightings.updated)
+
+    def add(self, keys: np.ndarray) -> np.ndarray:
+        """Count one sighting per element of keys; return each element's estimated total count."""
+        sightings = self.plan(keys)
+        self.commit(sightings)
+        return sightings.estimates

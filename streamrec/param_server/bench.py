@@ -3,6 +3,8 @@
 In-process figures use one Table; remote figures start a real server process on loopback and
 talk to it with ParamClient. Memory is the growth of this process's resident set while the
 1M-row table is built (/proc/self/statm), so it includes the key index and every side array.
+`push_p99_ms_during_checkpoint`: the p99 latency of small pushes (64 rows) sent one after another
+while the server writes a checkpoint of the 1M-row table (forced by a second client).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +25,7 @@ from streamrec.param_server.keys import Keys
 from streamrec.param_server.table import Table, TableSpec
 
 SCALARS = 1  # a bias per row, as the trainer uses
+SMALL_PUSH = 64  # rows of a push timed during a checkpoint
 
 
 def _rss_bytes() -> int:
@@ -80,9 +85,35 @@ def _collisions(int_table: Table, ids: np.ndarray, num_strings: int) -> int:
     return int(int_collisions + distinct - np.unique(rows[rows >= 0]).size + np.count_nonzero(rows < 0))
 
 
-def _remote(ids: np.ndarray, dim: int, batch: int, grads: np.ndarray) -> dict[str, Any]:
+def _pushes_during_checkpoint(client: ParamClient, address: str, ids: np.ndarray, grads: np.ndarray) -> dict[str, Any]:
+    """Small pushes, timed one by one, while another connection has a checkpoint written."""
+    finished: list[dict[str, Any]] = []
+
+    def checkpoint() -> None:
+        with ParamClient([address], timeout=600) as admin:
+            finished.extend(admin.checkpoint())
+
+    writer = threading.Thread(target=checkpoint)
+    rng = np.random.default_rng(3)
+    latencies = []
+    writer.start()
+    while writer.is_alive():
+        part = ids[rng.integers(0, ids.size, SMALL_PUSH)]
+        started = time.perf_counter()
+        client.push({"bench": (part, grads[:SMALL_PUSH])})
+        latencies.append(time.perf_counter() - started)
+    writer.join()
+    return {
+        "push_p99_ms_during_checkpoint": round(1000 * float(np.percentile(latencies, 99)), 2),
+        "pushes_during_checkpoint": len(latencies),
+        "checkpoint_seconds_1m": round(finished[0]["seconds"], 2),
+    }
+
+
+def _remote(ids: np.ndarray, dim: int, batch: int, grads: np.ndarray, checkpoint_dir: str) -> dict[str, Any]:
     server = subprocess.Popen(
-        [sys.executable, "-m", "streamrec.param_server", "--port", "0", "--no-checkpoints", "--metrics-port", "0"],
+        [sys.executable, "-m", "streamrec.param_server", "--port", "0", "--checkpoint-dir", checkpoint_dir,
+         "--checkpoint-every", "0", "--metrics-port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -118,14 +149,16 @@ def _remote(ids: np.ndarray, dim: int, batch: int, grads: np.ndarray) -> dict[st
             started = time.perf_counter()
             client.delta("bench", delta.version)
             empty_seconds = time.perf_counter() - started
+            during = _pushes_during_checkpoint(client, address, ids, grads)
         return {
             "remote_pull_keys_per_second": round(pull_rate),
             "remote_push_rows_per_second": round(push_rate),
             "delta_seconds_100k": round(delta_seconds, 4),
             "empty_delta_seconds": round(empty_seconds, 5),
+            **during,
         }
     finally:
-        server.terminate()
+        server.kill()  # no final checkpoint: the measured one is all this run needs
         server.wait(timeout=60)
 
 
@@ -139,6 +172,7 @@ def run_benchmark(num_ids: int = 1_000_000, dim: int = 64, batch: int = 4096) ->
     result.update(figures)
     result["collisions"] = _collisions(table, ids, num_ids)
     del table
-    result.update(_remote(ids, dim, batch, grads))
+    with tempfile.TemporaryDirectory(prefix="streamrec-bench-ps-") as checkpoint_dir:
+        result.update(_remote(ids, dim, batch, grads, checkpoint_dir))
     result["bytes_ratio"] = round(result["bytes_per_row"] / result["raw_bytes_per_row"], 3)
     return result

@@ -9,7 +9,14 @@ File layout (all integers little-endian):
   end 32 bytes SHA-256 of every byte before it
 
 Written to `<name>.tmp`, fsynced, renamed, then the directory fsynced, so a crash leaves either the
-old set of checkpoints or the new one. Loading verifies the digest before parsing anything.
+old set of checkpoints or the new one. Loading verifies the digest before parsing anything, then
+the contents (format version, shard layout, shapes, row bookkeeping); a file that fails any check
+is skipped for the next older one.
+
+A checkpoint is the store at one version without holding the store lock for the whole copy: under
+the lock it takes the small state (meta, watermarks, epochs, item counts, each table's per-row
+bookkeeping); each table's block of values and optimiser state is then streamed into the file in
+chunks by a `BlockSnapshot`, which keeps the old bytes of rows that pushes change meanwhile.
 """
 
 from __future__ import annotations
@@ -26,12 +33,18 @@ from typing import Any
 import numpy as np
 import orjson
 
+from streamrec.param_server.defaults import DEFAULT_KEEP_CHECKPOINTS, DEFAULT_MAX_ROWS
+from streamrec.param_server.item_counts import ItemEventCounts
+from streamrec.param_server.keys import Keys
+from streamrec.param_server.ledger import PartitionLedger
 from streamrec.param_server.protocol import ALLOWED_DTYPES, raw_bytes, view_array
+from streamrec.param_server.snapshot import BlockSnapshot
 from streamrec.param_server.store import ParamStore, StoredBlob
 from streamrec.param_server.table import Table
 
 MAGIC = b"SRPSCKP1"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: one `block` array per table, watermarks, epochs, item counts, evicted_for_room
+Source = np.ndarray | BlockSnapshot
 DIGEST_BYTES = 32
 ALIGN = 64
 log = logging.getLogger(__name__)
@@ -45,19 +58,36 @@ def _aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def snapshot(store: ParamStore) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Header and arrays of a consistent copy of the store, taken under its lock."""
-    arrays: dict[str, np.ndarray] = {}
+@dataclass
+class Snapshot:
+    """The store at one version: header, arrays (some streamed), and the tables to release after."""
+
+    header: dict[str, Any]
+    arrays: dict[str, Source]
+    tables: list[Table]
+
+    def release(self, store: ParamStore) -> None:
+        with store.lock:
+            for table in self.tables:
+                table.end_checkpoint()
+
+
+def snapshot(store: ParamStore) -> Snapshot:
+    """Take the store's state at its current version; blocks are read later (see module doc).
+    The caller must `release` it once written (or on failure)."""
+    arrays: dict[str, Source] = {}
     tables, blobs = [], []
     with store.lock:
-        for i, table in enumerate(store.tables.values()):
-            header, table_arrays = table.export()
+        live = list(store.tables.values())
+        for i, table in enumerate(live):
+            header, table_arrays = table.checkpoint_view(store.lock)
             header["arrays"] = {name: f"t{i}.{name}" for name in table_arrays}
             arrays.update({f"t{i}.{name}": array for name, array in table_arrays.items()})
             tables.append(header)
         for i, (name, blob) in enumerate(store.blobs.items()):
             arrays[f"b{i}"] = np.frombuffer(blob.data, np.uint8)
             blobs.append({"name": name, "version": blob.version, "array": f"b{i}"})
+        counts = dict(store.item_counts.counts)
         header = {
             "format": FORMAT_VERSION,
             "shard": store.shard,
@@ -68,17 +98,24 @@ def snapshot(store: ParamStore) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
             "meta_version": store.meta_version,
             "applied_events": store.applied_events,
             "pushes": store.pushes,
+            "skipped_pushes": store.skipped_pushes,
+            "next_offsets": dict(store.ledger.next_offsets),
+            "epochs": dict(store.ledger.epochs),
             "tables": tables,
             "blobs": blobs,
         }
-    return header, arrays
+    items = Keys.from_strings(list(counts))
+    arrays.update({"items.blob": items.blob, "items.offsets": items.offsets,
+                   "items.counts": np.fromiter(counts.values(), np.int64, len(counts))})
+    return Snapshot(header, arrays, live)
 
 
-def write(path: Path, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+def write(path: Path, header: dict[str, Any], arrays: dict[str, Source]) -> None:
     layout, offset = {}, 0
     for name, array in arrays.items():
+        nbytes = int(np.prod(array.shape)) * array.dtype.itemsize
         layout[name] = {"dtype": array.dtype.str, "shape": list(array.shape), "offset": offset}
-        offset = _aligned(offset + array.nbytes)
+        offset = _aligned(offset + nbytes)
     body = orjson.dumps({**header, "arrays_layout": layout})
     body += b" " * (_aligned(16 + len(body)) - 16 - len(body))
     digest = hashlib.sha256()
@@ -93,8 +130,10 @@ def write(path: Path, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> 
         written = 0
         for name, array in arrays.items():
             emit(b"\0" * (layout[name]["offset"] - written))
-            emit(raw_bytes(array))
-            written = layout[name]["offset"] + array.nbytes
+            written = layout[name]["offset"]
+            for chunk in array.chunks() if isinstance(array, BlockSnapshot) else [array]:
+                emit(raw_bytes(chunk))
+                written += chunk.nbytes
         out.write(digest.digest())
         out.flush()
         os.fsync(out.fileno())
@@ -121,24 +160,41 @@ def read(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         for name, spec in header.pop("arrays_layout").items():
             if spec["dtype"] not in ALLOWED_DTYPES:
                 raise CorruptCheckpoint(f"{path}: array {name} has disallowed dtype {spec['dtype']}")
-            arrays[name] = view_array(data, spec["dtype"], spec["shape"], start + spec["offset"])
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            array = arrays[name] = view_array(data, spec["dtype"], spec["shape"], start + spec["offset"])
+            if start + spec["offset"] + array.nbytes > len(data) - DIGEST_BYTES:
+                raise CorruptCheckpoint(f"{path}: array {name} runs past the end of the data")
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CorruptCheckpoint(f"{path}: malformed header or layout: {exc}") from exc
     if header.get("format") != FORMAT_VERSION:
         raise CorruptCheckpoint(f"{path}: unsupported format {header.get('format')}")
     return header, arrays
 
 
-def restore(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> ParamStore:
-    store = ParamStore(header["shard"], header["num_shards"], previous_version=header["version"])
+def restore(header: dict[str, Any], arrays: dict[str, np.ndarray], default_max_rows: int = DEFAULT_MAX_ROWS) -> ParamStore:
+    """The store a checkpoint describes (a new incarnation, not empty). KeyError, ValueError or
+    TypeError when its contents do not fit together."""
+    store = ParamStore(header["shard"], header["num_shards"], previous_version=int(header["version"]), empty=False,
+                       default_max_rows=default_max_rows)
     for table_header in header["tables"]:
         table_arrays = {name: arrays[key] for name, key in table_header.pop("arrays").items()}
         table = Table.restore(table_header, table_arrays, start_version=store.version)
+        if table.spec.name in store.tables:
+            raise ValueError(f"table {table.spec.name!r} appears twice")
         store.tables[table.spec.name] = table
     for blob in header["blobs"]:
-        store.blobs[blob["name"]] = StoredBlob(arrays[blob["array"]].tobytes(), blob["version"])
-    store.meta, store.meta_version = header["meta"], header["meta_version"]
-    store.applied_events, store.pushes = header["applied_events"], header["pushes"]
+        store.blobs[blob["name"]] = StoredBlob(arrays[blob["array"]].tobytes(), int(blob["version"]))
+    store.meta, store.meta_version = header["meta"], int(header["meta_version"])
+    store.applied_events, store.pushes = int(header["applied_events"]), int(header["pushes"])
+    store.skipped_pushes = int(header["skipped_pushes"])
+    next_offsets, epochs = header["next_offsets"], header["epochs"]
+    if not all(isinstance(v, int) for v in [*next_offsets.values(), *epochs.values()]):
+        raise ValueError("watermarks and epochs must be integers")
+    store.ledger = PartitionLedger(next_offsets, epochs)
+    items = Keys(blob=arrays["items.blob"], offsets=arrays["items.offsets"]).checked()
+    counts = arrays["items.counts"]
+    if counts.shape != (len(items),) or counts.dtype != np.int64:
+        raise ValueError(f"{len(items)} counted items but item counts of shape {counts.shape}")
+    store.item_counts = ItemEventCounts(dict(zip(items.to_list(), counts.tolist())))
     return store
 
 
@@ -150,13 +206,22 @@ class CheckpointResult:
     bytes: int
 
 
-class CheckpointDir:
-    """The checkpoints of one shard: `<root>/shard-<i>-of-<n>/ckpt-<version>.srps`, newest kept."""
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    store: ParamStore
+    path: Path
+    created_at: float
 
-    def __init__(self, root: Path, shard: int, num_shards: int, keep: int = 3):
+
+class CheckpointDir:
+    """The checkpoints of one shard: `<root>/shard-<i>-of-<n>/ckpt-<version>.srps`, newest `keep` kept."""
+
+    def __init__(self, root: Path, shard: int, num_shards: int, keep: int = DEFAULT_KEEP_CHECKPOINTS):
+        if keep < 1:
+            raise ValueError("keep at least one checkpoint")
         self.dir = Path(root) / f"shard-{shard}-of-{num_shards}"
         self.shard, self.num_shards, self.keep = shard, num_shards, keep
-        self.rejected: list[str] = []  # messages about checkpoints found corrupt and skipped
+        self.rejected: list[str] = []  # messages about checkpoints that failed to load and were skipped
 
     def files(self) -> list[Path]:
         """Newest first."""
@@ -165,22 +230,34 @@ class CheckpointDir:
     def save(self, store: ParamStore) -> CheckpointResult:
         started = time.perf_counter()
         self.dir.mkdir(parents=True, exist_ok=True)
-        header, arrays = snapshot(store)
-        path = self.dir / f"ckpt-{header['version']:020d}.srps"
-        write(path, header, arrays)
+        for stale in self.dir.glob("*.tmp"):  # left by a crash mid-write
+            stale.unlink(missing_ok=True)
+        taken = snapshot(store)
+        try:
+            path = self.dir / f"ckpt-{taken.header['version']:020d}.srps"
+            write(path, taken.header, taken.arrays)
+        finally:
+            taken.release(store)
         for old in self.files()[self.keep :]:
             old.unlink(missing_ok=True)
-        return CheckpointResult(path, header["version"], time.perf_counter() - started, path.stat().st_size)
+        return CheckpointResult(path, taken.header["version"], time.perf_counter() - started, path.stat().st_size)
 
-    def load_newest(self) -> tuple[ParamStore, Path] | None:
-        """The newest checkpoint that verifies; corrupt ones are logged, recorded and skipped."""
+    def load(self, path: Path, default_max_rows: int = DEFAULT_MAX_ROWS) -> LoadedCheckpoint:
+        """One checkpoint, or CorruptCheckpoint for any reason it cannot be restored as it is."""
+        header, arrays = read(path)
+        if (header.get("shard"), header.get("num_shards")) != (self.shard, self.num_shards):
+            raise CorruptCheckpoint(f"{path}: belongs to shard {header.get('shard')} of {header.get('num_shards')}")
+        try:
+            return LoadedCheckpoint(restore(header, arrays, default_max_rows), path, float(header["created_at"]))
+        except (KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
+            raise CorruptCheckpoint(f"{path}: inconsistent contents: {type(exc).__name__}: {exc}") from exc
+
+    def load_newest(self, default_max_rows: int = DEFAULT_MAX_ROWS) -> LoadedCheckpoint | None:
+        """The newest checkpoint that loads; the ones that do not are logged, recorded and skipped."""
         for path in self.files():
             try:
-                header, arrays = read(path)
-                if (header["shard"], header["num_shards"]) != (self.shard, self.num_shards):
-                    raise CorruptCheckpoint(f"{path}: belongs to shard {header['shard']} of {header['num_shards']}")
-                return restore(header, arrays), path
-            except CorruptCheckpoint as exc:
+                return self.load(path, default_max_rows)
+            except (CorruptCheckpoint, OSError) as exc:
                 log.error("skipping checkpoint: %s", exc)
                 self.rejected.append(str(exc))
         return None

@@ -7,6 +7,12 @@ from pathlib import Path
 
 import click
 
+from streamrec.param_server.defaults import (
+    DEFAULT_CHECKPOINT_EVERY,
+    DEFAULT_KEEP_CHECKPOINTS,
+    DEFAULT_MAX_ROWS,
+)
+
 
 @click.command("param-server")
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to bind")
@@ -15,7 +21,9 @@ import click
 @click.option("--num-shards", type=int, default=None, help="shards in total [default: len(settings.param_servers)]")
 @click.option("--checkpoint-dir", type=click.Path(path_type=Path), default=None, help="[default: <home>/param_server]")
 @click.option("--no-checkpoints", is_flag=True, help="keep state in memory only")
-@click.option("--checkpoint-every", type=float, default=60.0, show_default=True, help="seconds between checkpoints (0: only on exit)")
+@click.option("--checkpoint-every", type=float, default=DEFAULT_CHECKPOINT_EVERY, show_default=True, help="seconds between checkpoints (0: only on exit)")
+@click.option("--keep-checkpoints", type=click.IntRange(min=1), default=DEFAULT_KEEP_CHECKPOINTS, show_default=True, help="newest checkpoints kept (a corrupt one falls back to the next)")
+@click.option("--max-rows", type=click.IntRange(1, 2**31 - 1), default=DEFAULT_MAX_ROWS, show_default=True, help="row bound per table and shard for tables created without one (least recently updated rows are evicted)")
 @click.option("--metrics-port", type=int, default=None, help="Prometheus port (0: off) [default: settings.metrics_port]")
 @click.pass_context
 def param_server_cmd(
@@ -27,6 +35,8 @@ def param_server_cmd(
     checkpoint_dir: Path | None,
     no_checkpoints: bool,
     checkpoint_every: float,
+    keep_checkpoints: int,
+    max_rows: int,
     metrics_port: int | None,
 ) -> None:
     """Run one parameter-server shard until SIGTERM (which writes a final checkpoint).
@@ -50,6 +60,8 @@ def param_server_cmd(
             token=settings.param_server_token,
             checkpoint_dir=None if no_checkpoints else (checkpoint_dir or Path(settings.home) / "param_server"),
             checkpoint_every=checkpoint_every,
+            keep_checkpoints=keep_checkpoints,
+            max_rows=max_rows,
             metrics_port=settings.metrics_port if metrics_port is None else metrics_port,
             ready=print_json,
         )
@@ -63,7 +75,7 @@ def param_server_cmd(
 @click.option("--dim", type=int, default=64, show_default=True)
 @click.option("--batch", type=int, default=4096, show_default=True)
 def bench_cmd(as_json: bool, ids: int, dim: int, batch: int) -> None:
-    """Table, loopback, delta, memory and collision figures of the parameter server."""
+    """Table, loopback, delta, checkpoint, memory and collision figures of the parameter server."""
     from streamrec.core.cli import print_json
     from streamrec.param_server.bench import run_benchmark
 

@@ -4,6 +4,9 @@
     client.create_table("users", 64, scalars=1, optimizer="adagrad", lr=0.007, scalar_lr=0.005)
     rows = client.pull("users", ["u1", "u2"])            # rows.vectors, rows.scalars, rows.found
     client.push({"users": (ids, grads)}, meta={...}, events=n)
+    client.claim(["events/0"])                           # fence older owners of the partition
+    client.push(updates, ranges={"events/0": (0, 512)}, item_counts=(item_ids, counts))
+    client.take_restarts()                               # [ShardRestart(shard, old, new, empty)]
     d = client.delta("items", since=0); d = client.delta("items", since=d.version)
 
 Routing: shard = mix64(key64 ^ salt) % num_shards, where key64 is the integer id or the string
@@ -11,8 +14,10 @@ id's 64-bit hash (`Keys.hash64`); it depends only on the id, so it is the same i
 and across restarts. A call that needs several shards sends all requests before reading any reply,
 so shards work in parallel. Lost connections are re-opened and the call retried; a retried push is
 recognised by the server (client id + sequence number) and not applied twice. Errors raised by the
-server arrive as ParamServerError with the server's error type. Not thread-safe: one client per
-thread (connections are cheap).
+server arrive as ParamServerError with the server's error type (OffsetsRefused and Fenced for ranged
+pushes the exactly-once rule refuses). Every reply carries the shard's incarnation; a change is
+recorded as a ShardRestart for `take_restarts`. Not thread-safe: one client per thread
+(connections are cheap).
 """
 
 from __future__ import annotations
@@ -37,12 +42,61 @@ _SHARD_SALT = np.uint64(0x5BD1E9955BD1E995)
 Request = tuple[dict[str, Any], dict[str, np.ndarray]]
 
 
+@dataclass(frozen=True)
+class PushOutcome:
+    """Shards that applied a push, and shards that skipped it (it was applied there before)."""
+
+    applied: list[int]
+    skipped: list[int]
+
+
+@dataclass(frozen=True)
+class ShardRestart:
+    """A shard answered with a new incarnation: its process restarted, from a checkpoint or, with
+    `empty`, from nothing."""
+
+    shard: int
+    old: str
+    new: str
+    empty: bool
+
+
 class ParamServerError(RuntimeError):
-    """The server refused or failed a call; `kind` is the server-side error type."""
+    """The server refused or failed a call; `kind` is the server-side error type. On a push,
+    `outcome` tells what the shards that answered normally did (a push is atomic per shard only)."""
 
     def __init__(self, kind: str, message: str, shard: int):
         super().__init__(f"shard {shard}: {kind}: {message}")
         self.kind, self.shard = kind, shard
+        self.reason = message
+        self.outcome: PushOutcome | None = None
+
+
+class OffsetsRefused(ParamServerError):
+    """A ranged push left a gap, overlapped the shard's watermark, mixed applied and new partitions,
+    or was cut before the shard restarted: nothing was applied on that shard. Resume each partition
+    at `next_offsets` (missing: the shard has no watermark for it)."""
+
+    def __init__(self, shard: int, reason: str, next_offsets: dict[str, int], outcome: PushOutcome | None = None):
+        super().__init__("offsets", reason, shard)
+        self.next_offsets, self.outcome = next_offsets, outcome
+
+
+class Fenced(ParamServerError):
+    """A newer claim owns some of the push's partitions (this trainer lost them in a rebalance)."""
+
+    def __init__(self, shard: int, reason: str, next_offsets: dict[str, int], outcome: PushOutcome | None = None):
+        super().__init__("fenced", reason, shard)
+        self.next_offsets, self.outcome = next_offsets, outcome
+
+
+def _server_error(shard: int, error: dict[str, Any]) -> ParamServerError:
+    kind, message = error.get("type", "Error"), error.get("message", "")
+    if kind == "offsets":
+        return OffsetsRefused(shard, message, error.get("next_offsets", {}))
+    if kind == "fenced":
+        return Fenced(shard, message, error.get("next_offsets", {}))
+    return ParamServerError(kind, message, shard)
 
 
 def shard_of(ids: IdsLike, num_shards: int) -> np.ndarray:
@@ -146,6 +200,13 @@ class ParamClient:
         self._conns = [_Connection(address, timeout) for address in addresses]
         self._client_id = secrets.randbits(62)
         self._seq = 0
+        self._incarnations: dict[int, str] = {}  # the newest seen per shard
+        # per shard, the incarnation the caller knows about: the first one seen, then whatever
+        # `take_restarts` last reported. Ranged pushes carry it, so a restart that some other call
+        # noticed first still makes the next push be refused until the caller has dealt with it.
+        self._acknowledged: dict[int, str] = {}
+        self._restarts: list[ShardRestart] = []
+        self._epochs: list[dict[str, int]] = [{} for _ in addresses]  # per shard: pkey -> claimed epoch
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ParamClient:
@@ -175,10 +236,24 @@ class ParamClient:
         return {**header, "token": self.token} if self.token else header
 
     def _check(self, shard: int, reply: Message) -> Message:
+        """Note the shard's incarnation (a change is a restart), then raise its error if it sent one."""
+        incarnation = reply.header.get("incarnation")
+        if isinstance(incarnation, str):
+            old = self._incarnations.get(shard)
+            if old is not None and old != incarnation:
+                self._restarts.append(ShardRestart(shard, old, incarnation, bool(reply.header.get("empty"))))
+            self._incarnations[shard] = incarnation
+            self._acknowledged.setdefault(shard, incarnation)
         if not reply.header.get("ok"):
-            error = reply.header.get("error", {})
-            raise ParamServerError(error.get("type", "Error"), error.get("message", ""), shard)
+            raise _server_error(shard, reply.header.get("error", {}))
         return reply
+
+    def take_restarts(self) -> list[ShardRestart]:
+        """Restarts noticed since the last call (the first contact with a shard is not one). From
+        now on ranged pushes expect the shards' current incarnations: the caller has seen them."""
+        restarts, self._restarts = self._restarts, []
+        self._acknowledged.update(self._incarnations)
+        return restarts
 
     def _open(self, shard: int) -> None:
         """Connect, and on a new connection check the server is the shard this client thinks it is
@@ -216,6 +291,14 @@ class ParamClient:
 
     def _fanout(self, requests: Mapping[int, Request]) -> dict[int, Message]:
         """Send every request, then read every reply; shards that failed are retried one by one."""
+        results = self._gather(requests)
+        for result in results.values():
+            if isinstance(result, ParamServerError):
+                raise result
+        return results  # type: ignore[return-value]
+
+    def _gather(self, requests: Mapping[int, Request]) -> dict[int, Message | ParamServerError]:
+        """Like `_fanout`, but every shard's answer, its error included (connection loss still raises)."""
         sent, failed, replies = [], [], {}
         for shard, (header, arrays) in requests.items():
             try:
@@ -230,10 +313,18 @@ class ParamClient:
             except OSError:
                 self._conns[shard].close()
                 failed.append(shard)
-        checked = {shard: self._check(shard, reply) for shard, reply in replies.items()}
+        results: dict[int, Message | ParamServerError] = {}
+        for shard, reply in replies.items():
+            try:
+                results[shard] = self._check(shard, reply)
+            except ParamServerError as exc:
+                results[shard] = exc
         for shard in failed:
-            checked[shard] = self._exchange(shard, *requests[shard])
-        return checked
+            try:
+                results[shard] = self._exchange(shard, *requests[shard])
+            except ParamServerError as exc:
+                results[shard] = exc
+        return results
 
     def _all(self, header: dict[str, Any]) -> list[Message]:
         replies = self._fanout({shard: (header, {}) for shard in range(self.num_shards)})
@@ -266,7 +357,7 @@ class ParamClient:
         max_rows: int | None = None,
     ) -> dict[str, Any]:
         """Create the table on every shard (idempotent; a different spec is an error).
-        `max_rows` is per shard."""
+        `max_rows` is per shard; None: the server's default (`--max-rows`)."""
         spec = TableSpec(
             name=name,
             dim=dim,
@@ -279,7 +370,7 @@ class ParamClient:
             ttl=ttl,
             **({"max_rows": max_rows} if max_rows else {}),
         )
-        self._all({"op": "create_table", "spec": spec.to_dict()})
+        self._all({"op": "create_table", "spec": {**spec.to_dict(), "max_rows": max_rows or None}})
         return self.table_info(name)
 
     def drop_table(self, name: str) -> bool:
@@ -287,14 +378,16 @@ class ParamClient:
         return any(reply.header["dropped"] for reply in self._all({"op": "drop_table", "table": name}))
 
     def tables(self) -> dict[str, dict[str, Any]]:
-        """Per table: spec and rows/admitted/evicted/rejected summed over shards, per-shard versions."""
+        """Per table: spec and rows/admitted/evicted (TTL)/evicted_for_room/rejected summed over shards,
+        per-shard versions."""
         merged: dict[str, dict[str, Any]] = {}
         for reply in self._all({"op": "info"}):
             for table in reply.header["info"]["tables"]:
                 entry = merged.setdefault(
-                    table["name"], {"spec": table["spec"], "rows": 0, "admitted": 0, "evicted": 0, "rejected": 0, "versions": []}
+                    table["name"],
+                    {"spec": table["spec"], "rows": 0, "admitted": 0, "evicted": 0, "evicted_for_room": 0, "rejected": 0, "versions": []},
                 )
-                for key in ("rows", "admitted", "evicted", "rejected"):
+                for key in ("rows", "admitted", "evicted", "evicted_for_room", "rejected"):
                     entry[key] += table[key]
                 entry["versions"].append(table["version"])
         return merged
@@ -360,12 +453,21 @@ class ParamClient:
         meta: Any = None,
         events: int = 0,
         event_time: float | None = None,
-    ) -> dict[int, int]:
-        """Apply gradients to several tables as one update per shard; returns {shard: version}.
+        ranges: Mapping[str, tuple[int, int]] | None = None,
+        item_counts: tuple[Sequence[str], np.ndarray] | None = None,
+    ) -> PushOutcome:
+        """Apply gradients to several tables as one update per shard.
 
         grads: (n, dim + scalars) float32, or (vector_grads, scalar_grads). `meta` (small JSON) is
         stored by every shard atomically with its part of the update; `events` is credited once
-        (to shard 0). `event_time` (seconds) drives TTL expiry; default: now.
+        (to shard 0). `event_time` (seconds) drives TTL expiry and eviction order; default: now.
+
+        `ranges` ({"topic/partition": (a, b)}: the offsets this push covers) makes the push
+        exactly-once: every shard receives it and applies it only if it continues its watermarks
+        (see docs/param_server.md), carrying this client's claimed epochs. `item_counts` (item ids,
+        int64 counts) is added on every shard that applies the push. A refusal raises Fenced or
+        OffsetsRefused (Fenced first) once every shard has answered, with `outcome` telling what
+        the other shards did; the push is atomic per shard, not across shards.
         """
         self._seq += 1
         per_shard: dict[int, Request] = {}
@@ -378,11 +480,14 @@ class ParamClient:
                 header["tables"].append(name)
                 arrays.update(keys_arrays(keys if pos is None else keys.take(pos), f"ids{i}"))
                 arrays[f"grads{i}"] = matrix if pos is None else matrix[pos]
-        if meta is not None:
-            for shard in range(self.num_shards):
-                per_shard.setdefault(shard, ({"tables": []}, {}))
-        if events:
-            per_shard.setdefault(0, ({"tables": []}, {}))
+        everywhere = meta is not None or ranges is not None or item_counts is not None
+        targets = range(self.num_shards) if everywhere else ([0] if events else [])
+        for shard in targets:
+            per_shard.setdefault(shard, ({"tables": []}, {}))
+        wire_ranges = None if ranges is None else {pkey: [int(a), int(b)] for pkey, (a, b) in ranges.items()}
+        counted = None
+        if item_counts is not None:
+            counted = {**keys_arrays(Keys.from_strings(list(item_counts[0])), "counted"), "counts": np.asarray(item_counts[1], np.int64)}
         requests = {}
         for shard, (header, arrays) in per_shard.items():
             header.update(op="push", client_id=self._client_id, seq=self._seq, event_time=event_time)
@@ -390,8 +495,42 @@ class ParamClient:
                 header["meta"] = meta
             if events and shard == 0:
                 header["events"] = int(events)
+            if wire_ranges is not None:
+                header["ranges"] = wire_ranges
+                header["epochs"] = {pkey: self._epochs[shard][pkey] for pkey in wire_ranges if pkey in self._epochs[shard]}
+                if shard in self._acknowledged:
+                    header["incarnation"] = self._acknowledged[shard]
+            if counted is not None:
+                arrays.update(counted)
             requests[shard] = (header, arrays)
-        return {shard: reply.header["version"] for shard, reply in self._fanout(requests).items()}
+        results = self._gather(requests)
+        outcome = PushOutcome(
+            applied=sorted(s for s, r in results.items() if isinstance(r, Message) and r.header["applied"]),
+            skipped=sorted(s for s, r in results.items() if isinstance(r, Message) and not r.header["applied"]),
+        )
+        errors = [r for r in results.values() if isinstance(r, ParamServerError)]
+        if errors:  # the one that decides what the caller does next: fenced, then refused, then the rest
+            first = min(errors, key=lambda e: (not isinstance(e, Fenced), not isinstance(e, OffsetsRefused), e.shard))
+            first.outcome = outcome
+            raise first
+        return outcome
+
+    def claim(self, pkeys: Sequence[str]) -> list[dict[str, int]]:
+        """Take ownership of partitions on every shard: each gives them a new fencing epoch, which
+        this client attaches to its ranged pushes from now on (older owners' pushes are refused).
+        Returns each shard's watermarks of `pkeys` (missing: none yet)."""
+        replies = self._all({"op": "claim", "pkeys": list(pkeys)})
+        for shard, reply in enumerate(replies):
+            self._epochs[shard].update(reply.header["epochs"])
+        return [reply.header["next_offsets"] for reply in replies]
+
+    def watermarks(self) -> list[dict[str, int]]:
+        """Per shard: the next offset it will apply, per partition key."""
+        return [reply.header["next_offsets"] for reply in self._all({"op": "watermarks"})]
+
+    def item_event_counts(self) -> list[dict[str, int]]:
+        """Per shard: events applied per item (every shard counts every item of what it applied)."""
+        return [reply.header["counts"] for reply in self._all({"op": "item_counts"})]
 
     def assign(self, table: str, ids: IdsLike, vectors: np.ndarray, scalars: np.ndarray | None = None) -> dict[int, int]:
         """Replace rows' values (bulk load / refit), creating rows as needed; bypasses optimiser

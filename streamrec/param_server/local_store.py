@@ -2,19 +2,27 @@
 
 `streamrec evaluate --protocol prequential --model online-bpr` runs the exact learning code of the
 live trainer without a network: the models only see the `TableStore` methods, served here by the
-same `ParamStore` a server process holds. It is every online model's default store, so
-`OnlineBPR()` works standalone.
+same `ParamStore` a server process holds (so ranged pushes follow the very same exactly-once rule).
+It is every online model's default store, so `OnlineBPR()` works standalone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from streamrec.param_server.client import Delta, Rows
+from streamrec.param_server.client import (
+    Delta,
+    Fenced,
+    OffsetsRefused,
+    PushOutcome,
+    Rows,
+    ShardRestart,
+)
 from streamrec.param_server.keys import IdsLike, as_keys
+from streamrec.param_server.ledger import OffsetConflict, StaleEpoch
 from streamrec.param_server.optimizers import OptimizerSpec
 from streamrec.param_server.store import ParamStore
 from streamrec.param_server.table import TableSpec
@@ -27,14 +35,16 @@ class LocalStore:
 
     def __init__(self) -> None:
         self.store = ParamStore()
+        self._epochs: dict[str, int] = {}
 
     def create_table(
         self, name: str, dim: int, *, scalars: int = 0, optimizer: str = "adagrad", lr: float = 0.01,
         scalar_lr: float | None = None, init_std: float = 0.01, seed: int = 0, min_count: int = 1,
-        ttl: float | None = None,
+        ttl: float | None = None, max_rows: int | None = None,
     ) -> dict[str, Any]:
         spec = TableSpec(name=name, dim=dim, scalars=scalars, optimizer=OptimizerSpec(optimizer, lr, scalar_lr),
-                         init_std=init_std, seed=seed, min_count=min_count, ttl=ttl)
+                         init_std=init_std, seed=seed, min_count=min_count, ttl=ttl,
+                         max_rows=max_rows or self.store.default_max_rows)
         return self.store.create_table(spec)
 
     def pull(self, table: str, ids: IdsLike) -> Rows:
@@ -46,11 +56,34 @@ class LocalStore:
 
     def push(
         self, updates: Mapping[str, tuple[IdsLike, np.ndarray]], *, meta: dict[str, Any] | None = None,
-        events: int = 0, event_time: float | None = None,
-    ) -> dict[int, int]:
+        events: int = 0, event_time: float | None = None, ranges: Mapping[str, tuple[int, int]] | None = None,
+        item_counts: tuple[Sequence[str], np.ndarray] | None = None,
+    ) -> PushOutcome:
         batch = [(name, as_keys(ids), np.ascontiguousarray(grads, np.float32)) for name, (ids, grads) in updates.items()]
-        version, _ = self.store.push(batch, meta=meta, events=events, event_time=event_time)
-        return {0: version}
+        epochs = {pkey: self._epochs[pkey] for pkey in ranges or {} if pkey in self._epochs}
+        try:
+            result = self.store.push(batch, meta=meta, events=events, event_time=event_time, ranges=ranges,
+                                     epochs=epochs, item_counts=item_counts)
+        except StaleEpoch as exc:
+            raise Fenced(0, str(exc), exc.next_offsets, PushOutcome([], [])) from exc
+        except OffsetConflict as exc:
+            raise OffsetsRefused(0, str(exc), exc.next_offsets, PushOutcome([], [])) from exc
+        return PushOutcome([0], []) if result.applied else PushOutcome([], [0])
+
+    def claim(self, pkeys: Sequence[str]) -> list[dict[str, int]]:
+        claimed = self.store.claim(pkeys)
+        self._epochs.update(claimed.epochs)
+        return [claimed.next_offsets]
+
+    def watermarks(self) -> list[dict[str, int]]:
+        return [self.store.watermarks()]
+
+    def item_event_counts(self) -> list[dict[str, int]]:
+        return [self.store.item_event_counts()]
+
+    def take_restarts(self) -> list[ShardRestart]:
+        """An in-process store never restarts."""
+        return []
 
     def delta(self, table: str, since: int | tuple[int, ...] = 0) -> Delta:
         since = since[0] if isinstance(since, tuple) else since
@@ -64,4 +97,3 @@ class LocalStore:
 
     def close(self) -> None:
         """Nothing to release (parity with ParamClient)."""
-

@@ -34,17 +34,25 @@ class _StoreCollector(Collector):
             for what, help_text in (
                 ("admitted", "ids given a row"),
                 ("evicted", "rows evicted by TTL"),
+                ("evictions", "least recently updated rows evicted to make room under max_rows"),
                 ("rejected", "pushed ids not applied because not yet admitted"),
             )
         }
+        fields = {"evictions": "evicted_for_room"}
         for table in info["tables"]:
             rows.add_metric([table["name"]], table["rows"])
             for what, family in counters.items():
-                family.add_metric([table["name"]], table[what])
+                family.add_metric([table["name"]], table[fields.get(what, what)])
         yield rows
         yield from counters.values()
         yield GaugeMetricFamily(f"{PREFIX}_version", "global version counter", value=info["version"])
         yield CounterMetricFamily(f"{PREFIX}_applied_events_total", "events credited by pushes", value=info["applied_events"])
+        yield CounterMetricFamily(
+            f"{PREFIX}_pushes_skipped_total", "ranged pushes skipped: every range was applied before", value=info["skipped_pushes"]
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_started_empty", "1: this process started without a valid checkpoint", value=int(info["empty"])
+        )
         last = self.metrics.last_checkpoint_time
         age = GaugeMetricFamily(f"{PREFIX}_checkpoint_age_seconds", "seconds since the last checkpoint (-1: none)")
         age.add_metric([], time.time() - last if last else -1.0)

@@ -4,6 +4,8 @@ One thread per connection (a client keeps its connection open), each reading a f
 operation under the store's lock and writing the reply. Numpy releases the GIL for large copies
 and the socket I/O releases it too, so concurrent clients overlap well enough for one shard; more
 throughput comes from more shards. Every request carries the shared token when one is configured.
+Every reply (errors included) carries the store's incarnation and whether it started empty, so a
+client notices a restart on whatever call it makes next.
 """
 
 from __future__ import annotations
@@ -22,11 +24,17 @@ from typing import Any
 import numpy as np
 
 from streamrec.param_server import protocol
-from streamrec.param_server.checkpoint import CheckpointDir, CheckpointResult
+from streamrec.param_server.checkpoint import (
+    CheckpointDir,
+    CheckpointResult,
+    LoadedCheckpoint,
+)
+from streamrec.param_server.defaults import DEFAULT_KEEP_CHECKPOINTS, DEFAULT_MAX_ROWS
+from streamrec.param_server.ledger import PushRefused
 from streamrec.param_server.metrics import ServerMetrics
 from streamrec.param_server.protocol import Message, keys_arrays, keys_from
 from streamrec.param_server.store import ParamStore
-from streamrec.param_server.table import TableFullError, TableSpec
+from streamrec.param_server.table import TableFullError
 
 DEFAULT_CHUNK_ROWS = 65536
 log = logging.getLogger(__name__)
@@ -48,7 +56,7 @@ class _Handler(socketserver.BaseRequestHandler):
                 if message is None:
                     return
                 if not param_server.authorised(message.header):
-                    protocol.send(sock, {"ok": False, "error": {"type": "Unauthorized", "message": "bad or missing token"}})
+                    param_server.reply(sock, {"ok": False, "error": {"type": "Unauthorized", "message": "bad or missing token"}})
                     return
                 param_server.answer(sock, message)
             except ConnectionError as exc:  # includes ProtocolError: drop this connection only
@@ -93,6 +101,9 @@ class ParamServer:
             "put_blob": self._put_blob,
             "get_blob": self._get_blob,
             "meta": self._meta,
+            "claim": self._claim,
+            "watermarks": self._watermarks,
+            "item_counts": self._item_counts,
             "checkpoint": self._checkpoint,
         }
 
@@ -107,6 +118,9 @@ class ParamServer:
     def stop(self) -> None:
         self._tcp.shutdown()
         self._tcp.server_close()
+
+    def reply(self, sock: socket.socket, header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> None:
+        protocol.send(sock, {**header, **self.store.identity()}, arrays)
 
     def authorised(self, header: dict[str, Any]) -> bool:
         if self.token is None:
@@ -144,7 +158,7 @@ class ParamServer:
             if handler is None:
                 raise ValueError(f"unknown operation {op!r}")
             for header, arrays in handler(message):
-                protocol.send(sock, {"ok": True, **header}, arrays)
+                self.reply(sock, {"ok": True, **header}, arrays)
         except CLIENT_ERRORS as exc:
             self._error(sock, op, exc)
         except OSError:
@@ -155,10 +169,13 @@ class ParamServer:
         self.metrics.request_seconds.labels(op=str(op)).observe(time.perf_counter() - started)
 
     def _error(self, sock: socket.socket, op: object, exc: Exception) -> None:
-        kind = type(exc).__name__
+        kind = exc.kind if isinstance(exc, PushRefused) else type(exc).__name__
         self.metrics.errors.labels(op=str(op), type=kind).inc()
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        protocol.send(sock, {"ok": False, "error": {"type": kind, "message": str(message)}})
+        error: dict[str, Any] = {"type": kind, "message": str(message)}
+        if isinstance(exc, PushRefused):
+            error["next_offsets"] = exc.next_offsets
+        self.reply(sock, {"ok": False, "error": error})
 
     def _rows(self, op: str, n: int) -> None:
         self.metrics.request_rows.labels(op=op).observe(n)
@@ -171,7 +188,7 @@ class ParamServer:
         return [({"info": self.store.info()}, {})]
 
     def _create_table(self, message: Message) -> Iterable[Reply]:
-        return [({"table": self.store.create_table(TableSpec.from_dict(message.header["spec"]))}, {})]
+        return [({"table": self.store.create_table(self.store.spec_from(message.header["spec"]))}, {})]
 
     def _drop_table(self, message: Message) -> Iterable[Reply]:
         return [({"dropped": self.store.drop_table(message.header["table"])}, {})]
@@ -190,10 +207,12 @@ class ParamServer:
             updates.append((name, keys, arrays[f"grads{i}"]))
             self._rows("push", len(keys))
         client = (int(header["client_id"]), int(header["seq"])) if "client_id" in header else None
-        version, duplicate = self.store.push(
-            updates, header.get("meta"), int(header.get("events", 0)), header.get("event_time"), client
+        counted = (keys_from(arrays, "counted").to_list(), arrays["counts"]) if "counts" in arrays else None
+        result = self.store.push(
+            updates, header.get("meta"), int(header.get("events", 0)), header.get("event_time"), client,
+            ranges=header.get("ranges"), epochs=header.get("epochs"), item_counts=counted, incarnation=header.get("incarnation"),
         )
-        return [({"version": version, "duplicate": duplicate}, {})]
+        return [({"version": result.version, "applied": result.applied}, {})]
 
     def _assign(self, message: Message) -> Iterable[Reply]:
         keys = keys_from(message.arrays)
@@ -234,21 +253,41 @@ class ParamServer:
     def _meta(self, message: Message) -> Iterable[Reply]:
         return [({"meta": self.store.meta_record()}, {})]
 
+    def _claim(self, message: Message) -> Iterable[Reply]:
+        claimed = self.store.claim(list(message.header["pkeys"]))
+        return [({"epochs": claimed.epochs, "next_offsets": claimed.next_offsets}, {})]
+
+    def _watermarks(self, message: Message) -> Iterable[Reply]:
+        return [({"next_offsets": self.store.watermarks()}, {})]
+
+    def _item_counts(self, message: Message) -> Iterable[Reply]:
+        return [({"counts": self.store.item_event_counts()}, {})]
+
     def _checkpoint(self, message: Message) -> Iterable[Reply]:
         result = self.checkpoint(force=True)
         return [({"path": str(result.path), "version": result.version, "seconds": result.seconds}, {})]
 
 
-def open_store(shard: int, num_shards: int, checkpoint_dir: Path | None) -> tuple[ParamStore, CheckpointDir | None, Path | None]:
-    """(store, its checkpoint directory, the checkpoint restored): the newest valid checkpoint, or
-    a fresh store; corrupt checkpoints are skipped and listed in `CheckpointDir.rejected`."""
+def open_store(
+    shard: int, num_shards: int, checkpoint_dir: Path | None, keep: int = DEFAULT_KEEP_CHECKPOINTS, default_max_rows: int = DEFAULT_MAX_ROWS
+) -> tuple[ParamStore, CheckpointDir | None, LoadedCheckpoint | None]:
+    """(store, its checkpoint directory, the checkpoint restored): the newest checkpoint that loads,
+    falling back to older ones, or an empty store, which is logged loudly: a trainer must then learn
+    the whole log again."""
     if checkpoint_dir is None:
-        return ParamStore(shard, num_shards), None, None
-    checkpoints = CheckpointDir(checkpoint_dir, shard, num_shards)
-    loaded = checkpoints.load_newest()
-    if loaded is None:
-        return ParamStore(shard, num_shards), checkpoints, None
-    return loaded[0], checkpoints, loaded[1]
+        return ParamStore(shard, num_shards, default_max_rows=default_max_rows), None, None
+    checkpoints = CheckpointDir(checkpoint_dir, shard, num_shards, keep)
+    loaded = checkpoints.load_newest(default_max_rows)
+    if loaded is not None:
+        if checkpoints.rejected:
+            log.error("restored the older checkpoint %s after %d newer one(s) failed to load", loaded.path, len(checkpoints.rejected))
+        return loaded.store, checkpoints, loaded
+    store = ParamStore(shard, num_shards, default_max_rows=default_max_rows)
+    if checkpoints.rejected:
+        log.error("STARTING EMPTY: none of the %d checkpoints in %s loads; every model state is gone", len(checkpoints.rejected), checkpoints.dir)
+    else:
+        log.warning("STARTING EMPTY: no checkpoint in %s", checkpoints.dir)
+    return store, checkpoints, None
 
 
 def run(
@@ -260,12 +299,16 @@ def run(
     token: str | None,
     checkpoint_dir: Path | None,
     checkpoint_every: float,
+    keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS,
+    max_rows: int = DEFAULT_MAX_ROWS,
     metrics_port: int,
     ready: Callable[[dict[str, Any]], None],
 ) -> None:
     """Serve until SIGTERM/SIGINT, checkpointing every `checkpoint_every` seconds and on the way out."""
-    store, checkpoints, restored = open_store(shard, num_shards, checkpoint_dir)
+    store, checkpoints, restored = open_store(shard, num_shards, checkpoint_dir, keep_checkpoints, max_rows)
     metrics = ServerMetrics(store)
+    if restored is not None:
+        metrics.last_checkpoint_time = restored.created_at
     if checkpoints is not None and checkpoints.rejected:
         metrics.checkpoints_rejected.inc(len(checkpoints.rejected))
     if metrics_port:
@@ -281,7 +324,9 @@ def run(
             "shard": shard,
             "num_shards": num_shards,
             "version": store.version,
-            "restored": str(restored) if restored else None,
+            "incarnation": store.incarnation,
+            "empty": store.empty,
+            "restored": str(restored.path) if restored else None,
             "rejected_checkpoints": checkpoints.rejected if checkpoints else [],
         }
     )

@@ -1,9 +1,16 @@
-"""Everything one shard holds (tables, dense blobs, the trainer's meta record, the version counter),
-behind one lock, independent of the network.
+"""Everything one shard holds (tables, dense blobs, the trainer's meta record, the version counter,
+the partitions' dedup watermarks and fencing epochs, per-item event counts), behind one lock,
+independent of the network.
 
-One lock: a push that touches several tables, its meta record and the version counter must appear
-atomically to pulls, deltas and checkpoints. Numpy does the heavy lifting inside the lock, so the
-lock is held for microseconds to a few milliseconds per call.
+One lock: a push that touches several tables, its meta record, watermarks and counts and the
+version counter must appear atomically to pulls, deltas and checkpoints. Numpy does the heavy
+lifting inside the lock, so the lock is held for microseconds to a few milliseconds per call.
+
+A push is all-or-nothing: it is decided (dedup rule and fencing, `PartitionLedger`) and validated
+(every table's ids, shapes, finite values and room; item counts) before anything changes.
+
+Incarnation: a fresh uuid per store object, i.e. per server process; `empty` says whether it
+started without a checkpoint. Every reply carries both, so clients notice restarts.
 
 Versions: a global counter, +1 per applied push / assign / blob put. On start it jumps to
 max(checkpoint version, current time in microseconds) + 1, so versions issued by an earlier
@@ -16,13 +23,23 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from streamrec.param_server.defaults import DEFAULT_MAX_ROWS
+from streamrec.param_server.item_counts import ItemEventCounts, checked_counts
 from streamrec.param_server.keys import Keys
+from streamrec.param_server.ledger import (
+    OffsetConflict,
+    PartitionLedger,
+    checked_epochs,
+    checked_ranges,
+)
 from streamrec.param_server.table import Table, TableSpec
 
 RECENT_PUSHERS = 4096  # clients whose last push sequence number is remembered (retry dedup)
@@ -52,6 +69,23 @@ class StoredBlob:
 
 
 @dataclass(frozen=True)
+class PushResult:
+    """`applied` False: nothing changed, the push was applied before (its ranges are at or below
+    the watermarks, or it is a retry of an applied sequence number)."""
+
+    version: int
+    applied: bool
+
+
+@dataclass(frozen=True)
+class ClaimResult:
+    """The new epochs of the claimed partition keys and their watermarks (missing: none yet)."""
+
+    epochs: dict[str, int]
+    next_offsets: dict[str, int]
+
+
+@dataclass(frozen=True)
 class DeltaPlan:
     rows: np.ndarray
     deleted: Keys
@@ -60,10 +94,21 @@ class DeltaPlan:
 
 
 class ParamStore:
-    def __init__(self, shard: int = 0, num_shards: int = 1, previous_version: int = 0):
+    def __init__(
+        self,
+        shard: int = 0,
+        num_shards: int = 1,
+        previous_version: int = 0,
+        *,
+        empty: bool = True,
+        default_max_rows: int = DEFAULT_MAX_ROWS,
+    ):
         if not 0 <= shard < num_shards:
             raise ValueError(f"shard {shard} is not in [0, {num_shards})")
         self.shard, self.num_shards = shard, num_shards
+        self.incarnation = uuid.uuid4().hex
+        self.empty = empty  # started without a checkpoint
+        self.default_max_rows = default_max_rows  # for tables created without max_rows
         self.lock = threading.Lock()
         self.tables: dict[str, Table] = {}
         self.blobs: dict[str, StoredBlob] = {}
@@ -72,6 +117,9 @@ class ParamStore:
         self.meta_version = 0
         self.applied_events = 0
         self.pushes = 0
+        self.skipped_pushes = 0
+        self.ledger = PartitionLedger()
+        self.item_counts = ItemEventCounts()
         self._recent_pushes: OrderedDict[int, tuple[int, int]] = OrderedDict()
 
     # ---- tables -------------------------------------------------------------------------------
@@ -81,6 +129,12 @@ class ParamStore:
             return self.tables[name]
         except KeyError:
             raise KeyError(f"no table named {name!r}") from None
+
+    def spec_from(self, data: dict[str, Any]) -> TableSpec:
+        """A TableSpec from its JSON form; no (or null) max_rows: this store's default."""
+        if data.get("max_rows") is None:
+            data = {**data, "max_rows": self.default_max_rows}
+        return TableSpec.from_dict(data)
 
     def create_table(self, spec: TableSpec) -> dict[str, Any]:
         """Idempotent: an existing table with the same spec is kept as is."""
@@ -116,39 +170,86 @@ class ParamStore:
         events: int = 0,
         event_time: float | None = None,
         client: tuple[int, int] | None = None,
-    ) -> tuple[int, bool]:
-        """Apply all updates, store meta and count events, as one version. (version, duplicate):
-        a retried push (same client id and sequence number) is acknowledged, not applied twice."""
+        *,
+        ranges: Mapping[str, Sequence[int]] | None = None,
+        epochs: Mapping[str, int] | None = None,
+        item_counts: tuple[Sequence[str], np.ndarray] | None = None,
+        incarnation: str | None = None,
+    ) -> PushResult:
+        """Apply all updates, store meta, count events and items and advance the watermarks, as one
+        version, or nothing at all. With `ranges` ({pkey: (a, b)}) the dedup rule and fencing decide
+        first (skip, or raise OffsetConflict / StaleEpoch); a retried push (same client id and
+        sequence number) is acknowledged, not applied twice. Bad input raises before any change.
+
+        `incarnation`: the one the pusher knew when it cut the batch. A ranged push built for an
+        earlier process is refused: an empty shard would otherwise accept it as its first range and
+        then skip the earlier offsets the pusher rewinds to."""
         now = time.time() if event_time is None else float(event_time)
+        ranged = None if ranges is None else checked_ranges(ranges)
+        claimed = checked_epochs(epochs or {})
+        counted = None if item_counts is None else checked_counts(*item_counts)
+        names = [name for name, _, _ in updates]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a push names a table more than once: {names}")
         with self.lock:
             if client is not None:
                 client_id, seq = client
                 seen = self._recent_pushes.get(client_id)
                 if seen is not None and seq <= seen[0]:
-                    return seen[1], True
-            tables = [self._table(name) for name, _, _ in updates]
-            for table, (_, keys, grads) in zip(tables, updates):
-                table.validate_push(keys, grads)
+                    return PushResult(seen[1], True)
+            if ranged is not None:
+                self.ledger.fence(ranged, claimed)
+                if incarnation is not None and incarnation != self.incarnation:
+                    raise OffsetConflict(
+                        f"shard restarted (incarnation {self.incarnation}, push cut for {incarnation}); "
+                        "cut the batch again from the shard's watermarks",
+                        self.ledger.watermarks(ranged),
+                    )
+                if not self.ledger.decide(ranged):
+                    self.skipped_pushes += 1
+                    return PushResult(self.version, False)
+            plans = [(self._table(name), self._table(name).prepare_push(keys, grads)) for name, keys, grads in updates]
             self.version += 1
-            for table, (_, keys, grads) in zip(tables, updates):
-                table.push(keys, grads, self.version, now)
+            for table, plan in plans:
+                table.apply_push(plan, self.version, now)
             if meta is not None:
                 self.meta, self.meta_version = merge_meta(self.meta, meta), self.version
             self.applied_events += int(events)
+            if counted is not None:
+                self.item_counts.add(*counted)
+            if ranged is not None:
+                self.ledger.advance(ranged, claimed)
             self.pushes += 1
             if client is not None:
                 self._recent_pushes[client[0]] = (client[1], self.version)
                 self._recent_pushes.move_to_end(client[0])
                 if len(self._recent_pushes) > RECENT_PUSHERS:
                     self._recent_pushes.popitem(last=False)
-            return self.version, False
+            return PushResult(self.version, True)
+
+    def claim(self, pkeys: Sequence[str]) -> ClaimResult:
+        """New fencing epochs for `pkeys`: pushes carrying older ones are refused from now on."""
+        if not all(isinstance(pkey, str) and pkey for pkey in pkeys):
+            raise ValueError(f"partition keys must be non-empty strings, got {list(pkeys)!r}")
+        with self.lock:
+            self.version += 1  # a change a checkpoint must record
+            return ClaimResult(self.ledger.claim(pkeys), self.ledger.watermarks(pkeys))
+
+    def watermarks(self) -> dict[str, int]:
+        with self.lock:
+            return dict(self.ledger.next_offsets)
+
+    def item_event_counts(self) -> dict[str, int]:
+        with self.lock:
+            return dict(self.item_counts.counts)
 
     def assign(self, name: str, keys: Keys, values: np.ndarray, event_time: float | None = None) -> int:
         now = time.time() if event_time is None else float(event_time)
         with self.lock:
             table = self._table(name)
+            plan = table.prepare_assign(keys, values)
             self.version += 1
-            table.assign(keys, values, self.version, now)
+            table.apply_assign(plan, self.version, now)
             return self.version
 
     def delta_plan(self, name: str, since: int) -> DeltaPlan:
@@ -181,6 +282,10 @@ class ParamStore:
         with self.lock:
             return {name: blob.version for name, blob in self.blobs.items()}
 
+    def identity(self) -> dict[str, Any]:
+        """What every reply carries, so a client notices a restarted shard."""
+        return {"incarnation": self.incarnation, "empty": self.empty}
+
     def meta_record(self) -> dict[str, Any]:
         with self.lock:
             return {
@@ -199,7 +304,10 @@ class ParamStore:
                 "version": self.version,
                 "start_version": self.start_version,
                 "pushes": self.pushes,
+                "skipped_pushes": self.skipped_pushes,
                 "applied_events": self.applied_events,
+                "incarnation": self.incarnation,
+                "empty": self.empty,
                 "tables": [table.info() for table in self.tables.values()],
                 "blobs": {name: blob.version for name, blob in self.blobs.items()},
             }

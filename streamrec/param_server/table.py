@@ -1,4 +1,5 @@
-"""One named embedding table: collisionless rows created on first (admitted) use, evicted by TTL.
+"""One named embedding table: collisionless rows created on first (admitted) use, evicted by TTL
+and, when the table is at its row bound, least recently updated first (by event time).
 
 Layout (one row per live id):
   block       (rows, W * (1 + state)) float32, W = dim + scalars, split into two views:
@@ -14,19 +15,25 @@ Layout (one row per live id):
 Every per-row array is a view of address space reserved up front for `max_rows` rows
 (`streamrec.param_server.memory.reserve`): the kernel commits a page only when a row on it is first
 written, so growing the table never copies or blocks, and freed rows are reused (free list).
+
+A push or assign is planned first (`prepare_push` / `prepare_assign`: shapes, finite values,
+admission and the room it needs, nothing changed) and then applied, so a store can validate every
+table of a multi-table push before it changes any: a push is all-or-nothing.
 Not thread-safe: the store serialises calls.
 """
 
 from __future__ import annotations
 
 import re
+import threading
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from streamrec.param_server.admission import DEFAULT_WIDTH, CountMinSketch
+from streamrec.param_server.admission import DEFAULT_WIDTH, CountMinSketch, Sightings
+from streamrec.param_server.defaults import DEFAULT_MAX_ROWS
 from streamrec.param_server.keyindex import KeyIndex
 from streamrec.param_server.keys import (
     Keys,
@@ -37,15 +44,17 @@ from streamrec.param_server.keys import (
 )
 from streamrec.param_server.memory import reserve
 from streamrec.param_server.optimizers import OptimizerSpec, RowOptimizer
+from streamrec.param_server.snapshot import BlockSnapshot
 
-DEFAULT_MAX_ROWS = 1 << 24
+ROOM_HEADROOM = 100  # making room evicts 1/100 of max_rows beyond the need, so full tables rarely rescan
 MAX_RETAINED_DELETIONS = 1 << 20  # evicted ids kept for delta readers; older readers get a reset
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
 class TableFullError(RuntimeError):
-    """The table reached max_rows; raise max_rows or set a ttl."""
+    """One push needs more new rows than the table can hold even after evicting every row it does
+    not update; raise max_rows or push smaller batches."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +129,21 @@ def sum_duplicates(rows: np.ndarray, grads: np.ndarray, scratch: np.ndarray) -> 
     return ordered[starts], np.add.reduceat(grads[order], starts, axis=0)
 
 
+@dataclass(frozen=True)
+class PlannedRows:
+    """A push or assign checked against the table, before anything changed: the ids' rows (-1:
+    none yet), the ids that get a row, the admission sightings to count and the rows to evict."""
+
+    keys: Keys
+    matrix: np.ndarray
+    rows: np.ndarray
+    key64: np.ndarray
+    create: np.ndarray  # positions in keys
+    sightings: Sightings | None
+    rejected: int  # ids without a row that admission keeps out
+    evict: int
+
+
 class Table:
     def __init__(self, spec: TableSpec, start_version: int = 0):
         self.spec = spec
@@ -144,7 +168,9 @@ class Table:
         self.free_rows = np.empty(0, np.int64)
         self.index = KeyIndex(self.row_key, self.row_slot)
         self.sketch = CountMinSketch(spec.admission_width) if spec.min_count > 1 else None
-        self.admitted = self.evicted = self.rejected = 0
+        self.admitted = self.evicted = self.rejected = 0  # evicted: by TTL
+        self.evicted_for_room = 0  # least recently updated rows evicted at max_rows
+        self.snapshot: BlockSnapshot | None = None  # a checkpoint reading the block right now
         self.last_version = start_version  # newest version stamped on a row or an eviction
         self.floor = start_version  # readers with since < floor must start from a full snapshot
         self.clock = 0.0  # newest event time seen
@@ -230,6 +256,7 @@ class Table:
                 self._store_key_bytes(rows, new_keys)
             self.row_slot[rows] = -1
             self.index.insert(new64, rows, self.size)
+            self._before_write(rows)
             self.values[rows] = self.initial_values(new64)
             if self.state is not None:
                 self.state[rows] = self.spec.optimizer.initial_accumulator
@@ -240,6 +267,11 @@ class Table:
             keys, key64 = keys.take(rest), key64[rest]
             unseen = self._locate(keys)[0] < 0
             keys, key64 = keys.take(unseen), key64[unseen]
+
+    def _before_write(self, rows: np.ndarray) -> None:
+        """Every write to `block` goes through here first: a running checkpoint keeps the old bytes."""
+        if self.snapshot is not None:
+            self.snapshot.preserve(rows)
 
     def _stamp(self, rows: np.ndarray, version: int, now: float) -> None:
         self.row_version[rows] = version
@@ -260,7 +292,6 @@ class Table:
             self.arena_garbage += int(self.row_key_len[rows].sum())
         self.index.remove(rows)
         self.free_rows = np.concatenate([self.free_rows, rows])
-        self.evicted += rows.size
         self.last_version = version
         if self.spec.key_type == "str" and self.arena_garbage > max(1 << 20, self.arena_used // 2):
             self._compact_arena()
@@ -285,7 +316,33 @@ class Table:
         used = slice(0, self.size)
         dead = np.flatnonzero((self.row_slot[used] >= 0) & (self.row_time[used] < cutoff))
         self.evict(dead, version)
+        self.evicted += dead.size
         return int(dead.size)
+
+    def _room_for(self, new_rows: int, rows: np.ndarray) -> int:
+        """Rows to evict so that `new_rows` more fit, keeping the rows this push updates; a bit more
+        than needed (ROOM_HEADROOM) so the next pushes find room without another scan."""
+        free = self.spec.max_rows - self.live_rows
+        if new_rows <= free:
+            return 0
+        kept = np.unique(rows[rows >= 0]).size
+        if new_rows > self.spec.max_rows - kept:
+            raise TableFullError(
+                f"table {self.spec.name!r}: one push needs {new_rows} new rows beside the {kept} it updates, "
+                f"more than max_rows={self.spec.max_rows}; raise max_rows or push smaller batches"
+            )
+        return min(self.live_rows - kept, new_rows - free + self.spec.max_rows // ROOM_HEADROOM)
+
+    def _evict_least_recent(self, count: int, keep: np.ndarray, version: int) -> None:
+        """Evict the `count` live rows with the oldest event time, except the rows in `keep`."""
+        alive = self.alive_rows()
+        kept = np.zeros(self.size, bool)
+        kept[keep] = True
+        candidates = alive[~kept[alive]]
+        if count < candidates.size:
+            candidates = candidates[np.argpartition(self.row_time[candidates], count - 1)[:count]]
+        self.evict(candidates, version)
+        self.evicted_for_room += candidates.size
 
     # ---- operations ---------------------------------------------------------------------------
 
@@ -301,48 +358,75 @@ class Table:
     def _check_matrix(self, keys: Keys, matrix: np.ndarray, what: str) -> None:
         if matrix.shape != (len(keys), self.spec.width):
             raise ValueError(f"{what} must have shape ({len(keys)}, {self.spec.width}), got {matrix.shape}")
+        if not np.isfinite(matrix).all():
+            raise ValueError(f"{what} for table {self.spec.name!r} contain NaN or infinite values")
 
-    def validate_push(self, keys: Keys, grads: np.ndarray) -> None:
+    def _prepare(self, keys: Keys, matrix: np.ndarray, what: str, admit: bool) -> PlannedRows:
         self._check(keys)
-        self._check_matrix(keys, grads, "gradients")
+        self._check_matrix(keys, matrix, what)
+        rows, key64 = self._locate(keys)
+        create = np.flatnonzero(rows < 0)
+        sightings, rejected = None, 0
+        if admit and create.size and self.sketch is not None:
+            sightings = self.sketch.plan(key64[create])
+            admitted = sightings.estimates >= self.spec.min_count
+            rejected = int(np.count_nonzero(~admitted))
+            create = create[admitted]
+        evict = self._room_for(np.unique(key64[create]).size, rows)
+        return PlannedRows(keys, matrix, rows, key64, create, sightings, rejected, evict)
 
-    def push(self, keys: Keys, grads: np.ndarray, version: int, now: float) -> int:
+    def prepare_push(self, keys: Keys, grads: np.ndarray) -> PlannedRows:
+        """Check a push (ids, gradient shape, finite values, admission, room) without changing anything."""
+        return self._prepare(keys, grads, "gradients", admit=True)
+
+    def prepare_assign(self, keys: Keys, values: np.ndarray) -> PlannedRows:
+        return self._prepare(keys, values, "values", admit=False)
+
+    def _give_rows(self, plan: PlannedRows, version: int, now: float) -> np.ndarray:
+        """Carry out the plan's evictions, sightings and row creations; the row of every id (-1 for
+        ids admission keeps out)."""
+        self.clock = max(self.clock, now)
+        if plan.evict:
+            self._evict_least_recent(plan.evict, plan.rows[plan.rows >= 0], version)
+        if plan.sightings is not None:
+            self.sketch.commit(plan.sightings)
+            self.rejected += plan.rejected
+        rows = plan.rows.copy()
+        if plan.create.size:
+            new_keys = plan.keys.take(plan.create)
+            self._create(new_keys, plan.key64[plan.create], version, now)
+            rows[plan.create] = self.lookup(new_keys)
+        return rows
+
+    def apply_push(self, plan: PlannedRows, version: int, now: float) -> int:
         """Apply gradients (repeated ids summed) to admitted ids; count sightings of the others.
         Returns how many distinct rows were updated."""
-        rows, key64 = self._locate(keys)
-        self.clock = max(self.clock, now)
-        missing = np.flatnonzero(rows < 0)
-        if missing.size and self.sketch is not None:
-            admitted = self.sketch.add(key64[missing]) >= self.spec.min_count
-            self.rejected += int(np.count_nonzero(~admitted))
-            missing = missing[admitted]
-        if missing.size:
-            new_keys = keys.take(missing)
-            self._create(new_keys, key64[missing], version, now)
-            rows[missing] = self.lookup(new_keys)
+        rows = self._give_rows(plan, version, now)
+        grads = plan.matrix
         valid = rows >= 0
         if not valid.all():
             rows, grads = rows[valid], grads[valid]
         rows, grads = sum_duplicates(rows, grads, self._scratch)
+        self._before_write(rows)
         self.optimizer.apply(self.block, rows, grads)
         self._stamp(rows, version, now)
         if self.spec.ttl is not None and self.clock - self.last_sweep >= self.spec.ttl / 8:
             self.expire(version)
         return int(rows.size)
 
-    def assign(self, keys: Keys, values: np.ndarray, version: int, now: float) -> None:
+    def apply_assign(self, plan: PlannedRows, version: int, now: float) -> None:
         """Replace values (bulk loads, refits), bypassing optimiser and admission; state is kept."""
-        self._check(keys)
-        self._check_matrix(keys, values, "values")
-        rows, key64 = self._locate(keys)
-        self.clock = max(self.clock, now)
-        missing = np.flatnonzero(rows < 0)
-        if missing.size:
-            new_keys = keys.take(missing)
-            self._create(new_keys, key64[missing], version, now)
-            rows[missing] = self.lookup(new_keys)
-        self.values[rows] = values
+        rows = self._give_rows(plan, version, now)
+        self._before_write(rows)
+        self.values[rows] = plan.matrix
         self._stamp(rows, version, now)
+
+    def push(self, keys: Keys, grads: np.ndarray, version: int, now: float) -> int:
+        """`prepare_push` then `apply_push`, for callers holding one table."""
+        return self.apply_push(self.prepare_push(keys, grads), version, now)
+
+    def assign(self, keys: Keys, values: np.ndarray, version: int, now: float) -> None:
+        self.apply_assign(self.prepare_assign(keys, values), version, now)
 
     def changed_rows(self, since: int) -> tuple[np.ndarray, bool]:
         """(rows changed after `since`, reset): reset means a full snapshot (reader too old)."""
@@ -373,6 +457,7 @@ class Table:
             "rows": self.live_rows,
             "admitted": self.admitted,
             "evicted": self.evicted,
+            "evicted_for_room": self.evicted_for_room,
             "rejected": self.rejected,
             "version": self.last_version,
             "spec": self.spec.to_dict(),
@@ -380,19 +465,20 @@ class Table:
 
     # ---- checkpoint support -------------------------------------------------------------------
 
-    def export(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """A consistent copy of everything needed to rebuild the table (caller holds the lock)."""
+    def checkpoint_view(self, lock: threading.Lock) -> tuple[dict[str, Any], dict[str, np.ndarray | BlockSnapshot]]:
+        """Header and arrays of the table as it is now (the caller holds `lock`, the store's lock).
+        The per-row bookkeeping (~30 bytes a row) is copied now; the block is read later, in chunks,
+        by the returned `BlockSnapshot`, which this table keeps consistent until `end_checkpoint`."""
         used = slice(0, self.size)
-        arrays = {
-            "values": self.values[used].copy(),
+        self.snapshot = BlockSnapshot(self.block, self.size, lock)
+        arrays: dict[str, np.ndarray | BlockSnapshot] = {
+            "block": self.snapshot,
             "row_key": self.row_key[used].copy(),
             "row_version": self.row_version[used].copy(),
             "row_time": self.row_time[used].copy(),
             "alive": self.row_slot[used] >= 0,
             "free_rows": self.free_rows.copy(),
         }
-        if self.state is not None:
-            arrays["state"] = self.state[used].copy()
         if self.sketch is not None:
             arrays["sketch"] = self.sketch.counts.copy()
         if self.spec.key_type == "str":
@@ -404,6 +490,7 @@ class Table:
             "size": self.size,
             "admitted": self.admitted,
             "evicted": self.evicted,
+            "evicted_for_room": self.evicted_for_room,
             "rejected": self.rejected,
             "last_version": self.last_version,
             "clock": self.clock,
@@ -412,24 +499,49 @@ class Table:
         }
         return header, arrays
 
+    def end_checkpoint(self) -> None:
+        """The checkpoint has read the block (or gave up): stop keeping pre-images (caller holds the lock)."""
+        self.snapshot = None
+
     @staticmethod
     def restore(header: dict[str, Any], arrays: dict[str, np.ndarray], start_version: int) -> Table:
-        """Rebuild from `export` output. Readers older than `start_version` get a full snapshot."""
-        table = Table(TableSpec.from_dict(header["spec"]), start_version)
-        size = table.size = int(header["size"])
-        for name in ("values", "state", "row_key", "row_version", "row_time", "row_key_start", "row_key_len"):
-            if name in arrays:
-                getattr(table, name)[:size] = arrays[name]
-        table.free_rows = arrays["free_rows"].astype(np.int64)
-        if "sketch" in arrays:
-            table.sketch = CountMinSketch(table.spec.admission_width, counts=arrays["sketch"].copy())
-        if "arena" in arrays:
-            table.arena = arrays["arena"].copy()
+        """Rebuild from a checkpoint. Readers older than `start_version` get a full snapshot.
+        ValueError (or KeyError/TypeError) when the contents do not fit together."""
+        spec = TableSpec.from_dict(header["spec"])
+        size = int(header["size"])
+        if not 0 <= size <= spec.max_rows:
+            raise ValueError(f"table {spec.name!r}: {size} rows do not fit max_rows={spec.max_rows}")
+        table = Table(spec, start_version)
+        table.size = size
+        expected = {"block": (size, table.block.shape[1])} | {
+            name: (size,) for name in ("row_key", "row_version", "row_time", "row_key_start", "row_key_len") if hasattr(table, name)
+        }
+        for name, shape in expected.items():
+            stored, target = arrays[name], getattr(table, name)
+            if stored.shape != shape or stored.dtype != target.dtype:
+                raise ValueError(f"table {spec.name!r}: {name} is {stored.dtype} {stored.shape}, expected {target.dtype} {shape}")
+            target[:size] = stored
+        alive, free = arrays["alive"], arrays["free_rows"].astype(np.int64)
+        if alive.shape != (size,) or alive.dtype != bool:
+            raise ValueError(f"table {spec.name!r}: alive is {alive.dtype} {alive.shape}, expected bool ({size},)")
+        if (free.size and (free.min() < 0 or free.max() >= size)) or alive[free].any() or int(alive.sum()) + free.size != size:
+            raise ValueError(f"table {spec.name!r}: free rows and live rows do not add up to {size}")
+        table.free_rows = free
+        if table.sketch is not None:
+            if arrays["sketch"].shape != table.sketch.counts.shape:
+                raise ValueError(f"table {spec.name!r}: admission sketch has shape {arrays['sketch'].shape}")
+            table.sketch = CountMinSketch(spec.admission_width, counts=arrays["sketch"].astype(np.uint32))
+        if spec.key_type == "str":
+            table.arena = arrays["arena"].astype(np.uint8)
             table.arena_used = table.arena.size
             table.arena_garbage = int(header["arena_garbage"])
+            ends = table.row_key_start[:size][alive] + table.row_key_len[:size][alive]
+            if ends.size and (ends.max() > table.arena_used or table.row_key_start[:size][alive].min() < 0):
+                raise ValueError(f"table {spec.name!r}: key bytes point outside the key arena")
         table.row_slot[:size] = -1
-        table.index.rebuild(np.flatnonzero(arrays["alive"]))
-        table.admitted, table.evicted, table.rejected = header["admitted"], header["evicted"], header["rejected"]
+        table.index.rebuild(np.flatnonzero(alive))
+        table.admitted, table.evicted, table.rejected = int(header["admitted"]), int(header["evicted"]), int(header["rejected"])
+        table.evicted_for_room = int(header["evicted_for_room"])
         table.last_version = int(header["last_version"])
         table.clock, table.last_sweep = float(header["clock"]), float(header["last_sweep"])
         return table

@@ -130,14 +130,35 @@ def test_expiry_evicts_reports_and_reuses_memory() -> None:
     assert sorted(table.deleted_since(2).to_list()) == [2, 3]
     assert table.deleted_since(3).to_list() == []
     table.push(Keys(ints=np.arange(10, 14)), g, 4, 113.0)  # reuses the two freed rows
-    assert table.size == 6 and table.live_rows == 6
-    with pytest.raises(TableFullError):
-        table.push(Keys(ints=np.arange(20, 23)), np.zeros((3, 2), np.float32), 5, 113.0)
+    assert table.size == 6 and table.live_rows == 6 and table.evicted == 2
 
 
-def test_wrong_shapes_and_kinds_are_refused() -> None:
-    table = Table(TableSpec("t", 2, key_type="int"))
-    with pytest.raises(ValueError):
-        table.validate_push(Keys(ints=np.arange(2)), np.zeros((2, 3), np.float32))
+def test_full_table_evicts_least_recently_updated_by_event_time() -> None:
+    table = Table(TableSpec("t", 2, key_type="int", max_rows=6))
+    g = np.zeros((6, 2), np.float32)
+    table.push(Keys(ints=np.arange(6)), g, 1, 100.0)
+    table.push(Keys(ints=np.array([0, 1, 4])), g[:3], 2, 110.0)
+    table.push(Keys(ints=np.array([2, 5])), g[:2], 3, 105.0)  # event time, not arrival order, decides
+    # 2 new ids need 2 rows: the least recently updated are 3 (100), then 2 and 5 (105); 3 is kept
+    # because this push updates it
+    table.push(Keys(ints=np.array([3, 10, 11])), g[:3], 4, 130.0)
+    assert table.pull(Keys(ints=np.arange(6)))[1].tolist() == [True, True, False, True, True, False]
+    assert table.evicted_for_room == 2 and table.evicted == 0 and table.live_rows == 6
+    assert sorted(table.deleted_since(3).to_list()) == [2, 5]  # delta readers learn of the evictions
+    with pytest.raises(TableFullError, match="max_rows=6"):  # 7 new ids cannot fit even after eviction
+        table.push(Keys(ints=np.arange(20, 27)), np.zeros((7, 2), np.float32), 5, 140.0)
+    assert table.live_rows == 6 and table.evicted_for_room == 2  # the refused push changed nothing
+
+
+def test_wrong_shapes_kinds_and_values_are_refused_before_any_change() -> None:
+    table = Table(TableSpec("t", 2, key_type="int", min_count=2))
+    with pytest.raises(ValueError, match="shape"):
+        table.prepare_push(Keys(ints=np.arange(2)), np.zeros((2, 3), np.float32))
     with pytest.raises(TypeError):
         table.lookup(as_keys(["a"]))
+    bad = np.zeros((2, 2), np.float32)
+    bad[1, 0] = np.inf
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        table.push(Keys(ints=np.arange(2)), bad, 1, 0.0)
+    assert table.push(Keys(ints=np.arange(2)), np.zeros((2, 2), np.float32), 2, 0.0) == 0  # first sighting
+    assert table.rejected == 2  # the refused push was not counted as a sighting
