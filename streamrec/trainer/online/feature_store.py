@@ -6,94 +6,225 @@ that aggregates them per user, item and window bucket and performs the Redis com
 server (a client-side pipeline of ~10 commands per user capped ingest near 10k events/s here, and
 the aggregation runs on the Redis core instead of the trainer's).
 
-Key schema (prefix `sr`, configurable):
+Exactly once. Events read from Kafka carry their partition key ("topic/partition") and offset.
+The script keeps a watermark per partition (the next offset to write) and reads and advances it
+in the same atomic execution as the batch's keys: an event below its partition's watermark was
+written before and is skipped, so a replayed or partly overlapping batch (trainer crash between
+write and commit, rewind, `streamrec features rebuild`) never counts anything twice. Events
+without an origin (a file, a benchmark) are written unconditionally, as before. A partition with
+no watermark although the topic holds earlier events (the store was wiped: Redis here keeps
+nothing on disk) is held back and reported, so that the caller rebuilds it from the topic
+(`feature_rebuild`) before writing on: a watermark only moves forward, so earlier events could
+not be added after later ones.
+
+Key schema (`KeySchema`; prefix `sr`, configurable). Ids are encoded by `encode_id`: `%`, `:`,
+`{` and `}` become `%25`, `%3A`, `%7B`, `%7D`, so an id can neither end its key early (`:`), nor
+move a key to another Cluster slot (`{`, `}`), nor forge another id's encoding (`%`); every other
+byte (spaces, newlines, long junk) is binary-safe in a Redis key and stays as it is. Keys written
+by versions before this encoding (`sr:u:<id>:...`) are not migrated: they are ignored and expire
+after their TTL; rebuild the store from the topic (`streamrec features rebuild`) after upgrading.
 
 | key | type | content |
 |---|---|---|
-| `sr:clock` | string | the largest event time written (the feature store's "now") |
-| `sr:u:{user}:recent` | list | the user's most recent item ids, newest first, capped (`recent_cap`) |
-| `sr:u:{user}:seen` | set | every item the user interacted with (the serving seen-filter) |
-| `sr:u:{user}` / `sr:i:{item}` | hash | `last_seen` (event time), `events` (total count) |
-| `sr:pop` | sorted set | item -> sum of weight * 2^((t - landmark) / half_life): popularity with exponential time decay (forward decay: ranking needs no rescaling) |
-| `sr:pop:landmark` | string | the landmark time of `sr:pop` (first event time) |
-| `sr:{u or i}:{id}:w{window}:{bucket}` | string | events of one bucket of a sliding window (windows 300 s in 60 s buckets and 3600 s in 300 s buckets); a window's count is the sum of its buckets up to the clock |
+| `sr:{u:<user>}:recent` | list | the user's most recent item ids, newest first, capped (`recent_cap`) |
+| `sr:{u:<user>}:seen` | set | every item the user interacted with (the serving seen-filter) |
+| `sr:{u:<user>}` / `sr:{i:<item>}` | hash | `last_seen` (event time), `events` (total count) |
+| `sr:{u or i:<id>}:w<window>:<bucket>` | string | events of one bucket of a sliding window (windows 300 s in 60 s buckets and 3600 s in 300 s buckets); a window's count is the sum of its buckets up to the clock |
+| `sr:{g}:clock` | string | the largest event time written (the feature store's "now") |
+| `sr:{g}:pop` | sorted set | item -> sum of weight * 2^((t - landmark) / half_life): popularity with exponential time decay (forward decay: ranking needs no rescaling) |
+| `sr:{g}:pop:landmark` | string | the landmark time of `sr:{g}:pop` (first event time) |
+| `sr:{g}:item_events` | hash | item -> exact number of events written (never expires: the chaos suite's count) |
+| `sr:{g}:wm` | hash | partition key ("topic/partition") -> its watermark, the next offset to write (never expires) |
 
-User and item keys expire `ttl` seconds (wall clock) after their last write (default 30 days),
-window buckets after their window has passed.
+(`<user>` and `<item>` are encoded; values - list items, set members, hash fields - are the raw
+ids.) User and item keys expire `ttl` seconds (wall clock) after their last write (default 30
+days), window buckets after their window has passed.
+
+
+Redis Cluster. The braces are hash tags: every key of one user hashes to that user's slot, every
+key of one item to that item's slot, and the shared keys to the slot of their group tag `{g}`.
+Today one script writes all of a batch, which a single Redis (or one Cluster node holding every
+slot) allows. Split across slots, the writer groups each batch's user-side and item-side writes
+by slot and runs this same script once per slot, with a group tag that hashes to that slot in
+place of `g`: each slot then holds its own watermark per partition (field `<pkey>` of
+`sr:{<slot tag>}:wm`, advanced atomically with exactly the keys of that slot, so each slot applies
+each event once whatever happens to the others) and its own fragment of the shared aggregates,
+which readers merge (sum `item_events`, sum `pop` scores, max `clock`). The entity keys do not
+change.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import orjson
 import redis
 
 from streamrec.stream.events import EventBatch
+from streamrec.trainer.online.roles import EventRoles
 
 WINDOWS: dict[int, int] = {300: 60, 3600: 300}  # window seconds -> bucket seconds
+EntityKind = Literal["u", "i"]  # user, item
+RECENT, SEEN = "recent", "seen"  # suffixes of a user's keys
+SHARED_TAG = "g"  # the hash tag of the shared keys (one group: see "Redis Cluster" above)
+
+# The characters that mean something in a key: the separator, Cluster hash-tag braces, and the
+# escape character itself (so that the encoding is injective).
+_ESCAPES: dict[str, str] = {c: f"%{ord(c):02X}" for c in "%:{}"}
+_ESCAPE_TABLE = str.maketrans(_ESCAPES)
+_GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
+
+
+def encode_id(value: str) -> str:
+    """An id as it appears inside a key: no id reaches another id's or another kind's key."""
+    return value.translate(_ESCAPE_TABLE)
+
+
+def _window_part(window: int) -> str:
+    return f"w{window}"
+
+
+@dataclass(frozen=True)
+class KeySchema:
+    """Every key of the store (see the module docstring); the Lua writer builds the same keys from
+    `script_layout`, so this class is the one definition of the layout."""
+
+    prefix: str
+
+    def __post_init__(self) -> None:
+        if "{" in self.prefix or "}" in self.prefix:
+            raise ValueError(f"feature-store prefix {self.prefix!r}: braces would break the keys' hash tags")
+
+    def _head(self, kind: EntityKind) -> str:
+        if kind not in ("u", "i"):
+            raise ValueError(f"entity kind {kind!r}: expected 'u' (user) or 'i' (item)")
+        return f"{self.prefix}:{{{kind}:"
+
+    def entity(self, kind: EntityKind, entity_id: str, *suffix: str) -> str:
+        """The hash of a user or item, or (with `suffix`) another key in its slot."""
+        return "".join((self._head(kind), encode_id(entity_id), "}", *(":" + part for part in suffix)))
+
+    def window(self, kind: EntityKind, entity_id: str, window: int, bucket_start: int) -> str:
+        return self.entity(kind, entity_id, _window_part(window), str(bucket_start))
+
+    def shared(self, *name: str) -> str:
+        return ":".join((f"{self.prefix}:{{{SHARED_TAG}}}", *name))
+
+    def pattern(self) -> str:
+        """SCAN pattern matching every key of this store."""
+        return _GLOB_SPECIAL.sub(r"\\\1", self.prefix) + ":*"
+
+    def script_layout(self) -> bytes:
+        """What the write script needs to build exactly these keys: entity key heads and suffixes,
+        the shared keys, and the id escapes (a Lua pattern and its replacement table)."""
+        return orjson.dumps({
+            "user": self._head("u"), "item": self._head("i"), "close": "}",
+            "recent": ":" + RECENT, "seen": ":" + SEEN,
+            "windows": [[w, b, f":{_window_part(w)}:"] for w, b in WINDOWS.items()],
+            "clock": self.shared("clock"), "pop": self.shared("pop"), "landmark": self.shared("pop", "landmark"),
+            "item_events": self.shared("item_events"), "watermarks": self.shared("wm"),
+            "pattern": "[" + "".join("%" + c for c in _ESCAPES) + "]", "esc": _ESCAPES,
+        })
+
 
 _WRITE_SCRIPT = """
-local p = cjson.decode(ARGV[1])
-local pre, ttl, cap, half_life = p.prefix, p.ttl, p.cap, p.half_life
-local U, I, T, W = p.u, p.i, p.t, p.w
-local n = #U
--- aggregate the batch (events arrive in time order)
+local p, L = cjson.decode(ARGV[1]), cjson.decode(ARGV[2])
+local ttl, cap, half_life = p.ttl, p.cap, p.half_life
+local U, I, T, W, PI, O, PK, HOLD = p.u, p.i, p.t, p.w, p.pi, p.o, p.pk or {}, p.hold
+local function enc(id) return (string.gsub(id, L.pattern, L.esc)) end
+-- the batch's partitions: an event below its partition's watermark was written before; a
+-- partition without one is reported, and held back entirely (nothing written, no watermark set)
+-- when the caller knows the topic holds earlier events of it
+local marks, unmarked, last = {}, {}, {}
+for k, pkey in ipairs(PK) do
+  local v = redis.call('HGET', L.watermarks, pkey)
+  marks[k] = v and tonumber(v) or -1
+  if not v then
+    unmarked[#unmarked + 1] = k
+    if HOLD[k] then marks[k] = math.huge end
+  end
+end
+-- aggregate the batch's new events (they arrive in time order)
 local users, user_order, items, item_order, buckets, bucket_order = {}, {}, {}, {}, {}, {}
-local max_t, min_t = T[1], T[1]
+local applied, skipped, max_t, min_t = 0, 0, nil, nil
 local function bump(key, ttl_seconds)
   local b = buckets[key]
   if b then b[1] = b[1] + 1 else buckets[key] = {1, ttl_seconds}; bucket_order[#bucket_order + 1] = key end
 end
-for k = 1, n do
-  local u, i, t = U[k], I[k], T[k]
-  if t > max_t then max_t = t end
-  if t < min_t then min_t = t end
-  local e = users[u]
-  if not e then e = {items = {}, last = t, n = 0}; users[u] = e; user_order[#user_order + 1] = u end
-  e.items[#e.items + 1] = i; e.n = e.n + 1; if t > e.last then e.last = t end
-  local f = items[i]
-  if not f then f = {last = t, n = 0, pop = 0}; items[i] = f; item_order[#item_order + 1] = i end
-  f.n = f.n + 1; if t > f.last then f.last = t end
-  f.pop = f.pop + W[k] * math.pow(2, (t - p.landmark_hint) / half_life)
-  for w = 1, #p.windows do
-    local window, size = p.windows[w][1], p.windows[w][2]
-    local start = math.floor(t / size) * size
-    local suffix = ':w' .. window .. ':' .. string.format('%d', start)
-    bump('u:' .. u .. suffix, window + size)
-    bump('i:' .. i .. suffix, window + size)
+for k = 1, #U do
+  local pk, fresh = PI and PI[k] or 0, true
+  if pk > 0 then
+    local o = O[k]
+    if last[pk] == nil or o > last[pk] then last[pk] = o end
+    fresh = o >= marks[pk]
+  end
+  if not fresh then
+    skipped = skipped + 1
+  else
+    applied = applied + 1
+    local u, i, t = U[k], I[k], T[k]
+    if max_t == nil or t > max_t then max_t = t end
+    if min_t == nil or t < min_t then min_t = t end
+    local e = users[u]
+    if not e then
+      e = {key = L.user .. enc(u) .. L.close, items = {}, last = t, n = 0}
+      users[u] = e; user_order[#user_order + 1] = u
+    end
+    e.items[#e.items + 1] = i; e.n = e.n + 1; if t > e.last then e.last = t end
+    local f = items[i]
+    if not f then
+      f = {key = L.item .. enc(i) .. L.close, last = t, n = 0, pop = 0}
+      items[i] = f; item_order[#item_order + 1] = i
+    end
+    f.n = f.n + 1; if t > f.last then f.last = t end
+    f.pop = f.pop + W[k] * math.pow(2, (t - p.landmark_hint) / half_life)
+    for w = 1, #L.windows do
+      local window, size, part = L.windows[w][1], L.windows[w][2], L.windows[w][3]
+      local suffix = part .. string.format('%d', math.floor(t / size) * size)
+      bump(e.key .. suffix, window + size)
+      bump(f.key .. suffix, window + size)
+    end
   end
 end
-local clock = tonumber(redis.call('GET', pre .. ':clock') or '0')
-if max_t > clock then redis.call('SET', pre .. ':clock', string.format('%.6f', max_t)) end
-redis.call('SETNX', pre .. ':pop:landmark', string.format('%.6f', min_t))
--- popularity was accumulated relative to landmark_hint; convert to the stored landmark
-local shift = math.pow(2, (p.landmark_hint - tonumber(redis.call('GET', pre .. ':pop:landmark'))) / half_life)
-for _, u in ipairs(user_order) do
-  local e, key = users[u], pre .. ':u:' .. u
-  redis.call('LPUSH', key .. ':recent', unpack(e.items))
-  redis.call('LTRIM', key .. ':recent', 0, cap - 1)
-  redis.call('EXPIRE', key .. ':recent', ttl)
-  redis.call('SADD', key .. ':seen', unpack(e.items))
-  redis.call('EXPIRE', key .. ':seen', ttl)
-  redis.call('HSET', key, 'last_seen', string.format('%.6f', e.last))
-  redis.call('HINCRBY', key, 'events', e.n)
-  redis.call('EXPIRE', key, ttl)
+if applied > 0 then
+  local clock = tonumber(redis.call('GET', L.clock) or '0')
+  if max_t > clock then redis.call('SET', L.clock, string.format('%.6f', max_t)) end
+  redis.call('SETNX', L.landmark, string.format('%.6f', min_t))
+  -- popularity was accumulated relative to landmark_hint; convert to the stored landmark
+  local shift = math.pow(2, (p.landmark_hint - tonumber(redis.call('GET', L.landmark))) / half_life)
+  for _, u in ipairs(user_order) do
+    local e = users[u]
+    redis.call('LPUSH', e.key .. L.recent, unpack(e.items))
+    redis.call('LTRIM', e.key .. L.recent, 0, cap - 1)
+    redis.call('EXPIRE', e.key .. L.recent, ttl)
+    redis.call('SADD', e.key .. L.seen, unpack(e.items))
+    redis.call('EXPIRE', e.key .. L.seen, ttl)
+    redis.call('HSET', e.key, 'last_seen', string.format('%.6f', e.last))
+    redis.call('HINCRBY', e.key, 'events', e.n)
+    redis.call('EXPIRE', e.key, ttl)
+  end
+  for _, i in ipairs(item_order) do
+    local f = items[i]
+    local last_seen = tonumber(redis.call('HGET', f.key, 'last_seen') or '0')
+    if f.last > last_seen then redis.call('HSET', f.key, 'last_seen', string.format('%.6f', f.last)) end
+    redis.call('HINCRBY', f.key, 'events', f.n)
+    redis.call('EXPIRE', f.key, ttl)
+    redis.call('HINCRBY', L.item_events, i, f.n)
+    redis.call('ZINCRBY', L.pop, f.pop * shift, i)
+  end
+  for _, key in ipairs(bucket_order) do
+    local b = buckets[key]
+    if redis.call('INCRBY', key, b[1]) == b[1] then redis.call('EXPIRE', key, b[2]) end
+  end
 end
-for _, i in ipairs(item_order) do
-  local f, key = items[i], pre .. ':i:' .. i
-  local last = tonumber(redis.call('HGET', key, 'last_seen') or '0')
-  if f.last > last then redis.call('HSET', key, 'last_seen', string.format('%.6f', f.last)) end
-  redis.call('HINCRBY', key, 'events', f.n)
-  redis.call('EXPIRE', key, ttl)
-  redis.call('ZINCRBY', pre .. ':pop', f.pop * shift, i)
+for k, pkey in ipairs(PK) do
+  if last[k] + 1 > marks[k] then redis.call('HSET', L.watermarks, pkey, string.format('%d', last[k] + 1)) end
 end
-for _, key in ipairs(bucket_order) do
-  local b = buckets[key]
-  if redis.call('INCRBY', pre .. ':' .. key, b[1]) == b[1] then redis.call('EXPIRE', pre .. ':' .. key, b[2]) end
-end
-return n
+return {applied, skipped, unpack(unmarked)}
 """
 
 
@@ -105,10 +236,55 @@ class FeatureStoreConfig:
     popularity_half_life: float = 7 * 86_400.0
 
 
+@dataclass(frozen=True)
+class FeatureWrite:
+    """The outcome of one batch's write: events `applied`, events `skipped` (written before, or
+    held back), and `unmarked`: the batch's partitions that had no watermark (a first write, or a
+    wiped store; with floors, only those with earlier events in the topic), each with the batch's
+    first offset of it."""
+
+    applied: int
+    skipped: int
+    unmarked: dict[str, int]
+
+
+@dataclass(frozen=True)
+class _Origin:
+    """A time-ordered batch's partitions: `pkeys` (sorted), `index` (per event, 1-based into
+    `pkeys`; 0 = no origin), each partition's `first` offset here and whether that is
+    `beyond_floor` (the topic holds earlier events of it; always False without floors)."""
+
+    pkeys: np.ndarray
+    index: np.ndarray
+    first: np.ndarray
+    beyond_floor: np.ndarray
+
+    @classmethod
+    def of(cls, partition: np.ndarray, offset: np.ndarray, floors: Mapping[str, int] | None) -> _Origin:
+        tagged = np.not_equal(partition, None) & (offset >= 0)
+        pkeys, inverse = np.unique(partition[tagged], return_inverse=True)
+        index = np.zeros(len(partition), np.int64)
+        index[tagged] = inverse + 1
+        first = np.full(len(pkeys), np.iinfo(np.int64).max)
+        np.minimum.at(first, inverse, offset[tagged])
+        beyond = (first > np.array([floors.get(pkey, 0) for pkey in pkeys], np.int64) if floors is not None
+                  else np.zeros(len(pkeys), bool))
+        return cls(pkeys, index, first, beyond)
+
+
+def popularity_weights(batch: EventBatch, roles: EventRoles) -> np.ndarray:
+    """Each event's weight in the popularity score: its positive weight, or 1 for events that are
+    not positives (a skip still counts as attention)."""
+    weights = roles.positive_weight(batch.event_type, batch.value)
+    return np.where(weights > 0, weights, 1.0)
+
+
 class FeatureStore:
     def __init__(self, client: redis.Redis, config: FeatureStoreConfig | None = None) -> None:
         self.redis = client
         self.config = config or FeatureStoreConfig()
+        self.keys = KeySchema(self.config.prefix)
+        self._layout = self.keys.script_layout()
         self._write = client.register_script(_WRITE_SCRIPT)
 
     @classmethod
@@ -116,71 +292,97 @@ class FeatureStore:
         return cls(redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s), config)
 
     # ---- writing ------------------------------------------------------------------------------
-    def payload(self, batch: EventBatch, weights: np.ndarray | None = None) -> bytes:
-        """The batch's columns in time order; the script aggregates them inside Redis."""
+    def _payload(self, batch: EventBatch, weights: np.ndarray | None,
+                 floors: Mapping[str, int] | None) -> tuple[bytes, _Origin]:
+        """The batch's columns in time order (the script aggregates them inside Redis), and where
+        its events come from."""
         c = self.config
         order = np.argsort(batch.timestamp, kind="stable")
-        return orjson.dumps({
-            "prefix": c.prefix, "ttl": c.ttl_seconds, "cap": c.recent_cap, "half_life": c.popularity_half_life,
-            "windows": [[w, b] for w, b in WINDOWS.items()],
+        fields = {
+            "ttl": c.ttl_seconds, "cap": c.recent_cap, "half_life": c.popularity_half_life,
             "landmark_hint": float(batch.timestamp[order[0]]),
             "u": batch.user_id[order].tolist(), "i": batch.item_id[order].tolist(), "t": batch.timestamp[order],
             "w": np.ones(len(batch)) if weights is None else np.asarray(weights, np.float64)[order],
-        }, option=orjson.OPT_SERIALIZE_NUMPY)
+        }
+        origin = _Origin.of(batch.partition[order], batch.offset[order], floors)
+        if len(origin.pkeys):
+            fields |= {"pi": origin.index, "o": batch.offset[order], "pk": origin.pkeys.tolist(),
+                       "hold": origin.beyond_floor.tolist()}
+        return orjson.dumps(fields, option=orjson.OPT_SERIALIZE_NUMPY), origin
 
-    def write(self, batch: EventBatch, weights: np.ndarray | None = None) -> int:
-        """One round trip for the whole batch; returns the number of entities written."""
+    def write(self, batch: EventBatch, weights: np.ndarray | None = None,
+              floors: Mapping[str, int] | None = None) -> FeatureWrite:
+        """One round trip for the whole batch: its new events are written and its partitions'
+        watermarks advanced atomically; events already below a watermark are skipped.
+
+        `floors` (partition key -> the earliest offset the topic still holds, 0 where absent) lets
+        the store tell a first write from a wiped store: a partition without a watermark whose
+        first offset here is above its floor has earlier events that the store lacks. Its events
+        are then held back (counted as skipped, no watermark set) and only such partitions are
+        reported in `unmarked`: rebuild them up to those offsets (`rebuild_features(settings,
+        store, result.unmarked)`), then write the batch again. Without `floors` every partition
+        without a watermark is reported, and everything is written."""
         if not len(batch):
-            return 0
-        return int(self._write(args=[self.payload(batch, weights)]))
+            return FeatureWrite(0, 0, {})
+        payload, origin = self._payload(batch, weights, floors)
+        applied, skipped, *unmarked = self._write(args=[payload, self._layout])
+        return FeatureWrite(int(applied), int(skipped), {
+            str(origin.pkeys[k - 1]): int(origin.first[k - 1])
+            for k in unmarked if floors is None or origin.beyond_floor[k - 1]})
 
     def clear(self) -> int:
         """Delete every key under this store's prefix (benchmark and test data); returns the count."""
         deleted = 0
-        keys = list(self.redis.scan_iter(f"{self.config.prefix}:*", count=1000))
+        keys = list(self.redis.scan_iter(self.keys.pattern(), count=1000))
         for start in range(0, len(keys), 1000):
             deleted += self.redis.delete(*keys[start : start + 1000])
         return deleted
 
-    # ---- reading (serving and tests) ----------------------------------------------------------
-    def key(self, *parts: str) -> str:
-        return ":".join((self.config.prefix, *parts))
+    # ---- reading (serving, rebuilds and tests) ------------------------------------------------
+    def watermarks(self) -> dict[str, int]:
+        """Partition key -> next offset to write, for every partition written with its origin."""
+        return {k.decode(): int(v) for k, v in self.redis.hgetall(self.keys.shared("wm")).items()}
+
+    def item_event_counts(self) -> dict[str, int]:
+        """Item -> exact number of events written for it (each event once, whatever was replayed)."""
+        return {k.decode(): int(v) for k, v in self.redis.hgetall(self.keys.shared("item_events")).items()}
 
     def clock(self) -> float:
-        value = self.redis.get(self.key("clock"))
+        value = self.redis.get(self.keys.shared("clock"))
         return float(value) if value else 0.0
 
     def recent_items(self, user: str, n: int | None = None) -> list[str]:
         end = (n or self.config.recent_cap) - 1
-        return [v.decode() for v in self.redis.lrange(self.key("u", user, "recent"), 0, end)]
+        return [v.decode() for v in self.redis.lrange(self.keys.entity("u", user, RECENT), 0, end)]
 
     def user_history(self, user: str, recent: int, seen: bool) -> tuple[list[str], set[str]]:
         """The user's `recent` newest items and (if asked) every seen item, in one round trip."""
         pipe = self.redis.pipeline(transaction=False)
         if recent:
-            pipe.lrange(self.key("u", user, "recent"), 0, recent - 1)
+            pipe.lrange(self.keys.entity("u", user, RECENT), 0, recent - 1)
         if seen:
-            pipe.smembers(self.key("u", user, "seen"))
+            pipe.smembers(self.keys.entity("u", user, SEEN))
         replies = pipe.execute() if recent or seen else []
         newest = [v.decode() for v in replies.pop(0)] if recent else []
         everything = {v.decode() for v in replies.pop(0)} if seen else set()
         return newest, everything
 
     def seen_items(self, user: str) -> set[str]:
-        return {v.decode() for v in self.redis.smembers(self.key("u", user, "seen"))}
+        return {v.decode() for v in self.redis.smembers(self.keys.entity("u", user, SEEN))}
 
-    def entity(self, kind: str, entity_id: str) -> dict[str, float]:
-        return {k.decode(): float(v) for k, v in self.redis.hgetall(self.key(kind, entity_id)).items()}
+    def entity(self, kind: EntityKind, entity_id: str) -> dict[str, float]:
+        return {k.decode(): float(v) for k, v in self.redis.hgetall(self.keys.entity(kind, entity_id)).items()}
 
     def popular(self, n: int) -> list[tuple[str, float]]:
         """Top-n items by decayed popularity, scores in units of the landmark time."""
-        return [(item.decode(), score) for item, score in self.redis.zrevrange(self.key("pop"), 0, n - 1, withscores=True)]
+        return [(item.decode(), score)
+                for item, score in self.redis.zrevrange(self.keys.shared("pop"), 0, n - 1, withscores=True)]
 
-    def window_count(self, kind: str, entity_id: str, window: int, now: float | None = None) -> int:
+    def window_count(self, kind: EntityKind, entity_id: str, window: int, now: float | None = None) -> int:
         """Events of a user ("u") or item ("i") in the last `window` seconds of event time."""
         bucket = WINDOWS[window]
         now = self.clock() if now is None else now
         last = int(now // bucket * bucket)
         starts = range(last - window + bucket, last + 1, bucket)
-        values = self.redis.mget([self.key(kind, entity_id, f"w{window}", str(b)) for b in starts])
+        values = self.redis.mget([self.keys.window(kind, entity_id, window, b) for b in starts])
         return sum(int(v) for v in values if v)

@@ -1,0 +1,135 @@
+"""Rebuild the Redis feature store from the interaction topic.
+
+Redis here keeps nothing on disk, so a restart can bring the store back empty while the parameter
+server still holds the models learned from the same events. The topic is the source of truth for
+both: this reads each partition from its earliest offset up to where the parameter server's state
+stands (`until`, exclusive) and writes it through the trainer's own writer, with each event's
+partition and offset. The store's watermarks then make the rebuild idempotent and resumable: a
+partition already written up to offset w is read from w on (what lies below would be skipped
+anyway), and a rebuild that stops half-way, or runs twice, or overlaps the live trainer's writes,
+writes every event exactly once.
+
+Records that fail the event schema are skipped: the trainer dead-lettered them when it first
+consumed them, so they never were in the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from streamrec.core.config import Settings
+from streamrec.param_server.client import ParamClient
+from streamrec.stream.events import EventBatch, EventSchema, InvalidEvent
+from streamrec.stream.kafka import Record, TopicPartition, make_consumer
+from streamrec.stream.topics import end_offsets
+from streamrec.trainer.online.feature_store import FeatureStore, popularity_weights
+from streamrec.trainer.online.roles import EventRoles
+
+log = logging.getLogger("streamrec.features")
+
+
+def server_watermarks(client: ParamClient) -> dict[str, int]:
+    """Per partition, the offset up to which every parameter-server shard holding a watermark for
+    it has applied the topic: the minimum over those shards. A shard without one (it restarted
+    empty) makes the trainer replay that partition itself, deduplicated by the store's watermarks."""
+    merged: dict[str, int] = {}
+    for shard in client.watermarks():
+        for pkey, offset in shard.items():
+            merged[pkey] = min(merged.get(pkey, offset), offset)
+    return merged
+
+
+def _partition(pkey: str) -> TopicPartition:
+    """"topic/partition" -> (topic, partition); a bad key is a clear error, not a silent skip."""
+    topic, slash, number = pkey.rpartition("/")
+    if not slash or not topic or not number.isdigit():
+        raise ValueError(f"partition key {pkey!r}: expected 'topic/partition'")
+    return topic, int(number)
+
+
+def _read_ranges(bootstrap: str, until: Mapping[str, int], written: Mapping[str, int]) -> dict[TopicPartition, tuple[str, int, int]]:
+    """(topic, partition) -> (pkey, first offset to read, offset to stop before), for partitions
+    with something left to write. Starts at the store's watermark or the topic's earliest
+    offset, whichever is later; stops at `until` or the topic's end, whichever is earlier."""
+    by_topic: dict[str, dict[int, str]] = {}
+    for pkey in until:
+        topic, partition = _partition(pkey)
+        by_topic.setdefault(topic, {})[partition] = pkey
+    ranges: dict[TopicPartition, tuple[str, int, int]] = {}
+    for topic, pkeys in by_topic.items():
+        for partition, (begin, end) in end_offsets(bootstrap, topic, list(pkeys)).items():
+            pkey = pkeys[partition]
+            resume = written.get(pkey, 0)
+            if begin > resume:
+                log.warning("%s: offsets %d..%d are gone from the topic (retention): they cannot be rebuilt",
+                            pkey, resume, begin - 1)
+            if until[pkey] > end:
+                log.warning("%s: the parameter server is at offset %d but the topic ends at %d", pkey, until[pkey], end)
+            start, stop = max(begin, resume), min(until[pkey], end)
+            if start < stop:
+                ranges[(topic, partition)] = (pkey, start, stop)
+    return ranges
+
+
+def _batch(records: Sequence[Record], schema: EventSchema, pkeys: Mapping[TopicPartition, str]) -> EventBatch:
+    """The valid records as an event batch tagged with their partition keys and offsets."""
+    events, origin, offsets = [], [], []
+    for record in records:
+        try:
+            events.append(schema.decode(record.value))
+        except InvalidEvent:
+            continue  # dead-lettered by the trainer when first consumed
+        origin.append(pkeys[(record.topic, record.partition)])
+        offsets.append(record.offset)
+    return EventBatch.from_events(events).with_origin(np.array(origin, dtype=object), np.array(offsets, np.int64))
+
+
+def rebuild_features(
+    settings: Settings, store: FeatureStore, until: Mapping[str, int], roles: EventRoles | None = None,
+    batch_events: int = 5000, idle_timeout_s: float = 60.0,
+) -> int:
+    """Write the topic's events [earliest, until[pkey]) of every partition key into `store`, in
+    batches of `batch_events` records; returns the number of events written (0 when the store
+    already holds them all). `roles` weigh popularity as the trainer's ranking model does (the
+    default roles, as `streamrec train-online` uses). Raises TimeoutError when the broker sends
+    nothing for `idle_timeout_s` while records are still due."""
+    roles = roles or EventRoles()
+    schema = EventSchema.from_settings(settings)
+    ranges = _read_ranges(settings.kafka_bootstrap, until, store.watermarks())
+    if not ranges:
+        return 0
+    log.info("rebuilding the feature store from %s",
+             {pkey: [start, stop] for pkey, start, stop in ranges.values()})
+    pkeys = {tp: pkey for tp, (pkey, _, _) in ranges.items()}
+    stops = {tp: stop for tp, (_, _, stop) in ranges.items()}
+    written = 0
+    consumer = make_consumer(settings.kafka_bootstrap, settings.kafka_client)
+    try:
+        consumer.assign(list(ranges))
+        for tp, (_, start, _) in ranges.items():
+            consumer.seek(tp, start)
+        idle_since = time.monotonic()
+        while stops:
+            polled = consumer.poll(max_records=batch_events, timeout_s=0.5)
+            due = [r for r in polled if r.offset < stops.get((r.topic, r.partition), -1)]
+            if not due:
+                if time.monotonic() - idle_since > idle_timeout_s:
+                    raise TimeoutError(f"no records for {idle_timeout_s}s; still due: "
+                                       f"{ {pkeys[tp]: stop for tp, stop in stops.items()} }")
+                continue
+            idle_since = time.monotonic()
+            reached = {(r.topic, r.partition): r.offset + 1 for r in due}  # a partition's records ascend
+            for tp, next_offset in reached.items():
+                if next_offset >= stops[tp]:
+                    del stops[tp]
+            batch = _batch(due, schema, pkeys)
+            if len(batch):
+                written += store.write(batch, popularity_weights(batch, roles)).applied
+    finally:
+        consumer.close()
+    log.info("feature store rebuilt: %d events written", written)
+    return written

@@ -1,0 +1,177 @@
+"""Rebuilding the feature store from the topic (the real broker and Redis): the same features as
+the live writes, idempotent, resumable."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from streamrec.core.config import Settings
+from streamrec.param_server.client import ParamClient
+from streamrec.stream.events import EventBatch, EventSchema, InvalidEvent
+from streamrec.stream.kafka import make_producer
+from streamrec.stream.reader import read_records
+from streamrec.stream.topics import end_offsets
+from streamrec.trainer.online.feature_rebuild import rebuild_features
+from streamrec.trainer.online.feature_store import (
+    FeatureStore,
+    FeatureStoreConfig,
+    FeatureWrite,
+)
+from tests.conftest import settings_env
+from tests.trainer_online.conftest import (
+    STREAMREC,
+    planted_events,
+    produce_events,
+    unique_prefix,
+)
+from tests.trainer_online.test_feature_store_exactly_once import snapshot
+
+N = 1500
+
+
+@pytest.fixture
+def new_store(redis_url: str) -> Iterator[Callable[[], FeatureStore]]:
+    made: list[FeatureStore] = []
+
+    def make() -> FeatureStore:
+        made.append(FeatureStore.from_url(redis_url, FeatureStoreConfig(prefix=unique_prefix())))
+        return made[-1]
+
+    yield make
+    for store in made:
+        store.clear()
+
+
+@pytest.fixture
+def topic_events(online_settings: Settings) -> list[dict]:
+    """Records that break the schema (written by a faulty producer), then N valid events, on the
+    3-partition topic."""
+    with make_producer(online_settings.kafka_bootstrap, online_settings.kafka_client) as producer:
+        for n, junk in enumerate((b"not json", b'{"user_id": "u1"}', b"[]")):
+            producer.send(online_settings.topic, junk, key=f"u{n}".encode())
+        producer.flush()
+    events = planted_events(N, users=60, items_per_cluster=10)
+    produce_events(online_settings, events)
+    return events
+
+
+def end_of_topic(settings: Settings) -> dict[str, int]:
+    return {f"{settings.topic}/{p}": end
+            for p, (_, end) in end_offsets(settings.kafka_bootstrap, settings.topic, [0, 1, 2]).items()}
+
+
+def topic_batch(settings: Settings, start: Mapping[str, int] | None = None) -> EventBatch:
+    """The topic's valid records (from `start` per partition key on) in event-time order, each
+    event tagged with its partition key and offset: what the trainer consumes and writes."""
+    schema = EventSchema.from_settings(settings)
+    valid = []
+    for record in read_records(settings.kafka_bootstrap, settings.topic):
+        pkey = f"{record.topic}/{record.partition}"
+        if start is not None and record.offset < start[pkey]:
+            continue
+        try:
+            valid.append((schema.decode(record.value), pkey, record.offset))
+        except InvalidEvent:
+            continue
+    valid.sort(key=lambda v: v[0]["timestamp"])
+    events, origin, offsets = zip(*valid)
+    return EventBatch.from_events(events).with_origin(np.array(origin, object), np.array(offsets))
+
+
+def write_live(settings: Settings, store: FeatureStore, batch_events: int = 200) -> None:
+    """The trainer's writes: batches of consecutive events, mixing the partitions."""
+    batch = topic_batch(settings)
+    for start in range(0, len(batch), batch_events):
+        store.write(batch.take(slice(start, start + batch_events)))
+
+
+def test_a_rebuild_reproduces_the_live_features(online_settings: Settings, topic_events: list[dict],
+                                                new_store: Callable[[], FeatureStore]) -> None:
+    live, rebuilt = new_store(), new_store()
+    write_live(online_settings, live)
+    until = end_of_topic(online_settings)
+    assert sum(until.values()) == N + 3
+
+    assert rebuild_features(online_settings, rebuilt, until, batch_events=300) == N  # the junk is skipped
+    direct = Counter(e["item_id"] for e in topic_events)
+    assert rebuilt.item_event_counts() == live.item_event_counts() == dict(direct)
+    assert rebuilt.watermarks() == live.watermarks()
+    for user in {e["user_id"] for e in topic_events}:
+        mine = [e["item_id"] for e in topic_events if e["user_id"] == user]
+        assert rebuilt.seen_items(user) == live.seen_items(user) == set(mine)
+        assert rebuilt.recent_items(user) == live.recent_items(user) == mine[::-1][:100]
+    assert rebuilt.clock() == live.clock()
+
+    before = snapshot(rebuilt)
+    assert rebuild_features(online_settings, rebuilt, until) == 0  # a second rebuild changes nothing
+    assert rebuild_features(online_settings, live, until) == 0  # nor one over the live writes
+    assert snapshot(rebuilt) == before
+
+
+def test_a_rebuild_resumes_where_the_last_one_stopped(online_settings: Settings, topic_events: list[dict],
+                                                      new_store: Callable[[], FeatureStore]) -> None:
+    until = end_of_topic(online_settings)
+    halfway = {pkey: end // 2 for pkey, end in until.items()}
+    store = new_store()
+    first = rebuild_features(online_settings, store, halfway)
+    assert 0 < first < N and store.watermarks() == halfway
+    assert first + rebuild_features(online_settings, store, until) == N
+    assert store.item_event_counts() == dict(Counter(e["item_id"] for e in topic_events))
+
+
+def test_a_wiped_store_holds_the_live_batch_until_rebuilt(online_settings: Settings, topic_events: list[dict],
+                                                          new_store: Callable[[], FeatureStore]) -> None:
+    until = end_of_topic(online_settings)
+    halfway = {pkey: end // 2 for pkey, end in until.items()}
+    store = new_store()
+    rebuild_features(online_settings, store, halfway)
+    store.clear()  # Redis restarted empty
+    later = topic_batch(online_settings, start=halfway)  # the trainer's next batch
+    floors = dict.fromkeys(until, 0)  # the topic holds every partition from offset 0
+    assert store.write(later, floors=floors) == FeatureWrite(0, len(later), halfway)
+    assert rebuild_features(online_settings, store, halfway) == sum(halfway.values()) - 3  # what the trainer does
+    assert store.write(later, floors=floors) == FeatureWrite(len(later), 0, {})
+    assert store.item_event_counts() == dict(Counter(e["item_id"] for e in topic_events))
+    assert store.watermarks() == until
+
+
+def test_a_partition_key_that_is_not_topic_slash_partition_is_refused(online_settings: Settings,
+                                                                       new_store: Callable[[], FeatureStore]) -> None:
+    with pytest.raises(ValueError, match="expected 'topic/partition'"):
+        rebuild_features(online_settings, new_store(), {"no-partition": 10})
+
+
+def test_the_rebuild_command_stops_where_every_parameter_server_shard_stands(
+        online_settings: Settings, topic_events: list[dict], start_server, tmp_path: Path,
+        new_store: Callable[[], FeatureStore]) -> None:
+    def shard(index: int) -> list[str]:
+        return ["--shard", str(index), "--num-shards", "2", "--checkpoint-dir", str(tmp_path / f"ckpt{index}"),
+                "--checkpoint-every", "0"]
+
+    a, b = start_server(*shard(0)), start_server(*shard(1))
+    until = end_of_topic(online_settings)
+    halfway = {pkey: end // 2 for pkey, end in until.items()}
+    with ParamClient([a.address, b.address]) as client:
+        client.push({}, ranges={pkey: (0, halfway[pkey]) for pkey in until})
+        client.checkpoint()
+        client.push({}, ranges={pkey: (halfway[pkey], end) for pkey, end in until.items()})
+    b.kill()
+    b = start_server(*shard(1))  # back from its checkpoint: behind shard a
+    store = new_store()
+    env = {**os.environ, **settings_env(online_settings), "STREAMREC_PARAM_SERVERS": f"{a.address},{b.address}",
+           "STREAMREC_FEATURE_PREFIX": store.config.prefix}
+    done = subprocess.run([STREAMREC, "features", "rebuild", "--json"], env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert result["until"] == result["watermarks"] == store.watermarks() == halfway
+    assert result["events"] == sum(halfway.values()) - 3  # the three junk records lead the partitions
+    assert sum(store.item_event_counts().values()) == result["events"]
