@@ -121,4 +121,5 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "STREAMREC_SESSION_TIMEOUT_MS": str(settings.session_timeout_ms),
         "STREAMREC_HEARTBEAT_INTERVAL_MS": str(settings.heartbeat_interval_ms),
         "STREAMREC_CONSUMER_GROUP": settings.consumer_group,
+        "STREAMREC_FEATURE_PREFIX": settings.feature_prefix,
     }

@@ -12,7 +12,7 @@ import math
 import time
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -168,6 +168,9 @@ class EventBatch:
     and contexts are object arrays (event id and context None where the source has none), `value`
     and `timestamp` float64 (value NaN where the event has none). A historical log becomes the
     same columns with `from_log`, so offline evaluation feeds models exactly what Kafka does.
+    Events read from Kafka also say where they came from: `partition` ("topic/partition" keys,
+    object) and `offset` (int64), so the stores can apply each event exactly once; elsewhere
+    these are None and -1.
     """
 
     user_id: np.ndarray
@@ -177,6 +180,19 @@ class EventBatch:
     timestamp: np.ndarray
     event_id: np.ndarray
     context: np.ndarray
+    partition: np.ndarray | None = None
+    offset: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.user_id)
+        if self.partition is None:
+            object.__setattr__(self, "partition", np.full(n, None, object))
+        if self.offset is None:
+            object.__setattr__(self, "offset", np.full(n, -1, np.int64))
+
+    def with_origin(self, partition: np.ndarray, offset: np.ndarray) -> EventBatch:
+        """The same events, tagged with the partition key and offset each was read from."""
+        return replace(self, partition=np.asarray(partition, dtype=object), offset=np.asarray(offset, np.int64))
 
     def __len__(self) -> int:
         return len(self.user_id)
@@ -218,7 +234,8 @@ class EventBatch:
     def take(self, index: np.ndarray | slice) -> EventBatch:
         """Rows at `index` (a slice, mask or integer array)."""
         return EventBatch(self.user_id[index], self.item_id[index], self.event_type[index], self.value[index],
-                          self.timestamp[index], self.event_id[index], self.context[index])
+                          self.timestamp[index], self.event_id[index], self.context[index],
+                          self.partition[index], self.offset[index])
 
 
 def iter_events(

@@ -103,6 +103,19 @@ class Consumer(ABC):
         """End offset seen in the latest fetch response (None before any fetch)."""
 
     @abstractmethod
+    def beginning_offsets(self, partitions: Sequence[TopicPartition]) -> Offsets:
+        """The earliest offset the broker still holds per partition (retention may have removed
+        older records): where a consumer that must read everything can start."""
+
+    @abstractmethod
+    def pause(self, partitions: Sequence[TopicPartition]) -> None:
+        """Stop fetching these partitions while `poll` goes on (the member stays in its group)."""
+
+    @abstractmethod
+    def resume(self, partitions: Sequence[TopicPartition]) -> None:
+        """Fetch paused partitions again, from where they stopped."""
+
+    @abstractmethod
     def close(self) -> None: ...
 
     def __enter__(self) -> Consumer:

@@ -144,5 +144,18 @@ class ConfluentConsumer(Consumer):
         _, high = self._consumer.get_watermark_offsets(ck.TopicPartition(*partition), cached=True)
         return None if high < 0 else high
 
+    def beginning_offsets(self, partitions: Sequence[TopicPartition]) -> Offsets:
+        try:
+            return {tp: int(self._consumer.get_watermark_offsets(ck.TopicPartition(*tp), timeout=10)[0])
+                    for tp in partitions}
+        except ck.KafkaException as exc:
+            raise KafkaError(f"listing the earliest offsets failed: {exc}") from exc
+
+    def pause(self, partitions: Sequence[TopicPartition]) -> None:
+        self._consumer.pause([ck.TopicPartition(*tp) for tp in partitions])
+
+    def resume(self, partitions: Sequence[TopicPartition]) -> None:
+        self._consumer.resume([ck.TopicPartition(*tp) for tp in partitions])
+
     def close(self) -> None:
         self._consumer.close()

@@ -131,5 +131,15 @@ class KafkaPythonConsumer(Consumer):
         """End offset as seen in the last fetch response (right even where ListOffsets is not)."""
         return self._consumer.highwater(KTP(*partition))
 
+    def beginning_offsets(self, partitions: Sequence[TopicPartition]) -> Offsets:
+        found = self._consumer.beginning_offsets([KTP(*tp) for tp in partitions])
+        return {(tp.topic, tp.partition): int(offset) for tp, offset in found.items()}
+
+    def pause(self, partitions: Sequence[TopicPartition]) -> None:
+        self._consumer.pause(*[KTP(*tp) for tp in partitions])
+
+    def resume(self, partitions: Sequence[TopicPartition]) -> None:
+        self._consumer.resume(*[KTP(*tp) for tp in partitions])
+
     def close(self) -> None:
         self._consumer.close(autocommit=False)

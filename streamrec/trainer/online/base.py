@@ -18,7 +18,7 @@ in `learn_together`. `learn_many` is that for a single model.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -79,12 +79,17 @@ class OnlineRecommender(ABC):
         self.params = parse_params(self.Params, params, self.name)
         self.store: TableStore = LocalStore() if store is None else store
         self.roles = roles or EventRoles()
-        for spec in self.table_specs().values():
-            self.store.create_table(spec.name, spec.dim, scalars=spec.scalars, optimizer="sgd", lr=1.0,
-                                    init_std=spec.init_std, seed=spec.seed, min_count=spec.min_count)
+        self.create_tables()
         self.items = TableMirror(self.store, self.table_specs()["items"].name)  # every item's row, for rankings
         self.hidden = np.zeros(0, bool)  # item rows added for this batch whose first event is not reached yet
         self._mid_batch = False
+
+    def create_tables(self) -> None:
+        """Create the model's tables (idempotent): at construction, and again after a shard of
+        the store restarted empty."""
+        for spec in self.table_specs().values():
+            self.store.create_table(spec.name, spec.dim, scalars=spec.scalars, optimizer="sgd", lr=1.0,
+                                    init_std=spec.init_std, seed=spec.seed, min_count=spec.min_count)
 
     @property
     def table_prefix(self) -> str:
@@ -181,10 +186,16 @@ def restore_states(models: Sequence[OnlineRecommender], meta: dict[str, Any] | N
 
 
 def learn_together(models: Sequence[OnlineRecommender], batch: EventBatch, offsets: dict[str, int] | None = None,
-                   before_step: StepHook | None = None) -> dict[str, StepStats]:
+                   before_step: StepHook | None = None,
+                   ranges: Mapping[str, tuple[int, int]] | None = None) -> dict[str, StepStats]:
     """Several models on one store learn `batch`: one pull of every model's rows, each learns
     (the first, the ranker, calls `before_step`), then ONE push: the deltas, the offsets and the
-    applied-event count land together, so a checkpoint never holds one without the others."""
+    applied-event count land together, so a checkpoint never holds one without the others.
+
+    `ranges` (partition key -> [first, next) offsets the batch covers) makes the push exactly-once
+    on every shard: a shard applies it only if it continues exactly where the shard stands, skips
+    it if it already has it, and refuses anything else (see docs/operations.md). The push then also
+    carries the batch's events per item, the independent count the chaos suite checks."""
     store = models[0].store
     if any(model.store is not store for model in models):
         raise ValueError("models learning together must share one store")
@@ -195,6 +206,11 @@ def learn_together(models: Sequence[OnlineRecommender], batch: EventBatch, offse
     for model in models:
         model_updates, stats[model.name] = model.learn_pulled(batch, rows, before_step if model is models[0] else None)
         updates.update(model_updates)
-    store.push(updates, meta=meta_record(models, offsets), events=len(batch),
-               event_time=float(batch.timestamp.max()) if len(batch) else None)
+    event_time = float(batch.timestamp.max()) if len(batch) else None
+    if ranges is None:
+        store.push(updates, meta=meta_record(models, offsets), events=len(batch), event_time=event_time)
+    else:
+        items, counts = np.unique(batch.item_id.astype(str), return_counts=True)
+        store.push(updates, meta=meta_record(models, offsets), events=len(batch), event_time=event_time,
+                   ranges=ranges, item_counts=(items.tolist(), counts.astype(np.int64)))
     return stats

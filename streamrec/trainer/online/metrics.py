@@ -19,7 +19,21 @@ FEATURE_SECONDS = Histogram(
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
 FEATURE_ERRORS = Counter(
-    "streamrec_trainer_feature_store_errors_total", "Batches whose feature-store write failed after retries"
+    "streamrec_trainer_feature_store_errors_total",
+    "Feature-store write attempts that failed (retried until they succeed; nothing is dropped)",
+)
+FEATURE_BACKPRESSURE = Gauge(
+    "streamrec_trainer_feature_store_backpressure", "1 while consumption is paused because Redis is unreachable"
+)
+FEATURE_REBUILDS = Counter(
+    "streamrec_trainer_feature_store_rebuilds_total", "Rebuilds of a wiped feature store from the topic"
+)
+REWINDS = Counter(
+    "streamrec_trainer_rewinds_total", "Seeks of a partition to where the parameter server needs it", ["reason"]
+)
+EVENTS_LOST_TO_RETENTION = Counter(
+    "streamrec_trainer_events_lost_to_retention_total",
+    "Events the model state needed that the topic no longer holds (retention removed them)", ["partition"],
 )
 CONSUMER_LAG = Gauge("streamrec_trainer_consumer_lag_events", "End offset minus next offset to read", ["partition"])
 LOSS = Gauge("streamrec_trainer_loss", "Mean training loss of the last batch", ["model"])

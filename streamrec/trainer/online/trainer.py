@@ -2,12 +2,21 @@
 
 Per consumed batch (bounded by size and time): validate (bad records to the dead-letter topic),
 then one pull of the rows the batch needs, learning in small steps locally (prequential scoring
-of sampled events before each step), and ONE push carrying the deltas + the Kafka offsets + the
-event count; the
-feature-store write of the batch runs on a background thread meanwhile; offsets are committed only
-after both are done. So after a crash of either process nothing is lost: a restarted trainer
-resumes from the group's committed offsets, or from the parameter server's recorded offsets when
-those are behind (the server restored an older checkpoint), applying every event at least once.
+of sampled events before each step), and ONE push carrying the deltas, the Kafka offset range
+of each partition it covers and the event count; the feature-store write of the batch runs on a
+background thread meanwhile; offsets are committed only after both are done.
+
+Exactly once, whatever crashes (docs/operations.md):
+- The parameter server's state decides where the trainer resumes. On assignment the trainer
+  claims its partitions on every shard (fencing an older owner) and gets each shard's next offset;
+  it seeks to the smallest, so every shard sees every event it lacks.
+- Every shard applies a push only if its range continues exactly where the shard stands, skips one
+  it already has, and refuses anything else. Batches are cut at the shards' offsets, so a replayed
+  batch is either new or old for each shard as a whole: healthy shards never apply it twice.
+- A shard that restarted (its incarnation changed) makes the trainer re-claim and rewind.
+- The feature store keeps its own offsets per partition in the same Lua call as the features; a
+  Redis outage stops consumption (partitions paused, the member stays in its group) instead of
+  dropping features; a wiped store is rebuilt from the topic.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +36,12 @@ import orjson
 from redis.exceptions import RedisError
 
 from streamrec.core.config import Settings
+from streamrec.param_server.client import Fenced, OffsetsRefused, ParamServerError
 from streamrec.stream.deadletter import DeadLetterSink
 from streamrec.stream.events import EventBatch, EventSchema, InvalidEvent
 from streamrec.stream.kafka import (
     Consumer,
+    KafkaError,
     Record,
     TopicPartition,
     make_consumer,
@@ -39,10 +51,10 @@ from streamrec.stream.metrics import EVENTS_ACCEPTED
 from streamrec.trainer.online.base import (
     OnlineRecommender,
     learn_together,
-    meta_record,
     restore_states,
 )
-from streamrec.trainer.online.feature_store import FeatureStore
+from streamrec.trainer.online.feature_rebuild import rebuild_features
+from streamrec.trainer.online.feature_store import FeatureStore, popularity_weights
 from streamrec.trainer.online.live_eval import LivePrequential
 from streamrec.trainer.online.metrics import (
     BATCH_SECONDS,
@@ -50,10 +62,14 @@ from streamrec.trainer.online.metrics import (
     EVENT_TIME,
     EVENTS_APPLIED,
     EVENTS_CONSUMED,
+    EVENTS_LOST_TO_RETENTION,
+    FEATURE_BACKPRESSURE,
     FEATURE_ERRORS,
+    FEATURE_REBUILDS,
     FEATURE_SECONDS,
     LOSS,
     PUSH_SECONDS,
+    REWINDS,
 )
 
 log = logging.getLogger("streamrec.trainer")
@@ -72,6 +88,10 @@ def recorded_offsets(meta_records: list[dict[str, Any]]) -> dict[str, int]:
         for key, offset in ((record.get("meta") or {}).get("offsets") or {}).items():
             merged[key] = min(merged.get(key, offset), offset)
     return merged
+
+
+class FeatureStoreUnavailable(RuntimeError):
+    """The trainer was stopped while Redis was unreachable; the batch in hand stays uncommitted."""
 
 
 @dataclass
@@ -116,7 +136,11 @@ class OnlineTrainer:
         self.dead_letters = DeadLetterSink(self._producer, settings.dlq_topic, "trainer")
         self._open = True
         self._newly_assigned: list[TopicPartition] = []
-        self._positions: dict[TopicPartition, int] = {}
+        self._positions: dict[TopicPartition, int] = {}  # next offset to process, per owned partition
+        self._shard_next: list[dict[str, int]] = []  # each shard's next offset per partition key
+        self._floors: dict[str, int] = {}  # earliest offset the topic still holds, per partition key
+        self._fenced: set[TopicPartition] = set()  # owned by another trainer now (until reassigned)
+        self._evaluated_to: dict[TopicPartition, int] = {}  # this process has seen offsets below: a replay
         self._feature_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="features")
         self.consumer = consumer or make_consumer(
             settings.kafka_bootstrap, settings.kafka_client, group_id=settings.consumer_group,
@@ -144,24 +168,57 @@ class OnlineTrainer:
             except KeyError:
                 pass  # never reported a lag for it
 
-    def _apply_rewinds(self, records: list[Record]) -> list[Record]:
-        """For newly assigned partitions, resume from the parameter server's recorded offset when
-        it is behind the group's committed one (or there is no commit): seek there and drop the
-        records this poll fetched from the committed offset."""
+    def _resync(self, partitions: Sequence[TopicPartition], reason: str, claim: bool = True) -> None:
+        """Seek `partitions` to where the parameter server needs them: per partition the smallest
+        next offset over the shards, a shard without one needing the topic from its earliest offset
+        (it is new or restarted empty). `claim` first takes the partitions on every shard (fences
+        any older owner, and restores a claim a restarted shard lost)."""
+        if not partitions:
+            return
+        keys = [offset_key(*tp) for tp in partitions]
+        self._shard_next = self.store.claim(keys) if claim else self.store.watermarks()
+        floors = self.consumer.beginning_offsets(partitions)
+        for tp, key in zip(partitions, keys):
+            floor = floors.get(tp, 0)
+            self._floors[key] = floor
+            target = min(shard.get(key, floor) for shard in self._shard_next)
+            if target < floor:
+                log.error("partition %s: retention removed %d events the model state still needs (offsets %d..%d); "
+                          "they cannot be learned", key, floor - target, target, floor - 1)
+                EVENTS_LOST_TO_RETENTION.labels(key).inc(floor - target)
+                target = floor
+            if self._positions.get(tp) != target:
+                log.warning("partition %s: %s: resuming at offset %d (was %s)", key, reason, target,
+                            self._positions.get(tp))
+                REWINDS.labels(reason).inc()
+            self.consumer.seek(tp, target)
+            self._positions[tp] = target
+            self._fenced.discard(tp)
+
+    def _take_assignments(self, records: list[Record]) -> list[Record]:
+        """Newly assigned partitions are claimed and positioned by the server's offsets; records a
+        poll fetched for them before the seek are dropped (they come again from the right place)."""
         if not self._newly_assigned:
             return records
         partitions, self._newly_assigned = sorted(set(self._newly_assigned)), []
-        recorded = recorded_offsets(self.store.get_meta())
-        committed = self.consumer.committed(partitions)
-        rewound = set()
-        for tp in partitions:
-            mine = recorded.get(offset_key(*tp))
-            if mine is not None and (tp not in committed or mine < committed[tp]):
-                log.warning("partition %s: resuming at the parameter server's offset %d (committed: %s)",
-                            tp, mine, committed.get(tp))
-                self.consumer.seek(tp, mine)
-                rewound.add(tp)
-        return [r for r in records if (r.topic, r.partition) not in rewound]
+        self._resync(partitions, "assigned")
+        moved = set(partitions)
+        return [r for r in records if (r.topic, r.partition) not in moved]
+
+    def _after_restarts(self) -> bool:
+        """A shard that restarted may have lost state: re-claim and rewind every owned partition."""
+        restarts = self.store.take_restarts()
+        if not restarts:
+            return False
+        for restart in restarts:
+            log.warning("parameter-server shard %d restarted (%s -> %s)%s: rewinding to its offsets",
+                        restart.shard, restart.old, restart.new, " EMPTY" if restart.empty else "")
+        for model in self.models:
+            model.create_tables()
+        restore_states(self.models, self._meta())
+        self._resync(self.consumer.assignment(), "shard_restarted_empty" if any(r.empty for r in restarts)
+                     else "shard_restarted")
+        return True
 
     # ---- the loop -----------------------------------------------------------------------------
     def run(self) -> TrainerStats:
@@ -173,7 +230,11 @@ class OnlineTrainer:
                 records = self._collect()
                 if records:
                     idle_since = time.monotonic()
-                    self.process(records)
+                    try:
+                        self.process(records)
+                    except FeatureStoreUnavailable as exc:
+                        log.warning("%s", exc)
+                        break
                     if cfg.max_events is not None and self.stats.consumed >= cfg.max_events:
                         break
                 elif cfg.idle_exit_seconds is not None and time.monotonic() - idle_since > cfg.idle_exit_seconds:
@@ -201,7 +262,7 @@ class OnlineTrainer:
         deadline = None
         while len(records) < cfg.batch_events and not self.stop_requested.is_set():
             timeout = cfg.batch_seconds if deadline is None else max(0.0, deadline - time.monotonic())
-            polled = self._apply_rewinds(self.consumer.poll(max_records=cfg.batch_events - len(records), timeout_s=timeout))
+            polled = self._take_assignments(self.consumer.poll(max_records=cfg.batch_events - len(records), timeout_s=timeout))
             if polled:
                 records.extend(polled)
                 deadline = deadline or time.monotonic() + cfg.batch_seconds
@@ -223,81 +284,251 @@ class OnlineTrainer:
         return events
 
     def process(self, records: list[Record]) -> None:
-        """Learn one batch, write its features, then commit its offsets."""
+        """Learn the records in groups that are uniformly new or old for each shard, write their
+        features, then commit. A refusal or a shard restart rewinds instead: the records not yet
+        committed come again from the offsets the server asks for."""
         started = time.perf_counter()
-        events = self._decode(records)
-        offsets = {(r.topic, r.partition): r.offset + 1 for r in records}  # the last record's wins
-        recorded = {offset_key(*tp): o for tp, o in {**self._positions, **offsets}.items()}
+        if self._after_restarts():
+            return
+        records = [r for r in records if (r.topic, r.partition) not in self._fenced]
+        applied = 0
+        for group in self._uniform_groups(records):
+            done = self._process_group(group)
+            if done is None:
+                break
+            applied += done
+        self._account(records, applied, time.perf_counter() - started)
+
+    def _uniform_groups(self, records: list[Record]) -> list[list[Record]]:
+        """Split records (stream order kept within a partition) so that each group is, for every
+        shard, entirely at or beyond that shard's next offset or entirely before it: the cut points
+        are the shards' offsets. Groups needed by fewer shards (catching up) go first. One more cut
+        point per partition: where this process's replay (after a rewind) reaches new records, so
+        live metrics score each event once."""
+        if not records:
+            return []
+        topic = records[0].topic  # one topic: the interaction topic
+        partitions = np.fromiter((r.partition for r in records), np.int64, len(records))
+        offsets = np.fromiter((r.offset for r in records), np.int64, len(records))
+        keys = [offset_key(topic, p) for p in range(int(partitions.max()) + 1)]
+        signature = np.zeros(len(records), np.int64)
+        for shard, nexts in enumerate(self._shard_next):
+            needed = np.array([nexts.get(k, self._floors.get(k, 0)) for k in keys], np.int64)
+            signature |= (offsets >= needed[partitions]).astype(np.int64) << shard
+        seen_to = np.array([self._evaluated_to.get((topic, p), 0) for p in range(len(keys))], np.int64)
+        signature |= (offsets >= seen_to[partitions]).astype(np.int64) << len(self._shard_next)
+        order = sorted(np.unique(signature).tolist(), key=lambda sig: (bin(sig).count("1"), sig))
+        return [[records[i] for i in np.flatnonzero(signature == sig)] for sig in order]
+
+    def _process_group(self, records: list[Record]) -> int | None:
+        """One uniform group: learn + push (unless every shard has it), features, commit.
+        Returns the events applied, or None when the group was refused and the trainer rewound."""
+        first = records[0]
+        fresh = first.offset >= self._evaluated_to.get((first.topic, first.partition), 0)  # not a replay
+        needed_by_all = fresh and all(self._needs(shard, records) for shard in range(len(self._shard_next)))
+        needed_by_any = not self._shard_next or any(self._needs(s, records) for s in range(len(self._shard_next)))
+        valid, events = self._decode(records, dead_letter=fresh)
+        topic = records[0].topic  # one topic: the interaction topic
+        partitions = np.fromiter((r.partition for r in records), np.int64, len(records))
+        offsets = np.fromiter((r.offset for r in records), np.int64, len(records))
+        ranges: dict[str, tuple[int, int]] = {}
+        commits: dict[TopicPartition, int] = {}
+        for partition in np.unique(partitions).tolist():
+            mine = offsets[partitions == partition]
+            tp = (topic, partition)
+            first = int(mine.min())
+            ranges[offset_key(*tp)] = (min(self._positions.get(tp, first), first), int(mine.max()) + 1)
+            commits[tp] = int(mine.max()) + 1
+        keys = np.array([offset_key(topic, p) for p in range(int(partitions.max()) + 1)], dtype=object)
+        batch = EventBatch.from_events(events).with_origin(keys[partitions[valid]], offsets[valid])
+        batch = batch.take(np.argsort(batch.timestamp, kind="stable"))  # event-time order (stable per partition)
         pending: Future | None = None
-        batch = EventBatch.from_events(events)
-        # Learn in event-time order (stable: one user's events keep their partition order).
-        batch = batch.take(np.argsort(batch.timestamp, kind="stable"))
-        if len(batch):
-            if self.features:
-                weights = self.models[0].roles.positive_weight(batch.event_type, batch.value)
-                pending = self._feature_pool.submit(self._write_features, batch, np.where(weights > 0, weights, 1.0))
-            self._learn(batch, recorded)
-        else:  # nothing valid: still record the offsets with the state
-            self.store.push({}, meta=meta_record(self.models, recorded))
+        weights = np.ones(0)
+        if len(batch) and self.features:
+            weights = popularity_weights(batch, self.models[0].roles)
+            pending = self._feature_pool.submit(self._write_features_once, batch, weights)
+        if needed_by_any:
+            recorded = {offset_key(*tp): o for tp, o in {**self._positions, **commits}.items()}
+            try:
+                self._learn(batch, recorded, ranges, evaluate=needed_by_all)
+            except OffsetsRefused as exc:
+                self._wait_quietly(pending)
+                if not self._after_restarts():
+                    log.warning("shard %d refused offsets %s (its next: %s): rewinding", exc.shard, ranges,
+                                exc.next_offsets)
+                    self._resync(sorted(commits), "offsets_refused", claim=False)
+                return None
+            except Fenced as exc:
+                self._wait_quietly(pending)
+                if not self._after_restarts():
+                    log.warning("fenced by shard %d: another trainer owns %s now; dropping the batch", exc.shard,
+                                sorted(ranges))
+                    REWINDS.labels("fenced").inc()
+                    self._fenced.update(commits)
+                return None
+            except (ParamServerError, ConnectionError) as exc:  # a shard down or restarting
+                self._wait_quietly(pending)
+                log.warning("parameter server unavailable (%s): waiting for it, then resuming from its offsets", exc)
+                self._wait_for_param_server()
+                if not self._after_restarts():
+                    self._resync(self.consumer.assignment(), "param_server_error")
+                return None
+            for shard in self._shard_next:  # every shard now stands at or past each range's end
+                for key, (_, end) in ranges.items():
+                    shard[key] = max(shard.get(key, end), end)
         if self.dead_letters.count:
             self._producer.flush()
         if pending is not None:
-            pending.result()
-        self.consumer.commit(offsets)
-        self._positions.update(offsets)
-        self._account(records, batch, time.perf_counter() - started)
+            self._finish_features(pending, batch, weights)
+        try:
+            self.consumer.commit(commits)
+        except KafkaError as exc:  # partitions revoked meanwhile: the new owner resumes from the server's offsets
+            log.warning("commit of %s failed (%s); the stores already hold the batch exactly once", commits, exc)
+        owned = set(self.consumer.assignment())
+        self._positions.update({tp: o for tp, o in commits.items() if tp in owned})
+        for tp, offset in commits.items():
+            self._evaluated_to[tp] = max(self._evaluated_to.get(tp, 0), offset)
+        return len(batch) if needed_by_any else 0
 
-    def _learn(self, batch: EventBatch, offsets: dict[str, int]) -> None:
+    def _wait_for_param_server(self) -> None:
+        """Poll with paused partitions (the member stays in its group) until every shard answers."""
+        owned = self.consumer.assignment()
+        self.consumer.pause(owned)
+        try:
+            while not self.stop_requested.is_set():
+                try:
+                    self.store.watermarks()
+                    return
+                except (ParamServerError, ConnectionError):
+                    self.consumer.poll(max_records=1, timeout_s=0.5)
+        finally:
+            self.consumer.resume(owned)
+
+    def _needs(self, shard: int, records: list[Record]) -> bool:
+        """Whether `shard` lacks these records (groups are uniform, so the first one decides)."""
+        r = records[0]
+        key = offset_key(r.topic, r.partition)
+        return r.offset >= self._shard_next[shard].get(key, self._floors.get(key, 0))
+
+    def _decode(self, records: list[Record], dead_letter: bool) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """Positions of the valid records and their events; invalid records go to the dead-letter
+        topic the first time they are consumed (`dead_letter`), not again on a replay."""
+        valid = np.ones(len(records), bool)
+        events = []
+        for n, record in enumerate(records):
+            try:
+                events.append(self.schema.decode(record.value))
+            except InvalidEvent as exc:
+                valid[n] = False
+                if dead_letter:
+                    self.dead_letters.send(record.value, exc.reason,
+                                           {"topic": record.topic, "partition": record.partition,
+                                            "offset": record.offset}, exc.detail, key=record.key)
+        return valid, events
+
+    def _learn(self, batch: EventBatch, offsets: dict[str, int], ranges: Mapping[str, tuple[int, int]],
+               evaluate: bool) -> None:
         t0 = time.perf_counter()
-        stats = learn_together(self.models, batch, offsets,
-                               before_step=lambda step: self.evaluator.before_step(batch, step))
+        stats = learn_together(self.models, batch, offsets, ranges=ranges,
+                               before_step=(lambda step: self.evaluator.before_step(batch, step)) if evaluate else None)
         PUSH_SECONDS.observe(time.perf_counter() - t0)
-        self.evaluator.end_batch(batch)
+        if evaluate:
+            self.evaluator.end_batch(batch)
+        if len(batch):
+            EVENT_TIME.set(batch.timestamp[-1])  # sorted by event time
         for name, s in stats.items():
             if np.isfinite(s.loss):
                 self.stats.losses[name] = s.loss
                 LOSS.labels(name).set(s.loss)
-            if s.squared_error:
+            if s.squared_error and evaluate:
                 self.evaluator.record_ratings(s.squared_error, s.examples)
         self.evaluator.publish()
 
-    def _write_features(self, batch: EventBatch, weights: np.ndarray, attempts: int = 5) -> None:
-        """Write with retries (backoff 0.2 s .. 3.2 s); after that the batch's features are skipped
-        and counted, so a Redis outage slows learning down but never stops it."""
+    # ---- feature store ------------------------------------------------------------------------
+    def _write_features_once(self, batch: EventBatch, weights: np.ndarray) -> dict[str, int]:
+        """One attempt (on the feature thread, overlapping the learning); returns the partitions
+        the store has no offsets for although the topic holds earlier events (a wiped store)."""
         t0 = time.perf_counter()
-        for attempt in range(attempts):
-            try:
-                self.features.write(batch, weights)
-                FEATURE_SECONDS.observe(time.perf_counter() - t0)
-                return
-            except RedisError as exc:
-                log.warning("feature store write failed (attempt %d/%d): %s", attempt + 1, attempts, exc)
-                if attempt + 1 < attempts and not self.stop_requested.wait(0.2 * 2**attempt):
-                    continue
-                break
-        FEATURE_ERRORS.inc()
+        result = self.features.write(batch, weights, floors=self._floors)
+        FEATURE_SECONDS.observe(time.perf_counter() - t0)
+        return result.unmarked
 
-    def _account(self, records: list[Record], batch: EventBatch, seconds: float) -> None:
+    def _wait_quietly(self, pending: Future | None) -> None:
+        """Let an abandoned batch's feature write finish (the store's offsets make it harmless)."""
+        if pending is not None:
+            try:
+                pending.result()
+            except RedisError as exc:
+                log.warning("feature store write of a refused batch failed: %s", exc)
+
+    def _finish_features(self, pending: Future, batch: EventBatch, weights: np.ndarray) -> None:
+        """Wait for the batch's features. A wiped store is rebuilt from the topic first; while Redis
+        is unreachable nothing is consumed or committed (backpressure): the partitions are paused
+        and the consumer keeps polling, so this member stays in its group, until a write succeeds."""
+        try:
+            unmarked = pending.result()
+        except RedisError as exc:
+            unmarked = self._write_through_outage(batch, weights, exc)
+        while unmarked:
+            log.warning("feature store has no offsets for %s although the topic holds earlier events: "
+                        "rebuilding it from the topic", sorted(unmarked))
+            FEATURE_REBUILDS.inc()
+            written = rebuild_features(self.settings, self.features, unmarked)
+            log.warning("feature store rebuilt: %d events rewritten", written)
+            unmarked = self._write_through_outage(batch, weights, None)
+
+    def _write_through_outage(self, batch: EventBatch, weights: np.ndarray, error: RedisError | None) -> dict[str, int]:
+        owned = self.consumer.assignment()
+        paused = False
+        attempt = 0
+        while True:
+            if error is None:
+                try:
+                    unmarked = self._write_features_once(batch, weights)
+                    break
+                except RedisError as exc:
+                    error = exc
+            FEATURE_ERRORS.inc()
+            if not paused:
+                log.warning("feature store unreachable (%s): consumption paused until it is back", error)
+                self.consumer.pause(owned)
+                FEATURE_BACKPRESSURE.set(1)
+                paused = True
+            error = None
+            attempt += 1
+            deadline = time.monotonic() + min(5.0, 0.2 * 2 ** min(attempt, 5))
+            while time.monotonic() < deadline:
+                self.consumer.poll(max_records=1, timeout_s=max(0.05, deadline - time.monotonic()))
+            if self.stop_requested.is_set():
+                raise FeatureStoreUnavailable("stopped during a feature-store outage; the batch is not committed")
+        if paused:
+            self.consumer.resume(owned)
+            FEATURE_BACKPRESSURE.set(0)
+            log.warning("feature store is back after %d failed attempts: consuming again", attempt)
+        return unmarked
+
+    def _account(self, records: list[Record], applied: int, seconds: float) -> None:
         s = self.stats
         s.consumed += len(records)
-        s.applied += len(batch)
+        s.applied += applied
         s.dead_lettered = self.dead_letters.count
         s.batches += 1
         s.batch_seconds.append(seconds)
         s.last_batch_at = time.monotonic()
         EVENTS_CONSUMED.inc(len(records))
-        EVENTS_APPLIED.inc(len(batch))
-        EVENTS_ACCEPTED.labels("trainer").inc(len(batch))
+        EVENTS_APPLIED.inc(applied)
+        EVENTS_ACCEPTED.labels("trainer").inc(applied)
         BATCH_SECONDS.observe(seconds)
-        if len(batch):
-            EVENT_TIME.set(batch.timestamp[-1])  # sorted by event time
         for (_, partition), lag in self._partition_lags().items():
             CONSUMER_LAG.labels(str(partition)).set(lag)
 
     def _partition_lags(self) -> dict[TopicPartition, int]:
         """End offset (latest fetch high-water mark) minus next offset, per partition owned."""
         lags = {}
+        owned = set(self.consumer.assignment())
         for tp, position in self._positions.items():
+            if tp not in owned:
+                continue
             high = self.consumer.high_watermark(tp)
             if high is not None:
                 lags[tp] = max(0, high - position)

@@ -1,0 +1,120 @@
+"""Exactly-once model state across crashes of any process, against real processes.
+
+Every check counts independently of the deduplication's own bookkeeping: each shard counts the
+events it applied per item, the feature store counts events per item, and both are compared with
+a direct count of what was produced (a shortfall is a lost event, an excess a duplicate).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from pathlib import Path
+
+from streamrec.app import infra
+from streamrec.param_server.client import ParamClient
+from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
+from tests.trainer_online.conftest import (
+    TrainerProcess,
+    applied,
+    planted_events,
+    produce_events,
+    unique_prefix,
+    wait_until,
+)
+
+
+def per_item(events: list[dict]) -> Counter:
+    return Counter(e["item_id"] for e in events)
+
+
+def shard_counts_match(address: str, events: list[dict]) -> None:
+    expected = per_item(events)
+    with ParamClient([address]) as client:
+        for counts in client.item_event_counts():
+            lost = sum(max(0, n - counts.get(item, 0)) for item, n in expected.items())
+            duplicated = sum(max(0, n - expected.get(item, 0)) for item, n in counts.items())
+            assert (lost, duplicated) == (0, 0)
+        assert client.applied_events() == len(events)
+
+
+def restart_on_same_port(start_server, address: str, *args: str):
+    return start_server(*args, "--port", address.rsplit(":", 1)[1])
+
+
+def test_restart_from_an_old_checkpoint_loses_nothing(online_settings, start_server, tmp_path):
+    """The issue's three steps: 3,000 events applied, the server SIGKILLed and restarted from a
+    checkpoint taken before they arrived, 2,000 more events: all 5,000 applied exactly once."""
+    ckpt = tmp_path / "ckpt"
+    args = ("--checkpoint-dir", str(ckpt), "--checkpoint-every", "3600")  # only the start-up checkpoint
+    server = start_server(*args)
+    events = planted_events(5000)
+    trainer = TrainerProcess(online_settings, server.address, tmp_path / "r.json", "--no-feature-store")
+    produce_events(online_settings, events[:3000])
+    wait_until(lambda: applied(server.address) == 3000, timeout=120)
+    server.kill()
+    server = restart_on_same_port(start_server, server.address, *args)
+    produce_events(online_settings, events[3000:])
+    wait_until(lambda: applied(server.address) >= 5000, timeout=120)
+    trainer.kill()
+    shard_counts_match(server.address, events)
+
+
+def test_restart_without_any_checkpoint_relearns_the_whole_topic(online_settings, start_server, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    args = ("--checkpoint-dir", str(ckpt), "--checkpoint-every", "1")
+    server = start_server(*args)
+    events = planted_events(5000)
+    trainer = TrainerProcess(online_settings, server.address, tmp_path / "r.json", "--no-feature-store")
+    produce_events(online_settings, events[:3000])
+    wait_until(lambda: applied(server.address) == 3000, timeout=120)
+    server.kill()
+    shutil.rmtree(ckpt)
+    server = restart_on_same_port(start_server, server.address, *args)
+    produce_events(online_settings, events[3000:])
+    wait_until(lambda: applied(server.address) >= 5000, timeout=120)
+    trainer.kill()
+    shard_counts_match(server.address, events)
+
+
+def test_trainer_sigkills_apply_each_event_once(online_settings, start_server, tmp_path):
+    server = start_server("--no-checkpoints")
+    events = planted_events(12000)
+    produce_events(online_settings, events)
+    for n, stop_at in enumerate((2000, 6000)):
+        trainer = TrainerProcess(online_settings, server.address, tmp_path / f"r{n}.json", "--no-feature-store")
+        wait_until(lambda: applied(server.address) >= stop_at, timeout=120, interval=0.02)
+        trainer.kill()  # anywhere: between a push and its commit too
+    last = TrainerProcess(online_settings, server.address, tmp_path / "last.json", "--no-feature-store",
+                          "--idle-exit", "8")
+    last.wait(timeout=240)
+    shard_counts_match(server.address, events)
+
+
+def test_redis_outage_and_wipe_lose_and_double_nothing(online_settings, start_server, tmp_path):
+    """Redis (no persistence) stops during the stream and comes back empty: the trainer pauses
+    instead of dropping features, then rebuilds the store from the topic by itself."""
+    redis_home = tmp_path / "redis"
+    redis_home.mkdir()
+    redis = infra.start_redis(redis_home)
+    url = f"redis://127.0.0.1:{redis.port}/0"
+    settings = online_settings.model_copy(update={"redis_url": url, "feature_prefix": unique_prefix()})
+    server = start_server("--no-checkpoints")
+    events = planted_events(6000)
+    trainer = TrainerProcess(settings, server.address, tmp_path / "r.json", "--idle-exit", "15")
+    produce_events(settings, events[:3000])
+    wait_until(lambda: applied(server.address) == 3000, timeout=120)
+    infra.stop(redis.to_json())
+    produce_events(settings, events[3000:])
+    wait_until(lambda: applied(server.address) > 3000, timeout=60)  # learned, pushed, now held up by Redis
+    redis = infra.start_redis(redis_home, port=redis.port)  # back, and empty
+    try:
+        trainer.wait(timeout=240)
+        store = FeatureStore.from_url(url, FeatureStoreConfig(prefix=settings.feature_prefix))
+        assert store.item_event_counts() == dict(per_item(events))
+        seen = Counter((e["user_id"], e["item_id"]) for e in events)
+        some_user = events[0]["user_id"]
+        assert store.seen_items(some_user) == {item for user, item in seen if user == some_user}
+        shard_counts_match(server.address, events)
+    finally:
+        infra.stop(redis.to_json())
