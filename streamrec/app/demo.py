@@ -10,12 +10,7 @@ compares like with like.
 
 from __future__ import annotations
 
-import json
-import os
 import queue
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -24,10 +19,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pandas as pd
 
+from streamrec.app.processes import (
+    STREAMREC,
+    Processes,
+    pipeline_env,
+    read_json,
+    start_param_server,
+)
+from streamrec.app.query_load import Queries
 from streamrec.core import net
 from streamrec.core.config import Settings
 from streamrec.param_server.client import ParamClient
@@ -42,8 +44,6 @@ from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.base import Recommender
 from streamrec.trainer.online.base import ItemScores
 
-STREAMREC = str(Path(sys.executable).parent / "streamrec")
-
 
 @dataclass
 class DemoOptions:
@@ -55,37 +55,6 @@ class DemoOptions:
     refit_every: int = 20_000
     query_rate: float = 20.0
     out_dir: Path | None = None
-
-
-class Processes:
-    """Child processes of the demo; `stop_all` terminates them (SIGTERM, then SIGKILL)."""
-
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        self.children: list[tuple[str, subprocess.Popen]] = []
-
-    def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
-        log = (self.logs / f"{name}.log").open("wb")
-        proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE if name == "param-server" else log,
-                                stderr=log, stdin=subprocess.DEVNULL)
-        self.children.append((name, proc))
-        return proc
-
-    def check(self) -> None:
-        for name, proc in self.children:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.logs / (name + '.log')}")
-
-    def stop_all(self) -> None:
-        for _, proc in reversed(self.children):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for _, proc in reversed(self.children):
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def refit_scores(model: Recommender) -> ScoreFn:
@@ -134,46 +103,6 @@ class StreamScorer:
             models = dict(self.models)
         for name, evaluated in self.prequential.evaluate(self.stream.take(slice(start, stop)), models).items():
             self.points[name].extend(zip(evaluated.timestamp.tolist(), evaluated.hit.tolist(), evaluated.ndcg.tolist()))
-
-
-class Queries:
-    """Users asking for recommendations during the replay: latency, errors, staleness."""
-
-    def __init__(self, url: str, rate: float, users: np.ndarray) -> None:
-        self.url, self.rate, self.users = url, rate, users
-        self.latencies: list[tuple[float, float]] = []  # (wall time, ms)
-        self.errors = 0
-        self.last_error: str | None = None
-        self.staleness: float | None = None
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="queries", daemon=True)
-
-    def _run(self) -> None:
-        rng = np.random.default_rng(0)
-        with httpx.Client(base_url=self.url, timeout=5.0) as http:
-            while not self.stop.wait(0.2):  # the workers are starting: not an error yet
-                try:
-                    if http.get("/healthz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    continue
-            while not self.stop.wait(1.0 / self.rate):
-                user = str(self.users[rng.integers(len(self.users))])
-                t0 = time.perf_counter()
-                try:
-                    reply = http.get("/recommend", params={"user_id": user, "k": 10})
-                    if reply.status_code == 503:  # no model loaded yet: not an error of the demo
-                        continue
-                    reply.raise_for_status()
-                    self.staleness = reply.json().get("staleness_seconds")
-                    self.latencies.append((time.time(), (time.perf_counter() - t0) * 1000))
-                except httpx.HTTPError as exc:
-                    self.errors += 1
-                    self.last_error = repr(exc)
-
-    def percentile(self, q: float, last: int | None = None) -> float | None:
-        values = [ms for _, ms in self.latencies[-last:]] if last else [ms for _, ms in self.latencies]
-        return float(np.percentile(values, q)) if values else None
 
 
 @dataclass
@@ -230,15 +159,11 @@ def run_demo(settings: Settings, options: DemoOptions, display: Any) -> dict[str
     create_topics(settings.kafka_bootstrap, [settings.topic, settings.dlq_topic], settings.topic_partitions)
 
     processes = Processes(out)
-    env = {**os.environ, "STREAMREC_HOME": str(settings.home), "STREAMREC_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-           "STREAMREC_REDIS_URL": settings.redis_url, "STREAMREC_TOPIC": settings.topic,
-           "STREAMREC_CONSUMER_GROUP": settings.consumer_group, "STREAMREC_FEATURE_PREFIX": settings.feature_prefix,
-           "STREAMREC_KAFKA_CLIENT": settings.kafka_client}
+    env = pipeline_env(settings)
     queries: Queries | None = None
     try:
-        server = processes.start("param-server", [sys.executable, "-m", "streamrec.param_server", "--port", "0",
-                                                  "--checkpoint-dir", str(out / "checkpoints")], env)
-        ps_address = json.loads(server.stdout.readline())["address"]
+        ps_address = start_param_server(processes, "param-server", env,
+                                        ["--port", "0", "--checkpoint-dir", str(out / "checkpoints")])["address"]
         env["STREAMREC_PARAM_SERVERS"] = ps_address
         settings = settings.model_copy(update={"param_servers": [ps_address]})
         report_path = out / "trainer.json"
@@ -272,7 +197,7 @@ def run_demo(settings: Settings, options: DemoOptions, display: Any) -> dict[str
         # drain: wait until the trainer has learned everything that was produced
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            report = _read_json(report_path)
+            report = read_json(report_path)
             if report and report["consumed"] >= result.produced:
                 break
             display(_status(replayed, len(log), started, report_path, ps_address, queries, refits))
@@ -287,7 +212,7 @@ def run_demo(settings: Settings, options: DemoOptions, display: Any) -> dict[str
         if queries is not None:
             queries.stop.set()
         processes.stop_all()
-    report = _read_json(report_path) or {}
+    report = read_json(report_path) or {}
     plots = _plots(out, report, scorer, queries)
     prequential = report.get("prequential") or {}
     latencies = [ms for _, ms in queries.latencies]
@@ -314,16 +239,9 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 2) if values else None
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-
-
 def _status(replayed: int, total: int, started: float, report_path: Path, ps_address: str, queries: Queries,
             refits: RefitLoop) -> dict[str, Any]:
-    report = _read_json(report_path) or {}
+    report = read_json(report_path) or {}
     rows = None
     try:
         with ParamClient([ps_address], timeout=1.0) as client:
