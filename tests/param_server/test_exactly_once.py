@@ -121,6 +121,9 @@ def test_fencing_survives_a_checkpoint_restore(start_server: StartServer, tmp_pa
         new_owner.push({"t": (["x"], grads(1))}, ranges={P0: (8, 9)})
     with pytest.raises(Fenced):
         old_owner.push({"t": (["x"], grads(1))}, ranges={P0: (8, 9)})
+    with pytest.raises(OffsetsRefused, match="restarted"):  # refused until the caller has seen the restart
+        new_owner.push({"t": (["x"], grads(1))}, ranges={P0: (8, 9)})
+    assert [r.empty for r in new_owner.take_restarts()] == [False]
     assert new_owner.push({"t": (["x"], grads(1))}, ranges={P0: (8, 9)}).applied == [0]
     assert new_owner.watermarks() == [{P0: 9, P1: 1}]
     old_owner.close()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import shutil
 from collections import Counter
-from pathlib import Path
 
 from streamrec.app import infra
 from streamrec.param_server.client import ParamClient
