@@ -249,8 +249,8 @@ def strike(cluster: Cluster, fault: PlannedFault, at_event: int, options: ChaosO
                            {"outage_seconds": round(time.monotonic() - at, 3)})
     killed_at, serving = cluster.kill_serving_worker(fault.target)
     return FaultRecord(fault, at_event, killed_at, f"serving worker {serving.victim}",
-                       {"replaced_by": serving.replaced_by, "serve_restarted": serving.serve_restarted},
-                       recovery_seconds=serving.recovery_seconds)
+                       {"replaced_by": serving.replaced_by, "serve_restarted": serving.serve_restarted,
+                        "replacement_ready_seconds": serving.recovery_seconds})
 
 
 def time_recoveries(faults: list[FaultRecord], sampler: Sampler) -> None:
@@ -325,9 +325,10 @@ def serving_summary(queries: Queries, faults: list[FaultRecord]) -> dict[str, An
     flight = [f for f in queries.failures if in_flight(f)]
     other = [f for f in queries.failures if not in_flight(f)]
     first_answers = []
-    for k in kills:
+    for k in kills:  # serving has recovered when a request is answered again (the issue's definition)
         after = [t for t, _ in queries.latencies if t > k.at]
-        first_answers.append(round(after[0] - k.at, 3) if after else None)
+        k.recovery_seconds = round(after[0] - k.at, 3) if after else None
+        first_answers.append(k.recovery_seconds)
     return {
         "requests": len(queries.latencies) + len(queries.failures) + len(queries.unavailable),
         "answered": len(queries.latencies),
@@ -404,6 +405,7 @@ def run_summary(run: PipelineRun, expected: Any) -> dict[str, Any]:
 
 def chaos_report(log: InteractionLog, options: ChaosOptions, faulty: PipelineRun, clean: PipelineRun | None) -> dict[str, Any]:
     expected = item_counts(log.item_id)  # the direct count from the file
+    serving = serving_summary(faulty.queries, faulty.faults)  # sets the serving faults' recovery times
     kinds, unattributed = per_kind(faulty, options)
     summary = run_summary(faulty, expected)
     live, clean_summary = summary["prequential"], None if clean is None else run_summary(clean, expected)
@@ -419,7 +421,7 @@ def chaos_report(log: InteractionLog, options: ChaosOptions, faulty: PipelineRun
         **{key: summary[key] for key in ("produced_events", "applied_events", "drained", "drain_seconds",
                                          "replay_seconds", "trainer_restarts_unplanned", "broker",
                                          "param_server", "feature_store")},
-        "serving": serving_summary(faulty.queries, faulty.faults),
+        "serving": serving,
         "prequential": {"hr@10": live["hr@10"], "evaluated": live["evaluated"], "clean_hr@10": clean_hr,
                         "clean_evaluated": None if clean_summary is None else clean_summary["prequential"]["evaluated"],
                         "difference": None if clean_hr is None or live["hr@10"] is None

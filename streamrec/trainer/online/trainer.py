@@ -176,7 +176,15 @@ class OnlineTrainer:
         if not partitions:
             return
         keys = [offset_key(*tp) for tp in partitions]
-        self._shard_next = self.store.claim(keys) if claim else self.store.watermarks()
+        while True:
+            try:
+                self._shard_next = self.store.claim(keys) if claim else self.store.watermarks()
+                break
+            except (ParamServerError, ConnectionError) as exc:  # a shard down or restarting
+                if self.stop_requested.is_set():
+                    raise
+                log.warning("parameter server unavailable while positioning %s (%s): waiting for it", keys, exc)
+                self._wait_for_param_server()
         floors = self.consumer.beginning_offsets(partitions)
         for tp, key in zip(partitions, keys):
             floor = floors.get(tp, 0)
