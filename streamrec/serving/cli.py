@@ -21,18 +21,36 @@ def register(cli: click.Group, bench: click.Group) -> None:
 @click.option("--feature-prefix", default=None, help="Redis feature-store key prefix [default: sr]")
 @click.option("--index", type=click.Choice(["auto", "flat", "ivf"]), default=None, help="FAISS index kind")
 @click.option("--nprobe", type=click.IntRange(min=1), default=None, help="IVF lists probed per query")
+@click.option("--max-body-bytes", type=click.IntRange(min=0), default=None,
+              help="request body cap of every route without its own [default: 65536]")
+@click.option("--body-limit", "body_limits", multiple=True, metavar="PATH=BYTES",
+              help="request body cap of one route, e.g. /rescore=4194304 (repeatable) [default: /rescore=4 MiB]")
 @click.option("--log-level", default="warning", show_default=True)
 @click.pass_context
 def serve_cmd(ctx: click.Context, workers: int, host: str, port: int | None, poll_interval: float | None,
-              log_level: str, **overrides: object) -> None:
-    """Serving workers: poll the parameter server, answer /recommend, /rescore, /similar over HTTP."""
+              body_limits: tuple[str, ...], log_level: str, **overrides: object) -> None:
+    """Serving workers: poll the parameter server, answer /recommend, /rescore, /similar over HTTP.
+    With STREAMREC_API_TOKEN set, every route but /healthz, /readyz and /metrics needs
+    `Authorization: Bearer <token>`."""
     from streamrec.core.cli import settings_from
-    from streamrec.serving.config import ServingConfig
+    from streamrec.serving.config import DEFAULT_ROUTE_BODY_LIMITS, ServingConfig
     from streamrec.serving.server import run_workers
 
     settings = settings_from(ctx)
-    config = ServingConfig.from_settings(settings, poll_interval=poll_interval, **overrides)
+    routes = {**DEFAULT_ROUTE_BODY_LIMITS, **parse_body_limits(body_limits)}
+    config = ServingConfig.from_settings(settings, poll_interval=poll_interval, route_body_limits=routes, **overrides)
     run_workers(config, host, settings.serving_port if port is None else port, workers, log_level)
+
+
+def parse_body_limits(pairs: tuple[str, ...]) -> dict[str, int]:
+    """`/rescore=4194304` -> {"/rescore": 4194304}."""
+    limits: dict[str, int] = {}
+    for pair in pairs:
+        path, _, size = pair.partition("=")
+        if not path.startswith("/") or not size.isdigit():
+            raise click.BadParameter(f"{pair!r}: expected PATH=BYTES, e.g. /rescore=4194304", param_hint="--body-limit")
+        limits[path] = int(size)
+    return limits
 
 
 @click.command("serving")

@@ -12,14 +12,22 @@ from streamrec.core.config import Settings
 
 CONFIG_ENV = "STREAMREC_SERVING_CONFIG_JSON"
 MAX_K = 1000
+KIB, MIB = 1024, 1024 * 1024
+# Bulk endpoints (10,000 items of <= 256 bytes plus JSON framing) get 4 MiB; a future event-ingestion
+# route joins this mapping. Every other route gets `max_body_bytes`.
+DEFAULT_ROUTE_BODY_LIMITS = {"/rescore": 4 * MIB}
 
 
 class ServingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     param_servers: list[str] = Field(default_factory=lambda: ["127.0.0.1:7070"])
-    param_server_token: str | None = None
+    param_server_token: str | None = Field(None, repr=False)
     redis_url: str = "redis://127.0.0.1:6379/0"
+    api_token: str | None = Field(None, repr=False, description="bearer token; None: the API is open")
+    max_body_bytes: int = Field(64 * KIB, ge=0, description="request body cap of routes not in route_body_limits")
+    route_body_limits: dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_ROUTE_BODY_LIMITS),
+                                              description="request body cap per route path (bytes)")
     feature_prefix: str = Field("sr", description="Redis key prefix of the online trainer's feature store")
     poll_interval: float = Field(60.0, ge=0.05, description="seconds between parameter-server polls")
     # which tables serve: rows are [vector | scalars]; the first item scalar is the item bias
@@ -45,6 +53,7 @@ class ServingConfig(BaseModel):
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: object) -> ServingConfig:
         base = {"param_servers": settings.param_servers, "param_server_token": settings.param_server_token,
+                "api_token": settings.api_token,
                 "redis_url": settings.redis_url, "poll_interval": settings.poll_interval,
                 "feature_prefix": settings.feature_prefix}
         return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})

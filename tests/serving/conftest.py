@@ -100,11 +100,14 @@ def serving_factory(home: Path) -> tuple[StartServing, list[Serving]]:
     started: list[Serving] = []
 
     def start(param_server: str, redis_url: str, prefix: str, *, workers: int = 1, poll: float = 0.2,
-              ready: bool = True, args: tuple[str, ...] = ()) -> Serving:
+              ready: bool = True, args: tuple[str, ...] = (), api_token: str | None = None) -> Serving:
         port = free_port()
         env = {**os.environ, "STREAMREC_HOME": str(home), "STREAMREC_PARAM_SERVERS": param_server,
                "STREAMREC_REDIS_URL": redis_url}
         env.pop("STREAMREC_PARAM_SERVER_TOKEN", None)
+        env.pop("STREAMREC_API_TOKEN", None)
+        if api_token is not None:
+            env["STREAMREC_API_TOKEN"] = api_token
         log = home / f"serve-{port}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         proc = subprocess.Popen(

@@ -63,7 +63,7 @@ def train_online(ctx: click.Context, models: tuple[str, ...], pairs: tuple[str, 
         raise click.BadParameter(str(exc), param_hint="--param") from None
     port = settings.metrics_port if metrics_port is None else metrics_port
     if port:
-        start_http_server(port)
+        start_http_server(port, addr=settings.metrics_host)
     create_topics(settings.kafka_bootstrap, [settings.topic, settings.dlq_topic], settings.topic_partitions)
     store = ParamClient.from_settings(settings)
     features = None if no_feature_store else FeatureStore.from_url(

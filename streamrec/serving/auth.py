@@ -1,0 +1,34 @@
+"""Optional bearer token for the HTTP API (`STREAMREC_API_TOKEN`).
+
+Every route that answers about users or items depends on `bearer_guard`; /healthz, /readyz and
+/metrics stay open for orchestrators and Prometheus. Recommendations, `explain=true` and the
+seen-item filter reveal a user's history, so with a token set nothing of that is served without it.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+
+from fastapi import Depends, HTTPException
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from streamrec.serving import schemas
+
+SCHEME = HTTPBearer(auto_error=False, description="STREAMREC_API_TOKEN, when the server sets one")
+UNAUTHORIZED = {401: {"model": schemas.Error, "description": "missing or wrong bearer token"}}
+
+
+def bearer_guard(token: str | None) -> Callable[[HTTPAuthorizationCredentials | None], None]:
+    """A dependency that lets a request through when no token is configured, or when it presents
+    `Authorization: Bearer <token>` (compared in constant time); 401 otherwise."""
+    expected = token.encode() if token else None
+
+    def guard(credentials: HTTPAuthorizationCredentials | None = Depends(SCHEME)) -> None:
+        if expected is None:
+            return
+        presented = credentials.credentials.encode() if credentials is not None else b""
+        if not hmac.compare_digest(presented, expected):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    return guard

@@ -1,0 +1,199 @@
+"""The HTTP API against hostile or careless clients, on a real `streamrec serve`: body caps (declared
+and streamed), candidate limits, the bearer token, and a feature store behind a Redis password."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from streamrec.app import infra
+from streamrec.param_server.client import ParamClient
+from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
+from tests.serving.conftest import Serving, load_model, serving_factory, start_param_server, write_history
+
+TOKEN = "test-token-" + uuid.uuid4().hex
+PASSWORD = "pw-" + uuid.uuid4().hex
+SMALL_RESCORE_CAP = 2000  # the locked server's /rescore cap, small enough to stream past in a test
+ITEMS = [f"i{j}" for j in range(20)]
+
+
+@dataclass
+class Servers:
+    open: Serving  # defaults: no token, /rescore 4 MiB, 64 KiB elsewhere; Redis without a password
+    locked: Serving  # STREAMREC_API_TOKEN set, /rescore capped at SMALL_RESCORE_CAP
+    guarded_redis: Serving  # its feature store is a Redis that requires a password
+    wrong_password: Serving  # the same Redis, the URL without the password
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Servers]:
+    home = tmp_path_factory.mktemp("serving-security")
+    param_server = start_param_server(home / "ps")
+    redis = infra.start_redis(home / "redis", password=PASSWORD)
+    private_url = f"redis://:{PASSWORD}@{redis.host}:{redis.port}/0"
+    prefix = f"test-serving-{uuid.uuid4().hex[:10]}"
+    start, started = serving_factory(home)
+    try:
+        rng = np.random.default_rng(3)
+        with ParamClient([param_server.address]) as client:
+            load_model(client, {"u1": rng.normal(size=4).astype(np.float32)},
+                       {item: rng.normal(size=4).astype(np.float32) for item in ITEMS})
+        write_history(FeatureStore.from_url(private_url, FeatureStoreConfig(prefix=prefix)), [("u1", "i3", 1e9)])
+        yield Servers(
+            open=start(param_server.address, redis_url, prefix),
+            locked=start(param_server.address, redis_url, prefix, api_token=TOKEN,
+                         args=("--body-limit", f"/rescore={SMALL_RESCORE_CAP}")),
+            guarded_redis=start(param_server.address, private_url, prefix),
+            wrong_password=start(param_server.address, f"redis://{redis.host}:{redis.port}/0", prefix),
+        )
+    finally:
+        for serving in started:
+            serving.stop()
+        param_server.kill()
+        infra.stop(redis.to_json())
+
+
+def raw_exchange(serving: Serving, head: str) -> tuple[int, bytes]:
+    """Send only a request head (no body) and read the answer: a declared oversize body must be
+    refused before the server waits for a single body byte."""
+    host, port = serving.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head.encode())
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    status_line, _, rest = reply.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+@pytest.mark.parametrize(("method", "path", "declared"), [
+    ("POST", "/rescore", 4 * 1024 * 1024 + 1), ("POST", "/rescore", 3 * 1024 ** 3),
+    ("GET", "/recommend?user_id=u1", 64 * 1024 + 1), ("GET", "/healthz", 64 * 1024 + 1),
+])
+def test_declared_body_over_the_cap_is_refused_unread(servers: Servers, method: str, path: str, declared: int) -> None:
+    status, body = raw_exchange(servers.open, f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                                              f"\r\nContent-Length: {declared}\r\n\r\n")
+    assert status == 413 and b"limit" in body
+
+
+def test_streamed_body_over_the_cap_is_refused(servers: Servers) -> None:
+    """Chunked transfer declares no length: the cap is counted as the body arrives."""
+    def chunks() -> Iterator[bytes]:
+        yield b'{"user_id": "u1", "candidates": ['
+        for _ in range(SMALL_RESCORE_CAP // 100):
+            yield b'"' + b"x" * 100 + b'",'
+        yield b'"i1"]}'
+
+    auth = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    reply = servers.locked.http.post("/rescore", content=chunks(), headers=auth)
+    assert reply.status_code == 413 and "limit" in reply.json()["detail"]
+    small = servers.locked.http.post("/rescore", json={"user_id": "u1", "candidates": ["i1"]}, headers=auth)
+    assert small.status_code == 200, small.text  # the same connection pool still works
+
+
+def test_rescore_candidate_limits(servers: Servers) -> None:
+    http = servers.open.http
+    largest = ["i1"] + ["c" * 254 + f"{n:02d}"[-2:] for n in range(9_999)]  # 10,000 ids of <= 256 bytes: 2.6 MB
+    reply = http.post("/rescore", json={"user_id": "u1", "candidates": largest})
+    assert reply.status_code == 200, reply.text
+    assert [item["item_id"] for item in reply.json()["items"]] == ["i1"]
+    assert http.post("/rescore", json={"user_id": "u1", "candidates": ["i1"] * 10_001}).status_code == 422
+    assert http.post("/rescore", json={"user_id": "u1", "candidates": ["x" * 257]}).status_code == 422
+    wide = "é" * 129  # 129 characters, 258 bytes
+    assert http.post("/rescore", json={"user_id": "u1", "candidates": [wide]}).status_code == 422
+
+
+@pytest.mark.parametrize(("method", "path", "params"), [
+    ("GET", "/recommend", {"user_id": "u1"}), ("GET", "/recommend", {"user_id": "u1", "explain": "true"}),
+    ("GET", "/similar/i1", {}), ("POST", "/rescore", {}),
+])
+def test_token_guards_everything_about_users_and_items(servers: Servers, method: str, path: str, params: dict) -> None:
+    body = {"user_id": "u1", "candidates": ["i1"]} if method == "POST" else None
+    http = servers.locked.http
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"},
+                    {"Authorization": f"Bearer {TOKEN}x"}):
+        reply = http.request(method, path, params=params, json=body, headers=headers)
+        assert reply.status_code == 401, (headers, reply.text)
+        assert reply.headers["www-authenticate"] == "Bearer" and "explain" not in reply.text
+    granted = http.request(method, path, params=params, json=body, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert granted.status_code == 200, granted.text
+    assert servers.open.http.request(method, path, params=params, json=body).status_code == 200  # no token set
+
+
+def test_probes_and_metrics_stay_open(servers: Servers) -> None:
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert servers.locked.get(path).status_code == 200, path
+    paths = servers.locked.get("/openapi.json").json()["paths"]
+    assert {"401", "413", "422", "503"} <= set(paths["/rescore"]["post"]["responses"])
+    assert paths["/recommend"]["get"]["security"] == [{"HTTPBearer": []}] and "security" not in paths["/healthz"]["get"]
+
+
+def test_feature_store_behind_a_redis_password(servers: Servers) -> None:
+    """The password in the URL reaches every client serving builds: history read, seen item filtered."""
+    reply = servers.guarded_redis.get("/recommend", user_id="u1", k=len(ITEMS)).json()
+    assert reply["degraded"] == [] and "i3" not in {item["item_id"] for item in reply["items"]}
+    refused = servers.wrong_password.get("/recommend", user_id="u1", k=len(ITEMS)).json()
+    assert refused["degraded"] == ["redis"]  # without the password Redis refuses: degraded, not an error
+
+
+def _tls_redis(tmp_path: Path) -> tuple[list[str], Path] | None:
+    """A redis-server command line listening with TLS only, and its CA file; None where this
+    machine has no TLS-capable redis-server or no openssl."""
+    server, openssl = shutil.which("redis-server"), shutil.which("openssl")
+    if not server or not openssl:
+        return None
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return [server, "--port", "0", "--tls-port", "{port}", "--bind", "127.0.0.1", "--save", "", "--requirepass",
+            PASSWORD, "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
+            "--tls-auth-clients", "no"], cert
+
+
+def test_rediss_url_with_password(tmp_path: Path) -> None:
+    from streamrec.core import net
+
+    command = _tls_redis(tmp_path)
+    if command is None:
+        pytest.skip("no redis-server with TLS or no openssl on this machine")
+    args, ca = command
+    port = net.free_port()
+    proc = subprocess.Popen([a.replace("{port}", str(port)) for a in args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        url = f"rediss://:{PASSWORD}@127.0.0.1:{port}/0?ssl_ca_certs={ca}&ssl_cert_reqs=required"
+        for _ in range(200):
+            if net.port_open("127.0.0.1", port) or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        if proc.poll() is not None:
+            pytest.skip(f"redis-server has no TLS support: {proc.stderr.read().decode()[-300:]}")
+        assert net.redis_ping(url)
+        assert not net.redis_ping(url.replace(PASSWORD, "wrong"))
+        assert not net.redis_ping(f"redis://:{PASSWORD}@127.0.0.1:{port}/0")  # plain text to a TLS port
+        store = FeatureStore.from_url(url, FeatureStoreConfig(prefix="tls"))
+        write_history(store, [("u", "a", 1e9)])
+        assert store.recent_items("u") == ["a"]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_http_client_timeouts_do_not_leak(servers: Servers) -> None:
+    """A client that opens a connection and sends half a request head must not hold a worker:
+    others still get answers."""
+    host, port = servers.open.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as idle:
+        idle.sendall(b"POST /rescore HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        assert httpx.get(servers.open.url + "/healthz", timeout=10).status_code == 200
