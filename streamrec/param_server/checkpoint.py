@@ -6,10 +6,12 @@ File layout (all integers little-endian):
   16  H bytes  header, UTF-8 JSON (see docs/param_server.md), padded with spaces to a 64-byte boundary
   ..           array data: each array C-contiguous raw bytes at header["arrays"][name]["offset"]
                (relative to the start of the data section), 64-byte aligned
-  end 32 bytes SHA-256 of every byte before it
+  end 32 bytes digest of every byte before it: HMAC-SHA256 under a key derived from the server's
+               token when one is set (see signing.py), plain SHA-256 otherwise
 
 Written to `<name>.tmp`, fsynced, renamed, then the directory fsynced, so a crash leaves either the
-old set of checkpoints or the new one. Loading verifies the digest before parsing anything, then
+old set of checkpoints or the new one. Loading verifies the digest (the
+HMAC when the server has a token: a file with only a plain checksum is then refused) before parsing anything, then
 the contents (format version, shard layout, shapes, row bookkeeping); a file that fails any check
 is skipped for the next older one.
 
@@ -21,7 +23,7 @@ chunks by a `BlockSnapshot`, which keeps the old bytes of rows that pushes chang
 
 from __future__ import annotations
 
-import hashlib
+import hmac
 import logging
 import os
 import struct
@@ -38,6 +40,7 @@ from streamrec.param_server.item_counts import ItemEventCounts
 from streamrec.param_server.keys import Keys
 from streamrec.param_server.ledger import PartitionLedger
 from streamrec.param_server.protocol import ALLOWED_DTYPES, raw_bytes, view_array
+from streamrec.param_server.signing import hasher
 from streamrec.param_server.snapshot import BlockSnapshot
 from streamrec.param_server.store import ParamStore, StoredBlob
 from streamrec.param_server.table import Table
@@ -110,7 +113,7 @@ def snapshot(store: ParamStore) -> Snapshot:
     return Snapshot(header, arrays, live)
 
 
-def write(path: Path, header: dict[str, Any], arrays: dict[str, Source]) -> None:
+def write(path: Path, header: dict[str, Any], arrays: dict[str, Source], key: bytes | None = None) -> None:
     layout, offset = {}, 0
     for name, array in arrays.items():
         nbytes = int(np.prod(array.shape)) * array.dtype.itemsize
@@ -118,7 +121,7 @@ def write(path: Path, header: dict[str, Any], arrays: dict[str, Source]) -> None
         offset = _aligned(offset + nbytes)
     body = orjson.dumps({**header, "arrays_layout": layout})
     body += b" " * (_aligned(16 + len(body)) - 16 - len(body))
-    digest = hashlib.sha256()
+    digest = hasher(key)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as out:
 
@@ -145,13 +148,18 @@ def write(path: Path, header: dict[str, Any], arrays: dict[str, Source]) -> None
         os.close(directory)
 
 
-def read(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Header and arrays (views of the file's bytes); CorruptCheckpoint unless everything checks."""
+def read(path: Path, key: bytes | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Header and arrays (views of the file's bytes); CorruptCheckpoint unless everything checks,
+    the HMAC under `key` first when there is one."""
     data = path.read_bytes()
     if len(data) < 16 + DIGEST_BYTES or data[:8] != MAGIC:
         raise CorruptCheckpoint(f"{path}: not a checkpoint or truncated")
-    if hashlib.sha256(memoryview(data)[:-DIGEST_BYTES]).digest() != data[-DIGEST_BYTES:]:
-        raise CorruptCheckpoint(f"{path}: checksum mismatch (truncated or corrupted)")
+    digest = hasher(key)
+    digest.update(memoryview(data)[:-DIGEST_BYTES])
+    if not hmac.compare_digest(digest.digest(), data[-DIGEST_BYTES:]):
+        if key is not None:
+            raise CorruptCheckpoint(f"{path}: signature mismatch (not signed with this server's token, altered, or truncated)")
+        raise CorruptCheckpoint(f"{path}: checksum mismatch (truncated, corrupted, or signed: set the server's token)")
     (header_len,) = struct.unpack_from("<Q", data, 8)
     start = 16 + header_len
     try:
@@ -216,9 +224,11 @@ class LoadedCheckpoint:
 class CheckpointDir:
     """The checkpoints of one shard: `<root>/shard-<i>-of-<n>/ckpt-<version>.srps`, newest `keep` kept."""
 
-    def __init__(self, root: Path, shard: int, num_shards: int, keep: int = DEFAULT_KEEP_CHECKPOINTS):
+    def __init__(self, root: Path, shard: int, num_shards: int, keep: int = DEFAULT_KEEP_CHECKPOINTS, key: bytes | None = None):
+        """`key`: sign and verify with HMAC-SHA256 under it (derived from the server's token)."""
         if keep < 1:
             raise ValueError("keep at least one checkpoint")
+        self.key = key
         self.dir = Path(root) / f"shard-{shard}-of-{num_shards}"
         self.shard, self.num_shards, self.keep = shard, num_shards, keep
         self.rejected: list[str] = []  # messages about checkpoints that failed to load and were skipped
@@ -235,7 +245,7 @@ class CheckpointDir:
         taken = snapshot(store)
         try:
             path = self.dir / f"ckpt-{taken.header['version']:020d}.srps"
-            write(path, taken.header, taken.arrays)
+            write(path, taken.header, taken.arrays, self.key)
         finally:
             taken.release(store)
         for old in self.files()[self.keep :]:
@@ -244,7 +254,7 @@ class CheckpointDir:
 
     def load(self, path: Path, default_max_rows: int = DEFAULT_MAX_ROWS) -> LoadedCheckpoint:
         """One checkpoint, or CorruptCheckpoint for any reason it cannot be restored as it is."""
-        header, arrays = read(path)
+        header, arrays = read(path, self.key)
         if (header.get("shard"), header.get("num_shards")) != (self.shard, self.num_shards):
             raise CorruptCheckpoint(f"{path}: belongs to shard {header.get('shard')} of {header.get('num_shards')}")
         try:

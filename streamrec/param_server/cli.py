@@ -8,9 +8,16 @@ from pathlib import Path
 import click
 
 from streamrec.param_server.defaults import (
+    DEFAULT_AUTH_TIMEOUT,
+    DEFAULT_BYTE_BUDGET,
     DEFAULT_CHECKPOINT_EVERY,
+    DEFAULT_IDLE_TIMEOUT,
     DEFAULT_KEEP_CHECKPOINTS,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_HEADER_BYTES,
     DEFAULT_MAX_ROWS,
+    DEFAULT_MAX_UNAUTHENTICATED,
 )
 
 
@@ -25,6 +32,13 @@ from streamrec.param_server.defaults import (
 @click.option("--keep-checkpoints", type=click.IntRange(min=1), default=DEFAULT_KEEP_CHECKPOINTS, show_default=True, help="newest checkpoints kept (a corrupt one falls back to the next)")
 @click.option("--max-rows", type=click.IntRange(1, 2**31 - 1), default=DEFAULT_MAX_ROWS, show_default=True, help="row bound per table and shard for tables created without one (least recently updated rows are evicted)")
 @click.option("--metrics-port", type=int, default=None, help="Prometheus port (0: off) [default: settings.metrics_port]")
+@click.option("--max-header-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_HEADER_BYTES, show_default=True, help="largest frame header accepted")
+@click.option("--max-body-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_BODY_BYTES, show_default=True, help="largest frame body accepted")
+@click.option("--byte-budget", type=click.IntRange(min=1), default=DEFAULT_BYTE_BUDGET, show_default=True, help="frame bytes in flight over all connections (a frame beyond it waits, then is refused)")
+@click.option("--max-connections", type=click.IntRange(min=1), default=DEFAULT_MAX_CONNECTIONS, show_default=True, help="authenticated connections")
+@click.option("--max-unauthenticated", type=click.IntRange(min=1), default=DEFAULT_MAX_UNAUTHENTICATED, show_default=True, help="connections still to send their hello frame")
+@click.option("--auth-timeout", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_AUTH_TIMEOUT, show_default=True, help="seconds a new connection has to send its hello frame")
+@click.option("--idle-timeout", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_IDLE_TIMEOUT, show_default=True, help="seconds an authenticated connection may stay silent")
 @click.pass_context
 def param_server_cmd(
     ctx: click.Context,
@@ -38,12 +52,21 @@ def param_server_cmd(
     keep_checkpoints: int,
     max_rows: int,
     metrics_port: int | None,
+    max_header_bytes: int,
+    max_body_bytes: int,
+    byte_budget: int,
+    max_connections: int,
+    max_unauthenticated: int,
+    auth_timeout: float,
+    idle_timeout: float,
 ) -> None:
     """Run one parameter-server shard until SIGTERM (which writes a final checkpoint).
 
     Prints one JSON line when it is listening: {"address": ..., "restored": ..., ...}.
     """
     from streamrec.core.cli import print_json, settings_from
+    from streamrec.param_server.limits import ServerLimits
+    from streamrec.param_server.protocol import FrameLimits
     from streamrec.param_server.server import run
 
     settings = settings_from(ctx)
@@ -62,6 +85,8 @@ def param_server_cmd(
             checkpoint_every=checkpoint_every,
             keep_checkpoints=keep_checkpoints,
             max_rows=max_rows,
+            limits=ServerLimits(FrameLimits(max_header_bytes, max_body_bytes), byte_budget, max_connections=max_connections,
+                                max_unauthenticated=max_unauthenticated, auth_timeout=auth_timeout, idle_timeout=idle_timeout),
             metrics_port=settings.metrics_port if metrics_port is None else metrics_port,
             ready=print_json,
         )

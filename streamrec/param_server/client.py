@@ -22,6 +22,7 @@ recorded as a ShardRestart for `take_restarts`. Not thread-safe: one client per 
 
 from __future__ import annotations
 
+import hmac
 import secrets
 import socket
 import time
@@ -36,6 +37,12 @@ from streamrec.param_server import protocol
 from streamrec.param_server.keys import IdsLike, Keys, as_keys, mix64
 from streamrec.param_server.optimizers import OptimizerSpec
 from streamrec.param_server.protocol import Message, keys_arrays, keys_from
+from streamrec.param_server.signing import (
+    BLOB_CONTEXT,
+    MAC_BYTES,
+    blob_mac,
+    derived_key,
+)
 from streamrec.param_server.table import TableSpec
 
 _SHARD_SALT = np.uint64(0x5BD1E9955BD1E995)
@@ -197,6 +204,7 @@ class ParamClient:
             raise ValueError("need at least one parameter-server address")
         self.addresses = addresses
         self.token, self.retries, self.retry_backoff = token, retries, retry_backoff
+        self._blob_key = derived_key(token, BLOB_CONTEXT) if token else None
         self._conns = [_Connection(address, timeout) for address in addresses]
         self._client_id = secrets.randbits(62)
         self._seq = 0
@@ -232,9 +240,6 @@ class ParamClient:
 
     # ---- transport ----------------------------------------------------------------------------
 
-    def _header(self, header: dict[str, Any]) -> dict[str, Any]:
-        return {**header, "token": self.token} if self.token else header
-
     def _check(self, shard: int, reply: Message) -> Message:
         """Note the shard's incarnation (a change is a restart), then raise its error if it sent one."""
         incarnation = reply.header.get("incarnation")
@@ -256,12 +261,13 @@ class ParamClient:
         return restarts
 
     def _open(self, shard: int) -> None:
-        """Connect, and on a new connection check the server is the shard this client thinks it is
-        (a wrong order of addresses would silently route ids to the wrong shards)."""
+        """Connect, and on a new connection authenticate with the hello frame (the server accepts
+        nothing else first) and check the server is the shard this client thinks it is (a wrong
+        order of addresses would silently route ids to the wrong shards)."""
         conn = self._conns[shard]
         if not conn.open():
             return
-        conn.send(self._header({"op": "hello"}), None)
+        conn.send({"op": "hello", "token": self.token} if self.token else {"op": "hello"}, None)
         hello = self._check(shard, conn.recv()).header
         if (hello["shard"], hello["num_shards"]) != (shard, self.num_shards):
             conn.close()
@@ -274,7 +280,7 @@ class ParamClient:
 
     def _send(self, shard: int, header: dict[str, Any], arrays: dict[str, np.ndarray] | None) -> None:
         self._open(shard)
-        self._conns[shard].send(self._header(header), arrays)
+        self._conns[shard].send(header, arrays)
 
     def _exchange(self, shard: int, header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> Message:
         """One request and its (first) reply, retried on connection loss."""
@@ -597,16 +603,27 @@ class ParamClient:
         return int(self.shard_of([name])[0])
 
     def put_blob(self, name: str, data: bytes) -> int:
-        """Store bytes under a name (on the shard the name hashes to); returns its version."""
+        """Store bytes under a name (on the shard the name hashes to); returns its version. With a
+        token the stored bytes end with their HMAC, which `get_blob` checks and strips."""
+        if self._blob_key is not None:
+            data = data + blob_mac(self._blob_key, name, data)
         arrays = {"data": np.frombuffer(data, np.uint8)}
         return self._exchange(self._blob_shard(name), {"op": "put_blob", "name": name}, arrays).header["version"]
 
     def get_blob(self, name: str, since: int = 0) -> FetchedBlob | None:
-        """The blob, or None if its version is not newer than `since`."""
-        reply = self._exchange(self._blob_shard(name), {"op": "get_blob", "name": name, "since": since})
+        """The blob, or None if its version is not newer than `since`. With a token, a blob whose
+        HMAC does not check out (altered, or put without the token) raises ParamServerError
+        ("BadSignature") instead of being returned."""
+        shard = self._blob_shard(name)
+        reply = self._exchange(shard, {"op": "get_blob", "name": name, "since": since})
         if not reply.header["changed"]:
             return None
-        return FetchedBlob(reply.arrays["data"].tobytes(), reply.header["version"])
+        data = reply.arrays["data"].tobytes()
+        if self._blob_key is not None:
+            data, mac = data[:-MAC_BYTES], data[-MAC_BYTES:]
+            if len(mac) != MAC_BYTES or not hmac.compare_digest(mac, blob_mac(self._blob_key, name, data)):
+                raise ParamServerError("BadSignature", f"blob {name!r} is not signed with this token (altered or forged)", shard)
+        return FetchedBlob(data, reply.header["version"])
 
     def blobs(self) -> dict[str, int]:
         """Every blob's name and version."""

@@ -6,3 +6,14 @@
 DEFAULT_MAX_ROWS = 1 << 22
 DEFAULT_CHECKPOINT_EVERY = 10.0  # seconds: the most a crash loses, which the trainer then replays
 DEFAULT_KEEP_CHECKPOINTS = 3  # newest kept; a checkpoint that fails to load falls back to the next
+MAX_EVENTS_PER_PUSH = 10**9  # events (or one item's count) one push may credit: more is a bug or an attack
+MAX_CLOCK_SKEW = 86400.0  # seconds an event time may lie in the future (it drives the TTL clock forward)
+# what a shard lets its peers use (ServerLimits, docs/param_server.md "Limits")
+DEFAULT_MAX_HEADER_BYTES = 1 << 20
+DEFAULT_MAX_BODY_BYTES = 256 << 20
+DEFAULT_BYTE_BUDGET = 512 << 20  # header + body bytes of frames in flight, over all connections
+DEFAULT_MAX_CONNECTIONS = 256  # authenticated
+DEFAULT_MAX_UNAUTHENTICATED = 16  # still to send their hello frame
+DEFAULT_AUTH_TIMEOUT = 5.0  # seconds from accept to a complete hello frame
+DEFAULT_IDLE_TIMEOUT = 600.0  # seconds without a byte from an authenticated peer
+DEFAULT_BUDGET_WAIT = 5.0  # seconds a frame waits for room in the byte budget before it is refused

@@ -14,14 +14,16 @@ from itertools import repeat
 import numpy as np
 import pandas as pd
 
+from streamrec.param_server.defaults import MAX_EVENTS_PER_PUSH
+
 
 def checked_counts(item_ids: Sequence[str], counts: np.ndarray) -> tuple[list[str], np.ndarray]:
     """Distinct ids with their counts summed, or a ValueError for malformed input."""
     counts = np.asarray(counts)
     if counts.ndim != 1 or counts.size != len(item_ids) or counts.dtype.kind not in "iu":
         raise ValueError(f"item counts must be {len(item_ids)} integers, one per item id, got {counts.dtype} {counts.shape}")
-    if counts.size and counts.min() < 0:
-        raise ValueError("item counts must not be negative")
+    if counts.size and (counts.min() < 0 or counts.max() > MAX_EVENTS_PER_PUSH):
+        raise ValueError(f"item counts must be in [0, {MAX_EVENTS_PER_PUSH}]")
     ids = pd.Index(list(item_ids), dtype=object)
     if len(ids) and ids.inferred_type != "string":
         raise ValueError("item ids must be strings")

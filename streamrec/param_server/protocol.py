@@ -1,31 +1,44 @@
 """The wire format: length-prefixed frames of a small JSON header plus raw numpy buffers.
 
   frame  = prefix | header | body
-  prefix = struct "<4sIQ": magic b"SRP1", header length (u32), body length (u64)
+  prefix = struct "<4sIQ": magic b"SRP2" (the protocol version), header length (u32), body length (u64)
   header = UTF-8 JSON object: the operation and its scalar arguments, and "arrays":
            [[name, dtype, shape, offset], ...] describing the body
   body   = the arrays' raw C-contiguous bytes, each at an 8-byte aligned offset
 
 Vectors and ids never go through JSON: they are the body, sent with one scatter-gather sendmsg
 and read with recv_into straight into the buffer numpy then views without copying.
+
+Reading is hostile-peer safe: the prefix is checked against `FrameLimits` before anything is
+allocated, the bytes of header and body are reserved from a `ByteBudget` shared by all connections
+(never allocated beyond it), and a body larger than `DIRECT_BODY_BYTES` grows chunk by chunk, so
+memory follows the bytes actually received rather than the length a peer announces.
 """
 
 from __future__ import annotations
 
 import socket
 import struct
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import orjson
 
+from streamrec.param_server.defaults import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_HEADER_BYTES,
+)
 from streamrec.param_server.keys import Keys
 
-MAGIC = b"SRP1"
+MAGIC = b"SRP2"
+OLD_MAGICS = (b"SRP1",)
 PREFIX = struct.Struct("<4sIQ")
-MAX_HEADER_BYTES = 16 << 20
-MAX_BODY_BYTES = 4 << 30
+HELLO_MAX_HEADER_BYTES = 4096  # the first frame of a connection: hello (+ token), no body
+DIRECT_BODY_BYTES = 4 << 20  # bodies up to this are allocated at once; larger ones grow per chunk
+CHUNK_BYTES = 1 << 20
 ALLOWED_DTYPES = {"<f4", "<f8", "<i4", "<i8", "<u4", "<u8", "|u1", "|b1"}
 
 
@@ -33,10 +46,54 @@ class ProtocolError(ConnectionError):
     """The peer sent something that is not a valid frame; the connection is dropped."""
 
 
+class FrameRefused(ProtocolError):
+    """A well-formed prefix the server will not read (over a cap or over the byte budget); the
+    server tells the peer why, then drops the connection (the unread body cannot be skipped)."""
+
+
+@dataclass(frozen=True)
+class FrameLimits:
+    max_header: int = DEFAULT_MAX_HEADER_BYTES
+    max_body: int = DEFAULT_MAX_BODY_BYTES
+
+
+HELLO_LIMITS = FrameLimits(HELLO_MAX_HEADER_BYTES, 0)
+
+
+class ByteBudget:
+    """Bytes of frames in flight across every connection of a server. A frame reserves its header
+    and body before any of it is allocated and releases them once answered; a frame that does not
+    fit waits up to `wait` seconds for others to finish, then is refused."""
+
+    def __init__(self, capacity: int, wait: float = 5.0):
+        if capacity < 1:
+            raise ValueError("the byte budget must be positive")
+        self.capacity, self.wait, self.used = capacity, wait, 0
+        self._cond = threading.Condition()
+
+    def acquire(self, n: int) -> None:
+        if n > self.capacity:
+            raise FrameRefused(f"a frame of {n} bytes exceeds the server's byte budget of {self.capacity}")
+        deadline = time.monotonic() + self.wait
+        with self._cond:
+            while self.used + n > self.capacity:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise FrameRefused(f"server busy: {self.used} of {self.capacity} bytes in flight, no room for {n}")
+                self._cond.wait(left)
+            self.used += n
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+
 @dataclass
 class Message:
     header: dict[str, Any]
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    reserved: int = 0  # bytes held in the budget until the message is answered
 
 
 def _pad(n: int) -> int:
@@ -70,11 +127,22 @@ def send(sock: socket.socket, header: dict[str, Any], arrays: dict[str, np.ndarr
             pending[0] = pending[0][sent:]
 
 
-def _recv_exact(sock: socket.socket, size: int) -> bytearray | None:
+def _arm(sock: socket.socket, deadline: float | None) -> None:
+    """Make the next socket read give up at `deadline` (monotonic seconds; None: keep the socket's timeout)."""
+    if deadline is None:
+        return
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("deadline passed in the middle of a frame")
+    sock.settimeout(left)
+
+
+def _recv_exact(sock: socket.socket, size: int, deadline: float | None) -> bytearray | None:
     buffer = bytearray(size)
     view = memoryview(buffer)
     got = 0
     while got < size:
+        _arm(sock, deadline)
         n = sock.recv_into(view[got:])
         if n == 0:
             if got == 0:
@@ -84,33 +152,92 @@ def _recv_exact(sock: socket.socket, size: int) -> bytearray | None:
     return buffer
 
 
-def recv(sock: socket.socket) -> Message | None:
-    """Read one frame; None if the peer closed the connection cleanly between frames."""
-    prefix = _recv_exact(sock, PREFIX.size)
+def _recv_growing(sock: socket.socket, size: int, deadline: float | None) -> bytearray:
+    """`size` bytes, the buffer growing with what arrives (a peer that announces much and sends
+    little costs only what it sent)."""
+    body = bytearray()
+    while len(body) < size:
+        _arm(sock, deadline)
+        chunk = sock.recv(min(CHUNK_BYTES, size - len(body)))
+        if not chunk:
+            raise ConnectionError("connection closed in the middle of a frame")
+        body += chunk
+    return body
+
+
+def read_prefix(sock: socket.socket, limits: FrameLimits, deadline: float | None = None) -> tuple[int, int] | None:
+    """(header length, body length) of the next frame, checked against `limits`; None if the peer
+    closed the connection cleanly between frames. FrameRefused for a frame over the caps."""
+    prefix = _recv_exact(sock, PREFIX.size, deadline)
     if prefix is None:
         return None
     magic, head_len, body_len = PREFIX.unpack(prefix)
-    if magic != MAGIC or head_len > MAX_HEADER_BYTES or body_len > MAX_BODY_BYTES:
-        raise ProtocolError("bad frame prefix (not a param-server peer, or a frame over the size limit)")
-    head = _recv_exact(sock, head_len) or b""
-    body = _recv_exact(sock, body_len) if body_len else bytearray()
-    if len(head) != head_len or body is None:
+    if magic in OLD_MAGICS:
+        raise FrameRefused(f"protocol {magic.decode()} is no longer spoken: upgrade the client to {MAGIC.decode()}")
+    if magic != MAGIC:
+        raise ProtocolError("bad frame prefix (not a param-server peer)")
+    if head_len > limits.max_header or body_len > limits.max_body:
+        raise FrameRefused(
+            f"frame of {head_len} header and {body_len} body bytes is over the limits "
+            f"({limits.max_header} and {limits.max_body})"
+        )
+    return head_len, body_len
+
+
+def read_frame(sock: socket.socket, head_len: int, body_len: int, deadline: float | None = None,
+               direct: int = DIRECT_BODY_BYTES) -> Message:
+    """The header and body announced by a prefix (already checked and reserved by the caller)."""
+    head = _recv_exact(sock, head_len, deadline) or b""
+    if len(head) != head_len:
         raise ConnectionError("connection closed in the middle of a frame")
+    if body_len <= direct:
+        body = _recv_exact(sock, body_len, deadline) if body_len else bytearray()
+    else:
+        body = _recv_growing(sock, body_len, deadline)
+    if body is None:
+        raise ConnectionError("connection closed in the middle of a frame")
+    return parse(head, body)
+
+
+def parse(head: bytes | bytearray, body: bytearray) -> Message:
+    """The message of a header and body; ProtocolError for anything malformed."""
     try:
         header = orjson.loads(head)
+        if not isinstance(header, dict):
+            raise TypeError("the header is not a JSON object")
         arrays = {}
-        for name, dtype, shape, offset in header.pop("arrays"):
-            if dtype not in ALLOWED_DTYPES:
-                raise ProtocolError(f"array {name!r} has a disallowed dtype {dtype}")
+        for name, dtype, shape, offset in header.pop("arrays", []):
+            if not isinstance(name, str) or dtype not in ALLOWED_DTYPES:
+                raise ValueError(f"array {name!r} has a bad name or a disallowed dtype {dtype!r}")
             arrays[name] = view_array(body, dtype, shape, offset)
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise ProtocolError(f"malformed frame header: {exc}") from exc
     return Message(header, arrays)
 
 
+def recv(sock: socket.socket, limits: FrameLimits | None = None) -> Message | None:
+    """Read one frame from a trusted peer (the client reading its server's replies: no caps unless
+    given); None if the peer closed the connection cleanly between frames."""
+    sizes = read_prefix(sock, limits or TRUSTED_LIMITS)
+    if sizes is None:
+        return None
+    return read_frame(sock, *sizes, direct=sizes[1])
+
+
+TRUSTED_LIMITS = FrameLimits(1 << 31, 1 << 62)
+
+
 def view_array(buffer: bytes | bytearray, dtype: str, shape: list[int], offset: int) -> np.ndarray:
     """A zero-copy view of `shape` elements at `offset` (ValueError if it does not fit)."""
-    count = int(np.prod(shape, dtype=np.int64))
+    if not isinstance(shape, list) or not all(isinstance(n, int) and 0 <= n < 2**40 for n in shape):
+        raise ValueError(f"bad array shape {shape!r}")
+    if not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"bad array offset {offset!r}")
+    count = 1
+    for n in shape:
+        count *= n
+    if offset + count * np.dtype(dtype).itemsize > len(buffer):
+        raise ValueError(f"array of shape {shape} at offset {offset} runs past the {len(buffer)}-byte body")
     if count == 0:
         return np.empty(shape, dtype)
     return np.frombuffer(buffer, dtype, count, offset).reshape(shape)

@@ -3,7 +3,9 @@
 One thread per connection (a client keeps its connection open), each reading a frame, running the
 operation under the store's lock and writing the reply. Numpy releases the GIL for large copies
 and the socket I/O releases it too, so concurrent clients overlap well enough for one shard; more
-throughput comes from more shards. Every request carries the shared token when one is configured.
+throughput comes from more shards. A connection authenticates once, with its first frame (a small
+hello carrying the shared token when one is configured), before the server reads anything large;
+`ServerLimits` caps frames, connections and the bytes in flight (see docs/param_server.md, "Limits").
 Every reply (errors included) carries the store's incarnation and whether it started empty, so a
 client notices a restart on whatever call it makes next.
 """
@@ -31,8 +33,10 @@ from streamrec.param_server.checkpoint import (
 )
 from streamrec.param_server.defaults import DEFAULT_KEEP_CHECKPOINTS, DEFAULT_MAX_ROWS
 from streamrec.param_server.ledger import PushRefused
+from streamrec.param_server.limits import ConnectionGate, ServerLimits
 from streamrec.param_server.metrics import ServerMetrics
 from streamrec.param_server.protocol import Message, keys_arrays, keys_from
+from streamrec.param_server.signing import CHECKPOINT_CONTEXT, derived_key
 from streamrec.param_server.store import ParamStore
 from streamrec.param_server.table import TableFullError
 
@@ -47,27 +51,21 @@ class _Handler(socketserver.BaseRequestHandler):
     server: _TCPServer
 
     def handle(self) -> None:
-        sock: socket.socket = self.request
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        param_server = self.server.param_server
-        while True:
-            try:
-                message = protocol.recv(sock)
-                if message is None:
-                    return
-                if not param_server.authorised(message.header):
-                    param_server.reply(sock, {"ok": False, "error": {"type": "Unauthorized", "message": "bad or missing token"}})
-                    return
-                param_server.answer(sock, message)
-            except ConnectionError as exc:  # includes ProtocolError: drop this connection only
-                log.debug("connection from %s dropped: %s", self.client_address, exc)
-                return
+        self.server.param_server.serve_connection(self.request, self.client_address)
 
 
 class _TCPServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     daemon_threads = True
     param_server: ParamServer
+
+    def verify_request(self, request: socket.socket, client_address: object) -> bool:  # type: ignore[override]
+        """Refuse (close) a connection beyond the unauthenticated limit before starting its thread."""
+        return self.param_server.gate.admit(request)
+
+    def shutdown_request(self, request: socket.socket) -> None:  # type: ignore[override]
+        self.param_server.gate.leave(request)
+        super().shutdown_request(request)
 
 
 class ParamServer:
@@ -79,11 +77,15 @@ class ParamServer:
         token: str | None = None,
         checkpoints: CheckpointDir | None = None,
         metrics: ServerMetrics | None = None,
+        limits: ServerLimits | None = None,
     ):
         self.store = store
         self.token = token.encode() if token else None
         self.checkpoints = checkpoints
         self.metrics = metrics or ServerMetrics(store)
+        self.limits = limits or ServerLimits()
+        self.gate = ConnectionGate(self.limits)
+        self.budget = protocol.ByteBudget(self.limits.byte_budget, self.limits.budget_wait)
         self._checkpoint_lock = threading.Lock()
         self._checkpointed_version = store.version
         self._tcp = _TCPServer((host, port), _Handler)
@@ -116,8 +118,74 @@ class ParamServer:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop accepting, then shut every open connection down: threads blocked reading return at
+        once, whatever their peers are doing."""
         self._tcp.shutdown()
         self._tcp.server_close()
+        self.gate.close_all()
+
+    # ---- connections --------------------------------------------------------------------------
+
+    def serve_connection(self, sock: socket.socket, peer: object) -> None:
+        """Authenticate (a small hello frame within `auth_timeout`), then answer frames in order
+        until the peer leaves, idles past `idle_timeout`, or breaks the protocol."""
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            if not self._authenticate(sock):
+                return
+            sock.settimeout(self.limits.idle_timeout)
+            while True:
+                message = self._read(sock)
+                if message is None:
+                    return
+                try:
+                    self.answer(sock, message)
+                finally:
+                    self.budget.release(message.reserved)
+        except protocol.FrameRefused as exc:
+            self.metrics.errors.labels(op="frame", type="FrameRefused").inc()
+            self._tell(sock, "FrameRefused", str(exc))
+        except OSError as exc:  # ProtocolError, ConnectionError, timeouts: drop this connection only
+            log.debug("connection from %s dropped: %s", peer, exc)
+
+    def _authenticate(self, sock: socket.socket) -> bool:
+        deadline = time.monotonic() + self.limits.auth_timeout
+        sizes = protocol.read_prefix(sock, protocol.HELLO_LIMITS, deadline)
+        if sizes is None:
+            return False
+        hello = protocol.read_frame(sock, *sizes, deadline)
+        if hello.header.get("op") != "hello":
+            self._tell(sock, "Unauthorized", "the first frame of a connection must be hello")
+        elif not self.authorised(hello.header):
+            self._tell(sock, "Unauthorized", "bad or missing token")
+        elif not self.gate.promote(sock):
+            self._tell(sock, "Busy", f"too many connections (limit {self.limits.max_connections})")
+        else:
+            self.answer(sock, hello)
+            return True
+        return False
+
+    def _read(self, sock: socket.socket) -> Message | None:
+        """The next frame of an authenticated peer, its bytes reserved in the budget first."""
+        sizes = protocol.read_prefix(sock, self.limits.frames)
+        if sizes is None:
+            return None
+        reserved = sum(sizes)
+        self.budget.acquire(reserved)
+        try:
+            message = protocol.read_frame(sock, *sizes)
+        except BaseException:
+            self.budget.release(reserved)
+            raise
+        message.reserved = reserved
+        return message
+
+    def _tell(self, sock: socket.socket, kind: str, message: str) -> None:
+        """A last error reply before the connection is dropped (best effort: the peer may be gone)."""
+        try:
+            self.reply(sock, {"ok": False, "error": {"type": kind, "message": message}})
+        except OSError:
+            pass
 
     def reply(self, sock: socket.socket, header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> None:
         protocol.send(sock, {**header, **self.store.identity()}, arrays)
@@ -196,7 +264,7 @@ class ParamServer:
     def _pull(self, message: Message) -> Iterable[Reply]:
         keys = keys_from(message.arrays)
         self._rows("pull", len(keys))
-        values, found, dim = self.store.pull(message.header["table"], keys)
+        values, found, dim = self.store.pull(message.header["table"], keys, self.limits.frames.max_body)
         return [({"dim": dim}, {"values": values, "found": found})]
 
     def _push(self, message: Message) -> Iterable[Reply]:
@@ -209,7 +277,7 @@ class ParamServer:
         client = (int(header["client_id"]), int(header["seq"])) if "client_id" in header else None
         counted = (keys_from(arrays, "counted").to_list(), arrays["counts"]) if "counts" in arrays else None
         result = self.store.push(
-            updates, header.get("meta"), int(header.get("events", 0)), header.get("event_time"), client,
+            updates, header.get("meta"), header.get("events", 0), header.get("event_time"), client,
             ranges=header.get("ranges"), epochs=header.get("epochs"), item_counts=counted, incarnation=header.get("incarnation"),
         )
         return [({"version": result.version, "applied": result.applied}, {})]
@@ -269,14 +337,16 @@ class ParamServer:
 
 
 def open_store(
-    shard: int, num_shards: int, checkpoint_dir: Path | None, keep: int = DEFAULT_KEEP_CHECKPOINTS, default_max_rows: int = DEFAULT_MAX_ROWS
+    shard: int, num_shards: int, checkpoint_dir: Path | None, keep: int = DEFAULT_KEEP_CHECKPOINTS, default_max_rows: int = DEFAULT_MAX_ROWS,
+    token: str | None = None,
 ) -> tuple[ParamStore, CheckpointDir | None, LoadedCheckpoint | None]:
     """(store, its checkpoint directory, the checkpoint restored): the newest checkpoint that loads,
     falling back to older ones, or an empty store, which is logged loudly: a trainer must then learn
-    the whole log again."""
+    the whole log again. With a token, checkpoints are signed and only signed ones load."""
     if checkpoint_dir is None:
         return ParamStore(shard, num_shards, default_max_rows=default_max_rows), None, None
-    checkpoints = CheckpointDir(checkpoint_dir, shard, num_shards, keep)
+    key = derived_key(token, CHECKPOINT_CONTEXT) if token else None
+    checkpoints = CheckpointDir(checkpoint_dir, shard, num_shards, keep, key)
     loaded = checkpoints.load_newest(default_max_rows)
     if loaded is not None:
         if checkpoints.rejected:
@@ -301,11 +371,12 @@ def run(
     checkpoint_every: float,
     keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS,
     max_rows: int = DEFAULT_MAX_ROWS,
+    limits: ServerLimits | None = None,
     metrics_port: int,
     ready: Callable[[dict[str, Any]], None],
 ) -> None:
     """Serve until SIGTERM/SIGINT, checkpointing every `checkpoint_every` seconds and on the way out."""
-    store, checkpoints, restored = open_store(shard, num_shards, checkpoint_dir, keep_checkpoints, max_rows)
+    store, checkpoints, restored = open_store(shard, num_shards, checkpoint_dir, keep_checkpoints, max_rows, token)
     metrics = ServerMetrics(store)
     if restored is not None:
         metrics.last_checkpoint_time = restored.created_at
@@ -313,7 +384,7 @@ def run(
         metrics.checkpoints_rejected.inc(len(checkpoints.rejected))
     if metrics_port:
         metrics.serve(metrics_port, host)
-    server = ParamServer(store, host, port, token, checkpoints, metrics)
+    server = ParamServer(store, host, port, token, checkpoints, metrics, limits)
     server.start()
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

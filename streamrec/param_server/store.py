@@ -21,6 +21,7 @@ full snapshot (reset) instead of a delta that would silently miss the lost updat
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import uuid
@@ -31,7 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from streamrec.param_server.defaults import DEFAULT_MAX_ROWS
+from streamrec.param_server.defaults import (
+    DEFAULT_MAX_ROWS,
+    MAX_CLOCK_SKEW,
+    MAX_EVENTS_PER_PUSH,
+)
 from streamrec.param_server.item_counts import ItemEventCounts, checked_counts
 from streamrec.param_server.keys import Keys
 from streamrec.param_server.ledger import (
@@ -54,6 +59,19 @@ def merge_meta(old: Any, new: Any) -> Any:
             merged[key] = merge_meta(old.get(key), value)
         return merged
     return new
+
+
+def checked_event_time(event_time: object) -> float:
+    """The event time a write is stamped with (default: now). A time far in the future would move a
+    table's TTL clock forward for good and expire every row, so more than MAX_CLOCK_SKEW ahead is refused."""
+    now = time.time()
+    if event_time is None:
+        return now
+    if not isinstance(event_time, (int, float)) or isinstance(event_time, bool) or not math.isfinite(event_time):
+        raise ValueError(f"event_time must be a finite number of seconds, got {event_time!r}")
+    if not 0 <= event_time <= now + MAX_CLOCK_SKEW:
+        raise ValueError(f"event_time {event_time} is negative or more than {MAX_CLOCK_SKEW:.0f} s in the future")
+    return float(event_time)
 
 
 def fresh_version(previous: int = 0) -> int:
@@ -156,10 +174,12 @@ class ParamStore:
         with self.lock:
             return [table.info() for table in self.tables.values()]
 
-    def pull(self, name: str, keys: Keys) -> tuple[np.ndarray, np.ndarray, int]:
-        """(values, found, dim)."""
+    def pull(self, name: str, keys: Keys, max_bytes: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+        """(values, found, dim); ValueError before allocating a reply over `max_bytes`."""
         with self.lock:
             table = self._table(name)
+            if max_bytes is not None and len(keys) * table.spec.width * 4 > max_bytes:
+                raise ValueError(f"pulling {len(keys)} rows of width {table.spec.width} is over the {max_bytes}-byte reply limit: split it")
             values, found = table.pull(keys)
             return values, found, table.spec.dim
 
@@ -184,7 +204,9 @@ class ParamStore:
         `incarnation`: the one the pusher knew when it cut the batch. A ranged push built for an
         earlier process is refused: an empty shard would otherwise accept it as its first range and
         then skip the earlier offsets the pusher rewinds to."""
-        now = time.time() if event_time is None else float(event_time)
+        now = checked_event_time(event_time)
+        if not isinstance(events, int) or isinstance(events, bool) or not 0 <= events <= MAX_EVENTS_PER_PUSH:
+            raise ValueError(f"events must be an integer in [0, {MAX_EVENTS_PER_PUSH}], got {events!r}")
         ranged = None if ranges is None else checked_ranges(ranges)
         claimed = checked_epochs(epochs or {})
         counted = None if item_counts is None else checked_counts(*item_counts)
@@ -244,7 +266,7 @@ class ParamStore:
             return dict(self.item_counts.counts)
 
     def assign(self, name: str, keys: Keys, values: np.ndarray, event_time: float | None = None) -> int:
-        now = time.time() if event_time is None else float(event_time)
+        now = checked_event_time(event_time)
         with self.lock:
             table = self._table(name)
             plan = table.prepare_assign(keys, values)

@@ -49,6 +49,8 @@ from streamrec.param_server.snapshot import BlockSnapshot
 ROOM_HEADROOM = 100  # making room evicts 1/100 of max_rows beyond the need, so full tables rarely rescan
 MAX_RETAINED_DELETIONS = 1 << 20  # evicted ids kept for delta readers; older readers get a reset
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
+MAX_WIDTH = 8192  # floats per row: a wider table turns a small pull into a huge reply
+MAX_ADMISSION_WIDTH = 1 << 22  # counters per sketch row: 64 MB of sketch at the default depth
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -74,14 +76,16 @@ class TableSpec:
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
             raise ValueError(f"table name {self.name!r} must be 1-128 of [A-Za-z0-9_.-]")
-        if self.dim < 1 or self.scalars < 0:
-            raise ValueError("dim must be >= 1 and scalars >= 0")
+        if self.dim < 1 or self.scalars < 0 or self.dim + self.scalars > MAX_WIDTH:
+            raise ValueError(f"dim must be >= 1, scalars >= 0 and dim + scalars <= {MAX_WIDTH}")
         if self.key_type not in ("int", "str"):
             raise ValueError("key_type must be 'int' or 'str'")
         if self.min_count < 1 or (self.ttl is not None and self.ttl <= 0):
             raise ValueError("min_count must be >= 1 and ttl positive (or None)")
         if not 1 <= self.max_rows < 2**31:
             raise ValueError("max_rows must be in [1, 2**31)")
+        if not 1 <= self.admission_width <= MAX_ADMISSION_WIDTH:
+            raise ValueError(f"admission_width must be in [1, {MAX_ADMISSION_WIDTH}]")
 
     @property
     def width(self) -> int:

@@ -1,0 +1,53 @@
+"""With a token, checkpoints and blobs are signed: a crafted checkpoint with a valid plain SHA-256 is
+refused by a real server process (it starts empty, loudly), and a blob put without the token's MAC
+is refused by the reading client."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from streamrec.param_server import checkpoint
+from streamrec.param_server.client import ParamClient, ParamServerError
+from streamrec.param_server.store import ParamStore
+from tests.param_server.conftest import StartServer
+from tests.param_server.test_fuzz import exchange, frame, hello
+
+TOKEN = "s3cret-token"
+
+
+def test_plainly_checksummed_checkpoint_is_refused_with_a_token(start_server: StartServer, tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    server = start_server("--checkpoint-dir", str(ckpt), "--checkpoint-every", "0", token=TOKEN)
+    with ParamClient([server.address], token=TOKEN) as client:
+        client.create_table("t", 4, key_type="int")
+        client.push({"t": (np.arange(3), np.ones((3, 4), np.float32))})
+    server.stop()
+    restarted = start_server("--checkpoint-dir", str(ckpt), "--checkpoint-every", "0", token=TOKEN)
+    assert restarted.ready["restored"] and not restarted.ready["empty"]  # a signed checkpoint loads
+    restarted.stop()
+
+    shard_dir = ckpt / "shard-0-of-1"
+    forged = ParamStore(0, 1, previous_version=10**9, empty=False)
+    taken = checkpoint.snapshot(forged)
+    checkpoint.write(shard_dir / "ckpt-99999999999999999999.srps", taken.header, taken.arrays)  # plain SHA-256, valid
+    checkpoint.read(shard_dir / "ckpt-99999999999999999999.srps")  # the plain checksum does check out
+    for path in shard_dir.glob("ckpt-0*.srps"):
+        path.unlink()  # leave only the forged one
+    victim = start_server("--checkpoint-dir", str(ckpt), "--checkpoint-every", "0", token=TOKEN)
+    assert victim.ready["empty"] and victim.ready["restored"] is None
+    assert "signature mismatch" in victim.ready["rejected_checkpoints"][0]
+    assert "STARTING EMPTY" in victim.stop()
+
+
+def test_blob_without_the_tokens_mac_is_refused_by_the_reader(start_server: StartServer) -> None:
+    server = start_server("--no-checkpoints", token=TOKEN)
+    with ParamClient([server.address], token=TOKEN) as client:
+        client.put_blob("model", b"weights")
+        assert client.get_blob("model").data == b"weights"
+        raw = frame({"op": "put_blob", "name": "model", "arrays": [["data", "|u1", [7], 0]]}, b"evil!!!\0")
+        assert b'"ok":true' in exchange(server.address, hello(TOKEN) + raw)
+        with pytest.raises(ParamServerError, match="BadSignature"):
+            client.get_blob("model")
