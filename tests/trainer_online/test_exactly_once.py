@@ -10,6 +10,8 @@ from __future__ import annotations
 import shutil
 from collections import Counter
 
+import pytest
+
 from streamrec.app import infra
 from streamrec.param_server.client import ParamClient
 from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
@@ -41,34 +43,22 @@ def restart_on_same_port(start_server, address: str, *args: str):
     return start_server(*args, "--port", address.rsplit(":", 1)[1])
 
 
-def test_restart_from_an_old_checkpoint_loses_nothing(online_settings, start_server, tmp_path):
+@pytest.mark.parametrize("checkpoints", ["old", "deleted"])
+def test_a_restarted_parameter_server_loses_nothing(online_settings, start_server, tmp_path, checkpoints):
     """The issue's three steps: 3,000 events applied, the server SIGKILLed and restarted from a
-    checkpoint taken before they arrived, 2,000 more events: all 5,000 applied exactly once."""
+    checkpoint taken before they arrived ("old": only the start-up one) or with its checkpoint
+    directory deleted (it starts empty: the whole topic is learned again), 2,000 more events: all
+    5,000 applied exactly once."""
     ckpt = tmp_path / "ckpt"
-    args = ("--checkpoint-dir", str(ckpt), "--checkpoint-every", "3600")  # only the start-up checkpoint
+    args = ("--checkpoint-dir", str(ckpt), "--checkpoint-every", "3600" if checkpoints == "old" else "1")
     server = start_server(*args)
     events = planted_events(5000)
     trainer = TrainerProcess(online_settings, server.address, tmp_path / "r.json", "--no-feature-store")
     produce_events(online_settings, events[:3000])
     wait_until(lambda: applied(server.address) == 3000, timeout=120)
     server.kill()
-    server = restart_on_same_port(start_server, server.address, *args)
-    produce_events(online_settings, events[3000:])
-    wait_until(lambda: applied(server.address) >= 5000, timeout=120)
-    trainer.kill()
-    shard_counts_match(server.address, events)
-
-
-def test_restart_without_any_checkpoint_relearns_the_whole_topic(online_settings, start_server, tmp_path):
-    ckpt = tmp_path / "ckpt"
-    args = ("--checkpoint-dir", str(ckpt), "--checkpoint-every", "1")
-    server = start_server(*args)
-    events = planted_events(5000)
-    trainer = TrainerProcess(online_settings, server.address, tmp_path / "r.json", "--no-feature-store")
-    produce_events(online_settings, events[:3000])
-    wait_until(lambda: applied(server.address) == 3000, timeout=120)
-    server.kill()
-    shutil.rmtree(ckpt)
+    if checkpoints == "deleted":
+        shutil.rmtree(ckpt)
     server = restart_on_same_port(start_server, server.address, *args)
     produce_events(online_settings, events[3000:])
     wait_until(lambda: applied(server.address) >= 5000, timeout=120)

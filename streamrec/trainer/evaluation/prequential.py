@@ -36,6 +36,7 @@ from streamrec.trainer.online.roles import EventRoles
 
 EVAL_EVERY = 10
 K = 10
+SMALL_CHUNK = 16  # events: below this, history updates go pair by pair
 ScoreFn = Callable[[np.ndarray], ItemScores]  # user ids -> their scores over the items a model holds
 
 
@@ -105,18 +106,27 @@ class EarlierItems:
         """Record events (in stream order): one set update per user of the chunk."""
         if not len(users):
             return
+        if len(users) <= SMALL_CHUNK:  # the live trainer's steps: pandas' setup would cost more than the work
+            for user, item in zip(users.tolist(), items.tolist()):
+                self._known(user).add(item)
+            return
         codes, uniques = pd.factorize(users)
         order = np.argsort(codes, kind="stable")
         groups = np.split(items[order], np.cumsum(np.bincount(codes))[:-1])
         for user, group in zip(uniques, groups):
-            known = self._items.get(user)
-            if known is None:
-                known = self._items[user] = set()
-                if self.max_users is not None and len(self._items) > self.max_users:
-                    self._items.popitem(last=False)
-            else:
-                self._items.move_to_end(user)
-            known.update(group.tolist())
+            self._known(user).update(group.tolist())
+
+    def _known(self, user: str) -> set[str]:
+        """The user's set, created (forgetting the least recently active user beyond `max_users`)
+        or marked as the most recently active."""
+        known = self._items.get(user)
+        if known is None:
+            known = self._items[user] = set()
+            if self.max_users is not None and len(self._items) > self.max_users:
+                self._items.popitem(last=False)
+        else:
+            self._items.move_to_end(user)
+        return known
 
 
 class PrequentialScorer:
@@ -131,8 +141,11 @@ class PrequentialScorer:
 
     def pass_unscored(self, events: EventBatch) -> None:
         """Events that pass without being scored still become the users' earlier items."""
-        self.history.add(events.user_id, events.item_id)
-        self.position += len(events)
+        self._pass(events.user_id, events.item_id)
+
+    def _pass(self, users: np.ndarray, items: np.ndarray) -> None:
+        self.history.add(users, items)
+        self.position += len(users)
 
     def evaluate(self, events: EventBatch, models: Mapping[str, ScoreFn]) -> dict[str, Evaluated]:
         """Score the due events of `events` (the next events of the stream, not learned yet) with
@@ -145,7 +158,7 @@ class PrequentialScorer:
         for q in range(-self.position % self.every, len(events), self.every):
             if events.event_type[q] not in self.roles.positive_types:
                 continue
-            self.pass_unscored(events.take(slice(observed, q)))
+            self._pass(events.user_id[observed:q], events.item_id[observed:q])
             observed = q
             user, item = events.user_id[q], events.item_id[q]
             earlier = self.history.of(user)
@@ -155,7 +168,7 @@ class PrequentialScorer:
                 greater, ties = rank_counts_among_known(score_users(np.array([user], object)), np.array([item], object),
                                                         [earlier])
                 found[name].append((self.position, int(greater[0]), int(ties[0]), float(events.timestamp[q])))
-        self.pass_unscored(events.take(slice(observed, None)))
+        self._pass(events.user_id[observed:], events.item_id[observed:])
         return {name: _evaluated(rows) for name, rows in found.items()}
 
 

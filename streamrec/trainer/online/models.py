@@ -112,7 +112,8 @@ class _FactorModel(OnlineRecommender):
             position = np.full(len(user_ids), -1)
         else:  # an object Index, not an array: pandas would first infer a string dtype for the array
             position = self.users.index.get_indexer(pd.Index(user_ids, dtype=object))
-        out = np.zeros((len(user_ids), self.table_specs()["users"].width))
+        width = self.users.values.shape[1] if self.users is not None else self.table_specs()["users"].width
+        out = np.zeros((len(user_ids), width))
         local = position >= 0
         if local.any():
             out[local] = self.users.values[position[local]]
