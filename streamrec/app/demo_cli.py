@@ -1,4 +1,8 @@
-"""`streamrec demo`: one command that shows the system working on MovieLens 100K."""
+"""`streamrec demo`: one command that shows the system working, on any machine.
+
+Data, in this order: `--data`, `$STREAMREC_DEMO_DATA`, else the built-in synthetic log
+(`streamrec.stream.synthetic`) with a one-line notice, so a fresh clone needs nothing beside it.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +15,36 @@ import click
 
 from streamrec.core.cli import print_json, settings_from
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+SYNTHETIC = "synthetic"
 
 
-def default_demo_data() -> Path:
-    """$STREAMREC_DEMO_DATA, else the shared MovieLens 100K beside the checkout."""
-    return Path(os.environ.get("STREAMREC_DEMO_DATA", REPO_ROOT.parent / "shared" / "data" / "ml-100k"))
+def demo_data(data: str | None, fmt: str, home: Path) -> tuple[Path, str]:
+    """(path, format) of the log to replay: `--data`, `$STREAMREC_DEMO_DATA`, else the built-in
+    synthetic log (also `--data synthetic`), written as CSV under `home` so it is replayed through
+    the same loaders as any file."""
+    chosen = data or os.environ.get("STREAMREC_DEMO_DATA")
+    if chosen and chosen != SYNTHETIC:
+        path = Path(chosen)
+        if not path.exists():
+            raise click.ClickException(f"no demo data at {path}: pass --data PATH, or --data synthetic")
+        return path, fmt
+    if chosen is None:
+        click.echo("no --data and no STREAMREC_DEMO_DATA: running on the built-in synthetic log "
+                   "(planted user and item groups; see streamrec/stream/synthetic.py)", err=True)
+    import pandas as pd
+
+    from streamrec.stream.synthetic import synthetic_log
+
+    log = synthetic_log()
+    path = home / "demo" / "synthetic.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"user_id": log.user_id, "item_id": log.item_id, "rating": log.rating,
+                  "timestamp": log.timestamp}).to_csv(path, index=False)
+    return path, "csv"
 
 
 @click.command("demo")
-@click.option("--data", "data_path", type=click.Path(path_type=Path), help="log to replay [MovieLens 100K]")
+@click.option("--data", "data", help="log to replay, or `synthetic` [$STREAMREC_DEMO_DATA, else synthetic]")
 @click.option("--format", "fmt", type=click.Choice(["ml-100k", "ml-latest", "csv", "jsonl"]), default="ml-100k")
 @click.option("--duration", type=float, default=120.0, show_default=True, help="replay the log in about this many seconds")
 @click.option("--speed", type=float, help="event-time seconds per wall second (overrides --duration)")
@@ -28,7 +52,7 @@ def default_demo_data() -> Path:
 @click.option("--refit-every", type=int, default=20_000, show_default=True, help="refit item kNN and ALS every N events")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
 @click.pass_context
-def demo(ctx: click.Context, data_path: Path | None, fmt: str, duration: float, speed: float | None,
+def demo(ctx: click.Context, data: str | None, fmt: str, duration: float, speed: float | None,
          poll_interval: float, refit_every: int, as_json: bool) -> None:
     """Run the whole real-time pipeline on a replayed log: broker, Redis, parameter server, online
     trainer, two serving workers and a refit loop; live display, summary and plots. Stops
@@ -38,17 +62,13 @@ def demo(ctx: click.Context, data_path: Path | None, fmt: str, duration: float, 
     from rich.table import Table
 
     from streamrec.app import infra
-    from streamrec.core.config import load_settings, read_infra_state
     from streamrec.app.demo import DemoOptions, run_demo
+    from streamrec.core.config import load_settings, read_infra_state
     from streamrec.core.progress import stderr_console
 
-    data_path = data_path or default_demo_data()
-    if not data_path.exists():
-        raise click.ClickException(
-            f"no demo data at {data_path}: pass --data (MovieLens 100K folder) or set STREAMREC_DEMO_DATA"
-        )
     root = ctx.find_root().params
     settings = settings_from(ctx)
+    data_path, fmt = demo_data(data, fmt, Path(settings.home))
     before = read_infra_state(Path(settings.home)).get("started", {})
     try:
         state = infra.up(settings, root.get("kafka_bootstrap"), root.get("redis_url"))

@@ -1,6 +1,6 @@
 """The neural results table (docs/neural.md) from one command:
 
-    python -m streamrec.trainer.models.neural.report --data ../shared/data/ml-100k [--model NAME ...]
+    python -m streamrec.trainer.models.neural.report --data PATH/TO/ml-100k [--model NAME ...]
 
 Every row goes through the topn harness of `streamrec evaluate`; models that read side features
 get `side_data=<the data folder>`. Prints one JSON line per model on stderr as it finishes and the
