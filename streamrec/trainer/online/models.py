@@ -16,6 +16,7 @@ with the same deterministic initial value the model assumed (`streamrec.param_se
 
 from __future__ import annotations
 
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,14 @@ from streamrec.trainer.online.base import (
 from streamrec.trainer.online.roles import EventRoles
 from streamrec.trainer.online.sampling import NegativeSampler, SamplingMode
 
+SMALL_LOOKUP = 16  # users: below this, row lookups go through a dict (pandas' setup costs more)
+
+
+def _dot(users: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """users @ items.T in the items' precision (float32 in the mirror): a float64 user row would
+    make numpy convert the whole item matrix first, five times the cost of the product itself."""
+    return users.astype(items.dtype, copy=False) @ items.T
+
 
 def _log_sigmoid(x: np.ndarray) -> np.ndarray:
     return -np.logaddexp(0.0, -x)
@@ -51,6 +60,7 @@ class LocalRows:
     def __init__(self, spec: TableSpec, ids: list, pulled: Rows) -> None:
         self.ids = ids
         self.index = pd.Index(ids, dtype=object)
+        self.row_of = dict(zip(ids, range(len(ids))))  # the scorer's per-event lookups: dict hits, not pandas calls
         self.values = pulled.values.astype(np.float64)
         if not pulled.found.all():
             missing = np.flatnonzero(~pulled.found)
@@ -110,6 +120,8 @@ class _FactorModel(OnlineRecommender):
         """Current user rows: the batch's working copy where the user is in it, else the store's."""
         if self.users is None:
             position = np.full(len(user_ids), -1)
+        elif len(user_ids) <= SMALL_LOOKUP:  # the live scorer's one user per scored event
+            position = np.fromiter(map(self.users.row_of.get, user_ids, repeat(-1)), np.int64, len(user_ids))
         else:  # an object Index, not an array: pandas would first infer a string dtype for the array
             position = self.users.index.get_indexer(pd.Index(user_ids, dtype=object))
         width = self.users.values.shape[1] if self.users is not None else self.table_specs()["users"].width
@@ -139,7 +151,7 @@ class OnlineBPR(_FactorModel):
 
     def _scores(self, user_ids: np.ndarray, item_rows: np.ndarray) -> np.ndarray:
         dim = self.params.dim
-        return self.user_rows(user_ids)[:, :dim] @ item_rows[:, :dim].T + item_rows[:, dim]
+        return _dot(self.user_rows(user_ids)[:, :dim], item_rows[:, :dim]) + item_rows[:, dim]
 
     def _learn(self, batch: EventBatch, rows: dict[str, Rows], before_step: StepHook | None,
                ) -> tuple[Updates, StepStats]:
@@ -252,7 +264,7 @@ class OnlineMF(_FactorModel):
         dim = self.params.dim
         user_rows = self.user_rows(user_ids)
         return (self.mu + user_rows[:, dim][:, None] + item_rows[:, dim][None, :]
-                + user_rows[:, :dim] @ item_rows[:, :dim].T)
+                + _dot(user_rows[:, :dim], item_rows[:, :dim]))
 
     def _rated(self, batch: EventBatch) -> np.ndarray:
         return self.roles.is_rating(batch.event_type, batch.value)
