@@ -9,11 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from typing import Literal
 
 import numpy as np
 import scipy.sparse as sp
 
 from streamrec.stream.loaders import InteractionLog, id_sort_key
+
+Weighting = Literal["binary", "log1p", "raw"]
+WEIGHTINGS: tuple[str, ...] = ("binary", "log1p", "raw")
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class Interactions:
     user_idx: np.ndarray  # int64 per event of `log`
     item_idx: np.ndarray  # int64 per event of `log`
     implicit: bool = False
+    weighting: Weighting = "binary"  # what `strength()` gives models as implicit confidence
 
     @classmethod
     def from_log(
@@ -69,24 +74,27 @@ class Interactions:
         users: IdIndex | None = None,
         items: IdIndex | None = None,
         implicit: bool = False,
+        weighting: Weighting = "binary",
     ) -> Interactions:
         """Index a log. Events whose user/item is outside a given universe are dropped.
 
-        `implicit=True` discards rating values (every event is one interaction).
+        `implicit=True` discards rating values as ratings (every event is one interaction);
+        `weighting` says whether `strength()` still reads them as confidence (play counts).
         """
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS}")
         users = users or IdIndex.from_ids(log.user_id)
         items = items or IdIndex.from_ids(log.item_id)
         u, i = users.index(log.user_id), items.index(log.item_id)
         keep = (u >= 0) & (i >= 0)
         if keep.all():
-            return cls(log, users, items, u, i, implicit)
-        return cls(log.take(keep), users, items, u[keep], i[keep], implicit)
+            return cls(log, users, items, u, i, implicit, weighting)
+        return cls(log.take(keep), users, items, u[keep], i[keep], implicit, weighting)
 
     def subset(self, mask: np.ndarray) -> Interactions:
         """The same index space restricted to some events (train/test splits)."""
-        return Interactions(
-            self.log.take(mask), self.users, self.items, self.user_idx[mask], self.item_idx[mask], self.implicit
-        )
+        return Interactions(self.log.take(mask), self.users, self.items, self.user_idx[mask], self.item_idx[mask],
+                            self.implicit, self.weighting)
 
     def as_implicit(self) -> Interactions:
         """The same events read as implicit feedback (rating values ignored)."""
@@ -149,6 +157,24 @@ class Interactions:
         """User x item, number of events per pair (implicit feedback strength); canonical CSR."""
         m = self._coo(np.ones(len(self), dtype=np.float64))
         m.sum_duplicates()
+        return m
+
+    def strength(self) -> sp.csr_matrix:
+        """User x item implicit confidence, what `weighting` asks for (EVALUATION.md `--weights`):
+        `binary` the number of events per pair (1 once a protocol collapsed repeated pairs),
+        `raw` the sum of the pair's values (an event without a value counts 1), `log1p` log(1 + that
+        sum), which tames heavy play counts. Models with `Capabilities.weights` train on this."""
+        if self.weighting == "binary":
+            return self.counts()
+        values = self.log.rating.astype(np.float64, copy=False)
+        values = np.where(np.isfinite(values), values, 1.0)
+        if (values < 0).any():
+            raise ValueError(f"--weights {self.weighting} needs non-negative values; this log has negative ones")
+        m = self._coo(values)
+        m.sum_duplicates()
+        if self.weighting == "log1p":
+            m.data = np.log1p(m.data)
+        m.eliminate_zeros()
         return m
 
     def binary(self) -> sp.csr_matrix:

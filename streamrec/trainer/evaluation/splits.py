@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from streamrec.stream.loaders import InteractionLog, load_log
 from streamrec.trainer.interactions import Interactions
@@ -32,6 +34,25 @@ def rating_folds(
         train = np.sort(np.concatenate([p for m, p in enumerate(parts) if m != n]))
         folds.append((log.take(train), log.take(test)))
     return folds
+
+
+def distinct_pairs(log: InteractionLog) -> InteractionLog:
+    """One event per (user, item) pair, at its latest timestamp, carrying the sum of the pair's
+    values (an event without a value counts 1): the topn protocol's pair de-duplication
+    (EVALUATION.md), so a repeated item can neither be the test item and a training item at once,
+    nor weigh more than once unless `--weights` asks for its values. Time order is kept."""
+    if not len(log):
+        return log
+    frame = pd.DataFrame({"u": log.user_id, "i": log.item_id, "t": log.timestamp,
+                          "v": np.where(np.isfinite(log.rating), log.rating, 1.0), "row": np.arange(len(log))})
+    grouped = frame.groupby(["u", "i"], sort=False)
+    last_row = frame.loc[grouped["t"].idxmax().to_numpy(), "row"].to_numpy()
+    collapsed = log.take(np.sort(last_row))
+    if len(collapsed) == len(log):
+        return log
+    totals = grouped["v"].sum()
+    summed = totals.reindex(pd.MultiIndex.from_arrays([collapsed.user_id, collapsed.item_id])).to_numpy()
+    return replace(collapsed, rating=summed.astype(np.float64))
 
 
 def leave_last_out(data: Interactions) -> tuple[np.ndarray, np.ndarray]:

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from streamrec.stream.loaders import InteractionLog
 from streamrec.trainer.evaluation.metrics import (
-    catalogue_coverage, expected_hit, expected_ndcg, expected_reciprocal_rank, rank_counts,
+    catalogue_coverage,
+    expected_hit,
+    expected_ndcg,
+    expected_reciprocal_rank,
+    rank_counts,
 )
-from streamrec.trainer.evaluation.splits import leave_last_out
-from streamrec.trainer.interactions import Interactions
+from streamrec.trainer.evaluation.splits import distinct_pairs, leave_last_out
+from streamrec.trainer.interactions import Interactions, Weighting
 from streamrec.trainer.models.base import SCORE_CHUNK, Recommender, mask_seen, top_k
 
 
@@ -39,9 +44,11 @@ def ranking_metrics(model: Recommender, users: np.ndarray, targets: np.ndarray) 
     }
 
 
-def run_topn(make_model: Callable[[], Recommender], log: InteractionLog) -> dict[str, Any]:
-    """Fit on everything but each user's last interaction; rank that one among all items."""
-    data = Interactions.from_log(log, implicit=True)
+def run_topn(make_model: Callable[[], Recommender], log: InteractionLog, weighting: Weighting = "binary",
+             ) -> dict[str, Any]:
+    """Fit on everything but each user's last interaction; rank that one among all items. Repeated
+    (user, item) pairs count once, at their latest time; `weighting` gives models their summed values."""
+    data = Interactions.from_log(distinct_pairs(log), implicit=True, weighting=weighting)
     train_mask, test = leave_last_out(data)
     model = make_model()
     start = time.perf_counter()

@@ -66,13 +66,13 @@ class ImplicitALS(Recommender):
     """Weighted matrix factorisation for implicit feedback; scores are x_u . y_i."""
 
     name = "als"
-    capabilities = Capabilities(implicit=True)
+    capabilities = Capabilities(implicit=True, weights=True)
     Params = ALSParams
 
     def _fit(self, interactions: Interactions) -> None:
         p = self.params
         gen = torch.Generator().manual_seed(int(p["seed"]))
-        confidence = interactions.counts()
+        confidence = interactions.strength()
         confidence.data = 1.0 + p["alpha"] * confidence.data
         by_user, by_item = to_torch_csr(confidence), to_torch_csr(confidence.T.tocsr())
         k = p["factors"]

@@ -29,11 +29,13 @@ SCORE_CHUNK = 1024  # users scored per dense block: bounds memory at chunk x n_i
 @dataclass(frozen=True)
 class Capabilities:
     """What a model can use: explicit ratings (predicts ratings), implicit feedback (ranks from
-    interactions alone), timestamps (time-aware predictions)."""
+    interactions alone), timestamps (time-aware predictions), and implicit confidence weights
+    (`Interactions.strength()`, `evaluate --weights`)."""
 
     explicit: bool = False
     implicit: bool = False
     time_aware: bool = False
+    weights: bool = False
 
 
 class Recommender(ABC):

@@ -73,15 +73,17 @@ class BPR(Recommender):
     """BPR-MF with an item bias (see the module doc)."""
 
     name = "bpr"
-    capabilities = Capabilities(implicit=True)
+    capabilities = Capabilities(implicit=True, weights=True)
     Params = BPRParams
 
     @single_threaded()
     def _fit(self, interactions: Interactions) -> None:
         p = self.params
         gen = generator(p["seed"])
-        binary = interactions.binary().tocoo()
+        weighted = interactions.weighting != "binary"  # positives drawn by weight (play counts)
+        binary = (interactions.strength() if weighted else interactions.binary()).tocoo()
         users, items = torch.from_numpy(binary.row.astype(np.int64)), torch.from_numpy(binary.col.astype(np.int64))
+        draw_weights = torch.from_numpy(binary.data.astype(np.float64)) if weighted else None
         n_items, k = interactions.n_items, p["factors"] - 1  # one factor is the item bias
         seen_keys = torch.sort(users * n_items + items).values
         item_weights = torch.from_numpy(np.maximum(self.popularity, 1e-12).astype(np.float64))
@@ -90,7 +92,8 @@ class BPR(Recommender):
         b = torch.zeros(n_items)
         lr, reg = p["lr"], p["reg"]
         for _ in range(p["epochs"]):
-            order = torch.randperm(len(users), generator=gen)
+            order = (torch.randperm(len(users), generator=gen) if draw_weights is None
+                     else torch.multinomial(draw_weights, len(users), replacement=True, generator=gen))
             epoch_users, epoch_items = users[order], items[order]
             epoch_negatives = sample_negatives(
                 epoch_users, epoch_items, seen_keys, n_items, p["negatives"], item_weights, p["batch_size"], gen

@@ -9,6 +9,7 @@ with the neighbour lists truncated to the top k per entity: score(u, c) = sum_{j
 from __future__ import annotations
 
 from abc import abstractmethod
+from dataclasses import replace
 from typing import Literal
 
 import numpy as np
@@ -84,7 +85,7 @@ class _NeighbourModel(Recommender):
         sim_kind, self.k = self._resolved(self.explicit)
         users, items, ratings, _ = data.pair_view()
         self.mu, self.bu, self.bi = baselines(users, items, ratings, data.n_users, data.n_items)
-        self.ratings = data.matrix() if self.explicit else data.counts()
+        self.ratings = data.matrix() if self.explicit else data.strength()
         residual = self.ratings.copy()
         rows = np.repeat(np.arange(data.n_users), np.diff(residual.indptr))
         residual.data = residual.data - (self.mu + self.bu[rows] + self.bi[residual.indices])
@@ -178,7 +179,7 @@ class ItemKNN(_NeighbourModel):
     neighbour lists truncated to the top 100 per item."""
 
     name = "item-knn"
-    capabilities = Capabilities(explicit=True, implicit=True)
+    capabilities = Capabilities(explicit=True, implicit=True, weights=True)
     item_based = True
 
 
@@ -186,7 +187,7 @@ class UserKNN(_NeighbourModel):
     """User-based CF: cosine similarity, k neighbours, similarity-weighted average (survey)."""
 
     name = "user-knn"
-    capabilities = Capabilities(explicit=True, implicit=True)
+    capabilities = Capabilities(explicit=True, implicit=True, weights=True)
     item_based = False
 
 
@@ -200,7 +201,8 @@ class AmazonI2I(_NeighbourModel):
     Params = AmazonI2IParams
 
     def _fit(self, data: Interactions) -> None:
-        super()._fit(data.as_implicit())
+        """Co-occurrence counts users, so every pair counts once whatever the weighting."""
+        super()._fit(replace(data, implicit=True, weighting="binary"))
 
     def because(self, user_id: str, item_ids: list[str] | np.ndarray) -> list[str | None]:
         """For each recommended item, the history item that contributed most ("because you
