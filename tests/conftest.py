@@ -3,23 +3,33 @@
 Each is chosen in this order: explicit env settings (STREAMREC_KAFKA_BOOTSTRAP,
 STREAMREC_REDIS_URL), else containers through testcontainers when a Docker engine answers, else the
 local default (the embedded Tansu broker; the Redis at the default URL, or an embedded one).
+
+MovieLens 100K comes from the data-set cache: the `ml100k` fixture imports a local copy (folder
+or zip) named by $STREAMREC_TEST_ML100K with `streamrec datasets import` into a session
+STREAMREC_HOME and hands out the cached folder. Without the data a test skips, or fails when $CI
+is set (CI must not pass by skipping).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
+from click.testing import CliRunner
 
 from streamrec.app import infra
 from streamrec.core import net
 from streamrec.core.config import Settings
 
 REPO = Path(__file__).resolve().parents[1]
-ML100K = REPO.parent / "shared" / "data" / "ml-100k"
+ML100K_ENV = "STREAMREC_TEST_ML100K"
+# test-only default: the copy beside the checkout on the development machines
+ML100K_SOURCE = Path(os.environ.get(ML100K_ENV) or REPO.parent / "shared" / "data" / "ml-100k")
 TEST_SESSION_MS, TEST_HEARTBEAT_MS = 2000, 500  # fast group joins (INFRA.md)
 
 
@@ -104,11 +114,31 @@ def settings(kafka_bootstrap: str, redis_url: str, topic: str, tmp_path: Path) -
     )
 
 
-@pytest.fixture
-def ml100k() -> Path:
-    if not (ML100K / "u.data").exists():
-        pytest.skip(f"MovieLens 100K not found at {ML100K}")
-    return ML100K
+def missing_data(reason: str) -> NoReturn:
+    """Skip on a developer machine; fail under CI, where a missing data set is a broken setup."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI is set, so this fails instead of skipping)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def datasets_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A STREAMREC_HOME whose data-set cache the test copies are imported into, once per session."""
+    return tmp_path_factory.mktemp("datasets-home")
+
+
+@pytest.fixture(scope="session")
+def ml100k(datasets_home: Path) -> Path:
+    """The cached MovieLens 100K folder, imported (and so verified) through `streamrec datasets import`."""
+    if not ML100K_SOURCE.exists():
+        missing_data(f"MovieLens 100K not found at {ML100K_SOURCE} (set {ML100K_ENV} to a folder or ml-100k.zip)")
+    from streamrec.app.cli import cli
+
+    result = CliRunner().invoke(
+        cli, ["--home", str(datasets_home), "datasets", "import", "ml-100k", str(ML100K_SOURCE), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    return Path(json.loads(result.stdout)["path"])
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

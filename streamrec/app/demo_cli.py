@@ -1,7 +1,8 @@
 """`streamrec demo`: one command that shows the system working, on any machine.
 
-Data, in this order: `--data`, `$STREAMREC_DEMO_DATA`, else the built-in synthetic log
-(`streamrec.stream.synthetic`) with a one-line notice, so a fresh clone needs nothing beside it.
+Data, in this order: `--data`, `$STREAMREC_DEMO_DATA` (each a path or a data-set name), MovieLens
+100K from the data-set cache, a download of it, else the built-in synthetic log
+(`streamrec.stream.synthetic`) with a one-line notice, so a fresh clone offline still runs.
 """
 
 from __future__ import annotations
@@ -14,23 +15,18 @@ from pathlib import Path
 import click
 
 from streamrec.core.cli import print_json, settings_from
+from streamrec.stream.datasets import cache
+from streamrec.stream.datasets.catalogue import DatasetError, dataset
+from streamrec.stream.datasets.resolve import resolve_data
+from streamrec.stream.loaders import FORMATS
 
 SYNTHETIC = "synthetic"
+DEMO_DATASET = "ml-100k"
 
 
-def demo_data(data: str | None, fmt: str, home: Path) -> tuple[Path, str]:
-    """(path, format) of the log to replay: `--data`, `$STREAMREC_DEMO_DATA`, else the built-in
-    synthetic log (also `--data synthetic`), written as CSV under `home` so it is replayed through
-    the same loaders as any file."""
-    chosen = data or os.environ.get("STREAMREC_DEMO_DATA")
-    if chosen and chosen != SYNTHETIC:
-        path = Path(chosen)
-        if not path.exists():
-            raise click.ClickException(f"no demo data at {path}: pass --data PATH, or --data synthetic")
-        return path, fmt
-    if chosen is None:
-        click.echo("no --data and no STREAMREC_DEMO_DATA: running on the built-in synthetic log "
-                   "(planted user and item groups; see streamrec/stream/synthetic.py)", err=True)
+def _synthetic_log(home: Path) -> tuple[Path, str]:
+    """The built-in synthetic log, written as CSV under `home` so it is replayed through the same
+    loaders as any file."""
     import pandas as pd
 
     from streamrec.stream.synthetic import synthetic_log
@@ -43,9 +39,39 @@ def demo_data(data: str | None, fmt: str, home: Path) -> tuple[Path, str]:
     return path, "csv"
 
 
+def demo_data(data: str | None, fmt: str, home: Path) -> tuple[Path, str]:
+    """(path, format) of the log to replay: `--data`, `$STREAMREC_DEMO_DATA`, the cached ml-100k,
+    a download of it, else the built-in synthetic log (also `--data synthetic`)."""
+    chosen = data or os.environ.get("STREAMREC_DEMO_DATA")
+    if chosen == SYNTHETIC:
+        return _synthetic_log(home)
+    if chosen:
+        try:
+            source = resolve_data(chosen, home)
+        except DatasetError as exc:
+            raise click.ClickException(f"no demo data at {chosen}: {exc}; or pass --data synthetic") from exc
+        return source.path, source.format_or(fmt)
+    # imported here: httpx only when the demo needs it
+    from streamrec.stream.datasets.store import fetch_dataset
+
+    entry = dataset(DEMO_DATASET)
+    try:
+        path, downloaded = fetch_dataset(entry, home)  # the cached copy, else a download
+    except DatasetError as exc:
+        click.echo(f"no --data, no STREAMREC_DEMO_DATA, no {DEMO_DATASET} in {cache.cache_root(home)} and no "
+                   f"download ({exc}): running on the built-in synthetic log (planted user and item groups; "
+                   "see streamrec/stream/synthetic.py)", err=True)
+        return _synthetic_log(home)
+    if downloaded:
+        click.echo(f"downloaded {DEMO_DATASET} into {path} ({entry.license})", err=True)
+    return path, entry.format
+
+
 @click.command("demo")
-@click.option("--data", "data", help="log to replay, or `synthetic` [$STREAMREC_DEMO_DATA, else synthetic]")
-@click.option("--format", "fmt", type=click.Choice(["ml-100k", "ml-latest", "csv", "jsonl"]), default="ml-100k")
+@click.option("--data", "data", help="log to replay (a path or a data-set name), or `synthetic` "
+              "[$STREAMREC_DEMO_DATA, else ml-100k from the cache or a download, else synthetic]")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="ml-100k",
+              help="format of a PATH (a data-set name brings its own)")
 @click.option("--duration", type=float, default=120.0, show_default=True, help="replay the log in about this many seconds")
 @click.option("--speed", type=float, help="event-time seconds per wall second (overrides --duration)")
 @click.option("--poll-interval", type=float, default=5.0, show_default=True, help="serving poll interval")

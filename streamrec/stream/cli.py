@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import BinaryIO
 
 import click
 
 from streamrec.core.cli import print_json, settings_from, show
+from streamrec.stream.datasets.resolve import DATA, DataSource
+from streamrec.stream.loaders import FORMATS
 
 
 def _fail(message: str) -> click.ClickException:
@@ -97,9 +98,10 @@ def produce(ctx: click.Context, file: BinaryIO, topic_flag: str | None, as_json:
 
 
 @click.command("replay")
-@click.option("--data", "data_path", required=True, type=click.Path(exists=True, path_type=Path),
-              help="log file or folder (ml-100k: the folder or u.data)")
-@click.option("--format", "fmt", type=click.Choice(["ml-100k", "ml-latest", "csv", "jsonl"]), default="ml-100k")
+@click.option("--data", "data", required=True, type=DATA,
+              help="log file or folder (ml-100k: the folder or u.data), or a data-set name (`streamrec datasets list`)")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="ml-100k",
+              help="format of a PATH (a data-set name brings its own)")
 @click.option("--topic", "topic_flag", help="target topic [settings.topic]")
 @click.option("--speed", type=float, default=0.0, show_default=True,
               help="event-time seconds per wall second; 0 = as fast as possible")
@@ -107,7 +109,7 @@ def produce(ctx: click.Context, file: BinaryIO, topic_flag: str | None, as_json:
 @click.option("--map", "mapping", multiple=True, help="field=column, e.g. user_id=userId,item_id=movieId")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def replay_cmd(ctx: click.Context, data_path: Path, fmt: str, topic_flag: str | None, speed: float,
+def replay_cmd(ctx: click.Context, data: DataSource, fmt: str, topic_flag: str | None, speed: float,
                limit: int | None, mapping: tuple[str, ...], as_json: bool) -> None:
     """Replay a historical log into the topic in timestamp order (ties: user, then item)."""
     from streamrec.core.progress import progress_bar
@@ -119,10 +121,11 @@ def replay_cmd(ctx: click.Context, data_path: Path, fmt: str, topic_flag: str | 
     if speed < 0:
         raise click.BadParameter("must be >= 0", param_hint="--speed")
     settings = settings_from(ctx)
+    fmt = data.format_or(fmt)
     try:
-        log = load_log(data_path, fmt, parse_map_option(mapping))
+        log = load_log(data.path, fmt, parse_map_option(mapping))
     except (ValueError, KeyError) as exc:
-        raise _fail(f"cannot read {data_path} as {fmt}: {exc}") from exc
+        raise _fail(f"cannot read {data.path} as {fmt}: {exc}") from exc
     publisher = EventPublisher.from_settings(settings, "replay", topic_flag)
     create_topics(settings.kafka_bootstrap, [publisher.topic, publisher.dead_letters.topic], settings.topic_partitions)
     total = min(len(log), limit) if limit is not None else len(log)

@@ -7,6 +7,7 @@ Every consumer of a log file (replay to Kafka, batch refits, `streamrec evaluate
 from __future__ import annotations
 
 import hashlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -14,8 +15,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-LogFormat = Literal["ml-100k", "ml-latest", "csv", "jsonl"]
-FORMATS: tuple[str, ...] = ("ml-100k", "ml-latest", "csv", "jsonl")
+LogFormat = Literal["ml-100k", "ml-1m", "ml-latest", "csv", "jsonl", "sessions"]
+FORMATS: tuple[str, ...] = ("ml-100k", "ml-1m", "ml-latest", "csv", "jsonl", "sessions")
 CANONICAL_COLUMNS = ("user_id", "item_id", "rating", "timestamp", "event_type")
 
 
@@ -106,6 +107,17 @@ def _read_frame(path: Path, fmt: str, mapping: dict[str, str] | None) -> pd.Data
             file, sep="\t", header=None, names=["user_id", "item_id", "rating", "timestamp"],
             dtype={"user_id": str, "item_id": str, "rating": np.float64, "timestamp": np.float64},
         )
+    if fmt == "ml-1m":  # ratings.dat: UserID::MovieID::Rating::Timestamp (one-char separator: the C parser)
+        file = path / "ratings.dat" if path.is_dir() else path
+        return pd.read_csv(
+            file, sep=":", header=None, usecols=[0, 2, 4, 6], names=["user_id", "item_id", "rating", "timestamp"],
+            dtype={"user_id": str, "item_id": str, "rating": np.float64, "timestamp": np.float64},
+        )
+    if fmt == "sessions":  # session_id,item_id,timestamp[,user_id]: sessions take the place of users
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        if "session_id" not in frame.columns:
+            raise ValueError(f"sessions format needs a session_id column (columns: {list(frame.columns)})")
+        return frame.drop(columns=["user_id"], errors="ignore").rename(columns={"session_id": "user_id"})
     if fmt == "ml-latest":
         file = path / "ratings.csv" if path.is_dir() else path
         frame = pd.read_csv(file, dtype={"userId": str, "movieId": str})
@@ -140,7 +152,8 @@ def load_log(
 ) -> InteractionLog:
     """Read a log file (or an ml-100k / ml-latest folder) into time order.
 
-    Columns: user_id, item_id, timestamp required; rating and event_type optional.
+    Columns: user_id and item_id required; rating and event_type optional; without a timestamp
+    column the rows keep the file's order (row position as time, announced on stderr).
     """
     path = Path(path)
     if not path.exists():
@@ -149,6 +162,9 @@ def load_log(
     for name in ("user_id", "item_id"):
         if name not in frame.columns:
             raise ValueError(f"log has no {name!r} column (columns: {list(frame.columns)}); use --map")
+    if "timestamp" not in frame.columns:  # no times: the file's order is the order of events
+        print(f"note: {path} has no timestamp column; using each row's position as its time", file=sys.stderr)
+        frame = frame.assign(timestamp=np.arange(len(frame), dtype=np.float64))
     log = InteractionLog(
         user_id=frame["user_id"].astype(str).to_numpy(dtype=object),
         item_id=frame["item_id"].astype(str).to_numpy(dtype=object),

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from streamrec.core.config import Settings
-from tests.conftest import ML100K, settings_env
+from tests.conftest import settings_env
 
 STREAMREC = str(Path(sys.executable).parent / "streamrec")
 EVENTS, RATE = 20_000, 200  # about 100 s of replay per run, two runs (with faults, clean)
@@ -33,14 +33,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 @pytest.fixture(scope="module")
-def report(kafka_bootstrap: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def report(kafka_bootstrap: str, redis_url: str, ml100k: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One chaos run (with its clean run) shared by the tests below; nothing may be left running."""
-    if not (ML100K / "u.data").exists():
-        pytest.skip(f"MovieLens 100K not found at {ML100K}")
     out = tmp_path_factory.mktemp("chaos")
     settings = Settings(kafka_bootstrap=kafka_bootstrap, redis_url=redis_url, home=tmp_path_factory.mktemp("home"))
     result = subprocess.run(
-        [STREAMREC, "chaos", "--data", str(ML100K), "--events", str(EVENTS), "--rate", str(RATE), "--seed", "0",
+        [STREAMREC, "chaos", "--data", str(ml100k), "--events", str(EVENTS), "--rate", str(RATE), "--seed", "0",
          "--out-dir", str(out), "--json"],
         env={**os.environ, **settings_env(settings)}, capture_output=True, text=True, timeout=1100,
     )

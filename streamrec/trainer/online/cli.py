@@ -9,6 +9,7 @@ import click
 
 from streamrec.core.cli import print_json, settings_from
 from streamrec.core.params import ParamError, parse_params
+from streamrec.stream.datasets.resolve import DATA, DataSource
 from streamrec.trainer.registry import model_class, names
 
 DEFAULT_MODELS = ("online-bpr", "online-mf")
@@ -85,14 +86,19 @@ def train_online(ctx: click.Context, models: tuple[str, ...], pairs: tuple[str, 
 @click.command("pipeline")
 @click.option("--events", type=int, default=200_000, show_default=True)
 @click.option("--client", type=click.Choice(["kafka-python", "confluent"]), help="[settings.kafka_client]")
-@click.option("--data", "data_path", type=click.Path(exists=True), help="replay this log (ml-100k) instead of synthetic events")
+@click.option("--data", "data", type=DATA,
+              help="replay this ml-100k log (a folder, u.data, or the name ml-100k) instead of synthetic events")
 @click.option("--json", "as_json", is_flag=True, help="(output is always JSON)")
 @click.pass_context
-def bench_pipeline(ctx: click.Context, events: int, client: str | None, data_path: str | None, as_json: bool) -> None:
+def bench_pipeline(ctx: click.Context, events: int, client: str | None, data: DataSource | None, as_json: bool) -> None:
     """Events through the real broker into a running trainer, parameter server and feature store."""
     from streamrec.trainer.online.bench import run_pipeline_bench
 
     settings = settings_from(ctx)
+    if data is not None and data.format_or("ml-100k") != "ml-100k":
+        raise click.BadParameter(f"{data.name} is in format {data.format}; this benchmark reads ml-100k logs",
+                                 param_hint="--data")
+    data_path = None if data is None else str(data.path)
     print_json(run_pipeline_bench(settings, events, client or settings.kafka_client, data_path))
 
 

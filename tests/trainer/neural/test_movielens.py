@@ -4,9 +4,10 @@ on the topn protocol. Full-budget figures come from `python -m streamrec.trainer
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from tests.conftest import ML100K
 from streamrec.trainer.evaluation.harness import evaluate
 
 POPULARITY_HR = 0.0498
@@ -14,12 +15,12 @@ QUICK = {
     "ncf-gmf": ("epochs=6",),
     "youtube-dnn": ("epochs=6",),
     "caser": ("epochs=4",),
-    "deepfm": ("epochs=4", "val_users=200", f"side_data={ML100K}"),
+    "deepfm": ("epochs=4", "val_users=200", "side_data={data}"),
 }
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (ML100K / "u.data").exists(), reason="MovieLens 100K not present")
-def test_neural_models_beat_popularity_on_movielens() -> None:
-    results = {name: evaluate("topn", name, params, ML100K)["metrics"]["hr@10"] for name, params in QUICK.items()}
+def test_neural_models_beat_popularity_on_movielens(ml100k: Path) -> None:
+    results = {name: evaluate("topn", name, [p.format(data=ml100k) for p in params], ml100k)["metrics"]["hr@10"]
+               for name, params in QUICK.items()}
     assert all(hr > POPULARITY_HR + 0.01 for hr in results.values()), results

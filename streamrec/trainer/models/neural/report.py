@@ -1,6 +1,8 @@
 """The neural results table (docs/neural.md) from one command:
 
-    python -m streamrec.trainer.models.neural.report --data PATH/TO/ml-100k [--model NAME ...]
+    python -m streamrec.trainer.models.neural.report --data ml-100k [--model NAME ...]
+
+(`--data` also takes a folder holding the ml-100k files.)
 
 Every row goes through the topn harness of `streamrec evaluate`; models that read side features
 get `side_data=<the data folder>`. Prints one JSON line per model on stderr as it finishes and the
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import click
 
+from streamrec.stream.datasets.resolve import DATA, DataSource
 from streamrec.trainer import registry
 
 CLASSICAL = ("popularity", "als", "bpr")
@@ -34,13 +37,13 @@ def evaluate_row(model: str, data: str, seed: int) -> dict:
 
 
 @click.command()
-@click.option("--data", required=True, type=click.Path(exists=True))
+@click.option("--data", required=True, type=DATA, help="the ml-100k folder, or the data-set name ml-100k")
 @click.option("--model", "models", multiple=True, help="only these rows (default: classical + all neural)")
 @click.option("--seed", type=int, default=0)
-def main(data: str, models: tuple[str, ...], seed: int) -> None:
+def main(data: DataSource, models: tuple[str, ...], seed: int) -> None:
     lines = ["| model | hr@10 | ndcg@10 | fit s |", "|---|---|---|---|"]
     for model in models or (*CLASSICAL, *registry.names("streamrec.trainer.models.neural")):
-        result = evaluate_row(model, data, seed)
+        result = evaluate_row(model, str(data.path), seed)
         print(json.dumps(result), file=sys.stderr, flush=True)
         m = result["metrics"]
         lines.append(f"| {model} | {m['hr@10']:.4f} | {m['ndcg@10']:.4f} | {result['fit_seconds']:.1f} |")

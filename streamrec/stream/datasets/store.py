@@ -1,0 +1,75 @@
+"""Put a verified copy of a catalogue data set into the cache: downloaded (`fetch_dataset`) or
+from a local folder or zip (`import_dataset`). Both stage, verify and install under the data
+set's lock (`streamrec.stream.datasets.cache`), so nothing unverified or partial is ever cached."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import httpx
+
+from streamrec.stream.datasets import cache
+from streamrec.stream.datasets.archive import extract
+from streamrec.stream.datasets.catalogue import Dataset, DatasetError
+from streamrec.stream.datasets.download import DEFAULT_TIMEOUT, download
+
+
+def _install_archive(entry: Dataset, archive: Path, staged: Path, home: Path, source: str,
+                     archive_sha256: str) -> Path:
+    files = staged / "files"
+    files.mkdir()
+    extract(archive, files, entry.folder, entry.max_extracted_bytes)
+    return cache.install(files, home, entry, source, archive_sha256)
+
+
+def fetch_dataset(entry: Dataset, home: Path, timeout: httpx.Timeout = DEFAULT_TIMEOUT,
+                  force: bool = False) -> tuple[Path, bool]:
+    """(cached folder, whether it was downloaded now). An existing copy is kept unless `force`."""
+    with cache.locked(home, entry.name):
+        if cache.is_cached(home, entry.name) and not force:
+            return cache.cached_path(home, entry.name), False
+        with cache.staging(home, entry.name) as staged:
+            archive = staged / "archive.zip"
+            digest = download(entry.url, archive, entry.archive_sha256, entry.size, timeout)
+            return _install_archive(entry, archive, staged, home, entry.url, digest), True
+
+
+def _folder_with_files(entry: Dataset, path: Path) -> Path:
+    """`path`, or its `entry.folder` child when the user points at the folder an archive was unpacked in."""
+    nested = path / entry.folder
+    if entry.folder and nested.is_dir() and not any((path / f).is_file() for f in entry.files):
+        return nested
+    return path
+
+
+def import_dataset(entry: Dataset, path: Path, home: Path) -> Path:
+    """Copy a local folder of extracted files (verified per file) or the archive (verified by its
+    SHA-256, then per file) into the cache, replacing any copy there."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DatasetError(f"no such file or folder: {path}")
+    with cache.locked(home, entry.name), cache.staging(home, entry.name) as staged:
+        if path.is_file():
+            digest = cache.sha256_file(path)
+            if entry.archive_sha256 and digest != entry.archive_sha256:
+                raise DatasetError(f"{path} has SHA-256 {digest}, expected {entry.archive_sha256} "
+                                   f"(the published {entry.url.rsplit('/', 1)[-1]}); refused")
+            return _install_archive(entry, path, staged, home, str(path.resolve()), digest)
+        if not entry.files:
+            raise DatasetError(f"{entry.name} pins only its archive's SHA-256, so a folder cannot be "
+                               f"verified; import the zip ({entry.url.rsplit('/', 1)[-1]}) instead")
+        source = _folder_with_files(entry, path)
+        files = staged / "files"
+        files.mkdir()
+        for item in sorted(source.iterdir()):
+            if item.is_file() and not item.is_symlink():
+                shutil.copy2(item, files / item.name)
+        return cache.install(files, home, entry, str(source.resolve()), None)
+
+
+def status(entry: Dataset, home: Path) -> dict[str, object]:
+    """The catalogue entry plus whether and where it is cached (what `datasets list` shows)."""
+    cached = cache.is_cached(home, entry.name)
+    return {**entry.to_json(), "cached": cached,
+            "path": str(cache.cached_path(home, entry.name)) if cached else None}
