@@ -9,6 +9,8 @@ unknown key is an error that lists the known ones, so a typo never passes silent
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -47,3 +49,38 @@ def parse_params(schema: type[P], values: Sequence[str] | Mapping[str, object], 
         known = ", ".join(sorted(schema.model_fields))
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '?'}: {e['msg']}" for e in exc.errors())
         raise ParamError(f"bad parameters{f' for {model}' if model else ''}: {problems} (known: {known})") from None
+
+
+# ---- search spaces (`streamrec tune`): declared next to each model, read by the tuner ----------
+@dataclass(frozen=True)
+class IntRange:
+    """An integer hyper-parameter searched in [low, high] (log scale for sizes such as factors)."""
+
+    low: int
+    high: int
+    log: bool = False
+
+
+@dataclass(frozen=True)
+class FloatRange:
+    """A real hyper-parameter searched in [low, high] (log scale for rates and penalties)."""
+
+    low: float
+    high: float
+    log: bool = False
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A categorical hyper-parameter."""
+
+    options: tuple[str | int | float | bool, ...]
+
+
+Dimension = IntRange | FloatRange | Choice
+SearchSpace = Mapping[str, Dimension]  # hyper-parameter name -> where the tuner looks
+
+
+def space(**dimensions: Dimension) -> SearchSpace:
+    """A model's search space, read-only (it is a class attribute shared by every instance)."""
+    return MappingProxyType(dimensions)

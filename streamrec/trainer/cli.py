@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import click
 
+from streamrec.stream.datasets.resolve import DATA, DataSource
 from streamrec.stream.loaders import FORMATS
+from streamrec.trainer.interactions import WEIGHTINGS, Weighting
+
+DATA_HELP = "log file or folder, or a data-set name like ml-100k (fetched into the cache when missing)"
+FORMAT_HELP = "format of a PATH (a data-set name brings its own)"
 
 
 def register(cli: click.Group, bench: click.Group) -> None:
     """Attach the trainer's commands to the root group."""
+    from streamrec.trainer.tune_cli import tune_cmd
+
     cli.add_command(evaluate_cmd)
+    cli.add_command(tune_cmd)
     cli.add_command(refit_cmd)
     bench.add_command(bench_models_cmd)
 
@@ -29,21 +39,26 @@ def with_device(model_name: str, params: tuple[str, ...], device: str | None) ->
 @click.option("--protocol", type=click.Choice(["rating", "topn", "prequential"]), required=True)
 @click.option("--model", "model_name", required=True, help="model name (see docs/models.md)")
 @click.option("--param", "params", multiple=True, help="hyperparameter key=value (repeatable)")
-@click.option("--data", "data_path", required=True, type=click.Path(exists=True), help="log file or folder")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="ml-100k", show_default=True)
+@click.option("--data", "data", required=True, type=DATA, help=DATA_HELP)
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="ml-100k", show_default=True, help=FORMAT_HELP)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="fit once per seed (--seed, --seed + 1, ...): means in `metrics`, each run in `per_seed`")
+@click.option("--weights", type=click.Choice(WEIGHTINGS), default="binary", show_default=True,
+              help="topn: implicit confidence from the value column (binary, log1p or raw; EVALUATION.md)")
 @click.option("--device", default=None, help="torch device of the neural models, e.g. cuda (default: cpu)")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON (the only output form)")
 def evaluate_cmd(
-    protocol: str, model_name: str, params: tuple[str, ...], data_path: str, fmt: str, seed: int,
-    device: str | None, as_json: bool,
+    protocol: str, model_name: str, params: tuple[str, ...], data: DataSource, fmt: str, seed: int, seeds: int,
+    weights: str, device: str | None, as_json: bool,
 ) -> None:
     """Evaluate a model with one protocol of EVALUATION.md; prints one JSON object."""
     from streamrec.core.cli import print_json
     from streamrec.trainer.evaluation.harness import evaluate
 
     try:
-        result = evaluate(protocol, model_name, with_device(model_name, params, device), data_path, fmt, seed)
+        result = evaluate(protocol, model_name, with_device(model_name, params, device), str(data.path),
+                          data.format_or(fmt), seed, cast(Weighting, weights), seeds)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     print_json(result)
@@ -53,8 +68,9 @@ def evaluate_cmd(
 @click.option("--model", "model_name", required=True, help="model name (see docs/models.md)")
 @click.option("--param", "params", multiple=True, help="hyperparameter key=value (repeatable)")
 @click.option("--from", "source", required=True,
-              help="'topic' (the interaction topic), 'topic:NAME', or a log file/folder; read from the beginning")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="ml-100k", show_default=True)
+              help="'topic' (the interaction topic), 'topic:NAME', a log file/folder, or a data-set name; "
+                   "read from the beginning")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="ml-100k", show_default=True, help=FORMAT_HELP)
 @click.option("--every", default=None, help="refit period like 10m, 30s, 1h (default: once)")
 @click.option("--out", "out_dir", type=click.Path(), default=None, help="artefact folder (default: $STREAMREC_HOME/refits)")
 @click.option("--publish/--no-publish", default=True, show_default=True, help="push to the parameter server")
@@ -69,6 +85,9 @@ def refit_cmd(
     from streamrec.trainer.refit import parse_period, refit_loop
 
     settings = settings_from(ctx)
+    if source != "topic" and not source.startswith("topic:"):
+        data = DATA.convert(source, None, ctx)
+        source, fmt = str(data.path), data.format_or(fmt)
     try:
         period = parse_period(every) if every else None
         for report in refit_loop(
@@ -80,19 +99,19 @@ def refit_cmd(
 
 
 @click.command("models")
-@click.option("--data", "data_path", required=True, type=click.Path(exists=True), help="log file or folder")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="ml-100k", show_default=True)
+@click.option("--data", "data", required=True, type=DATA, help=DATA_HELP)
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="ml-100k", show_default=True, help=FORMAT_HELP)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--only", multiple=True, help="restrict to these model names (repeatable)")
 @click.option("--markdown", "markdown_path", type=click.Path(), default=None, help="also write the table here")
-def bench_models_cmd(data_path: str, fmt: str, seed: int, only: tuple[str, ...], markdown_path: str | None) -> None:
+def bench_models_cmd(data: DataSource, fmt: str, seed: int, only: tuple[str, ...], markdown_path: str | None) -> None:
     """Every batch family on one data set beside the ANCHORS references (docs/models.md table)."""
     from pathlib import Path
 
     from streamrec.core.cli import print_json
     from streamrec.trainer.benchmarks import run_table
 
-    result = run_table(data_path, fmt, seed, only)
+    result = run_table(str(data.path), data.format_or(fmt), seed, only)
     if markdown_path:
         Path(markdown_path).write_text(result["markdown"] + "\n")
     print_json(result)

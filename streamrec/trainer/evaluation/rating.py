@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
+from streamrec.core.progress import track
 from streamrec.stream.loaders import InteractionLog
 from streamrec.trainer.evaluation.metrics import mae, rmse
 from streamrec.trainer.evaluation.splits import N_FOLDS, rating_folds
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.base import Recommender
 from streamrec.trainer.models.blend import Blend
-from streamrec.core.progress import track
 
 
 def fold_predictions(model: Recommender, test: InteractionLog) -> np.ndarray:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from streamrec.core.params import ModelParams
+from streamrec.core.params import FloatRange, IntRange, ModelParams, space
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.base import Capabilities, Recommender
 from streamrec.trainer.models.sgd import single_threaded, to_torch_csr
@@ -68,6 +68,8 @@ class ImplicitALS(Recommender):
     name = "als"
     capabilities = Capabilities(implicit=True, weights=True)
     Params = ALSParams
+    search_space = space(factors=IntRange(8, 256, log=True), reg=FloatRange(1e-3, 10.0, log=True),
+                    alpha=FloatRange(0.1, 100.0, log=True), iterations=IntRange(5, 30))
 
     def _fit(self, interactions: Interactions) -> None:
         p = self.params

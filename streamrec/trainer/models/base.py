@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 import scipy.sparse as sp
 
-from streamrec.core.params import ModelParams, parse_params
+from streamrec.core.params import ModelParams, SearchSpace, parse_params, space
 from streamrec.trainer.interactions import IdIndex, Interactions
 from streamrec.trainer.models.export import Export
 
@@ -50,6 +50,7 @@ class Recommender(ABC):
     name: ClassVar[str]
     capabilities: ClassVar[Capabilities]
     Params: ClassVar[type[ModelParams]]
+    search_space: ClassVar[SearchSpace] = space()  # where `streamrec tune` looks; empty: nothing to tune
 
     def __init__(self, **params: object) -> None:
         self.params: dict[str, Any] = parse_params(self.Params, params, self.name).model_dump()

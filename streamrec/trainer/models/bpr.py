@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from streamrec.core.params import ModelParams
+from streamrec.core.params import Choice, FloatRange, IntRange, ModelParams, space
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.base import Capabilities, Recommender
 from streamrec.trainer.models.export import Export
@@ -75,6 +75,9 @@ class BPR(Recommender):
     name = "bpr"
     capabilities = Capabilities(implicit=True, weights=True)
     Params = BPRParams
+    search_space = space(factors=IntRange(8, 128, log=True), lr=FloatRange(1e-3, 0.1, log=True),
+                    reg=FloatRange(1e-4, 0.1, log=True), epochs=IntRange(10, 150, log=True),
+                    negatives=Choice(("uniform", "popularity", "in-batch")))
 
     @single_threaded()
     def _fit(self, interactions: Interactions) -> None:

@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 import scipy.sparse as sp
 
-from streamrec.core.params import ModelParams
+from streamrec.core.params import Choice, FloatRange, IntRange, ModelParams, space
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.base import Capabilities, Recommender
 from streamrec.trainer.models.export import Export, NeighbourLists
@@ -67,6 +67,8 @@ class _NeighbourModel(Recommender):
     """Shared fit/predict of user- and item-based CF; subclasses say which side is the entity."""
 
     Params = NeighbourParams
+    search_space = space(k=IntRange(10, 500, log=True), shrinkage=FloatRange(0.0, 200.0),
+                    similarity=Choice(("auto", "cosine", "jaccard")))
 
     @property
     @abstractmethod

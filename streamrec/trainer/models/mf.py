@@ -5,10 +5,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from streamrec.core.params import ModelParams
+from streamrec.core.params import FloatRange, IntRange, ModelParams, space
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.base import Capabilities, Recommender
-from streamrec.trainer.models.sgd import single_threaded, gather_or_zero, generator, shuffled_batches
+from streamrec.trainer.models.sgd import (
+    gather_or_zero,
+    generator,
+    shuffled_batches,
+    single_threaded,
+)
 
 
 class BiasedMFParams(ModelParams):
@@ -32,6 +37,8 @@ class BiasedMF(Recommender):
     name = "mf-sgd"
     capabilities = Capabilities(explicit=True)  # on implicit data (all 1s) it has nothing to fit
     Params = BiasedMFParams
+    search_space = space(factors=IntRange(10, 200, log=True), epochs=IntRange(10, 60),
+                    lr=FloatRange(1e-3, 0.05, log=True), reg=FloatRange(1e-3, 0.2, log=True))
 
     @single_threaded()
     def _fit(self, interactions: Interactions) -> None:

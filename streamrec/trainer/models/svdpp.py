@@ -17,10 +17,16 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from streamrec.core.params import ModelParams
+from streamrec.core.params import FloatRange, IntRange, ModelParams, space
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.base import Capabilities, Recommender
-from streamrec.trainer.models.sgd import single_threaded, gather_or_zero, generator, shuffled_batches, to_torch_csr
+from streamrec.trainer.models.sgd import (
+    gather_or_zero,
+    generator,
+    shuffled_batches,
+    single_threaded,
+    to_torch_csr,
+)
 
 DAY = 86400.0
 
@@ -128,6 +134,9 @@ class SVDpp(Recommender):
     name = "svdpp"
     capabilities = Capabilities(explicit=True)
     Params = SVDppParams
+    search_space = space(factors=IntRange(5, 100, log=True), epochs=IntRange(10, 40),
+                    lr=FloatRange(1e-3, 0.02, log=True), lr_bias=FloatRange(1e-3, 0.02, log=True),
+                    reg=FloatRange(1e-3, 0.1, log=True), reg_bias=FloatRange(1e-3, 0.1, log=True))
 
     def _init_theta(self, data: Interactions, gen: torch.Generator) -> dict[str, torch.Tensor]:
         k, std = self.params["factors"], self.params["init_std"]

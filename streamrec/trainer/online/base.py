@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from streamrec.core.params import ModelParams, parse_params
+from streamrec.core.params import ModelParams, SearchSpace, parse_params, space
 from streamrec.param_server.client import Delta, Rows
 from streamrec.param_server.keys import Keys
 from streamrec.param_server.local_store import LocalStore
@@ -74,6 +74,7 @@ class OnlineRecommender(ABC):
 
     name: ClassVar[str]
     Params: ClassVar[type[OnlineParams]]
+    search_space: ClassVar[SearchSpace] = space()  # where `streamrec tune` looks; empty: nothing to tune
 
     def __init__(self, *, store: TableStore | None = None, roles: EventRoles | None = None, **params: object) -> None:
         self.params = parse_params(self.Params, params, self.name)
@@ -173,9 +174,11 @@ class OnlineRecommender(ABC):
         """Inverse of `state` (after a restart)."""
 
 
-def meta_record(models: Sequence[OnlineRecommender], offsets: dict[str, int] | None = None) -> dict[str, Any]:
-    """The meta pushed with every batch: the consumed offsets and each model's state."""
-    return {"offsets": offsets or {}, "models": {m.name: m.state() for m in models}}
+def meta_record(models: Sequence[OnlineRecommender], offsets: dict[str, int] | None = None,
+                extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The meta pushed with every batch: the consumed offsets, each model's state, and the
+    trainer's own state beside them (`extra`, e.g. its recent event ids)."""
+    return {"offsets": offsets or {}, "models": {m.name: m.state() for m in models}, **(extra or {})}
 
 
 def restore_states(models: Sequence[OnlineRecommender], meta: dict[str, Any] | None) -> None:
@@ -187,7 +190,8 @@ def restore_states(models: Sequence[OnlineRecommender], meta: dict[str, Any] | N
 
 def learn_together(models: Sequence[OnlineRecommender], batch: EventBatch, offsets: dict[str, int] | None = None,
                    before_step: StepHook | None = None,
-                   ranges: Mapping[str, tuple[int, int]] | None = None) -> dict[str, StepStats]:
+                   ranges: Mapping[str, tuple[int, int]] | None = None,
+                   extra_meta: Mapping[str, Any] | None = None) -> dict[str, StepStats]:
     """Several models on one store learn `batch`: one pull of every model's rows, each learns
     (the first, the ranker, calls `before_step`), then ONE push: the deltas, the offsets and the
     applied-event count land together, so a checkpoint never holds one without the others.
@@ -195,7 +199,8 @@ def learn_together(models: Sequence[OnlineRecommender], batch: EventBatch, offse
     `ranges` (partition key -> [first, next) offsets the batch covers) makes the push exactly-once
     on every shard: a shard applies it only if it continues exactly where the shard stands, skips
     it if it already has it, and refuses anything else (see docs/operations.md). The push then also
-    carries the batch's events per item, the independent count the chaos suite checks."""
+    carries the batch's events per item, the independent count the chaos suite checks. `extra_meta`
+    joins the meta record of the same push."""
     store = models[0].store
     if any(model.store is not store for model in models):
         raise ValueError("models learning together must share one store")
@@ -208,9 +213,9 @@ def learn_together(models: Sequence[OnlineRecommender], batch: EventBatch, offse
         updates.update(model_updates)
     event_time = float(batch.timestamp.max()) if len(batch) else None
     if ranges is None:
-        store.push(updates, meta=meta_record(models, offsets), events=len(batch), event_time=event_time)
+        store.push(updates, meta=meta_record(models, offsets, extra_meta), events=len(batch), event_time=event_time)
     else:
         items, counts = np.unique(batch.item_id.astype(str), return_counts=True)
-        store.push(updates, meta=meta_record(models, offsets), events=len(batch), event_time=event_time,
+        store.push(updates, meta=meta_record(models, offsets, extra_meta), events=len(batch), event_time=event_time,
                    ranges=ranges, item_counts=(items.tolist(), counts.astype(np.int64)))
     return stats

@@ -24,6 +24,7 @@ import pandas as pd
 from pydantic import Field
 from scipy.special import expit
 
+from streamrec.core.params import FloatRange, IntRange, space
 from streamrec.param_server.client import Rows
 from streamrec.param_server.keys import as_keys
 from streamrec.param_server.optimizers import OptimizerSpec
@@ -137,6 +138,8 @@ class _FactorModel(OnlineRecommender):
 class OnlineBPR(_FactorModel):
     name = "online-bpr"
     Params = OnlineBPRParams
+    search_space = space(lr=FloatRange(0.005, 0.5, log=True), reg=FloatRange(1e-4, 0.1, log=True),
+                    negatives=IntRange(1, 30), dim=IntRange(8, 128, log=True), user_iterations=IntRange(1, 5))
     params: OnlineBPRParams
 
     def __init__(self, *, store: TableStore | None = None, roles: EventRoles | None = None, **params: object) -> None:
@@ -239,6 +242,8 @@ class OnlineBPR(_FactorModel):
 class OnlineMF(_FactorModel):
     name = "online-mf"
     Params = OnlineMFParams
+    search_space = space(lr=FloatRange(1e-3, 0.05, log=True), reg=FloatRange(1e-3, 0.1, log=True),
+                    bias_lr=FloatRange(1e-3, 0.05, log=True), dim=IntRange(8, 128, log=True))
     params: OnlineMFParams
 
     def __init__(self, *, store: TableStore | None = None, roles: EventRoles | None = None, **params: object) -> None:

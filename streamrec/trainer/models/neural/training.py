@@ -20,10 +20,16 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from torch import nn
 
-from streamrec.core.params import ModelParams
+from streamrec.core.params import FloatRange, IntRange, ModelParams, SearchSpace, space
 from streamrec.trainer.interactions import IdIndex, Interactions
 from streamrec.trainer.models.base import Capabilities, Recommender
 
@@ -165,6 +171,9 @@ class NeuralRecommender(Recommender):
 
     capabilities: ClassVar[Capabilities] = Capabilities(implicit=True)
     Params: ClassVar[type[NeuralParams]] = NeuralParams
+    # what every family shares; the budget (`tune --budget-seconds`) keeps this practical on 2 cores
+    search_space: ClassVar[SearchSpace] = space(lr=FloatRange(1e-4, 1e-2, log=True), epochs=IntRange(5, 50),
+                                           weight_decay=FloatRange(1e-8, 1e-3, log=True))
 
     def __init__(self, **params: object) -> None:
         super().__init__(**params)

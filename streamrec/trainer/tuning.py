@@ -1,0 +1,204 @@
+"""`streamrec tune`: hyper-parameter search without peeking at the test split (Optuna, TPE).
+
+The rule (issue 15, and the survey's lesson on leakage): the test split of a protocol is looked at
+ONCE, at the end. The search runs the same protocol one level down, on the training part only:
+
+- topn: the training part's own temporal leave-last-out (each user's last TRAINING item is the
+  validation item); the winner is refitted on the whole training part and scored on the test items.
+- rating: the first fold's training part split 80/20 (seeded), twice (two inner folds); a trial
+  whose first inner fold is below the median of earlier trials is pruned before the second fit.
+  The winner then runs the full five-fold protocol.
+- prequential: the first half of the stream, scored on its own second half (stream positions
+  25-50%); the winner then runs the whole stream, whose reported half (50-100%) the search never saw.
+
+Each model declares where to look (`search_space`, next to its `Params`). The model's defaults are
+scored on the same validation data first; the winner is the best trial only if it beats them
+there (else the defaults stay), and the test figures of both are reported side by side.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from streamrec.core.params import (
+    Choice,
+    FloatRange,
+    IntRange,
+    SearchSpace,
+    parse_params,
+)
+from streamrec.stream.loaders import InteractionLog, load_log
+from streamrec.trainer import registry
+from streamrec.trainer.evaluation.metrics import rmse
+from streamrec.trainer.evaluation.prequential import run_prequential
+from streamrec.trainer.evaluation.rating import fold_predictions, run_rating
+from streamrec.trainer.evaluation.splits import (
+    distinct_pairs,
+    leave_last_out,
+    rating_folds,
+)
+from streamrec.trainer.evaluation.topn import ranking_metrics
+from streamrec.trainer.interactions import Interactions, Weighting
+from streamrec.trainer.models.base import Recommender
+from streamrec.trainer.online.base import OnlineRecommender
+
+Objective = Callable[[dict[str, object], Callable[[float, int], bool]], float]  # params, report -> value
+DEFAULT_METRIC = {"topn": "hr@10", "prequential": "hr@10_second_half", "rating": "rmse"}
+
+
+class Pruned(Exception):
+    """A trial stopped early because its intermediate value was already worse than the median."""
+
+
+def suggest(trial: Any, space: SearchSpace) -> dict[str, object]:
+    """Optuna values for a declared search space (the models never import optuna)."""
+    values: dict[str, object] = {}
+    for name, dim in space.items():
+        if isinstance(dim, IntRange):
+            values[name] = trial.suggest_int(name, dim.low, dim.high, log=dim.log)
+        elif isinstance(dim, FloatRange):
+            values[name] = trial.suggest_float(name, dim.low, dim.high, log=dim.log)
+        elif isinstance(dim, Choice):
+            values[name] = trial.suggest_categorical(name, list(dim.options))
+        else:
+            raise TypeError(f"unknown search dimension for {name}: {dim!r}")
+    return values
+
+
+def _topn(cls: type[Recommender], log: InteractionLog, weighting: Weighting, fixed: dict[str, object],
+          metric: str) -> tuple[Objective, Callable[[dict[str, object]], dict[str, Any]]]:
+    data = Interactions.from_log(distinct_pairs(log), implicit=True, weighting=weighting)
+    train_mask, test = leave_last_out(data)
+    train = data.subset(train_mask)
+    inner_mask, valid = leave_last_out(train)
+    inner = train.subset(inner_mask)
+
+    def objective(params: dict[str, object], report: Callable[[float, int], bool]) -> float:
+        model = cls(**fixed, **params).fit(inner)
+        return ranking_metrics(model, train.user_idx[valid], train.item_idx[valid])[metric]
+
+    def final(params: dict[str, object]) -> dict[str, Any]:
+        start = time.perf_counter()
+        model = cls(**fixed, **params).fit(train)
+        fit_seconds = time.perf_counter() - start
+        return {"metrics": ranking_metrics(model, data.user_idx[test], data.item_idx[test]),
+                "fit_seconds": fit_seconds}
+
+    return objective, final
+
+
+def _rating(cls: type[Recommender], log: InteractionLog, data: str | Path, fmt: str, seed: int,
+            fixed: dict[str, object]) -> tuple[Objective, Callable[[dict[str, object]], dict[str, Any]]]:
+    train_log, _ = rating_folds(log, data, fmt, seed)[0]
+    parts = np.array_split(np.random.default_rng(seed).permutation(len(train_log)), 5)
+    inner_folds = [(train_log.take(np.sort(np.concatenate(parts[:n] + parts[n + 1:]))), train_log.take(np.sort(parts[n])))
+                   for n in range(2)]
+
+    def objective(params: dict[str, object], report: Callable[[float, int], bool]) -> float:
+        errors = []
+        for step, (fit_part, valid_part) in enumerate(inner_folds):
+            model = cls(**fixed, **params).fit(Interactions.from_log(fit_part))
+            errors.append(rmse(fold_predictions(model, valid_part), valid_part.rating))
+            if report(float(np.mean(errors)), step):
+                raise Pruned
+        return float(np.mean(errors))
+
+    def final(params: dict[str, object]) -> dict[str, Any]:
+        return run_rating(lambda: cls(**fixed, **params), log, data, fmt, seed)
+
+    return objective, final
+
+
+def _prequential(cls: type[OnlineRecommender], log: InteractionLog, fixed: dict[str, object], metric: str,
+                 ) -> tuple[Objective, Callable[[dict[str, object]], dict[str, Any]]]:
+    first_half = log.take(slice(0, len(log) // 2))
+
+    def objective(params: dict[str, object], report: Callable[[float, int], bool]) -> float:
+        return run_prequential(cls(**fixed, **params), first_half)["metrics"][metric]
+
+    def final(params: dict[str, object]) -> dict[str, Any]:
+        return run_prequential(cls(**fixed, **params), log)
+
+    return objective, final
+
+
+def tune(protocol: str, model: str, params: list[str] | tuple[str, ...], data: str | Path, fmt: str = "ml-100k",
+         trials: int = 30, budget_seconds: float | None = None, seed: int = 0, weights: Weighting = "binary",
+         metric: str | None = None, log: InteractionLog | None = None, space: SearchSpace | None = None,
+         ) -> dict[str, Any]:
+    """Search `model`'s declared space (or `space`) on validation data carved from the training
+    part, then score the defaults and the winner once on the protocol's test data. `params` are fixed."""
+    import optuna
+
+    cls = registry.model_class(model)
+    space = dict(cls.search_space if space is None else space)
+    fixed_typed = parse_params(cls.Params, params, model)
+    fixed = fixed_typed.model_dump(exclude_unset=True)
+    if "seed" in cls.Params.model_fields and "seed" not in fixed:
+        fixed["seed"] = seed
+    space = {name: dim for name, dim in space.items() if name not in fixed}
+    if not space:
+        raise ValueError(f"{model} has nothing to tune (no search space, or every dimension fixed by --param)")
+    metric = metric or DEFAULT_METRIC[protocol]
+    log = log if log is not None else load_log(data, fmt)
+    if protocol == "topn":
+        objective, final = _topn(cls, log, weights, fixed, metric)
+    elif protocol == "rating":
+        objective, final = _rating(cls, log, data, fmt, seed, fixed)
+    elif protocol == "prequential":
+        objective, final = _prequential(cls, log, fixed, metric)
+    else:
+        raise ValueError(f"unknown protocol {protocol!r}")
+    direction = "minimize" if metric in ("rmse", "mae") else "maximize"
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction=direction, sampler=optuna.samplers.TPESampler(seed=seed),
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=3))
+    started = time.perf_counter()
+    default_value = objective({}, lambda value, step: False)  # the defaults, outside the search space's bounds too
+    print(f"tune {model}: defaults {metric}={default_value:.4f}", file=sys.stderr)
+
+    def run_trial(trial: optuna.Trial) -> float:
+        values = suggest(trial, space)
+
+        def report(value: float, step: int) -> bool:
+            trial.report(value, step)
+            return trial.should_prune()
+
+        try:
+            value = objective(values, report)
+        except Pruned:
+            raise optuna.TrialPruned from None
+        print(f"tune {model}: trial {trial.number} {metric}={value:.4f} {values}", file=sys.stderr)
+        return value
+
+    # a trial that diverges (NaN gradients refused by the store, overflow) fails and the search goes on
+    study.optimize(run_trial, n_trials=trials, timeout=budget_seconds, catch=(ArithmeticError, ValueError))
+    search_seconds = time.perf_counter() - started
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        raise RuntimeError(f"no trial of {model} completed within the budget")
+    improved = study.best_value < default_value if direction == "minimize" else study.best_value > default_value
+    winner = study.best_params if improved else {}  # the defaults stay when no trial beat them on validation
+    return {
+        "protocol": protocol, "model": model, "metric": metric, "direction": direction,
+        "data": {"path": str(data), "format": fmt, "interactions": len(log)},
+        "search_space": {name: repr(dim) for name, dim in space.items()},
+        "fixed_params": fixed,
+        "best_params": {**fixed, **{name: cls.Params().model_dump()[name] for name in space}, **winner},
+        "best_trial_params": study.best_params,
+        "improved_on_defaults": improved,
+        "validation": {"best": study.best_value if improved else default_value, "default": default_value,
+                       "best_trial": study.best_value},
+        "test": {"tuned": final(winner), "default": final({})},
+        "trials": {"completed": len(complete), "total": len(study.trials),
+                   "pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials),
+                   "failed": sum(t.state == optuna.trial.TrialState.FAIL for t in study.trials)},
+        "search_seconds": search_seconds, "budget_seconds": budget_seconds, "seed": seed,
+    }
