@@ -8,13 +8,15 @@ from pathlib import Path
 import click
 
 from streamrec.core.cli import print_json, settings_from
+from streamrec.stream.datasets.resolve import DATA, DataSource
+from streamrec.stream.loaders import FORMATS
 
 
 @click.command("chaos")
-@click.option("--data", "data_path", type=click.Path(exists=True, path_type=Path), required=True,
-              help="log to replay (e.g. the MovieLens 100K folder)")
-@click.option("--format", "fmt", type=click.Choice(["ml-100k", "ml-latest", "csv", "jsonl"]), default="ml-100k",
-              show_default=True)
+@click.option("--data", "data", type=DATA, required=True,
+              help="log to replay: a file or folder, or a data-set name like ml-100k")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="ml-100k", show_default=True,
+              help="format of a PATH (a data-set name brings its own)")
 @click.option("--seed", type=int, default=0, show_default=True, help="seeds the fault schedule and the query load")
 @click.option("--events", type=click.IntRange(min=1), help="replay only the first N events of the log")
 @click.option("--rate", type=click.FloatRange(min=1), default=500.0, show_default=True,
@@ -28,7 +30,7 @@ from streamrec.core.cli import print_json, settings_from
 @click.option("--no-clean-run", is_flag=True, help="skip the second, fault-free run (no hr@10 comparison)")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON (the only output form)")
 @click.pass_context
-def chaos(ctx: click.Context, data_path: Path, fmt: str, seed: int, events: int | None, rate: float, shards: int,
+def chaos(ctx: click.Context, data: DataSource, fmt: str, seed: int, events: int | None, rate: float, shards: int,
           partitions: int, query_rate: float, out_dir: Path | None, no_clean_run: bool, as_json: bool) -> None:
     """Replay a log through the whole pipeline (two trainers, checkpointing parameter server,
     two serving workers under load, its own Redis) while killing trainers, parameter-server shards,
@@ -45,7 +47,7 @@ def chaos(ctx: click.Context, data_path: Path, fmt: str, seed: int, events: int 
     if not port_open(*host_port(settings.kafka_bootstrap)):
         broker = infra.start_broker(Path(settings.home))
         settings = settings.model_copy(update={"kafka_bootstrap": f"{broker.host}:{broker.port}"})
-    options = ChaosOptions(data_path, fmt, seed, events, rate, ClusterShape(shards=shards), partitions, query_rate,
+    options = ChaosOptions(data.path, data.format_or(fmt), seed, events, rate, ClusterShape(shards=shards), partitions, query_rate,
                            clean_run=not no_clean_run, out_dir=out_dir)
     try:
         report = run_chaos(settings, options)
