@@ -11,9 +11,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from streamrec.core.params import FloatRange, IntRange, ModelParams, space
+from streamrec.core.params import FloatRange, IntRange, space
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.base import Capabilities, Recommender
+from streamrec.trainer.models.popularity_blend import RankingParams
 from streamrec.trainer.models.sgd import single_threaded, to_torch_csr
 
 
@@ -51,7 +52,7 @@ def conjugate_gradient(
     return X
 
 
-class ALSParams(ModelParams):
+class ALSParams(RankingParams):
     """`implicit`'s setup with the paper's confidence scale alpha = 40."""
 
     factors: int = 64

@@ -21,9 +21,16 @@ import scipy.sparse as sp
 from streamrec.core.params import ModelParams, SearchSpace, parse_params, space
 from streamrec.trainer.interactions import IdIndex, Interactions
 from streamrec.trainer.models.export import Export
+from streamrec.trainer.models.popularity_blend import (
+    blend,
+    choose_weight,
+    popularity_prior,
+)
 
 FORMAT_VERSION = 1
 SCORE_CHUNK = 1024  # users scored per dense block: bounds memory at chunk x n_items floats
+MIN_VALIDATION_USERS = 20  # fewer validation users than this: no popularity blend (nothing to judge by)
+MAX_VALIDATION_USERS = 2000  # a sample bounds the validation scoring at this x n_items floats
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,8 @@ class Recommender(ABC):
         self.popularity: np.ndarray | None = None
         self.global_mean = 0.0
         self.rating_scale = (0.0, 1.0)
+        self.blend_weight = 0.0  # popularity in the ranking (streamrec.trainer.models.popularity_blend)
+        self._validated_blend: float | None = None  # set by a `_fit` that validates on its own split
 
     # ---- training ----------------------------------------------------------------------------
     def fit(self, interactions: Interactions) -> Recommender:
@@ -69,8 +78,37 @@ class Recommender(ABC):
         self.popularity = np.asarray(self.seen.sum(axis=0)).ravel()
         self.global_mean = interactions.global_mean
         self.rating_scale = interactions.rating_scale
+        self.blend_weight, self._validated_blend = 0.0, None
         self._fit(interactions)
+        self.blend_weight = self._blend_weight(interactions)
         return self
+
+    def _blend_weight(self, interactions: Interactions) -> float:
+        """`popularity_blend`: a number as given; `auto` the weight validated by `_fit` (models
+        with their own validation split), else by a second fit without each user's last item."""
+        setting = self.params.get("popularity_blend", 0.0)
+        if setting != "auto":
+            return float(setting)
+        if self._validated_blend is not None:
+            return self._validated_blend
+        from streamrec.trainer.evaluation.splits import leave_last_out
+
+        train_mask, val = leave_last_out(interactions)
+        if len(val) < MIN_VALIDATION_USERS:
+            return 0.0
+        if len(val) > MAX_VALIDATION_USERS:
+            val = np.sort(np.random.default_rng(0).choice(val, MAX_VALIDATION_USERS, replace=False))
+        clone = type(self)(**{**self.params, "popularity_blend": 0.0}).fit(interactions.subset(train_mask))
+        return clone.validated_blend(interactions.user_idx[val], interactions.item_idx[val])
+
+    def validated_blend(self, users: np.ndarray, targets: np.ndarray) -> float:
+        """The popularity weight that ranks `targets` best for `users` (validation pairs the model
+        was fitted without), by `popularity_blend.choose_weight`."""
+        scores = self.user_scores(users)
+        target_scores = scores[np.arange(len(users)), targets]
+        scores = mask_seen(scores, self.seen, users)
+        scores[np.arange(len(users)), targets] = target_scores  # the target stays a candidate
+        return choose_weight(scores, targets, popularity_prior(self.popularity))
 
     @abstractmethod
     def _fit(self, interactions: Interactions) -> None:
@@ -94,6 +132,8 @@ class Recommender(ABC):
             out[known] = self._user_scores(users[known])
         if (~known).any():
             out[~known] = self._cold_user_scores(int((~known).sum()))
+        if self.blend_weight:
+            out = blend(out, popularity_prior(self.popularity), self.blend_weight)
         return out
 
     def pair_scores(
@@ -213,7 +253,7 @@ class Recommender(ABC):
         meta = {
             "format_version": FORMAT_VERSION, "model": self.name, "params": self.params,
             "global_mean": self.global_mean, "rating_scale": list(self.rating_scale),
-            "capabilities": asdict(self.capabilities),
+            "capabilities": asdict(self.capabilities), "blend_weight": self.blend_weight,
         }
         (path / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         arrays = {f"model.{k}": np.asarray(v) for k, v in self._state().items()}
@@ -238,6 +278,7 @@ class Recommender(ABC):
         model.popularity = arrays["popularity"]
         model.global_mean = float(meta["global_mean"])
         model.rating_scale = tuple(meta["rating_scale"])
+        model.blend_weight = float(meta.get("blend_weight", 0.0))
         model._load_state({k[len("model."):]: v for k, v in arrays.items() if k.startswith("model.")})
         return model
 

@@ -17,10 +17,11 @@ from typing import Literal
 import numpy as np
 import torch
 
-from streamrec.core.params import Choice, FloatRange, IntRange, ModelParams, space
+from streamrec.core.params import Choice, FloatRange, IntRange, space
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.base import Capabilities, Recommender
 from streamrec.trainer.models.export import Export
+from streamrec.trainer.models.popularity_blend import RankingParams
 from streamrec.trainer.models.sgd import generator, single_threaded
 
 MAX_RESAMPLES = 10
@@ -57,7 +58,7 @@ def sample_negatives(
     return negatives
 
 
-class BPRParams(ModelParams):
+class BPRParams(RankingParams):
     """`implicit`'s defaults: 64 factors including the item bias, lr 0.01, reg 0.01."""
 
     factors: int = 64

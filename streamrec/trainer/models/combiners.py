@@ -9,7 +9,7 @@ float64 summation order (baseline, then tree after tree), which tests/trainer ch
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import TypeVar
+from typing import Self, TypeVar
 
 import numpy as np
 
@@ -25,7 +25,7 @@ class ArrayRecord:
         return {f.name: np.asarray(getattr(self, f.name)) for f in fields(self)}
 
     @classmethod
-    def from_state(cls: type[A], arrays: dict[str, np.ndarray]) -> A:
+    def from_state(cls, arrays: dict[str, np.ndarray]) -> Self:
         return cls(**{f.name: arrays[f.name] for f in fields(cls)})
 
 

@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 import scipy.sparse as sp
 
-from streamrec.core.params import Choice, FloatRange, IntRange, ModelParams, space
+from streamrec.core.params import Choice, FloatRange, IntRange, space
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.base import Capabilities, Recommender
 from streamrec.trainer.models.export import Export, NeighbourLists
@@ -26,6 +26,7 @@ from streamrec.trainer.models.neighbors import (
     similarity,
     truncate_top_k,
 )
+from streamrec.trainer.models.popularity_blend import RankingParams
 from streamrec.trainer.models.sgd import gather_or_zero
 
 PAIR_CHUNK = 2048
@@ -44,7 +45,7 @@ def _csr_load(prefix: str, arrays: dict[str, np.ndarray]) -> sp.csr_matrix:
     )
 
 
-class NeighbourParams(ModelParams):
+class NeighbourParams(RankingParams):
     """Similarity ('auto': pearson-baseline for item-knn on ratings, else cosine), k neighbours
     (0: 40 on ratings, 100 / 50 item / user lists on implicit data), the fewest neighbours a
     rating estimate needs, Pearson shrinkage and Amazon's popularity damping."""

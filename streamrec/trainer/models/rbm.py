@@ -14,7 +14,7 @@ import torch
 from streamrec.core.params import ModelParams
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.base import Capabilities, Recommender
-from streamrec.trainer.models.sgd import single_threaded, generator
+from streamrec.trainer.models.sgd import generator, single_threaded
 
 USER_CHUNK = 256
 

@@ -25,15 +25,16 @@ import numpy as np
 import scipy.sparse as sp
 from pydantic import Field
 
-from streamrec.core.params import Choice, IntRange, ModelParams, space
+from streamrec.core.params import Choice, IntRange, space
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.base import Capabilities, Recommender
+from streamrec.trainer.models.popularity_blend import RankingParams
 
 Decay = Literal["none", "linear", "div"]
 MATRICES = ("sessions", "voters", "query")  # what a saved model keeps (CSR parts)
 
 
-class SessionKNNParams(ModelParams):
+class SessionKNNParams(RankingParams):
     k: int = Field(100, ge=1, description="neighbour sessions that vote")
     sample: int = Field(500, ge=1, description="most recent overlapping sessions considered")
     decay: Decay = Field("none", description="position weight of the query's items: V-SKNN uses linear")

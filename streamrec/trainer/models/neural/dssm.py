@@ -24,7 +24,13 @@ from streamrec.trainer.features import load_side_features, stable_hash, trigram_
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.neural.losses import in_batch_softmax
 from streamrec.trainer.models.neural.training import (
-    NeuralParams, NeuralRecommender, history_windows, int_list, last_items, mlp, sequences,
+    NeuralParams,
+    NeuralRecommender,
+    history_windows,
+    int_list,
+    last_items,
+    mlp,
+    sequences,
 )
 
 

@@ -16,7 +16,11 @@ from torch import nn
 
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.neural.training import (
-    NeuralParams, PointwiseRecommender, SeenPairs, int_list, mlp,
+    NeuralParams,
+    PointwiseRecommender,
+    SeenPairs,
+    int_list,
+    mlp,
 )
 
 

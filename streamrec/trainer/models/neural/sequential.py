@@ -21,7 +21,12 @@ from torch import nn
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.neural.losses import LogQSampler, bpr_loss, top1_loss
 from streamrec.trainer.models.neural.training import (
-    NeuralParams, NeuralRecommender, SeenPairs, last_items, sample_negatives, sequences,
+    NeuralParams,
+    NeuralRecommender,
+    SeenPairs,
+    last_items,
+    sample_negatives,
+    sequences,
 )
 
 

@@ -29,9 +29,10 @@ from rich.progress import (
 )
 from torch import nn
 
-from streamrec.core.params import FloatRange, IntRange, ModelParams, SearchSpace, space
+from streamrec.core.params import FloatRange, IntRange, SearchSpace, space
 from streamrec.trainer.interactions import IdIndex, Interactions
-from streamrec.trainer.models.base import Capabilities, Recommender
+from streamrec.trainer.models.base import MIN_VALIDATION_USERS, Capabilities, Recommender
+from streamrec.trainer.models.popularity_blend import RankingParams
 
 SCORE_BATCH = 256  # users scored per forward pass
 _console = Console(file=sys.stderr)
@@ -149,7 +150,7 @@ def history_windows(index: IdIndex, histories: Sequence[Sequence[str]], length: 
     return rows
 
 
-class NeuralParams(ModelParams):
+class NeuralParams(RankingParams):
     """What every neural family shares: Adam's settings, early stopping (`patience` epochs without
     a better validation ndcg@10 over `val_users` users; 0 = off), seeding, torch threads and
     device, and `side_data`, the folder of MovieLens side files ("" = ids only)."""
@@ -239,6 +240,8 @@ class NeuralRecommender(Recommender):
         self._pretrain(interactions)
         self._use_history(train)
         self._train_epochs(rng, interactions.user_idx[val], interactions.item_idx[val])
+        if p["popularity_blend"] == "auto" and len(val) >= MIN_VALIDATION_USERS:  # the early-stopping split
+            self._validated_blend = self.validated_blend(interactions.user_idx[val], interactions.item_idx[val])
         self._use_history(interactions)
 
     def _train_epochs(self, rng: np.random.Generator, val_users: np.ndarray, val_items: np.ndarray) -> None:
