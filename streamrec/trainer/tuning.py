@@ -87,8 +87,9 @@ def _topn(cls: type[Recommender], log: InteractionLog, weighting: Weighting, fix
         start = time.perf_counter()
         model = cls(**fixed, **params).fit(train)
         fit_seconds = time.perf_counter() - start
-        return {"metrics": ranking_metrics(model, data.user_idx[test], data.item_idx[test]),
-                "fit_seconds": fit_seconds}
+        start = time.perf_counter()
+        metrics = ranking_metrics(model, data.user_idx[test], data.item_idx[test])
+        return {"metrics": metrics, "fit_seconds": fit_seconds, "eval_seconds": time.perf_counter() - start}
 
     return objective, final
 

@@ -64,3 +64,14 @@ def test_rating_protocol_prunes_on_inner_folds_and_keeps_defaults_when_they_win(
         assert result["best_params"] == result["fixed_params"]
     assert result["validation"]["best"] <= result["validation"]["default"]
     assert set(result["test"]["tuned"]["metrics"]) >= {"rmse", "mae"}
+
+
+def test_evaluate_with_tuned_true_searches_inside_the_fit(tmp_path: Path) -> None:
+    from streamrec.trainer.evaluation.harness import evaluate
+
+    data = _ring_sessions(tmp_path / "ring.csv")
+    result = evaluate("topn", "sknn", ["tuned=true", "k=50"], data, "csv")
+    assert result["params"]["k"] == 50 and result["params"]["decay"] in ("linear", "div")
+    assert result["tuned"]["trials"]["completed"] >= 1 and result["tuned"]["improved_on_defaults"]
+    default = evaluate("topn", "sknn", ["k=50"], data, "csv")
+    assert result["metrics"]["hr@10"] >= default["metrics"]["hr@10"]

@@ -30,7 +30,10 @@ def evaluate(
         raise ValueError(f"--weights {weights} applies to the topn protocol only (EVALUATION.md)")
     if seeds < 1:
         raise ValueError("--seeds must be at least 1")
+    params, tuned = _without_tuned(params)
     log = load_log(data, fmt)
+    if tuned:
+        return _tuned(protocol, model, params, log, data, fmt, seed, weights)
     runs = [_evaluate_once(protocol, model, params, log, data, fmt, seed + n, weights) for n in range(seeds)]
     first = runs[0]
     result: dict[str, Any] = {
@@ -51,6 +54,43 @@ def evaluate(
     if seeds > 1:
         result.update(_over_seeds(runs, seed))
     return result
+
+
+TUNED_TRIALS, TUNED_BUDGET_SECONDS = 20, 120.0  # `--param tuned=true`: a small search inside the fit
+
+
+def _without_tuned(params: list[str] | tuple[str, ...]) -> tuple[list[str], bool]:
+    """`--param tuned=true` is not a model hyper-parameter: it asks for a search inside the fit."""
+    kept, tuned = [], False
+    for pair in params:
+        key, _, value = pair.partition("=")
+        if key.strip() == "tuned":
+            if value.strip().lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"--param tuned={value}: expected true or false")
+            tuned = value.strip().lower() in ("true", "1")
+        else:
+            kept.append(pair)
+    return kept, tuned
+
+
+def _tuned(protocol: str, model: str, params: list[str], log: InteractionLog, data: str | Path, fmt: str,
+           seed: int, weights: Weighting) -> dict[str, Any]:
+    """The protocol's figures for hyper-parameters searched on the training part (a small budget);
+    the search never sees the test split (streamrec.trainer.tuning)."""
+    from streamrec.trainer.tuning import tune
+
+    search = tune(protocol, model, params, data, fmt, TUNED_TRIALS, TUNED_BUDGET_SECONDS, seed, weights, log=log)
+    result = search["test"]["tuned"]
+    return {
+        "protocol": protocol, "model": model, "params": search["best_params"],
+        "data": {"path": str(data), "format": fmt, "users": len(set(log.user_id)), "items": len(set(log.item_id)),
+                 "interactions": len(log)},
+        "metrics": result["metrics"], "fit_seconds": result["fit_seconds"],
+        "eval_seconds": result.get("eval_seconds"), "events_per_second": result.get("events_per_second"),
+        "seed": seed, "tuned": {key: search[key] for key in ("validation", "trials", "search_seconds",
+                                                            "improved_on_defaults", "metric")},
+        **({"weights": weights} if protocol == "topn" else {}),
+    }
 
 
 def _over_seeds(runs: list[dict[str, Any]], seed: int) -> dict[str, Any]:
