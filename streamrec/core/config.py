@@ -107,9 +107,19 @@ class Settings(BaseSettings):
         None, repr=False, description="bearer token the HTTP API asks for (all but /healthz, /readyz, /metrics)"
     )
     poll_interval: float = Field(60.0, ge=0.05, description="seconds between parameter pulls")
+    event_id_retention_s: int = Field(
+        86_400, ge=1, description="POST /events: how long an event id is remembered (Redis) against re-sends"
+    )
     # Metrics
     metrics_port: int = Field(0, ge=0, description="Prometheus port for this process (0: none)")
     metrics_host: str = Field("127.0.0.1", description="address the Prometheus port binds (0.0.0.0: every interface)")
+    item_catalogue: Path | None = Field(
+        None, description="item titles and genres for the serving console: a MovieLens u.item or an "
+        "item_id,title,genres CSV")
+    metrics_sources: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        description="other processes' /metrics URLs the serving console aggregates: name=url,name=url (or JSON)",
+    )
 
     @field_validator("custom_event_types", "param_servers", mode="before")
     @classmethod
@@ -119,6 +129,19 @@ class Settings(BaseSettings):
             if stripped.startswith("["):
                 return json.loads(stripped)
             return [v.strip() for v in stripped.split(",") if v.strip()]
+        return value
+
+    @field_validator("metrics_sources", mode="before")
+    @classmethod
+    def _split_pairs(cls, value: object) -> object:
+        if isinstance(value, str):
+            stripped = value.strip()
+            if stripped.startswith("{"):
+                return json.loads(stripped)
+            pairs = [v.strip() for v in stripped.split(",") if v.strip()]
+            if any("=" not in pair for pair in pairs):
+                raise ValueError("metrics_sources: expected name=url pairs separated by commas")
+            return dict(pair.split("=", 1) for pair in pairs)
         return value
 
     @classmethod

@@ -25,6 +25,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from streamrec.serving import schemas
 from streamrec.serving.auth import UNAUTHORIZED, bearer_guard
 from streamrec.serving.config import MAX_K, ServingConfig
+from streamrec.serving.console import add_console_routes
+from streamrec.serving.feedback import add_feedback_routes
 from streamrec.serving.history import History
 from streamrec.serving.limits import STATUS as TOO_LARGE
 from streamrec.serving.limits import BodyLimit
@@ -195,6 +197,8 @@ def create_app(config: ServingConfig) -> FastAPI:
         data, content_type = render()
         return Response(data, media_type=content_type)
 
+    add_feedback_routes(app, config, metrics, guarded)
+    add_console_routes(app, config, holder, pipeline, metrics, guarded)
     return app
 
 

@@ -20,13 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from streamrec.param_server.client import ParamClient
-from streamrec.param_server.replica import TableMirror
-from streamrec.param_server.artifacts import KNN_BLOB, encode_neighbors
-from streamrec.serving.config import ServingConfig
-from streamrec.serving.index import ItemIndex, query_rows
 from streamrec.core import net
 from streamrec.core.config import Settings
+from streamrec.param_server.artifacts import KNN_BLOB, encode_neighbors
+from streamrec.param_server.client import ParamClient
+from streamrec.param_server.replica import TableMirror
+from streamrec.serving.config import ServingConfig
+from streamrec.serving.index import ItemIndex, query_rows
 from streamrec.stream.events import EventBatch
 from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 
@@ -25,6 +27,8 @@ def register(cli: click.Group, bench: click.Group) -> None:
               help="request body cap of every route without its own [default: 65536]")
 @click.option("--body-limit", "body_limits", multiple=True, metavar="PATH=BYTES",
               help="request body cap of one route, e.g. /rescore=4194304 (repeatable) [default: /rescore=4 MiB]")
+@click.option("--item-catalogue", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="item titles and genres for the console (MovieLens u.item, or item_id,title,genres CSV)")
 @click.option("--log-level", default="warning", show_default=True)
 @click.pass_context
 def serve_cmd(ctx: click.Context, workers: int, host: str, port: int | None, poll_interval: float | None,

@@ -4,6 +4,7 @@ worker process as JSON in an environment variable (uvicorn starts workers by imp
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -13,9 +14,14 @@ from streamrec.core.config import Settings
 CONFIG_ENV = "STREAMREC_SERVING_CONFIG_JSON"
 MAX_K = 1000
 KIB, MIB = 1024, 1024 * 1024
-# Bulk endpoints (10,000 items of <= 256 bytes plus JSON framing) get 4 MiB; a future event-ingestion
-# route joins this mapping. Every other route gets `max_body_bytes`.
-DEFAULT_ROUTE_BODY_LIMITS = {"/rescore": 4 * MIB}
+MAX_EVENTS_PER_REQUEST = 10_000
+# Bulk endpoints get their own caps; every other route gets `max_body_bytes`.
+# /rescore: 10,000 ids of <= 256 bytes plus JSON framing -> 4 MiB.
+# /events: 10,000 events; a typical event is ~200 bytes, one with a full context (2 KiB by default,
+# STREAMREC_MAX_CONTEXT_BYTES) and three 256-byte ids ~3 KiB, so 16 MiB lets ~5,000 such heavy events
+# or 10,000 of ~1.6 KiB through: the count cap (422) binds for ordinary events, the byte cap (413)
+# for heavy ones, and a worker never buffers more than 16 MiB of one request.
+DEFAULT_ROUTE_BODY_LIMITS = {"/rescore": 4 * MIB, "/events": 16 * MIB}
 
 
 class ServingConfig(BaseModel):
@@ -35,6 +41,25 @@ class ServingConfig(BaseModel):
     item_table: str = "bpr_items"
     knn_blob: str = Field("refit/item-knn/neighbors", description="item-kNN neighbour lists blob")
     ranker_blob: str = Field("refit/ranker", description="ranking-model blob")
+    item_catalogue: Path | None = Field(None, description="u.item or item_id,title,genres CSV for the console")
+    metrics_sources: dict[str, str] = Field(default_factory=dict,
+                                            description="other processes' /metrics URLs the console aggregates")
+    # POST /events (feedback): where accepted events go, and how long an event id is remembered
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    kafka_client: Literal["kafka-python", "confluent"] = "kafka-python"
+    topic: str = "streamrec.events"
+    dlq_suffix: str = ".dlq"
+    producer_acks: Literal["0", "1", "all"] = "all"
+    producer_linger_ms: int = Field(5, ge=0)
+    custom_event_types: list[str] = Field(default_factory=list)
+    max_context_keys: int = Field(32, ge=0)
+    max_context_bytes: int = Field(2048, ge=0)
+    event_id_retention_s: int = Field(86_400, ge=1, description="how long a produced event id is answered "
+                                                              "as a duplicate instead of produced again")
+    produce_timeout_s: float = Field(10.0, gt=0, description="longest wait for the broker's acknowledgement; "
+                                                             "503 after it")
+    produce_retry_after_s: float = Field(2.0, gt=0, description="Retry-After of a 503 from POST /events; a worker "
+                                                                "whose broker failed answers 503 at once this long")
     # candidate generation
     ann_candidates: int = Field(200, ge=1)
     knn_recent: int = Field(10, ge=0, description="recent items whose neighbours become candidates")
@@ -55,7 +80,14 @@ class ServingConfig(BaseModel):
         base = {"param_servers": settings.param_servers, "param_server_token": settings.param_server_token,
                 "api_token": settings.api_token,
                 "redis_url": settings.redis_url, "poll_interval": settings.poll_interval,
-                "feature_prefix": settings.feature_prefix}
+                "feature_prefix": settings.feature_prefix, "metrics_sources": settings.metrics_sources,
+                "item_catalogue": settings.item_catalogue,
+                "kafka_bootstrap": settings.kafka_bootstrap, "kafka_client": settings.kafka_client,
+                "topic": settings.topic, "dlq_suffix": settings.dlq_suffix, "producer_acks": settings.producer_acks,
+                "producer_linger_ms": settings.producer_linger_ms,
+                "custom_event_types": settings.custom_event_types, "max_context_keys": settings.max_context_keys,
+                "max_context_bytes": settings.max_context_bytes,
+                "event_id_retention_s": settings.event_id_retention_s}
         return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
     @classmethod

@@ -25,7 +25,7 @@ from prometheus_client import (
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 SYNC_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-ENDPOINTS = ("/recommend", "/rescore", "/similar", "/healthz", "/readyz", "/metrics")
+ENDPOINTS = ("/recommend", "/rescore", "/similar", "/events", "/ui", "/healthz", "/readyz", "/metrics")
 
 
 class ServingMetrics:

@@ -78,3 +78,36 @@ class Ready(BaseModel):
     users: int
     artifacts: dict[str, int]
     last_error: str | None
+
+
+class FeedbackEvent(BaseModel):
+    """One interaction, as the trainer's schema takes it (streamrec.stream.events.EventSchema: that
+    schema decides; this model only documents it). Without `timestamp` the event happened when the
+    server received it; without `event_id` the server assigns one and returns it."""
+
+    event_id: str | None = Field(None, max_length=256, description="idempotency key: re-sends are not produced twice")
+    user_id: str = Field(min_length=1, max_length=256)
+    item_id: str = Field(min_length=1, max_length=256)
+    event_type: str = Field(description="view, click, like, rating, purchase, watch, skip, or a configured custom type")
+    value: float | None = Field(None, description="e.g. the rating")
+    timestamp: float | None = Field(None, description="event time, epoch seconds (default: when received)")
+    context: dict[str, str | int | float] | None = Field(None, description="at most 32 keys, 2 KiB as JSON")
+
+
+class RejectedEvent(BaseModel):
+    index: int  # position in the request (0 for a single event)
+    reason: str  # e.g. missing_field:user_id, unknown_event_type
+    detail: str
+
+
+class EventsAccepted(BaseModel):
+    """202: every valid event is on the topic (acknowledged by the broker), every invalid one on the
+    dead-letter topic; accepted + dead_lettered = events sent."""
+
+    accepted: int  # valid events: produced now or (duplicates) before
+    produced: int
+    duplicates: int  # event id already produced within the retention window (or repeated in this request)
+    dead_lettered: int
+    rejected: list[RejectedEvent]
+    event_ids: list[str | None]  # per position: the event's id (assigned where absent), None where rejected
+    deduplicated: bool  # False: Redis was unreachable, ids were not checked (the trainer still de-duplicates)

@@ -100,10 +100,11 @@ def serving_factory(home: Path) -> tuple[StartServing, list[Serving]]:
     started: list[Serving] = []
 
     def start(param_server: str, redis_url: str, prefix: str, *, workers: int = 1, poll: float = 0.2,
-              ready: bool = True, args: tuple[str, ...] = (), api_token: str | None = None) -> Serving:
+              ready: bool = True, args: tuple[str, ...] = (), api_token: str | None = None,
+              extra_env: dict[str, str] | None = None) -> Serving:
         port = free_port()
         env = {**os.environ, "STREAMREC_HOME": str(home), "STREAMREC_PARAM_SERVERS": param_server,
-               "STREAMREC_REDIS_URL": redis_url}
+               "STREAMREC_REDIS_URL": redis_url, **(extra_env or {})}
         env.pop("STREAMREC_PARAM_SERVER_TOKEN", None)
         env.pop("STREAMREC_API_TOKEN", None)
         if api_token is not None:

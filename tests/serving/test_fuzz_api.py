@@ -31,7 +31,7 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 
 
 @pytest.fixture(scope="module")
-def fuzz_target(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Serving]:
+def fuzz_target(tmp_path_factory: pytest.TempPathFactory, redis_url: str, kafka_bootstrap: str) -> Iterator[Serving]:
     home = tmp_path_factory.mktemp("serving-fuzz")
     param_server = start_param_server(home / "ps")
     prefix = f"test-serving-fuzz-{uuid.uuid4().hex[:10]}"
@@ -43,7 +43,10 @@ def fuzz_target(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Ite
                        {f"i{j}": rng.normal(size=4).astype(np.float32) for j in range(30)})
         store = FeatureStore.from_url(redis_url, FeatureStoreConfig(prefix=prefix))
         write_history(store, [("u1", "i3", 1e9), ("u2", "i4", 1e9 + 1)])
-        yield start(param_server.address, redis_url, prefix, api_token=TOKEN)
+        # POST /events produces to a topic of its own on the test broker (fuzzed events stay there)
+        topic = f"streamrec.test.fuzz.{uuid.uuid4().hex[:8]}"
+        yield start(param_server.address, redis_url, prefix, api_token=TOKEN,
+                    extra_env={"STREAMREC_KAFKA_BOOTSTRAP": kafka_bootstrap, "STREAMREC_TOPIC": topic})
     finally:
         for serving in started:
             serving.stop()
@@ -56,11 +59,15 @@ def api_schema(fuzz_target: Serving) -> schemathesis.BaseSchema:
     return schemathesis.openapi.from_url(fuzz_target.url + "/openapi.json")
 
 
-ROUTES = [("GET", "/recommend"), ("POST", "/rescore"), ("GET", "/similar/{item_id}"), ("GET", "/healthz"),
-          ("GET", "/readyz"), ("GET", "/metrics")]
+ROUTES = [("GET", "/recommend"), ("POST", "/rescore"), ("GET", "/similar/{item_id}"), ("POST", "/events"),
+          ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"),
+          ("GET", "/ui/api/overview"), ("GET", "/ui/api/info"), ("GET", "/ui/api/users"),
+          ("GET", "/ui/api/users/{user_id}/history"), ("GET", "/ui/api/items"), ("GET", "/ui/api/items/info")]
 
 
-WITH_INPUT = {("GET", "/recommend"), ("POST", "/rescore"), ("GET", "/similar/{item_id}")}  # negative data exists
+WITH_INPUT = {("GET", "/recommend"), ("POST", "/rescore"), ("GET", "/similar/{item_id}"), ("POST", "/events"),
+              ("GET", "/ui/api/users"), ("GET", "/ui/api/users/{user_id}/history"), ("GET", "/ui/api/items"),
+              ("GET", "/ui/api/items/info")}  # negative data exists
 
 
 @pytest.mark.parametrize(("method", "path", "mode"), [

@@ -36,7 +36,7 @@ def planted_events(n: int, users: int = 200, clusters: int = 4, items_per_cluste
     item_cluster = np.where(own, cluster, rng.integers(0, clusters, n))
     item = item_cluster * items_per_cluster + rng.integers(0, items_per_cluster, n)
     return [
-        {"event_id": f"e{i}", "user_id": f"u{u}", "item_id": f"i{it}", "event_type": "click",
+        {"event_id": f"e{i}" if seed == 0 else f"s{seed}e{i}", "user_id": f"u{u}", "item_id": f"i{it}", "event_type": "click",
          "timestamp": start + i * 0.5}
         for i, (u, it) in enumerate(zip(user.tolist(), item.tolist()))
     ]

@@ -53,6 +53,12 @@ from streamrec.trainer.online.base import (
     learn_together,
     restore_states,
 )
+from streamrec.trainer.online.dedup import (
+    DUPLICATE_EVENTS,
+    META_KEY,
+    REASON,
+    EventIdWindow,
+)
 from streamrec.trainer.online.feature_rebuild import rebuild_features
 from streamrec.trainer.online.feature_store import FeatureStore, popularity_weights
 from streamrec.trainer.online.live_eval import LivePrequential
@@ -103,6 +109,7 @@ class TrainerConfig:
     idle_exit_seconds: float | None = None  # stop when nothing arrived for this long
     report_path: str | None = None  # JSON report rewritten every report_every_seconds and at exit
     report_every_seconds: float = 5.0
+    dedup_window_events: int = 65_536  # per partition: an event id seen this many offsets back is a duplicate
 
 
 @dataclass
@@ -142,6 +149,7 @@ class OnlineTrainer:
         self._fenced: set[TopicPartition] = set()  # owned by another trainer now (until reassigned)
         self._evaluated_to: dict[TopicPartition, int] = {}  # this process has seen offsets below: a replay
         self._feature_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="features")
+        self._event_ids = EventIdWindow(self.config.dedup_window_events)  # restored per partition in _resync
         self.consumer = consumer or make_consumer(
             settings.kafka_bootstrap, settings.kafka_client, group_id=settings.consumer_group,
             topics=[settings.topic], session_timeout_ms=settings.session_timeout_ms,
@@ -179,6 +187,7 @@ class OnlineTrainer:
         while True:
             try:
                 self._shard_next = self.store.claim(keys) if claim else self.store.watermarks()
+                self._event_ids.restore(self.store.get_meta(), keys)  # the ids as they were at the resume point
                 break
             except (ParamServerError, ConnectionError) as exc:  # a shard down or restarting
                 if self.stop_requested.is_set():
@@ -280,17 +289,6 @@ class OnlineTrainer:
                 break
         return records
 
-    def _decode(self, records: list[Record]) -> list[dict[str, Any]]:
-        events = []
-        for record in records:
-            try:
-                events.append(self.schema.decode(record.value))
-            except InvalidEvent as exc:
-                self.dead_letters.send(record.value, exc.reason,
-                                       {"topic": record.topic, "partition": record.partition, "offset": record.offset},
-                                       exc.detail, key=record.key)
-        return events
-
     def process(self, records: list[Record]) -> None:
         """Learn the records in groups that are uniformly new or old for each shard, write their
         features, then commit. A refusal or a shard restart rewinds instead: the records not yet
@@ -349,6 +347,7 @@ class OnlineTrainer:
             commits[tp] = int(mine.max()) + 1
         keys = np.array([offset_key(topic, p) for p in range(int(partitions.max()) + 1)], dtype=object)
         batch = EventBatch.from_events(events).with_origin(keys[partitions[valid]], offsets[valid])
+        batch, seen_ids = self._drop_duplicates(batch, [r for r, ok in zip(records, valid) if ok], fresh)
         batch = batch.take(np.argsort(batch.timestamp, kind="stable"))  # event-time order (stable per partition)
         pending: Future | None = None
         weights = np.ones(0)
@@ -358,7 +357,7 @@ class OnlineTrainer:
         if needed_by_any:
             recorded = {offset_key(*tp): o for tp, o in {**self._positions, **commits}.items()}
             try:
-                self._learn(batch, recorded, ranges, evaluate=needed_by_all)
+                self._learn(batch, recorded, ranges, evaluate=needed_by_all, extra_meta={META_KEY: seen_ids})
             except OffsetsRefused as exc:
                 self._wait_quietly(pending)
                 if not self._after_restarts():
@@ -434,10 +433,28 @@ class OnlineTrainer:
                                             "offset": record.offset}, exc.detail, key=record.key)
         return valid, events
 
+    def _drop_duplicates(self, batch: EventBatch, records: list[Record], fresh: bool,
+                         ) -> tuple[EventBatch, dict[str, Any]]:
+        """The batch without events whose id occurred earlier in their partition (dedup.py), and
+        the meta of the recent-id window to push with it. Duplicates go to the dead-letter topic
+        and the metric the first time they are consumed (`fresh`), not again on a replay."""
+        duplicate, previous = self._event_ids.duplicates(batch)
+        seen_ids = self._event_ids.record(batch)
+        if not duplicate.any():
+            return batch, seen_ids
+        if fresh:
+            for n in np.flatnonzero(duplicate).tolist():
+                record = records[n]
+                self.dead_letters.send(record.value, REASON, {"topic": record.topic, "partition": record.partition,
+                                                              "offset": record.offset},
+                                       f"event_id {batch.event_id[n]!r} first at offset {previous[n]}", key=record.key)
+            DUPLICATE_EVENTS.inc(int(duplicate.sum()))
+        return batch.take(~duplicate), seen_ids
+
     def _learn(self, batch: EventBatch, offsets: dict[str, int], ranges: Mapping[str, tuple[int, int]],
-               evaluate: bool) -> None:
+               evaluate: bool, extra_meta: dict[str, Any]) -> None:
         t0 = time.perf_counter()
-        stats = learn_together(self.models, batch, offsets, ranges=ranges,
+        stats = learn_together(self.models, batch, offsets, ranges=ranges, extra_meta=extra_meta,
                                before_step=(lambda step: self.evaluator.before_step(batch, step)) if evaluate else None)
         PUSH_SECONDS.observe(time.perf_counter() - t0)
         if evaluate:

@@ -1,0 +1,112 @@
+"""The web console at /ui (issue 13): pipeline health, a user's recommendations and history,
+clicks as that user, item search and similar items.
+
+The page (`static/`, plain HTML and JavaScript shipped inside the package, no build step, nothing
+fetched from a CDN) is public; everything it shows comes from JSON endpoints behind the same
+bearer token as the rest of the API: /recommend, /similar and POST /events themselves, plus the
+console's own /ui/api/* here (figures scraped from every process's /metrics, pickers, history).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+from fastapi import FastAPI, Query
+from fastapi.params import Depends
+from fastapi.responses import FileResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from streamrec.serving import schemas
+from streamrec.serving.auth import UNAUTHORIZED
+from streamrec.serving.config import ServingConfig
+from streamrec.serving.console.catalogue import Catalogue
+from streamrec.serving.console.overview import Overview
+from streamrec.serving.console.search import PrefixSearch
+from streamrec.serving.limits import STATUS as TOO_LARGE
+from streamrec.serving.metrics import ServingMetrics, render
+from streamrec.serving.pipeline import CandidatePipeline
+from streamrec.serving.state import StateHolder
+
+STATIC = Path(__file__).resolve().parent / "static"  # package data: works from a wheel as from a checkout
+MAX_IDS = 200
+MAX_ID_LENGTH = 256
+DOCUMENTED = {**UNAUTHORIZED, TOO_LARGE: {"model": schemas.Error, "description": "request body over the cap"}}
+
+
+def add_console_routes(app: FastAPI, config: ServingConfig, holder: StateHolder, pipeline: CandidatePipeline,
+                       metrics: ServingMetrics, guarded: list[Depends]) -> None:
+    """Register /ui (static page) and its JSON endpoints on `app`."""
+    overview = Overview(config.metrics_sources, lambda: render()[0], holder.staleness)
+    search = PrefixSearch()
+    # titles and genres are optional: ServingConfig.item_catalogue (u.item or item_id,title,genres CSV)
+    catalogue_path = config.item_catalogue
+    catalogue = Catalogue.load(Path(catalogue_path)) if catalogue_path else None
+
+    app.mount("/ui/static", StaticFiles(directory=STATIC), name="console-static")
+
+    @app.get("/ui", include_in_schema=False)
+    def console_redirect() -> Response:
+        return RedirectResponse("/ui/")
+
+    @app.get("/ui/", include_in_schema=False)
+    def console_page() -> Response:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/ui/api/overview", dependencies=guarded, tags=["console"], responses=DOCUMENTED)
+    async def console_overview() -> Response:
+        """Pipeline health: events/s, consumer lag, live hr@10, serving p99, staleness and parameter
+        -server rows from every process's /metrics (a process that does not answer shows as down)."""
+        return _json(await overview.sample())
+
+    @app.get("/ui/api/info", dependencies=guarded, tags=["console"], responses=DOCUMENTED)
+    def console_info() -> Response:
+        """What this worker holds: users and items with vectors, model version, catalogue size."""
+        state = holder.current
+        return _json({"model_version": state.version if state else None,
+                      "users": len(state.users) if state else 0, "items": len(state.items) if state else 0,
+                      "catalogue_items": len(catalogue) if catalogue else 0,
+                      "metrics_sources": sorted(config.metrics_sources)})
+
+    @app.get("/ui/api/users", dependencies=guarded, tags=["console"], responses=DOCUMENTED)
+    def console_users(prefix: str = Query("", max_length=MAX_ID_LENGTH), limit: int = Query(20, ge=1, le=MAX_IDS)
+                      ) -> Response:
+        """Users with a vector whose id starts with `prefix` (the page's user picker)."""
+        with holder.use() as state:
+            found, total = search.find(state, "users", prefix, limit) if state else ([], 0)
+        return _json({"users": found, "total": total})
+
+    @app.get("/ui/api/users/{user_id}/history", dependencies=guarded, tags=["console"], responses=DOCUMENTED)
+    def console_history(user_id: str, n: int = Query(20, ge=1, le=MAX_IDS)) -> Response:
+        """The user's newest items from the Redis feature store (`redis_down` while it is not reachable)."""
+        history = pipeline.history.user_history(user_id, n, False)
+        if history is None:
+            return _json({"user_id": user_id, "items": [], "redis_down": True})
+        recent, _ = history
+        return _json({"user_id": user_id, "items": _described(catalogue, recent), "redis_down": False})
+
+    @app.get("/ui/api/items", dependencies=guarded, tags=["console"], responses=DOCUMENTED)
+    def console_items(q: str = Query(min_length=1, max_length=MAX_ID_LENGTH),
+                      limit: int = Query(20, ge=1, le=MAX_IDS)) -> Response:
+        """Items served whose id starts with `q`, then catalogue items whose title contains it."""
+        with holder.use() as state:
+            found, _ = search.find(state, "items", q, limit) if state else ([], 0)
+            if catalogue is not None and len(found) < limit:
+                found += [i for i in catalogue.title_matches(q, limit) if i not in found][: limit - len(found)]
+            served = [state is not None and state.items.position(i) >= 0 for i in found]
+        return _json({"items": [{**entry, "served": s} for entry, s in zip(_described(catalogue, found), served)]})
+
+    @app.get("/ui/api/items/info", dependencies=guarded, tags=["console"], responses=DOCUMENTED)
+    def console_item_info(ids: Annotated[list[str], Query(max_length=MAX_IDS)]) -> Response:
+        """Titles and genres of `ids` from the item catalogue (empty without one)."""
+        return _json({"items": catalogue.lookup(ids) if catalogue else {}})
+
+
+def _json(body: dict[str, Any]) -> Response:
+    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
+
+
+def _described(catalogue: Catalogue | None, ids: list[str]) -> list[dict[str, object]]:
+    info = catalogue.lookup(ids) if catalogue else {}
+    return [{"item_id": i, **info.get(i, {})} for i in ids]
