@@ -52,7 +52,7 @@ class DemoOptions:
     duration_s: float = 120.0  # replay the whole log in about this long (unless speed is given)
     speed: float | None = None
     poll_interval: float = 5.0
-    refit_every: int = 20_000
+    refit_every: int | None = None  # events between refits; None: a quarter of the log, so refits get scored
     query_rate: float = 20.0
     out_dir: Path | None = None
 
@@ -162,19 +162,23 @@ def run_demo(settings: Settings, options: DemoOptions, display: Any) -> dict[str
     env = pipeline_env(settings)
     queries: Queries | None = None
     try:
-        ps_address = start_param_server(processes, "param-server", env,
-                                        ["--port", "0", "--checkpoint-dir", str(out / "checkpoints")])["address"]
+        ps_metrics, trainer_metrics, serving_port = net.free_port(), net.free_port(), net.free_port()
+        ps_address = start_param_server(processes, "param-server", env, [
+            "--port", "0", "--checkpoint-dir", str(out / "checkpoints"), "--metrics-port", str(ps_metrics)])["address"]
         env["STREAMREC_PARAM_SERVERS"] = ps_address
         settings = settings.model_copy(update={"param_servers": [ps_address]})
         report_path = out / "trainer.json"
-        trainer_metrics, serving_port = net.free_port(), net.free_port()
         processes.start("trainer", [STREAMREC, "train-online", "--report", str(report_path),
                                     "--metrics-port", str(trainer_metrics)], env)
+        # the serving console shows the whole pipeline: it reads the other processes' /metrics
+        sources = {"trainer": trainer_metrics, "param_server": ps_metrics}
+        serving_env = {**env, "STREAMREC_METRICS_SOURCES": ",".join(
+            f"{name}=http://127.0.0.1:{port}/metrics" for name, port in sources.items())}
         processes.start("serving", [STREAMREC, "serve", "--workers", "2", "--port", str(serving_port),
-                                    "--poll-interval", str(options.poll_interval)], env)
+                                    "--poll-interval", str(options.poll_interval)], serving_env)
         url = f"http://127.0.0.1:{serving_port}"
         scorer = StreamScorer(log)
-        refits = RefitLoop(settings, scorer, options.refit_every)
+        refits = RefitLoop(settings, scorer, options.refit_every or max(1_000, len(log) // 4))
         queries = Queries(url, options.query_rate, np.unique(log.user_id))
         queries.thread.start()
         publisher = EventPublisher.from_settings(settings, "demo")
@@ -233,6 +237,70 @@ def run_demo(settings: Settings, options: DemoOptions, display: Any) -> dict[str
         "refits": {name: {"count": len(d), "mean_seconds": float(np.mean(d))} for name, d in refits.durations.items()},
         "plots": plots, "logs": str(out),
     }
+
+
+def _count(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def _fixed(value: float | None, digits: int, unit: str = "") -> str:
+    return "-" if value is None else f"{value:,.{digits}f}{unit}"
+
+
+def status_rows(status: dict[str, Any]) -> list[tuple[str, str]]:
+    """The live display as (label, text) rows: every count with thousands separators, rates and
+    times rounded, `-` for what is not known yet."""
+    rows = status.get("ps_rows") or {}
+    return [
+        ("replayed", f"{_count(status['replayed'])} / {_count(status['total'])} events"),
+        ("replay rate", _fixed(status["events_per_second"], 0, " events/s")),
+        ("trainer consumed", _count(status.get("trainer_consumed"))),
+        ("consumer lag", _count(status.get("lag"))),
+        ("prequential hr@10 (last 1,000)", _fixed(status.get("hr@10"), 3)),
+        ("parameter-server rows", ", ".join(f"{name} {_count(n)}" for name, n in rows.items()) or "-"),
+        ("serving p99 (last 200)", _fixed(status.get("serving_p99_ms"), 1, " ms")),
+        ("serving requests / errors", f"{_count(status['serving_requests'])} / {_count(status['serving_errors'])}"),
+        ("serving staleness", _fixed(status.get("staleness_s"), 1, " s")),
+        ("refits", _count(status.get("refits"))),
+    ]
+
+
+def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """The end-of-run summary (`run_demo`'s dict) as (label, text) rows a person reads as a
+    report: rounded figures with units, the online model beside the refits, where plots and logs are."""
+    prequential, serving = summary["prequential"], summary["serving"]
+    refits = prequential.get("refit_models") or {}
+
+    def side_by_side(metric: str) -> str:
+        cells = [f"online {_fixed(prequential.get(metric), 3)}"]
+        cells += [f"{name} (refit) {_fixed(scores.get(metric), 3)}" for name, scores in refits.items()]
+        if not refits:
+            cells.append("refits: none scored (no events arrived after the first refit; lower --refit-every)")
+        return "  |  ".join(cells)
+
+    trainer = summary.get("trainer") or {}
+    errors = summary.get("serving_errors") or 0
+    replay = (f"{_fixed(summary['replay_seconds'], 1, ' s')} at {_fixed(summary['events_per_second'], 0)} events/s "
+              f"(event time x{_count(summary['speed'])})")
+    consumed = f"{_count(trainer.get('consumed'))} consumed, {_fixed(trainer.get('events_per_second'), 0, ' events/s')}"
+    latency = (f"p50 {_fixed(serving.get('p50_ms'), 1, ' ms')}, p99 {_fixed(serving.get('p99_ms'), 1, ' ms')} "
+               f"over {_count(serving.get('requests'))} requests")
+    refit_runs = ", ".join(f"{name} {_count(r['count'])}x, {_fixed(r['mean_seconds'], 1, ' s')} each"
+                           for name, r in (summary.get("refits") or {}).items())
+    rows = [
+        ("events", f"{_count(summary['events'])} replayed, {_count(summary['dead_lettered'])} dead-lettered"),
+        ("replay", replay),
+        ("online trainer", consumed),
+        ("hr@10 (prequential)", side_by_side("hr@10")),
+        ("ndcg@10 (prequential)", side_by_side("ndcg@10")),
+        ("serving latency", latency),
+        ("serving errors", _count(errors) + (f" (last: {summary['last_serving_error']})" if errors else "")),
+        ("serving staleness", _fixed(serving.get("staleness_seconds"), 1, " s")),
+        ("refits", refit_runs or "-"),
+    ]
+    rows += [("plot", path) for path in summary.get("plots") or []]
+    rows.append(("logs", str(summary["logs"])))
+    return rows
 
 
 def _pct(values: list[float], q: float) -> float | None:

@@ -7,7 +7,6 @@ Data, in this order: `--data`, `$STREAMREC_DEMO_DATA` (each a path or a data-set
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -75,11 +74,12 @@ def demo_data(data: str | None, fmt: str, home: Path) -> tuple[Path, str]:
 @click.option("--duration", type=float, default=120.0, show_default=True, help="replay the log in about this many seconds")
 @click.option("--speed", type=float, help="event-time seconds per wall second (overrides --duration)")
 @click.option("--poll-interval", type=float, default=5.0, show_default=True, help="serving poll interval")
-@click.option("--refit-every", type=int, default=20_000, show_default=True, help="refit item kNN and ALS every N events")
+@click.option("--refit-every", type=click.IntRange(min=1), default=None,
+              help="refit item kNN and ALS every N events [a quarter of the log]")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
 @click.pass_context
 def demo(ctx: click.Context, data: str | None, fmt: str, duration: float, speed: float | None,
-         poll_interval: float, refit_every: int, as_json: bool) -> None:
+         poll_interval: float, refit_every: int | None, as_json: bool) -> None:
     """Run the whole real-time pipeline on a replayed log: broker, Redis, parameter server, online
     trainer, two serving workers and a refit loop; live display, summary and plots. Stops
     everything it started, also on Ctrl-C."""
@@ -88,7 +88,7 @@ def demo(ctx: click.Context, data: str | None, fmt: str, duration: float, speed:
     from rich.table import Table
 
     from streamrec.app import infra
-    from streamrec.app.demo import DemoOptions, run_demo
+    from streamrec.app.demo import DemoOptions, run_demo, status_rows, summary_rows
     from streamrec.core.config import load_settings, read_infra_state
     from streamrec.core.progress import stderr_console
 
@@ -108,18 +108,8 @@ def demo(ctx: click.Context, data: str | None, fmt: str, duration: float, speed:
 
     def render(status: dict) -> Table:
         table = Table(title="streamrec demo (Ctrl-C stops everything)", show_header=False)
-        rows = status.get("ps_rows") or {}
-        for key, value in (
-            ("replayed", f"{status['replayed']:,} / {status['total']:,}"),
-            ("events/s", f"{status['events_per_second']:,.0f}"),
-            ("trainer consumed", status.get("trainer_consumed")), ("consumer lag", status.get("lag")),
-            ("prequential hr@10 (last 1000)", status.get("hr@10")),
-            ("parameter-server rows", ", ".join(f"{k}={v:,}" for k, v in rows.items()) or None),
-            ("serving p99 ms (last 200)", status.get("serving_p99_ms")),
-            ("serving requests / errors", f"{status['serving_requests']} / {status['serving_errors']}"),
-            ("staleness s", status.get("staleness_s")), ("refits", status.get("refits")),
-        ):
-            table.add_row(key, "-" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value)))
+        for key, value in status_rows(status):
+            table.add_row(key, value)
         return table
 
     try:
@@ -132,9 +122,7 @@ def demo(ctx: click.Context, data: str | None, fmt: str, duration: float, speed:
             def log_line(status: dict) -> None:
                 if time.monotonic() - last[0] >= 10:
                     last[0] = time.monotonic()
-                    stderr_console.print(f"replayed {status['replayed']}/{status['total']} "
-                                         f"hr@10 {status.get('hr@10')} lag {status.get('lag')} "
-                                         f"serving p99 {status.get('serving_p99_ms')} ms")
+                    stderr_console.print("  ".join(f"{key} {value}" for key, value in status_rows(status)[:6]))
 
             summary = run_demo(settings, options, log_line)
     finally:  # leave the machine as we found it
@@ -144,8 +132,8 @@ def demo(ctx: click.Context, data: str | None, fmt: str, duration: float, speed:
         print_json(summary)
         return
     table = Table(title="streamrec demo summary", show_header=False)
-    for key, value in summary.items():
-        table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+    for key, value in summary_rows(summary):
+        table.add_row(key, value)
     Console().print(table)
 
 

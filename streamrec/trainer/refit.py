@@ -11,6 +11,7 @@ What is published is what the model's `export()` says (formats in `streamrec.par
   the tables and blobs of this version. Serving notices new versions at its next poll.
 A refit runs in its own process and only writes new versions, so it never blocks online training.
 Artefacts are also written locally (model.save + neighbors.npz) so a refit is reproducible.
+A refit loop (`--every`) serves Prometheus metrics on STREAMREC_METRICS_PORT (`refit_metrics`).
 """
 
 from __future__ import annotations
@@ -23,12 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from prometheus_client import start_http_server
 
 from streamrec.core.config import Settings
 from streamrec.core.params import parse_params
 from streamrec.param_server.artifacts import RANKER_BLOB, encode_dense, encode_neighbors
-from streamrec.param_server.client import ParamClient
+from streamrec.param_server.client import ParamClient, ParamServerError
+from streamrec.stream.kafka import KafkaError
 from streamrec.stream.loaders import InteractionLog, load_log
+from streamrec.trainer import refit_metrics
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models import model_class
 from streamrec.trainer.models.base import Recommender
@@ -120,34 +124,63 @@ def refit_once(
     settings: Settings, model_name: str, params: list[str] | tuple[str, ...], source: str, fmt: str,
     out_dir: str | Path | None, do_publish: bool, version: int,
 ) -> dict[str, Any]:
-    """One refit: load the log from the beginning, fit, write artefacts, publish."""
-    log = read_event_log(settings, source, fmt)
+    """One refit: load the log from the beginning, fit, write artefacts, publish. Each stage's time
+    goes to `streamrec_refit_duration_seconds`; the caller counts the outcome."""
     cls = model_class(model_name)
     model = cls(**parse_params(cls.Params, params, model_name).model_dump())
-    data = Interactions.from_log(log, implicit=not model.capabilities.explicit)
+    with refit_metrics.DURATION.labels(model_name, "load").time():
+        log = read_event_log(settings, source, fmt)
+        data = Interactions.from_log(log, implicit=not model.capabilities.explicit)
     fit_seconds = fit_with_progress(model, data)
+    refit_metrics.DURATION.labels(model_name, "fit").observe(fit_seconds)
     out = Path(out_dir) if out_dir else Path(settings.home) / "refits"
-    export = model.export()
-    files = write_artefacts(model, export, out / model_name / f"v{version:06d}")
     report: dict[str, Any] = {
         "model": model_name, "version": version, "events": len(log), "users": data.n_users,
-        "items": data.n_items, "fit_seconds": fit_seconds, "artefacts": files,
+        "items": data.n_items, "fit_seconds": fit_seconds,
     }
-    if do_publish:
-        with ParamClient.from_settings(settings) as client:
-            report["published"] = publish(client, model, version, export)
+    with refit_metrics.DURATION.labels(model_name, "publish").time():
+        export = model.export()
+        report["artefacts"] = write_artefacts(model, export, out / model_name / f"v{version:06d}")
+        if do_publish:
+            with ParamClient.from_settings(settings) as client:
+                report["published"] = publish(client, model, version, export)
+    published_rows = sum(t["rows"] for t in report.get("published", {}).get("tables", {}).values())
+    refit_metrics.INPUT_ROWS.labels(model_name).set(len(log))
+    refit_metrics.PUBLISHED_ROWS.labels(model_name).set(published_rows)
+    refit_metrics.LAST_SUCCESS.labels(model_name).set(time.time())
     return report
+
+
+# What a refit of a running loop may fail with and be tried again at the next period: no events in
+# the topic yet, the broker or the parameter server unreachable or answering an error.
+RETRYABLE = (ValueError, OSError, ParamServerError, KafkaError)
 
 
 def refit_loop(
     settings: Settings, model_name: str, params: list[str] | tuple[str, ...], source: str, fmt: str,
     period: float | None, out_dir: str | Path | None, do_publish: bool,
 ) -> Iterator[dict[str, Any]]:
-    """Refit once, or every `period` seconds (measured start to start) until interrupted."""
+    """Refit once, or every `period` seconds (measured start to start) until interrupted.
+
+    A loop is a long-running service: it serves its metrics on `settings.metrics_port` (when set)
+    and survives a failed refit (reported as `{"model", "version", "error"}` and counted as
+    `outcome="failed"`); the next period tries again. A single refit raises instead."""
     version = int(time.time())
+    refit_metrics.declare(model_name)
+    if period is not None and settings.metrics_port:
+        start_http_server(settings.metrics_port, addr=settings.metrics_host)
     while True:
         started = time.monotonic()
-        yield refit_once(settings, model_name, params, source, fmt, out_dir, do_publish, version)
+        try:
+            report = refit_once(settings, model_name, params, source, fmt, out_dir, do_publish, version)
+        except RETRYABLE as exc:
+            refit_metrics.RUNS.labels(model_name, "failed").inc()
+            if period is None:
+                raise
+            report = {"model": model_name, "version": version, "error": f"{type(exc).__name__}: {exc}"}
+        else:
+            refit_metrics.RUNS.labels(model_name, "ok").inc()
+        yield report
         if period is None:
             return
         version += 1

@@ -1,14 +1,16 @@
 """`streamrec demo` end to end on a small log: every process starts, the summary and plots come
-out, and nothing is left running."""
+out, the summary reads as a report, and nothing is left running."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+from streamrec.app.demo import status_rows, summary_rows
 from tests.conftest import settings_env
 from tests.trainer_online.conftest import planted_events
 
@@ -24,7 +26,7 @@ def test_demo_runs_the_pipeline_and_cleans_up(settings, tmp_path):
     result = subprocess.run(
         [STREAMREC, "demo", "--data", str(log), "--format", "csv", "--duration", "10", "--refit-every", "1500",
          "--poll-interval", "1", "--json"],
-        env=env, capture_output=True, text=True, timeout=300,
+        check=False, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
@@ -35,6 +37,42 @@ def test_demo_runs_the_pipeline_and_cleans_up(settings, tmp_path):
     assert set(summary["prequential"]["refit_models"]) == {"item-knn", "als"}  # refits were scored
     for plot in summary["plots"]:
         assert Path(plot).stat().st_size > 1000
+    assert_reads_as_a_report(summary)
     logs = Path(summary["logs"])
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    ps = subprocess.run(["ps", "-eo", "args"], check=True, capture_output=True, text=True).stdout
     assert str(logs) not in ps  # the demo's parameter server, trainer and workers are gone
+
+
+LONG_FLOAT = re.compile(r"\d\.\d{4,}")  # e.g. 309365.4666666667: a figure nobody rounded
+
+
+def assert_reads_as_a_report(summary: dict) -> None:
+    """The summary as the demo prints it: rounded figures with units, online beside refit, no JSON."""
+    rows = dict(summary_rows(summary))
+    for label, text in summary_rows(summary):
+        assert not LONG_FLOAT.search(text) and "{" not in text, (label, text)
+    assert rows["events"] == "4,000 replayed, 0 dead-lettered"
+    assert re.fullmatch(r"online 0\.\d{3}  \|  (item-knn|als) \(refit\) 0\.\d{3}  \|  (item-knn|als) \(refit\) 0\.\d{3}",
+                        rows["hr@10 (prequential)"]), rows["hr@10 (prequential)"]
+    assert re.fullmatch(r"p50 [\d.]+ ms, p99 [\d.]+ ms over [\d,]+ requests", rows["serving latency"])
+    assert re.search(r" at [\d,]+ events/s", rows["replay"]), rows["replay"]
+    assert [text for label, text in summary_rows(summary) if label == "plot"] == summary["plots"]
+    assert rows["logs"] == summary["logs"]
+
+
+def test_live_display_formats_every_count_alike():
+    status = {"replayed": 12345, "total": 100000, "events_per_second": 2469.1357, "trainer_consumed": 12000,
+              "lag": 345, "hr@10": 0.123456, "ps_rows": {"bpr_items": 1682, "bpr_users": 943},
+              "serving_p99_ms": 12.3456, "serving_requests": 1234, "serving_errors": 0,
+              "last_serving_error": None, "staleness_s": 1.23456, "refits": 2}
+    rows = dict(status_rows(status))
+    assert rows["replayed"] == "12,345 / 100,000 events"
+    assert rows["replay rate"] == "2,469 events/s"
+    assert rows["trainer consumed"] == "12,000"
+    assert rows["parameter-server rows"] == "bpr_items 1,682, bpr_users 943"
+    assert rows["serving requests / errors"] == "1,234 / 0"
+    assert rows["serving p99 (last 200)"] == "12.3 ms"
+    assert rows["prequential hr@10 (last 1,000)"] == "0.123"
+    starting = dict(status_rows({**status, "trainer_consumed": None, "lag": None, "hr@10": None, "ps_rows": None,
+                                 "serving_p99_ms": None, "staleness_s": None}))
+    assert starting["consumer lag"] == starting["prequential hr@10 (last 1,000)"] == "-"
