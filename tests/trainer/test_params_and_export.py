@@ -31,7 +31,7 @@ def test_params_are_typed_from_strings_and_unknown_or_mistyped_ones_are_refused(
 
 
 def test_bpr_exports_its_bias_as_the_item_scalar(log):
-    model = create("bpr", factors=8, epochs=3).fit(Interactions.from_log(log, implicit=True))
+    model = create("bpr", factors=8, epochs=3, popularity_blend=0).fit(Interactions.from_log(log, implicit=True))
     export = model.export()
     np.testing.assert_array_equal(export.item_vectors, model.Q)
     np.testing.assert_array_equal(export.user_vectors, model.P)
@@ -43,7 +43,7 @@ def test_bpr_exports_its_bias_as_the_item_scalar(log):
 
 def test_factor_models_export_their_vectors_and_neighbour_models_their_lists(log):
     data = Interactions.from_log(log, implicit=True)
-    als = create("als", factors=3, iterations=2).fit(data).export()
+    als = create("als", factors=3, iterations=2, popularity_blend=0).fit(data).export()
     assert als.item_vectors.shape == (data.n_items, 3) and als.user_vectors.shape == (data.n_users, 3)
     assert als.item_biases is None and als.neighbours is None
     knn = create("item-knn", k=10).fit(data)
@@ -54,6 +54,21 @@ def test_factor_models_export_their_vectors_and_neighbour_models_their_lists(log
     assert ((lists.indices >= 0) == (lists.scores > 0)).all()  # -1 exactly where there is no neighbour
     assert create("user-knn", k=10).fit(data).export() == Export()  # no item neighbourhood to publish
     assert create("popularity").fit(data).export() == Export()
+
+
+@pytest.mark.parametrize(("name", "weight"), [("bpr", 0.5), ("als", 2.0), ("bpr", float("inf"))])
+def test_the_popularity_blend_travels_in_the_vectors_serving_searches(log, name, weight):
+    """Serving ranks by user . item (+ bias): with the blend folded in as one more coordinate it
+    must rank exactly as the model's own `recommend`."""
+    data = Interactions.from_log(log, implicit=True)
+    model = create(name, factors=8, popularity_blend=weight).fit(data)
+    export = model.export()
+    assert export.item_vectors.shape[1] == export.user_vectors.shape[1] == model.item_vectors().shape[1] + 1 - (name == "bpr")
+    served = export.user_vectors @ export.item_vectors.T + (0 if export.item_biases is None else export.item_biases)
+    own = model.user_scores(np.arange(data.n_users))
+    for u in range(data.n_users):  # same order: every pair of items compares the same way
+        order = np.argsort(-own[u], kind="stable")
+        assert (np.diff(served[u][order]) <= 1e-4 * (1 + np.abs(served[u]).max())).all(), u
 
 
 def test_export_refuses_inconsistent_parts():

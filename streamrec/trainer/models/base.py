@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -123,8 +123,10 @@ class Recommender(ABC):
         """Scores for users unseen in training: popularity (the only signal there is)."""
         return np.broadcast_to(self.popularity.astype(np.float64), (count, len(self.popularity)))
 
-    def user_scores(self, users: np.ndarray) -> np.ndarray:
-        """(len(users), n_items) scores; -1 rows get the cold-start fallback."""
+    def user_scores(self, users: np.ndarray, blended: bool = True) -> np.ndarray:
+        """(len(users), n_items) ranking scores; -1 rows get the cold-start fallback. With the
+        popularity blend on (`blended`), rows are standardised and blended (a ranking, not the
+        model's raw scale: `pair_scores` keeps that)."""
         users = np.asarray(users, dtype=np.int64)
         out = np.empty((len(users), self.n_items), dtype=np.float64)
         known = users >= 0
@@ -132,17 +134,17 @@ class Recommender(ABC):
             out[known] = self._user_scores(users[known])
         if (~known).any():
             out[~known] = self._cold_user_scores(int((~known).sum()))
-        if self.blend_weight:
+        if blended and self.blend_weight:
             out = blend(out, popularity_prior(self.popularity), self.blend_weight)
         return out
 
     def pair_scores(
         self, users: np.ndarray, items: np.ndarray, timestamps: np.ndarray | None = None
     ) -> np.ndarray:
-        """Score of each (user, item) pair; the default gathers from `user_scores` per chunk.
-
-        Rating models override this with a direct formula (and the rating-scale fallback for
-        unknown users/items); time-aware models use `timestamps`.
+        """The model's own score of each (user, item) pair (a rating, a logit, a similarity sum:
+        never blended with popularity, which only re-ranks); the default gathers from
+        `user_scores` per chunk. Rating models override this with a direct formula (and the
+        rating-scale fallback for unknown users/items); time-aware models use `timestamps`.
         """
         users = np.asarray(users, dtype=np.int64)
         items = np.asarray(items, dtype=np.int64)
@@ -152,7 +154,7 @@ class Recommender(ABC):
             block = unique[start : start + SCORE_CHUNK]
             rows = np.flatnonzero((inverse >= start) & (inverse < start + len(block)))
             ok = rows[items[rows] >= 0]
-            out[ok] = self.user_scores(block)[inverse[ok] - start, items[ok]]
+            out[ok] = self.user_scores(block, blended=False)[inverse[ok] - start, items[ok]]
         return out
 
     # ---- public API in id space --------------------------------------------------------------
@@ -228,13 +230,39 @@ class Recommender(ABC):
         return None
 
     def export(self) -> Export:
-        """What a refit publishes for serving: the retrieval vectors, when the model has them.
-
-        Models with other serving artefacts (an item bias kept apart, neighbour lists, a ranker)
-        override this; the refit publishes exactly what it returns.
-        """
+        """What a refit publishes for serving (`_export`), with the popularity blend folded into
+        the retrieval vectors so that serving ranks exactly as `recommend` does."""
         self._require_fitted()
+        return self._fold_blend(self._export())
+
+    def _export(self) -> Export:
+        """The model's serving artefacts: the retrieval vectors, when the model has them. Models
+        with other artefacts (an item bias kept apart, neighbour lists, a ranker) override this."""
         return Export(item_vectors=self.item_vectors(), user_vectors=self.user_vectors())
+
+    def _fold_blend(self, export: Export) -> Export:
+        """Per user, z(s) + w * prior ranks like s + (w * std_u(s)) * prior (the mean shift and the
+        positive scale do not change an order): one more coordinate, w * std_u on the user vector
+        and the item's standardised log-popularity on the item vector, keeps the blend a dot
+        product that FAISS can search. Weight infinity: popularity alone (user vectors [0, .., 1])."""
+        if not self.blend_weight or export.item_vectors is None or export.user_vectors is None:
+            return export
+        prior = popularity_prior(self.popularity).astype(export.item_vectors.dtype)
+        users = export.user_vectors
+        if np.isinf(self.blend_weight):
+            scale = np.ones(len(users))
+            users = np.zeros_like(users)
+            biases = None
+        else:
+            spread = np.concatenate([
+                np.nanstd(np.where(np.isfinite(block), block, np.nan), axis=1)
+                for block in (self._user_scores(np.arange(s, min(s + SCORE_CHUNK, len(users))))
+                              for s in range(0, len(users), SCORE_CHUNK))
+            ]) if len(users) else np.zeros(0)
+            scale = self.blend_weight * np.maximum(np.nan_to_num(spread), 1e-12)
+            biases = export.item_biases
+        return replace(export, item_vectors=np.hstack([export.item_vectors, prior[:, None]]),
+                       user_vectors=np.hstack([users, scale[:, None].astype(users.dtype)]), item_biases=biases)
 
     # ---- persistence (numpy + JSON, no pickle) -----------------------------------------------
     @abstractmethod

@@ -123,7 +123,7 @@ class BPR(Recommender):
     def user_vectors(self) -> np.ndarray:
         return np.hstack([self.P, np.ones((len(self.P), 1), dtype=self.P.dtype)])
 
-    def export(self) -> Export:
+    def _export(self) -> Export:
         """Factors as vectors and the item bias as each item row's scalar (not a coordinate)."""
         self._require_fitted()
         return Export(item_vectors=self.Q, user_vectors=self.P, item_biases=self.b)

@@ -21,11 +21,15 @@ from streamrec.trainer.models.svdpp import SVDpp, SVDppParams
 
 
 class IntegratedParams(SVDppParams):
-    """SVD++'s with larger steps, plus k neighbours per item and their weights' step and
-    regularisation (Koren 2008), and the similarity's shrinkage."""
+    """Koren's survey values with larger steps, plus k neighbours per item and their weights' step
+    and regularisation (Koren 2008), and the similarity's shrinkage."""
 
+    factors: int = 20
+    epochs: int = 20
     lr: float = 0.015
     lr_bias: float = 0.01
+    reg: float = 0.015
+    reg_bias: float = 0.005
     neighbors: int = 50
     lr_w: float = 0.001
     reg_w: float = 0.015

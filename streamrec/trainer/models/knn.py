@@ -151,11 +151,11 @@ class _NeighbourModel(Recommender):
             return super()._item_similarities(items)
         return self.sim[items].toarray()
 
-    def export(self) -> Export:
+    def _export(self) -> Export:
         """Item-based models publish each item's top neighbours (serving's similar items and
         candidates); user-based ones have no item neighbourhood to publish."""
         if not self.item_based:
-            return super().export()
+            return super()._export()
         self._require_fitted()
         index, scores = self.similar_item_indices(np.arange(self.n_items), NEIGHBOURS)
         index[~np.isfinite(scores) | (scores <= 0)] = -1

@@ -113,15 +113,17 @@ def batch_loss(theta, batch, N, reg_b: float, reg_f: float, reg_t: dict[str, flo
 
 
 class SVDppParams(ModelParams):
-    """Koren's hyperparameters (survey table): gamma 0.007 / gamma1 0.005, lambda2 0.015 /
-    lambda1 0.005, learning rates x0.9 per epoch."""
+    """Chosen by `streamrec tune --model svdpp --protocol rating --data ml-100k --trials 30` on
+    validation folds carved from the first fold's training part only (test folds never seen):
+    validation RMSE 0.9223 against 0.9367 for Koren's survey values (factors 20, lr 0.007 / 0.005,
+    reg 0.015 / 0.005), rounded to two significant digits. Learning rates decay x0.9 per epoch."""
 
-    factors: int = 20
-    epochs: int = 20
-    lr: float = 0.007
-    lr_bias: float = 0.005
-    reg: float = 0.015
-    reg_bias: float = 0.005
+    factors: int = 14
+    epochs: int = 19
+    lr: float = 0.01
+    lr_bias: float = 0.003
+    reg: float = 0.0044
+    reg_bias: float = 0.022
     lr_decay: float = 0.9
     init_std: float = 0.1
     batch_size: int = 1024

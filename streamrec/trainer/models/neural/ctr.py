@@ -182,7 +182,7 @@ class CTRRecommender(PointwiseRecommender):
         grid_items = items.repeat(len(users))
         return self.module(grid_users, grid_items).view(len(users), self.n_items)
 
-    def export(self) -> Export:
+    def _export(self) -> Export:
         """The network as serving's rescoring stage (a JSON header plus arrays; see `load_ranker`)."""
         self._require_fitted()
         header = {
