@@ -262,6 +262,7 @@ def status_rows(status: dict[str, Any]) -> list[tuple[str, str]]:
         ("serving requests / errors", f"{_count(status['serving_requests'])} / {_count(status['serving_errors'])}"),
         ("serving staleness", _fixed(status.get("staleness_s"), 1, " s")),
         ("refits", _count(status.get("refits"))),
+        ("web console", status.get("console") or "-"),
     ]
 
 
@@ -323,6 +324,7 @@ def _status(replayed: int, total: int, started: float, report_path: Path, ps_add
         "hr@10": (report.get("prequential") or {}).get("windows", {}).get("1000", {}).get("hr@10"),
         "ps_rows": rows, "serving_p99_ms": queries.percentile(99, last=200), "serving_requests": len(queries.latencies),
         "serving_errors": queries.errors, "last_serving_error": queries.last_error, "staleness_s": queries.staleness, "refits": refits.done,
+        "console": f"{queries.url}/ui/",
     }
 
 

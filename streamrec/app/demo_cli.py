@@ -122,7 +122,8 @@ def demo(ctx: click.Context, data: str | None, fmt: str, duration: float, speed:
             def log_line(status: dict) -> None:
                 if time.monotonic() - last[0] >= 10:
                     last[0] = time.monotonic()
-                    stderr_console.print("  ".join(f"{key} {value}" for key, value in status_rows(status)[:6]))
+                    rows = status_rows(status)
+                    stderr_console.print("  ".join(f"{key} {value}" for key, value in [*rows[:6], rows[-1]]))
 
             summary = run_demo(settings, options, log_line)
     finally:  # leave the machine as we found it
