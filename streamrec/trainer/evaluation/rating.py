@@ -40,7 +40,7 @@ def run_rating(
     make_model: Callable[[], Recommender], log: InteractionLog, path: str | Path, fmt: str, seed: int
 ) -> dict[str, Any]:
     """Fit a fresh model per fold on the train part, score the test part."""
-    errors, fit_times, eval_times, members = [], [], [], {}
+    errors, fit_times, eval_times, members, member_fits = [], [], [], {}, {}
     for train_log, test_log in track(rating_folds(log, path, fmt, seed), "rating folds", N_FOLDS):
         model = make_model()
         start = time.perf_counter()
@@ -52,12 +52,18 @@ def run_rating(
         errors.append((rmse(predicted, test_log.rating), mae(predicted, test_log.rating)))
         for name, rmse_value in member_rmses(model, test_log).items():
             members.setdefault(name, []).append(rmse_value)
+        for name, seconds in (model.member_fit_seconds.items() if isinstance(model, Blend) else ()):
+            member_fits.setdefault(name, []).append(seconds)
     rmses, maes = np.array(errors).T
     return {
         "metrics": {
             "rmse": float(rmses.mean()), "mae": float(maes.mean()),
             "rmse_per_fold": [float(v) for v in rmses],
             **({"members_rmse": {k: float(np.mean(v)) for k, v in members.items()}} if members else {}),
+            **({"members_fit_seconds": {k: float(np.mean(v)) for k, v in member_fits.items()},
+                "fit_over_slowest_member": float(np.mean(fit_times) / max(max(np.mean(v) for v in member_fits.values()),
+                                                                          1e-9))}
+               if member_fits else {}),
         },
         "fit_seconds": float(np.mean(fit_times)),
         "eval_seconds": float(np.mean(eval_times)),
