@@ -72,3 +72,25 @@ def top1_loss(pos: torch.Tensor, neg: torch.Tensor, valid: torch.Tensor) -> torc
     """GRU4Rec's TOP1: sigmoid(r_neg - r_pos) + sigmoid(r_neg^2) (the second term regularises)."""
     loss = torch.sigmoid(neg - pos[:, None]) + torch.sigmoid(neg**2)
     return (loss * valid).sum() / valid.sum().clamp(min=1)
+
+
+def bpr_max_loss(pos: torch.Tensor, neg: torch.Tensor, valid: torch.Tensor, reg: float) -> torch.Tensor:
+    """GRU4Rec's BPR-max (Hidasi & Karatzoglou 2018): -log sum_j s_j sigmoid(r_pos - r_j) +
+    reg * sum_j s_j r_j^2, with s = softmax over the row's valid negatives. Weighting the negatives
+    by their own scores focuses the update on the ones ranked high, which is what keeps the loss
+    from vanishing when there are many negatives (plain BPR averages them out)."""
+    masked = neg.masked_fill(valid == 0, float("-inf"))
+    weights = torch.nan_to_num(torch.softmax(masked, dim=1))  # a row without valid negatives: all 0
+    ranked = (weights * torch.sigmoid(pos[:, None] - neg)).sum(dim=1)
+    loss = -torch.log(ranked + 1e-24) + reg * (weights * neg**2).sum(dim=1)
+    has = valid.sum(dim=1) > 0
+    return loss[has].mean() if has.any() else loss.sum() * 0.0
+
+
+def cross_entropy_loss(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Sampled softmax over the candidates: row r's positive is column r (the batch's own targets
+    come first), other columns holding the same item (accidental hits, `valid` 0) are masked."""
+    rows = torch.arange(len(scores), device=scores.device)
+    keep = valid.bool()
+    keep[rows, rows] = True
+    return F.cross_entropy(scores.masked_fill(~keep, float("-inf")), rows)

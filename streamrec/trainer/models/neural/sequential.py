@@ -16,10 +16,18 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
+from streamrec.core.params import Choice, FloatRange, IntRange, space
 from streamrec.trainer.interactions import Interactions
-from streamrec.trainer.models.neural.losses import LogQSampler, bpr_loss, top1_loss
+from streamrec.trainer.models.neural.losses import (
+    LogQSampler,
+    bpr_loss,
+    bpr_max_loss,
+    cross_entropy_loss,
+    top1_loss,
+)
 from streamrec.trainer.models.neural.training import (
     NeuralParams,
     NeuralRecommender,
@@ -37,6 +45,9 @@ def sessions(data: Interactions, gap: float) -> tuple[np.ndarray, np.ndarray, np
     cut = np.r_[True, (users[1:] != users[:-1]) | (np.diff(times) > gap)] if len(users) else np.zeros(0, bool)
     starts = np.flatnonzero(cut)
     return items, np.r_[starts, len(items)], users[starts]
+
+
+MIN_SESSION_SHARE = 0.5  # events in sessions of two or more, below which GRU4Rec uses whole histories
 
 
 class GRU4RecNet(nn.Module):
@@ -72,7 +83,8 @@ class GRU4RecParams(NeuralParams):
     dim: int = 64
     hidden: int = 100
     dropout: float = 0.2
-    loss: Literal["bpr", "top1"] = "bpr"
+    loss: Literal["bpr", "top1", "bpr-max", "cross-entropy"] = "bpr"
+    bpreg: float = Field(1.0, ge=0.0)  # BPR-max's score regularisation
     batch_size: int = 128
     negatives: int = 256
     sample_alpha: float = 0.5
@@ -82,18 +94,33 @@ class GRU4RecParams(NeuralParams):
 
 
 class GRU4Rec(NeuralRecommender):
-    """Session-based RNN; BPR or TOP1 over in-batch targets plus shared popularity-sampled items."""
+    """Session-based RNN with the published recipe's choices as parameters: session-parallel
+    mini-batches, a ranking loss (BPR, TOP1, BPR-max or sampled softmax) over the in-batch targets
+    plus shared popularity-sampled items (q ~ count^sample_alpha)."""
 
     name = "gru4rec"
     Params = GRU4RecParams
+    search_space = space(**NeuralRecommender.search_space, loss=Choice(("bpr", "top1", "bpr-max", "cross-entropy")),
+                         hidden=IntRange(32, 256, log=True), dropout=FloatRange(0.0, 0.5),
+                         negatives=IntRange(32, 1024, log=True), sample_alpha=FloatRange(0.0, 1.0))
 
     def _prepare(self, train: Interactions, rng: np.random.Generator) -> None:
-        self.items_seq, bounds, _ = sessions(train, self.params["session_gap"])
+        gap = self._session_gap(train)
+        self.items_seq, bounds, _ = sessions(train, gap)
         lengths = np.diff(bounds)
         self.sess_start, self.sess_end = bounds[:-1][lengths >= 2], bounds[1:][lengths >= 2]
         counts = np.bincount(train.item_idx, minlength=train.n_items)
         self.sampler = LogQSampler(counts, self.params["sample_alpha"], self.params["seed"])
-        self.dims = {"n_items": train.n_items}
+        self.dims = {"n_items": train.n_items, "session_gap": gap}
+
+    def _session_gap(self, train: Interactions) -> float:
+        """`session_gap`, unless it would leave most events in one-event sessions (a log whose
+        users come back days apart has no sessions at that gap, and GRU4Rec would learn nothing):
+        then each user's whole history is one sequence."""
+        gap = float(self.params["session_gap"])
+        _, bounds, _ = sessions(train, gap)
+        lengths = np.diff(bounds)
+        return gap if lengths[lengths >= 2].sum() >= MIN_SESSION_SHARE * len(train) else float("inf")
 
     def _build(self) -> nn.Module:
         p = self.params
@@ -134,12 +161,16 @@ class GRU4Rec(NeuralRecommender):
         scores = h @ net.out(candidates).T + net.bias[candidates]
         pos = scores.diagonal()
         valid = (candidates[None, :] != targets[:, None]).float()
-        loss = bpr_loss if self.params["loss"] == "bpr" else top1_loss
-        return loss(pos, scores, valid)
+        kind = self.params["loss"]
+        if kind == "cross-entropy":
+            return cross_entropy_loss(scores, valid)
+        if kind == "bpr-max":
+            return bpr_max_loss(pos, scores, valid, self.params["bpreg"])
+        return (bpr_loss if kind == "bpr" else top1_loss)(pos, scores, valid)
 
     def _use_history(self, data: Interactions) -> None:
         """Each user's last session (at most `history` items) is the input at scoring time."""
-        items, bounds, owners = sessions(data, self.params["session_gap"])
+        items, bounds, owners = sessions(data, float(self.dims["session_gap"]))
         starts, ends = np.zeros(data.n_users, np.int64), np.zeros(data.n_users, np.int64)
         last = np.r_[owners[1:] != owners[:-1], True] if len(owners) else np.zeros(0, bool)
         starts[owners[last]], ends[owners[last]] = bounds[:-1][last], bounds[1:][last]

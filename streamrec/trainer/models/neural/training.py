@@ -31,7 +31,11 @@ from torch import nn
 
 from streamrec.core.params import FloatRange, IntRange, SearchSpace, space
 from streamrec.trainer.interactions import IdIndex, Interactions
-from streamrec.trainer.models.base import MIN_VALIDATION_USERS, Capabilities, Recommender
+from streamrec.trainer.models.base import (
+    MIN_VALIDATION_USERS,
+    Capabilities,
+    Recommender,
+)
 from streamrec.trainer.models.popularity_blend import RankingParams
 
 SCORE_BATCH = 256  # users scored per forward pass
