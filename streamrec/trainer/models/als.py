@@ -53,12 +53,17 @@ def conjugate_gradient(
 
 
 class ALSParams(RankingParams):
-    """`implicit`'s setup with the paper's confidence scale alpha = 40."""
+    """`implicit`'s setup, except the confidence scale: alpha = 2, not the paper's 40. Chosen on
+    validation (each user's last training item) across MovieLens 100K, two synthetic logs (strong
+    and weak planted groups) and a session log: alpha 1 / 2 / 5 / 10 / 40 rank 3.5 / 2.4 / 2.5 / 3.0 /
+    3.6 on average, and 40 loses most where structure is weak (0.68x popularity's validation hit
+    rate against 1.05x for 2). On the MovieLens test split (seeds 0-4) alpha 2 gives hr@10 0.0882,
+    alpha 40 gave 0.0895: within one standard error (0.003)."""
 
     factors: int = 64
     reg: float = 0.05
     iterations: int = 15
-    alpha: float = 40.0
+    alpha: float = 2.0
     cg_steps: int = 3
     seed: int = 0
 
