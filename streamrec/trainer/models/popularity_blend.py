@@ -12,8 +12,7 @@ and adds `weight` times the standardised log-popularity of the items:
 default) the weight is chosen on the model's own validation split (each training user's last
 training item, the topn protocol one level down): the model fitted without those items scores them
 under each weight of `GRID` (see `choose_weight`: a model clearly better than popularity keeps its
-own ranking unless a blend is clearly better still; any other takes the best weight). A number sets
-the weight; 0 turns the blend off.
+own ranking; any other takes the best weight). A number sets the weight; 0 turns the blend off.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from streamrec.trainer.evaluation.metrics import expected_hit, rank_counts
 
 GRID = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, np.inf)
 K = 10
-MARGIN = 2.0  # standard errors a blend must gain on validation: the model's own ranking wins ties and noise
+MARGIN = 2.0  # standard errors by which a model must beat popularity on validation to rank on its own
 
 
 class RankingParams(ModelParams):
@@ -73,16 +72,14 @@ def _significant(gain: np.ndarray) -> bool:
 
 def choose_weight(scores: np.ndarray, targets: np.ndarray, prior: np.ndarray) -> float:
     """The popularity weight for rows of `scores` (seen items already at -inf, each row's target a
-    candidate), judged by validation hr@10:
-    - a model clearly better than popularity alone (by `MARGIN` standard errors of the per-user
-      difference) keeps its own ranking unless a blend clearly beats it too;
-    - any other model takes the best weight of `GRID` (ties: more popularity), since its own
-      ranking has not shown it is worth more than the baseline."""
+    candidate), judged by validation hr@10. The blend is a safety net, not a tuner: a model clearly
+    better than popularity alone (by `MARGIN` standard errors of the per-user difference) keeps its
+    own ranking; any other takes the best weight of `GRID` (ties: more popularity), since its own
+    ranking has not shown it is worth more than the baseline."""
     hits = {}
     for weight in GRID:
         greater, ties = rank_counts(blend(scores, prior, weight), targets)
         hits[weight] = expected_hit(greater, ties, K)
     if _significant(hits[0.0] - hits[np.inf]):
-        best = max(GRID, key=lambda w: (hits[w].mean(), -w))
-        return float(best) if _significant(hits[best] - hits[0.0]) else 0.0
+        return 0.0
     return float(max(GRID, key=lambda w: (hits[w].mean(), w)))
