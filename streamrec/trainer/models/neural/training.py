@@ -313,6 +313,9 @@ class NeuralRecommender(Recommender):
         self._load_extra_state({k[2:]: v for k, v in arrays.items() if k.startswith("x.")})
 
 
+MIN_STEPS_PER_EPOCH, MIN_BATCH = 200, 32  # pointwise batches shrink on small logs (see `_batch_size`)
+
+
 class PointwiseRecommender(NeuralRecommender):
     """Models trained as binary classifiers of (user, item) pairs: every positive plus sampled
     negatives, binary cross-entropy on `module(users, items)` logits (NCF and the CTR families).
@@ -322,8 +325,16 @@ class PointwiseRecommender(NeuralRecommender):
         p = self.params
         return pointwise_batches(
             rng, self.pos_users, self.pos_items, self.seen_pairs, self.dims["n_items"],
-            p["negatives"], p["batch_size"], self.device,
+            p["negatives"], self._batch_size(), self.device,
         )
+
+    def _batch_size(self) -> int:
+        """`batch_size`, shrunk on small data so that an epoch still takes `MIN_STEPS_PER_EPOCH`
+        optimiser steps: with 1,024-example batches a log of a few thousand events gives the
+        network a few hundred steps in all, and the CTR families learned nothing on it (they stayed
+        at popularity's hit rate); MovieLens 100K is large enough to keep 1,024."""
+        examples = len(self.pos_users) * (1 + self.params["negatives"])
+        return int(min(self.params["batch_size"], max(MIN_BATCH, examples // MIN_STEPS_PER_EPOCH)))
 
     def _loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         users, items, labels = batch
