@@ -44,9 +44,15 @@ def hit_rate(name: str, structure: str) -> float:
 @pytest.mark.parametrize("structure", STRUCTURE)
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in NEURAL else n for n in RANKING])
 def test_defaults_do_not_rank_below_popularity(name: str, structure: str) -> None:
+    """Weak structure: not below popularity by more than one standard error. Strong structure:
+    above it by more than one standard error (a default that learns nothing on a small log fails)."""
     baseline = hit_rate("popularity", structure)
     stderr = np.sqrt(baseline * (1 - baseline) / len(split(structure)[1]))
-    assert hit_rate(name, structure) >= baseline - stderr, f"{name} below popularity ({baseline:.3f}) on {structure} data"
+    got = hit_rate(name, structure)
+    if structure == "weak":
+        assert got >= baseline - stderr, f"{name} {got:.3f} below popularity ({baseline:.3f}) on weak structure"
+    else:
+        assert got > baseline + stderr, f"{name} {got:.3f} does not beat popularity ({baseline:.3f}) on planted groups"
 
 
 def test_the_blend_is_what_keeps_a_weak_model_up() -> None:
