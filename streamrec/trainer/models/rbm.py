@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from streamrec.core.params import ModelParams
+from streamrec.core.params import FloatRange, IntRange, ModelParams, space
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.base import Capabilities, Recommender
 from streamrec.trainer.models.sgd import generator, single_threaded
@@ -36,6 +36,8 @@ class RBM(Recommender):
     name = "rbm"
     capabilities = Capabilities(explicit=True)
     Params = RBMParams
+    search_space = space(hidden=IntRange(20, 400, log=True), epochs=IntRange(10, 80), lr=FloatRange(1e-3, 0.1, log=True),
+                         weight_decay=FloatRange(1e-5, 1e-2, log=True))
 
     def _one_hot(self, users: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, m, K) one-hot ratings and (B, m) mask of rated items."""
