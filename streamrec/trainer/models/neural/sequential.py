@@ -252,8 +252,9 @@ class Caser(NeuralRecommender):
     def _batches(self, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
         p, pad = self.params, self.dims["n_items"]
         order = rng.permutation(self.positions)
-        for start in range(0, len(order), p["batch_size"]):
-            pos = order[start : start + p["batch_size"]]
+        size = self.batch_size_for(len(order))
+        for start in range(0, len(order), size):
+            pos = order[start : start + size]
             users = self.seq_users[pos]
             windows = last_items(self.seq_items, self.seq_start[pos], pos, p["window"], pad)
             ahead = pos[:, None] + np.arange(p["targets"])[None, :]

@@ -99,8 +99,9 @@ class YouTubeDNN(NeuralRecommender):
 
     def _batches(self, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
         order = rng.permutation(len(self.seq_items))
-        for start in range(0, len(order), self.params["batch_size"]):
-            pos = order[start : start + self.params["batch_size"]]
+        size = self.batch_size_for(len(order))
+        for start in range(0, len(order), size):
+            pos = order[start : start + size]
             starts = self.seq_indptr[self.seq_users[pos]]
             history = last_items(self.seq_items, starts, pos, self.params["history"], self.dims["n_items"])
             yield tuple(
