@@ -1,6 +1,7 @@
 """Never below popularity (issue 15): with its DEFAULT hyper-parameters, every registered ranking
 model ranks the held-out item at least about as well as the popularity list, on data where its
-structure is weak (a popular head, weak groups) and on data with strong planted groups.
+structure is weak (a popular head, weak groups), on data with strong planted groups, and on short
+browsing sessions.
 
 A model that learns little blends popularity in (`popularity_blend=auto`, chosen on its own
 validation split); the tolerance is one binomial standard error of popularity's hr@10, the noise
@@ -14,6 +15,7 @@ from functools import cache
 import numpy as np
 import pytest
 
+from streamrec.stream.loaders import InteractionLog
 from streamrec.stream.synthetic import synthetic_log
 from streamrec.trainer import registry
 from streamrec.trainer.evaluation.splits import distinct_pairs, leave_last_out
@@ -25,12 +27,27 @@ RANKING = [name for name in registry.names()
            if issubclass(registry.model_class(name), Recommender) and registry.model_class(name).capabilities.implicit
            and name != "popularity"]
 NEURAL = {name for name in RANKING if registry.model_class(name).__module__.startswith("streamrec.trainer.models.neural")}
-STRUCTURE = {"weak": 0.3, "strong": 0.85}  # share of each user's events inside their planted group
+STRUCTURE = {"weak": 0.3, "strong": 0.85, "sessions": None}  # share of each user's events inside their group
+
+
+def short_sessions(n_items: int = 300, sessions: int = 600, seed: int = 0) -> InteractionLog:
+    """Browsing sessions of 4-8 clicks walking a ring of items (next = current + 1..3): short
+    histories, where what comes next depends on the last items only."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s in range(sessions):
+        item = int(rng.integers(n_items))
+        for n in range(int(rng.integers(4, 9))):
+            rows.append((f"s:{s}", f"i:{item}", 1000.0 * s + n))
+            item = (item + int(rng.integers(1, 4))) % n_items
+    users, items, stamps = (np.array(c) for c in zip(*rows))
+    return InteractionLog(users.astype(object), items.astype(object), np.full(len(rows), np.nan), stamps.astype(float))
 
 
 @cache
 def split(structure: str) -> tuple[Interactions, np.ndarray, np.ndarray]:
-    log = synthetic_log(events=8000, users=600, items=300, affinity=STRUCTURE[structure], seed=1)
+    affinity = STRUCTURE[structure]
+    log = short_sessions() if affinity is None else synthetic_log(events=8000, users=600, items=300, affinity=affinity, seed=1)
     data = Interactions.from_log(distinct_pairs(log), implicit=True)
     train, test = leave_last_out(data)
     return data.subset(train), data.user_idx[test], data.item_idx[test]
@@ -44,15 +61,16 @@ def hit_rate(name: str, structure: str) -> float:
 @pytest.mark.parametrize("structure", STRUCTURE)
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in NEURAL else n for n in RANKING])
 def test_defaults_do_not_rank_below_popularity(name: str, structure: str) -> None:
-    """Weak structure: not below popularity by more than one standard error. Strong structure:
-    above it by more than one standard error (a default that learns nothing on a small log fails)."""
+    """Weak structure: not below popularity by more than one standard error. Strong groups and
+    short sessions: above it by more than one standard error (a default that learns nothing on a
+    small log, or on histories of a few clicks, fails)."""
     baseline = hit_rate("popularity", structure)
     stderr = np.sqrt(baseline * (1 - baseline) / len(split(structure)[1]))
     got = hit_rate(name, structure)
     if structure == "weak":
         assert got >= baseline - stderr, f"{name} {got:.3f} below popularity ({baseline:.3f}) on weak structure"
     else:
-        assert got > baseline + stderr, f"{name} {got:.3f} does not beat popularity ({baseline:.3f}) on planted groups"
+        assert got > baseline + stderr, f"{name} {got:.3f} does not beat popularity ({baseline:.3f}) on {structure}"
 
 
 def test_the_blend_is_what_keeps_a_weak_model_up() -> None:
