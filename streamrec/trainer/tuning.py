@@ -186,13 +186,14 @@ def tune(protocol: str, model: str, params: list[str] | tuple[str, ...], data: s
     if not complete:
         raise RuntimeError(f"no trial of {model} completed within the budget")
     improved = study.best_value < default_value if direction == "minimize" else study.best_value > default_value
-    winner = study.best_params if improved else {}  # the defaults stay when no trial beat them on validation
+    winner = study.best_params if improved else {}
+    defaults = cls.Params().model_dump()  # the defaults stay when no trial beat them on validation
     return {
         "protocol": protocol, "model": model, "metric": metric, "direction": direction,
         "data": {"path": str(data), "format": fmt, "interactions": len(log)},
         "search_space": {name: repr(dim) for name, dim in space.items()},
         "fixed_params": fixed,
-        "best_params": {**fixed, **{name: cls.Params().model_dump()[name] for name in space}, **winner},
+        "best_params": {**fixed, **{name: defaults[name] for name in space}, **winner},
         "best_trial_params": study.best_params,
         "improved_on_defaults": improved,
         "validation": {"best": study.best_value if improved else default_value, "default": default_value,

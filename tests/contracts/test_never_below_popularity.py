@@ -15,13 +15,13 @@ from functools import cache
 import numpy as np
 import pytest
 
-from streamrec.stream.loaders import InteractionLog
 from streamrec.stream.synthetic import synthetic_log
 from streamrec.trainer import registry
 from streamrec.trainer.evaluation.splits import distinct_pairs, leave_last_out
 from streamrec.trainer.evaluation.topn import ranking_metrics
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.base import Recommender
+from tests.trainer.synthetic import ring_sessions
 
 RANKING = [name for name in registry.names()
            if issubclass(registry.model_class(name), Recommender) and registry.model_class(name).capabilities.implicit
@@ -30,24 +30,10 @@ NEURAL = {name for name in RANKING if registry.model_class(name).__module__.star
 STRUCTURE = {"weak": 0.3, "strong": 0.85, "sessions": None}  # share of each user's events inside their group
 
 
-def short_sessions(n_items: int = 300, sessions: int = 600, seed: int = 0) -> InteractionLog:
-    """Browsing sessions of 4-8 clicks walking a ring of items (next = current + 1..3): short
-    histories, where what comes next depends on the last items only."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for s in range(sessions):
-        item = int(rng.integers(n_items))
-        for n in range(int(rng.integers(4, 9))):
-            rows.append((f"s:{s}", f"i:{item}", 1000.0 * s + n))
-            item = (item + int(rng.integers(1, 4))) % n_items
-    users, items, stamps = (np.array(c) for c in zip(*rows))
-    return InteractionLog(users.astype(object), items.astype(object), np.full(len(rows), np.nan), stamps.astype(float))
-
-
 @cache
 def split(structure: str) -> tuple[Interactions, np.ndarray, np.ndarray]:
     affinity = STRUCTURE[structure]
-    log = short_sessions() if affinity is None else synthetic_log(events=8000, users=600, items=300, affinity=affinity, seed=1)
+    log = ring_sessions() if affinity is None else synthetic_log(events=8000, users=600, items=300, affinity=affinity, seed=1)
     data = Interactions.from_log(distinct_pairs(log), implicit=True)
     train, test = leave_last_out(data)
     return data.subset(train), data.user_idx[test], data.item_idx[test]

@@ -31,3 +31,17 @@ def planted_log(n_users: int = 60, n_items: int = 45, per_user: int = 12, seed: 
 def group_of(ids: np.ndarray) -> np.ndarray:
     """Planted group of 'user-007' / 'item-007x' style ids."""
     return np.array([int(str(v).split("-")[1].rstrip("x")) % GROUPS for v in np.ravel(ids)]).reshape(np.shape(ids))
+
+
+def ring_sessions(n_items: int = 300, sessions: int = 600, seed: int = 0) -> InteractionLog:
+    """Browsing sessions of 4-8 clicks walking a ring of items (next = current + 1..3): short
+    histories where only a session's LAST items tell what comes next. Ids carry `:` and `/`."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s in range(sessions):
+        item = int(rng.integers(n_items))
+        for n in range(int(rng.integers(4, 9))):
+            rows.append((f"s:{s}", f"item/{item}", 1000.0 * s + n))
+            item = (item + int(rng.integers(1, 4))) % n_items
+    users, items, stamps = (np.array(c) for c in zip(*rows))
+    return InteractionLog(users.astype(object), items.astype(object), np.full(len(rows), np.nan), stamps.astype(float))

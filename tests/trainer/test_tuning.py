@@ -11,19 +11,13 @@ import pandas as pd
 from streamrec.core.params import FloatRange, space
 from streamrec.stream.synthetic import synthetic_log
 from streamrec.trainer.tuning import tune
+from tests.trainer.synthetic import ring_sessions
 
 
-def _ring_sessions(path: Path, n_items: int = 300, sessions: int = 600, seed: int = 0) -> Path:
-    """Each session walks a ring of items (next = current + 1 or + 2): only the LAST items of a
-    session tell what comes next, so V-SKNN's position decay is the planted best region."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for s in range(sessions):
-        item = int(rng.integers(n_items))
-        for n in range(int(rng.integers(4, 9))):
-            rows.append((f"s{s}", f"item/{item}", 1000.0 * s + n))
-            item = (item + int(rng.integers(1, 4))) % n_items
-    pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).to_csv(path, index=False)
+def _ring_sessions(path: Path, sessions: int = 600) -> Path:
+    """`ring_sessions` as a CSV: V-SKNN's position decay is the planted best region."""
+    log = ring_sessions(sessions=sessions)
+    pd.DataFrame({"user_id": log.user_id, "item_id": log.item_id, "timestamp": log.timestamp}).to_csv(path, index=False)
     return path
 
 
