@@ -3,10 +3,12 @@ the defaults when nothing beats them on validation."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from click.testing import CliRunner
 
 from streamrec.core.params import FloatRange, space
 from streamrec.stream.synthetic import synthetic_log
@@ -69,3 +71,28 @@ def test_evaluate_with_tuned_true_searches_inside_the_fit(tmp_path: Path) -> Non
     assert result["tuned"]["trials"]["completed"] >= 1 and result["tuned"]["improved_on_defaults"]
     default = evaluate("topn", "sknn", ["k=50"], data, "csv")
     assert result["metrics"]["hr@10"] >= default["metrics"]["hr@10"]
+
+
+def test_a_neural_search_stops_on_its_budget_and_reports_validation_and_test(tmp_path: Path) -> None:
+    """`--budget-seconds 20` with far more trials asked than fit in it: the search ends because
+    of the budget (fewer trials than asked, not before the budget), overruns it by no more than the
+    trials already running (the defaults' evaluation and the last trial; each costs about one
+    final fit, which the JSON times), and both validation and test figures come back."""
+    from streamrec.app.cli import cli
+    from streamrec.trainer.models.neural import sequential  # noqa: F401  (torch's import is no trial's time)
+
+    data = _ring_sessions(tmp_path / "ring.csv", sessions=300)
+    budget, asked = 20.0, 1000
+    run = CliRunner().invoke(cli, ["tune", "--model", "gru4rec", "--protocol", "topn", "--data", str(data),
+                                   "--format", "csv", "--param", "epochs=2", "--trials", str(asked),
+                                   "--budget-seconds", str(budget), "--json"])
+    assert run.exit_code == 0, run.output[-2000:]
+    result = json.loads(run.stdout)
+    assert result["budget_seconds"] == budget
+    assert 1 <= result["trials"]["completed"] and result["trials"]["total"] < asked
+    one_trial = max(result["test"][which]["fit_seconds"] + result["test"][which]["eval_seconds"]
+                    for which in ("tuned", "default"))
+    assert budget <= result["search_seconds"] <= budget + 2 * one_trial + 0.1 * budget, (result["search_seconds"], one_trial)
+    assert np.isfinite([result["validation"]["best"], result["validation"]["default"]]).all()
+    for which in ("tuned", "default"):
+        assert 0.0 <= result["test"][which]["metrics"]["hr@10"] <= 1.0
