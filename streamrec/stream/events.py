@@ -24,6 +24,7 @@ from streamrec.stream.loaders import InteractionLog
 BUILTIN_EVENT_TYPES: tuple[str, ...] = ("view", "click", "like", "rating", "purchase", "watch", "skip")
 FIELDS = frozenset({"event_id", "user_id", "item_id", "event_type", "value", "timestamp", "context"})
 REQUIRED = ("user_id", "item_id", "event_type", "timestamp")
+_PLAIN_FIELDS = FIELDS - {"context"}  # `decode_many`'s fast path: a record with a context is validated in full
 MIN_TIMESTAMP = 788_918_400.0  # 1995-01-01T00:00:00Z: nothing older is a plausible interaction
 MAX_FUTURE_SECONDS = 86_400.0
 MAX_ID_BYTES = 256
@@ -132,6 +133,59 @@ class EventSchema:
         except orjson.JSONDecodeError as exc:
             raise InvalidEvent("not_json", str(exc)[:200]) from None
         return self.validate(obj, now)
+
+    def decode_many(self, raws: Sequence[bytes], now: float | None = None,
+                    ) -> tuple[EventBatch, list[tuple[int, InvalidEvent]]]:
+        """Wire records -> the batch of the valid ones (in order) and (position, error) of the others.
+
+        The same events and errors as `decode` per record, without a normalised dict per event:
+        a plain record (string ids of at most 64 characters, an event id, a float timestamp in
+        range, a float value or none, no context) goes straight into the columns; anything else
+        takes `validate`, which decides and explains exactly as it does for one record."""
+        now = time.time() if now is None else now
+        latest, event_types, plain_fields = now + MAX_FUTURE_SECONDS, self.event_types, _PLAIN_FIELDS
+        users, items, kinds, values, times, event_ids, contexts = [], [], [], [], [], [], []
+        invalid: list[tuple[int, InvalidEvent]] = []
+        nan, loads, isfinite = math.nan, orjson.loads, math.isfinite
+        for n, raw in enumerate(raws):
+            try:
+                obj = loads(raw)
+            except orjson.JSONDecodeError as exc:
+                invalid.append((n, InvalidEvent("not_json", str(exc)[:200])))
+                continue
+            plain = type(obj) is dict and obj.keys() <= plain_fields
+            if plain:
+                user, item, kind = obj.get("user_id"), obj.get("item_id"), obj.get("event_type")
+                timestamp, event_id, value, context = obj.get("timestamp"), obj.get("event_id"), obj.get("value"), None
+                plain = (type(user) is str and type(item) is str and type(event_id) is str and type(kind) is str
+                         and 0 < len(user) <= 64 and 0 < len(item) <= 64 and 0 < len(event_id) <= 64
+                         and kind in event_types and type(timestamp) is float and MIN_TIMESTAMP <= timestamp <= latest
+                         and (value is None or (type(value) is float and isfinite(value))))
+            if not plain:
+                try:
+                    event = self.validate(obj, now)
+                except InvalidEvent as exc:
+                    invalid.append((n, exc))
+                    continue
+                user, item, kind = event["user_id"], event["item_id"], event["event_type"]
+                timestamp, event_id, value, context = (event["timestamp"], event["event_id"], event.get("value"),
+                                                       event.get("context"))
+            users.append(user)
+            items.append(item)
+            kinds.append(kind)
+            values.append(nan if value is None else value)
+            times.append(timestamp)
+            event_ids.append(event_id)
+            contexts.append(context)
+        return EventBatch(_objects(users), _objects(items), _objects(kinds), np.array(values, np.float64),
+                          np.array(times, np.float64), _objects(event_ids), _objects(contexts)), invalid
+
+
+def _objects(values: list[Any]) -> np.ndarray:
+    """A list as a 1-d object array (np.array would make a 2-d array of a list of lists)."""
+    out = np.empty(len(values), object)
+    out[:] = values
+    return out
 
 
 def _check_id(name: str, value: Any) -> None:

@@ -6,6 +6,7 @@ import json
 import math
 import time
 
+import numpy as np
 import orjson
 import pytest
 from hypothesis import given, settings
@@ -131,3 +132,57 @@ def test_batch_columns():
 def test_default_now_rejects_far_future():
     with pytest.raises(InvalidEvent):
         SCHEMA.validate(good(timestamp=time.time() + 3 * 86_400))
+
+
+def assert_same_batch(batch: EventBatch, expected: EventBatch) -> None:
+    """Column by column; event ids generated for records without one are random: only their form."""
+    for name in ("user_id", "item_id", "event_type", "value", "timestamp", "context"):
+        got, want = getattr(batch, name), getattr(expected, name)
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        if got.dtype == object:
+            assert got.tolist() == want.tolist(), name
+        else:
+            np.testing.assert_array_equal(got, want, err_msg=name)
+    assert len(batch.event_id) == len(expected.event_id)
+    for got, want in zip(batch.event_id.tolist(), expected.event_id.tolist()):
+        assert got == want or (len(got) == len(want) == 32)
+
+
+def decode_one_by_one(raws: list[bytes]) -> tuple[EventBatch, list[tuple[int, str, str]]]:
+    events, invalid = [], []
+    for n, raw in enumerate(raws):
+        try:
+            events.append(SCHEMA.decode(raw, NOW))
+        except InvalidEvent as exc:
+            invalid.append((n, exc.reason, exc.detail))
+    return EventBatch.from_events(events), invalid
+
+
+def test_decode_many_keeps_every_reason_and_the_order():
+    bad = [orjson.dumps(good(user_id=7)), b"not json", orjson.dumps(good(timestamp=700_000_000)),
+           orjson.dumps(good(event_id="x" * 300)), orjson.dumps(good(colour="red")), orjson.dumps(good(value=True))]
+    fine = [orjson.dumps(good(event_id="a", value=2.0)), orjson.dumps(good(item_id="é" * 128)),  # 256 bytes: the slow check
+            orjson.dumps(good(context={"device": "ios"}, event_id="c")), orjson.dumps(good(timestamp=int(NOW))),
+            orjson.dumps(good(value=None, event_id="e", context=None))]
+    raws = [fine[0], bad[0], bad[1], fine[1], bad[2], fine[2], bad[3], fine[3], bad[4], bad[5], fine[4]]
+    batch, invalid = SCHEMA.decode_many(raws, NOW)
+    expected, expected_invalid = decode_one_by_one(raws)
+    assert [(n, e.reason, e.detail) for n, e in invalid] == expected_invalid
+    assert [n for n, _ in invalid] == [1, 2, 4, 6, 8, 9]
+    assert_same_batch(batch, expected)
+    assert batch.context.tolist() == [None, None, {"device": "ios"}, None, None]
+    assert batch.timestamp[3] == NOW and batch.timestamp.dtype == np.float64
+    empty, none = SCHEMA.decode_many([], NOW)
+    assert len(empty) == 0 and none == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=60) | (json_values | near_events).map(lambda v: json.dumps(v).encode())
+                | st.builds(lambda **kw: orjson.dumps(good(**kw)), event_id=st.text(max_size=70),
+                            value=st.floats(allow_nan=False) | st.none(), timestamp=st.floats(NOW - 10, NOW + 10)),
+                max_size=12))
+def test_decode_many_is_decode_per_record(raws: list[bytes]):
+    batch, invalid = SCHEMA.decode_many(raws, NOW)
+    expected, expected_invalid = decode_one_by_one(raws)
+    assert [(n, e.reason, e.detail) for n, e in invalid] == expected_invalid
+    assert_same_batch(batch, expected)

@@ -54,6 +54,25 @@ def test_the_window_is_bounded_and_relative_to_the_record():
     assert not window.duplicates(far)[0].any() and window.duplicates(near)[0].all()
 
 
+def test_decisions_match_the_rule_checked_pair_by_pair():
+    """Random ids over many batches in shuffled row order, with a window of a few spans: each row is
+    a duplicate exactly when its id occurs at an offset in [start(o), o), and `previous` is the
+    latest such offset (the rule of dedup.py, checked against every earlier record one by one)."""
+    rng = np.random.default_rng(7)
+    slots = 3
+    window = EventIdWindow(window_events=slots * SPAN_EVENTS)
+    ids = [f"e{n}" for n in rng.integers(0, 400, 6 * SPAN_EVENTS)]
+    for first in range(0, len(ids), 700):
+        batch = stream(ids[first:first + 700], first)
+        batch = batch.take(rng.permutation(len(batch)))
+        duplicate, previous = window.duplicates(batch)
+        for row, (event_id, offset) in enumerate(zip(batch.event_id.tolist(), batch.offset.tolist())):
+            start = (offset // SPAN_EVENTS - (slots - 1)) * SPAN_EVENTS
+            earlier = [o for o in range(max(start, 0), offset) if ids[o] == event_id]
+            assert duplicate[row] == bool(earlier) and previous[row] == (earlier[-1] if earlier else -1)
+        window.record(batch)
+
+
 def test_a_restored_window_decides_a_replay_exactly_as_the_first_run():
     """Two shards: one stands at offset 1500, one at 900 (it missed pushes). The restored window
     comes from the one further back, and replaying 900.. gives the first run's decisions."""

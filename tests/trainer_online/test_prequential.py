@@ -13,6 +13,8 @@ from streamrec.stream.events import EventBatch
 from streamrec.stream.loaders import InteractionLog
 from streamrec.trainer.evaluation.harness import evaluate
 from streamrec.trainer.evaluation.prequential import (
+    ColumnLookup,
+    EarlierItems,
     PrequentialScorer,
     rank_counts_among_known,
     run_prequential,
@@ -36,6 +38,22 @@ def test_unseen_target_ranks_below_every_known_candidate():
         scores, np.array(["b", "zz", "d"], object), [{"a"}, {"a"}, set()])
     # "b": "a" is excluded, "c" ties; "zz" is not held and "d" is held at -inf: below b and c (and a)
     assert greater.tolist() == [0, 2, 3] and ties.tolist() == [1, 0, 0]
+
+
+def test_cached_history_columns_follow_new_items_new_indexes_and_forgotten_users():
+    """The excluded columns are cached per user and model: items that arrive later are appended,
+    a new item index (items joined) maps the whole history again, a forgotten user has none."""
+    history = EarlierItems(max_users=2)
+    history.add(np.array(["u", "u"], object), np.array(["a", "b"], object))
+    first = pd.Index(["a", "c"], dtype=object)
+    assert history.columns("u", "m", first, ColumnLookup()(first)).tolist() == [0]  # "b" is not held
+    history.add(np.array(["u"], object), np.array(["c"], object))
+    assert history.columns("u", "m", first, ColumnLookup()(first)).tolist() == [0, 1]
+    joined = pd.Index(["c", "b", "a"], dtype=object)
+    assert sorted(history.columns("u", "m", joined, ColumnLookup()(joined)).tolist()) == [0, 1, 2]
+    assert history.columns("u", "other", first, ColumnLookup()(first)).tolist() == [0, 1]
+    history.add(np.array(["v", "w"], object), np.array(["a", "a"], object))  # "u" is the least recent
+    assert len(history.columns("u", "m", joined, ColumnLookup()(joined))) == 0 and not history.of("u")
 
 
 def test_reconsumption_is_learned_not_evaluated_and_positions_stay_every_tenth():

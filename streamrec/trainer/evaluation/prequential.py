@@ -32,12 +32,14 @@ from streamrec.stream.events import EventBatch
 from streamrec.stream.loaders import InteractionLog
 from streamrec.trainer.evaluation.metrics import expected_hit, expected_ndcg
 from streamrec.trainer.online.base import ItemScores, OnlineRecommender
+from streamrec.trainer.online.kernels import rank_count
 from streamrec.trainer.online.roles import EventRoles
 
 EVAL_EVERY = 10
 K = 10
 SMALL_CHUNK = 16  # events: below this, history updates go pair by pair
 ScoreFn = Callable[[np.ndarray], ItemScores]  # user ids -> their scores over the items a model holds
+Row = tuple[int, int, int, float]  # a scored event: stream position, greater, ties, event time
 
 
 def rank_counts_among_known(scores: ItemScores, targets: Sequence[str], earlier: Sequence[Collection[str]],
@@ -47,22 +49,19 @@ def rank_counts_among_known(scores: ItemScores, targets: Sequence[str], earlier:
     Candidates are the scored items minus `earlier[r]` (the user's earlier items; a target is
     never among them, re-consumptions are not scored). A target the model does not know ranks
     below every known candidate. `columns` (item id -> column of `scores.item_ids`, e.g. from a
-    `ColumnLookup`) saves building it per call.
+    `ColumnLookup`) saves building it per call. The counting is `kernels.rank_count`'s, row by row.
     """
     if columns is None:
         columns = ColumnLookup()(scores.item_ids)
-    matrix = np.where(np.isnan(scores.scores), -np.inf, scores.scores)
-    for row, items in enumerate(earlier):
-        cols = np.fromiter(map(columns.get, items, repeat(-1)), np.int64, len(items))
-        matrix[row, cols[cols >= 0]] = -np.inf
-    target_cols = np.fromiter(map(columns.get, targets, repeat(-1)), np.int64, len(targets))
-    target = np.full(len(target_cols), -np.inf)
-    held = np.flatnonzero(target_cols >= 0)
-    target[held] = matrix[held, target_cols[held]]
-    known = np.isfinite(target)
-    greater = np.where(known, (matrix > target[:, None]).sum(axis=1), np.isfinite(matrix).sum(axis=1))
-    ties = np.where(known, (matrix == target[:, None]).sum(axis=1) - 1, 0)
-    return greater, ties
+    counts = np.array([rank_count(np.ascontiguousarray(row), _columns_of(items, columns), columns.get(target, -1))
+                       for row, target, items in zip(scores.scores, targets, earlier)], np.int64).reshape(-1, 2)
+    return counts[:, 0], counts[:, 1]
+
+
+def _columns_of(items: Collection[str], columns: Mapping[str, int]) -> np.ndarray:
+    """The columns of the held ones of `items` (an item not held has none)."""
+    cols = np.fromiter(map(columns.get, items, repeat(-1)), np.int64, len(items))
+    return cols[cols >= 0]
 
 
 class ColumnLookup:
@@ -112,19 +111,57 @@ class Evaluated:
         return expected_ndcg(self.greater, self.ties, K)
 
 
+class _UserItems:
+    """One user's earlier items: the set (the re-consumption test), the same items in the order
+    they arrived, and per model the columns of the first `n` of them in that model's item index
+    (so a scored event maps only the items that arrived since the user's last scored event)."""
+
+    __slots__ = ("columns", "items", "order")
+
+    def __init__(self) -> None:
+        self.items: set[str] = set()
+        self.order: list[str] = []
+        self.columns: dict[str, tuple[pd.Index, int, np.ndarray]] = {}  # model -> (index, n, columns)
+
+    def add(self, item: str) -> None:
+        if item not in self.items:
+            self.items.add(item)
+            self.order.append(item)
+
+
+_NO_COLUMNS = np.zeros(0, np.int64)
+
+
 class EarlierItems:
     """Each user's items so far in the stream: the excluded candidates and the re-consumption test.
-    With `max_users` (a live stream never ends) the least recently active users are forgotten."""
+    With `max_users` (a live stream never ends) the least recently active users are forgotten,
+    with their cached columns."""
 
     def __init__(self, max_users: int | None = None) -> None:
         self.max_users = max_users
-        self._items: OrderedDict[str, set[str]] = OrderedDict()
+        self._items: OrderedDict[str, _UserItems] = OrderedDict()
 
     def of(self, user: str) -> Collection[str]:
-        return self._items.get(user, ())
+        known = self._items.get(user)
+        return () if known is None else known.items
+
+    def columns(self, user: str, model: str, index: pd.Index, lookup: Mapping[str, int]) -> np.ndarray:
+        """The columns of `user`'s earlier items held in `index` (`lookup`: its item id -> column),
+        cached per model: a new index (items joined) maps the whole history again, otherwise only
+        the items that arrived since the last call."""
+        known = self._items.get(user)
+        if known is None:
+            return _NO_COLUMNS
+        cached_index, n, cols = known.columns.get(model, (None, 0, _NO_COLUMNS))
+        if cached_index is not index:
+            n, cols = 0, _NO_COLUMNS
+        if n < len(known.order):
+            cols = np.concatenate([cols, _columns_of(known.order[n:], lookup)])
+            known.columns[model] = (index, len(known.order), cols)
+        return cols
 
     def add(self, users: np.ndarray, items: np.ndarray) -> None:
-        """Record events (in stream order): one set update per user of the chunk."""
+        """Record events (in stream order): one update per user of the chunk."""
         if not len(users):
             return
         if len(users) <= SMALL_CHUNK:  # the live trainer's steps: pandas' setup would cost more than the work
@@ -135,14 +172,16 @@ class EarlierItems:
         order = np.argsort(codes, kind="stable")
         groups = np.split(items[order], np.cumsum(np.bincount(codes))[:-1])
         for user, group in zip(uniques, groups):
-            self._known(user).update(group.tolist())
+            known = self._known(user)
+            for item in group.tolist():
+                known.add(item)
 
-    def _known(self, user: str) -> set[str]:
-        """The user's set, created (forgetting the least recently active user beyond `max_users`)
+    def _known(self, user: str) -> _UserItems:
+        """The user's items, created (forgetting the least recently active user beyond `max_users`)
         or marked as the most recently active."""
         known = self._items.get(user)
         if known is None:
-            known = self._items[user] = set()
+            known = self._items[user] = _UserItems()
             if self.max_users is not None and len(self._items) > self.max_users:
                 self._items.popitem(last=False)
         else:
@@ -161,9 +200,10 @@ class PrequentialScorer:
         self.history = EarlierItems(max_users)
         self._columns: dict[str, ColumnLookup] = {}  # per model
 
-    def pass_unscored(self, events: EventBatch) -> None:
-        """Events that pass without being scored still become the users' earlier items."""
-        self._pass(events.user_id, events.item_id)
+    def pass_unscored(self, events: EventBatch, start: int, stop: int) -> None:
+        """Rows start..stop-1 of `events` pass without being scored: they still become the users'
+        earlier items."""
+        self._pass(events.user_id[start:stop], events.item_id[start:stop])
 
     def _pass(self, users: np.ndarray, items: np.ndarray) -> None:
         self.history.add(users, items)
@@ -172,30 +212,36 @@ class PrequentialScorer:
     def evaluate(self, events: EventBatch, models: Mapping[str, ScoreFn]) -> dict[str, Evaluated]:
         """Score the due events of `events` (the next events of the stream, not learned yet) with
         each model, then record all of them as history. One scoring per evaluated event."""
-        if not models:
-            self.pass_unscored(events)
-            return {}
-        found: dict[str, list[tuple[int, int, int, float]]] = {name: [] for name in models}
-        observed = 0
-        for q in range(-self.position % self.every, len(events), self.every):
-            if events.event_type[q] not in self.roles.positive_types:
-                continue
-            self._pass(events.user_id[observed:q], events.item_id[observed:q])
-            observed = q
-            user, item = events.user_id[q], events.item_id[q]
-            earlier = self.history.of(user)
-            if item in earlier:  # a re-consumption: learned, not evaluated
-                continue
-            for name, score_users in models.items():
-                scores = score_users(np.array([user], object))
-                columns = self._columns.setdefault(name, ColumnLookup())(scores.item_ids)
-                greater, ties = rank_counts_among_known(scores, [item], [earlier], columns)
-                found[name].append((self.position, int(greater[0]), int(ties[0]), float(events.timestamp[q])))
-        self._pass(events.user_id[observed:], events.item_id[observed:])
-        return {name: _evaluated(rows) for name, rows in found.items()}
+        found: dict[str, list[Row]] = {name: [] for name in models}
+        self.evaluate_span(events, 0, len(events), models, found)
+        return {name: evaluated_rows(rows) for name, rows in found.items()}
+
+    def evaluate_span(self, events: EventBatch, start: int, stop: int, models: Mapping[str, ScoreFn],
+                      found: Mapping[str, list[Row]]) -> None:
+        """`evaluate` of rows start..stop-1 of `events`, appending each model's scored rows
+        (position, greater, ties, timestamp) to `found[model]`: the live trainer's steps pass
+        their batch without slicing it and build arrays once per batch."""
+        observed = start
+        if models:
+            for q in range(start + (-self.position % self.every), stop, self.every):
+                if events.event_type[q] not in self.roles.positive_types:
+                    continue
+                self._pass(events.user_id[observed:q], events.item_id[observed:q])
+                observed = q
+                user, item = events.user_id[q], events.item_id[q]
+                if item in self.history.of(user):  # a re-consumption: learned, not evaluated
+                    continue
+                for name, score_users in models.items():
+                    scores = score_users(np.array([user], object))
+                    columns = self._columns.setdefault(name, ColumnLookup())(scores.item_ids)
+                    excluded = self.history.columns(user, name, scores.item_ids, columns)
+                    greater, ties = rank_count(np.ascontiguousarray(scores.scores[0]), excluded, columns.get(item, -1))
+                    found[name].append((self.position, greater, ties, float(events.timestamp[q])))
+        self.pass_unscored(events, observed, stop)
 
 
-def _evaluated(rows: list[tuple[int, int, int, float]]) -> Evaluated:
+def evaluated_rows(rows: list[Row]) -> Evaluated:
+    """Scored rows (`Row`) as arrays."""
     if not rows:
         return Evaluated.concat([])
     position, greater, ties, timestamp = (np.array(column) for column in zip(*rows))

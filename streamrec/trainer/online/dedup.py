@@ -56,6 +56,28 @@ def hash_ids(event_ids: np.ndarray) -> np.ndarray:
     return pd.util.hash_array(np.asarray(event_ids, dtype=object))
 
 
+def _previous_offsets(hashes: np.ndarray, offsets: np.ndarray, first: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each of the first `first` (hash, offset) pairs: whether its hash occurs at a smaller
+    offset among all the pairs, and the largest such offset (0 where none). One sort of the pairs:
+    a repeated (hash, offset) pair (a replayed record) is one occurrence, not its own predecessor."""
+    order = np.lexsort((offsets, hashes))
+    h, o = hashes[order], offsets[order]
+    same_hash = np.zeros(len(h), bool)
+    same_hash[1:] = h[1:] == h[:-1]
+    same_pair = np.zeros(len(h), bool)
+    same_pair[1:] = same_hash[1:] & (o[1:] == o[:-1])
+    distinct = np.flatnonzero(~same_pair)  # sorted position of each distinct pair's first copy
+    run = np.cumsum(~same_pair) - 1  # sorted position -> its distinct pair
+    has = np.zeros(len(distinct), bool)
+    has[1:] = same_hash[distinct[1:]]  # the distinct pair before it has the same hash
+    prev = np.zeros(len(distinct), np.int64)
+    prev[1:] = o[distinct[:-1]]
+    mine = np.empty(len(h), np.int64)
+    mine[order] = run
+    mine = mine[:first]
+    return has[mine], np.where(has[mine], prev[mine], 0)
+
+
 class EventIdWindow:
     """Recent event ids per partition key, for `duplicates` and the meta `record` returns."""
 
@@ -97,14 +119,12 @@ class EventIdWindow:
             h, o = hashes[rows], batch.offset[rows]
             known_h, known_o = self._window(key)
             near = np.isin(known_h, h)
-            pairs = pd.DataFrame({"h": np.concatenate([known_h[near], h]), "o": np.concatenate([known_o[near], o])})
-            pairs = pairs.drop_duplicates().sort_values(["h", "o"])
-            pairs["prev"] = pairs.groupby("h")["o"].shift(1)
-            prev = pd.DataFrame({"h": h, "o": o}).merge(pairs, on=["h", "o"], how="left")["prev"].to_numpy(float)
+            has_prev, prev = _previous_offsets(np.concatenate([h, known_h[near]]), np.concatenate([o, known_o[near]]),
+                                               len(rows))
             start = (o // SPAN_EVENTS - (self.slots - 1)) * SPAN_EVENTS
-            hit = ~np.isnan(prev) & (prev >= start)
+            hit = has_prev & (prev >= start)
             duplicate[rows[hit]] = True
-            previous[rows[hit]] = prev[hit].astype(np.int64)
+            previous[rows[hit]] = prev[hit]
         return duplicate, previous
 
     def record(self, batch: EventBatch) -> dict[str, dict[str, dict[str, Any]]]:

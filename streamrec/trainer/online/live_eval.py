@@ -15,40 +15,47 @@ from typing import Any
 import numpy as np
 
 from streamrec.stream.events import EventBatch
-from streamrec.trainer.evaluation.prequential import Evaluated, PrequentialScorer
+from streamrec.trainer.evaluation.prequential import (
+    PrequentialScorer,
+    Row,
+    evaluated_rows,
+)
 from streamrec.trainer.online.base import OnlineRecommender
 from streamrec.trainer.online.metrics import PREQUENTIAL
 
 
 class LivePrequential:
     def __init__(self, ranker: OnlineRecommender, every: int = 10, windows: tuple[int, ...] = (1000, 10000),
-                 max_users: int = 500_000, series_every: int = 500) -> None:
+                 max_users: int = 100_000, series_every: int = 500, series_points: int = 2000) -> None:
+        """Memory is bounded for a trainer that runs for months: the scorer keeps the histories of
+        the `max_users` most recently active users (a user forgotten scores as new), and the plot
+        series keeps its newest `series_points` points (1M scored events at the defaults)."""
         self.ranker, self.windows, self.series_every = ranker, windows, series_every
         self.scorer = PrequentialScorer(every, ranker.roles, max_users)
         self.hits: deque[float] = deque(maxlen=max(windows))
         self.ndcgs: deque[float] = deque(maxlen=max(windows))
         self.sq_errors: deque[tuple[float, int]] = deque(maxlen=max(windows))  # (sum, count) per batch
         self.total = {"evaluated": 0, "hits": 0.0, "ndcg": 0.0, "ratings": 0, "sq_error": 0.0}
-        self.series: list[dict[str, float]] = []
-        self._pending: list[Evaluated] = []  # this batch's scored events
+        self.series: deque[dict[str, float]] = deque(maxlen=series_points)
+        self._pending: list[Row] = []  # this batch's scored events
         self._reached = 0  # events of this batch the scorer has passed
 
     def before_step(self, batch: EventBatch, step: slice) -> None:
-        """The ranker's step hook: score the due events of `batch[step]` before it learns them."""
-        self._pending.append(self.scorer.evaluate(batch.take(step), {self.ranker.name: self.ranker.score_users})
-                             [self.ranker.name])
+        """The ranker's step hook: score the due events of `batch[step]` before it learns them
+        (the batch is not sliced: most steps score nothing)."""
+        self.scorer.evaluate_span(batch, step.start, step.stop, {self.ranker.name: self.ranker.score_users},
+                                  {self.ranker.name: self._pending})
         self._reached = step.stop
 
     def end_batch(self, batch: EventBatch) -> None:
         """After learning: events no step reached still become history; record the batch's scores."""
         if self._reached < len(batch):
-            self.scorer.pass_unscored(batch.take(slice(self._reached, None)))
+            self.scorer.pass_unscored(batch, self._reached, len(batch))
         self._reached = 0
         if self._pending:
-            evaluated = Evaluated.concat(self._pending)
+            evaluated = evaluated_rows(self._pending)
             self._pending.clear()
-            if len(evaluated):
-                self._record(evaluated.hit, evaluated.ndcg, evaluated.timestamp)
+            self._record(evaluated.hit, evaluated.ndcg, evaluated.timestamp)
 
     def record_ratings(self, squared_errors: float, count: int) -> None:
         if count:
@@ -100,5 +107,5 @@ class LivePrequential:
             "ndcg@10": t["ndcg"] / t["evaluated"] if t["evaluated"] else None,
             "rmse": float(np.sqrt(t["sq_error"] / t["ratings"])) if t["ratings"] else None,
             "windows": windows,
-            "series": self.series,
+            "series": list(self.series),
         }

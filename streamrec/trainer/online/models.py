@@ -2,7 +2,8 @@
 
 The rows live in parameter-server tables (TorchRec's separation of tables from the models that use
 them); a model pulls the rows a batch needs once, then walks the batch in steps (`steps`), each
-vectorised, updating its local copy, and finally returns the change of every touched row. The
+one call of a compiled kernel (`streamrec.trainer.online.kernels`), updating its local copy, and
+finally returns the change of every touched row. The
 online tables use the server's SGD with learning rate 1, so a pushed "gradient" of -delta adds the
 delta: concurrent trainers' updates add up, and a row the server has not created yet is created
 with the same deterministic initial value the model assumed (`streamrec.param_server.table.initial_values`).
@@ -10,19 +11,22 @@ with the same deterministic initial value the model assumed (`streamrec.param_se
 - `OnlineBPR` (implicit): x_uij = p_u . (q_i - q_j) + b_i - b_j, loss -w log sigma(x_uij) over
   `negatives` items j per positive (uniform over known items, popularity^0.75, or in-batch), and
   -log sigma(-(p_u . q_j + b_j)) for explicit negatives (skips). SGD with `lr`, L2 `reg`.
+  With `session_weight` > 0 a user scores as (p_u + session_weight * mean of their current
+  session's item vectors) . q_j + b_j (`streamrec.trainer.online.session`): a new user or session
+  gets item-to-item recommendations from the session so far.
 - `OnlineMF` (explicit ratings): r = mu + b_u + b_i + p_u . q_i with Koren's SGD defaults
   (lr 0.007, reg 0.015, bias lr 0.005, bias reg 0.005); mu is the running mean of the ratings.
 """
 
 from __future__ import annotations
 
-from itertools import repeat
+from functools import partial
+from itertools import chain, repeat
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from pydantic import Field
-from scipy.special import expit
 
 from streamrec.core.params import FloatRange, IntRange, space
 from streamrec.param_server.client import Rows
@@ -38,9 +42,13 @@ from streamrec.trainer.online.base import (
     StepStats,
     Updates,
 )
+from streamrec.trainer.online.kernels import bpr_steps, mf_steps
 from streamrec.trainer.online.roles import EventRoles
 from streamrec.trainer.online.sampling import NegativeSampler, SamplingMode
+from streamrec.trainer.online.session import SessionTracker, session_ids
 
+SESSION_FADE = 2.0  # chosen on validation with SESSION_WEIGHT: docs/models.md
+SESSION_WEIGHT = 4.0  # chosen on validation (the first half of MovieLens and of a session log): docs/models.md
 SMALL_LOOKUP = 16  # users: below this, row lookups go through a dict (pandas' setup costs more)
 
 
@@ -62,7 +70,7 @@ class LocalRows:
         self.ids = ids
         self.index = pd.Index(ids, dtype=object)
         self.row_of = dict(zip(ids, range(len(ids))))  # the scorer's per-event lookups: dict hits, not pandas calls
-        self.values = pulled.values.astype(np.float64)
+        self.values = np.array(pulled.values, np.float64, order="C")  # a copy, in the kernels' layout
         if not pulled.found.all():
             missing = np.flatnonzero(~pulled.found)
             self.values[missing] = initial_values(spec, as_keys([ids[m] for m in missing]).hash64())
@@ -89,6 +97,13 @@ class OnlineBPRParams(FactorParams):
     sampling: SamplingMode = "uniform"
     skip_weight: float = Field(1.0, ge=0.0)
     user_iterations: int = Field(3, ge=1)  # extra passes over a step's user rows move new users faster
+    # the current session's mean item vector joins the user's (0: off, nothing tracked); see docs/models.md
+    session_weight: float = Field(SESSION_WEIGHT, ge=0.0)
+    session_items: int = Field(20, ge=1)  # the last items of the session that count
+    session_gap: float = Field(1800.0, gt=0.0)  # seconds of event time without an event that end a session
+    session_users: int = Field(100_000, ge=1)  # sessions kept, least recently active forgotten first
+    # the session term fades as the user's row matures: weight * fade / (fade + the user's events); 0: no fade
+    session_fade: float = Field(SESSION_FADE, ge=0.0)
 
 
 class OnlineMFParams(FactorParams):
@@ -139,12 +154,15 @@ class OnlineBPR(_FactorModel):
     name = "online-bpr"
     Params = OnlineBPRParams
     search_space = space(lr=FloatRange(0.005, 0.5, log=True), reg=FloatRange(1e-4, 0.1, log=True),
-                    negatives=IntRange(1, 30), dim=IntRange(8, 128, log=True), user_iterations=IntRange(1, 5))
+                    negatives=IntRange(1, 30), dim=IntRange(8, 128, log=True), user_iterations=IntRange(1, 5),
+                    session_weight=FloatRange(0.0, 8.0), session_fade=FloatRange(1.0, 1000.0, log=True))
     params: OnlineBPRParams
 
     def __init__(self, *, store: TableStore | None = None, roles: EventRoles | None = None, **params: object) -> None:
         super().__init__(store=store, roles=roles, **params)
-        self.sampler = NegativeSampler(self.params.sampling, self.params.seed)
+        p = self.params
+        self.sampler = NegativeSampler(p.sampling, p.seed)
+        self.sessions = SessionTracker(p.session_items, p.session_gap, p.session_users) if p.session_weight else None
 
     def table_specs(self) -> dict[str, TableSpec]:
         return {"users": self._spec(self.user_table, 0), "items": self._spec(self.item_table, 1)}
@@ -154,7 +172,44 @@ class OnlineBPR(_FactorModel):
 
     def _scores(self, user_ids: np.ndarray, item_rows: np.ndarray) -> np.ndarray:
         dim = self.params.dim
-        return _dot(self.user_rows(user_ids)[:, :dim], item_rows[:, :dim]) + item_rows[:, dim]
+        users = self.user_rows(user_ids)[:, :dim]
+        if self.sessions is not None:
+            users = users + self._session_weights(user_ids)[:, None] * self._session_means(user_ids, item_rows)
+        return _dot(users, item_rows[:, :dim]) + item_rows[:, dim]
+
+    def _session_weights(self, user_ids: np.ndarray) -> np.ndarray:
+        """`session_weight`, faded by how much each user's own row has learned: a new user or an
+        anonymous session leans on its session, a user with a long history on their row."""
+        p = self.params
+        if not p.session_fade:
+            return np.full(len(user_ids), p.session_weight)
+        events = np.fromiter(map(self.sessions.events_of, user_ids.tolist()), np.float64, len(user_ids))
+        return p.session_weight * p.session_fade / (p.session_fade + events)
+
+    def _session_means(self, user_ids: np.ndarray, item_rows: np.ndarray) -> np.ndarray:
+        """Mean current vector of each user's session items (zero without a session); the items
+        of all users are looked up in one call."""
+        dim = self.params.dim
+        sessions = [self.sessions.items_of(user) for user in user_ids.tolist()]
+        lengths = np.fromiter(map(len, sessions), np.int64, len(sessions))
+        means = np.zeros((len(user_ids), dim))
+        if not lengths.any():
+            return means
+        # one hash lookup per item: the scorer asks for one user per scored event, where building
+        # an array for pandas' get_indexer cost twice the whole score without sessions
+        rows = np.fromiter(map(self.items.position, chain.from_iterable(sessions)), np.int64, int(lengths.sum()))
+        if len(user_ids) == 1:  # that one user: a plain mean (the grouping below costs as much again)
+            rows = rows[rows >= 0]
+            if len(rows):
+                means[0] = item_rows[rows, :dim].sum(axis=0) / len(rows)
+            return means
+        owner = np.repeat(np.arange(len(user_ids)), lengths)[rows >= 0]  # evicted items drop out
+        counts = np.bincount(owner, minlength=len(user_ids))
+        present = np.flatnonzero(counts)
+        if len(present):  # each user's items are contiguous: one reduceat (np.add.at costs 30x more)
+            starts = (np.cumsum(counts) - counts)[present]
+            means[present] = np.add.reduceat(item_rows[rows[rows >= 0], :dim], starts, axis=0) / counts[present, None]
+        return means
 
     def _learn(self, batch: EventBatch, rows: dict[str, Rows], before_step: StepHook | None,
                ) -> tuple[Updates, StepStats]:
@@ -190,48 +245,38 @@ class OnlineBPR(_FactorModel):
         Q = self.items.values  # the mirror's storage: updated in place
         U, I, W = u_all[positive_pos], i_all[positive_pos], weight[positive_pos].astype(np.float32)
         skip_pos = np.flatnonzero(skip)
+        sessions = self.sessions
+        session_of = session_ids(batch.context[positive_pos]) if sessions is not None else []
         steps = self.steps(len(batch))
-        bounds = np.searchsorted(positive_pos, [st.start for st in steps] + [len(batch)])
-        skip_bounds = np.searchsorted(skip_pos, [st.start for st in steps] + [len(batch)])
-        margins = []
-        lr32, reg_k, reg32 = np.float32(lr), np.float32(reg * k), np.float32(reg)
-        user_iterations = p.user_iterations
-        for n, step in enumerate(steps):
-            if before_step is not None:
+        starts = [st.start for st in steps] + [len(batch)]
+        bounds, skip_bounds = np.searchsorted(positive_pos, starts), np.searchsorted(skip_pos, starts)
+        margins = np.zeros((len(positive_pos), k), np.float32)  # each example's, before its step: the loss
+        skip_margins = np.zeros(len(skip_pos), np.float32)
+        learn = partial(bpr_steps, P, Q, U, I, negatives, W, bounds, u_all[skip_pos], i_all[skip_pos], skip_bounds)
+        settings = (np.float32(lr), np.float32(reg), np.float32(reg * k), np.float32(p.skip_weight), p.user_iterations,
+                    margins, skip_margins)
+
+        def observe(a: int, b: int) -> None:  # the positives a:b join their sessions once learned
+            if sessions is not None:
+                learned = positive_pos[a:b]
+                sessions.observe(batch.user_id[learned], batch.item_id[learned], batch.timestamp[learned],
+                                 session_of[a:b])
+
+        if before_step is None:  # nobody scores between the steps (nor sees `hidden`): all in one call
+            learn(0, len(steps), *settings)
+            observe(0, len(positive_pos))
+        else:
+            for n, step in enumerate(steps):
                 before_step(step)
-            self.hidden[i_all[step][learnable[step]]] = False
-            a, b = bounds[n], bounds[n + 1]
-            if b > a and k:
-                u, i, j, w = U[a:b], I[a:b], negatives[a:b], W[a:b]
-                pu, qi, qj = P[u], Q[i], Q[j]
-                diff = qi[:, None, :] - qj  # (n, k, dim + 1)
-                x = np.einsum("nd,nkd->nk", pu, diff)
-                margins.append((x, w))
-                g = w[:, None] * expit(-x)  # minus the derivative of -w log sigma(x)
-                item_steps = np.concatenate([g.sum(axis=1)[:, None] * pu - reg_k * qi,
-                                             (-(g[..., None] * pu[:, None, :]) - reg32 * qj).reshape(-1, dim + 1)])
-                for iteration in range(user_iterations):  # extra passes move new users faster
-                    if iteration:
-                        pu = P[u]
-                        g = w[:, None] * expit(-np.einsum("nd,nkd->nk", pu, diff))
-                    user_step = np.einsum("nk,nkd->nd", g, diff) - reg_k * pu
-                    user_step[:, dim] = 0.0  # the constant stays 1
-                    np.add.at(P, u, lr32 * user_step)
-                np.add.at(Q, np.concatenate([i, j.ravel()]), lr32 * item_steps)
-            a, b = skip_bounds[n], skip_bounds[n + 1]
-            if b > a:
-                u, j = u_all[skip_pos[a:b]], i_all[skip_pos[a:b]]
-                pu, qj = P[u], Q[j]
-                s = np.einsum("nd,nd->n", pu, qj)
-                margins.append((-s, np.full(len(s), p.skip_weight, np.float32)))
-                g = p.skip_weight * expit(s)  # derivative of -log sigma(-s)
-                user_step = -(g[:, None] * qj + reg32 * pu)
-                user_step[:, dim] = 0.0
-                np.add.at(P, u, lr32 * user_step)
-                np.add.at(Q, j, -lr32 * (g[:, None] * pu + reg32 * qj))
-        for x, w in margins:  # the loss, from the margins each example had before its step
-            stats.loss_sum -= float((w[:, None] * _log_sigmoid(x.reshape(len(w), -1))).mean(axis=1).sum())
-            stats.examples += len(w)
+                self.hidden[i_all[step][learnable[step]]] = False
+                learn(n, n + 1, *settings)
+                observe(bounds[n], bounds[n + 1])  # the next step's scoring sees these items
+        if k and len(W):
+            stats.loss_sum -= float((W[:, None] * _log_sigmoid(margins)).mean(axis=1).sum())
+            stats.examples += len(W)
+        if len(skip_pos):
+            stats.loss_sum -= float((p.skip_weight * _log_sigmoid(skip_margins)).sum())
+            stats.examples += len(skip_pos)
         self.hidden[:] = False
         item_delta = Q[touched].astype(np.float64) - start_items
         item_ids = list(self.items.index[touched])
@@ -283,11 +328,11 @@ class OnlineMF(_FactorModel):
     def _learn(self, batch: EventBatch, rows: dict[str, Rows], before_step: StepHook | None,
                ) -> tuple[Updates, StepStats]:
         p = self.params
-        dim = p.dim
         rated = self._rated(batch)
         stats = StepStats(events=len(batch))
+        steps = self.steps(len(batch))
         if not rated.any():  # nothing to learn; the hook still sees every step
-            for step in self.steps(len(batch)):
+            for step in steps:
                 if before_step is not None:
                     before_step(step)
             return {}, stats
@@ -295,26 +340,17 @@ class OnlineMF(_FactorModel):
         specs = self.table_specs()
         users = self.users = LocalRows(specs["users"], needs[self.user_table], rows[self.user_table])
         items = LocalRows(specs["items"], needs[self.item_table], rows[self.item_table])
-        u_all = users.index.get_indexer(batch.user_id)
-        i_all = items.index.get_indexer(batch.item_id)
-        lr, reg, blr, breg = p.lr, p.reg, p.bias_lr, p.bias_reg
-        P, Q = users.values, items.values
-        for step in self.steps(len(batch)):
+        pos = np.flatnonzero(rated)
+        bounds = np.searchsorted(pos, [st.start for st in steps] + [len(batch)])
+        learn = partial(mf_steps, users.values, items.values, users.index.get_indexer(batch.user_id[pos]),
+                        items.index.get_indexer(batch.item_id[pos]), batch.value[pos], bounds)
+        # predict first, then learn, per step: mu (the running mean) includes the earlier steps' ratings
+        for first, last in [(0, len(steps))] if before_step is None else [(n, n + 1) for n in range(len(steps))]:
             if before_step is not None:
-                before_step(step)
-            pos = np.flatnonzero(rated[step]) + step.start
-            if not len(pos):
-                continue
-            r, u, i = batch.value[pos], u_all[pos], i_all[pos]
-            pu, qi = P[u], Q[i]
-            error = r - (self.mu + pu[:, dim] + qi[:, dim] + np.einsum("nd,nd->n", pu[:, :dim], qi[:, :dim]))
-            self.rating_sum += float(r.sum())  # predict first, then learn (mu included)
-            self.rating_count += len(r)
-            stats.squared_error += float((error**2).sum())
-            stats.loss_sum += float((error**2).sum())
-            stats.examples += len(pos)
-            np.add.at(P, u, np.hstack([lr * (error[:, None] * qi[:, :dim] - reg * pu[:, :dim]),
-                                       (blr * (error - breg * pu[:, dim]))[:, None]]))
-            np.add.at(Q, i, np.hstack([lr * (error[:, None] * pu[:, :dim] - reg * qi[:, :dim]),
-                                       (blr * (error - breg * qi[:, dim]))[:, None]]))
+                before_step(steps[first])
+            self.rating_sum, self.rating_count, squared = learn(first, last, p.lr, p.reg, p.bias_lr, p.bias_reg,
+                                                                self.rating_sum, self.rating_count)
+            stats.squared_error += squared
+            stats.loss_sum += squared
+        stats.examples += len(pos)
         return {self.user_table: users.delta_update(), self.item_table: items.delta_update()}, stats

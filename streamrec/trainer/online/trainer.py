@@ -38,7 +38,7 @@ from redis.exceptions import RedisError
 from streamrec.core.config import Settings
 from streamrec.param_server.client import Fenced, OffsetsRefused, ParamServerError
 from streamrec.stream.deadletter import DeadLetterSink
-from streamrec.stream.events import EventBatch, EventSchema, InvalidEvent
+from streamrec.stream.events import EventBatch, EventSchema
 from streamrec.stream.kafka import (
     Consumer,
     KafkaError,
@@ -333,7 +333,7 @@ class OnlineTrainer:
         fresh = first.offset >= self._evaluated_to.get((first.topic, first.partition), 0)  # not a replay
         needed_by_all = fresh and all(self._needs(shard, records) for shard in range(len(self._shard_next)))
         needed_by_any = not self._shard_next or any(self._needs(s, records) for s in range(len(self._shard_next)))
-        valid, events = self._decode(records, dead_letter=fresh)
+        valid, decoded = self._decode(records, dead_letter=fresh)
         topic = records[0].topic  # one topic: the interaction topic
         partitions = np.fromiter((r.partition for r in records), np.int64, len(records))
         offsets = np.fromiter((r.offset for r in records), np.int64, len(records))
@@ -346,7 +346,7 @@ class OnlineTrainer:
             ranges[offset_key(*tp)] = (min(self._positions.get(tp, first), first), int(mine.max()) + 1)
             commits[tp] = int(mine.max()) + 1
         keys = np.array([offset_key(topic, p) for p in range(int(partitions.max()) + 1)], dtype=object)
-        batch = EventBatch.from_events(events).with_origin(keys[partitions[valid]], offsets[valid])
+        batch = decoded.with_origin(keys[partitions[valid]], offsets[valid])
         batch, seen_ids = self._drop_duplicates(batch, [r for r, ok in zip(records, valid) if ok], fresh)
         batch = batch.take(np.argsort(batch.timestamp, kind="stable"))  # event-time order (stable per partition)
         pending: Future | None = None
@@ -417,20 +417,19 @@ class OnlineTrainer:
         key = offset_key(r.topic, r.partition)
         return r.offset >= self._shard_next[shard].get(key, self._floors.get(key, 0))
 
-    def _decode(self, records: list[Record], dead_letter: bool) -> tuple[np.ndarray, list[dict[str, Any]]]:
-        """Positions of the valid records and their events; invalid records go to the dead-letter
-        topic the first time they are consumed (`dead_letter`), not again on a replay."""
+    def _decode(self, records: list[Record], dead_letter: bool) -> tuple[np.ndarray, EventBatch]:
+        """Which records are valid, and their events as a batch (decoded straight into columns);
+        invalid records go to the dead-letter topic the first time they are consumed
+        (`dead_letter`), not again on a replay."""
+        events, invalid = self.schema.decode_many([record.value for record in records])
         valid = np.ones(len(records), bool)
-        events = []
-        for n, record in enumerate(records):
-            try:
-                events.append(self.schema.decode(record.value))
-            except InvalidEvent as exc:
-                valid[n] = False
-                if dead_letter:
-                    self.dead_letters.send(record.value, exc.reason,
-                                           {"topic": record.topic, "partition": record.partition,
-                                            "offset": record.offset}, exc.detail, key=record.key)
+        for n, exc in invalid:
+            valid[n] = False
+            if dead_letter:
+                record = records[n]
+                self.dead_letters.send(record.value, exc.reason,
+                                       {"topic": record.topic, "partition": record.partition,
+                                        "offset": record.offset}, exc.detail, key=record.key)
         return valid, events
 
     def _drop_duplicates(self, batch: EventBatch, records: list[Record], fresh: bool,
@@ -569,6 +568,7 @@ class OnlineTrainer:
         return {
             "consumed": s.consumed, "applied": s.applied, "dead_lettered": s.dead_lettered, "batches": s.batches,
             "events_per_second": s.consumed / elapsed if elapsed > 0 else None,
+            "active_seconds": elapsed,  # first record polled to the end of the last batch (no idle start)
             "p50_batch_seconds": float(np.percentile(batch, 50)), "p99_batch_seconds": float(np.percentile(batch, 99)),
             "lag": self.lag() if self._open else None, "loss": s.losses, "prequential": self.evaluator.report(),
             "models": [m.name for m in self.models], "finished_at": time.time(),

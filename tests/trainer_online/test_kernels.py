@@ -1,0 +1,169 @@
+"""The compiled steps (streamrec.trainer.online.kernels) learn what the numpy steps they replaced
+learned: BPR's rows and margins on random data to float32 rounding, including rows that occur
+several times in one step, weighted positives, skips and several user passes; MF's rows, running
+mean and squared errors to float64 rounding. Steps run one at a time or many per call alike."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.special import expit
+
+from streamrec.trainer.online.kernels import bpr_steps, mf_steps, rank_count
+
+
+def numpy_steps(P: np.ndarray, Q: np.ndarray, U: np.ndarray, I: np.ndarray, J: np.ndarray, W: np.ndarray,
+                bounds: np.ndarray, skip_u: np.ndarray, skip_j: np.ndarray, skip_bounds: np.ndarray,
+                lr: float, reg: float, skip_weight: float, iterations: int) -> tuple[list, list]:
+    """The step loop of OnlineBPR._learn as it was in numpy (the reference), in place on P and Q;
+    returns the positives' and the skips' margins per step."""
+    dim, k = P.shape[1] - 1, J.shape[1]
+    lr32, reg_k, reg32 = np.float32(lr), np.float32(reg * k), np.float32(reg)
+    margins, skip_margins = [], []
+    for n in range(len(bounds) - 1):
+        a, b = bounds[n], bounds[n + 1]
+        if b > a and k:
+            u, i, j, w = U[a:b], I[a:b], J[a:b], W[a:b]
+            pu, qi, qj = P[u], Q[i], Q[j]
+            diff = qi[:, None, :] - qj
+            x = np.einsum("nd,nkd->nk", pu, diff)
+            margins.append(x)
+            g = w[:, None] * expit(-x)
+            item_steps = np.concatenate([g.sum(axis=1)[:, None] * pu - reg_k * qi,
+                                         (-(g[..., None] * pu[:, None, :]) - reg32 * qj).reshape(-1, dim + 1)])
+            for iteration in range(iterations):
+                if iteration:
+                    pu = P[u]
+                    g = w[:, None] * expit(-np.einsum("nd,nkd->nk", pu, diff))
+                user_step = np.einsum("nk,nkd->nd", g, diff) - reg_k * pu
+                user_step[:, dim] = 0.0
+                np.add.at(P, u, lr32 * user_step)
+            np.add.at(Q, np.concatenate([i, j.ravel()]), lr32 * item_steps)
+        a, b = skip_bounds[n], skip_bounds[n + 1]
+        if b > a:
+            u, j = skip_u[a:b], skip_j[a:b]
+            pu, qj = P[u], Q[j]
+            s = np.einsum("nd,nd->n", pu, qj)
+            skip_margins.append(-s)
+            g = skip_weight * expit(s)
+            user_step = -(g[:, None] * qj + reg32 * pu)
+            user_step[:, dim] = 0.0
+            np.add.at(P, u, lr32 * user_step)
+            np.add.at(Q, j, -lr32 * (g[:, None] * pu + reg32 * qj))
+    return margins, skip_margins
+
+
+def random_batch(seed: int, events: int, users: int, items: int, k: int, dim: int, step: int = 10) -> dict:
+    """Rows and a batch with few users and items, so that rows repeat within a step."""
+    rng = np.random.default_rng(seed)
+    P = np.hstack([rng.normal(0, 0.3, (users, dim)), np.ones((users, 1))]).astype(np.float32)
+    Q = rng.normal(0, 0.3, (items, dim + 1)).astype(np.float32)
+    skip = rng.random(events) < 0.2
+    positive_pos, skip_pos = np.flatnonzero(~skip), np.flatnonzero(skip)
+    starts = list(range(0, events, step)) + [events]
+    return {
+        "P": P, "Q": Q,
+        "U": rng.integers(0, users, len(positive_pos)), "I": rng.integers(0, items, len(positive_pos)),
+        "J": rng.integers(0, items, (len(positive_pos), k)),
+        "W": rng.choice([1.0, 0.5, 2.0], len(positive_pos)).astype(np.float32),
+        "bounds": np.searchsorted(positive_pos, starts), "skip_u": rng.integers(0, users, len(skip_pos)),
+        "skip_j": rng.integers(0, items, len(skip_pos)), "skip_bounds": np.searchsorted(skip_pos, starts),
+    }
+
+
+@pytest.mark.parametrize(("seed", "k", "iterations", "users", "items"),
+                         [(0, 10, 3, 5, 12), (1, 1, 1, 40, 300), (2, 5, 2, 4, 10), (3, 0, 3, 6, 20)])
+def test_compiled_steps_match_numpy_steps(seed: int, k: int, iterations: int, users: int, items: int) -> None:
+    data = random_batch(seed, events=400, users=users, items=items, k=k, dim=16)
+    lr, reg, skip_weight = 0.05, 0.01, 1.5
+    P, Q = data["P"].copy(), data["Q"].copy()
+    margins, skip_margins = numpy_steps(P, Q, data["U"], data["I"], data["J"], data["W"], data["bounds"],
+                                        data["skip_u"], data["skip_j"], data["skip_bounds"], lr, reg, skip_weight,
+                                        iterations)
+    P2, Q2 = data["P"].copy(), data["Q"].copy()
+    out = np.zeros((len(data["U"]), k), np.float32)
+    skip_out = np.zeros(len(data["skip_u"]), np.float32)
+    steps = len(data["bounds"]) - 1
+    for first, last in [(0, 7), (7, 8), (8, steps)]:  # step by step (the trainer's hook) or many at once
+        bpr_steps(P2, Q2, data["U"], data["I"], data["J"], data["W"], data["bounds"], data["skip_u"], data["skip_j"],
+                  data["skip_bounds"], first, last, np.float32(lr), np.float32(reg), np.float32(reg * k),
+                  np.float32(skip_weight), iterations, out, skip_out)
+    assert not np.allclose(P2, data["P"]) and not np.allclose(Q2, data["Q"])  # it learned something
+    assert np.abs(P).max() < 10 and np.abs(Q).max() < 10  # and did not diverge (rounding would then grow)
+    np.testing.assert_allclose(P2, P, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(Q2, Q, rtol=1e-4, atol=1e-5)
+    assert np.all(P2[:, -1] == 1.0)  # the users' constant column stays exactly 1
+    if k:
+        np.testing.assert_allclose(out, np.concatenate(margins), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(skip_out, np.concatenate(skip_margins), rtol=1e-4, atol=1e-5)
+
+
+def numpy_mf_steps(P: np.ndarray, Q: np.ndarray, u: np.ndarray, i: np.ndarray, rating: np.ndarray,
+                   bounds: np.ndarray, lr: float, reg: float, blr: float, breg: float) -> tuple[float, int, float]:
+    """The step loop of OnlineMF._learn as it was in numpy (the reference), in place on P and Q."""
+    dim = P.shape[1] - 1
+    rating_sum, rating_count, squared = 0.0, 0, 0.0
+    for n in range(len(bounds) - 1):
+        a, b = bounds[n], bounds[n + 1]
+        if b <= a:
+            continue
+        r, uu, ii = rating[a:b], u[a:b], i[a:b]
+        pu, qi = P[uu], Q[ii]
+        mu = rating_sum / rating_count if rating_count else 0.0
+        error = r - (mu + pu[:, dim] + qi[:, dim] + np.einsum("nd,nd->n", pu[:, :dim], qi[:, :dim]))
+        rating_sum += float(r.sum())
+        rating_count += len(r)
+        squared += float((error**2).sum())
+        np.add.at(P, uu, np.hstack([lr * (error[:, None] * qi[:, :dim] - reg * pu[:, :dim]),
+                                    (blr * (error - breg * pu[:, dim]))[:, None]]))
+        np.add.at(Q, ii, np.hstack([lr * (error[:, None] * pu[:, :dim] - reg * qi[:, :dim]),
+                                    (blr * (error - breg * qi[:, dim]))[:, None]]))
+    return rating_sum, rating_count, squared
+
+
+@pytest.mark.parametrize(("seed", "users", "items"), [(0, 4, 9), (1, 50, 400)])
+def test_compiled_mf_steps_match_numpy_steps(seed: int, users: int, items: int) -> None:
+    rng = np.random.default_rng(seed)
+    dim, events = 8, 300
+    P0, Q0 = rng.normal(0, 0.1, (users, dim + 1)), rng.normal(0, 0.1, (items, dim + 1))
+    rated = np.flatnonzero(rng.random(events) < 0.7)  # the other events are no ratings
+    u, i = rng.integers(0, users, len(rated)), rng.integers(0, items, len(rated))
+    rating = rng.integers(1, 6, len(rated)).astype(np.float64)
+    bounds = np.searchsorted(rated, list(range(0, events, 10)) + [events])
+    P, Q = P0.copy(), Q0.copy()
+    expected = numpy_mf_steps(P, Q, u, i, rating, bounds, 0.007, 0.015, 0.005, 0.005)
+    P2, Q2 = P0.copy(), Q0.copy()
+    total, count, squared = 0.0, 0, 0.0
+    for first, last in [(0, 11), (11, 12), (12, len(bounds) - 1)]:
+        total, count, step_squared = mf_steps(P2, Q2, u, i, rating, bounds, first, last, 0.007, 0.015, 0.005, 0.005,
+                                              total, count)
+        squared += step_squared
+    assert not np.allclose(P2, P0)
+    np.testing.assert_allclose(P2, P, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(Q2, Q, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose((total, count, squared), expected, rtol=1e-10)
+
+
+def numpy_rank(scores: np.ndarray, excluded: np.ndarray, target: int) -> tuple[int, int]:
+    """The prequential rank counts as numpy computed them (the reference): NaN and the excluded
+    columns become -inf; a target not held or not finite ranks below every finite candidate."""
+    row = np.where(np.isnan(scores), -np.inf, scores)
+    row[excluded] = -np.inf
+    value = row[target] if target >= 0 else -np.inf
+    if not np.isfinite(value):
+        return int(np.isfinite(row).sum()), 0
+    return int((row > value).sum()), int((row == value).sum()) - 1
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rank_count_matches_numpy_with_ties_nan_infinities_and_exclusions(dtype):
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        n = int(rng.integers(1, 60))
+        scores = rng.integers(-3, 4, n).astype(dtype)  # few values: many ties
+        scores[rng.random(n) < 0.1] = np.nan
+        scores[rng.random(n) < 0.05] = -np.inf
+        scores[rng.random(n) < 0.05] = np.inf
+        excluded = rng.choice(n, int(rng.integers(0, n)), replace=False).astype(np.int64)
+        target = int(rng.integers(-1, n))
+        assert rank_count(scores, excluded, target) == numpy_rank(scores.astype(np.float64), excluded, target)
