@@ -5,6 +5,9 @@ talk to it with ParamClient. Memory is the growth of this process's resident set
 1M-row table is built (/proc/self/statm), so it includes the key index and every side array.
 `push_p99_ms_during_checkpoint`: the p99 latency of small pushes (64 rows) sent one after another
 while the server writes a checkpoint of the 1M-row table (forced by a second client).
+`str_*`: string ids shaped like production ids, rows created by the push that first sees them, the
+server's per-request parsing included (`bench_strings`); `*_vs_numpy`: ratios to a plain numpy
+gather / scatter-add of the same rows measured in the same run.
 """
 
 from __future__ import annotations
@@ -15,11 +18,17 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from streamrec.param_server.bench_strings import (
+    numpy_bound,
+    per_second,
+    production_ids,
+    rss_bytes,
+    string_figures,
+)
 from streamrec.param_server.client import ParamClient
 from streamrec.param_server.keys import Keys
 from streamrec.param_server.table import Table, TableSpec
@@ -28,29 +37,18 @@ SCALARS = 1  # a bias per row, as the trainer uses
 SMALL_PUSH = 64  # rows of a push timed during a checkpoint
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * 4096
-
-
-def _per_second(count: int, run: Callable[[], None]) -> float:
-    started = time.perf_counter()
-    run()
-    return count / (time.perf_counter() - started)
-
-
 def _batches(ids: np.ndarray, batch: int) -> list[np.ndarray]:
     return [ids[start : start + batch] for start in range(0, ids.size, batch)]
 
 
 def _in_process(ids: np.ndarray, dim: int, batch: int, grads: np.ndarray) -> tuple[dict[str, Any], Table]:
-    rss_before = _rss_bytes()
+    rss_before = rss_bytes()
     table = Table(TableSpec("bench", dim, scalars=SCALARS, key_type="int"))
     version = 1
     for part in _batches(ids, batch):
         table.push(Keys(ints=part), grads[: part.size], version, 0.0)
         version += 1
-    grown = _rss_bytes() - rss_before
+    grown = rss_bytes() - rss_before
     shuffled = [Keys(ints=part) for part in _batches(np.random.default_rng(1).permutation(ids), batch)]
 
     def gather() -> None:
@@ -63,8 +61,8 @@ def _in_process(ids: np.ndarray, dim: int, batch: int, grads: np.ndarray) -> tup
 
     width = dim + SCALARS
     return {
-        "gather_keys_per_second": round(_per_second(ids.size, gather)),
-        "apply_rows_per_second": round(_per_second(ids.size, apply)),
+        "gather_keys_per_second": round(per_second(ids.size, gather)),
+        "apply_rows_per_second": round(per_second(ids.size, apply)),
         "bytes_per_row": round(grown / ids.size, 1),
         "raw_bytes_per_row": 2 * 4 * width,  # float32 values + Adagrad accumulator
     }, table
@@ -135,9 +133,9 @@ def _remote(ids: np.ndarray, dim: int, batch: int, grads: np.ndarray, checkpoint
                 for part in parts:
                     client.push({"bench": (part, grads[: part.size])})
 
-            pull_rate = _per_second(ids.size, pull)
+            pull_rate = per_second(ids.size, pull)
             since = client.delta("bench", since).version
-            push_rate = _per_second(ids.size, push)
+            push_rate = per_second(ids.size, push)
             since = client.delta("bench", since).version
             changed = ids[: min(100_000, ids.size)]
             for part in _batches(changed, batch):
@@ -174,5 +172,14 @@ def run_benchmark(num_ids: int = 1_000_000, dim: int = 64, batch: int = 4096) ->
     del table
     with tempfile.TemporaryDirectory(prefix="streamrec-bench-ps-") as checkpoint_dir:
         result.update(_remote(ids, dim, batch, grads, checkpoint_dir))
+    result.update(string_figures(production_ids(num_ids), dim, SCALARS, batch, grads))
+    result.update(numpy_bound(num_ids, dim + SCALARS, batch, grads))
     result["bytes_ratio"] = round(result["bytes_per_row"] / result["raw_bytes_per_row"], 3)
+    for name, figure, bound in (
+        ("gather_vs_numpy", "gather_keys_per_second", "numpy_gather_rows_per_second"),
+        ("apply_vs_numpy", "apply_rows_per_second", "numpy_scatter_rows_per_second"),
+        ("str_gather_vs_numpy", "str_gather_keys_per_second", "numpy_gather_rows_per_second"),
+        ("str_apply_vs_numpy", "str_apply_new_rows_per_second", "numpy_scatter_rows_per_second"),
+    ):
+        result[name] = round(result[figure] / result[bound], 3)
     return result

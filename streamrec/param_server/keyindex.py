@@ -50,12 +50,19 @@ class KeyIndex:
         return (mix64(keys) & np.uint64(self.capacity - 1)).astype(np.int64)
 
     def find(self, keys: np.ndarray, same: SameFn | None = None) -> np.ndarray:
-        """Row of each key, -1 where absent."""
-        out = np.full(keys.size, -1, np.int64)
-        pending = np.arange(keys.size)
+        """Row of each key, -1 where absent. `same` (optional) confirms each 64-bit match exactly;
+        without it, the first row with the same 64-bit key is the answer."""
         pos = self._home(keys)
-        wanted = keys
         mask = self.capacity - 1
+        if same is None:  # the first probe settles most keys: no bookkeeping of pending keys for it
+            seen = self.slots[pos]
+            hit = (seen >= 0) & (self.row_key.take(np.maximum(seen, 0)) == keys)
+            out = np.where(hit, seen, -1).astype(np.int64)
+            pending = np.flatnonzero(~hit & (seen != EMPTY))
+            pos, wanted = (pos[pending] + 1) & mask, keys[pending]
+        else:
+            out = np.full(keys.size, -1, np.int64)
+            pending, wanted = np.arange(keys.size), keys
         while pending.size:
             seen = self.slots[pos]
             hit = (seen >= 0) & (self.row_key.take(np.maximum(seen, 0)) == wanted)

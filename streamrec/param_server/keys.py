@@ -14,8 +14,7 @@ from typing import Literal, Union
 import numpy as np
 
 KeyType = Literal["int", "str"]
-MAX_KEY_BYTES = 1024  # longer string ids are refused: they would blow up the padded hash matrix
-_HASH_CHUNK = 1 << 16  # strings hashed per step, bounds the temporary padded matrix
+MAX_KEY_BYTES = 1024  # longer string ids are refused
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
@@ -23,51 +22,88 @@ _S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
 _STRING_SEED = np.uint64(0x9E3779B97F4A7C15)
 
 
-def mix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser: a bijection on uint64 that spreads every input bit over the output."""
-    x = np.asarray(x).astype(np.uint64)
-    x ^= x >> _S30
+def mix64(x: np.ndarray, in_place: bool = False) -> np.ndarray:
+    """SplitMix64's finaliser: a bijection on uint64 that spreads every input bit over the output.
+    `in_place`: x is a uint64 array the caller gives up (saves a copy of large inputs)."""
+    x = x if in_place else np.asarray(x).astype(np.uint64)
+    shifted = np.empty_like(x)
+    x ^= np.right_shift(x, _S30, out=shifted)
     x *= _M1
-    x ^= x >> _S27
+    x ^= np.right_shift(x, _S27, out=shifted)
     x *= _M2
-    x ^= x >> _S31
+    x ^= np.right_shift(x, _S31, out=shifted)
     return x
 
 
-def gather_padded(blob: np.ndarray, starts: np.ndarray, lens: np.ndarray, width: int) -> np.ndarray:
-    """Byte strings blob[starts[i]:starts[i]+lens[i]] as rows of an (n, width) zero-padded matrix."""
-    cols = np.arange(width, dtype=np.int64)
-    valid = cols < lens[:, None]
-    if blob.size == 0:
-        return np.zeros((starts.size, width), np.uint8)
-    idx = np.minimum(starts[:, None] + cols, blob.size - 1)
-    return np.where(valid, blob[idx], np.uint8(0))
+def ragged_index(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Flat positions starts[i] + 0..counts[i]-1 for every i, in order (one repeat, no Python loop)."""
+    ends = np.cumsum(counts)
+    return np.repeat(starts - (ends - counts), counts) + np.arange(int(ends[-1]) if ends.size else 0, dtype=np.int64)
 
 
-def padded_width(lens: np.ndarray) -> int:
-    longest = int(lens.max()) if lens.size else 0
-    return max(8, (longest + 7) // 8 * 8)
+@dataclass(frozen=True)
+class KeyWords:
+    """String ids as little-endian 8-byte words: each id zero-padded to whole words, the ids laid end
+    to end (ragged: a batch's one long id does not pad the others).
 
-
-def hash_strings(blob: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """A 64-bit hash per string: the length, then each of its 8-byte words, chained through mix64.
-
-    Loops over word positions (a handful per id), never over ids. Depends only on the string, not
-    on the batch it arrives in (the padding of a batch's longest id is skipped).
+    Why words: hashing and exact comparison then touch one uint64 per 8 bytes of id, and a table's
+    key arena stores ids in this same form, so checking that a 64-bit hash match is the same id is
+    a word-by-word compare of two flat arrays.
     """
-    n = offsets.size - 1
-    out = np.empty(n, np.uint64)
-    for lo in range(0, n, _HASH_CHUNK):
-        hi = min(n, lo + _HASH_CHUNK)
-        starts = offsets[lo:hi]
-        lens = offsets[lo + 1 : hi + 1] - starts
-        words = gather_padded(blob, starts, lens, padded_width(lens)).view(np.uint64)
-        words_used = (lens + 7) // 8
-        h = mix64(lens.astype(np.uint64) ^ _STRING_SEED)
-        for position, column in enumerate(words.T):  # padding words must not change the hash
-            h = np.where(position < words_used, mix64(h ^ column), h)
-        out[lo:hi] = h
-    return out
+
+    words: np.ndarray  # uint64, every id's words
+    starts: np.ndarray  # int64, first word of each id
+    counts: np.ndarray  # int64, words of each id
+    lengths: np.ndarray  # int64, bytes of each id
+
+    def __len__(self) -> int:
+        return int(self.lengths.size)
+
+    @staticmethod
+    def of(blob: np.ndarray, offsets: np.ndarray) -> KeyWords:
+        """The words of blob[offsets[i]:offsets[i+1]] for every i."""
+        lengths = np.diff(offsets).astype(np.int64)
+        counts = (lengths + 7) >> 3
+        starts = np.cumsum(counts) - counts
+        padded = np.zeros(8 * int(counts.sum()), np.uint8)
+        padded[ragged_index(8 * starts, lengths)] = blob[offsets[0] : offsets[-1]]  # the ids lie end to end
+        return KeyWords(padded.view(np.uint64), starts, counts, lengths)
+
+    def take(self, idx: np.ndarray) -> KeyWords:
+        """The ids at positions idx, compacted."""
+        counts = self.counts[idx]
+        return KeyWords(self.words[ragged_index(self.starts[idx], counts)], np.cumsum(counts) - counts, counts, self.lengths[idx])
+
+    def hash64(self) -> np.ndarray:
+        """A 64-bit hash per id: the length, then each of its words, chained through mix64.
+
+        Loops over word positions (a handful per id), never over ids; the ids still active at a
+        position shrink as the short ones finish, so the work is one mix per word.
+        """
+        h = mix64(self.lengths.astype(np.uint64) ^ _STRING_SEED)
+        active = np.flatnonzero(self.counts > 0)
+        position = 0
+        while active.size:
+            if active.size == h.size:  # every id has this word: no fancy indexing
+                h = mix64(h ^ self.words[self.starts + position])
+            else:
+                h[active] = mix64(h[active] ^ self.words[self.starts[active] + position])
+            position += 1
+            active = active[self.counts[active] > position]
+        return h
+
+    def equal(self, positions: np.ndarray, arena: np.ndarray, stored_starts: np.ndarray, stored_lengths: np.ndarray) -> np.ndarray:
+        """Whether the id at each of `positions` equals the id stored at arena[stored_starts[i]:]
+        (in words) with byte length stored_lengths[i]: same length, then every word the same."""
+        same = self.lengths[positions] == stored_lengths
+        candidates = np.flatnonzero(same)
+        counts = self.counts[positions[candidates]]
+        owner = np.repeat(np.arange(candidates.size), counts)
+        step = np.arange(owner.size, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+        incoming = self.words[self.starts[positions[candidates]][owner] + step]
+        stored = arena[stored_starts[candidates][owner] + step]
+        same[candidates[owner[incoming != stored]]] = False
+        return same
 
 
 @dataclass(frozen=True)
@@ -94,7 +130,11 @@ class Keys:
         """The 64-bit key: the integer itself (exact) or the string hash (exactness checked later)."""
         if self.ints is not None:
             return self.ints.view(np.uint64)
-        return hash_strings(self.blob, self.offsets)
+        return self.words().hash64()
+
+    def words(self) -> KeyWords:
+        """String ids as words (hashing, exact comparison, a table's key arena)."""
+        return KeyWords.of(self.blob, self.offsets)
 
     def take(self, idx: np.ndarray) -> Keys:
         """The sub-batch at positions idx (a boolean mask or integer indices), vectorised."""

@@ -55,6 +55,12 @@ class RowOptimizer:
     def apply(self, block: np.ndarray, rows: np.ndarray, grads: np.ndarray) -> None:
         """block: per row the values, then (Adagrad) the accumulators; one gather, one scatter."""
         current = block.take(rows, axis=0)
+        self.update(current, grads)
+        block[rows] = current
+
+    def update(self, current: np.ndarray, grads: np.ndarray) -> None:
+        """Apply grads to whole rows held in `current` (values, then accumulators), in place. A new
+        row gets its first update here before it is ever written to the table (one write per row)."""
         width = grads.shape[1]
         values = current[:, :width]
         step = np.multiply(grads, self.lr)
@@ -66,4 +72,3 @@ class RowOptimizer:
             scratch += self.eps
             step /= scratch
         values -= step
-        block[rows] = current

@@ -105,8 +105,8 @@ def raw_bytes(array: np.ndarray) -> memoryview:
     return memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
 
 
-def send(sock: socket.socket, header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> None:
-    """Write one frame with a single gathered send where the kernel accepts it all."""
+def encode(header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> list[memoryview]:
+    """One frame as buffers, prefix and header first: what `send` writes (no copy of the arrays)."""
     buffers: list[memoryview] = []
     layout, offset = [], 0
     for name, array in (arrays or {}).items():
@@ -118,7 +118,12 @@ def send(sock: socket.socket, header: dict[str, Any], arrays: dict[str, np.ndarr
             buffers.append(memoryview(b"\0" * pad))
         offset += array.nbytes + pad
     head = orjson.dumps({**header, "arrays": layout}, option=orjson.OPT_SERIALIZE_NUMPY)
-    pending = [memoryview(PREFIX.pack(MAGIC, len(head), offset) + head)] + [b for b in buffers if b.nbytes]
+    return [memoryview(PREFIX.pack(MAGIC, len(head), offset) + head)] + [b for b in buffers if b.nbytes]
+
+
+def send(sock: socket.socket, header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> None:
+    """Write one frame with a single gathered send where the kernel accepts it all."""
+    pending = encode(header, arrays)
     while pending:
         sent = sock.sendmsg(pending[:512])
         while pending and sent >= pending[0].nbytes:

@@ -15,6 +15,8 @@ import pandas as pd
 from streamrec.param_server.client import Delta
 from streamrec.param_server.table_store import TableStore
 
+COMPACT_MIN_ROWS = 1024  # below this, dead rows cost less than a compaction's index rebuild
+
 
 @dataclass(frozen=True)
 class Changes:
@@ -31,10 +33,15 @@ class Changes:
 
 class TableMirror:
     """One table's rows by id. With a `store` it pulls its own deltas (`sync`); without, the owner
-    fetches deltas and feeds them to `apply` (serving applies one delta to two mirrors)."""
+    fetches deltas and feeds them to `apply` (serving applies one delta to two mirrors).
 
-    def __init__(self, store: TableStore | None, table: str) -> None:
-        self.store, self.table = store, table
+    Deleted rows stay (dead) so row positions are stable, which owners that keep per-row state
+    across deltas rely on (the online trainer's hidden items). With `compact`, once the dead rows
+    outnumber the live ones `apply` drops them and reports a full change: for owners that take
+    positions afresh after every apply (serving's index and states), so churn cannot grow memory."""
+
+    def __init__(self, store: TableStore | None, table: str, compact: bool = False) -> None:
+        self.store, self.table, self.compact = store, table, compact
         self.version: int | tuple[int, ...] = 0
         self.index = pd.Index([], dtype=object)
         self._values = np.zeros((0, 0), np.float32)  # capacity grows by doubling
@@ -43,7 +50,7 @@ class TableMirror:
 
     @property
     def values(self) -> np.ndarray:
-        """(len(index), dim + scalars) rows; dead rows stay until a full snapshot replaces them."""
+        """(len(index), dim + scalars) rows; dead rows stay until a full snapshot or a compaction."""
         return self._values[: len(self.index)]
 
     @property
@@ -96,7 +103,20 @@ class TableMirror:
             self._values[position] = delta.values
             self.alive[position] = True
         self.version = delta.version
+        if self.compact and len(self.index) > COMPACT_MIN_ROWS and 2 * int(self.alive.sum()) < len(self.index):
+            return self._compact()
         return Changes(bool(delta.full), position.astype(np.int64), removed.astype(np.int64))
+
+    def _compact(self) -> Changes:
+        """Keep the live rows only, in their order; every position moves, so the change is full."""
+        live = np.flatnonzero(self.alive)
+        values = self._values[live]
+        self.index = self.index[live]
+        self._values = np.zeros((0, values.shape[1]), np.float32)
+        self._reserve(len(live), values.shape[1])
+        self._values[: len(live)] = values
+        self.alive = np.ones(len(live), bool)
+        return Changes(True, np.arange(len(live), dtype=np.int64), np.zeros(0, np.int64))
 
     def position(self, key: str | int) -> int:
         """Row of one id, -1 where unknown or deleted (a hash lookup, no array round trip)."""

@@ -162,3 +162,46 @@ def test_wrong_shapes_kinds_and_values_are_refused_before_any_change() -> None:
         table.push(Keys(ints=np.arange(2)), bad, 1, 0.0)
     assert table.push(Keys(ints=np.arange(2)), np.zeros((2, 2), np.float32), 2, 0.0) == 0  # first sighting
     assert table.rejected == 2  # the refused push was not counted as a sighting
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad"])
+def test_first_push_of_new_ids_equals_create_then_update(name: str) -> None:
+    """New rows get their first update before they are written (one write per row): values and
+    accumulators must be bit-identical to initial values followed by the optimiser step, whether
+    the push has only new ids, new and existing ids, or a new id repeated (gradients summed)."""
+    dim, scalars = 4, 1
+    spec = TableSpec("t", dim, scalars=scalars, key_type="str", optimizer=OptimizerSpec(name, 0.1, 0.05, initial_accumulator=0.1))
+    table = Table(spec)
+    reference: dict[str, np.ndarray] = {}  # id -> whole block row (values, then accumulators)
+
+    def push(ids: list[str], seed: int) -> None:
+        grads = grads_for(len(ids), dim + scalars, seed)
+        table.push(as_keys(ids), grads, seed + 1, 0.0)
+        summed: dict[str, np.ndarray] = {}
+        for key, grad in zip(ids, grads):
+            summed[key] = summed[key] + grad if key in summed else grad.copy()
+        for key, grad in summed.items():
+            if key not in reference:
+                row = np.zeros((1, table.block.shape[1]), np.float32)
+                row[:, : dim + scalars] = table.initial_values(as_keys([key]).hash64())
+                row[:, dim + scalars :] = spec.optimizer.initial_accumulator
+                reference[key] = row
+            table.optimizer.update(reference[key], grad[None, :])
+
+    push(["a", "b", "c"], 0)  # all new
+    push(["c", "d", "a", "e"], 1)  # new beside existing
+    push(["f", "b", "f", "g", "b"], 2)  # a new id and an existing id repeated
+    keys = sorted(reference)
+    rows = table.lookup(as_keys(keys))
+    np.testing.assert_array_equal(table.block[rows], np.concatenate([reference[k] for k in keys]))
+
+
+def test_first_push_keeps_admission_rejects_out() -> None:
+    """Ids admission keeps out get no row, while the admitted new ids beside them are updated."""
+    table = Table(TableSpec("t", 2, key_type="str", min_count=2))
+    table.push(as_keys(["x"]), np.ones((1, 2), np.float32), 1, 0.0)
+    table.push(as_keys(["x", "y"]), np.ones((2, 2), np.float32), 2, 0.0)
+    values, found = table.pull(as_keys(["x", "y"]))
+    assert found.tolist() == [True, False]
+    start = table.initial_values(as_keys(["x"]).hash64())[0]
+    np.testing.assert_allclose(values[0], start - 0.01 / (1 + 1e-10), rtol=1e-6)
