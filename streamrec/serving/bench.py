@@ -1,6 +1,13 @@
-"""`streamrec bench serving`: a private parameter server with random vectors, N workers, and a
-closed-loop load generator in its own process; then the bare FAISS search for the same queries,
-so the cost of everything around the index is visible."""
+"""`streamrec bench serving`: a private parameter server with random vectors, N workers, and an
+open-loop load generator in its own process (streamrec.serving.loadgen: constant arrival rate,
+latency from the scheduled send time, errors apart from throughput). `--rate R` runs one rate;
+`--rate 0` sweeps for saturation: the highest offered rate answered at >= 95% with zero errors.
+
+Each run also measures, in the same run, what it is compared against: the bare FAISS search for
+the same queries, and an empty endpoint on the same server stack (streamrec.serving.empty) driven
+by the same generator at the same rate or sweep; ratios to both are printed. A second run with the
+API token and the seen-item filter on (the filter /recommend has) is reported beside the plain mix
+(k=10, explanations and filters off)."""
 
 from __future__ import annotations
 
@@ -26,7 +33,10 @@ from streamrec.param_server.artifacts import KNN_BLOB, encode_neighbors
 from streamrec.param_server.client import ParamClient
 from streamrec.param_server.replica import TableMirror
 from streamrec.serving.config import ServingConfig
+from streamrec.serving.empty import EMPTY_PATH
 from streamrec.serving.index import ItemIndex, query_rows
+from streamrec.serving.loadgen import ZIPF_EXPONENT, zipf_users
+from streamrec.serving.sweep import find_saturation
 from streamrec.stream.events import EventBatch
 from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
 
@@ -34,6 +44,12 @@ EVENTS_PER_USER = 10
 NEIGHBOURS = 20
 CHUNK = 50_000
 SEARCH_SAMPLES = 2000
+BENCH_TOKEN = "bench-serving-token"
+WARMUP_S = 1.0
+SWEEP_STEP_S = 5.0
+STEP_PAUSE_S = 1.0  # lets a server drain what an overloaded step left queued
+SUMMARY_KEYS = ("offered_rps", "achieved_rps", "p50_ms", "p99_ms", "p999_ms", "max_ms", "errors", "error_status", "broken",
+                "timeouts", "dropped", "pass")
 
 
 def _start_param_server(home: Path) -> tuple[subprocess.Popen, str]:
@@ -77,13 +93,15 @@ def _history(store: FeatureStore, rng: np.random.Generator, items: int, users: i
                                             times[part]))
 
 
-def _wait_ready(url: str, workers: int, proc: subprocess.Popen, timeout: float = 600.0) -> dict[str, Any]:
+def _wait_ready(url: str, workers: int, proc: subprocess.Popen, headers: dict[str, str] | None = None,
+                timeout: float = 600.0) -> dict[str, Any]:
+    """Polls /readyz on fresh connections until every worker (by pid) has answered 200."""
     pids: dict[int, dict[str, Any]] = {}
     deadline = time.monotonic() + timeout
     while len(pids) < workers:
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("serving workers did not get ready")
-        request = urllib.request.Request(url + "/readyz", headers={"Connection": "close"})
+            raise RuntimeError(f"{url}: workers did not get ready")
+        request = urllib.request.Request(url + "/readyz", headers={"Connection": "close", **(headers or {})})
         try:
             with urllib.request.urlopen(request, timeout=5) as reply:
                 body = json.loads(reply.read())
@@ -93,8 +111,58 @@ def _wait_ready(url: str, workers: int, proc: subprocess.Popen, timeout: float =
     return next(iter(pids.values()))
 
 
+class Stack:
+    """One server process tree on a free loopback port; stopped with SIGTERM (then killed)."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], workers: int, log: Path) -> None:
+        self.port = net.free_port(None, "127.0.0.1")
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([*argv, "--port", str(self.port)], env=env, stdout=subprocess.DEVNULL,
+                                     stderr=log.open("w"))
+        self.ready = _wait_ready(self.url, workers, self.proc)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _loadgen(url: str, template: str, users: int, rate: float, duration: float, max_connections: int,
+             headers: dict[str, str]) -> dict[str, Any]:
+    """One open-loop run in its own process, so the generator's CPU is not this process's."""
+    argv = [sys.executable, "-m", "streamrec.serving.loadgen", "--url", url, "--users", str(users),
+            "--rate", str(rate), "--duration", str(duration), "--warmup", str(WARMUP_S),
+            "--max-connections", str(max_connections), "--template", template]
+    for name, value in headers.items():
+        argv += ["--header", f"{name}: {value}"]
+    return json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
+
+
+def _measure(url: str, template: str, users: int, rate: float, duration: float, max_connections: int,
+             headers: dict[str, str]) -> dict[str, Any]:
+    """`rate` > 0: one run of `duration`; 0: the saturation sweep (steps of SWEEP_STEP_S), whose
+    passing step at the highest rate is the result, with every step under `sweep`."""
+    if rate:
+        return _loadgen(url, template, users, rate, duration, max_connections, headers)
+
+    def step(offered: float) -> dict[str, Any]:
+        result = _loadgen(url, template, users, offered, SWEEP_STEP_S, max_connections, headers)
+        time.sleep(STEP_PAUSE_S)
+        return result
+
+    best, steps = find_saturation(step)
+    result = dict(best) if best is not None else {"achieved_rps": 0.0, "qps": 0.0, "errors": None}
+    result["saturation_rps"] = result["achieved_rps"]
+    result["sweep"] = [{key: s.get(key) for key in SUMMARY_KEYS} for s in steps]
+    return result
+
+
 def _search_p50_ms(address: str, config: ServingConfig, user_vectors: np.ndarray, k: int) -> float:
-    """The bare index search the workers do for the same queries, one query at a time."""
+    """The bare index search the workers do for the same (Zipf-drawn) users, one query at a time."""
     import faiss
 
     faiss.omp_set_num_threads(1)
@@ -103,7 +171,7 @@ def _search_p50_ms(address: str, config: ServingConfig, user_vectors: np.ndarray
         mirror.sync()
     index = ItemIndex(config.index, config.nprobe, config.ivf_min_items)
     index.rebuild(mirror)
-    queries = query_rows(user_vectors[:SEARCH_SAMPLES], mirror)
+    queries = query_rows(user_vectors[zipf_users(len(user_vectors), SEARCH_SAMPLES, ZIPF_EXPONENT, 0)], mirror)
     fetch = max(config.ann_candidates, k) + EVENTS_PER_USER
     times = []
     for row in range(len(queries)):
@@ -113,14 +181,25 @@ def _search_p50_ms(address: str, config: ServingConfig, user_vectors: np.ndarray
     return round(float(np.median(times)) * 1000, 3)
 
 
-def run_bench(settings: Settings, items: int, users: int, dim: int, workers: int, concurrency: int,
-              duration: float, k: int, index: str, rate: float = 0.0) -> dict[str, Any]:
+def _ratio(numerator: object, denominator: object) -> float | None:
+    if not isinstance(numerator, (int, float)) or not isinstance(denominator, (int, float)) or not denominator:
+        return None
+    return round(numerator / denominator, 2)
+
+
+def run_bench(settings: Settings, items: int, users: int, dim: int, workers: int, max_connections: int,
+              duration: float, k: int, index: str, rate: float = 0.0, auth_run: bool = True) -> dict[str, Any]:
     home = Path(tempfile.mkdtemp(prefix="streamrec-bench-serving-"))
     prefix = f"bench-serving-{uuid.uuid4().hex[:8]}"
     redis_up = net.redis_ping(settings.redis_url)
     ps_proc, address = _start_param_server(home)
-    serve = None
     rng = np.random.default_rng(0)
+    stacks: list[Stack] = []
+
+    def start(argv: list[str], env: dict[str, str], log: str) -> Stack:
+        stacks.append(Stack(argv, env, workers, home / log))
+        return stacks[-1]
+
     try:
         started = time.perf_counter()
         with ParamClient([address]) as client:
@@ -128,32 +207,50 @@ def run_bench(settings: Settings, items: int, users: int, dim: int, workers: int
         if redis_up:
             _history(FeatureStore.from_url(settings.redis_url, FeatureStoreConfig(prefix=prefix)), rng, items, users)
         load_seconds = time.perf_counter() - started
-        port = net.free_port(None, "127.0.0.1")
-        url = f"http://127.0.0.1:{port}"
         env = {**os.environ, "STREAMREC_PARAM_SERVERS": address, "STREAMREC_REDIS_URL": settings.redis_url,
                "STREAMREC_HOME": str(home)}
-        serve = subprocess.Popen(
-            [sys.executable, "-c", "from streamrec.app.cli import main; main()", "serve", "--workers", str(workers),
-             "--port", str(port), "--feature-prefix", prefix, "--index", index], env=env,
-            stdout=subprocess.DEVNULL, stderr=(home / "serve.log").open("w"))
-        ready = _wait_ready(url, workers, serve)
-        load = subprocess.run(
-            [sys.executable, "-m", "streamrec.serving.loadgen", "--url", url, "--users", str(users), "--concurrency",
-             str(concurrency), "--duration", str(duration), "--rate", str(rate),
-             "--template", f"/recommend?user_id=u{{user}}&k={k}"],
-            capture_output=True, text=True, check=True)
-        result = json.loads(load.stdout)
-        serve.send_signal(signal.SIGTERM)
-        serve.wait(30)
+        env.pop("STREAMREC_API_TOKEN", None)
+        serve = [sys.executable, "-c", "from streamrec.app.cli import main; main()", "serve", "--workers",
+                 str(workers), "--feature-prefix", prefix, "--index", index]
+        plain = f"/recommend?user_id=u{{user}}&k={k}&exclude_seen=false"
+        filtered = f"/recommend?user_id=u{{user}}&k={k}&exclude_seen=true"
+
+        stack = start(serve, env, "serve.log")
+        index_kind = stack.ready["index_kind"]
+        result = _measure(stack.url, plain, users, rate, duration, max_connections, {})
+        stack.stop()
+        if auth_run:
+            stack = start(serve, {**env, "STREAMREC_API_TOKEN": BENCH_TOKEN}, "serve-auth.log")
+            auth = _measure(stack.url, filtered, users, rate, duration, max_connections,
+                            {"Authorization": f"Bearer {BENCH_TOKEN}"})
+            stack.stop()
+            result["auth_filter"] = {"filter": "exclude_seen=true", "token": True,
+                                     **{key: auth.get(key) for key in (*SUMMARY_KEYS, "saturation_rps", "sweep")
+                                        if key in auth}}
+        stack = start([sys.executable, "-m", "streamrec.serving.empty", "--workers", str(workers)], env, "empty.log")
+        empty = _measure(stack.url, EMPTY_PATH, users, rate, duration, max_connections, {})
+        stack.stop()
+        result["empty_endpoint"] = {key: empty.get(key) for key in (*SUMMARY_KEYS, "saturation_rps", "sweep")
+                                    if key in empty}
         config = ServingConfig(index=index)
         result["faiss_search_p50_ms"] = _search_p50_ms(address, config, user_vectors, k)
-        result.update({"items": items, "users": users, "dim": dim, "workers": workers, "concurrency": concurrency,
-                       "k": k, "index": ready["index_kind"], "redis": redis_up, "load_seconds": round(load_seconds, 1)})
+        result.update({
+            "p50_vs_empty_endpoint": _ratio(result.get("p50_ms"), empty.get("p50_ms")),
+            "p99_vs_empty_endpoint": _ratio(result.get("p99_ms"), empty.get("p99_ms")),
+            "p50_vs_faiss_search": _ratio(result.get("p50_ms"), result["faiss_search_p50_ms"]),
+        })
+        if not rate:
+            result["saturation_vs_empty_endpoint"] = _ratio(result["saturation_rps"], empty["saturation_rps"])
+        result.update({"items": items, "users": users, "dim": dim, "workers": workers,
+                       "concurrency": max_connections, "max_connections": max_connections, "k": k,
+                       "request": plain.replace("{user}", "<zipf>"), "index": index_kind, "redis": redis_up,
+                       "load_seconds": round(load_seconds, 1)})
         return result
     finally:
-        if serve is not None and serve.poll() is None:
-            serve.kill()
-            serve.wait()
+        for stack in stacks:
+            if stack.proc.poll() is None:
+                stack.proc.kill()
+                stack.proc.wait()
         ps_proc.kill()
         ps_proc.wait()
         if redis_up:

@@ -73,7 +73,10 @@ def test_bench_stream_json(settings, client):
     and decoded exactly once (distinct event ids), none rejected, and the report carries all its fields."""
     data = run(settings, "bench", "stream", "--events", "3000", "--client", client, "--json")
     assert set(data) == {"client", "events", "produced", "consumed", "decoded", "distinct", "partitions", "rejected", "acks",
-                         "produce_events_per_second", "consume_events_per_second", "produce_seconds", "consume_seconds"}
+                         "produce_events_per_second", "consume_events_per_second", "produce_seconds", "consume_seconds",
+                         "raw_produce_events_per_second", "raw_consume_events_per_second", "produce_vs_raw",
+                         "consume_vs_raw"}
+    assert data["raw_produce_events_per_second"] > 0 and data["raw_consume_events_per_second"] > 0
     assert data["client"] == client and data["partitions"] == 3
     assert data["events"] == data["produced"] == data["consumed"] == data["decoded"] == data["distinct"] == 3000
     assert data["rejected"] == 0

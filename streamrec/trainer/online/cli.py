@@ -10,6 +10,7 @@ import click
 from streamrec.core.cli import print_json, settings_from
 from streamrec.core.params import ParamError, parse_params
 from streamrec.stream.datasets.resolve import DATA, DataSource
+from streamrec.stream.loaders import FORMATS
 from streamrec.trainer.registry import model_class, names
 
 DEFAULT_MODELS = ("online-bpr", "online-mf")
@@ -87,19 +88,22 @@ def train_online(ctx: click.Context, models: tuple[str, ...], pairs: tuple[str, 
 @click.option("--events", type=int, default=200_000, show_default=True)
 @click.option("--client", type=click.Choice(["kafka-python", "confluent"]), help="[settings.kafka_client]")
 @click.option("--data", "data", type=DATA,
-              help="replay this ml-100k log (a folder, u.data, or the name ml-100k) instead of synthetic events")
+              help="replay this log (a path, or a data-set name) instead of synthetic events")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="ml-100k", show_default=True,
+              help="format of a --data PATH (a data-set name brings its own)")
 @click.option("--json", "as_json", is_flag=True, help="(output is always JSON)")
 @click.pass_context
-def bench_pipeline(ctx: click.Context, events: int, client: str | None, data: DataSource | None, as_json: bool) -> None:
-    """Events through the real broker into a running trainer, parameter server and feature store."""
+def bench_pipeline(ctx: click.Context, events: int, client: str | None, data: DataSource | None, fmt: str,
+                   as_json: bool) -> None:
+    """Events through the real broker into a running trainer, parameter server (checkpoints on) and
+    feature store: once with the log pre-loaded, once with a concurrent producer, beside the raw
+    client's speed on the same bytes."""
     from streamrec.trainer.online.bench import run_pipeline_bench
 
     settings = settings_from(ctx)
-    if data is not None and data.format_or("ml-100k") != "ml-100k":
-        raise click.BadParameter(f"{data.name} is in format {data.format}; this benchmark reads ml-100k logs",
-                                 param_hint="--data")
     data_path = None if data is None else str(data.path)
-    print_json(run_pipeline_bench(settings, events, client or settings.kafka_client, data_path))
+    fmt = fmt if data is None else data.format_or(fmt)
+    print_json(run_pipeline_bench(settings, events, client or settings.kafka_client, data_path, fmt))
 
 
 def register(cli: click.Group, bench: click.Group) -> None:
