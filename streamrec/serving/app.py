@@ -1,10 +1,16 @@
 """The HTTP API of one serving worker (FastAPI; OpenAPI at /docs and /openapi.json).
 
-Handlers are plain `def`, so FastAPI runs them in its thread pool: while one request waits for
-Redis (a round trip costs ~1 ms on a loaded machine) others compute, and FAISS and numpy release
-the GIL. The parameter-server sync runs in a background thread and never blocks a request.
-Responses are encoded with orjson; the pydantic models in `streamrec.serving.schemas` document them.
-"""
+/recommend runs on the event loop: its work is short (one Redis round trip of ~0.1 ms, a FAISS
+search that releases the GIL, numpy over a few hundred candidates), and in the profile a hop
+through the thread pool per request cost more CPU than the overlap saved (issue 16, serving profile).
+That holds for a user missing from the worker's user cache too: its row is pulled on the loop (one
+round trip, at most `user_pull_timeout_s`); in the serving bench, pulls in the thread pool raised
+p99 from 72 ms to 1.1 s (GIL hand-offs between the loop and the pool threads).
+Well-formed /recommend requests take a direct route past FastAPI's per-request machinery
+(streamrec.serving.fastpath). The other handlers are plain `def`, run in FastAPI's thread pool
+(/rescore may score 10,000 candidates). The parameter-server sync runs in a background thread and
+never blocks a request. Responses are encoded with orjson; the pydantic models in
+`streamrec.serving.schemas` document them."""
 
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ from streamrec.serving import schemas
 from streamrec.serving.auth import UNAUTHORIZED, bearer_guard
 from streamrec.serving.config import MAX_K, ServingConfig
 from streamrec.serving.console import add_console_routes
+from streamrec.serving.fastpath import MAX_USER_ID, RecommendFastPath, RecommendQuery
 from streamrec.serving.feedback import add_feedback_routes
 from streamrec.serving.history import History
 from streamrec.serving.limits import STATUS as TOO_LARGE
@@ -38,8 +45,10 @@ from streamrec.serving.metrics import (
     serving_metrics,
 )
 from streamrec.serving.pipeline import CandidatePipeline, Unavailable, UnknownItem
+from streamrec.serving.server import FASTAPI_TELEMETRY
 from streamrec.serving.state import ServingState, StateHolder
 from streamrec.serving.sync import Syncer
+from streamrec.serving.users import UserCache
 
 MAX_CANDIDATES = 10_000
 MAX_ID_BYTES = 256
@@ -99,7 +108,7 @@ class RescoreRequest(BaseModel):
 def create_app(config: ServingConfig) -> FastAPI:
     metrics = serving_metrics()
     holder = StateHolder()
-    syncer = Syncer(config, holder, metrics)
+    syncer = Syncer(config, holder, metrics, UserCache(config, metrics))
     pipeline = CandidatePipeline(config, History(config, metrics), metrics)
 
     @asynccontextmanager
@@ -114,10 +123,8 @@ def create_app(config: ServingConfig) -> FastAPI:
         syncer.close()
         mark_worker_dead(os.getpid())
 
-    app = FastAPI(title="streamrec serving", version="1", lifespan=lifespan,
+    app = FastAPI(title="streamrec serving", version="1", lifespan=lifespan, telemetry=FASTAPI_TELEMETRY,
                   description="Recommendations from the live embeddings (docs/serving.md).")
-    app.add_middleware(BodyLimit, default=config.max_body_bytes, routes=config.route_body_limits)
-    app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: refused bodies are counted too
     guarded = [Depends(bearer_guard(config.api_token))]
     too_large = {TOO_LARGE: {"model": schemas.Error, "description": "request body over this endpoint's cap"}}
     unavailable = {503: {"model": schemas.Error, "description": "no model loaded yet"}}
@@ -128,22 +135,35 @@ def create_app(config: ServingConfig) -> FastAPI:
         body["staleness_seconds"] = None if staleness is None else round(staleness, 3)
         return body
 
+    def answer_recommend(query: RecommendQuery) -> tuple[int, bytes]:
+        """(status, body) of one /recommend, for the FastAPI route and the direct route alike."""
+        with holder.use() as state:
+            try:
+                body = pipeline.recommend(state, query.user_id, query.k, query.exclude_seen, query.diversity,
+                                          query.explain)
+            except Unavailable as exc:
+                return 503, orjson.dumps({"detail": str(exc)})
+            return 200, orjson.dumps(envelope(state, {"user_id": query.user_id, **body}),
+                                     option=orjson.OPT_SERIALIZE_NUMPY)
+
+    # innermost: the direct /recommend route is measured and body-capped like every other
+    app.add_middleware(RecommendFastPath, handler=answer_recommend, token=config.api_token)
+    app.add_middleware(BodyLimit, default=config.max_body_bytes, routes=config.route_body_limits)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: refused bodies are counted too
+
     @app.get("/recommend", dependencies=guarded,
              responses={200: {"model": schemas.RecommendResponse}, **unavailable, **UNAUTHORIZED, **too_large})
-    def recommend(
-        user_id: str = Query(min_length=1, max_length=256),
+    async def recommend(
+        user_id: str = Query(min_length=1, max_length=MAX_USER_ID),
         k: int = Query(10, ge=1, le=MAX_K),
         exclude_seen: bool = Query(True, description="drop items the user interacted with (Redis)"),
         diversity: float = Query(0.0, ge=0.0, le=1.0, description="MMR: 0 = pure relevance (lambda = 1 - diversity)"),
         explain: bool = Query(False, description="score components and candidate counts"),
     ) -> Response:
-        """Top-k items for a user: ANN + item-kNN + trending candidates, rescored, seen-filtered, MMR."""
-        with holder.use() as state:
-            try:
-                body = pipeline.recommend(state, user_id, k, exclude_seen, diversity, explain)
-            except Unavailable as exc:
-                return _json({"detail": str(exc)}, 503)
-            return _json(envelope(state, {"user_id": user_id, **body}))
+        """Top-k items for a user: ANN + item-kNN + trending candidates, rescored, seen-filtered, MMR.
+        Well-formed requests are answered before FastAPI by the same code (streamrec.serving.fastpath)."""
+        status, body = answer_recommend(RecommendQuery(user_id, k, exclude_seen, diversity, explain))
+        return Response(body, status, media_type="application/json")
 
     @app.post("/rescore", dependencies=guarded,
               responses={200: {"model": schemas.RescoreResponse},
@@ -186,7 +206,8 @@ def create_app(config: ServingConfig) -> FastAPI:
             "ready": ready, "pid": os.getpid(), "model_version": state.version if state else None,
             "staleness_seconds": holder.staleness(), "synced_at": holder.confirmed_at or None,
             "loaded_at": state.loaded_at if state else None, "index_items": state.index.size if state else 0,
-            "index_kind": state.index.built_kind if state else None, "users": len(state.users) if state else 0,
+            "index_kind": state.index.built_kind if state else None, "users": holder.user_rows,
+            "cached_users": len(state.users) if state else 0,
             "artifacts": state.artifacts.versions if state else {}, "last_error": holder.last_error,
         }
         return _json(body, 200 if ready else 503)

@@ -22,6 +22,8 @@ def register(cli: click.Group, bench: click.Group) -> None:
 @click.option("--item-table", default=None, help="item vectors table, the retrieval index [default: bpr_items]")
 @click.option("--feature-prefix", default=None, help="Redis feature-store key prefix [default: sr]")
 @click.option("--index", type=click.Choice(["auto", "flat", "ivf"]), default=None, help="FAISS index kind")
+@click.option("--user-cache-size", type=click.IntRange(min=1), default=None,
+              help="users whose rows a worker keeps, least recently used evicted [default: 100000]")
 @click.option("--nprobe", type=click.IntRange(min=1), default=None, help="IVF lists probed per query")
 @click.option("--max-body-bytes", type=click.IntRange(min=0), default=None,
               help="request body cap of every route without its own [default: 65536]")
@@ -62,16 +64,21 @@ def parse_body_limits(pairs: tuple[str, ...]) -> dict[str, int]:
 @click.option("--users", type=click.IntRange(min=1), default=10_000, show_default=True)
 @click.option("--dim", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--workers", type=click.IntRange(1, 64), default=2, show_default=True)
-@click.option("--concurrency", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--max-connections", "--concurrency", "max_connections", type=click.IntRange(min=1), default=256,
+              show_default=True, help="cap of the generator's connection pool; a slot finding it full is `dropped`")
 @click.option("--rate", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="pace the closed loop to about this many requests/s in total (0: as fast as possible)")
-@click.option("--duration", type=click.FloatRange(min=1), default=20.0, show_default=True, help="seconds of load")
+              help="open-loop arrival rate, requests/s (0: sweep for the saturation rate)")
+@click.option("--duration", type=click.FloatRange(min=1), default=20.0, show_default=True,
+              help="seconds of load at --rate (a sweep uses 5 s steps)")
 @click.option("--k", type=click.IntRange(1, 1000), default=10, show_default=True)
 @click.option("--index", type=click.Choice(["auto", "flat", "ivf"]), default="auto", show_default=True)
+@click.option("--auth-run/--no-auth-run", default=True, show_default=True,
+              help="also measure with the API token and the seen-item filter on")
 @click.option("--json", "as_json", is_flag=True, help="print JSON (the only output form)")
 @click.pass_context
 def bench_serving_cmd(ctx: click.Context, as_json: bool, **options: object) -> None:
-    """Random vectors in a private parameter server, N workers, a closed-loop load generator."""
+    """Random vectors in a private parameter server, N workers, an open-loop load generator; beside
+    it the same load on an empty endpoint of the same stack, and FAISS search alone."""
     from streamrec.core.cli import print_json, settings_from
     from streamrec.serving.bench import run_bench
 

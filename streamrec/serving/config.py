@@ -60,6 +60,11 @@ class ServingConfig(BaseModel):
                                                              "503 after it")
     produce_retry_after_s: float = Field(2.0, gt=0, description="Retry-After of a 503 from POST /events; a worker "
                                                                 "whose broker failed answers 503 at once this long")
+    # users: a bounded cache of the requested users' rows (streamrec.serving.users), not a table mirror
+    user_cache_size: int = Field(100_000, ge=1, description="users whose rows a worker keeps (LRU); ~4 * (dim + "
+                                                            "scalars) + 200 bytes each: 100k at dim 64 ~ 45 MB")
+    user_pull_timeout_s: float = Field(0.1, gt=0, description="longest wait for a missing user's row")
+    user_pull_retry_s: float = Field(1.0, ge=0, description="pull no rows this long after a failed pull")
     # candidate generation
     ann_candidates: int = Field(200, ge=1)
     knn_recent: int = Field(10, ge=0, description="recent items whose neighbours become candidates")

@@ -45,6 +45,9 @@ class History:
         """(newest `recent` items, seen items) in one Redis round trip; None while Redis is down."""
         if not recent and not seen:
             return [], set()
+        if not seen:  # a single command skips redis-py's pipeline machinery (~40% of this call's CPU)
+            newest = self._call(lambda: self.store.recent_items(user, recent))
+            return None if newest is None else (newest, set())
         return self._call(lambda: self.store.user_history(user, recent, seen))
 
     def trending(self, n: int) -> list[tuple[str, float]] | None:

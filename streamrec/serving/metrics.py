@@ -40,6 +40,8 @@ class ServingMetrics:
                                    "items returned by /recommend by source", ["source"])
         self.degraded = Counter("streamrec_serving_degraded_total",
                                 "requests served without a dependency or with a fallback", ["reason"])
+        self.user_pulls = Counter("streamrec_serving_user_pulls_total",
+                                  "user rows pulled on a cache miss, by outcome (found/absent/failed)", ["outcome"])
         self.model_version = Gauge("streamrec_serving_model_version", "parameter-server version served",
                                    multiprocess_mode="liveall")
         self.staleness = Gauge("streamrec_serving_staleness_seconds",

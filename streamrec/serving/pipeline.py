@@ -1,7 +1,7 @@
 """The request pipeline: candidates from several sources -> union -> rescore -> seen-filter ->
 MMR -> top k; plus rescoring given candidates and similar items. Everything is computed from one
-`ServingState`, vectorised over candidates (the only Python loops are MMR's k picks and building
-the k result objects)."""
+`ServingState`, vectorised over candidates (the only Python loops are MMR's k picks, building the
+k result objects, and the hash lookups of a short list of history ids, see `rows_of`)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from streamrec.param_server.replica import TableMirror
 from streamrec.serving.config import ServingConfig
 from streamrec.serving.history import History
 from streamrec.serving.index import query_rows
@@ -18,7 +19,10 @@ from streamrec.serving.mmr import mmr
 from streamrec.serving.state import ServingState
 
 SOURCES = ("ann", "item_knn", "trending")  # bit i of a candidate's source mask
+SOURCE_BITS = np.array(  # source mask -> its bit per source, so counts per source are one matrix product
+    [[mask >> i & 1 for i in range(len(SOURCES))] for mask in range(1 << len(SOURCES))])
 _SOURCE_LISTS = [[s for i, s in enumerate(SOURCES) if mask >> i & 1] for mask in range(1 << len(SOURCES))]
+SMALL_LOOKUP = 64  # id lists up to this long are looked up one id at a time (rows_of)
 
 
 class Unavailable(RuntimeError):
@@ -32,6 +36,15 @@ class UnknownItem(KeyError):
 def _note_redis(degraded: list[str]) -> None:
     if "redis" not in degraded:
         degraded.append("redis")
+
+
+def rows_of(mirror: TableMirror, ids: list[str]) -> np.ndarray:
+    """Rows of `ids`, -1 where unknown or deleted. A request's recent items are ~10 ids:
+    `TableMirror.positions` first builds a pandas Index of them (~60 us a call in the profile), one
+    hash lookup per id costs ~0.3 us, so short lists are looked up one by one."""
+    if len(ids) > SMALL_LOOKUP:
+        return mirror.positions(ids)
+    return np.fromiter((mirror.position(item) for item in ids), np.int64, len(ids))
 
 
 def top_order(scores: np.ndarray, k: int) -> np.ndarray:
@@ -51,21 +64,23 @@ class CandidatePipeline:
         self.config, self.history = config, history
         self._candidates = [metrics.candidates.labels(s) for s in SOURCES]
         self._recommended = [metrics.recommended.labels(s) for s in SOURCES]
-        self._fallback = {r: metrics.degraded.labels(r) for r in ("cold_start", "prior")}
+        self._fallback = {r: metrics.degraded.labels(r) for r in ("cold_start", "prior", "param_server")}
         self._trending_cache: tuple[ServingState, list, np.ndarray, np.ndarray] | None = None
 
     # ---- shared -------------------------------------------------------------------------------
-    @staticmethod
-    def _user(state: ServingState, user_id: str) -> tuple[np.ndarray, float] | None:
-        """(p_u, b_u) of a user with a vector, else None."""
+    def _user(self, state: ServingState, user_id: str, degraded: list[str]) -> tuple[np.ndarray, float] | None:
+        """(p_u, b_u) of a user with a vector, else None; "param_server" joins `degraded` when the
+        user is not cached and the parameter server did not answer (the user is served as unknown)."""
         users, dim = state.users, state.items.dim
-        row = users.position(user_id)
-        if row < 0:
+        values, reachable = users.get(user_id)
+        if not reachable:
+            degraded.append("param_server")
+            self._fallback["param_server"].inc()
+        if values is None:
             return None
         if users.dim != dim:
             raise Unavailable(f"user table dim {users.dim} != item table dim {dim}: check user_table/item_table")
-        values = users.values[row]
-        return values[:dim].astype(np.float32), float(values[dim]) if users.scalars else 0.0
+        return values[:dim].astype(np.float32), float(values[dim]) if len(values) > dim else 0.0
 
     @staticmethod
     def _scores(state: ServingState, rows: np.ndarray, user: tuple[np.ndarray, float]) -> dict[str, np.ndarray]:
@@ -93,7 +108,7 @@ class CandidatePipeline:
             _note_redis(degraded)
             history = ([], set())
         recent, seen = history
-        user = self._user(state, user_id) if state is not None else None
+        user = self._user(state, user_id, degraded) if state is not None else None
         if user is None:
             body = self._cold_start(state, k, seen, degraded)
         else:
@@ -149,7 +164,7 @@ class CandidatePipeline:
     def _personal(self, state: ServingState, user_id: str, recent: list[str], user: tuple[np.ndarray, float], k: int,
                   seen: set[str], diversity: float, explain: bool, degraded: list[str]) -> dict[str, Any]:
         c, items = self.config, state.items
-        looked_up = items.positions([*recent, *seen]) if recent or seen else np.zeros(0, np.int64)
+        looked_up = rows_of(items, [*recent, *seen])
         recent_rows, seen_rows = looked_up[: len(recent)], looked_up[len(recent) :]
         recent_rows, seen_rows = recent_rows[recent_rows >= 0], seen_rows[seen_rows >= 0]
         # sources
@@ -165,7 +180,8 @@ class CandidatePipeline:
         # union, with per-candidate source bits and source features
         sizes = (len(ann), len(knn_rows), len(trend_rows))
         for counter, size in zip(self._candidates, sizes):
-            counter.inc(size)
+            if size:  # each increment is a locked write to the shared metrics file
+                counter.inc(size)
         rows, inverse = np.unique(np.concatenate([ann, knn_rows, trend_rows]), return_inverse=True)
         bits = np.zeros(len(rows), np.uint8)
         np.bitwise_or.at(bits, inverse, np.repeat(np.array([1, 2, 4], np.uint8), sizes))
@@ -192,8 +208,9 @@ class CandidatePipeline:
         else:
             order = top_order(score, k)
         src = bits[order]
-        for bit, counter in enumerate(self._recommended):
-            counter.inc(int(np.count_nonzero(src & (1 << bit))))
+        for counter, count in zip(self._recommended, np.bincount(src, minlength=len(SOURCE_BITS)) @ SOURCE_BITS):
+            if count:
+                counter.inc(int(count))
         ids, scores = state.item_ids[rows[order]].tolist(), score[order].tolist()
         result: list[dict[str, Any]] = [{"item_id": i, "score": s, "sources": _SOURCE_LISTS[b]}
                                         for i, s, b in zip(ids, scores, src.tolist())]
@@ -217,7 +234,8 @@ class CandidatePipeline:
         ids = pd.unique(np.asarray(candidates, dtype=object))
         rows = state.items.positions(ids)
         known = rows >= 0
-        user = self._user(state, user_id)
+        degraded: list[str] = []
+        user = self._user(state, user_id, degraded)
         cold = user is None
         if cold:  # a zero user vector: the items' biases, the model's popularity prior
             user = (np.zeros(state.items.dim, np.float32), 0.0)
@@ -226,7 +244,7 @@ class CandidatePipeline:
         features.update({name: zeros for name in ("ann", "item_knn", "trending", "knn_score", "popularity")})
         score = self._rank(state, user_id, rows[known], features)
         order = np.argsort(-score, kind="stable")
-        return {"cold_start": cold, "unknown": ids[~known].tolist(),
+        return {"cold_start": cold, "degraded": degraded, "unknown": ids[~known].tolist(),
                 "items": [{"item_id": i, "score": s} for i, s in zip(ids[known][order].tolist(), score[order].tolist())]}
 
     # ---- /similar -----------------------------------------------------------------------------

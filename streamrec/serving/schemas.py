@@ -38,7 +38,9 @@ class RecommendResponse(BaseModel):
     user_id: str
     items: list[RecommendedItem]
     cold_start: bool
-    degraded: list[str]  # "redis" when the feature store could not be read
+    # "redis": the feature store could not be read; "param_server": the user is not cached and the
+    # parameter server did not answer, so the user is served as unknown (cold start)
+    degraded: list[str]
     model_version: int | None
     staleness_seconds: float | None
     explain: Explain | None = None
@@ -49,6 +51,7 @@ class RescoreResponse(BaseModel):
     items: list[ScoredItem]
     unknown: list[str]
     cold_start: bool
+    degraded: list[str]  # "param_server" as in RecommendResponse
     model_version: int
     staleness_seconds: float | None
 
@@ -75,7 +78,8 @@ class Ready(BaseModel):
     loaded_at: float | None
     index_items: int
     index_kind: str | None
-    users: int
+    users: int  # rows of the user table at the parameter server (last poll)
+    cached_users: int  # users whose rows this worker holds (at most user_cache_size)
     artifacts: dict[str, int]
     last_error: str | None
 

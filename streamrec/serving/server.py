@@ -10,6 +10,17 @@ import uvicorn
 
 from streamrec.serving.config import CONFIG_ENV, ServingConfig
 
+# Serving exports Prometheus metrics itself (streamrec.serving.metrics). FastAPI's native
+# OpenTelemetry hooks look the global providers up on every request (~4% of a worker's CPU in the
+# issue 16 profile), so every app of the serving stack turns them off.
+FASTAPI_TELEMETRY = {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}
+
+
+def run_uvicorn(factory: str, host: str, port: int, workers: int, log_level: str = "warning") -> None:
+    """The server settings every serving stack uses, so `streamrec bench serving` measures its
+    empty-endpoint bound (streamrec.serving.empty) on exactly the stack that serves /recommend."""
+    uvicorn.run(factory, factory=True, host=host, port=port, workers=workers, log_level=log_level, access_log=False)
+
 
 def run_workers(config: ServingConfig, host: str, port: int, workers: int, log_level: str = "warning") -> None:
     """Blocks until SIGINT/SIGTERM. Workers read `config` from the environment; with several
@@ -20,8 +31,7 @@ def run_workers(config: ServingConfig, host: str, port: int, workers: int, log_l
         metrics_dir = tempfile.mkdtemp(prefix="streamrec-serving-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
-        uvicorn.run("streamrec.serving.app:app_from_env", factory=True, host=host, port=port, workers=workers,
-                    log_level=log_level, access_log=False)
+        run_uvicorn("streamrec.serving.app:app_from_env", host, port, workers, log_level)
     finally:
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -1,7 +1,8 @@
 """The state a request reads, and the holder that swaps it atomically.
 
 A request takes the current `ServingState` once (`StateHolder.use`) and computes its whole answer
-from it, so it never sees a half-applied update or two model versions. The sync thread builds the
+from it, so it never sees a half-applied update or two model versions of the items. (The user's row
+comes from the worker's one `UserCache`, read once per request.) The sync thread builds the
 next state in a standby buffer, swaps the reference, then waits until no request still uses the
 old state before it touches the old buffers again (`wait_unused`).
 """
@@ -19,13 +20,14 @@ import numpy as np
 from streamrec.param_server.replica import TableMirror
 from streamrec.serving.artifacts import Artifacts
 from streamrec.serving.index import ItemIndex
+from streamrec.serving.users import UserCache
 
 PRIOR_ITEMS = 1000  # cold-start fallback without Redis: the items with the largest learned bias
 
 
 @dataclass(eq=False)
 class ServingState:
-    users: TableMirror
+    users: UserCache  # one per worker, shared by every state: users change between swaps too
     items: TableMirror
     index: ItemIndex
     artifacts: Artifacts
@@ -38,7 +40,7 @@ class ServingState:
     refs: int = 0  # requests using this state; guarded by the holder's lock
 
     @classmethod
-    def build(cls, users: TableMirror, items: TableMirror, index: ItemIndex, artifacts: Artifacts,
+    def build(cls, users: UserCache, items: TableMirror, index: ItemIndex, artifacts: Artifacts,
               version: int) -> ServingState:
         alive = np.flatnonzero(items.alive)
         bias = items.values[alive, items.dim] if items.scalars else np.zeros(len(alive), np.float32)
@@ -48,7 +50,9 @@ class ServingState:
         item_row = np.full(len(items.index), -1, np.int64)
         known = neighbor_row >= 0
         item_row[neighbor_row[known]] = np.flatnonzero(known)
-        return cls(users, items, index, artifacts, version, time.time(), items.index.values, top, item_row, neighbor_row)
+        # a numpy object array: pandas' string array costs ~10 us per fancy index, a request does several
+        item_ids = items.index.to_numpy(dtype=object)
+        return cls(users, items, index, artifacts, version, time.time(), item_ids, top, item_row, neighbor_row)
 
 
 class StateHolder:
@@ -57,6 +61,7 @@ class StateHolder:
         self._current: ServingState | None = None
         self.confirmed_at = 0.0  # wall time of the last successful poll (the state was current then)
         self.last_error: str | None = None
+        self.user_rows = 0  # rows of the user table at the last poll (the worker caches only some)
 
     @property
     def current(self) -> ServingState | None:

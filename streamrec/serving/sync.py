@@ -1,11 +1,12 @@
 """Polling the parameter server and swapping new state in atomically (double buffering).
 
-Each worker keeps two buffers, each a user replica, an item replica and a FAISS index. A poll
-fetches the deltas of both tables and any changed artifact blob, applies them to the standby
-buffer, swaps a new `ServingState` over it in, waits until requests have left the old state,
-then applies the same deltas to the old buffer, so both are identical again and the next poll
-can start from either. Requests never wait for a sync; a sync costs twice the apply work and the
-replicas take twice the memory.
+Each worker keeps two buffers, each an item replica and a FAISS index. A poll fetches the item
+table's delta and any changed artifact blob, applies them to the standby buffer, swaps a new
+`ServingState` over it in, waits until requests have left the old state, then applies the same
+delta to the old buffer, so both are identical again and the next poll can start from either.
+Requests never wait for a sync; a sync costs twice the apply work and the replicas take twice the
+memory, which the catalogue bounds. Users are not mirrored: the poll streams the user table's delta
+into the worker's bounded `UserCache`, which keeps only the users it holds (streamrec.serving.users).
 """
 
 from __future__ import annotations
@@ -22,14 +23,15 @@ from streamrec.serving.config import ServingConfig
 from streamrec.serving.index import ItemIndex
 from streamrec.serving.metrics import ServingMetrics
 from streamrec.serving.state import ServingState, StateHolder
+from streamrec.serving.users import UserCache
 
 log = logging.getLogger(__name__)
 GAUGE_REFRESH_S = 1.0  # the staleness gauge is refreshed at least this often between polls
+USER_CHUNK_ROWS = 8192  # user delta rows per chunk: bounds the memory and the cache lock's hold per chunk
 
 
 @dataclass
 class Buffer:
-    users: TableMirror
     items: TableMirror
     index: ItemIndex
 
@@ -39,17 +41,18 @@ def _changed(delta: Delta) -> bool:
 
 
 class Syncer:
-    def __init__(self, config: ServingConfig, holder: StateHolder, metrics: ServingMetrics) -> None:
-        self.config, self.holder, self.metrics = config, holder, metrics
+    def __init__(self, config: ServingConfig, holder: StateHolder, metrics: ServingMetrics, users: UserCache) -> None:
+        self.config, self.holder, self.metrics, self.users = config, holder, metrics, users
         self.buffers = [self._buffer(), self._buffer()]
         self.standby = 0
-        self.since: dict[str, int | tuple[int, ...]] = {config.user_table: 0, config.item_table: 0}
+        self.item_since: int | tuple[int, ...] = 0
+        self.user_since: int | tuple[int, ...] | None = None  # None: the first poll, which fills the cache
         self.artifacts = Artifacts()
         self._client: ParamClient | None = None
 
     def _buffer(self) -> Buffer:
         c = self.config
-        return Buffer(TableMirror(None, c.user_table), TableMirror(None, c.item_table),
+        return Buffer(TableMirror(None, c.item_table, compact=True),
                       ItemIndex(c.index, c.nprobe, c.ivf_min_items, c.rebuild_fraction))
 
     def _connect(self) -> ParamClient:
@@ -75,28 +78,32 @@ class Syncer:
         started = time.perf_counter()
         client = self._connect()
         try:
-            deltas = {table: client.delta(table, since) for table, since in self.since.items()}
+            self._follow_users(client)
+            delta = client.delta(self.config.item_table, self.item_since)
             artifacts = self._fetch_artifacts(client)
         except OSError:
             client.close()  # reconnect next time
             raise
-        changed = (any(_changed(d) for d in deltas.values()) or artifacts is not self.artifacts
-                   or self.holder.current is None)
+        changed = _changed(delta) or artifacts is not self.artifacts or self.holder.current is None
         if changed:
-            self._swap_in(deltas, artifacts)
-        for table, delta in deltas.items():
-            self.since[table] = delta.version
+            self._swap_in(delta, artifacts)
+        self.item_since = delta.version
         self.artifacts = artifacts
         self.holder.confirmed_at, self.holder.last_error = time.time(), None
         self.metrics.sync_seconds.observe(time.perf_counter() - started)
         self.metrics.staleness.set(0.0)
         return changed
 
-    def _apply(self, buffer: Buffer, deltas: dict[str, Delta], rebuilt_from: ItemIndex | None) -> bool:
-        """Apply the deltas to one buffer; the index is cloned from `rebuilt_from` when given."""
-        users, items = deltas[self.config.user_table], deltas[self.config.item_table]
-        if _changed(users):
-            buffer.users.apply(users)
+    def _follow_users(self, client: ParamClient) -> None:
+        """The user table's changes since the last poll, into the cache; the first poll streams the
+        whole table to fill it (chunk by chunk: never the whole table at once)."""
+        info = client.tables().get(self.config.user_table)
+        self.holder.user_rows = info["rows"] if info is not None else 0
+        chunks = client.delta_chunks(self.config.user_table, self.user_since or 0, USER_CHUNK_ROWS)
+        self.user_since = self.users.follow(chunks, client.shard_of, fill=self.user_since is None)
+
+    def _apply(self, buffer: Buffer, items: Delta, rebuilt_from: ItemIndex | None) -> bool:
+        """Apply the item delta to one buffer; the index is cloned from `rebuilt_from` when given."""
         if not _changed(items):
             return False
         changes = buffer.items.apply(items)
@@ -108,18 +115,17 @@ class Syncer:
             self.metrics.index_rebuilds.inc()
         return rebuilt
 
-    def _swap_in(self, deltas: dict[str, Delta], artifacts: Artifacts) -> None:
+    def _swap_in(self, delta: Delta, artifacts: Artifacts) -> None:
         standby = self.buffers[self.standby]
-        rebuilt = self._apply(standby, deltas, None)
-        versions = deltas[self.config.item_table].version
-        state = ServingState.build(standby.users, standby.items, standby.index, artifacts, int(sum(versions)))
+        rebuilt = self._apply(standby, delta, None)
+        state = ServingState.build(self.users, standby.items, standby.index, artifacts, int(sum(delta.version)))
         old = self.holder.swap(state)
         self.metrics.model_version.set(state.version)
         self.metrics.index_items.set(standby.index.size)
         if old is not None:
             self.holder.wait_unused(old)
         other = self.buffers[1 - self.standby]
-        self._apply(other, deltas, standby.index if rebuilt else None)
+        self._apply(other, delta, standby.index if rebuilt else None)
         self.standby = 1 - self.standby  # the buffer just caught up is the next standby
 
     def run(self, stop: threading.Event) -> None:
@@ -140,5 +146,6 @@ class Syncer:
                     break
 
     def close(self) -> None:
+        self.users.close()
         if self._client is not None:
             self._client.close()

@@ -210,3 +210,18 @@ def test_health_ready_metrics_openapi(world: World) -> None:
         assert name in text, name
     paths = world.serving.get("/openapi.json").json()["paths"]
     assert {"/recommend", "/rescore", "/similar/{item_id}", "/healthz", "/readyz", "/metrics"} <= set(paths)
+
+
+@pytest.mark.parametrize(("direct", "through_fastapi"), [
+    ({"user_id": "u2", "k": 5, "exclude_seen": "false"}, {"user_id": "u2", "k": "+5", "exclude_seen": "False"}),
+    ({"user_id": "u1", "k": 7, "explain": "true"}, {"user_id": "u1", "k": "7.0", "explain": "yes"}),
+])
+def test_direct_route_and_fastapi_route_answer_alike(world: World, direct: dict, through_fastapi: dict) -> None:
+    """Plain queries take streamrec.serving.fastpath, the odd-but-valid forms FastAPI's route."""
+    answers = [world.serving.get("/recommend", **params) for params in (direct, through_fastapi)]
+    assert [a.status_code for a in answers] == [200, 200]
+    assert [a.headers["content-type"] for a in answers] == ["application/json"] * 2
+    bodies = [a.json() for a in answers]
+    for body in bodies:
+        body.pop("staleness_seconds")
+    assert bodies[0] == bodies[1]

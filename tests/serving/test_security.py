@@ -121,12 +121,16 @@ def test_token_guards_everything_about_users_and_items(servers: Servers, method:
     body = {"user_id": "u1", "candidates": ["i1"]} if method == "POST" else None
     http = servers.locked.http
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"},
-                    {"Authorization": f"Bearer {TOKEN}x"}):
+                    {"Authorization": f"Bearer {TOKEN}x"}, {"Authorization": f"Bearer {TOKEN[:-1]}"},
+                    {"Authorization": f"Bearer{TOKEN}"}):
         reply = http.request(method, path, params=params, json=body, headers=headers)
         assert reply.status_code == 401, (headers, reply.text)
         assert reply.headers["www-authenticate"] == "Bearer" and "explain" not in reply.text
     granted = http.request(method, path, params=params, json=body, headers={"Authorization": f"Bearer {TOKEN}"})
     assert granted.status_code == 200, granted.text
+    for scheme in ("bearer", "BEARER"):  # the scheme in any case; the token only exactly
+        assert http.request(method, path, params=params, json=body,
+                            headers={"Authorization": f"{scheme} {TOKEN}"}).status_code == 200
     assert servers.open.http.request(method, path, params=params, json=body).status_code == 200  # no token set
 
 

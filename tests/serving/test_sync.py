@@ -12,7 +12,8 @@ import httpx
 import numpy as np
 
 from streamrec.app import infra
-from streamrec.param_server.client import ParamClient
+from streamrec.param_server.client import Delta, ParamClient
+from streamrec.param_server.keys import Keys
 from streamrec.param_server.replica import TableMirror
 from streamrec.serving.index import ItemIndex, query_rows
 from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
@@ -177,3 +178,27 @@ def test_redis_outage_serves_without_history(ps: ParamClient, param_server: Serv
     cold = serving.get("/recommend", user_id="nobody", k=3).json()  # no trending: the bias prior
     assert cold["cold_start"] and cold["items"][0]["sources"] == ["prior"] and len(cold["items"]) == 3
     assert 'streamrec_serving_degraded_total{reason="redis"}' in serving.get("/metrics").text
+
+
+def _delta(ids: list[str], deleted: list[str], version: int) -> Delta:
+    return Delta(values=np.ones((len(ids), DIM + 1), np.float32), found=np.ones(len(ids), bool), dim=DIM,
+                 ids=Keys.from_strings(ids), deleted=Keys.from_strings(deleted) if deleted else Keys.empty("str"),
+                 version=(version,), full=False)
+
+
+def test_serving_item_mirror_compacts_dead_rows() -> None:
+    """Serving's mirrors drop deleted rows once they outnumber the live ones (a full change, so the
+    index rebuilds); a mirror without `compact` keeps its row positions."""
+    items = [f"i{j}" for j in range(3000)]
+    compacting, stable = TableMirror(None, "items", compact=True), TableMirror(None, "items")
+    for mirror in (compacting, stable):
+        mirror.apply(_delta(items, [], 1))
+    assert not compacting.apply(_delta([], items[:1400], 2)).full  # 1400 dead < 1600 live
+    changes = compacting.apply(_delta(["new"], items[1400:1700], 3))  # 1700 dead > 1301 live
+    assert changes.full and len(compacting.index) == len(compacting) == 1301 and compacting.alive.all()
+    assert compacting.position("i1700") == 0 and compacting.position("new") == 1300
+    assert compacting.position("i5") == -1
+    index = ItemIndex("flat")
+    assert index.update(changes, compacting) and index.size == 1301
+    stable.apply(_delta([], items[:1700], 2))
+    assert len(stable.index) == 3000 and stable.position("i1700") == 1700

@@ -62,17 +62,18 @@ def add_console_routes(app: FastAPI, config: ServingConfig, holder: StateHolder,
 
     @app.get("/ui/api/info", dependencies=guarded, tags=["console"], responses=DOCUMENTED)
     def console_info() -> Response:
-        """What this worker holds: users and items with vectors, model version, catalogue size."""
+        """Users with vectors (the parameter server's user table), the items this worker holds, model
+        version, catalogue size."""
         state = holder.current
         return _json({"model_version": state.version if state else None,
-                      "users": len(state.users) if state else 0, "items": len(state.items) if state else 0,
+                      "users": holder.user_rows, "items": len(state.items) if state else 0,
                       "catalogue_items": len(catalogue) if catalogue else 0,
                       "metrics_sources": sorted(config.metrics_sources)})
 
     @app.get("/ui/api/users", dependencies=guarded, tags=["console"], responses=DOCUMENTED)
     def console_users(prefix: str = Query("", max_length=MAX_ID_LENGTH), limit: int = Query(20, ge=1, le=MAX_IDS)
                       ) -> Response:
-        """Users with a vector whose id starts with `prefix` (the page's user picker)."""
+        """Users this worker has cached (recently requested) whose id starts with `prefix` (the page's user picker)."""
         with holder.use() as state:
             found, total = search.find(state, "users", prefix, limit) if state else ([], 0)
         return _json({"users": found, "total": total})

@@ -1,0 +1,29 @@
+"""The direct /recommend route takes only queries FastAPI certainly accepts with the same values;
+everything else is left to FastAPI (None), so 422s and odd-but-valid forms stay FastAPI's."""
+
+from __future__ import annotations
+
+import pytest
+
+from streamrec.serving.fastpath import RecommendQuery, parse
+
+
+@pytest.mark.parametrize(("query", "expected"), [
+    (b"user_id=u1", RecommendQuery("u1", 10, True, 0.0, False)),
+    (b"user_id=u1&k=25&exclude_seen=false&diversity=0.3&explain=true", RecommendQuery("u1", 25, False, 0.3, True)),
+    (b"user_id=caf%C3%A9&k=1000&exclude_seen=0&explain=1", RecommendQuery("caf\u00e9", 1000, False, 0.0, True)),
+    (b"user_id=a&user_id=b&k=3&unknown=x", RecommendQuery("b", 3, True, 0.0, False)),  # last value, extras ignored
+    (b"user_id=u&diversity=1", RecommendQuery("u", 10, True, 1.0, False)),
+])
+def test_plain_queries_are_parsed(query: bytes, expected: RecommendQuery) -> None:
+    assert parse(query) == expected
+
+
+@pytest.mark.parametrize("query", [
+    b"", b"k=5", b"user_id=", b"user_id=" + b"x" * 257, b"user_id=u&k=0", b"user_id=u&k=1001", b"user_id=u&k=ten",
+    b"user_id=u&k=", b"user_id=u&k=+5", b"user_id=u&k=%D9%A1", b"user_id=u&exclude_seen=maybe",
+    b"user_id=u&exclude_seen=True", b"user_id=u&explain=", b"user_id=u&diversity=1.5", b"user_id=u&diversity=-0.1",
+    b"user_id=u&diversity=nan", b"user_id=u&diversity=.5", b"user_id=u&diversity=1e-1",
+])
+def test_everything_else_is_left_to_fastapi(query: bytes) -> None:
+    assert parse(query) is None

@@ -1,0 +1,126 @@
+"""The bounded user cache against a real parameter server: LRU eviction, deltas reaching only the
+cached users (a user's first row included), and a parameter server down or stopped giving stale or
+cold-start answers marked degraded, never an error."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import numpy as np
+
+from streamrec.param_server.client import ParamClient
+from streamrec.serving.config import ServingConfig
+from streamrec.serving.metrics import serving_metrics
+from streamrec.serving.users import UserCache
+from tests.param_server.conftest import ServerProcess
+from tests.serving.conftest import StartServing, load_model
+
+DIM = 4
+
+
+def _users(n: int) -> dict[str, np.ndarray]:
+    return {f"u{j}": np.full(DIM, j + 1, np.float32) for j in range(n)}
+
+
+def _items(n: int) -> dict[str, np.ndarray]:
+    vectors = np.random.default_rng(0).normal(size=(n, DIM)).astype(np.float32)
+    return {f"i{j}": vectors[j] for j in range(n)}
+
+
+def _cache(address: str, size: int) -> UserCache:
+    return UserCache(ServingConfig(param_servers=[address], user_cache_size=size), serving_metrics())
+
+
+def _wait(predicate, timeout: float = 20.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def test_cache_is_bounded_and_evicts_least_recently_used(ps: ParamClient, param_server: ServerProcess) -> None:
+    load_model(ps, _users(5), _items(10))
+    cache = _cache(param_server.address, 3)
+    for user in ("u0", "u1", "u2", "u0", "u3"):  # u0 used again, so u1 is the oldest when u3 arrives
+        row, reachable = cache.get(user)
+        assert reachable and row is not None and np.array_equal(row, np.full(DIM, int(user[1:]) + 1, np.float32))
+    assert cache.ids() == ["u2", "u0", "u3"] and len(cache) == 3
+    row, reachable = cache.get("nobody")  # absent users take an entry too (cold-start users ask again)
+    assert row is None and reachable and cache.ids() == ["u0", "u3", "nobody"]
+    cache.close()
+
+
+def test_deltas_update_only_cached_users(ps: ParamClient, param_server: ServerProcess) -> None:
+    load_model(ps, _users(5), _items(10))
+    cache = _cache(param_server.address, 10)
+    assert cache.get("u0").row is not None and cache.get("newcomer").row is None
+    since = tuple(ps.tables()["bpr_users"]["versions"])
+    ps.assign("bpr_users", ["u0", "u4", "newcomer"], np.full((3, DIM), 7, np.float32))
+    cache.follow(ps.delta_chunks("bpr_users", since), ps.shard_of)
+    assert sorted(cache.ids()) == ["newcomer", "u0"]  # u4 changed but is not cached: dropped
+    assert np.array_equal(cache.get("u0").row, np.full(DIM, 7, np.float32))
+    assert np.array_equal(cache.get("newcomer").row, np.full(DIM, 7, np.float32))  # the first row reached it
+    cache.close()
+
+
+def test_first_poll_fills_the_cache_up_to_its_size(ps: ParamClient, param_server: ServerProcess) -> None:
+    load_model(ps, _users(5), _items(10))
+    cache = _cache(param_server.address, 3)
+    versions = cache.follow(ps.delta_chunks("bpr_users", 0, chunk_rows=2), ps.shard_of, fill=True)
+    assert len(versions) == ps.num_shards and len(cache) == 3
+    for user in cache.ids():
+        assert np.array_equal(cache.get(user).row, np.full(DIM, int(user[1:]) + 1, np.float32))
+    cache.close()
+
+
+def test_new_and_changed_users_served_within_a_poll(ps: ParamClient, param_server: ServerProcess, redis_url: str,
+                                                    prefix: str, start_serving: StartServing) -> None:
+    items = _items(20)
+    load_model(ps, {"u": np.ones(DIM, np.float32)}, items)
+    serving = start_serving(param_server.address, redis_url, prefix, poll=0.3, args=("--user-cache-size", "2"))
+    assert serving.get("/recommend", user_id="late", k=3).json()["cold_start"]  # cached as absent
+    first = serving.get("/recommend", user_id="u", k=1).json()
+    matrix = np.array(list(items.values()))
+    # an item that is its own best match (the longest vector is one), other than u's current top
+    target = next(item for j, item in enumerate(items)
+                  if int(np.argmax(matrix @ matrix[j])) == j and item != first["items"][0]["item_id"])
+    ps.assign("bpr_users", ["late", "u"], np.repeat(items[target][None] * 100, 2, axis=0))
+    late = _wait(lambda: not (r := serving.get("/recommend", user_id="late", k=1).json())["cold_start"] and r)
+    assert late["items"][0]["item_id"] == target and late["degraded"] == []
+    _wait(lambda: serving.get("/recommend", user_id="u", k=1).json()["items"][0]["item_id"] == target)
+    ready = serving.get("/readyz").json()
+    assert ready["users"] == 2 and ready["cached_users"] == 2
+
+
+def test_param_server_down_or_stopped_never_fails_a_request(ps: ParamClient, param_server: ServerProcess,
+                                                            redis_url: str, prefix: str,
+                                                            start_serving: StartServing) -> None:
+    load_model(ps, _users(2), _items(30))
+    serving = start_serving(param_server.address, redis_url, prefix, poll=0.2)  # the first poll caches u0, u1
+    before = serving.get("/recommend", user_id="u1", k=5).json()
+    assert not before["cold_start"] and before["degraded"] == []
+    ps.assign("bpr_users", ["u2"], np.ones((1, DIM), np.float32))  # a row no request has asked for yet
+    _wait(lambda: serving.get("/readyz").json()["users"] == 3)
+
+    def check_outage() -> None:
+        cached = serving.get("/recommend", user_id="u1", k=5).json()  # the cached row, stale
+        assert cached["items"] == before["items"] and cached["degraded"] == []
+        for user in ("u2", "stranger"):  # has a row at the server / has none: neither is cached
+            reply = serving.get("/recommend", user_id=user, k=5)
+            assert reply.status_code == 200 and reply.json()["cold_start"], reply.text
+            assert reply.json()["degraded"] == ["param_server"] and len(reply.json()["items"]) == 5
+        rescored = serving.http.post("/rescore", json={"user_id": "u2", "candidates": ["i1", "i2"]})
+        assert rescored.status_code == 200 and rescored.json()["degraded"] == ["param_server"]
+
+    param_server.proc.send_signal(signal.SIGSTOP)  # slow: connections accepted, never answered
+    try:
+        check_outage()
+    finally:
+        param_server.proc.send_signal(signal.SIGCONT)
+    param_server.kill()  # down: connections refused
+    check_outage()
+    assert 'streamrec_serving_degraded_total{reason="param_server"}' in serving.get("/metrics").text
