@@ -85,14 +85,14 @@ def string_figures(ids: list[str], dim: int, scalars: int, batch: int, grads: np
     table = Table(TableSpec("bench", dim, scalars=scalars, key_type="str", max_rows=max(1 << 20, 2 * len(ids))))
     version = 1
 
-    def create() -> None:
+    def push_all(frames: list[Frame], name: str) -> None:
         nonlocal version
-        for frame in creating:
-            keys = _received(frame, "ids0")
+        for frame in frames:
+            keys = _received(frame, name)
             table.push(keys, grads[: len(keys)], version, 0.0)
             version += 1
 
-    create_rate = per_second(len(ids), create)
+    create_rate = per_second(len(ids), lambda: push_all(creating, "ids0"))
     grown = rss_bytes() - rss_before
     assert table.live_rows == len(ids)
 
@@ -100,15 +100,8 @@ def string_figures(ids: list[str], dim: int, scalars: int, batch: int, grads: np
         for frame in pulls:
             table.pull(_received(frame, "ids"))
 
-    def apply() -> None:
-        nonlocal version
-        for frame in pulls:
-            keys = _received(frame, "ids")
-            table.push(keys, grads[: len(keys)], version, 0.0)
-            version += 1
-
     gather_rate = per_second(len(ids), gather)
-    apply_rate = per_second(len(ids), apply)
+    apply_rate = per_second(len(ids), lambda: push_all(pulls, "ids"))
     width = dim + scalars
     raw = 2 * 4 * width + key_bytes  # float32 values + Adagrad accumulator + the id's bytes
     return {
