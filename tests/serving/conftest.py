@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import numpy as np
@@ -20,6 +21,8 @@ from streamrec.param_server.client import ParamClient
 from streamrec.stream.events import EventBatch
 from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
 from tests.param_server.conftest import ServerProcess
+
+T = TypeVar("T")
 
 STREAMREC = str(Path(sys.executable).parent / "streamrec")
 
@@ -156,3 +159,14 @@ def prefix(redis_url: str) -> Iterator[str]:
 @pytest.fixture
 def feature_store(redis_url: str, prefix: str) -> FeatureStore:
     return FeatureStore.from_url(redis_url, FeatureStoreConfig(prefix=prefix))
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 20.0, step: float = 0.05) -> T:
+    """The predicate's first truthy value, polled every `step` seconds; fails after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError("condition not met in time")

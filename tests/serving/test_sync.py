@@ -18,7 +18,7 @@ from streamrec.param_server.replica import TableMirror
 from streamrec.serving.index import ItemIndex, query_rows
 from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
 from tests.param_server.conftest import ServerProcess
-from tests.serving.conftest import StartServing, load_model, write_history
+from tests.serving.conftest import StartServing, load_model, wait_for, write_history
 
 DIM = 4
 
@@ -27,15 +27,6 @@ def _items(n: int, seed: int = 0) -> dict[str, np.ndarray]:
     vectors = np.random.default_rng(seed).normal(size=(n, DIM)).astype(np.float32)
     return {f"i{j}": vectors[j] for j in range(n)}
 
-
-def _wait(predicate, timeout: float = 20.0, step: float = 0.05):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError("condition not met in time")
 
 
 def test_change_served_after_next_poll_not_before(ps: ParamClient, param_server: ServerProcess, redis_url: str,
@@ -47,13 +38,13 @@ def test_change_served_after_next_poll_not_before(ps: ParamClient, param_server:
     assert first["items"][0]["item_id"] != "i5"
     first_sync = serving.get("/readyz").json()["synced_at"]
     # wait for a poll to happen, so the next one is a whole poll interval away
-    synced = _wait(lambda: (at := serving.get("/readyz").json()["synced_at"]) != first_sync and at)
+    synced = wait_for(lambda: (at := serving.get("/readyz").json()["synced_at"]) != first_sync and at)
     pushed_at = time.time()
     ps.assign("bpr_items", ["i5"], np.full((1, DIM), 10, np.float32), np.zeros(1, np.float32))
     before = serving.get("/recommend", user_id="u", k=1).json()
     assert serving.get("/readyz").json()["synced_at"] == synced, "no poll may fall between the push and the check"
     assert before["items"] == first["items"] and before["model_version"] == first["model_version"]
-    _wait(lambda: serving.get("/readyz").json()["synced_at"] > pushed_at)
+    wait_for(lambda: serving.get("/readyz").json()["synced_at"] > pushed_at)
     after = serving.get("/recommend", user_id="u", k=1).json()
     assert after["items"][0]["item_id"] == "i5" and after["model_version"] > first["model_version"]
 
@@ -147,11 +138,11 @@ def test_param_server_outage_keeps_serving(ps: ParamClient, param_server: Server
     serving = start_serving(param_server.address, redis_url, prefix, poll=0.2)
     before = serving.get("/recommend", user_id="u", k=5).json()
     param_server.kill()
-    ready = _wait(lambda: (r := serving.get("/readyz")).json()["last_error"] and r)  # a poll has failed
+    ready = wait_for(lambda: (r := serving.get("/readyz")).json()["last_error"] and r)  # a poll has failed
     assert ready.status_code == 200
     after = serving.get("/recommend", user_id="u", k=5).json()
     assert after["items"] == before["items"] and after["model_version"] == before["model_version"]
-    later = _wait(lambda: (r := serving.get("/recommend", user_id="u", k=5).json())["staleness_seconds"] > 2.0 and r)
+    later = wait_for(lambda: (r := serving.get("/recommend", user_id="u", k=5).json())["staleness_seconds"] > 2.0 and r)
     assert later["items"] == before["items"]
     metrics = serving.get("/metrics").text
     failures = next(line for line in metrics.splitlines() if line.startswith("streamrec_serving_sync_failures_total"))

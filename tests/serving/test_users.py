@@ -5,7 +5,6 @@ cold-start answers marked degraded, never an error."""
 from __future__ import annotations
 
 import signal
-import time
 
 import numpy as np
 
@@ -14,7 +13,7 @@ from streamrec.serving.config import ServingConfig
 from streamrec.serving.metrics import serving_metrics
 from streamrec.serving.users import UserCache
 from tests.param_server.conftest import ServerProcess
-from tests.serving.conftest import StartServing, load_model
+from tests.serving.conftest import StartServing, load_model, wait_for
 
 DIM = 4
 
@@ -31,15 +30,6 @@ def _items(n: int) -> dict[str, np.ndarray]:
 def _cache(address: str, size: int) -> UserCache:
     return UserCache(ServingConfig(param_servers=[address], user_cache_size=size), serving_metrics())
 
-
-def _wait(predicate, timeout: float = 20.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 def test_cache_is_bounded_and_evicts_least_recently_used(ps: ParamClient, param_server: ServerProcess) -> None:
@@ -89,9 +79,9 @@ def test_new_and_changed_users_served_within_a_poll(ps: ParamClient, param_serve
     target = next(item for j, item in enumerate(items)
                   if int(np.argmax(matrix @ matrix[j])) == j and item != first["items"][0]["item_id"])
     ps.assign("bpr_users", ["late", "u"], np.repeat(items[target][None] * 100, 2, axis=0))
-    late = _wait(lambda: not (r := serving.get("/recommend", user_id="late", k=1).json())["cold_start"] and r)
+    late = wait_for(lambda: not (r := serving.get("/recommend", user_id="late", k=1).json())["cold_start"] and r)
     assert late["items"][0]["item_id"] == target and late["degraded"] == []
-    _wait(lambda: serving.get("/recommend", user_id="u", k=1).json()["items"][0]["item_id"] == target)
+    wait_for(lambda: serving.get("/recommend", user_id="u", k=1).json()["items"][0]["item_id"] == target)
     ready = serving.get("/readyz").json()
     assert ready["users"] == 2 and ready["cached_users"] == 2
 
@@ -104,7 +94,7 @@ def test_param_server_down_or_stopped_never_fails_a_request(ps: ParamClient, par
     before = serving.get("/recommend", user_id="u1", k=5).json()
     assert not before["cold_start"] and before["degraded"] == []
     ps.assign("bpr_users", ["u2"], np.ones((1, DIM), np.float32))  # a row no request has asked for yet
-    _wait(lambda: serving.get("/readyz").json()["users"] == 3)
+    wait_for(lambda: serving.get("/readyz").json()["users"] == 3)
 
     def check_outage() -> None:
         cached = serving.get("/recommend", user_id="u1", k=5).json()  # the cached row, stale
