@@ -46,3 +46,26 @@ def synthetic_log(events: int = 20_000, users: int = 1_000, items: int = 500, cl
     log = InteractionLog(np.char.add("u", user.astype(str)).astype(object),
                          np.char.add("i", item.astype(str)).astype(object), rating.astype(float), stamp)
     return log.take(time_order(log))
+
+
+def session_log(sessions: int = 5_000, items: int = 2_000, themes: int = 50, mean_length: float = 4.0,
+                affinity: float = 0.6, seed: int = 0) -> InteractionLog:
+    """Short anonymous browsing sessions, each its own user (the session protocol's shape): a
+    session has a theme and 2 + Poisson(`mean_length` - 2) clicks; a click is an item of the theme
+    with probability `affinity` (Zipf within the theme), else an item of the global Zipf head. So
+    histories are a few clicks long, most items are rarely seen, and popularity is a fair baseline."""
+    rng = np.random.default_rng(seed)
+    lengths = 2 + rng.poisson(max(mean_length - 2.0, 0.0), sessions)
+    session = np.repeat(np.arange(sessions), lengths)
+    theme = rng.integers(0, themes, sessions)[session]
+    per_theme = items // themes
+    within = np.minimum(rng.zipf(1.3, len(session)) - 1, per_theme - 1)  # rank inside the theme
+    themed = theme * per_theme + within
+    head = np.minimum(rng.zipf(1.2, len(session)) - 1, items - 1)
+    global_rank = rng.permutation(items)[head]  # the global head spreads over all themes
+    item = np.where(rng.random(len(session)) < affinity, themed, global_rank)
+    position = np.arange(len(session)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    stamp = START + session * 120.0 + position * 20.0
+    log = InteractionLog(np.char.add("s", session.astype(str)).astype(object),
+                         np.char.add("i", item.astype(str)).astype(object), np.full(len(session), np.nan), stamp)
+    return log.take(time_order(log))

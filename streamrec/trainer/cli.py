@@ -16,10 +16,11 @@ FORMAT_HELP = "format of a PATH (a data-set name brings its own)"
 
 def register(cli: click.Group, bench: click.Group) -> None:
     """Attach the trainer's commands to the root group."""
-    from streamrec.trainer.tune_cli import tune_cmd
+    from streamrec.trainer.tune_cli import study_defaults_cmd, tune_cmd
 
     cli.add_command(evaluate_cmd)
     cli.add_command(tune_cmd)
+    cli.add_command(study_defaults_cmd)
     cli.add_command(refit_cmd)
     bench.add_command(bench_models_cmd)
 

@@ -40,3 +40,55 @@ def tune_cmd(model_name: str, protocol: str, data: DataSource, fmt: str, params:
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     print_json(result)
+
+
+@click.command("study-defaults")
+@click.option("--model", "models", multiple=True, required=True,
+              help="ranking model name (repeatable: all models' fits share one pool)")
+@click.option("--grid", "grid", multiple=True, required=True,
+              help="key=v1,v2,... values to compare (repeatable; the cartesian product is studied); "
+                   "*F is F times the model's default, e.g. lr=*0.3,*3")
+@click.option("--param", "params", multiple=True, help="fixed hyper-parameter key=value")
+@click.option("--data", "data", type=DATA, default=None,
+              help="a real log studied at several time splits of its training part, beside the synthetic logs")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="ml-100k", show_default=True,
+              help="format of a PATH (a data-set name brings its own)")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="fits in parallel processes")
+@click.option("--out", "out", type=click.Path(dir_okay=False), default=None,
+              help="also append each model's report to this JSON-lines file as soon as it is complete")
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON (the only output form)")
+def study_defaults_cmd(models: tuple[str, ...], grid: tuple[str, ...], params: tuple[str, ...],
+                       data: DataSource | None, fmt: str, jobs: int, out: str | None, as_json: bool) -> None:
+    """Compare settings of each MODEL across synthetic logs of different character (and time splits
+    of --data) on validation splits only; the winner has the best mean rank (streamrec.trainer.defaults_study)."""
+    import orjson
+
+    from streamrec.core.cli import print_json
+    from streamrec.core.params import parse_params
+    from streamrec.trainer import registry
+    from streamrec.trainer.defaults_study import Study, resolve_grid, run_studies
+
+    def append(report: dict[str, object]) -> None:
+        if out:
+            with open(out, "ab") as handle:
+                handle.write(orjson.dumps(report) + b"\n")
+
+    try:
+        studies = []
+        for model in models:
+            cls = registry.model_class(model)
+            values: dict[str, list[object]] = {}
+            for entry in grid:
+                key, _, listed = entry.partition("=")
+                if not listed:
+                    raise ValueError(f"--grid {entry!r}: expected key=v1,v2,...")
+                values[key] = [v if v.startswith("*") else
+                               parse_params(cls.Params, [f"{key}={v}"], model).model_dump(exclude_unset=True)[key]
+                               for v in listed.split(",")]
+            studies.append(Study(model=model, grid=resolve_grid(model, values),
+                                 fixed=parse_params(cls.Params, params, model).model_dump(exclude_unset=True)))
+        reports = run_studies(studies, str(data.path) if data else None, data.format_or(fmt) if data else fmt,
+                              jobs, append)
+    except (KeyError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from exc
+    print_json(reports[0] if len(reports) == 1 else {"studies": reports})

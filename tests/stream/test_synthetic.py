@@ -6,7 +6,7 @@ from collections import Counter
 
 import numpy as np
 
-from streamrec.stream.synthetic import synthetic_log
+from streamrec.stream.synthetic import session_log, synthetic_log
 
 
 def test_same_seed_same_log_and_time_order():
@@ -29,3 +29,16 @@ def test_users_mostly_pick_their_groups_items_with_a_long_tail_and_repeats():
     repeats = sum(n - 1 for n in Counter(zip(log.user_id, log.item_id)).values())
     assert repeats > 0.05 * len(log)
     assert set(np.unique(log.rating)) <= {1.0, 2.0, 3.0, 4.0, 5.0}
+
+
+def test_session_log_is_short_themed_sessions_in_time_order():
+    """Each session is its own user with at least two clicks, about `mean_length` on average; a
+    session's clicks share its theme more often than chance; the log is deterministic and ordered."""
+    log, again = session_log(sessions=2000, items=1000, themes=20, seed=5), session_log(sessions=2000, items=1000, themes=20, seed=5)
+    assert list(log.item_id) == list(again.item_id) and np.all(np.diff(log.timestamp) >= 0)
+    lengths = np.array(list(Counter(log.user_id).values()))
+    assert len(lengths) == 2000 and lengths.min() >= 2 and 3.5 < lengths.mean() < 4.5
+    theme = np.array([int(i[1:]) // 50 for i in log.item_id])
+    users = np.asarray(log.user_id)
+    same = [len(set(theme[users == s])) < (users == s).sum() for s in list(dict.fromkeys(users))[:300]]
+    assert np.mean(same) > 0.5  # most sessions repeat a theme; uniform picks over 20 themes rarely would
