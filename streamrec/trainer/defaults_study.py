@@ -62,11 +62,13 @@ class Candidate(TypedDict):
     mean_lift: float
 
 
-def validation_split(log: InteractionLog) -> Split:
-    """The topn protocol one level down: drop each user's test item, validate on the last remaining."""
+def validation_split(log: InteractionLog, cut: float = 1.0) -> Split:
+    """The topn protocol one level down: drop each user's test item, keep the training part up to
+    `cut` of its time span, and validate on each user's last remaining item. The test items go
+    first, so that a time cut never brings one of them back into training."""
     data = Interactions.from_log(distinct_pairs(log), implicit=True)
     train_mask, _ = leave_last_out(data)
-    train = data.subset(train_mask)
+    train = Interactions.from_log(time_cut(data.subset(train_mask).log, cut), implicit=True)
     inner_mask, valid = leave_last_out(train)
     return Split(fit=train.subset(inner_mask), users=train.user_idx[valid], items=train.item_idx[valid])
 
@@ -84,14 +86,7 @@ def study_split(name: str, data: str, fmt: str) -> Split:
     """The validation split called `name` (cached per process: workers build each once)."""
     if name in STUDY_LOGS:
         return validation_split(STUDY_LOGS[name]())
-    cut = float(name.rsplit("@", 1)[1].rstrip("%")) / 100.0
-    log = load_log(data, fmt)
-    # remove the test items first, so that a time cut never brings one of them back into training
-    full = Interactions.from_log(distinct_pairs(log), implicit=True)
-    train_mask, _ = leave_last_out(full)
-    inner = Interactions.from_log(time_cut(full.subset(train_mask).log, cut), implicit=True)
-    fit_mask, valid = leave_last_out(inner)
-    return Split(fit=inner.subset(fit_mask), users=inner.user_idx[valid], items=inner.item_idx[valid])
+    return validation_split(load_log(data, fmt), float(name.rsplit("@", 1)[1].rstrip("%")) / 100.0)
 
 
 def split_names(data: str | None) -> list[str]:
