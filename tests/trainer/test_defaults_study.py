@@ -55,21 +55,21 @@ def test_a_time_cut_of_a_real_log_keeps_its_test_items_out(tmp_path: Path) -> No
 
 
 def test_the_cli_scores_the_defaults_and_scaled_settings_on_every_log(tmp_path: Path) -> None:
-    """amazon-i2i's k: the defaults (100) are always a candidate and *F scales them; each synthetic
+    """amazon-i2i's k: the defaults (20) are always a candidate and *F scales them; each synthetic
     log gets a popularity figure, and the winner is the candidate with the best mean rank."""
     from streamrec.app.cli import cli
 
     out = tmp_path / "reports.jsonl"
-    result = CliRunner().invoke(cli, ["study-defaults", "--model", "amazon-i2i", "--grid", "k=*0.2,400",
+    result = CliRunner().invoke(cli, ["study-defaults", "--model", "amazon-i2i", "--grid", "k=*5,400",
                                       "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["splits"] == list(STUDY_LOGS) and set(report["popularity"]) == set(STUDY_LOGS)
     candidates = report["candidates"]
-    assert sorted(str(c["params"]) for c in candidates) == sorted(["{}", "{'k': 20}", "{'k': 400}"])
+    assert sorted(str(c["params"]) for c in candidates) == sorted(["{}", "{'k': 100}", "{'k': 400}"])
     best = candidates[0]
     assert all(best["mean_rank"] <= c["mean_rank"] for c in candidates)
-    assert report["winner"] == {"k": 100, **best["params"]}
+    assert report["winner"] == {"k": 20, **best["params"]}
     assert report["beats_defaults"] == (best["params"] != {} and best["mean_rank"] < next(
         c["mean_rank"] for c in candidates if c["params"] == {}))
     assert all(0 <= v <= 1 for c in candidates for v in c["scores"].values())

@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.trainer.synthetic import group_of, planted_log
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models import create, load
 from streamrec.trainer.registry import names as registered_names
+from tests.trainer.synthetic import group_of, planted_log
 
 # Small settings so the suite stays quick; defaults are exercised on MovieLens (slow). The ranking
 # models run without the popularity blend: planted_log's last event per user is always an off-group
@@ -111,3 +111,16 @@ def test_similar_items_and_because(log):
     assert all(r in history for r in reasons if r is not None) and any(reasons)
     als = _fit("als", log, implicit=True)
     assert als.similar_items(["item-001x"], 3)[0].shape == (1, 3)
+
+
+def test_bpr_floors_the_draws_of_short_histories_only_where_histories_are_short() -> None:
+    """`min_user_samples`: a user with n < floor pairs has each drawn ceil(floor / n) times per
+    epoch; `auto` sets the floor (20) only when the median user has fewer than 4 pairs."""
+    from streamrec.trainer.models.bpr import user_repeats
+
+    sessions = np.repeat(np.arange(4), [2, 3, 3, 25])  # median 3 pairs: floor on
+    assert user_repeats(sessions, 4, "auto").tolist() == [10] * 2 + [7] * 6 + [1] * 25
+    histories = np.repeat(np.arange(3), [4, 30, 30])  # median 30: floor off
+    assert user_repeats(histories, 3, "auto").tolist() == [1] * 64
+    assert user_repeats(histories, 3, 8).tolist() == [2] * 4 + [1] * 60
+    assert user_repeats(histories, 3, 0).tolist() == [1] * 64

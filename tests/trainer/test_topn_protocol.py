@@ -56,7 +56,7 @@ def _play_count_csv(path: Path, seed: int = 0) -> Path:
 def test_weights_let_confidence_models_use_play_counts(tmp_path: Path) -> None:
     data = _play_count_csv(tmp_path / "plays.csv")
     # (ALS: confidence 1 + alpha * log1p(plays); a small alpha and rank for 60 items and 150 users)
-    for model, params, gain in (("item-knn", [], 0.3), ("bpr", [], 0.3), ("als", ["factors=8", "alpha=1"], 0.05)):
+    for model, params, gain in (("item-knn", [], 0.3), ("bpr", [], 0.3), ("als", ["factors=8", "alpha=1", "reg=0.05"], 0.05)):
         binary = evaluate("topn", model, params, data, "csv", weights="binary")
         log1p = evaluate("topn", model, params, data, "csv", weights="log1p")
         assert binary["weights"] == "binary" and log1p["weights"] == "log1p" and log1p["weights_used"]
