@@ -2,8 +2,9 @@
 
 Loss per sampled triple (u, i, j): -ln sigma(x_ui - x_uj) + reg |theta|^2, x_ui = p_u . q_i + b_i.
 Each epoch draws as many triples as there are interactions: (u, i) uniformly from the observed
-pairs, except that on logs of short histories a user with fewer than 20 pairs has them repeated up
-to that count (`min_user_samples`, see `user_repeats`), j by the chosen negative sampler (resampled while it is one of u's items):
+pairs (on logs of short histories, a user with fewer than 20 pairs has them repeated up to that
+count: `min_user_samples`, see `user_repeats`), j by the chosen negative sampler (resampled while
+it is one of u's items):
   uniform     - any item;
   popularity  - items drawn in proportion to their interaction count ("harder" negatives; what
                 `implicit` does by drawing the item of a random interaction; the default);
