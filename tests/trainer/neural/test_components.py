@@ -139,3 +139,37 @@ def test_two_tower_vectors_reproduce_scores(name: str) -> None:
     if name == "dssm":  # no demographics: a known user's history reproduces their vector
         np.testing.assert_allclose(fresh[0], users[3], rtol=1e-4, atol=1e-5)
     assert fresh.shape == (2, items.shape[1]) and np.isfinite(fresh).all()
+
+
+def test_embedding_penalty_counts_the_rows_a_training_batch_looks_up() -> None:
+    """weight x batch mean of each lookup's squared norm, in training mode only; off at weight 0;
+    its hooks are gone once closed."""
+    from streamrec.trainer.models.neural.training import EmbeddingPenalty
+
+    table = torch.nn.Embedding(10, 3)
+    with torch.no_grad():
+        table.weight.copy_(torch.arange(30, dtype=torch.float32).reshape(10, 3))
+    penalty = EmbeddingPenalty(table, 0.5)
+    rows = torch.tensor([1, 2, 2])
+    table.train()
+    table(rows)
+    expected = 0.5 * table.weight[rows].pow(2).sum(-1).mean()
+    torch.testing.assert_close(penalty.take(), expected)
+    assert float(penalty.take()) == 0.0  # taken: nothing collected since
+    table.eval()
+    table(rows)
+    assert float(penalty.take()) == 0.0  # scoring is not penalised
+    penalty.close()
+    table.train()
+    table(rows)
+    assert penalty.outputs == [] and EmbeddingPenalty(table, 0.0).take() == 0.0
+
+
+def test_embedding_reg_shrinks_the_learned_rows() -> None:
+    log = planted_sequences()
+    data = Interactions.from_log(log, implicit=True)
+    norms = []
+    for reg in (0.0, 0.1):
+        model = create("ncf-gmf", **fast_params("ncf-gmf"), embedding_reg=reg, popularity_blend=0).fit(data)
+        norms.append(float(model.module.gmf_user.weight.norm() + model.module.gmf_item.weight.norm()))
+    assert norms[1] < 0.8 * norms[0]

@@ -19,6 +19,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -154,6 +155,33 @@ def history_windows(index: IdIndex, histories: Sequence[Sequence[str]], length: 
     return rows
 
 
+class EmbeddingPenalty:
+    """L2 on the embedding rows a training batch looks up, `weight` x the batch mean of each
+    lookup's squared norm, summed over the model's embedding tables (BPR's per-sample
+    regularisation, for any network). Adam's `weight_decay` is no substitute: it shrinks every row
+    at every step, and Adam rescales that shrinkage, so rows a batch rarely touches (rare items,
+    users with a few events) are wiped out."""
+
+    def __init__(self, module: nn.Module, weight: float) -> None:
+        self.weight, self.outputs = weight, []
+        self.handles = [m.register_forward_hook(self._collect) for m in module.modules()
+                        if isinstance(m, nn.Embedding)] if weight > 0 else []
+
+    def _collect(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if module.training:
+            self.outputs.append(output)
+
+    def take(self) -> torch.Tensor | float:
+        """The penalty of the lookups since the last call (0 when off)."""
+        penalty = sum((o.pow(2).sum(-1).mean() for o in self.outputs), torch.zeros(()))
+        self.outputs = []
+        return self.weight * penalty if self.handles else 0.0
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 class NeuralParams(RankingParams):
     """What every neural family shares: Adam's settings, early stopping (`patience` epochs without
     a better validation ndcg@10 over `val_users` users; 0 = off), seeding, torch threads and
@@ -169,6 +197,7 @@ class NeuralParams(RankingParams):
     threads: int = 1
     device: str = "cpu"
     side_data: str = ""
+    embedding_reg: float = Field(0.0, ge=0.0)
 
 
 MIN_STEPS_PER_EPOCH, MIN_BATCH = 200, 32  # batches shrink on small logs (see `batch_size_for`)
@@ -181,7 +210,8 @@ class NeuralRecommender(Recommender):
     Params: ClassVar[type[NeuralParams]] = NeuralParams
     # what every family shares; the budget (`tune --budget-seconds`) keeps this practical on 2 cores
     search_space: ClassVar[SearchSpace] = space(lr=FloatRange(1e-4, 1e-2, log=True), epochs=IntRange(5, 50),
-                                           weight_decay=FloatRange(1e-8, 1e-3, log=True))
+                                           weight_decay=FloatRange(1e-8, 1e-3, log=True),
+                                           embedding_reg=FloatRange(1e-4, 0.1, log=True))
 
     def __init__(self, **params: object) -> None:
         super().__init__(**params)
@@ -266,6 +296,7 @@ class NeuralRecommender(Recommender):
 
         p = self.params
         optimizer = self._optimizer()
+        penalty = EmbeddingPenalty(self.module, p["embedding_reg"])
         best, best_state, waited = -np.inf, None, 0
         self.history = []
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -277,7 +308,7 @@ class NeuralRecommender(Recommender):
                 for batch in self._batches(rng):
                     optimizer.zero_grad(set_to_none=True)
                     loss = self._loss(batch)
-                    loss.backward()
+                    (loss + penalty.take()).backward()
                     optimizer.step()
                     total += float(loss.detach())
                     count += 1
@@ -296,6 +327,7 @@ class NeuralRecommender(Recommender):
                     waited += 1
                     if waited >= p["patience"]:
                         break
+        penalty.close()
         if best_state is not None:
             self.module.load_state_dict(best_state)
         self.module.eval()
