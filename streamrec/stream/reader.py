@@ -1,19 +1,21 @@
-"""Read a topic from its beginning up to its current end, outside any consumer group.
+"""Read a topic, or given offset ranges of its partitions, outside any consumer group.
 
 Batch refits build their training log this way (`read_log`), and so do tools that inspect the
 dead-letter topic. The end is fixed when reading starts (fetch high-water marks, see
 `streamrec.stream.topics.end_offsets`), so a topic that keeps growing still yields a finite read.
+`read_ranges` reads known offset ranges in chunks: the feature-store rebuild and the trainer's
+warm-up after a restart re-read the topic that way.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 
 from streamrec.stream.events import EventSchema, InvalidEvent
-from streamrec.stream.kafka import Record, make_consumer
+from streamrec.stream.kafka import Record, TopicPartition, make_consumer
 from streamrec.stream.loaders import InteractionLog, time_order
 from streamrec.stream.topics import end_offsets, partitions_of
 
@@ -50,6 +52,38 @@ def read_records(
         consumer.close()
     records.sort(key=lambda r: (r.partition, r.offset))
     return records
+
+
+def read_ranges(
+    bootstrap: str, ranges: Mapping[TopicPartition, tuple[int, int]], client: str = "kafka-python",
+    chunk_records: int = 5000, idle_timeout_s: float = 60.0,
+) -> Iterator[list[Record]]:
+    """The records of offsets [start, stop) of each partition in `ranges`, in chunks of at most
+    `chunk_records` (a partition's records ascend; partitions interleave as the broker sends them).
+    Raises TimeoutError when the broker sends nothing for `idle_timeout_s` while records are due."""
+    stops = {tp: stop for tp, (start, stop) in ranges.items() if start < stop}
+    if not stops:
+        return
+    consumer = make_consumer(bootstrap, client)
+    try:
+        consumer.assign(list(stops))
+        for tp in stops:
+            consumer.seek(tp, ranges[tp][0])
+        idle_since = time.monotonic()
+        while stops:
+            polled = consumer.poll(max_records=chunk_records, timeout_s=0.5)
+            due = [r for r in polled if r.offset < stops.get((r.topic, r.partition), -1)]
+            if not due:
+                if time.monotonic() - idle_since > idle_timeout_s:
+                    raise TimeoutError(f"no records for {idle_timeout_s}s; still due: {stops}")
+                continue
+            idle_since = time.monotonic()
+            for r in due:  # a partition's records ascend: its last due record says how far it got
+                if r.offset + 1 >= stops.get((r.topic, r.partition), 0):
+                    stops.pop((r.topic, r.partition), None)
+            yield due
+    finally:
+        consumer.close()
 
 
 def read_log(

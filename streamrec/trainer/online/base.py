@@ -165,6 +165,12 @@ class OnlineRecommender(ABC):
     def _scores(self, user_ids: np.ndarray, item_rows: np.ndarray) -> np.ndarray:
         """(users, items) scores against the mirrored item rows (vectors then scalars)."""
 
+    def observe_history(self, batch: EventBatch) -> None:
+        """Events the parameter server learned before this process started, read again after a
+        restart (warmup.py): what the model derives from the stream as it learns and the server
+        does not keep (a sampler's catalogue, current sessions) catches up, nothing is learned.
+        Models without such caches have nothing to do."""
+
     # ---- state beside the offsets --------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         """Small JSON state kept beside the offsets in the parameter server's meta record."""

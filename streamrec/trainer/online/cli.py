@@ -40,12 +40,14 @@ def split_model_params(models: tuple[str, ...], pairs: tuple[str, ...]) -> dict[
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="JSON report file, rewritten every 5 s")
 @click.option("--metrics-port", type=int, help="Prometheus port [settings.metrics_port]")
 @click.option("--no-feature-store", is_flag=True, help="do not write the Redis feature store")
+@click.option("--warmup-events", type=click.IntRange(min=0), default=100_000, show_default=True,
+              help="per partition: earlier records re-read (not learned) on start, for histories and sessions")
 @click.option("--json", "as_json", is_flag=True, help="print the final report as JSON")
 @click.pass_context
 def train_online(ctx: click.Context, models: tuple[str, ...], pairs: tuple[str, ...], batch_events: int,
                  batch_seconds: float, evaluate_every: int, max_events: int | None,
                  idle_exit: float | None, report_path: str | None, metrics_port: int | None,
-                 no_feature_store: bool, as_json: bool) -> None:
+                 no_feature_store: bool, warmup_events: int, as_json: bool) -> None:
     """Consume the interaction topic and train the online models into the parameter server."""
     from prometheus_client import start_http_server
     from threadpoolctl import threadpool_limits
@@ -72,7 +74,7 @@ def train_online(ctx: click.Context, models: tuple[str, ...], pairs: tuple[str, 
         settings.redis_url, FeatureStoreConfig(prefix=settings.feature_prefix))
     config = TrainerConfig(batch_events=batch_events, batch_seconds=batch_seconds,
                            evaluate_every=evaluate_every, max_events=max_events, idle_exit_seconds=idle_exit,
-                           report_path=report_path)
+                           report_path=report_path, warmup_events=warmup_events)
     trainer = OnlineTrainer(settings, [model_class(name)(**hyper[name], store=store) for name in models], config, features)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: trainer.stop_requested.set())

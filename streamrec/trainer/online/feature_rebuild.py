@@ -16,7 +16,6 @@ consumed them, so they never were in the store.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -24,7 +23,8 @@ import numpy as np
 from streamrec.core.config import Settings
 from streamrec.param_server.client import ParamClient
 from streamrec.stream.events import EventBatch, EventSchema, InvalidEvent
-from streamrec.stream.kafka import Record, TopicPartition, make_consumer
+from streamrec.stream.kafka import Record, TopicPartition
+from streamrec.stream.reader import read_ranges
 from streamrec.stream.topics import end_offsets
 from streamrec.trainer.online.feature_store import FeatureStore, popularity_weights
 from streamrec.trainer.online.roles import EventRoles
@@ -105,31 +105,11 @@ def rebuild_features(
     log.info("rebuilding the feature store from %s",
              {pkey: [start, stop] for pkey, start, stop in ranges.values()})
     pkeys = {tp: pkey for tp, (pkey, _, _) in ranges.items()}
-    stops = {tp: stop for tp, (_, _, stop) in ranges.items()}
     written = 0
-    consumer = make_consumer(settings.kafka_bootstrap, settings.kafka_client)
-    try:
-        consumer.assign(list(ranges))
-        for tp, (_, start, _) in ranges.items():
-            consumer.seek(tp, start)
-        idle_since = time.monotonic()
-        while stops:
-            polled = consumer.poll(max_records=batch_events, timeout_s=0.5)
-            due = [r for r in polled if r.offset < stops.get((r.topic, r.partition), -1)]
-            if not due:
-                if time.monotonic() - idle_since > idle_timeout_s:
-                    raise TimeoutError(f"no records for {idle_timeout_s}s; still due: "
-                                       f"{ {pkeys[tp]: stop for tp, stop in stops.items()} }")
-                continue
-            idle_since = time.monotonic()
-            reached = {(r.topic, r.partition): r.offset + 1 for r in due}  # a partition's records ascend
-            for tp, next_offset in reached.items():
-                if next_offset >= stops[tp]:
-                    del stops[tp]
-            batch = _batch(due, schema, pkeys)
-            if len(batch):
-                written += store.write(batch, popularity_weights(batch, roles)).applied
-    finally:
-        consumer.close()
+    for records in read_ranges(settings.kafka_bootstrap, {tp: (start, stop) for tp, (_, start, stop) in ranges.items()},
+                               settings.kafka_client, batch_events, idle_timeout_s):
+        batch = _batch(records, schema, pkeys)
+        if len(batch):
+            written += store.write(batch, popularity_weights(batch, roles)).applied
     log.info("feature store rebuilt: %d events written", written)
     return written

@@ -57,6 +57,11 @@ class LivePrequential:
             self._pending.clear()
             self._record(evaluated.hit, evaluated.ndcg, evaluated.timestamp)
 
+    def observe(self, batch: EventBatch) -> None:
+        """Events nobody scores join the users' histories: events learned before, by some shards
+        only or before a restart (the trainer's warm-up)."""
+        self.scorer.pass_unscored(batch, 0, len(batch))
+
     def record_ratings(self, squared_errors: float, count: int) -> None:
         if count:
             self.total["ratings"] += count

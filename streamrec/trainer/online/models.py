@@ -211,6 +211,18 @@ class OnlineBPR(_FactorModel):
             means[present] = np.add.reduceat(item_rows[rows[rows >= 0], :dim], starts, axis=0) / counts[present, None]
         return means
 
+    def observe_history(self, batch: EventBatch) -> None:
+        """The negative sampler's catalogue and counts and the current sessions, which `_learn`
+        builds from the events it learns, catch up on events learned before a restart: without
+        them a restarted trainer draws negatives from the items seen since, and treats every user
+        as having no session and no past (full session weight)."""
+        weight = self.roles.positive_weight(batch.event_type, batch.value)
+        self.sampler.count_items(batch.item_id[(weight > 0) | self.roles.is_negative(batch.event_type)])
+        if self.sessions is not None:
+            positive = np.flatnonzero(weight > 0)
+            self.sessions.observe(batch.user_id[positive], batch.item_id[positive], batch.timestamp[positive],
+                                  session_ids(batch.context[positive]))
+
     def _learn(self, batch: EventBatch, rows: dict[str, Rows], before_step: StepHook | None,
                ) -> tuple[Updates, StepStats]:
         p = self.params

@@ -77,6 +77,7 @@ from streamrec.trainer.online.metrics import (
     PUSH_SECONDS,
     REWINDS,
 )
+from streamrec.trainer.online.warmup import warm_up, warmup_ranges
 
 log = logging.getLogger("streamrec.trainer")
 PARTITION_FETCH_BYTES = 256 * 1024  # ~1,000 events per partition per fetch: a backlog interleaves in time
@@ -110,6 +111,7 @@ class TrainerConfig:
     report_path: str | None = None  # JSON report rewritten every report_every_seconds and at exit
     report_every_seconds: float = 5.0
     dedup_window_events: int = 65_536  # per partition: an event id seen this many offsets back is a duplicate
+    warmup_events: int = 100_000  # per partition: records before a resume point re-read (not learned) after a restart
 
 
 @dataclass
@@ -211,6 +213,23 @@ class OnlineTrainer:
             self.consumer.seek(tp, target)
             self._positions[tp] = target
             self._fenced.discard(tp)
+        self._warm_up(partitions)
+
+    def _warm_up(self, partitions: Sequence[TopicPartition]) -> None:
+        """Re-read what this process has not seen before the resume points (warmup.py: histories
+        and sessions, nothing learned). A broker that cannot serve it costs live metrics, not
+        learning: the trainer goes on, with a warning."""
+        ranges = warmup_ranges({tp: self._positions[tp] for tp in partitions}, self._evaluated_to,
+                               {tp: self._floors[offset_key(*tp)] for tp in partitions}, self.config.warmup_events)
+        if not ranges:
+            return
+        try:
+            warm_up(self.settings, self.schema, ranges, self.evaluator, self.models)
+        except (KafkaError, TimeoutError) as exc:
+            log.warning("warm-up of %s failed (%s): histories and sessions start from the resume point", ranges, exc)
+            return
+        for tp, (_, stop) in ranges.items():
+            self._evaluated_to[tp] = max(self._evaluated_to.get(tp, 0), stop)
 
     def _take_assignments(self, records: list[Record]) -> list[Record]:
         """Newly assigned partitions are claimed and positioned by the server's offsets; records a
@@ -383,6 +402,11 @@ class OnlineTrainer:
             for shard in self._shard_next:  # every shard now stands at or past each range's end
                 for key, (_, end) in ranges.items():
                     shard[key] = max(shard.get(key, end), end)
+        if fresh and not needed_by_all:  # learned before, by some shards only: no score, still history
+            self.evaluator.observe(batch)
+            if not needed_by_any:
+                for model in self.models:
+                    model.observe_history(batch)
         if self.dead_letters.count:
             self._producer.flush()
         if pending is not None:
