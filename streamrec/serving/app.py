@@ -14,6 +14,7 @@ never blocks a request. Responses are encoded with orjson; the pydantic models i
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -117,6 +118,9 @@ def create_app(config: ServingConfig) -> FastAPI:
         stop = threading.Event()
         thread = threading.Thread(target=syncer.run, args=(stop,), name="serving-sync", daemon=True)
         thread.start()
+        # a worker started while others serve (uvicorn replacing a killed one) would answer 503
+        # until its first poll: the socket is shared, so it accepts only once it has a model
+        await asyncio.to_thread(syncer.first_poll_done.wait, config.first_poll_wait_s)
         yield
         stop.set()
         thread.join(timeout=10)

@@ -49,6 +49,7 @@ class Syncer:
         self.user_since: int | tuple[int, ...] | None = None  # None: the first poll, which fills the cache
         self.artifacts = Artifacts()
         self._client: ParamClient | None = None
+        self.first_poll_done = threading.Event()  # set after the first poll, whether it succeeded or not
 
     def _buffer(self) -> Buffer:
         c = self.config
@@ -138,6 +139,7 @@ class Syncer:
                 self.metrics.sync_failures.inc()
                 self.holder.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("parameter-server poll failed: %s", self.holder.last_error)
+            self.first_poll_done.set()
             while not stop.wait(max(0.0, min(GAUGE_REFRESH_S, next_poll - time.monotonic()))):
                 staleness = self.holder.staleness()
                 if staleness is not None:

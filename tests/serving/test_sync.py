@@ -193,3 +193,25 @@ def test_serving_item_mirror_compacts_dead_rows() -> None:
     assert index.update(changes, compacting) and index.size == 1301
     stable.apply(_delta([], items[:1700], 2))
     assert len(stable.index) == 3000 and stable.position("i1700") == 1700
+
+
+def test_a_starting_worker_answers_from_a_model_not_503(ps: ParamClient, param_server: ServerProcess, redis_url: str,
+                                                        prefix: str, start_serving: StartServing) -> None:
+    """A worker takes connections only after its first poll: the first answer it gives, while
+    the parameter server holds a model, is a recommendation (a worker replacing a killed one
+    shares the socket with workers that have a model, and must not answer 503 meanwhile)."""
+    rng = np.random.default_rng(1)
+    users = {f"u{j}": v for j, v in enumerate(rng.normal(size=(50_000, DIM)).astype(np.float32))}
+    load_model(ps, users, _items(2000))
+    serving = start_serving(param_server.address, redis_url, prefix, poll=60.0, ready=False)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            reply = serving.fresh_get("/recommend?user_id=u7&k=5")
+            break
+        except httpx.TransportError:  # not listening yet
+            time.sleep(0.005)
+    else:
+        raise AssertionError(serving.log.read_text()[-3000:])
+    assert reply.status_code == 200, reply.text
+    assert len(reply.json()["items"]) == 5
