@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from streamrec.core.params import ParamError, parse_params
+from streamrec.stream.loaders import InteractionLog
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models import create, load, model_class
 from streamrec.trainer.models.combiners import BoostedTrees, RidgeCombiner
@@ -69,6 +70,21 @@ def test_the_popularity_blend_travels_in_the_vectors_serving_searches(log, name,
     for u in range(data.n_users):  # same order: every pair of items compares the same way
         order = np.argsort(-own[u], kind="stable")
         assert (np.diff(served[u][order]) <= 1e-4 * (1 + np.abs(served[u]).max())).all(), u
+
+
+def test_the_automatic_popularity_blend_ranks_implicit_fits_and_leaves_rating_fits_alone():
+    """`auto` chooses the weight on a ranking fit and stays off on ratings: the weight would change
+    no predicted rating, and choosing it scored every validation user against every item. The log
+    has nothing but popularity (random users, Zipf items), so ranking fits lean on it."""
+    rng = np.random.default_rng(0)
+    n, weights = 8000, 1.0 / np.arange(1, 301)
+    log = InteractionLog(user_id=np.array([f"u{u}" for u in rng.integers(0, 800, n)], object),
+                         item_id=np.array([f"i{i}" for i in rng.choice(300, n, p=weights / weights.sum())], object),
+                         rating=rng.integers(1, 6, n).astype(float), timestamp=np.arange(n, dtype=float))
+    for name in ("item-knn", "user-knn"):
+        assert create(name).fit(Interactions.from_log(log, implicit=True)).blend_weight > 0, name
+        assert create(name).fit(Interactions.from_log(log)).blend_weight == 0.0, name
+    assert create("item-knn", popularity_blend=0.5).fit(Interactions.from_log(log)).blend_weight == 0.5
 
 
 def test_export_refuses_inconsistent_parts():

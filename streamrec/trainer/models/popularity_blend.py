@@ -13,6 +13,7 @@ default) the weight is chosen on the model's own validation split (each training
 training item, the topn protocol one level down): the model fitted without those items scores them
 under each weight of `GRID` (see `choose_weight`: a model clearly better than popularity keeps its
 own ranking; any other takes the best weight). A number sets the weight; 0 turns the blend off.
+`auto` on explicit data (a fit that predicts ratings) is off: the weight changes rankings only.
 """
 
 from __future__ import annotations

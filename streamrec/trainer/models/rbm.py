@@ -39,19 +39,23 @@ class RBM(Recommender):
     search_space = space(hidden=IntRange(20, 400, log=True), epochs=IntRange(10, 80), lr=FloatRange(1e-3, 0.1, log=True),
                          weight_decay=FloatRange(1e-5, 1e-2, log=True))
 
-    def _one_hot(self, users: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, m, K) one-hot ratings and (B, m) mask of rated items."""
+    def _rated(self, users: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The users' ratings as pairs: (row in `users`, item, rating level), each a (P,) tensor.
+        Only rated items take part in either phase, so every product runs over these pairs (a
+        user rates ~5 % of MovieLens's items) instead of a dense (users, items, levels) block."""
         rows = self.ratings[users]
-        dense = torch.from_numpy(rows.toarray())
-        mask = dense > 0
-        levels = torch.from_numpy(np.searchsorted(self.levels, rows.toarray()).clip(0, len(self.levels) - 1))
-        one_hot = torch.nn.functional.one_hot(levels, len(self.levels)).float() * mask[..., None]
-        return one_hot, mask
+        owner = np.repeat(np.arange(len(users)), np.diff(rows.indptr))
+        levels = np.searchsorted(self.levels, rows.data).clip(0, len(self.levels) - 1)
+        return torch.from_numpy(owner), torch.from_numpy(rows.indices.astype(np.int64)), torch.from_numpy(levels)
 
-    def _hidden_probs(self, visible: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.bh + visible.flatten(1) @ self.W.flatten(0, 1))
+    def _hidden_probs(self, n: int, owner: torch.Tensor, weights: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """p(h | visible) for `n` users; `visible` (P, K) are the rated pairs' unit activations and
+        `weights` (P, K, F) their items' rows of W."""
+        drive = torch.zeros(n, self.bh.shape[0]).index_add_(0, owner, torch.bmm(visible[:, None, :], weights)[:, 0])
+        return torch.sigmoid(self.bh + drive)
 
     def _visible_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, m, K) p(v | h) of every item: predictions."""
         logits = self.bv[None] + torch.einsum("bf,mkf->bmk", hidden, self.W)
         return torch.softmax(logits, dim=-1)
 
@@ -65,29 +69,34 @@ class RBM(Recommender):
         self.W = torch.randn(m, K, F, generator=gen) * p["init_std"]
         self.bh = torch.zeros(F)
         # visible biases: log of each item's rating-value frequencies (the paper's initialisation)
-        all_hot, _ = self._one_hot(np.arange(data.n_users))
-        freq = all_hot.sum(0) + 1.0
+        _, items, levels = self._rated(np.arange(data.n_users))
+        freq = torch.from_numpy(np.bincount((items * K + levels).numpy(), minlength=m * K).reshape(m, K)).float() + 1.0
         self.bv = torch.log(freq / freq.sum(-1, keepdim=True))
-        del all_hot
         velocity = [torch.zeros_like(t) for t in (self.W, self.bv, self.bh)]
+        lr, momentum, decay = p["lr"], p["momentum"], p["weight_decay"]
         active = np.flatnonzero(np.diff(self.ratings.indptr) > 0)
         for _ in range(p["epochs"]):
             order = active[torch.randperm(len(active), generator=gen).numpy()]
             for start in range(0, len(order), p["batch_size"]):
-                v0, mask = self._one_hot(order[start : start + p["batch_size"]])
-                h0 = self._hidden_probs(v0)
+                n = len(order[start : start + p["batch_size"]])
+                owner, items, levels = self._rated(order[start : start + p["batch_size"]])
+                weights, cells = self.W[items], items * K + levels  # (P, K, F); each rating's row of W.view(m * K, F)
+                # positive phase: the observed ratings are one-hot, so each pair drives (and is driven
+                # by) one row of W
+                h0 = torch.sigmoid(self.bh + torch.zeros(n, F).index_add_(0, owner, self.W.view(m * K, F)[cells]))
                 h_sample = (torch.rand(h0.shape, generator=gen) < h0).float()
-                v1 = self._visible_probs(h_sample) * mask[..., None]
-                h1 = self._hidden_probs(v1)
-                n = len(v0)
-                grads = (
-                    (torch.einsum("bmk,bf->mkf", v0, h0) - torch.einsum("bmk,bf->mkf", v1, h1)) / n
-                    - p["weight_decay"] * self.W,
-                    (v0 - v1).sum(0) / n,
-                    (h0 - h1).sum(0) / n,
-                )
-                for param, vel, grad in zip((self.W, self.bv, self.bh), velocity, grads):
-                    vel.mul_(p["momentum"]).add_(grad, alpha=p["lr"])
+                v1 = torch.softmax(self.bv[items] + torch.bmm(weights, h_sample[owner, :, None])[..., 0], dim=-1)
+                h1 = self._hidden_probs(n, owner, weights, v1)
+                # momentum SGD, the gradient added straight into the velocities (no dense gradient
+                # tensor): v = momentum v + lr (<v0 h0> - <v1 h1> - decay W), then W += v
+                vel_w, vel_bv, vel_bh = velocity
+                vel_w.mul_(momentum).add_(self.W, alpha=-lr * decay)
+                vel_w.index_add_(0, items, v1[:, :, None] * h1[owner, None, :], alpha=-lr / n)
+                vel_w.view(m * K, F).index_add_(0, cells, h0[owner], alpha=lr / n)
+                vel_bv.mul_(momentum).index_add_(0, items, torch.nn.functional.one_hot(levels, K).float() - v1,
+                                                 alpha=lr / n)
+                vel_bh.mul_(momentum).add_((h0 - h1).sum(0), alpha=lr / n)
+                for param, vel in zip((self.W, self.bv, self.bh), velocity):
                     param.add_(vel)
 
     def _expected_ratings(self, users: np.ndarray) -> np.ndarray:
@@ -95,8 +104,11 @@ class RBM(Recommender):
         values = torch.from_numpy(self.levels.astype(np.float32))
         out = []
         for start in range(0, len(users), USER_CHUNK):
-            v0, _ = self._one_hot(users[start : start + USER_CHUNK])
-            out.append((self._visible_probs(self._hidden_probs(v0)) * values).sum(-1).numpy())
+            chunk = users[start : start + USER_CHUNK]
+            owner, items, levels = self._rated(chunk)
+            hidden = self._hidden_probs(len(chunk), owner, self.W[items],
+                                        torch.nn.functional.one_hot(levels, len(self.levels)).float())
+            out.append((self._visible_probs(hidden) * values).sum(-1).numpy())
         return np.concatenate(out).astype(np.float64) if out else np.zeros((0, self.n_items))
 
     def pair_scores(self, users, items, timestamps=None) -> np.ndarray:
