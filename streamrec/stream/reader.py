@@ -60,7 +60,9 @@ def read_ranges(
 ) -> Iterator[list[Record]]:
     """The records of offsets [start, stop) of each partition in `ranges`, in chunks of at most
     `chunk_records` (a partition's records ascend; partitions interleave as the broker sends them).
-    Raises TimeoutError when the broker sends nothing for `idle_timeout_s` while records are due."""
+    A partition is done at its record stop - 1 or at any record beyond (offsets may skip, e.g.
+    over transaction markers). Raises TimeoutError when the broker sends nothing for
+    `idle_timeout_s` while records are due."""
     stops = {tp: stop for tp, (start, stop) in ranges.items() if start < stop}
     if not stops:
         return
@@ -73,15 +75,15 @@ def read_ranges(
         while stops:
             polled = consumer.poll(max_records=chunk_records, timeout_s=0.5)
             due = [r for r in polled if r.offset < stops.get((r.topic, r.partition), -1)]
-            if not due:
-                if time.monotonic() - idle_since > idle_timeout_s:
-                    raise TimeoutError(f"no records for {idle_timeout_s}s; still due: {stops}")
-                continue
-            idle_since = time.monotonic()
-            for r in due:  # a partition's records ascend: its last due record says how far it got
-                if r.offset + 1 >= stops.get((r.topic, r.partition), 0):
-                    stops.pop((r.topic, r.partition), None)
-            yield due
+            for r in polled:  # a partition's records ascend: its last record says how far it got
+                if r.offset + 1 >= stops.get((r.topic, r.partition), r.offset + 2):
+                    del stops[(r.topic, r.partition)]
+            if polled:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since > idle_timeout_s:
+                raise TimeoutError(f"no records for {idle_timeout_s}s; still due: {stops}")
+            if due:
+                yield due
     finally:
         consumer.close()
 

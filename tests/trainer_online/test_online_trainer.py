@@ -112,13 +112,13 @@ def test_param_server_restored_from_checkpoint_trainer_resumes(online_settings, 
     assert applied(restarted.address) == 5000
 
 
-@pytest.mark.parametrize("warmup_events", [100_000, 0])
+@pytest.mark.parametrize("warmup_events", [300_000, 300, 0])
 def test_a_restarted_trainer_scores_with_the_histories_and_sessions_of_earlier_events(
         online_settings, start_server, warmup_events):
     """A new trainer process resumes where the parameter server stands, after re-reading (not
-    re-learning) the events before: its scorer knows every user's earlier items (a repeat of one
-    is a re-consumption, not scored) and online-bpr its sessions. With `warmup_events=0` it
-    knows only what it consumed itself, the state of a trainer before the warm-up existed."""
+    re-learning) up to `warmup_events` records before it, split over the partitions: its scorer
+    knows those users' earlier items (a repeat of one is a re-consumption, not scored) and
+    online-bpr their sessions. With 0 it knows only what it consumed itself."""
     server = start_server("--no-checkpoints")
     before, after = planted_events(3000), planted_events(1000, seed=1, start=1_700_001_500.0)
     produce_events(online_settings, before)
@@ -126,13 +126,20 @@ def test_a_restarted_trainer_scores_with_the_histories_and_sessions_of_earlier_e
     produce_events(online_settings, after)
     restarted = run_trainer(online_settings, server.address, evaluate_every=1, warmup_events=warmup_events)
     assert restarted.report()["consumed"] == 1000 and applied(server.address) == 4000
-    known = {(e["user_id"], e["item_id"]) for e in before} if warmup_events else set()
+    earlier: dict[int, list[dict]] = defaultdict(list)  # partition -> its `before` events in offset order
+    for record in read_records(online_settings.kafka_bootstrap, online_settings.topic):
+        event = orjson.loads(record.value)
+        if not event["event_id"].startswith("s1"):
+            earlier[record.partition].append(event)
+    assert sum(map(len, earlier.values())) == 3000 and len(earlier) == 3
+    reread = [e for events in earlier.values() for e in events[len(events) - warmup_events // 3:]] if warmup_events else []
+    known = {(e["user_id"], e["item_id"]) for e in reread}
     first_times = 0
-    for e in after:
+    for e in after:  # a user's events share a partition: their order holds
         first_times += (e["user_id"], e["item_id"]) not in known
         known.add((e["user_id"], e["item_id"]))
     assert restarted.report()["prequential"]["evaluated"] == first_times
-    events = Counter(e["user_id"] for e in (before + after if warmup_events else after))
+    events = Counter(e["user_id"] for e in reread + after)
     sessions = restarted.models[0].sessions  # the events are 0.5 s apart: one session per user
     assert {user: sessions.events_of(user) for user in events} == dict(events)
 

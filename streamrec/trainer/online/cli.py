@@ -40,8 +40,8 @@ def split_model_params(models: tuple[str, ...], pairs: tuple[str, ...]) -> dict[
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="JSON report file, rewritten every 5 s")
 @click.option("--metrics-port", type=int, help="Prometheus port [settings.metrics_port]")
 @click.option("--no-feature-store", is_flag=True, help="do not write the Redis feature store")
-@click.option("--warmup-events", type=click.IntRange(min=0), default=100_000, show_default=True,
-              help="per partition: earlier records re-read (not learned) on start, for histories and sessions")
+@click.option("--warmup-events", type=click.IntRange(min=0), default=300_000, show_default=True,
+              help="earlier records re-read (not learned) on start, over all partitions: histories and sessions")
 @click.option("--json", "as_json", is_flag=True, help="print the final report as JSON")
 @click.pass_context
 def train_online(ctx: click.Context, models: tuple[str, ...], pairs: tuple[str, ...], batch_events: int,

@@ -111,7 +111,7 @@ class TrainerConfig:
     report_path: str | None = None  # JSON report rewritten every report_every_seconds and at exit
     report_every_seconds: float = 5.0
     dedup_window_events: int = 65_536  # per partition: an event id seen this many offsets back is a duplicate
-    warmup_events: int = 100_000  # per partition: records before a resume point re-read (not learned) after a restart
+    warmup_events: int = 300_000  # records before the resume points re-read (not learned) on start, split over the partitions
 
 
 @dataclass
@@ -219,8 +219,9 @@ class OnlineTrainer:
         """Re-read what this process has not seen before the resume points (warmup.py: histories
         and sessions, nothing learned). A broker that cannot serve it costs live metrics, not
         learning: the trainer goes on, with a warning."""
+        per_partition = -(-self.config.warmup_events // len(partitions))
         ranges = warmup_ranges({tp: self._positions[tp] for tp in partitions}, self._evaluated_to,
-                               {tp: self._floors[offset_key(*tp)] for tp in partitions}, self.config.warmup_events)
+                               {tp: self._floors[offset_key(*tp)] for tp in partitions}, per_partition)
         if not ranges:
             return
         try:

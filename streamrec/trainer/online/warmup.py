@@ -13,9 +13,11 @@ MovieLens events (`streamrec chaos --events 20000 --rate 200 --seed 0`: 5 traine
 faults) the live hr@10 was 0.077 against 0.107 for the undisturbed run in CI, and 0.088 against
 0.108 here; with the warm-up, 0.097 against 0.092 (runs without faults alone vary by ~0.015).
 
-So a process re-reads, for each partition it is given, up to `warmup_events` records before the
-resume point that it has not read itself (a partition it owned before and is given back after a
-rebalance needs only what it has not seen), and passes them to those caches. Nothing is pushed,
+So a process re-reads the records before the resume points of the partitions it is given, up to
+`warmup_events` in all (300,000: a few seconds; split evenly over the partitions), except what it
+has read itself (a partition it owned before and is given back after a rebalance needs only what
+it has not seen), and passes them to those caches. The scorer and the sessions remember at most
+100,000 users anyway. Nothing is pushed,
 committed, dead-lettered or written to the feature store: every store holds these events already.
 """
 
