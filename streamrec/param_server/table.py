@@ -38,7 +38,7 @@ from streamrec.param_server.admission import DEFAULT_WIDTH, CountMinSketch, Sigh
 from streamrec.param_server.defaults import DEFAULT_MAX_ROWS
 from streamrec.param_server.keyindex import KeyIndex
 from streamrec.param_server.keys import Keys, KeyType, KeyWords, mix64
-from streamrec.param_server.memory import reserve
+from streamrec.param_server.memory import COMMITTER, commit_rows, reserve
 from streamrec.param_server.optimizers import OptimizerSpec, RowOptimizer
 from streamrec.param_server.snapshot import BlockSnapshot
 
@@ -49,6 +49,8 @@ MAX_WIDTH = 8192  # floats per row: a wider table turns a small pull into a huge
 MAX_ADMISSION_WIDTH = 1 << 22  # counters per sketch row: 64 MB of sketch at the default depth
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 INIT_CHUNK = 256  # ids per step of initial_values: its temporaries stay in the CPU cache
+COMMIT_AHEAD_BYTES = 32 << 20  # most block memory committed ahead of the rows in use (`Table._ahead`)
+MIN_COMMIT_ROWS = 1024
 
 
 class TableFullError(RuntimeError):
@@ -178,6 +180,8 @@ class Table:
             self.arena_used = 0
             self.arena_garbage = 0
         self.size = 0  # rows ever handed out (high-water mark); live rows = index.live
+        self.committed_rows = 0  # rows whose memory is committed or being committed (`_commit_ahead`)
+        self._commit_step = max(1, COMMIT_AHEAD_BYTES // self.block.strides[0])
         self.free_rows = np.empty(0, np.int64)
         self.index = KeyIndex(self.row_key, self.row_slot)
         self.sketch = CountMinSketch(spec.admission_width) if spec.min_count > 1 else None
@@ -251,7 +255,36 @@ class Table:
         self.free_rows = self.free_rows[: self.free_rows.size - reused.size]
         fresh = np.arange(self.size, self.size + count - reused.size, dtype=np.int64)
         self.size += fresh.size
+        if self.size + self._ahead() // 2 > self.committed_rows:
+            self._commit_ahead()
         return np.concatenate([reused, fresh])
+
+    def _ahead(self) -> int:
+        """Rows to commit ahead: as many as are in use (at least MIN_COMMIT_ROWS, at most
+        COMMIT_AHEAD_BYTES of block), so a small table never holds much memory it does not use
+        (a client creating many tables cannot multiply it) and a large one grows in big steps."""
+        return min(self._commit_step, max(MIN_COMMIT_ROWS, self.size))
+
+    def _commit_ahead(self, wait: bool = False) -> None:
+        """Have the memory of the next `_ahead()` rows past the high-water mark committed on the
+        background thread (`memory.COMMITTER`), half a step before the rows are reached, so new
+        rows are written to committed pages instead of faulting page by page under the GIL;
+        `wait`: commit here and now."""
+        start = max(self.committed_rows, self.size)
+        stop = min(self.spec.max_rows, self.size + self._ahead())
+        if wait:
+            for array in self._row_arrays():
+                commit_rows(array, start, stop)
+        else:
+            COMMITTER.submit(self._row_arrays(), start, stop)
+        self.committed_rows = stop
+
+    def _row_arrays(self) -> list[np.ndarray]:
+        """Every array with one entry per row (all reserved for max_rows)."""
+        arrays = [self.block, self.row_key, self.row_version, self.row_time, self.row_slot, self._scratch]
+        if self.spec.key_type == "str":
+            arrays += [self.row_key_start, self.row_key_len]
+        return arrays
 
     def _store_key_words(self, rows: np.ndarray, words: KeyWords) -> None:
         """Append compact `words` to the arena (doubling it when full) and point rows at them."""
@@ -575,6 +608,7 @@ class Table:
             raise ValueError(f"table {spec.name!r}: {size} rows do not fit max_rows={spec.max_rows}")
         table = Table(spec, start_version)
         table.size = size
+        table._commit_ahead(wait=True)  # the copies below then write to committed pages
         expected = {"block": (size, table.block.shape[1])} | {
             name: (size,) for name in ("row_key", "row_version", "row_time", "row_key_start", "row_key_len") if hasattr(table, name)
         }
