@@ -24,6 +24,9 @@ from streamrec.serving.sweep import find_saturation, passes
 
 class QuietHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
+    # the load opens up to ~150 connections at once: with socketserver's backlog of 5 a starved
+    # accept loop let the kernel drop SYNs, and a retried connect made a rare error (CI, 1 of 150)
+    request_queue_size = 512
 
     def handle_error(self, request: object, client_address: object) -> None:
         """A client that gave up (the timeout test) resets its connection: expected here."""
@@ -86,7 +89,8 @@ def test_latency_counts_queueing_behind_a_slow_server() -> None:
     # requests of the measured window waited behind 25..75 others
     assert result["p50_ms"] > 5 * 20
     assert result["p99_ms"] >= result["p50_ms"]
-    assert result["errors"] == 0 and accounted(result)
+    assert result["errors"] == 0 and accounted(result), {k: result[k] for k in ("broken", "timeouts", "dropped",
+                                                                             "error_statuses", "peak_connections")}
 
 
 def test_errors_are_counted_apart_from_the_achieved_rate() -> None:
