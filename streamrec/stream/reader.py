@@ -3,8 +3,8 @@
 Batch refits build their training log this way (`read_log`), and so do tools that inspect the
 dead-letter topic. The end is fixed when reading starts (fetch high-water marks, see
 `streamrec.stream.topics.end_offsets`), so a topic that keeps growing still yields a finite read.
-`read_ranges` reads known offset ranges in chunks: the feature-store rebuild and the trainer's
-warm-up after a restart re-read the topic that way.
+`read_ranges` reads known offset ranges in chunks: `read_records`, the feature-store rebuild and
+the trainer's warm-up after a restart read the topic through it.
 """
 
 from __future__ import annotations
@@ -27,29 +27,14 @@ def read_records(
     """Every record of `topic` present when called, ordered by (partition, offset)."""
     partitions = partitions_of(bootstrap, topic)
     bounds = end_offsets(bootstrap, topic, partitions)
-    remaining = {p: e for p, (b, e) in bounds.items() if e > b}
     records: list[Record] = []
-    if not remaining:
-        return records
-    consumer = make_consumer(bootstrap, client)
-    try:
-        consumer.assign([(topic, p) for p in remaining])
-        for p in remaining:
-            consumer.seek((topic, p), bounds[p][0])
-        deadline = time.monotonic() + timeout_s
-        while remaining:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{topic}: partitions {sorted(remaining)} not read to their end in {timeout_s}s")
-            batch = consumer.poll(max_records=10_000, timeout_s=0.5)
-            kept = [r for r in batch if r.partition in remaining and r.offset < remaining[r.partition]]
-            records.extend(kept)
-            if progress:
-                progress(len(kept))
-            for r in kept:
-                if r.offset + 1 >= remaining[r.partition]:
-                    del remaining[r.partition]
-    finally:
-        consumer.close()
+    deadline = time.monotonic() + timeout_s
+    for chunk in read_ranges(bootstrap, {(topic, p): bound for p, bound in bounds.items()}, client, 10_000, timeout_s):
+        records.extend(chunk)
+        if progress:
+            progress(len(chunk))
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{topic}: not read to its end in {timeout_s}s")
     records.sort(key=lambda r: (r.partition, r.offset))
     return records
 
