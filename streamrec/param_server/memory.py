@@ -76,10 +76,11 @@ def commit_rows(array: np.ndarray, start: int, stop: int) -> None:
     whole huge pages (by address: a range cut inside one would leave it to 4 KiB pages); a
     smaller one in whole 4 KiB pages."""
     global _MADVISE
-    if _MADVISE is None or _region(array) is None or stop <= start:
+    region = _region(array)
+    if _MADVISE is None or region is None or stop <= start:
         return
     row_bytes, address = array.strides[0], array.ctypes.data
-    end = address + len(_region(array))
+    end = address + len(region)
     page = _HUGE_PAGE if (stop - start) * row_bytes >= _HUGE_PAGE else mmap.PAGESIZE
     first = max(address, (address + start * row_bytes) // page * page)
     last = min(end, -(-(address + stop * row_bytes) // page) * page)

@@ -43,7 +43,6 @@ def test_a_dropped_table_frees_its_memory_although_the_committer_saw_it():
     table = Table(TableSpec("t", 256, max_rows=1 << 20))
     table._allocate(200_000)  # ~400 MB of block in use, and its next rows submitted
     table.block[: table.size] = 1.0
-    memory.COMMITTER._jobs.put(([], 0, 0))  # a marker: the thread has finished the table's job
     peak = resident_bytes()
     del table
     deadline = time.monotonic() + 10

@@ -17,8 +17,8 @@ So a process re-reads the records before the resume points of the partitions it 
 `warmup_events` in all (300,000: a few seconds; split evenly over the partitions), except what it
 has read itself (a partition it owned before and is given back after a rebalance needs only what
 it has not seen), and passes them to those caches. The scorer and the sessions remember at most
-100,000 users anyway. Nothing is pushed,
-committed, dead-lettered or written to the feature store: every store holds these events already.
+100,000 users anyway. Nothing is pushed, committed, dead-lettered or written to the feature store:
+every store holds these events already.
 """
 
 from __future__ import annotations
