@@ -1,44 +1,85 @@
-"""The hand-written SVD++ / timeSVD++ / integrated-model gradients equal autograd's."""
+"""One step of the compiled SGD epoch (`sgd_kernels.factor_epoch`) moves every table by its learning
+rate times autograd's gradient of the step's summed loss: biased MF, SVD++, timeSVD++ and the
+integrated model, on a mini-batch with repeated users and items."""
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
 
-from streamrec.trainer.models.svdpp import batch_gradients, batch_loss, implicit_matrices
+from streamrec.trainer.models.sgd_kernels import RatingRows, implicit_rows, run_epoch
 
 N_USERS, N_ITEMS, K, BINS, NB = 7, 9, 4, 3, 5
-REG_B, REG_F = 0.005, 0.015
-REG_T = {"au": 50.0, "Ap": 50.0, "but": 0.1, "bit": 0.1, "W": 0.015}
+RATES = np.array([0.01, 0.02, 0.003, 0.004, 0.005])  # bias, factor, drift, time bin, neighbour weight
+REGS = np.array([0.005, 0.015, 50.0, 0.1, 0.015])
+MU = 3.5
 
 
-def _setup(time_aware: bool, neighbours: bool):
-    gen = torch.Generator().manual_seed(0)
+def step_loss(theta: dict[str, torch.Tensor], rows: RatingRows, binary: np.ndarray, implicit: bool) -> torch.Tensor:
+    """The survey's per-rating loss summed over the step: 1/2 e^2 + the regularisation of every
+    parameter the rating touches (y_j for j in I_u, time and neighbour terms when present)."""
+    u, i = torch.from_numpy(rows.users), torch.from_numpy(rows.items)
+    pu = theta["P"][u]
+    bias = theta["bu"][u] + theta["bi"][i]
+    reg_b, reg_f, reg_a, reg_bin, reg_w = REGS
+    loss = 0.5 * reg_b * ((theta["bu"][u] ** 2) + (theta["bi"][i] ** 2)).sum()
+    loss = loss + 0.5 * reg_f * ((theta["P"][u] ** 2).sum() + (theta["Q"][i] ** 2).sum())
+    if len(rows.dev):
+        dev, b = torch.from_numpy(rows.dev), torch.from_numpy(rows.bins)
+        pu = pu + theta["Ap"][u] * dev[:, None]
+        bias = bias + theta["au"][u] * dev + theta["but"][u, b] + theta["bit"][i, b]
+        loss = loss + 0.5 * (reg_a * ((theta["au"][u] ** 2).sum() + (theta["Ap"][u] ** 2).sum())
+                             + reg_bin * ((theta["but"][u, b] ** 2).sum() + (theta["bit"][i, b] ** 2).sum()))
+    if len(rows.nb_res):
+        res, has, norm = (torch.from_numpy(a) for a in (rows.nb_res, rows.nb_has, rows.nb_norm))
+        bias = bias + norm * (res * theta["W"][i] + has * theta["C"][i]).sum(1)
+        loss = loss + 0.5 * reg_w * ((theta["W"][i] ** 2 + theta["C"][i] ** 2) * has).sum()
+    user = pu
+    if implicit:
+        member = torch.from_numpy(binary)[u]  # (ratings, items): j in I_u
+        scale = 1 / torch.sqrt(member.sum(1, keepdim=True))
+        user = user + scale * (member @ theta["Y"])
+        loss = loss + 0.5 * reg_f * (member * (theta["Y"] ** 2).sum(1)[None, :]).sum()
+    pred = MU + bias + (theta["Q"][i] * user).sum(1)
+    return loss + 0.5 * ((torch.from_numpy(rows.ratings) - pred) ** 2).sum()
+
+
+@pytest.mark.parametrize("implicit,time_aware,neighbours",
+                         [(False, False, False), (True, False, False), (True, True, False), (True, False, True)],
+                         ids=["biased-mf", "svdpp", "timesvdpp", "integrated"])
+def test_a_step_moves_each_table_by_its_rate_times_the_autograd_gradient(implicit, time_aware, neighbours):
     rng = np.random.default_rng(0)
-    binary = sp.csr_matrix((rng.random((N_USERS, N_ITEMS)) < 0.5).astype(float))
-    N, NT, BT = (t.to(torch.float64) for t in implicit_matrices(binary))
-    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
-    theta = {"bu": rand(N_USERS), "bi": rand(N_ITEMS), "P": rand(N_USERS, K), "Q": rand(N_ITEMS, K), "Y": rand(N_ITEMS, K)}
-    u = torch.tensor([0, 1, 1, 3, 6, 0, 2])  # repeated users and items, as in a real mini-batch
-    i = torch.tensor([2, 2, 5, 8, 0, 2, 4])
-    batch = {"u": u, "i": i, "r": rand(len(u)) + 3.0, "mu": torch.tensor(3.5, dtype=torch.float64)}
+    binary = (rng.random((N_USERS, N_ITEMS)) < 0.5).astype(np.float64)
+    binary[np.arange(N_USERS), np.arange(N_USERS)] = 1.0  # every user rated something
+    users = np.array([0, 1, 1, 3, 6, 0, 2])  # repeated users and items, as in a real mini-batch
+    items = np.array([2, 2, 5, 8, 0, 2, 4])
+    rows = RatingRows(users, items, rng.normal(3.0, 1.0, len(users)))
+    theta = {"bu": rng.normal(size=N_USERS), "bi": rng.normal(size=N_ITEMS),
+             "P": rng.normal(size=(N_USERS, K)), "Q": rng.normal(size=(N_ITEMS, K))}
+    if implicit:
+        theta["Y"] = rng.normal(size=(N_ITEMS, K))
     if time_aware:
-        theta |= {"au": rand(N_USERS), "Ap": rand(N_USERS, K), "but": rand(N_USERS, BINS), "bit": rand(N_ITEMS, BINS)}
-        batch |= {"dev": rand(len(u)), "bin": torch.tensor([0, 1, 1, 2, 0, 0, 2])}
+        theta |= {"au": rng.normal(size=N_USERS), "Ap": rng.normal(size=(N_USERS, K)),
+                  "but": rng.normal(size=(N_USERS, BINS)), "bit": rng.normal(size=(N_ITEMS, BINS))}
+        rows = RatingRows(users, items, rows.ratings, dev=rng.normal(size=len(users)),
+                          bins=np.array([0, 1, 1, 2, 0, 0, 2]))
     if neighbours:
-        theta |= {"W": rand(N_ITEMS, NB), "C": rand(N_ITEMS, NB)}
-        has = (torch.rand(len(u), NB, generator=gen) < 0.6).to(torch.float64)
-        batch |= {"nb_res": rand(len(u), NB) * has, "nb_has": has, "nb_norm": 1 / torch.sqrt(has.sum(1).clamp(min=1))}
-    return theta, batch, N, NT, BT
+        theta |= {"W": rng.normal(size=(N_ITEMS, NB)), "C": rng.normal(size=(N_ITEMS, NB))}
+        has = (rng.random((len(users), NB)) < 0.6).astype(np.float64)
+        rows = RatingRows(users, items, rows.ratings, nb_res=rng.normal(size=(len(users), NB)) * has, nb_has=has,
+                          nb_norm=1 / np.sqrt(np.maximum(has.sum(1), 1)))
+    leaves = {name: torch.tensor(value, requires_grad=True) for name, value in theta.items()}
+    step_loss(leaves, rows, binary, implicit).backward()
+    rate = {"bu": 0, "bi": 0, "P": 1, "Q": 1, "Y": 1, "au": 2, "Ap": 2, "but": 3, "bit": 3, "W": 4, "C": 4}
+    expected = {name: value - RATES[rate[name]] * leaves[name].grad.numpy() for name, value in theta.items()}
 
+    moved = {name: value.copy() for name, value in theta.items()}
+    lists = None
+    if implicit:  # the kernel's lists, with |I_u|^-1/2 in double precision as the test's tables
+        indptr, indices, _ = implicit_rows(sp.csr_matrix(binary))
+        lists = (indptr, indices, 1 / np.sqrt(binary.sum(1)))
+    run_epoch(np.arange(len(users)), len(users), rows, MU, moved, lists, RATES, REGS)
 
-@pytest.mark.parametrize("time_aware,neighbours", [(False, False), (True, False), (False, True)],
-                         ids=["svdpp", "timesvdpp", "integrated"])
-def test_gradients_match_autograd(time_aware, neighbours):
-    theta, batch, N, NT, BT = _setup(time_aware, neighbours)
-    ours = batch_gradients(theta, batch, N, NT, BT, REG_B, REG_F, REG_T)
-    leaves = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
-    batch_loss(leaves, batch, N, REG_B, REG_F, REG_T).backward()
-    assert set(ours) == set(leaves)
-    for name, leaf in leaves.items():
-        torch.testing.assert_close(ours[name], leaf.grad, rtol=1e-6, atol=1e-6, msg=name)
+    for name in theta:
+        np.testing.assert_allclose(moved[name], expected[name], rtol=1e-9, atol=1e-12, err_msg=name)
+        assert not np.allclose(moved[name], theta[name]), f"{name} did not move"

@@ -18,7 +18,7 @@ from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.base import Capabilities, Recommender
 from streamrec.trainer.models.combiners import BoostedTrees, RidgeCombiner
 
-DEFAULT_MEMBERS = "mf-sgd,svdpp,item-knn,user-knn,rbm,neighborhood-factor"
+DEFAULT_MEMBERS = "mf-sgd,svdpp,item-knn,user-knn,neighborhood-factor"
 
 
 class BlendParams(ModelParams):

@@ -6,17 +6,21 @@ neighborhood"):
 
 R^k(i;u) = the user's rated items among the k items most similar to i (shrunk Pearson on
 baseline residuals); b_uj are fixed baseline predictors. Trained with the SVD++ machinery
-(`svdpp.batch_gradients` handles the neighbour terms); w, c get Koren's smaller step (0.001).
+(`sgd_kernels.factor_epoch` has the neighbour terms); w, c get Koren's smaller step (0.001).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
+from streamrec.core.params import FloatRange, IntRange, space
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.base import Capabilities
 from streamrec.trainer.models.neighbors import baselines, similarity, truncate_top_k
+from streamrec.trainer.models.sgd_kernels import RatingRows
 from streamrec.trainer.models.svdpp import SVDpp, SVDppParams
 
 
@@ -40,6 +44,8 @@ class IntegratedModel(SVDpp):
     name = "neighborhood-factor"
     capabilities = Capabilities(explicit=True)
     Params = IntegratedParams
+    search_space = space(**SVDpp.search_space, neighbors=IntRange(10, 100, log=True),
+                         lr_w=FloatRange(1e-4, 1e-2, log=True), reg_w=FloatRange(1e-3, 0.1, log=True))
 
     def _fit(self, data: Interactions) -> None:
         users, items, ratings, _ = data.pair_view()
@@ -71,24 +77,21 @@ class IntegratedModel(SVDpp):
         norm = np.where(count > 0, 1.0 / np.sqrt(np.maximum(count, 1)), 0.0)
         return {"nb_res": res, "nb_has": has.astype(np.float64), "nb_norm": norm}
 
-    def _init_theta(self, data: Interactions, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def _init_theta(self, data: Interactions, gen: torch.Generator) -> dict[str, np.ndarray]:
         k = self.params["neighbors"]
         return super()._init_theta(data, gen) | {
-            "W": torch.zeros(data.n_items, k), "C": torch.zeros(data.n_items, k),
+            "W": np.zeros((data.n_items, k), np.float32), "C": np.zeros((data.n_items, k), np.float32),
         }
 
-    def _time_regs(self) -> dict[str, float]:
-        return {"W": self.params["reg_w"]}
+    def _rates_and_regs(self) -> tuple[list[float], list[float]]:
+        rates, regs = super()._rates_and_regs()
+        rates[4], regs[4] = self.params["lr_w"], self.params["reg_w"]
+        return rates, regs
 
-    def _learning_rates(self) -> dict[str, float]:
-        return super()._learning_rates() | {"W": self.params["lr_w"], "C": self.params["lr_w"]}
-
-    def _batch_data(self, data: Interactions) -> dict[str, torch.Tensor]:
+    def _rating_rows(self, data: Interactions) -> RatingRows:
         users, items, _, _ = data.pair_view()
-        extra = self._neighbour_inputs(users, items)
-        return super()._batch_data(data) | {
-            name: torch.from_numpy(value.astype(np.float32)) for name, value in extra.items()
-        }
+        extra = {name: value.astype(np.float32) for name, value in self._neighbour_inputs(users, items).items()}
+        return replace(super()._rating_rows(data), **extra)
 
     def _time_terms(self, users, items, timestamps) -> tuple[np.ndarray, np.ndarray]:
         extra = self._neighbour_inputs(users, items)

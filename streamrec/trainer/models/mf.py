@@ -8,12 +8,8 @@ import torch
 from streamrec.core.params import FloatRange, IntRange, ModelParams, space
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.base import Capabilities, Recommender
-from streamrec.trainer.models.sgd import (
-    gather_or_zero,
-    generator,
-    shuffled_batches,
-    single_threaded,
-)
+from streamrec.trainer.models.sgd import gather_or_zero, generator
+from streamrec.trainer.models.sgd_kernels import RatingRows, run_epoch
 
 
 class BiasedMFParams(ModelParams):
@@ -29,7 +25,8 @@ class BiasedMFParams(ModelParams):
 
 
 class BiasedMF(Recommender):
-    """Funk/Koren biased MF. Per-sample SGD rules of the survey, applied over mini-batches:
+    """Funk/Koren biased MF. Per-sample SGD rules of the survey, applied over mini-batches
+    (`sgd_kernels.factor_epoch` without the implicit, time and neighbour parts):
 
     b_u += lr (e - reg b_u); b_i += lr (e - reg b_i); p_u += lr (e q_i - reg p_u); q_i += lr (e p_u - reg q_i)
     """
@@ -40,28 +37,22 @@ class BiasedMF(Recommender):
     search_space = space(factors=IntRange(10, 200, log=True), epochs=IntRange(10, 60),
                     lr=FloatRange(1e-3, 0.05, log=True), reg=FloatRange(1e-3, 0.2, log=True))
 
-    @single_threaded()
     def _fit(self, interactions: Interactions) -> None:
         p = self.params
         gen = generator(p["seed"])
         users, items, ratings, _ = interactions.pair_view()
-        u, i = torch.from_numpy(users), torch.from_numpy(items)
-        r = torch.from_numpy(ratings.astype(np.float32))
-        n_users, n_items, k = interactions.n_users, interactions.n_items, p["factors"]
-        P = torch.randn(n_users, k, generator=gen) * p["init_std"]
-        Q = torch.randn(n_items, k, generator=gen) * p["init_std"]
-        bu, bi = torch.zeros(n_users), torch.zeros(n_items)
-        mu, lr, reg = float(self.global_mean), p["lr"], p["reg"]
+        rows = RatingRows(users.astype(np.int64), items.astype(np.int64), ratings.astype(np.float32))
+        k = p["factors"]
+        theta = {
+            "P": (torch.randn(interactions.n_users, k, generator=gen) * p["init_std"]).numpy(),
+            "Q": (torch.randn(interactions.n_items, k, generator=gen) * p["init_std"]).numpy(),
+            "bu": np.zeros(interactions.n_users, np.float32), "bi": np.zeros(interactions.n_items, np.float32),
+        }
+        rates, regs = [p["lr"], p["lr"], 0.0, 0.0, 0.0], [p["reg"], p["reg"], 0.0, 0.0, 0.0]
         for _ in range(p["epochs"]):
-            for batch in shuffled_batches(len(r), p["batch_size"], gen):
-                ub, ib = u[batch], i[batch]
-                pu, qi, bub, bib = P[ub], Q[ib], bu[ub], bi[ib]
-                err = r[batch] - (mu + bub + bib + (pu * qi).sum(1))
-                bu.index_add_(0, ub, lr * (err - reg * bub))
-                bi.index_add_(0, ib, lr * (err - reg * bib))
-                P.index_add_(0, ub, lr * (err[:, None] * qi - reg * pu))
-                Q.index_add_(0, ib, lr * (err[:, None] * pu - reg * qi))
-        self.P, self.Q, self.bu, self.bi = P.numpy(), Q.numpy(), bu.numpy(), bi.numpy()
+            order = torch.randperm(len(rows), generator=gen).numpy()
+            run_epoch(order, p["batch_size"], rows, self.global_mean, theta, None, rates, regs)
+        self.P, self.Q, self.bu, self.bi = theta["P"], theta["Q"], theta["bu"], theta["bi"]
 
     def pair_scores(self, users, items, timestamps=None) -> np.ndarray:
         users, items = np.asarray(users), np.asarray(items)

@@ -27,16 +27,6 @@ def generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
 
 
-def shuffled_batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
-    """Index batches covering 0..n-1 once, in a fresh random order.
-
-    Mini-batch updates sum the per-sample SGD steps of the batch (parameters of one batch are
-    updated simultaneously), which is per-sample SGD up to the staleness of one batch.
-    """
-    order = torch.randperm(n, generator=gen)
-    yield from order.split(batch_size)
-
-
 def gather_or_zero(table: np.ndarray, index: np.ndarray) -> np.ndarray:
     """Rows of `table` at `index`, zeros where index is -1 (unknown user or item: no signal)."""
     index = np.asarray(index)

@@ -5,111 +5,25 @@ timeSVD++ adds       b_u(t) = b_u + alpha_u dev_u(t) + b_{u,Bin(t)},  b_i(t) = b
                      p_u(t) = p_u + alpha^p_u dev_u(t),  dev_u(t) = sign(t - t_u) |t - t_u|^beta (days).
 
 Training minimises, per rating, 1/2 e^2 + lambda1/2 (biases^2) + lambda2/2 (|p_u|^2 + |q_i|^2 +
-sum_j |y_j|^2): `batch_gradients` is the exact gradient of that loss summed over a mini-batch (so
-one step = the survey's per-sample updates applied together), with the survey's values: gamma 0.007
-(factors), gamma1 0.005 (biases), lambda2 0.015, lambda1 0.005, learning rates x0.9 per epoch.
-The implicit sums use a sparse |I_u|^-1/2-normalised user x item matrix: no per-rating loops.
+sum_j |y_j|^2): a step applies the exact gradient of that loss summed over a mini-batch (the
+survey's per-sample updates applied together), compiled in `sgd_kernels.factor_epoch`; learning
+rates decay x0.9 per epoch.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 from streamrec.core.params import FloatRange, IntRange, ModelParams, space
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.base import Capabilities, Recommender
-from streamrec.trainer.models.sgd import (
-    gather_or_zero,
-    generator,
-    shuffled_batches,
-    single_threaded,
-    to_torch_csr,
-)
+from streamrec.trainer.models.sgd import gather_or_zero, generator
+from streamrec.trainer.models.sgd_kernels import RatingRows, implicit_rows, run_epoch
 
 DAY = 86400.0
-
-
-def implicit_matrices(binary: sp.csr_matrix) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(N, N^T, B^T): N = rows of the binary matrix scaled by |I_u|^-1/2, B^T = binary transposed."""
-    sizes = np.asarray(binary.sum(axis=1)).ravel()
-    scale = sp.diags(1.0 / np.sqrt(np.maximum(sizes, 1.0)))
-    norm = (scale @ binary).tocsr()
-    return to_torch_csr(norm), to_torch_csr(norm.T.tocsr()), to_torch_csr(binary.T.tocsr())
-
-
-def predict_batch(theta: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], N: torch.Tensor):
-    """Predictions and the intermediate terms the gradients reuse."""
-    u, i = batch["u"], batch["i"]
-    z = torch.sparse.mm(N, theta["Y"])  # (n_users, k) implicit sums; only batch rows are used
-    pu = theta["P"][u]
-    bias = theta["bu"][u] + theta["bi"][i]
-    if "dev" in batch:  # timeSVD++
-        dev = batch["dev"]
-        pu = pu + theta["Ap"][u] * dev[:, None]
-        bias = bias + theta["au"][u] * dev + theta["but"][u, batch["bin"]] + theta["bit"][i, batch["bin"]]
-    if "nb_res" in batch:  # integrated model: learned weights on the item's neighbours
-        bias = bias + batch["nb_norm"] * (
-            batch["nb_res"] * theta["W"][i] + batch["nb_has"] * theta["C"][i]
-        ).sum(1)
-    user = pu + z[u]
-    pred = batch["mu"] + bias + (theta["Q"][i] * user).sum(1)
-    return pred, user
-
-
-def batch_gradients(
-    theta: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], N: torch.Tensor,
-    NT: torch.Tensor, BT: torch.Tensor, reg_b: float, reg_f: float, reg_t: dict[str, float],
-) -> dict[str, torch.Tensor]:
-    """Exact gradient of the mini-batch's summed per-rating loss (see module doc)."""
-    u, i = batch["u"], batch["i"]
-    pred, user = predict_batch(theta, batch, N)
-    e = batch["r"] - pred
-    qi = theta["Q"][i]
-    grads = {name: torch.zeros_like(value) for name, value in theta.items()}
-    grads["bu"].index_add_(0, u, -e + reg_b * theta["bu"][u])
-    grads["bi"].index_add_(0, i, -e + reg_b * theta["bi"][i])
-    grads["P"].index_add_(0, u, -e[:, None] * qi + reg_f * theta["P"][u])
-    grads["Q"].index_add_(0, i, -e[:, None] * user + reg_f * qi)
-    per_user = torch.zeros_like(theta["P"]).index_add_(0, u, -e[:, None] * qi)
-    ratings_per_user = torch.zeros(len(theta["P"]), dtype=e.dtype).index_add_(0, u, torch.ones_like(e))
-    grads["Y"] = torch.sparse.mm(NT, per_user) + reg_f * torch.sparse.mm(
-        BT, ratings_per_user[:, None]
-    ) * theta["Y"]
-    if "dev" in batch:
-        dev, b = batch["dev"], batch["bin"]
-        grads["au"].index_add_(0, u, -e * dev + reg_t["au"] * theta["au"][u])
-        grads["Ap"].index_add_(0, u, -e[:, None] * qi * dev[:, None] + reg_t["Ap"] * theta["Ap"][u])
-        grads["but"].index_put_((u, b), -e + reg_t["but"] * theta["but"][u, b], accumulate=True)
-        grads["bit"].index_put_((i, b), -e + reg_t["bit"] * theta["bit"][i, b], accumulate=True)
-    if "nb_res" in batch:
-        scale, has = (-e * batch["nb_norm"])[:, None], batch["nb_has"]
-        grads["W"].index_add_(0, i, scale * batch["nb_res"] + reg_t["W"] * theta["W"][i] * has)
-        grads["C"].index_add_(0, i, scale * has + reg_t["W"] * theta["C"][i] * has)
-    return grads
-
-
-def batch_loss(theta, batch, N, reg_b: float, reg_f: float, reg_t: dict[str, float]) -> torch.Tensor:
-    """The loss `batch_gradients` differentiates (used by the gradient tests)."""
-    u, i = batch["u"], batch["i"]
-    pred, _ = predict_batch(theta, batch, N)
-    # N's rows hold |I_u|^-1/2 on I_u, so N 1 = |I_u|^1/2 and N |y|^2 = |I_u|^-1/2 sum_j |y_j|^2
-    root_sizes = torch.sparse.mm(N, torch.ones(N.shape[1], 1, dtype=theta["Y"].dtype)).squeeze(1)
-    y_sq = torch.sparse.mm(N, (theta["Y"] ** 2).sum(1, keepdim=True)).squeeze(1) * root_sizes
-    loss = 0.5 * ((batch["r"] - pred) ** 2).sum()
-    loss = loss + 0.5 * reg_b * ((theta["bu"][u] ** 2) + (theta["bi"][i] ** 2)).sum()
-    loss = loss + 0.5 * reg_f * ((theta["P"][u] ** 2).sum() + (theta["Q"][i] ** 2).sum() + y_sq[u].sum())
-    if "dev" in batch:
-        b = batch["bin"]
-        loss = loss + 0.5 * (
-            reg_t["au"] * (theta["au"][u] ** 2).sum() + reg_t["Ap"] * (theta["Ap"][u] ** 2).sum()
-            + reg_t["but"] * (theta["but"][u, b] ** 2).sum() + reg_t["bit"] * (theta["bit"][i, b] ** 2).sum()
-        )
-    if "nb_res" in batch:
-        has = batch["nb_has"]
-        loss = loss + 0.5 * reg_t["W"] * ((theta["W"][i] ** 2 + theta["C"][i] ** 2) * has).sum()
-    return loss
 
 
 class SVDppParams(ModelParams):
@@ -140,48 +54,40 @@ class SVDpp(Recommender):
                     lr=FloatRange(1e-3, 0.02, log=True), lr_bias=FloatRange(1e-3, 0.02, log=True),
                     reg=FloatRange(1e-3, 0.1, log=True), reg_bias=FloatRange(1e-3, 0.1, log=True))
 
-    def _init_theta(self, data: Interactions, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def _init_theta(self, data: Interactions, gen: torch.Generator) -> dict[str, np.ndarray]:
         k, std = self.params["factors"], self.params["init_std"]
         return {
-            "bu": torch.zeros(data.n_users), "bi": torch.zeros(data.n_items),
-            "P": torch.randn(data.n_users, k, generator=gen) * std,
-            "Q": torch.randn(data.n_items, k, generator=gen) * std,
-            "Y": torch.randn(data.n_items, k, generator=gen) * std,
+            "bu": np.zeros(data.n_users, np.float32), "bi": np.zeros(data.n_items, np.float32),
+            "P": (torch.randn(data.n_users, k, generator=gen) * std).numpy(),
+            "Q": (torch.randn(data.n_items, k, generator=gen) * std).numpy(),
+            "Y": (torch.randn(data.n_items, k, generator=gen) * std).numpy(),
         }
 
-    def _time_regs(self) -> dict[str, float]:
-        return {}
-
-    def _learning_rates(self) -> dict[str, float]:
+    def _rates_and_regs(self) -> tuple[list[float], list[float]]:
+        """Learning rates and regularisation of the bias, factor, drift, time-bin and
+        neighbour-weight tables (`sgd_kernels.factor_epoch`'s order)."""
         p = self.params
-        return {"bu": p["lr_bias"], "bi": p["lr_bias"], "P": p["lr"], "Q": p["lr"], "Y": p["lr"]}
+        return [p["lr_bias"], p["lr"], 0.0, 0.0, 0.0], [p["reg_bias"], p["reg"], 0.0, 0.0, 0.0]
 
-    def _batch_data(self, data: Interactions) -> dict[str, torch.Tensor]:
+    def _rating_rows(self, data: Interactions) -> RatingRows:
         users, items, ratings, _ = data.pair_view()
-        return {
-            "u": torch.from_numpy(users), "i": torch.from_numpy(items),
-            "r": torch.from_numpy(ratings.astype(np.float32)),
-        }
+        return RatingRows(users.astype(np.int64), items.astype(np.int64), ratings.astype(np.float32))
 
-    @single_threaded()
     def _fit(self, data: Interactions) -> None:
         p = self.params
         gen = generator(p["seed"])
         theta = self._init_theta(data, gen)
-        N, NT, BT = implicit_matrices(data.binary())
-        rows = self._batch_data(data)
-        mu = torch.tensor(float(self.global_mean))
-        rates = self._learning_rates()
-        regs_t = self._time_regs()
+        binary = data.binary()
+        implicit = implicit_rows(binary)
+        rows = self._rating_rows(data)
+        rates, regs = (np.asarray(v, np.float64) for v in self._rates_and_regs())
         for _ in range(p["epochs"]):
-            for idx in shuffled_batches(len(rows["r"]), p["batch_size"], gen):
-                batch = {name: col[idx] for name, col in rows.items()} | {"mu": mu}
-                grads = batch_gradients(theta, batch, N, NT, BT, p["reg_bias"], p["reg"], regs_t)
-                for name, grad in grads.items():
-                    theta[name] -= rates[name] * grad
-            rates = {name: rate * p["lr_decay"] for name, rate in rates.items()}
-        self.theta = {name: value.numpy() for name, value in theta.items()}
-        self.z = torch.sparse.mm(N, theta["Y"]).numpy()  # implicit part of each user's vector
+            order = torch.randperm(len(rows), generator=gen).numpy()
+            run_epoch(order, p["batch_size"], rows, self.global_mean, theta, implicit, rates, regs)
+            rates = rates * p["lr_decay"]
+        self.theta = theta
+        # implicit part of each user's vector: |I_u|^-1/2 sum of y_j over the user's items
+        self.z = ((binary.multiply(implicit[2][:, None])).tocsr() @ theta["Y"]).astype(np.float32)
 
     def _time_terms(self, users: np.ndarray, items: np.ndarray, timestamps) -> tuple[np.ndarray, np.ndarray]:
         """Extra bias and user-factor offset at time t (none for SVD++)."""
@@ -255,30 +161,24 @@ class TimeSVDpp(SVDpp):
         bins = np.clip(((days - self.t_start) / span * self.params["bins"]).astype(np.int64), 0, self.params["bins"] - 1)
         return dev, bins
 
-    def _init_theta(self, data: Interactions, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def _init_theta(self, data: Interactions, gen: torch.Generator) -> dict[str, np.ndarray]:
         theta = super()._init_theta(data, gen)
         k, bins = self.params["factors"], self.params["bins"]
         return theta | {
-            "au": torch.zeros(data.n_users), "Ap": torch.zeros(data.n_users, k),
-            "but": torch.zeros(data.n_users, bins), "bit": torch.zeros(data.n_items, bins),
+            "au": np.zeros(data.n_users, np.float32), "Ap": np.zeros((data.n_users, k), np.float32),
+            "but": np.zeros((data.n_users, bins), np.float32), "bit": np.zeros((data.n_items, bins), np.float32),
         }
 
-    def _time_regs(self) -> dict[str, float]:
+    def _rates_and_regs(self) -> tuple[list[float], list[float]]:
         p = self.params
-        return {"au": p["reg_alpha"], "Ap": p["reg_alpha"], "but": p["reg_bin"], "bit": p["reg_bin"]}
+        rates, regs = super()._rates_and_regs()
+        rates[2:4], regs[2:4] = [p["lr_alpha"], p["lr_bin"]], [p["reg_alpha"], p["reg_bin"]]
+        return rates, regs
 
-    def _learning_rates(self) -> dict[str, float]:
-        p = self.params
-        return super()._learning_rates() | {
-            "au": p["lr_alpha"], "Ap": p["lr_alpha"], "but": p["lr_bin"], "bit": p["lr_bin"],
-        }
-
-    def _batch_data(self, data: Interactions) -> dict[str, torch.Tensor]:
+    def _rating_rows(self, data: Interactions) -> RatingRows:
         users, _, _, stamps = data.pair_view()
         dev, bins = self._dev_and_bin(users, stamps)
-        return super()._batch_data(data) | {
-            "dev": torch.from_numpy(dev.astype(np.float32)), "bin": torch.from_numpy(bins),
-        }
+        return replace(super()._rating_rows(data), dev=dev.astype(np.float32), bins=bins.astype(np.int64))
 
     def _time_terms(self, users, items, timestamps) -> tuple[np.ndarray, np.ndarray]:
         if timestamps is None:  # no time given: the static part of the model
