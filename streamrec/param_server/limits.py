@@ -57,11 +57,21 @@ class ConnectionGate:
             return authenticated, len(self._open) - authenticated
 
     def admit(self, sock: socket.socket) -> bool:
-        """Take an unauthenticated slot for a new connection; False: refuse it."""
+        """Take an unauthenticated slot for a new connection (False: closing, refuse it). With
+        every slot taken, the oldest connection still to say hello is shut down for it, so idle
+        connections only push each other out: refusing the newcomer instead let a burst of idle
+        sockets waiting in the listen backlog lock out a client that says hello at once."""
         with self._lock:
-            unauthenticated = len(self._open) - sum(self._open.values())
-            if self._closing or unauthenticated >= self.limits.max_unauthenticated:
+            if self._closing:
                 return False
+            waiting = [other for other, authenticated in self._open.items() if not authenticated]
+            if len(waiting) >= self.limits.max_unauthenticated:
+                oldest = waiting[0]  # dicts keep insertion order: the longest waiting
+                del self._open[oldest]
+                try:  # its handler thread's read returns at once and ends the connection
+                    oldest.shutdown(socket.SHUT_RDWR)
+                except OSError:  # already closed by its peer or its handler
+                    pass
             self._open[sock] = False
             return True
 

@@ -57,10 +57,14 @@ class _Handler(socketserver.BaseRequestHandler):
 class _TCPServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     daemon_threads = True
+    # socketserver listens with a backlog of 5: when every trainer and serving worker reconnects at
+    # once (a restarted shard) the kernel drops the extra SYNs and those clients wait 1-3 s to retry
+    request_queue_size = socket.SOMAXCONN
     param_server: ParamServer
 
     def verify_request(self, request: socket.socket, client_address: object) -> bool:  # type: ignore[override]
-        """Refuse (close) a connection beyond the unauthenticated limit before starting its thread."""
+        """Admit a connection before starting its thread (`ConnectionGate.admit`: beyond the
+        unauthenticated limit the oldest connection still to say hello makes room)."""
         return self.param_server.gate.admit(request)
 
     def shutdown_request(self, request: socket.socket) -> None:  # type: ignore[override]

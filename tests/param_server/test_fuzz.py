@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from streamrec.param_server import protocol
 from streamrec.param_server.client import ParamClient, ParamServerError
+from streamrec.param_server.limits import ConnectionGate, ServerLimits
 from tests.param_server.conftest import ServerProcess, StartServer
 
 TOKEN = "s3cret-token"
@@ -129,6 +130,31 @@ def test_unauthenticated_connections_cannot_lock_out_a_client(good_server: Serve
     assert idle[0].recv(1) == b""  # closed by the server at the auth deadline
     for sock in idle:
         sock.close()
+
+
+def test_a_full_set_of_unauthenticated_slots_makes_room_by_closing_the_oldest() -> None:
+    """The gate itself: with its unauthenticated slots full, a newcomer is admitted and the
+    connection that has waited longest is shut down (its peer reads end-of-stream); authenticated
+    connections are never the ones pushed out."""
+    gate = ConnectionGate(ServerLimits(max_unauthenticated=2))
+    pairs = [socket.socketpair() for _ in range(4)]
+    try:
+        server_ends, peers = [a for a, _ in pairs], [b for _, b in pairs]
+        assert gate.admit(server_ends[0]) and gate.promote(server_ends[0])  # said hello
+        assert gate.admit(server_ends[1]) and gate.admit(server_ends[2])
+        assert gate.counts() == (1, 2)
+        assert gate.admit(server_ends[3])
+        assert gate.counts() == (1, 2)
+        peers[1].settimeout(2)
+        assert peers[1].recv(1) == b""  # the oldest waiting one was closed for the newcomer
+        for survivor in (peers[0], peers[2], peers[3]):
+            survivor.setblocking(False)
+            with pytest.raises(BlockingIOError):  # still open: nothing to read, no end-of-stream
+                survivor.recv(1)
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
 
 
 def test_bad_values_get_error_replies(good_server: ServerProcess) -> None:
