@@ -163,6 +163,7 @@ def tune(protocol: str, model: str, params: list[str] | tuple[str, ...], data: s
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=3))
     started = time.perf_counter()
     default_value = objective({}, lambda value, step: False)  # the defaults, outside the search space's bounds too
+    defaults_seconds = time.perf_counter() - started
     print(f"tune {model}: defaults {metric}={default_value:.4f}", file=sys.stderr)
 
     def run_trial(trial: optuna.Trial) -> float:
@@ -201,6 +202,9 @@ def tune(protocol: str, model: str, params: list[str] | tuple[str, ...], data: s
         "test": {"tuned": final(winner), "default": final({})},
         "trials": {"completed": len(complete), "total": len(study.trials),
                    "pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials),
-                   "failed": sum(t.state == optuna.trial.TrialState.FAIL for t in study.trials)},
-        "search_seconds": search_seconds, "budget_seconds": budget_seconds, "seed": seed,
+                   "failed": sum(t.state == optuna.trial.TrialState.FAIL for t in study.trials),
+                   # a budget stops new trials only: the search overruns it by up to the longest one
+                   "longest_seconds": max((t.duration.total_seconds() for t in study.trials if t.duration), default=0.0)},
+        "search_seconds": search_seconds, "defaults_seconds": defaults_seconds, "budget_seconds": budget_seconds,
+        "seed": seed,
     }
