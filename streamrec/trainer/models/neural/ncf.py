@@ -12,6 +12,7 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 
 from streamrec.trainer.interactions import Interactions
@@ -71,6 +72,15 @@ class NCFParams(NeuralParams):
     batch_size: int = 2048
 
 
+class GMFParams(NCFParams):
+    """NCF's, with L2 on the embedding rows each batch looks up (`embedding_reg`): chosen by
+    `streamrec study-defaults --model ncf-gmf --grid embedding_reg=0.01 --data ml-100k` on the
+    validation splits of five synthetic logs and three time splits of MovieLens 100K's training
+    part (mean rank 1.19 against 1.81 for none; docs/models.md)."""
+
+    embedding_reg: float = Field(0.01, ge=0.0)
+
+
 class NeuMFParams(NCFParams):
     """NCF's, plus pretraining from GMF and MLP, the mix `alpha` of their output layers and the
     learning rate of the plain SGD that follows (the paper)."""
@@ -84,7 +94,7 @@ class GMF(PointwiseRecommender):
     """Generalised MF: a learned weighting of the element-wise product of embeddings."""
 
     name = "ncf-gmf"
-    Params = NCFParams
+    Params = GMFParams
     branches: ClassVar[tuple[bool, bool]] = (True, False)
 
     def _prepare(self, train: Interactions, rng: np.random.Generator) -> None:
@@ -109,6 +119,7 @@ class MLPRecommender(GMF):
     """NCF's MLP branch alone: a tower over the concatenated user and item embeddings."""
 
     name = "ncf-mlp"
+    Params = NCFParams
     branches = (False, True)
 
 
