@@ -29,6 +29,9 @@ def test_params_are_typed_from_strings_and_unknown_or_mistyped_ones_are_refused(
         create("bpr", negatives="hard")  # not one of the samplers
     with pytest.raises(ParamError, match="factors"):
         create("als", factors="2.5")  # an int field refuses a fraction
+    for name in ("mf-sgd", "svdpp", "timesvdpp", "neighborhood-factor"):  # the compiled epoch needs a step
+        with pytest.raises(ParamError, match="batch_size.*greater than or equal to 1"):
+            create(name, batch_size=0)
 
 
 def test_bpr_exports_its_bias_as_the_item_scalar(log):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from streamrec.core.params import FloatRange, IntRange, ModelParams, space
 from streamrec.trainer.interactions import Interactions
@@ -20,7 +21,7 @@ class BiasedMFParams(ModelParams):
     lr: float = 0.005
     reg: float = 0.02
     init_std: float = 0.1
-    batch_size: int = 128
+    batch_size: int = Field(128, ge=1)
     seed: int = 0
 
 

@@ -16,6 +16,7 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from streamrec.core.params import FloatRange, IntRange, ModelParams, space
 from streamrec.trainer.interactions import Interactions
@@ -40,7 +41,7 @@ class SVDppParams(ModelParams):
     reg_bias: float = 0.022
     lr_decay: float = 0.9
     init_std: float = 0.1
-    batch_size: int = 1024
+    batch_size: int = Field(1024, ge=1)
     seed: int = 0
 
 
