@@ -9,7 +9,7 @@ from pydantic import Field
 from streamrec.core.params import FloatRange, IntRange, ModelParams, space
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.base import Capabilities, Recommender
-from streamrec.trainer.models.sgd import gather_or_zero, generator
+from streamrec.trainer.models.sgd import factor_tables, gather_or_zero, generator
 from streamrec.trainer.models.sgd_kernels import RatingRows, run_epoch
 
 
@@ -41,14 +41,8 @@ class BiasedMF(Recommender):
     def _fit(self, interactions: Interactions) -> None:
         p = self.params
         gen = generator(p["seed"])
-        users, items, ratings, _ = interactions.pair_view()
-        rows = RatingRows(users.astype(np.int64), items.astype(np.int64), ratings.astype(np.float32))
-        k = p["factors"]
-        theta = {
-            "P": (torch.randn(interactions.n_users, k, generator=gen) * p["init_std"]).numpy(),
-            "Q": (torch.randn(interactions.n_items, k, generator=gen) * p["init_std"]).numpy(),
-            "bu": np.zeros(interactions.n_users, np.float32), "bi": np.zeros(interactions.n_items, np.float32),
-        }
+        rows = RatingRows.of(interactions)
+        theta = factor_tables(interactions.n_users, interactions.n_items, p["factors"], p["init_std"], gen)
         rates, regs = [p["lr"], p["lr"], 0.0, 0.0, 0.0], [p["reg"], p["reg"], 0.0, 0.0, 0.0]
         for _ in range(p["epochs"]):
             order = torch.randperm(len(rows), generator=gen).numpy()

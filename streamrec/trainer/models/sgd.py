@@ -27,6 +27,16 @@ def generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
 
 
+def factor_tables(n_users: int, n_items: int, k: int, std: float, gen: torch.Generator) -> dict[str, np.ndarray]:
+    """The biased factor models' float32 tables: zero biases `bu bi`, then `P` and `Q` drawn from
+    N(0, std^2) by `gen` in that order (the models that add tables draw theirs after)."""
+    return {
+        "bu": np.zeros(n_users, np.float32), "bi": np.zeros(n_items, np.float32),
+        "P": (torch.randn(n_users, k, generator=gen) * std).numpy(),
+        "Q": (torch.randn(n_items, k, generator=gen) * std).numpy(),
+    }
+
+
 def gather_or_zero(table: np.ndarray, index: np.ndarray) -> np.ndarray:
     """Rows of `table` at `index`, zeros where index is -1 (unknown user or item: no signal)."""
     index = np.asarray(index)

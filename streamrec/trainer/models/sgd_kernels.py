@@ -32,6 +32,8 @@ import numpy as np
 import scipy.sparse as sp
 from numba import njit
 
+from streamrec.trainer.interactions import Interactions
+
 
 @njit(cache=True, nogil=True, fastmath=True)
 def factor_epoch(order, batch_size, users, items, ratings, mu, bu, bi, P, Q, Y, indptr, indices, scale,
@@ -191,6 +193,12 @@ class RatingRows:
 
     def __len__(self) -> int:
         return len(self.ratings)
+
+    @classmethod
+    def of(cls, data: Interactions) -> RatingRows:
+        """One row per distinct (user, item) pair, its latest rating (`Interactions.pair_view`)."""
+        users, items, ratings, _ = data.pair_view()
+        return cls(users.astype(np.int64), items.astype(np.int64), ratings.astype(np.float32))
 
 
 def implicit_rows(binary: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

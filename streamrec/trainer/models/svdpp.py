@@ -21,7 +21,7 @@ from pydantic import Field
 from streamrec.core.params import FloatRange, IntRange, ModelParams, space
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.base import Capabilities, Recommender
-from streamrec.trainer.models.sgd import gather_or_zero, generator
+from streamrec.trainer.models.sgd import factor_tables, gather_or_zero, generator
 from streamrec.trainer.models.sgd_kernels import RatingRows, implicit_rows, run_epoch
 
 DAY = 86400.0
@@ -57,12 +57,8 @@ class SVDpp(Recommender):
 
     def _init_theta(self, data: Interactions, gen: torch.Generator) -> dict[str, np.ndarray]:
         k, std = self.params["factors"], self.params["init_std"]
-        return {
-            "bu": np.zeros(data.n_users, np.float32), "bi": np.zeros(data.n_items, np.float32),
-            "P": (torch.randn(data.n_users, k, generator=gen) * std).numpy(),
-            "Q": (torch.randn(data.n_items, k, generator=gen) * std).numpy(),
-            "Y": (torch.randn(data.n_items, k, generator=gen) * std).numpy(),
-        }
+        tables = factor_tables(data.n_users, data.n_items, k, std, gen)
+        return tables | {"Y": (torch.randn(data.n_items, k, generator=gen) * std).numpy()}
 
     def _rates_and_regs(self) -> tuple[list[float], list[float]]:
         """Learning rates and regularisation of the bias, factor, drift, time-bin and
@@ -71,8 +67,7 @@ class SVDpp(Recommender):
         return [p["lr_bias"], p["lr"], 0.0, 0.0, 0.0], [p["reg_bias"], p["reg"], 0.0, 0.0, 0.0]
 
     def _rating_rows(self, data: Interactions) -> RatingRows:
-        users, items, ratings, _ = data.pair_view()
-        return RatingRows(users.astype(np.int64), items.astype(np.int64), ratings.astype(np.float32))
+        return RatingRows.of(data)
 
     def _fit(self, data: Interactions) -> None:
         p = self.params
