@@ -128,3 +128,25 @@ def test_blend_round_trips_with_every_member_and_both_combiners(log, tmp_path: P
     for name in expected:
         np.testing.assert_array_equal(restored[name], expected[name], err_msg=name)
     assert loaded.params == model.params
+
+
+def test_the_blend_fits_its_members_on_threads_with_the_same_result_as_one_thread(log):
+    """Members fit concurrently (both fits of each at once): every member draws from its own
+    generator, so scheduling cannot change a prediction; the rbm member also holds torch on one
+    thread while the others run, and the last fit out restores torch's own count."""
+    import torch
+
+    before = torch.get_num_threads()
+    data = Interactions.from_log(log)
+    members = "mf-sgd,item-knn,rbm,svdpp"
+    alone = create("blend", members=members, workers=1, gbt_iterations=20).fit(data)
+    threaded = create("blend", members=members, workers=3, gbt_iterations=20).fit(data)
+    assert torch.get_num_threads() == before
+    users = alone.users.index(np.repeat(np.unique(log.user_id)[:8], 6))
+    items = alone.items.index(np.tile(np.unique(log.item_id)[:6], 8))
+    expected, got = alone.member_scores(users, items), threaded.member_scores(users, items)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    assert set(threaded.member_fit_seconds) == set(members.split(","))
+    with pytest.raises(ParamError, match="workers"):
+        create("blend", workers=-1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -9,18 +10,31 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+_thread_count_lock = threading.Lock()
+_single_threaded_fits = 0
+_threads_before = 1
+
 
 @contextmanager
 def single_threaded() -> Iterator[None]:
     """Run torch on one thread (a context manager, or `@single_threaded()` on a fit method):
     mini-batch steps are too small to split, and on a shared machine intra-op threads contend
-    (measured 15x slower BPR epochs with 2 threads under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    (measured 15x slower BPR epochs with 2 threads under load). Counted, because the setting is
+    process-wide and fits may overlap (a blend fits its members on threads): the first fit in
+    saves torch's thread count and the last one out restores it."""
+    global _single_threaded_fits, _threads_before
+    with _thread_count_lock:
+        if _single_threaded_fits == 0:
+            _threads_before = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _single_threaded_fits += 1
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        with _thread_count_lock:
+            _single_threaded_fits -= 1
+            if _single_threaded_fits == 0:
+                torch.set_num_threads(_threads_before)
 
 
 def generator(seed: int) -> torch.Generator:
