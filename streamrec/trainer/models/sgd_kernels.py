@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
+import torch
 from numba import njit
 
 from streamrec.trainer.interactions import Interactions
@@ -176,6 +177,87 @@ def factor_epoch(order, batch_size, users, items, ratings, mu, bu, bi, P, Q, Y, 
                     g_C[i, m] = 0.0
 
 
+@njit(cache=True, nogil=True, fastmath=True)
+def user_epoch(order, users, items, ratings, mu, bu, bi, P, Q, Y, indptr, indices, scale, dev, bins, au, Ap,
+               but, bit, nb_res, nb_has, nb_norm, W, C, rates, regs):
+    """One epoch of Koren's user-wise SGD over `order` (each user's ratings adjacent): z_u is
+    summed once when a user's ratings begin, every rating then moves its own rows at once
+    (per-sample updates), and the user's y_j move once at the end by the summed gradient
+    e |I_u|^-1/2 q_i of its ratings after their decay by reg over those ratings. A rating costs
+    O(k + neighbours) and a user O(|I_u| k) once per epoch, so an epoch is linear in the log."""
+    k = P.shape[1]
+    implicit, timed, neighbours = Y.shape[0] > 0, dev.shape[0] > 0, nb_res.shape[0] > 0
+    z = np.zeros(k, dtype=P.dtype)
+    gy = np.zeros(k, dtype=P.dtype)
+    user = np.empty(k, dtype=P.dtype)
+    n = order.shape[0]
+    start = 0
+    while start < n:
+        u = users[order[start]]
+        stop = start
+        while stop < n and users[order[stop]] == u:
+            stop += 1
+        if implicit:
+            for f in range(k):
+                z[f] = 0.0
+                gy[f] = 0.0
+            for p in range(indptr[u], indptr[u + 1]):
+                j = indices[p]
+                for f in range(k):
+                    z[f] += Y[j, f]
+            for f in range(k):
+                z[f] *= scale[u]
+        for s in range(start, stop):
+            x = order[s]
+            i = items[x]
+            d = dev[x] if timed else 0.0
+            b = bins[x] if timed else 0
+            for f in range(k):
+                user[f] = P[u, f] + z[f]
+            if timed:
+                for f in range(k):
+                    user[f] += Ap[u, f] * d
+            pred = mu + bu[u] + bi[i]
+            if timed:
+                pred += au[u] * d + but[u, b] + bit[i, b]
+            if neighbours:
+                acc = 0.0
+                for m in range(nb_res.shape[1]):
+                    acc += nb_res[x, m] * W[i, m] + nb_has[x, m] * C[i, m]
+                pred += nb_norm[x] * acc
+            for f in range(k):
+                pred += Q[i, f] * user[f]
+            e = ratings[x] - pred
+            bu[u] += rates[0] * (e - regs[0] * bu[u])
+            bi[i] += rates[0] * (e - regs[0] * bi[i])
+            for f in range(k):
+                q = Q[i, f]
+                Q[i, f] += rates[1] * (e * user[f] - regs[1] * q)
+                P[u, f] += rates[1] * (e * q - regs[1] * P[u, f])
+                gy[f] += e * q
+                if timed:
+                    Ap[u, f] += rates[2] * (e * q * d - regs[2] * Ap[u, f])
+            if timed:
+                au[u] += rates[2] * (e * d - regs[2] * au[u])
+                but[u, b] += rates[3] * (e - regs[3] * but[u, b])
+                bit[i, b] += rates[3] * (e - regs[3] * bit[i, b])
+            if neighbours:
+                g = e * nb_norm[x]
+                for m in range(nb_res.shape[1]):
+                    has = nb_has[x, m]
+                    W[i, m] += rates[4] * (g * nb_res[x, m] - regs[4] * W[i, m] * has)
+                    C[i, m] += rates[4] * (g * has - regs[4] * C[i, m] * has)
+        if implicit:
+            decay = (1.0 - rates[1] * regs[1]) ** (stop - start)
+            for f in range(k):
+                gy[f] *= rates[1] * scale[u]
+            for p in range(indptr[u], indptr[u + 1]):
+                j = indices[p]
+                for f in range(k):
+                    Y[j, f] = Y[j, f] * decay + gy[f]
+        start = stop
+
+
 @dataclass(frozen=True)
 class RatingRows:
     """Per-rating inputs of `factor_epoch`: (user, item, rating) rows, and for the optional parts
@@ -208,19 +290,66 @@ def implicit_rows(binary: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray, np.nda
     return binary.indptr.astype(np.int64), binary.indices.astype(np.int64), scale
 
 
+def user_grouped_order(users: np.ndarray, n_users: int, gen: torch.Generator) -> np.ndarray:
+    """A random order of the ratings with each user's ratings adjacent (users in random order,
+    then each user's ratings in random order): `user_epoch`'s input."""
+    user_rank = torch.randperm(n_users, generator=gen).numpy()
+    within = torch.rand(len(users), generator=gen).numpy()
+    return _grouped_order(users, user_rank, within)
+
+
+@njit(cache=True, nogil=True)
+def _grouped_order(users, user_rank, within):
+    """Ratings by their user's rank, then by `within`: a counting sort on the rank and a stable
+    sort of each user's few ratings (the same order as np.lexsort((within, user_rank[users])),
+    which sorts the whole log twice per epoch and cost as much as the epoch itself)."""
+    n_users = user_rank.shape[0]
+    starts = np.zeros(n_users + 1, dtype=np.int64)
+    for x in range(users.shape[0]):
+        starts[user_rank[users[x]] + 1] += 1
+    for r in range(n_users):
+        starts[r + 1] += starts[r]
+    fill = starts[:-1].copy()
+    order = np.empty(users.shape[0], dtype=np.int64)
+    for x in range(users.shape[0]):
+        r = user_rank[users[x]]
+        order[fill[r]] = x
+        fill[r] += 1
+    for r in range(n_users):
+        if starts[r + 1] - starts[r] > 1:
+            segment = order[starts[r]:starts[r + 1]].copy()
+            order[starts[r]:starts[r + 1]] = segment[np.argsort(within[segment], kind="mergesort")]
+    return order
+
+
+def _tables(rows: RatingRows, mu: float, theta: dict[str, np.ndarray],
+            implicit: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> tuple:
+    """The kernels' arguments after `order` (and the batch size): rows, then every table, with
+    empty arrays for the parts a model does not have."""
+    k = theta["P"].shape[1]
+    none_1d, none_2d = np.zeros(0, np.float32), np.zeros((0, k), np.float32)
+    indptr, indices, scale = implicit if implicit is not None else (
+        np.zeros(1, np.int64), np.zeros(0, np.int64), none_1d)
+    return (
+        rows.users, rows.items, rows.ratings, float(mu),
+        theta["bu"], theta["bi"], theta["P"], theta["Q"], theta["Y"] if implicit is not None else none_2d, indptr, indices, scale,
+        rows.dev, rows.bins, theta.get("au", none_1d), theta.get("Ap", none_2d), theta.get("but", none_2d), theta.get("bit", none_2d),
+        rows.nb_res, rows.nb_has, rows.nb_norm, theta.get("W", none_2d), theta.get("C", none_2d),
+    )
+
+
 def run_epoch(order: np.ndarray, batch_size: int, rows: RatingRows, mu: float, theta: dict[str, np.ndarray],
               implicit: tuple[np.ndarray, np.ndarray, np.ndarray] | None, rates: np.ndarray,
               regs: np.ndarray) -> None:
     """`factor_epoch` over `theta`'s tables (float32; `bu bi P Q` always, `Y` with `implicit`,
     `au Ap but bit` for time terms, `W C` for neighbour terms), updated in place."""
-    k = theta["P"].shape[1]
-    none_1d, none_2d = np.zeros(0, np.float32), np.zeros((0, k), np.float32)
-    indptr, indices, scale = implicit if implicit is not None else (
-        np.zeros(1, np.int64), np.zeros(0, np.int64), none_1d)
-    factor_epoch(
-        order.astype(np.int64), int(batch_size), rows.users, rows.items, rows.ratings, float(mu),
-        theta["bu"], theta["bi"], theta["P"], theta["Q"], theta["Y"] if implicit is not None else none_2d, indptr, indices, scale,
-        rows.dev, rows.bins, theta.get("au", none_1d), theta.get("Ap", none_2d), theta.get("but", none_2d), theta.get("bit", none_2d),
-        rows.nb_res, rows.nb_has, rows.nb_norm, theta.get("W", none_2d), theta.get("C", none_2d),
-        np.asarray(rates, np.float64), np.asarray(regs, np.float64),
-    )
+    factor_epoch(order.astype(np.int64), int(batch_size), *_tables(rows, mu, theta, implicit),
+                 np.asarray(rates, np.float64), np.asarray(regs, np.float64))
+
+
+def run_user_epoch(order: np.ndarray, rows: RatingRows, mu: float, theta: dict[str, np.ndarray],
+                   implicit: tuple[np.ndarray, np.ndarray, np.ndarray] | None, rates: np.ndarray,
+                   regs: np.ndarray) -> None:
+    """`user_epoch` over `theta`'s tables (as `run_epoch`); `order` from `user_grouped_order`."""
+    user_epoch(order, *_tables(rows, mu, theta, implicit), np.asarray(rates, np.float64),
+               np.asarray(regs, np.float64))
