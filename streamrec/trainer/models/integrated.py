@@ -19,7 +19,12 @@ import torch
 from streamrec.core.params import FloatRange, IntRange, space
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.base import Capabilities
-from streamrec.trainer.models.neighbors import baselines, similarity, truncate_top_k
+from streamrec.trainer.models.neighbors import (
+    baselines,
+    neighbour_residuals,
+    similarity,
+    truncate_top_k,
+)
 from streamrec.trainer.models.sgd_kernels import RatingRows
 from streamrec.trainer.models.svdpp import SVDpp, SVDppParams
 
@@ -72,14 +77,13 @@ class IntegratedModel(SVDpp):
 
     def _neighbour_inputs(self, users: np.ndarray, items: np.ndarray) -> dict[str, np.ndarray]:
         """Residuals and membership of each pair's neighbours in the user's ratings."""
-        nb = self.neighbors[np.maximum(items, 0)]
-        keys = np.maximum(users, 0)[:, None] * len(self.neighbors) + np.maximum(nb, 0)
-        pos = np.clip(np.searchsorted(self.keys, keys), 0, len(self.keys) - 1)
-        has = (self.keys[pos] == keys) & (nb >= 0) & (users >= 0)[:, None] & (items >= 0)[:, None]
-        res = np.where(has, self.key_residuals[pos], 0.0)
-        count = has.sum(1)
-        norm = np.where(count > 0, 1.0 / np.sqrt(np.maximum(count, 1)), 0.0)
-        return {"nb_res": res, "nb_has": has.astype(np.float64), "nb_norm": norm}
+        n_items = len(self.neighbors)
+        rated_by = np.searchsorted(self.keys, np.arange(len(self.users) + 1) * n_items)  # keys grouped by user
+        res, has, norm = neighbour_residuals(
+            np.asarray(users, np.int64), np.asarray(items, np.int64), self.neighbors, rated_by.astype(np.int64),
+            (self.keys % n_items).astype(np.int64), self.key_residuals.astype(np.float64), n_items,
+        )
+        return {"nb_res": res, "nb_has": has, "nb_norm": norm}
 
     def _init_theta(self, data: Interactions, gen: torch.Generator) -> dict[str, np.ndarray]:
         k = self.params["neighbors"]

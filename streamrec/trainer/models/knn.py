@@ -22,14 +22,13 @@ from streamrec.trainer.models.export import Export, NeighbourLists
 from streamrec.trainer.models.neighbors import (
     Similarity,
     baselines,
-    knn_estimate,
+    knn_pairs,
     similarity,
     truncate_top_k,
 )
 from streamrec.trainer.models.popularity_blend import RankingParams
 from streamrec.trainer.models.sgd import gather_or_zero
 
-PAIR_CHUNK = 2048
 NEIGHBOURS = 100  # neighbours per item a refit publishes
 
 
@@ -107,23 +106,21 @@ class _NeighbourModel(Recommender):
         return self.mu + gather_or_zero(self.bu, users) + gather_or_zero(self.bi, items)
 
     def _neighbour_terms(self, users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(estimate, found) for known pairs, chunked so dense blocks stay small."""
-        est, found = np.zeros(len(users)), np.zeros(len(users), dtype=bool)
-        by_item = self.ratings.T.tocsr() if not self.item_based else None
-        for s in range(0, len(users), PAIR_CHUNK):
-            u, i = users[s : s + PAIR_CHUNK], items[s : s + PAIR_CHUNK]
-            if self.item_based:  # neighbours: items the user rated; values: residuals r_uj - b_uj
-                sims = self.sim[i].toarray()
-                values = self.residual[u].toarray()
-                available = self.ratings[u].toarray() != 0
-            else:  # neighbours: users who rated the item; values: their ratings
-                sims = self.sim[u].toarray()
-                values = by_item[i].toarray()
-                available = values != 0
-            est[s : s + PAIR_CHUNK], found[s : s + PAIR_CHUNK] = knn_estimate(
-                sims, values, available, self.k, self.params["min_k"]
-            )
-        return est, found
+        """(estimate, found) for known pairs (`neighbors.knn_pairs`). Item-based: neighbours are
+        the items the user rated, valued by residual r_uj - b_uj; user-based: the users who rated
+        the item, valued by their rating."""
+        sim = self.sim
+        if self.item_based:
+            targets, lists, matrix, values = items, users, self.ratings, self.residual.data
+        else:
+            matrix = self.ratings.T.tocsr()
+            targets, lists, values = users, items, matrix.data
+        return knn_pairs(
+            targets.astype(np.int64), lists.astype(np.int64), sim.indptr.astype(np.int64),
+            sim.indices.astype(np.int64), sim.data.astype(np.float64), sim.shape[1], matrix.indptr.astype(np.int64),
+            matrix.indices.astype(np.int64), matrix.data.astype(np.float64), values.astype(np.float64),
+            self.k, self.params["min_k"],
+        )
 
     def pair_scores(self, users, items, timestamps=None) -> np.ndarray:
         users, items = np.asarray(users), np.asarray(items)

@@ -11,6 +11,7 @@ from typing import Literal, get_args
 
 import numpy as np
 import scipy.sparse as sp
+from numba import njit
 
 Similarity = Literal["cosine", "adjusted-cosine", "pearson", "pearson-baseline", "jaccard", "cooccurrence"]
 SIMILARITIES: tuple[str, ...] = get_args(Similarity)
@@ -98,32 +99,138 @@ def similarity(
 
 
 def truncate_top_k(sim: sp.csr_matrix, k: int) -> sp.csr_matrix:
-    """Keep each row's k largest positive entries (the stored neighbour lists)."""
+    """Keep each row's k largest positive entries (the stored neighbour lists); of entries tied
+    at the k-th value, the first ones in the row."""
     sim = sim.tocsr()
-    counts = np.diff(sim.indptr)
-    rows = np.repeat(np.arange(sim.shape[0]), counts)
-    order = np.lexsort((-sim.data, rows))  # by row, best first
-    rank = np.arange(len(order)) - np.repeat(sim.indptr[:-1], counts)
-    keep = order[(rank < k) & (sim.data[order] > 0)]
-    out = sp.csr_matrix((sim.data[keep], (rows[keep], sim.indices[keep])), shape=sim.shape)
+    keep = _top_k_mask(sim.indptr.astype(np.int64), sim.data.astype(np.float64), int(k))
+    indptr = np.concatenate([[0], np.cumsum(keep)])[sim.indptr]  # kept entries before each row
+    out = sp.csr_matrix((sim.data[keep], sim.indices[keep], indptr), shape=sim.shape)
     out.sort_indices()
     return out
 
 
-def knn_estimate(
-    sims: np.ndarray, values: np.ndarray, available: np.ndarray, k: int, min_k: int = 1
-) -> tuple[np.ndarray, np.ndarray]:
-    """Similarity-weighted mean of `values` over each row's k most similar available neighbours
-    with positive similarity (KNNBaseline's rule). Returns (estimate, found); found is False where
-    fewer than `min_k` neighbours contributed (the caller falls back)."""
-    sims = np.where(available, sims, -np.inf)
-    k = min(k, sims.shape[1])
-    top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-    top_sims = np.take_along_axis(sims, top, axis=1)
-    top_values = np.take_along_axis(values, top, axis=1)
-    positive = top_sims > 0
-    weights = np.where(positive, top_sims, 0.0)
-    total = weights.sum(axis=1)
-    found = positive.sum(axis=1) >= min_k
-    estimate = np.divide((weights * top_values).sum(axis=1), total, out=np.zeros(len(total)), where=total > 0)
-    return estimate, found & (total > 0)
+@njit(cache=True, nogil=True)
+def _top_k_mask(indptr, data, k):
+    """Per row, the entries ranked < k by value (ties by position) that are positive: a
+    partition per row instead of sorting every stored similarity."""
+    keep = np.zeros(data.shape[0], dtype=np.bool_)
+    for row in range(indptr.shape[0] - 1):
+        lo, hi = indptr[row], indptr[row + 1]
+        if hi - lo <= k:
+            for at in range(lo, hi):
+                keep[at] = data[at] > 0
+            continue
+        threshold = -np.partition(-data[lo:hi], k - 1)[k - 1]
+        above = 0
+        for at in range(lo, hi):
+            if data[at] > threshold:
+                above += 1
+        ties = k - above
+        for at in range(lo, hi):
+            value = data[at]
+            if value > threshold:
+                keep[at] = value > 0
+            elif value == threshold and ties > 0:
+                ties -= 1
+                keep[at] = value > 0
+    return keep
+
+
+@njit(cache=True, nogil=True)
+def neighbour_residuals(users, items, neighbours, indptr, indices, residuals, n_items):
+    """The integrated model's neighbour inputs per pair (u, i): for each of i's stored neighbours
+    j, the residual r_uj - b_uj and 1 where u rated j (else 0, 0), and |R^k(i; u)|^-1/2 (0 when
+    empty). Pairs are visited by user, whose residuals (`indptr`/`indices`/`residuals`, rows by
+    user) are spread once into a dense buffer, so a neighbour costs one lookup."""
+    n, k = users.shape[0], neighbours.shape[1]
+    res = np.zeros((n, k))
+    has = np.zeros((n, k))
+    norm = np.zeros(n)
+    dense = np.zeros(n_items)
+    rated = np.zeros(n_items, dtype=np.bool_)
+    current = -1
+    for p in np.argsort(users, kind="mergesort"):
+        u, i = users[p], items[p]
+        if u < 0 or i < 0 or u >= indptr.shape[0] - 1:
+            continue
+        if u != current:
+            if current >= 0:
+                for at in range(indptr[current], indptr[current + 1]):
+                    rated[indices[at]] = False
+            for at in range(indptr[u], indptr[u + 1]):
+                dense[indices[at]] = residuals[at]
+                rated[indices[at]] = True
+            current = u
+        count = 0
+        for m in range(k):
+            j = neighbours[i, m]
+            if j >= 0 and rated[j]:
+                res[p, m] = dense[j]
+                has[p, m] = 1.0
+                count += 1
+        if count > 0:
+            norm[p] = 1.0 / np.sqrt(count)
+    return res, has, norm
+
+
+@njit(cache=True, nogil=True)
+def knn_pairs(targets, lists, sim_indptr, sim_indices, sim_data, n_columns, list_indptr, list_indices,
+              list_ratings, list_values, k, min_k):
+    """KNNBaseline's estimate for each pair: the similarity-weighted mean of `list_values` over
+    the k most similar entries of its candidate list with positive similarity to its target.
+
+    Pair p's candidates are row `lists[p]` of the list matrix (item-knn: the items its user rated,
+    valued by residual; user-knn: the users who rated its item, valued by rating), entries with a
+    zero rating excluded; their similarity is row `targets[p]` of the similarity matrix
+    (`n_columns` wide). Pairs are visited by target, whose row is spread once into a dense
+    buffer, so a pair costs its candidates, not a dense row of the catalogue. Returns (estimate,
+    found); found is False where fewer than `min_k` neighbours contributed (the caller falls back)."""
+    n = targets.shape[0]
+    estimate = np.zeros(n)
+    found = np.zeros(n, dtype=np.bool_)
+    longest = 0
+    for row in range(list_indptr.shape[0] - 1):
+        longest = max(longest, list_indptr[row + 1] - list_indptr[row])
+    sims = np.empty(longest)
+    values = np.empty(longest)
+    dense = np.zeros(n_columns)
+    current = -1
+    for p in np.argsort(targets, kind="mergesort"):
+        a, b = targets[p], lists[p]
+        if a != current:
+            if current >= 0:
+                for at in range(sim_indptr[current], sim_indptr[current + 1]):
+                    dense[sim_indices[at]] = 0.0
+            for at in range(sim_indptr[a], sim_indptr[a + 1]):
+                dense[sim_indices[at]] = sim_data[at]
+            current = a
+        count = 0
+        for q in range(list_indptr[b], list_indptr[b + 1]):
+            c = list_indices[q]
+            if list_ratings[q] != 0 and dense[c] > 0:
+                sims[count] = dense[c]
+                values[count] = list_values[q]
+                count += 1
+        if count == 0:
+            continue
+        # the k largest by a partition, not a sort (popular items have thousands of raters);
+        # of candidates tied at the k-th value, the first ones
+        threshold = -np.partition(-sims[:count], k - 1)[k - 1] if count > k else -np.inf
+        ties = k
+        for c in range(count):
+            if sims[c] > threshold:
+                ties -= 1
+        total, weighted = 0.0, 0.0
+        for c in range(count):
+            if sims[c] == threshold:
+                if ties == 0:
+                    continue
+                ties -= 1
+            elif sims[c] < threshold:
+                continue
+            total += sims[c]
+            weighted += sims[c] * values[c]
+        if total > 0:
+            estimate[p] = weighted / total
+            found[p] = min(count, k) >= min_k
+    return estimate, found
