@@ -32,6 +32,9 @@ def test_params_are_typed_from_strings_and_unknown_or_mistyped_ones_are_refused(
     for name in ("mf-sgd", "svdpp", "timesvdpp", "neighborhood-factor"):  # the compiled epoch needs a step
         with pytest.raises(ParamError, match="batch_size.*greater than or equal to 1"):
             create(name, batch_size=0)
+    for name, bad in (("item-knn", {"k": -1}), ("user-knn", {"min_k": -1}), ("neighborhood-factor", {"neighbors": 0})):
+        with pytest.raises(ParamError, match=f"{next(iter(bad))}.*greater than or equal to"):
+            create(name, **bad)
 
 
 def test_bpr_exports_its_bias_as_the_item_scalar(log):

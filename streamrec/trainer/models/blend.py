@@ -78,22 +78,26 @@ class Blend(Recommender):
         train, probe = data.subset(~held), data.subset(held)
         workers = p["workers"] or os.cpu_count() or 1
         with ThreadPoolExecutor(workers, thread_name_prefix="blend-member") as pool:
-            # each member's two fits side by side, so that the slowest member's pair is split
-            # across threads instead of finishing alone at the end
-            final = self._new_members()
-            jobs: list[tuple[Future[Recommender], Future[float]]] = [
-                (pool.submit(for_probe.fit, train), pool.submit(self._timed_fit, for_all, data))
-                for for_probe, for_all in zip(self._new_members(), final)
-            ]
-            members = [probe_fit.result() for probe_fit, _ in jobs]
-            X = np.column_stack([m.pair_scores(probe.user_idx, probe.item_idx, probe.timestamps) for m in members])
-            low, high = data.rating_scale
-            X = np.clip(X, low, high)
-            self.ridge = RidgeCombiner.fit(X, probe.ratings, p["ridge_alpha"])
-            self.gbt = BoostedTrees.fit(
-                self._features(X, probe.user_idx, probe.item_idx), probe.ratings, p["gbt_iterations"], p["seed"]
-            )
-            seconds = [full_fit.result() for _, full_fit in jobs]
+            try:
+                # each member's two fits side by side, so that the slowest member's pair is split
+                # across threads instead of finishing alone at the end
+                final = self._new_members()
+                jobs: list[tuple[Future[Recommender], Future[float]]] = [
+                    (pool.submit(for_probe.fit, train), pool.submit(self._timed_fit, for_all, data))
+                    for for_probe, for_all in zip(self._new_members(), final)
+                ]
+                members = [probe_fit.result() for probe_fit, _ in jobs]
+                X = np.column_stack([m.pair_scores(probe.user_idx, probe.item_idx, probe.timestamps) for m in members])
+                low, high = data.rating_scale
+                X = np.clip(X, low, high)
+                self.ridge = RidgeCombiner.fit(X, probe.ratings, p["ridge_alpha"])
+                self.gbt = BoostedTrees.fit(
+                    self._features(X, probe.user_idx, probe.item_idx), probe.ratings, p["gbt_iterations"], p["seed"]
+                )
+                seconds = [full_fit.result() for _, full_fit in jobs]
+            except BaseException:  # a failed fit or an interrupt: queued fits need not start
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
         self.members = final
         self.member_fit_seconds = dict(zip(self._member_names(), seconds))
 

@@ -15,6 +15,7 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from streamrec.core.params import FloatRange, IntRange, space
 from streamrec.trainer.interactions import Interactions
@@ -43,7 +44,7 @@ class IntegratedParams(SVDppParams):
     lr_bias: float = 0.0085
     reg: float = 0.0035
     reg_bias: float = 0.0059
-    neighbors: int = 75
+    neighbors: int = Field(75, ge=1)
     lr_w: float = 0.0055
     reg_w: float = 0.046
     shrinkage: float = 100.0

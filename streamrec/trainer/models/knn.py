@@ -14,6 +14,7 @@ from typing import Literal
 
 import numpy as np
 import scipy.sparse as sp
+from pydantic import Field
 
 from streamrec.core.params import Choice, FloatRange, IntRange, space
 from streamrec.trainer.interactions import Interactions
@@ -53,8 +54,8 @@ class NeighbourParams(RankingParams):
     200; for user lists 50 (2.25) edges out 200 (2.38) and beats 20 (3.12)."""
 
     similarity: Literal["auto"] | Similarity = "auto"
-    k: int = 0
-    min_k: int = 1
+    k: int = Field(0, ge=0)
+    min_k: int = Field(1, ge=0)
     shrinkage: float = 100.0
     damping: float = 0.5
 
@@ -63,7 +64,7 @@ class AmazonI2IParams(NeighbourParams):
     """Co-occurrence damped by popularity, top 20 neighbours per item (chosen like item-knn's)."""
 
     similarity: Literal["auto"] | Similarity = "cooccurrence"
-    k: int = 20
+    k: int = Field(20, ge=0)
 
 
 class _NeighbourModel(Recommender):
