@@ -153,3 +153,22 @@ def test_the_blend_fits_its_members_on_threads_with_the_same_result_as_one_threa
     assert set(threaded.member_fit_seconds) == set(members.split(","))
     with pytest.raises(ParamError, match="workers"):
         create("blend", workers=-1)
+
+
+def test_the_automatic_combiner_takes_the_one_that_predicts_the_other_half_better(log, tmp_path: Path):
+    blend = create("blend", gbt_iterations=50)
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(4000, 3))
+    support = rng.normal(size=(4000, 2))
+    linear = X @ np.array([0.5, 0.3, 0.2]) + 0.1 * rng.normal(size=4000)
+    assert blend._choose_combiner(X, np.column_stack([X, support]), linear) == "ridge"
+    bent = np.where(support[:, 0] > 0, X[:, 0], -X[:, 1]) + 0.1 * rng.normal(size=4000)  # no linear mix fits it
+    assert blend._choose_combiner(X, np.column_stack([X, support]), bent) == "gbt"
+
+    model = create("blend", members="mf-sgd,item-knn", gbt_iterations=30).fit(Interactions.from_log(log))
+    loaded = load(model.save(tmp_path / "auto"))
+    assert loaded.combiner == model.combiner in ("ridge", "gbt")
+    users = model.users.index(np.repeat(np.unique(log.user_id)[:6], 5))
+    items = model.items.index(np.tile(np.unique(log.item_id)[:5], 6))
+    np.testing.assert_array_equal(loaded.pair_scores(users, items), model.pair_scores(users, items))
+    np.testing.assert_array_equal(model.pair_scores(users, items), model.member_scores(users, items)[f"blend-{model.combiner}"])

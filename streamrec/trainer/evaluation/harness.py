@@ -48,6 +48,8 @@ def evaluate(
         "events_per_second": first.get("events_per_second"),
         "seed": seed,
     }
+    if "blend_combiner_per_fold" in first:  # which combiner a blend's `auto` chose on each fold
+        result["blend_combiner_per_fold"] = first["blend_combiner_per_fold"]
     if protocol == "topn":
         result["weights"] = weights
         result["weights_used"] = first["weights_used"]

@@ -40,7 +40,7 @@ def run_rating(
     make_model: Callable[[], Recommender], log: InteractionLog, path: str | Path, fmt: str, seed: int
 ) -> dict[str, Any]:
     """Fit a fresh model per fold on the train part, score the test part."""
-    errors, fit_times, eval_times, members, member_fits = [], [], [], {}, {}
+    errors, fit_times, eval_times, members, member_fits, combiners = [], [], [], {}, {}, []
     for train_log, test_log in track(rating_folds(log, path, fmt, seed), "rating folds", N_FOLDS):
         model = make_model()
         start = time.perf_counter()
@@ -52,8 +52,10 @@ def run_rating(
         errors.append((rmse(predicted, test_log.rating), mae(predicted, test_log.rating)))
         for name, rmse_value in member_rmses(model, test_log).items():
             members.setdefault(name, []).append(rmse_value)
-        for name, seconds in (model.member_fit_seconds.items() if isinstance(model, Blend) else ()):
-            member_fits.setdefault(name, []).append(seconds)
+        if isinstance(model, Blend):
+            combiners.append(model.combiner)
+            for name, seconds in model.member_fit_seconds.items():
+                member_fits.setdefault(name, []).append(seconds)
     rmses, maes = np.array(errors).T
     return {
         "metrics": {
@@ -67,5 +69,6 @@ def run_rating(
         },
         "fit_seconds": float(np.mean(fit_times)),
         "eval_seconds": float(np.mean(eval_times)),
+        **({"blend_combiner_per_fold": combiners} if combiners else {}),
     }
 
