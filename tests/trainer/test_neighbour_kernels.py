@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from streamrec.trainer.models import neighbors
 from streamrec.trainer.models.neighbors import (
     knn_pairs,
     neighbour_residuals,
@@ -47,7 +48,9 @@ def test_the_pairwise_estimate_is_the_dense_rule(k, min_k):
     assert got[1].any() and not got[1].all()
 
 
-def test_truncation_keeps_each_rows_k_best_positive_similarities_first_of_ties_first():
+@pytest.mark.parametrize("compiled", [False, True], ids=["numpy", "compiled"])
+def test_truncation_keeps_each_rows_k_best_positive_similarities_first_of_ties_first(compiled, monkeypatch):
+    monkeypatch.setattr(neighbors, "COMPILED_TOP_K_FROM", 0 if compiled else 10**12)
     sim = sp.csr_matrix(np.array([
         [0.0, 0.5, 0.5, 0.9, 0.5, -1.0],  # ties at the k-th value: the first of them stay
         [0.2, -0.3, 0.0, 0.0, 0.0, 0.0],  # fewer than k positives: every positive, no negative

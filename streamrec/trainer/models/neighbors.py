@@ -98,11 +98,24 @@ def similarity(
     return sim
 
 
+COMPILED_TOP_K_FROM = 1_000_000  # stored similarities from which `truncate_top_k` partitions rows
+
+
 def truncate_top_k(sim: sp.csr_matrix, k: int) -> sp.csr_matrix:
     """Keep each row's k largest positive entries (the stored neighbour lists); of entries tied
-    at the k-th value, the first ones in the row."""
+    at the k-th value, the first ones in the row. Large matrices partition each row (compiled:
+    15.3 s -> 0.84 s on 5,046 x 5,046); small ones sort in numpy, because the first compiled call
+    of a process costs about 2 s of numba start-up, which a refit of a small catalogue would pay
+    every time it starts (the demo's live refits)."""
     sim = sim.tocsr()
-    keep = _top_k_mask(sim.indptr.astype(np.int64), sim.data.astype(np.float64), int(k))
+    if sim.nnz >= COMPILED_TOP_K_FROM:
+        keep = _top_k_mask(sim.indptr.astype(np.int64), sim.data.astype(np.float64), int(k))
+    else:
+        rows = np.repeat(np.arange(sim.shape[0]), np.diff(sim.indptr))
+        order = np.lexsort((np.arange(sim.nnz), -sim.data, rows))  # by row, best first, ties by position
+        rank = np.arange(sim.nnz) - sim.indptr[rows[order]]
+        keep = np.zeros(sim.nnz, dtype=bool)
+        keep[order[(rank < k) & (sim.data[order] > 0)]] = True
     indptr = np.concatenate([[0], np.cumsum(keep)])[sim.indptr]  # kept entries before each row
     out = sp.csr_matrix((sim.data[keep], sim.indices[keep], indptr), shape=sim.shape)
     out.sort_indices()
