@@ -37,6 +37,24 @@ from streamrec.trainer.interactions import Interactions
 
 
 @njit(cache=True, nogil=True, fastmath=True)
+def _prediction(x, u, i, d, b, mu, bu, bi, Q, user, timed, au, but, bit, neighbours, nb_res, nb_has, nb_norm, W, C):
+    """Rating x's prediction: mu + b_u + b_i (+ the time terms at drift d and bin b, + the
+    neighbour terms) + q_i . user, where `user` already holds p_u (+ z_u, + the drift of p_u).
+    `timed` and `neighbours` switch the optional parts on (see the module doc)."""
+    pred = mu + bu[u] + bi[i]
+    if timed:
+        pred += au[u] * d + but[u, b] + bit[i, b]
+    if neighbours:
+        acc = 0.0
+        for m in range(nb_res.shape[1]):
+            acc += nb_res[x, m] * W[i, m] + nb_has[x, m] * C[i, m]
+        pred += nb_norm[x] * acc
+    for f in range(user.shape[0]):
+        pred += Q[i, f] * user[f]
+    return pred
+
+
+@njit(cache=True, nogil=True, fastmath=True)
 def factor_epoch(order, batch_size, users, items, ratings, mu, bu, bi, P, Q, Y, indptr, indices, scale,
                  dev, bins, au, Ap, but, bit, nb_res, nb_has, nb_norm, W, C, rates, regs):
     """One epoch of mini-batch steps over the ratings in `order` (see the module doc); updates
@@ -89,17 +107,8 @@ def factor_epoch(order, batch_size, users, items, ratings, mu, bu, bi, P, Q, Y, 
             if implicit:
                 for f in range(k):
                     user[f] += Z[u, f]
-            pred = mu + bu[u] + bi[i]
-            if timed:
-                pred += au[u] * d + but[u, b] + bit[i, b]
-            if neighbours:
-                acc = 0.0
-                for m in range(nb_res.shape[1]):
-                    acc += nb_res[x, m] * W[i, m] + nb_has[x, m] * C[i, m]
-                pred += nb_norm[x] * acc
-            for f in range(k):
-                pred += Q[i, f] * user[f]
-            e = ratings[x] - pred
+            e = ratings[x] - _prediction(x, u, i, d, b, mu, bu, bi, Q, user, timed, au, but, bit, neighbours, nb_res,
+                                         nb_has, nb_norm, W, C)
             g_bu[u] += -e + regs[0] * bu[u]
             g_bi[i] += -e + regs[0] * bi[i]
             count[u] += 1.0
@@ -217,17 +226,8 @@ def user_epoch(order, users, items, ratings, mu, bu, bi, P, Q, Y, indptr, indice
             if timed:
                 for f in range(k):
                     user[f] += Ap[u, f] * d
-            pred = mu + bu[u] + bi[i]
-            if timed:
-                pred += au[u] * d + but[u, b] + bit[i, b]
-            if neighbours:
-                acc = 0.0
-                for m in range(nb_res.shape[1]):
-                    acc += nb_res[x, m] * W[i, m] + nb_has[x, m] * C[i, m]
-                pred += nb_norm[x] * acc
-            for f in range(k):
-                pred += Q[i, f] * user[f]
-            e = ratings[x] - pred
+            e = ratings[x] - _prediction(x, u, i, d, b, mu, bu, bi, Q, user, timed, au, but, bit, neighbours, nb_res,
+                                         nb_has, nb_norm, W, C)
             bu[u] += rates[0] * (e - regs[0] * bu[u])
             bi[i] += rates[0] * (e - regs[0] * bi[i])
             for f in range(k):
