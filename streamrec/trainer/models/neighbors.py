@@ -123,29 +123,33 @@ def truncate_top_k(sim: sp.csr_matrix, k: int) -> sp.csr_matrix:
 
 
 @njit(cache=True, nogil=True)
+def _k_best(values, k):
+    """The k largest of `values` as a mask, found by a partition (no sort); of values tied at the
+    k-th, the first ones. Every value when there are at most k."""
+    chosen = np.ones(values.shape[0], dtype=np.bool_)
+    if values.shape[0] <= k:
+        return chosen
+    threshold = -np.partition(-values, k - 1)[k - 1]
+    ties = k
+    for value in values:
+        if value > threshold:
+            ties -= 1
+    for at in range(values.shape[0]):
+        if values[at] == threshold and ties > 0:
+            ties -= 1
+        else:
+            chosen[at] = values[at] > threshold
+    return chosen
+
+
+@njit(cache=True, nogil=True)
 def _top_k_mask(indptr, data, k):
-    """Per row, the entries ranked < k by value (ties by position) that are positive: a
-    partition per row instead of sorting every stored similarity."""
+    """Per row, the k best entries (`_k_best`) that are positive: a partition per row instead of
+    sorting every stored similarity."""
     keep = np.zeros(data.shape[0], dtype=np.bool_)
     for row in range(indptr.shape[0] - 1):
         lo, hi = indptr[row], indptr[row + 1]
-        if hi - lo <= k:
-            for at in range(lo, hi):
-                keep[at] = data[at] > 0
-            continue
-        threshold = -np.partition(-data[lo:hi], k - 1)[k - 1]
-        above = 0
-        for at in range(lo, hi):
-            if data[at] > threshold:
-                above += 1
-        ties = k - above
-        for at in range(lo, hi):
-            value = data[at]
-            if value > threshold:
-                keep[at] = value > 0
-            elif value == threshold and ties > 0:
-                ties -= 1
-                keep[at] = value > 0
+        keep[lo:hi] = _k_best(data[lo:hi], k) & (data[lo:hi] > 0)
     return keep
 
 
@@ -226,23 +230,12 @@ def knn_pairs(targets, lists, sim_indptr, sim_indices, sim_data, n_columns, list
                 count += 1
         if count == 0:
             continue
-        # the k largest by a partition, not a sort (popular items have thousands of raters);
-        # of candidates tied at the k-th value, the first ones
-        threshold = -np.partition(-sims[:count], k - 1)[k - 1] if count > k else -np.inf
-        ties = k
-        for c in range(count):
-            if sims[c] > threshold:
-                ties -= 1
+        chosen = _k_best(sims[:count], k)  # a partition: popular items have thousands of raters
         total, weighted = 0.0, 0.0
         for c in range(count):
-            if sims[c] == threshold:
-                if ties == 0:
-                    continue
-                ties -= 1
-            elif sims[c] < threshold:
-                continue
-            total += sims[c]
-            weighted += sims[c] * values[c]
+            if chosen[c]:
+                total += sims[c]
+                weighted += sims[c] * values[c]
         if total > 0:
             estimate[p] = weighted / total
             found[p] = min(count, k) >= min_k
