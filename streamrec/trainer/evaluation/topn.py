@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,21 @@ from streamrec.trainer.evaluation.metrics import (
 from streamrec.trainer.evaluation.splits import distinct_pairs, leave_last_out
 from streamrec.trainer.interactions import Interactions, Weighting
 from streamrec.trainer.models.base import SCORE_CHUNK, Recommender, mask_seen, top_k
+from streamrec.trainer.models.popularity_blend import (
+    GRID,
+    blend,
+    popularity_prior,
+    significant,
+)
+
+
+def candidate_scores(model: Recommender, users: np.ndarray, targets: np.ndarray, blended: bool = True) -> np.ndarray:
+    """`model`'s scores for `users` with their training items at -inf, each row's target kept."""
+    scores = model.user_scores(users, blended=blended)
+    target_scores = scores[np.arange(len(users)), targets]
+    scores = mask_seen(scores, model.seen, users)
+    scores[np.arange(len(users)), targets] = target_scores  # the target stays a candidate
+    return scores
 
 
 def ranking_metrics(model: Recommender, users: np.ndarray, targets: np.ndarray) -> dict[str, float]:
@@ -26,10 +42,7 @@ def ranking_metrics(model: Recommender, users: np.ndarray, targets: np.ndarray) 
     greater, ties, top10 = [], [], []
     for start in range(0, len(users), SCORE_CHUNK):
         block, block_targets = users[start : start + SCORE_CHUNK], targets[start : start + SCORE_CHUNK]
-        scores = model.user_scores(block)
-        target_scores = scores[np.arange(len(block)), block_targets]
-        scores = mask_seen(scores, model.seen, block)
-        scores[np.arange(len(block)), block_targets] = target_scores  # the target stays a candidate
+        scores = candidate_scores(model, block, block_targets)
         g, t = rank_counts(scores, block_targets)
         greater.append(g)
         ties.append(t)
@@ -42,6 +55,34 @@ def ranking_metrics(model: Recommender, users: np.ndarray, targets: np.ndarray) 
         "recall@20": float(expected_hit(g, t, 20).mean()),
         "coverage@10": catalogue_coverage(np.concatenate(top10), model.n_items),
     }
+
+
+@dataclass(frozen=True)
+class ValidationNdcg:
+    """A fit's validation ndcg@10, raw and as the popularity blend can deliver it."""
+
+    raw: float  # the model's own ranking
+    blended: float  # under the best weight of the blend's grid
+    beats_popularity: bool  # `blended` above popularity alone by two standard errors (per user)
+
+
+def validation_ndcg(model: Recommender, users: np.ndarray, targets: np.ndarray) -> ValidationNdcg:
+    """ndcg@10 of `model`'s raw scores, alone and blended with popularity under each weight of
+    the blend's grid (one scoring). A neural fit judges its epochs by the blend, which is what
+    `popularity_blend=auto` will serve: on sparse sessions the raw scores lose their popularity
+    component while the blend keeps gaining. `beats_popularity` (`popularity_blend.significant`)
+    tells whether the model has yet learned anything beyond the floor it falls back to."""
+    prior = popularity_prior(model.popularity)
+    per_user = np.zeros((len(GRID), len(users)))
+    for start in range(0, len(users), SCORE_CHUNK):
+        block, block_targets = users[start : start + SCORE_CHUNK], targets[start : start + SCORE_CHUNK]
+        scores = candidate_scores(model, block, block_targets, blended=False)
+        for n, weight in enumerate(GRID):
+            greater, ties = rank_counts(blend(scores, prior, weight), block_targets)
+            per_user[n, start : start + len(block)] = expected_ndcg(greater, ties, 10)
+    best = int(per_user.mean(axis=1).argmax())
+    return ValidationNdcg(float(per_user[GRID.index(0.0)].mean()), float(per_user[best].mean()),
+                          significant(per_user[best] - per_user[GRID.index(np.inf)]))
 
 
 def run_topn(make_model: Callable[[], Recommender], log: InteractionLog, weighting: Weighting = "binary",

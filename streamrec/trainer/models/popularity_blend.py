@@ -64,7 +64,7 @@ def blend(scores: np.ndarray, prior: np.ndarray, weight: float) -> np.ndarray:
     return z + weight * prior[None, :]
 
 
-def _significant(gain: np.ndarray) -> bool:
+def significant(gain: np.ndarray) -> bool:
     """True when the mean per-user gain exceeds `MARGIN` standard errors."""
     if len(gain) < 2:
         return False
@@ -81,6 +81,6 @@ def choose_weight(scores: np.ndarray, targets: np.ndarray, prior: np.ndarray) ->
     for weight in GRID:
         greater, ties = rank_counts(blend(scores, prior, weight), targets)
         hits[weight] = expected_hit(greater, ties, K)
-    if _significant(hits[0.0] - hits[np.inf]):
+    if significant(hits[0.0] - hits[np.inf]):
         return 0.0
     return float(max(GRID, key=lambda w: (hits[w].mean(), w)))

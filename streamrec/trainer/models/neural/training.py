@@ -13,7 +13,7 @@ import sys
 import time
 from abc import abstractmethod
 from collections.abc import Iterator, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import scipy.sparse as sp
@@ -184,7 +184,10 @@ class EmbeddingPenalty:
 
 class NeuralParams(RankingParams):
     """What every neural family shares: Adam's settings, early stopping (`patience` epochs without
-    a better validation ndcg@10 over `val_users` users; 0 = off), seeding, torch threads and
+    a better validation ndcg@10 over `val_users` users; 0 = off) of the ranking served
+    (`stop_on=blend`: the popularity blend's, see `_train_epochs`) or of the raw scores (`model`),
+    `refit` (train again on every event, validation included, for the epoch count that validated
+    best), seeding, torch threads and
     device, and `side_data`, the folder of MovieLens side files ("" = ids only)."""
 
     epochs: int = 30
@@ -198,6 +201,8 @@ class NeuralParams(RankingParams):
     device: str = "cpu"
     side_data: str = ""
     embedding_reg: float = Field(0.0, ge=0.0)
+    refit: bool = True
+    stop_on: Literal["blend", "model"] = "blend"
 
 
 MIN_STEPS_PER_EPOCH, MIN_BATCH = 200, 32  # batches shrink on small logs (see `batch_size_for`)
@@ -242,7 +247,8 @@ class NeuralRecommender(Recommender):
         """(len(users), n_items) scores from the current weights (called under no_grad)."""
 
     def _pretrain(self, interactions: Interactions) -> None:
-        """Initialise the fresh module from other fitted models (NeuMF from GMF and MLP)."""
+        """Initialise the fresh module from other fitted models (NeuMF from GMF and MLP); the
+        refit starts from the same initial weights."""
 
     def _use_history(self, data: Interactions) -> None:
         """Keep what scoring needs from `data` (sequence models: each user's recent items)."""
@@ -270,7 +276,11 @@ class NeuralRecommender(Recommender):
 
     # ---- training ----------------------------------------------------------------------------
     def _fit(self, interactions: Interactions) -> None:
-        """Hold out each user's last training event for early stopping, train, keep the best."""
+        """Hold out each user's last training event for early stopping and the popularity blend's
+        weight, train, then (`refit`) train a fresh network on every event for the epoch count that
+        validated best. Without the refit the network never learns from each user's latest event:
+        on short sessions that is a third of the log and the most telling click (ncf-gmf on
+        anonymous sessions: hr@10 0.30 without it, 0.39 with it)."""
         from streamrec.trainer.evaluation.splits import leave_last_out
 
         p = self.params
@@ -285,24 +295,39 @@ class NeuralRecommender(Recommender):
         self._prepare(train, rng)
         self.module = self._build().to(self.device)
         self._pretrain(interactions)
+        initial = copy.deepcopy(self.module.state_dict())
+        self.history = []
         self._use_history(train)
-        self._train_epochs(rng, interactions.user_idx[val], interactions.item_idx[val])
+        epochs = self._train_epochs(rng, interactions.user_idx[val], interactions.item_idx[val], p["epochs"])
         if p["popularity_blend"] == "auto" and len(val) >= MIN_VALIDATION_USERS:  # the early-stopping split
             self._validated_blend = self.validated_blend(interactions.user_idx[val], interactions.item_idx[val])
+        if p["refit"] and len(val):
+            self._prepare(interactions, rng)
+            self.module.load_state_dict(initial)
+            self._train_epochs(rng, val[:0], val[:0], epochs)
         self._use_history(interactions)
 
-    def _train_epochs(self, rng: np.random.Generator, val_users: np.ndarray, val_items: np.ndarray) -> None:
-        from streamrec.trainer.evaluation.topn import ranking_metrics
+    def _train_epochs(self, rng: np.random.Generator, val_users: np.ndarray, val_items: np.ndarray,
+                      epochs: int) -> int:
+        """Train up to `epochs` epochs; with validation pairs, stop after `patience` epochs without
+        a better validation ndcg@10 and keep the best weights. What is
+        judged is the ranking the model will serve: with `popularity_blend=auto` the raw scores under the blend's best weight
+        (`validation_ndcg`), and epochs do not count towards `patience` until that has once beaten
+        popularity alone significantly (a network that has not yet learned anything beyond the
+        floor is not done; without a signal it trains all `epochs`). Returns the number of epochs
+        of the weights kept."""
+        from streamrec.trainer.evaluation.topn import validation_ndcg
 
         p = self.params
         optimizer = self._optimizer()
         penalty = EmbeddingPenalty(self.module, p["embedding_reg"])
-        best, best_state, waited = -np.inf, None, 0
-        self.history = []
+        best, best_state, best_epochs, waited, learned = -np.inf, None, epochs, 0, not len(val_users)
+        refit = not len(val_users) and bool(self.history)  # the second pass of `_fit`, on every event
+        phase = f"{self.name} {'refit epoch' if refit else 'epoch'}"
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=_console, transient=True, disable=not _console.is_terminal) as bar:
-            task = bar.add_task(f"{self.name} epoch 1", total=p["epochs"])
-            for epoch in range(p["epochs"]):
+            task = bar.add_task(f"{phase} 1", total=epochs)
+            for epoch in range(epochs):
                 start, total, count = time.perf_counter(), 0.0, 0
                 self.module.train()
                 for batch in self._batches(rng):
@@ -313,17 +338,25 @@ class NeuralRecommender(Recommender):
                     total += float(loss.detach())
                     count += 1
                 report = {"epoch": epoch + 1, "loss": total / max(count, 1), "seconds": time.perf_counter() - start}
+                if refit:
+                    report["refit"] = 1.0
                 if len(val_users):
-                    report["val_ndcg@10"] = ranking_metrics(self, val_users, val_items)["ndcg@10"]
+                    scored = validation_ndcg(self, val_users, val_items)
+                    report["val_ndcg@10"] = scored.raw
+                    judge_blend = p["stop_on"] == "blend" and p["popularity_blend"] == "auto"
+                    if judge_blend:
+                        report["val_blend_ndcg@10"] = scored.blended
+                    learned = learned or scored.beats_popularity or not judge_blend
                 self.history.append(report)
                 shown = " ".join(f"{k} {v:.4f}" for k, v in report.items() if k not in ("epoch", "seconds"))
-                bar.update(task, advance=1, description=f"{self.name} epoch {epoch + 1} {shown}")
+                bar.update(task, advance=1, description=f"{phase} {epoch + 1} {shown}")
                 if not len(val_users):
                     continue
-                if report["val_ndcg@10"] > best:
-                    best, waited = report["val_ndcg@10"], 0
+                judged = report.get("val_blend_ndcg@10", report["val_ndcg@10"])
+                if judged > best:
+                    best, best_epochs, waited = judged, epoch + 1, 0
                     best_state = copy.deepcopy(self.module.state_dict())
-                else:
+                elif learned:
                     waited += 1
                     if waited >= p["patience"]:
                         break
@@ -331,6 +364,7 @@ class NeuralRecommender(Recommender):
         if best_state is not None:
             self.module.load_state_dict(best_state)
         self.module.eval()
+        return best_epochs
 
     # ---- scoring -----------------------------------------------------------------------------
     def _user_scores(self, users: np.ndarray) -> np.ndarray:
