@@ -69,22 +69,40 @@ def refit_scores(model: Recommender) -> ScoreFn:
 
 class StreamScorer:
     """Prequential scoring of the refit models on the replayed stream with the trainer's own
-    computation (`PrequentialScorer`): every 10th event, before it counts as the user's history."""
+    computation (`PrequentialScorer`): every 10th event, before it counts as the user's history.
+
+    A refit model scores the events after the last one it was trained on, however late it
+    arrives: spans replayed after a refit started wait on the scorer's thread (never the replay)
+    until that refit is published or given up, and a span is split where the model's training
+    data ends. So a slow refit (a cold start on a loaded machine) is scored all the same, and
+    no model scores an event it learned."""
 
     def __init__(self, log: InteractionLog, every: int = 10) -> None:
         self.stream = EventBatch.from_log(log)
         self.prequential = PrequentialScorer(every)
         self.ranges: queue.Queue[tuple[int, int] | None] = queue.Queue()
-        self.models: dict[str, ScoreFn] = {}  # name -> the newest refit model (swapped in by the refit loop)
+        self.models: dict[str, ScoreFn] = {}  # name -> the newest refit model in use
+        self.staged: list[tuple[int, str, ScoreFn]] = []  # (events it was trained on, name, model)
+        self.refit_from: int | None = None  # replay position at which the refit in flight started
         self.points: dict[str, list[tuple[float, float, float]]] = defaultdict(list)  # (time, hit, ndcg)
-        self.lock = threading.Lock()
+        self.lock = threading.Condition()
         self.thread = threading.Thread(target=self._run, name="scorer", daemon=True)
         self.thread.start()
 
-    def publish_model(self, name: str, model: Recommender) -> None:
+    def refit_started(self, position: int) -> None:
+        with self.lock:
+            self.refit_from = position
+
+    def publish_model(self, name: str, model: Recommender, trained_on: int) -> None:
+        """`model` was fitted on the first `trained_on` events of the stream."""
         scores = refit_scores(model)
         with self.lock:
-            self.models[name] = scores
+            self.staged.append((trained_on, name, scores))
+
+    def refit_finished(self) -> None:
+        with self.lock:
+            self.refit_from = None
+            self.lock.notify_all()
 
     def submit(self, start: int, stop: int) -> None:
         """Score events[start:stop] on the scorer's own thread (the replay keeps its pace)."""
@@ -96,12 +114,20 @@ class StreamScorer:
 
     def _run(self) -> None:
         while (span := self.ranges.get()) is not None:
-            self.score_span(*span)
+            start, stop = span
+            with self.lock:
+                self.lock.wait_for(lambda start=start: self.refit_from is None or start < self.refit_from)
+                due = sorted(entry for entry in self.staged if entry[0] < stop)
+                self.staged = [entry for entry in self.staged if entry[0] >= stop]
+            for trained_on, name, scores in due:
+                if trained_on > start:
+                    self.score_span(start, trained_on)
+                    start = trained_on
+                self.models[name] = scores
+            self.score_span(start, stop)
 
     def score_span(self, start: int, stop: int) -> None:
-        with self.lock:
-            models = dict(self.models)
-        for name, evaluated in self.prequential.evaluate(self.stream.take(slice(start, stop)), models).items():
+        for name, evaluated in self.prequential.evaluate(self.stream.take(slice(start, stop)), self.models).items():
             self.points[name].extend(zip(evaluated.timestamp.tolist(), evaluated.hit.tolist(), evaluated.ndcg.tolist()))
 
 
@@ -123,6 +149,7 @@ class RefitLoop:
     def maybe_start(self, replayed: int) -> None:
         if replayed >= self.next_at and self.busy.acquire(blocking=False):
             self.next_at = replayed + self.every
+            self.scorer.refit_started(replayed)
             threading.Thread(target=self._refit, name="refit", daemon=True).start()
 
     def _refit(self) -> None:
@@ -139,9 +166,10 @@ class RefitLoop:
                     model = create(name, **params).fit(data)
                     publish(client, model, self.done + 1)
                     self.durations[name].append(time.perf_counter() - t0)
-                    self.scorer.publish_model(name, model)
+                    self.scorer.publish_model(name, model, len(log))
             self.done += 1
         finally:
+            self.scorer.refit_finished()
             self.busy.release()
 
 

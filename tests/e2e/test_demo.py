@@ -76,3 +76,44 @@ def test_live_display_formats_every_count_alike():
     starting = dict(status_rows({**status, "trainer_consumed": None, "lag": None, "hr@10": None, "ps_rows": None,
                                  "serving_p99_ms": None, "staleness_s": None}))
     assert starting["consumer lag"] == starting["prequential hr@10 (last 1,000)"] == "-"
+
+
+def test_a_refit_that_arrives_after_the_replay_still_scores_the_events_after_its_data() -> None:
+    """A cold refit can finish after the whole log was replayed (a loaded machine, no compiled
+    cache): the spans replayed after it started wait on the scorer's thread, and the model scores
+    exactly the events after the ones it was fitted on, none before."""
+    import threading
+    import time
+
+    import numpy as np
+
+    from streamrec.app.demo import StreamScorer
+    from streamrec.stream.synthetic import synthetic_log
+    from streamrec.trainer.interactions import Interactions
+    from streamrec.trainer.models import create
+
+    log = synthetic_log(events=600, users=40, items=30, seed=0)
+    scorer = StreamScorer(log, every=1)
+    scorer.submit(0, 200)
+    scorer.refit_started(200)
+    for start in range(200, 600, 100):
+        scorer.submit(start, start + 100)
+    trained_on = 250  # the refit read a little past where it started
+    model = create("popularity").fit(Interactions.from_log(log.take(np.arange(trained_on)), implicit=True))
+
+    def late_refit() -> None:
+        time.sleep(1.0)
+        scorer.publish_model("popularity", model, trained_on)
+        scorer.refit_finished()
+
+    threading.Thread(target=late_refit).start()
+    scorer.finish()
+    # the same as a model in place from event 250 on
+    reference = StreamScorer(log, every=1)
+    reference.publish_model("popularity", model, trained_on)
+    reference.submit(0, trained_on)
+    reference.submit(trained_on, 600)
+    reference.finish()
+    assert scorer.points["popularity"] == reference.points["popularity"]
+    assert len(scorer.points["popularity"]) > 40
+    assert min(t for t, _, _ in scorer.points["popularity"]) >= log.timestamp[trained_on]
