@@ -205,6 +205,7 @@ class NeuralParams(RankingParams):
     stop_on: Literal["blend", "model"] = "blend"
 
 
+UNLEARNED_PATIENCE = 3  # times `patience`, while the blend has not yet beaten popularity (see `_train_epochs`)
 MIN_STEPS_PER_EPOCH, MIN_BATCH = 200, 32  # batches shrink on small logs (see `batch_size_for`)
 
 
@@ -312,10 +313,11 @@ class NeuralRecommender(Recommender):
         """Train up to `epochs` epochs; with validation pairs, stop after `patience` epochs without
         a better validation ndcg@10 and keep the best weights. What is
         judged is the ranking the model will serve: with `popularity_blend=auto` the raw scores under the blend's best weight
-        (`validation_ndcg`), and epochs do not count towards `patience` until that has once beaten
-        popularity alone significantly (a network that has not yet learned anything beyond the
-        floor is not done; without a signal it trains all `epochs`). Returns the number of epochs
-        of the weights kept."""
+        (`validation_ndcg`), and until that has once beaten popularity alone significantly the
+        patience is `UNLEARNED_PATIENCE` times as long (a network that has not yet learned anything
+        beyond the floor is not done after a few flat epochs: GRU4Rec on anonymous sessions sat at
+        popularity's exact figure for eight, then rose; a log without signal still ends).
+        Returns the number of epochs of the weights kept."""
         from streamrec.trainer.evaluation.topn import validation_ndcg
 
         p = self.params
@@ -356,9 +358,9 @@ class NeuralRecommender(Recommender):
                 if judged > best:
                     best, best_epochs, waited = judged, epoch + 1, 0
                     best_state = copy.deepcopy(self.module.state_dict())
-                elif learned:
+                else:
                     waited += 1
-                    if waited >= p["patience"]:
+                    if waited >= p["patience"] * (1 if learned else UNLEARNED_PATIENCE):
                         break
         penalty.close()
         if best_state is not None:
