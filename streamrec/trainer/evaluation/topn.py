@@ -19,7 +19,7 @@ from streamrec.trainer.evaluation.metrics import (
 )
 from streamrec.trainer.evaluation.splits import distinct_pairs, leave_last_out
 from streamrec.trainer.interactions import Interactions, Weighting
-from streamrec.trainer.models.base import SCORE_CHUNK, Recommender, mask_seen, top_k
+from streamrec.trainer.models.base import SCORE_CHUNK, Recommender, top_k
 from streamrec.trainer.models.popularity_blend import (
     GRID,
     blend,
@@ -28,21 +28,12 @@ from streamrec.trainer.models.popularity_blend import (
 )
 
 
-def candidate_scores(model: Recommender, users: np.ndarray, targets: np.ndarray, blended: bool = True) -> np.ndarray:
-    """`model`'s scores for `users` with their training items at -inf, each row's target kept."""
-    scores = model.user_scores(users, blended=blended)
-    target_scores = scores[np.arange(len(users)), targets]
-    scores = mask_seen(scores, model.seen, users)
-    scores[np.arange(len(users)), targets] = target_scores  # the target stays a candidate
-    return scores
-
-
 def ranking_metrics(model: Recommender, users: np.ndarray, targets: np.ndarray) -> dict[str, float]:
     """hr@10, ndcg@10, mrr, recall@20 (tie-aware) and coverage@10 over test users."""
     greater, ties, top10 = [], [], []
     for start in range(0, len(users), SCORE_CHUNK):
         block, block_targets = users[start : start + SCORE_CHUNK], targets[start : start + SCORE_CHUNK]
-        scores = candidate_scores(model, block, block_targets)
+        scores = model.candidate_scores(block, block_targets)
         g, t = rank_counts(scores, block_targets)
         greater.append(g)
         ties.append(t)
@@ -76,7 +67,7 @@ def validation_ndcg(model: Recommender, users: np.ndarray, targets: np.ndarray) 
     per_user = np.zeros((len(GRID), len(users)))
     for start in range(0, len(users), SCORE_CHUNK):
         block, block_targets = users[start : start + SCORE_CHUNK], targets[start : start + SCORE_CHUNK]
-        scores = candidate_scores(model, block, block_targets, blended=False)
+        scores = model.candidate_scores(block, block_targets, blended=False)
         for n, weight in enumerate(GRID):
             greater, ties = rank_counts(blend(scores, prior, weight), block_targets)
             per_user[n, start : start + len(block)] = expected_ndcg(greater, ties, 10)

@@ -109,11 +109,16 @@ class Recommender(ABC):
     def validated_blend(self, users: np.ndarray, targets: np.ndarray) -> float:
         """The popularity weight that ranks `targets` best for `users` (validation pairs the model
         was fitted without), by `popularity_blend.choose_weight`."""
-        scores = self.user_scores(users)
+        return choose_weight(self.candidate_scores(users, targets), targets, popularity_prior(self.popularity))
+
+    def candidate_scores(self, users: np.ndarray, targets: np.ndarray, blended: bool = True) -> np.ndarray:
+        """`user_scores` with each user's training items at -inf, each row's target kept (how
+        held-out items are ranked: validation and the topn protocol)."""
+        scores = self.user_scores(users, blended=blended)
         target_scores = scores[np.arange(len(users)), targets]
         scores = mask_seen(scores, self.seen, users)
         scores[np.arange(len(users)), targets] = target_scores  # the target stays a candidate
-        return choose_weight(scores, targets, popularity_prior(self.popularity))
+        return scores
 
     @abstractmethod
     def _fit(self, interactions: Interactions) -> None:

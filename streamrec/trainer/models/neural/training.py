@@ -187,8 +187,8 @@ class NeuralParams(RankingParams):
     a better validation ndcg@10 over `val_users` users; 0 = off) of the ranking served
     (`stop_on=blend`: the popularity blend's, see `_train_epochs`) or of the raw scores (`model`),
     `refit` (train again on every event, validation included, for the epoch count that validated
-    best), seeding, torch threads and
-    device, and `side_data`, the folder of MovieLens side files ("" = ids only)."""
+    best), seeding, torch threads and device, and `side_data`, the folder of MovieLens side files
+    ("" = ids only)."""
 
     epochs: int = 30
     batch_size: int = 1024
@@ -305,14 +305,15 @@ class NeuralRecommender(Recommender):
         if p["refit"] and len(val):
             self._prepare(interactions, rng)
             self.module.load_state_dict(initial)
-            self._train_epochs(rng, val[:0], val[:0], epochs)
+            self._train_epochs(rng, val[:0], val[:0], epochs, refit=True)
         self._use_history(interactions)
 
     def _train_epochs(self, rng: np.random.Generator, val_users: np.ndarray, val_items: np.ndarray,
-                      epochs: int) -> int:
-        """Train up to `epochs` epochs; with validation pairs, stop after `patience` epochs without
-        a better validation ndcg@10 and keep the best weights. What is
-        judged is the ranking the model will serve: with `popularity_blend=auto` the raw scores under the blend's best weight
+                      epochs: int, refit: bool = False) -> int:
+        """Train up to `epochs` epochs (`refit`: the second pass of `_fit`, on every event); with
+        validation pairs, stop after `patience` epochs without a better validation ndcg@10 and keep
+        the best weights. What is judged is the ranking the model will serve: with
+        `popularity_blend=auto` and `stop_on=blend` the raw scores under the blend's best weight
         (`validation_ndcg`), and until that has once beaten popularity alone significantly the
         patience is `UNLEARNED_PATIENCE` times as long (a network that has not yet learned anything
         beyond the floor is not done after a few flat epochs: GRU4Rec on anonymous sessions sat at
@@ -323,8 +324,9 @@ class NeuralRecommender(Recommender):
         p = self.params
         optimizer = self._optimizer()
         penalty = EmbeddingPenalty(self.module, p["embedding_reg"])
-        best, best_state, best_epochs, waited, learned = -np.inf, None, epochs, 0, not len(val_users)
-        refit = not len(val_users) and bool(self.history)  # the second pass of `_fit`, on every event
+        judge_blend = p["stop_on"] == "blend" and p["popularity_blend"] == "auto"
+        best, best_state, best_epochs, waited = -np.inf, None, epochs, 0
+        learned = not len(val_users) or not judge_blend
         phase = f"{self.name} {'refit epoch' if refit else 'epoch'}"
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=_console, transient=True, disable=not _console.is_terminal) as bar:
@@ -345,10 +347,9 @@ class NeuralRecommender(Recommender):
                 if len(val_users):
                     scored = validation_ndcg(self, val_users, val_items)
                     report["val_ndcg@10"] = scored.raw
-                    judge_blend = p["stop_on"] == "blend" and p["popularity_blend"] == "auto"
                     if judge_blend:
                         report["val_blend_ndcg@10"] = scored.blended
-                    learned = learned or scored.beats_popularity or not judge_blend
+                    learned = learned or scored.beats_popularity
                 self.history.append(report)
                 shown = " ".join(f"{k} {v:.4f}" for k, v in report.items() if k not in ("epoch", "seconds"))
                 bar.update(task, advance=1, description=f"{phase} {epoch + 1} {shown}")
