@@ -25,8 +25,12 @@ test: setup lint
 lint: setup  # the floor plan of docs/architecture.md: imports only go down
 	$(BIN)/lint-imports
 
-test-slow: setup  # pytest exits 5 when nothing is marked slow: not a failure
-	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
+# pytest exits 5 when nothing is marked slow: not a failure. The slow contracts are independent
+# model fits on one torch thread each (most of the slow suite's time), so they take one process per
+# core; the other slow suites (chaos, MovieLens quality, the wheel) keep the machine to themselves.
+test-slow: setup
+	$(BIN)/python -m pytest -m slow -n auto tests/contracts $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(BIN)/python -m pytest -m slow --ignore=tests/contracts $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 test-all: test test-slow
 
