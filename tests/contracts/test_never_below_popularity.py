@@ -12,13 +12,13 @@ comparison (binomial, all test users of the three seeds). Two logs with strong s
 groups, a ring of sessions), one seed each, hold every family, neural ones included, to the same
 rule.
 
-The neural families do not all meet the rule on the weak-signal logs (docs/models.md, "Where the
-defaults still fall short"; refitting on every event lifted ncf-gmf above popularity on `sessions`,
-not yet measured over seeds for every family): there they are held to the safety net only, the popularity blend
-(`popularity_blend=auto`, its weight chosen on the model's own validation split). One seed each
-(three would add twenty minutes to the slow suite), so the tolerance is two standard errors: a
-blend weight chosen on a validation split of the same size moves the test figure by about one
-around popularity's (seeds 0-2 measured: at worst -1.5 SE on one draw, -0.9 SE as a mean).
+Neural families are held to that rule on the weak-signal logs where their defaults meet it as a
+mean over the three draws (`NEURAL_ABOVE`, measured 2026-12-01 with at least two standard errors
+to spare; docs/models.md, "Where the defaults still fall short"). Elsewhere they are held to the
+safety net only, the popularity blend (`popularity_blend=auto`, its weight chosen on the model's
+own validation split): one seed each, so the tolerance is two standard errors, since a blend
+weight chosen on a validation split of the same size moves the test figure by about one around
+popularity's (seeds 0-2 measured: at worst -1.5 SE on one draw, -0.9 SE as a mean).
 """
 
 from __future__ import annotations
@@ -52,6 +52,15 @@ STRONG: dict[str, Callable[[int], InteractionLog]] = {
     "ring": lambda seed: ring_sessions(seed=seed),
 }
 SEEDS = (0, 1, 2)
+# (log, neural family) pairs held to the classical rule: over seeds 0-2 each beat popularity by 2.2
+# (dssm on `weak`) to 26 (ncf-gmf on `sessions`) standard errors. Not yet there: wide-deep, dcn,
+# ncf-mlp and neumf on every weak log; dcn-v2 (+1.8 SE on `short`), deepfm and dssm on `sessions`,
+# youtube-dnn (+1.3) and gru4rec (+0.6) on `weak`.
+NEURAL_ABOVE: dict[str, frozenset[str]] = {
+    "sessions": frozenset({"caser", "gru4rec", "ncf-gmf", "youtube-dnn"}),
+    "short": frozenset({"caser", "deepfm", "dssm", "gru4rec", "ncf-gmf", "youtube-dnn"}),
+    "weak": frozenset({"caser", "dcn-v2", "deepfm", "dssm", "ncf-gmf"}),
+}
 
 
 @cache
@@ -90,8 +99,14 @@ def test_classical_defaults_beat_popularity_on_weak_signal(name: str, log: str) 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("log", WEAK)
-@pytest.mark.parametrize("name", sorted(NEURAL))
+@pytest.mark.parametrize(("name", "log"), [(name, log) for log in WEAK for name in sorted(NEURAL_ABOVE[log])])
+def test_neural_defaults_that_learn_weak_signal_beat_popularity(name: str, log: str) -> None:
+    got, baseline, stderr = compare(name, log, SEEDS)
+    assert got > baseline + stderr, f"{name} {got:.3f} does not beat popularity ({baseline:.3f} +- {stderr:.3f}) on {log}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "log"), [(name, log) for log in WEAK for name in sorted(NEURAL - NEURAL_ABOVE[log])])
 def test_neural_defaults_are_not_below_popularity_on_weak_signal(name: str, log: str) -> None:
     got, baseline, stderr = compare(name, log, SEEDS[:1])
     assert got >= baseline - 2 * stderr, f"{name} {got:.3f} below popularity ({baseline:.3f}) on {log}"

@@ -91,11 +91,6 @@ class GRU4RecParams(NeuralParams):
     session_gap: float = 3600.0
     history: int = 50
     lr: float = 2e-3
-    # the stopping it had before the refit (as NeuMF and DSSM): with the refit and blend-judged
-    # stopping its MovieLens hr@10 fell from 0.1442 to 0.1220, though anonymous sessions rose from
-    # popularity's 0.258 to 0.302 (docs/models.md); `--param refit=true stop_on=blend` for such logs
-    refit: bool = False
-    stop_on: Literal["blend", "model"] = "model"
 
 
 class GRU4Rec(NeuralRecommender):
