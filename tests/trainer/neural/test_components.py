@@ -9,13 +9,15 @@ import json
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 
 from streamrec.trainer.features import load_side_features, trigram_bags
 from streamrec.stream.loaders import InteractionLog
 from streamrec.trainer.interactions import IdIndex, Interactions
-from streamrec.trainer.models import create
+from streamrec.trainer.models import create, load
 from streamrec.trainer.models.neural.ctr import fm_second_order, load_ranker
+from streamrec.trainer.models.neural.history import HistoryPooling
 from streamrec.trainer.models.neural.losses import LogQSampler, sampled_softmax
 from streamrec.trainer.models.neural.sequential import sessions
 
@@ -56,6 +58,33 @@ def test_log_q_correction_recovers_the_full_softmax(correct: bool) -> None:
         assert error < 0.2, error
     else:
         assert error > 0.8 and learned[-1] < p[-1] / 2, error
+
+
+def test_history_pooling_is_the_scaled_sum_of_the_users_items_without_the_held_out_one() -> None:
+    pooling = HistoryPooling(n_items=5, dim=3)
+    rows = pooling.items.weight.detach()
+    pooling.attach(sp.csr_matrix(np.array([[1, 0, 1, 1, 0], [0, 0, 0, 0, 0], [0, 1, 0, 0, 0]])), torch.device("cpu"))
+    users, holdout = torch.tensor([0, 0, 1, 2, 2, 7]), torch.tensor([-1, 3, -1, -1, 1, -1])
+    pooled = pooling(users, holdout).detach()
+    torch.testing.assert_close(pooled[0], (rows[0] + rows[2] + rows[3]) / 3**0.5)
+    torch.testing.assert_close(pooled[1], (rows[0] + rows[2]) / 2**0.5)  # the positive's own item is out
+    torch.testing.assert_close(pooled[3], rows[1])
+    assert not pooled[2].any() and not pooled[4].any() and not pooled[5].any()  # empty, emptied, unknown
+    grid = pooling(torch.tensor([[0, 0], [2, 2]])).detach()  # all-item scoring passes users as a grid
+    assert grid.shape == (2, 2, 3)
+    torch.testing.assert_close(grid[1, 1], rows[1])
+
+
+def test_a_model_saved_before_user_history_existed_loads_without_it(tmp_path) -> None:
+    data = Interactions.from_log(planted_sequences(), implicit=True)
+    model = create("ncf-gmf", **fast_params("ncf-gmf", epochs=2, user_history=False)).fit(data)
+    path = model.save(tmp_path / "gmf")
+    meta = json.loads((path / "meta.json").read_text())
+    del meta["params"]["user_history"]  # as written by earlier versions; the class default is on
+    (path / "meta.json").write_text(json.dumps(meta))
+    restored = load(path)
+    assert restored.params["user_history"] is False
+    np.testing.assert_allclose(restored.user_scores(np.arange(5)), model.user_scores(np.arange(5)), rtol=1e-5)
 
 
 def test_sessions_cut_at_inactivity_gaps() -> None:
@@ -107,12 +136,14 @@ def test_side_features_load_and_degrade(tmp_path) -> None:
     assert len(indices) == 2 and offsets.tolist() == [0, 2]  # '#ab#' -> '#ab', 'ab#'
 
 
-@pytest.mark.parametrize("name", ["deepfm", "dcn", "dcn-v2", "wide-deep"])
-def test_exported_ranker_scores_like_the_model(name: str, tmp_path) -> None:
+@pytest.mark.parametrize(("name", "history"), [("deepfm", False), ("dcn", False), ("dcn-v2", False),
+                                               ("wide-deep", False), ("deepfm", True)])
+def test_exported_ranker_scores_like_the_model(name: str, history: bool, tmp_path) -> None:
+    """Serving's ranker gets ids only: a user's pooled items are folded into their id row."""
     log = planted_sequences()
     write_side_files(tmp_path, 160, 60)
     data = Interactions.from_log(log, implicit=True)
-    model = create(name, **fast_params(name, epochs=2, side_data=str(tmp_path))).fit(data)
+    model = create(name, **fast_params(name, epochs=2, side_data=str(tmp_path), user_history=history)).fit(data)
     export = model.export()
     assert export.ranker is not None and export.item_vectors is None and export.neighbours is None
     blob = io.BytesIO()

@@ -22,8 +22,9 @@ from torch import nn
 from streamrec.trainer.features import load_side_features
 from streamrec.trainer.interactions import IdIndex, Interactions
 from streamrec.trainer.models.export import Export, RankerBlob
+from streamrec.trainer.models.neural.history import HistoryPooling
 from streamrec.trainer.models.neural.training import (
-    NeuralParams,
+    PointwiseParams,
     PointwiseRecommender,
     SeenPairs,
     int_list,
@@ -33,7 +34,7 @@ from streamrec.trainer.models.neural.training import (
 )
 
 RANKER_FORMAT = "streamrec-ranker/1"
-ARCH_PARAMS = ("dim", "hidden", "cross_layers", "dropout")
+ARCH_PARAMS = ("dim", "hidden", "cross_layers", "dropout")  # the exported ranker's (history folded in)
 
 
 def fm_second_order(fields: torch.Tensor) -> torch.Tensor:
@@ -56,9 +57,10 @@ class FieldTables(nn.Module):
                 nn.init.normal_(m.weight, std=0.01)
 
     def forward(self, users: torch.Tensor, items: torch.Tensor, ucodes: torch.Tensor,
-                icodes: torch.Tensor, genres: torch.Tensor) -> torch.Tensor:
-        """(B, n_fields, dim)."""
-        parts = [self.user(users), self.item(items)]
+                icodes: torch.Tensor, genres: torch.Tensor, user_extra: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, n_fields, dim); `user_extra` is added to the user id's vectors (pooled history)."""
+        user = self.user(users)
+        parts = [user if user_extra is None else user + user_extra, self.item(items)]
         parts += [emb(ucodes[:, f]) for f, emb in enumerate(self.user_fields)]
         parts += [emb(icodes[:, f]) for f, emb in enumerate(self.item_fields)]
         if self.genre is not None:
@@ -84,6 +86,8 @@ class CTRNet(nn.Module):
         self.register_buffer("genres", torch.zeros(n_items + 1, n_genres))
         self.embed = FieldTables(n_users, n_items, user_cards, item_cards, n_genres, dim)
         self.linear = FieldTables(n_users, n_items, user_cards, item_cards, n_genres, 1)
+        # absent from older blobs' params, and from exported rankers (`fold_history`)
+        self.history = HistoryPooling(n_items, dim) if params.get("user_history", False) else None
         self.bias = nn.Parameter(torch.zeros(1))
         width = (2 + len(user_cards) + len(item_cards) + (1 if n_genres else 0)) * dim
         hidden = int_list(params["hidden"])
@@ -108,9 +112,11 @@ class CTRNet(nn.Module):
             x = x0 * (x @ w.T + b) + x if self.kind == "dcn-v2" else x0 * (x @ w)[:, None] + b + x
         return x
 
-    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    def forward(self, users: torch.Tensor, items: torch.Tensor, holdout: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of (user, item) pairs; `holdout` as `HistoryPooling`'s."""
         ucodes, icodes, genres = self.ucodes[users], self.icodes[items], self.genres[items]
-        fields = self.embed(users, items, ucodes, icodes, genres)
+        pooled = None if self.history is None else self.history(users, holdout)
+        fields = self.embed(users, items, ucodes, icodes, genres, pooled)
         first = self.linear(users, items, ucodes, icodes, genres).sum((1, 2))
         x0 = fields.flatten(1)
         if self.kind in ("dcn", "dcn-v2"):
@@ -124,9 +130,10 @@ class CTRNet(nn.Module):
         return logit
 
 
-class CTRParams(NeuralParams):
+class CTRParams(PointwiseParams):
     """Field embedding width, deep tower widths, cross layers (DCN), dropout, sampled negatives
-    per positive, and a smaller validation sample (scoring every item per user is costly)."""
+    per positive, a smaller validation sample (scoring every item per user is costly), and the
+    user field known by the user's items too (`user_history`)."""
 
     dim: int = 16
     hidden: str = "128,64"
@@ -166,6 +173,20 @@ class CTRRecommender(PointwiseRecommender):
             "item_cards": list(side.item_cards), "n_genres": int(side.genres.shape[1]),
         }
 
+    def _folded_state(self) -> dict[str, np.ndarray]:
+        """The weights with each known user's pooled items added to their id row, so that the
+        exported network scores users by id alone (serving's rankers get no histories); the
+        unknown user row stays as trained."""
+        state = to_numpy_state(self.module)
+        net: CTRNet = self.module
+        if net.history is None:
+            return state
+        with torch.no_grad():
+            pooled = net.history(torch.arange(len(self.users), device=self.device)).cpu().numpy()
+        state["embed.user.weight"] = state["embed.user.weight"].copy()
+        state["embed.user.weight"][: len(pooled)] += pooled
+        return {k: v for k, v in state.items() if not k.startswith("history.")}
+
     def _build(self) -> nn.Module:
         net = CTRNet(self.kind, self.dims, self.params)
         side = getattr(self, "side", None)
@@ -189,7 +210,7 @@ class CTRRecommender(PointwiseRecommender):
             "format": RANKER_FORMAT, "model": self.name, "kind": self.kind, "dims": self.dims,
             "params": {k: self.params[k] for k in ARCH_PARAMS},
         }
-        arrays = {f"w.{k}": v for k, v in to_numpy_state(self.module).items()}
+        arrays = {f"w.{k}": v for k, v in self._folded_state().items()}
         arrays["users"], arrays["items"] = self.users.ids.astype(str), self.items.ids.astype(str)
         return Export(ranker=RankerBlob(header, arrays))
 

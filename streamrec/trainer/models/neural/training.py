@@ -30,13 +30,14 @@ from rich.progress import (
 )
 from torch import nn
 
-from streamrec.core.params import FloatRange, IntRange, SearchSpace, space
+from streamrec.core.params import Choice, FloatRange, IntRange, SearchSpace, space
 from streamrec.trainer.interactions import IdIndex, Interactions
 from streamrec.trainer.models.base import (
     MIN_VALIDATION_USERS,
     Capabilities,
     Recommender,
 )
+from streamrec.trainer.models.neural.history import HistoryPooling
 from streamrec.trainer.models.popularity_blend import RankingParams
 
 SCORE_BATCH = 256  # users scored per forward pass
@@ -90,6 +91,7 @@ class SeenPairs:
     """Membership test for (user, item) pairs, vectorised through sorted int64 keys."""
 
     def __init__(self, matrix: sp.csr_matrix) -> None:
+        self.matrix = matrix
         coo = matrix.tocoo()
         self.n_items = matrix.shape[1]
         self.keys = np.sort(coo.row.astype(np.int64) * self.n_items + coo.col)
@@ -395,13 +397,32 @@ class NeuralRecommender(Recommender):
         self._load_extra_state({k[2:]: v for k, v in arrays.items() if k.startswith("x.")})
 
 
+class PointwiseParams(NeuralParams):
+    """What the pointwise families add: `user_history`, a user known by the items they
+    interacted with as well as by an id embedding (`HistoryPooling`, SVD++'s implicit term). Off
+    unless a family's study says otherwise (ncf-gmf's does): an MLP or a deep head over the
+    pooled vector did not learn from it on anonymous sessions (docs/models.md)."""
+
+    user_history: bool = False
+
+
 class PointwiseRecommender(NeuralRecommender):
     """Models trained as binary classifiers of (user, item) pairs: every positive plus sampled
-    negatives, binary cross-entropy on `module(users, items)` logits (NCF and the CTR families).
-    Subclasses set `pos_users`, `pos_items`, `seen_pairs` and `dims["n_items"]` in `_prepare`."""
+    negatives, binary cross-entropy on `module(users, items, holdout)` logits (NCF and the CTR
+    families). Subclasses set `pos_users`, `pos_items`, `seen_pairs` and `dims["n_items"]` in
+    `_prepare`; their modules' history poolings get the training pairs (`seen_pairs`) for each epoch
+    and every user's items for scoring."""
+
+    Params: ClassVar[type[NeuralParams]] = PointwiseParams
+    search_space: ClassVar[SearchSpace] = space(**NeuralRecommender.search_space, user_history=Choice((False, True)))
+
+    def _poolings(self) -> list[HistoryPooling]:
+        return [m for m in self.module.modules() if isinstance(m, HistoryPooling)] if self.module is not None else []
 
     def _batches(self, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
         p = self.params
+        for pooling in self._poolings():  # the refit trains on more events than the first pass
+            pooling.attach(self.seen_pairs.matrix, self.device)
         return pointwise_batches(
             rng, self.pos_users, self.pos_items, self.seen_pairs, self.dims["n_items"],
             p["negatives"], self.batch_size_for(len(self.pos_users) * (1 + p["negatives"])), self.device,
@@ -409,4 +430,18 @@ class PointwiseRecommender(NeuralRecommender):
 
     def _loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         users, items, labels = batch
-        return F.binary_cross_entropy_with_logits(self.module(users, items), labels)
+        holdout = torch.where(labels > 0, items, -1)  # a positive's item is in its user's history
+        return F.binary_cross_entropy_with_logits(self.module(users, items, holdout), labels)
+
+    def _use_history(self, data: Interactions) -> None:
+        for pooling in self._poolings():
+            pooling.attach(data.binary(), self.device)
+
+    def _load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        """The user lists are the saved `seen` matrix. Models saved before `user_history` existed
+        have no pooling weights: they load without it."""
+        if not any(k.startswith("w.") and "history." in k for k in arrays):
+            self.params["user_history"] = False
+        super()._load_state(arrays)
+        for pooling in self._poolings():
+            pooling.attach(self.seen, self.device)
