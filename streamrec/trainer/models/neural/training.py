@@ -400,8 +400,8 @@ class NeuralRecommender(Recommender):
 class PointwiseParams(NeuralParams):
     """What the pointwise families add: `user_history`, a user known by the items they
     interacted with as well as by an id embedding (`HistoryPooling`, SVD++'s implicit term). Off
-    unless a family's study says otherwise (ncf-gmf's does): an MLP or a deep head over the
-    pooled vector did not learn from it on anonymous sessions (docs/models.md)."""
+    unless a family's study says otherwise (those of ncf-gmf, neumf and the CTR heads do; NCF's
+    MLP tower does not learn from it, docs/models.md)."""
 
     user_history: bool = False
 
