@@ -21,7 +21,7 @@ from torch import nn
 
 
 class HistoryPooling(nn.Module):
-    """Item vectors `y` and, once `attach`ed, each user's items (CSR rows of user indices).
+    """Item vectors `y` and, once `attach`ed, each user's items (a CSR row of item indices per user).
 
     The user lists are not weights: they are attached from the data (the training pairs while
     training, the model's `seen` matrix for scoring and after loading).
