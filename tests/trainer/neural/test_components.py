@@ -139,7 +139,8 @@ def test_side_features_load_and_degrade(tmp_path) -> None:
 @pytest.mark.parametrize(("name", "history"), [("deepfm", False), ("dcn", False), ("dcn-v2", False),
                                                ("wide-deep", False), ("deepfm", True)])
 def test_exported_ranker_scores_like_the_model(name: str, history: bool, tmp_path) -> None:
-    """Serving's ranker gets ids only: a user's pooled items are folded into their id row."""
+    """Serving's ranker gets ids only: with `user_history` it carries each user's pooled items as
+    a table."""
     log = planted_sequences()
     write_side_files(tmp_path, 160, 60)
     data = Interactions.from_log(log, implicit=True)

@@ -32,13 +32,13 @@ class HistoryPooling(nn.Module):
         super().__init__()
         self.items = nn.Embedding(n_items, dim)
         nn.init.normal_(self.items.weight, std=0.01)
-        self.indptr = torch.zeros(1, dtype=torch.long)
-        self.indices = torch.zeros(0, dtype=torch.long)
+        self.attach(sp.csr_matrix((0, n_items)), torch.device("cpu"))
 
     def attach(self, matrix: sp.csr_matrix, device: torch.device) -> None:
-        """Pool from `matrix`'s rows (users x items, any nonzero = interacted)."""
+        """Pool from `matrix`'s rows (users x items, any nonzero = interacted). `indptr` gets its
+        last entry twice: the one row past the end is empty, and every user beyond it maps there."""
         matrix = sp.csr_matrix(matrix)
-        self.indptr = torch.as_tensor(matrix.indptr.astype(np.int64), device=device)
+        self.indptr = torch.as_tensor(np.r_[matrix.indptr, matrix.indptr[-1]].astype(np.int64), device=device)
         self.indices = torch.as_tensor(matrix.indices.astype(np.int64), device=device)
 
     def forward(self, users: torch.Tensor, holdout: torch.Tensor | None = None) -> torch.Tensor:
@@ -46,11 +46,9 @@ class HistoryPooling(nn.Module):
         entry's sum, or -1 for none (positives of pointwise training; the item must be in the
         user's history)."""
         unique, inverse = torch.unique(users, return_inverse=True)
-        rows = len(self.indptr) - 1
-        known = unique < rows
-        clamped = unique.clamp(max=max(rows - 1, 0))
-        starts = torch.where(known, self.indptr[clamped], 0) if rows else torch.zeros_like(unique)
-        counts = torch.where(known, self.indptr[clamped + 1] - starts, 0) if rows else torch.zeros_like(unique)
+        rows = unique.clamp(max=len(self.indptr) - 2)  # users outside the attached rows: the empty one
+        starts = self.indptr[rows]
+        counts = self.indptr[rows + 1] - starts
         offsets = torch.cumsum(counts, 0) - counts
         flat = torch.repeat_interleave(starts - offsets, counts) + torch.arange(int(counts.sum()), device=users.device)
         sums = F.embedding_bag(self.indices[flat], self.items.weight, offsets, mode="sum")[inverse]
