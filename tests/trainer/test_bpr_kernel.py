@@ -1,13 +1,14 @@
 """The compiled BPR epoch (`bpr.bpr_epoch`) is mini-batch gradient descent on the paper's loss:
 each step moves every table by the learning rate times autograd's gradient of the step's summed
 per-triple loss, computed from the parameters as the step found them, with users and items that
-repeat within a step; and the negative check (`bpr.owned`) matches a set lookup."""
+repeat within a step; and the negative check (`SeenPairs`) matches a set lookup."""
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
-from streamrec.trainer.models.bpr import bpr_epoch, owned
+from streamrec.trainer.models.bpr import bpr_epoch
+from streamrec.trainer.models.seen_pairs import SeenPairs
 
 N_USERS, N_ITEMS, K, LR, REG = 5, 8, 3, 0.05, 0.01
 
@@ -41,12 +42,16 @@ def test_each_step_is_a_gradient_step_of_its_summed_loss() -> None:
     assert not np.allclose(P, before)
 
 
-def test_owned_finds_exactly_the_users_pairs() -> None:
+def test_seen_pairs_finds_exactly_the_users_pairs() -> None:
     rng = np.random.default_rng(1)
     seen = sp.random(40, 30, density=0.2, format="csr", random_state=2)
-    seen.sort_indices()
+    seen.indices = seen.indices.copy()  # rows out of order: the test must not rely on sorted input
+    for r in range(seen.shape[0]):
+        row = slice(seen.indptr[r], seen.indptr[r + 1])
+        seen.indices[row], seen.data[row] = seen.indices[row][::-1], seen.data[row][::-1]
+    seen.has_sorted_indices = False
     users, items = rng.integers(40, size=500), rng.integers(30, size=500)
     pairs = set(zip(*seen.nonzero()))
     want = np.array([(u, i) in pairs for u, i in zip(users, items)])
     assert want.any() and not want.all()
-    np.testing.assert_array_equal(owned(users, items, seen.indptr, seen.indices), want)
+    np.testing.assert_array_equal(SeenPairs(seen).contains(users, items), want)

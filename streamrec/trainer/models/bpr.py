@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 from numba import njit
 from pydantic import Field
@@ -29,35 +28,19 @@ from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.base import Capabilities, Recommender
 from streamrec.trainer.models.export import Export
 from streamrec.trainer.models.popularity_blend import RankingParams
+from streamrec.trainer.models.seen_pairs import SeenPairs
 from streamrec.trainer.models.sgd import generator, single_threaded
 
 MAX_RESAMPLES = 10
 
 
-@njit(cache=True, nogil=True)
-def owned(users, items, indptr, indices):
-    """Whether each (user, item) is one of the user's pairs: a binary search in the user's sorted
-    row (a search over all pairs' keys took a third of a MovieLens fit)."""
-    found = np.zeros(len(users), np.bool_)
-    for t in range(len(users)):
-        lo, hi, item = indptr[users[t]], indptr[users[t] + 1], items[t]
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if indices[mid] < item:
-                lo = mid + 1
-            else:
-                hi = mid
-        found[t] = lo < indptr[users[t] + 1] and indices[lo] == item
-    return found
-
-
 def sample_negatives(
-    users: torch.Tensor, positives: torch.Tensor, seen: sp.csr_matrix, n_items: int,
+    users: torch.Tensor, positives: torch.Tensor, seen: SeenPairs, n_items: int,
     sampler: str, item_weights: torch.Tensor, batch_size: int, gen: torch.Generator,
 ) -> torch.Tensor:
     """One negative per (user, positive) of a whole epoch in training order; items the user has
-    (`seen`, rows with sorted indices) are redrawn (a few rounds). In-batch draws among the
-    positives of the same mini-batch."""
+    (`seen`) are redrawn (a few rounds). In-batch draws among the positives of the same
+    mini-batch."""
     position = torch.arange(len(users))
     batch_start = position - position % batch_size
     batch_len = torch.clamp(len(users) - batch_start, max=batch_size)
@@ -74,8 +57,7 @@ def sample_negatives(
     negatives = draw(position)
     suspects = position
     for _ in range(MAX_RESAMPLES):  # only the redrawn ones are checked again
-        suspects = suspects[torch.from_numpy(owned(users[suspects].numpy(), negatives[suspects].numpy(),
-                                                   seen.indptr, seen.indices))]
+        suspects = suspects[torch.from_numpy(seen.contains(users[suspects].numpy(), negatives[suspects].numpy()))]
         if not len(suspects):
             break
         negatives[suspects] = draw(suspects)
@@ -166,8 +148,7 @@ class BPR(Recommender):
         items = torch.from_numpy(np.repeat(binary.col.astype(np.int64), repeats))
         draw_weights = torch.from_numpy(np.repeat(binary.data.astype(np.float64), repeats)) if weighted else None
         n_items, k = interactions.n_items, p["factors"] - 1  # one factor is the item bias
-        seen = interactions.binary().tocsr()
-        seen.sort_indices()
+        seen = SeenPairs(binary.tocsr())
         item_weights = torch.from_numpy(np.maximum(self.popularity, 1e-12).astype(np.float64))
         P = ((torch.rand(interactions.n_users, k, generator=gen) - 0.5) / k).numpy()
         Q = ((torch.rand(n_items, k, generator=gen) - 0.5) / k).numpy()

@@ -26,12 +26,12 @@ from streamrec.trainer.models.neural.history import HistoryPooling
 from streamrec.trainer.models.neural.training import (
     PointwiseParams,
     PointwiseRecommender,
-    SeenPairs,
     int_list,
     load_numpy_state,
     mlp,
     to_numpy_state,
 )
+from streamrec.trainer.models.seen_pairs import SeenPairs
 
 RANKER_FORMAT = "streamrec-ranker/1"
 ARCH_PARAMS = ("dim", "hidden", "cross_layers", "dropout", "user_history")

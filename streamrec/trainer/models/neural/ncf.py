@@ -20,10 +20,10 @@ from streamrec.trainer.models.neural.history import HistoryPooling
 from streamrec.trainer.models.neural.training import (
     PointwiseParams,
     PointwiseRecommender,
-    SeenPairs,
     int_list,
     mlp,
 )
+from streamrec.trainer.models.seen_pairs import SeenPairs
 
 
 class NCFNet(nn.Module):

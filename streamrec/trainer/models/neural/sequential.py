@@ -31,11 +31,11 @@ from streamrec.trainer.models.neural.losses import (
 from streamrec.trainer.models.neural.training import (
     NeuralParams,
     NeuralRecommender,
-    SeenPairs,
     last_items,
     sample_negatives,
     sequences,
 )
+from streamrec.trainer.models.seen_pairs import SeenPairs
 
 
 def sessions(data: Interactions, gap: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

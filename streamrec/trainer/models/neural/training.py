@@ -16,7 +16,6 @@ from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -39,6 +38,7 @@ from streamrec.trainer.models.base import (
 )
 from streamrec.trainer.models.neural.history import HistoryPooling
 from streamrec.trainer.models.popularity_blend import RankingParams
+from streamrec.trainer.models.seen_pairs import SeenPairs
 
 SCORE_BATCH = 256  # users scored per forward pass
 _console = Console(file=sys.stderr)
@@ -85,21 +85,6 @@ def shuffled_batches(
     tensors = [torch.as_tensor(a[order], device=device) for a in arrays]
     for start in range(0, len(order), batch_size):
         yield tuple(t[start : start + batch_size] for t in tensors)
-
-
-class SeenPairs:
-    """Membership test for (user, item) pairs, vectorised through sorted int64 keys."""
-
-    def __init__(self, matrix: sp.csr_matrix) -> None:
-        self.matrix = matrix
-        coo = matrix.tocoo()
-        self.n_items = matrix.shape[1]
-        self.keys = np.sort(coo.row.astype(np.int64) * self.n_items + coo.col)
-
-    def contains(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-        keys = users.astype(np.int64) * self.n_items + items
-        pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
-        return self.keys[pos] == keys if len(self.keys) else np.zeros(len(keys), bool)
 
 
 def sample_negatives(
