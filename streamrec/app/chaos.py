@@ -316,7 +316,8 @@ def serving_summary(queries: Queries, faults: list[FaultRecord]) -> dict[str, An
     and was under way when a worker was killed. 503s before serving first answered are warm-up."""
     kills = [f for f in faults if f.planned.kind is FaultKind.SERVING_WORKER_KILL]
     first_answer = queries.latencies[0][0] if queries.latencies else float("inf")
-    late_503 = [t for t in queries.unavailable if t > first_answer]
+    late_503 = [detail for t, detail in queries.unavailable if t > first_answer]
+    late_note = f"HTTP 503 after serving was ready ({len(late_503)}x): {sorted(set(late_503))[:3]}"
 
     def in_flight(failure: Any) -> bool:
         return failure.transport and any(
@@ -334,7 +335,7 @@ def serving_summary(queries: Queries, faults: list[FaultRecord]) -> dict[str, An
         "answered": len(queries.latencies),
         "failures": len(queries.failures) + len(late_503),
         "failures_in_flight_on_killed_worker": len(flight),
-        "other_failures": [f.error for f in other][:10] + [f"HTTP 503 after serving was ready ({len(late_503)}x)"] * bool(late_503),
+        "other_failures": [f.error for f in other][:10] + [late_note] * bool(late_503),
         "warm_up_503": len(queries.unavailable) - len(late_503),
         "first_answer_after_kill_seconds": first_answers,
         "p99_ms": queries.percentile(99),

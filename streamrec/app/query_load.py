@@ -29,7 +29,7 @@ class Queries:
         self.url, self.rate, self.users, self.seed = url, rate, users, seed
         self.latencies: list[tuple[float, float]] = []  # (time answered, ms)
         self.failures: list[FailedRequest] = []
-        self.unavailable: list[float] = []  # times of 503 answers: no model loaded yet
+        self.unavailable: list[tuple[float, str]] = []  # (time, detail) of 503 answers: no model loaded yet
         self.staleness: float | None = None
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="queries", daemon=True)
@@ -62,7 +62,7 @@ class Queries:
             self.failures.append(FailedRequest(started, time.monotonic(), repr(exc), transport=True))
             return
         if reply.status_code == 503:  # no model loaded yet: not an error of the run
-            self.unavailable.append(time.monotonic())
+            self.unavailable.append((time.monotonic(), reply.text[:200]))
             return
         if reply.status_code != 200:
             self.failures.append(FailedRequest(started, time.monotonic(), f"HTTP {reply.status_code}: {reply.text[:200]}",

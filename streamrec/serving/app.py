@@ -119,8 +119,9 @@ def create_app(config: ServingConfig) -> FastAPI:
         thread = threading.Thread(target=syncer.run, args=(stop,), name="serving-sync", daemon=True)
         thread.start()
         # a worker started while others serve (uvicorn replacing a killed one) would answer 503
-        # until its first poll: the socket is shared, so it accepts only once it has a model
-        await asyncio.to_thread(syncer.first_poll_done.wait, config.first_poll_wait_s)
+        # until it has a model: the socket is shared, so it accepts only once it has one (or the
+        # parameter server has none to give, or first_poll_wait_s has passed)
+        await asyncio.to_thread(syncer.ready.wait, config.first_poll_wait_s)
         yield
         stop.set()
         thread.join(timeout=10)

@@ -29,6 +29,9 @@ def register(cli: click.Group, bench: click.Group) -> None:
               help="request body cap of every route without its own [default: 65536]")
 @click.option("--body-limit", "body_limits", multiple=True, metavar="PATH=BYTES",
               help="request body cap of one route, e.g. /rescore=4194304 (repeatable) [default: /rescore=4 MiB]")
+@click.option("--first-poll-wait", "first_poll_wait_s", type=click.FloatRange(min=0), default=None,
+              help="seconds a starting worker waits for a model before it accepts requests anyway (0: a "
+                   "gateway for POST /events without a parameter server) [default: 15]")
 @click.option("--item-catalogue", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="item titles and genres for the console (MovieLens u.item, or item_id,title,genres CSV)")
 @click.option("--log-level", default="warning", show_default=True)

@@ -37,8 +37,9 @@ class ServingConfig(BaseModel):
     feature_prefix: str = Field("sr", description="Redis key prefix of the online trainer's feature store")
     poll_interval: float = Field(60.0, ge=0.05, description="seconds between parameter-server polls")
     first_poll_wait_s: float = Field(15.0, ge=0, description="a starting worker (the first, or one replacing a "
-                                     "killed worker) accepts requests after its first parameter-server poll, or "
-                                     "this long: it answers from a model, not 503, when its siblings can")
+                                     "killed worker) accepts requests once it has a model (failed polls are retried "
+                                     "every 0.25 s) or the parameter server has none, or after this long: it answers "
+                                     "from a model, not 503, when its siblings can")
     # which tables serve: rows are [vector | scalars]; the first item scalar is the item bias
     user_table: str = "bpr_users"
     item_table: str = "bpr_items"

@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from streamrec.param_server.client import Delta, ParamClient
 from streamrec.param_server.replica import TableMirror
@@ -28,6 +29,7 @@ from streamrec.serving.users import UserCache
 log = logging.getLogger(__name__)
 GAUGE_REFRESH_S = 1.0  # the staleness gauge is refreshed at least this often between polls
 USER_CHUNK_ROWS = 8192  # user delta rows per chunk: bounds the memory and the cache lock's hold per chunk
+FIRST_RETRY_S = 0.25  # until a worker has a model, a failed poll is retried this soon, not a poll interval later
 
 
 @dataclass
@@ -49,7 +51,9 @@ class Syncer:
         self.user_since: int | tuple[int, ...] | None = None  # None: the first poll, which fills the cache
         self.artifacts = Artifacts()
         self._client: ParamClient | None = None
-        self.first_poll_done = threading.Event()  # set after the first poll, whether it succeeded or not
+        # set once the worker has something to serve, or the parameter server answered that no shard has
+        # the item table (a new cluster: no worker could serve either); a failed poll never sets it
+        self.ready = threading.Event()
 
     def _buffer(self) -> Buffer:
         c = self.config
@@ -75,11 +79,17 @@ class Syncer:
         return artifacts
 
     def poll(self) -> bool:
-        """One poll; True when a new state was swapped in. Raises on parameter-server errors."""
+        """One poll; True when a new state was swapped in. Raises on parameter-server errors, and
+        when some shards have a table that others lack (a shard restarted empty): the last state stays."""
         started = time.perf_counter()
         client = self._connect()
         try:
-            self._follow_users(client)
+            tables = client.tables()
+            if self.config.item_table not in tables:  # nothing trained yet, on any shard
+                self.ready.set()
+                self.holder.confirmed_at, self.holder.last_error = time.time(), None
+                return False
+            self._follow_users(client, tables.get(self.config.user_table))
             delta = client.delta(self.config.item_table, self.item_since)
             artifacts = self._fetch_artifacts(client)
         except OSError:
@@ -91,15 +101,18 @@ class Syncer:
         self.item_since = delta.version
         self.artifacts = artifacts
         self.holder.confirmed_at, self.holder.last_error = time.time(), None
+        self.ready.set()
         self.metrics.sync_seconds.observe(time.perf_counter() - started)
         self.metrics.staleness.set(0.0)
         return changed
 
-    def _follow_users(self, client: ParamClient) -> None:
+    def _follow_users(self, client: ParamClient, info: dict[str, Any] | None) -> None:
         """The user table's changes since the last poll, into the cache; the first poll streams the
-        whole table to fill it (chunk by chunk: never the whole table at once)."""
-        info = client.tables().get(self.config.user_table)
+        whole table to fill it (chunk by chunk: never the whole table at once). `info` is the
+        table's merged info, None when no shard has it (no user has a row: nothing to follow)."""
         self.holder.user_rows = info["rows"] if info is not None else 0
+        if info is None:
+            return
         chunks = client.delta_chunks(self.config.user_table, self.user_since or 0, USER_CHUNK_ROWS)
         self.user_since = self.users.follow(chunks, client.shard_of, fill=self.user_since is None)
 
@@ -130,16 +143,19 @@ class Syncer:
         self.standby = 1 - self.standby  # the buffer just caught up is the next standby
 
     def run(self, stop: threading.Event) -> None:
-        """Poll every `poll_interval` seconds until `stop` is set; never raises."""
+        """Poll every `poll_interval` seconds until `stop` is set; never raises. Until the worker is
+        ready, a failed poll is retried after FIRST_RETRY_S (a worker replacing a killed one while a
+        shard restarts gets its model as soon as the shard is back)."""
         while not stop.is_set():
-            next_poll = time.monotonic() + self.config.poll_interval
+            started = time.monotonic()
             try:
                 self.poll()
             except Exception as exc:  # noqa: BLE001 - the sync thread must survive any failure and keep the last state
                 self.metrics.sync_failures.inc()
                 self.holder.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("parameter-server poll failed: %s", self.holder.last_error)
-            self.first_poll_done.set()
+            next_poll = started + (self.config.poll_interval if self.ready.is_set() else
+                                   min(self.config.poll_interval, FIRST_RETRY_S))
             while not stop.wait(max(0.0, min(GAUGE_REFRESH_S, next_poll - time.monotonic()))):
                 staleness = self.holder.staleness()
                 if staleness is not None:

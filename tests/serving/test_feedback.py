@@ -65,7 +65,8 @@ def start_feedback(start_serving: StartServing, monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv("STREAMREC_KAFKA_BOOTSTRAP", bootstrap)
     monkeypatch.setenv("STREAMREC_KAFKA_CLIENT", client)
     monkeypatch.setenv("STREAMREC_TOPIC", topic)
-    serving = start_serving(f"127.0.0.1:{free_port()}", redis_url, prefix, ready=False, api_token=token)
+    serving = start_serving(f"127.0.0.1:{free_port()}", redis_url, prefix, ready=False, api_token=token,
+                            args=("--first-poll-wait", "0"))  # no parameter server: nothing to wait for
     deadline = time.monotonic() + 60
     while True:
         try:

@@ -4,6 +4,7 @@ racing state swaps see one version each, and parameter-server or Redis outages d
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from pathlib import Path
@@ -12,13 +13,20 @@ import httpx
 import numpy as np
 
 from streamrec.app import infra
+from streamrec.core.net import port_open
 from streamrec.param_server.client import Delta, ParamClient
 from streamrec.param_server.keys import Keys
 from streamrec.param_server.replica import TableMirror
 from streamrec.serving.index import ItemIndex, query_rows
 from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
 from tests.param_server.conftest import ServerProcess
-from tests.serving.conftest import StartServing, load_model, wait_for, write_history
+from tests.serving.conftest import (
+    StartServing,
+    free_port,
+    load_model,
+    wait_for,
+    write_history,
+)
 
 DIM = 4
 
@@ -215,3 +223,30 @@ def test_a_starting_worker_answers_from_a_model_not_503(ps: ParamClient, param_s
         raise AssertionError(serving.log.read_text()[-3000:])
     assert reply.status_code == 200, reply.text
     assert len(reply.json()["items"]) == 5
+
+
+def test_a_worker_started_while_its_shard_restarts_answers_from_a_model(tmp_path: Path, redis_url: str, prefix: str,
+                                                                         start_serving: StartServing) -> None:
+    """A worker whose first polls fail (its shard is down) keeps retrying and takes no connection
+    until the shard is back with its model; with a 60 s poll interval, one failed poll used to
+    leave it answering 503 "no model loaded yet" for a minute while its siblings served."""
+    port = free_port()
+    env = {**os.environ, "STREAMREC_HOME": str(tmp_path / "ps-home")}
+    env.pop("STREAMREC_PARAM_SERVER_TOKEN", None)
+    args = ["--port", str(port), "--checkpoint-dir", str(tmp_path / "checkpoints")]
+    shard = ServerProcess(args, env)
+    with ParamClient([shard.address]) as client:
+        load_model(client, {"u": np.ones(DIM, np.float32)}, _items(30))
+    shard.stop()  # a final checkpoint, then down
+    serving = start_serving(shard.address, redis_url, prefix, poll=60.0, ready=False)
+    wait_for(lambda: "poll failed" in serving.log.read_text(), timeout=60)  # its first poll met the down shard
+    serving_port = int(serving.url.rpartition(":")[2])
+    assert not port_open("127.0.0.1", serving_port)  # so it takes no connection yet
+    shard = ServerProcess(args, env)  # restored from its checkpoint
+    try:
+        wait_for(lambda: port_open("127.0.0.1", serving_port), timeout=30)
+        reply = serving.fresh_get("/recommend?user_id=u&k=5")
+        assert reply.status_code == 200, reply.text
+        assert len(reply.json()["items"]) == 5 and not reply.json()["cold_start"]
+    finally:
+        shard.stop()
