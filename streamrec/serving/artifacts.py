@@ -10,7 +10,7 @@ Other families' item vectors are not blobs: they are parameter-server tables, ch
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -59,7 +59,14 @@ class CandidateRanker(Protocol):
 
     name: str
 
-    def score(self, features: dict[str, np.ndarray], user_id: str, item_ids: np.ndarray) -> np.ndarray: ...
+    @property
+    def uses_history(self) -> bool:
+        """True when `score` reads the user's current items (`history`): the pipeline then
+        fetches them even when the request does not filter seen items."""
+        ...
+
+    def score(self, features: dict[str, np.ndarray], user_id: str, item_ids: np.ndarray,
+              history: Collection[str] | None) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -80,7 +87,12 @@ class LinearRanker:
             raise ValueError(f"ranker weights shape {weights.shape} != ({len(features)},)")
         return cls(features, weights, float(np.asarray(arrays["bias"]).reshape(-1)[0]))
 
-    def score(self, features: dict[str, np.ndarray], user_id: str, item_ids: np.ndarray) -> np.ndarray:
+    @property
+    def uses_history(self) -> bool:
+        return False
+
+    def score(self, features: dict[str, np.ndarray], user_id: str, item_ids: np.ndarray,
+              history: Collection[str] | None) -> np.ndarray:
         return np.column_stack([features[f] for f in self.features]) @ self.weights + self.bias
 
 
@@ -98,8 +110,15 @@ class NeuralRanker:
 
         return cls(load_network(header, arrays), header.get("model", header["kind"]))
 
-    def score(self, features: dict[str, np.ndarray], user_id: str, item_ids: np.ndarray) -> np.ndarray:
-        return self.model.score(np.full(len(item_ids), user_id, dtype=object), item_ids)
+    @property
+    def uses_history(self) -> bool:
+        return self.model.uses_history
+
+    def score(self, features: dict[str, np.ndarray], user_id: str, item_ids: np.ndarray,
+              history: Collection[str] | None) -> np.ndarray:
+        """With `user_history`, the user's items as they are now (`history`) are pooled, so an
+        event since the refit moves the ranking at once."""
+        return self.model.score(np.full(len(item_ids), user_id, dtype=object), item_ids, history=history)
 
 
 RANKER_LOADERS: dict[str, Callable[[dict[str, Any], dict[str, np.ndarray]], CandidateRanker]] = {

@@ -90,12 +90,18 @@ class CandidatePipeline:
         bias = values[:, items.dim] if items.scalars else np.zeros(len(rows), np.float32)
         return {"dot": dot.astype(np.float64), "bias": bias.astype(np.float64) + b_u}
 
-    def _rank(self, state: ServingState, user_id: str, rows: np.ndarray, features: dict[str, np.ndarray]) -> np.ndarray:
-        """The published ranking model's scores, else the retrieval model's (dot + biases)."""
+    def _rank(self, state: ServingState, user_id: str, rows: np.ndarray, features: dict[str, np.ndarray],
+              interacted: set[str] | None) -> np.ndarray:
+        """The published ranking model's scores, else the retrieval model's (dot + biases).
+        `interacted`: the user's items now (Redis), for a ranker that pools them; None without Redis."""
         ranker = state.artifacts.ranker
         if ranker is None:
             return features["dot"] + features["bias"]
-        return np.asarray(ranker.score(features, user_id, state.item_ids[rows]), dtype=np.float64)
+        return np.asarray(ranker.score(features, user_id, state.item_ids[rows], interacted), dtype=np.float64)
+
+    @staticmethod
+    def _ranker_reads_history(state: ServingState | None) -> bool:
+        return state is not None and state.artifacts.ranker is not None and state.artifacts.ranker.uses_history
 
     # ---- /recommend ---------------------------------------------------------------------------
     def recommend(self, state: ServingState | None, user_id: str, k: int, exclude_seen: bool,
@@ -103,16 +109,20 @@ class CandidatePipeline:
         degraded: list[str] = []
         c = self.config
         wants_recent = state is not None and state.artifacts.knn is not None and c.knn_per_item
-        history = self.history.user_history(user_id, c.knn_recent if wants_recent else 0, exclude_seen)
+        wants_seen = exclude_seen or self._ranker_reads_history(state)
+        history = self.history.user_history(user_id, c.knn_recent if wants_recent else 0, wants_seen)
+        interacted: set[str] | None = None
         if history is None:
             _note_redis(degraded)
             history = ([], set())
-        recent, seen = history
+        elif wants_seen:
+            interacted = history[1]
+        recent, seen = history[0], history[1] if exclude_seen else set()
         user = self._user(state, user_id, degraded) if state is not None else None
         if user is None:
             body = self._cold_start(state, k, seen, degraded)
         else:
-            body = self._personal(state, user_id, recent, user, k, seen, diversity, explain, degraded)
+            body = self._personal(state, user_id, recent, user, k, seen, interacted, diversity, explain, degraded)
         if "redis" in degraded:
             self.history.count_degraded()
         body["degraded"] = degraded
@@ -162,7 +172,8 @@ class CandidatePipeline:
         return item_rows[item_rows >= 0], scores[valid][item_rows >= 0]
 
     def _personal(self, state: ServingState, user_id: str, recent: list[str], user: tuple[np.ndarray, float], k: int,
-                  seen: set[str], diversity: float, explain: bool, degraded: list[str]) -> dict[str, Any]:
+                  seen: set[str], interacted: set[str] | None, diversity: float, explain: bool,
+                  degraded: list[str]) -> dict[str, Any]:
         c, items = self.config, state.items
         looked_up = rows_of(items, [*recent, *seen])
         recent_rows, seen_rows = looked_up[: len(recent)], looked_up[len(recent) :]
@@ -198,7 +209,7 @@ class CandidatePipeline:
         features.update({"ann": (bits & 1).astype(np.float64), "item_knn": (bits >> 1 & 1).astype(np.float64),
                          "trending": (bits >> 2 & 1).astype(np.float64), "knn_score": knn_score,
                          "popularity": popularity})
-        score = self._rank(state, user_id, rows, features)
+        score = self._rank(state, user_id, rows, features, interacted)
         lam = 1.0 - diversity
         mmr_values = None
         if diversity > 0 and len(rows) > 1:
@@ -242,7 +253,15 @@ class CandidatePipeline:
         features = self._scores(state, rows[known], user)
         zeros = np.zeros(int(known.sum()))
         features.update({name: zeros for name in ("ann", "item_knn", "trending", "knn_score", "popularity")})
-        score = self._rank(state, user_id, rows[known], features)
+        interacted = None
+        if self._ranker_reads_history(state):
+            history = self.history.user_history(user_id, 0, True)
+            if history is None:
+                _note_redis(degraded)
+                self.history.count_degraded()
+            else:
+                interacted = history[1]
+        score = self._rank(state, user_id, rows[known], features, interacted)
         order = np.argsort(-score, kind="stable")
         return {"cold_start": cold, "degraded": degraded, "unknown": ids[~known].tolist(),
                 "items": [{"item_id": i, "score": s} for i, s in zip(ids[known][order].tolist(), score[order].tolist())]}

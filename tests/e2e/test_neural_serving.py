@@ -11,9 +11,11 @@ import pytest
 
 from streamrec.param_server.client import ParamClient
 from streamrec.stream.loaders import InteractionLog
-from tests.serving.conftest import serving_factory, start_param_server
+from tests.serving.conftest import serving_factory, start_param_server, write_history
 from tests.trainer_online.conftest import planted_events
 from streamrec.trainer.interactions import Interactions
+from streamrec.trainer.models.neural.ctr import load_ranker
+from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
 from streamrec.trainer.models import create
 from streamrec.trainer.refit import publish
 
@@ -68,6 +70,8 @@ def test_two_tower_vectors_served_after_refit(stack, redis_url):
 
 
 def test_deepfm_ranker_rescores_candidates(stack, redis_url):
+    """The ranker scores as the model does; with `user_history` (DeepFM's default) it pools the
+    user's items as Redis has them now, so an event after the refit moves the ranking at once."""
     server, start = stack
     data = planted_interactions()
     bpr = create("bpr", factors=16, epochs=20, seed=0).fit(data)
@@ -76,7 +80,8 @@ def test_deepfm_ranker_rescores_candidates(stack, redis_url):
         publish(client, bpr, version=1)
         written = publish(client, ranker, version=1)
     assert "refit/ranker" in written["blobs"]
-    serving = start(server.address, redis_url, f"e2e{uuid.uuid4().hex[:8]}",
+    prefix = f"e2e{uuid.uuid4().hex[:8]}"
+    serving = start(server.address, redis_url, prefix,
                     args=("--user-table", "refit_bpr_users", "--item-table", "refit_bpr_items", "--index", "flat"))
     ready = wait_for(lambda: serving.get("/readyz").json().get("artifacts"))
     assert "refit/ranker" in ready
@@ -90,3 +95,12 @@ def test_deepfm_ranker_rescores_candidates(stack, redis_url):
     assert np.allclose([item["score"] for item in served], np.sort(expected)[::-1], atol=1e-5)
     explained = serving.get("/recommend", user_id="u3", k=5, explain="true").json()
     assert explained["explain"]["ranker"] == "deepfm"
+    # events after the refit, through the online trainer's own writer
+    store = FeatureStore.from_url(redis_url, FeatureStoreConfig(prefix=prefix))
+    write_history(store, [("u3", "i5", 2e9), ("u3", "i61", 2e9 + 1)])
+    export = ranker.export().ranker
+    live = load_ranker(export.header, export.arrays).score(["u3"] * len(candidates), candidates, history={"i5", "i61"})
+    assert not np.allclose(live, expected, atol=1e-5)
+    moved = serving.http.post("/rescore", json={"user_id": "u3", "candidates": candidates}).json()["items"]
+    assert [item["item_id"] for item in moved] == [candidates[i] for i in np.argsort(-live, kind="stable")]
+    assert np.allclose([item["score"] for item in moved], np.sort(live)[::-1], atol=1e-5)

@@ -156,6 +156,22 @@ def test_exported_ranker_scores_like_the_model(name: str, history: bool, tmp_pat
     expected = 1 / (1 + np.exp(-model.score(users[:3], items[:3])))
     np.testing.assert_allclose(scores[:3], expected, rtol=1e-5)
     assert np.isfinite(scores[3])  # unknown user: scored from the unknown row
+    assert ranker.uses_history is history
+    if history:  # serving passes the user's items as they are now (Redis): pooled live, not the table
+        catalogue = data.items.ids.astype(str)
+        own = {str(i) for i in data.items.ids[data.item_idx[data.user_idx == data.users.index(["u1"])[0]]]}
+        now = ranker.score(["u1"] * len(catalogue), catalogue, history=own)  # the same items: the same scores
+        np.testing.assert_allclose(now, 1 / (1 + np.exp(-model.score(["u1"] * len(catalogue), catalogue))), rtol=1e-5)
+        other = {str(i) for i in data.items.ids[data.item_idx[data.user_idx == data.users.index(["u2"])[0]]]}
+        moved = ranker.score(["u1"] * len(catalogue), catalogue, history=own | other | {"never-seen"})
+        assert not np.allclose(moved, now, rtol=1e-4)  # a new event moves the ranking at once
+        np.testing.assert_array_equal(ranker.score(["u1"] * 4, catalogue[:4], history={"never-seen"}),
+                                      ranker.score(["u1"] * 4, catalogue[:4]))  # no known item: the table
+        header = json.loads(json.dumps(export.ranker.header))
+        del header["params"]["history_live"]  # published before the live pooling: the table alone
+        older = load_ranker(header, {k: loaded[k] for k in loaded.files if k != "w.history.pooling.items.weight"})
+        assert not older.uses_history
+        np.testing.assert_array_equal(older.score(users, items, history=own), scores)
 
 
 @pytest.mark.parametrize("name", ["youtube-dnn", "dssm"])

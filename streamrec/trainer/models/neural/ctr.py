@@ -13,6 +13,7 @@ and `load_ranker` rebuilds a scorer from them without pickle or this class.
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
@@ -77,18 +78,27 @@ class HistoryCross(nn.Module):
     pooled history is not learned from (docs/models.md, "A user as their items").
 
     An exported ranker gets no user lists: there the pooled vectors are a plain table (`table`),
-    filled with each known user's at export, zero for the unknown row."""
+    filled with each known user's at export, zero for the unknown row; the item vectors `y` stay
+    (`live`), so that serving can pool the user's items as they are now (Redis's seen set) instead
+    of as they were at export. Rankers exported before `live` existed have the table only."""
 
-    def __init__(self, n_users: int, n_items: int, dim: int, table: bool) -> None:
+    def __init__(self, n_users: int, n_items: int, dim: int, table: bool, live: bool) -> None:
         super().__init__()
         self.item = nn.Embedding(n_items + 1, dim)
         nn.init.normal_(self.item.weight, std=0.01)
-        self.pooling = None if table else HistoryPooling(n_items, dim)
+        self.pooling = HistoryPooling(n_items, dim) if live or not table else None
         self.user = nn.Embedding(n_users + 1, dim) if table else None
 
-    def forward(self, users: torch.Tensor, items: torch.Tensor, holdout: torch.Tensor | None) -> torch.Tensor:
-        pooled = self.user(users) if self.pooling is None else self.pooling(users, holdout)
+    def forward(self, users: torch.Tensor, items: torch.Tensor, holdout: torch.Tensor | None,
+                pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """`pooled` (B, dim), when given, replaces the users' pooled vectors."""
+        if pooled is None:
+            pooled = self.user(users) if self.user is not None else self.pooling(users, holdout)
         return (pooled * self.item(items)).sum(-1)
+
+    def pool(self, items: torch.Tensor) -> torch.Tensor:
+        """(dim,) pooled vector of one user's item indices, as `HistoryPooling` pools a row."""
+        return self.pooling.items.weight[items].sum(0) * len(items) ** -0.5
 
 
 class CTRNet(nn.Module):
@@ -109,7 +119,8 @@ class CTRNet(nn.Module):
         self.embed = FieldTables(n_users, n_items, user_cards, item_cards, n_genres, dim)
         self.linear = FieldTables(n_users, n_items, user_cards, item_cards, n_genres, 1)
         # absent from the params of rankers exported before it existed
-        self.history = (HistoryCross(n_users, n_items, dim, params.get("history_table", False))
+        self.history = (HistoryCross(n_users, n_items, dim, params.get("history_table", False),
+                                     params.get("history_live", False))
                         if params.get("user_history", False) else None)
         self.bias = nn.Parameter(torch.zeros(1))
         width = (2 + len(user_cards) + len(item_cards) + (1 if n_genres else 0)) * dim
@@ -135,13 +146,14 @@ class CTRNet(nn.Module):
             x = x0 * (x @ w.T + b) + x if self.kind == "dcn-v2" else x0 * (x @ w)[:, None] + b + x
         return x
 
-    def forward(self, users: torch.Tensor, items: torch.Tensor, holdout: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits of (user, item) pairs; `holdout` as `HistoryPooling`'s."""
+    def forward(self, users: torch.Tensor, items: torch.Tensor, holdout: torch.Tensor | None = None,
+                pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of (user, item) pairs; `holdout` as `HistoryPooling`'s, `pooled` as `HistoryCross`'s."""
         ucodes, icodes, genres = self.ucodes[users], self.icodes[items], self.genres[items]
         fields = self.embed(users, items, ucodes, icodes, genres)
         first = self.linear(users, items, ucodes, icodes, genres).sum((1, 2))
         if self.history is not None:
-            first = first + self.history(users, items, holdout)
+            first = first + self.history(users, items, holdout, pooled)
         x0 = fields.flatten(1)
         if self.kind in ("dcn", "dcn-v2"):
             return self.head(torch.cat([self.cross(x0), self.deep(x0)], dim=1)).squeeze(1) + first + self.bias
@@ -202,15 +214,14 @@ class CTRRecommender(PointwiseRecommender):
         }
 
     def _exported_state(self) -> dict[str, np.ndarray]:
-        """The weights, with the history cross's pooling replaced by a table of each known user's
-        pooled vector (`HistoryCross`, `history_table`): serving's rankers get ids, no histories."""
+        """The weights plus a table of each known user's pooled vector (`HistoryCross`,
+        `history_table`): serving pools a user's current items when it has them, else the table."""
         state = to_numpy_state(self.module)
         net: CTRNet = self.module
         if net.history is None:
             return state
         with torch.no_grad():
             pooled = net.history.pooling(torch.arange(len(self.users) + 1, device=self.device)).cpu().numpy()
-        del state["history.pooling.items.weight"]
         return state | {"history.user.weight": pooled}
 
     def _build(self) -> nn.Module:
@@ -234,7 +245,7 @@ class CTRRecommender(PointwiseRecommender):
         self._require_fitted()
         header = {
             "format": RANKER_FORMAT, "model": self.name, "kind": self.kind, "dims": self.dims,
-            "params": {k: self.params[k] for k in ARCH_PARAMS} | {"history_table": True},
+            "params": {k: self.params[k] for k in ARCH_PARAMS} | {"history_table": True, "history_live": True},
         }
         arrays = {f"w.{k}": v for k, v in self._exported_state().items()}
         arrays["users"], arrays["items"] = self.users.ids.astype(str), self.items.ids.astype(str)
@@ -247,16 +258,34 @@ class Ranker:
     def __init__(self, net: CTRNet, users: IdIndex, items: IdIndex) -> None:
         self.net, self.users, self.items = net.eval(), users, items
 
+    @property
+    def uses_history(self) -> bool:
+        """True when `score` can pool a user's current items (`history`)."""
+        return self.net.history is not None and self.net.history.pooling is not None
+
     def score(self, user_ids: list[str] | np.ndarray, item_ids: list[str] | np.ndarray,
-              context: dict[str, Any] | None = None) -> np.ndarray:
+              context: dict[str, Any] | None = None, history: Collection[str] | None = None) -> np.ndarray:
         """Probability per (user, item) pair; unknown ids use the reserved unknown rows.
-        `context` is accepted for interface stability; these models use no request context."""
+        `history`: every item the (one) user has interacted with, as of now; its known items are
+        pooled instead of the user's row of the table filled at export (which stays the answer
+        when it is None, empty or all unknown). `context` is accepted for interface stability;
+        these models use no request context."""
         users = self.users.index(user_ids)
         items = self.items.index(item_ids)
         users[users < 0], items[items < 0] = len(self.users), len(self.items)
         with torch.no_grad():
-            logits = self.net(torch.as_tensor(users), torch.as_tensor(items))
+            pooled = self._pooled(history, len(items))
+            logits = self.net(torch.as_tensor(users), torch.as_tensor(items), pooled=pooled)
         return torch.sigmoid(logits).double().numpy()
+
+    def _pooled(self, history: Collection[str] | None, pairs: int) -> torch.Tensor | None:
+        if not history or not self.uses_history:
+            return None
+        known = self.items.index(list(history))
+        known = known[known >= 0]
+        if not len(known):
+            return None
+        return self.net.history.pool(torch.as_tensor(known)).expand(pairs, -1)
 
 
 def load_ranker(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> Ranker:
