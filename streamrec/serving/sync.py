@@ -29,7 +29,7 @@ from streamrec.serving.users import UserCache
 log = logging.getLogger(__name__)
 GAUGE_REFRESH_S = 1.0  # the staleness gauge is refreshed at least this often between polls
 USER_CHUNK_ROWS = 8192  # user delta rows per chunk: bounds the memory and the cache lock's hold per chunk
-FIRST_RETRY_S = 0.25  # until a worker has a model, a failed poll is retried this soon, not a poll interval later
+FIRST_RETRY_S = 0.25  # a starting worker without a model retries a failed poll this soon (for first_poll_wait_s)
 
 
 @dataclass
@@ -145,7 +145,9 @@ class Syncer:
     def run(self, stop: threading.Event) -> None:
         """Poll every `poll_interval` seconds until `stop` is set; never raises. Until the worker is
         ready, a failed poll is retried after FIRST_RETRY_S (a worker replacing a killed one while a
-        shard restarts gets its model as soon as the shard is back)."""
+        shard restarts gets its model as soon as the shard is back); after `first_poll_wait_s` it
+        polls every `poll_interval` again, so a long outage costs no more than a short one."""
+        hurry_until = time.monotonic() + self.config.first_poll_wait_s
         while not stop.is_set():
             started = time.monotonic()
             try:
@@ -154,8 +156,8 @@ class Syncer:
                 self.metrics.sync_failures.inc()
                 self.holder.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("parameter-server poll failed: %s", self.holder.last_error)
-            next_poll = started + (self.config.poll_interval if self.ready.is_set() else
-                                   min(self.config.poll_interval, FIRST_RETRY_S))
+            hurry = not self.ready.is_set() and started < hurry_until
+            next_poll = started + (min(self.config.poll_interval, FIRST_RETRY_S) if hurry else self.config.poll_interval)
             while not stop.wait(max(0.0, min(GAUGE_REFRESH_S, next_poll - time.monotonic()))):
                 staleness = self.holder.staleness()
                 if staleness is not None:
