@@ -85,7 +85,10 @@ class Syncer:
         client = self._connect()
         try:
             tables = client.tables()
-            if self.config.item_table not in tables:  # nothing trained yet, on any shard
+            if self.config.item_table not in tables and self.holder.current is None:
+                # nothing trained yet, on any shard: nothing to wait for. A worker with a model goes
+                # on below and fails (the shards restarted empty): it keeps that model, and its
+                # staleness and last_error say so
                 self.ready.set()
                 self.holder.confirmed_at, self.holder.last_error = time.time(), None
                 return False

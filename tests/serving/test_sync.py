@@ -250,3 +250,27 @@ def test_a_worker_started_while_its_shard_restarts_answers_from_a_model(tmp_path
         assert len(reply.json()["items"]) == 5 and not reply.json()["cold_start"]
     finally:
         shard.stop()
+
+
+def test_a_worker_keeps_its_model_and_says_so_when_the_shard_restarts_empty(tmp_path: Path, redis_url: str,
+                                                                           prefix: str,
+                                                                           start_serving: StartServing) -> None:
+    """A shard restarted without state has no tables: a worker that has a model keeps serving it,
+    and /readyz reports the failing polls (not a fresh confirmation of a model the server lost)."""
+    port = free_port()
+    env = {**os.environ, "STREAMREC_HOME": str(tmp_path / "ps-home")}
+    env.pop("STREAMREC_PARAM_SERVER_TOKEN", None)
+    shard = ServerProcess(["--port", str(port), "--no-checkpoints"], env)
+    with ParamClient([shard.address]) as client:
+        load_model(client, {"u": np.ones(DIM, np.float32)}, _items(30))
+    serving = start_serving(shard.address, redis_url, prefix, poll=0.2)
+    before = serving.get("/recommend", user_id="u", k=5).json()
+    shard.kill()
+    shard = ServerProcess(["--port", str(port), "--no-checkpoints"], env)  # the same address, nothing in it
+    try:
+        ready = wait_for(lambda: "KeyError" in ((r := serving.get("/readyz").json())["last_error"] or "") and r)
+        assert ready["ready"] and ready["model_version"] == before["model_version"]  # the server answers: no table
+        later = wait_for(lambda: (r := serving.get("/recommend", user_id="u", k=5).json())["staleness_seconds"] > 1.0 and r)
+        assert later["items"] == before["items"]
+    finally:
+        shard.stop()
