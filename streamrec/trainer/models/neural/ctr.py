@@ -96,10 +96,6 @@ class HistoryCross(nn.Module):
             pooled = self.user(users) if self.user is not None else self.pooling(users, holdout)
         return (pooled * self.item(items)).sum(-1)
 
-    def pool(self, items: torch.Tensor) -> torch.Tensor:
-        """(dim,) pooled vector of one user's item indices, as `HistoryPooling` pools a row."""
-        return self.pooling.items.weight[items].sum(0) * len(items) ** -0.5
-
 
 class CTRNet(nn.Module):
     """The field encoder with one of four interaction heads (`kind`); forward gives logits.
@@ -285,7 +281,7 @@ class Ranker:
         known = known[known >= 0]
         if not len(known):
             return None
-        return self.net.history.pool(torch.as_tensor(known)).expand(pairs, -1)
+        return self.net.history.pooling.pool(torch.as_tensor(known)).expand(pairs, -1)
 
 
 def load_ranker(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> Ranker:

@@ -58,3 +58,8 @@ class HistoryPooling(nn.Module):
             sums = sums - drop[..., None] * F.embedding(holdout.clamp(min=0), self.items.weight)
             sizes = sizes - drop.to(sums.dtype)
         return sums * sizes.clamp(min=1).rsqrt()[..., None]
+
+    def pool(self, items: torch.Tensor) -> torch.Tensor:
+        """(dim,) pooled vector of one list of item indices (a user's items as they are now, not
+        an attached row), by the same rule as `forward`; the list must not be empty."""
+        return self.items.weight[items].sum(0) * len(items) ** -0.5

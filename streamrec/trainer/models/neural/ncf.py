@@ -99,9 +99,10 @@ class NeuMFParams(NCFParams):
     learning rate of the plain SGD that follows (the paper). It keeps the early stopping it had
     before the refit and the blend-judged stopping (`refit=false stop_on=model`): `streamrec
     study-defaults --model neumf --grid refit=true,false --grid stop_on=blend,model --data ml-100k`
-    ranks it first on validation (2.81, against 2.94 for the common loop; docs/models.md). Users are known by their items too (`user_history`, in both
-    branches and in the pretrained GMF and MLP): `streamrec study-defaults --model neumf --grid
-    user_history=true --data ml-100k` ranks it 1.125 against 1.875."""
+    ranks it first on validation (2.81, against 2.94 for the common loop; docs/models.md). Users
+    are known by their items too (`user_history`, in both branches and in the pretrained GMF and
+    MLP): `streamrec study-defaults --model neumf --grid user_history=true --data ml-100k` ranks
+    it 1.125 against 1.875."""
 
     user_history: bool = True
     refit: bool = False
