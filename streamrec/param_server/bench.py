@@ -7,7 +7,9 @@ talk to it with ParamClient. Memory is the growth of this process's resident set
 while the server writes a checkpoint of the 1M-row table (forced by a second client).
 `str_*`: string ids shaped like production ids, rows created by the push that first sees them, the
 server's per-request parsing included (`bench_strings`); `*_vs_numpy`: ratios to a plain numpy
-gather / scatter-add of the same rows measured in the same run.
+gather / scatter-add of the same rows measured in the same run; `str_create_vs_memory_commit`: the
+memory that row creation committed per second, as a fraction of what the kernel commits when
+nothing else runs (`bench_strings.memory_commit_bound`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from streamrec.param_server.bench_strings import (
+    memory_commit_bound,
     numpy_bound,
     per_second,
     production_ids,
@@ -172,8 +175,11 @@ def run_benchmark(num_ids: int = 1_000_000, dim: int = 64, batch: int = 4096) ->
     del table
     with tempfile.TemporaryDirectory(prefix="streamrec-bench-ps-") as checkpoint_dir:
         result.update(_remote(ids, dim, batch, grads, checkpoint_dir))
+    result.update(memory_commit_bound())  # just before the string table grows into fresh memory
     result.update(string_figures(production_ids(num_ids), dim, SCALARS, batch, grads))
     result.update(numpy_bound(num_ids, dim + SCALARS, batch, grads))
+    created_mb = result["str_apply_new_rows_per_second"] * result["str_bytes_per_row"] / (1 << 20)
+    result["str_create_vs_memory_commit"] = round(created_mb / result["memory_commit_mb_per_second"], 3)
     result["bytes_ratio"] = round(result["bytes_per_row"] / result["raw_bytes_per_row"], 3)
     for name, figure, bound in (
         ("gather_vs_numpy", "gather_keys_per_second", "numpy_gather_rows_per_second"),

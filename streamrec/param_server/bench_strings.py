@@ -9,6 +9,11 @@ timed on a fresh table (every id is new), gathering on the built one, in a shuff
 The bound is plain numpy on a float32 matrix of the same rows and width: `values[rows]` (gather)
 and `values[rows] += grads` (scatter-add; the rows of a batch are distinct, where this is the
 fastest numpy form; `np.add.at` is several times slower). Ratios to it hold on a noisy machine.
+Creating rows has a second bound, the rate at which the kernel commits fresh memory
+(`memory_commit_bound`): a table that grows writes every new row to pages never touched before,
+and on a virtual machine whose memory the host has not yet backed that first touch is slow (here
+~0.4 GB/s, against ~7 GB/s to write the same pages again), so `str_create_vs_memory_commit` near
+1 says creation waits on memory, not on the table.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from streamrec.param_server.keys import Keys
+from streamrec.param_server.memory import commit_rows, reserve
 from streamrec.param_server.protocol import (
     PREFIX,
     encode,
@@ -134,3 +140,17 @@ def numpy_bound(num_rows: int, width: int, batch: int, grads: np.ndarray) -> dic
         "numpy_gather_rows_per_second": round(per_second(num_rows, gather)),
         "numpy_scatter_rows_per_second": round(per_second(num_rows, scatter)),
     }
+
+
+def memory_commit_bound(megabytes: int = 256) -> dict[str, float]:
+    """How fast this process gets fresh memory committed (`memory.commit_rows`, as a growing table
+    does) and then rewrites the same pages: the first is a bound on row creation."""
+    rows = reserve((megabytes, 1 << 20), np.uint8)
+    started = time.perf_counter()
+    commit_rows(rows, 0, megabytes)
+    rows[:, ::4096] = 1  # pages the commit could not reach (a kernel without it) fault in here
+    first = time.perf_counter() - started
+    started = time.perf_counter()
+    rows.fill(2)
+    again = time.perf_counter() - started
+    return {"memory_commit_mb_per_second": round(megabytes / first), "memory_rewrite_mb_per_second": round(megabytes / again)}

@@ -3,8 +3,8 @@
 Why not a dict: a Python dict of 1M keys costs ~100 bytes per entry and a Python call per lookup.
 Here the index is one int32 slot array (about 12-16 bytes per live key at our load factors); the
 key of each row lives beside the row (`row_key`), so a probe compares `row_key[slot]` with the
-wanted key. Linear probing runs as rounds over the *batch* (each round handles every key still
-unresolved), so the Python-level loop count is the longest probe sequence, not the batch size.
+wanted key. Lookups and inserts probe linearly in one compiled pass over the batch
+(`kernels.find_keys`, `kernels.place_keys`).
 
 The caller may pass `same(batch_positions, rows)` to confirm a 64-bit match exactly (string ids
 compare their bytes), which is what makes string keys collisionless.
@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from streamrec.param_server.kernels import find_keys, place_keys
 from streamrec.param_server.keys import mix64
 from streamrec.param_server.memory import reserve
 
@@ -52,17 +53,16 @@ class KeyIndex:
     def find(self, keys: np.ndarray, same: SameFn | None = None) -> np.ndarray:
         """Row of each key, -1 where absent. `same` (optional) confirms each 64-bit match exactly;
         without it, the first row with the same 64-bit key is the answer."""
+        keys = np.ascontiguousarray(keys, dtype=np.uint64)
+        if same is None:  # every lookup: one compiled probe per key
+            out = np.empty(keys.size, np.int64)
+            find_keys(self.slots, self.row_key, keys, out)
+            return out
+        # a string id whose 64-bit match was another id (a true collision): exact, in rounds
         pos = self._home(keys)
         mask = self.capacity - 1
-        if same is None:  # the first probe settles most keys: no bookkeeping of pending keys for it
-            seen = self.slots[pos]
-            hit = (seen >= 0) & (self.row_key.take(np.maximum(seen, 0)) == keys)
-            out = np.where(hit, seen, -1).astype(np.int64)
-            pending = np.flatnonzero(~hit & (seen != EMPTY))
-            pos, wanted = (pos[pending] + 1) & mask, keys[pending]
-        else:
-            out = np.full(keys.size, -1, np.int64)
-            pending, wanted = np.arange(keys.size), keys
+        out = np.full(keys.size, -1, np.int64)
+        pending, wanted = np.arange(keys.size), keys
         while pending.size:
             seen = self.slots[pos]
             hit = (seen >= 0) & (self.row_key.take(np.maximum(seen, 0)) == wanted)
@@ -84,25 +84,9 @@ class KeyIndex:
         self.live += keys.size
 
     def _place(self, keys: np.ndarray, rows: np.ndarray) -> None:
-        """Claim a free slot for every key. Several keys racing for one slot: the last write wins and
-        a read-back tells each key whether it got it; the losers probe on. No sort needed."""
-        pending = np.arange(keys.size)
-        pos = self._home(keys)
-        mask = self.capacity - 1
-        while pending.size:
-            seen = self.slots[pos]
-            free = seen < 0
-            free_pos = pos[free]
-            free_rows = rows[pending[free]]
-            self.slots[free_pos] = free_rows
-            won = self.slots[free_pos] == free_rows
-            self.tombstones -= int(np.count_nonzero(seen[free][won] == TOMBSTONE))
-            self.row_slot[free_rows[won]] = free_pos[won]
-            placed = np.zeros(pending.size, bool)
-            placed[np.flatnonzero(free)[won]] = True
-            # occupied slots: probe the next one; lost races: look again at the same slot
-            pos = np.where(free, pos, (pos + 1) & mask)[~placed]
-            pending = pending[~placed]
+        """Claim a free slot for every key (compiled linear probing)."""
+        keys = np.ascontiguousarray(keys, dtype=np.uint64)
+        self.tombstones -= place_keys(self.slots, self.row_slot, keys, rows.astype(np.int64, copy=False))
 
     def remove(self, rows: np.ndarray) -> None:
         self.slots[self.row_slot[rows]] = TOMBSTONE

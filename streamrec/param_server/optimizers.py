@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from streamrec.param_server.kernels import apply_rows
+
 OptimizerName = Literal["sgd", "adagrad"]
 
 
@@ -45,30 +47,19 @@ class OptimizerSpec:
 
 
 class RowOptimizer:
-    """Applies one push's summed gradients to distinct rows of `values` (and `state`) in place."""
+    """Applies one push's summed gradients to distinct rows of a table's block in place (values,
+    then Adagrad's accumulators), in one compiled pass per row (`kernels.apply_rows`)."""
 
     def __init__(self, spec: OptimizerSpec, dim: int, scalars: int):
         self.spec = spec
         self.lr = spec.learning_rates(dim, scalars)
         self.eps = np.float32(spec.eps)
+        self.adagrad = spec.name == "adagrad"
 
     def apply(self, block: np.ndarray, rows: np.ndarray, grads: np.ndarray) -> None:
-        """block: per row the values, then (Adagrad) the accumulators; one gather, one scatter."""
-        current = block.take(rows, axis=0)
-        self.update(current, grads)
-        block[rows] = current
+        apply_rows(block, rows.astype(np.int64, copy=False), float32_rows(grads), self.lr, self.eps, self.adagrad)
 
-    def update(self, current: np.ndarray, grads: np.ndarray) -> None:
-        """Apply grads to whole rows held in `current` (values, then accumulators), in place. A new
-        row gets its first update here before it is ever written to the table (one write per row)."""
-        width = grads.shape[1]
-        values = current[:, :width]
-        step = np.multiply(grads, self.lr)
-        if self.spec.name == "adagrad":  # in place: every temporary of a 4096-row batch is ~1 MB
-            accumulated = current[:, width:]
-            scratch = np.multiply(grads, grads)
-            accumulated += scratch
-            np.sqrt(accumulated, out=scratch)
-            scratch += self.eps
-            step /= scratch
-        values -= step
+
+def float32_rows(matrix: np.ndarray) -> np.ndarray:
+    """`matrix` as the kernels take it: C-ordered float32 (no copy when it already is)."""
+    return np.ascontiguousarray(matrix, dtype=np.float32)

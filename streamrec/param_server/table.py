@@ -36,10 +36,11 @@ import numpy as np
 
 from streamrec.param_server.admission import DEFAULT_WIDTH, CountMinSketch, Sightings
 from streamrec.param_server.defaults import DEFAULT_MAX_ROWS
+from streamrec.param_server.kernels import draw_initial, gather_rows, write_new_rows
 from streamrec.param_server.keyindex import KeyIndex
 from streamrec.param_server.keys import Keys, KeyType, KeyWords, mix64
 from streamrec.param_server.memory import COMMITTER, commit_rows, reserve
-from streamrec.param_server.optimizers import OptimizerSpec, RowOptimizer
+from streamrec.param_server.optimizers import OptimizerSpec, RowOptimizer, float32_rows
 from streamrec.param_server.snapshot import BlockSnapshot
 
 ROOM_HEADROOM = 100  # making room evicts 1/100 of max_rows beyond the need, so full tables rarely rescan
@@ -47,8 +48,6 @@ MAX_RETAINED_DELETIONS = 1 << 20  # evicted ids kept for delta readers; older re
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 MAX_WIDTH = 8192  # floats per row: a wider table turns a small pull into a huge reply
 MAX_ADMISSION_WIDTH = 1 << 22  # counters per sketch row: 64 MB of sketch at the default depth
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-INIT_CHUNK = 256  # ids per step of initial_values: its temporaries stay in the CPU cache
 COMMIT_AHEAD_BYTES = 32 << 20  # most block memory committed ahead of the rows in use (`Table._ahead`)
 MIN_COMMIT_ROWS = 1024
 
@@ -100,28 +99,22 @@ class TableSpec:
         return TableSpec(**data)
 
 
-def initial_values(spec: TableSpec, key64: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+def initial_values(spec: TableSpec, key64: np.ndarray) -> np.ndarray:
     """Deterministic per id and seed: uniform(-a, a) with std init_std; scalars start at 0.
     A pure function of the spec and the 64-bit key, so a trainer can compute the value a row will
-    be created with before the server has created it. `out`: a (n, width) float32 array to fill.
-
-    Computed INIT_CHUNK ids at a time, in place: the ten passes over the random bits then stay in
-    the CPU cache (measured: the unchunked form was a quarter of the cost of creating a row)."""
-    if out is None:
-        out = np.empty((key64.size, spec.width), np.float32)
-    out[:, spec.dim :] = 0.0
-    cols = np.arange(spec.dim, dtype=np.uint64) * _GOLDEN
-    seed = mix64(np.array([spec.seed], np.uint64))[0]
-    scale = spec.init_std * np.sqrt(3.0)
-    for start in range(0, key64.size, INIT_CHUNK):
-        stop = min(key64.size, start + INIT_CHUNK)
-        bits = mix64((key64[start:stop] ^ seed)[:, None] + cols, in_place=True)
-        uniform = np.right_shift(bits, np.uint64(11), out=bits).astype(np.float64)
-        uniform *= 2.0**-52  # = (u * 2**-53) * 2 exactly: the same value as (2u - 1) * a, in place
-        uniform -= 1.0
-        uniform *= scale
-        out[start:stop, : spec.dim] = uniform
+    be created with before the server has created it (`kernels.draw_initial`, which the table's
+    own row creation shares)."""
+    out = np.empty((key64.size, spec.width), np.float32)
+    draw_initial(out, np.ascontiguousarray(key64, dtype=np.uint64), _init_seed(spec), _init_scale(spec), spec.dim)
     return out
+
+
+def _init_seed(spec: TableSpec) -> np.uint64:
+    return mix64(np.array([spec.seed], np.uint64))[0]
+
+
+def _init_scale(spec: TableSpec) -> float:
+    return float(spec.init_std * np.sqrt(3.0))
 
 
 def sum_duplicates(rows: np.ndarray, grads: np.ndarray, scratch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -163,6 +156,8 @@ class Table:
     def __init__(self, spec: TableSpec, start_version: int = 0):
         self.spec = spec
         self.optimizer = RowOptimizer(spec.optimizer, spec.dim, spec.scalars)
+        self._init_seed, self._init_scale = _init_seed(spec), _init_scale(spec)
+        self._no_grads = np.empty((0, spec.width), np.float32)  # `_write_new` without an update
         n, width = spec.max_rows, spec.width
         # values and optimiser state side by side in one row: an update touches one span of memory
         self.block = reserve((n, width * (1 + spec.optimizer.state_per_value)), np.float32)
@@ -304,14 +299,13 @@ class Table:
     def _write_new(self, rows: np.ndarray, grads: np.ndarray | None = None) -> None:
         """Write new rows whole: initial values and accumulators, with their first update already
         applied when `grads` is given, so a new row is written once (not written, then gathered and
-        written again by the optimiser)."""
+        written again by the optimiser); one compiled pass (`kernels.write_new_rows`)."""
         self._before_write(rows)
-        fresh = np.empty((rows.size, self.block.shape[1]), np.float32)
-        initial_values(self.spec, self.row_key[rows], out=fresh[:, : self.spec.width])
-        fresh[:, self.spec.width :] = self.spec.optimizer.initial_accumulator
-        if grads is not None:
-            self.optimizer.update(fresh, grads)
-        self.block[rows] = fresh
+        rows = rows.astype(np.int64, copy=False)
+        grads = self._no_grads if grads is None else float32_rows(grads)
+        write_new_rows(self.block, rows, np.ascontiguousarray(self.row_key[rows]), self._init_seed, self._init_scale,
+                       self.spec.dim, np.float32(self.spec.optimizer.initial_accumulator), grads,
+                       self.optimizer.lr, self.optimizer.eps, self.optimizer.adagrad)
 
     def _create(self, key64: np.ndarray, words: KeyWords | None, initialise: bool) -> np.ndarray:
         """Give rows to ids not in the table; repeated ids get one row. Returns the row of each id.
@@ -542,9 +536,11 @@ class Table:
         return self.keys_of(rows), self.gather(rows)
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
-        """Values of rows, contiguous. Taking whole block rows then slicing is faster than fancy
-        indexing the strided `values` view (and `take` on that view would copy the whole table)."""
-        return np.ascontiguousarray(self.block.take(rows, axis=0)[:, : self.spec.width])
+        """Values of rows, contiguous, copied straight out of the block (`kernels.gather_rows`): no
+        whole-block-row temporary, and no fancy indexing of the strided `values` view."""
+        out = np.empty((rows.size, self.spec.width), np.float32)
+        gather_rows(self.block, rows.astype(np.int64, copy=False), out)
+        return out
 
     def info(self) -> dict[str, Any]:
         return {

@@ -186,7 +186,7 @@ def test_first_push_of_new_ids_equals_create_then_update(name: str) -> None:
                 row[:, : dim + scalars] = table.initial_values(as_keys([key]).hash64())
                 row[:, dim + scalars :] = spec.optimizer.initial_accumulator
                 reference[key] = row
-            table.optimizer.update(reference[key], grad[None, :])
+            table.optimizer.apply(reference[key], np.zeros(1, np.int64), grad[None, :])
 
     push(["a", "b", "c"], 0)  # all new
     push(["c", "d", "a", "e"], 1)  # new beside existing

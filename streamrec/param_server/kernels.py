@@ -1,0 +1,149 @@
+"""Compiled row kernels of a table (numba): initial values, the optimiser step and row gathers.
+
+Why compiled: in numpy each of these is a chain of whole-batch passes with temporaries (ten passes
+over the random bits of the initial values, five for an Adagrad step, a gather then a slice for a
+pull), and creating a row cost initial values + update + write as three batch-sized round trips
+through memory. One loop per row does the same arithmetic once, in the CPU cache, and writes each
+new row exactly once. The arithmetic is the numpy form's, operation by operation in the same
+precision (float64 for the uniform draw, float32 for the optimiser, no fused multiply-add), so
+the values are bit for bit those of the reference `initial_values` tests and of torch's
+optimisers to float32 rounding.
+
+Explicit signatures compile on import and are cached in __pycache__ (`cache=True`); `nogil=True`
+lets the server's other threads (checkpoints, the memory committer) run beside a push.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+_F2, _F1, _U1, _I1 = "float32[:, ::1]", "float32[::1]", "uint64[::1]", "int64[::1]"
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+@njit("uint64(uint64)", cache=True, nogil=True)
+def mix(x: np.uint64) -> np.uint64:
+    """SplitMix64's finaliser on one word (`keys.mix64` on arrays)."""
+    x ^= x >> np.uint64(30)
+    x *= _M1
+    x ^= x >> np.uint64(27)
+    x *= _M2
+    x ^= x >> np.uint64(31)
+    return x
+
+
+@njit(f"void({_F2}, int64, uint64, uint64, float64, int64)", cache=True, nogil=True)
+def _draw(out: np.ndarray, row: int, key: np.uint64, seed: np.uint64, scale: float, dim: int) -> None:
+    """out[row, :dim] = uniform(-scale, scale) from the key's bits: column c from
+    mix(key ^ seed + c * golden), the top 53 bits as a float64 in [-1, 1), scaled, then rounded."""
+    base = key ^ seed
+    for c in range(dim):
+        bits = mix(base + np.uint64(c) * _GOLDEN) >> np.uint64(11)
+        out[row, c] = np.float32((np.float64(bits) * 2.0**-52 - 1.0) * scale)
+
+
+@njit(f"void({_F2}, {_U1}, uint64, float64, int64)", cache=True, nogil=True)
+def draw_initial(out: np.ndarray, key64: np.ndarray, seed: np.uint64, scale: float, dim: int) -> None:
+    """Initial values of ids `key64` into out (n, width): the vector drawn, the scalars 0."""
+    for r in range(key64.size):
+        _draw(out, r, key64[r], seed, scale, dim)
+        for c in range(dim, out.shape[1]):
+            out[r, c] = 0.0
+
+
+@njit(f"void({_F2}, int64, {_F2}, int64, {_F1}, float32, boolean)", cache=True, nogil=True)
+def _step(block: np.ndarray, row: int, grads: np.ndarray, g_row: int, lr: np.ndarray, eps: np.float32,
+          adagrad: bool) -> None:
+    """One optimiser step on block[row] (values, then Adagrad's accumulators) with grads[g_row]."""
+    width = lr.size
+    for c in range(width):
+        g = grads[g_row, c]
+        step = g * lr[c]
+        if adagrad:
+            accumulated = block[row, width + c] + g * g
+            block[row, width + c] = accumulated
+            step = step / (np.sqrt(accumulated) + eps)
+        block[row, c] -= step
+
+
+@njit(f"void({_F2}, {_I1}, {_U1}, uint64, float64, int64, float32, {_F2}, {_F1}, float32, boolean)",
+      cache=True, nogil=True)
+def write_new_rows(block: np.ndarray, rows: np.ndarray, key64: np.ndarray, seed: np.uint64, scale: float,
+                   dim: int, initial_accumulator: np.float32, grads: np.ndarray, lr: np.ndarray,
+                   eps: np.float32, adagrad: bool) -> None:
+    """Write new rows whole, once: initial values, accumulators, and the first update when `grads`
+    has a row per new row (an empty `grads`: no update)."""
+    width, stride = lr.size, block.shape[1]
+    update = grads.shape[0] == rows.size
+    for r in range(rows.size):
+        row = rows[r]
+        _draw(block, row, key64[r], seed, scale, dim)
+        for c in range(dim, width):
+            block[row, c] = 0.0
+        for c in range(width, stride):
+            block[row, c] = initial_accumulator
+        if update:
+            _step(block, row, grads, r, lr, eps, adagrad)
+
+
+@njit(f"void({_F2}, {_I1}, {_F2}, {_F1}, float32, boolean)", cache=True, nogil=True)
+def apply_rows(block: np.ndarray, rows: np.ndarray, grads: np.ndarray, lr: np.ndarray, eps: np.float32,
+               adagrad: bool) -> None:
+    """One optimiser step on each of `rows` (distinct), in place."""
+    for r in range(rows.size):
+        _step(block, rows[r], grads, r, lr, eps, adagrad)
+
+
+@njit(f"void({_F2}, {_I1}, {_F2})", cache=True, nogil=True)
+def gather_rows(block: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+    """out[r] = the first out.shape[1] floats of block[rows[r]] (the values, not the accumulators)."""
+    width = out.shape[1]
+    for r in range(rows.size):
+        row = rows[r]
+        for c in range(width):
+            out[r, c] = block[row, c]
+
+
+# ---- the key index (`keyindex.KeyIndex`): open addressing, linear probing from mix(key) ----------
+
+_EMPTY, _TOMBSTONE = -1, -2
+
+
+@njit(f"void(int32[::1], {_U1}, {_U1}, {_I1})", cache=True, nogil=True)
+def find_keys(slots: np.ndarray, row_key: np.ndarray, keys: np.ndarray, out: np.ndarray) -> None:
+    """out[i] = the first row whose key is keys[i], probing from its home slot until an empty slot
+    (-1: absent). Tombstones are probed past."""
+    mask = np.uint64(slots.size - 1)
+    for i in range(keys.size):
+        key = keys[i]
+        pos = mix(key) & mask
+        out[i] = -1
+        while True:
+            row = slots[pos]
+            if row == _EMPTY:
+                break
+            if row >= 0 and row_key[row] == key:
+                out[i] = row
+                break
+            pos = (pos + np.uint64(1)) & mask
+
+
+@njit(f"int64(int32[::1], int32[::1], {_U1}, {_I1})", cache=True, nogil=True)
+def place_keys(slots: np.ndarray, row_slot: np.ndarray, keys: np.ndarray, rows: np.ndarray) -> int:
+    """Put rows[i] in the first free (empty or tombstone) slot from keys[i]'s home and record the
+    slot in row_slot; returns how many tombstones were reused. The index must have room."""
+    mask = np.uint64(slots.size - 1)
+    reused = 0
+    for i in range(keys.size):
+        pos = mix(keys[i]) & mask
+        while slots[pos] >= 0:
+            pos = (pos + np.uint64(1)) & mask
+        if slots[pos] == _TOMBSTONE:
+            reused += 1
+        slots[pos] = rows[i]
+        row_slot[rows[i]] = pos
+    return reused
