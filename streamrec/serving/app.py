@@ -126,6 +126,7 @@ def create_app(config: ServingConfig) -> FastAPI:
         stop.set()
         thread.join(timeout=10)
         syncer.close()
+        await pipeline.history.close()
         mark_worker_dead(os.getpid())
 
     app = FastAPI(title="streamrec serving", version="1", lifespan=lifespan, telemetry=FASTAPI_TELEMETRY,
@@ -140,12 +141,15 @@ def create_app(config: ServingConfig) -> FastAPI:
         body["staleness_seconds"] = None if staleness is None else round(staleness, 3)
         return body
 
-    def answer_recommend(query: RecommendQuery) -> tuple[int, bytes]:
-        """(status, body) of one /recommend, for the FastAPI route and the direct route alike."""
+    async def answer_recommend(query: RecommendQuery) -> tuple[int, bytes]:
+        """(status, body) of one /recommend, for the FastAPI route and the direct route alike. The
+        history read is awaited (other requests run meanwhile); the rest is computed in one go."""
         with holder.use() as state:
+            history = await pipeline.history.user_history_async(query.user_id,
+                                                                *pipeline.history_wanted(state, query.exclude_seen))
             try:
                 body = pipeline.recommend(state, query.user_id, query.k, query.exclude_seen, query.diversity,
-                                          query.explain)
+                                          query.explain, history)
             except Unavailable as exc:
                 return 503, orjson.dumps({"detail": str(exc)})
             return 200, orjson.dumps(envelope(state, {"user_id": query.user_id, **body}),
@@ -167,7 +171,7 @@ def create_app(config: ServingConfig) -> FastAPI:
     ) -> Response:
         """Top-k items for a user: ANN + item-kNN + trending candidates, rescored, seen-filtered, MMR.
         Well-formed requests are answered before FastAPI by the same code (streamrec.serving.fastpath)."""
-        status, body = answer_recommend(RecommendQuery(user_id, k, exclude_seen, diversity, explain))
+        status, body = await answer_recommend(RecommendQuery(user_id, k, exclude_seen, diversity, explain))
         return Response(body, status, media_type="application/json")
 
     @app.post("/rescore", dependencies=guarded,

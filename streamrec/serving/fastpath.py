@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hmac
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 from urllib.parse import parse_qsl
 
@@ -36,7 +36,7 @@ class RecommendQuery(NamedTuple):
     explain: bool
 
 
-Handler = Callable[[RecommendQuery], tuple[int, bytes]]  # (status, JSON body)
+Handler = Callable[[RecommendQuery], Awaitable[tuple[int, bytes]]]  # (status, JSON body)
 
 
 def parse(query_string: bytes) -> RecommendQuery | None:
@@ -90,7 +90,7 @@ class RecommendFastPath:
         if query is None:
             await self.app(scope, receive, send)
             return
-        status, body = self.handler(query)
+        status, body = await self.handler(query)
         await send({"type": "http.response.start", "status": status,
                     "headers": [*_HEADERS, (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})

@@ -104,13 +104,18 @@ class CandidatePipeline:
         return state is not None and state.artifacts.ranker is not None and state.artifacts.ranker.uses_history
 
     # ---- /recommend ---------------------------------------------------------------------------
+    def history_wanted(self, state: ServingState | None, exclude_seen: bool) -> tuple[int, bool]:
+        """What `recommend` needs from the user's history: (recent items for item-kNN candidates,
+        whether the seen set is needed: the seen filter or a ranker that pools the user's items)."""
+        wants_recent = state is not None and state.artifacts.knn is not None and self.config.knn_per_item
+        return self.config.knn_recent if wants_recent else 0, exclude_seen or self._ranker_reads_history(state)
+
     def recommend(self, state: ServingState | None, user_id: str, k: int, exclude_seen: bool,
-                  diversity: float, explain: bool) -> dict[str, Any]:
+                  diversity: float, explain: bool, history: tuple[list[str], set[str]] | None) -> dict[str, Any]:
+        """`history`: what `history_wanted` asked of Redis (`History.user_history_async`), None
+        when Redis did not answer (the request is served without it and says so)."""
         degraded: list[str] = []
-        c = self.config
-        wants_recent = state is not None and state.artifacts.knn is not None and c.knn_per_item
-        wants_seen = exclude_seen or self._ranker_reads_history(state)
-        history = self.history.user_history(user_id, c.knn_recent if wants_recent else 0, wants_seen)
+        wants_seen = self.history_wanted(state, exclude_seen)[1]
         interacted: set[str] | None = None
         if history is None:
             _note_redis(degraded)

@@ -279,6 +279,13 @@ def popularity_weights(batch: EventBatch, roles: EventRoles) -> np.ndarray:
     return np.where(weights > 0, weights, 1.0)
 
 
+def decode_history(replies: list[list[bytes]], recent: int, seen: bool) -> tuple[list[str], set[str]]:
+    """(newest items, seen items) from the replies to `FeatureStore.history_commands`."""
+    newest = [v.decode() for v in replies[0]] if recent else []
+    everything = {v.decode() for v in replies[-1]} if seen else set()
+    return newest, everything
+
+
 class FeatureStore:
     def __init__(self, client: redis.Redis, config: FeatureStoreConfig | None = None) -> None:
         self.redis = client
@@ -355,17 +362,26 @@ class FeatureStore:
         end = (n or self.config.recent_cap) - 1
         return [v.decode() for v in self.redis.lrange(self.keys.entity("u", user, RECENT), 0, end)]
 
+    def history_commands(self, user: str, recent: int, seen: bool) -> list[tuple[str | int, ...]]:
+        """The Redis commands that read a user's `recent` newest items and (if asked) every seen
+        item; `decode_history` turns their replies into lists. One definition for this store's
+        blocking client and for serving's asynchronous one (`streamrec.serving.history`)."""
+        commands: list[tuple[str | int, ...]] = []
+        if recent:
+            commands.append(("LRANGE", self.keys.entity("u", user, RECENT), 0, recent - 1))
+        if seen:
+            commands.append(("SMEMBERS", self.keys.entity("u", user, SEEN)))
+        return commands
+
     def user_history(self, user: str, recent: int, seen: bool) -> tuple[list[str], set[str]]:
         """The user's `recent` newest items and (if asked) every seen item, in one round trip."""
+        commands = self.history_commands(user, recent, seen)
+        if len(commands) == 1:  # a single command skips redis-py's pipeline machinery
+            return decode_history([self.redis.execute_command(*commands[0])], recent, seen)
         pipe = self.redis.pipeline(transaction=False)
-        if recent:
-            pipe.lrange(self.keys.entity("u", user, RECENT), 0, recent - 1)
-        if seen:
-            pipe.smembers(self.keys.entity("u", user, SEEN))
-        replies = pipe.execute() if recent or seen else []
-        newest = [v.decode() for v in replies.pop(0)] if recent else []
-        everything = {v.decode() for v in replies.pop(0)} if seen else set()
-        return newest, everything
+        for command in commands:
+            pipe.execute_command(*command)
+        return decode_history(pipe.execute() if commands else [], recent, seen)
 
     def seen_items(self, user: str) -> set[str]:
         return {v.decode() for v in self.redis.smembers(self.keys.entity("u", user, SEEN))}
