@@ -9,8 +9,10 @@ precision (float64 for the uniform draw, float32 for the optimiser, no fused mul
 the values are bit for bit those of the reference `initial_values` tests and of torch's
 optimisers to float32 rounding.
 
-Explicit signatures compile on import and are cached in __pycache__ (`cache=True`); `nogil=True`
-lets the server's other threads (checkpoints, the memory committer) run beside a push.
+The entry points have explicit signatures, so they compile on import (once: the machine code is
+cached in __pycache__, `cache=True`) and no push waits for a compiler; the helpers are inlined into
+them. `nogil=True` lets the server's other threads (checkpoints, the memory committer) run beside a
+push.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ _M2 = np.uint64(0x94D049BB133111EB)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
-@njit("uint64(uint64)", cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def mix(x: np.uint64) -> np.uint64:
     """SplitMix64's finaliser on one word (`keys.mix64` on arrays)."""
     x ^= x >> np.uint64(30)
@@ -36,7 +38,7 @@ def mix(x: np.uint64) -> np.uint64:
     return x
 
 
-@njit(f"void({_F2}, int64, uint64, uint64, float64, int64)", cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _draw(out: np.ndarray, row: int, key: np.uint64, seed: np.uint64, scale: float, dim: int) -> None:
     """out[row, :dim] = uniform(-scale, scale) from the key's bits: column c from
     mix(key ^ seed + c * golden), the top 53 bits as a float64 in [-1, 1), scaled, then rounded."""
@@ -55,7 +57,7 @@ def draw_initial(out: np.ndarray, key64: np.ndarray, seed: np.uint64, scale: flo
             out[r, c] = 0.0
 
 
-@njit(f"void({_F2}, int64, {_F2}, int64, {_F1}, float32, boolean)", cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _step(block: np.ndarray, row: int, grads: np.ndarray, g_row: int, lr: np.ndarray, eps: np.float32,
           adagrad: bool) -> None:
     """One optimiser step on block[row] (values, then Adagrad's accumulators) with grads[g_row]."""
