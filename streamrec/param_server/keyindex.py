@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from streamrec.param_server.kernels import find_keys, place_keys
+from streamrec.param_server.kernels import find_keys, kernel_input, place_keys
 from streamrec.param_server.keys import mix64
 from streamrec.param_server.memory import reserve
 
@@ -53,7 +53,7 @@ class KeyIndex:
     def find(self, keys: np.ndarray, same: SameFn | None = None) -> np.ndarray:
         """Row of each key, -1 where absent. `same` (optional) confirms each 64-bit match exactly;
         without it, the first row with the same 64-bit key is the answer."""
-        keys = np.ascontiguousarray(keys, dtype=np.uint64)
+        keys = kernel_input(keys, np.uint64)
         if same is None:  # every lookup: one compiled probe per key
             out = np.empty(keys.size, np.int64)
             find_keys(self.slots, self.row_key, keys, out)
@@ -85,8 +85,7 @@ class KeyIndex:
 
     def _place(self, keys: np.ndarray, rows: np.ndarray) -> None:
         """Claim a free slot for every key (compiled linear probing)."""
-        keys = np.ascontiguousarray(keys, dtype=np.uint64)
-        self.tombstones -= place_keys(self.slots, self.row_slot, keys, rows.astype(np.int64, copy=False))
+        self.tombstones -= place_keys(self.slots, self.row_slot, kernel_input(keys, np.uint64), kernel_input(rows, np.int64))
 
     def remove(self, rows: np.ndarray) -> None:
         self.slots[self.row_slot[rows]] = TOMBSTONE

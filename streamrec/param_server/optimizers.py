@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from streamrec.param_server.kernels import apply_rows
+from streamrec.param_server.kernels import apply_rows, kernel_input
 
 OptimizerName = Literal["sgd", "adagrad"]
 
@@ -57,9 +57,5 @@ class RowOptimizer:
         self.adagrad = spec.name == "adagrad"
 
     def apply(self, block: np.ndarray, rows: np.ndarray, grads: np.ndarray) -> None:
-        apply_rows(block, rows.astype(np.int64, copy=False), float32_rows(grads), self.lr, self.eps, self.adagrad)
-
-
-def float32_rows(matrix: np.ndarray) -> np.ndarray:
-    """`matrix` as the kernels take it: C-ordered float32 (no copy when it already is)."""
-    return np.ascontiguousarray(matrix, dtype=np.float32)
+        apply_rows(block, kernel_input(rows, np.int64), kernel_input(grads, np.float32), self.lr, self.eps,
+                   self.adagrad)

@@ -36,11 +36,16 @@ import numpy as np
 
 from streamrec.param_server.admission import DEFAULT_WIDTH, CountMinSketch, Sightings
 from streamrec.param_server.defaults import DEFAULT_MAX_ROWS
-from streamrec.param_server.kernels import draw_initial, gather_rows, write_new_rows
+from streamrec.param_server.kernels import (
+    draw_initial,
+    gather_rows,
+    kernel_input,
+    write_new_rows,
+)
 from streamrec.param_server.keyindex import KeyIndex
 from streamrec.param_server.keys import Keys, KeyType, KeyWords, mix64
 from streamrec.param_server.memory import COMMITTER, commit_rows, reserve
-from streamrec.param_server.optimizers import OptimizerSpec, RowOptimizer, float32_rows
+from streamrec.param_server.optimizers import OptimizerSpec, RowOptimizer
 from streamrec.param_server.snapshot import BlockSnapshot
 
 ROOM_HEADROOM = 100  # making room evicts 1/100 of max_rows beyond the need, so full tables rarely rescan
@@ -105,7 +110,7 @@ def initial_values(spec: TableSpec, key64: np.ndarray) -> np.ndarray:
     be created with before the server has created it (`kernels.draw_initial`, which the table's
     own row creation shares)."""
     out = np.empty((key64.size, spec.width), np.float32)
-    draw_initial(out, np.ascontiguousarray(key64, dtype=np.uint64), _init_seed(spec), _init_scale(spec), spec.dim)
+    draw_initial(out, kernel_input(key64, np.uint64), _init_seed(spec), _init_scale(spec), spec.dim)
     return out
 
 
@@ -301,9 +306,9 @@ class Table:
         applied when `grads` is given, so a new row is written once (not written, then gathered and
         written again by the optimiser); one compiled pass (`kernels.write_new_rows`)."""
         self._before_write(rows)
-        rows = rows.astype(np.int64, copy=False)
-        grads = self._no_grads if grads is None else float32_rows(grads)
-        write_new_rows(self.block, rows, np.ascontiguousarray(self.row_key[rows]), self._init_seed, self._init_scale,
+        rows = kernel_input(rows, np.int64)
+        grads = self._no_grads if grads is None else kernel_input(grads, np.float32)
+        write_new_rows(self.block, rows, self.row_key[rows], self._init_seed, self._init_scale,
                        self.spec.dim, np.float32(self.spec.optimizer.initial_accumulator), grads,
                        self.optimizer.lr, self.optimizer.eps, self.optimizer.adagrad)
 
@@ -441,6 +446,10 @@ class Table:
 
     def _prepare(self, keys: Keys, matrix: np.ndarray, what: str, admit: bool) -> PlannedRows:
         self._check(keys)
+        # float32, C-ordered, writable before the checks: applying the plan cannot then fail on the
+        # matrix's form, and a float64 value that overflows float32 is refused as infinite
+        with np.errstate(over="ignore"):  # an overflow becomes inf, refused just below
+            matrix = kernel_input(matrix, np.float32)
         self._check_matrix(keys, matrix, what)
         rows, key64, words = self._locate(keys)
         create = np.flatnonzero(rows < 0)
@@ -539,7 +548,7 @@ class Table:
         """Values of rows, contiguous, copied straight out of the block (`kernels.gather_rows`): no
         whole-block-row temporary, and no fancy indexing of the strided `values` view."""
         out = np.empty((rows.size, self.spec.width), np.float32)
-        gather_rows(self.block, rows.astype(np.int64, copy=False), out)
+        gather_rows(self.block, kernel_input(rows, np.int64), out)
         return out
 
     def info(self) -> dict[str, Any]:

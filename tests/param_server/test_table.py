@@ -196,6 +196,37 @@ def test_first_push_of_new_ids_equals_create_then_update(name: str) -> None:
     np.testing.assert_array_equal(table.block[rows], np.concatenate([reference[k] for k in keys]))
 
 
+def read_only(array: np.ndarray) -> np.ndarray:
+    """The same values in a read-only buffer, as np.frombuffer or a copy-on-write pandas array gives."""
+    return np.frombuffer(array.tobytes(), array.dtype).reshape(array.shape)
+
+
+@pytest.mark.parametrize("key_type", ["int", "str"])
+def test_read_only_inputs_are_taken_like_writable_ones(key_type: str) -> None:
+    """The compiled row kernels refuse read-only buffers; the table must take them (a local store's
+    caller may hand it any array) with the same result as writable ones."""
+    spec = TableSpec("t", 4, scalars=1, key_type=key_type)
+    writable, frozen = Table(spec), Table(spec)
+    raw = np.arange(20, dtype=np.int64)
+    ids = Keys(ints=raw) if key_type == "int" else as_keys([f"id:{i}" for i in raw])
+    frozen_ids = Keys(ints=read_only(raw)) if key_type == "int" else ids
+    for version, seed in enumerate((1, 2), start=1):  # creation, then existing rows
+        grads = grads_for(len(raw), 5, seed)
+        writable.push(ids, grads, version, 0.0)
+        frozen.push(frozen_ids, read_only(grads), version, 0.0)
+    np.testing.assert_array_equal(frozen.pull(frozen_ids)[0], writable.pull(ids)[0])
+    np.testing.assert_array_equal(frozen.initial_values(read_only(ids.hash64())), writable.initial_values(ids.hash64()))
+
+
+def test_gradients_that_overflow_float32_are_refused_before_any_change() -> None:
+    table = Table(TableSpec("t", 4, scalars=1, key_type="int"))
+    table.push(Keys(ints=np.arange(3)), grads_for(3, 5), 1, 0.0)
+    before = table.pull(Keys(ints=np.arange(3)))[0]
+    with pytest.raises(ValueError, match="infinite"):
+        table.push(Keys(ints=np.arange(3)), np.full((3, 5), 1e39), 2, 0.0)
+    np.testing.assert_array_equal(table.pull(Keys(ints=np.arange(3)))[0], before)
+
+
 def test_first_push_keeps_admission_rejects_out() -> None:
     """Ids admission keeps out get no row, while the admitted new ids beside them are updated."""
     table = Table(TableSpec("t", 2, key_type="str", min_count=2))
