@@ -24,7 +24,13 @@ from streamrec.serving.metrics import ServingMetrics
 from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig, decode_history
 
 T = TypeVar("T")
-ASYNC_CONNECTIONS = 32  # per worker; requests beyond that wait for one (at most redis_timeout_s)
+ASYNC_CONNECTIONS = 32  # per worker; requests beyond that wait for one
+# The asyncio client's timeouts run on the worker's event loop, so they also count the time other
+# requests hold it (candidate work, an overload): at least this long, and a timeout (or a wait for
+# a pooled connection) opens the outage window only when ASYNC_TIMEOUTS_TO_OPEN come in a row; a
+# refused or broken connection, or an error reply, opens it at once, as for the blocking client.
+ASYNC_MIN_TIMEOUT_S = 0.5
+ASYNC_TIMEOUTS_TO_OPEN = 3
 
 
 class History:
@@ -35,12 +41,14 @@ class History:
         # connections are made on first use, in the event loop that awaits them (the worker's); at
         # most ASYNC_CONNECTIONS, so a burst of requests queues for a connection instead of
         # opening one per request in flight
+        timeout = max(config.redis_timeout_s, ASYNC_MIN_TIMEOUT_S)
         pool = redis.asyncio.BlockingConnectionPool.from_url(
-            config.redis_url, max_connections=ASYNC_CONNECTIONS, timeout=config.redis_timeout_s,
-            socket_timeout=config.redis_timeout_s, socket_connect_timeout=config.redis_timeout_s)
+            config.redis_url, max_connections=ASYNC_CONNECTIONS, timeout=timeout, socket_timeout=timeout,
+            socket_connect_timeout=timeout)
         self.async_redis = redis.asyncio.Redis(connection_pool=pool)
         self._redis_errors = metrics.degraded.labels("redis")
         self._down_until = 0.0
+        self._timeouts_in_a_row = 0
         self._trending: list[tuple[str, float]] = []
         self._trending_n = 0
         self._trending_at = -float("inf")
@@ -80,9 +88,15 @@ class History:
                     for command in commands:
                         pipe.execute_command(*command)
                     replies = await pipe.execute()
-        except (redis.RedisError, asyncio.TimeoutError):
+        except (redis.RedisError, asyncio.TimeoutError) as exc:
+            if _timed_out(exc):
+                self._timeouts_in_a_row += 1
+                if self._timeouts_in_a_row < ASYNC_TIMEOUTS_TO_OPEN:
+                    return None  # this request goes without the history; Redis is asked again
+            self._timeouts_in_a_row = 0
             self._down_until = now + self.config.redis_retry_s
             return None
+        self._timeouts_in_a_row = 0
         return decode_history(replies, recent, seen)
 
     async def close(self) -> None:
@@ -101,3 +115,9 @@ class History:
                 return None
             self._trending, self._trending_n, self._trending_at = fresh, fetch, now
         return self._trending if len(self._trending) <= n else self._trending[:n]  # same object while cached
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """A timeout, not a refusal: a reply or connection that did not come in time, or no pooled
+    connection free in time (the pool raises ConnectionError from a TimeoutError)."""
+    return isinstance(exc, (redis.TimeoutError, asyncio.TimeoutError)) or isinstance(exc.__cause__, asyncio.TimeoutError)
