@@ -34,7 +34,8 @@ from streamrec.param_server.bench_strings import (
 )
 from streamrec.param_server.client import ParamClient
 from streamrec.param_server.keys import Keys
-from streamrec.param_server.table import Table, TableSpec
+from streamrec.param_server.specs import TableSpec
+from streamrec.param_server.table import Table
 
 SCALARS = 1  # a bias per row, as the trainer uses
 SMALL_PUSH = 64  # rows of a push timed during a checkpoint

@@ -33,7 +33,8 @@ from streamrec.param_server.protocol import (
     keys_from,
     parse,
 )
-from streamrec.param_server.table import Table, TableSpec
+from streamrec.param_server.specs import TableSpec
+from streamrec.param_server.table import Table
 
 Frame = tuple[bytes, bytearray]  # header, body: what the server reads off the socket
 

@@ -35,7 +35,6 @@ import numpy as np
 from streamrec.core.config import Settings
 from streamrec.param_server import protocol
 from streamrec.param_server.keys import IdsLike, Keys, as_keys, mix64
-from streamrec.param_server.optimizers import OptimizerSpec
 from streamrec.param_server.protocol import Message, keys_arrays, keys_from
 from streamrec.param_server.signing import (
     BLOB_CONTEXT,
@@ -43,7 +42,7 @@ from streamrec.param_server.signing import (
     blob_mac,
     derived_key,
 )
-from streamrec.param_server.table import TableSpec
+from streamrec.param_server.specs import OptimizerSpec, TableSpec
 
 _SHARD_SALT = np.uint64(0x5BD1E9955BD1E995)
 Request = tuple[dict[str, Any], dict[str, np.ndarray]]

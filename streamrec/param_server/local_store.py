@@ -23,9 +23,8 @@ from streamrec.param_server.client import (
 )
 from streamrec.param_server.keys import IdsLike, as_keys
 from streamrec.param_server.ledger import OffsetConflict, StaleEpoch
-from streamrec.param_server.optimizers import OptimizerSpec
+from streamrec.param_server.specs import OptimizerSpec, TableSpec
 from streamrec.param_server.store import ParamStore
-from streamrec.param_server.table import TableSpec
 
 
 class LocalStore:

@@ -9,41 +9,10 @@ regularisation is the trainer's job), which the tests use as the reference.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
-
 import numpy as np
 
 from streamrec.param_server.kernels import apply_rows, kernel_input
-
-OptimizerName = Literal["sgd", "adagrad"]
-
-
-@dataclass(frozen=True)
-class OptimizerSpec:
-    name: OptimizerName = "adagrad"
-    lr: float = 0.01
-    scalar_lr: float | None = None  # learning rate of the scalar (bias) columns; None: same as lr
-    eps: float = 1e-10  # Adagrad: added to sqrt(accumulator), as torch does
-    initial_accumulator: float = 0.0  # Adagrad: starting value of every accumulator
-
-    def __post_init__(self) -> None:
-        if self.name not in ("sgd", "adagrad"):
-            raise ValueError(f"unknown optimiser {self.name!r}; choose sgd or adagrad")
-        if self.lr <= 0 or (self.scalar_lr is not None and self.scalar_lr <= 0):
-            raise ValueError("learning rates must be positive")
-
-    @property
-    def state_per_value(self) -> int:
-        """Optimiser state floats stored per row value."""
-        return 1 if self.name == "adagrad" else 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def learning_rates(self, dim: int, scalars: int) -> np.ndarray:
-        scalar_lr = self.lr if self.scalar_lr is None else self.scalar_lr
-        return np.concatenate([np.full(dim, self.lr), np.full(scalars, scalar_lr)]).astype(np.float32)
+from streamrec.param_server.specs import OptimizerSpec
 
 
 class RowOptimizer:

@@ -45,7 +45,8 @@ from streamrec.param_server.ledger import (
     checked_epochs,
     checked_ranges,
 )
-from streamrec.param_server.table import Table, TableSpec
+from streamrec.param_server.specs import TableSpec
+from streamrec.param_server.table import Table
 
 RECENT_PUSHERS = 4096  # clients whose last push sequence number is remembered (retry dedup)
 

@@ -26,16 +26,14 @@ Not thread-safe: the store serialises calls.
 
 from __future__ import annotations
 
-import re
 import threading
 from collections import deque
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from streamrec.param_server.admission import DEFAULT_WIDTH, CountMinSketch, Sightings
-from streamrec.param_server.defaults import DEFAULT_MAX_ROWS
+from streamrec.param_server.admission import CountMinSketch, Sightings
 from streamrec.param_server.kernels import (
     draw_initial,
     gather_rows,
@@ -43,16 +41,14 @@ from streamrec.param_server.kernels import (
     write_new_rows,
 )
 from streamrec.param_server.keyindex import KeyIndex
-from streamrec.param_server.keys import Keys, KeyType, KeyWords, mix64
+from streamrec.param_server.keys import Keys, KeyWords, mix64
 from streamrec.param_server.memory import COMMITTER, commit_rows, reserve
-from streamrec.param_server.optimizers import OptimizerSpec, RowOptimizer
+from streamrec.param_server.optimizers import RowOptimizer
 from streamrec.param_server.snapshot import BlockSnapshot
+from streamrec.param_server.specs import TableSpec
 
 ROOM_HEADROOM = 100  # making room evicts 1/100 of max_rows beyond the need, so full tables rarely rescan
 MAX_RETAINED_DELETIONS = 1 << 20  # evicted ids kept for delta readers; older readers get a reset
-_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
-MAX_WIDTH = 8192  # floats per row: a wider table turns a small pull into a huge reply
-MAX_ADMISSION_WIDTH = 1 << 22  # counters per sketch row: 64 MB of sketch at the default depth
 COMMIT_AHEAD_BYTES = 32 << 20  # most block memory committed ahead of the rows in use (`Table._ahead`)
 MIN_COMMIT_ROWS = 1024
 
@@ -60,48 +56,6 @@ MIN_COMMIT_ROWS = 1024
 class TableFullError(RuntimeError):
     """One push needs more new rows than the table can hold even after evicting every row it does
     not update; raise max_rows or push smaller batches."""
-
-
-@dataclass(frozen=True)
-class TableSpec:
-    name: str
-    dim: int
-    scalars: int = 0
-    key_type: KeyType = "str"
-    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
-    init_std: float = 0.01  # new rows: vector part uniform with this std, deterministic per id
-    seed: int = 0
-    min_count: int = 1  # admission: sightings before an id gets a row
-    ttl: float | None = None  # seconds of event time without update before eviction; None: never
-    max_rows: int = DEFAULT_MAX_ROWS
-    admission_width: int = DEFAULT_WIDTH
-
-    def __post_init__(self) -> None:
-        if not _NAME.match(self.name):
-            raise ValueError(f"table name {self.name!r} must be 1-128 of [A-Za-z0-9_.-]")
-        if self.dim < 1 or self.scalars < 0 or self.dim + self.scalars > MAX_WIDTH:
-            raise ValueError(f"dim must be >= 1, scalars >= 0 and dim + scalars <= {MAX_WIDTH}")
-        if self.key_type not in ("int", "str"):
-            raise ValueError("key_type must be 'int' or 'str'")
-        if self.min_count < 1 or (self.ttl is not None and self.ttl <= 0):
-            raise ValueError("min_count must be >= 1 and ttl positive (or None)")
-        if not 1 <= self.max_rows < 2**31:
-            raise ValueError("max_rows must be in [1, 2**31)")
-        if not 1 <= self.admission_width <= MAX_ADMISSION_WIDTH:
-            raise ValueError(f"admission_width must be in [1, {MAX_ADMISSION_WIDTH}]")
-
-    @property
-    def width(self) -> int:
-        return self.dim + self.scalars
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @staticmethod
-    def from_dict(data: dict[str, Any]) -> TableSpec:
-        data = dict(data)
-        data["optimizer"] = OptimizerSpec(**data.get("optimizer", {}))
-        return TableSpec(**data)
 
 
 def initial_values(spec: TableSpec, key64: np.ndarray) -> np.ndarray:

@@ -13,10 +13,10 @@ import pytest
 from streamrec.param_server import checkpoint
 from streamrec.param_server.checkpoint import CheckpointDir, CorruptCheckpoint
 from streamrec.param_server.keys import Keys, as_keys
-from streamrec.param_server.optimizers import OptimizerSpec
 from streamrec.param_server.snapshot import BlockSnapshot
+from streamrec.param_server.specs import OptimizerSpec, TableSpec
 from streamrec.param_server.store import ParamStore
-from streamrec.param_server.table import Table, TableSpec
+from streamrec.param_server.table import Table
 
 ROW_ARRAYS = ("block", "row_key", "row_version", "row_time", "row_slot", "row_key_start", "row_key_len")
 

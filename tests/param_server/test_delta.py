@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from streamrec.param_server.client import Delta, ParamClient
 from streamrec.param_server.keys import Keys
+from streamrec.param_server.specs import TableSpec
 from streamrec.param_server.store import ParamStore
-from streamrec.param_server.table import TableSpec
 
 Replica = dict[object, bytes]
 

@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streamrec.param_server.keys import MAX_KEY_BYTES, Keys, KeyWords, as_keys
-from streamrec.param_server.table import Table, TableSpec
+from streamrec.param_server.specs import TableSpec
+from streamrec.param_server.table import Table
 
 MASK = (1 << 64) - 1
 SEED = 0x9E3779B97F4A7C15

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from streamrec.param_server import memory
-from streamrec.param_server.table import Table, TableSpec
+from streamrec.param_server.specs import TableSpec
+from streamrec.param_server.table import Table
 
 pytestmark = pytest.mark.skipif(memory._MADVISE is None, reason="no MADV_POPULATE_WRITE here")
 

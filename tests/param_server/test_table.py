@@ -9,8 +9,8 @@ import torch
 from streamrec.param_server.admission import CountMinSketch
 from streamrec.param_server.keyindex import KeyIndex
 from streamrec.param_server.keys import Keys, as_keys
-from streamrec.param_server.optimizers import OptimizerSpec
-from streamrec.param_server.table import Table, TableFullError, TableSpec
+from streamrec.param_server.specs import OptimizerSpec, TableSpec
+from streamrec.param_server.table import Table, TableFullError
 
 
 def grads_for(n: int, width: int, seed: int = 0) -> np.ndarray:

@@ -31,7 +31,8 @@ from streamrec.param_server.client import Delta, Rows
 from streamrec.param_server.keys import Keys
 from streamrec.param_server.local_store import LocalStore
 from streamrec.param_server.replica import TableMirror
-from streamrec.param_server.table import TableSpec, initial_values
+from streamrec.param_server.specs import TableSpec
+from streamrec.param_server.table import initial_values
 from streamrec.param_server.table_store import TableStore
 from streamrec.stream.events import EventBatch
 from streamrec.trainer.online.roles import EventRoles

@@ -31,8 +31,8 @@ from pydantic import Field
 from streamrec.core.params import FloatRange, IntRange, space
 from streamrec.param_server.client import Rows
 from streamrec.param_server.keys import as_keys
-from streamrec.param_server.optimizers import OptimizerSpec
-from streamrec.param_server.table import TableSpec, initial_values
+from streamrec.param_server.specs import OptimizerSpec, TableSpec
+from streamrec.param_server.table import initial_values
 from streamrec.param_server.table_store import TableStore
 from streamrec.stream.events import EventBatch
 from streamrec.trainer.online.base import (

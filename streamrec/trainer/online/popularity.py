@@ -8,8 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from streamrec.param_server.client import Rows
-from streamrec.param_server.optimizers import OptimizerSpec
-from streamrec.param_server.table import TableSpec
+from streamrec.param_server.specs import OptimizerSpec, TableSpec
 from streamrec.stream.events import EventBatch
 from streamrec.trainer.online.base import (
     OnlineParams,
