@@ -21,6 +21,9 @@ import numpy as np
 from numba import njit
 
 _F2, _F1, _U1, _I1 = "float32[:, ::1]", "float32[::1]", "uint64[::1]", "int64[::1]"
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
 def kernel_input(array: np.ndarray, dtype: type[np.generic]) -> np.ndarray:
@@ -28,10 +31,6 @@ def kernel_input(array: np.ndarray, dtype: type[np.generic]) -> np.ndarray:
     read-only buffer, e.g. `np.frombuffer` of bytes or a copy-on-write pandas array, even where a
     kernel only reads it); copied only when it is not that already."""
     return np.require(array, dtype, ("C", "W"))
-
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
 @njit(cache=True, nogil=True, inline="always")
