@@ -64,11 +64,13 @@ def param_server_cmd(
 
     Prints one JSON line when it is listening: {"address": ..., "restored": ..., ...}.
     """
+    from streamrec.core.allocator import tune_allocator
     from streamrec.core.cli import print_json, settings_from
     from streamrec.param_server.limits import ServerLimits
     from streamrec.param_server.protocol import FrameLimits
     from streamrec.param_server.server import run
 
+    tune_allocator()
     settings = settings_from(ctx)
     num_shards = num_shards or len(settings.param_servers)
     if port is None:

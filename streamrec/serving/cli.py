@@ -41,10 +41,12 @@ def serve_cmd(ctx: click.Context, workers: int, host: str, port: int | None, pol
     """Serving workers: poll the parameter server, answer /recommend, /rescore, /similar over HTTP.
     With STREAMREC_API_TOKEN set, every route but /healthz, /readyz and /metrics needs
     `Authorization: Bearer <token>`."""
+    from streamrec.core.allocator import tune_allocator
     from streamrec.core.cli import settings_from
     from streamrec.serving.config import DEFAULT_ROUTE_BODY_LIMITS, ServingConfig
     from streamrec.serving.server import run_workers
 
+    tune_allocator()  # also for the workers, which are spawned with this process's environment
     settings = settings_from(ctx)
     routes = {**DEFAULT_ROUTE_BODY_LIMITS, **parse_body_limits(body_limits)}
     config = ServingConfig.from_settings(settings, poll_interval=poll_interval, route_body_limits=routes, **overrides)

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from streamrec.core.allocator import HeapTrimmer
 from streamrec.param_server.client import Delta, ParamClient
 from streamrec.param_server.replica import TableMirror
 from streamrec.serving.artifacts import Artifacts
@@ -54,6 +55,7 @@ class Syncer:
         # set once the worker has something to serve, or the parameter server answered that no shard has
         # the item table (a new cluster: no worker could serve either); a failed poll never sets it
         self.ready = threading.Event()
+        self._trimmer = HeapTrimmer()  # replaced buffers and index rebuilds free memory each poll
 
     def _buffer(self) -> Buffer:
         c = self.config
@@ -159,6 +161,7 @@ class Syncer:
                 self.metrics.sync_failures.inc()
                 self.holder.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("parameter-server poll failed: %s", self.holder.last_error)
+            self._trimmer.trim_if_due()  # on this thread, between polls: never inside a request
             hurry = not self.ready.is_set() and started < hurry_until
             next_poll = started + (min(self.config.poll_interval, FIRST_RETRY_S) if hurry else self.config.poll_interval)
             while not stop.wait(max(0.0, min(GAUGE_REFRESH_S, next_poll - time.monotonic()))):

@@ -52,11 +52,13 @@ def train_online(ctx: click.Context, models: tuple[str, ...], pairs: tuple[str, 
     from prometheus_client import start_http_server
     from threadpoolctl import threadpool_limits
 
+    from streamrec.core.allocator import tune_allocator
     from streamrec.param_server.client import ParamClient
     from streamrec.stream.topics import create_topics
     from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
     from streamrec.trainer.online.trainer import OnlineTrainer, TrainerConfig
 
+    tune_allocator()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = settings_from(ctx)
     models = models or DEFAULT_MODELS

@@ -35,6 +35,7 @@ import numpy as np
 import orjson
 from redis.exceptions import RedisError
 
+from streamrec.core.allocator import HeapTrimmer
 from streamrec.core.config import Settings
 from streamrec.param_server.client import Fenced, OffsetsRefused, ParamServerError
 from streamrec.stream.deadletter import DeadLetterSink
@@ -151,6 +152,7 @@ class OnlineTrainer:
         self._fenced: set[TopicPartition] = set()  # owned by another trainer now (until reassigned)
         self._evaluated_to: dict[TopicPartition, int] = {}  # this process has seen offsets below: a replay
         self._feature_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="features")
+        self._trimmer = HeapTrimmer()  # a batch's arrays, freed, would otherwise stay resident
         self._event_ids = EventIdWindow(self.config.dedup_window_events)  # restored per partition in _resync
         self.consumer = consumer or make_consumer(
             settings.kafka_bootstrap, settings.kafka_client, group_id=settings.consumer_group,
@@ -279,6 +281,7 @@ class OnlineTrainer:
                 if cfg.report_path and time.monotonic() - last_report >= cfg.report_every_seconds:
                     self.write_report()
                     last_report = time.monotonic()
+                self._trimmer.trim_if_due()
         finally:
             self.close()
             if cfg.report_path:
@@ -343,7 +346,7 @@ class OnlineTrainer:
             signature |= (offsets >= needed[partitions]).astype(np.int64) << shard
         seen_to = np.array([self._evaluated_to.get((topic, p), 0) for p in range(len(keys))], np.int64)
         signature |= (offsets >= seen_to[partitions]).astype(np.int64) << len(self._shard_next)
-        order = sorted(np.unique(signature).tolist(), key=lambda sig: (bin(sig).count("1"), sig))
+        order = sorted(np.unique(signature).tolist(), key=lambda sig: (sig.bit_count(), sig))
         return [[records[i] for i in np.flatnonzero(signature == sig)] for sig in order]
 
     def _process_group(self, records: list[Record]) -> int | None:
