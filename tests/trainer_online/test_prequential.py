@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -45,15 +48,37 @@ def test_cached_history_columns_follow_new_items_new_indexes_and_forgotten_users
     a new item index (items joined) maps the whole history again, a forgotten user has none."""
     history = EarlierItems(max_users=2)
     history.add(np.array(["u", "u"], object), np.array(["a", "b"], object))
+    lookup, other = ColumnLookup(), ColumnLookup()
     first = pd.Index(["a", "c"], dtype=object)
-    assert history.columns("u", "m", first, ColumnLookup()(first)).tolist() == [0]  # "b" is not held
+    lookup(first)
+    assert history.columns("u", "m", lookup).tolist() == [0]  # "b" is not held
     history.add(np.array(["u"], object), np.array(["c"], object))
-    assert history.columns("u", "m", first, ColumnLookup()(first)).tolist() == [0, 1]
-    joined = pd.Index(["c", "b", "a"], dtype=object)
-    assert sorted(history.columns("u", "m", joined, ColumnLookup()(joined)).tolist()) == [0, 1, 2]
-    assert history.columns("u", "other", first, ColumnLookup()(first)).tolist() == [0, 1]
+    assert history.columns("u", "m", lookup).tolist() == [0, 1]
+    lookup(pd.Index(["c", "b", "a"], dtype=object))  # items joined: a new index
+    assert sorted(history.columns("u", "m", lookup).tolist()) == [0, 1, 2]
+    other(first)
+    assert history.columns("u", "other", other).tolist() == [0, 1]
+    assert sorted(history.columns("u", "m", lookup).tolist()) == [0, 1, 2]
     history.add(np.array(["v", "w"], object), np.array(["a", "a"], object))  # "u" is the least recent
-    assert len(history.columns("u", "m", joined, ColumnLookup()(joined))) == 0 and not history.of("u")
+    assert len(history.columns("u", "m", lookup)) == 0 and not history.of("u")
+
+
+def test_a_replaced_item_index_is_not_kept_alive_by_the_users_scored_against_it():
+    """Each new index replaces the last (the catalogue grows every batch); a user remembered for
+    months must not hold the index, and its hash table, of the last time they were scored."""
+    history = EarlierItems()
+    history.add(np.array(["u"], object), np.array(["a"], object))
+    lookup = ColumnLookup()
+    old = pd.Index(["a", "b"], dtype=object)
+    old.get_indexer(["a"])  # its hash table built, as a mirror's is
+    lookup(old)
+    assert history.columns("u", "m", lookup).tolist() == [0]
+    released = weakref.ref(old)
+    lookup(pd.Index(["b", "a"], dtype=object))
+    del old
+    gc.collect()
+    assert released() is None
+    assert history.columns("u", "m", lookup).tolist() == [1]  # and the new index maps the history anew
 
 
 def test_reconsumption_is_learned_not_evaluated_and_positions_stay_every_tenth():
