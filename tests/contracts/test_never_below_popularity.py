@@ -57,8 +57,9 @@ SEEDS = (0, 1, 2)
 # with `user_history`, DSSM with the common training loop (2026-12-02: +49.0 / +13.2 / +4.0).
 # Not yet there: ncf-mlp on `sessions` and `short`; youtube-dnn (+1.3) and gru4rec (+0.6) on `weak`.
 NEURAL_ABOVE: dict[str, frozenset[str]] = {
-    "sessions": frozenset({"caser", "dcn", "dcn-v2", "deepfm", "dssm", "gru4rec", "ncf-gmf", "neumf", "wide-deep",
-                           "youtube-dnn"}),
+    # youtube-dnn on sessions: +2 SE on the VMs of 2026-12-01/02, +0.1 SE (0.2597 against 0.2594) on
+    # another CPU with the same code and seeds, so its margin depends on the CPU's float arithmetic
+    "sessions": frozenset({"caser", "dcn", "dcn-v2", "deepfm", "dssm", "gru4rec", "ncf-gmf", "neumf", "wide-deep"}),
     "short": frozenset({"caser", "dcn", "dcn-v2", "deepfm", "dssm", "gru4rec", "ncf-gmf", "neumf", "wide-deep",
                         "youtube-dnn"}),
     "weak": frozenset({"caser", "dcn", "dcn-v2", "deepfm", "dssm", "ncf-gmf", "ncf-mlp", "neumf", "wide-deep"}),
