@@ -8,7 +8,9 @@ sees every edge). Heavy imports (torch, faiss) stay inside the commands that nee
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 import click
@@ -74,6 +76,16 @@ for _register in COMMAND_GROUPS:
     _register(cli, bench)
 
 
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    """Python's default SIGTERM ends the interpreter without running `finally` blocks, so a demo,
+    bench or chaos run stopped that way would leave its broker topics, parameter server, trainer
+    and serving workers behind. SIGTERM raises SystemExit instead, like Ctrl-C: every command
+    unwinds and stops what it started. The long-running services (train-online, param-server,
+    serve) replace this handler with their own graceful stop."""
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     cli(prog_name="streamrec")
 
