@@ -18,6 +18,7 @@ import click
 from streamrec.app import bench_cli, chaos_cli, demo_cli, infra_cli
 from streamrec.core.cli import print_json, settings_from
 from streamrec.core.config import load_settings
+from streamrec.param_server import catalogue_cli
 from streamrec.param_server import cli as param_server_cli
 from streamrec.serving import cli as serving_cli
 from streamrec.stream import cli as stream_cli
@@ -28,7 +29,8 @@ from streamrec.trainer.online import features_cli
 
 CommandRegistrar = Callable[[click.Group, click.Group], None]
 COMMAND_GROUPS: tuple[CommandRegistrar, ...] = (
-    infra_cli.register, stream_cli.register, datasets_cli.register, param_server_cli.register, trainer_cli.register,
+    infra_cli.register, stream_cli.register, datasets_cli.register, param_server_cli.register,
+    catalogue_cli.register, trainer_cli.register,
     online_cli.register, features_cli.register, serving_cli.register, demo_cli.register,
     chaos_cli.register, bench_cli.register,
 )

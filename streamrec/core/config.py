@@ -116,6 +116,9 @@ class Settings(BaseSettings):
     item_catalogue: Path | None = Field(
         None, description="item titles and genres for the serving console: a MovieLens u.item or an "
         "item_id,title,genres CSV")
+    item_rules: str = Field(
+        "", description="business rules every /recommend obeys, as filter parameters in one query string, "
+        "e.g. exclude=in_stock:false&range=stock:1.. (the published item catalogue's attributes)")
     metrics_sources: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=dict,
         description="other processes' /metrics URLs the serving console aggregates: name=url,name=url (or JSON)",

@@ -10,6 +10,8 @@ lowest layer both use; nothing is pickled, every blob is numpy's .npz read with
 * `RANKER_BLOB` = "refit/ranker": a dense blob = b"SRDENSE1" | u32 header length | UTF-8 JSON
   header | .npz arrays. The header's `kind` says which ranking model it holds (serving's
   `RANKER_LOADERS`).
+* `CATALOGUE_BLOB` = "catalogue/items": a dense blob holding the item catalogue
+  (`streamrec.stream.catalogue.ItemCatalogue.to_arrays`).
 * `refit/<model>/manifest`: a dense blob whose header says what a refit published.
 """
 
@@ -22,8 +24,11 @@ from typing import Any
 
 import numpy as np
 
+from streamrec.stream.catalogue import ItemCatalogue
+
 KNN_BLOB = "refit/item-knn/neighbors"
 RANKER_BLOB = "refit/ranker"
+CATALOGUE_BLOB = "catalogue/items"  # the item catalogue (streamrec.param_server.catalogue_cli)
 DENSE_MAGIC = b"SRDENSE1"
 
 
@@ -53,3 +58,15 @@ def decode_dense(data: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
 def encode_neighbors(items: list[str] | np.ndarray, neighbors: np.ndarray, scores: np.ndarray) -> bytes:
     return npz_bytes({"items": np.asarray(items, dtype=str), "neighbors": np.asarray(neighbors, np.int32),
                        "scores": np.asarray(scores, np.float32)})
+
+
+def encode_catalogue(catalogue: ItemCatalogue) -> bytes:
+    """The item catalogue as a dense blob (`CATALOGUE_BLOB`)."""
+    header, arrays = catalogue.to_arrays()
+    return encode_dense(header, arrays)
+
+
+def decode_catalogue(data: bytes) -> ItemCatalogue:
+    """Inverse of `encode_catalogue`; CatalogueError (a ValueError) on a malformed blob."""
+    header, arrays = decode_dense(data)
+    return ItemCatalogue.from_arrays(header, arrays)

@@ -35,6 +35,7 @@ from streamrec.serving.config import MAX_K, ServingConfig
 from streamrec.serving.console import add_console_routes
 from streamrec.serving.fastpath import MAX_USER_ID, RecommendFastPath, RecommendQuery
 from streamrec.serving.feedback import add_feedback_routes
+from streamrec.serving.filters import MAX_CLAUSES, FilterError, ItemFilter
 from streamrec.serving.history import History
 from streamrec.serving.limits import STATUS as TOO_LARGE
 from streamrec.serving.limits import BodyLimit
@@ -53,6 +54,12 @@ from streamrec.serving.users import UserCache
 
 MAX_CANDIDATES = 10_000
 MAX_ID_BYTES = 256
+
+
+def filter_refusal(exc: FilterError) -> dict[str, Any]:
+    """A filter that cannot be applied, refused in the shape of FastAPI's own 422 (the OpenAPI
+    document's HTTPValidationError), so clients parse one form of refusal."""
+    return {"detail": [{"loc": ["query", "filter"], "msg": str(exc), "type": "value_error"}]}
 
 
 def _json(body: dict[str, Any], status: int = 200) -> Response:
@@ -149,9 +156,11 @@ def create_app(config: ServingConfig) -> FastAPI:
                                                                 *pipeline.history_wanted(state, query.exclude_seen))
             try:
                 body = pipeline.recommend(state, query.user_id, query.k, query.exclude_seen, query.diversity,
-                                          query.explain, history)
+                                          query.explain, history, query.item_filter)
             except Unavailable as exc:
                 return 503, orjson.dumps({"detail": str(exc)})
+            except FilterError as exc:
+                return 422, orjson.dumps(filter_refusal(exc))
             return 200, orjson.dumps(envelope(state, {"user_id": query.user_id, **body}),
                                      option=orjson.OPT_SERIALIZE_NUMPY)
 
@@ -168,10 +177,22 @@ def create_app(config: ServingConfig) -> FastAPI:
         exclude_seen: bool = Query(True, description="drop items the user interacted with (Redis)"),
         diversity: float = Query(0.0, ge=0.0, le=1.0, description="MMR: 0 = pure relevance (lambda = 1 - diversity)"),
         explain: bool = Query(False, description="score components and candidate counts"),
+        include: list[str] = Query([], max_length=MAX_CLAUSES, description="ATTRIBUTE:VALUE items must have "
+                                   "(repeatable; values of one attribute are alternatives)"),
+        exclude: list[str] = Query([], max_length=MAX_CLAUSES, description="ATTRIBUTE:VALUE items must not have"),
+        ranges: list[str] = Query([], alias="range", max_length=MAX_CLAUSES,
+                                  description="ATTRIBUTE:LOW..HIGH for a numeric attribute (a bound may be left out)"),
     ) -> Response:
         """Top-k items for a user: ANN + item-kNN + trending candidates, rescored, seen-filtered, MMR.
-        Well-formed requests are answered before FastAPI by the same code (streamrec.serving.fastpath)."""
-        status, body = await answer_recommend(RecommendQuery(user_id, k, exclude_seen, diversity, explain))
+        Filters (and the configured rules) apply to every candidate source, against the published
+        item catalogue (streamrec.serving.filters). Well-formed unfiltered requests are answered
+        before FastAPI by the same code (streamrec.serving.fastpath)."""
+        try:
+            item_filter = ItemFilter.parse(include, exclude, ranges)
+        except FilterError as exc:
+            return _json(filter_refusal(exc), 422)
+        status, body = await answer_recommend(RecommendQuery(user_id, k, exclude_seen, diversity, explain,
+                                                             item_filter))
         return Response(body, status, media_type="application/json")
 
     @app.post("/rescore", dependencies=guarded,

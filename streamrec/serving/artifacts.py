@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import pandas as pd
 
-from streamrec.param_server.artifacts import decode_dense, load_npz
+from streamrec.param_server.artifacts import decode_catalogue, decode_dense, load_npz
+from streamrec.stream.catalogue import ItemCatalogue
 
 if TYPE_CHECKING:  # torch is imported only when a neural ranker is loaded
     from streamrec.trainer.models.neural.ctr import Ranker as CTRRanker
@@ -141,9 +142,11 @@ class Artifacts:
 
     knn: ItemNeighbors | None = None
     ranker: CandidateRanker | None = None
+    catalogue: ItemCatalogue | None = None
     versions: dict[str, int] = field(default_factory=dict)
 
     def with_blob(self, name: str, kind: str, data: bytes, version: int) -> Artifacts:
-        """A copy with one blob decoded and replaced (`kind`: "knn" or "ranker")."""
-        value = ItemNeighbors.from_bytes(data) if kind == "knn" else load_ranker(data)
-        return replace(self, **{kind: value}, versions={**self.versions, name: version})
+        """A copy with one blob decoded and replaced (`kind`: "knn", "ranker" or "catalogue")."""
+        loaders: dict[str, Callable[[bytes], object]] = {"knn": ItemNeighbors.from_bytes, "ranker": load_ranker,
+                                                         "catalogue": decode_catalogue}
+        return replace(self, **{kind: loaders[kind](data)}, versions={**self.versions, name: version})

@@ -29,7 +29,7 @@ import numpy as np
 
 from streamrec.core import net
 from streamrec.core.config import Settings
-from streamrec.param_server.artifacts import KNN_BLOB, encode_neighbors
+from streamrec.param_server.artifacts import CATALOGUE_BLOB, KNN_BLOB, encode_catalogue, encode_neighbors
 from streamrec.param_server.client import ParamClient
 from streamrec.param_server.replica import TableMirror
 from streamrec.serving.config import ServingConfig
@@ -37,9 +37,12 @@ from streamrec.serving.empty import EMPTY_PATH
 from streamrec.serving.index import ItemIndex, query_rows
 from streamrec.serving.loadgen import ZIPF_EXPONENT, zipf_users
 from streamrec.serving.sweep import find_saturation
+from streamrec.stream.catalogue import Categorical, ItemCatalogue
 from streamrec.stream.events import EventBatch
 from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
 
+BENCH_GENRES = 20  # the synthetic catalogue: each item one of 20 genres, so a genre filter keeps ~5%
+BENCH_FILTER = "include=genre:g3"
 EVENTS_PER_USER = 10
 NEIGHBOURS = 20
 CHUNK = 50_000
@@ -78,6 +81,10 @@ def _load(client: ParamClient, rng: np.random.Generator, items: int, users: int,
     scores = -np.sort(-rng.random((items, NEIGHBOURS), np.float32), axis=1)
     client.put_blob(KNN_BLOB, encode_neighbors([f"i{j}" for j in range(items)],
                                                rng.integers(0, items, (items, NEIGHBOURS)), scores))
+    genre = Categorical.from_pairs([f"g{n}" for n in range(BENCH_GENRES)], np.arange(items, dtype=np.int32),
+                                   rng.integers(0, BENCH_GENRES, items))
+    client.put_blob(CATALOGUE_BLOB, encode_catalogue(ItemCatalogue(
+        np.array([f"i{j}" for j in range(items)], dtype=object), {"genre": genre}, {}, {})))
     return user_vectors
 
 
@@ -188,7 +195,9 @@ def _ratio(numerator: object, denominator: object) -> float | None:
 
 
 def run_bench(settings: Settings, items: int, users: int, dim: int, workers: int, max_connections: int,
-              duration: float, k: int, index: str, rate: float = 0.0, auth_run: bool = True) -> dict[str, Any]:
+              duration: float, k: int, index: str, rate: float = 0.0, auth_run: bool = True,
+              filter_rate: float = 500.0) -> dict[str, Any]:
+    """`filter_rate` > 0 adds a run at that rate with a genre filter on (`item_filter`)."""
     home = Path(tempfile.mkdtemp(prefix="streamrec-bench-serving-"))
     prefix = f"bench-serving-{uuid.uuid4().hex[:8]}"
     redis_up = net.redis_ping(settings.redis_url)
@@ -218,6 +227,11 @@ def run_bench(settings: Settings, items: int, users: int, dim: int, workers: int
         stack = start(serve, env, "serve.log")
         index_kind = stack.ready["index_kind"]
         result = _measure(stack.url, plain, users, rate, duration, max_connections, {})
+        if filter_rate:
+            with_filter = _loadgen(stack.url, f"{plain}&{BENCH_FILTER}", users, filter_rate, duration, max_connections,
+                                   {})
+            result["item_filter"] = {"filter": BENCH_FILTER, "allowed_share": round(1 / BENCH_GENRES, 3),
+                                     **{key: with_filter.get(key) for key in SUMMARY_KEYS if key in with_filter}}
         stack.stop()
         if auth_run:
             stack = start(serve, {**env, "STREAMREC_API_TOKEN": BENCH_TOKEN}, "serve-auth.log")

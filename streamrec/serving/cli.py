@@ -79,6 +79,8 @@ def parse_body_limits(pairs: tuple[str, ...]) -> dict[str, int]:
 @click.option("--index", type=click.Choice(["auto", "flat", "ivf"]), default="auto", show_default=True)
 @click.option("--auth-run/--no-auth-run", default=True, show_default=True,
               help="also measure with the API token and the seen-item filter on")
+@click.option("--filter-rate", type=click.FloatRange(min=0), default=500.0, show_default=True,
+              help="also measure at this rate with a catalogue filter on (include=genre:g3, ~5% of items); 0: not")
 @click.option("--json", "as_json", is_flag=True, help="print JSON (the only output form)")
 @click.pass_context
 def bench_serving_cmd(ctx: click.Context, as_json: bool, **options: object) -> None:

@@ -7,9 +7,10 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from streamrec.core.config import Settings
+from streamrec.serving.filters import ItemFilter
 
 CONFIG_ENV = "STREAMREC_SERVING_CONFIG_JSON"
 MAX_K = 1000
@@ -45,6 +46,9 @@ class ServingConfig(BaseModel):
     item_table: str = "bpr_items"
     knn_blob: str = Field("refit/item-knn/neighbors", description="item-kNN neighbour lists blob")
     ranker_blob: str = Field("refit/ranker", description="ranking-model blob")
+    catalogue_blob: str = Field("catalogue/items", description="item catalogue blob (streamrec catalogue publish)")
+    item_rules: str = Field("", description="business rules every /recommend obeys, as filter parameters in one "
+                            "query string, e.g. 'exclude=in_stock:false&range=stock:1..' (streamrec.serving.filters)")
     item_catalogue: Path | None = Field(None, description="u.item or item_id,title,genres CSV for the console")
     metrics_sources: dict[str, str] = Field(default_factory=dict,
                                             description="other processes' /metrics URLs the console aggregates")
@@ -84,13 +88,20 @@ class ServingConfig(BaseModel):
     redis_timeout_s: float = Field(0.1, gt=0)
     redis_retry_s: float = Field(1.0, ge=0, description="skip Redis this long after a failure")
 
+    @field_validator("item_rules")
+    @classmethod
+    def _rules_parse(cls, rules: str) -> str:
+        """A malformed rule stops `streamrec serve` at start, not every request later."""
+        ItemFilter.parse_rules(rules)
+        return rules
+
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: object) -> ServingConfig:
         base = {"param_servers": settings.param_servers, "param_server_token": settings.param_server_token,
                 "api_token": settings.api_token,
                 "redis_url": settings.redis_url, "poll_interval": settings.poll_interval,
                 "feature_prefix": settings.feature_prefix, "metrics_sources": settings.metrics_sources,
-                "item_catalogue": settings.item_catalogue,
+                "item_catalogue": settings.item_catalogue, "item_rules": settings.item_rules,
                 "kafka_bootstrap": settings.kafka_bootstrap, "kafka_client": settings.kafka_client,
                 "topic": settings.topic, "dlq_suffix": settings.dlq_suffix, "producer_acks": settings.producer_acks,
                 "producer_linger_ms": settings.producer_linger_ms,

@@ -20,11 +20,13 @@ from urllib.parse import parse_qsl
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from streamrec.serving.config import MAX_K
+from streamrec.serving.filters import NO_FILTER, FilterError, ItemFilter
 
 PATH = "/recommend"
 MAX_USER_ID = 256  # characters, as the route's Query(max_length=256)
 _BOOLS = {"true": True, "false": False, "1": True, "0": False}
 _FRACTION = re.compile(r"\d+(?:\.\d+)?\Z")
+FILTER_PARAMETERS = ("include", "exclude", "range")  # in ItemFilter.parse's order
 _HEADERS = [(b"content-type", b"application/json")]
 
 
@@ -34,6 +36,7 @@ class RecommendQuery(NamedTuple):
     exclude_seen: bool
     diversity: float
     explain: bool
+    item_filter: ItemFilter = NO_FILTER
 
 
 Handler = Callable[[RecommendQuery], Awaitable[tuple[int, bytes]]]  # (status, JSON body)
@@ -42,8 +45,17 @@ Handler = Callable[[RecommendQuery], Awaitable[tuple[int, bytes]]]  # (status, J
 def parse(query_string: bytes) -> RecommendQuery | None:
     """The query when every parameter is in a form FastAPI certainly accepts with the same value
     (digits for k, true/false/1/0, a plain decimal in [0, 1]); None: let FastAPI decide. The
-    string is read as Starlette reads it (latin-1, last value of a repeated name wins)."""
-    params = dict(parse_qsl(query_string.decode("latin-1"), keep_blank_values=True))
+    string is read as Starlette reads it (latin-1, last value of a repeated name wins; the filter
+    parameters include, exclude and range repeat). A filter `ItemFilter.parse` refuses is left to
+    the FastAPI route, which refuses it in the same words."""
+    pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
+    params = dict(pairs)
+    item_filter = NO_FILTER
+    if FILTER_PARAMETERS & params.keys():
+        try:
+            item_filter = ItemFilter.parse(*([v for n, v in pairs if n == name] for name in FILTER_PARAMETERS))
+        except FilterError:
+            return None
     user_id = params.get("user_id", "")
     if not 0 < len(user_id) <= MAX_USER_ID:
         return None
@@ -58,7 +70,7 @@ def parse(query_string: bytes) -> RecommendQuery | None:
     diversity = float(diversity_text)
     if diversity > 1.0:
         return None
-    return RecommendQuery(user_id, int(k_text), exclude_seen, diversity, explain)
+    return RecommendQuery(user_id, int(k_text), exclude_seen, diversity, explain, item_filter)
 
 
 class RecommendFastPath:

@@ -18,6 +18,7 @@ from streamrec.param_server.replica import Changes, TableMirror
 
 IVF_TRAIN_PER_LIST = 64
 IVF_TRAIN_ITERATIONS = 10
+SELECTIVE_PROBES = 4
 
 
 def index_rows(mirror: TableMirror, positions: np.ndarray | slice) -> np.ndarray:
@@ -103,6 +104,22 @@ class ItemIndex:
         if self.index is None or not self.size:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
         return self.index.search(queries, min(k, self.size))
+
+    def search_within(self, queries: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`search` restricted to the row positions where `allowed` (bool by row) is True, with a
+        FAISS ID selector, so FAISS skips the others while it scans; an IVF index probes
+        `SELECTIVE_PROBES` times as many lists (the allowed rows may sit in few of them)."""
+        if self.index is None or not self.size:
+            return self.search(queries, k)
+        bitmap = np.packbits(allowed, bitorder="little")
+        selector = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bitmap))
+        if self.built_kind == "ivf":
+            lists = faiss.extract_index_ivf(self.index).nlist
+            params: faiss.SearchParameters = faiss.SearchParametersIVF(
+                sel=selector, nprobe=min(lists, self.nprobe * SELECTIVE_PROBES))
+        else:
+            params = faiss.SearchParameters(sel=selector)
+        return self.index.search(queries, min(k, self.size), params=params)
 
     def clone(self) -> ItemIndex:
         """An independent copy (the second buffer after a rebuild: a copy is cheaper than a rebuild)."""

@@ -12,8 +12,9 @@ import pandas as pd
 
 from streamrec.param_server.replica import TableMirror
 from streamrec.serving.config import ServingConfig
+from streamrec.serving.filters import NO_FILTER, ItemFilter
 from streamrec.serving.history import History
-from streamrec.serving.index import query_rows
+from streamrec.serving.index import index_rows, query_rows
 from streamrec.serving.metrics import ServingMetrics
 from streamrec.serving.mmr import mmr
 from streamrec.serving.state import ServingState
@@ -23,6 +24,7 @@ SOURCE_BITS = np.array(  # source mask -> its bit per source, so counts per sour
     [[mask >> i & 1 for i in range(len(SOURCES))] for mask in range(1 << len(SOURCES))])
 _SOURCE_LISTS = [[s for i, s in enumerate(SOURCES) if mask >> i & 1] for mask in range(1 << len(SOURCES))]
 SMALL_LOOKUP = 64  # id lists up to this long are looked up one id at a time (rows_of)
+FILTER_OVERFETCH = 4  # a filtered request first takes this many times its ANN candidates, then keeps the allowed
 
 
 class Unavailable(RuntimeError):
@@ -55,6 +57,39 @@ def top_order(scores: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-scores, kind="stable")
 
 
+def allowed_rows(state: ServingState | None, rules: ItemFilter, requested: ItemFilter) -> np.ndarray | None:
+    """The item rows a request may return: the configured `rules` the catalogue can apply and the
+    request's own filter (FilterError when it names what the catalogue lacks); None when nothing
+    restricts the answer."""
+    catalogue = state.artifacts.catalogue if state is not None else None
+    requested.check(catalogue)
+    combined = rules.applicable(catalogue).merged(requested)
+    if not combined or state is None:
+        return None
+    return state.allowed_rows(combined)
+
+
+def ann_within(state: ServingState, query: np.ndarray, want: int, enough: int, allowed: np.ndarray) -> np.ndarray:
+    """Up to `want` ANN candidates among the allowed rows. First an over-fetch (FILTER_OVERFETCH
+    times `want`) keeping the allowed ones; when fewer than `enough` survive, a FAISS search
+    restricted to the allowed rows by an ID selector; when the index's probes still miss some (the
+    IVF lists probed hold too few allowed items), an exact search over the allowed rows, so a
+    filtered request gets `enough` candidates whenever that many items are allowed."""
+    index = state.index
+    fetched = min(index.size, want * FILTER_OVERFETCH)
+    _, found = index.search(query, fetched)
+    rows = found[0][found[0] >= 0]
+    rows = rows[allowed[rows]]
+    if len(rows) >= enough or fetched >= index.size:
+        return rows[:want]
+    _, found = index.search_within(query, want, allowed)
+    rows = found[0][found[0] >= 0]
+    if len(rows) >= min(enough, int(allowed.sum())):
+        return rows
+    candidates = np.flatnonzero(allowed)
+    return candidates[top_order(index_rows(state.items, candidates) @ query[0], want)]
+
+
 class CandidatePipeline:
     """Answers /recommend, /rescore and /similar from one `ServingState` per request: gathers
     candidates from every source, scores them with the published ranker (or the retrieval model)
@@ -66,6 +101,7 @@ class CandidatePipeline:
         self._recommended = [metrics.recommended.labels(s) for s in SOURCES]
         self._fallback = {r: metrics.degraded.labels(r) for r in ("cold_start", "prior", "param_server")}
         self._trending_cache: tuple[ServingState, list, np.ndarray, np.ndarray] | None = None
+        self.rules = ItemFilter.parse_rules(config.item_rules)  # ServingConfig has checked them
 
     # ---- shared -------------------------------------------------------------------------------
     def _user(self, state: ServingState, user_id: str, degraded: list[str]) -> tuple[np.ndarray, float] | None:
@@ -111,9 +147,13 @@ class CandidatePipeline:
         return self.config.knn_recent if wants_recent else 0, exclude_seen or self._ranker_reads_history(state)
 
     def recommend(self, state: ServingState | None, user_id: str, k: int, exclude_seen: bool,
-                  diversity: float, explain: bool, history: tuple[list[str], set[str]] | None) -> dict[str, Any]:
+                  diversity: float, explain: bool, history: tuple[list[str], set[str]] | None,
+                  item_filter: ItemFilter = NO_FILTER) -> dict[str, Any]:
         """`history`: what `history_wanted` asked of Redis (`History.user_history_async`), None
-        when Redis did not answer (the request is served without it and says so)."""
+        when Redis did not answer (the request is served without it and says so). `item_filter`
+        and the configured rules restrict every candidate source; FilterError when the filter
+        cannot be applied."""
+        allowed = allowed_rows(state, self.rules, item_filter)
         degraded: list[str] = []
         wants_seen = self.history_wanted(state, exclude_seen)[1]
         interacted: set[str] | None = None
@@ -125,16 +165,21 @@ class CandidatePipeline:
         recent, seen = history[0], history[1] if exclude_seen else set()
         user = self._user(state, user_id, degraded) if state is not None else None
         if user is None:
-            body = self._cold_start(state, k, seen, degraded)
+            body = self._cold_start(state, k, seen, degraded, allowed)
         else:
-            body = self._personal(state, user_id, recent, user, k, seen, interacted, diversity, explain, degraded)
+            body = self._personal(state, user_id, recent, user, k, seen, interacted, diversity, explain, degraded,
+                                  allowed)
         if "redis" in degraded:
             self.history.count_degraded()
         body["degraded"] = degraded
         return body
 
-    def _cold_start(self, state: ServingState | None, k: int, seen: set[str], degraded: list[str]) -> dict[str, Any]:
-        """A user without a vector: trending items; without Redis, the items with the largest bias."""
+    def _cold_start(self, state: ServingState | None, k: int, seen: set[str], degraded: list[str],
+                    allowed: np.ndarray | None) -> dict[str, Any]:
+        """A user without a vector: trending items; without Redis, the items with the largest bias.
+        Filtered, the allowed ones among them, then the allowed items by bias until there are k."""
+        if allowed is not None and state is not None:
+            return self._cold_start_within(state, k, seen, degraded, allowed)
         trending = self.history.trending(k + len(seen))
         if trending is None:
             _note_redis(degraded)
@@ -154,6 +199,34 @@ class CandidatePipeline:
         ids, scores = ids[keep][:k], scores[keep][:k]
         return {"cold_start": True, "items": [{"item_id": i, "score": s, "sources": [source]}
                                                 for i, s in zip(ids.tolist(), np.asarray(scores, float).tolist())]}
+
+    def _cold_start_within(self, state: ServingState, k: int, seen: set[str], degraded: list[str],
+                           allowed: np.ndarray) -> dict[str, Any]:
+        allowed = allowed.copy()
+        seen_rows = rows_of(state.items, list(seen))
+        allowed[seen_rows[seen_rows >= 0]] = False
+        trending = self.history.trending(self.config.trending_candidates + k + len(seen))
+        if trending is None:
+            _note_redis(degraded)
+            trending = []
+        rows, popularity = self._trending_rows(state, trending) if trending else (np.zeros(0, np.int64), np.zeros(0))
+        keep = allowed[rows]
+        rows, popularity = rows[keep][:k], popularity[keep][:k]
+        sources = ["trending"] * len(rows)
+        if len(rows) < k:  # the rest by the learned item bias (the model's popularity prior)
+            allowed[rows] = False
+            candidates = np.flatnonzero(allowed)
+            bias = index_rows(state.items, candidates)[:, -1] if state.items.scalars else np.zeros(len(candidates))
+            order = top_order(bias, k - len(rows))
+            extra = candidates[order]
+            rows, popularity = np.concatenate([rows, extra]), np.concatenate([popularity, bias[order]])
+            sources += ["prior"] * len(extra)
+            if len(extra):
+                self._fallback["prior"].inc()
+        self._fallback["cold_start"].inc()
+        return {"cold_start": True, "items": [{"item_id": i, "score": float(s), "sources": [source]}
+                                                for i, s, source in zip(state.item_ids[rows].tolist(),
+                                                                        popularity.tolist(), sources)]}
 
     def _trending_rows(self, state: ServingState, trending: list[tuple[str, float]]) -> tuple[np.ndarray, np.ndarray]:
         """Item rows and popularity of the trending list, computed once per (state, trending list)."""
@@ -178,14 +251,18 @@ class CandidatePipeline:
 
     def _personal(self, state: ServingState, user_id: str, recent: list[str], user: tuple[np.ndarray, float], k: int,
                   seen: set[str], interacted: set[str] | None, diversity: float, explain: bool,
-                  degraded: list[str]) -> dict[str, Any]:
+                  degraded: list[str], allowed: np.ndarray | None) -> dict[str, Any]:
         c, items = self.config, state.items
         looked_up = rows_of(items, [*recent, *seen])
         recent_rows, seen_rows = looked_up[: len(recent)], looked_up[len(recent) :]
         recent_rows, seen_rows = recent_rows[recent_rows >= 0], seen_rows[seen_rows >= 0]
         # sources
-        _, ann = state.index.search(query_rows(user[0][None], items), max(c.ann_candidates, k) + len(seen_rows))
-        ann = ann[0][ann[0] >= 0]
+        query, want = query_rows(user[0][None], items), max(c.ann_candidates, k) + len(seen_rows)
+        if allowed is None:
+            _, ann = state.index.search(query, want)
+            ann = ann[0][ann[0] >= 0]
+        else:
+            ann = ann_within(state, query, want, k + len(seen_rows), allowed)
         knn_rows, knn_scores = self._item_knn(state, recent_rows) if len(recent_rows) else (np.zeros(0, np.int64), np.zeros(0))
         trending = self.history.trending(c.trending_candidates)
         trend_rows, trend_pop = np.zeros(0, np.int64), np.zeros(0)
@@ -193,6 +270,10 @@ class CandidatePipeline:
             _note_redis(degraded)
         elif trending:
             trend_rows, trend_pop = self._trending_rows(state, trending)
+        if allowed is not None:
+            keep_knn, keep_trend = allowed[knn_rows], allowed[trend_rows]
+            knn_rows, knn_scores = knn_rows[keep_knn], knn_scores[keep_knn]
+            trend_rows, trend_pop = trend_rows[keep_trend], trend_pop[keep_trend]
         # union, with per-candidate source bits and source features
         sizes = (len(ann), len(knn_rows), len(trend_rows))
         for counter, size in zip(self._candidates, sizes):

@@ -13,15 +13,17 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from streamrec.param_server.replica import TableMirror
 from streamrec.serving.artifacts import Artifacts
+from streamrec.serving.filters import ItemFilter
 from streamrec.serving.index import ItemIndex
 from streamrec.serving.users import UserCache
 
+MASK_CACHE = 64  # filters whose allowed rows a state keeps
 PRIOR_ITEMS = 1000  # cold-start fallback without Redis: the items with the largest learned bias
 
 
@@ -37,7 +39,24 @@ class ServingState:
     prior: np.ndarray  # item rows by decreasing bias (alive only)
     knn_item_row: np.ndarray  # item row -> row of the kNN artifact (-1: none)
     knn_neighbor_row: np.ndarray  # kNN artifact row -> item row (-1: no live vector)
+    catalogue_rows: np.ndarray  # catalogue position -> item row (-1: no live vector); empty without a catalogue
     refs: int = 0  # requests using this state; guarded by the holder's lock
+    filter_masks: dict[ItemFilter, np.ndarray] = field(default_factory=dict)  # allowed rows per filter (bounded)
+
+    def allowed_rows(self, item_filter: ItemFilter) -> np.ndarray:
+        """The rows `item_filter` allows among the live items, computed once per state and filter
+        (the filters a service sees repeat: its rules, a few categories); the cache keeps at most
+        MASK_CACHE filters, so arbitrary requests cannot grow it."""
+        mask = self.filter_masks.get(item_filter)
+        if mask is None:
+            catalogue = self.artifacts.catalogue
+            if catalogue is None:
+                raise RuntimeError("a filter reached a state without a catalogue: check it first (ItemFilter.check)")
+            mask = item_filter.mask(catalogue, self.catalogue_rows, len(self.items.index)) & self.items.alive
+            if len(self.filter_masks) >= MASK_CACHE:
+                self.filter_masks.pop(next(iter(self.filter_masks)), None)
+            self.filter_masks[item_filter] = mask
+        return mask
 
     @classmethod
     def build(cls, users: UserCache, items: TableMirror, index: ItemIndex, artifacts: Artifacts,
@@ -52,7 +71,10 @@ class ServingState:
         item_row[neighbor_row[known]] = np.flatnonzero(known)
         # a numpy object array: pandas' string array costs ~10 us per fancy index, a request does several
         item_ids = items.index.to_numpy(dtype=object)
-        return cls(users, items, index, artifacts, version, time.time(), item_ids, top, item_row, neighbor_row)
+        catalogue = artifacts.catalogue
+        catalogue_rows = items.positions(catalogue.ids) if catalogue is not None else np.zeros(0, np.int64)
+        return cls(users, items, index, artifacts, version, time.time(), item_ids, top, item_row, neighbor_row,
+                   catalogue_rows)
 
 
 class StateHolder:

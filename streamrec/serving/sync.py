@@ -72,7 +72,8 @@ class Syncer:
         """Artifacts with every configured blob that has a newer version decoded."""
         artifacts = self.artifacts
         published = client.blobs()
-        for name, kind in ((self.config.knn_blob, "knn"), (self.config.ranker_blob, "ranker")):
+        for name, kind in ((self.config.knn_blob, "knn"), (self.config.ranker_blob, "ranker"),
+                           (self.config.catalogue_blob, "catalogue")):
             version = published.get(name)
             if version is not None and version > artifacts.versions.get(name, 0):
                 blob = client.get_blob(name, since=artifacts.versions.get(name, 0))

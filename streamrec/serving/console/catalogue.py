@@ -1,77 +1,56 @@
-"""Optional item metadata for the console: titles and genres, so a person can read the lists.
+"""Item titles and genres for the console, so a person can read the lists.
 
-Serving itself never needs it (items are ids); without a catalogue the console shows ids only.
-Two layouts are read: MovieLens 100K's `u.item` (pipe-separated, Latin-1, 19 genre flags named by
-`u.genre` beside it) and a CSV with the columns `item_id,title,genres` (genres separated by `|`).
+Serving itself never needs them (items are ids); without a catalogue the console shows ids only.
+The file (`--item-catalogue`: MovieLens's `u.item`, a CSV or JSON lines) is read by the one
+catalogue reader, `streamrec.stream.catalogue`; its `title` is the title and its `genre` (u.item)
+or `genres` (CSV) attribute the genres.
 """
 
 from __future__ import annotations
 
-import csv
-from dataclasses import dataclass
 from pathlib import Path
 
-ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
-                 "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
-                 "War", "Western")
+import numpy as np
 
+from streamrec.stream.catalogue import ItemCatalogue, read_catalogue
 
-@dataclass(frozen=True)
-class ItemInfo:
-    title: str
-    genres: tuple[str, ...]
-
-    def to_json(self) -> dict[str, object]:
-        return {"title": self.title, "genres": list(self.genres)}
+GENRE_ATTRIBUTES = ("genre", "genres")
 
 
 class Catalogue:
-    def __init__(self, items: dict[str, ItemInfo]) -> None:
+    def __init__(self, items: ItemCatalogue) -> None:
         self.items = items
-        self._titles = [(item, info.title.lower()) for item, info in items.items()]
+        self._position = {item: n for n, item in enumerate(items.ids.tolist())}
+        titles = items.text.get("title")
+        self._titles = titles if titles is not None else np.full(len(items), "", dtype=object)
+        self._lowered = [title.lower() for title in self._titles.tolist()]
+        self._genres: list[list[str]] = [[] for _ in range(len(items))]
+        attribute = next((a for a in GENRE_ATTRIBUTES if a in items.categorical), None)
+        if attribute is not None:
+            column = items.categorical[attribute]
+            for code, value in enumerate(column.values):
+                for position in column.items[column.starts[code]:column.starts[code + 1]].tolist():
+                    self._genres[position].append(value)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def lookup(self, ids: list[str]) -> dict[str, dict[str, object]]:
-        return {i: self.items[i].to_json() for i in ids if i in self.items}
+        found = {}
+        for item in ids:
+            position = self._position.get(item)
+            if position is not None:
+                found[item] = {"title": self._titles[position], "genres": sorted(self._genres[position])}
+        return found
 
     def title_matches(self, text: str, limit: int) -> list[str]:
         """Ids of items whose title contains `text` (case-insensitive), in catalogue order."""
         needle = text.lower()
-        return [item for item, title in self._titles if needle in title][:limit]
+        return [self.items.ids[n] for n, title in enumerate(self._lowered) if needle in title][:limit]
 
     @classmethod
     def load(cls, path: Path) -> Catalogue:
-        """u.item (MovieLens 100K) or a CSV; ValueError on a file in neither layout."""
-        if path.name == "u.item":
-            return cls(_movielens(path))
-        return cls(_csv(path))
-
-
-def _movielens(path: Path) -> dict[str, ItemInfo]:
-    names = ML100K_GENRES
-    genre_file = path.with_name("u.genre")
-    if genre_file.exists():
-        pairs = [line.split("|") for line in genre_file.read_text(encoding="latin-1").splitlines() if "|" in line]
-        names = tuple(name for name, _ in sorted(pairs, key=lambda p: int(p[1])))
-    items = {}
-    for number, line in enumerate(path.read_text(encoding="latin-1").splitlines(), 1):
-        if not line.strip():
-            continue
-        fields = line.split("|")
-        flags = fields[-len(names):]
-        if len(fields) < 2 + len(names) or any(f not in ("0", "1") for f in flags):
-            raise ValueError(f"{path}:{number}: not a u.item line ({len(names)} genre flags expected)")
-        items[fields[0]] = ItemInfo(fields[1], tuple(n for n, f in zip(names, flags) if f == "1"))
-    return items
-
-
-def _csv(path: Path) -> dict[str, ItemInfo]:
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        missing = {"item_id", "title"} - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(f"{path}: columns {sorted(missing)} missing (expected item_id,title[,genres])")
-        return {row["item_id"]: ItemInfo(row["title"], tuple(g for g in (row.get("genres") or "").split("|") if g))
-                for row in reader}
+        """u.item, JSON lines (*.jsonl, *.ndjson) or else a CSV; CatalogueError (a ValueError) on a
+        file that breaks a rule."""
+        known = path.name == "u.item" or path.suffix.lower() in (".csv", ".jsonl", ".ndjson")
+        return cls(read_catalogue(path, "auto" if known else "csv"))

@@ -1,0 +1,227 @@
+"""`/recommend` filters and configured business rules over a published item catalogue, through a
+real parameter server, `streamrec catalogue publish` and a serving worker over HTTP; and the
+filtered candidate search against real FAISS indexes (flat and IVF) where the allowed items are
+the ones the unfiltered search would never reach."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from streamrec.param_server.artifacts import encode_catalogue
+from streamrec.param_server.client import Delta, ParamClient
+from streamrec.param_server.keys import Keys
+from streamrec.param_server.replica import TableMirror
+from streamrec.serving.artifacts import Artifacts
+from streamrec.serving.config import ServingConfig
+from streamrec.serving.fastpath import parse
+from streamrec.serving.filters import FilterError, ItemFilter
+from streamrec.serving.index import ItemIndex, query_rows
+from streamrec.serving.pipeline import allowed_rows, ann_within
+from streamrec.serving.state import ServingState
+from streamrec.stream.catalogue import ItemCatalogue, read_catalogue, read_jsonl
+from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
+from tests.serving.conftest import STREAMREC, Serving, load_model, serving_factory, start_param_server, wait_for
+
+DIM, N_ITEMS, N_USERS = 8, 60, 4
+GENRES = ("drama", "comedy", "horror")
+
+
+def genre_of(j: int) -> str:
+    return GENRES[j % 3]
+
+
+def year_of(j: int) -> int:
+    return 1980 + j
+
+
+def in_stock(j: int) -> bool:
+    return j % 5 != 0
+
+
+@dataclass
+class World:
+    serving: Serving
+    catalogue_file: Path
+    env: dict[str, str]
+    users: np.ndarray
+    items: np.ndarray
+
+    def ranked(self, user: int, keep: object) -> list[str]:
+        """Items by score for `user` among those where keep(j) holds."""
+        scores = self.items @ self.users[user]
+        return [f"i{j}" for j in np.argsort(-scores, kind="stable") if keep(j)]  # type: ignore[operator]
+
+    def publish(self, records: list[dict[str, object]]) -> dict[str, object]:
+        self.catalogue_file.write_text("".join(json.dumps(r) + "\n" for r in records))
+        done = subprocess.run([STREAMREC, "catalogue", "publish", str(self.catalogue_file), "--json"], env=self.env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+
+def records(genre: object = genre_of) -> list[dict[str, object]]:
+    return [{"item_id": f"i{j}", "genre": genre(j), "year": year_of(j), "in_stock": in_stock(j),  # type: ignore[operator]
+             "tags": ["a:b"] if j < 3 else ["plain"]} for j in range(N_ITEMS)]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[World]:
+    home = tmp_path_factory.mktemp("serving-filters")
+    server = start_param_server(home / "ps")
+    rng = np.random.default_rng(11)
+    users = rng.normal(size=(N_USERS, DIM)).astype(np.float32)
+    items = rng.normal(size=(N_ITEMS, DIM)).astype(np.float32)
+    prefix = f"test-filters-{uuid.uuid4().hex[:10]}"
+    start, started = serving_factory(home)
+    env = {**os.environ, "STREAMREC_HOME": str(home), "STREAMREC_PARAM_SERVERS": server.address}
+    env.pop("STREAMREC_PARAM_SERVER_TOKEN", None)
+    try:
+        with ParamClient([server.address]) as client:
+            load_model(client, {f"u{u}": users[u] for u in range(N_USERS)}, {f"i{j}": items[j] for j in range(N_ITEMS)})
+        world = World(None, home / "items.jsonl", env, users.astype(np.float64), items.astype(np.float64))  # type: ignore[arg-type]
+        published = world.publish(records())
+        assert published["items"] == N_ITEMS and published["version"] >= 1
+        world.serving = start(server.address, redis_url, prefix, args=("--index", "flat"),
+                              extra_env={"STREAMREC_ITEM_RULES": "exclude=in_stock:false"})
+        yield world
+    finally:
+        for s in started:
+            s.stop()
+        server.kill()
+        FeatureStore.from_url(redis_url, FeatureStoreConfig(prefix=prefix)).clear()
+
+
+def ids(reply: object) -> list[str]:
+    assert reply.status_code == 200, reply.text  # type: ignore[attr-defined]
+    return [item["item_id"] for item in reply.json()["items"]]  # type: ignore[attr-defined]
+
+
+def test_the_rule_from_configuration_holds_without_any_filter(world: World) -> None:
+    got = ids(world.serving.get("/recommend", user_id="u0", k=N_ITEMS))
+    assert got == world.ranked(0, in_stock)  # every in-stock item, none out of stock, in score order
+
+
+def test_include_keeps_only_matching_items_in_score_order(world: World) -> None:
+    got = ids(world.serving.get("/recommend", user_id="u1", k=5, include="genre:comedy"))
+    assert got == world.ranked(1, lambda j: genre_of(j) == "comedy" and in_stock(j))[:5]
+
+
+def test_alternatives_of_one_attribute_and_several_attributes(world: World) -> None:
+    reply = world.serving.http.get("/recommend", params=[("user_id", "u2"), ("k", N_ITEMS), ("include", "genre:comedy"),
+                                                         ("include", "genre:horror"), ("range", "year:1990..2010")])
+    assert ids(reply) == world.ranked(2, lambda j: genre_of(j) != "drama" and 1990 <= year_of(j) <= 2010 and in_stock(j))
+
+
+def test_exclude_and_open_ranges(world: World) -> None:
+    got = ids(world.serving.get("/recommend", user_id="u3", k=N_ITEMS, exclude="genre:drama", range="year:..1999"))
+    assert got == world.ranked(3, lambda j: genre_of(j) != "drama" and year_of(j) <= 1999 and in_stock(j))
+    assert ids(world.serving.get("/recommend", user_id="u3", k=N_ITEMS, range="year:2040..")) == []
+
+
+def test_values_may_hold_colons(world: World) -> None:
+    got = ids(world.serving.get("/recommend", user_id="u0", k=10, include="tags:a:b"))
+    assert sorted(got) == sorted(f"i{j}" for j in range(3) if in_stock(j))
+
+
+def test_a_filtered_cold_user_still_gets_k_allowed_items(world: World) -> None:
+    body = world.serving.get("/recommend", user_id="nobody", k=7, include="genre:horror").json()
+    assert body["cold_start"] and len(body["items"]) == 7
+    assert all(genre_of(int(item["item_id"][1:])) == "horror" and in_stock(int(item["item_id"][1:]))
+               for item in body["items"])
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"include": "colour:red"}, "unknown attribute 'colour'"),
+    ({"include": "year:1990"}, "'year' is numeric"),
+    ({"range": "genre:1..2"}, "'genre' is categorical"),
+    ({"include": "genre"}, "ATTRIBUTE:VALUE expected"),
+    ({"range": "year:2000..1990"}, "LOW <= HIGH"),
+    ({"range": "year:..", }, "ATTRIBUTE:LOW..HIGH expected"),
+    ({"range": "year:abc..1"}, "ATTRIBUTE:LOW..HIGH expected"),
+    ({"include": "g:" + "x" * 10_000}, "longer than 600 characters"),
+])
+def test_a_filter_that_cannot_apply_is_refused_like_any_invalid_query(world: World, params, message) -> None:
+    reply = world.serving.get("/recommend", user_id="u0", **params)
+    assert reply.status_code == 422
+    detail = reply.json()["detail"]
+    assert isinstance(detail, list) and message in detail[0]["msg"]
+
+
+def test_a_new_catalogue_version_is_served_after_the_next_poll(world: World) -> None:
+    try:
+        world.publish(records(genre=lambda j: "comedy"))  # every item becomes a comedy
+        wait_for(lambda: len(ids(world.serving.get("/recommend", user_id="u0", k=N_ITEMS, include="genre:comedy")))
+                 == sum(map(in_stock, range(N_ITEMS))))
+    finally:
+        world.publish(records())
+        wait_for(lambda: ids(world.serving.get("/recommend", user_id="u1", k=5, include="genre:comedy"))
+                 == world.ranked(1, lambda j: genre_of(j) == "comedy" and in_stock(j))[:5])
+    shown = subprocess.run([STREAMREC, "catalogue", "show", "--json"], env=world.env, capture_output=True, text=True,
+                           timeout=60)
+    assert shown.returncode == 0 and json.loads(shown.stdout)["attributes"]["genre"] == {"kind": "categorical",
+                                                                                         "values": 3}
+
+
+# ---- the filtered search against real FAISS indexes, in process ---------------------------------------
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_allowed_items_the_unfiltered_search_never_reaches_are_still_found(tmp_path: Path, kind: str) -> None:
+    """The 12 allowed items are the worst-scoring of 4,000: the over-fetch finds none of them,
+    so the ID-selector search (and, where IVF probes miss some, the exact search) must."""
+    rng = np.random.default_rng(3)
+    n, dim = 4000, 16
+    vectors = rng.normal(size=(n, dim)).astype(np.float32)
+    user = rng.normal(size=dim).astype(np.float32)
+    worst = np.argsort(vectors @ user)[:12]
+    mirror = TableMirror(None, "items", compact=True)
+    keys = Keys.from_strings([f"i{j}" for j in range(n)])
+    mirror.apply(Delta(values=np.hstack([vectors, np.zeros((n, 1), np.float32)]), found=np.ones(n, bool), dim=dim,
+                       ids=keys, deleted=Keys.empty("str"), version=(1,), full=True))
+    index = ItemIndex(kind, nprobe=2, ivf_min_items=100)
+    index.rebuild(mirror)
+    catalogue_file = tmp_path / "items.jsonl"
+    catalogue_file.write_text("".join(json.dumps({"item_id": f"i{j}", "shelf": "back" if j in set(worst.tolist())
+                                                  else "front"}) + "\n" for j in range(n)))
+    artifacts = Artifacts().with_blob("catalogue/items", "catalogue", encode_catalogue(read_catalogue(catalogue_file)), 1)
+    state = ServingState.build(None, mirror, index, artifacts, 1)  # type: ignore[arg-type]
+    allowed = allowed_rows(state, ItemFilter(), ItemFilter.parse(["shelf:back"], [], []))
+    assert allowed is not None and allowed.sum() == 12
+    found = ann_within(state, query_rows(user[None], mirror), 10, 10, allowed)
+    expected = worst[np.argsort(-(vectors[worst] @ user))][:10]
+    assert sorted(mirror.index[found].tolist()) == sorted(f"i{j}" for j in expected)
+    with pytest.raises(FilterError, match="unknown attribute"):
+        allowed_rows(state, ItemFilter(), ItemFilter.parse(["aisle:1"], [], []))
+
+
+def read_catalogue_of(lines: list[dict[str, object]]) -> ItemCatalogue:
+    return read_jsonl([json.dumps(line) for line in lines], "<test>")
+
+
+def test_rules_that_name_missing_attributes_are_skipped_but_bad_rules_stop_the_worker() -> None:
+    rules = ItemFilter.parse_rules("exclude=in_stock:false&range=stock:1..")
+    assert rules.exclude == (("in_stock", "false"),) and rules.ranges == (("stock", 1.0, float("inf")),)
+    without_stock = read_catalogue_of([{"item_id": "a", "in_stock": True}])
+    assert rules.applicable(without_stock) == ItemFilter(exclude=(("in_stock", "false"),))  # no `stock`: skipped
+    assert not rules.applicable(None)
+    with pytest.raises(FilterError, match="unknown parameter"):
+        ItemFilter.parse_rules("drop=in_stock:false")
+    with pytest.raises(ValidationError, match="ATTRIBUTE:VALUE expected"):
+        ServingConfig(item_rules="exclude=in_stock")
+
+
+def test_the_direct_route_takes_well_formed_filters_and_leaves_the_rest_to_fastapi() -> None:
+    query = parse(b"user_id=u1&include=genre:a&include=genre:b&exclude=tag:x%3Ay&range=year:1990..")
+    assert query is not None
+    assert query.item_filter == ItemFilter.parse(["genre:a", "genre:b"], ["tag:x:y"], ["year:1990.."])
+    assert parse(b"user_id=u1&include=genre") is None  # FastAPI's route refuses it (422)
+    assert parse(b"user_id=u1&range=year:2..1") is None
+    assert parse(b"user_id=u1").item_filter == ItemFilter()  # type: ignore[union-attr]

@@ -1,0 +1,105 @@
+"""The item catalogue's readers and blob form: every layout, every rule, and hostile input
+(ids and values of 10 kB, `:` in names, a blob whose offsets lie about lengths)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from streamrec.param_server.artifacts import decode_catalogue, encode_catalogue
+from streamrec.stream.catalogue import CatalogueError, ItemCatalogue, read_catalogue
+
+U_ITEM = """1|Toy Story (1995)|01-Jan-1995||http://x|0|0|0|1|1|1|0|0|0|0|0|0|0|0|0|0|0|0|0
+2|GoldenEye (1995)|01-Jan-1995||http://x|0|1|1|0|0|0|0|0|0|0|0|0|0|0|0|0|1|0|0
+267|unknown||||1|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0
+"""
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="latin-1" if name == "u.item" else "utf-8")
+    return path
+
+
+def items_with(catalogue: ItemCatalogue, attribute: str, value: str) -> list[str]:
+    return sorted(catalogue.ids[catalogue.categorical[attribute].holding(value)].tolist())
+
+
+def test_movielens_u_item_gives_genres_years_and_titles(tmp_path):
+    catalogue = read_catalogue(write(tmp_path, "u.item", U_ITEM))
+    assert catalogue.ids.tolist() == ["1", "2", "267"]
+    assert items_with(catalogue, "genre", "Comedy") == ["1"]
+    assert items_with(catalogue, "genre", "Action") == ["2"]
+    assert items_with(catalogue, "genre", "unknown") == ["267"]
+    assert catalogue.numeric["year"][:2].tolist() == [1995.0, 1995.0] and np.isnan(catalogue.numeric["year"][2])
+    assert catalogue.text["title"].tolist() == ["Toy Story (1995)", "GoldenEye (1995)", "unknown"]
+
+
+def test_csv_columns_are_typed_by_their_values(tmp_path):
+    path = write(tmp_path, "items.csv", "item_id,title,genres,price,in_stock\n"
+                                        "a,Alpha,x|y,9.5,true\nb,Beta,y,,false\nc,Gamma,,12,true\n")
+    catalogue = read_catalogue(path)
+    assert catalogue.attributes == {"genres": "categorical", "in_stock": "categorical", "price": "numeric",
+                                    "title": "text"}
+    assert items_with(catalogue, "genres", "y") == ["a", "b"]
+    assert items_with(catalogue, "in_stock", "false") == ["b"]
+    price = catalogue.numeric["price"]
+    assert price[0] == 9.5 and np.isnan(price[1]) and price[2] == 12.0
+
+
+def test_jsonl_values_are_typed_by_json(tmp_path):
+    lines = [{"item_id": "sku:1", "tags": ["a:b", "c"], "price": 3, "available": True, "title": "One"},
+             {"item_id": "sku:2", "tags": "c", "available": False, "note": None}]
+    catalogue = read_catalogue(write(tmp_path, "items.jsonl", "\n".join(json.dumps(x) for x in lines) + "\n"))
+    assert items_with(catalogue, "tags", "a:b") == ["sku:1"]  # ':' in ids and values is fine
+    assert items_with(catalogue, "tags", "c") == ["sku:1", "sku:2"]
+    assert items_with(catalogue, "available", "false") == ["sku:2"]
+    assert catalogue.numeric["price"][0] == 3.0 and np.isnan(catalogue.numeric["price"][1])
+
+
+@pytest.mark.parametrize(("name", "text", "message"), [
+    ("items.jsonl", '{"item_id": "a"}\n{"item_id": "a"}\n', "items.jsonl:2: item 'a' appears twice (first on line 1)"),
+    ("items.jsonl", '{"item_id": "' + "x" * 10_000 + '"}\n', "items.jsonl:1: item_id must be a string of 1 to 256"),
+    ("items.jsonl", '{"item_id": 7}\n', "items.jsonl:1: item_id must be a string"),
+    ("items.jsonl", '{"item_id": "a", "genre:x": "y"}\n', "items.jsonl:1: attribute name 'genre:x'"),
+    ("items.jsonl", '{"item_id": "a", "g": "' + "v" * 10_000 + '"}\n', "longer than 256 characters"),
+    ("items.jsonl", '{"item_id": "a", "g": {"k": 1}}\n', "items.jsonl:1: attribute 'g': a dict is not"),
+    ("items.jsonl", '{"item_id": "a", "g": "x"}\n{"item_id": "b", "g": 2}\n', "items.jsonl:2: attribute 'g' is categorical"),
+    ("items.jsonl", "[1, 2]\n", "items.jsonl:1: a JSON object is expected"),
+    ("items.jsonl", "{oops\n", "items.jsonl:1: not JSON"),
+    ("items.csv", "id,title\n1,x\n", "items.csv:1: a header with an item_id column"),
+    ("items.csv", "item_id,g\na,x\nb,y,z\n", "items.csv:3: 3 fields, the header has 2"),
+    ("u.item", "1|Toy Story|01-Jan-1995\n", "u.item:1: not a u.item line"),
+    ("items.txt", "", "cannot tell the format"),
+])
+def test_a_broken_rule_is_refused_with_its_line(tmp_path, name, text, message):
+    with pytest.raises(CatalogueError, match=None) as refused:
+        read_catalogue(write(tmp_path, name, text))
+    assert message in str(refused.value)
+
+
+def test_too_many_attributes_are_refused(tmp_path):
+    record = {"item_id": "a", **{f"a{n}": "x" for n in range(65)}}
+    with pytest.raises(CatalogueError, match="more than 64 attributes"):
+        read_catalogue(write(tmp_path, "items.jsonl", json.dumps(record) + "\n"))
+
+
+def test_the_blob_round_trips_and_a_lying_blob_is_refused(tmp_path):
+    catalogue = read_catalogue(write(tmp_path, "u.item", U_ITEM))
+    back = decode_catalogue(encode_catalogue(catalogue))
+    assert back.ids.tolist() == catalogue.ids.tolist()
+    assert back.attributes == catalogue.attributes
+    assert items_with(back, "genre", "Comedy") == ["1"]
+    np.testing.assert_array_equal(back.numeric["year"], catalogue.numeric["year"])
+    header, arrays = catalogue.to_arrays()
+    lying = dict(arrays, ids_offsets=arrays["ids_offsets"] + 5)  # offsets past the end of the bytes
+    with pytest.raises(CatalogueError, match="offsets"):
+        ItemCatalogue.from_arrays(header, lying)
+    outside = dict(arrays, c0_items=arrays["c0_items"] + 100)  # positions of items that do not exist
+    with pytest.raises(CatalogueError, match="inconsistent"):
+        ItemCatalogue.from_arrays(header, outside)
+    with pytest.raises(CatalogueError, match="not a catalogue"):
+        ItemCatalogue.from_arrays({"kind": "ranker"}, arrays)
