@@ -116,6 +116,8 @@ class Settings(BaseSettings):
     item_catalogue: Path | None = Field(
         None, description="item titles and genres for the serving console: a MovieLens u.item or an "
         "item_id,title,genres CSV")
+    experiments_file: Path | None = Field(
+        None, description="online experiments for serving (YAML: experiments, layers, arms), re-read when it changes")
     item_rules: str = Field(
         "", description="business rules every /recommend obeys, as filter parameters in one query string, "
         "e.g. exclude=in_stock:false&range=stock:1.. (the published item catalogue's attributes)")

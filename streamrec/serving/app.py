@@ -18,6 +18,7 @@ import asyncio
 import os
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -34,6 +35,7 @@ from streamrec.serving.auth import UNAUTHORIZED, bearer_guard
 from streamrec.serving.config import MAX_K, ServingConfig
 from streamrec.serving.console import add_console_routes
 from streamrec.serving.fastpath import MAX_USER_ID, RecommendFastPath, RecommendQuery
+from streamrec.serving.experiments import ExperimentsSource, combined
 from streamrec.serving.feedback import add_feedback_routes
 from streamrec.serving.filters import MAX_CLAUSES, FilterError, ItemFilter
 from streamrec.serving.history import History
@@ -116,7 +118,26 @@ class RescoreRequest(BaseModel):
 def create_app(config: ServingConfig) -> FastAPI:
     metrics = serving_metrics()
     holder = StateHolder()
-    syncer = Syncer(config, holder, metrics, UserCache(config, metrics))
+    experiments = ExperimentsSource(config.experiments_file)
+
+    def experiments_in_force() -> None:
+        """Each arm's series exists from the start (at 0), so rates of new arms are defined."""
+        spec = experiments.current.spec
+        metrics.experiments_loaded.set(len(spec.experiments))
+        for experiment in spec.experiments:
+            for arm in experiment.arms:
+                metrics.arm_requests.labels(experiment.name, arm.name)
+
+    def refresh_experiments() -> None:
+        outcome = experiments.refresh()
+        if outcome == "failed":
+            metrics.experiments_reload_failures.inc()
+        elif outcome == "loaded":
+            experiments_in_force()
+
+    experiments_in_force()
+
+    syncer = Syncer(config, holder, metrics, UserCache(config, metrics), between_polls=(refresh_experiments,))
     pipeline = CandidatePipeline(config, History(config, metrics), metrics)
 
     @asynccontextmanager
@@ -151,16 +172,24 @@ def create_app(config: ServingConfig) -> FastAPI:
     async def answer_recommend(query: RecommendQuery) -> tuple[int, bytes]:
         """(status, body) of one /recommend, for the FastAPI route and the direct route alike. The
         history read is awaited (other requests run meanwhile); the rest is computed in one go."""
+        assignments = experiments.current.assign(query.user_id)
+        arm = combined(assignments)
         with holder.use() as state:
             history = await pipeline.history.user_history_async(query.user_id,
                                                                 *pipeline.history_wanted(state, query.exclude_seen))
             try:
                 body = pipeline.recommend(state, query.user_id, query.k, query.exclude_seen, query.diversity,
-                                          query.explain, history, query.item_filter)
+                                          query.explain, history, query.item_filter, arm)
             except Unavailable as exc:
                 return 503, orjson.dumps({"detail": str(exc)})
             except FilterError as exc:
                 return 422, orjson.dumps(filter_refusal(exc))
+            for assignment in assignments:
+                metrics.arm_requests.labels(assignment.experiment, assignment.arm.name).inc()
+            body.update({"request_id": uuid.uuid4().hex,
+                         "experiment": assignments[0].experiment if assignments else None,
+                         "arm": assignments[0].arm.name if assignments else None,
+                         "experiments": {a.experiment: a.arm.name for a in assignments}})
             return 200, orjson.dumps(envelope(state, {"user_id": query.user_id, **body}),
                                      option=orjson.OPT_SERIALIZE_NUMPY)
 

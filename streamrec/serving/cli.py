@@ -34,6 +34,8 @@ def register(cli: click.Group, bench: click.Group) -> None:
                    "gateway for POST /events without a parameter server) [default: 15]")
 @click.option("--item-catalogue", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="item titles and genres for the console (MovieLens u.item, or item_id,title,genres CSV)")
+@click.option("--experiments", "experiments_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="online experiments (YAML; re-read when it changes) [env STREAMREC_EXPERIMENTS_FILE]")
 @click.option("--log-level", default="warning", show_default=True)
 @click.pass_context
 def serve_cmd(ctx: click.Context, workers: int, host: str, port: int | None, poll_interval: float | None,
@@ -49,7 +51,18 @@ def serve_cmd(ctx: click.Context, workers: int, host: str, port: int | None, pol
     tune_allocator()  # also for the workers, which are spawned with this process's environment
     settings = settings_from(ctx)
     routes = {**DEFAULT_ROUTE_BODY_LIMITS, **parse_body_limits(body_limits)}
-    config = ServingConfig.from_settings(settings, poll_interval=poll_interval, route_body_limits=routes, **overrides)
+    try:
+        config = ServingConfig.from_settings(settings, poll_interval=poll_interval, route_body_limits=routes,
+                                             **overrides)
+    except ValueError as exc:  # pydantic's ValidationError: a malformed rule, an impossible setting
+        raise click.UsageError(str(exc)) from exc
+    if config.experiments_file is not None:  # a broken file at start is an error; later, the last good one stays
+        from streamrec.serving.experiments import Experiments
+
+        try:
+            Experiments.parse(config.experiments_file.read_text(encoding="utf-8"), str(config.experiments_file))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise click.UsageError(f"--experiments: {exc}") from exc
     run_workers(config, host, settings.serving_port if port is None else port, workers, log_level)
 
 

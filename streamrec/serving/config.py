@@ -47,6 +47,8 @@ class ServingConfig(BaseModel):
     knn_blob: str = Field("refit/item-knn/neighbors", description="item-kNN neighbour lists blob")
     ranker_blob: str = Field("refit/ranker", description="ranking-model blob")
     catalogue_blob: str = Field("catalogue/items", description="item catalogue blob (streamrec catalogue publish)")
+    experiments_file: Path | None = Field(None, description="online experiments (YAML, streamrec.serving.experiments), "
+                                          "re-read when it changes")
     item_rules: str = Field("", description="business rules every /recommend obeys, as filter parameters in one "
                             "query string, e.g. 'exclude=in_stock:false&range=stock:1..' (streamrec.serving.filters)")
     item_catalogue: Path | None = Field(None, description="u.item or item_id,title,genres CSV for the console")
@@ -102,6 +104,7 @@ class ServingConfig(BaseModel):
                 "redis_url": settings.redis_url, "poll_interval": settings.poll_interval,
                 "feature_prefix": settings.feature_prefix, "metrics_sources": settings.metrics_sources,
                 "item_catalogue": settings.item_catalogue, "item_rules": settings.item_rules,
+                "experiments_file": settings.experiments_file,
                 "kafka_bootstrap": settings.kafka_bootstrap, "kafka_client": settings.kafka_client,
                 "topic": settings.topic, "dlq_suffix": settings.dlq_suffix, "producer_acks": settings.producer_acks,
                 "producer_linger_ms": settings.producer_linger_ms,

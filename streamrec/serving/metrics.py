@@ -53,6 +53,12 @@ class ServingMetrics:
                                       buckets=SYNC_BUCKETS)
         self.sync_failures = Counter("streamrec_serving_sync_failures_total", "polls that failed")
         self.index_rebuilds = Counter("streamrec_serving_index_rebuilds_total", "full index rebuilds")
+        self.arm_requests = Counter("streamrec_serving_experiment_requests_total",
+                                    "/recommend answers by experiment and arm", ["experiment", "arm"])
+        self.experiments_loaded = Gauge("streamrec_serving_experiments", "experiments in force",
+                                        multiprocess_mode="liveall")
+        self.experiments_reload_failures = Counter("streamrec_serving_experiments_reload_failures_total",
+                                                   "experiments files that failed the schema (the last good stays)")
 
 
 @lru_cache(maxsize=1)

@@ -12,6 +12,7 @@ import pandas as pd
 
 from streamrec.param_server.replica import TableMirror
 from streamrec.serving.config import ServingConfig
+from streamrec.serving.experiments import Arm
 from streamrec.serving.filters import NO_FILTER, ItemFilter
 from streamrec.serving.history import History
 from streamrec.serving.index import index_rows, query_rows
@@ -20,6 +21,7 @@ from streamrec.serving.mmr import mmr
 from streamrec.serving.state import ServingState
 
 SOURCES = ("ann", "item_knn", "trending")  # bit i of a candidate's source mask
+ALL_SOURCES = frozenset(SOURCES)
 SOURCE_BITS = np.array(  # source mask -> its bit per source, so counts per source are one matrix product
     [[mask >> i & 1 for i in range(len(SOURCES))] for mask in range(1 << len(SOURCES))])
 _SOURCE_LISTS = [[s for i, s in enumerate(SOURCES) if mask >> i & 1] for mask in range(1 << len(SOURCES))]
@@ -148,11 +150,15 @@ class CandidatePipeline:
 
     def recommend(self, state: ServingState | None, user_id: str, k: int, exclude_seen: bool,
                   diversity: float, explain: bool, history: tuple[list[str], set[str]] | None,
-                  item_filter: ItemFilter = NO_FILTER) -> dict[str, Any]:
+                  item_filter: ItemFilter = NO_FILTER, arm: Arm | None = None) -> dict[str, Any]:
         """`history`: what `history_wanted` asked of Redis (`History.user_history_async`), None
         when Redis did not answer (the request is served without it and says so). `item_filter`
         and the configured rules restrict every candidate source; FilterError when the filter
-        cannot be applied."""
+        cannot be applied. `arm`, the user's experiment arm, may replace the list's source
+        (popularity), the diversity and the candidate sources."""
+        if arm is not None and arm.diversity is not None:
+            diversity = arm.diversity
+        sources = frozenset(arm.candidates) if arm is not None and arm.candidates else ALL_SOURCES
         allowed = allowed_rows(state, self.rules, item_filter)
         degraded: list[str] = []
         wants_seen = self.history_wanted(state, exclude_seen)[1]
@@ -164,11 +170,12 @@ class CandidatePipeline:
             interacted = history[1]
         recent, seen = history[0], history[1] if exclude_seen else set()
         user = self._user(state, user_id, degraded) if state is not None else None
-        if user is None:
+        if user is None or (arm is not None and arm.source == "popularity"):
             body = self._cold_start(state, k, seen, degraded, allowed)
+            body["cold_start"] = user is None
         else:
             body = self._personal(state, user_id, recent, user, k, seen, interacted, diversity, explain, degraded,
-                                  allowed)
+                                  allowed, sources)
         if "redis" in degraded:
             self.history.count_degraded()
         body["degraded"] = degraded
@@ -251,20 +258,22 @@ class CandidatePipeline:
 
     def _personal(self, state: ServingState, user_id: str, recent: list[str], user: tuple[np.ndarray, float], k: int,
                   seen: set[str], interacted: set[str] | None, diversity: float, explain: bool,
-                  degraded: list[str], allowed: np.ndarray | None) -> dict[str, Any]:
+                  degraded: list[str], allowed: np.ndarray | None, sources: frozenset[str]) -> dict[str, Any]:
         c, items = self.config, state.items
         looked_up = rows_of(items, [*recent, *seen])
         recent_rows, seen_rows = looked_up[: len(recent)], looked_up[len(recent) :]
         recent_rows, seen_rows = recent_rows[recent_rows >= 0], seen_rows[seen_rows >= 0]
         # sources
         query, want = query_rows(user[0][None], items), max(c.ann_candidates, k) + len(seen_rows)
-        if allowed is None:
+        ann = np.zeros(0, np.int64)
+        if "ann" in sources and allowed is None:
             _, ann = state.index.search(query, want)
             ann = ann[0][ann[0] >= 0]
-        else:
+        elif "ann" in sources:
             ann = ann_within(state, query, want, k + len(seen_rows), allowed)
-        knn_rows, knn_scores = self._item_knn(state, recent_rows) if len(recent_rows) else (np.zeros(0, np.int64), np.zeros(0))
-        trending = self.history.trending(c.trending_candidates)
+        knn_rows, knn_scores = (self._item_knn(state, recent_rows) if len(recent_rows) and "item_knn" in sources
+                                else (np.zeros(0, np.int64), np.zeros(0)))
+        trending = self.history.trending(c.trending_candidates) if "trending" in sources else []
         trend_rows, trend_pop = np.zeros(0, np.int64), np.zeros(0)
         if trending is None:
             _note_redis(degraded)

@@ -43,6 +43,10 @@ class RecommendResponse(BaseModel):
     degraded: list[str]
     model_version: int | None
     staleness_seconds: float | None
+    request_id: str  # joins feedback to this answer (an event's context.request_id)
+    experiment: str | None  # the first experiment the user is in (file order), None outside every one
+    arm: str | None
+    experiments: dict[str, str]  # every experiment the user is in (one per layer) -> its arm
     explain: Explain | None = None
 
 

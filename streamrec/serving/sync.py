@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,8 +45,12 @@ def _changed(delta: Delta) -> bool:
 
 
 class Syncer:
-    def __init__(self, config: ServingConfig, holder: StateHolder, metrics: ServingMetrics, users: UserCache) -> None:
+    def __init__(self, config: ServingConfig, holder: StateHolder, metrics: ServingMetrics, users: UserCache,
+                 between_polls: tuple[Callable[[], object], ...] = ()) -> None:
+        """`between_polls`: other upkeep of the worker run on this thread after each poll (re-reading
+        the experiments file), never inside a request."""
         self.config, self.holder, self.metrics, self.users = config, holder, metrics, users
+        self.between_polls = between_polls
         self.buffers = [self._buffer(), self._buffer()]
         self.standby = 0
         self.item_since: int | tuple[int, ...] = 0
@@ -162,6 +167,8 @@ class Syncer:
                 self.metrics.sync_failures.inc()
                 self.holder.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("parameter-server poll failed: %s", self.holder.last_error)
+            for upkeep in self.between_polls:
+                upkeep()
             self._trimmer.trim_if_due()  # on this thread, between polls: never inside a request
             hurry = not self.ready.is_set() and started < hurry_until
             next_poll = started + (min(self.config.poll_interval, FIRST_RETRY_S) if hurry else self.config.poll_interval)

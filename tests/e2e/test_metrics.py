@@ -100,7 +100,10 @@ def test_every_catalogued_metric_is_exposed_and_counters_move(settings, redis_ur
         urls = {"param-server": f"http://127.0.0.1:{ps_metrics}/metrics",
                 "train-online": f"http://127.0.0.1:{trainer_metrics}/metrics"}
         wait_until(lambda: consumed(urls["train-online"]) >= 1200, timeout=40)
-        serving = start_serving(server.address, redis_url, prefix, workers=2, poll=0.2)
+        experiments = tmp_path / "experiments.yaml"  # the per-arm series exist with an experiments file
+        experiments.write_text("experiments: [{name: e, arms: [{name: a}, {name: b}]}]\n")
+        serving = start_serving(server.address, redis_url, prefix, workers=2, poll=0.2,
+                                args=("--experiments", str(experiments)))
         urls["serve"] = serving.url + "/metrics"
         serving.get("/recommend", user_id="u1", k=10)
         first = {process: Scrape(url) for process, url in urls.items()}
@@ -128,6 +131,7 @@ def test_every_catalogued_metric_is_exposed_and_counters_move(settings, redis_ur
             assert after > before, (process, name, labels, before, after)
             return before, after
 
+        moved("serve", "streamrec_serving_experiment_requests_total", experiment="e")
         moved("train-online", "streamrec_trainer_events_consumed_total")
         moved("train-online", "streamrec_trainer_events_applied_total")
         moved("train-online", "streamrec_stream_events_accepted_total", component="trainer")

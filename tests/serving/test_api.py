@@ -222,6 +222,8 @@ def test_direct_route_and_fastapi_route_answer_alike(world: World, direct: dict,
     assert [a.status_code for a in answers] == [200, 200]
     assert [a.headers["content-type"] for a in answers] == ["application/json"] * 2
     bodies = [a.json() for a in answers]
+    request_ids = {body.pop("request_id") for body in bodies}  # one per answer
+    assert len(request_ids) == 2 and all(len(r) == 32 for r in request_ids)
     for body in bodies:
         body.pop("staleness_seconds")
     assert bodies[0] == bodies[1]
