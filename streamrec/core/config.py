@@ -22,6 +22,7 @@ from pydantic_settings import (
 )
 
 DEFAULT_HOME = Path.home() / ".streamrec"
+IMPRESSIONS_SUFFIX = ".impressions"
 INFRA_STATE_FILE = "infra.json"
 
 
@@ -118,6 +119,8 @@ class Settings(BaseSettings):
         "item_id,title,genres CSV")
     experiments_file: Path | None = Field(
         None, description="online experiments for serving (YAML: experiments, layers, arms), re-read when it changes")
+    impressions: Literal["auto", "on", "off"] = Field(
+        "auto", description="serving logs what each /recommend showed to <topic>.impressions; auto: with experiments")
     item_rules: str = Field(
         "", description="business rules every /recommend obeys, as filter parameters in one query string, "
         "e.g. exclude=in_stock:false&range=stock:1.. (the published item catalogue's attributes)")
@@ -164,6 +167,11 @@ class Settings(BaseSettings):
     def dlq_topic(self) -> str:
         return self.topic + self.dlq_suffix
 
+    @property
+    def impressions_topic(self) -> str:
+        """Where serving logs what each answer showed (streamrec.serving.impressions)."""
+        return self.topic + IMPRESSIONS_SUFFIX
+
     def public_dict(self) -> dict[str, Any]:
         """The effective configuration, secrets masked, JSON-ready."""
         data = self.model_dump(mode="json")
@@ -172,6 +180,7 @@ class Settings(BaseSettings):
                 data[secret] = "***"
         data["redis_url"] = masked_url(self.redis_url)
         data["dlq_topic"] = self.dlq_topic
+        data["impressions_topic"] = self.impressions_topic
         return data
 
 

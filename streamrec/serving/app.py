@@ -39,6 +39,8 @@ from streamrec.serving.experiments import ExperimentsSource, combined
 from streamrec.serving.feedback import add_feedback_routes
 from streamrec.serving.filters import MAX_CLAUSES, FilterError, ItemFilter
 from streamrec.serving.history import History
+from streamrec.serving.impressions import ImpressionLog
+from streamrec.serving.ingest import producer_timeouts
 from streamrec.serving.limits import STATUS as TOO_LARGE
 from streamrec.serving.limits import BodyLimit
 from streamrec.serving.metrics import (
@@ -53,6 +55,7 @@ from streamrec.serving.server import FASTAPI_TELEMETRY
 from streamrec.serving.state import ServingState, StateHolder
 from streamrec.serving.sync import Syncer
 from streamrec.serving.users import UserCache
+from streamrec.stream.kafka import make_producer
 
 MAX_CANDIDATES = 10_000
 MAX_ID_BYTES = 256
@@ -138,6 +141,10 @@ def create_app(config: ServingConfig) -> FastAPI:
     experiments_in_force()
 
     syncer = Syncer(config, holder, metrics, UserCache(config, metrics), between_polls=(refresh_experiments,))
+    impressions = ImpressionLog(config.impressions_topic, lambda: make_producer(
+        config.kafka_bootstrap, config.kafka_client, config.producer_acks, config.producer_linger_ms,
+        **producer_timeouts(config.kafka_client, config.produce_timeout_s)),
+        config.max_pending_impressions, config.produce_timeout_s) if config.logs_impressions else None
     pipeline = CandidatePipeline(config, History(config, metrics), metrics)
 
     @asynccontextmanager
@@ -146,6 +153,10 @@ def create_app(config: ServingConfig) -> FastAPI:
         stop = threading.Event()
         thread = threading.Thread(target=syncer.run, args=(stop,), name="serving-sync", daemon=True)
         thread.start()
+        logger = None
+        if impressions is not None:
+            logger = threading.Thread(target=impressions.run, args=(stop,), name="serving-impressions", daemon=True)
+            logger.start()
         # a worker started while others serve (uvicorn replacing a killed one) would answer 503
         # until it has a model: the socket is shared, so it accepts only once it has one (or the
         # parameter server has none to give, or first_poll_wait_s has passed)
@@ -153,6 +164,8 @@ def create_app(config: ServingConfig) -> FastAPI:
         yield
         stop.set()
         thread.join(timeout=10)
+        if logger is not None:  # its last flush waits at most produce_timeout_s for the broker
+            logger.join(timeout=config.produce_timeout_s + 5)
         syncer.close()
         await pipeline.history.close()
         mark_worker_dead(os.getpid())
@@ -186,10 +199,15 @@ def create_app(config: ServingConfig) -> FastAPI:
                 return 422, orjson.dumps(filter_refusal(exc))
             for assignment in assignments:
                 metrics.arm_requests.labels(assignment.experiment, assignment.arm.name).inc()
-            body.update({"request_id": uuid.uuid4().hex,
-                         "experiment": assignments[0].experiment if assignments else None,
-                         "arm": assignments[0].arm.name if assignments else None,
-                         "experiments": {a.experiment: a.arm.name for a in assignments}})
+            labels = {"request_id": uuid.uuid4().hex,
+                      "experiment": assignments[0].experiment if assignments else None,
+                      "arm": assignments[0].arm.name if assignments else None,
+                      "experiments": {a.experiment: a.arm.name for a in assignments}}
+            body.update(labels)
+            if impressions is not None:
+                impressions.record({**labels, "user_id": query.user_id, "items": [i["item_id"] for i in body["items"]],
+                                    "cold_start": body["cold_start"], "timestamp": time.time(),
+                                    "model_version": state.version if state is not None else None})
             return 200, orjson.dumps(envelope(state, {"user_id": query.user_id, **body}),
                                      option=orjson.OPT_SERIALIZE_NUMPY)
 

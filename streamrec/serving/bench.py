@@ -7,7 +7,8 @@ Each run also measures, in the same run, what it is compared against: the bare F
 the same queries, and an empty endpoint on the same server stack (streamrec.serving.empty) driven
 by the same generator at the same rate or sweep; ratios to both are printed. A second run with the
 API token and the seen-item filter on (the filter /recommend has) is reported beside the plain mix
-(k=10, explanations and filters off)."""
+(k=10, explanations and filters off). With a broker reachable, the workers log every answer to an
+impressions topic of the run, as in production, and `impressions_logged` counts what arrived."""
 
 from __future__ import annotations
 
@@ -34,11 +35,14 @@ from streamrec.param_server.client import ParamClient
 from streamrec.param_server.replica import TableMirror
 from streamrec.serving.config import ServingConfig
 from streamrec.serving.empty import EMPTY_PATH
+from streamrec.serving.impressions import decode_record
 from streamrec.serving.index import ItemIndex, query_rows
 from streamrec.serving.loadgen import ZIPF_EXPONENT, zipf_users
 from streamrec.serving.sweep import find_saturation
 from streamrec.stream.catalogue import Categorical, ItemCatalogue
 from streamrec.stream.events import EventBatch
+from streamrec.stream.kafka import make_consumer
+from streamrec.stream.topics import create_topics, delete_topics, end_offsets
 from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
 
 BENCH_GENRES = 20  # the synthetic catalogue: each item one of 20 genres, so a genre filter keeps ~5%
@@ -188,6 +192,23 @@ def _search_p50_ms(address: str, config: ServingConfig, user_vectors: np.ndarray
     return round(float(np.median(times)) * 1000, 3)
 
 
+def _impressions_logged(bootstrap: str, topic: str) -> int:
+    """Impressions in the one-partition `topic` (each Kafka record holds several, as JSON lines)."""
+    end = end_offsets(bootstrap, topic, [0])[0][1]
+    consumer = make_consumer(bootstrap)
+    try:
+        consumer.assign([(topic, 0)])
+        seen = logged = 0
+        deadline = time.monotonic() + 60
+        while seen < end and time.monotonic() < deadline:
+            records = consumer.poll(timeout_s=0.5)
+            seen += len(records)
+            logged += sum(len(decode_record(record.value)) for record in records)
+        return logged
+    finally:
+        consumer.close()
+
+
 def _ratio(numerator: object, denominator: object) -> float | None:
     if not isinstance(numerator, (int, float)) or not isinstance(denominator, (int, float)) or not denominator:
         return None
@@ -201,6 +222,8 @@ def run_bench(settings: Settings, items: int, users: int, dim: int, workers: int
     home = Path(tempfile.mkdtemp(prefix="streamrec-bench-serving-"))
     prefix = f"bench-serving-{uuid.uuid4().hex[:8]}"
     redis_up = net.redis_ping(settings.redis_url)
+    broker_up = net.port_open(*net.host_port(settings.kafka_bootstrap))
+    impressions_topic = f"streamrec.bench.{uuid.uuid4().hex[:8]}.impressions"
     ps_proc, address = _start_param_server(home)
     rng = np.random.default_rng(0)
     stacks: list[Stack] = []
@@ -219,6 +242,10 @@ def run_bench(settings: Settings, items: int, users: int, dim: int, workers: int
         env = {**os.environ, "STREAMREC_PARAM_SERVERS": address, "STREAMREC_REDIS_URL": settings.redis_url,
                "STREAMREC_HOME": str(home)}
         env.pop("STREAMREC_API_TOKEN", None)
+        if broker_up:  # the production path: every answer logged to the impressions topic
+            create_topics(settings.kafka_bootstrap, [impressions_topic], 1)
+            env.update({"STREAMREC_IMPRESSIONS": "on", "STREAMREC_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+                        "STREAMREC_TOPIC": impressions_topic.removesuffix(".impressions")})
         serve = [sys.executable, "-c", "from streamrec.app.cli import main; main()", "serve", "--workers",
                  str(workers), "--feature-prefix", prefix, "--index", index]
         plain = f"/recommend?user_id=u{{user}}&k={k}&exclude_seen=false"
@@ -255,7 +282,9 @@ def run_bench(settings: Settings, items: int, users: int, dim: int, workers: int
         })
         if not rate:
             result["saturation_vs_empty_endpoint"] = _ratio(result["saturation_rps"], empty["saturation_rps"])
-        result.update({"items": items, "users": users, "dim": dim, "workers": workers,
+        if broker_up:  # every answer the runs' workers logged (their last batches are flushed at shutdown)
+            result["impressions_logged"] = _impressions_logged(settings.kafka_bootstrap, impressions_topic)
+        result.update({"impressions": broker_up, "items": items, "users": users, "dim": dim, "workers": workers,
                        "concurrency": max_connections, "max_connections": max_connections, "k": k,
                        "request": plain.replace("{user}", "<zipf>"), "index": index_kind, "redis": redis_up,
                        "load_seconds": round(load_seconds, 1)})
@@ -269,4 +298,6 @@ def run_bench(settings: Settings, items: int, users: int, dim: int, workers: int
         ps_proc.wait()
         if redis_up:
             FeatureStore.from_url(settings.redis_url, FeatureStoreConfig(prefix=prefix)).clear()
+        if broker_up:
+            delete_topics(settings.kafka_bootstrap, [impressions_topic])
         shutil.rmtree(home, ignore_errors=True)

@@ -49,6 +49,11 @@ class ServingConfig(BaseModel):
     catalogue_blob: str = Field("catalogue/items", description="item catalogue blob (streamrec catalogue publish)")
     experiments_file: Path | None = Field(None, description="online experiments (YAML, streamrec.serving.experiments), "
                                           "re-read when it changes")
+    impressions: Literal["auto", "on", "off"] = Field("auto", description="log what each /recommend showed to "
+                                                      "impressions_topic; auto: when an experiments file is set")
+    impressions_topic: str = "streamrec.events.impressions"
+    max_pending_impressions: int = Field(100_000, ge=1, description="impressions a worker queues while the broker "
+                                         "is unreachable; beyond, the oldest are dropped and counted")
     item_rules: str = Field("", description="business rules every /recommend obeys, as filter parameters in one "
                             "query string, e.g. 'exclude=in_stock:false&range=stock:1..' (streamrec.serving.filters)")
     item_catalogue: Path | None = Field(None, description="u.item or item_id,title,genres CSV for the console")
@@ -90,6 +95,10 @@ class ServingConfig(BaseModel):
     redis_timeout_s: float = Field(0.1, gt=0)
     redis_retry_s: float = Field(1.0, ge=0, description="skip Redis this long after a failure")
 
+    @property
+    def logs_impressions(self) -> bool:
+        return self.impressions == "on" or (self.impressions == "auto" and self.experiments_file is not None)
+
     @field_validator("item_rules")
     @classmethod
     def _rules_parse(cls, rules: str) -> str:
@@ -104,7 +113,8 @@ class ServingConfig(BaseModel):
                 "redis_url": settings.redis_url, "poll_interval": settings.poll_interval,
                 "feature_prefix": settings.feature_prefix, "metrics_sources": settings.metrics_sources,
                 "item_catalogue": settings.item_catalogue, "item_rules": settings.item_rules,
-                "experiments_file": settings.experiments_file,
+                "experiments_file": settings.experiments_file, "impressions": settings.impressions,
+                "impressions_topic": settings.impressions_topic,
                 "kafka_bootstrap": settings.kafka_bootstrap, "kafka_client": settings.kafka_client,
                 "topic": settings.topic, "dlq_suffix": settings.dlq_suffix, "producer_acks": settings.producer_acks,
                 "producer_linger_ms": settings.producer_linger_ms,

@@ -225,7 +225,7 @@ class EventIngest:
         if self._producer is None or self._sink is None:
             self._producer = make_producer(self.config.kafka_bootstrap, self.config.kafka_client,
                                            self.config.producer_acks, self.config.producer_linger_ms,
-                                           **_timeouts(self.config.kafka_client, self.config.produce_timeout_s))
+                                           **producer_timeouts(self.config.kafka_client, self.config.produce_timeout_s))
             self._sink = DeadLetterSink(self._producer, self.dlq_topic, COMPONENT)
         return self._producer, self._sink
 
@@ -288,7 +288,7 @@ def _raw(item: object) -> bytes:
         return repr(item).encode("utf-8", "replace")
 
 
-def _timeouts(client: str, timeout_s: float) -> dict[str, Any]:
+def producer_timeouts(client: str, timeout_s: float) -> dict[str, Any]:
     """Backend settings that bound every wait of a produce by the request's timeout."""
     ms = max(1000, int(timeout_s * 1000))
     if client == "confluent":

@@ -27,11 +27,11 @@ def topics() -> None:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def topics_create(ctx: click.Context, names: tuple[str, ...], partitions: int | None, as_json: bool) -> None:
-    """Create NAMES (default: the interaction topic and its dead-letter topic)."""
+    """Create NAMES (default: the interaction topic, its dead-letter topic and serving's impressions topic)."""
     from streamrec.stream.topics import create_topics
 
     settings = settings_from(ctx)
-    names = names or (settings.topic, settings.dlq_topic)
+    names = names or (settings.topic, settings.dlq_topic, settings.impressions_topic)
     result = create_topics(settings.kafka_bootstrap, list(names), partitions or settings.topic_partitions)
     show(result, as_json)
 

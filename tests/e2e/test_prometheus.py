@@ -115,6 +115,10 @@ def expected(ps_instance: str) -> dict[tuple[str, str], Expect]:
         ("Time since the last successful refit", "A"): expect(REFIT_MODEL),
         ("Refit size (rows)", "A"): expect(f"{REFIT_MODEL} events fitted on"),
         ("Refit size (rows)", "B"): expect(f"{REFIT_MODEL} rows published"),
+        ("Answers by experiment arm (/s)", "A"): expect("all-users everyone"),
+        ("Answers by experiment arm (/s)", "B"): expect("experiments in force"),
+        ("Impressions logged (/s)", "A"): expect("impressions produced"),
+        ("Impressions logged (/s)", "B"): expect("experiments files refused (1h)", positive=False),
     }
 
 
@@ -316,7 +320,10 @@ def wait_until(predicate, what: str, timeout: float = 120.0) -> None:
 
 def test_dashboard_panels_show_a_running_pipeline(prometheus_binary, settings: Settings, tmp_path):
     settings = settings.model_copy(update={"feature_prefix": f"prom{uuid.uuid4().hex[:8]}"})
-    create_topics(settings.kafka_bootstrap, [settings.topic, settings.dlq_topic], settings.topic_partitions)
+    create_topics(settings.kafka_bootstrap, [settings.topic, settings.dlq_topic, settings.impressions_topic],
+                  settings.topic_partitions)
+    experiments = tmp_path / "experiments.yaml"  # the experiments row: one arm for everyone, impressions logged
+    experiments.write_text("experiments: [{name: all-users, arms: [{name: everyone}]}]\n")
     ports = {name: net.free_port() for name in ("param-server", "trainer", "serving", "refit")}
     processes = Processes(tmp_path)
     env = pipeline_env(settings)
@@ -348,7 +355,7 @@ def test_dashboard_panels_show_a_running_pipeline(prometheus_binary, settings: S
         processes.start("refit", [STREAMREC, "refit", "--model", REFIT_MODEL, "--from", "topic", "--every", "3s"],
                         {**env, "STREAMREC_METRICS_PORT": str(ports["refit"])})
         processes.start("serving", [STREAMREC, "serve", "--workers", "2", "--port", str(ports["serving"]),
-                                    "--poll-interval", "0.5"], env)
+                                    "--poll-interval", "0.5", "--experiments", str(experiments)], env)
         serving = f"http://127.0.0.1:{ports['serving']}"
         wait_for_http(serving + "/readyz")
         with Traffic(settings, serving, address) as traffic:

@@ -33,7 +33,7 @@ def test_config_json_reflects_env_and_flags(settings):
 
 def test_topics_create_list_describe(settings):
     created = run(settings, "topics", "create", "--partitions", "2", "--json")
-    assert created == {settings.topic: "created", settings.dlq_topic: "created"}
+    assert created == {settings.topic: "created", settings.dlq_topic: "created", settings.impressions_topic: "created"}
     assert run(settings, "topics", "create", "--json")[settings.topic] == "exists"
     assert settings.topic in run(settings, "topics", "list", "--json")
     described = run(settings, "topics", "describe", "--json")
