@@ -9,7 +9,45 @@ import click
 
 def register(cli: click.Group, bench: click.Group) -> None:
     cli.add_command(serve_cmd)
+    cli.add_command(experiments_group)
     bench.add_command(bench_serving_cmd)
+
+
+@click.group("experiments")
+def experiments_group() -> None:
+    """Online experiments: serving assigns arms (serve --experiments); these commands read the outcome."""
+
+
+@experiments_group.command("report")
+@click.option("--experiments", "experiments_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="the experiments file, for the arms' weights (sample-ratio check) "
+                                 "[settings.experiments_file]")
+@click.option("--experiment", "only", default=None, help="the experiment at the top level [the first seen]")
+@click.option("--window", default="30m", show_default=True, help="a hit: the user's next events within this long")
+@click.option("--seed", type=int, default=0, show_default=True, help="bootstrap seed")
+@click.option("--json", "as_json", is_flag=True, help="print JSON (the only output form)")
+@click.pass_context
+def report_cmd(ctx: click.Context, experiments_file: Path | None, only: str | None, window: str, seed: int,
+               as_json: bool) -> None:
+    """Per-arm hit@k, CTR and coverage with 95% intervals (a bootstrap over users), the relative lift
+    against the first arm and a sample-ratio check, from the impressions and interaction topics."""
+    from streamrec.core.cli import print_json, settings_from
+    from streamrec.serving.experiment_report import build_report
+    from streamrec.serving.experiments import Experiments
+    from streamrec.stream.reader import read_records
+    from streamrec.trainer.refit import parse_period
+
+    settings = settings_from(ctx)
+    path = experiments_file or settings.experiments_file
+    try:
+        window_s = parse_period(window)
+        experiments = Experiments.parse(path.read_text(encoding="utf-8"), str(path)) if path else None
+        impressions = read_records(settings.kafka_bootstrap, settings.impressions_topic, settings.kafka_client)
+        events = read_records(settings.kafka_bootstrap, settings.topic, settings.kafka_client)
+        report = build_report(impressions, events, window_s, experiments, only, seed)
+    except (OSError, ValueError, TimeoutError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    print_json(report)
 
 
 @click.command("serve")

@@ -1,0 +1,181 @@
+"""`streamrec experiments report`: per-arm outcomes of a live experiment, with honest intervals.
+
+Inputs are what the running system already writes: serving's impressions topic (one impression
+per answer: request id, user, shown items, the user's arm in each experiment) and the interaction
+topic. Each impression is joined, by event time, with what the user did next:
+- a **hit** when one of the user's positive events within `window_s` after the answer is an item
+  the answer showed (hit@k of subsequent events, k = the answer's length);
+- a **click** when an event carries the answer's `request_id` in its `context` and its item was
+  shown (the attributed click-through; CTR = clicks / impressions).
+
+Users, not requests, are the unit of randomisation, and one user's answers are correlated, so the
+95% intervals come from a bootstrap over users (a cluster bootstrap): each replicate redraws the
+arm's users with replacement and recomputes the ratio of the sums. The relative lift of an arm
+against the first arm uses the replicates of both arms, paired by index. A sample-ratio check
+compares the arms' user counts with the configured weights (chi-square); a p-value under 0.001
+means assignment or logging is broken, and the estimates should not be trusted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import orjson
+import pandas as pd
+from scipy import stats
+
+from streamrec.serving.experiments import Experiments
+from streamrec.serving.impressions import decode_record
+from streamrec.stream.events import EventSchema, InvalidEvent
+from streamrec.stream.kafka import Record
+from streamrec.trainer.online.roles import EventRoles
+
+BOOTSTRAP = 1000
+SRM_ALPHA = 0.001
+BLOCK_ELEMENTS = 4_000_000  # bootstrap draws per block (memory bound)
+
+
+def impressions_frame(records: Iterable[Record]) -> tuple[pd.DataFrame, int]:
+    """(one row per impression and experiment it belongs to, malformed records skipped). A
+    request id logged twice (at-least-once delivery) counts once."""
+    rows, malformed = [], 0
+    for record in records:
+        try:
+            impressions = decode_record(record.value)
+        except orjson.JSONDecodeError:
+            malformed += 1
+            continue
+        for imp in impressions:
+            try:
+                base = (str(imp["request_id"]), str(imp["user_id"]), float(imp["timestamp"]), list(imp["items"]))
+                pairs = dict(imp.get("experiments") or {}).items()
+            except (KeyError, TypeError, ValueError):
+                malformed += 1
+                continue
+            rows.extend((*base, str(e), str(a)) for e, a in pairs)
+    frame = pd.DataFrame(rows, columns=["request_id", "user_id", "timestamp", "items", "experiment", "arm"])
+    return frame.drop_duplicates(["request_id", "experiment"], ignore_index=True), malformed
+
+
+def events_frame(records: Iterable[Record], schema: EventSchema | None = None,
+                 roles: EventRoles | None = None) -> tuple[pd.DataFrame, int]:
+    """(the positive interaction events: user, item, time and the request id from their context;
+    records the schema refuses, which the trainer dead-letters too and which count for no arm)."""
+    schema, positive = schema or EventSchema(), (roles or EventRoles()).positive_types
+    rows, invalid = [], 0
+    for record in records:
+        try:
+            event = schema.validate(orjson.loads(record.value))
+        except (orjson.JSONDecodeError, InvalidEvent):
+            invalid += 1
+            continue
+        if event["event_type"] in positive:
+            request_id = (event.get("context") or {}).get("request_id")
+            rows.append((event["user_id"], event["item_id"], float(event["timestamp"]),
+                         str(request_id) if request_id is not None else None))
+    return pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "request_id"]), invalid
+
+
+def outcomes(impressions: pd.DataFrame, events: pd.DataFrame, window_s: float) -> pd.DataFrame:
+    """`impressions` with `hit` and `click` (bool) per row, joined by (user, item) and event time."""
+    shown = impressions[["request_id", "user_id", "timestamp", "items"]].drop_duplicates("request_id")
+    shown = shown.explode("items").rename(columns={"items": "item_id"}).dropna(subset=["item_id"])
+    joined = shown.merge(events[["user_id", "item_id", "timestamp"]], on=["user_id", "item_id"],
+                         suffixes=("", "_event"))
+    later = (joined["timestamp_event"] > joined["timestamp"]) & (joined["timestamp_event"] <= joined["timestamp"] + window_s)
+    hit_ids = set(joined.loc[later, "request_id"])
+    clicked = shown.merge(events.dropna(subset=["request_id"])[["request_id", "item_id"]], on=["request_id", "item_id"])
+    click_ids = set(clicked["request_id"])
+    result = impressions.copy()
+    result["hit"] = result["request_id"].isin(hit_ids)
+    result["click"] = result["request_id"].isin(click_ids)
+    return result
+
+
+def bootstrap_ratio(numerators: np.ndarray, denominators: np.ndarray, rng: np.random.Generator,
+                    replicates: int = BOOTSTRAP) -> np.ndarray:
+    """Replicates of sum(numerators) / sum(denominators) with the users (rows) redrawn."""
+    n = len(numerators)
+    out = np.empty(replicates)
+    block = max(1, BLOCK_ELEMENTS // max(n, 1))
+    for start in range(0, replicates, block):
+        stop = min(replicates, start + block)
+        draws = rng.integers(0, n, (stop - start, n))
+        out[start:stop] = numerators[draws].sum(axis=1) / np.maximum(denominators[draws].sum(axis=1), 1)
+    return out
+
+
+def _interval(values: np.ndarray) -> list[float]:
+    return [float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975))]
+
+
+def experiment_report(frame: pd.DataFrame, weights: dict[str, float] | None, rng: np.random.Generator,
+                      catalogue_items: int | None = None) -> dict[str, Any]:
+    """One experiment's arms (rows of `outcomes` for it): estimates, intervals, lifts, SRM."""
+    arms: dict[str, Any] = {}
+    replicates: dict[str, np.ndarray] = {}
+    order = list(weights) if weights else sorted(frame["arm"].unique())
+    order = [arm for arm in order if arm in set(frame["arm"])] + sorted(set(frame["arm"]) - set(order))
+    for arm in order:
+        rows = frame[frame["arm"] == arm]
+        per_user = rows.groupby("user_id").agg(requests=("hit", "size"), hits=("hit", "sum"), clicks=("click", "sum"))
+        requests, hits, clicks = (per_user[c].to_numpy(np.float64) for c in ("requests", "hits", "clicks"))
+        replicates[arm] = bootstrap_ratio(hits, requests, rng)
+        shown = {item for items in rows["items"] for item in items}
+        arms[arm] = {
+            "users": len(per_user), "requests": int(requests.sum()), "hits": int(hits.sum()),
+            "hit@10": float(hits.sum() / requests.sum()), "ci95": _interval(replicates[arm]),
+            "clicks": int(clicks.sum()), "ctr": float(clicks.sum() / requests.sum()),
+            "ctr_ci95": _interval(bootstrap_ratio(clicks, requests, rng)),
+            "coverage_items": len(shown),
+            "coverage": len(shown) / catalogue_items if catalogue_items else None,
+        }
+    lift = {}
+    if order:
+        base = order[0]
+        for arm in order[1:]:
+            relative = replicates[arm] / np.maximum(replicates[base], 1e-12) - 1
+            lift[f"{arm} vs {base}"] = {"relative": arms[arm]["hit@10"] / max(arms[base]["hit@10"], 1e-12) - 1,
+                                         "ci95": _interval(relative)}
+    return {"arms": arms, "lift": lift, "srm": sample_ratio_check(arms, weights)}
+
+
+def sample_ratio_check(arms: dict[str, Any], weights: dict[str, float] | None) -> dict[str, Any] | None:
+    """Chi-square of the arms' user counts against the configured weights; None without weights."""
+    if not weights or len(arms) < 2:
+        return None
+    names = [arm for arm in weights if arm in arms]
+    observed = np.array([arms[arm]["users"] for arm in names], np.float64)
+    shares = np.array([weights[arm] for arm in names], np.float64)
+    expected = observed.sum() * shares / shares.sum()
+    p_value = float(stats.chisquare(observed, expected).pvalue)
+    return {"p_value": p_value, "warning": p_value < SRM_ALPHA,
+            "observed_users": dict(zip(names, observed.astype(int).tolist())),
+            "expected_users": dict(zip(names, expected.round(1).tolist()))}
+
+
+def build_report(impression_records: Iterable[Record], event_records: Iterable[Record], window_s: float,
+                 experiments: Experiments | None = None, only: str | None = None, seed: int = 0,
+                 catalogue_items: int | None = None) -> dict[str, Any]:
+    """The whole report: every experiment seen in the impressions (or `only`), and at the top level
+    the `arms` / `lift` of the selected one (the shape `streamrec simulate` prints)."""
+    impressions, malformed = impressions_frame(impression_records)
+    events, invalid_events = events_frame(event_records)
+    joined = outcomes(impressions, events, window_s) if len(impressions) else impressions
+    configured = {e.name: {a.name: a.weight for a in e.arms} for e in experiments.spec.experiments} if experiments else {}
+    names = sorted(joined["experiment"].unique()) if len(joined) else []
+    if only is not None:
+        if only not in names:
+            raise ValueError(f"no impressions of experiment {only!r}; seen: {names}")
+        names = [only]
+    rng = np.random.default_rng(seed)
+    reports = {name: experiment_report(joined[joined["experiment"] == name], configured.get(name), rng, catalogue_items)
+               for name in names}
+    selected = reports[names[0]] if names else {"arms": {}, "lift": {}, "srm": None}
+    return {**selected, "experiment": names[0] if names else None, "experiments": reports,
+            "impressions": int(impressions["request_id"].nunique()) if len(impressions) else 0,
+            "malformed_impressions": malformed, "invalid_events": invalid_events, "window_seconds": window_s, "bootstrap": BOOTSTRAP,
+            "method": "per-user (cluster) bootstrap of the ratio of sums; lift paired by replicate; "
+                      "sample-ratio chi-square against the configured weights"}

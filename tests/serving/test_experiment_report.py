@@ -1,0 +1,126 @@
+"""`streamrec experiments report`: exact joins of impressions with later events and attributed
+clicks, intervals from a bootstrap over users that cover the truth and separate different arms,
+the sample-ratio check, at-least-once duplicates and malformed records; and the command end to end
+against a real broker."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import orjson
+from click.testing import CliRunner
+
+from streamrec.app.cli import cli
+from streamrec.serving.experiment_report import build_report
+from streamrec.serving.experiments import Experiments
+from streamrec.serving.impressions import encode_records
+from streamrec.stream.kafka import Record, make_producer
+from streamrec.stream.topics import create_topics
+from tests.conftest import settings_env
+
+WINDOW = 600.0
+T0 = 1.7e9
+SPEC = Experiments.parse("experiments: [{name: e, arms: [{name: a}, {name: b}]}]")
+
+
+def record(value: bytes) -> Record:
+    return Record("t", 0, 0, 0, None, value, ())
+
+
+def world(users_a: int = 200, users_b: int = 200, seed: int = 0) -> tuple[list[dict], list[dict], dict]:
+    """Three answers per user, five items each. A user of arm a hits with probability 0.2 and of b
+    with 0.5 (a later event on a shown item within the window); every third hit is a click with
+    the answer's request id. Also events that must not count: before the answer, after the window,
+    on an item not shown. Returns (impressions, events, the true counts)."""
+    rng = np.random.default_rng(seed)
+    impressions, events = [], []
+    truth = {"a": {"requests": 0, "hits": 0, "clicks": 0}, "b": {"requests": 0, "hits": 0, "clicks": 0}}
+    for u in range(users_a + users_b):
+        arm, p = ("a", 0.2) if u < users_a else ("b", 0.5)
+        for n in range(3):
+            t = T0 + 10_000.0 * (n + 1)
+            request_id = f"r{u}-{n}"
+            items = [f"i{u}-{n}-{j}" for j in range(5)]
+            impressions.append({"request_id": request_id, "user_id": f"u{u}", "items": items, "timestamp": t,
+                                "experiment": "e", "arm": arm, "experiments": {"e": arm}})
+            truth[arm]["requests"] += 1
+            events.append({"user_id": f"u{u}", "item_id": items[0], "event_type": "click", "timestamp": t - 5})
+            events.append({"user_id": f"u{u}", "item_id": items[1], "event_type": "click", "timestamp": t + WINDOW + 5})
+            events.append({"user_id": f"u{u}", "item_id": "elsewhere", "event_type": "click", "timestamp": t + 5})
+            if rng.random() < p:
+                truth[arm]["hits"] += 1
+                clicked = rng.random() < 1 / 3
+                truth[arm]["clicks"] += clicked
+                events.append({"user_id": f"u{u}", "item_id": items[2], "event_type": "click", "timestamp": t + 60,
+                               **({"context": {"request_id": request_id}} if clicked else {})})
+    return impressions, events, truth
+
+
+def encoded(impressions: list[dict], events: list[dict]) -> tuple[list[Record], list[Record]]:
+    return ([record(v) for v in encode_records(impressions)], [record(orjson.dumps(e)) for e in events])
+
+
+def test_counts_are_exact_and_intervals_cover_the_truth_and_separate_the_arms() -> None:
+    impressions, events, truth = world()
+    imp, ev = encoded(impressions + impressions[:50], events)  # 50 delivered twice (at least once)
+    imp.append(record(b"not json"))
+    ev.append(record(b'{"user_id": "u1"}'))  # refused by the schema: counted, no arm's outcome
+    report = build_report(imp, ev, WINDOW, SPEC)
+    assert report["impressions"] == 1200 and report["malformed_impressions"] == 1 and report["invalid_events"] == 1
+    for arm, rate in (("a", 0.2), ("b", 0.5)):
+        got = report["arms"][arm]
+        assert (got["requests"], got["hits"], got["clicks"]) == tuple(truth[arm][k] for k in ("requests", "hits", "clicks"))
+        assert got["users"] == 200 and got["hit@10"] == truth[arm]["hits"] / 600
+        low, high = got["ci95"]
+        assert low < got["hit@10"] < high and low < rate < high and high - low < 0.15
+    lift = report["lift"]["b vs a"]
+    assert lift["ci95"][0] > 0 and lift["ci95"][0] < lift["relative"] < lift["ci95"][1]
+    assert report["srm"]["warning"] is False and report["experiment"] == "e"
+
+
+def test_intervals_widen_when_a_users_answers_are_alike() -> None:
+    """A cluster bootstrap: when each user either always or never hits, the interval is wider than
+    the binomial one that counts answers as independent."""
+    impressions, events, _ = world()
+    by_user: dict[str, bool] = {}
+    kept = []
+    for e in events:
+        user = e["user_id"]
+        if (e["timestamp"] - T0) % 10_000 == 60:  # a hit: keep all of a user's hits or none
+            by_user.setdefault(user, int(user[1:]) % 2 == 0)
+            if not by_user[user]:
+                continue
+        kept.append(e)
+    report = build_report(*encoded(impressions, kept), WINDOW, SPEC)
+    got = report["arms"]["b"]
+    rate, n = got["hit@10"], got["requests"]
+    binomial = 2 * 1.96 * np.sqrt(rate * (1 - rate) / n)
+    assert got["ci95"][1] - got["ci95"][0] > 1.2 * binomial
+
+
+def test_a_lopsided_split_raises_the_sample_ratio_warning() -> None:
+    impressions, events, _ = world(users_a=300, users_b=100)
+    report = build_report(*encoded(impressions, events), WINDOW, SPEC)
+    assert report["srm"]["warning"] is True and report["srm"]["observed_users"] == {"a": 300, "b": 100}
+    assert build_report(*encoded(impressions, events), WINDOW, None)["srm"] is None  # no weights, no check
+
+
+def test_the_command_reads_both_topics(settings) -> None:
+    impressions, events, truth = world(users_a=40, users_b=40)
+    create_topics(settings.kafka_bootstrap, [settings.topic, settings.impressions_topic], 1)
+    with make_producer(settings.kafka_bootstrap) as producer:
+        for value in encode_records(impressions):
+            producer.send(settings.impressions_topic, value)
+        for event in events:
+            producer.send(settings.topic, orjson.dumps(event), event["user_id"].encode())
+        producer.flush()
+    spec = settings.home / "experiments.yaml"
+    spec.parent.mkdir(parents=True, exist_ok=True)
+    spec.write_text("experiments: [{name: e, arms: [{name: a}, {name: b}]}]\n")
+    result = CliRunner().invoke(cli, ["experiments", "report", "--experiments", str(spec), "--window", "10m", "--json"],
+                                env=settings_env(settings), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert {arm: report["arms"][arm]["hits"] for arm in "ab"} == {arm: truth[arm]["hits"] for arm in "ab"}
+    assert set(report["lift"]) == {"b vs a"} and report["srm"]["warning"] is False
