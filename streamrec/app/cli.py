@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from streamrec.app import bench_cli, chaos_cli, demo_cli, infra_cli
+from streamrec.app import bench_cli, chaos_cli, demo_cli, infra_cli, simulate_cli
 from streamrec.core.cli import print_json, settings_from
 from streamrec.core.config import load_settings
 from streamrec.param_server import catalogue_cli
@@ -32,7 +32,7 @@ COMMAND_GROUPS: tuple[CommandRegistrar, ...] = (
     infra_cli.register, stream_cli.register, datasets_cli.register, param_server_cli.register,
     catalogue_cli.register, trainer_cli.register,
     online_cli.register, features_cli.register, serving_cli.register, demo_cli.register,
-    chaos_cli.register, bench_cli.register,
+    chaos_cli.register, bench_cli.register, simulate_cli.register,
 )
 
 

@@ -37,6 +37,7 @@ class StackOptions:
     checkpoint_every: float = 10.0  # parameter-server checkpoints, seconds
     max_rows: int | None = None  # the parameter server's row bound per table (None: its default)
     trainer_args: tuple[str, ...] = ()  # extra `train-online` options
+    serve_args: tuple[str, ...] = ()  # extra `serve` options
 
 
 @dataclass
@@ -96,7 +97,7 @@ def running_stack(settings: Settings, work: Path, options: StackOptions = StackO
                                     *options.trainer_args], env)
         port = net.free_port()
         processes.start("serving", [STREAMREC, "serve", "--workers", str(options.workers), "--port", str(port),
-                                    "--poll-interval", str(options.poll_interval)], env)
+                                    "--poll-interval", str(options.poll_interval), *options.serve_args], env)
         yield Stack(settings, processes, f"http://127.0.0.1:{port}", report_path)
     finally:
         processes.stop_all()

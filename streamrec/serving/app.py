@@ -281,6 +281,7 @@ def create_app(config: ServingConfig) -> FastAPI:
         ready = state is not None and state.index.size > 0
         body = {
             "ready": ready, "pid": os.getpid(), "model_version": state.version if state else None,
+            "synced_version": holder.synced_version,
             "staleness_seconds": holder.staleness(), "synced_at": holder.confirmed_at or None,
             "loaded_at": state.loaded_at if state else None, "index_items": state.index.size if state else 0,
             "index_kind": state.index.built_kind if state else None, "users": holder.user_rows,

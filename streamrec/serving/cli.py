@@ -74,6 +74,8 @@ def report_cmd(ctx: click.Context, experiments_file: Path | None, only: str | No
               help="item titles and genres for the console (MovieLens u.item, or item_id,title,genres CSV)")
 @click.option("--experiments", "experiments_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="online experiments (YAML; re-read when it changes) [env STREAMREC_EXPERIMENTS_FILE]")
+@click.option("--trending-cache", "trending_cache_s", type=click.FloatRange(min=0), default=None,
+              help="seconds a worker reuses the trending list (0: read it for every request) [default: 1]")
 @click.option("--log-level", default="warning", show_default=True)
 @click.pass_context
 def serve_cmd(ctx: click.Context, workers: int, host: str, port: int | None, poll_interval: float | None,

@@ -10,8 +10,8 @@ topic. Each impression is joined, by event time, with what the user did next:
 
 Users, not requests, are the unit of randomisation, and one user's answers are correlated, so the
 95% intervals come from a bootstrap over users (a cluster bootstrap): each replicate redraws the
-arm's users with replacement and recomputes the ratio of the sums. The relative lift of an arm
-against the first arm uses the replicates of both arms, paired by index. A sample-ratio check
+arm's users with replacement and recomputes the ratio of the sums. The relative lift of each arm
+against each other arm uses the replicates of both, paired by index. A sample-ratio check
 compares the arms' user counts with the configured weights (chi-square); a p-value under 0.001
 means assignment or logging is broken, and the estimates should not be trusted.
 """
@@ -107,8 +107,12 @@ def bootstrap_ratio(numerators: np.ndarray, denominators: np.ndarray, rng: np.ra
     return out
 
 
-def _interval(values: np.ndarray) -> list[float]:
-    return [float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975))]
+def _interval(values: np.ndarray) -> list[float] | None:
+    """The 2.5% and 97.5% quantiles of the finite replicates; None when there are none."""
+    finite = values[np.isfinite(values)]
+    if not len(finite):
+        return None
+    return [float(np.quantile(finite, 0.025)), float(np.quantile(finite, 0.975))]
 
 
 def experiment_report(frame: pd.DataFrame, weights: dict[str, float] | None, rng: np.random.Generator,
@@ -133,12 +137,15 @@ def experiment_report(frame: pd.DataFrame, weights: dict[str, float] | None, rng
             "coverage": len(shown) / catalogue_items if catalogue_items else None,
         }
     lift = {}
-    if order:
-        base = order[0]
-        for arm in order[1:]:
-            relative = replicates[arm] / np.maximum(replicates[base], 1e-12) - 1
-            lift[f"{arm} vs {base}"] = {"relative": arms[arm]["hit@10"] / max(arms[base]["hit@10"], 1e-12) - 1,
-                                         "ci95": _interval(relative)}
+    for arm in order:  # every ordered pair: "b vs a" is b's rate over a's, minus one
+        for base in order:
+            if arm != base:
+                with np.errstate(divide="ignore", invalid="ignore"):  # a replicate whose base is 0 has no ratio
+                    relative = replicates[arm] / replicates[base] - 1
+                base_rate = arms[base]["hit@10"]
+                lift[f"{arm} vs {base}"] = {"relative": arms[arm]["hit@10"] / base_rate - 1 if base_rate else None,
+                                             "ci95": _interval(relative),
+                                             "replicates_without_base": int((replicates[base] == 0).sum())}
     return {"arms": arms, "lift": lift, "srm": sample_ratio_check(arms, weights)}
 
 

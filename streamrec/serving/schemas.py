@@ -77,6 +77,7 @@ class Ready(BaseModel):
     ready: bool
     pid: int
     model_version: int | None
+    synced_version: int  # the parameter-server version the last successful poll reached (0: none yet)
     staleness_seconds: float | None
     synced_at: float | None
     loaded_at: float | None

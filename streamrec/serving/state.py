@@ -84,6 +84,9 @@ class StateHolder:
         self.confirmed_at = 0.0  # wall time of the last successful poll (the state was current then)
         self.last_error: str | None = None
         self.user_rows = 0  # rows of the user table at the last poll (the worker caches only some)
+        # the parameter server's version (summed over shards) the last successful poll reached, whether
+        # or not the item table changed: everything pushed up to it is served (`streamrec simulate` waits on it)
+        self.synced_version = 0
 
     @property
     def current(self) -> ServingState | None:

@@ -111,6 +111,7 @@ class Syncer:
             self._swap_in(delta, artifacts)
         self.item_since = delta.version
         self.artifacts = artifacts
+        self.holder.synced_version = int(sum(delta.version))
         self.holder.confirmed_at, self.holder.last_error = time.time(), None
         self.ready.set()
         self.metrics.sync_seconds.observe(time.perf_counter() - started)

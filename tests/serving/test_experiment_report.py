@@ -76,6 +76,7 @@ def test_counts_are_exact_and_intervals_cover_the_truth_and_separate_the_arms() 
         assert low < got["hit@10"] < high and low < rate < high and high - low < 0.15
     lift = report["lift"]["b vs a"]
     assert lift["ci95"][0] > 0 and lift["ci95"][0] < lift["relative"] < lift["ci95"][1]
+    assert report["lift"]["a vs b"]["ci95"][1] < 0
     assert report["srm"]["warning"] is False and report["experiment"] == "e"
 
 
@@ -123,4 +124,4 @@ def test_the_command_reads_both_topics(settings) -> None:
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert {arm: report["arms"][arm]["hits"] for arm in "ab"} == {arm: truth[arm]["hits"] for arm in "ab"}
-    assert set(report["lift"]) == {"b vs a"} and report["srm"]["warning"] is False
+    assert set(report["lift"]) == {"b vs a", "a vs b"} and report["srm"]["warning"] is False

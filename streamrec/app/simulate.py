@@ -1,0 +1,152 @@
+"""`streamrec simulate`: arms of an experiment compared end to end, through the real path.
+
+A private stack (broker topic, parameter server, online trainer, one serving worker) serves an
+experiments file with one experiment, `simulate`, whose arms split users equally. The log is
+replayed in time order in chunks of `chunk_events`. Before a chunk is produced, every user who
+appears in it asks serving for `k` items, and the answer is a hit when it holds the item of the
+user's first event in the chunk: what the user actually consumed next. Serving decides each
+user's arm itself, by its sticky hash, exactly as in production.
+
+Results must not depend on timing. The trainer takes exactly one chunk per batch (its batch size
+is the chunk's, its batch wait unbounded in practice), so the model after each chunk is the same in
+every run; and before each chunk's queries a barrier waits until
+1. the trainer has committed every event produced so far (it commits after its pushes to the
+   parameter server and its writes to Redis: the model, the histories and the trending list
+   include the whole prefix), and
+2. the serving worker's last poll reached the parameter server's version at that moment
+   (`/readyz` `synced_version`), with the trending list read afresh for each request.
+At the end the simulator reads serving's own per-arm request counters and refuses to report when
+they differ from its count of queries, so a simulation cannot pass by scoring anything locally.
+Intervals and lifts are those of `streamrec experiments report` (a bootstrap over users).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pandas as pd
+from prometheus_client.parser import text_string_to_metric_families
+
+from streamrec.app.stack import Stack, StackOptions, running_stack
+from streamrec.core.config import Settings
+from streamrec.core.progress import progress_bar
+from streamrec.param_server.client import ParamClient
+from streamrec.serving.experiment_report import experiment_report
+from streamrec.stream.loaders import InteractionLog
+from streamrec.stream.publish import EventPublisher
+from streamrec.stream.replay import replay
+from streamrec.stream.topics import describe_topic
+
+EXPERIMENT = "simulate"
+ARM_SPECS = {  # what each arm name serves (arms that serve other tables or rankers are not there yet)
+    "online-bpr": "{name: online-bpr}",
+    "popularity": "{name: popularity, source: popularity}",
+}
+COUNTER = "streamrec_serving_experiment_requests"
+BATCH_WAIT_S = 3600.0  # the trainer waits for a whole chunk (a chunk's records may arrive in several fetches)
+
+
+@dataclass(frozen=True)
+class SimulateOptions:
+    arms: tuple[str, ...] = ("online-bpr", "popularity")
+    chunk_events: int = 1000
+    k: int = 10
+    limit: int | None = None  # events of the log to replay (None: all)
+    barrier_timeout_s: float = 300.0
+    seed: int = 0  # the bootstrap's
+
+
+def experiments_file(arms: tuple[str, ...]) -> str:
+    unknown = [arm for arm in arms if arm not in ARM_SPECS]
+    if unknown or len(arms) < 2 or len(set(arms)) != len(arms):
+        raise ValueError(f"arms {list(arms)}: two or more distinct arms of {sorted(ARM_SPECS)}")
+    return f"experiments: [{{name: {EXPERIMENT}, arms: [{', '.join(ARM_SPECS[arm] for arm in arms)}]}}]\n"
+
+
+def wait_barrier(stack: Stack, client: ParamClient, http: httpx.Client, produced: int, timeout_s: float) -> None:
+    """Until the trainer has committed `produced` events and serving has polled past them."""
+    deadline = time.monotonic() + timeout_s
+    settings = stack.settings
+    while True:
+        stack.processes.check()
+        group = describe_topic(settings.kafka_bootstrap, settings.topic).get("groups", {}).get(settings.consumer_group)
+        committed = sum(v or 0 for v in group["committed"].values()) if group else 0
+        if committed >= produced:
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the trainer committed {committed} of {produced} events in {timeout_s} s")
+        time.sleep(0.05)
+    target = sum(int(meta["version"]) for meta in client.get_meta())
+    while http.get("/readyz").json().get("synced_version", 0) < target:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"serving did not poll past version {target} in {timeout_s} s")
+        time.sleep(0.02)
+
+
+def served_counts(http: httpx.Client) -> dict[str, int]:
+    """Serving's own count of answers per arm of the simulated experiment."""
+    counts: dict[str, int] = {}
+    for family in text_string_to_metric_families(http.get("/metrics").text):
+        if family.name == COUNTER:
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.labels.get("experiment") == EXPERIMENT:
+                    counts[sample.labels["arm"]] = int(sample.value)
+    return counts
+
+
+def simulate(settings: Settings, log: InteractionLog, options: SimulateOptions = SimulateOptions()) -> dict[str, Any]:
+    spec = experiments_file(options.arms)
+    if options.limit is not None:
+        log = log.take(slice(0, options.limit))
+    rows: list[tuple[str, str, bool, list[str]]] = []  # (arm, user, hit, items shown)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="streamrec-simulate-") as tmp:
+        work = Path(tmp)
+        (work / "experiments.yaml").write_text(spec)
+        # one trainer batch per chunk: the next chunk is produced only after the barrier, so the
+        # batches (and with them the model) do not depend on when the broker hands records over
+        stack_options = StackOptions(
+            workers=1, poll_interval=0.05,
+            trainer_args=("--batch-events", str(options.chunk_events), "--batch-seconds", str(BATCH_WAIT_S)),
+            serve_args=("--experiments", str(work / "experiments.yaml"), "--trending-cache", "0"))
+        with running_stack(settings, work, stack_options) as stack, \
+                ParamClient(stack.settings.param_servers, timeout=30.0) as client, \
+                httpx.Client(base_url=stack.serving_url, timeout=30.0) as http:
+            publisher = EventPublisher.from_settings(stack.settings, "simulate")
+            produced = 0
+            try:
+                with progress_bar("simulate", total=len(log)) as advance:
+                    for start in range(0, len(log), options.chunk_events):
+                        chunk = log.take(slice(start, start + options.chunk_events))
+                        if produced:
+                            wait_barrier(stack, client, http, produced, options.barrier_timeout_s)
+                            users, first = np.unique(chunk.user_id.astype(str), return_index=True)
+                            for user, position in zip(users.tolist(), first.tolist()):
+                                reply = http.get("/recommend", params={"user_id": user, "k": options.k})
+                                reply.raise_for_status()
+                                body = reply.json()
+                                shown = [item["item_id"] for item in body["items"]]
+                                rows.append((body["arm"], user, chunk.item_id[position] in shown, shown))
+                        replay(chunk, publisher)
+                        publisher.flush()
+                        produced = publisher.accepted  # the publisher's running count
+                        advance(len(chunk))
+            finally:
+                publisher.close()
+            served = served_counts(http)
+    queried = pd.Series([arm for arm, _, _, _ in rows]).value_counts().to_dict() if rows else {}
+    if served != queried:
+        raise RuntimeError(f"serving counted {served} answers per arm, the simulator sent {queried}")
+    frame = pd.DataFrame(rows, columns=["arm", "user_id", "hit", "items"]).assign(click=False)
+    report = experiment_report(frame, {arm: 1.0 for arm in options.arms}, np.random.default_rng(options.seed))
+    for arm in report["arms"].values():  # no feedback is sent in a simulation: no clicks to report
+        for key in ("clicks", "ctr", "ctr_ci95"):
+            arm.pop(key)
+    return {**report, "events": len(log), "chunk_events": options.chunk_events, "k": options.k,
+            "queries": len(rows), "served_counts": served, "seconds": round(time.monotonic() - started, 1)}
