@@ -94,7 +94,7 @@ class ImpressionLog:
             if time.monotonic() >= self._retry_at:
                 self.flush()
         self.flush()
-        self._close()
+        self._discard()
 
     def flush(self) -> int:
         """Produce what is queued, in batches of MAX_BATCH; returns the records acknowledged."""
@@ -139,6 +139,3 @@ class ImpressionLog:
                 producer.close()
             except BROKER_ERRORS as exc:
                 log.info("closing a failed impressions producer: %s", exc)
-
-    def _close(self) -> None:
-        self._discard()
