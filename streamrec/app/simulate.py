@@ -31,6 +31,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pandas as pd
+from kafka.admin import KafkaAdminClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from streamrec.app.stack import Stack, StackOptions, running_stack
@@ -41,7 +42,7 @@ from streamrec.serving.experiment_report import experiment_report
 from streamrec.stream.loaders import InteractionLog
 from streamrec.stream.publish import EventPublisher
 from streamrec.stream.replay import replay
-from streamrec.stream.topics import describe_topic
+from streamrec.stream.topics import admin_client, group_committed
 
 EXPERIMENT = "simulate"
 ARM_SPECS = {  # what each arm name serves (arms that serve other tables or rankers are not there yet)
@@ -55,7 +56,7 @@ BATCH_WAIT_S = 3600.0  # the trainer waits for a whole chunk (a chunk's records 
 @dataclass(frozen=True)
 class SimulateOptions:
     arms: tuple[str, ...] = ("online-bpr", "popularity")
-    chunk_events: int = 1000
+    chunk_events: int = 10  # the trainer's learning step and the prequential protocol's granularity
     k: int = 10
     limit: int | None = None  # events of the log to replay (None: all)
     barrier_timeout_s: float = 300.0
@@ -69,24 +70,24 @@ def experiments_file(arms: tuple[str, ...]) -> str:
     return f"experiments: [{{name: {EXPERIMENT}, arms: [{', '.join(ARM_SPECS[arm] for arm in arms)}]}}]\n"
 
 
-def wait_barrier(stack: Stack, client: ParamClient, http: httpx.Client, produced: int, timeout_s: float) -> None:
+def wait_barrier(stack: Stack, admin: KafkaAdminClient, client: ParamClient, http: httpx.Client, produced: int,
+                 timeout_s: float) -> None:
     """Until the trainer has committed `produced` events and serving has polled past them."""
     deadline = time.monotonic() + timeout_s
     settings = stack.settings
     while True:
         stack.processes.check()
-        group = describe_topic(settings.kafka_bootstrap, settings.topic).get("groups", {}).get(settings.consumer_group)
-        committed = sum(v or 0 for v in group["committed"].values()) if group else 0
+        committed = sum(group_committed(admin, settings.consumer_group, settings.topic).values())
         if committed >= produced:
             break
         if time.monotonic() > deadline:
             raise TimeoutError(f"the trainer committed {committed} of {produced} events in {timeout_s} s")
-        time.sleep(0.05)
+        time.sleep(0.005)
     target = sum(int(meta["version"]) for meta in client.get_meta())
     while http.get("/readyz").json().get("synced_version", 0) < target:
         if time.monotonic() > deadline:
             raise TimeoutError(f"serving did not poll past version {target} in {timeout_s} s")
-        time.sleep(0.02)
+        time.sleep(0.005)
 
 
 def served_counts(http: httpx.Client) -> dict[str, int]:
@@ -119,13 +120,14 @@ def simulate(settings: Settings, log: InteractionLog, options: SimulateOptions =
                 ParamClient(stack.settings.param_servers, timeout=30.0) as client, \
                 httpx.Client(base_url=stack.serving_url, timeout=30.0) as http:
             publisher = EventPublisher.from_settings(stack.settings, "simulate")
+            admin = admin_client(stack.settings.kafka_bootstrap)
             produced = 0
             try:
                 with progress_bar("simulate", total=len(log)) as advance:
                     for start in range(0, len(log), options.chunk_events):
                         chunk = log.take(slice(start, start + options.chunk_events))
                         if produced:
-                            wait_barrier(stack, client, http, produced, options.barrier_timeout_s)
+                            wait_barrier(stack, admin, client, http, produced, options.barrier_timeout_s)
                             users, first = np.unique(chunk.user_id.astype(str), return_index=True)
                             for user, position in zip(users.tolist(), first.tolist()):
                                 reply = http.get("/recommend", params={"user_id": user, "k": options.k})
@@ -139,6 +141,7 @@ def simulate(settings: Settings, log: InteractionLog, options: SimulateOptions =
                         advance(len(chunk))
             finally:
                 publisher.close()
+                admin.close()
             served = served_counts(http)
     queried = pd.Series([arm for arm, _, _, _ in rows]).value_counts().to_dict() if rows else {}
     if served != queried:

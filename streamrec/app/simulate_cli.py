@@ -15,7 +15,7 @@ from streamrec.stream.loaders import FORMATS
               help="format of a --data PATH (a data-set name brings its own)")
 @click.option("--arms", default="online-bpr,popularity", show_default=True,
               help="comma-separated arms: online-bpr (the online trainer's model), popularity (the trending list)")
-@click.option("--chunk", "chunk_events", type=click.IntRange(min=1), default=1000, show_default=True,
+@click.option("--chunk", "chunk_events", type=click.IntRange(min=1), default=10, show_default=True,
               help="events produced between two barriers; each user of a chunk is asked once before it")
 @click.option("--k", type=click.IntRange(1, 1000), default=10, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="replay only the first N events")

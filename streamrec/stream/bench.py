@@ -172,6 +172,7 @@ def bench_stream(settings: Settings, events: int, client: str, partitions: int =
     consumer = make_consumer(
         settings.kafka_bootstrap, client, group_id=f"bench-{topic}", topics=[topic],
         session_timeout_ms=settings.session_timeout_ms, heartbeat_interval_ms=settings.heartbeat_interval_ms,
+        fetch_wait_ms=settings.fetch_wait_ms,
     )
     received, rejected, first = 0, 0, None
     event_ids: list[np.ndarray] = []  # per batch, for the exactly-once count after the timed loop

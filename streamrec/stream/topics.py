@@ -17,13 +17,13 @@ from kafka.errors import TopicAlreadyExistsError
 from kafka.structs import TopicPartition as KTP
 
 
-def _admin(bootstrap: str) -> KafkaAdminClient:
+def admin_client(bootstrap: str) -> KafkaAdminClient:
     return KafkaAdminClient(bootstrap_servers=bootstrap.split(","), client_id="streamrec-admin")
 
 
 def create_topics(bootstrap: str, names: Sequence[str], partitions: int, replication: int = 1) -> dict[str, str]:
     """Create topics that do not exist yet; {name: "created" | "exists"}."""
-    admin = _admin(bootstrap)
+    admin = admin_client(bootstrap)
     try:
         existing = set(admin.list_topics())
         result = {name: "exists" for name in names if name in existing}
@@ -50,7 +50,7 @@ def _wait_for_metadata(admin: KafkaAdminClient, names: Sequence[str], timeout_s:
 
 
 def delete_topics(bootstrap: str, names: Sequence[str]) -> None:
-    admin = _admin(bootstrap)
+    admin = admin_client(bootstrap)
     try:
         admin.delete_topics(list(names))
     finally:
@@ -58,7 +58,7 @@ def delete_topics(bootstrap: str, names: Sequence[str]) -> None:
 
 
 def list_topics(bootstrap: str) -> list[str]:
-    admin = _admin(bootstrap)
+    admin = admin_client(bootstrap)
     try:
         return sorted(t for t in admin.list_topics() if not t.startswith("__"))
     finally:
@@ -66,7 +66,7 @@ def list_topics(bootstrap: str) -> list[str]:
 
 
 def partitions_of(bootstrap: str, topic: str) -> list[int]:
-    admin = _admin(bootstrap)
+    admin = admin_client(bootstrap)
     try:
         described = admin.describe_topics([topic])
     finally:
@@ -106,12 +106,17 @@ def end_offsets(bootstrap: str, topic: str, partitions: Sequence[int], timeout_s
         consumer.close(autocommit=False)
 
 
+def group_committed(admin: KafkaAdminClient, group: str, topic: str) -> dict[int, int]:
+    """{partition: committed offset} of one consumer group on `topic` (partitions never committed
+    are absent). One round trip on an open admin client: cheap enough to poll in a loop."""
+    offsets = admin.list_group_offsets({group: None}).get(group, {})
+    return {tp.partition: om.offset for tp, om in offsets.items() if tp.topic == topic and om.offset >= 0}
+
+
 def _group_offsets(admin: KafkaAdminClient, topic: str) -> dict[str, dict[int, int]]:
-    groups = [g["group_id"] for g in admin.list_groups()]
     result: dict[str, dict[int, int]] = {}
-    for group in groups:
-        offsets = admin.list_group_offsets({group: None}).get(group, {})
-        mine = {tp.partition: om.offset for tp, om in offsets.items() if tp.topic == topic and om.offset >= 0}
+    for group in [g["group_id"] for g in admin.list_groups()]:
+        mine = group_committed(admin, group, topic)
         if mine:
             result[group] = mine
     return result
@@ -121,7 +126,7 @@ def describe_topic(bootstrap: str, topic: str) -> dict[str, Any]:
     """Partitions with beginning/end offsets and message counts, and per group committed offsets and lag."""
     partitions = partitions_of(bootstrap, topic)
     offsets = end_offsets(bootstrap, topic, partitions)
-    admin = _admin(bootstrap)
+    admin = admin_client(bootstrap)
     try:
         groups = _group_offsets(admin, topic)
     finally:

@@ -123,3 +123,16 @@ def test_high_watermark_after_fetch(kafka_bootstrap, kafka_client, topic, partit
         assert {p: consumer.high_watermark((topic, p)) for p in range(partitions)} == counts
     finally:
         consumer.close()
+
+
+def test_fetch_wait_reaches_the_client(kafka_bootstrap, topic):
+    """The broker-side fetch wait is a setting, not the client's 500 ms default: on the embedded
+    broker a group member's events otherwise wait ~250 ms each before the trainer sees them."""
+    from streamrec.core.config import Settings
+
+    assert Settings(_env_file=None).fetch_wait_ms == 50
+    create_topics(kafka_bootstrap, [topic], 1)
+    with group_consumer(kafka_bootstrap, "kafka-python", f"g-{topic}", topic, fetch_wait_ms=20) as consumer:
+        assert consumer._consumer.config["fetch_max_wait_ms"] == 20
+    with group_consumer(kafka_bootstrap, "kafka-python", f"g2-{topic}", topic) as consumer:
+        assert consumer._consumer.config["fetch_max_wait_ms"] == 50

@@ -85,6 +85,7 @@ class ConfluentConsumer(Consumer):
                 "heartbeat.interval.ms": c.heartbeat_interval_ms,
                 "enable.partition.eof": False,
                 "max.partition.fetch.bytes": c.partition_fetch_bytes,
+                "fetch.wait.max.ms": c.fetch_wait_ms,
                 **extra,
             }
         )

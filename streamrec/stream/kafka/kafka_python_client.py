@@ -87,6 +87,7 @@ class KafkaPythonConsumer(Consumer):
             max_poll_interval_ms=max(300_000, c.session_timeout_ms),
             fetch_max_bytes=64 * 1024 * 1024,
             max_partition_fetch_bytes=c.partition_fetch_bytes,
+            fetch_max_wait_ms=c.fetch_wait_ms,
             **extra,
         )
         if c.topics:

@@ -159,7 +159,7 @@ class OnlineTrainer:
             topics=[settings.topic], session_timeout_ms=settings.session_timeout_ms,
             heartbeat_interval_ms=settings.heartbeat_interval_ms, on_assign=self._on_assign,
             on_revoke=self._on_revoke,
-            partition_fetch_bytes=PARTITION_FETCH_BYTES,
+            partition_fetch_bytes=PARTITION_FETCH_BYTES, fetch_wait_ms=settings.fetch_wait_ms,
         )
 
     # ---- offsets ------------------------------------------------------------------------------
