@@ -40,6 +40,7 @@ from streamrec.param_server.item_counts import ItemEventCounts
 from streamrec.param_server.keys import Keys
 from streamrec.param_server.ledger import PartitionLedger
 from streamrec.param_server.protocol import ALLOWED_DTYPES, raw_bytes, view_array
+from streamrec.param_server.routing import ROUTING
 from streamrec.param_server.signing import hasher
 from streamrec.param_server.snapshot import BlockSnapshot
 from streamrec.param_server.store import ParamStore, StoredBlob
@@ -55,6 +56,12 @@ log = logging.getLogger(__name__)
 
 class CorruptCheckpoint(ValueError):
     """The file is truncated, altered or not a checkpoint: it is reported and never loaded."""
+
+
+class RoutingMismatch(ValueError):
+    """A multi-shard checkpoint laid out under another routing scheme. Its rows would sit on the
+    wrong shards (pulls would miss them and pushes would create fresh rows beside them), and falling
+    back to an older checkpoint would not help: the server refuses to start instead."""
 
 
 def _aligned(n: int) -> int:
@@ -95,6 +102,7 @@ def snapshot(store: ParamStore) -> Snapshot:
             "format": FORMAT_VERSION,
             "shard": store.shard,
             "num_shards": store.num_shards,
+            "routing": ROUTING,
             "version": store.version,
             "created_at": time.time(),
             "meta": store.meta,
@@ -252,21 +260,29 @@ class CheckpointDir:
             old.unlink(missing_ok=True)
         return CheckpointResult(path, taken.header["version"], time.perf_counter() - started, path.stat().st_size)
 
-    def load(self, path: Path, default_max_rows: int = DEFAULT_MAX_ROWS) -> LoadedCheckpoint:
-        """One checkpoint, or CorruptCheckpoint for any reason it cannot be restored as it is."""
+    def load(self, path: Path, default_max_rows: int = DEFAULT_MAX_ROWS, any_routing: bool = False) -> LoadedCheckpoint:
+        """One checkpoint, or CorruptCheckpoint for any reason it cannot be restored as it is;
+        RoutingMismatch for a multi-shard layout of another routing, unless `any_routing` (the
+        resharder, which re-routes every row anyway)."""
         header, arrays = read(path, self.key)
         if (header.get("shard"), header.get("num_shards")) != (self.shard, self.num_shards):
             raise CorruptCheckpoint(f"{path}: belongs to shard {header.get('shard')} of {header.get('num_shards')}")
+        routing = header.get("routing", "modulo")  # checkpoints before rendezvous routing say nothing
+        if self.num_shards > 1 and routing != ROUTING and not any_routing:
+            raise RoutingMismatch(
+                f"{path}: its rows are routed by {routing!r}, this release routes by {ROUTING!r}; re-lay the "
+                f"checkpoints out first: streamrec param-server reshard --from {self.dir.parent} --to NEW_DIR "
+                f"--shards {self.num_shards}, then start the shards on NEW_DIR")
         try:
             return LoadedCheckpoint(restore(header, arrays, default_max_rows), path, float(header["created_at"]))
         except (KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
             raise CorruptCheckpoint(f"{path}: inconsistent contents: {type(exc).__name__}: {exc}") from exc
 
-    def load_newest(self, default_max_rows: int = DEFAULT_MAX_ROWS) -> LoadedCheckpoint | None:
+    def load_newest(self, default_max_rows: int = DEFAULT_MAX_ROWS, any_routing: bool = False) -> LoadedCheckpoint | None:
         """The newest checkpoint that loads; the ones that do not are logged, recorded and skipped."""
         for path in self.files():
             try:
-                return self.load(path, default_max_rows)
+                return self.load(path, default_max_rows, any_routing)
             except (CorruptCheckpoint, OSError) as exc:
                 log.error("skipping checkpoint: %s", exc)
                 self.rejected.append(str(exc))

@@ -1,4 +1,4 @@
-"""`streamrec param-server` (one shard) and `streamrec bench param-server`."""
+"""`streamrec param-server` (one shard), `streamrec param-server reshard` and `streamrec bench param-server`."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from streamrec.param_server.defaults import (
 )
 
 
-@click.command("param-server")
+@click.group("param-server", invoke_without_command=True)
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to bind")
 @click.option("--port", type=int, default=None, help="port (0: any free one) [default: this shard's port in settings.param_servers]")
 @click.option("--shard", type=int, default=0, show_default=True, help="index of this shard")
@@ -63,7 +63,10 @@ def param_server_cmd(
     """Run one parameter-server shard until SIGTERM (which writes a final checkpoint).
 
     Prints one JSON line when it is listening: {"address": ..., "restored": ..., ...}.
+    `streamrec param-server reshard ...` re-splits stopped shards' checkpoints instead.
     """
+    if ctx.invoked_subcommand is not None:
+        return
     from streamrec.core.allocator import tune_allocator
     from streamrec.core.cli import print_json, settings_from
     from streamrec.param_server.limits import ServerLimits
@@ -94,6 +97,32 @@ def param_server_cmd(
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
+
+
+@param_server_cmd.command("reshard")
+@click.option("--from", "source", type=click.Path(path_type=Path, file_okay=False, exists=True), required=True,
+              help="checkpoint directory of the stopped shards (holds shard-<i>-of-<n>/)")
+@click.option("--to", "target", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="directory for the new shards' checkpoints (must not hold that layout yet)")
+@click.option("--shards", "num_shards", type=click.IntRange(min=1), required=True, help="shards to split into")
+@click.option("--from-shards", type=click.IntRange(min=1), default=None,
+              help="layout to read when --from holds several [default: the only one there]")
+@click.pass_context
+def reshard_cmd(ctx: click.Context, source: Path, target: Path, num_shards: int, from_shards: int | None) -> None:
+    """Re-split stopped shards' newest checkpoints into NUM_SHARDS shards (rows routed by
+    rendezvous hashing, exactly-once watermarks carried over). Prints JSON: rows, moved_rows,
+    moved_fraction, per-table rows per new shard, the carried watermarks. Checkpoints are read and
+    signed under STREAMREC_PARAM_SERVER_TOKEN when it is set."""
+    from streamrec.core.cli import print_json, settings_from
+    from streamrec.param_server.reshard import ReshardError, reshard
+    from streamrec.param_server.signing import CHECKPOINT_CONTEXT, derived_key
+
+    token = settings_from(ctx).param_server_token
+    try:
+        print_json(reshard(source, target, num_shards, from_shards=from_shards,
+                           key=derived_key(token, CHECKPOINT_CONTEXT) if token else None))
+    except ReshardError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @click.command("param-server")

@@ -9,9 +9,8 @@
     client.take_restarts()                               # [ShardRestart(shard, old, new, empty)]
     d = client.delta("items", since=0); d = client.delta("items", since=d.version)
 
-Routing: shard = mix64(key64 ^ salt) % num_shards, where key64 is the integer id or the string
-id's 64-bit hash (`Keys.hash64`); it depends only on the id, so it is the same in every process
-and across restarts. A call that needs several shards sends all requests before reading any reply,
+Routing: rendezvous hashing over the shards (`routing.shard_of`); it depends only on the id and the
+shard count, so it is the same in every process and across restarts. A call that needs several shards sends all requests before reading any reply,
 so shards work in parallel. Lost connections are re-opened and the call retried; a retried push is
 recognised by the server (client id + sequence number) and not applied twice. Errors raised by the
 server arrive as ParamServerError with the server's error type (OffsetsRefused and Fenced for ranged
@@ -34,8 +33,9 @@ import numpy as np
 
 from streamrec.core.config import Settings
 from streamrec.param_server import protocol
-from streamrec.param_server.keys import IdsLike, Keys, as_keys, mix64
+from streamrec.param_server.keys import IdsLike, Keys, as_keys
 from streamrec.param_server.protocol import Message, keys_arrays, keys_from
+from streamrec.param_server.routing import shard_of
 from streamrec.param_server.signing import (
     BLOB_CONTEXT,
     MAC_BYTES,
@@ -44,7 +44,6 @@ from streamrec.param_server.signing import (
 )
 from streamrec.param_server.specs import OptimizerSpec, TableSpec
 
-_SHARD_SALT = np.uint64(0x5BD1E9955BD1E995)
 Request = tuple[dict[str, Any], dict[str, np.ndarray]]
 
 
@@ -103,12 +102,6 @@ def _server_error(shard: int, error: dict[str, Any]) -> ParamServerError:
     if kind == "fenced":
         return Fenced(shard, message, error.get("next_offsets", {}))
     return ParamServerError(kind, message, shard)
-
-
-def shard_of(ids: IdsLike, num_shards: int) -> np.ndarray:
-    """The shard of each id (stable across processes and restarts)."""
-    key64 = as_keys(ids).hash64()
-    return (mix64(key64 ^ _SHARD_SALT) % np.uint64(num_shards)).astype(np.int64)
 
 
 @dataclass(frozen=True)

@@ -480,6 +480,26 @@ class Table:
     def assign(self, keys: Keys, values: np.ndarray, version: int, now: float) -> None:
         self.apply_assign(self.prepare_assign(keys, values), version, now)
 
+    def adopt(self, keys: Keys, block: np.ndarray, versions: np.ndarray, times: np.ndarray) -> None:
+        """Take rows whole from another table of the same spec (resharding moves them between
+        shards): values and optimiser state as they were, with their versions and event times, so
+        training and TTL expiry go on as if nothing moved. The ids must be new to this table;
+        TableFullError past max_rows."""
+        rows, key64, words = self._locate(keys)
+        if (rows >= 0).any():
+            raise ValueError(f"table {self.spec.name!r}: {int((rows >= 0).sum())} adopted ids are already here")
+        if block.shape != (len(keys), self.block.shape[1]):
+            raise ValueError(f"table {self.spec.name!r}: adopted block is {block.shape}, rows here are {self.block.shape[1]} wide")
+        rows = self._create(key64, words, initialise=False)
+        if np.unique(rows).size != rows.size:
+            raise ValueError(f"table {self.spec.name!r}: some adopted ids come more than once")
+        self._before_write(rows)
+        self.block[rows] = block
+        self.row_version[rows] = versions
+        self.row_time[rows] = times
+        if versions.size:
+            self.last_version = max(self.last_version, int(versions.max()))
+
     def changed_rows(self, since: int) -> tuple[np.ndarray, bool]:
         """(rows changed after `since`, reset): reset means a full snapshot (reader too old)."""
         if since < self.floor or since <= 0:

@@ -17,9 +17,9 @@ from streamrec.param_server.client import (
     ParamServerError,
     PushOutcome,
     ShardRestart,
-    shard_of,
 )
 from streamrec.param_server.local_store import LocalStore
+from streamrec.param_server.routing import shard_of
 from tests.param_server.conftest import ServerProcess, StartServer
 from tests.param_server.test_server import free_port
 

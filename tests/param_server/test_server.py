@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streamrec.param_server.client import ParamClient, ParamServerError, shard_of
+from streamrec.param_server.client import ParamClient, ParamServerError
+from streamrec.param_server.routing import shard_of
 from tests.param_server.conftest import ServerProcess, StartServer
 
 
@@ -148,10 +149,7 @@ def test_shards_route_stably_across_restarts(start_server: StartServer, tmp_path
         ]
 
     ids = [f"item{i}" for i in range(4000)]
-    # golden values: routing must never change between releases or processes
-    assert shard_of(["a", "b", "item0", "u42", "x" * 300], 2).tolist() == [1, 1, 0, 1, 1]
-    assert shard_of(["a", "b", "item0", "u42"], 3).tolist() == [2, 0, 1, 1]
-    assert shard_of([0, 1, 2, 2**40], 4).tolist() == [0, 0, 1, 0]
+    # the routing's golden values are in test_reshard.py
     servers = start_shards()
     with ParamClient([s.address for s in servers]) as c:
         c.create_table("items", 8)
