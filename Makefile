@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup lint test test-slow test-all demo clean
+.PHONY: setup setup-spark lint test test-slow test-all demo clean
 
 $(BIN)/streamrec: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (set PYTHON=...)"; exit 1; }
@@ -17,6 +17,14 @@ $(BIN)/streamrec: pyproject.toml
 
 setup: $(BIN)/streamrec
 
+# The `spark` extra (pyspark, ~430 MB; Java 17 or later on PATH): `refit --engine spark` and its
+# slow tests. Not part of `setup`, so `make demo` stays light.
+$(VENV)/.spark-installed: $(BIN)/streamrec
+	$(BIN)/python -m pip install -q -e '.[fast,test,spark]'
+	@touch $@
+
+setup-spark: $(VENV)/.spark-installed
+
 # `make test`: the import-layers contract, then everything but the suites marked slow (model
 # quality on MovieLens); CI runs both.
 test: setup lint
@@ -28,7 +36,7 @@ lint: setup  # the floor plan of docs/architecture.md: imports only go down
 # pytest exits 5 when nothing is marked slow: not a failure. The slow contracts are independent
 # model fits on one torch thread each (most of the slow suite's time), so they take one process per
 # core; the other slow suites (chaos, MovieLens quality, the wheel) keep the machine to themselves.
-test-slow: setup
+test-slow: setup-spark
 	$(BIN)/python -m pytest -m slow -n auto tests/contracts $(PYTEST_ARGS) || [ $$? -eq 5 ]
 	$(BIN)/python -m pytest -m slow --ignore=tests/contracts $(PYTEST_ARGS) || [ $$? -eq 5 ]
 

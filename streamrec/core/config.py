@@ -92,6 +92,8 @@ class Settings(BaseSettings):
         50, ge=0, le=10_000, description="longest a consumer's fetch waits at the broker for new records "
         "(the clients' default, 500, delays a quiet stream's events by ~250 ms on the embedded broker)"
     )
+    spark_master: str = Field(
+        "local[2]", description="Spark master of `--engine spark` refits, evaluations and tuning (local[N], spark://host:port)")
     # Events
     custom_event_types: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="event types accepted beside the built-in ones"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import BinaryIO
 
 import click
@@ -158,7 +159,33 @@ def bench_stream_cmd(ctx: click.Context, events: int, client: str | None, partit
     print_json(bench_stream(settings, events, client or settings.kafka_client, partitions))
 
 
+# ---------------------------------------------------------------- export
+@click.command("export")
+@click.option("--to", "target_format", type=click.Choice(["parquet"]), required=True, help="file format to write")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--from", "source", default="topic", show_default=True,
+              help="topic (the interaction topic from its beginning), topic:NAME, or a log file / data-set name")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="ml-100k", show_default=True,
+              help="format of a file given to --from (a data-set name brings its own)")
+@click.pass_context
+def export_cmd(ctx: click.Context, target_format: str, path: Path, source: str, fmt: str) -> None:
+    """Write the interaction log to PATH (Parquet: the input of `refit --engine spark`); prints JSON."""
+    from streamrec.stream.export import export_parquet
+    from streamrec.stream.reader import read_event_log
+
+    settings = settings_from(ctx)
+    if source != "topic" and not source.startswith("topic:"):
+        data = DATA.convert(source, None, ctx)
+        source, fmt = str(data.path), data.format_or(fmt)
+    try:
+        log = read_event_log(settings, source, fmt)
+    except (ValueError, FileNotFoundError) as exc:
+        raise _fail(str(exc)) from exc
+    print_json(export_parquet(log, path))
+
+
 def register(cli: click.Group, bench: click.Group) -> None:
+    cli.add_command(export_cmd)
     cli.add_command(topics)
     cli.add_command(produce)
     cli.add_command(replay_cmd)

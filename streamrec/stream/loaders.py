@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 LogFormat = Literal["ml-100k", "ml-1m", "ml-latest", "csv", "jsonl", "sessions"]
-FORMATS: tuple[str, ...] = ("ml-100k", "ml-1m", "ml-latest", "csv", "jsonl", "sessions")
+FORMATS: tuple[str, ...] = ("ml-100k", "ml-1m", "ml-latest", "csv", "jsonl", "sessions", "parquet")
 CANONICAL_COLUMNS = ("user_id", "item_id", "rating", "timestamp", "event_type")
 
 
@@ -126,6 +126,11 @@ def _read_frame(path: Path, fmt: str, mapping: dict[str, str] | None) -> pd.Data
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     elif fmt == "jsonl":
         frame = pd.read_json(path, lines=True, dtype=False)
+    elif fmt == "parquet":  # a file or a folder of parts, as `streamrec export --to parquet` and Spark write them
+        frame = pd.read_parquet(path)
+        for column in ("user_id", "item_id", "event_type"):
+            if column in frame.columns:
+                frame[column] = frame[column].astype(str)
     else:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     return frame.rename(columns=_parse_mapping(mapping))

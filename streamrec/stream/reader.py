@@ -14,9 +14,10 @@ from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 
+from streamrec.core.config import Settings
 from streamrec.stream.events import EventSchema, InvalidEvent
 from streamrec.stream.kafka import Record, TopicPartition, make_consumer
-from streamrec.stream.loaders import InteractionLog, time_order
+from streamrec.stream.loaders import InteractionLog, load_log, time_order
 from streamrec.stream.topics import end_offsets, partitions_of
 
 
@@ -95,3 +96,15 @@ def read_log(
         source=f"kafka:{topic}",
     )
     return log.take(time_order(log)), invalid
+
+
+def read_event_log(settings: Settings, source: str, fmt: str) -> InteractionLog:
+    """The event log from its beginning: `topic` (the interaction topic), `topic:NAME`, or a file
+    of format `fmt` (batch refits and `streamrec export` read their input this way)."""
+    if source == "topic" or source.startswith("topic:"):
+        topic = source.partition(":")[2] or settings.topic
+        log, _ = read_log(settings.kafka_bootstrap, topic, EventSchema.from_settings(settings), settings.kafka_client)
+        if not len(log):
+            raise ValueError(f"topic {topic!r} holds no valid events yet")
+        return log
+    return load_log(source, fmt)

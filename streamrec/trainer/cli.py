@@ -8,8 +8,11 @@ import click
 
 from streamrec.stream.datasets.resolve import DATA, DataSource
 from streamrec.stream.loaders import FORMATS
+from streamrec.trainer.engines import ENGINES, Engine
 from streamrec.trainer.interactions import WEIGHTINGS, Weighting
 
+ENGINE_HELP = "where batch models are fitted: local (this process) or spark (als, item-knn on Apache Spark)"
+SPARK_MASTER_HELP = "Spark master for --engine spark, e.g. local[2] or spark://host:7077 [settings.spark_master]"
 DATA_HELP = "log file or folder, or a data-set name like ml-100k (fetched into the cache when missing)"
 FORMAT_HELP = "format of a PATH (a data-set name brings its own)"
 
@@ -36,6 +39,15 @@ def with_device(model_name: str, params: tuple[str, ...], device: str | None) ->
     return (*params, f"device={device}")
 
 
+def use_engine(ctx: click.Context, engine: str, spark_master: str | None) -> None:
+    """Point the Spark session at `--spark-master`, else the settings' master (no-op for local)."""
+    if engine == "spark":
+        from streamrec.core.cli import settings_from
+        from streamrec.trainer.spark.session import use_master
+
+        use_master(spark_master or settings_from(ctx).spark_master)
+
+
 @click.command("evaluate")
 @click.option("--protocol", type=click.Choice(["rating", "topn", "prequential"]), required=True)
 @click.option("--model", "model_name", required=True, help="model name (see docs/models.md)")
@@ -48,18 +60,22 @@ def with_device(model_name: str, params: tuple[str, ...], device: str | None) ->
 @click.option("--weights", type=click.Choice(WEIGHTINGS), default="binary", show_default=True,
               help="topn: implicit confidence from the value column (binary, log1p or raw; EVALUATION.md)")
 @click.option("--device", default=None, help="torch device of the neural models, e.g. cuda (default: cpu)")
+@click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True, help=ENGINE_HELP)
+@click.option("--spark-master", default=None, help=SPARK_MASTER_HELP)
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON (the only output form)")
+@click.pass_context
 def evaluate_cmd(
-    protocol: str, model_name: str, params: tuple[str, ...], data: DataSource, fmt: str, seed: int, seeds: int,
-    weights: str, device: str | None, as_json: bool,
+    ctx: click.Context, protocol: str, model_name: str, params: tuple[str, ...], data: DataSource, fmt: str, seed: int,
+    seeds: int, weights: str, device: str | None, engine: str, spark_master: str | None, as_json: bool,
 ) -> None:
     """Evaluate a model with one protocol of EVALUATION.md; prints one JSON object."""
     from streamrec.core.cli import print_json
     from streamrec.trainer.evaluation.harness import evaluate
 
+    use_engine(ctx, engine, spark_master)
     try:
         result = evaluate(protocol, model_name, with_device(model_name, params, device), str(data.path),
-                          data.format_or(fmt), seed, cast(Weighting, weights), seeds)
+                          data.format_or(fmt), seed, cast(Weighting, weights), seeds, cast(Engine, engine))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     print_json(result)
@@ -76,23 +92,28 @@ def evaluate_cmd(
 @click.option("--out", "out_dir", type=click.Path(), default=None, help="artefact folder (default: $STREAMREC_HOME/refits)")
 @click.option("--publish/--no-publish", default=True, show_default=True, help="push to the parameter server")
 @click.option("--device", default=None, help="torch device of the neural models, e.g. cuda (default: cpu)")
+@click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
+              help=ENGINE_HELP + "; spark reads a Parquet log (`streamrec export --to parquet`)")
+@click.option("--spark-master", default=None, help=SPARK_MASTER_HELP)
 @click.pass_context
 def refit_cmd(
     ctx: click.Context, model_name: str, params: tuple[str, ...], source: str, fmt: str,
-    every: str | None, out_dir: str | None, publish: bool, device: str | None,
+    every: str | None, out_dir: str | None, publish: bool, device: str | None, engine: str, spark_master: str | None,
 ) -> None:
     """Fit a batch model on the event log and publish it for serving, once or periodically."""
     from streamrec.core.cli import print_json, settings_from
     from streamrec.trainer.refit import parse_period, refit_loop
 
     settings = settings_from(ctx)
+    use_engine(ctx, engine, spark_master)
     if source != "topic" and not source.startswith("topic:"):
         data = DATA.convert(source, None, ctx)
         source, fmt = str(data.path), data.format_or(fmt)
     try:
         period = parse_period(every) if every else None
         for report in refit_loop(
-            settings, model_name, with_device(model_name, params, device), source, fmt, period, out_dir, publish
+            settings, model_name, with_device(model_name, params, device), source, fmt, period, out_dir, publish,
+            cast(Engine, engine),
         ):
             print_json(report)
     except ValueError as exc:

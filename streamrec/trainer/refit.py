@@ -31,10 +31,11 @@ from streamrec.core.params import parse_params
 from streamrec.param_server.artifacts import RANKER_BLOB, encode_dense, encode_neighbors
 from streamrec.param_server.client import ParamClient, ParamServerError
 from streamrec.stream.kafka import KafkaError
-from streamrec.stream.loaders import InteractionLog, load_log
+from streamrec.stream.loaders import InteractionLog
+from streamrec.stream.reader import read_event_log
 from streamrec.trainer import refit_metrics
+from streamrec.trainer.engines import Engine, model_class
 from streamrec.trainer.interactions import Interactions
-from streamrec.trainer.models import model_class
 from streamrec.trainer.models.base import Recommender
 from streamrec.trainer.models.export import Export, NeighbourLists
 
@@ -106,37 +107,38 @@ def publish(client: ParamClient, model: Recommender, version: int, export: Expor
     return written
 
 
-def read_event_log(settings: Settings, source: str, fmt: str) -> InteractionLog:
-    """The event log from its beginning: `topic` (the interaction topic), `topic:NAME`, or a file."""
-    if source == "topic" or source.startswith("topic:"):
-        from streamrec.stream.events import EventSchema
-        from streamrec.stream.reader import read_log
+def load_refit_log(settings: Settings, source: str, fmt: str, engine: Engine) -> InteractionLog:
+    """The log a refit fits on: Spark reads the Parquet export (its input in a cluster); the local
+    engine reads the topic or any file format."""
+    if engine == "local":
+        return read_event_log(settings, source, fmt)
+    if source == "topic" or source.startswith("topic:") or fmt != "parquet":
+        raise ValueError("--engine spark reads a Parquet log: write one with `streamrec export --to parquet PATH`, "
+                         "then `refit --engine spark --from PATH --format parquet`")
+    from streamrec.trainer.spark.logs import read_parquet_log
 
-        topic = source.partition(":")[2] or settings.topic
-        log, _ = read_log(settings.kafka_bootstrap, topic, EventSchema.from_settings(settings), settings.kafka_client)
-        if not len(log):
-            raise ValueError(f"topic {topic!r} holds no valid events yet")
-        return log
-    return load_log(source, fmt)
+    return read_parquet_log(source)
 
 
 def refit_once(
     settings: Settings, model_name: str, params: list[str] | tuple[str, ...], source: str, fmt: str,
-    out_dir: str | Path | None, do_publish: bool, version: int,
+    out_dir: str | Path | None, do_publish: bool, version: int, engine: Engine = "local",
 ) -> dict[str, Any]:
-    """One refit: load the log from the beginning, fit, write artefacts, publish. Each stage's time
-    goes to `streamrec_refit_duration_seconds`; the caller counts the outcome."""
-    cls = model_class(model_name)
+    """One refit: load the log from the beginning, fit (on `engine`), write artefacts, publish.
+    Each stage's time goes to `streamrec_refit_duration_seconds`; the caller counts the outcome."""
+    cls = model_class(model_name, engine)
+    if not issubclass(cls, Recommender):
+        raise ValueError(f"{model_name!r} is an online model, not a batch model")
     model = cls(**parse_params(cls.Params, params, model_name).model_dump())
     with refit_metrics.DURATION.labels(model_name, "load").time():
-        log = read_event_log(settings, source, fmt)
+        log = load_refit_log(settings, source, fmt, engine)
         data = Interactions.from_log(log, implicit=not model.capabilities.explicit)
     fit_seconds = fit_with_progress(model, data)
     refit_metrics.DURATION.labels(model_name, "fit").observe(fit_seconds)
     out = Path(out_dir) if out_dir else Path(settings.home) / "refits"
     report: dict[str, Any] = {
         "model": model_name, "version": version, "events": len(log), "users": data.n_users,
-        "items": data.n_items, "fit_seconds": fit_seconds,
+        "items": data.n_items, "fit_seconds": fit_seconds, "engine": engine,
     }
     with refit_metrics.DURATION.labels(model_name, "publish").time():
         export = model.export()
@@ -158,7 +160,7 @@ RETRYABLE = (ValueError, OSError, ParamServerError, KafkaError)
 
 def refit_loop(
     settings: Settings, model_name: str, params: list[str] | tuple[str, ...], source: str, fmt: str,
-    period: float | None, out_dir: str | Path | None, do_publish: bool,
+    period: float | None, out_dir: str | Path | None, do_publish: bool, engine: Engine = "local",
 ) -> Iterator[dict[str, Any]]:
     """Refit once, or every `period` seconds (measured start to start) until interrupted.
 
@@ -172,7 +174,7 @@ def refit_loop(
     while True:
         started = time.monotonic()
         try:
-            report = refit_once(settings, model_name, params, source, fmt, out_dir, do_publish, version)
+            report = refit_once(settings, model_name, params, source, fmt, out_dir, do_publish, version, engine)
         except RETRYABLE as exc:
             refit_metrics.RUNS.labels(model_name, "failed").inc()
             if period is None:

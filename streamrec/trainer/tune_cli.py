@@ -9,6 +9,8 @@ import click
 
 from streamrec.stream.datasets.resolve import DATA, DataSource
 from streamrec.stream.loaders import FORMATS
+from streamrec.trainer.cli import ENGINE_HELP, SPARK_MASTER_HELP, use_engine
+from streamrec.trainer.engines import ENGINES, Engine
 from streamrec.trainer.interactions import WEIGHTINGS, Weighting
 
 
@@ -27,16 +29,21 @@ from streamrec.trainer.interactions import WEIGHTINGS, Weighting
 @click.option("--weights", type=click.Choice(WEIGHTINGS), default="binary", show_default=True,
               help="topn: implicit confidence from the value column (EVALUATION.md)")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True, help=ENGINE_HELP)
+@click.option("--spark-master", default=None, help=SPARK_MASTER_HELP)
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON (the only output form)")
-def tune_cmd(model_name: str, protocol: str, data: DataSource, fmt: str, params: tuple[str, ...], trials: int,
-             budget_seconds: float | None, metric: str | None, weights: str, seed: int, as_json: bool) -> None:
+@click.pass_context
+def tune_cmd(ctx: click.Context, model_name: str, protocol: str, data: DataSource, fmt: str, params: tuple[str, ...],
+             trials: int, budget_seconds: float | None, metric: str | None, weights: str, seed: int, engine: str,
+             spark_master: str | None, as_json: bool) -> None:
     """Tune MODEL with Optuna (TPE, median pruning) without looking at the test split; one JSON object."""
     from streamrec.core.cli import print_json
     from streamrec.trainer.tuning import tune
 
+    use_engine(ctx, engine, spark_master)
     try:
         result = tune(protocol, model_name, params, str(data.path), data.format_or(fmt), trials, budget_seconds, seed,
-                      cast(Weighting, weights), metric)
+                      cast(Weighting, weights), metric, engine=cast(Engine, engine))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     print_json(result)

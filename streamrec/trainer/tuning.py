@@ -34,7 +34,7 @@ from streamrec.core.params import (
     parse_params,
 )
 from streamrec.stream.loaders import InteractionLog, load_log
-from streamrec.trainer import registry
+from streamrec.trainer.engines import Engine, model_class
 from streamrec.trainer.evaluation.metrics import rmse
 from streamrec.trainer.evaluation.prequential import run_prequential
 from streamrec.trainer.evaluation.rating import fold_predictions, run_rating
@@ -132,12 +132,14 @@ def _prequential(cls: type[OnlineRecommender], log: InteractionLog, fixed: dict[
 def tune(protocol: str, model: str, params: list[str] | tuple[str, ...], data: str | Path, fmt: str = "ml-100k",
          trials: int = 30, budget_seconds: float | None = None, seed: int = 0, weights: Weighting = "binary",
          metric: str | None = None, log: InteractionLog | None = None, space: SearchSpace | None = None,
-         ) -> dict[str, Any]:
+         engine: Engine = "local") -> dict[str, Any]:
     """Search `model`'s declared space (or `space`) on validation data carved from the training
     part, then score the defaults and the winner once on the protocol's test data. `params` are fixed."""
     import optuna
 
-    cls = registry.model_class(model)
+    if engine != "local" and protocol == "prequential":
+        raise ValueError(f"the prequential protocol learns online, in this process: --engine {engine} does not apply")
+    cls = model_class(model, engine)
     space = dict(cls.search_space if space is None else space)
     fixed_typed = parse_params(cls.Params, params, model)
     fixed = fixed_typed.model_dump(exclude_unset=True)

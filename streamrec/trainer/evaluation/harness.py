@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from streamrec.stream.loaders import InteractionLog, load_log
+from streamrec.trainer.engines import Engine
 from streamrec.trainer.interactions import WEIGHTINGS, Weighting
 
 PROTOCOLS = ("rating", "topn", "prequential")
@@ -16,9 +17,9 @@ PROTOCOLS = ("rating", "topn", "prequential")
 
 def evaluate(
     protocol: str, model: str, params: list[str] | tuple[str, ...], data: str | Path,
-    fmt: str = "ml-100k", seed: int = 0, weights: Weighting = "binary", seeds: int = 1,
+    fmt: str = "ml-100k", seed: int = 0, weights: Weighting = "binary", seeds: int = 1, engine: Engine = "local",
 ) -> dict[str, Any]:
-    """Evaluate `model` with `--param` pairs on the log at `data`.
+    """Evaluate `model` with `--param` pairs on the log at `data`, fitted on `engine`.
 
     With `seeds` > 1 the model is fitted and scored once per seed (`seed`, `seed` + 1, ...):
     `metrics` holds the means, `metrics_stderr` their standard errors, `per_seed` every run. A
@@ -33,8 +34,8 @@ def evaluate(
     params, tuned = _without_tuned(params)
     log = load_log(data, fmt)
     if tuned:
-        return _tuned(protocol, model, params, log, data, fmt, seed, weights)
-    runs = [_evaluate_once(protocol, model, params, log, data, fmt, seed + n, weights) for n in range(seeds)]
+        return _tuned(protocol, model, params, log, data, fmt, seed, weights, engine)
+    runs = [_evaluate_once(protocol, model, params, log, data, fmt, seed + n, weights, engine) for n in range(seeds)]
     first = runs[0]
     result: dict[str, Any] = {
         "protocol": protocol, "model": model, "params": first["params"],
@@ -47,6 +48,7 @@ def evaluate(
         "eval_seconds": first["eval_seconds"],
         "events_per_second": first.get("events_per_second"),
         "seed": seed,
+        "engine": engine,
     }
     if "blend_combiner_per_fold" in first:  # which combiner a blend's `auto` chose on each fold
         result["blend_combiner_per_fold"] = first["blend_combiner_per_fold"]
@@ -76,12 +78,13 @@ def _without_tuned(params: list[str] | tuple[str, ...]) -> tuple[list[str], bool
 
 
 def _tuned(protocol: str, model: str, params: list[str], log: InteractionLog, data: str | Path, fmt: str,
-           seed: int, weights: Weighting) -> dict[str, Any]:
+           seed: int, weights: Weighting, engine: Engine) -> dict[str, Any]:
     """The protocol's figures for hyper-parameters searched on the training part (a small budget);
     the search never sees the test split (streamrec.trainer.tuning)."""
     from streamrec.trainer.tuning import tune
 
-    search = tune(protocol, model, params, data, fmt, TUNED_TRIALS, TUNED_BUDGET_SECONDS, seed, weights, log=log)
+    search = tune(protocol, model, params, data, fmt, TUNED_TRIALS, TUNED_BUDGET_SECONDS, seed, weights, log=log,
+                  engine=engine)
     result = search["test"]["tuned"]
     return {
         "protocol": protocol, "model": model, "params": search["best_params"],
@@ -113,9 +116,10 @@ def _over_seeds(runs: list[dict[str, Any]], seed: int) -> dict[str, Any]:
 
 
 def _evaluate_once(protocol: str, model: str, params: list[str] | tuple[str, ...], log: InteractionLog,
-                   data: str | Path, fmt: str, seed: int, weights: Weighting) -> dict[str, Any]:
+                   data: str | Path, fmt: str, seed: int, weights: Weighting, engine: Engine) -> dict[str, Any]:
     from streamrec.core.params import parse_params
     from streamrec.trainer import registry
+    from streamrec.trainer.engines import model_class
     from streamrec.trainer.evaluation.prequential import run_prequential
     from streamrec.trainer.evaluation.rating import run_rating
     from streamrec.trainer.evaluation.topn import run_topn
@@ -123,6 +127,8 @@ def _evaluate_once(protocol: str, model: str, params: list[str] | tuple[str, ...
     from streamrec.trainer.online.base import OnlineRecommender
 
     if protocol == "prequential":
+        if engine != "local":
+            raise ValueError(f"the prequential protocol learns online, in this process: --engine {engine} does not apply")
         online = registry.model_class(model)
         if not issubclass(online, OnlineRecommender):
             raise ValueError(f"{model} is not an online model; the prequential protocol needs one "
@@ -134,7 +140,7 @@ def _evaluate_once(protocol: str, model: str, params: list[str] | tuple[str, ...
         return {**run_prequential(online(**hyper), log), "params": hyper}
     if protocol not in ("rating", "topn"):
         raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
-    cls = registry.model_class(model)
+    cls = model_class(model, engine)
     if not issubclass(cls, Recommender):
         raise ValueError(f"{model} is an online model; the {protocol} protocol needs a batch model")
     needed = "explicit" if protocol == "rating" else "implicit"

@@ -98,9 +98,13 @@ class _NeighbourModel(Recommender):
         self.residual = residual
         entities = self.ratings.T.tocsr() if self.item_based else self.ratings
         res_entities = residual.T.tocsr() if self.item_based else residual
-        sim = similarity(entities, sim_kind, self.params["shrinkage"], self.params["damping"], res_entities)
+        sim = self._similarity(entities, sim_kind, res_entities)
         # explicit: keep every co-rated pair (the k are chosen per prediction among rated ones)
         self.sim = sim if self.explicit else truncate_top_k(sim, self.k)
+
+    def _similarity(self, entities: sp.csr_matrix, kind: str, residuals: sp.csr_matrix) -> sp.csr_matrix:
+        """Entity x entity similarity of `kind` (an engine may compute it elsewhere: Spark)."""
+        return similarity(entities, kind, self.params["shrinkage"], self.params["damping"], residuals)
 
     # ---- explicit: KNN estimate per pair ------------------------------------------------------
     def _baseline(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
