@@ -8,6 +8,8 @@ a direct count of what was produced (a shortfall is a lost event, an excess a du
 from __future__ import annotations
 
 import shutil
+import signal
+import time
 from collections import Counter
 
 import pytest
@@ -107,3 +109,23 @@ def test_redis_outage_and_wipe_lose_and_double_nothing(online_settings, start_se
         shard_counts_match(server.address, events)
     finally:
         infra.stop(redis.to_json())
+
+
+@pytest.mark.parametrize("when", ["idle", "mid-batch"])
+def test_sigterm_stops_a_trainer_whose_parameter_server_is_gone(online_settings, start_server, tmp_path, when):
+    """An orphaned trainer (its parameter server SIGKILLed, never back) still stops on SIGTERM,
+    promptly and cleanly, whether it noticed the outage while idle or with a batch in hand."""
+    server = start_server("--no-checkpoints")
+    events = planted_events(3000)
+    trainer = TrainerProcess(online_settings, server.address, tmp_path / "r.json", "--no-feature-store")
+    produce_events(online_settings, events[:1000])
+    wait_until(lambda: applied(server.address) == 1000, timeout=120)
+    server.kill()
+    if when == "mid-batch":
+        produce_events(online_settings, events[1000:])  # the next push finds no server
+    time.sleep(3)
+    assert trainer.proc.poll() is None  # it waits for the server, as it should
+    started = time.monotonic()
+    trainer.proc.send_signal(signal.SIGTERM)
+    trainer.wait(timeout=30)
+    assert time.monotonic() - started < 20

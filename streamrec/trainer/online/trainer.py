@@ -194,8 +194,9 @@ class OnlineTrainer:
                 self._event_ids.restore(self.store.get_meta(), keys)  # the ids as they were at the resume point
                 break
             except (ParamServerError, ConnectionError) as exc:  # a shard down or restarting
-                if self.stop_requested.is_set():
-                    raise
+                if self.stop_requested.is_set():  # nothing uncommitted is lost: it is read again from the shards' offsets
+                    log.warning("stopping with the parameter server unavailable (%s): %s left unpositioned", exc, keys)
+                    return
                 log.warning("parameter server unavailable while positioning %s (%s): waiting for it", keys, exc)
                 self._wait_for_param_server()
         floors = self.consumer.beginning_offsets(partitions)
@@ -400,6 +401,8 @@ class OnlineTrainer:
                 self._wait_quietly(pending)
                 log.warning("parameter server unavailable (%s): waiting for it, then resuming from its offsets", exc)
                 self._wait_for_param_server()
+                if self.stop_requested.is_set():  # SIGTERM while waiting: the batch stays uncommitted, for the next run
+                    return None
                 if not self._after_restarts():
                     self._resync(self.consumer.assignment(), "param_server_error")
                 return None
