@@ -13,6 +13,8 @@ from streamrec.trainer.interactions import WEIGHTINGS, Weighting
 
 ENGINE_HELP = "where batch models are fitted: local (this process) or spark (als, item-knn on Apache Spark)"
 SPARK_MASTER_HELP = "Spark master for --engine spark, e.g. local[2] or spark://host:7077 [settings.spark_master]"
+NPROC_HELP = ("train a torch family data-parallel in N processes (torch.distributed, DDP under torchrun; gloo on "
+              "CPU, nccl on GPU); the global batch stays `batch_size`")
 DATA_HELP = "log file or folder, or a data-set name like ml-100k (fetched into the cache when missing)"
 FORMAT_HELP = "format of a PATH (a data-set name brings its own)"
 
@@ -39,6 +41,23 @@ def with_device(model_name: str, params: tuple[str, ...], device: str | None) ->
     return (*params, f"device={device}")
 
 
+def use_ranks(model_name: str, nproc: int) -> None:
+    """`--nproc N` > 1: re-run this command as N data-parallel ranks under torchrun and exit with
+    their status; in a rank other than 0, keep stdout quiet (streamrec.trainer.launch)."""
+    from streamrec.trainer.launch import check_data_parallel, quiet_unless_primary, relaunch
+    from streamrec.trainer.models import model_class
+
+    quiet_unless_primary()
+    if nproc == 1:
+        return
+    try:
+        check_data_parallel(model_class(model_name), nproc)
+        status = relaunch(nproc)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    raise SystemExit(status)
+
+
 def use_engine(ctx: click.Context, engine: str, spark_master: str | None) -> None:
     """Point the Spark session at `--spark-master`, else the settings' master (no-op for local)."""
     if engine == "spark":
@@ -62,16 +81,18 @@ def use_engine(ctx: click.Context, engine: str, spark_master: str | None) -> Non
 @click.option("--device", default=None, help="torch device of the neural models, e.g. cuda (default: cpu)")
 @click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True, help=ENGINE_HELP)
 @click.option("--spark-master", default=None, help=SPARK_MASTER_HELP)
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True, help=NPROC_HELP)
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON (the only output form)")
 @click.pass_context
 def evaluate_cmd(
     ctx: click.Context, protocol: str, model_name: str, params: tuple[str, ...], data: DataSource, fmt: str, seed: int,
-    seeds: int, weights: str, device: str | None, engine: str, spark_master: str | None, as_json: bool,
+    seeds: int, weights: str, device: str | None, engine: str, spark_master: str | None, nproc: int, as_json: bool,
 ) -> None:
     """Evaluate a model with one protocol of EVALUATION.md; prints one JSON object."""
     from streamrec.core.cli import print_json
     from streamrec.trainer.evaluation.harness import evaluate
 
+    use_ranks(model_name, nproc)
     use_engine(ctx, engine, spark_master)
     try:
         result = evaluate(protocol, model_name, with_device(model_name, params, device), str(data.path),
@@ -95,16 +116,21 @@ def evaluate_cmd(
 @click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
               help=ENGINE_HELP + "; spark reads a Parquet log (`streamrec export --to parquet`)")
 @click.option("--spark-master", default=None, help=SPARK_MASTER_HELP)
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True, help=NPROC_HELP)
 @click.pass_context
 def refit_cmd(
     ctx: click.Context, model_name: str, params: tuple[str, ...], source: str, fmt: str,
     every: str | None, out_dir: str | None, publish: bool, device: str | None, engine: str, spark_master: str | None,
+    nproc: int,
 ) -> None:
     """Fit a batch model on the event log and publish it for serving, once or periodically."""
     from streamrec.core.cli import print_json, settings_from
     from streamrec.trainer.refit import parse_period, refit_loop
 
     settings = settings_from(ctx)
+    if engine == "spark" and nproc > 1:
+        raise click.UsageError("--nproc trains torch families; Spark distributes --engine spark fits itself")
+    use_ranks(model_name, nproc)
     use_engine(ctx, engine, spark_master)
     if source != "topic" and not source.startswith("topic:"):
         data = DATA.convert(source, None, ctx)

@@ -38,6 +38,7 @@ from streamrec.trainer.engines import Engine, model_class
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.base import Recommender
 from streamrec.trainer.models.export import Export, NeighbourLists
+from streamrec.trainer.models.neural.distributed import is_primary, world
 
 PERIOD_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -138,8 +139,10 @@ def refit_once(
     out = Path(out_dir) if out_dir else Path(settings.home) / "refits"
     report: dict[str, Any] = {
         "model": model_name, "version": version, "events": len(log), "users": data.n_users,
-        "items": data.n_items, "fit_seconds": fit_seconds, "engine": engine,
+        "items": data.n_items, "fit_seconds": fit_seconds, "engine": engine, "ranks": world()[1],
     }
+    if not is_primary():  # another rank of a data-parallel fit (--nproc): rank 0 writes and publishes
+        return report
     with refit_metrics.DURATION.labels(model_name, "publish").time():
         export = model.export()
         report["artefacts"] = write_artefacts(model, export, out / model_name / f"v{version:06d}")

@@ -36,6 +36,8 @@ from streamrec.trainer.models.base import (
     Capabilities,
     Recommender,
 )
+from streamrec.trainer.models.neural import distributed
+from streamrec.trainer.models.neural.distributed import parallel_loss
 from streamrec.trainer.models.neural.history import HistoryPooling
 from streamrec.trainer.models.popularity_blend import RankingParams
 from streamrec.trainer.models.seen_pairs import SeenPairs
@@ -201,6 +203,7 @@ class NeuralRecommender(Recommender):
 
     capabilities: ClassVar[Capabilities] = Capabilities(implicit=True)
     Params: ClassVar[type[NeuralParams]] = NeuralParams
+    data_parallel: ClassVar[bool] = False  # batches of independent examples: `--nproc` may slice them (distributed.py)
     # what every family shares; the budget (`tune --budget-seconds`) keeps this practical on 2 cores
     search_space: ClassVar[SearchSpace] = space(lr=FloatRange(1e-4, 1e-2, log=True), epochs=IntRange(5, 50),
                                            weight_decay=FloatRange(1e-8, 1e-3, log=True),
@@ -273,6 +276,11 @@ class NeuralRecommender(Recommender):
 
         p = self.params
         self.device = configure(p["seed"], p["threads"], p["device"])
+        if distributed.requested():
+            if not self.data_parallel:
+                raise ValueError(f"{self.name} cannot be trained data-parallel (--nproc): its batches are not "
+                                 "independent examples (see streamrec.trainer.models.neural.distributed)")
+            distributed.join(self.device)
         rng = np.random.default_rng(p["seed"])
         train_mask, val = leave_last_out(interactions)
         if p["patience"] <= 0 or not len(val):
@@ -311,6 +319,7 @@ class NeuralRecommender(Recommender):
         p = self.params
         optimizer = self._optimizer()
         penalty = EmbeddingPenalty(self.module, p["embedding_reg"])
+        loss_of = parallel_loss(self.module, self._loss)  # `_loss` itself in a single process
         judge_blend = p["stop_on"] == "blend" and p["popularity_blend"] == "auto"
         best, best_state, best_epochs, waited = -np.inf, None, epochs, 0
         learned = not len(val_users) or not judge_blend
@@ -323,7 +332,9 @@ class NeuralRecommender(Recommender):
                 self.module.train()
                 for batch in self._batches(rng):
                     optimizer.zero_grad(set_to_none=True)
-                    loss = self._loss(batch)
+                    loss = loss_of(batch)
+                    if loss is None:  # fewer rows than ranks: skipped by every rank
+                        continue
                     (loss + penalty.take()).backward()
                     optimizer.step()
                     total += float(loss.detach())
@@ -400,6 +411,7 @@ class PointwiseRecommender(NeuralRecommender):
 
     Params: ClassVar[type[NeuralParams]] = PointwiseParams
     search_space: ClassVar[SearchSpace] = space(**NeuralRecommender.search_space, user_history=Choice((False, True)))
+    data_parallel = True
 
     def _poolings(self) -> list[HistoryPooling]:
         return [m for m in self.module.modules() if isinstance(m, HistoryPooling)] if self.module is not None else []

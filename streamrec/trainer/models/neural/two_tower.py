@@ -79,6 +79,7 @@ class YouTubeDNN(NeuralRecommender):
 
     name = "youtube-dnn"
     Params = YouTubeDNNParams
+    data_parallel = True  # one example per row; the sampled negatives are shared by the batch
 
     def _prepare(self, train: Interactions, rng: np.random.Generator) -> None:
         side = load_side_features(self.params["side_data"], train.users, train.items)
