@@ -50,6 +50,37 @@ def report_cmd(ctx: click.Context, experiments_file: Path | None, only: str | No
     print_json(report)
 
 
+@experiments_group.command("watch")
+@click.option("--window", default="30m", show_default=True, help="a hit: the user's next events within this long")
+@click.option("--lateness", default="60s", show_default=True,
+              help="how far behind the newest timestamp a record may arrive and still be joined")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
+              help="Prometheus port [settings.metrics_port]")
+@click.option("--from-beginning", is_flag=True, help="read both topics from their beginnings (else from their ends)")
+@click.pass_context
+def watch_cmd(ctx: click.Context, window: str, lateness: str, metrics_port: int | None, from_beginning: bool) -> None:
+    """Serve live per-arm impressions, hits, clicks and shown items as Prometheus series (CTR and
+    hit@k are their ratios) until SIGTERM; the same join as `experiments report`."""
+    import signal
+    import threading
+
+    from streamrec.core.cli import settings_from
+    from streamrec.serving.experiment_watch import watch
+    from streamrec.trainer.refit import parse_period
+
+    settings = settings_from(ctx)
+    port = metrics_port or settings.metrics_port
+    if not port:
+        raise click.UsageError("give --metrics-port (or STREAMREC_METRICS_PORT): the series are the output")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        watch(settings, parse_period(window), parse_period(lateness), stop, port, from_beginning)
+    except (OSError, ValueError, TimeoutError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 @click.command("serve")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True, help="worker processes")
 @click.option("--host", default="127.0.0.1", show_default=True)

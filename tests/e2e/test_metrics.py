@@ -62,7 +62,7 @@ def test_catalogue_parses_and_follows_the_naming_convention():
     rows = catalogue()
     assert len(rows) >= 30, rows
     for name, (kind, process) in rows.items():
-        assert process in {"param-server", "train-online", "serve", "refit"}, (name, process)
+        assert process in {"param-server", "train-online", "serve", "refit", "experiments-watch"}, (name, process)
         assert kind in {"counter", "gauge", "histogram"}, (name, kind)
         assert (kind == "counter") == name.endswith("_total"), name
         assert re.fullmatch(r"streamrec_(stream|trainer|param_server|serving|refit)_[a-z0-9_]+", name), name

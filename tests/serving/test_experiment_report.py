@@ -107,15 +107,20 @@ def test_a_lopsided_split_raises_the_sample_ratio_warning() -> None:
     assert build_report(*encoded(impressions, events), WINDOW, None)["srm"] is None  # no weights, no check
 
 
-def test_the_command_reads_both_topics(settings) -> None:
-    impressions, events, truth = world(users_a=40, users_b=40)
-    create_topics(settings.kafka_bootstrap, [settings.topic, settings.impressions_topic], 1)
+def produce_world(settings, impressions: list[dict], events: list[dict], partitions: int) -> None:
+    """The impressions and events on the settings' topics, created with `partitions` each."""
+    create_topics(settings.kafka_bootstrap, [settings.topic, settings.impressions_topic], partitions)
     with make_producer(settings.kafka_bootstrap) as producer:
         for value in encode_records(impressions):
             producer.send(settings.impressions_topic, value)
         for event in events:
             producer.send(settings.topic, orjson.dumps(event), event["user_id"].encode())
         producer.flush()
+
+
+def test_the_command_reads_both_topics(settings) -> None:
+    impressions, events, truth = world(users_a=40, users_b=40)
+    produce_world(settings, impressions, events, 1)
     spec = settings.home / "experiments.yaml"
     spec.parent.mkdir(parents=True, exist_ok=True)
     spec.write_text("experiments: [{name: e, arms: [{name: a}, {name: b}]}]\n")
