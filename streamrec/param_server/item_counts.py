@@ -3,16 +3,16 @@
 Why a second count: the dedup watermarks decide what is applied, so they cannot also prove that
 nothing was lost or applied twice. A chaos run compares these counts with a direct count of the
 log instead. Every shard counts every item of the pushes it applies, so each shard's counts can be
-checked on their own. Updates run in C-level iteration (map/zip/dict.update), not a Python loop.
+checked on their own. Updates run in C-level iteration (map/zip/dict.update), not a Python loop; no pandas, which the
+shard process does not otherwise load (with pyarrow installed pandas brings it along: ~50 MB).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import repeat
+from itertools import count, repeat
 
 import numpy as np
-import pandas as pd
 
 from streamrec.param_server.defaults import MAX_EVENTS_PER_PUSH
 
@@ -24,13 +24,14 @@ def checked_counts(item_ids: Sequence[str], counts: np.ndarray) -> tuple[list[st
         raise ValueError(f"item counts must be {len(item_ids)} integers, one per item id, got {counts.dtype} {counts.shape}")
     if counts.size and (counts.min() < 0 or counts.max() > MAX_EVENTS_PER_PUSH):
         raise ValueError(f"item counts must be in [0, {MAX_EVENTS_PER_PUSH}]")
-    ids = pd.Index(list(item_ids), dtype=object)
-    if len(ids) and ids.inferred_type != "string":
+    ids = list(item_ids)
+    if not all(map(isinstance, ids, repeat(str))):
         raise ValueError("item ids must be strings")
-    codes, distinct = pd.factorize(ids)
-    sums = np.zeros(len(distinct), np.int64)
+    position = dict(zip(dict.fromkeys(ids), count()))  # distinct ids in order of first appearance
+    codes = np.fromiter(map(position.__getitem__, ids), np.int64, len(ids))
+    sums = np.zeros(len(position), np.int64)
     np.add.at(sums, codes, counts.astype(np.int64))
-    return list(distinct), sums
+    return list(position), sums
 
 
 class ItemEventCounts:

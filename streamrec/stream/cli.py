@@ -170,8 +170,12 @@ def bench_stream_cmd(ctx: click.Context, events: int, client: str | None, partit
 @click.pass_context
 def export_cmd(ctx: click.Context, target_format: str, path: Path, source: str, fmt: str) -> None:
     """Write the interaction log to PATH (Parquet: the input of `refit --engine spark`); prints JSON."""
-    from streamrec.stream.export import export_parquet
     from streamrec.stream.reader import read_event_log
+
+    try:
+        from streamrec.stream.export import export_parquet
+    except ImportError as exc:
+        raise _fail(f"Parquet needs pyarrow: pip install 'streamrec[parquet]' ({exc})") from exc
 
     settings = settings_from(ctx)
     if source != "topic" and not source.startswith("topic:"):

@@ -127,7 +127,10 @@ def _read_frame(path: Path, fmt: str, mapping: dict[str, str] | None) -> pd.Data
     elif fmt == "jsonl":
         frame = pd.read_json(path, lines=True, dtype=False)
     elif fmt == "parquet":  # a file or a folder of parts, as `streamrec export --to parquet` and Spark write them
-        frame = pd.read_parquet(path)
+        try:
+            frame = pd.read_parquet(path)
+        except ImportError as exc:
+            raise ValueError(f"--format parquet needs pyarrow: pip install 'streamrec[parquet]' ({exc})") from exc
         for column in ("user_id", "item_id", "event_type"):
             if column in frame.columns:
                 frame[column] = frame[column].astype(str)
