@@ -45,6 +45,14 @@ def restart_on_same_port(start_server, address: str, *args: str):
     return start_server(*args, "--port", address.rsplit(":", 1)[1])
 
 
+def trainer_that_applied(settings, address: str, tmp_path, events: list[dict]) -> TrainerProcess:
+    """A trainer (no feature store) of the server at `address` once it has applied `events`."""
+    trainer = TrainerProcess(settings, address, tmp_path / "r.json", "--no-feature-store")
+    produce_events(settings, events)
+    wait_until(lambda: applied(address) == len(events), timeout=120)
+    return trainer
+
+
 @pytest.mark.parametrize("checkpoints", ["old", "deleted"])
 def test_a_restarted_parameter_server_loses_nothing(online_settings, start_server, tmp_path, checkpoints):
     """The issue's three steps: 3,000 events applied, the server SIGKILLed and restarted from a
@@ -55,9 +63,7 @@ def test_a_restarted_parameter_server_loses_nothing(online_settings, start_serve
     args = ("--checkpoint-dir", str(ckpt), "--checkpoint-every", "3600" if checkpoints == "old" else "1")
     server = start_server(*args)
     events = planted_events(5000)
-    trainer = TrainerProcess(online_settings, server.address, tmp_path / "r.json", "--no-feature-store")
-    produce_events(online_settings, events[:3000])
-    wait_until(lambda: applied(server.address) == 3000, timeout=120)
+    trainer = trainer_that_applied(online_settings, server.address, tmp_path, events[:3000])
     server.kill()
     if checkpoints == "deleted":
         shutil.rmtree(ckpt)
@@ -117,9 +123,7 @@ def test_sigterm_stops_a_trainer_whose_parameter_server_is_gone(online_settings,
     promptly and cleanly, whether it noticed the outage while idle or with a batch in hand."""
     server = start_server("--no-checkpoints")
     events = planted_events(3000)
-    trainer = TrainerProcess(online_settings, server.address, tmp_path / "r.json", "--no-feature-store")
-    produce_events(online_settings, events[:1000])
-    wait_until(lambda: applied(server.address) == 1000, timeout=120)
+    trainer = trainer_that_applied(online_settings, server.address, tmp_path, events[:1000])
     server.kill()
     if when == "mid-batch":
         produce_events(online_settings, events[1000:])  # the next push finds no server
