@@ -107,6 +107,7 @@ class PipelineRun:
     queries: Queries
     revived_trainers: int
     logs: Path
+    serving_warm_at: float | None = None  # every serving worker had a model (None: not seen; faults only)
 
 
 def speed_for_rate(log: InteractionLog, rate: float) -> float:
@@ -140,6 +141,7 @@ def run_pipeline(settings: Settings, log: InteractionLog, options: ChaosOptions,
     cluster = Cluster(settings, out, options.shape)
     sampler: Sampler | None = None
     queries: Queries | None = None
+    warm_at: float | None = None
     try:
         settings = cluster.start()
         sampler = Sampler(settings.param_servers, settings.redis_url, settings.feature_prefix)
@@ -157,7 +159,7 @@ def run_pipeline(settings: Settings, log: InteractionLog, options: ChaosOptions,
             replay_started = time.monotonic()
             replaying = pool.submit(replay, log, publisher, speed_for_rate(log, options.rate), None, progress, 100)
             if plan:
-                wait_until_warm(cluster, sampler, queries, replaying)
+                warm_at = wait_until_warm(cluster, sampler, queries, replaying)
             faults, points = inject_faults(cluster, settings, plan, produced, replaying, options)
             result = replaying.result()
         publisher.close()
@@ -180,7 +182,7 @@ def run_pipeline(settings: Settings, log: InteractionLog, options: ChaosOptions,
         cluster.stop()
     reports = [report for path in cluster.reports if (report := read_json(path)) is not None]
     return PipelineRun(result, replay_started, drained, drain_seconds, applied, faults, points,
-                       TopicIndex.read(settings), reports, queries, cluster.revived, out)
+                       TopicIndex.read(settings), reports, queries, cluster.revived, out, warm_at)
 
 
 def audit_now(settings: Settings) -> AuditPoint:
@@ -193,16 +195,17 @@ def audit_now(settings: Settings) -> AuditPoint:
 
 
 def wait_until_warm(cluster: Cluster, sampler: Sampler, queries: Queries, replaying: Future,
-                    timeout_s: float = 180.0) -> None:
+                    timeout_s: float = 180.0) -> float | None:
     """Faults strike a running pipeline, not one still starting: wait until the parameter server
-    has applied events and serving has answered a recommendation (a fault planned earlier strikes
-    then)."""
+    has applied events and every serving worker has a model (a fault planned earlier strikes then).
+    Returns the time the last worker had one: the end of serving's warm-up, None if not seen."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and not replaying.done():
         if queries.latencies and any(s.applied for s in sampler.samples[-1:]):
-            return
+            return cluster.wait_every_worker_ready()
         time.sleep(0.1)
         cluster.revive_trainers()
+    return None
 
 
 def inject_faults(cluster: Cluster, settings: Settings, plan: list[PlannedFault], produced: list[int],
@@ -311,13 +314,18 @@ def prequential(reports: list[dict[str, Any]]) -> dict[str, Any]:
             "trainer_reports": len(reports)}
 
 
-def serving_summary(queries: Queries, faults: list[FaultRecord]) -> dict[str, Any]:
+def serving_summary(queries: Queries, faults: list[FaultRecord], warm_at: float | None) -> dict[str, Any]:
     """Requests and failures; a failure is in flight on a killed worker when it got no HTTP answer
-    and was under way when a worker was killed. 503s before serving first answered are warm-up."""
+    and was under way when a worker was killed. 503s before every worker had a model (`warm_at`; the
+    first answer when that was not seen) are warm-up: a worker that has not yet polled the first
+    model answers 503 while a sibling already serves it."""
     kills = [f for f in faults if f.planned.kind is FaultKind.SERVING_WORKER_KILL]
     first_answer = queries.latencies[0][0] if queries.latencies else float("inf")
-    late_503 = [detail for t, detail in queries.unavailable if t > first_answer]
-    late_note = f"HTTP 503 after serving was ready ({len(late_503)}x): {sorted(set(late_503))[:3]}"
+    warm = max(first_answer, warm_at) if warm_at is not None else first_answer
+    late = [(t, detail) for t, detail in queries.unavailable if t > warm]
+    late_503 = [detail for _, detail in late]
+    late_note = (f"HTTP 503 after serving was ready ({len(late_503)}x): {sorted(set(late_503))[:3]}, "
+                 f"{sorted({_after_fault(t, faults) for t, _ in late})[:5]}")
 
     def in_flight(failure: Any) -> bool:
         return failure.transport and any(
@@ -340,6 +348,15 @@ def serving_summary(queries: Queries, faults: list[FaultRecord]) -> dict[str, An
         "first_answer_after_kill_seconds": first_answers,
         "p99_ms": queries.percentile(99),
     }
+
+
+def _after_fault(at: float, faults: list[FaultRecord]) -> str:
+    """'1.3 s after serving_worker_kill': where a failure sits in the schedule, for the report."""
+    before = [f for f in faults if f.at <= at]
+    if not before:
+        return "before any fault"
+    last = max(before, key=lambda f: f.at)
+    return f"{at - last.at:.1f} s after {last.planned.kind}"
 
 
 def store_totals(run: PipelineRun, expected: Any) -> dict[str, Any]:
@@ -406,7 +423,7 @@ def run_summary(run: PipelineRun, expected: Any) -> dict[str, Any]:
 
 def chaos_report(log: InteractionLog, options: ChaosOptions, faulty: PipelineRun, clean: PipelineRun | None) -> dict[str, Any]:
     expected = item_counts(log.item_id)  # the direct count from the file
-    serving = serving_summary(faulty.queries, faulty.faults)  # sets the serving faults' recovery times
+    serving = serving_summary(faulty.queries, faulty.faults, faulty.serving_warm_at)  # sets the serving faults' recovery times
     kinds, unattributed = per_kind(faulty, options)
     summary = run_summary(faulty, expected)
     live, clean_summary = summary["prequential"], None if clean is None else run_summary(clean, expected)

@@ -191,15 +191,23 @@ class Cluster:
             time.sleep(0.05)
         return []
 
-    def _wait_ready(self, pids: set[int], deadline: float) -> float | None:
+    def _wait_ready(self, pids: set[int], deadline: float, every: bool = False) -> float | None:
         """Poll /readyz on fresh connections (each may land on any worker) until one of `pids`
-        answers ready; the time it did."""
-        while pids and time.monotonic() < deadline:
+        (with `every`, each of them) has answered ready; the time it did."""
+        waiting = set(pids)
+        while waiting and time.monotonic() < deadline:
             try:
                 reply = httpx.get(f"{self.serving_url}/readyz", timeout=1.0)
-                if reply.status_code == 200 and reply.json().get("pid") in pids:
-                    return time.monotonic()
+                if reply.status_code == 200 and reply.json().get("pid") in waiting:
+                    waiting = waiting - {reply.json()["pid"]} if every else set()
+                    if not waiting:
+                        return time.monotonic()
             except httpx.TransportError:
                 pass
             time.sleep(0.05)
         return None
+
+    def wait_every_worker_ready(self, within_s: float = 30.0) -> float | None:
+        """The time every serving worker had answered /readyz with a model loaded (None: not within
+        `within_s`): until then a request may land on a worker still without one (warm-up)."""
+        return self._wait_ready(set(self.serving_workers()), time.monotonic() + within_s, every=True)

@@ -113,6 +113,8 @@ class History:
             fresh = self._call(lambda: self.store.popular(fetch))
             if fresh is None:
                 return None
+            if not fresh:  # nothing written yet (a new or just restarted Redis): ask again next time
+                return fresh
             self._trending, self._trending_n, self._trending_at = fresh, fetch, now
         return self._trending if len(self._trending) <= n else self._trending[:n]  # same object while cached
 

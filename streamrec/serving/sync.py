@@ -158,12 +158,17 @@ class Syncer:
         """Poll every `poll_interval` seconds until `stop` is set; never raises. Until the worker is
         ready, a failed poll is retried after FIRST_RETRY_S (a worker replacing a killed one while a
         shard restarts gets its model as soon as the shard is back); after `first_poll_wait_s` it
-        polls every `poll_interval` again, so a long outage costs no more than a short one."""
+        polls every `poll_interval` again, so a long outage costs no more than a short one.
+        A worker without a model whose poll succeeded (no shard has the item table yet) also polls
+        every FIRST_RETRY_S: the first model is picked up at once, not a poll interval (a minute by
+        default) after a sibling worker began serving it."""
         hurry_until = time.monotonic() + self.config.first_poll_wait_s
         while not stop.is_set():
             started = time.monotonic()
+            answered = False
             try:
                 self.poll()
+                answered = True
             except Exception as exc:  # noqa: BLE001 - the sync thread must survive any failure and keep the last state
                 self.metrics.sync_failures.inc()
                 self.holder.last_error = f"{type(exc).__name__}: {exc}"
@@ -171,7 +176,8 @@ class Syncer:
             for upkeep in self.between_polls:
                 upkeep()
             self._trimmer.trim_if_due()  # on this thread, between polls: never inside a request
-            hurry = not self.ready.is_set() and started < hurry_until
+            hurry = ((not self.ready.is_set() and started < hurry_until)
+                     or (answered and self.holder.current is None))
             next_poll = started + (min(self.config.poll_interval, FIRST_RETRY_S) if hurry else self.config.poll_interval)
             while not stop.wait(max(0.0, min(GAUGE_REFRESH_S, next_poll - time.monotonic()))):
                 staleness = self.holder.staleness()

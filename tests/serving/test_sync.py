@@ -174,8 +174,10 @@ def test_redis_outage_serves_without_history(ps: ParamClient, param_server: Serv
         infra.stop(redis_server.to_json())
     degraded = serving.get("/recommend", user_id="u", k=5).json()
     assert degraded["degraded"] == ["redis"] and [item["item_id"] for item in degraded["items"]] == full
-    cold = serving.get("/recommend", user_id="nobody", k=3).json()  # no trending: the bias prior
-    assert cold["cold_start"] and cold["items"][0]["sources"] == ["prior"] and len(cold["items"]) == 3
+    # no trending once the worker's cached list (trending_cache_s) has lapsed: the bias prior
+    cold = wait_for(lambda: (r := serving.get("/recommend", user_id="nobody", k=3).json())["items"][0]["sources"]
+                    == ["prior"] and r, timeout=10)
+    assert cold["cold_start"] and len(cold["items"]) == 3
     assert 'streamrec_serving_degraded_total{reason="redis"}' in serving.get("/metrics").text
 
 
@@ -274,3 +276,18 @@ def test_a_worker_keeps_its_model_and_says_so_when_the_shard_restarts_empty(tmp_
         assert later["items"] == before["items"]
     finally:
         shard.stop()
+
+
+def test_a_worker_without_a_model_serves_the_first_one_before_its_next_poll(
+        ps: ParamClient, param_server: ServerProcess, redis_url: str, prefix: str,
+        start_serving: StartServing) -> None:
+    """Started on an empty parameter server, a worker is ready (there is nothing to wait for) but has
+    nothing to serve; it keeps asking at the short retry pace until the first model exists, so
+    with a 60 s poll interval it serves that model at once, not a minute after its siblings."""
+    serving = start_serving(param_server.address, redis_url, prefix, poll=60.0, ready=False)
+    wait_for(lambda: port_open("127.0.0.1", int(serving.url.rpartition(":")[2])), timeout=60)
+    empty = serving.get("/recommend", user_id="u", k=5)
+    assert empty.status_code == 503, empty.text  # no model, no trending: nothing to answer with
+    load_model(ps, {"u": np.ones(DIM, np.float32)}, _items(30))
+    reply = wait_for(lambda: (r := serving.get("/recommend", user_id="u", k=5)).status_code == 200 and r, timeout=20)
+    assert len(reply.json()["items"]) == 5 and not reply.json()["cold_start"]
