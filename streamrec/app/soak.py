@@ -28,6 +28,7 @@ from streamrec.app.processes import read_json
 from streamrec.app.query_load import Queries
 from streamrec.app.stack import Stack, StackOptions, running_stack
 from streamrec.core.config import Settings
+from streamrec.core.procstat import rss_bytes
 from streamrec.core.progress import progress_bar
 from streamrec.param_server.client import ParamClient
 from streamrec.stream.publish import EventPublisher
@@ -65,17 +66,6 @@ def soak_events(start: int, stop: int, options: SoakOptions, t0: float, run: str
     ts = t0 - 3600.0 + i * (3600.0 / total)
     return [{"event_id": f"{run}-{k}", "user_id": f"u{u}", "item_id": f"i{it}", "event_type": e, "timestamp": t}
             for k, u, it, e, t in zip(i.tolist(), user.tolist(), item.tolist(), kinds.tolist(), ts.tolist())]
-
-
-def rss_bytes(pid: int) -> int:
-    """Resident set size of a process (VmRSS), 0 once it is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 @dataclass

@@ -27,3 +27,19 @@ def test_bench_pipeline_json(settings, client):
         assert key in data, key
     assert data["events_per_second"] > 0 and data["events_per_second_concurrent_producer"] > 0
     assert 0 < data["events_per_second_vs_raw_consume"]
+    cpu = data["cpu_microseconds_per_event"]  # where the CPU went over the trainer's active span
+    assert cpu["trainers"] > 0 and cpu["redis"] > 0 and cpu["machine"] >= cpu["trainers"]
+    assert cpu["param_server"] is not None and cpu["param_server"] >= 0
+
+
+def test_bench_pipeline_with_two_trainers_and_two_shards(settings):
+    """The scale-out shape of the operations guide: two trainers in one group share the topic's
+    partitions (each applies a part, together every event once) and push to two shards."""
+    args = ["bench", "pipeline", "--events", "3000", "--trainers", "2", "--shards", "2", "--json"]
+    result = CliRunner().invoke(cli, args, env=settings_env(settings), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert (data["trainers"], data["shards"]) == (2, 2) and data["partitions"] >= 2
+    assert data["applied"] == 3000 and sum(data["applied_per_trainer"]) == 3000
+    assert len(data["applied_per_trainer"]) == 2
+    assert data["events_per_second"] > 0 and data["prequential_hr@10"] is not None

@@ -15,6 +15,7 @@ holds on a noisy machine.
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import shutil
@@ -22,13 +23,17 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from streamrec.core.config import Settings
+from streamrec.core.procstat import cpu_seconds, machine_busy_seconds
 from streamrec.stream.bench import raw_bound, raw_records, synthetic_events
 from streamrec.stream.events import EventSchema, iter_events
 from streamrec.stream.loaders import load_log
@@ -38,6 +43,12 @@ from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreCon
 
 STREAMREC = str(Path(sys.executable).parent / "streamrec")
 CHECKPOINT_EVERY_SECONDS = 10.0
+# several trainers cannot stop at the log's last event (each holds a share): they stop this long
+# after their last record (or their start: long enough for the group to form and the producer to
+# begin); the span measured ends at the last batch, so the wait is not counted. One trainer stops
+# at the last event and waits at most SAFETY_IDLE_EXIT_SECONDS for it.
+IDLE_EXIT_SECONDS = 20.0
+SAFETY_IDLE_EXIT_SECONDS = 60.0
 
 
 def _events(n: int, data_path: str | None, fmt: str) -> list[dict[str, Any]]:
@@ -64,11 +75,102 @@ class TrainerRun:
     produce_seconds: float
     produced_at: float  # wall clock when the log was fully produced
     checkpoints: int  # written while the trainer ran (a run shorter than the interval may see none)
+    cpu: dict[str, float | None]  # CPU seconds over the trainers' active span, per component
 
 
-def _train(settings: Settings, client: str, topic: str, events: list[dict[str, Any]], preload: bool) -> TrainerRun:
-    """One trainer process (with a fresh parameter server and feature prefix) over `events` on
-    `topic`; the log is produced before the trainer starts (`preload`) or while it runs."""
+@dataclass
+class CpuSampler:
+    """Cumulative CPU seconds of the machine, the parameter-server shards and Redis, sampled every
+    `every` seconds from a thread, so that the CPU spent inside the trainers' active span (known
+    only from their reports, afterwards) can be read off: the operations guide's cost per event."""
+
+    shards: list[int]
+    redis_url: str
+    every: float = 0.2
+    samples: list[tuple[float, float, float, float | None]] = field(default_factory=list)  # wall, machine, shards, redis
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self._redis = redis.Redis.from_url(self.redis_url, socket_timeout=2.0)
+        self.thread = threading.Thread(target=self._run, name="bench-cpu", daemon=True)
+
+    def _redis_cpu(self) -> float | None:
+        try:
+            info = self._redis.info("cpu")
+        except redis.RedisError:
+            return None
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            shards = sum(cpu_seconds(pid) or 0.0 for pid in self.shards)
+            self.samples.append((time.time(), machine_busy_seconds(), shards, self._redis_cpu()))
+            self.stop.wait(self.every)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def close(self) -> None:
+        """Stop sampling (idempotent)."""
+        if not self.stop.is_set():
+            self.stop.set()
+            self.thread.join()
+            self._redis.close()
+
+    def between(self, start: float | None, end: float | None) -> dict[str, float | None]:
+        """CPU seconds from the last sample at or before `start` to the first at or after `end`."""
+        times = [sample[0] for sample in self.samples]
+        if start is None or end is None or not times:
+            return {"machine": None, "param_server": None, "redis": None}
+        first = self.samples[max(0, bisect.bisect_right(times, start) - 1)]
+        last = self.samples[min(len(times) - 1, bisect.bisect_left(times, end))]
+        redis_cpu = None if first[3] is None or last[3] is None else last[3] - first[3]
+        return {"machine": last[1] - first[1], "param_server": last[2] - first[2], "redis": redis_cpu,
+                "span_seconds": last[0] - first[0]}
+
+
+def _start_shards(work: Path, env: dict[str, str], shards: int) -> list[subprocess.Popen]:
+    """`shards` parameter-server processes (checkpointing as in production); their addresses, in
+    shard order, go into env["STREAMREC_PARAM_SERVERS"]."""
+    servers: list[subprocess.Popen] = []
+    addresses = []
+    for shard in range(shards):
+        server_log = work / f"param_server-{shard}.log"
+        with server_log.open("w") as log:
+            server = subprocess.Popen(
+                [sys.executable, "-m", "streamrec.param_server", "--port", "0", "--shard", str(shard),
+                 "--num-shards", str(shards), "--checkpoint-dir", str(work / "checkpoints"),
+                 "--checkpoint-every", str(CHECKPOINT_EVERY_SECONDS), "--keep-checkpoints", "1000"],
+                env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+        servers.append(server)
+        line = server.stdout.readline()
+        if not line:
+            _stop(servers)
+            raise RuntimeError(f"parameter-server shard {shard} did not start: {server_log.read_text()[-2000:]}")
+        addresses.append(json.loads(line)["address"])
+    env["STREAMREC_PARAM_SERVERS"] = ",".join(addresses)
+    return servers
+
+
+def _stop(processes: list[subprocess.Popen], signal_number: int = signal.SIGTERM) -> None:
+    """Signal every process, then wait (SIGKILL after 30 s): a shard's final checkpoint is part of the cost."""
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal_number)
+    for process in processes:
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _train(settings: Settings, client: str, topic: str, events: list[dict[str, Any]], preload: bool,
+           trainers: int = 1, shards: int = 1) -> TrainerRun:
+    """`trainers` trainer processes in one consumer group (with `shards` fresh parameter-server
+    shards and a fresh feature prefix) over `events` on `topic`; the log is produced before the
+    trainers start (`preload`) or while they run. One trainer stops after the log's last event;
+    several stop when idle for IDLE_EXIT_SECONDS, and their reports are combined (`_combined`)."""
     work = Path(tempfile.mkdtemp(prefix="streamrec-bench-pipeline-"))
     prefix = f"bench-pipeline-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "STREAMREC_HOME": str(work), "STREAMREC_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
@@ -76,44 +178,65 @@ def _train(settings: Settings, client: str, topic: str, events: list[dict[str, A
            "STREAMREC_CONSUMER_GROUP": f"bench-{topic}", "STREAMREC_FEATURE_PREFIX": prefix}
     produce_seconds = _publish(settings, client, topic, events) if preload else 0.0
     produced_at = time.time()
-    server_log = work / "param_server.log"
-    with server_log.open("w") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "streamrec.param_server", "--port", "0", "--checkpoint-dir",
-             str(work / "checkpoints"), "--checkpoint-every", str(CHECKPOINT_EVERY_SECONDS),
-             "--keep-checkpoints", "1000"],
-            env=env, stdout=subprocess.PIPE, stderr=log, text=True)
-    trainer = None
+    servers = _start_shards(work, env, shards)
+    processes: list[subprocess.Popen] = []
+    sampler = CpuSampler([server.pid for server in servers], settings.redis_url)
     try:
-        line = server.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the parameter server did not start: {server_log.read_text()[-2000:]}")
-        env["STREAMREC_PARAM_SERVERS"] = json.loads(line)["address"]
-        report_path = work / "trainer.json"
-        trainer = subprocess.Popen(
-            [STREAMREC, "train-online", "--report", str(report_path), "--max-events", str(len(events)),
-             "--idle-exit", "60"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        sampler.start()
+        stop_rule = (["--max-events", str(len(events)), "--idle-exit", str(SAFETY_IDLE_EXIT_SECONDS)] if trainers == 1
+                     else ["--idle-exit", str(IDLE_EXIT_SECONDS)])
+        report_paths = [work / f"trainer-{slot}.json" for slot in range(trainers)]
+        for path in report_paths:
+            processes.append(subprocess.Popen(
+                [STREAMREC, "train-online", "--report", str(path), *stop_rule],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
         if not preload:
             produce_seconds = _publish(settings, client, topic, events)
             produced_at = time.time()
-        _, err = trainer.communicate(timeout=600)
-        if trainer.returncode != 0:
-            raise RuntimeError(f"trainer failed: {err[-2000:]}")
+        for process in processes:
+            _, err = process.communicate(timeout=600)
+            if process.returncode != 0:
+                raise RuntimeError(f"trainer failed: {err[-2000:]}")
+        sampler.close()
         checkpoints = len(list((work / "checkpoints").rglob("ckpt-*.srps")))
-        return TrainerRun(json.loads(report_path.read_text()), produce_seconds, produced_at, checkpoints)
+        reports = [json.loads(path.read_text()) for path in report_paths]
+        report = _combined(reports)
+        active = [r for r in reports if r.get("first_record_wall") is not None]
+        cpu = sampler.between(min((r["first_record_wall"] for r in active), default=None),
+                              max((r["last_batch_wall"] for r in active), default=None))
+        cpu["trainers"] = sum(r.get("active_cpu_seconds", 0.0) for r in reports)
+        return TrainerRun(report, produce_seconds, produced_at, checkpoints, cpu)
     finally:
-        if trainer is not None and trainer.poll() is None:
-            trainer.kill()
-            trainer.wait()
-        server.send_signal(signal.SIGTERM)  # its final checkpoint is part of the cost
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        sampler.close()
+        _stop(processes, signal.SIGKILL)
+        _stop(servers)
         FeatureStore.from_url(settings.redis_url, FeatureStoreConfig(prefix=prefix)).clear()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _combined(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report for trainers that shared the log: applied events summed over the span from the
+    first trainer's first record to the last one's last batch; batch times of the slowest trainer;
+    prequential hr@10 weighted by each trainer's evaluated events."""
+    if len(reports) == 1:
+        return reports[0]
+    active = [r for r in reports if r.get("first_record_wall") is not None]
+    span = (max(r["last_batch_wall"] for r in active) - min(r["first_record_wall"] for r in active)) if active else 0.0
+    evaluated = sum(r["prequential"].get("evaluated", 0) for r in reports)
+    hits = sum((r["prequential"].get("hr@10") or 0.0) * r["prequential"].get("evaluated", 0) for r in reports)
+    return {
+        "applied": sum(r["applied"] for r in reports), "active_seconds": span,
+        "p50_batch_seconds": max(r["p50_batch_seconds"] for r in reports),
+        "p99_batch_seconds": max(r["p99_batch_seconds"] for r in reports),
+        # the last batch, not the report at exit (the trainers idled IDLE_EXIT_SECONDS before exiting)
+        "finished_at": max(r["last_batch_wall"] for r in active) if active else max(r["finished_at"] for r in reports),
+        "prequential": {"hr@10": hits / evaluated if evaluated else None, "evaluated": evaluated},
+        "applied_per_trainer": [r["applied"] for r in reports],
+    }
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def _applied_rate(report: dict[str, Any]) -> float:
@@ -122,25 +245,27 @@ def _applied_rate(report: dict[str, Any]) -> float:
 
 
 def run_pipeline_bench(settings: Settings, n: int, client: str, data_path: str | None = None,
-                       fmt: str = "ml-100k") -> dict[str, Any]:
+                       fmt: str = "ml-100k", trainers: int = 1, shards: int = 1) -> dict[str, Any]:
     events = _events(n, data_path, fmt)
     n = len(events)
-    partitions = settings.topic_partitions
+    partitions = max(settings.topic_partitions, trainers)
     preloaded = f"streamrec.bench.pipeline.{uuid.uuid4().hex[:8]}"
     concurrent = f"streamrec.bench.pipeline.{uuid.uuid4().hex[:8]}"
     topics = [preloaded, preloaded + settings.dlq_suffix, concurrent, concurrent + settings.dlq_suffix]
     create_topics(settings.kafka_bootstrap, topics, partitions)
     try:
-        alone = _train(settings, client, preloaded, events, preload=True)
+        alone = _train(settings, client, preloaded, events, preload=True, trainers=trainers, shards=shards)
         raw = raw_bound(settings, client, raw_records(events, EventSchema.from_settings(settings)), preloaded,
                         partitions)
-        shared = _train(settings, client, concurrent, events, preload=False)
+        shared = _train(settings, client, concurrent, events, preload=False, trainers=trainers, shards=shards)
     finally:
         delete_topics(settings.kafka_bootstrap, topics)
     report = alone.report
     rate, shared_rate = _applied_rate(report), _applied_rate(shared.report)
     return {
         "client": client, "events": n, "source": data_path or "synthetic", "format": fmt if data_path else None,
+        "trainers": trainers, "shards": shards, "partitions": partitions,
+        "applied_per_trainer": report.get("applied_per_trainer", [report["applied"]]),
         "checkpoint_every_seconds": CHECKPOINT_EVERY_SECONDS, "checkpoints_during_run": alone.checkpoints,
         "active_seconds": round(report["active_seconds"], 3),
         "events_per_second": round(rate),
@@ -154,4 +279,9 @@ def run_pipeline_bench(settings: Settings, n: int, client: str, data_path: str |
         **raw,
         "events_per_second_vs_raw_consume": round(rate / raw["raw_consume_events_per_second"], 3),
         "produce_vs_raw": round(n / alone.produce_seconds / raw["raw_produce_events_per_second"], 3),
+        # CPU of the pre-loaded run over the trainers' active span: seconds per component (the
+        # machine's total includes the broker, and anything else running), and per applied event
+        "cpu_seconds": {k: _round(v, 3) for k, v in alone.cpu.items()},
+        "cpu_microseconds_per_event": {k: round(v / report["applied"] * 1e6, 1) if v is not None and report["applied"]
+                                       else None for k, v in alone.cpu.items() if k != "span_seconds"},
     }

@@ -95,10 +95,13 @@ def train_online(ctx: click.Context, models: tuple[str, ...], pairs: tuple[str, 
               help="replay this log (a path, or a data-set name) instead of synthetic events")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="ml-100k", show_default=True,
               help="format of a --data PATH (a data-set name brings its own)")
+@click.option("--trainers", type=click.IntRange(1, 16), default=1, show_default=True,
+              help="trainer processes in one consumer group (the topic gets at least this many partitions)")
+@click.option("--shards", type=click.IntRange(1, 16), default=1, show_default=True, help="parameter-server shards")
 @click.option("--json", "as_json", is_flag=True, help="(output is always JSON)")
 @click.pass_context
 def bench_pipeline(ctx: click.Context, events: int, client: str | None, data: DataSource | None, fmt: str,
-                   as_json: bool) -> None:
+                   trainers: int, shards: int, as_json: bool) -> None:
     """Events through the real broker into a running trainer, parameter server (checkpoints on) and
     feature store: once with the log pre-loaded, once with a concurrent producer, beside the raw
     client's speed on the same bytes."""
@@ -107,7 +110,7 @@ def bench_pipeline(ctx: click.Context, events: int, client: str | None, data: Da
     settings = settings_from(ctx)
     data_path = None if data is None else str(data.path)
     fmt = fmt if data is None else data.format_or(fmt)
-    print_json(run_pipeline_bench(settings, events, client or settings.kafka_client, data_path, fmt))
+    print_json(run_pipeline_bench(settings, events, client or settings.kafka_client, data_path, fmt, trainers, shards))
 
 
 def register(cli: click.Group, bench: click.Group) -> None:

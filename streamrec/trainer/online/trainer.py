@@ -124,6 +124,8 @@ class TrainerStats:
     batch_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))  # recent batches
     first_record_at: float | None = None
     last_batch_at: float | None = None
+    first_record_cpu: float = 0.0  # time.process_time() at the first record and at the last batch: the
+    last_batch_cpu: float = 0.0  # process's CPU seconds over the active span, without start-up imports
     losses: dict[str, float] = field(default_factory=dict)
 
 
@@ -309,6 +311,7 @@ class OnlineTrainer:
                 deadline = deadline or time.monotonic() + cfg.batch_seconds
                 if self.stats.first_record_at is None:
                     self.stats.first_record_at = time.monotonic()
+                    self.stats.first_record_cpu = time.process_time()
             if deadline is None or time.monotonic() >= deadline:
                 break
         return records
@@ -570,6 +573,7 @@ class OnlineTrainer:
         s.batches += 1
         s.batch_seconds.append(seconds)
         s.last_batch_at = time.monotonic()
+        s.last_batch_cpu = time.process_time()
         EVENTS_CONSUMED.inc(len(records))
         EVENTS_APPLIED.inc(applied)
         EVENTS_ACCEPTED.labels("trainer").inc(applied)
@@ -603,6 +607,9 @@ class OnlineTrainer:
             "p50_batch_seconds": float(np.percentile(batch, 50)), "p99_batch_seconds": float(np.percentile(batch, 99)),
             "lag": self.lag() if self._open else None, "loss": s.losses, "prequential": self.evaluator.report(),
             "models": [m.name for m in self.models], "finished_at": time.time(),
+            # wall-clock bounds of the active span, so the spans of several trainers can be combined
+            "first_record_wall": _wall(s.first_record_at), "last_batch_wall": _wall(s.last_batch_at),
+            "active_cpu_seconds": max(0.0, s.last_batch_cpu - s.first_record_cpu),
         }
 
     def close(self) -> None:
@@ -612,3 +619,8 @@ class OnlineTrainer:
             self._producer.close()
         finally:
             self.consumer.close()
+
+
+def _wall(monotonic_at: float | None) -> float | None:
+    """A time.monotonic() reading as wall-clock time (None stays None)."""
+    return None if monotonic_at is None else time.time() - (time.monotonic() - monotonic_at)
