@@ -111,7 +111,7 @@ def expected(ps_instance: str) -> dict[tuple[str, str], Expect]:
         ("Refit durations", "B"): expect("param-server assign p99", "param-server put_blob p99"),
         ("Refits finished", "A"): expect(f"{REFIT_MODEL} ok"),
         ("Scrape targets up", "A"): expect("streamrec-param-server", "streamrec-trainer", "streamrec-serving",
-                                           "streamrec-refit", "prometheus"),
+                                           "streamrec-refit", "streamrec-experiments-watch", "prometheus"),
         ("Time since the last successful refit", "A"): expect(REFIT_MODEL),
         ("Refit size (rows)", "A"): expect(f"{REFIT_MODEL} events fitted on"),
         ("Refit size (rows)", "B"): expect(f"{REFIT_MODEL} rows published"),
@@ -119,6 +119,13 @@ def expected(ps_instance: str) -> dict[tuple[str, str], Expect]:
         ("Answers by experiment arm (/s)", "B"): expect("experiments in force"),
         ("Impressions logged (/s)", "A"): expect("impressions produced"),
         ("Impressions logged (/s)", "B"): expect("experiments files refused (1h)", positive=False),
+        # the watch: Traffic clicks the first item of each personal answer, with its request_id
+        ("Hit rate and CTR by arm", "A"): expect("all-users everyone hit rate"),
+        ("Hit rate and CTR by arm", "B"): expect("all-users everyone CTR"),
+        ("Items shown by arm (coverage)", "A"): expect("all-users everyone"),
+        ("Experiments watch: join state", "A"): expect("held impressions", "held events"),
+        # the planted events carry 2023 timestamps: older than the lateness behind the clicks' clock
+        ("Experiments watch: join state", "B"): expect("late impressions (/s)", "late events (/s)", positive=False),
     }
 
 
@@ -228,10 +235,18 @@ class Traffic:
                 rounds += 1
                 for event in planted_events(20, seed=rounds, start=1_700_100_000.0 + rounds * 10):
                     publisher.publish({**event, "event_id": f"r{rounds}-{event['event_id']}"}, {"round": rounds})
+                reply = http.get("/recommend", params={"user_id": f"u{rounds % 50}", "k": 10})
+                if reply.status_code != 200 or not reply.json()["items"]:
+                    self.failures.append(f"/recommend u{rounds % 50}: {reply.status_code} {reply.text[:200]}")
+                    continue
+                answer = reply.json()
+                publisher.publish({  # the user clicks what they were shown: a hit and a click for the watch
+                    "event_id": f"click-{rounds}", "user_id": f"u{rounds % 50}", "item_id": answer["items"][0]["item_id"],
+                    "event_type": "click", "timestamp": time.time(), "context": {"request_id": answer["request_id"]}},
+                    {"round": rounds})
                 producer.send(self.settings.topic, b"{broken json", b"u1")
                 producer.flush()
                 for path, params, status in (
-                    ("/recommend", {"user_id": f"u{rounds % 50}", "k": 10}, 200),
                     ("/recommend", {"user_id": f"new-user-{rounds}", "k": 10}, 200),  # cold start
                     ("/similar/i1", {}, 200),
                     ("/similar/no-such-item", {}, 404),
@@ -262,7 +277,8 @@ def test_every_dashboard_target_is_valid_promql_with_an_expectation(prometheus_b
     assert {(q.panel, q.ref) for q in queries} == listed, "dashboard targets and EXPECTED differ"
     prometheus = Prometheus(prometheus_binary, tmp_path / "prometheus", {
         "streamrec-param-server": "127.0.0.1:1", "streamrec-trainer": "127.0.0.1:1",
-        "streamrec-serving": "127.0.0.1:1", "streamrec-refit": "127.0.0.1:1"})
+        "streamrec-serving": "127.0.0.1:1", "streamrec-refit": "127.0.0.1:1",
+        "streamrec-experiments-watch": "127.0.0.1:1"})
     try:
         invalid = {}
         for q in queries:
@@ -324,7 +340,7 @@ def test_dashboard_panels_show_a_running_pipeline(prometheus_binary, settings: S
                   settings.topic_partitions)
     experiments = tmp_path / "experiments.yaml"  # the experiments row: one arm for everyone, impressions logged
     experiments.write_text("experiments: [{name: all-users, arms: [{name: everyone}]}]\n")
-    ports = {name: net.free_port() for name in ("param-server", "trainer", "serving", "refit")}
+    ports = {name: net.free_port() for name in ("param-server", "trainer", "serving", "refit", "experiments-watch")}
     processes = Processes(tmp_path)
     env = pipeline_env(settings)
     env.pop("STREAMREC_PARAM_SERVER_TOKEN", None)
@@ -335,6 +351,7 @@ def test_dashboard_panels_show_a_running_pipeline(prometheus_binary, settings: S
         "streamrec-trainer": f"127.0.0.1:{ports['trainer']}",
         "streamrec-serving": f"127.0.0.1:{ports['serving']}",
         "streamrec-refit": f"127.0.0.1:{ports['refit']}",
+        "streamrec-experiments-watch": f"127.0.0.1:{ports['experiments-watch']}",
     })
     try:
         address = start_param_server(processes, "param-server", env, [
@@ -354,6 +371,8 @@ def test_dashboard_panels_show_a_running_pipeline(prometheus_binary, settings: S
                    "the trainer did not consume the log")
         processes.start("refit", [STREAMREC, "refit", "--model", REFIT_MODEL, "--from", "topic", "--every", "3s"],
                         {**env, "STREAMREC_METRICS_PORT": str(ports["refit"])})
+        processes.start("experiments-watch", [STREAMREC, "experiments", "watch", "--metrics-port",
+                                              str(ports["experiments-watch"])], env)
         processes.start("serving", [STREAMREC, "serve", "--workers", "2", "--port", str(ports["serving"]),
                                     "--poll-interval", "0.5", "--experiments", str(experiments)], env)
         serving = f"http://127.0.0.1:{ports['serving']}"
