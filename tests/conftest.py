@@ -25,6 +25,7 @@ from click.testing import CliRunner
 from streamrec.app import infra
 from streamrec.core import net
 from streamrec.core.config import Settings
+from tests.redis_cluster import RedisCluster
 
 REPO = Path(__file__).resolve().parents[1]
 ML100K_ENV = "STREAMREC_TEST_ML100K"
@@ -146,6 +147,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return {
         "STREAMREC_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
         "STREAMREC_REDIS_URL": settings.redis_url,
+        "STREAMREC_REDIS_CLUSTER": "true" if settings.redis_cluster else "false",
         "STREAMREC_TOPIC": settings.topic,
         "STREAMREC_HOME": str(settings.home),
         "STREAMREC_SESSION_TIMEOUT_MS": str(settings.session_timeout_ms),
@@ -153,3 +155,11 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "STREAMREC_CONSUMER_GROUP": settings.consumer_group,
         "STREAMREC_FEATURE_PREFIX": settings.feature_prefix,
     }
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
+    """A Redis Cluster of this test alone: 3 masters, 3 replicas (tests/redis_cluster.py)."""
+    started = RedisCluster(tmp_path / "redis-cluster").start()
+    yield started
+    started.stop()

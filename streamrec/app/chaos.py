@@ -186,7 +186,7 @@ def run_pipeline(settings: Settings, log: InteractionLog, options: ChaosOptions,
 
 
 def audit_now(settings: Settings) -> AuditPoint:
-    features = FeatureStore.from_url(settings.redis_url, FeatureStoreConfig(prefix=settings.feature_prefix))
+    features = FeatureStore.from_url(settings.redis_url, FeatureStoreConfig.from_settings(settings))
     try:
         with ParamClient(settings.param_servers, timeout=5.0, retries=1) as client:
             return AuditPoint(snapshot_param_server(client), snapshot_feature_store(features))
@@ -282,7 +282,7 @@ def drain(cluster: Cluster, settings: Settings, timeout_s: float) -> bool:
     ends = {offset_key(settings.topic, p): end for p, (_, end) in
             end_offsets(settings.kafka_bootstrap, settings.topic, partitions_of(settings.kafka_bootstrap, settings.topic)).items()
             if end > 0}
-    features = FeatureStore.from_url(settings.redis_url, FeatureStoreConfig(prefix=settings.feature_prefix))
+    features = FeatureStore.from_url(settings.redis_url, FeatureStoreConfig.from_settings(settings))
     deadline, streak = time.monotonic() + timeout_s, 0
     try:
         with ParamClient(settings.param_servers, timeout=5.0, retries=1) as client:

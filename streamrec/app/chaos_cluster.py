@@ -69,7 +69,8 @@ class Cluster:
     def start(self) -> Settings:
         """Start everything; returns the run's settings (Redis and parameter-server addresses)."""
         self.redis = start_redis(self.out)
-        self.settings = self.settings.model_copy(update={"redis_url": f"redis://{self.redis.host}:{self.redis.port}/0"})
+        self.settings = self.settings.model_copy(update={"redis_url": f"redis://{self.redis.host}:{self.redis.port}/0",
+                                                         "redis_cluster": False})  # its own single Redis
         addresses = [self._start_shard(shard, port=0)["address"] for shard in range(self.shape.shards)]
         self.shard_ports = [int(address.rpartition(":")[2]) for address in addresses]
         self.settings = self.settings.model_copy(update={"param_servers": addresses})

@@ -36,6 +36,7 @@ def pipeline_env(settings: Settings) -> dict[str, str]:
         "STREAMREC_HEARTBEAT_INTERVAL_MS": str(settings.heartbeat_interval_ms),
         "STREAMREC_FETCH_WAIT_MS": str(settings.fetch_wait_ms),
         "STREAMREC_REDIS_URL": settings.redis_url,
+        "STREAMREC_REDIS_CLUSTER": "true" if settings.redis_cluster else "false",
         "STREAMREC_FEATURE_PREFIX": settings.feature_prefix,
         "STREAMREC_PARAM_SERVERS": ",".join(settings.param_servers),
     }

@@ -102,4 +102,4 @@ def running_stack(settings: Settings, work: Path, options: StackOptions = StackO
     finally:
         processes.stop_all()
         delete_topics(settings.kafka_bootstrap, [settings.topic, settings.dlq_topic])
-        FeatureStore.from_url(settings.redis_url, FeatureStoreConfig(prefix=settings.feature_prefix)).clear()
+        FeatureStore.from_url(settings.redis_url, FeatureStoreConfig.from_settings(settings)).clear()

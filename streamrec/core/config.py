@@ -102,6 +102,8 @@ class Settings(BaseSettings):
     max_context_bytes: int = Field(2048, ge=0, description="most bytes of an event's context")
     # Redis
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="feature store")
+    redis_cluster: bool = Field(False, description="the feature store is a Redis Cluster; redis_url names any of "
+                                "its nodes (docs/operations.md, Redis Cluster)")
     feature_prefix: str = Field("sr", description="key prefix of the feature store in Redis")
     # Parameter server
     param_servers: Annotated[list[str], NoDecode] = Field(

@@ -237,7 +237,7 @@ def run_bench(settings: Settings, items: int, users: int, dim: int, workers: int
         with ParamClient([address]) as client:
             user_vectors = _load(client, rng, items, users, dim)
         if redis_up:
-            _history(FeatureStore.from_url(settings.redis_url, FeatureStoreConfig(prefix=prefix)), rng, items, users)
+            _history(FeatureStore.from_url(settings.redis_url, FeatureStoreConfig.from_settings(settings, prefix)), rng, items, users)
         load_seconds = time.perf_counter() - started
         env = {**os.environ, "STREAMREC_PARAM_SERVERS": address, "STREAMREC_REDIS_URL": settings.redis_url,
                "STREAMREC_HOME": str(home)}
@@ -297,7 +297,7 @@ def run_bench(settings: Settings, items: int, users: int, dim: int, workers: int
         ps_proc.kill()
         ps_proc.wait()
         if redis_up:
-            FeatureStore.from_url(settings.redis_url, FeatureStoreConfig(prefix=prefix)).clear()
+            FeatureStore.from_url(settings.redis_url, FeatureStoreConfig.from_settings(settings, prefix)).clear()
         if broker_up:
             delete_topics(settings.kafka_bootstrap, [impressions_topic])
         shutil.rmtree(home, ignore_errors=True)

@@ -31,6 +31,7 @@ class ServingConfig(BaseModel):
     param_servers: list[str] = Field(default_factory=lambda: ["127.0.0.1:7070"])
     param_server_token: str | None = Field(None, repr=False)
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_cluster: bool = Field(False, description="the feature store is a Redis Cluster (redis_url: any node)")
     api_token: str | None = Field(None, repr=False, description="bearer token; None: the API is open")
     max_body_bytes: int = Field(64 * KIB, ge=0, description="request body cap of routes not in route_body_limits")
     route_body_limits: dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_ROUTE_BODY_LIMITS),
@@ -110,7 +111,8 @@ class ServingConfig(BaseModel):
     def from_settings(cls, settings: Settings, **overrides: object) -> ServingConfig:
         base = {"param_servers": settings.param_servers, "param_server_token": settings.param_server_token,
                 "api_token": settings.api_token,
-                "redis_url": settings.redis_url, "poll_interval": settings.poll_interval,
+                "redis_url": settings.redis_url, "redis_cluster": settings.redis_cluster,
+                "poll_interval": settings.poll_interval,
                 "feature_prefix": settings.feature_prefix, "metrics_sources": settings.metrics_sources,
                 "item_catalogue": settings.item_catalogue, "item_rules": settings.item_rules,
                 "experiments_file": settings.experiments_file, "impressions": settings.impressions,

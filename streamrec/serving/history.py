@@ -36,16 +36,23 @@ ASYNC_TIMEOUTS_TO_OPEN = 3
 class History:
     def __init__(self, config: ServingConfig, metrics: ServingMetrics) -> None:
         self.config = config
-        self.store = FeatureStore.from_url(config.redis_url, FeatureStoreConfig(prefix=config.feature_prefix),
-                                           timeout_s=config.redis_timeout_s)
+        self.store = FeatureStore.from_url(
+            config.redis_url, FeatureStoreConfig(prefix=config.feature_prefix, cluster=config.redis_cluster),
+            timeout_s=config.redis_timeout_s)
         # connections are made on first use, in the event loop that awaits them (the worker's); at
         # most ASYNC_CONNECTIONS, so a burst of requests queues for a connection instead of
         # opening one per request in flight
         timeout = max(config.redis_timeout_s, ASYNC_MIN_TIMEOUT_S)
-        pool = redis.asyncio.BlockingConnectionPool.from_url(
-            config.redis_url, max_connections=ASYNC_CONNECTIONS, timeout=timeout, socket_timeout=timeout,
-            socket_connect_timeout=timeout)
-        self.async_redis = redis.asyncio.Redis(connection_pool=pool)
+        self.async_redis: redis.asyncio.Redis | redis.asyncio.RedisCluster
+        if config.redis_cluster:  # a user's history keys share their bucket's slot: one node per read
+            self.async_redis = redis.asyncio.RedisCluster.from_url(
+                config.redis_url, max_connections=ASYNC_CONNECTIONS, socket_timeout=timeout,
+                socket_connect_timeout=timeout)
+        else:
+            pool = redis.asyncio.BlockingConnectionPool.from_url(
+                config.redis_url, max_connections=ASYNC_CONNECTIONS, timeout=timeout, socket_timeout=timeout,
+                socket_connect_timeout=timeout)
+            self.async_redis = redis.asyncio.Redis(connection_pool=pool)
         self._redis_errors = metrics.degraded.labels("redis")
         self._down_until = 0.0
         self._timeouts_in_a_row = 0
@@ -101,7 +108,8 @@ class History:
 
     async def close(self) -> None:
         await self.async_redis.aclose()
-        await self.async_redis.connection_pool.disconnect()  # a pool passed in is not closed with the client
+        if isinstance(self.async_redis, redis.asyncio.Redis):  # a pool passed in is not closed with the client
+            await self.async_redis.connection_pool.disconnect()
 
     def trending(self, n: int) -> list[tuple[str, float]] | None:
         """Top-n by decayed popularity; one worker reuses the list for `trending_cache_s`."""

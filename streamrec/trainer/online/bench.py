@@ -210,7 +210,7 @@ def _train(settings: Settings, client: str, topic: str, events: list[dict[str, A
         sampler.close()
         _stop(processes, signal.SIGKILL)
         _stop(servers)
-        FeatureStore.from_url(settings.redis_url, FeatureStoreConfig(prefix=prefix)).clear()
+        FeatureStore.from_url(settings.redis_url, FeatureStoreConfig.from_settings(settings, prefix)).clear()
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -73,7 +73,7 @@ def train_online(ctx: click.Context, models: tuple[str, ...], pairs: tuple[str, 
     create_topics(settings.kafka_bootstrap, [settings.topic, settings.dlq_topic], settings.topic_partitions)
     store = ParamClient.from_settings(settings)
     features = None if no_feature_store else FeatureStore.from_url(
-        settings.redis_url, FeatureStoreConfig(prefix=settings.feature_prefix))
+        settings.redis_url, FeatureStoreConfig.from_settings(settings))
     config = TrainerConfig(batch_events=batch_events, batch_seconds=batch_seconds,
                            evaluate_every=evaluate_every, max_events=max_events, idle_exit_seconds=idle_exit,
                            report_path=report_path, warmup_events=warmup_events)

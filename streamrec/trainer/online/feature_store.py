@@ -42,15 +42,11 @@ days), window buckets after their window has passed.
 
 
 Redis Cluster. The braces are hash tags: every key of one user hashes to that user's slot, every
-key of one item to that item's slot, and the shared keys to the slot of their group tag `{g}`.
-Today one script writes all of a batch, which a single Redis (or one Cluster node holding every
-slot) allows. Split across slots, the writer groups each batch's user-side and item-side writes
-by slot and runs this same script once per slot, with a group tag that hashes to that slot in
-place of `g`: each slot then holds its own watermark per partition (field `<pkey>` of
-`sr:{<slot tag>}:wm`, advanced atomically with exactly the keys of that slot, so each slot applies
-each event once whatever happens to the others) and its own fragment of the shared aggregates,
-which readers merge (sum `item_events`, sum `pop` scores, max `clock`). The entity keys do not
-change.
+key of one item to that item's slot, and the shared keys to the slot of their group tag `{g}`, so
+one script per batch runs on one Redis (or one Cluster node holding every slot). On a Redis
+Cluster (`FeatureStoreConfig.cluster`, `STREAMREC_REDIS_CLUSTER`) the same script writes the same
+keys grouped into buckets instead, each bucket's keys under its own tag `{b<k>}` with its own
+watermarks and its own fragment of the shared keys: streamrec.trainer.online.feature_cluster.
 """
 
 from __future__ import annotations
@@ -64,6 +60,8 @@ import numpy as np
 import orjson
 import redis
 
+from streamrec.core.config import Settings
+from streamrec.param_server.keys import as_keys, mix64
 from streamrec.stream.events import EventBatch
 from streamrec.trainer.online.roles import EventRoles
 
@@ -84,6 +82,17 @@ def encode_id(value: str) -> str:
     return value.translate(_ESCAPE_TABLE)
 
 
+_BUCKET_SALT = np.uint64(0x9E3779B97F4A7C15)
+
+
+def bucket_of(ids: np.ndarray | list[str], buckets: int) -> np.ndarray:
+    """The bucket of each id, int64 in [0, buckets): a 64-bit hash of the id's bytes, the same in
+    every process and release (the Cluster layout depends on it), vectorised over the ids."""
+    if not len(ids):
+        return np.zeros(0, np.int64)
+    return (mix64(as_keys(ids).hash64() ^ _BUCKET_SALT, in_place=True) % np.uint64(buckets)).astype(np.int64)
+
+
 def _window_part(window: int) -> str:
     return f"w{window}"
 
@@ -91,42 +100,57 @@ def _window_part(window: int) -> str:
 @dataclass(frozen=True)
 class KeySchema:
     """Every key of the store (see the module docstring); the Lua writer builds the same keys from
-    `script_layout`, so this class is the one definition of the layout."""
+    `script_layout`, so this class is the one definition of the layout. With `buckets` (Redis
+    Cluster, streamrec.trainer.online.feature_cluster) the hash tag of a user's or item's keys is its
+    bucket's, `{b<k>}`, and every bucket holds its own shared keys."""
 
     prefix: str
+    buckets: int = 0  # 0: one Redis (a tag per entity, shared keys under {g}); n: n bucket tags
 
     def __post_init__(self) -> None:
         if "{" in self.prefix or "}" in self.prefix:
             raise ValueError(f"feature-store prefix {self.prefix!r}: braces would break the keys' hash tags")
 
-    def _head(self, kind: EntityKind) -> str:
+    def _head(self, kind: EntityKind, bucket: int | None = None) -> str:
         if kind not in ("u", "i"):
             raise ValueError(f"entity kind {kind!r}: expected 'u' (user) or 'i' (item)")
+        if self.buckets:
+            return f"{self.prefix}:{{b{bucket}}}:{kind}:"
         return f"{self.prefix}:{{{kind}:"
 
     def entity(self, kind: EntityKind, entity_id: str, *suffix: str) -> str:
         """The hash of a user or item, or (with `suffix`) another key in its slot."""
-        return "".join((self._head(kind), encode_id(entity_id), "}", *(":" + part for part in suffix)))
+        if self.buckets:
+            head, close = self._head(kind, int(bucket_of([entity_id], self.buckets)[0])), ""
+        else:
+            head, close = self._head(kind), "}"
+        return "".join((head, encode_id(entity_id), close, *(":" + part for part in suffix)))
 
     def window(self, kind: EntityKind, entity_id: str, window: int, bucket_start: int) -> str:
         return self.entity(kind, entity_id, _window_part(window), str(bucket_start))
 
-    def shared(self, *name: str) -> str:
-        return ":".join((f"{self.prefix}:{{{SHARED_TAG}}}", *name))
+    def shared(self, *name: str, bucket: int | None = None) -> str:
+        """A shared key: the one under {g}, or with `buckets` the given bucket's fragment of it."""
+        if self.buckets and bucket is None:
+            raise ValueError("a bucketed store keeps a fragment of each shared key per bucket: name the bucket")
+        tag = SHARED_TAG if bucket is None else f"b{bucket}"
+        return ":".join((f"{self.prefix}:{{{tag}}}", *name))
 
     def pattern(self) -> str:
         """SCAN pattern matching every key of this store."""
         return _GLOB_SPECIAL.sub(r"\\\1", self.prefix) + ":*"
 
-    def script_layout(self) -> bytes:
+    def script_layout(self, bucket: int | None = None) -> bytes:
         """What the write script needs to build exactly these keys: entity key heads and suffixes,
-        the shared keys, and the id escapes (a Lua pattern and its replacement table)."""
+        the shared keys, and the id escapes (a Lua pattern and its replacement table); with
+        `buckets`, the keys of one bucket."""
         return orjson.dumps({
-            "user": self._head("u"), "item": self._head("i"), "close": "}",
+            "user": self._head("u", bucket), "item": self._head("i", bucket), "close": "" if self.buckets else "}",
             "recent": ":" + RECENT, "seen": ":" + SEEN,
             "windows": [[w, b, f":{_window_part(w)}:"] for w, b in WINDOWS.items()],
-            "clock": self.shared("clock"), "pop": self.shared("pop"), "landmark": self.shared("pop", "landmark"),
-            "item_events": self.shared("item_events"), "watermarks": self.shared("wm"),
+            "clock": self.shared("clock", bucket=bucket), "pop": self.shared("pop", bucket=bucket),
+            "landmark": self.shared("pop", "landmark", bucket=bucket),
+            "item_events": self.shared("item_events", bucket=bucket), "watermarks": self.shared("wm", bucket=bucket),
             "pattern": "[" + "".join("%" + c for c in _ESCAPES) + "]", "esc": _ESCAPES,
         })
 
@@ -135,6 +159,10 @@ _WRITE_SCRIPT = """
 local p, L = cjson.decode(ARGV[1]), cjson.decode(ARGV[2])
 local ttl, cap, half_life = p.ttl, p.cap, p.half_life
 local U, I, T, W, PI, O, PK, HOLD = p.u, p.i, p.t, p.w, p.pi, p.o, p.pk or {}, p.hold
+-- a bucket of a Cluster store (feature_cluster.py) gets each event's user side (1), item side (2)
+-- or both (3), and every partition's last offset in the whole batch (its watermark moves even when
+-- none of the partition's events falls in this bucket); one Redis gets neither: both sides, always
+local SIDE, PLAST = p.side, p.plast
 local function enc(id) return (string.gsub(id, L.pattern, L.esc)) end
 -- the batch's partitions: an event below its partition's watermark was written before; a
 -- partition without one is reported, and held back entirely (nothing written, no watermark set)
@@ -157,40 +185,47 @@ local function bump(key, ttl_seconds)
 end
 for k = 1, #U do
   local pk, fresh = PI and PI[k] or 0, true
+  local side = SIDE and SIDE[k] or 3
   if pk > 0 then
     local o = O[k]
     if last[pk] == nil or o > last[pk] then last[pk] = o end
     fresh = o >= marks[pk]
   end
+  -- events are counted on their user side: one per event in a Cluster store too
   if not fresh then
-    skipped = skipped + 1
+    if side % 2 == 1 then skipped = skipped + 1 end
   else
-    applied = applied + 1
+    if side % 2 == 1 then applied = applied + 1 end
     local u, i, t = U[k], I[k], T[k]
     if max_t == nil or t > max_t then max_t = t end
     if min_t == nil or t < min_t then min_t = t end
-    local e = users[u]
-    if not e then
-      e = {key = L.user .. enc(u) .. L.close, items = {}, last = t, n = 0}
-      users[u] = e; user_order[#user_order + 1] = u
+    local e, f
+    if side % 2 == 1 then
+      e = users[u]
+      if not e then
+        e = {key = L.user .. enc(u) .. L.close, items = {}, last = t, n = 0}
+        users[u] = e; user_order[#user_order + 1] = u
+      end
+      e.items[#e.items + 1] = i; e.n = e.n + 1; if t > e.last then e.last = t end
     end
-    e.items[#e.items + 1] = i; e.n = e.n + 1; if t > e.last then e.last = t end
-    local f = items[i]
-    if not f then
-      f = {key = L.item .. enc(i) .. L.close, last = t, n = 0, pop = 0}
-      items[i] = f; item_order[#item_order + 1] = i
+    if side >= 2 then
+      f = items[i]
+      if not f then
+        f = {key = L.item .. enc(i) .. L.close, last = t, n = 0, pop = 0}
+        items[i] = f; item_order[#item_order + 1] = i
+      end
+      f.n = f.n + 1; if t > f.last then f.last = t end
+      f.pop = f.pop + W[k] * math.pow(2, (t - p.landmark_hint) / half_life)
     end
-    f.n = f.n + 1; if t > f.last then f.last = t end
-    f.pop = f.pop + W[k] * math.pow(2, (t - p.landmark_hint) / half_life)
     for w = 1, #L.windows do
       local window, size, part = L.windows[w][1], L.windows[w][2], L.windows[w][3]
       local suffix = part .. string.format('%d', math.floor(t / size) * size)
-      bump(e.key .. suffix, window + size)
-      bump(f.key .. suffix, window + size)
+      if e then bump(e.key .. suffix, window + size) end
+      if f then bump(f.key .. suffix, window + size) end
     end
   end
 end
-if applied > 0 then
+if max_t ~= nil then
   local clock = tonumber(redis.call('GET', L.clock) or '0')
   if max_t > clock then redis.call('SET', L.clock, string.format('%.6f', max_t)) end
   redis.call('SETNX', L.landmark, string.format('%.6f', min_t))
@@ -222,7 +257,8 @@ if applied > 0 then
   end
 end
 for k, pkey in ipairs(PK) do
-  if last[k] + 1 > marks[k] then redis.call('HSET', L.watermarks, pkey, string.format('%d', last[k] + 1)) end
+  local l = PLAST and PLAST[k] or last[k]
+  if l + 1 > marks[k] then redis.call('HSET', L.watermarks, pkey, string.format('%d', l + 1)) end
 end
 return {applied, skipped, unpack(unmarked)}
 """
@@ -234,6 +270,12 @@ class FeatureStoreConfig:
     recent_cap: int = 100
     ttl_seconds: int = 30 * 86_400
     popularity_half_life: float = 7 * 86_400.0
+    cluster: bool = False  # the URL names a node of a Redis Cluster (streamrec.trainer.online.feature_cluster)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, prefix: str | None = None) -> FeatureStoreConfig:
+        """The store of `settings` (`feature_prefix`, `redis_cluster`), or another `prefix` on it."""
+        return cls(prefix=settings.feature_prefix if prefix is None else prefix, cluster=settings.redis_cluster)
 
 
 @dataclass(frozen=True)
@@ -272,6 +314,12 @@ class _Origin:
         return cls(pkeys, index, first, beyond)
 
 
+def _dumps(fields: Mapping[str, object]) -> bytes:
+    """The script's JSON argument (id columns are object arrays: orjson takes them as lists)."""
+    return orjson.dumps({k: v.tolist() if isinstance(v, np.ndarray) and v.dtype == object else v
+                         for k, v in fields.items()}, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
 def popularity_weights(batch: EventBatch, roles: EventRoles) -> np.ndarray:
     """Each event's weight in the popularity score: its positive weight, or 1 for events that are
     not positives (a skip still counts as attention)."""
@@ -296,26 +344,37 @@ class FeatureStore:
 
     @classmethod
     def from_url(cls, url: str, config: FeatureStoreConfig | None = None, timeout_s: float = 2.0) -> FeatureStore:
+        """A store on the Redis at `url`; with `config.cluster`, on the Redis Cluster that node
+        belongs to (the bucketed layout of streamrec.trainer.online.feature_cluster)."""
+        if config is not None and config.cluster:
+            from streamrec.trainer.online.feature_cluster import ClusterFeatureStore  # it extends this class
+
+            return ClusterFeatureStore.from_url(url, config, timeout_s)
         return cls(redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s), config)
 
     # ---- writing ------------------------------------------------------------------------------
-    def _payload(self, batch: EventBatch, weights: np.ndarray | None,
-                 floors: Mapping[str, int] | None) -> tuple[bytes, _Origin]:
-        """The batch's columns in time order (the script aggregates them inside Redis), and where
-        its events come from."""
+    def _columns(self, batch: EventBatch, weights: np.ndarray | None,
+                 floors: Mapping[str, int] | None) -> tuple[dict[str, object], np.ndarray, _Origin]:
+        """The script's fields: the batch's columns in time order (the script aggregates them inside
+        Redis); the time order itself, and where the events come from."""
         c = self.config
         order = np.argsort(batch.timestamp, kind="stable")
-        fields = {
+        fields: dict[str, object] = {
             "ttl": c.ttl_seconds, "cap": c.recent_cap, "half_life": c.popularity_half_life,
             "landmark_hint": float(batch.timestamp[order[0]]),
-            "u": batch.user_id[order].tolist(), "i": batch.item_id[order].tolist(), "t": batch.timestamp[order],
+            "u": batch.user_id[order], "i": batch.item_id[order], "t": batch.timestamp[order],
             "w": np.ones(len(batch)) if weights is None else np.asarray(weights, np.float64)[order],
         }
         origin = _Origin.of(batch.partition[order], batch.offset[order], floors)
         if len(origin.pkeys):
             fields |= {"pi": origin.index, "o": batch.offset[order], "pk": origin.pkeys.tolist(),
                        "hold": origin.beyond_floor.tolist()}
-        return orjson.dumps(fields, option=orjson.OPT_SERIALIZE_NUMPY), origin
+        return fields, order, origin
+
+    def _payload(self, batch: EventBatch, weights: np.ndarray | None,
+                 floors: Mapping[str, int] | None) -> tuple[bytes, _Origin]:
+        fields, _, origin = self._columns(batch, weights, floors)
+        return _dumps(fields), origin
 
     def write(self, batch: EventBatch, weights: np.ndarray | None = None,
               floors: Mapping[str, int] | None = None) -> FeatureWrite:

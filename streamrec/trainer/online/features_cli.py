@@ -34,7 +34,7 @@ def rebuild(ctx: click.Context, as_json: bool) -> None:
     settings = settings_from(ctx)
     with ParamClient.from_settings(settings) as client:
         until = server_watermarks(client)
-    store = FeatureStore.from_url(settings.redis_url, FeatureStoreConfig(prefix=settings.feature_prefix))
+    store = FeatureStore.from_url(settings.redis_url, FeatureStoreConfig.from_settings(settings))
     started = time.perf_counter()
     written = rebuild_features(settings, store, until)
     show({"events": written, "until": until, "watermarks": store.watermarks(),

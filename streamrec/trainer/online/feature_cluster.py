@@ -1,0 +1,276 @@
+"""The feature store on a Redis Cluster: the same keys and the same write script, in buckets.
+
+A Cluster runs a script only on keys of one hash slot, and the single-Redis layout spreads one
+batch over the slots of all its users and items. Here every user and item belongs to one of
+`CLUSTER_BUCKETS` buckets (`bucket_of`, a hash of its id), and all keys of a bucket carry the hash
+tag `{b<k>}`: a user's `sr:{b<k>}:u:<user>:recent`, an item's `sr:{b<k>}:i:<item>`, and the
+bucket's own fragment of every shared key: `sr:{b<k>}:wm` (watermarks), `:pop` (the popularity
+of the bucket's items), `:item_events`, `:clock`, `:pop:landmark`. So:
+
+- **Atomic per slot, with its watermark.** A batch is written as one script call per bucket: the
+  bucket's users' side of their events (recent, seen, user counters and windows) and its items'
+  side (item counters and windows, popularity, exact counts), with the bucket's watermark per
+  partition, read and advanced in the same execution. An event is applied by each of its two
+  buckets exactly once whatever happens to the other; every bucket advances its watermarks for
+  every partition of every batch (to the batch's last offset), so a bucket without a watermark
+  still means a lost or wiped bucket, as in the single store, and is rebuilt from the topic.
+- **Declared keys.** Each call declares its bucket's watermark key, which routes it to the slot's
+  master; every other key it touches is built inside the script with the same tag, so it is in
+  the same slot by construction (Redis refuses anything else at run time).
+- **Sharded global keys.** Popularity, exact counts and the clock are fragments per bucket
+  (no hot slot); readers merge them: popularity rescaled to one landmark, counts summed, the
+  clock's maximum, and a partition's watermark as the minimum over buckets (what every bucket has).
+- **Replication before commit.** Redis replicates asynchronously; a master that dies can take
+  acknowledged writes with it. Each master's calls of a batch go through one pipeline that ends
+  with `WAIT 1`: the write returns only once every master that took part had a replica confirm
+  it (a master that has no replica connected, after losing it or being promoted, waits for none;
+  `ROLE` tells, asked at most once a second per master).
+  The trainer commits its Kafka offsets only after the write, so what a failover can lose was
+  never committed and is read and written again; the watermarks then skip what survived.
+- **Failover.** A call that meets a moved slot or a lost connection refreshes the slot map and the
+  whole batch is written again (idempotent by the watermarks), a few times, before the error
+  reaches the trainer, which pauses consumption until the store answers (as for one Redis).
+
+Serving reads a user's history from the user's bucket (one slot) and trending from all buckets
+(cached per worker). One pipeline per master per batch: 64 script calls cost three round trips
+on a 3-master cluster, and each call aggregates inside Redis as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import TypeVar
+
+import numpy as np
+import redis
+from redis.cluster import ClusterNode, RedisCluster
+
+from streamrec.stream.events import EventBatch
+from streamrec.trainer.online.feature_store import (
+    _WRITE_SCRIPT,
+    FeatureStore,
+    FeatureStoreConfig,
+    FeatureWrite,
+    KeySchema,
+    _dumps,
+    bucket_of,
+)
+
+log = logging.getLogger(__name__)
+CLUSTER_BUCKETS = 64  # part of the layout: changing it needs `streamrec features rebuild` into a new prefix
+WAIT_REPLICAS = 1  # replicas that must confirm a batch (at most those connected to the master)
+WAIT_TIMEOUT_MS = 1000  # below the client's socket timeout, so a missing confirmation is an answer, not a timeout
+ROLE_TTL_S = 1.0  # how long a master's count of connected replicas is trusted before it is asked again
+ATTEMPTS = 4  # writes of a batch (with a fresh slot map between) before the error reaches the caller
+RETRY_PAUSE_S = 0.5  # a failover takes the cluster's node timeout plus an election
+EVENT_COLUMNS = frozenset({"u", "i", "t", "w", "pi", "o"})  # the script's per-event fields (the rest is per batch)
+T = TypeVar("T")
+
+
+class ReplicationNotConfirmed(redis.ConnectionError):
+    """A master's replica did not confirm a batch in time: the batch must not be committed yet."""
+
+
+class ClusterFeatureStore(FeatureStore):
+    def __init__(self, connect: Callable[[], RedisCluster], config: FeatureStoreConfig | None = None,
+                 buckets: int = CLUSTER_BUCKETS) -> None:
+        """`connect` makes the cluster client on first use: redis-py's asks a node for the slot
+        map when made, and a trainer or serving worker must start while the cluster is down."""
+        self._connect, self._client = connect, None
+        self.config = config or FeatureStoreConfig(cluster=True)
+        self.keys = KeySchema(self.config.prefix, buckets)
+        self.buckets = buckets
+        self._layouts = [self.keys.script_layout(b) for b in range(buckets)]
+        self._marks = [self.keys.shared("wm", bucket=b) for b in range(buckets)]
+        self._sha = hashlib.sha1(_WRITE_SCRIPT.encode()).hexdigest()  # loaded on a node when it lacks it
+        self._replicas: dict[str, tuple[float, int]] = {}  # master -> (when asked, replicas connected)
+
+    @classmethod
+    def from_url(cls, url: str, config: FeatureStoreConfig | None = None, timeout_s: float = 2.0) -> ClusterFeatureStore:
+        return cls(lambda: RedisCluster.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s),
+                   config)
+
+    @property
+    def redis(self) -> RedisCluster:  # type: ignore[override]  # the base class holds a plain client
+        """The cluster client, made on first use; a cluster that cannot be reached raises
+        redis.ConnectionError (the error every caller already handles), and is asked again next time."""
+        if self._client is None:
+            try:
+                self._client = self._connect()
+            except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+                raise redis.ConnectionError(f"Redis Cluster unreachable: {type(exc).__name__}: {exc}") from exc
+        return self._client
+
+    # ---- per master ---------------------------------------------------------------------------
+    def _master_of(self, key: str) -> ClusterNode:
+        return self.redis.nodes_manager.get_node_from_slot(self.redis.keyslot(key))
+
+    def _by_master(self, keys: list[str]) -> dict[str, tuple[ClusterNode, list[int]]]:
+        """The positions of `keys` grouped by the master that holds each key's slot."""
+        groups: dict[str, tuple[ClusterNode, list[int]]] = {}
+        for position, key in enumerate(keys):
+            node = self._master_of(key)
+            groups.setdefault(node.name, (node, []))[1].append(position)
+        return groups
+
+    def _retrying(self, attempt: Callable[[], T], attempts: int = ATTEMPTS, pause_s: float = RETRY_PAUSE_S) -> T:
+        """`attempt` again with a fresh slot map after a moved slot or a lost master (a failover).
+        What still fails after `attempts` is raised as a redis.ConnectionError, the error the
+        trainer waits out and serving degrades on (redis-py raises RedisClusterException, not a
+        RedisError, for a slot without a node). Reads make two attempts without a pause: they run
+        inside requests."""
+        for number in range(1, attempts + 1):
+            try:
+                return attempt()
+            except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError,
+                    redis.exceptions.MovedError, redis.exceptions.TryAgainError,
+                    redis.exceptions.RedisClusterException) as exc:
+                if number == attempts:
+                    raise redis.ConnectionError(f"Redis Cluster: {type(exc).__name__}: {exc}") from exc
+                log.warning("feature store (cluster): %s; refreshing the slot map (attempt %d)", exc, number)
+                time.sleep(pause_s)
+                try:
+                    self.redis.nodes_manager.initialize()
+                except (redis.RedisError, redis.exceptions.RedisClusterException) as again:
+                    log.warning("feature store (cluster): no slot map yet (%s)", again)
+        raise AssertionError("unreachable")
+
+    # ---- writing ------------------------------------------------------------------------------
+    def write(self, batch: EventBatch, weights: np.ndarray | None = None,
+              floors: Mapping[str, int] | None = None) -> FeatureWrite:
+        """The batch as one script call per bucket, every master's calls in one pipeline ending
+        with WAIT (module docstring); semantics and result as `FeatureStore.write`."""
+        if not len(batch):
+            return FeatureWrite(0, 0, {})
+        fields, _, origin = self._columns(batch, weights, floors)
+        users, items = bucket_of(fields["u"], self.buckets), bucket_of(fields["i"], self.buckets)
+        if len(origin.pkeys):
+            last = np.full(len(origin.pkeys), -1, np.int64)
+            tagged = origin.index > 0
+            np.maximum.at(last, origin.index[tagged] - 1, np.asarray(fields["o"])[tagged])
+            fields["plast"] = last
+        payloads = []
+        for bucket in range(self.buckets):
+            side = (users == bucket).astype(np.int8) + 2 * (items == bucket).astype(np.int8)
+            rows = np.flatnonzero(side)
+            part = {k: (v[rows] if k in EVENT_COLUMNS else v) for k, v in fields.items()}
+            part["side"] = side[rows]
+            payloads.append(_dumps(part))
+        replies = self._retrying(lambda: self._run_buckets(payloads))
+        applied = skipped = 0
+        unmarked: set[int] = set()
+        for applied_here, skipped_here, *missing in replies:
+            applied, skipped = applied + int(applied_here), skipped + int(skipped_here)
+            unmarked.update(int(k) for k in missing)
+        return FeatureWrite(applied, skipped, {
+            str(origin.pkeys[k - 1]): int(origin.first[k - 1])
+            for k in sorted(unmarked) if floors is None or origin.beyond_floor[k - 1]})
+
+    def _run_buckets(self, payloads: list[bytes]) -> list[list[int]]:
+        """Every bucket's call, one pipeline per master ending with WAIT when the master has a
+        replica connected; the replies in bucket order. Raises when a replica did not confirm."""
+        replies: list[list[int]] = [[] for _ in payloads]
+        try:
+            for node, buckets in self._by_master(self._marks).values():
+                connection = self.redis.get_redis_connection(node)
+                wanted = self._wanted(node.name, connection)
+                results = self._pipeline(connection, buckets, payloads, wanted)
+                if any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
+                    connection.script_load(_WRITE_SCRIPT)  # a promoted replica or a restarted node
+                    results = self._pipeline(connection, buckets, payloads, wanted)
+                for result in results:
+                    if isinstance(result, Exception):
+                        raise result
+                if wanted and int(results[-1]) < wanted:
+                    raise ReplicationNotConfirmed(f"{node.name}: {results[-1]} of {wanted} replicas confirmed "
+                                                  f"the batch within {WAIT_TIMEOUT_MS} ms")
+                for bucket, reply in zip(buckets, results):
+                    replies[bucket] = reply
+        except Exception:
+            self._replicas.clear()  # a failover changes who replicates whom: ask again
+            raise
+        return replies
+
+    def _wanted(self, name: str, connection: redis.Redis) -> int:
+        """Replicas that must confirm this master's writes: WAIT_REPLICAS, at most those connected
+        (a master that lost its replica, or a promoted one, waits for none)."""
+        asked = self._replicas.get(name)
+        if asked is None or time.monotonic() - asked[0] > ROLE_TTL_S:
+            role = connection.execute_command("ROLE")
+            connected = len(role[2]) if role and role[0] in (b"master", "master") else 0
+            asked = (time.monotonic(), connected)
+            self._replicas[name] = asked
+        return min(WAIT_REPLICAS, asked[1])
+
+    def _pipeline(self, connection: redis.Redis, buckets: list[int], payloads: list[bytes], wanted: int) -> list[object]:
+        pipe = connection.pipeline(transaction=False)
+        for bucket in buckets:
+            pipe.evalsha(self._sha, 1, self._marks[bucket], payloads[bucket], self._layouts[bucket])
+        if wanted:
+            pipe.execute_command("WAIT", wanted, WAIT_TIMEOUT_MS)
+        return pipe.execute(raise_on_error=False)
+
+    def clear(self) -> int:
+        """Delete every key under this store's prefix on every master; returns the count."""
+        deleted = 0
+        for node in self.redis.get_primaries():
+            connection = self.redis.get_redis_connection(node)
+            keys = list(connection.scan_iter(self.keys.pattern(), count=1000))
+            pipe = connection.pipeline(transaction=False)
+            for key in keys:  # keys of many slots: one DEL each, pipelined
+                pipe.delete(key)
+            deleted += sum(pipe.execute()) if keys else 0
+        return deleted
+
+    # ---- reading: the shared keys, merged over the buckets -------------------------------------
+    def _per_bucket(self, command: Callable[[redis.client.Pipeline, int], object], per_bucket: int = 1) -> list[list]:
+        """`command(pipe, bucket)` queues `per_bucket` commands for a bucket; run for every bucket,
+        one pipeline per master; each bucket's replies, in bucket order."""
+        def attempt() -> list[list]:
+            replies: list[list] = [[] for _ in range(self.buckets)]
+            for node, buckets in self._by_master(self._marks).values():
+                pipe = self.redis.get_redis_connection(node).pipeline(transaction=False)
+                for bucket in buckets:
+                    command(pipe, bucket)
+                flat = pipe.execute()
+                for i, bucket in enumerate(buckets):
+                    replies[bucket] = flat[per_bucket * i : per_bucket * (i + 1)]
+            return replies
+        return self._retrying(attempt, attempts=2, pause_s=0.0)
+
+    def watermarks(self) -> dict[str, int]:
+        """Partition key -> the next offset EVERY bucket has reached (their minimum): everything
+        below it is written in full; a partition missing from some bucket counts as 0 there."""
+        marks = [{k.decode(): int(v) for k, v in reply.items()}
+                 for reply, in self._per_bucket(lambda pipe, b: pipe.hgetall(self.keys.shared("wm", bucket=b)))]
+        partitions = set().union(*marks)
+        return {pkey: min(m.get(pkey, 0) for m in marks) for pkey in sorted(partitions)}
+
+    def item_event_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for reply, in self._per_bucket(lambda pipe, b: pipe.hgetall(self.keys.shared("item_events", bucket=b))):
+            counts.update((k.decode(), int(v)) for k, v in reply.items())  # an item lives in one bucket
+        return counts
+
+    def clock(self) -> float:
+        values = self._per_bucket(lambda pipe, b: pipe.get(self.keys.shared("clock", bucket=b)))
+        return max((float(v) for v, in values if v), default=0.0)
+
+    def popular(self, n: int) -> list[tuple[str, float]]:
+        """Top-n items over every bucket, scores in units of the earliest bucket landmark."""
+        def fetch(pipe: redis.client.Pipeline, bucket: int) -> None:
+            pipe.get(self.keys.shared("pop", "landmark", bucket=bucket))
+            pipe.zrevrange(self.keys.shared("pop", bucket=bucket), 0, n - 1, withscores=True)
+
+        replies = self._per_bucket(fetch, per_bucket=2)
+        landmarks = [float(landmark) for landmark, _ in replies if landmark]
+        if not landmarks:
+            return []
+        base, half_life = min(landmarks), self.config.popularity_half_life
+        merged = [(item.decode(), score * 2.0 ** ((float(landmark) - base) / half_life))
+                  for landmark, top in replies if landmark for item, score in top]
+        merged.sort(key=lambda pair: -pair[1])
+        return merged[:n]

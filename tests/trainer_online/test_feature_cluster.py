@@ -1,0 +1,125 @@
+"""The feature store on a real Redis Cluster (3 masters, 3 replicas, started here from Debian's
+`redis-server`): it reads what the single-Redis store reads, each write stays in one slot, and a
+master failover during a replay (by hand, and by SIGKILL) loses and doubles nothing, counted
+independently per item against what was produced."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import redis
+
+from streamrec.core import net
+from streamrec.stream.events import EventBatch
+from streamrec.trainer.online.feature_cluster import CLUSTER_BUCKETS, ClusterFeatureStore
+from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig, bucket_of
+from tests.redis_cluster import RedisCluster
+from tests.trainer_online.conftest import (
+    TrainerProcess,
+    applied,
+    planted_events,
+    produce_events,
+    unique_prefix,
+    wait_until,
+)
+
+
+def origin_batch(events: list[dict], partition: str = "t/0", first: int = 0) -> EventBatch:
+    batch = EventBatch.from_events(events)
+    batch.partition[:] = partition
+    batch.offset[:] = np.arange(first, first + len(events))
+    return batch
+
+
+def test_a_cluster_store_reads_what_one_redis_reads(redis_url: str, redis_cluster: RedisCluster) -> None:
+    prefix = unique_prefix()
+    events = [{**e, "user_id": f"{e['user_id']}:{{x}}"} for e in planted_events(3000)]  # ids with ':' and braces
+    single = FeatureStore.from_url(redis_url, FeatureStoreConfig(prefix=prefix))
+    spread = FeatureStore.from_url(redis_cluster.url, FeatureStoreConfig(prefix=prefix, cluster=True))
+    assert isinstance(spread, ClusterFeatureStore)
+    try:
+        for store in (single, spread):
+            for start in range(0, 3000, 700):
+                store.write(origin_batch(events[start : start + 700], first=start))
+            again = store.write(origin_batch(events[1000:2500], first=1000))  # a replayed range
+            assert (again.applied, again.skipped) == (0, 1500)
+        assert spread.watermarks() == single.watermarks() == {"t/0": 3000}
+        assert spread.item_event_counts() == single.item_event_counts() == dict(Counter(e["item_id"] for e in events))
+        assert spread.clock() == single.clock()
+        top, top_single = spread.popular(20), single.popular(20)
+        assert [i for i, _ in top] == [i for i, _ in top_single]
+        np.testing.assert_allclose([s for _, s in top], [s for _, s in top_single], rtol=1e-9)
+        for user in {e["user_id"] for e in events[:50]}:
+            assert spread.user_history(user, 10, True) == single.user_history(user, 10, True)
+            assert spread.entity("u", user) == single.entity("u", user)
+        item = events[-1]["item_id"]
+        assert spread.window_count("i", item, 3600) == single.window_count("i", item, 3600)
+    finally:
+        single.clear()
+        spread.clear()
+
+
+def test_every_key_of_a_bucket_is_in_its_slot_and_the_buckets_span_every_master(redis_cluster: RedisCluster) -> None:
+    store = FeatureStore.from_url(redis_cluster.url, FeatureStoreConfig(prefix=unique_prefix(), cluster=True))
+    events = planted_events(2000)
+    store.write(origin_batch(events))
+    client = store.redis
+    keys = [key.decode() for key in client.scan_iter(store.keys.pattern())]
+    assert keys
+    for key in keys:
+        tag = key[key.index("{") + 1 : key.index("}")]
+        assert tag.startswith("b") and client.keyslot(key) == client.keyslot("{" + tag + "}")
+    user = events[0]["user_id"]
+    assert store.keys.entity("u", user).startswith(f"{store.keys.prefix}:{{b{bucket_of([user], CLUSTER_BUCKETS)[0]}}}:")
+    # the popularity ranking is sharded: its fragments live on every master
+    holders = {client.nodes_manager.get_node_from_slot(client.keyslot(store.keys.shared("pop", bucket=b))).name
+               for b in range(CLUSTER_BUCKETS) if client.exists(store.keys.shared("pop", bucket=b))}
+    assert len(holders) == 3
+    store.clear()
+
+
+def test_a_store_on_an_unreachable_cluster_is_made_and_fails_its_calls_as_an_outage() -> None:
+    """A trainer or serving worker starts while the cluster is down: the store is made without a
+    connection, and each call raises redis.ConnectionError (what the trainer waits out and serving
+    degrades on) instead of redis-py's RedisClusterException."""
+    store = FeatureStore.from_url(f"redis://127.0.0.1:{net.free_port()}/0", FeatureStoreConfig(cluster=True),
+                                  timeout_s=0.5)
+    for call in (lambda: store.popular(5), store.watermarks, lambda: store.user_history("u", 5, True),
+                 lambda: store.write(origin_batch(planted_events(10)))):
+        with pytest.raises(redis.ConnectionError):
+            call()
+
+
+@pytest.mark.slow  # ~30 s each: a trainer, a parameter server and a failover
+@pytest.mark.parametrize("fault", ["manual-failover", "sigkill"])
+def test_a_master_failover_during_a_replay_loses_and_doubles_nothing(online_settings, start_server, tmp_path,
+                                                                    redis_cluster: RedisCluster, fault: str) -> None:
+    """A trainer writes the features of 8,000 events to the cluster while one master fails over:
+    by `CLUSTER FAILOVER` on its replica, or by SIGKILL (its replica is elected after the node
+    timeout). Every item's exact count and every partition's watermark end as produced."""
+    settings = online_settings.model_copy(update={"redis_url": redis_cluster.url, "redis_cluster": True,
+                                                  "feature_prefix": unique_prefix()})
+    server = start_server("--no-checkpoints")
+    events = planted_events(8000)
+    trainer = TrainerProcess(settings, server.address, tmp_path / "r.json", "--idle-exit", "20")
+    produce_events(settings, events[:4000])
+    wait_until(lambda: applied(server.address) == 4000, timeout=120)
+    master = redis_cluster.master_ports()[0]
+    if fault == "manual-failover":
+        redis_cluster.manual_failover(master, wait=False)
+    else:
+        redis_cluster.kill(master, wait=False)
+    produce_events(settings, events[4000:])  # written while the slots move
+    trainer.wait(timeout=300)
+    redis_cluster.wait_whole()
+    store = FeatureStore.from_url(redis_cluster.url, FeatureStoreConfig(prefix=settings.feature_prefix, cluster=True))
+    assert store.item_event_counts() == dict(Counter(e["item_id"] for e in events))
+    marks = store.watermarks()
+    assert sum(marks.values()) == len(events) and len(marks) == 3
+    some_user = events[0]["user_id"]
+    assert store.seen_items(some_user) == {e["item_id"] for e in events if e["user_id"] == some_user}
+    report = trainer.report()
+    assert report is not None and report["applied"] == len(events)
+    store.clear()
