@@ -59,6 +59,10 @@ class RedisCluster:
             self.nodes[port] = subprocess.Popen(
                 [server, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
                  "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
+                 # a replica takes over however long ago it last heard from its master: with a 1 s node
+                 # timeout, the default factor (10) let a loaded machine's replica refuse ("disconnected
+                 # from master for longer than allowed") and the cluster stayed down
+                 "--cluster-replica-validity-factor", "0",
                  "--dir", str(directory), "--save", "", "--appendonly", "no", "--logfile", str(directory / "log")],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for port in self.nodes:

@@ -50,13 +50,13 @@ from redis.cluster import ClusterNode, RedisCluster
 
 from streamrec.stream.events import EventBatch
 from streamrec.trainer.online.feature_store import (
-    _WRITE_SCRIPT,
+    WRITE_SCRIPT,
     FeatureStore,
     FeatureStoreConfig,
     FeatureWrite,
     KeySchema,
-    _dumps,
     bucket_of,
+    script_argument,
 )
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,9 @@ class ReplicationNotConfirmed(redis.ConnectionError):
 
 
 class ClusterFeatureStore(FeatureStore):
+    """`FeatureStore` on a Redis Cluster: the same reads and writes, the keys in buckets (module
+    docstring); the shared keys' readers merge the buckets' fragments."""
+
     def __init__(self, connect: Callable[[], RedisCluster], config: FeatureStoreConfig | None = None,
                  buckets: int = CLUSTER_BUCKETS) -> None:
         """`connect` makes the cluster client on first use: redis-py's asks a node for the slot
@@ -85,7 +88,7 @@ class ClusterFeatureStore(FeatureStore):
         self.buckets = buckets
         self._layouts = [self.keys.script_layout(b) for b in range(buckets)]
         self._marks = [self.keys.shared("wm", bucket=b) for b in range(buckets)]
-        self._sha = hashlib.sha1(_WRITE_SCRIPT.encode()).hexdigest()  # loaded on a node when it lacks it
+        self._sha = hashlib.sha1(WRITE_SCRIPT.encode()).hexdigest()  # loaded on a node when it lacks it
         self._replicas: dict[str, tuple[float, int]] = {}  # master -> (when asked, replicas connected)
 
     @classmethod
@@ -158,7 +161,7 @@ class ClusterFeatureStore(FeatureStore):
             rows = np.flatnonzero(side)
             part = {k: (v[rows] if k in EVENT_COLUMNS else v) for k, v in fields.items()}
             part["side"] = side[rows]
-            payloads.append(_dumps(part))
+            payloads.append(script_argument(part))
         replies = self._retrying(lambda: self._run_buckets(payloads))
         applied = skipped = 0
         unmarked: set[int] = set()
@@ -179,7 +182,7 @@ class ClusterFeatureStore(FeatureStore):
                 wanted = self._wanted(node.name, connection)
                 results = self._pipeline(connection, buckets, payloads, wanted)
                 if any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
-                    connection.script_load(_WRITE_SCRIPT)  # a promoted replica or a restarted node
+                    connection.script_load(WRITE_SCRIPT)  # a promoted replica or a restarted node
                     results = self._pipeline(connection, buckets, payloads, wanted)
                 for result in results:
                     if isinstance(result, Exception):

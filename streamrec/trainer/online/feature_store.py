@@ -155,7 +155,7 @@ class KeySchema:
         })
 
 
-_WRITE_SCRIPT = """
+WRITE_SCRIPT = """
 local p, L = cjson.decode(ARGV[1]), cjson.decode(ARGV[2])
 local ttl, cap, half_life = p.ttl, p.cap, p.half_life
 local U, I, T, W, PI, O, PK, HOLD = p.u, p.i, p.t, p.w, p.pi, p.o, p.pk or {}, p.hold
@@ -314,7 +314,7 @@ class _Origin:
         return cls(pkeys, index, first, beyond)
 
 
-def _dumps(fields: Mapping[str, object]) -> bytes:
+def script_argument(fields: Mapping[str, object]) -> bytes:
     """The script's JSON argument (id columns are object arrays: orjson takes them as lists)."""
     return orjson.dumps({k: v.tolist() if isinstance(v, np.ndarray) and v.dtype == object else v
                          for k, v in fields.items()}, option=orjson.OPT_SERIALIZE_NUMPY)
@@ -340,7 +340,7 @@ class FeatureStore:
         self.config = config or FeatureStoreConfig()
         self.keys = KeySchema(self.config.prefix)
         self._layout = self.keys.script_layout()
-        self._write = client.register_script(_WRITE_SCRIPT)
+        self._write = client.register_script(WRITE_SCRIPT)
 
     @classmethod
     def from_url(cls, url: str, config: FeatureStoreConfig | None = None, timeout_s: float = 2.0) -> FeatureStore:
@@ -374,7 +374,7 @@ class FeatureStore:
     def _payload(self, batch: EventBatch, weights: np.ndarray | None,
                  floors: Mapping[str, int] | None) -> tuple[bytes, _Origin]:
         fields, _, origin = self._columns(batch, weights, floors)
-        return _dumps(fields), origin
+        return script_argument(fields), origin
 
     def write(self, batch: EventBatch, weights: np.ndarray | None = None,
               floors: Mapping[str, int] | None = None) -> FeatureWrite:
