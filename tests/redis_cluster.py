@@ -49,6 +49,14 @@ class RedisCluster:
     nodes: dict[int, subprocess.Popen] = field(default_factory=dict)  # port -> process
 
     def start(self) -> RedisCluster:
+        """Start and join the nodes; a start that fails stops the nodes it started."""
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> RedisCluster:
         server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
         if server is None or cli is None:  # .ci/run installs both; a developer without them is told how
             raise RuntimeError("redis-server and redis-cli are needed (apt install redis-server redis-tools)")
