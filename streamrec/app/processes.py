@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from streamrec.core.children import stop_children
 from streamrec.core.config import Settings
 
 STREAMREC = str(Path(sys.executable).parent / "streamrec")
@@ -91,16 +91,7 @@ class Processes:
 
     def stop_all(self) -> None:
         """SIGTERM everything, newest first, then SIGKILL what has not exited after 15 s."""
-        procs = list(reversed(self.children.values()))
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_children(reversed(self.children.values()), grace_s=15.0)
 
 
 def start_param_server(processes: Processes, name: str, env: dict[str, str], args: list[str]) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from typing import Any
 
 import redis
 
+from streamrec.core.children import stop_children
 from streamrec.core.config import Settings
 from streamrec.core.procstat import cpu_seconds, machine_busy_seconds
 from streamrec.stream.bench import raw_bound, raw_records, synthetic_events
@@ -145,24 +146,11 @@ def _start_shards(work: Path, env: dict[str, str], shards: int) -> list[subproce
         servers.append(server)
         line = server.stdout.readline()
         if not line:
-            _stop(servers)
+            stop_children(servers)
             raise RuntimeError(f"parameter-server shard {shard} did not start: {server_log.read_text()[-2000:]}")
         addresses.append(json.loads(line)["address"])
     env["STREAMREC_PARAM_SERVERS"] = ",".join(addresses)
     return servers
-
-
-def _stop(processes: list[subprocess.Popen], signal_number: int = signal.SIGTERM) -> None:
-    """Signal every process, then wait (SIGKILL after 30 s): a shard's final checkpoint is part of the cost."""
-    for process in processes:
-        if process.poll() is None:
-            process.send_signal(signal_number)
-    for process in processes:
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _train(settings: Settings, client: str, topic: str, events: list[dict[str, Any]], preload: bool,
@@ -208,8 +196,8 @@ def _train(settings: Settings, client: str, topic: str, events: list[dict[str, A
         return TrainerRun(report, produce_seconds, produced_at, checkpoints, cpu)
     finally:
         sampler.close()
-        _stop(processes, signal.SIGKILL)
-        _stop(servers)
+        stop_children(processes, signal.SIGKILL)
+        stop_children(servers)
         FeatureStore.from_url(settings.redis_url, FeatureStoreConfig.from_settings(settings, prefix)).clear()
         shutil.rmtree(work, ignore_errors=True)
 
