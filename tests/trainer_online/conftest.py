@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 
 from streamrec.param_server.client import ParamClient
 from streamrec.stream.publish import EventPublisher
@@ -104,3 +106,29 @@ def applied(address: str) -> int:
 
 def unique_prefix() -> str:
     return f"srt{uuid.uuid4().hex[:8]}"
+
+
+_QUOTED = re.compile(rb'"((?:\\.|[^"\\])*)"')  # MONITOR's quoted arguments, escapes kept as they are
+
+
+def monitored_script_keys(server: redis.Redis, prefix: str, action: Callable[[], object]) -> tuple[set[bytes], set[bytes], set[bytes]]:
+    """Watch `server` (MONITOR) while `action()` runs: (the keys its EVALSHA calls declared, the
+    keys under `prefix` that commands run by scripts touched, those commands' names). Arguments
+    are compared as MONITOR quotes them, so ids that need escaping compare exactly too."""
+    sentinel = f"monitor-end-{uuid.uuid4().hex}".encode()
+    declared: set[bytes] = set()
+    touched: set[bytes] = set()
+    commands: set[bytes] = set()
+    with server.monitor() as monitor:
+        action()
+        server.echo(sentinel)
+        while True:
+            line = monitor.connection.read_response()
+            args = _QUOTED.findall(line if isinstance(line, bytes) else line.encode())
+            if len(args) == 2 and args[0].upper() == b"ECHO" and args[1] == sentinel:
+                return declared, touched, commands
+            if b" lua] " in line and len(args) > 1 and args[1].startswith(prefix.encode()):
+                commands.add(args[0].upper())
+                touched.add(args[1])
+            elif args and args[0].upper() == b"EVALSHA":
+                declared.update(args[3 : 3 + int(args[2])])

@@ -19,6 +19,7 @@ from tests.redis_cluster import RedisCluster
 from tests.trainer_online.conftest import (
     TrainerProcess,
     applied,
+    monitored_script_keys,
     planted_events,
     produce_events,
     unique_prefix,
@@ -59,6 +60,23 @@ def test_a_cluster_store_reads_what_one_redis_reads(redis_url: str, redis_cluste
     finally:
         single.clear()
         spread.clear()
+
+
+def test_each_bucket_call_touches_only_keys_it_declares(redis_cluster: RedisCluster) -> None:
+    """Watched with MONITOR on every master: a batch's bucket calls declare every key their
+    scripts touch (the cluster routes a script by its keys; one it never saw is not checked)."""
+    store = FeatureStore.from_url(redis_cluster.url, FeatureStoreConfig(prefix=unique_prefix(), cluster=True))
+    events = [{**e, "user_id": f"{e['user_id']}:{{x}}"} for e in planted_events(1500)]
+    store.write(origin_batch(events[:500]))  # loads the script
+    for port in redis_cluster.master_ports():
+        server = redis.Redis(port=port)
+        declared, touched, _ = monitored_script_keys(server, store.keys.prefix,
+                                                     lambda: store.write(origin_batch(events[250:], first=250)))
+        assert touched and touched <= declared, sorted(touched - declared)[:5]
+        events_written = store.item_event_counts()
+        store.clear()
+        store.write(origin_batch(events[:500]))
+    assert sum(events_written.values()) == 1500
 
 
 def test_every_key_of_a_bucket_is_in_its_slot_and_the_buckets_span_every_master(redis_cluster: RedisCluster) -> None:

@@ -16,9 +16,10 @@ from streamrec.trainer.online.feature_store import (
     FeatureStore,
     FeatureStoreConfig,
     FeatureWrite,
+    DeclaredKeys,
     KeySchema,
 )
-from tests.trainer_online.conftest import unique_prefix
+from tests.trainer_online.conftest import monitored_script_keys, unique_prefix
 
 START = 1_700_000_000.0
 
@@ -190,3 +191,54 @@ def test_bad_key_parts_are_refused(redis_url: str) -> None:
         FeatureStore(redis.Redis.from_url(redis_url), FeatureStoreConfig(prefix="a{b}"))
     with pytest.raises(ValueError, match="entity kind"):
         KeySchema("sr").entity("x", "u1")  # type: ignore[arg-type]
+
+
+WRITE_COMMANDS = {b"HGET", b"GET", b"SET", b"SETNX", b"LPUSH", b"LTRIM", b"EXPIRE", b"SADD", b"HSET", b"HINCRBY",
+                  b"ZINCRBY", b"INCRBY"}
+
+
+def test_the_write_script_touches_only_keys_it_declares(store: FeatureStore) -> None:
+    """Redis requires a script's keys to be declared (a Cluster routes and checks scripts by
+    them): watched with MONITOR, every key the script's commands touch was among the keys its
+    call declared, for hostile ids too, for a first write and for a partly replayed one."""
+    n = len(HOSTILE_USERS)
+    users = np.array(HOSTILE_USERS * 3, object)
+    items = np.array([f"i{{k % 4}}:%{k % 7}" for k in range(3 * n)], object)
+    batch = EventBatch.from_columns(users, items, np.full(3 * n, "click", object), START + 40.0 * np.arange(3 * n))
+    batch.partition[:] = "t/0"
+    batch.offset[:] = np.arange(3 * n)
+    replayed = EventBatch.from_columns(users, items, np.full(3 * n, "click", object),
+                                       START + 40.0 * (np.arange(3 * n) + n))
+    replayed.partition[:] = "t/0"
+    replayed.offset[:] = np.arange(3 * n) + n  # its first n events were written before
+    for write in (batch, replayed):
+        declared, touched, commands = monitored_script_keys(store.redis, store.keys.prefix,
+                                                            lambda: store.write(write))
+        assert touched and touched <= declared, sorted(touched - declared)[:5]
+        assert commands == WRITE_COMMANDS  # every kind of write ran: the check covers all of them
+    assert store.item_event_counts() == dict(Counter(np.concatenate([items, items[2 * n :]])))
+
+
+def test_declared_keys_are_the_schemas_keys() -> None:
+    """The vectorised keys of a batch are `KeySchema.entity` / `window`, id by id, on one Redis and
+    in buckets: ids that differ only by a trailing NUL, by escapes or by braces stay apart."""
+    users = np.array(["u", "u\x00", "u:seen", "{u}", "%7Bu%7D", "x" * 200, "u"], object)
+    items = np.array(["i", "i\x00", "i", "}", "i", ":", "%"], object)
+    times = START + np.array([0.0, 59.0, 60.0, 299.0, 300.0, 3600.0, 3601.0])
+    for schema in (KeySchema("sr"), KeySchema("sr", buckets=64)):
+        keys = DeclaredKeys.of(schema, users, items, times)
+        for k, (user, item, t) in enumerate(zip(users, items, times)):
+            for kind, entity, index, windows in (("u", user, keys.user, keys.user_windows),
+                                                 ("i", item, keys.item, keys.item_windows)):
+                bucket = int(keys.user_bucket[k] if kind == "u" else keys.item_bucket[k])
+                call = schema.shared_keys(bucket if schema.buckets else None) + keys.of_bucket(bucket)
+                assert call[index[k] - 1] == schema.entity(kind, entity)
+                for w, (window, size) in enumerate(WINDOWS.items()):
+                    assert call[windows[k, w] - 1] == schema.window(kind, entity, window, int(t // size * size))
+            bucket = int(keys.user_bucket[k])
+            call = schema.shared_keys(bucket if schema.buckets else None) + keys.of_bucket(bucket)
+            assert call[keys.user[k] : keys.user[k] + 2] == [schema.entity("u", user, "recent"),
+                                                             schema.entity("u", user, "seen")]  # after the hash
+        assert len(set(keys.keys)) == len(keys.keys)  # each key once
+    with pytest.raises(ValueError, match="time order"):
+        DeclaredKeys.of(KeySchema("sr"), users[:2], items[:2], times[1::-1])

@@ -14,9 +14,9 @@ of the bucket's items), `:item_events`, `:clock`, `:pop:landmark`. So:
   buckets exactly once whatever happens to the other; every bucket advances its watermarks for
   every partition of every batch (to the batch's last offset), so a bucket without a watermark
   still means a lost or wiped bucket, as in the single store, and is rebuilt from the topic.
-- **Declared keys.** Each call declares its bucket's watermark key, which routes it to the slot's
-  master; every other key it touches is built inside the script with the same tag, so it is in
-  the same slot by construction (Redis refuses anything else at run time).
+- **Declared keys.** Each call declares every key it may touch (`DeclaredKeys`: the bucket's
+  shared keys, then its users', items' and window buckets' keys), all under the bucket's tag, so
+  in the bucket's slot; the script builds no key, and the cluster routes the call by its keys.
 - **Sharded global keys.** Popularity, exact counts and the clock are fragments per bucket
   (no hot slot); readers merge them: popularity rescaled to one landmark, counts summed, the
   clock's maximum, and a partition's watermark as the minimum over buckets (what every bucket has).
@@ -32,13 +32,13 @@ of the bucket's items), `:item_events`, `:clock`, `:pop:landmark`. So:
   reaches the trainer, which pauses consumption until the store answers (as for one Redis).
 
 Serving reads a user's history from the user's bucket (one slot) and trending from all buckets
-(cached per worker). One pipeline per master per batch: 64 script calls cost three round trips
-on a 3-master cluster, and each call aggregates inside Redis as before.
+(cached per worker). One pipeline per master per batch, all sent before any reply is read: 64
+script calls cost one round trip on a 3-master cluster, the masters work at the same time, and
+each call aggregates inside Redis as before.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -50,23 +50,23 @@ from redis.cluster import ClusterNode, RedisCluster
 
 from streamrec.stream.events import EventBatch
 from streamrec.trainer.online.feature_store import (
-    WRITE_SCRIPT,
+    WAIT_TIMEOUT_MS,
     FeatureStore,
     FeatureStoreConfig,
     FeatureWrite,
     KeySchema,
-    bucket_of,
+    ScriptCall,
+    run_write_script,
     script_argument,
 )
 
 log = logging.getLogger(__name__)
 CLUSTER_BUCKETS = 64  # part of the layout: changing it needs `streamrec features rebuild` into a new prefix
 WAIT_REPLICAS = 1  # replicas that must confirm a batch (at most those connected to the master)
-WAIT_TIMEOUT_MS = 1000  # below the client's socket timeout, so a missing confirmation is an answer, not a timeout
 ROLE_TTL_S = 1.0  # how long a master's count of connected replicas is trusted before it is asked again
 ATTEMPTS = 4  # writes of a batch (with a fresh slot map between) before the error reaches the caller
 RETRY_PAUSE_S = 0.5  # a failover takes the cluster's node timeout plus an election
-EVENT_COLUMNS = frozenset({"u", "i", "t", "w", "pi", "o"})  # the script's per-event fields (the rest is per batch)
+EVENT_COLUMNS = frozenset({"i", "t", "w", "pi", "o", "uk", "ik", "uw", "iw"})  # the script's per-event fields (the rest is per batch)
 T = TypeVar("T")
 
 
@@ -86,9 +86,8 @@ class ClusterFeatureStore(FeatureStore):
         self.config = config or FeatureStoreConfig(cluster=True)
         self.keys = KeySchema(self.config.prefix, buckets)
         self.buckets = buckets
-        self._layouts = [self.keys.script_layout(b) for b in range(buckets)]
-        self._marks = [self.keys.shared("wm", bucket=b) for b in range(buckets)]
-        self._sha = hashlib.sha1(WRITE_SCRIPT.encode()).hexdigest()  # loaded on a node when it lacks it
+        self._bucket_shared = [self.keys.shared_keys(b) for b in range(buckets)]
+        self._marks = [shared[0] for shared in self._bucket_shared]  # each bucket's watermarks: where its calls go
         self._replicas: dict[str, tuple[float, int]] = {}  # master -> (when asked, replicas connected)
 
     @classmethod
@@ -148,21 +147,23 @@ class ClusterFeatureStore(FeatureStore):
         with WAIT (module docstring); semantics and result as `FeatureStore.write`."""
         if not len(batch):
             return FeatureWrite(0, 0, {})
-        fields, _, origin = self._columns(batch, weights, floors)
-        users, items = bucket_of(fields["u"], self.buckets), bucket_of(fields["i"], self.buckets)
+        fields, keys, origin = self._columns(batch, weights, floors)
         if len(origin.pkeys):
             last = np.full(len(origin.pkeys), -1, np.int64)
             tagged = origin.index > 0
             np.maximum.at(last, origin.index[tagged] - 1, np.asarray(fields["o"])[tagged])
             fields["plast"] = last
-        payloads = []
+        calls = []
         for bucket in range(self.buckets):
-            side = (users == bucket).astype(np.int8) + 2 * (items == bucket).astype(np.int8)
-            rows = np.flatnonzero(side)
+            user_here, item_here = keys.user_bucket == bucket, keys.item_bucket == bucket
+            rows = np.flatnonzero(user_here | item_here)
             part = {k: (v[rows] if k in EVENT_COLUMNS else v) for k, v in fields.items()}
-            part["side"] = side[rows]
-            payloads.append(script_argument(part))
-        replies = self._retrying(lambda: self._run_buckets(payloads))
+            user_here, item_here = user_here[rows], item_here[rows]
+            part |= {"uk": np.where(user_here, keys.user[rows], 0), "ik": np.where(item_here, keys.item[rows], 0),
+                     "uw": np.where(user_here[:, None], keys.user_windows[rows], 0),
+                     "iw": np.where(item_here[:, None], keys.item_windows[rows], 0)}
+            calls.append((self._bucket_shared[bucket] + keys.of_bucket(bucket), script_argument(part)))
+        replies = self._retrying(lambda: self._run_buckets(calls))
         applied = skipped = 0
         unmarked: set[int] = set()
         for applied_here, skipped_here, *missing in replies:
@@ -172,25 +173,25 @@ class ClusterFeatureStore(FeatureStore):
             str(origin.pkeys[k - 1]): int(origin.first[k - 1])
             for k in sorted(unmarked) if floors is None or origin.beyond_floor[k - 1]})
 
-    def _run_buckets(self, payloads: list[bytes]) -> list[list[int]]:
-        """Every bucket's call, one pipeline per master ending with WAIT when the master has a
-        replica connected; the replies in bucket order. Raises when a replica did not confirm."""
-        replies: list[list[int]] = [[] for _ in payloads]
+    def _run_buckets(self, calls: list[ScriptCall]) -> list[list[int]]:
+        """Every bucket's call (its declared keys and its argument), one pipeline per master ending
+        with WAIT when the master has a replica connected, all masters at once; the replies in
+        bucket order. Raises when a replica did not confirm."""
+        replies: list[list[int]] = [[] for _ in calls]
         try:
-            for node, buckets in self._by_master(self._marks).values():
-                connection = self.redis.get_redis_connection(node)
-                wanted = self._wanted(node.name, connection)
-                results = self._pipeline(connection, buckets, payloads, wanted)
-                if any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
-                    connection.script_load(WRITE_SCRIPT)  # a promoted replica or a restarted node
-                    results = self._pipeline(connection, buckets, payloads, wanted)
-                for result in results:
+            masters = [(node, buckets, self.redis.get_redis_connection(node))
+                       for node, buckets in self._by_master(self._marks).values()]
+            wanted = [self._wanted(node.name, client) for node, _, client in masters]
+            results = run_write_script([(client, [calls[b] for b in buckets], w)
+                                        for (_, buckets, client), w in zip(masters, wanted)])
+            for (node, buckets, _), want, got in zip(masters, wanted, results):
+                for result in got:
                     if isinstance(result, Exception):
                         raise result
-                if wanted and int(results[-1]) < wanted:
-                    raise ReplicationNotConfirmed(f"{node.name}: {results[-1]} of {wanted} replicas confirmed "
+                if want and int(got[-1]) < want:
+                    raise ReplicationNotConfirmed(f"{node.name}: {got[-1]} of {want} replicas confirmed "
                                                   f"the batch within {WAIT_TIMEOUT_MS} ms")
-                for bucket, reply in zip(buckets, results):
+                for bucket, reply in zip(buckets, got):
                     replies[bucket] = reply
         except Exception:
             self._replicas.clear()  # a failover changes who replicates whom: ask again
@@ -207,14 +208,6 @@ class ClusterFeatureStore(FeatureStore):
             asked = (time.monotonic(), connected)
             self._replicas[name] = asked
         return min(WAIT_REPLICAS, asked[1])
-
-    def _pipeline(self, connection: redis.Redis, buckets: list[int], payloads: list[bytes], wanted: int) -> list[object]:
-        pipe = connection.pipeline(transaction=False)
-        for bucket in buckets:
-            pipe.evalsha(self._sha, 1, self._marks[bucket], payloads[bucket], self._layouts[bucket])
-        if wanted:
-            pipe.execute_command("WAIT", wanted, WAIT_TIMEOUT_MS)
-        return pipe.execute(raise_on_error=False)
 
     def clear(self) -> int:
         """Delete every key under this store's prefix on every master; returns the count."""

@@ -4,7 +4,9 @@ Everything is written from event time, so replaying a log builds the same state 
 and one batch is written with ONE round trip: its columns go as a JSON argument to a Lua script
 that aggregates them per user, item and window bucket and performs the Redis commands inside the
 server (a client-side pipeline of ~10 commands per user capped ingest near 10k events/s here, and
-the aggregation runs on the Redis core instead of the trainer's).
+the aggregation runs on the Redis core instead of the trainer's). The client builds each distinct
+key once and declares every key the script may touch (KEYS; the JSON says which are each
+event's): the script builds no key, so a Redis Cluster routes and checks it like any command.
 
 Exactly once. Events read from Kafka carry their partition key ("topic/partition") and offset.
 The script keeps a watermark per partition (the next offset to write) and reads and advances it
@@ -51,13 +53,16 @@ watermarks and its own fragment of the shared keys: streamrec.trainer.online.fea
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import hiredis
 import orjson
+import pandas as pd
 import redis
 
 from streamrec.core.config import Settings
@@ -99,8 +104,8 @@ def _window_part(window: int) -> str:
 
 @dataclass(frozen=True)
 class KeySchema:
-    """Every key of the store (see the module docstring); the Lua writer builds the same keys from
-    `script_layout`, so this class is the one definition of the layout. With `buckets` (Redis
+    """Every key of the store (see the module docstring), the one definition of the layout: the
+    write script touches only the keys built here and declared to it (`DeclaredKeys`). With `buckets` (Redis
     Cluster, streamrec.trainer.online.feature_cluster) the hash tag of a user's or item's keys is its
     bucket's, `{b<k>}`, and every bucket holds its own shared keys."""
 
@@ -140,52 +145,138 @@ class KeySchema:
         """SCAN pattern matching every key of this store."""
         return _GLOB_SPECIAL.sub(r"\\\1", self.prefix) + ":*"
 
-    def script_layout(self, bucket: int | None = None) -> bytes:
-        """What the write script needs to build exactly these keys: entity key heads and suffixes,
-        the shared keys, and the id escapes (a Lua pattern and its replacement table); with
-        `buckets`, the keys of one bucket."""
-        return orjson.dumps({
-            "user": self._head("u", bucket), "item": self._head("i", bucket), "close": "" if self.buckets else "}",
-            "recent": ":" + RECENT, "seen": ":" + SEEN,
-            "windows": [[w, b, f":{_window_part(w)}:"] for w, b in WINDOWS.items()],
-            "clock": self.shared("clock", bucket=bucket), "pop": self.shared("pop", bucket=bucket),
-            "landmark": self.shared("pop", "landmark", bucket=bucket),
-            "item_events": self.shared("item_events", bucket=bucket), "watermarks": self.shared("wm", bucket=bucket),
-            "pattern": "[" + "".join("%" + c for c in _ESCAPES) + "]", "esc": _ESCAPES,
-        })
+    def shared_keys(self, bucket: int | None = None) -> list[str]:
+        """The shared keys (or a bucket's fragments of them) in the order the write script
+        declares them first: watermarks, clock, popularity landmark, popularity, exact counts."""
+        return [self.shared(*name, bucket=bucket) for name in SHARED_KEYS]
+
+    def entity_keys(self, kind: EntityKind, ids: np.ndarray, buckets: np.ndarray | None = None) -> np.ndarray:
+        """`entity(kind, id)` for every id of an object array (with `buckets`, each id's bucket),
+        as an object array: numpy adds the strings in C (exact for any id, unlike numpy's fixed-
+        width str arrays, which drop trailing NULs), and ids are escaped only when one needs it."""
+        encoded = _encoded(ids)
+        if not self.buckets:
+            return self._head(kind) + encoded + "}"
+        heads = np.array([self._head(kind, b) for b in range(self.buckets)], object)
+        return heads[buckets] + encoded
+
+
+SHARED_KEYS: tuple[tuple[str, ...], ...] = (("wm",), ("clock",), ("pop", "landmark"), ("pop",), ("item_events",))
+_encode_each = np.frompyfunc(encode_id, 1, 1)
+
+
+def _encoded(ids: np.ndarray) -> np.ndarray:
+    """encode_id over an object array of ids; one scan of the joined ids spares the common case
+    (no id holds a character to escape) a call per id."""
+    joined = "".join(ids.tolist())
+    if any(c in joined for c in _ESCAPES):
+        return _encode_each(ids)
+    return ids
+
+
+def _factorize(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(each value's code, the distinct values in first-seen order): a hash table, not a sort."""
+    codes, distinct = pd.factorize(values)
+    return codes.astype(np.int64), np.asarray(distinct)
+
+
+@dataclass(frozen=True)
+class DeclaredKeys:
+    """Every user, item and window-bucket key a batch's write may touch, which the write script
+    declares (KEYS) rather than builds, as Redis requires of scripts (a Redis Cluster routes and
+    checks a script by its declared keys). The keys come grouped by bucket (one group on one
+    Redis); `user`, `item`, `user_windows` and `item_windows` give, per event, the KEYS index of
+    each of its keys in its bucket's call (after the shared keys): a user's hash is followed by
+    its recent list and its seen set. Only distinct keys are built, each once per batch."""
+
+    keys: np.ndarray  # object: the keys, bucket after bucket
+    bounds: np.ndarray  # bucket b's keys are keys[bounds[b]:bounds[b + 1]]
+    user: np.ndarray  # per event
+    item: np.ndarray  # per event
+    user_windows: np.ndarray  # [events, windows]
+    item_windows: np.ndarray  # [events, windows]
+    user_bucket: np.ndarray  # per event: the bucket of its user (0 on one Redis)
+    item_bucket: np.ndarray  # per event: the bucket of its item
+
+    @classmethod
+    def of(cls, schema: KeySchema, users: np.ndarray, items: np.ndarray, times: np.ndarray) -> DeclaredKeys:
+        """The keys of events given in time order (`times` nondecreasing)."""
+        if len(times) > 1 and not np.all(times[1:] >= times[:-1]):
+            raise ValueError("DeclaredKeys.of takes events in time order")
+        groups = max(schema.buckets, 1)
+        user_code, distinct_users = _factorize(users)
+        item_code, distinct_items = _factorize(items)
+        user_home = bucket_of(distinct_users, groups) if schema.buckets else np.zeros(len(distinct_users), np.int64)
+        item_home = bucket_of(distinct_items, groups) if schema.buckets else np.zeros(len(distinct_items), np.int64)
+        user_hash = schema.entity_keys("u", distinct_users, user_home)
+        item_hash = schema.entity_keys("i", distinct_items, item_home)
+        pieces = [np.stack([user_hash, user_hash + (":" + RECENT), user_hash + (":" + SEEN)], axis=1).ravel(), item_hash]
+        homes = [np.repeat(user_home, 3), item_home]
+        offset = 3 * len(distinct_users) + len(distinct_items)
+        windows: list[tuple[np.ndarray, np.ndarray]] = []  # per window: (user key id, item key id) per event
+        for window, size in WINDOWS.items():
+            slot = (times // size).astype(np.int64)  # nondecreasing: the events are in time order
+            first = np.concatenate(([True], slot[1:] != slot[:-1]))
+            start_code, starts = np.cumsum(first) - 1, slot[first] * size
+            suffixes = f":{_window_part(window)}:" + starts.astype(str).astype(object)
+            ids = []
+            for code, hashes, home in ((user_code, user_hash, user_home), (item_code, item_hash, item_home)):
+                pair_code, pairs = _factorize(code * len(starts) + start_code)
+                entity, start = np.divmod(pairs, len(starts))
+                pieces.append(hashes[entity] + suffixes[start])
+                homes.append(home[entity])
+                ids.append(offset + pair_code)
+                offset += len(pairs)
+            windows.append((ids[0], ids[1]))
+        keys, home = np.concatenate(pieces), np.concatenate(homes)
+        order = np.argsort(home, kind="stable")
+        bounds = np.searchsorted(home[order], np.arange(groups + 1))
+        index = np.empty(len(keys), np.int64)  # 1-based KEYS index in its bucket's call
+        index[order] = np.arange(len(keys)) - bounds[home[order]] + len(SHARED_KEYS) + 1
+        return cls(keys[order], bounds, index[3 * user_code], index[3 * len(distinct_users) + item_code],
+                   np.stack([index[u] for u, _ in windows], axis=1), np.stack([index[i] for _, i in windows], axis=1),
+                   user_home[user_code], item_home[item_code])
+
+    def of_bucket(self, bucket: int) -> list[str]:
+        return self.keys[self.bounds[bucket] : self.bounds[bucket + 1]].tolist()
 
 
 WRITE_SCRIPT = """
-local p, L = cjson.decode(ARGV[1]), cjson.decode(ARGV[2])
+-- KEYS: the watermarks, clock, popularity landmark, popularity and exact item counts (of one
+-- bucket of a Cluster store, or the store's), then every user, item and window-bucket key the
+-- batch may touch (DeclaredKeys): per event, p.uk and p.ik are the KEYS index of its user's hash
+-- (its recent list and seen set follow) and its item's hash, p.uw[k][w] and p.iw[k][w] of its
+-- window buckets. An index of 0: that side of the event belongs to another bucket's call (one
+-- Redis gets both sides of every event). Nothing outside KEYS is touched.
+local p = cjson.decode(ARGV[1])
+local WM, CLOCK, LANDMARK, POP, ITEM_EVENTS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local ttl, cap, half_life = p.ttl, p.cap, p.half_life
-local U, I, T, W, PI, O, PK, HOLD = p.u, p.i, p.t, p.w, p.pi, p.o, p.pk or {}, p.hold
--- a bucket of a Cluster store (feature_cluster.py) gets each event's user side (1), item side (2)
--- or both (3), and every partition's last offset in the whole batch (its watermark moves even when
--- none of the partition's events falls in this bucket); one Redis gets neither: both sides, always
-local SIDE, PLAST = p.side, p.plast
-local function enc(id) return (string.gsub(id, L.pattern, L.esc)) end
+local I, T, W, PI, O, PK, HOLD = p.i, p.t, p.w, p.pi, p.o, p.pk or {}, p.hold
+local UK, IK, UW, IW, WTTL = p.uk, p.ik, p.uw, p.iw, p.wttl
+-- a bucket of a Cluster store also gets every partition's last offset in the whole batch (its
+-- watermark moves even when none of the partition's events falls in this bucket)
+local PLAST = p.plast
 -- the batch's partitions: an event below its partition's watermark was written before; a
 -- partition without one is reported, and held back entirely (nothing written, no watermark set)
 -- when the caller knows the topic holds earlier events of it
 local marks, unmarked, last = {}, {}, {}
 for k, pkey in ipairs(PK) do
-  local v = redis.call('HGET', L.watermarks, pkey)
+  local v = redis.call('HGET', WM, pkey)
   marks[k] = v and tonumber(v) or -1
   if not v then
     unmarked[#unmarked + 1] = k
     if HOLD[k] then marks[k] = math.huge end
   end
 end
--- aggregate the batch's new events (they arrive in time order)
-local users, user_order, items, item_order, buckets, bucket_order = {}, {}, {}, {}, {}, {}
+-- aggregate the batch's new events (they arrive in time order) per declared key
+local users, user_order, items, item_order, counts, count_order = {}, {}, {}, {}, {}, {}
 local applied, skipped, max_t, min_t = 0, 0, nil, nil
 local function bump(key, ttl_seconds)
-  local b = buckets[key]
-  if b then b[1] = b[1] + 1 else buckets[key] = {1, ttl_seconds}; bucket_order[#bucket_order + 1] = key end
+  local c = counts[key]
+  if c then c[1] = c[1] + 1 else counts[key] = {1, ttl_seconds}; count_order[#count_order + 1] = key end
 end
-for k = 1, #U do
-  local pk, fresh = PI and PI[k] or 0, true
-  local side = SIDE and SIDE[k] or 3
+for k = 1, #T do
+  local pk, fresh, uk, ik = PI and PI[k] or 0, true, UK[k], IK[k]
   if pk > 0 then
     local o = O[k]
     if last[pk] == nil or o > last[pk] then last[pk] = o end
@@ -193,75 +284,119 @@ for k = 1, #U do
   end
   -- events are counted on their user side: one per event in a Cluster store too
   if not fresh then
-    if side % 2 == 1 then skipped = skipped + 1 end
+    if uk > 0 then skipped = skipped + 1 end
   else
-    if side % 2 == 1 then applied = applied + 1 end
-    local u, i, t = U[k], I[k], T[k]
+    local i, t = I[k], T[k]
     if max_t == nil or t > max_t then max_t = t end
     if min_t == nil or t < min_t then min_t = t end
-    local e, f
-    if side % 2 == 1 then
-      e = users[u]
-      if not e then
-        e = {key = L.user .. enc(u) .. L.close, items = {}, last = t, n = 0}
-        users[u] = e; user_order[#user_order + 1] = u
-      end
+    if uk > 0 then
+      applied = applied + 1
+      local e = users[uk]
+      if not e then e = {items = {}, last = t, n = 0}; users[uk] = e; user_order[#user_order + 1] = uk end
       e.items[#e.items + 1] = i; e.n = e.n + 1; if t > e.last then e.last = t end
+      for w = 1, #WTTL do bump(UW[k][w], WTTL[w]) end
     end
-    if side >= 2 then
-      f = items[i]
-      if not f then
-        f = {key = L.item .. enc(i) .. L.close, last = t, n = 0, pop = 0}
-        items[i] = f; item_order[#item_order + 1] = i
-      end
+    if ik > 0 then
+      local f = items[ik]
+      if not f then f = {id = i, last = t, n = 0, pop = 0}; items[ik] = f; item_order[#item_order + 1] = ik end
       f.n = f.n + 1; if t > f.last then f.last = t end
       f.pop = f.pop + W[k] * math.pow(2, (t - p.landmark_hint) / half_life)
-    end
-    for w = 1, #L.windows do
-      local window, size, part = L.windows[w][1], L.windows[w][2], L.windows[w][3]
-      local suffix = part .. string.format('%d', math.floor(t / size) * size)
-      if e then bump(e.key .. suffix, window + size) end
-      if f then bump(f.key .. suffix, window + size) end
+      for w = 1, #WTTL do bump(IW[k][w], WTTL[w]) end
     end
   end
 end
 if max_t ~= nil then
-  local clock = tonumber(redis.call('GET', L.clock) or '0')
-  if max_t > clock then redis.call('SET', L.clock, string.format('%.6f', max_t)) end
-  redis.call('SETNX', L.landmark, string.format('%.6f', min_t))
+  local clock = tonumber(redis.call('GET', CLOCK) or '0')
+  if max_t > clock then redis.call('SET', CLOCK, string.format('%.6f', max_t)) end
+  redis.call('SETNX', LANDMARK, string.format('%.6f', min_t))
   -- popularity was accumulated relative to landmark_hint; convert to the stored landmark
-  local shift = math.pow(2, (p.landmark_hint - tonumber(redis.call('GET', L.landmark))) / half_life)
-  for _, u in ipairs(user_order) do
-    local e = users[u]
-    redis.call('LPUSH', e.key .. L.recent, unpack(e.items))
-    redis.call('LTRIM', e.key .. L.recent, 0, cap - 1)
-    redis.call('EXPIRE', e.key .. L.recent, ttl)
-    redis.call('SADD', e.key .. L.seen, unpack(e.items))
-    redis.call('EXPIRE', e.key .. L.seen, ttl)
-    redis.call('HSET', e.key, 'last_seen', string.format('%.6f', e.last))
-    redis.call('HINCRBY', e.key, 'events', e.n)
-    redis.call('EXPIRE', e.key, ttl)
+  local shift = math.pow(2, (p.landmark_hint - tonumber(redis.call('GET', LANDMARK))) / half_life)
+  for _, uk in ipairs(user_order) do
+    local e, key, recent, seen = users[uk], KEYS[uk], KEYS[uk + 1], KEYS[uk + 2]
+    redis.call('LPUSH', recent, unpack(e.items))
+    redis.call('LTRIM', recent, 0, cap - 1)
+    redis.call('EXPIRE', recent, ttl)
+    redis.call('SADD', seen, unpack(e.items))
+    redis.call('EXPIRE', seen, ttl)
+    redis.call('HSET', key, 'last_seen', string.format('%.6f', e.last))
+    redis.call('HINCRBY', key, 'events', e.n)
+    redis.call('EXPIRE', key, ttl)
   end
-  for _, i in ipairs(item_order) do
-    local f = items[i]
-    local last_seen = tonumber(redis.call('HGET', f.key, 'last_seen') or '0')
-    if f.last > last_seen then redis.call('HSET', f.key, 'last_seen', string.format('%.6f', f.last)) end
-    redis.call('HINCRBY', f.key, 'events', f.n)
-    redis.call('EXPIRE', f.key, ttl)
-    redis.call('HINCRBY', L.item_events, i, f.n)
-    redis.call('ZINCRBY', L.pop, f.pop * shift, i)
+  for _, ik in ipairs(item_order) do
+    local f, key = items[ik], KEYS[ik]
+    local last_seen = tonumber(redis.call('HGET', key, 'last_seen') or '0')
+    if f.last > last_seen then redis.call('HSET', key, 'last_seen', string.format('%.6f', f.last)) end
+    redis.call('HINCRBY', key, 'events', f.n)
+    redis.call('EXPIRE', key, ttl)
+    redis.call('HINCRBY', ITEM_EVENTS, f.id, f.n)
+    redis.call('ZINCRBY', POP, f.pop * shift, f.id)
   end
-  for _, key in ipairs(bucket_order) do
-    local b = buckets[key]
-    if redis.call('INCRBY', key, b[1]) == b[1] then redis.call('EXPIRE', key, b[2]) end
+  for _, key in ipairs(count_order) do
+    local c = counts[key]
+    if redis.call('INCRBY', KEYS[key], c[1]) == c[1] then redis.call('EXPIRE', KEYS[key], c[2]) end
   end
 end
 for k, pkey in ipairs(PK) do
   local l = PLAST and PLAST[k] or last[k]
-  if l + 1 > marks[k] then redis.call('HSET', L.watermarks, pkey, string.format('%d', l + 1)) end
+  if l + 1 > marks[k] then redis.call('HSET', WM, pkey, string.format('%d', l + 1)) end
 end
 return {applied, skipped, unpack(unmarked)}
 """
+WAIT_TIMEOUT_MS = 1000  # WAIT for replicas (Cluster): below the socket timeout, so a missing confirmation is an answer
+WINDOW_TTLS = [window + size for window, size in WINDOWS.items()]  # a bucket outlives its window by one bucket
+
+
+WRITE_SHA = hashlib.sha1(WRITE_SCRIPT.encode()).hexdigest()
+ScriptCall = tuple[list[str], bytes]  # one write-script call: its declared keys and its argument
+
+
+def _reply(connection: redis.Connection) -> object:
+    """The next reply on `connection`, an error reply as its exception (the replies after it must
+    still be read)."""
+    try:
+        return connection.read_response()
+    except redis.ResponseError as error:
+        return error
+
+
+def _exchange(sends: list[tuple[redis.Redis, list[ScriptCall], int]]) -> list[list[object]]:
+    """Send each Redis (its client, its write-script calls, the replicas to WAIT for after them)
+    its commands, then read every reply: several Redis (a Cluster's masters) run their scripts at
+    the same time. Commands are packed by hiredis itself: redis-py's packer looks at each of a
+    batch's thousands of keys in Python first. A connection error is raised, and a connection
+    with replies left unread is dropped."""
+    held: list[tuple[redis.Redis, redis.Connection]] = []
+    try:
+        for client, calls, wanted in sends:
+            connection = client.connection_pool.get_connection()
+            held.append((client, connection))
+            commands: list[tuple[str | int | bytes, ...]] = [
+                ("EVALSHA", WRITE_SHA, len(keys), *keys, argument) for keys, argument in calls]
+            if wanted:
+                commands.append(("WAIT", wanted, WAIT_TIMEOUT_MS))
+            connection.send_packed_command([b"".join(map(hiredis.pack_command, commands))])
+        return [[_reply(connection) for _ in range(len(calls) + bool(wanted))]
+                for (_, connection), (_, calls, wanted) in zip(held, sends)]
+    except BaseException:
+        for _, connection in held:
+            connection.disconnect()
+        raise
+    finally:
+        for client, connection in held:
+            client.connection_pool.release(connection)
+
+
+def run_write_script(sends: list[tuple[redis.Redis, list[ScriptCall], int]]) -> list[list[object]]:
+    """`_exchange`, with the script loaded again where a Redis lacks it (a restarted node, a
+    promoted replica) and those calls made again; each send's replies, errors as exceptions."""
+    results = _exchange(sends)
+    lacking = [k for k, got in enumerate(results) if any(isinstance(r, redis.exceptions.NoScriptError) for r in got)]
+    for k in lacking:
+        sends[k][0].script_load(WRITE_SCRIPT)
+    if lacking:
+        for k, got in zip(lacking, _exchange([sends[k] for k in lacking])):
+            results[k] = got
+    return results
 
 
 @dataclass(frozen=True)
@@ -339,8 +474,7 @@ class FeatureStore:
         self.redis = client
         self.config = config or FeatureStoreConfig()
         self.keys = KeySchema(self.config.prefix)
-        self._layout = self.keys.script_layout()
-        self._write = client.register_script(WRITE_SCRIPT)
+        self._shared = self.keys.shared_keys()
 
     @classmethod
     def from_url(cls, url: str, config: FeatureStoreConfig | None = None, timeout_s: float = 2.0) -> FeatureStore:
@@ -354,27 +488,25 @@ class FeatureStore:
 
     # ---- writing ------------------------------------------------------------------------------
     def _columns(self, batch: EventBatch, weights: np.ndarray | None,
-                 floors: Mapping[str, int] | None) -> tuple[dict[str, object], np.ndarray, _Origin]:
+                 floors: Mapping[str, int] | None) -> tuple[dict[str, object], DeclaredKeys, _Origin]:
         """The script's fields: the batch's columns in time order (the script aggregates them inside
-        Redis); the time order itself, and where the events come from."""
+        Redis), the keys they touch, and where the events come from."""
         c = self.config
         order = np.argsort(batch.timestamp, kind="stable")
+        times = batch.timestamp[order]
+        keys = DeclaredKeys.of(self.keys, batch.user_id[order], batch.item_id[order], times)
         fields: dict[str, object] = {
             "ttl": c.ttl_seconds, "cap": c.recent_cap, "half_life": c.popularity_half_life,
-            "landmark_hint": float(batch.timestamp[order[0]]),
-            "u": batch.user_id[order], "i": batch.item_id[order], "t": batch.timestamp[order],
+            "landmark_hint": float(times[0]), "wttl": WINDOW_TTLS,
+            "i": batch.item_id[order], "t": times,
             "w": np.ones(len(batch)) if weights is None else np.asarray(weights, np.float64)[order],
+            "uk": keys.user, "ik": keys.item, "uw": keys.user_windows, "iw": keys.item_windows,
         }
         origin = _Origin.of(batch.partition[order], batch.offset[order], floors)
         if len(origin.pkeys):
             fields |= {"pi": origin.index, "o": batch.offset[order], "pk": origin.pkeys.tolist(),
                        "hold": origin.beyond_floor.tolist()}
-        return fields, order, origin
-
-    def _payload(self, batch: EventBatch, weights: np.ndarray | None,
-                 floors: Mapping[str, int] | None) -> tuple[bytes, _Origin]:
-        fields, _, origin = self._columns(batch, weights, floors)
-        return script_argument(fields), origin
+        return fields, keys, origin
 
     def write(self, batch: EventBatch, weights: np.ndarray | None = None,
               floors: Mapping[str, int] | None = None) -> FeatureWrite:
@@ -390,8 +522,11 @@ class FeatureStore:
         without a watermark is reported, and everything is written."""
         if not len(batch):
             return FeatureWrite(0, 0, {})
-        payload, origin = self._payload(batch, weights, floors)
-        applied, skipped, *unmarked = self._write(args=[payload, self._layout])
+        fields, keys, origin = self._columns(batch, weights, floors)
+        (reply,), = run_write_script([(self.redis, [(self._shared + keys.of_bucket(0), script_argument(fields))], 0)])
+        if isinstance(reply, Exception):
+            raise reply
+        applied, skipped, *unmarked = reply
         return FeatureWrite(int(applied), int(skipped), {
             str(origin.pkeys[k - 1]): int(origin.first[k - 1])
             for k in unmarked if floors is None or origin.beyond_floor[k - 1]})
