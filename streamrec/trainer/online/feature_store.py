@@ -229,11 +229,14 @@ class DeclaredKeys:
                 offset += len(pairs)
             windows.append((ids[0], ids[1]))
         keys, home = np.concatenate(pieces), np.concatenate(homes)
-        order = np.argsort(home, kind="stable")
-        bounds = np.searchsorted(home[order], np.arange(groups + 1))
-        index = np.empty(len(keys), np.int64)  # 1-based KEYS index in its bucket's call
-        index[order] = np.arange(len(keys)) - bounds[home[order]] + len(SHARED_KEYS) + 1
-        return cls(keys[order], bounds, index[3 * user_code], index[3 * len(distinct_users) + item_code],
+        index = np.arange(len(keys)) + len(SHARED_KEYS) + 1  # 1-based KEYS index in its bucket's call
+        bounds = np.array([0, len(keys)])
+        if schema.buckets:  # group the keys by bucket
+            order = np.argsort(home, kind="stable")
+            bounds = np.searchsorted(home[order], np.arange(groups + 1))
+            index[order] = np.arange(len(keys)) - bounds[home[order]] + len(SHARED_KEYS) + 1
+            keys = keys[order]
+        return cls(keys, bounds, index[3 * user_code], index[3 * len(distinct_users) + item_code],
                    np.stack([index[u] for u, _ in windows], axis=1), np.stack([index[i] for _, i in windows], axis=1),
                    user_home[user_code], item_home[item_code])
 
