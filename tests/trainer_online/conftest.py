@@ -19,6 +19,7 @@ import pytest
 import redis
 
 from streamrec.param_server.client import ParamClient
+from streamrec.stream.kafka import make_producer
 from streamrec.stream.publish import EventPublisher
 from streamrec.stream.topics import create_topics
 from streamrec.core.config import Settings
@@ -106,6 +107,22 @@ def applied(address: str) -> int:
 
 def unique_prefix() -> str:
     return f"srt{uuid.uuid4().hex[:8]}"
+
+
+TOPIC_EVENTS = 1500
+
+
+@pytest.fixture
+def topic_events(online_settings: Settings) -> list[dict]:
+    """Records that break the schema (written by a faulty producer), then TOPIC_EVENTS valid events, on the
+    3-partition topic."""
+    with make_producer(online_settings.kafka_bootstrap, online_settings.kafka_client) as producer:
+        for n, junk in enumerate((b"not json", b'{"user_id": "u1"}', b"[]")):
+            producer.send(online_settings.topic, junk, key=f"u{n}".encode())
+        producer.flush()
+    events = planted_events(TOPIC_EVENTS, users=60, items_per_cluster=10)
+    produce_events(online_settings, events)
+    return events
 
 
 _QUOTED = re.compile(rb'"((?:\\.|[^"\\])*)"')  # MONITOR's quoted arguments, escapes kept as they are

@@ -14,7 +14,8 @@ import redis
 from streamrec.core import net
 from streamrec.stream.events import EventBatch
 from streamrec.trainer.online.feature_cluster import CLUSTER_BUCKETS, ClusterFeatureStore
-from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig, bucket_of
+from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig, FeatureWrite, bucket_of
+from streamrec.trainer.online.feature_rebuild import rebuild_features
 from tests.redis_cluster import RedisCluster
 from tests.trainer_online.conftest import (
     TrainerProcess,
@@ -25,6 +26,7 @@ from tests.trainer_online.conftest import (
     unique_prefix,
     wait_until,
 )
+from tests.trainer_online.test_feature_store_rebuild import end_of_topic, topic_batch
 
 
 def origin_batch(events: list[dict], partition: str = "t/0", first: int = 0) -> EventBatch:
@@ -95,6 +97,34 @@ def test_every_key_of_a_bucket_is_in_its_slot_and_the_buckets_span_every_master(
     holders = {client.nodes_manager.get_node_from_slot(client.keyslot(store.keys.shared("pop", bucket=b))).name
                for b in range(CLUSTER_BUCKETS) if client.exists(store.keys.shared("pop", bucket=b))}
     assert len(holders) == 3
+    store.clear()
+
+
+def test_a_bucket_whose_keys_are_lost_holds_its_share_until_rebuilt_from_the_topic(
+        online_settings, topic_events: list[dict], redis_cluster: RedisCluster) -> None:
+    """A bucket's master and replica both lost its keys (watermarks included): the next live
+    batch is written by every other bucket and held back by that one, which reports every
+    partition; the rebuild the trainer then runs writes the topic into that bucket alone (the
+    others' watermarks skip it), and the batch written again completes it: nothing lost, nothing
+    counted twice."""
+    store = FeatureStore.from_url(redis_cluster.url, FeatureStoreConfig(prefix=unique_prefix(), cluster=True))
+    until = end_of_topic(online_settings)
+    halfway = {pkey: end // 2 for pkey, end in until.items()}
+    rebuild_features(online_settings, store, halfway)
+    victim = topic_events[0]["user_id"]
+    lost = int(bucket_of([victim], CLUSTER_BUCKETS)[0])
+    gone = list(store.redis.scan_iter(f"{store.keys.prefix}:{{b{lost}}}:*"))
+    assert store.redis.delete(*gone) == len(gone) > 0
+    later = topic_batch(online_settings, start=halfway)  # the trainer's next batch
+    in_lost_bucket = bucket_of(later.user_id, CLUSTER_BUCKETS) == lost
+    floors = dict.fromkeys(until, 0)  # the topic holds every partition from offset 0
+    held = store.write(later, floors=floors)
+    assert held == FeatureWrite(int((~in_lost_bucket).sum()), int(in_lost_bucket.sum()), halfway)
+    assert rebuild_features(online_settings, store, halfway) > 0  # what the trainer does
+    assert store.write(later, floors=floors) == FeatureWrite(int(in_lost_bucket.sum()), int((~in_lost_bucket).sum()), {})
+    assert store.item_event_counts() == dict(Counter(e["item_id"] for e in topic_events))
+    assert store.watermarks() == until
+    assert store.seen_items(victim) == {e["item_id"] for e in topic_events if e["user_id"] == victim}
     store.clear()
 
 

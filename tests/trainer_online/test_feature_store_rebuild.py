@@ -16,7 +16,6 @@ import pytest
 from streamrec.core.config import Settings
 from streamrec.param_server.client import ParamClient
 from streamrec.stream.events import EventBatch, EventSchema, InvalidEvent
-from streamrec.stream.kafka import make_producer
 from streamrec.stream.reader import read_records
 from streamrec.stream.topics import end_offsets
 from streamrec.trainer.online.feature_rebuild import rebuild_features
@@ -28,13 +27,12 @@ from streamrec.trainer.online.feature_store import (
 from tests.conftest import settings_env
 from tests.trainer_online.conftest import (
     STREAMREC,
-    planted_events,
-    produce_events,
+    TOPIC_EVENTS,
     unique_prefix,
 )
 from tests.trainer_online.test_feature_store_exactly_once import snapshot
 
-N = 1500
+N = TOPIC_EVENTS
 
 
 @pytest.fixture
@@ -48,19 +46,6 @@ def new_store(redis_url: str) -> Iterator[Callable[[], FeatureStore]]:
     yield make
     for store in made:
         store.clear()
-
-
-@pytest.fixture
-def topic_events(online_settings: Settings) -> list[dict]:
-    """Records that break the schema (written by a faulty producer), then N valid events, on the
-    3-partition topic."""
-    with make_producer(online_settings.kafka_bootstrap, online_settings.kafka_client) as producer:
-        for n, junk in enumerate((b"not json", b'{"user_id": "u1"}', b"[]")):
-            producer.send(online_settings.topic, junk, key=f"u{n}".encode())
-        producer.flush()
-    events = planted_events(N, users=60, items_per_cluster=10)
-    produce_events(online_settings, events)
-    return events
 
 
 def end_of_topic(settings: Settings) -> dict[str, int]:
