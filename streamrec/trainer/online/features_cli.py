@@ -8,7 +8,9 @@ import time
 
 import click
 
-from streamrec.core.cli import settings_from, show
+from streamrec.core.cli import print_json, settings_from, show
+from streamrec.stream.datasets.resolve import DATA, DataSource
+from streamrec.stream.loaders import FORMATS
 
 
 @click.group("features")
@@ -41,5 +43,28 @@ def rebuild(ctx: click.Context, as_json: bool) -> None:
           "seconds": round(time.perf_counter() - started, 3)}, as_json)
 
 
+@click.command("features")
+@click.option("--events", type=int, default=100_000, show_default=True)
+@click.option("--batch-events", type=click.IntRange(1), default=1000, show_default=True,
+              help="events per write (the trainer's batch)")
+@click.option("--data", "data", type=DATA,
+              help="write this log (a path, or a data-set name) instead of synthetic events")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="ml-100k", show_default=True,
+              help="format of a --data PATH (a data-set name brings its own)")
+@click.option("--json", "as_json", is_flag=True, help="(output is always JSON)")
+@click.pass_context
+def bench_features(ctx: click.Context, events: int, batch_events: int, data: DataSource | None, fmt: str,
+                   as_json: bool) -> None:
+    """The feature store's writes alone (the Redis or Redis Cluster of the settings): events/s and
+    CPU per event of this client and of Redis, on a fresh key prefix removed afterwards."""
+    from streamrec.trainer.online.feature_bench import run_feature_bench
+
+    settings = settings_from(ctx)
+    data_path = None if data is None else str(data.path)
+    fmt = fmt if data is None else data.format_or(fmt)
+    print_json(run_feature_bench(settings, data_path, fmt, events, batch_events))
+
+
 def register(cli: click.Group, bench: click.Group) -> None:
     cli.add_command(features)
+    bench.add_command(bench_features)
