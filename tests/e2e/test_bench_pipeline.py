@@ -32,6 +32,7 @@ def test_bench_pipeline_json(settings, client):
     assert cpu["param_server"] is not None and cpu["param_server"] >= 0
 
 
+@pytest.mark.slow  # about a minute: two trainers wait out their idle exit
 def test_bench_pipeline_with_two_trainers_and_two_shards(settings):
     """The scale-out shape of the operations guide: two trainers in one group share the topic's
     partitions (each applies a part, together every event once) and push to two shards."""

@@ -106,7 +106,7 @@ POPULAR = ["i20", "i21", "i22"]
 
 
 @pytest.fixture
-def served(tmp_path: Path, redis_url: str) -> Iterator[tuple[object, Path, str]]:
+def served(tmp_path: Path, redis_url: str, kafka_bootstrap: str) -> Iterator[tuple[object, Path, str]]:
     server = start_param_server(tmp_path / "ps")
     prefix = f"test-exp-{uuid.uuid4().hex[:10]}"
     start, started = serving_factory(tmp_path / "home")
@@ -119,8 +119,9 @@ def served(tmp_path: Path, redis_url: str) -> Iterator[tuple[object, Path, str]]
                       [("someone", item, 1e9) for item, n in zip(POPULAR, (3, 2, 1)) for _ in range(n)])
         path = tmp_path / "experiments.yaml"
         path.write_text(TWO_LAYERS)
-        yield start(server.address, redis_url, prefix, args=("--index", "flat", "--experiments", str(path))), path, \
-            server.address
+        # a reachable broker takes the impressions: a stop then has nothing left to wait for
+        yield start(server.address, redis_url, prefix, args=("--index", "flat", "--experiments", str(path)),
+                    extra_env={"STREAMREC_KAFKA_BOOTSTRAP": kafka_bootstrap}), path, server.address
     finally:
         for s in started:
             s.stop()

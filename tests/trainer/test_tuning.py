@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from click.testing import CliRunner
 
 from streamrec.core.params import FloatRange, space
@@ -33,6 +34,7 @@ def test_the_tuner_finds_the_planted_region_and_reports_defaults_and_winner(tmp_
     assert result["trials"]["completed"] >= 1 and result["metric"] == "hr@10"
 
 
+@pytest.mark.slow  # twenty seconds of trials
 def test_a_numeric_region_is_found_and_fixed_params_are_not_searched(tmp_path: Path) -> None:
     """online BPR on a stream: a learning rate near zero learns nothing and a huge one diverges;
     the winner lands between, and a fixed parameter is never searched."""
@@ -73,6 +75,7 @@ def test_evaluate_with_tuned_true_searches_inside_the_fit(tmp_path: Path) -> Non
     assert result["metrics"]["hr@10"] >= default["metrics"]["hr@10"]
 
 
+@pytest.mark.slow  # twenty seconds of neural trials
 def test_a_neural_search_stops_on_its_budget_and_reports_validation_and_test(tmp_path: Path) -> None:
     """`--budget-seconds 20` with far more trials asked than fit in it: the search ends because
     of the budget (fewer trials than asked, not before the budget), overruns it by no more than

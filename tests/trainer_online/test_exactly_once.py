@@ -139,6 +139,7 @@ def test_sigterm_stops_a_trainer_whose_parameter_server_is_gone(online_settings,
     assert time.monotonic() - started < 20
 
 
+@pytest.mark.slow  # half a minute: a replay, a reshard and a second replay
 def test_resharding_mid_replay_applies_every_event_once(online_settings, start_server, tmp_path):
     """The live migration of docs/operations.md, mid-replay: a trainer applies 3,000 events to two
     shards; the trainer stops (SIGTERM), the shards stop (final checkpoints), `param-server
