@@ -242,3 +242,15 @@ def test_declared_keys_are_the_schemas_keys() -> None:
         assert len(set(keys.keys)) == len(keys.keys)  # each key once
     with pytest.raises(ValueError, match="time order"):
         DeclaredKeys.of(KeySchema("sr"), users[:2], items[:2], times[1::-1])
+
+
+def test_one_user_with_more_events_than_lua_can_unpack_is_written_in_full(store: FeatureStore) -> None:
+    """A bot's 20,000 events in one batch (Lua's unpack stops near 8,000 values: the whole batch
+    failed, and again at every retry): every item is seen, the newest `recent_cap` are recent."""
+    n = 20_000
+    items = np.array([f"i{k}" for k in range(n)], object)
+    batch = EventBatch.from_columns(np.full(n, "bot", object), items, np.full(n, "click", object),
+                                    START + np.arange(n, dtype=np.float64))
+    assert store.write(batch).applied == n
+    assert len(store.seen_items("bot")) == n and store.entity("u", "bot")["events"] == n
+    assert store.recent_items("bot") == items[::-1][: store.config.recent_cap].tolist()

@@ -274,6 +274,11 @@ end
 -- aggregate the batch's new events (they arrive in time order) per declared key
 local users, user_order, items, item_order, counts, count_order = {}, {}, {}, {}, {}, {}
 local applied, skipped, max_t, min_t = 0, 0, nil, nil
+-- a command on many values in chunks: Lua's unpack stops near 8,000 values (one user's events in a
+-- large batch: a bot), which would fail the whole batch, and again at every retry
+local function chunked(command, key, values, first)
+  for s = first, #values, 4096 do redis.call(command, key, unpack(values, s, math.min(s + 4095, #values))) end
+end
 local function bump(key, ttl_seconds)
   local c = counts[key]
   if c then c[1] = c[1] + 1 else counts[key] = {1, ttl_seconds}; count_order[#count_order + 1] = key end
@@ -316,10 +321,10 @@ if max_t ~= nil then
   local shift = math.pow(2, (p.landmark_hint - tonumber(redis.call('GET', LANDMARK))) / half_life)
   for _, uk in ipairs(user_order) do
     local e, key, recent, seen = users[uk], KEYS[uk], KEYS[uk + 1], KEYS[uk + 2]
-    redis.call('LPUSH', recent, unpack(e.items))
+    chunked('LPUSH', recent, e.items, math.max(1, #e.items - cap + 1))  -- the newest `cap`: the rest is trimmed
     redis.call('LTRIM', recent, 0, cap - 1)
     redis.call('EXPIRE', recent, ttl)
-    redis.call('SADD', seen, unpack(e.items))
+    chunked('SADD', seen, e.items, 1)
     redis.call('EXPIRE', seen, ttl)
     redis.call('HSET', key, 'last_seen', string.format('%.6f', e.last))
     redis.call('HINCRBY', key, 'events', e.n)
