@@ -240,6 +240,8 @@ def test_declared_keys_are_the_schemas_keys() -> None:
             assert call[keys.user[k] : keys.user[k] + 2] == [schema.entity("u", user, "recent"),
                                                              schema.entity("u", user, "seen")]  # after the hash
         assert len(set(keys.keys)) == len(keys.keys)  # each key once
+    empty = DeclaredKeys.of(KeySchema("sr", buckets=64), users[:0], items[:0], times[:0])
+    assert empty.of_bucket(63) == [] and empty.user_windows.shape == (0, len(WINDOWS))
     with pytest.raises(ValueError, match="time order"):
         DeclaredKeys.of(KeySchema("sr"), users[:2], items[:2], times[1::-1])
 

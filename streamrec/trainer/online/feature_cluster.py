@@ -163,7 +163,9 @@ class ClusterFeatureStore(FeatureStore):
                      "uw": np.where(user_here[:, None], keys.user_windows[rows], 0),
                      "iw": np.where(item_here[:, None], keys.item_windows[rows], 0)}
             calls.append((self._bucket_shared[bucket] + keys.of_bucket(bucket), script_argument(part)))
-        replies = self._retrying(lambda: self._run_buckets(calls))
+        done: dict[int, list[int]] = {}  # bucket -> its reply, once its master wrote and replicated it
+        self._retrying(lambda: self._run_buckets(calls, done))
+        replies = [done[bucket] for bucket in range(self.buckets)]
         applied = skipped = 0
         unmarked: set[int] = set()
         for applied_here, skipped_here, *missing in replies:
@@ -173,30 +175,33 @@ class ClusterFeatureStore(FeatureStore):
             str(origin.pkeys[k - 1]): int(origin.first[k - 1])
             for k in sorted(unmarked) if floors is None or origin.beyond_floor[k - 1]})
 
-    def _run_buckets(self, calls: list[ScriptCall]) -> list[list[int]]:
-        """Every bucket's call (its declared keys and its argument), one pipeline per master ending
-        with WAIT when the master has a replica connected, all masters at once; the replies in
-        bucket order. Raises when a replica did not confirm."""
-        replies: list[list[int]] = [[] for _ in calls]
+    def _run_buckets(self, calls: list[ScriptCall], done: dict[int, list[int]]) -> None:
+        """Every bucket's call not yet `done` (its declared keys and its argument), one pipeline per
+        master ending with WAIT when the master has a replica connected, all masters at once; the
+        replies of the masters that wrote and replicated their calls go into `done`, so a retry
+        after a failover resends only the others' (their events would count as skipped otherwise).
+        Raises the first failure: an error reply, or a replica that did not confirm."""
+        pending = [bucket for bucket in range(len(calls)) if bucket not in done]
+        failure: Exception | None = None
         try:
-            masters = [(node, buckets, self.redis.get_redis_connection(node))
-                       for node, buckets in self._by_master(self._marks).values()]
+            masters = [(node, [pending[k] for k in positions], self.redis.get_redis_connection(node))
+                       for node, positions in self._by_master([self._marks[b] for b in pending]).values()]
             wanted = [self._wanted(node.name, client) for node, _, client in masters]
             results = run_write_script([(client, [calls[b] for b in buckets], w)
                                         for (_, buckets, client), w in zip(masters, wanted)])
             for (node, buckets, _), want, got in zip(masters, wanted, results):
-                for result in got:
-                    if isinstance(result, Exception):
-                        raise result
-                if want and int(got[-1]) < want:
-                    raise ReplicationNotConfirmed(f"{node.name}: {got[-1]} of {want} replicas confirmed "
-                                                  f"the batch within {WAIT_TIMEOUT_MS} ms")
-                for bucket, reply in zip(buckets, got):
-                    replies[bucket] = reply
+                error = next((result for result in got if isinstance(result, Exception)), None)
+                if error is None and want and int(got[-1]) < want:
+                    error = ReplicationNotConfirmed(f"{node.name}: {got[-1]} of {want} replicas confirmed "
+                                                    f"the batch within {WAIT_TIMEOUT_MS} ms")
+                if error is None:
+                    done.update(zip(buckets, got))
+                failure = failure or error
+            if failure is not None:
+                raise failure
         except Exception:
             self._replicas.clear()  # a failover changes who replicates whom: ask again
             raise
-        return replies
 
     def _wanted(self, name: str, connection: redis.Redis) -> int:
         """Replicas that must confirm this master's writes: WAIT_REPLICAS, at most those connected

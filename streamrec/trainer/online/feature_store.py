@@ -203,6 +203,10 @@ class DeclaredKeys:
         """The keys of events given in time order (`times` nondecreasing)."""
         if len(times) > 1 and not np.all(times[1:] >= times[:-1]):
             raise ValueError("DeclaredKeys.of takes events in time order")
+        if not len(times):
+            none, no_windows = np.zeros(0, np.int64), np.zeros((0, len(WINDOWS)), np.int64)
+            return cls(np.zeros(0, object), np.zeros(max(schema.buckets, 1) + 1, np.int64), none, none,
+                       no_windows, no_windows, none, none)
         groups = max(schema.buckets, 1)
         user_code, distinct_users = _factorize(users)
         item_code, distinct_items = _factorize(items)
@@ -373,16 +377,19 @@ def _exchange(sends: list[tuple[redis.Redis, list[ScriptCall], int]]) -> list[li
     the same time. Commands are packed by hiredis itself: redis-py's packer looks at each of a
     batch's thousands of keys in Python first. A connection error is raised, and a connection
     with replies left unread is dropped."""
+    packed = []  # every send packed before anything is sent: a bad argument sends nothing
+    for _, calls, wanted in sends:
+        commands: list[tuple[str | int | bytes, ...]] = [
+            ("EVALSHA", WRITE_SHA, len(keys), *keys, argument) for keys, argument in calls]
+        if wanted:
+            commands.append(("WAIT", wanted, WAIT_TIMEOUT_MS))
+        packed.append(b"".join(map(hiredis.pack_command, commands)))
     held: list[tuple[redis.Redis, redis.Connection]] = []
     try:
-        for client, calls, wanted in sends:
+        for (client, _, _), payload in zip(sends, packed):
             connection = client.connection_pool.get_connection()
             held.append((client, connection))
-            commands: list[tuple[str | int | bytes, ...]] = [
-                ("EVALSHA", WRITE_SHA, len(keys), *keys, argument) for keys, argument in calls]
-            if wanted:
-                commands.append(("WAIT", wanted, WAIT_TIMEOUT_MS))
-            connection.send_packed_command([b"".join(map(hiredis.pack_command, commands))])
+            connection.send_packed_command([payload])
         return [[_reply(connection) for _ in range(len(calls) + bool(wanted))]
                 for (_, connection), (_, calls, wanted) in zip(held, sends)]
     except BaseException:
