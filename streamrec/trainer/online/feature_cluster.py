@@ -66,7 +66,8 @@ WAIT_REPLICAS = 1  # replicas that must confirm a batch (at most those connected
 ROLE_TTL_S = 1.0  # how long a master's count of connected replicas is trusted before it is asked again
 ATTEMPTS = 4  # writes of a batch (with a fresh slot map between) before the error reaches the caller
 RETRY_PAUSE_S = 0.5  # a failover takes the cluster's node timeout plus an election
-EVENT_COLUMNS = frozenset({"i", "t", "w", "pi", "o", "uk", "ik", "uw", "iw"})  # the script's per-event fields (the rest is per batch)
+EVENT_COLUMNS = frozenset({"i", "t", "w", "pi", "o"})  # the script's per-event fields (the rest is per batch)
+KEY_INDEX_COLUMNS = frozenset({"uk", "ik", "uw", "iw"})  # per event too, but set per bucket (0: another bucket's side)
 T = TypeVar("T")
 
 
@@ -157,7 +158,7 @@ class ClusterFeatureStore(FeatureStore):
         for bucket in range(self.buckets):
             user_here, item_here = keys.user_bucket == bucket, keys.item_bucket == bucket
             rows = np.flatnonzero(user_here | item_here)
-            part = {k: (v[rows] if k in EVENT_COLUMNS else v) for k, v in fields.items()}
+            part = {k: (v[rows] if k in EVENT_COLUMNS else v) for k, v in fields.items() if k not in KEY_INDEX_COLUMNS}
             user_here, item_here = user_here[rows], item_here[rows]
             part |= {"uk": np.where(user_here, keys.user[rows], 0), "ik": np.where(item_here, keys.item[rows], 0),
                      "uw": np.where(user_here[:, None], keys.user_windows[rows], 0),
@@ -173,7 +174,7 @@ class ClusterFeatureStore(FeatureStore):
             unmarked.update(int(k) for k in missing)
         return FeatureWrite(applied, skipped, {
             str(origin.pkeys[k - 1]): int(origin.first[k - 1])
-            for k in sorted(unmarked) if floors is None or origin.beyond_floor[k - 1]})
+            for k in sorted(unmarked) if floors is None or origin.beyond_floor[k - 1]}, len(keys.keys))
 
     def _run_buckets(self, calls: list[ScriptCall], done: dict[int, list[int]]) -> None:
         """Every bucket's call not yet `done` (its declared keys and its argument), one pipeline per

@@ -56,7 +56,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -433,11 +433,13 @@ class FeatureWrite:
     """The outcome of one batch's write: events `applied`, events `skipped` (written before, or
     held back), and `unmarked`: the batch's partitions that had no watermark (a first write, or a
     wiped store; with floors, only those with earlier events in the topic), each with the batch's
-    first offset of it."""
+    first offset of it. `declared_keys`: the user, item and window keys the write declared (the
+    cost of the batch's key set; not part of the outcome, so not compared)."""
 
     applied: int
     skipped: int
     unmarked: dict[str, int]
+    declared_keys: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -544,7 +546,7 @@ class FeatureStore:
         applied, skipped, *unmarked = reply
         return FeatureWrite(int(applied), int(skipped), {
             str(origin.pkeys[k - 1]): int(origin.first[k - 1])
-            for k in unmarked if floors is None or origin.beyond_floor[k - 1]})
+            for k in unmarked if floors is None or origin.beyond_floor[k - 1]}, len(keys.keys))
 
     def clear(self) -> int:
         """Delete every key under this store's prefix (benchmark and test data); returns the count."""
