@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,11 @@ from streamrec.app.stack import Stack, StackOptions, running_stack
 from streamrec.core.config import Settings
 from streamrec.core.progress import progress_bar
 from streamrec.param_server.client import ParamClient
-from streamrec.serving.experiment_report import experiment_report
+from streamrec.serving.experiment_report import (
+    bootstrap_ratio,
+    experiment_report,
+    interval95,
+)
 from streamrec.stream.loaders import InteractionLog
 from streamrec.stream.publish import EventPublisher
 from streamrec.stream.replay import replay
@@ -51,6 +55,7 @@ ARM_SPECS = {  # what each arm name serves (arms that serve other tables or rank
 }
 COUNTER = "streamrec_serving_experiment_requests"
 BATCH_WAIT_S = 3600.0  # the trainer waits for a whole chunk (a chunk's records may arrive in several fetches)
+IMPRESSIONS_FLUSH_S = 0.005  # serving's impression sends: the impressions barrier waits for them every chunk
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,7 @@ class SimulateOptions:
     limit: int | None = None  # events of the log to replay (None: all)
     barrier_timeout_s: float = 300.0
     seed: int = 0  # the bootstrap's
+    impression_negatives: int = 0  # online-bpr's negatives per positive taken from what serving showed
 
 
 def experiments_file(arms: tuple[str, ...]) -> str:
@@ -101,21 +107,51 @@ def served_counts(http: httpx.Client) -> dict[str, int]:
     return counts
 
 
-def simulate(settings: Settings, log: InteractionLog, options: SimulateOptions = SimulateOptions()) -> dict[str, Any]:
+def counter_total(metrics_text: str, family_name: str, **labels: str) -> float:
+    """A Prometheus counter's value with these labels (0 before its first increment)."""
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name == family_name:
+            for sample in family.samples:
+                if sample.name.endswith("_total") and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return float(sample.value)
+    return 0.0
+
+
+def wait_impressions(stack: Stack, http: httpx.Client, queried: int, timeout_s: float) -> None:
+    """Until serving has had the impressions of its `queried` answers acknowledged by the broker
+    and the trainer has read them: the next chunk's negatives then include what was shown."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stack.processes.check()
+        produced = counter_total(http.get("/metrics").text, "streamrec_serving_impressions", outcome="produced")
+        read = counter_total(httpx.get(stack.trainer_metrics_url, timeout=10.0).text, "streamrec_trainer_impressions",
+                             outcome="kept") if produced >= queried else 0.0
+        if read >= queried:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{queried} answers: serving logged {produced:.0f} impressions, the trainer read "
+                               f"{read:.0f}, in {timeout_s} s")
+        time.sleep(0.002)
+
+
+def replay_through_stack(settings: Settings, log: InteractionLog, options: SimulateOptions,
+                         ) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Replay `log` through a private stack; one row per query (arm, user_id, hit, items shown)
+    and serving's own count of answers per arm (checked against the rows)."""
     spec = experiments_file(options.arms)
-    if options.limit is not None:
-        log = log.take(slice(0, options.limit))
-    rows: list[tuple[str, str, bool, list[str]]] = []  # (arm, user, hit, items shown)
-    started = time.monotonic()
+    rows: list[tuple[str, str, bool, list[str]]] = []
+    trainer_args = ["--batch-events", str(options.chunk_events), "--batch-seconds", str(BATCH_WAIT_S)]
+    if options.impression_negatives:
+        trainer_args += ["--param", f"online-bpr.impression_negatives={options.impression_negatives}"]
     with tempfile.TemporaryDirectory(prefix="streamrec-simulate-") as tmp:
         work = Path(tmp)
         (work / "experiments.yaml").write_text(spec)
         # one trainer batch per chunk: the next chunk is produced only after the barrier, so the
         # batches (and with them the model) do not depend on when the broker hands records over
         stack_options = StackOptions(
-            workers=1, poll_interval=0.05,
-            trainer_args=("--batch-events", str(options.chunk_events), "--batch-seconds", str(BATCH_WAIT_S)),
-            serve_args=("--experiments", str(work / "experiments.yaml"), "--trending-cache", "0"))
+            workers=1, poll_interval=0.05, trainer_args=tuple(trainer_args),
+            serve_args=("--experiments", str(work / "experiments.yaml"), "--trending-cache", "0",
+                        "--impressions-flush", str(IMPRESSIONS_FLUSH_S)))
         with running_stack(settings, work, stack_options) as stack, \
                 ParamClient(stack.settings.param_servers, timeout=30.0) as client, \
                 httpx.Client(base_url=stack.serving_url, timeout=30.0) as http:
@@ -135,6 +171,8 @@ def simulate(settings: Settings, log: InteractionLog, options: SimulateOptions =
                                 body = reply.json()
                                 shown = [item["item_id"] for item in body["items"]]
                                 rows.append((body["arm"], user, chunk.item_id[position] in shown, shown))
+                            if options.impression_negatives:
+                                wait_impressions(stack, http, len(rows), options.barrier_timeout_s)
                         replay(chunk, publisher)
                         publisher.flush()
                         produced = publisher.accepted  # the publisher's running count
@@ -143,13 +181,55 @@ def simulate(settings: Settings, log: InteractionLog, options: SimulateOptions =
                 publisher.close()
                 admin.close()
             served = served_counts(http)
-    queried = pd.Series([arm for arm, _, _, _ in rows]).value_counts().to_dict() if rows else {}
+    frame = pd.DataFrame(rows, columns=["arm", "user_id", "hit", "items"]).assign(click=False)
+    queried = frame["arm"].value_counts().to_dict() if len(frame) else {}
     if served != queried:
         raise RuntimeError(f"serving counted {served} answers per arm, the simulator sent {queried}")
-    frame = pd.DataFrame(rows, columns=["arm", "user_id", "hit", "items"]).assign(click=False)
+    return frame, served
+
+
+def simulate(settings: Settings, log: InteractionLog, options: SimulateOptions = SimulateOptions()) -> dict[str, Any]:
+    if options.limit is not None:
+        log = log.take(slice(0, options.limit))
+    started = time.monotonic()
+    frame, served = replay_through_stack(settings, log, options)
     report = experiment_report(frame, {arm: 1.0 for arm in options.arms}, np.random.default_rng(options.seed))
     for arm in report["arms"].values():  # no feedback is sent in a simulation: no clicks to report
         for key in ("clicks", "ctr", "ctr_ci95"):
             arm.pop(key)
     return {**report, "events": len(log), "chunk_events": options.chunk_events, "k": options.k,
-            "queries": len(rows), "served_counts": served, "seconds": round(time.monotonic() - started, 1)}
+            "impression_negatives": options.impression_negatives,
+            "queries": len(frame), "served_counts": served, "seconds": round(time.monotonic() - started, 1)}
+
+
+def compare_impression_negatives(settings: Settings, log: InteractionLog, options: SimulateOptions,
+                                 ) -> dict[str, Any]:
+    """The same replay twice: online-bpr learning from sampled negatives only, then with
+    `options.impression_negatives` of them taken from what serving showed. The online-bpr arm's
+    lift comes from a paired bootstrap over its users: both runs assign the same users to it and
+    ask them the same queries, so one draw of users applies to both runs."""
+    if "online-bpr" not in options.arms or not options.impression_negatives:
+        raise ValueError("comparing impression negatives needs the online-bpr arm and impression negatives > 0")
+    if options.limit is not None:
+        log = log.take(slice(0, options.limit))
+    started = time.monotonic()
+    runs, per_user = {}, {}
+    for name, count in (("sampled", 0), ("impressions", options.impression_negatives)):
+        frame, _ = replay_through_stack(settings, log, replace(options, impression_negatives=count))
+        runs[name] = experiment_report(frame, {arm: 1.0 for arm in options.arms}, np.random.default_rng(options.seed))
+        per_user[name] = frame[frame["arm"] == "online-bpr"].groupby("user_id")["hit"].agg(["size", "sum"])
+    sampled, shown = per_user["sampled"], per_user["impressions"].reindex(per_user["sampled"].index)
+    if len(shown) != len(per_user["impressions"]) or shown["size"].isna().any() \
+            or not np.array_equal(sampled["size"].to_numpy(), shown["size"].to_numpy()):
+        raise RuntimeError("the two replays asked the online-bpr arm different queries")
+    replicates = [bootstrap_ratio(p["sum"].to_numpy(np.float64), p["size"].to_numpy(np.float64),
+                                  np.random.default_rng(options.seed)) for p in (sampled, shown)]  # the same draws
+    with np.errstate(divide="ignore", invalid="ignore"):
+        relative = replicates[1] / replicates[0] - 1
+    rates = [float(p["sum"].sum() / p["size"].sum()) for p in (sampled, shown)]
+    return {"runs": runs, "online-bpr": {
+        "users": len(sampled), "requests": int(sampled["size"].sum()), f"hit@{options.k} sampled": rates[0],
+        f"hit@{options.k} impressions": rates[1], "relative": rates[1] / rates[0] - 1 if rates[0] else None,
+        "ci95": interval95(relative), "method": "paired per-user bootstrap of the ratio of hit rates"},
+        "impression_negatives": options.impression_negatives, "events": len(log), "chunk_events": options.chunk_events,
+        "k": options.k, "seconds": round(time.monotonic() - started, 1)}

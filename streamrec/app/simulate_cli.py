@@ -20,22 +20,30 @@ from streamrec.stream.loaders import FORMATS
 @click.option("--k", type=click.IntRange(1, 1000), default=10, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="replay only the first N events")
 @click.option("--seed", type=int, default=0, show_default=True, help="bootstrap seed")
+@click.option("--impression-negatives", type=click.IntRange(min=0), default=0, show_default=True,
+              help="online-bpr takes this many of its negatives per positive from what serving showed the user "
+                   "and the user did not pick (the trainer reads the impressions topic)")
+@click.option("--compare-negatives", is_flag=True,
+              help="replay twice, with sampled negatives only and with --impression-negatives, and print the "
+                   "online-bpr arm's lift with a paired bootstrap interval")
 @click.option("--json", "as_json", is_flag=True, help="(output is always JSON)")
 @click.pass_context
 def simulate_cmd(ctx: click.Context, data: DataSource, fmt: str, arms: str, chunk_events: int, k: int,
-                 limit: int | None, seed: int, as_json: bool) -> None:
+                 limit: int | None, seed: int, impression_negatives: int, compare_negatives: bool,
+                 as_json: bool) -> None:
     """Replay a log through a private broker topic, trainer, parameter server and serving worker
     whose experiment splits users between the arms; each user is asked for k items before their
     next events and a hit is the next item in the list. Prints per-arm hit@k with 95% intervals
     (a bootstrap over users) and the lifts."""
-    from streamrec.app.simulate import SimulateOptions, simulate
+    from streamrec.app.simulate import SimulateOptions, compare_impression_negatives, simulate
     from streamrec.stream.loaders import load_log
 
     options = SimulateOptions(tuple(a.strip() for a in arms.split(",") if a.strip()), chunk_events, k, limit,
-                              seed=seed)
+                              seed=seed, impression_negatives=impression_negatives)
     try:
         log = load_log(data.path, data.format_or(fmt))
-        print_json(simulate(settings_from(ctx), log, options))
+        run = compare_impression_negatives if compare_negatives else simulate
+        print_json(run(settings_from(ctx), log, options))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
 

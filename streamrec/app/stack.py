@@ -26,7 +26,7 @@ from streamrec.app.processes import (
 )
 from streamrec.core import net
 from streamrec.core.config import Settings
-from streamrec.stream.topics import create_topics, delete_topics
+from streamrec.stream.topics import create_topics, delete_topics, list_topics
 from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
 
 
@@ -46,6 +46,7 @@ class Stack:
     processes: Processes
     serving_url: str
     report_path: Path
+    trainer_metrics_url: str  # the trainer's Prometheus endpoint
 
     def pids(self) -> dict[str, list[int]]:
         """Process ids by role: the serving workers are the uvicorn children, not the parent."""
@@ -93,13 +94,16 @@ def running_stack(settings: Settings, work: Path, options: StackOptions = StackO
         env["STREAMREC_PARAM_SERVERS"] = address
         settings = settings.model_copy(update={"param_servers": [address]})
         report_path = work / "trainer.json"
-        processes.start("trainer", [STREAMREC, "train-online", "--report", str(report_path), "--metrics-port", "0",
-                                    *options.trainer_args], env)
+        trainer_port = net.free_port()
+        processes.start("trainer", [STREAMREC, "train-online", "--report", str(report_path),
+                                    "--metrics-port", str(trainer_port), *options.trainer_args], env)
         port = net.free_port()
         processes.start("serving", [STREAMREC, "serve", "--workers", str(options.workers), "--port", str(port),
                                     "--poll-interval", str(options.poll_interval), *options.serve_args], env)
-        yield Stack(settings, processes, f"http://127.0.0.1:{port}", report_path)
+        host = "127.0.0.1" if settings.metrics_host in ("0.0.0.0", "::") else settings.metrics_host
+        yield Stack(settings, processes, f"http://127.0.0.1:{port}", report_path, f"http://{host}:{trainer_port}/metrics")
     finally:
         processes.stop_all()
-        delete_topics(settings.kafka_bootstrap, [settings.topic, settings.dlq_topic])
+        ours = {settings.topic, settings.dlq_topic, settings.impressions_topic}  # impressions: when logged or read
+        delete_topics(settings.kafka_bootstrap, sorted(ours & set(list_topics(settings.kafka_bootstrap))))
         FeatureStore.from_url(settings.redis_url, FeatureStoreConfig.from_settings(settings)).clear()

@@ -144,7 +144,8 @@ def create_app(config: ServingConfig) -> FastAPI:
     impressions = ImpressionLog(config.impressions_topic, lambda: make_producer(
         config.kafka_bootstrap, config.kafka_client, config.producer_acks, config.producer_linger_ms,
         **producer_timeouts(config.kafka_client, config.produce_timeout_s)),
-        config.max_pending_impressions, config.produce_timeout_s) if config.logs_impressions else None
+        config.max_pending_impressions, config.produce_timeout_s, config.impressions_flush_s) \
+        if config.logs_impressions else None
     pipeline = CandidatePipeline(config, History(config, metrics), metrics)
 
     @asynccontextmanager

@@ -30,17 +30,22 @@ import numpy as np
 
 from streamrec.core import net
 from streamrec.core.config import Settings
-from streamrec.param_server.artifacts import CATALOGUE_BLOB, KNN_BLOB, encode_catalogue, encode_neighbors
+from streamrec.param_server.artifacts import (
+    CATALOGUE_BLOB,
+    KNN_BLOB,
+    encode_catalogue,
+    encode_neighbors,
+)
 from streamrec.param_server.client import ParamClient
 from streamrec.param_server.replica import TableMirror
 from streamrec.serving.config import ServingConfig
 from streamrec.serving.empty import EMPTY_PATH
-from streamrec.serving.impressions import decode_record
 from streamrec.serving.index import ItemIndex, query_rows
 from streamrec.serving.loadgen import ZIPF_EXPONENT, zipf_users
 from streamrec.serving.sweep import find_saturation
 from streamrec.stream.catalogue import Categorical, ItemCatalogue
 from streamrec.stream.events import EventBatch
+from streamrec.stream.impressions import decode_record
 from streamrec.stream.kafka import make_consumer
 from streamrec.stream.topics import create_topics, delete_topics, end_offsets
 from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig

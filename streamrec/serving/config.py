@@ -53,6 +53,8 @@ class ServingConfig(BaseModel):
     impressions: Literal["auto", "on", "off"] = Field("auto", description="log what each /recommend showed to "
                                                       "impressions_topic; auto: when an experiments file is set")
     impressions_topic: str = "streamrec.events.impressions"
+    impressions_flush_s: float = Field(0.2, gt=0, description="seconds between a worker's sends of its queued "
+                                       "impressions (batched: a send per answer would cost the requests' time)")
     max_pending_impressions: int = Field(100_000, ge=1, description="impressions a worker queues while the broker "
                                          "is unreachable; beyond, the oldest are dropped and counted")
     item_rules: str = Field("", description="business rules every /recommend obeys, as filter parameters in one "

@@ -27,8 +27,8 @@ import pandas as pd
 from scipy import stats
 
 from streamrec.serving.experiments import Experiments
-from streamrec.serving.impressions import decode_record
 from streamrec.stream.events import EventSchema, InvalidEvent
+from streamrec.stream.impressions import decode_record
 from streamrec.stream.kafka import Record
 from streamrec.trainer.online.roles import EventRoles
 
@@ -107,7 +107,7 @@ def bootstrap_ratio(numerators: np.ndarray, denominators: np.ndarray, rng: np.ra
     return out
 
 
-def _interval(values: np.ndarray) -> list[float] | None:
+def interval95(values: np.ndarray) -> list[float] | None:
     """The 2.5% and 97.5% quantiles of the finite replicates; None when there are none."""
     finite = values[np.isfinite(values)]
     if not len(finite):
@@ -130,9 +130,9 @@ def experiment_report(frame: pd.DataFrame, weights: dict[str, float] | None, rng
         shown = {item for items in rows["items"] for item in items}
         arms[arm] = {
             "users": len(per_user), "requests": int(requests.sum()), "hits": int(hits.sum()),
-            "hit@10": float(hits.sum() / requests.sum()), "ci95": _interval(replicates[arm]),
+            "hit@10": float(hits.sum() / requests.sum()), "ci95": interval95(replicates[arm]),
             "clicks": int(clicks.sum()), "ctr": float(clicks.sum() / requests.sum()),
-            "ctr_ci95": _interval(bootstrap_ratio(clicks, requests, rng)),
+            "ctr_ci95": interval95(bootstrap_ratio(clicks, requests, rng)),
             "coverage_items": len(shown),
             "coverage": len(shown) / catalogue_items if catalogue_items else None,
         }
@@ -144,7 +144,7 @@ def experiment_report(frame: pd.DataFrame, weights: dict[str, float] | None, rng
                     relative = replicates[arm] / replicates[base] - 1
                 base_rate = arms[base]["hit@10"]
                 lift[f"{arm} vs {base}"] = {"relative": arms[arm]["hit@10"] / base_rate - 1 if base_rate else None,
-                                             "ci95": _interval(relative),
+                                             "ci95": interval95(relative),
                                              "replicates_without_base": int((replicates[base] == 0).sum())}
     return {"arms": arms, "lift": lift, "srm": sample_ratio_check(arms, weights)}
 

@@ -7,11 +7,10 @@ and shown-but-not-clicked items become negatives.
 
 Logging must never cost a request its latency or its answer. A request only appends the impression
 to a bounded in-memory queue (`record`: no I/O, no serialisation); a thread per worker drains it
-every `FLUSH_S`, and sends the impressions as JSON lines, up to `MAX_RECORD_BYTES` per Kafka record
-(`decode_record` reads one back): a Kafka client spends tens of microseconds per record in Python,
-which at a thousand answers a second would take the worker's time from its requests. The thread
-waits for the broker's acknowledgement off the request path. When the broker is down, the batch goes back to the queue and the thread retries
-after `RETRY_S`; when the queue is full (`max_pending` records), the oldest record is dropped and
+every `flush_s` (`FLUSH_S` by default), and sends the impressions as JSON lines, many to a Kafka record
+(`streamrec.stream.impressions`, which readers use too). The thread waits for the broker's
+acknowledgement off the request path. When the broker is down, the batch goes back to the queue
+and the thread retries after `RETRY_S`; when the queue is full (`max_pending` records), the oldest record is dropped and
 counted (`streamrec_serving_impressions_total{outcome="dropped"}`), never silently. Delivery is
 at least once: a batch that failed after part of it was acknowledged is sent again, so consumers
 de-duplicate by `request_id`.
@@ -27,40 +26,15 @@ from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
-import orjson
 from prometheus_client import Counter
 
-from streamrec.serving.ingest import BROKER_ERRORS
-from streamrec.stream.kafka import Producer
+from streamrec.stream.impressions import encode_records
+from streamrec.stream.kafka import BROKER_ERRORS, Producer
 
 log = logging.getLogger(__name__)
 FLUSH_S = 0.2
 RETRY_S = 2.0
 MAX_BATCH = 5000  # impressions taken from the queue at a time
-MAX_RECORD_BYTES = 512 * 1024  # JSON lines per Kafka record (the brokers' default cap is 1 MiB)
-
-
-def encode_records(impressions: list[dict[str, Any]]) -> list[bytes]:
-    """Impressions as JSON lines, grouped into Kafka record values of at most MAX_RECORD_BYTES (an
-    impression larger than that travels alone)."""
-    values: list[bytes] = []
-    lines: list[bytes] = []
-    size = 0
-    for impression in impressions:
-        line = orjson.dumps(impression)
-        if lines and size + len(line) + 1 > MAX_RECORD_BYTES:
-            values.append(b"\n".join(lines))
-            lines, size = [], 0
-        lines.append(line)
-        size += len(line) + 1
-    if lines:
-        values.append(b"\n".join(lines))
-    return values
-
-
-def decode_record(value: bytes) -> list[dict[str, Any]]:
-    """The impressions of one Kafka record of the impressions topic."""
-    return [orjson.loads(line) for line in value.split(b"\n") if line]
 
 
 @lru_cache(maxsize=1)
@@ -73,8 +47,8 @@ def impression_records() -> Counter:
 
 class ImpressionLog:
     def __init__(self, topic: str, open_producer: Callable[[], Producer], max_pending: int = 100_000,
-                 ack_timeout_s: float = 10.0) -> None:
-        self.topic, self.open_producer, self.ack_timeout_s = topic, open_producer, ack_timeout_s
+                 ack_timeout_s: float = 10.0, flush_s: float = FLUSH_S) -> None:
+        self.topic, self.open_producer, self.ack_timeout_s, self.flush_s = topic, open_producer, ack_timeout_s, flush_s
         self.pending: deque[dict[str, Any]] = deque(maxlen=max_pending)
         self._producer: Producer | None = None
         self._retry_at = 0.0
@@ -90,7 +64,7 @@ class ImpressionLog:
 
     def run(self, stop: threading.Event) -> None:
         """Drain the queue until `stop`, then once more within `ack_timeout_s`; never raises."""
-        while not stop.wait(FLUSH_S):
+        while not stop.wait(self.flush_s):
             if time.monotonic() >= self._retry_at:
                 self.flush()
         self.flush()

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-import kafka.errors
 import numpy as np
 import orjson
 import pandas as pd
@@ -41,26 +40,12 @@ from streamrec.serving.idempotency import EventIdLedger, IdState
 from streamrec.serving.metrics import ServingMetrics
 from streamrec.stream.deadletter import DeadLetterSink
 from streamrec.stream.events import EventSchema, InvalidEvent, encode
-from streamrec.stream.kafka import KafkaError, Producer, make_producer
+from streamrec.stream.kafka import BROKER_ERRORS, Producer, make_producer
 from streamrec.stream.metrics import EVENTS_ACCEPTED, EVENTS_PRODUCED
 
 log = logging.getLogger("streamrec.serving.feedback")
 COMPONENT = "serving"
 LEDGER_TIMEOUT_S = 2.0  # one script over up to 10,000 keys: far above a single-key read's budget
-
-
-def _broker_errors() -> tuple[type[Exception], ...]:
-    """What a backend raises outside `flush` (construction, `send`) when the broker is unreachable:
-    kafka-python's own errors (bootstrap or metadata timeouts), confluent-kafka's KafkaException."""
-    errors: list[type[Exception]] = [KafkaError, kafka.errors.KafkaError]
-    try:
-        import confluent_kafka
-    except ImportError:
-        return tuple(errors)
-    return (*errors, confluent_kafka.KafkaException)
-
-
-BROKER_ERRORS = _broker_errors()
 
 
 @lru_cache(maxsize=1)

@@ -117,11 +117,14 @@ def evaluate_cmd(
               help=ENGINE_HELP + "; spark reads a Parquet log (`streamrec export --to parquet`)")
 @click.option("--spark-master", default=None, help=SPARK_MASTER_HELP)
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True, help=NPROC_HELP)
+@click.option("--impressions", default=None,
+              help="'topic' (serving's impressions topic) or a JSON-lines file of impressions: what was shown and "
+                   "never picked becomes negatives of models with impression_negatives=true")
 @click.pass_context
 def refit_cmd(
     ctx: click.Context, model_name: str, params: tuple[str, ...], source: str, fmt: str,
     every: str | None, out_dir: str | None, publish: bool, device: str | None, engine: str, spark_master: str | None,
-    nproc: int,
+    nproc: int, impressions: str | None,
 ) -> None:
     """Fit a batch model on the event log and publish it for serving, once or periodically."""
     from streamrec.core.cli import print_json, settings_from
@@ -139,7 +142,7 @@ def refit_cmd(
         period = parse_period(every) if every else None
         for report in refit_loop(
             settings, model_name, with_device(model_name, params, device), source, fmt, period, out_dir, publish,
-            cast(Engine, engine),
+            cast(Engine, engine), impressions,
         ):
             print_json(report)
     except ValueError as exc:

@@ -66,6 +66,9 @@ class Interactions:
     item_idx: np.ndarray  # int64 per event of `log`
     implicit: bool = False
     weighting: Weighting = "binary"  # what `strength()` gives models as implicit confidence
+    # user x item, 1.0 where serving showed the item to the user and the user never picked it in
+    # the log (`with_shown`, from the impressions topic): negatives truer than sampled ones
+    shown: sp.csr_matrix | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_log(
@@ -94,7 +97,20 @@ class Interactions:
     def subset(self, mask: np.ndarray) -> Interactions:
         """The same index space restricted to some events (train/test splits)."""
         return Interactions(self.log.take(mask), self.users, self.items, self.user_idx[mask], self.item_idx[mask],
-                            self.implicit, self.weighting)
+                            self.implicit, self.weighting, self.shown)
+
+    def with_shown(self, user_ids: np.ndarray, item_ids: np.ndarray) -> Interactions:
+        """This view with `shown`: the pairs (user_ids[n], item_ids[n]) that serving showed, less
+        every pair the user picked in this log. Pairs outside the index (users or items the log
+        does not hold) are dropped: nothing can be learned about them."""
+        u, i = self.users.index(user_ids), self.items.index(item_ids)
+        keep = (u >= 0) & (i >= 0)
+        shown = sp.csr_matrix((np.ones(int(keep.sum()), np.float32), (u[keep], i[keep])),
+                              shape=(self.n_users, self.n_items))
+        shown.data[:] = 1.0  # a pair shown twice is one pair
+        shown = (shown - shown.multiply(self.binary())).tocsr()
+        shown.eliminate_zeros()
+        return replace(self, shown=shown)
 
     def as_implicit(self) -> Interactions:
         """The same events read as implicit feedback (rating values ignored)."""

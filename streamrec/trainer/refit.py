@@ -24,15 +24,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 from prometheus_client import start_http_server
 
 from streamrec.core.config import Settings
 from streamrec.core.params import parse_params
 from streamrec.param_server.artifacts import RANKER_BLOB, encode_dense, encode_neighbors
 from streamrec.param_server.client import ParamClient, ParamServerError
+from streamrec.stream.impressions import decode_record, shown_pairs
 from streamrec.stream.kafka import KafkaError
 from streamrec.stream.loaders import InteractionLog
-from streamrec.stream.reader import read_event_log
+from streamrec.stream.reader import read_event_log, read_records
 from streamrec.trainer import refit_metrics
 from streamrec.trainer.engines import Engine, model_class
 from streamrec.trainer.interactions import Interactions
@@ -121,19 +123,48 @@ def load_refit_log(settings: Settings, source: str, fmt: str, engine: Engine) ->
     return read_parquet_log(source)
 
 
+def load_shown(settings: Settings, source: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """(user ids, item ids, invalid impressions) of every item an impression showed: from serving's
+    impressions topic (`topic`) or a file of impressions as JSON lines."""
+    if source == "topic":
+        records = read_records(settings.kafka_bootstrap, settings.impressions_topic, settings.kafka_client)
+        values = [record.value for record in records]
+    else:
+        try:
+            values = [Path(source).read_bytes()]
+        except OSError as exc:
+            raise ValueError(f"--impressions {source}: {exc.strerror or exc}") from exc
+    impressions: list[object] = []
+    undecodable = 0
+    for value in values:
+        try:
+            impressions.extend(decode_record(value))
+        except orjson.JSONDecodeError:
+            undecodable += 1
+    users, items, invalid = shown_pairs(impressions)
+    return users, items, invalid + undecodable
+
+
 def refit_once(
     settings: Settings, model_name: str, params: list[str] | tuple[str, ...], source: str, fmt: str,
     out_dir: str | Path | None, do_publish: bool, version: int, engine: Engine = "local",
+    impressions: str | None = None,
 ) -> dict[str, Any]:
     """One refit: load the log from the beginning, fit (on `engine`), write artefacts, publish.
     Each stage's time goes to `streamrec_refit_duration_seconds`; the caller counts the outcome."""
     cls = model_class(model_name, engine)
     if not issubclass(cls, Recommender):
         raise ValueError(f"{model_name!r} is an online model, not a batch model")
+    if impressions is not None and "impression_negatives" not in cls.Params.model_fields:
+        raise ValueError(f"--impressions: {model_name} does not learn from impressions (the pointwise networks do, "
+                         "with impression_negatives=true)")
     model = cls(**parse_params(cls.Params, params, model_name).model_dump())
     with refit_metrics.DURATION.labels(model_name, "load").time():
         log = load_refit_log(settings, source, fmt, engine)
         data = Interactions.from_log(log, implicit=not model.capabilities.explicit)
+        if impressions is not None:
+            shown_users, shown_items, invalid = load_shown(settings, impressions)
+            data = data.with_shown(shown_users, shown_items)
     fit_seconds = fit_with_progress(model, data)
     refit_metrics.DURATION.labels(model_name, "fit").observe(fit_seconds)
     out = Path(out_dir) if out_dir else Path(settings.home) / "refits"
@@ -141,6 +172,8 @@ def refit_once(
         "model": model_name, "version": version, "events": len(log), "users": data.n_users,
         "items": data.n_items, "fit_seconds": fit_seconds, "engine": engine, "ranks": world()[1],
     }
+    if impressions is not None:  # what the fit could use of them: pairs shown and never picked
+        report["impressions"] = {"shown_pairs": int(data.shown.nnz), "invalid": invalid}
     if not is_primary():  # another rank of a data-parallel fit (--nproc): rank 0 writes and publishes
         return report
     with refit_metrics.DURATION.labels(model_name, "publish").time():
@@ -164,6 +197,7 @@ RETRYABLE = (ValueError, OSError, ParamServerError, KafkaError)
 def refit_loop(
     settings: Settings, model_name: str, params: list[str] | tuple[str, ...], source: str, fmt: str,
     period: float | None, out_dir: str | Path | None, do_publish: bool, engine: Engine = "local",
+    impressions: str | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Refit once, or every `period` seconds (measured start to start) until interrupted.
 
@@ -177,7 +211,8 @@ def refit_loop(
     while True:
         started = time.monotonic()
         try:
-            report = refit_once(settings, model_name, params, source, fmt, out_dir, do_publish, version, engine)
+            report = refit_once(settings, model_name, params, source, fmt, out_dir, do_publish, version, engine,
+                                impressions)
         except RETRYABLE as exc:
             refit_metrics.RUNS.labels(model_name, "failed").inc()
             if period is None:

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from streamrec.app.cli import cli
 from streamrec.serving.experiment_report import build_report
 from streamrec.serving.experiments import Experiments
-from streamrec.serving.impressions import encode_records
+from streamrec.stream.impressions import encode_records
 from streamrec.stream.kafka import Record, make_producer
 from streamrec.stream.topics import create_topics
 from tests.conftest import settings_env

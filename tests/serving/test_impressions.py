@@ -15,8 +15,9 @@ import pytest
 from prometheus_client import REGISTRY
 
 from streamrec.param_server.client import ParamClient
-from streamrec.serving.impressions import MAX_RECORD_BYTES, RETRY_S, ImpressionLog, decode_record, encode_records
+from streamrec.serving.impressions import RETRY_S, ImpressionLog
 from streamrec.serving.ingest import producer_timeouts
+from streamrec.stream.impressions import MAX_RECORD_BYTES, decode_record, encode_records
 from streamrec.stream.kafka import make_producer
 from streamrec.stream.topics import create_topics
 from tests.serving.conftest import StartServing, free_port, load_model

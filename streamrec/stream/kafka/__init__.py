@@ -17,8 +17,25 @@ from streamrec.stream.kafka.base import (
 
 __all__ = [
     "Consumer", "ConsumerConfig", "KafkaError", "Offsets", "Producer", "Record", "TopicPartition",
-    "make_consumer", "make_producer",
+    "BROKER_ERRORS", "make_consumer", "make_producer",
 ]
+
+
+def _broker_errors() -> tuple[type[Exception], ...]:
+    """What a backend raises outside `flush` (construction, `send`, `poll`) when the broker is
+    unreachable: kafka-python's own errors (bootstrap or metadata timeouts), confluent-kafka's
+    KafkaException, and this package's KafkaError."""
+    import kafka.errors
+
+    errors: list[type[Exception]] = [KafkaError, kafka.errors.KafkaError]
+    try:
+        import confluent_kafka
+    except ImportError:
+        return tuple(errors)
+    return (*errors, confluent_kafka.KafkaException)
+
+
+BROKER_ERRORS = _broker_errors()
 
 
 def make_producer(

@@ -36,6 +36,7 @@ from streamrec.param_server.table import initial_values
 from streamrec.param_server.table_store import TableStore
 from streamrec.stream.events import EventBatch
 from streamrec.trainer.online.roles import EventRoles
+from streamrec.trainer.online.shown import ShownItems
 
 Updates = dict[str, tuple[list, np.ndarray]]  # table -> (ids, gradients to push)
 StepHook = Callable[[slice], None]  # called before each step learns events[slice]
@@ -85,6 +86,9 @@ class OnlineRecommender(ABC):
         self.items = TableMirror(self.store, self.table_specs()["items"].name)  # every item's row, for rankings
         self.hidden = np.zeros(0, bool)  # item rows added for this batch whose first event is not reached yet
         self._mid_batch = False
+        # what serving showed each user, for models that learn from impressions (the trainer's
+        # ImpressionFollower fills it); None: the model does not read impressions
+        self.shown: ShownItems | None = None
 
     def create_tables(self) -> None:
         """Create the model's tables (idempotent): at construction, and again after a shard of

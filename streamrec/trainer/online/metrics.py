@@ -42,3 +42,12 @@ PREQUENTIAL = Gauge(
     ["metric", "window"],
 )
 EVENT_TIME = Gauge("streamrec_trainer_event_time_seconds", "Event time of the newest learned event")
+IMPRESSIONS_READ = Counter(
+    "streamrec_trainer_impressions_total",
+    "Impressions read from serving's impressions topic, by outcome: kept (their shown items may become "
+    "negatives) or invalid (not an impression: no string user_id or no list of string items)", ["outcome"],
+)
+IMPRESSION_NEGATIVES = Counter(
+    "streamrec_trainer_impression_negatives_total",
+    "BPR negatives drawn from items serving showed the user and the user did not pick",
+)

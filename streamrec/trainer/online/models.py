@@ -11,6 +11,8 @@ with the same deterministic initial value the model assumed (`streamrec.param_se
 - `OnlineBPR` (implicit): x_uij = p_u . (q_i - q_j) + b_i - b_j, loss -w log sigma(x_uij) over
   `negatives` items j per positive (uniform over known items, popularity^0.75, or in-batch), and
   -log sigma(-(p_u . q_j + b_j)) for explicit negatives (skips). SGD with `lr`, L2 `reg`.
+  With `impression_negatives` > 0, that many of each positive's negatives are items serving last
+  showed the user and the user did not pick (`streamrec.trainer.online.shown`).
   With `session_weight` > 0 a user scores as (p_u + session_weight * mean of their current
   session's item vectors) . q_j + b_j (`streamrec.trainer.online.session`): a new user or session
   gets item-to-item recommendations from the session so far.
@@ -26,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from streamrec.core.params import FloatRange, IntRange, space
 from streamrec.param_server.client import Rows
@@ -46,6 +48,7 @@ from streamrec.trainer.online.kernels import bpr_steps, mf_steps
 from streamrec.trainer.online.roles import EventRoles
 from streamrec.trainer.online.sampling import NegativeSampler, SamplingMode
 from streamrec.trainer.online.session import SessionTracker, session_ids
+from streamrec.trainer.online.shown import ShownItems
 
 SESSION_FADE = 2.0  # chosen on validation with SESSION_WEIGHT: docs/models.md
 SESSION_WEIGHT = 4.0  # chosen on validation (the first half of MovieLens and of a session log): docs/models.md
@@ -104,6 +107,17 @@ class OnlineBPRParams(FactorParams):
     session_users: int = Field(100_000, ge=1)  # sessions kept, least recently active forgotten first
     # the session term fades as the user's row matures: weight * fade / (fade + the user's events); 0: no fade
     session_fade: float = Field(SESSION_FADE, ge=0.0)
+    # of the `negatives` per positive, how many come from the items serving last showed the user and
+    # the user did not pick (read from the impressions topic; `streamrec.trainer.online.shown`).
+    # A user with none keeps sampled negatives in those slots. 0: off
+    impression_negatives: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _impressions_within_negatives(self) -> OnlineBPRParams:
+        if self.impression_negatives > self.negatives:
+            raise ValueError(f"impression_negatives ({self.impression_negatives}) is part of negatives "
+                             f"({self.negatives}): at most that many")
+        return self
 
 
 class OnlineMFParams(FactorParams):
@@ -163,6 +177,7 @@ class OnlineBPR(_FactorModel):
         p = self.params
         self.sampler = NegativeSampler(p.sampling, p.seed)
         self.sessions = SessionTracker(p.session_items, p.session_gap, p.session_users) if p.session_weight else None
+        self.shown = ShownItems() if p.impression_negatives else None  # filled by the trainer's ImpressionFollower
 
     def table_specs(self) -> dict[str, TableSpec]:
         return {"users": self._spec(self.user_table, 0), "items": self._spec(self.item_table, 1)}
@@ -218,8 +233,10 @@ class OnlineBPR(_FactorModel):
         as having no session and no past (full session weight)."""
         weight = self.roles.positive_weight(batch.event_type, batch.value)
         self.sampler.count_items(batch.item_id[(weight > 0) | self.roles.is_negative(batch.event_type)])
+        positive = np.flatnonzero(weight > 0)
+        if self.shown is not None:
+            self.shown.forget(batch.user_id[positive], batch.item_id[positive])
         if self.sessions is not None:
-            positive = np.flatnonzero(weight > 0)
             self.sessions.observe(batch.user_id[positive], batch.item_id[positive], batch.timestamp[positive],
                                   session_ids(batch.context[positive]))
 
@@ -248,6 +265,12 @@ class OnlineBPR(_FactorModel):
         negatives = negatives.reshape(len(positive_pos), k)
         # an item evicted meanwhile is no candidate: its pair contributes nothing
         negatives = np.where(negatives >= 0, negatives, i_all[positive_pos][:, None])
+        if self.shown is not None:  # the first slots go to shown-but-not-picked items where the user has some
+            shown = self.shown.take_negatives(batch.user_id[positive_pos], batch.item_id[positive_pos],
+                                              p.impression_negatives, self.sampler.rng)
+            shown = self.items.positions(shown.ravel()).reshape(shown.shape)
+            slots = negatives[:, :p.impression_negatives]
+            slots[...] = np.where(shown >= 0, shown, slots)
         touched = np.unique(np.concatenate([i_all[learnable], negatives.ravel()]))
         start_items = self.items.values[touched].astype(np.float64)
         # Users carry a constant 1 after their vector, so x = [p_u, 1] . (q_i - q_j) includes the

@@ -62,6 +62,7 @@ from streamrec.trainer.online.dedup import (
 )
 from streamrec.trainer.online.feature_rebuild import rebuild_features
 from streamrec.trainer.online.feature_store import FeatureStore, popularity_weights
+from streamrec.trainer.online.impression_follower import ImpressionFollower
 from streamrec.trainer.online.live_eval import LivePrequential
 from streamrec.trainer.online.metrics import (
     BATCH_SECONDS,
@@ -163,6 +164,8 @@ class OnlineTrainer:
             on_revoke=self._on_revoke,
             partition_fetch_bytes=PARTITION_FETCH_BYTES, fetch_wait_ms=settings.fetch_wait_ms,
         )
+        shown = [model.shown for model in models if model.shown is not None]
+        self.impressions = ImpressionFollower(settings, shown).start() if shown else None
 
     # ---- offsets ------------------------------------------------------------------------------
     def _meta(self) -> dict[str, Any]:
@@ -614,6 +617,8 @@ class OnlineTrainer:
 
     def close(self) -> None:
         self._open = False
+        if self.impressions is not None:
+            self.impressions.close()
         self._feature_pool.shutdown(wait=True)
         try:
             self._producer.close()

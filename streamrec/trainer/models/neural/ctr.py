@@ -32,7 +32,6 @@ from streamrec.trainer.models.neural.training import (
     mlp,
     to_numpy_state,
 )
-from streamrec.trainer.models.seen_pairs import SeenPairs
 
 RANKER_FORMAT = "streamrec-ranker/1"
 ARCH_PARAMS = ("dim", "hidden", "cross_layers", "dropout", "user_history")
@@ -201,9 +200,7 @@ class CTRRecommender(PointwiseRecommender):
     def _prepare(self, train: Interactions, rng: np.random.Generator) -> None:
         side = load_side_features(self.params["side_data"], train.users, train.items)
         self.side = side
-        users, items, _, _ = train.pair_view()
-        self.pos_users, self.pos_items = users, items
-        self.seen_pairs = SeenPairs(train.binary())
+        self._positives(train)
         self.dims = {
             "n_users": train.n_users, "n_items": train.n_items, "user_cards": list(side.user_cards),
             "item_cards": list(side.item_cards), "n_genres": int(side.genres.shape[1]),

@@ -23,7 +23,6 @@ from streamrec.trainer.models.neural.training import (
     int_list,
     mlp,
 )
-from streamrec.trainer.models.seen_pairs import SeenPairs
 
 
 class NCFNet(nn.Module):
@@ -121,9 +120,7 @@ class GMF(PointwiseRecommender):
     branches: ClassVar[tuple[bool, bool]] = (True, False)
 
     def _prepare(self, train: Interactions, rng: np.random.Generator) -> None:
-        users, items, _, _ = train.pair_view()
-        self.pos_users, self.pos_items = users, items
-        self.seen_pairs = SeenPairs(train.binary())
+        self._positives(train)
         self.dims = {"n_users": train.n_users, "n_items": train.n_items}
 
     def _build(self) -> nn.Module:

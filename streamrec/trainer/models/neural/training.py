@@ -105,10 +105,14 @@ def sample_negatives(
 def pointwise_batches(
     rng: np.random.Generator, pos_users: np.ndarray, pos_items: np.ndarray, seen: SeenPairs,
     n_items: int, negatives: int, batch_size: int, device: torch.device,
+    shown: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Iterator[tuple[torch.Tensor, ...]]:
-    """One epoch of (user, item, label) batches: every positive plus `negatives` fresh samples each."""
+    """One epoch of (user, item, label) batches: every positive plus `negatives` fresh samples
+    each, plus every (user, item) pair of `shown` (shown to the user, never picked) as a negative."""
     neg_users = np.repeat(pos_users, negatives)
     neg_items = sample_negatives(rng, neg_users, seen, n_items)
+    if shown is not None:
+        neg_users, neg_items = np.concatenate([neg_users, shown[0]]), np.concatenate([neg_items, shown[1]])
     users = np.concatenate([pos_users, neg_users])
     items = np.concatenate([pos_items, neg_items])
     labels = np.r_[np.ones(len(pos_users), np.float32), np.zeros(len(neg_users), np.float32)]
@@ -400,14 +404,18 @@ class PointwiseParams(NeuralParams):
     MLP tower does not learn from it, docs/models.md)."""
 
     user_history: bool = False
+    # every pair serving showed and the user never picked is a negative in each epoch, beside the
+    # sampled ones: needs a log with impressions (`streamrec refit --impressions`)
+    impression_negatives: bool = False
 
 
 class PointwiseRecommender(NeuralRecommender):
     """Models trained as binary classifiers of (user, item) pairs: every positive plus sampled
     negatives, binary cross-entropy on `module(users, items, holdout)` logits (NCF and the CTR
-    families). Subclasses set `pos_users`, `pos_items`, `seen_pairs` and `dims["n_items"]` in
-    `_prepare`; their modules' history poolings get the training pairs (`seen_pairs`) for each epoch
-    and every user's items for scoring."""
+    families). Subclasses call `_positives` and set `dims["n_items"]` in `_prepare`; their modules'
+    history poolings get the training pairs (`seen_pairs`) for each epoch and every user's items for
+    scoring. With `impression_negatives`, what serving showed and the user never picked joins the
+    negatives (`Interactions.shown`)."""
 
     Params: ClassVar[type[NeuralParams]] = PointwiseParams
     search_space: ClassVar[SearchSpace] = space(**NeuralRecommender.search_space, user_history=Choice((False, True)))
@@ -416,13 +424,32 @@ class PointwiseRecommender(NeuralRecommender):
     def _poolings(self) -> list[HistoryPooling]:
         return [m for m in self.module.modules() if isinstance(m, HistoryPooling)] if self.module is not None else []
 
+    shown_pairs: tuple[np.ndarray, np.ndarray] | None = None  # (users, items) shown and never picked
+
+    def _positives(self, train: Interactions) -> None:
+        """The training pairs (one per distinct user and item), the seen pairs that sampling
+        avoids, and with `impression_negatives` the pairs shown but not picked in this split."""
+        users, items, _, _ = train.pair_view()
+        self.pos_users, self.pos_items = users, items
+        self.seen_pairs = SeenPairs(train.binary())
+        if not self.params["impression_negatives"]:
+            self.shown_pairs = None
+        elif train.shown is None:
+            raise ValueError(f"{self.name}: impression_negatives needs a log with impressions "
+                             "(streamrec refit --impressions)")
+        else:
+            shown = (train.shown - train.shown.multiply(train.binary())).tocoo()
+            shown.eliminate_zeros()  # a pair picked in this split is a positive here, not a negative
+            self.shown_pairs = (shown.row.astype(np.int64), shown.col.astype(np.int64))
+
     def _batches(self, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
         p = self.params
         for pooling in self._poolings():  # the refit trains on more events than the first pass
             pooling.attach(self.seen_pairs.matrix, self.device)
+        extra = len(self.shown_pairs[0]) if self.shown_pairs is not None else 0
         return pointwise_batches(
-            rng, self.pos_users, self.pos_items, self.seen_pairs, self.dims["n_items"],
-            p["negatives"], self.batch_size_for(len(self.pos_users) * (1 + p["negatives"])), self.device,
+            rng, self.pos_users, self.pos_items, self.seen_pairs, self.dims["n_items"], p["negatives"],
+            self.batch_size_for(len(self.pos_users) * (1 + p["negatives"]) + extra), self.device, self.shown_pairs,
         )
 
     def _loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
