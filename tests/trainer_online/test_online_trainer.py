@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -14,11 +15,13 @@ from streamrec.stream.deadletter import read_dead_letter
 from streamrec.stream.events import EventBatch
 from streamrec.stream.kafka import make_producer
 from streamrec.stream.reader import read_records
+from streamrec.stream.topics import admin_client, group_committed
 from streamrec.trainer.online.feature_store import (
     WINDOWS,
     FeatureStore,
     FeatureStoreConfig,
 )
+from streamrec.trainer.online.metrics import FEATURE_ERRORS
 from streamrec.trainer.online.models import OnlineBPR, OnlineMF
 from streamrec.trainer.online.trainer import OnlineTrainer, TrainerConfig
 from tests.trainer_online.conftest import (
@@ -213,3 +216,40 @@ def test_online_bpr_learns_standalone_on_the_in_process_store():
     assert np.mean([cluster(i) == 0 for i in top[0]]) > 0.7  # u0 is in cluster 0
     assert np.mean([cluster(i) == 1 for i in top[1]]) > 0.7  # u1 is in cluster 1
     assert model.store.get_meta()[0]["applied_events"] == 3000
+
+
+def test_a_refused_feature_write_pauses_and_resumes_when_the_store_is_fixed(online_settings, start_server, redis_url,
+                                                                           caplog):
+    """A key of the store with the wrong type (something else wrote it) makes Redis refuse the
+    batch's script: the trainer counts it as `refused`, logs it as an error, commits nothing and
+    retries; once the key is removed every event is learned and written exactly once."""
+    server = start_server("--no-checkpoints")
+    events = planted_events(600, users=20)
+    produce_events(online_settings, events)
+    config = FeatureStoreConfig(prefix=unique_prefix())
+    store = FeatureStore.from_url(redis_url, config)
+    poisoned = store.keys.entity("u", events[0]["user_id"], "recent")
+    store.redis.set(poisoned, "not a list")
+    refused = FEATURE_ERRORS.labels("refused")._value.get()
+    client = ParamClient([server.address])
+    trainer = OnlineTrainer(online_settings, [OnlineBPR(store=client)], TrainerConfig(batch_events=200), store)
+    worker = threading.Thread(target=trainer.run)
+    worker.start()
+    try:
+        wait_until(lambda: FEATURE_ERRORS.labels("refused")._value.get() >= refused + 2, timeout=60)
+        admin = admin_client(online_settings.kafka_bootstrap)
+        try:  # the first batch is learned and pushed, but not committed while its features are not written
+            assert sum(group_committed(admin, online_settings.consumer_group, online_settings.topic).values()) == 0
+        finally:
+            admin.close()
+        assert any("refused" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
+        store.redis.delete(poisoned)
+        wait_until(lambda: trainer.stats.applied == 600, timeout=60)
+    finally:
+        trainer.stop_requested.set()
+        worker.join(30)
+    try:
+        assert applied(server.address) == 600
+        assert store.redis.llen(poisoned) > 0  # the user's history was written after all
+    finally:
+        store.clear()

@@ -20,7 +20,9 @@ FEATURE_SECONDS = Histogram(
 )
 FEATURE_ERRORS = Counter(
     "streamrec_trainer_feature_store_errors_total",
-    "Feature-store write attempts that failed (retried until they succeed; nothing is dropped)",
+    "Feature-store write attempts that failed (retried until they succeed; nothing is dropped), by kind: "
+    "unreachable (connection, timeout) or refused (Redis answered with an error, e.g. OOM, READONLY, WRONGTYPE)",
+    ["kind"],
 )
 FEATURE_BACKPRESSURE = Gauge(
     "streamrec_trainer_feature_store_backpressure", "1 while consumption is paused because Redis is unreachable"
@@ -51,3 +53,5 @@ IMPRESSION_NEGATIVES = Counter(
     "streamrec_trainer_impression_negatives_total",
     "BPR negatives drawn from items serving showed the user and the user did not pick",
 )
+for _kind in ("unreachable", "refused"):  # both series exist from the start (a dashboard's rate reads 0, not nothing)
+    FEATURE_ERRORS.labels(_kind)

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 import orjson
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from streamrec.core.allocator import HeapTrimmer
 from streamrec.core.config import Settings
@@ -549,9 +549,13 @@ class OnlineTrainer:
                     break
                 except RedisError as exc:
                     error = exc
-            FEATURE_ERRORS.inc()
+            refused = isinstance(error, ResponseError)  # Redis answered: a full, read-only or misused store
+            FEATURE_ERRORS.labels("refused" if refused else "unreachable").inc()
+            if refused:  # worth an operator's look every time (OOM, READONLY and BUSY pass; WRONGTYPE does not)
+                log.error("feature store refused the batch's write (%s): retrying, consumption paused", error)
             if not paused:
-                log.warning("feature store unreachable (%s): consumption paused until it is back", error)
+                log.warning("feature store %s (%s): consumption paused until a write succeeds",
+                            "refused the write" if refused else "unreachable", error)
                 self.consumer.pause(owned)
                 FEATURE_BACKPRESSURE.set(1)
                 paused = True
