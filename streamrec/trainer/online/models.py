@@ -235,7 +235,7 @@ class OnlineBPR(_FactorModel):
         self.sampler.count_items(batch.item_id[(weight > 0) | self.roles.is_negative(batch.event_type)])
         positive = np.flatnonzero(weight > 0)
         if self.shown is not None:
-            self.shown.forget(batch.user_id[positive], batch.item_id[positive])
+            self.shown.forget(batch.user_id[positive])
         if self.sessions is not None:
             self.sessions.observe(batch.user_id[positive], batch.item_id[positive], batch.timestamp[positive],
                                   session_ids(batch.context[positive]))

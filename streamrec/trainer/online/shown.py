@@ -5,7 +5,9 @@ passed over is a truer negative (issue 17, "impressions as negatives"). `ShownIt
 user, the items of the newest impression read from the impressions topic (`ImpressionFollower`
 fills it from a thread). When the model learns a batch it draws negatives for each positive from
 its user's shown items, leaving out every item the user picked in the batch, and then forgets the
-picked items: an item the user took is never a negative later.
+user's answer: an impression is one decision, answered by the user's next positives. An item
+passed over once is not passed over again at every later event (it was not shown again), and
+pushing it down at each would bury items the user simply had not come to yet.
 
 Memory is bounded: `per_user` items per user (serving shows k), and the `users` most recently
 shown users; an older user is forgotten first. A user without shown items keeps the sampled
@@ -70,9 +72,9 @@ class ShownItems:
                        rng: np.random.Generator) -> np.ndarray:
         """(len(user_ids), count) object array: for each positive (user, item), items drawn with
         replacement from the user's shown items, none of which the user picked in this batch; None
-        where the user has none left. The picked items are then forgotten."""
+        where the user has none. The users' shown items are then forgotten (answered)."""
         out = np.full((len(user_ids), count), None, object)
-        codes, left, candidates = self._remove_picked(user_ids, item_ids)
+        codes, left, candidates = self._answer(user_ids, item_ids)
         if not count or not len(candidates):
             return out
         have = left[codes]
@@ -83,34 +85,30 @@ class ShownItems:
         IMPRESSION_NEGATIVES.inc(len(found) * count)
         return out
 
-    def forget(self, user_ids: np.ndarray, item_ids: np.ndarray) -> None:
-        """Drop the items the users picked from their shown items (events learned before a restart)."""
-        self._remove_picked(user_ids, item_ids)
+    def forget(self, user_ids: np.ndarray) -> None:
+        """Forget what the users were shown: they answered it (events learned before a restart)."""
+        self._answer(user_ids, None)
 
-    def _remove_picked(self, user_ids: np.ndarray, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Remove each user's picked items from their shown items, in one pass over the batch's
-        distinct users. Returns each event's user code, the items left per code and those items,
-        grouped by code in code order."""
+    def _answer(self, user_ids: np.ndarray, item_ids: np.ndarray | None,
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Take the shown items of the batch's distinct users out of the memory, less each user's
+        picked items (`item_ids`, one per positive). Returns each event's user code, the items
+        left per code and those items, grouped by code in code order."""
         codes, users = pd.factorize(np.asarray(user_ids, object))
         if not len(users):
             return codes, np.zeros(0, np.int64), NO_ITEMS
-        users = np.asarray(users, object)
         with self._lock:
-            lists = list(map(self._shown.get, users.tolist(), repeat(NO_ITEMS)))
-            lengths = np.fromiter(map(len, lists), np.int64, len(lists))
-            if not lengths.any():
-                return codes, lengths, NO_ITEMS
-            owner = np.repeat(np.arange(len(users)), lengths)
-            candidates = np.concatenate(lists)
-            keep = ~_picked(owner, candidates, codes, np.asarray(item_ids, object))
-            owner, candidates = owner[keep], candidates[keep]
-            left = np.bincount(owner, minlength=len(users))
-            pieces = np.split(candidates, np.cumsum(left)[:-1])
-            for user in users[(lengths > 0) & (left == 0)].tolist():
-                del self._shown[user]  # nothing left to use as a negative
-            holders = np.flatnonzero(left)  # the others keep what is left of their shown items
-            self._shown.update(zip(users[holders].tolist(), [pieces[i] for i in holders.tolist()]))
-        return codes, left, candidates
+            pop = self._shown.pop
+            lists = list(map(pop, np.asarray(users, object).tolist(), repeat(NO_ITEMS)))
+        lengths = np.fromiter(map(len, lists), np.int64, len(lists))
+        if not lengths.any():
+            return codes, lengths, NO_ITEMS
+        owner = np.repeat(np.arange(len(users)), lengths)
+        candidates = np.concatenate(lists)
+        if item_ids is None:
+            return codes, lengths, candidates
+        keep = ~_picked(owner, candidates, codes, np.asarray(item_ids, object))
+        return codes, np.bincount(owner[keep], minlength=len(users)), candidates[keep]
 
 
 def _picked(owner: np.ndarray, candidates: np.ndarray, codes: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
