@@ -107,6 +107,12 @@ def watch_cmd(ctx: click.Context, window: str, lateness: str, metrics_port: int 
               default=None, help="online experiments (YAML; re-read when it changes) [env STREAMREC_EXPERIMENTS_FILE]")
 @click.option("--trending-cache", "trending_cache_s", type=click.FloatRange(min=0), default=None,
               help="seconds a worker reuses the trending list (0: read it for every request) [default: 1]")
+@click.option("--user-pull-timeout", "user_pull_timeout_s", type=click.FloatRange(min=0.001), default=None,
+              help="longest wait for a user's row missing from the worker's cache; past it the user is served "
+                   "as unknown (degraded) [default: 0.1]")
+@click.option("--redis-timeout", "redis_timeout_s", type=click.FloatRange(min=0.001), default=None,
+              help="longest wait for a feature-store read; past it the request is served without history "
+                   "(degraded) [default: 0.1]")
 @click.option("--impressions-flush", "impressions_flush_s", type=click.FloatRange(min=0.001), default=None,
               help="seconds between a worker's sends of its queued impressions [default: 0.2]")
 @click.option("--log-level", default="warning", show_default=True)
