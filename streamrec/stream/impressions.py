@@ -42,12 +42,21 @@ def decode_record(value: bytes) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in value.split(b"\n") if line]
 
 
+def shown_items(impression: object) -> tuple[str, list[str]] | None:
+    """(user id, shown item ids) of an impression; None when it has no string `user_id` and list
+    of string `items`: readers trust no record's shape."""
+    if not isinstance(impression, dict):
+        return None
+    user, items = impression.get("user_id"), impression.get("items")
+    if not isinstance(user, str) or not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        return None
+    return user, items
+
+
 def shown_pairs(impressions: Iterable[object]) -> tuple[np.ndarray, np.ndarray, int]:
     """(user ids, item ids, invalid): one pair per item each impression showed. An impression
-    without a string `user_id` and a list of string `items` is counted as invalid, not used."""
-    frame = pd.DataFrame([(i.get("user_id"), i.get("items")) if isinstance(i, dict) else (None, None)
-                          for i in impressions], columns=["user_id", "items"], dtype=object)
-    valid = frame["user_id"].map(lambda u: isinstance(u, str)) & frame["items"].map(
-        lambda items: isinstance(items, list) and all(isinstance(item, str) for item in items))
-    pairs = frame[valid].explode("items").dropna()
-    return (pairs["user_id"].to_numpy(object), pairs["items"].to_numpy(object), int((~valid).sum()))
+    `shown_items` refuses is counted as invalid, not used."""
+    parsed = list(map(shown_items, impressions))
+    valid = [p for p in parsed if p is not None]
+    frame = pd.DataFrame(valid, columns=["user_id", "items"], dtype=object).explode("items").dropna()
+    return frame["user_id"].to_numpy(object), frame["items"].to_numpy(object), len(parsed) - len(valid)

@@ -26,6 +26,7 @@ from itertools import repeat
 import numpy as np
 import pandas as pd
 
+from streamrec.stream.impressions import shown_items
 from streamrec.trainer.online.metrics import IMPRESSION_NEGATIVES, IMPRESSIONS_READ
 
 NO_ITEMS = np.empty(0, object)
@@ -52,13 +53,11 @@ class ShownItems:
         record's shape."""
         kept = invalid = 0
         with self._lock:
-            for impression in impressions:
-                user, items = (impression.get("user_id"), impression.get("items")) if isinstance(impression, dict) \
-                    else (None, None)
-                if not isinstance(user, str) or not isinstance(items, list) \
-                        or not all(isinstance(item, str) for item in items):
+            for parsed in map(shown_items, impressions):
+                if parsed is None:
                     invalid += 1
                     continue
+                user, items = parsed
                 self._shown[user] = np.array(items[:self.per_user], object)
                 self._shown.move_to_end(user)
                 kept += 1

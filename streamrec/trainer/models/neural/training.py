@@ -438,8 +438,7 @@ class PointwiseRecommender(NeuralRecommender):
             raise ValueError(f"{self.name}: impression_negatives needs a log with impressions "
                              "(streamrec refit --impressions)")
         else:
-            shown = (train.shown - train.shown.multiply(train.binary())).tocoo()
-            shown.eliminate_zeros()  # a pair picked in this split is a positive here, not a negative
+            shown = train.shown.tocoo()  # with_shown left out every pair picked anywhere in the log
             self.shown_pairs = (shown.row.astype(np.int64), shown.col.astype(np.int64))
 
     def _batches(self, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
