@@ -20,6 +20,7 @@ from streamrec.trainer.models.neural.ctr import fm_second_order, load_ranker
 from streamrec.trainer.models.neural.history import HistoryPooling
 from streamrec.trainer.models.neural.losses import LogQSampler, sampled_softmax
 from streamrec.trainer.models.neural.sequential import sessions
+from streamrec.trainer.models.neural.training import int_list
 
 from tests.trainer.neural.test_neural_models import fast_params, planted_sequences
 
@@ -85,6 +86,12 @@ def test_a_model_saved_before_user_history_existed_loads_without_it(tmp_path) ->
     restored = load(path)
     assert restored.params["user_history"] is False
     np.testing.assert_allclose(restored.user_scores(np.arange(5)), model.user_scores(np.arange(5)), rtol=1e-5)
+
+
+def test_a_tower_written_with_slashes_is_the_same_tower() -> None:
+    """`--grid mlp_layers=128/64/32,128/64` compares two towers: a comma there separates values."""
+    assert int_list("128/64/32") == int_list("128,64,32") == int_list(" 128, 64 ,32") == [128, 64, 32]
+    assert int_list("") == []
 
 
 def test_sessions_cut_at_inactivity_gaps() -> None:

@@ -65,8 +65,9 @@ def load_numpy_state(module: nn.Module, arrays: dict[str, np.ndarray]) -> None:
 
 
 def int_list(text: str) -> list[int]:
-    """'64,32,16' -> [64, 32, 16] (list hyperparameters travel as strings through --param)."""
-    return [int(v) for v in str(text).replace(" ", "").split(",") if v]
+    """'64,32,16' (or '64/32/16', which a comma-separated `--grid` of towers can hold) -> [64, 32,
+    16]: list hyperparameters travel as strings through --param."""
+    return [int(v) for v in str(text).replace(" ", "").replace("/", ",").split(",") if v]
 
 
 def mlp(sizes: list[int], dropout: float = 0.0, activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
