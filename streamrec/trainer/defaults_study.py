@@ -12,7 +12,9 @@ Every split is the topn protocol one level down: distinct pairs, each user's las
 (that is the test item, never looked at), then each user's last remaining item is the validation
 target. A setting's score is its mean rank across the logs (1 = best on that log; ties share the
 mean rank) and, to break ties, its mean hr@10 relative to popularity. The current defaults are
-always a candidate; the report names the winner and whether it beats them.
+always a candidate; the report names the winner and whether it beats them, the splits where the
+winner is below popularity, and the best setting that beats the defaults without falling below
+popularity on any split (`best_never_below_popularity`, the rule every default must meet).
 """
 
 from __future__ import annotations
@@ -182,7 +184,12 @@ def summarise(entry: Study, names: list[str], popularity: np.ndarray, flat: np.n
     lifts = (table / np.maximum(popularity, 1e-12)).mean(axis=1)
     rows = [Candidate(params=params, scores=dict(zip(names, map(float, row))), mean_rank=float(rank),
                       mean_lift=float(lift)) for params, row, rank, lift in zip(candidates, table, ranks, lifts)]
-    best = min(range(len(rows)), key=lambda n: (rows[n]["mean_rank"], -rows[n]["mean_lift"]))
+    order = sorted(range(len(rows)), key=lambda n: (rows[n]["mean_rank"], -rows[n]["mean_lift"]))
+    best = order[0]
+    # a default must never be below popularity (issue 15): the best setting that beats the defaults
+    # and is at or above popularity on every split, where the first by mean rank is not
+    safe = [n for n in order if n != 0 and rows[n]["mean_rank"] < rows[0]["mean_rank"]
+            and bool((table[n] >= popularity).all())]
     defaults = registry.model_class(model).Params().model_dump()
     return {
         "model": model, "metric": METRIC, "splits": names, "fixed_params": entry["fixed"],
@@ -192,4 +199,6 @@ def summarise(entry: Study, names: list[str], popularity: np.ndarray, flat: np.n
         "winner": {**{name: defaults[name] for name in grid}, **rows[best]["params"]},
         "beats_defaults": best != 0 and rows[best]["mean_rank"] < rows[0]["mean_rank"],
         "below_popularity": [name for name, value, pop in zip(names, table[best], popularity) if value < pop],
+        "best_never_below_popularity": {**{name: defaults[name] for name in grid}, **rows[safe[0]]["params"]}
+        if safe else None,
     }

@@ -13,8 +13,10 @@ from click.testing import CliRunner
 from streamrec.stream.synthetic import session_log
 from streamrec.trainer.defaults_study import (
     STUDY_LOGS,
+    Study,
     mean_ranks,
     study_split,
+    summarise,
     time_cut,
     validation_split,
 )
@@ -25,6 +27,27 @@ from streamrec.trainer.interactions import Interactions
 def test_mean_ranks_share_ties_and_rank_the_best_first() -> None:
     table = np.array([[0.5, 0.1], [0.5, 0.3], [0.2, 0.2]])
     assert mean_ranks(table).tolist() == [(1.5 + 3) / 2, (1.5 + 1) / 2, (3 + 2) / 2]
+
+
+def test_the_report_names_the_best_setting_that_is_never_below_popularity() -> None:
+    """ncf-mlp's tower study of 2026-12-04, in short: the first by mean rank (k=100 here) is below
+    popularity on one log, the runner-up beats the defaults and is above it everywhere; a setting
+    that never falls below popularity but does not beat the defaults is not named."""
+    names = ["strong", "short", "sessions"]
+    popularity = np.array([0.2, 0.14, 0.26])
+    table = np.array([[0.56, 0.14, 0.26],    # the defaults (k=20)
+                      [0.59, 0.13, 0.27],    # k=100: first by rank, below popularity on `short`
+                      [0.54, 0.17, 0.26],    # k=200: beats the defaults, never below popularity
+                      [0.50, 0.14, 0.25]])   # k=400: below on `sessions`, last
+    report = summarise(Study(model="amazon-i2i", grid={"k": [100, 200, 400]}, fixed={}), names, popularity,
+                       table.ravel())
+    assert report["winner"] == {"k": 100} and report["below_popularity"] == ["short"]
+    assert report["best_never_below_popularity"] == {"k": 200}
+    worse = table.copy()
+    worse[2] = [0.30, 0.14, 0.26]  # at popularity everywhere, but no longer better than the defaults
+    report = summarise(Study(model="amazon-i2i", grid={"k": [100, 200, 400]}, fixed={}), names, popularity,
+                       worse.ravel())
+    assert report["best_never_below_popularity"] is None
 
 
 def test_validation_targets_are_never_the_test_items() -> None:
