@@ -132,6 +132,13 @@ class Settings(BaseSettings):
     item_rules: str = Field(
         "", description="business rules every /recommend obeys, as filter parameters in one query string, "
         "e.g. exclude=in_stock:false&range=stock:1.. (the published item catalogue's attributes)")
+    explore_share: float = Field(
+        0.0, ge=0.0, le=1.0, description="share of /recommend's slots given to fresh items by Thompson sampling "
+        "(needs `train-online --explore`); an experiment arm's `explore` overrides it")
+    explore_max_age_s: float = Field(
+        172_800.0, gt=0, description="exploration: an item first seen less than this much event time ago is fresh")
+    explore_min_impressions: int = Field(
+        100, ge=0, description="exploration: an item shown fewer times is fresh whatever its age")
     metrics_sources: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=dict,
         description="other processes' /metrics URLs the serving console aggregates: name=url,name=url (or JSON)",

@@ -34,8 +34,9 @@ from streamrec.serving import schemas
 from streamrec.serving.auth import UNAUTHORIZED, bearer_guard
 from streamrec.serving.config import MAX_K, ServingConfig
 from streamrec.serving.console import add_console_routes
-from streamrec.serving.fastpath import MAX_USER_ID, RecommendFastPath, RecommendQuery
 from streamrec.serving.experiments import ExperimentsSource, combined
+from streamrec.serving.explore import ExplorationPool
+from streamrec.serving.fastpath import MAX_USER_ID, RecommendFastPath, RecommendQuery
 from streamrec.serving.feedback import add_feedback_routes
 from streamrec.serving.filters import MAX_CLAUSES, FilterError, ItemFilter
 from streamrec.serving.history import History
@@ -146,7 +147,9 @@ def create_app(config: ServingConfig) -> FastAPI:
         **producer_timeouts(config.kafka_client, config.produce_timeout_s)),
         config.max_pending_impressions, config.produce_timeout_s, config.impressions_flush_s) \
         if config.logs_impressions else None
-    pipeline = CandidatePipeline(config, History(config, metrics), metrics)
+    # an arm of the experiments file may explore even when the server's share is 0
+    explore = ExplorationPool(config) if config.explore_share or config.experiments_file else None
+    pipeline = CandidatePipeline(config, History(config, metrics), metrics, explore)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -154,6 +157,8 @@ def create_app(config: ServingConfig) -> FastAPI:
         stop = threading.Event()
         thread = threading.Thread(target=syncer.run, args=(stop,), name="serving-sync", daemon=True)
         thread.start()
+        if explore is not None:
+            explore.start()
         logger = None
         if impressions is not None:
             logger = threading.Thread(target=impressions.run, args=(stop,), name="serving-impressions", daemon=True)
@@ -168,6 +173,8 @@ def create_app(config: ServingConfig) -> FastAPI:
         if logger is not None:  # its last flush waits at most produce_timeout_s for the broker
             logger.join(timeout=config.produce_timeout_s + 5)
         syncer.close()
+        if explore is not None:
+            explore.close()
         await pipeline.history.close()
         mark_worker_dead(os.getpid())
 

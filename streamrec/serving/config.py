@@ -94,6 +94,16 @@ class ServingConfig(BaseModel):
     ivf_min_items: int = Field(50_000, ge=1)
     nprobe: int = Field(16, ge=1)
     rebuild_fraction: float = Field(0.25, gt=0, description="rebuild the index when a delta touches more")
+    # exploration (streamrec.serving.explore)
+    explore_share: float = Field(0.0, ge=0.0, le=1.0, description="share of the k slots given to fresh items "
+                                 "chosen by Thompson sampling; an arm's `explore` overrides it")
+    explore_max_age_s: float = Field(172_800.0, gt=0, description="fresh: first seen less than this long ago "
+                                     "(event time)")
+    explore_min_impressions: int = Field(100, ge=0, description="fresh: shown fewer times than this")
+    explore_pool: int = Field(1000, ge=1, description="the newest fresh items a worker draws from")
+    explore_prior: float = Field(10.0, gt=0, description="strength, in impressions, of the Beta prior centred on "
+                                 "the pool's click-through rate")
+    explore_refresh_s: float = Field(1.0, gt=0, description="how often a worker re-reads the fresh items' counts")
     # degradation
     redis_timeout_s: float = Field(0.1, gt=0)
     redis_retry_s: float = Field(1.0, ge=0, description="skip Redis this long after a failure")
@@ -124,7 +134,9 @@ class ServingConfig(BaseModel):
                 "producer_linger_ms": settings.producer_linger_ms,
                 "custom_event_types": settings.custom_event_types, "max_context_keys": settings.max_context_keys,
                 "max_context_bytes": settings.max_context_bytes,
-                "event_id_retention_s": settings.event_id_retention_s}
+                "event_id_retention_s": settings.event_id_retention_s, "explore_share": settings.explore_share,
+                "explore_max_age_s": settings.explore_max_age_s,
+                "explore_min_impressions": settings.explore_min_impressions}
         return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
     @classmethod

@@ -24,7 +24,7 @@ ranges of its 10,000 buckets in file order (their `traffic`); inside an experime
 their arm across requests, workers and restarts, the arms of two layers are independent, and
 changing one experiment's salt reshuffles its users without moving anyone else's. An arm sets what
 serving can vary per request: the source of the list (`personal`, the model's own, or `popularity`,
-the trending list every user gets), the MMR `diversity` and the candidate sources.
+the trending list every user gets), the MMR `diversity`, the candidate sources and the share of exploration slots (`explore`).
 
 Serving re-reads the file when it changes (`ExperimentsSource.current`); a file that fails the
 schema is reported and the last good one stays in force.
@@ -58,6 +58,8 @@ class Arm(BaseModel):
     diversity: float | None = Field(None, ge=0.0, le=1.0, description="MMR diversity; None: the request's")
     candidates: tuple[CandidateSource, ...] | None = Field(None, min_length=1,
                                                            description="candidate sources; None: all")
+    explore: float | None = Field(None, ge=0.0, le=1.0, description="share of the slots given to fresh items "
+                                  "(Thompson sampling); None: the server's STREAMREC_EXPLORE_SHARE")
 
 
 class Experiment(BaseModel):
@@ -110,7 +112,8 @@ def combined(assignments: list[Assignment]) -> Arm | None:
     return Arm.model_construct(name="+".join(arm.name for arm in arms),
                source=next((arm.source for arm in arms if arm.source != "personal"), "personal"),
                diversity=next((arm.diversity for arm in arms if arm.diversity is not None), None),
-               candidates=next((arm.candidates for arm in arms if arm.candidates is not None), None))
+               candidates=next((arm.candidates for arm in arms if arm.candidates is not None), None),
+               explore=next((arm.explore for arm in arms if arm.explore is not None), None))
 
 
 def bucket(salt: str, user_id: str) -> int:

@@ -13,6 +13,7 @@ import pandas as pd
 from streamrec.param_server.replica import TableMirror
 from streamrec.serving.config import ServingConfig
 from streamrec.serving.experiments import Arm
+from streamrec.serving.explore import ExplorationPool, slots, thompson
 from streamrec.serving.filters import NO_FILTER, ItemFilter
 from streamrec.serving.history import History
 from streamrec.serving.index import index_rows, query_rows
@@ -97,8 +98,11 @@ class CandidatePipeline:
     candidates from every source, scores them with the published ranker (or the retrieval model)
     and picks the top k, optionally diversified with MMR."""
 
-    def __init__(self, config: ServingConfig, history: History, metrics: ServingMetrics) -> None:
-        self.config, self.history = config, history
+    def __init__(self, config: ServingConfig, history: History, metrics: ServingMetrics,
+                 explore: ExplorationPool | None = None) -> None:
+        self.config, self.history, self.explore = config, history, explore
+        self._explored = metrics.recommended.labels("explore")
+        self._rng = np.random.default_rng()
         self._candidates = [metrics.candidates.labels(s) for s in SOURCES]
         self._recommended = [metrics.recommended.labels(s) for s in SOURCES]
         self._fallback = {r: metrics.degraded.labels(r) for r in ("cold_start", "prior", "param_server")}
@@ -176,10 +180,34 @@ class CandidatePipeline:
         else:
             body = self._personal(state, user_id, recent, user, k, seen, interacted, diversity, explain, degraded,
                                   allowed, sources)
+        share = arm.explore if arm is not None and arm.explore is not None else self.config.explore_share
+        if share and state is not None and self.explore is not None:
+            self._explore(state, body, k, share, seen, allowed)
         if "redis" in degraded:
             self.history.count_degraded()
         body["degraded"] = degraded
         return body
+
+    def _explore(self, state: ServingState, body: dict[str, Any], k: int, share: float, seen: set[str],
+                 allowed: np.ndarray | None) -> None:
+        """Give the answer's last slots (`share` of k) to fresh items by Thompson sampling
+        (streamrec.serving.explore); items seen, excluded or already listed are not drawn."""
+        n = slots(share, k, self._rng)
+        fresh, rows = self.explore.rows(state) if n else (None, None)
+        if fresh is None or not len(fresh):
+            return
+        eligible = rows >= 0
+        if allowed is not None:
+            eligible &= allowed[np.maximum(rows, 0)]
+        listed = [entry["item_id"] for entry in body["items"]]
+        eligible &= ~pd.Index(fresh.ids).isin([*listed, *seen])
+        picks, draws = thompson(fresh, eligible, n, self.config.explore_prior, self._rng)
+        if not len(picks):
+            return
+        kept = body["items"][: max(0, min(len(listed), k - len(picks)))]
+        body["items"] = kept + [{"item_id": item, "score": draw, "sources": ["explore"]}
+                                for item, draw in zip(fresh.ids[picks].tolist(), draws.tolist())]
+        self._explored.inc(len(picks))
 
     def _cold_start(self, state: ServingState | None, k: int, seen: set[str], degraded: list[str],
                     allowed: np.ndarray | None) -> dict[str, Any]:

@@ -42,12 +42,15 @@ def split_model_params(models: tuple[str, ...], pairs: tuple[str, ...]) -> dict[
 @click.option("--no-feature-store", is_flag=True, help="do not write the Redis feature store")
 @click.option("--warmup-events", type=click.IntRange(min=0), default=300_000, show_default=True,
               help="earlier records re-read (not learned) on start, over all partitions: histories and sessions")
+@click.option("--explore", is_flag=True,
+              help="count impressions, clicks and first sightings per item into Redis for serving's exploration "
+                   "slots (STREAMREC_EXPLORE_SHARE / an arm's explore)")
 @click.option("--json", "as_json", is_flag=True, help="print the final report as JSON")
 @click.pass_context
 def train_online(ctx: click.Context, models: tuple[str, ...], pairs: tuple[str, ...], batch_events: int,
                  batch_seconds: float, evaluate_every: int, max_events: int | None,
                  idle_exit: float | None, report_path: str | None, metrics_port: int | None,
-                 no_feature_store: bool, warmup_events: int, as_json: bool) -> None:
+                 no_feature_store: bool, warmup_events: int, explore: bool, as_json: bool) -> None:
     """Consume the interaction topic and train the online models into the parameter server."""
     from prometheus_client import start_http_server
     from threadpoolctl import threadpool_limits
@@ -55,6 +58,7 @@ def train_online(ctx: click.Context, models: tuple[str, ...], pairs: tuple[str, 
     from streamrec.core.allocator import tune_allocator
     from streamrec.param_server.client import ParamClient
     from streamrec.stream.topics import create_topics
+    from streamrec.trainer.online.exploration import ExplorationConfig, ExplorationStore
     from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
     from streamrec.trainer.online.trainer import OnlineTrainer, TrainerConfig
 
@@ -77,7 +81,11 @@ def train_online(ctx: click.Context, models: tuple[str, ...], pairs: tuple[str, 
     config = TrainerConfig(batch_events=batch_events, batch_seconds=batch_seconds,
                            evaluate_every=evaluate_every, max_events=max_events, idle_exit_seconds=idle_exit,
                            report_path=report_path, warmup_events=warmup_events)
-    trainer = OnlineTrainer(settings, [model_class(name)(**hyper[name], store=store) for name in models], config, features)
+    exploration = ExplorationStore.from_url(
+        settings.redis_url, settings.feature_prefix, settings.redis_cluster,
+        config=ExplorationConfig(settings.explore_max_age_s, settings.explore_min_impressions)) if explore else None
+    trainer = OnlineTrainer(settings, [model_class(name)(**hyper[name], store=store) for name in models], config,
+                            features, exploration=exploration)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: trainer.stop_requested.set())
     with threadpool_limits(1):  # small matrix products: BLAS threads only contend on 2 cores

@@ -53,5 +53,13 @@ IMPRESSION_NEGATIVES = Counter(
     "streamrec_trainer_impression_negatives_total",
     "BPR negatives drawn from items serving showed the user and the user did not pick",
 )
+EXPLORATION_COUNTED = Counter(
+    "streamrec_trainer_exploration_counted_total",
+    "Exploration statistics written to Redis, by kind: shown (items of impressions), clicks (positive events "
+    "carrying the request_id of an impression that showed their item), first_seen (items per counted range)",
+    ["kind"],
+)
+for _kind in ("shown", "clicks", "first_seen"):
+    EXPLORATION_COUNTED.labels(_kind)
 for _kind in ("unreachable", "refused"):  # both series exist from the start (a dashboard's rate reads 0, not nothing)
     FEATURE_ERRORS.labels(_kind)

@@ -60,6 +60,8 @@ from streamrec.trainer.online.dedup import (
     REASON,
     EventIdWindow,
 )
+from streamrec.trainer.online.exploration import ExplorationStore
+from streamrec.trainer.online.exploration_follower import ExplorationFollower
 from streamrec.trainer.online.feature_rebuild import rebuild_features
 from streamrec.trainer.online.feature_store import FeatureStore, popularity_weights
 from streamrec.trainer.online.impression_follower import ImpressionFollower
@@ -132,9 +134,11 @@ class TrainerStats:
 
 class OnlineTrainer:
     def __init__(self, settings: Settings, models: list[OnlineRecommender], config: TrainerConfig | None = None,
-                 feature_store: FeatureStore | None = None, consumer: Consumer | None = None) -> None:
+                 feature_store: FeatureStore | None = None, consumer: Consumer | None = None,
+                 exploration: ExplorationStore | None = None) -> None:
         """`models` share one store (the parameter server they were built on); the first ranks
-        items for the prequential metrics."""
+        items for the prequential metrics. With `exploration`, a thread counts what serving's
+        Thompson sampling needs (impressions, clicks, first sightings) into that store."""
         if not models:
             raise ValueError("at least one online model is needed")
         self.settings, self.models, self.config = settings, models, config or TrainerConfig()
@@ -166,6 +170,8 @@ class OnlineTrainer:
         )
         shown = [model.shown for model in models if model.shown is not None]
         self.impressions = ImpressionFollower(settings, shown).start() if shown else None
+        self.exploration = None if exploration is None else ExplorationFollower(
+            settings, exploration, models[0].roles.positive_types).start()
 
     # ---- offsets ------------------------------------------------------------------------------
     def _meta(self) -> dict[str, Any]:
@@ -621,8 +627,9 @@ class OnlineTrainer:
 
     def close(self) -> None:
         self._open = False
-        if self.impressions is not None:
-            self.impressions.close()
+        for follower in (self.impressions, self.exploration):
+            if follower is not None:
+                follower.close()
         self._feature_pool.shutdown(wait=True)
         try:
             self._producer.close()

@@ -1,0 +1,172 @@
+"""The trainer's counter of exploration statistics (`streamrec.trainer.online.exploration`).
+
+A thread follows every partition of the events topic and of serving's impressions topic, outside
+any consumer group, from the marks the store keeps (exactly once; a partition without a mark from
+its beginning), and counts per item:
+- impressions: every item an impression showed;
+- clicks: an event whose `context.request_id` names an impression that showed the event's item
+  (the join window: the newest `join_requests` impressions read, also those re-read on start);
+- first seen: the event time of an item's first event.
+Impressions are read before events in every round, so a click normally finds its impression; one
+whose impression is not in the window is not counted (a click cannot be credited to what was
+never seen shown). A broker or Redis outage never stops training: the thread logs it, waits
+`RETRY_S` and reopens from the store's marks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+
+import numpy as np
+import orjson
+import pandas as pd
+import redis
+
+from streamrec.core.config import Settings
+from streamrec.stream.events import EventSchema
+from streamrec.stream.impressions import decode_record
+from streamrec.stream.kafka import BROKER_ERRORS, Consumer, Record, make_consumer
+from streamrec.stream.topics import create_topics, end_offsets, partitions_of
+from streamrec.trainer.online.exploration import NO_CLOCK, ExplorationStore, MarkMoved
+from streamrec.trainer.online.metrics import EXPLORATION_COUNTED
+
+log = logging.getLogger(__name__)
+RETRY_S = 2.0
+JOIN_REQUESTS = 200_000  # impressions a click can be joined to
+REWIND_RECORDS = 1000  # impression records per partition re-read on start, for the join only
+
+
+def offset_key(topic: str, partition: int) -> str:
+    return f"{topic}/{partition}"
+
+
+class ExplorationFollower:
+    def __init__(self, settings: Settings, store: ExplorationStore, positive_types: Iterable[str],
+                 join_requests: int = JOIN_REQUESTS) -> None:
+        self.settings, self.store, self.join_requests = settings, store, join_requests
+        self.positive_types = list(positive_types)
+        self.schema = EventSchema.from_settings(settings)
+        self._shown: OrderedDict[str, frozenset[str]] = OrderedDict()  # request id -> items it showed
+        self._next: dict[str, int] = {}  # per partition key: the next offset to count
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="trainer-exploration", daemon=True)
+        self._counted = {kind: EXPLORATION_COUNTED.labels(kind) for kind in ("shown", "clicks", "first_seen")}
+
+    def start(self) -> ExplorationFollower:
+        self._thread.start()
+        return self
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    # ---- reading ------------------------------------------------------------------------------
+    def _open(self, topic: str, rewind: int) -> Consumer:
+        """A consumer on every partition of `topic` at the store's marks (`rewind` records
+        earlier for the join memory, not counted)."""
+        s = self.settings
+        create_topics(s.kafka_bootstrap, [topic], s.topic_partitions)
+        bounds = end_offsets(s.kafka_bootstrap, topic, partitions_of(s.kafka_bootstrap, topic))
+        marks = self.store.marks()
+        consumer = make_consumer(s.kafka_bootstrap, s.kafka_client, fetch_wait_ms=s.fetch_wait_ms)
+        consumer.assign([(topic, p) for p in bounds])
+        for partition, (begin, _) in bounds.items():
+            key = offset_key(topic, partition)
+            self._next[key] = max(marks.get(key, begin), begin)
+            consumer.seek((topic, partition), max(begin, self._next[key] - rewind))
+        return consumer
+
+    def _run(self) -> None:
+        s = self.settings
+        impressions: Consumer | None = None
+        events: Consumer | None = None
+        while not self._stop.is_set():
+            try:
+                impressions = impressions or self._open(s.impressions_topic, self.join_requests and REWIND_RECORDS)
+                events = events or self._open(s.topic, 0)
+                self._impressions(impressions.poll(max_records=500, timeout_s=0.05))
+                self._events(events.poll(max_records=5000, timeout_s=0.2))
+            except (*BROKER_ERRORS, KeyError, TimeoutError, redis.RedisError, MarkMoved) as exc:
+                log.warning("exploration statistics paused for %.0f s (%s); resuming from the store's marks",
+                            RETRY_S, exc)
+                for consumer in (impressions, events):
+                    if consumer is not None:
+                        consumer.close()
+                impressions = events = None
+                self._stop.wait(RETRY_S)
+        for consumer in (impressions, events):
+            if consumer is not None:
+                consumer.close()
+
+    def _ranges(self, records: list[Record]) -> Iterable[tuple[str, list[Record]]]:
+        """Per partition, its records from the next offset to count (earlier ones were re-read
+        for the join memory, or counted before)."""
+        by_partition: dict[str, list[Record]] = {}
+        for record in records:
+            key = offset_key(record.topic, record.partition)
+            if record.offset >= self._next.get(key, 0):
+                by_partition.setdefault(key, []).append(record)
+        return by_partition.items()
+
+    # ---- impressions --------------------------------------------------------------------------
+    def _impressions(self, records: list[Record]) -> None:
+        for record in records:  # every record read feeds the join memory, counted or not
+            for request_id, items in _shown_by_request(record.value):
+                self._shown[request_id] = items
+                self._shown.move_to_end(request_id)
+        while len(self._shown) > self.join_requests:
+            self._shown.popitem(last=False)
+        for key, mine in self._ranges(records):
+            shown = [item for record in mine for _, items in _shown_by_request(record.value) for item in items]
+            ids, counts = np.unique(np.array(shown, object), return_counts=True) if shown else (np.empty(0, object), np.zeros(0))
+            self._count(key, mine, ids, counts, np.zeros(len(ids), np.int64), np.full(len(ids), np.nan), NO_CLOCK)
+            self._counted["shown"].inc(int(np.sum(counts)))
+
+    # ---- events -------------------------------------------------------------------------------
+    def _events(self, records: list[Record]) -> None:
+        for key, mine in self._ranges(records):
+            batch, _ = self.schema.decode_many([record.value for record in mine])
+            if not len(batch):
+                self._count(key, mine, np.empty(0, object), np.zeros(0), np.zeros(0), np.zeros(0), NO_CLOCK)
+                continue
+            clicks = np.zeros(len(batch), np.int64)
+            carried = np.flatnonzero(~pd.isna(batch.context) & np.isin(batch.event_type, self.positive_types))
+            if len(carried):  # a positive event that names the answer it came from
+                requests = [context.get("request_id") for context in batch.context[carried].tolist()]
+                clicks[carried] = [item in self._shown.get(request, ()) if isinstance(request, str) else False
+                                   for request, item in zip(requests, batch.item_id[carried].tolist())]
+            frame = pd.DataFrame({"item": batch.item_id, "t": batch.timestamp, "click": clicks})
+            per_item = frame.groupby("item", sort=False).agg(first=("t", "min"), clicks=("click", "sum"))
+            ids = per_item.index.to_numpy(object)
+            self._count(key, mine, ids, np.zeros(len(ids), np.int64), per_item["clicks"].to_numpy(np.int64),
+                        per_item["first"].to_numpy(np.float64), float(batch.timestamp.max()))
+            self._counted["clicks"].inc(int(per_item["clicks"].sum()))
+            self._counted["first_seen"].inc(len(ids))
+
+    def _count(self, key: str, mine: list[Record], ids: np.ndarray, shown: np.ndarray, clicks: np.ndarray,
+               first: np.ndarray, clock: float) -> None:
+        end = mine[-1].offset + 1
+        self.store.count(ids, shown, clicks, first, clock, key, self._next[key], end)
+        self._next[key] = end
+
+
+def _shown_by_request(value: bytes) -> list[tuple[str, frozenset[str]]]:
+    """(request id, shown items) of each well-formed impression of one record; anything else
+    (not JSON, no string request id, items not a list of strings) is skipped: the trainer's
+    impressions reader counts such records as invalid."""
+    try:
+        impressions = decode_record(value)
+    except orjson.JSONDecodeError:
+        return []
+    out = []
+    for impression in impressions:
+        if not isinstance(impression, dict):
+            continue
+        request, items = impression.get("request_id"), impression.get("items")
+        if isinstance(request, str) and isinstance(items, list) and all(isinstance(i, str) for i in items):
+            out.append((request, frozenset(items)))
+    return out

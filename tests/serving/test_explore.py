@@ -1,0 +1,81 @@
+"""Exploration slots (issue 17, cold start): fresh items take a share of the answer, chosen by
+Thompson sampling on the counts in Redis; real serving workers, parameter server and Redis."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from streamrec.param_server.client import ParamClient
+from streamrec.serving.explore import slots, thompson
+from streamrec.trainer.online.exploration import ExplorationStore, FreshItems
+from streamrec.trainer.online.feature_store import FeatureStore
+from tests.serving.conftest import StartServing, load_model, wait_for, write_history
+from tests.param_server.conftest import ServerProcess
+
+DIM = 4
+
+
+def test_the_share_of_slots_is_kept_on_average():
+    rng = np.random.default_rng(0)
+    assert slots(0.2, 10, rng) == 2 and slots(1.0, 10, rng) == 10 and slots(0.0, 10, rng) == 0
+    assert abs(np.mean([slots(0.05, 10, rng) for _ in range(4000)]) - 0.5) < 0.05
+
+
+def test_thompson_sampling_favours_items_that_were_clicked_and_keeps_trying_the_unshown():
+    fresh = FreshItems(np.array(["good", "bad", "new", "barred"], object), np.array([200, 200, 0, 0]),
+                       np.array([40, 1, 0, 0]), np.zeros(4), 0.0)
+    eligible = np.array([True, True, True, False])
+    rng = np.random.default_rng(1)
+    wins = np.bincount([thompson(fresh, eligible, 1, 10.0, rng)[0][0] for _ in range(2000)], minlength=4)
+    assert wins[3] == 0  # never an item the request may not show
+    assert wins[0] > wins[2] > wins[1]  # 20% CTR beats the prior (~10%), which beats 0.5%
+    assert wins[2] > 100  # an item never shown is still tried
+    picks, draws = thompson(fresh, eligible, 3, 10.0, rng)
+    assert sorted(picks.tolist()) == [0, 1, 2] and np.all(np.diff(draws) <= 0)
+
+
+def _world(ps: ParamClient, feature_store: FeatureStore, redis_url: str, prefix: str) -> ExplorationStore:
+    items = {f"i{n}": np.array([1.0 - n / 20, 0, 0, 0], np.float32) for n in range(20)}
+    items.update({"fresh-good": np.zeros(DIM, np.float32), "fresh-seen": np.zeros(DIM, np.float32)})
+    load_model(ps, {"u1": np.array([1.0, 0, 0, 0], np.float32)}, items)
+    write_history(feature_store, [("u1", "fresh-seen", 1.0)])
+    explore = ExplorationStore.from_url(redis_url, prefix)
+    ids = np.array(["fresh-good", "fresh-seen", "fresh-no-row"], object)
+    explore.count(ids, np.array([50, 50, 0]), np.array([25, 25, 0]), np.array([5.0, 5.0, 5.0]), 5.0)
+    return explore
+
+
+def test_fresh_items_take_the_last_slots_never_seen_or_rowless_ones(
+        param_server: ServerProcess, ps: ParamClient, feature_store: FeatureStore, redis_url: str, prefix: str,
+        start_serving: StartServing) -> None:
+    _world(ps, feature_store, redis_url, prefix)
+    serving = start_serving(param_server.address, redis_url, prefix, extra_env={"STREAMREC_EXPLORE_SHARE": "0.2"})
+
+    def answer() -> list[dict]:
+        reply = serving.get("/recommend", user_id="u1", k=10)
+        assert reply.status_code == 200, reply.text
+        return reply.json()["items"]
+
+    items = wait_for(lambda: (a := answer()) and a[-1]["sources"] == ["explore"] and a)
+    # two slots, but fresh-seen is seen and fresh-no-row has no row yet: only fresh-good explores,
+    # and the personal list keeps its first 9
+    assert [entry["item_id"] for entry in items] == [*(f"i{n}" for n in range(9)), "fresh-good"]
+    assert [entry["sources"] for entry in items].count(["explore"]) == 1
+    metrics = serving.get("/metrics").text
+    assert 'streamrec_serving_recommended_items_total{source="explore"}' in metrics
+
+
+def test_an_arm_sets_its_own_share(param_server: ServerProcess, ps: ParamClient, feature_store: FeatureStore,
+                                   redis_url: str, prefix: str, start_serving: StartServing, tmp_path: Path) -> None:
+    _world(ps, feature_store, redis_url, prefix)
+    spec = tmp_path / "experiments.yaml"
+    spec.write_text("experiments: [{name: cold, arms: [{name: explore, explore: 0.1}]}]\n")
+    serving = start_serving(param_server.address, redis_url, prefix, args=("--experiments", str(spec)),
+                            extra_env={"STREAMREC_IMPRESSIONS": "off"})
+    body = wait_for(lambda: (b := serving.get("/recommend", user_id="u1", k=10).json())
+                    and b["items"][-1]["sources"] == ["explore"] and b)
+    assert body["arm"] == "explore" and [e["item_id"] for e in body["items"]][-1] == "fresh-good"
+    plain = serving.get("/recommend", user_id="u1", k=10, exclude_seen=False).json()  # fresh-seen allowed now
+    assert plain["items"][-1]["item_id"] in {"fresh-good", "fresh-seen"}

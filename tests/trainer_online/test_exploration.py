@@ -1,0 +1,121 @@
+"""Exploration statistics (issue 17, cold start): counts in the real Redis, exactly once, and the
+trainer's follower that counts impressions, clicks and first sightings from the real broker."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+import redis
+
+from streamrec.core.config import Settings
+from streamrec.stream.impressions import encode_records
+from streamrec.stream.kafka import make_producer
+from streamrec.stream.topics import create_topics
+from streamrec.trainer.online.exploration import NO_CLOCK, ExplorationConfig, ExplorationStore, MarkMoved
+from streamrec.trainer.online.exploration_follower import ExplorationFollower
+from tests.trainer_online.conftest import produce_events, wait_until
+
+HOUR = 3600.0
+
+
+def objects(*values: str) -> np.ndarray:
+    return np.array(values, object)
+
+
+@pytest.fixture
+def store(redis_url: str) -> ExplorationStore:
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    explore = ExplorationStore.from_url(redis_url, prefix, config=ExplorationConfig(max_age_s=48 * HOUR,
+                                                                                   min_impressions=3))
+    yield explore
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter(f"{prefix}:*"):
+        client.delete(key)
+
+
+def test_a_range_is_counted_once_and_only_from_its_partition_s_mark(store: ExplorationStore):
+    items = objects("a", "b:c", "x" * 10_000)
+    store.count(items, np.array([2, 1, 0]), np.array([1, 0, 0]), np.array([10.0, 20.0, 30.0]), 30.0, "t/0", 0, 5)
+    with pytest.raises(MarkMoved) as moved:  # the same range again (a reader that died before moving on)
+        store.count(items, np.array([2, 1, 0]), np.array([1, 0, 0]), np.array([10.0, 20.0, 30.0]), 30.0, "t/0", 0, 5)
+    assert moved.value.mark == 5
+    store.count(objects("a"), np.array([1]), np.array([0]), np.array([np.nan]), NO_CLOCK, "t/0", 5, 9)
+    store.count(objects("a"), np.array([0]), np.array([1]), np.array([5.0]), 40.0, "t/1", 0, 1)  # an earlier sighting
+    assert store.marks() == {"t/0": 9, "t/1": 1}
+    fresh = store.fresh(10)
+    by_id = dict(zip(fresh.ids.tolist(), zip(fresh.shown.tolist(), fresh.clicks.tolist(), fresh.first_seen.tolist())))
+    assert by_id == {"a": (3, 2, 5.0), "b:c": (1, 0, 20.0), "x" * 10_000: (0, 0, 30.0)}
+    assert fresh.clock == 40.0  # the impressions' count did not move the event clock
+    assert fresh.ids.tolist() == ["x" * 10_000, "b:c", "a"]  # newest first seen first
+
+
+def test_an_item_stops_being_fresh_once_old_and_shown_enough(store: ExplorationStore):
+    store.count(objects("old", "new", "unseen-old"), np.zeros(3), np.zeros(3), np.array([0.0, 47 * HOUR, 0.0]),
+                47 * HOUR)
+    store.count(objects("old", "new"), np.array([3, 3]), np.zeros(2), np.full(2, np.nan), NO_CLOCK)
+    assert sorted(store.fresh(10).ids.tolist()) == ["new", "old", "unseen-old"]  # all younger than 48 h
+    store.count(objects("later"), np.zeros(1), np.zeros(1), np.array([49 * HOUR]), 49 * HOUR)
+    # "old" is 49 h old and shown 3 times; "unseen-old" is as old but shown fewer than 3 times; "new" is 2 h old
+    assert sorted(store.fresh(10).ids.tolist()) == ["later", "new", "unseen-old"]
+    store.count(objects("old"), np.array([1]), np.zeros(1), np.full(1, np.nan), NO_CLOCK)  # shown again: it leaves
+    members = store.redis.zrange(store.keys.key("fresh"), 0, -1)
+    assert b"old" not in members and len(members) == 3
+
+
+def test_the_candidates_are_bounded_newest_kept(redis_url: str):
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    small = ExplorationStore.from_url(redis_url, prefix, config=ExplorationConfig(max_fresh=5))
+    ids = np.array([f"i{n}" for n in range(12)], object)
+    small.count(ids, np.zeros(12), np.zeros(12), np.arange(12.0), 11.0)
+    assert small.fresh(100).ids.tolist() == [f"i{n}" for n in range(11, 6, -1)]
+    for key in small.redis.scan_iter(f"{prefix}:*"):
+        small.redis.delete(key)
+
+
+def test_the_follower_counts_impressions_clicks_and_first_sightings_exactly_once(
+        settings: Settings, store: ExplorationStore):
+    create_topics(settings.kafka_bootstrap, [settings.topic, settings.impressions_topic], 1)
+    producer = make_producer(settings.kafka_bootstrap)
+    impressions = [{"request_id": "r1", "user_id": "u1", "items": ["a", "b", "c"], "timestamp": 1.0},
+                   {"request_id": "r2", "user_id": "u2", "items": ["a", "d"], "timestamp": 2.0},
+                   {"request_id": 7, "user_id": "u3", "items": ["z"]}]  # not an impression: not counted
+    for value in encode_records(impressions):
+        producer.send(settings.impressions_topic, value)
+    producer.flush()
+    start = 1_700_000_000.0
+    produce_events(settings, [
+        {"event_id": "e1", "user_id": "u1", "item_id": "b", "event_type": "click", "timestamp": start,
+         "context": {"request_id": "r1"}},  # a click on what r1 showed
+        {"event_id": "e2", "user_id": "u2", "item_id": "b", "event_type": "click", "timestamp": start + 1,
+         "context": {"request_id": "r2"}},  # r2 did not show b: not a click on it
+        {"event_id": "e3", "user_id": "u2", "item_id": "a", "event_type": "skip", "timestamp": start + 2,
+         "context": {"request_id": "r2"}},  # a skip is not a click
+        {"event_id": "e4", "user_id": "u2", "item_id": "d", "event_type": "click", "timestamp": start + 3,
+         "context": {"request_id": "r2"}},
+        {"event_id": "e5", "user_id": "u9", "item_id": "n", "event_type": "view", "timestamp": start + 4},
+    ])
+    # an item enters the candidates at its first event: c, shown but never consumed, is not one yet
+    expected = {"a": (2, 0), "b": (1, 1), "d": (1, 1), "n": (0, 0)}
+
+    def counts() -> dict[str, tuple[int, int]]:
+        fresh = store.fresh(100)
+        return dict(zip(fresh.ids.tolist(), zip(fresh.shown.tolist(), fresh.clicks.tolist())))
+
+    follower = ExplorationFollower(settings, store, ["click", "view"]).start()
+    try:
+        wait_until(lambda: counts() == expected, timeout=30)
+    finally:
+        follower.close()
+    assert store.fresh(100).clock == start + 4
+    first = dict(zip(store.fresh(100).ids.tolist(), store.fresh(100).first_seen.tolist()))
+    assert first["b"] == start and first["n"] == start + 4
+    again = ExplorationFollower(settings, store, ["click", "view"]).start()  # a restart reads from the marks
+    try:
+        produce_events(settings, [{"event_id": "e6", "user_id": "u1", "item_id": "c", "event_type": "click",
+                                   "timestamp": start + 5, "context": {"request_id": "r1"}}])
+        wait_until(lambda: counts().get("c") == (1, 1), timeout=30)  # r1 is known again after the restart
+    finally:
+        again.close()
+    assert counts() == {**expected, "c": (1, 1)}  # nothing counted twice
