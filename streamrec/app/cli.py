@@ -24,13 +24,14 @@ from streamrec.serving import cli as serving_cli
 from streamrec.stream import cli as stream_cli
 from streamrec.stream.datasets import cli as datasets_cli
 from streamrec.trainer import cli as trainer_cli
+from streamrec.trainer import content_tower_cli
 from streamrec.trainer.online import cli as online_cli
 from streamrec.trainer.online import features_cli
 
 CommandRegistrar = Callable[[click.Group, click.Group], None]
 COMMAND_GROUPS: tuple[CommandRegistrar, ...] = (
     infra_cli.register, stream_cli.register, datasets_cli.register, param_server_cli.register,
-    catalogue_cli.register, trainer_cli.register,
+    catalogue_cli.register, trainer_cli.register, content_tower_cli.register,
     online_cli.register, features_cli.register, serving_cli.register, demo_cli.register,
     chaos_cli.register, bench_cli.register, simulate_cli.register,
 )

@@ -530,13 +530,17 @@ class ParamClient:
         """Per shard: events applied per item (every shard counts every item of what it applied)."""
         return [reply.header["counts"] for reply in self._all({"op": "item_counts"})]
 
-    def assign(self, table: str, ids: IdsLike, vectors: np.ndarray, scalars: np.ndarray | None = None) -> dict[int, int]:
+    def assign(
+        self, table: str, ids: IdsLike, vectors: np.ndarray, scalars: np.ndarray | None = None, *, only_new: bool = False
+    ) -> dict[int, int]:
         """Replace rows' values (bulk load / refit), creating rows as needed; bypasses optimiser
-        and admission. Returns {shard: version}."""
+        and admission. `only_new`: only ids without a row get one, existing rows keep their values
+        (decided on each shard under its lock, so a row the online trainer created since the caller
+        looked is never overwritten: cold-start seeding). Returns {shard: version}."""
         keys = as_keys(ids)
         matrix = _as_matrix(vectors if scalars is None else (vectors, scalars))
         requests = {
-            shard: ({"op": "assign", "table": table}, {**keys_arrays(keys if pos is None else keys.take(pos)), "values": matrix if pos is None else matrix[pos]})
+            shard: ({"op": "assign", "table": table, "only_new": only_new}, {**keys_arrays(keys if pos is None else keys.take(pos)), "values": matrix if pos is None else matrix[pos]})
             for shard, pos in self._split(keys)
         }
         return {shard: reply.header["version"] for shard, reply in self._fanout(requests).items()}

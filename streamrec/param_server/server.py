@@ -289,7 +289,8 @@ class ParamServer:
     def _assign(self, message: Message) -> Iterable[Reply]:
         keys = keys_from(message.arrays)
         self._rows("assign", len(keys))
-        version = self.store.assign(message.header["table"], keys, message.arrays["values"], message.header.get("event_time"))
+        version = self.store.assign(message.header["table"], keys, message.arrays["values"], message.header.get("event_time"),
+                                    only_new=bool(message.header.get("only_new", False)))
         return [({"version": version}, {})]
 
     def _delta(self, message: Message) -> Iterable[Reply]:

@@ -266,11 +266,14 @@ class ParamStore:
         with self.lock:
             return dict(self.item_counts.counts)
 
-    def assign(self, name: str, keys: Keys, values: np.ndarray, event_time: float | None = None) -> int:
+    def assign(self, name: str, keys: Keys, values: np.ndarray, event_time: float | None = None,
+               only_new: bool = False) -> int:
+        """Replace rows' values; `only_new`: give rows only to the ids without one and leave existing
+        rows alone (checked and written under the lock, so a row a push creates meanwhile is kept)."""
         now = checked_event_time(event_time)
         with self.lock:
             table = self._table(name)
-            plan = table.prepare_assign(keys, values)
+            plan = table.prepare_assign(keys, values, only_new)
             self.version += 1
             table.apply_assign(plan, self.version, now)
             return self.version

@@ -398,7 +398,7 @@ class Table:
         if not np.isfinite(matrix).all():
             raise ValueError(f"{what} for table {self.spec.name!r} contain NaN or infinite values")
 
-    def _prepare(self, keys: Keys, matrix: np.ndarray, what: str, admit: bool) -> PlannedRows:
+    def _prepare(self, keys: Keys, matrix: np.ndarray, what: str, admit: bool, only_new: bool = False) -> PlannedRows:
         self._check(keys)
         # float32, C-ordered, writable before the checks: applying the plan cannot then fail on the
         # matrix's form, and a float64 value that overflows float32 is refused as infinite
@@ -406,6 +406,11 @@ class Table:
             matrix = kernel_input(matrix, np.float32)
         self._check_matrix(keys, matrix, what)
         rows, key64, words = self._locate(keys)
+        if only_new:  # the plan covers only the ids without a row, so the rows that exist are never written
+            new = np.flatnonzero(rows < 0)
+            if new.size < len(keys):
+                keys, matrix, rows, key64 = keys.take(new), matrix[new], rows[new], key64[new]
+                words = None if words is None else words.take(new)
         create = np.flatnonzero(rows < 0)
         sightings, rejected = None, 0
         if admit and create.size and self.sketch is not None:
@@ -420,8 +425,11 @@ class Table:
         """Check a push (ids, gradient shape, finite values, admission, room) without changing anything."""
         return self._prepare(keys, grads, "gradients", admit=True)
 
-    def prepare_assign(self, keys: Keys, values: np.ndarray) -> PlannedRows:
-        return self._prepare(keys, values, "values", admit=False)
+    def prepare_assign(self, keys: Keys, values: np.ndarray, only_new: bool = False) -> PlannedRows:
+        """Check an assign without changing anything. `only_new`: plan rows for the ids that have
+        none yet and drop the others (with their values), so applying the plan never overwrites a
+        row that exists; the store plans and applies under one lock, which makes that atomic."""
+        return self._prepare(keys, values, "values", admit=False, only_new=only_new)
 
     def _give_rows(self, plan: PlannedRows, version: int, now: float, initialise: bool) -> np.ndarray:
         """Carry out the plan's evictions, sightings and row creations; the row of every id (-1 for

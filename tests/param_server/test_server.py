@@ -64,6 +64,32 @@ def test_assign_blobs_and_drop(client: ParamClient) -> None:
     assert client.table_info("items")["rows"] == 0
 
 
+def test_assign_only_new_never_overwrites_a_row(start_server: StartServer) -> None:
+    """Cold-start seeding: rows that exist (trained meanwhile) keep their values, new string ids get
+    the given values, on both shards of a two-shard server; a plain assign still replaces."""
+    servers = [start_server("--no-checkpoints", "--shard", str(s), "--num-shards", "2") for s in range(2)]
+    with ParamClient([s.address for s in servers]) as client:
+        client.create_table("bpr_items", 4, scalars=1, optimizer="sgd", lr=1.0)
+        trained = [f"item:{n}" for n in range(20)]
+        client.push({"bpr_items": (trained, np.ones((20, 5), np.float32))})
+        before = client.pull("bpr_items", trained)
+        assert before.found.all()
+        new = [f"new-{n} é" for n in range(30)]
+        ids = trained[::2] + new + trained[1::2]
+        seeded = np.arange(len(ids) * 5, dtype=np.float32).reshape(len(ids), 5) + 100
+        versions = client.assign("bpr_items", ids, seeded[:, :4], seeded[:, 4:], only_new=True)
+        assert sorted(versions) == [0, 1]
+        after = client.pull("bpr_items", trained)
+        assert np.array_equal(after.values, before.values)  # untouched, byte for byte
+        pulled = client.pull("bpr_items", new)
+        assert pulled.found.all() and np.array_equal(pulled.values, seeded[10:40])
+        assert client.table_info("bpr_items")["rows"] == 50
+        client.assign("bpr_items", new[:3], np.zeros((3, 4), np.float32), np.zeros((3, 1), np.float32), only_new=True)
+        assert np.array_equal(client.pull("bpr_items", new[:3]).values, seeded[10:13])  # seeded rows exist now too
+        client.assign("bpr_items", new[:1], np.zeros((1, 4), np.float32), np.zeros((1, 1), np.float32))
+        assert not client.pull("bpr_items", new[:1]).values.any()  # the default still replaces
+
+
 def test_token_enforced(start_server: StartServer, tmp_path: Path) -> None:
     server = start_server("--no-checkpoints", token="s3cret")
     with pytest.raises(ParamServerError, match="Unauthorized"):

@@ -1,0 +1,93 @@
+"""`streamrec content-tower fit`: fit the cold-start content tower and seed new items' rows.
+
+One round (`streamrec.trainer.content_tower.refresh_content_tower`) reads the published catalogue
+and the online table's rows, fits the tower, publishes it as `content_tower/<table>` and gives the
+catalogue items without a row their predicted rows. `--every` repeats it as a service beside the
+online trainer; a failed round (no catalogue yet, parameter server unreachable) is reported and the
+next period tries again, like `streamrec refit --every`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+import numpy as np
+from redis import RedisError
+
+from streamrec.core.cli import settings_from, show
+from streamrec.core.config import Settings
+from streamrec.param_server.client import ParamClient, ParamServerError
+from streamrec.trainer.content_tower import refresh_content_tower
+from streamrec.trainer.online.exploration import NO_CLOCK, ExplorationStore
+from streamrec.trainer.refit import parse_period
+
+# What a round may fail with and be tried again at the next period: no catalogue or too few
+# trained items yet (ValueError, CatalogueError among them), the parameter server unreachable or
+# answering an error.
+ROUND_FAILURES = (ValueError, OSError, ParamServerError, RedisError)
+
+
+@click.group("content-tower")
+def content_tower_group() -> None:
+    """Cold start: item metadata -> embedding rows for items without interactions."""
+
+
+def mark_fresh(settings: Settings) -> Callable[[np.ndarray], None]:
+    """Seeded items become fresh for serving's exploration slots from now (first seen at the
+    trainer's event clock, in the feature store's Redis), before any interaction: with rows from
+    the tower they can be served, and exploration gives them impressions."""
+    store = ExplorationStore.from_url(settings.redis_url, settings.feature_prefix, settings.redis_cluster)
+
+    def mark(ids: np.ndarray) -> None:
+        clock = store.clock()
+        if clock == NO_CLOCK:  # nothing counted yet: their age starts at the first event counted
+            return
+        zeros = np.zeros(len(ids), np.int64)
+        store.count(np.asarray(ids, object), zeros, zeros, np.full(len(ids), clock), NO_CLOCK)
+
+    return mark
+
+
+def _round(settings: Settings, table: str, min_events: int, explore: bool) -> dict[str, Any]:
+    with ParamClient.from_settings(settings) as client:
+        return refresh_content_tower(client, table, min_events, mark_fresh(settings) if explore else None)
+
+
+@content_tower_group.command("fit")
+@click.option("--table", default="bpr_items", show_default=True, help="online item table: targets and seeded rows")
+@click.option("--min-events", type=click.IntRange(min=0), default=5, show_default=True,
+              help="items with fewer events are not fitted on (their rows are mostly noise)")
+@click.option("--every", "period", default=None, metavar="PERIOD",
+              help="repeat every PERIOD (e.g. 10m) until interrupted; a failed round is reported, not fatal")
+@click.option("--explore/--no-explore", default=True, show_default=True,
+              help="make seeded items fresh for serving's exploration slots (Redis; see train-online --explore)")
+@click.option("--json", "as_json", is_flag=True, help="print JSON (one document per round)")
+@click.pass_context
+def fit_cmd(ctx: click.Context, table: str, min_events: int, period: str | None, explore: bool,
+            as_json: bool) -> None:
+    """Fit the tower on TABLE's rows and the published catalogue, publish it, seed new items."""
+    settings = settings_from(ctx)
+    try:
+        seconds = None if period is None else parse_period(period)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--every") from exc
+    while True:
+        started = time.monotonic()
+        try:
+            report = _round(settings, table, min_events, explore)
+        except ROUND_FAILURES as exc:
+            where = f"parameter server {','.join(settings.param_servers)}: " if not isinstance(exc, ValueError) else ""
+            if seconds is None:
+                raise click.ClickException(f"{where}{exc}") from exc
+            report = {"table": table, "error": f"{where}{type(exc).__name__}: {exc}"}
+        show(report, as_json)
+        if seconds is None:
+            return
+        time.sleep(max(0.0, seconds - (time.monotonic() - started)))
+
+
+def register(cli: click.Group, bench: click.Group) -> None:
+    cli.add_command(content_tower_group)
