@@ -40,16 +40,21 @@ from prometheus_client.parser import text_string_to_metric_families
 from streamrec.app.stack import Stack, StackOptions, running_stack
 from streamrec.core.config import Settings
 from streamrec.core.progress import progress_bar
+from streamrec.param_server.artifacts import CATALOGUE_BLOB, encode_catalogue
 from streamrec.param_server.client import ParamClient
 from streamrec.serving.experiment_report import (
     bootstrap_ratio,
     experiment_report,
     interval95,
 )
+from streamrec.stream.catalogue import ItemCatalogue, read_catalogue
+from streamrec.stream.events import iter_events
 from streamrec.stream.loaders import InteractionLog
 from streamrec.stream.publish import EventPublisher
-from streamrec.stream.replay import replay
 from streamrec.stream.topics import admin_client, group_committed
+from streamrec.trainer.content_tower import refresh_content_tower
+from streamrec.trainer.content_tower_cli import mark_fresh
+from streamrec.trainer.online.exploration import ExplorationStore
 
 EXPERIMENT = "simulate"
 ARM_SPECS = {  # what each arm name serves (arms that serve other tables or rankers are not there yet)
@@ -59,6 +64,8 @@ ARM_SPECS = {  # what each arm name serves (arms that serve other tables or rank
 COUNTER = "streamrec_serving_experiment_requests"
 BATCH_WAIT_S = 3600.0  # the trainer waits for a whole chunk (a chunk's records may arrive in several fetches)
 IMPRESSIONS_FLUSH_S = 0.005  # serving's impression sends: the impressions barrier waits for them every chunk
+EXPLORE_REFRESH_S = 0.005  # serving's reads of the exploration counts: the exploration barrier waits for one
+ONLINE_ITEM_TABLE = "bpr_items"  # online-bpr's items, which serving indexes and the content tower seeds
 
 
 @dataclass(frozen=True)
@@ -70,13 +77,92 @@ class SimulateOptions:
     barrier_timeout_s: float = 300.0
     seed: int = 0  # the bootstrap's
     impression_negatives: int = 0  # online-bpr's negatives per positive taken from what serving showed
+    cold_items: float = 0.0  # share of the items withheld until the middle of the replay (new items)
+    catalogue: Path | None = None  # item metadata (u.item, CSV, JSON lines): published, the new items at the middle
+    content_tower: bool = False  # at the middle, fit the content tower and seed the new items' rows from it
+    explore: float = 0.0  # the online-bpr arm's share of exploration slots (the trainer counts for them)
 
 
-def experiments_file(arms: tuple[str, ...]) -> str:
+def experiments_file(arms: tuple[str, ...], explore: float = 0.0) -> str:
+    """The simulated experiment; with `explore`, the online-bpr arm gives that share of its slots
+    to fresh items."""
     unknown = [arm for arm in arms if arm not in ARM_SPECS]
     if unknown or len(arms) < 2 or len(set(arms)) != len(arms):
         raise ValueError(f"arms {list(arms)}: two or more distinct arms of {sorted(ARM_SPECS)}")
-    return f"experiments: [{{name: {EXPERIMENT}, arms: [{', '.join(ARM_SPECS[arm] for arm in arms)}]}}]\n"
+    specs = [ARM_SPECS[arm] if arm != "online-bpr" or not explore else f"{{name: online-bpr, explore: {explore}}}"
+             for arm in arms]
+    return f"experiments: [{{name: {EXPERIMENT}, arms: [{', '.join(specs)}]}}]\n"
+
+
+@dataclass(frozen=True)
+class ColdItems:
+    """The new items of a cold-start simulation: withheld (their events dropped) until the event
+    at position `middle` of the replayed log, then released."""
+
+    ids: frozenset[str]
+    middle: int
+
+
+def withhold_items(log: InteractionLog, share: float, seed: int) -> tuple[InteractionLog, ColdItems]:
+    """`share` of the log's items, drawn with `seed`, lose their events of the first half (by
+    time): they do not exist before the middle of the replay."""
+    if not 0.0 < share < 1.0:
+        raise ValueError(f"cold items: a share in (0, 1), not {share}")
+    items = np.unique(log.item_id.astype(str))
+    chosen = np.random.default_rng(seed).choice(items, size=max(1, round(share * len(items))), replace=False)
+    early = np.arange(len(log)) < len(log) // 2
+    dropped = early & np.isin(log.item_id.astype(str), chosen)
+    kept = log.take(np.flatnonzero(~dropped))
+    return kept, ColdItems(frozenset(chosen.tolist()), int(np.count_nonzero(early & ~dropped)))
+
+
+def wait_exploration(stack: Stack, http: httpx.Client, explore: ExplorationStore, produced: int, queried: int,
+                     timeout_s: float) -> None:
+    """Until the trainer has counted every event produced (the store's marks) and the impressions
+    of all `queried` answers, and serving has read the counts afresh since: the next draws see the
+    whole prefix, whatever the timing."""
+    deadline = time.monotonic() + timeout_s
+    topic = stack.settings.topic + "/"
+    while sum(v for k, v in explore.marks().items() if k.startswith(topic)) < produced:
+        _check_deadline(stack, deadline, f"the trainer did not count the {produced} events for exploration")
+    while counter_total(httpx.get(stack.trainer_metrics_url, timeout=10.0).text,
+                        "streamrec_trainer_exploration_counted", kind="impressions") < queried:
+        _check_deadline(stack, deadline, f"the trainer did not count the impressions of {queried} answers")
+    reads = http.get("/readyz").json()["explore_reads"]
+    while http.get("/readyz").json()["explore_reads"] < reads + 2:  # a read that began after the counts
+        _check_deadline(stack, deadline, "serving did not re-read the exploration counts")
+
+
+def _check_deadline(stack: Stack, deadline: float, what: str) -> None:
+    stack.processes.check()
+    if time.monotonic() > deadline:
+        raise TimeoutError(what)
+    time.sleep(0.002)
+
+
+def release_items(client: ParamClient, settings: Settings, catalogue: ItemCatalogue, cold: ColdItems,
+                  content_tower: bool, explore: bool) -> dict[str, Any]:
+    """The middle of a cold-start replay: the full catalogue is published; with `content_tower`,
+    one round of `streamrec content-tower fit` (fit on the online table, seed the new items' rows,
+    with `explore` make them fresh for exploration)."""
+    client.put_blob(CATALOGUE_BLOB, encode_catalogue(catalogue))
+    report: dict[str, Any] = {"released": len(cold.ids)}
+    if content_tower:
+        report["content_tower"] = refresh_content_tower(client, ONLINE_ITEM_TABLE,
+                                                        on_seeded=mark_fresh(settings) if explore else None)
+    return report
+
+
+def events_with_clicks(chunk: InteractionLog, answered: dict[str, tuple[str, set[str]]]) -> list[dict[str, Any]]:
+    """The chunk's events; an event on an item its user was just shown carries that answer's
+    `request_id` in its context: a click on the recommendation, which the trainer joins."""
+    events = list(iter_events(chunk.user_id.astype(str).tolist(), chunk.item_id.astype(str).tolist(),
+                              chunk.event_types(), chunk.rating, chunk.timestamp, chunk.event_ids()))
+    for event in events:
+        answer = answered.get(event["user_id"])
+        if answer is not None and event["item_id"] in answer[1]:
+            event["context"] = {"request_id": answer[0]}
+    return events
 
 
 def wait_barrier(stack: Stack, admin: KafkaAdminClient, client: ParamClient, http: httpx.Client, produced: int,
@@ -138,14 +224,18 @@ def wait_impressions(stack: Stack, http: httpx.Client, queried: int, timeout_s: 
 
 
 def replay_through_stack(settings: Settings, log: InteractionLog, options: SimulateOptions,
-                         ) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Replay `log` through a private stack; one row per query (arm, user_id, hit, items shown)
-    and serving's own count of answers per arm (checked against the rows)."""
-    spec = experiments_file(options.arms)
-    rows: list[tuple[str, str, bool, list[str]]] = []
+                         cold: ColdItems | None = None) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Replay `log` through a private stack; one row per query (arm, user_id, hit, items shown,
+    whether the target is a `cold` item and whether the query comes after their release) and
+    serving's own count of answers per arm (checked against the rows)."""
+    spec = experiments_file(options.arms, options.explore)
+    rows: list[tuple[str, str, bool, list[str], bool, bool, int]] = []
     trainer_args = ["--batch-events", str(options.chunk_events), "--batch-seconds", str(BATCH_WAIT_S)]
     if options.impression_negatives:
         trainer_args += ["--param", f"online-bpr.impression_negatives={options.impression_negatives}"]
+    if options.explore:
+        trainer_args.append("--explore")
+    catalogue = read_catalogue(options.catalogue) if options.catalogue is not None else None
     with tempfile.TemporaryDirectory(prefix="streamrec-simulate-") as tmp:
         work = Path(tmp)
         (work / "experiments.yaml").write_text(spec)
@@ -156,29 +246,51 @@ def replay_through_stack(settings: Settings, log: InteractionLog, options: Simul
             serve_args=("--experiments", str(work / "experiments.yaml"), "--trending-cache", "0",
                         "--impressions-flush", str(IMPRESSIONS_FLUSH_S),
                         "--user-pull-timeout", str(options.barrier_timeout_s),
-                        "--redis-timeout", str(options.barrier_timeout_s)))
+                        "--redis-timeout", str(options.barrier_timeout_s),
+                        "--explore-refresh", str(EXPLORE_REFRESH_S), "--explore-seed", str(options.seed)))
         with running_stack(settings, work, stack_options) as stack, \
                 ParamClient(stack.settings.param_servers, timeout=30.0) as client, \
                 httpx.Client(base_url=stack.serving_url, timeout=30.0) as http:
+            explore = ExplorationStore.from_url(stack.settings.redis_url, stack.settings.feature_prefix) \
+                if options.explore else None
+            if catalogue is not None:  # before the release only the items that exist then
+                client.put_blob(CATALOGUE_BLOB, encode_catalogue(
+                    catalogue.without(cold.ids) if cold is not None else catalogue))
             publisher = EventPublisher.from_settings(stack.settings, "simulate")
             admin = admin_client(stack.settings.kafka_bootstrap)
             produced = 0
+            released = cold is None
             try:
                 with progress_bar("simulate", total=len(log)) as advance:
                     for start in range(0, len(log), options.chunk_events):
                         chunk = log.take(slice(start, start + options.chunk_events))
+                        answered: dict[str, tuple[str, set[str]]] = {}
                         if produced:
                             wait_barrier(stack, admin, client, http, produced, options.barrier_timeout_s)
+                            if not released and start >= cold.middle:
+                                release_items(client, stack.settings, catalogue, cold, options.content_tower,
+                                              explore is not None)
+                                released = True
+                                wait_barrier(stack, admin, client, http, produced, options.barrier_timeout_s)
+                            if explore is not None:
+                                wait_exploration(stack, http, explore, produced, len(rows), options.barrier_timeout_s)
                             users, first = np.unique(chunk.user_id.astype(str), return_index=True)
                             for user, position in zip(users.tolist(), first.tolist()):
                                 reply = http.get("/recommend", params={"user_id": user, "k": options.k})
                                 reply.raise_for_status()
                                 body = reply.json()
                                 shown = [item["item_id"] for item in body["items"]]
-                                rows.append((body["arm"], user, chunk.item_id[position] in shown, shown))
+                                target = str(chunk.item_id[position])
+                                answered[user] = (body["request_id"], set(shown))
+                                explored = sum(item["sources"] == ["explore"] for item in body["items"])
+                                rows.append((body["arm"], user, target in shown, shown,
+                                             cold is not None and target in cold.ids, released and cold is not None,
+                                             explored))
                             if options.impression_negatives:
                                 wait_impressions(stack, http, len(rows), options.barrier_timeout_s)
-                        replay(chunk, publisher)
+                        for event in events_with_clicks(chunk, answered):
+                            if not publisher.publish(event, {"file": log.source, "simulate": start}):
+                                raise ValueError(f"an event of the log was refused: {event}")
                         publisher.flush()
                         produced = publisher.accepted  # the publisher's running count
                         advance(len(chunk))
@@ -192,7 +304,8 @@ def replay_through_stack(settings: Settings, log: InteractionLog, options: Simul
     if any(late.values()):  # answered without the user's row or history: the result would depend on timing
         raise RuntimeError(f"serving answered queries degraded {late} (a dependency answered late); "
                            "the simulation is not reproducible")
-    frame = pd.DataFrame(rows, columns=["arm", "user_id", "hit", "items"]).assign(click=False)
+    frame = pd.DataFrame(rows, columns=["arm", "user_id", "hit", "items", "cold", "released", "explored"]
+                         ).assign(click=False)
     queried = frame["arm"].value_counts().to_dict() if len(frame) else {}
     if served != queried:
         raise RuntimeError(f"serving counted {served} answers per arm, the simulator sent {queried}")
@@ -213,12 +326,35 @@ def simulate(settings: Settings, log: InteractionLog, options: SimulateOptions =
             "queries": len(frame), "served_counts": served, "seconds": round(time.monotonic() - started, 1)}
 
 
+def per_user_hits(frame: pd.DataFrame, arm: str, rows: pd.Series | None = None) -> pd.DataFrame:
+    """Per user of `arm` (and of the `rows` mask): queries (`size`) and hits (`sum`)."""
+    mine = frame["arm"] == arm if rows is None else (frame["arm"] == arm) & rows
+    return frame[mine].groupby("user_id")["hit"].agg(["size", "sum"])
+
+
+def paired_lift(before: pd.DataFrame, after: pd.DataFrame, seed: int) -> dict[str, Any]:
+    """Hit rates of two replays that asked the same users the same queries (per-user `size` and
+    `sum`), and the relative lift with a paired bootstrap interval: one draw of users applies to
+    both runs."""
+    after = after.reindex(before.index)
+    if after["size"].isna().any() or not np.array_equal(before["size"].to_numpy(), after["size"].to_numpy()):
+        raise RuntimeError("the two replays asked different queries")
+    replicates = [bootstrap_ratio(p["sum"].to_numpy(np.float64), p["size"].to_numpy(np.float64),
+                                  np.random.default_rng(seed)) for p in (before, after)]  # the same draws
+    with np.errstate(divide="ignore", invalid="ignore"):
+        relative = replicates[1] / replicates[0] - 1
+    rates = [float(p["sum"].sum() / p["size"].sum()) if p["size"].sum() else 0.0 for p in (before, after)]
+    return {"users": len(before), "requests": int(before["size"].sum()), "before": rates[0], "after": rates[1],
+            "relative": rates[1] / rates[0] - 1 if rates[0] else None, "ci95": interval95(relative),
+            "method": "paired per-user bootstrap of the ratio of hit rates"}
+
+
 def compare_impression_negatives(settings: Settings, log: InteractionLog, options: SimulateOptions,
                                  ) -> dict[str, Any]:
     """The same replay twice: online-bpr learning from sampled negatives only, then with
     `options.impression_negatives` of them taken from what serving showed. The online-bpr arm's
     lift comes from a paired bootstrap over its users: both runs assign the same users to it and
-    ask them the same queries, so one draw of users applies to both runs."""
+    ask them the same queries."""
     if "online-bpr" not in options.arms or not options.impression_negatives:
         raise ValueError("comparing impression negatives needs the online-bpr arm and impression negatives > 0")
     if options.limit is not None:
@@ -228,19 +364,43 @@ def compare_impression_negatives(settings: Settings, log: InteractionLog, option
     for name, count in (("sampled", 0), ("impressions", options.impression_negatives)):
         frame, _ = replay_through_stack(settings, log, replace(options, impression_negatives=count))
         runs[name] = experiment_report(frame, {arm: 1.0 for arm in options.arms}, np.random.default_rng(options.seed))
-        per_user[name] = frame[frame["arm"] == "online-bpr"].groupby("user_id")["hit"].agg(["size", "sum"])
-    sampled, shown = per_user["sampled"], per_user["impressions"].reindex(per_user["sampled"].index)
-    if len(shown) != len(per_user["impressions"]) or shown["size"].isna().any() \
-            or not np.array_equal(sampled["size"].to_numpy(), shown["size"].to_numpy()):
-        raise RuntimeError("the two replays asked the online-bpr arm different queries")
-    replicates = [bootstrap_ratio(p["sum"].to_numpy(np.float64), p["size"].to_numpy(np.float64),
-                                  np.random.default_rng(options.seed)) for p in (sampled, shown)]  # the same draws
-    with np.errstate(divide="ignore", invalid="ignore"):
-        relative = replicates[1] / replicates[0] - 1
-    rates = [float(p["sum"].sum() / p["size"].sum()) for p in (sampled, shown)]
+        per_user[name] = per_user_hits(frame, "online-bpr")
+    lift = paired_lift(per_user["sampled"], per_user["impressions"], options.seed)
+    k = options.k
     return {"runs": runs, "online-bpr": {
-        "users": len(sampled), "requests": int(sampled["size"].sum()), f"hit@{options.k} sampled": rates[0],
-        f"hit@{options.k} impressions": rates[1], "relative": rates[1] / rates[0] - 1 if rates[0] else None,
-        "ci95": interval95(relative), "method": "paired per-user bootstrap of the ratio of hit rates"},
+        "users": lift["users"], "requests": lift["requests"], f"hit@{k} sampled": lift["before"],
+        f"hit@{k} impressions": lift["after"], "relative": lift["relative"], "ci95": lift["ci95"],
+        "method": lift["method"]},
         "impression_negatives": options.impression_negatives, "events": len(log), "chunk_events": options.chunk_events,
         "k": options.k, "seconds": round(time.monotonic() - started, 1)}
+
+
+def compare_cold_start(settings: Settings, log: InteractionLog, options: SimulateOptions) -> dict[str, Any]:
+    """Issue 17's cold-start acceptance: `options.cold_items` of the items are withheld until the
+    middle of the replay, then released (the full catalogue published). The same replay twice:
+    without content tower and exploration, then with both (`options.explore` of the online-bpr
+    arm's slots). Reported for the online-bpr arm, each with a paired per-user bootstrap: hit@k on
+    the new items after their release (queries whose next item is a new one), and hit@k overall."""
+    if "online-bpr" not in options.arms or options.catalogue is None or not options.explore:
+        raise ValueError("comparing cold start needs the online-bpr arm, a --catalogue and --explore > 0")
+    if options.limit is not None:
+        log = log.take(slice(0, options.limit))
+    started = time.monotonic()
+    log, cold = withhold_items(log, options.cold_items, options.seed)
+    runs, frames = {}, {}
+    for name, tower, explore in (("without", False, 0.0), ("with", True, options.explore)):
+        frame, _ = replay_through_stack(settings, log, replace(options, content_tower=tower, explore=explore), cold)
+        runs[name] = experiment_report(frame, {arm: 1.0 for arm in options.arms}, np.random.default_rng(options.seed))
+        frames[name] = frame
+    new_items = {name: per_user_hits(f, "online-bpr", f["cold"] & f["released"]) for name, f in frames.items()}
+    arm = frames["with"][frames["with"]["arm"] == "online-bpr"]
+    shown_new = arm["items"].map(lambda items: sum(item in cold.ids for item in items))
+    overall = {name: per_user_hits(f, "online-bpr") for name, f in frames.items()}
+    return {"runs": runs, "online-bpr": {
+        f"new items hit@{options.k}": paired_lift(new_items["without"], new_items["with"], options.seed),
+        f"overall hit@{options.k}": paired_lift(overall["without"], overall["with"], options.seed)},
+        "explored_slots_per_answer": float(arm["explored"].mean()) if len(arm) else 0.0,
+        "new_items_shown_per_answer_after_release": float(shown_new[arm["released"]].mean()) if len(arm) else 0.0,
+        "new_items": len(cold.ids), "released_at_event": cold.middle, "explore": options.explore,
+        "events": len(log), "chunk_events": options.chunk_events, "k": options.k,
+        "seconds": round(time.monotonic() - started, 1)}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from streamrec.core.cli import print_json, settings_from
@@ -26,23 +28,38 @@ from streamrec.stream.loaders import FORMATS
 @click.option("--compare-negatives", is_flag=True,
               help="replay twice, with sampled negatives only and with --impression-negatives, and print the "
                    "online-bpr arm's lift with a paired bootstrap interval")
+@click.option("--cold-items", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=None,
+              help="withhold this share of the items until the middle of the replay, then replay twice, without "
+                   "and with the content tower and exploration, and print the online-bpr arm's hit@k on the new "
+                   "items after their release and overall, with paired bootstrap intervals")
+@click.option("--catalogue", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="item metadata for --cold-items (u.item, CSV, JSON lines) [default: the data set's u.item]")
+@click.option("--explore", type=click.FloatRange(0.0, 1.0), default=0.1, show_default=True,
+              help="with --cold-items: the online-bpr arm's share of exploration slots in the second replay")
 @click.option("--json", "as_json", is_flag=True, help="(output is always JSON)")
 @click.pass_context
 def simulate_cmd(ctx: click.Context, data: DataSource, fmt: str, arms: str, chunk_events: int, k: int,
                  limit: int | None, seed: int, impression_negatives: int, compare_negatives: bool,
-                 as_json: bool) -> None:
+                 cold_items: float | None, catalogue: Path | None, explore: float, as_json: bool) -> None:
     """Replay a log through a private broker topic, trainer, parameter server and serving worker
     whose experiment splits users between the arms; each user is asked for k items before their
     next events and a hit is the next item in the list. Prints per-arm hit@k with 95% intervals
     (a bootstrap over users) and the lifts."""
-    from streamrec.app.simulate import SimulateOptions, compare_impression_negatives, simulate
+    from streamrec.app.simulate import SimulateOptions, compare_cold_start, compare_impression_negatives, simulate
     from streamrec.stream.loaders import load_log
 
+    if cold_items is not None and catalogue is None:
+        beside = data.path / "u.item" if data.path.is_dir() else data.path.parent / "u.item"
+        if not beside.exists():
+            raise click.UsageError("--cold-items needs item metadata: --catalogue PATH")
+        catalogue = beside
     options = SimulateOptions(tuple(a.strip() for a in arms.split(",") if a.strip()), chunk_events, k, limit,
-                              seed=seed, impression_negatives=impression_negatives)
+                              seed=seed, impression_negatives=impression_negatives, cold_items=cold_items or 0.0,
+                              catalogue=catalogue, explore=explore if cold_items is not None else 0.0)
     try:
         log = load_log(data.path, data.format_or(fmt))
-        run = compare_impression_negatives if compare_negatives else simulate
+        run = compare_cold_start if cold_items is not None else (
+            compare_impression_negatives if compare_negatives else simulate)
         print_json(run(settings_from(ctx), log, options))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc

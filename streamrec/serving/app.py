@@ -295,6 +295,7 @@ def create_app(config: ServingConfig) -> FastAPI:
             "index_kind": state.index.built_kind if state else None, "users": holder.user_rows,
             "cached_users": len(state.users) if state else 0,
             "artifacts": state.artifacts.versions if state else {}, "last_error": holder.last_error,
+            "explore_reads": explore.reads if explore is not None else None,
         }
         return _json(body, 200 if ready else 503)
 

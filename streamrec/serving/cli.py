@@ -115,6 +115,11 @@ def watch_cmd(ctx: click.Context, window: str, lateness: str, metrics_port: int 
                    "(degraded) [default: 0.1]")
 @click.option("--impressions-flush", "impressions_flush_s", type=click.FloatRange(min=0.001), default=None,
               help="seconds between a worker's sends of its queued impressions [default: 0.2]")
+@click.option("--explore-refresh", "explore_refresh_s", type=click.FloatRange(min=0.001), default=None,
+              help="seconds between a worker's reads of the fresh items' counts [default: 1]")
+@click.option("--explore-seed", type=int, default=None,
+              help="seed of the exploration draws (one worker answering requests in a fixed order then draws "
+                   "the same slots: the simulator) [default: unseeded]")
 @click.option("--log-level", default="warning", show_default=True)
 @click.pass_context
 def serve_cmd(ctx: click.Context, workers: int, host: str, port: int | None, poll_interval: float | None,

@@ -104,6 +104,7 @@ class ServingConfig(BaseModel):
     explore_prior: float = Field(10.0, gt=0, description="strength, in impressions, of the Beta prior centred on "
                                  "the pool's click-through rate")
     explore_refresh_s: float = Field(1.0, gt=0, description="how often a worker re-reads the fresh items' counts")
+    explore_seed: int | None = Field(None, description="seed of the exploration draws; None: unseeded")
     # degradation
     redis_timeout_s: float = Field(0.1, gt=0)
     redis_retry_s: float = Field(1.0, ge=0, description="skip Redis this long after a failure")

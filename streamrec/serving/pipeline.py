@@ -102,7 +102,7 @@ class CandidatePipeline:
                  explore: ExplorationPool | None = None) -> None:
         self.config, self.history, self.explore = config, history, explore
         self._explored = metrics.recommended.labels("explore")
-        self._rng = np.random.default_rng()
+        self._rng = np.random.default_rng(config.explore_seed)
         self._candidates = [metrics.candidates.labels(s) for s in SOURCES]
         self._recommended = [metrics.recommended.labels(s) for s in SOURCES]
         self._fallback = {r: metrics.degraded.labels(r) for r in ("cold_start", "prior", "param_server")}

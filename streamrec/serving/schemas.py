@@ -87,6 +87,7 @@ class Ready(BaseModel):
     cached_users: int  # users whose rows this worker holds (at most user_cache_size)
     artifacts: dict[str, int]
     last_error: str | None
+    explore_reads: int | None = None  # reads of the exploration pool so far (None: this worker does not explore)
 
 
 class FeedbackEvent(BaseModel):

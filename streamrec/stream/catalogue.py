@@ -95,6 +95,18 @@ class ItemCatalogue:
             **{a: {"kind": "numeric", "present": int(np.isfinite(v).sum())} for a, v in self.numeric.items()},
             **{a: {"kind": "text"} for a in self.text}}}
 
+    def without(self, ids: Iterable[str]) -> ItemCatalogue:
+        """The catalogue less the items `ids` (items that do not exist yet, in a simulation)."""
+        keep = ~np.isin(self.ids.astype(str), np.array(list(ids), dtype=str))
+        position = np.cumsum(keep) - 1  # old position -> new, where kept
+        categorical = {}
+        for name, column in self.categorical.items():
+            codes = np.repeat(np.arange(len(column.values)), np.diff(column.starts))
+            held = keep[column.items]
+            categorical[name] = Categorical.from_pairs(list(column.values), position[column.items[held]], codes[held])
+        return ItemCatalogue(self.ids[keep], categorical, {a: v[keep] for a, v in self.numeric.items()},
+                             {a: v[keep] for a, v in self.text.items()})
+
     # ---- the blob form ------------------------------------------------------------------------
     def to_arrays(self) -> tuple[dict[str, object], dict[str, np.ndarray]]:
         """(JSON header, arrays): strings as UTF-8 bytes with offsets, so no object array is stored."""

@@ -6,14 +6,18 @@ item is predictable from the user's group, the online model's arm beats the popu
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from streamrec.app.simulate import (
     SimulateOptions,
+    compare_cold_start,
     compare_impression_negatives,
     experiments_file,
     simulate,
+    withhold_items,
 )
+from streamrec.stream.catalogue import read_catalogue
 from streamrec.stream.synthetic import synthetic_log
 
 pytestmark = pytest.mark.slow
@@ -61,3 +65,42 @@ def test_impression_negatives_replay_deterministically_and_are_compared_pairwise
     assert bpr["ci95"][0] <= bpr["relative"] <= bpr["ci95"][1]
     with pytest.raises(ValueError, match="impression negatives > 0"):
         compare_impression_negatives(settings, log, SimulateOptions(chunk_events=300))
+
+
+def _catalogue(path, items: int, clusters: int):
+    """The synthetic log's items with their planted group as a genre: what the content tower reads."""
+    path.write_text("item_id,genre\n" + "".join(f"i{n},g{n % clusters}\n" for n in range(items)))
+    return path
+
+
+def test_cold_items_are_withheld_until_the_middle_then_released_with_their_metadata(tmp_path) -> None:
+    log = synthetic_log(events=2000, users=100, items=50, clusters=4, seed=1)
+    kept, cold = withhold_items(log, 0.2, seed=0)
+    items = log.item_id.astype(str)
+    assert len(cold.ids) == 10
+    first_half = kept.take(slice(0, cold.middle)).item_id.astype(str)
+    assert not set(first_half) & cold.ids  # they do not exist before the middle
+    second_half = kept.take(slice(cold.middle, None))
+    assert len(second_half) == len(log) - len(log) // 2 and set(second_half.item_id.astype(str)) & cold.ids
+    assert len(kept) == len(log) - int((np.isin(items, list(cold.ids)) & (np.arange(len(log)) < len(log) // 2)).sum())
+    catalogue = read_catalogue(_catalogue(tmp_path / "items.csv", 50, 4))
+    before = catalogue.without(cold.ids)
+    assert len(before) == 40 and not set(before.ids) & cold.ids
+    genre = before.categorical["genre"]
+    for value in genre.values:  # every remaining item keeps its own genre
+        assert all(int(before.ids[p][1:]) % 4 == int(value[1:]) for p in genre.holding(value))
+
+
+def test_cold_start_is_compared_pairwise_through_the_real_path(settings, tmp_path) -> None:
+    log = synthetic_log(events=3000, users=120, items=60, clusters=4, affinity=0.95, seed=5)
+    options = SimulateOptions(chunk_events=200, cold_items=0.2, explore=0.2,
+                              catalogue=_catalogue(tmp_path / "items.csv", 60, 4))
+    result = compare_cold_start(settings, log, options)
+    runs = result["runs"]
+    for name in ("without", "with"):
+        assert runs[name]["arms"]["online-bpr"]["requests"] == runs["without"]["arms"]["online-bpr"]["requests"] > 0
+    new, overall = result["online-bpr"]["new items hit@10"], result["online-bpr"]["overall hit@10"]
+    assert new["requests"] > 0 and overall["requests"] == runs["with"]["arms"]["online-bpr"]["requests"]
+    assert 1.5 < result["explored_slots_per_answer"] <= 2.0  # 20% of 10 slots, fewer when nothing fresh is eligible
+    assert result["new_items_shown_per_answer_after_release"] > 0  # seeded rows and exploration show new items
+    assert result["new_items"] == 12 and 0 < result["released_at_event"] < result["events"]

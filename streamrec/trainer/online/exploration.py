@@ -138,6 +138,11 @@ class ExplorationStore:
         """The next offset counted, per partition key ("topic/partition")."""
         return {key.decode(): int(value) for key, value in self.redis.hgetall(self.keys.key("marks")).items()}
 
+    def clock(self) -> float:
+        """The newest event time counted (NO_CLOCK before any)."""
+        value = self.redis.get(self.keys.key("clock"))
+        return float(value) if value is not None else NO_CLOCK
+
     def count(self, items: np.ndarray, shown: np.ndarray, clicks: np.ndarray, first_seen: np.ndarray,
               clock: float, partition: str = "", start: int = 0, end: int = 0) -> None:
         """Add `shown` impressions and `clicks` per distinct item; lower each item's first-seen

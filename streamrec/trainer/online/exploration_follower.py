@@ -53,7 +53,7 @@ class ExplorationFollower:
         self._next: dict[str, int] = {}  # per partition key: the next offset to count
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="trainer-exploration", daemon=True)
-        self._counted = {kind: EXPLORATION_COUNTED.labels(kind) for kind in ("shown", "clicks", "first_seen")}
+        self._counted = {kind: EXPLORATION_COUNTED.labels(kind) for kind in ("impressions", "shown", "clicks", "first_seen")}
 
     def start(self) -> ExplorationFollower:
         self._thread.start()
@@ -121,10 +121,12 @@ class ExplorationFollower:
         while len(self._shown) > self.join_requests:
             self._shown.popitem(last=False)
         for key, mine in self._ranges(records):
-            shown = [item for record in mine for _, items in _shown_by_request(record.value) for item in items]
+            answers = [items for record in mine for _, items in _shown_by_request(record.value)]
+            shown = [item for items in answers for item in items]
             ids, counts = np.unique(np.array(shown, object), return_counts=True) if shown else (np.empty(0, object), np.zeros(0))
             self._count(key, mine, ids, counts, np.zeros(len(ids), np.int64), np.full(len(ids), np.nan), NO_CLOCK)
             self._counted["shown"].inc(int(np.sum(counts)))
+            self._counted["impressions"].inc(len(answers))
 
     # ---- events -------------------------------------------------------------------------------
     def _events(self, records: list[Record]) -> None:
