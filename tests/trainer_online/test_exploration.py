@@ -119,3 +119,11 @@ def test_the_follower_counts_impressions_clicks_and_first_sightings_exactly_once
     finally:
         again.close()
     assert counts() == {**expected, "c": (1, 1)}  # nothing counted twice
+
+
+def test_a_partition_s_first_count_may_start_past_offset_zero(store: ExplorationStore):
+    """Retention removed the topic's beginning: the first count starts where the topic does."""
+    store.count(objects("a"), np.array([1]), np.zeros(1), np.array([1.0]), 1.0, "t/0", 500, 510)
+    assert store.marks() == {"t/0": 510}
+    with pytest.raises(MarkMoved):
+        store.count(objects("a"), np.array([1]), np.zeros(1), np.array([1.0]), 1.0, "t/0", 400, 420)

@@ -23,9 +23,11 @@ slot, so one script updates them atomically on a Redis or a Redis Cluster):
 
 Exactly once. Each count covers a contiguous range of one partition of the events or the
 impressions topic and names the offset it starts at; the script applies it only when that is the
-partition's mark, and moves the mark past the range in the same atomic call. A reader that died
+partition's mark (a partition's first count may start anywhere: retention may have removed the
+topic's beginning), and moves the mark past the range in the same atomic call. A reader that died
 between its read and its write reads from the mark again; a reader whose range does not start at
-the mark (another reader counted it, or the store was wiped) is told the mark and seeks there.
+the mark (another reader counted it) is told the mark and seeks there. A Redis that lost its data
+loses the counts with it; counting goes on from where the reader stands.
 """
 
 from __future__ import annotations
@@ -40,9 +42,7 @@ NO_CLOCK = -1e300  # a count that does not move the clock (impressions carry ser
 _COUNT = """
 local shown_key, clicks_key, first_key, fresh_key, marks_key, clock_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local mark = redis.call('HGET', marks_key, ARGV[1])
-if ARGV[2] ~= '' then
-  if (mark or '0') ~= ARGV[2] then return mark or '0' end
-end
+if ARGV[2] ~= '' and mark and mark ~= ARGV[2] then return mark end
 local clock = tonumber(redis.call('GET', clock_key) or '-1e300')
 local now = tonumber(ARGV[4])
 if now > clock then
