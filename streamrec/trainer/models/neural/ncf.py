@@ -100,8 +100,7 @@ class MLPParams(NCFParams):
     part. Both beat the paper's 64/32/16 (mean rank 1.81 and 2.06 against 2.13); 128/64/32 ranks
     first but is below popularity on short histories, where 128/64 is 0.175 against popularity's
     0.140, and a default must never be below popularity (the report's `best_never_below_popularity`;
-    docs/models.md). NeuMF keeps the paper's
-    tower: its pretraining passes its own."""
+    docs/models.md). NeuMF keeps the paper's tower: its pretraining passes its own."""
 
     mlp_layers: str = "128,64"
 
