@@ -49,9 +49,8 @@ from streamrec.param_server.client import ParamClient
 from streamrec.stream.loaders import InteractionLog, load_log
 from streamrec.stream.publish import EventPublisher
 from streamrec.stream.replay import ReplayResult, replay
-from streamrec.stream.topics import end_offsets, partitions_of
+from streamrec.stream.topics import end_offsets, offset_key, partitions_of
 from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
-from streamrec.trainer.online.trainer import offset_key
 
 # Fast group membership (as the tests use): a killed trainer's partitions move after 2 s, not 6.
 SESSION_TIMEOUT_MS, HEARTBEAT_INTERVAL_MS = 2000, 500

@@ -26,8 +26,8 @@ from streamrec.core.config import Settings
 from streamrec.param_server.client import ParamClient
 from streamrec.stream.events import EventSchema
 from streamrec.stream.reader import read_records
+from streamrec.stream.topics import offset_key
 from streamrec.trainer.online.feature_store import FeatureStore
-from streamrec.trainer.online.trainer import offset_key
 
 Counts = Mapping[str, int]
 

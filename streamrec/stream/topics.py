@@ -17,6 +17,11 @@ from kafka.errors import TopicAlreadyExistsError
 from kafka.structs import TopicPartition as KTP
 
 
+def offset_key(topic: str, partition: int) -> str:
+    """A partition's key in the stores' offset maps and watermarks: "topic/partition"."""
+    return f"{topic}/{partition}"
+
+
 def admin_client(bootstrap: str) -> KafkaAdminClient:
     return KafkaAdminClient(bootstrap_servers=bootstrap.split(","), client_id="streamrec-admin")
 

@@ -16,7 +16,6 @@ never seen shown). A broker or Redis outage never stops training: the thread log
 from __future__ import annotations
 
 import logging
-import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 
@@ -29,8 +28,9 @@ from streamrec.core.config import Settings
 from streamrec.stream.events import EventSchema
 from streamrec.stream.impressions import decode_record
 from streamrec.stream.kafka import BROKER_ERRORS, Consumer, Record, make_consumer
-from streamrec.stream.topics import create_topics, end_offsets, partitions_of
+from streamrec.stream.topics import create_topics, end_offsets, offset_key, partitions_of
 from streamrec.trainer.online.exploration import NO_CLOCK, ExplorationStore, MarkMoved
+from streamrec.trainer.online.follower import FollowerThread
 from streamrec.trainer.online.metrics import EXPLORATION_COUNTED
 
 log = logging.getLogger(__name__)
@@ -39,30 +39,16 @@ JOIN_REQUESTS = 200_000  # impressions a click can be joined to
 REWIND_RECORDS = 1000  # impression records per partition re-read on start, for the join only
 
 
-def offset_key(topic: str, partition: int) -> str:
-    return f"{topic}/{partition}"
-
-
-class ExplorationFollower:
+class ExplorationFollower(FollowerThread):
     def __init__(self, settings: Settings, store: ExplorationStore, positive_types: Iterable[str],
                  join_requests: int = JOIN_REQUESTS) -> None:
+        super().__init__("trainer-exploration")
         self.settings, self.store, self.join_requests = settings, store, join_requests
         self.positive_types = list(positive_types)
         self.schema = EventSchema.from_settings(settings)
         self._shown: OrderedDict[str, frozenset[str]] = OrderedDict()  # request id -> items it showed
         self._next: dict[str, int] = {}  # per partition key: the next offset to count
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="trainer-exploration", daemon=True)
         self._counted = {kind: EXPLORATION_COUNTED.labels(kind) for kind in ("impressions", "shown", "clicks", "first_seen")}
-
-    def start(self) -> ExplorationFollower:
-        self._thread.start()
-        return self
-
-    def close(self, timeout_s: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout_s)
 
     # ---- reading ------------------------------------------------------------------------------
     def _open(self, topic: str, rewind: int) -> Consumer:
@@ -114,14 +100,15 @@ class ExplorationFollower:
 
     # ---- impressions --------------------------------------------------------------------------
     def _impressions(self, records: list[Record]) -> None:
-        for record in records:  # every record read feeds the join memory, counted or not
-            for request_id, items in _shown_by_request(record.value):
+        parsed = {(record.partition, record.offset): _shown_by_request(record.value) for record in records}
+        for answers in parsed.values():  # every record read feeds the join memory, counted or not
+            for request_id, items in answers:
                 self._shown[request_id] = items
                 self._shown.move_to_end(request_id)
         while len(self._shown) > self.join_requests:
             self._shown.popitem(last=False)
         for key, mine in self._ranges(records):
-            answers = [items for record in mine for _, items in _shown_by_request(record.value)]
+            answers = [items for record in mine for _, items in parsed[record.partition, record.offset]]
             shown = [item for items in answers for item in items]
             ids, counts = np.unique(np.array(shown, object), return_counts=True) if shown else (np.empty(0, object), np.zeros(0))
             self._count(key, mine, ids, counts, np.zeros(len(ids), np.int64), np.full(len(ids), np.nan), NO_CLOCK)

@@ -13,7 +13,6 @@ Partitions added to the topic after the follower opened it are read after its ne
 from __future__ import annotations
 
 import logging
-import threading
 
 import orjson
 
@@ -21,6 +20,7 @@ from streamrec.core.config import Settings
 from streamrec.stream.impressions import decode_record
 from streamrec.stream.kafka import BROKER_ERRORS, Consumer, make_consumer
 from streamrec.stream.topics import create_topics, end_offsets, partitions_of
+from streamrec.trainer.online.follower import FollowerThread
 from streamrec.trainer.online.metrics import IMPRESSIONS_READ
 from streamrec.trainer.online.shown import ShownItems
 
@@ -29,22 +29,12 @@ RETRY_S = 2.0
 REWIND_RECORDS = 1000  # per partition; a record holds up to 512 KiB of impressions
 
 
-class ImpressionFollower:
+class ImpressionFollower(FollowerThread):
     def __init__(self, settings: Settings, sinks: list[ShownItems], rewind_records: int = REWIND_RECORDS) -> None:
+        super().__init__("trainer-impressions")
         self.settings, self.sinks, self.rewind_records = settings, sinks, rewind_records
         self.records = 0  # impression records read since start
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="trainer-impressions", daemon=True)
         self._invalid = IMPRESSIONS_READ.labels("invalid")
-
-    def start(self) -> ImpressionFollower:
-        self._thread.start()
-        return self
-
-    def close(self, timeout_s: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout_s)
 
     def _open(self) -> Consumer:
         s = self.settings

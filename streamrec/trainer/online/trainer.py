@@ -49,6 +49,7 @@ from streamrec.stream.kafka import (
     producer_from,
 )
 from streamrec.stream.metrics import EVENTS_ACCEPTED
+from streamrec.stream.topics import offset_key
 from streamrec.trainer.online.base import (
     OnlineRecommender,
     learn_together,
@@ -85,10 +86,6 @@ from streamrec.trainer.online.warmup import warm_up, warmup_ranges
 
 log = logging.getLogger("streamrec.trainer")
 PARTITION_FETCH_BYTES = 256 * 1024  # ~1,000 events per partition per fetch: a backlog interleaves in time
-
-
-def offset_key(topic: str, partition: int) -> str:
-    return f"{topic}/{partition}"
 
 
 def recorded_offsets(meta_records: list[dict[str, Any]]) -> dict[str, int]:
