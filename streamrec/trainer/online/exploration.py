@@ -1,7 +1,8 @@
-"""Exploration statistics (issue 17, cold start): per item, when it was first seen, how often
-serving showed it and how often a shown item was clicked. Serving's Thompson sampling draws each
+"""Cold-start statistics (issue 17): exploration's and the context slices'. Per item, when it was
+first seen, how often serving showed it and how often a shown item was clicked. Serving's Thompson sampling draws each
 fresh item's click-through rate from the Beta posterior these counts give
-(`streamrec.serving.explore`).
+(`streamrec.serving.explore`). Per context slice (daypart, device), the decayed popularity serving
+ranks a new user's list by (`streamrec.trainer.online.context_slices`).
 
 An item is **fresh** while it was first seen less than `max_age_s` of event time ago (default
 48 h) or shown fewer than `min_impressions` times (default 100). First seen is the event time of
@@ -10,7 +11,8 @@ its first event, or the trainer's clock when the content tower gave it a row bef
 replayed log explores as live traffic would.
 
 Redis layout (prefix `sr`, the feature store's; the `{x}` hash tag keeps every key on one Cluster
-slot, so one script updates them atomically on a Redis or a Redis Cluster):
+slot, so one script updates them atomically on a Redis or a Redis Cluster; the script names a
+slice's sorted set itself, from the declared prefix and the slice name, on that same slot):
 
 | key | type | content |
 |---|---|---|
@@ -20,6 +22,11 @@ slot, so one script updates them atomically on a Redis or a Redis Cluster):
 | `sr:{x}:fresh` | sorted set | item -> first-seen time: exploration's candidates, the newest `max_fresh` kept; items leave when no longer fresh |
 | `sr:{x}:marks` | hash | "topic/partition" -> the next offset counted |
 | `sr:{x}:clock` | string | the newest event time counted |
+| `sr:{x}:slices` | set | the context slices' names (`streamrec.trainer.online.context_slices`), at most `max_slices` |
+| `sr:{x}:slice:<name>` | sorted set | item -> decayed popularity in the slice, the `slice_items` most popular kept |
+| `sr:{x}:slice_landmark` | string | the event time the slice weights are relative to |
+| `sr:{x}:slice_events` / `sr:{x}:slice_mass` | hash | slice -> events counted / sum of their decayed weights |
+| `sr:{x}:slice_merit` | hash | `<kind>:events|hits|reference_hits`: the prequential merit of each kind of slice |
 
 Exactly once. Each count covers a contiguous range of one partition of the events or the
 impressions topic and names the offset it starts at; the script applies it only when that is the
@@ -37,6 +44,8 @@ from dataclasses import dataclass
 import numpy as np
 import redis
 
+from streamrec.trainer.online.context_slices import Merit, SliceConfig, SliceCounts, SliceTops
+
 TAG = "{x}"
 NO_CLOCK = -1e300  # a count that does not move the clock (impressions carry serving's time, not event time)
 _COUNT = """
@@ -50,7 +59,8 @@ if now > clock then
   redis.call('SET', clock_key, ARGV[4])
 end
 local max_age, min_shown, max_fresh, n = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
-local base = 8
+local slice_prefix = ARGV[9]
+local base = 9
 for i = 1, n do
   local item = ARGV[base + i]
   local shows, clicks, seen = tonumber(ARGV[base + n + i]), tonumber(ARGV[base + 2 * n + i]), ARGV[base + 3 * n + i]
@@ -72,6 +82,40 @@ for i = 1, n do
 end
 local size = redis.call('ZCARD', fresh_key)
 if size > max_fresh then redis.call('ZREMRANGEBYRANK', fresh_key, 0, size - max_fresh - 1) end
+-- context slices: per (slice, item) events and decayed weights relative to a hint time
+local slices_key, landmark_key, events_key, mass_key, merit_key = KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11]
+local at = base + 4 * n + 1
+local s, first = tonumber(ARGV[at]), at + 4
+if s > 0 then
+  local hint, half_life, max_slices, keep = tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3]), tonumber(ARGV[at + 4])
+  redis.call('SETNX', landmark_key, ARGV[at + 1])
+  local shift = math.pow(2, (hint - tonumber(redis.call('GET', landmark_key))) / half_life)
+  local touched, order = {}, {}
+  for j = 1, s do
+    local name, item = ARGV[first + j], ARGV[first + s + j]
+    local events, weight = tonumber(ARGV[first + 2 * s + j]), tonumber(ARGV[first + 3 * s + j]) * shift
+    if name ~= 'all' and redis.call('SISMEMBER', slices_key, name) == 0 then
+      if redis.call('SCARD', slices_key) >= max_slices then name = string.match(name, '^[^=]*') .. '=other' end
+    end
+    redis.call('SADD', slices_key, name)
+    redis.call('ZINCRBY', slice_prefix .. name, weight, item)
+    redis.call('HINCRBY', events_key, name, events)
+    redis.call('HINCRBYFLOAT', mass_key, name, weight)
+    if not touched[name] then touched[name] = true; order[#order + 1] = name end
+  end
+  for _, name in ipairs(order) do
+    local count = redis.call('ZCARD', slice_prefix .. name)
+    if count > keep then redis.call('ZREMRANGEBYRANK', slice_prefix .. name, 0, count - keep - 1) end
+  end
+end
+at = first + 4 * s
+local r = tonumber(ARGV[at + 1])
+for j = 1, r do
+  local kind = ARGV[at + 1 + j]
+  redis.call('HINCRBY', merit_key, kind .. ':events', ARGV[at + 1 + r + j])
+  redis.call('HINCRBY', merit_key, kind .. ':hits', ARGV[at + 1 + 2 * r + j])
+  redis.call('HINCRBY', merit_key, kind .. ':reference_hits', ARGV[at + 1 + 3 * r + j])
+end
 if ARGV[1] ~= '' then redis.call('HSET', marks_key, ARGV[1], ARGV[3]) end
 return 'ok'
 """
@@ -101,7 +145,12 @@ class ExplorationKeys:
 
     @property
     def all(self) -> list[str]:
-        return [self.key(name) for name in ("shown", "clicks", "first", "fresh", "marks", "clock")]
+        return [self.key(name) for name in ("shown", "clicks", "first", "fresh", "marks", "clock", "slices",
+                                            "slice_landmark", "slice_events", "slice_mass", "slice_merit")]
+
+    def slice(self, name: str) -> str:
+        """The sorted set of one context slice (item -> decayed popularity)."""
+        return self.key(f"slice:{name}")
 
 
 @dataclass(frozen=True)
@@ -124,15 +173,17 @@ class FreshItems:
 
 class ExplorationStore:
     def __init__(self, client: redis.Redis | redis.RedisCluster, prefix: str = "sr",
-                 config: ExplorationConfig | None = None) -> None:
+                 config: ExplorationConfig | None = None, slices: SliceConfig | None = None) -> None:
         self.redis, self.keys, self.config = client, ExplorationKeys(prefix), config or ExplorationConfig()
+        self.slice_config = slices or SliceConfig()
         self._count = client.register_script(_COUNT)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "sr", cluster: bool = False, timeout_s: float = 2.0,
-                 config: ExplorationConfig | None = None) -> ExplorationStore:
+                 config: ExplorationConfig | None = None, slices: SliceConfig | None = None) -> ExplorationStore:
         kind = redis.RedisCluster if cluster else redis.Redis
-        return cls(kind.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s), prefix, config)
+        return cls(kind.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s), prefix, config,
+                   slices)
 
     def marks(self) -> dict[str, int]:
         """The next offset counted, per partition key ("topic/partition")."""
@@ -144,18 +195,27 @@ class ExplorationStore:
         return float(value) if value is not None else NO_CLOCK
 
     def count(self, items: np.ndarray, shown: np.ndarray, clicks: np.ndarray, first_seen: np.ndarray,
-              clock: float, partition: str = "", start: int = 0, end: int = 0) -> None:
+              clock: float, partition: str = "", start: int = 0, end: int = 0,
+              slices: SliceCounts | None = None) -> None:
         """Add `shown` impressions and `clicks` per distinct item; lower each item's first-seen
-        time to `first_seen` (event time; NaN: no sighting) where it is earlier; advance the clock. With a
-        `partition`, the range [start, end) of it: applied only when `start` is its mark (else
-        MarkMoved, nothing written), and the mark moves to `end`."""
-        c = self.config
+        time to `first_seen` (event time; NaN: no sighting) where it is earlier; advance the clock;
+        add `slices` to the context slices. With a `partition`, the range [start, end) of it:
+        applied only when `start` is its mark (else MarkMoved, nothing written), and the mark moves
+        to `end`."""
+        c, sc = self.config, self.slice_config
         seen = [repr(t) if np.isfinite(t) else "" for t in np.asarray(first_seen, np.float64).tolist()]
         clock = clock if np.isfinite(clock) else NO_CLOCK
+        sliced: list[object] = [0, "0", repr(sc.half_life_s), sc.max_slices, sc.slice_items, 0]
+        if slices is not None:
+            sliced = [len(slices), repr(slices.hint), repr(sc.half_life_s), sc.max_slices, sc.slice_items,
+                      *slices.names.tolist(), *slices.items.tolist(), *slices.events.tolist(),
+                      *[repr(w) for w in slices.weights.tolist()], len(slices.merit_kinds),
+                      *slices.merit_kinds.tolist(), *slices.merit_events.tolist(), *slices.merit_hits.tolist(),
+                      *slices.merit_reference_hits.tolist()]
         reply = self._count(keys=self.keys.all, args=[
             partition, str(start) if partition else "", str(end), repr(float(clock)), repr(c.max_age_s),
-            c.min_impressions, c.max_fresh, len(items), *items.tolist(), *np.asarray(shown, np.int64).tolist(),
-            *np.asarray(clicks, np.int64).tolist(), *seen])
+            c.min_impressions, c.max_fresh, len(items), self.keys.slice(""), *items.tolist(),
+            *np.asarray(shown, np.int64).tolist(), *np.asarray(clicks, np.int64).tolist(), *seen, *sliced])
         if reply != b"ok":
             raise MarkMoved(partition, start, int(reply))
 
@@ -180,3 +240,28 @@ class ExplorationStore:
         now = float(clock) if clock is not None else float(first.max())
         keep = (now - first < self.config.max_age_s) | (shown < self.config.min_impressions)
         return FreshItems(ids[keep], shown[keep], clicks[keep], first[keep], now)
+
+    def slice_tops(self, limit: int) -> SliceTops:
+        """Every context slice's `limit` most popular items with its totals and each kind's merit,
+        in two round trips."""
+        pipe = self.redis.pipeline(transaction=False)
+        for name in ("slices", "slice_events", "slice_mass", "slice_merit"):
+            (pipe.smembers if name == "slices" else pipe.hgetall)(self.keys.key(name))
+        pipe.get(self.keys.key("clock"))
+        names_raw, events_raw, mass_raw, merit_raw, clock = pipe.execute()
+        names = sorted(name.decode() for name in names_raw)
+        if not names:
+            return SliceTops.empty()
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.zrevrange(self.keys.slice(name), 0, limit - 1, withscores=True)
+        lists = {name: (np.array([member.decode(errors="surrogateescape") for member, _ in ranked], object),
+                        np.array([score for _, score in ranked], np.float64))
+                 for name, ranked in zip(names, pipe.execute())}
+        merit_fields = {key.decode(): int(value) for key, value in merit_raw.items()}
+        kinds = {field.rsplit(":", 1)[0] for field in merit_fields}
+        merit = {kind: Merit(merit_fields.get(f"{kind}:events", 0), merit_fields.get(f"{kind}:hits", 0),
+                             merit_fields.get(f"{kind}:reference_hits", 0)) for kind in kinds}
+        return SliceTops(lists, {key.decode(): int(value) for key, value in events_raw.items()},
+                         {key.decode(): float(value) for key, value in mass_raw.items()}, merit,
+                         float(clock) if clock is not None else float("-inf"))

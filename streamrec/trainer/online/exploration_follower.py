@@ -6,7 +6,9 @@ its beginning), and counts per item:
 - impressions: every item an impression showed;
 - clicks: an event whose `context.request_id` names an impression that showed the event's item
   (the join window: the newest `join_requests` impressions read, also those re-read on start);
-- first seen: the event time of an item's first event.
+- first seen: the event time of an item's first event;
+and per context slice (`streamrec.trainer.online.context_slices`), every positive event's decayed
+weight and the slices' prequential merit.
 Impressions are read before events in every round, so a click normally finds its impression; one
 whose impression is not in the window is not counted (a click cannot be credited to what was
 never seen shown). A broker or Redis outage never stops training: the thread logs it, waits
@@ -29,6 +31,7 @@ from streamrec.stream.events import EventSchema
 from streamrec.stream.impressions import decode_record
 from streamrec.stream.kafka import BROKER_ERRORS, Consumer, Record, make_consumer
 from streamrec.stream.topics import create_topics, end_offsets, offset_key, partitions_of
+from streamrec.trainer.online.context_slices import MERIT_TOP, SliceCounts, event_slices, slice_counts
 from streamrec.trainer.online.exploration import NO_CLOCK, ExplorationStore, MarkMoved
 from streamrec.trainer.online.follower import FollowerThread
 from streamrec.trainer.online.metrics import EXPLORATION_COUNTED
@@ -48,7 +51,8 @@ class ExplorationFollower(FollowerThread):
         self.schema = EventSchema.from_settings(settings)
         self._shown: OrderedDict[str, frozenset[str]] = OrderedDict()  # request id -> items it showed
         self._next: dict[str, int] = {}  # per partition key: the next offset to count
-        self._counted = {kind: EXPLORATION_COUNTED.labels(kind) for kind in ("impressions", "shown", "clicks", "first_seen")}
+        self._counted = {kind: EXPLORATION_COUNTED.labels(kind) for kind in ("impressions", "shown", "clicks", "first_seen",
+                                                                             "sliced")}
 
     # ---- reading ------------------------------------------------------------------------------
     def _open(self, topic: str, rewind: int) -> Consumer:
@@ -117,13 +121,18 @@ class ExplorationFollower(FollowerThread):
 
     # ---- events -------------------------------------------------------------------------------
     def _events(self, records: list[Record]) -> None:
-        for key, mine in self._ranges(records):
+        ranges = list(self._ranges(records))
+        tops = {name: ids[:MERIT_TOP] for name, (ids, _) in self.store.slice_tops(MERIT_TOP).lists.items()} \
+            if ranges else {}
+        for key, mine in ranges:
             batch, _ = self.schema.decode_many([record.value for record in mine])
             if not len(batch):
                 self._count(key, mine, np.empty(0, object), np.zeros(0), np.zeros(0), np.zeros(0), NO_CLOCK)
                 continue
             clicks = np.zeros(len(batch), np.int64)
-            carried = np.flatnonzero(~pd.isna(batch.context) & np.isin(batch.event_type, self.positive_types))
+            positive = np.isin(batch.event_type, self.positive_types)
+            slices = slice_counts(event_slices(batch, positive), self.store.slice_config.half_life_s, tops)
+            carried = np.flatnonzero(~pd.isna(batch.context) & positive)
             if len(carried):  # a positive event that names the answer it came from
                 requests = [context.get("request_id") for context in batch.context[carried].tolist()]
                 clicks[carried] = [item in self._shown.get(request, ()) if isinstance(request, str) else False
@@ -132,14 +141,15 @@ class ExplorationFollower(FollowerThread):
             per_item = frame.groupby("item", sort=False).agg(first=("t", "min"), clicks=("click", "sum"))
             ids = per_item.index.to_numpy(object)
             self._count(key, mine, ids, np.zeros(len(ids), np.int64), per_item["clicks"].to_numpy(np.int64),
-                        per_item["first"].to_numpy(np.float64), float(batch.timestamp.max()))
+                        per_item["first"].to_numpy(np.float64), float(batch.timestamp.max()), slices)
             self._counted["clicks"].inc(int(per_item["clicks"].sum()))
             self._counted["first_seen"].inc(len(ids))
+            self._counted["sliced"].inc(int(slices.events.sum()))
 
     def _count(self, key: str, mine: list[Record], ids: np.ndarray, shown: np.ndarray, clicks: np.ndarray,
-               first: np.ndarray, clock: float) -> None:
+               first: np.ndarray, clock: float, slices: SliceCounts | None = None) -> None:
         end = mine[-1].offset + 1
-        self.store.count(ids, shown, clicks, first, clock, key, self._next[key], end)
+        self.store.count(ids, shown, clicks, first, clock, key, self._next[key], end, slices)
         self._next[key] = end
 
 

@@ -1,5 +1,6 @@
 """`streamrec features rebuild`: refill the Redis feature store from the topic by hand (the trainer
-does the same by itself when it finds the store wiped)."""
+does the same by itself when it finds the store wiped). `streamrec features slices`: what the
+context slices hold and whether serving uses them."""
 
 from __future__ import annotations
 
@@ -41,6 +42,27 @@ def rebuild(ctx: click.Context, as_json: bool) -> None:
     written = rebuild_features(settings, store, until)
     show({"events": written, "until": until, "watermarks": store.watermarks(),
           "seconds": round(time.perf_counter() - started, 3)}, as_json)
+
+
+@features.command("slices")
+@click.option("--top", type=click.IntRange(1, 1000), default=5, show_default=True, help="items shown per slice")
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+@click.pass_context
+def slices(ctx: click.Context, top: int, as_json: bool) -> None:
+    """The context slices new users are served from (`train-online --explore` counts them): each
+    kind's prequential merit (hit rate of its slices' top 10 against the global top 10's, and
+    whether serving uses it) and each slice's events and most popular items."""
+    from streamrec.trainer.online.context_slices import MERIT_TOP
+    from streamrec.trainer.online.exploration import ExplorationStore
+
+    settings = settings_from(ctx)
+    tops = ExplorationStore.from_url(settings.redis_url, settings.feature_prefix, settings.redis_cluster) \
+        .slice_tops(top)
+    merit = {kind: {"events": m.events, f"hit@{MERIT_TOP}": round(m.hits / max(m.events, 1), 4),
+                    f"reference_hit@{MERIT_TOP}": round(m.reference_hits / max(m.events, 1), 4),
+                    "used": m.useful()} for kind, m in sorted(tops.merit.items())}
+    show({"merit": merit, "slices": {name: {"events": tops.events.get(name, 0), "top": ids.tolist()}
+                                     for name, (ids, _) in tops.lists.items()}}, as_json)
 
 
 @click.command("features")

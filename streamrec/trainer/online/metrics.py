@@ -57,10 +57,11 @@ EXPLORATION_COUNTED = Counter(
     "streamrec_trainer_exploration_counted_total",
     "Exploration statistics written to Redis, by kind: impressions (answers counted), shown (items of them), "
     "clicks (positive events "
-    "carrying the request_id of an impression that showed their item), first_seen (items per counted range)",
+    "carrying the request_id of an impression that showed their item), first_seen (items per counted range), "
+    "sliced (positive events counted into context slices, once per slice)",
     ["kind"],
 )
-for _kind in ("impressions", "shown", "clicks", "first_seen"):
+for _kind in ("impressions", "shown", "clicks", "first_seen", "sliced"):
     EXPLORATION_COUNTED.labels(_kind)
 for _kind in ("unreachable", "refused"):  # both series exist from the start (a dashboard's rate reads 0, not nothing)
     FEATURE_ERRORS.labels(_kind)
