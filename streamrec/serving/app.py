@@ -34,9 +34,10 @@ from streamrec.serving import schemas
 from streamrec.serving.auth import UNAUTHORIZED, bearer_guard
 from streamrec.serving.config import MAX_K, ServingConfig
 from streamrec.serving.console import add_console_routes
+from streamrec.serving.context import ContextPopularity, RequestContext
 from streamrec.serving.experiments import ExperimentsSource, combined
 from streamrec.serving.explore import ExplorationPool
-from streamrec.serving.fastpath import MAX_USER_ID, RecommendFastPath, RecommendQuery
+from streamrec.serving.fastpath import MAX_DEVICE, MAX_USER_ID, RecommendFastPath, RecommendQuery
 from streamrec.serving.feedback import add_feedback_routes
 from streamrec.serving.filters import MAX_CLAUSES, FilterError, ItemFilter
 from streamrec.serving.history import History
@@ -149,7 +150,8 @@ def create_app(config: ServingConfig) -> FastAPI:
         if config.logs_impressions else None
     # an arm of the experiments file may explore even when the server's share is 0
     explore = ExplorationPool(config) if config.explore_share or config.experiments_file else None
-    pipeline = CandidatePipeline(config, History(config, metrics), metrics, explore)
+    context = ContextPopularity(config) if config.context_slices else None
+    pipeline = CandidatePipeline(config, History(config, metrics), metrics, explore, context)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -157,8 +159,9 @@ def create_app(config: ServingConfig) -> FastAPI:
         stop = threading.Event()
         thread = threading.Thread(target=syncer.run, args=(stop,), name="serving-sync", daemon=True)
         thread.start()
-        if explore is not None:
-            explore.start()
+        for reader in (explore, context):
+            if reader is not None:
+                reader.start()
         logger = None
         if impressions is not None:
             logger = threading.Thread(target=impressions.run, args=(stop,), name="serving-impressions", daemon=True)
@@ -173,8 +176,9 @@ def create_app(config: ServingConfig) -> FastAPI:
         if logger is not None:  # its last flush waits at most produce_timeout_s for the broker
             logger.join(timeout=config.produce_timeout_s + 5)
         syncer.close()
-        if explore is not None:
-            explore.close()
+        for reader in (explore, context):
+            if reader is not None:
+                reader.close()
         await pipeline.history.close()
         mark_worker_dead(os.getpid())
 
@@ -197,10 +201,12 @@ def create_app(config: ServingConfig) -> FastAPI:
         arm = combined(assignments)
         with holder.use() as state:
             history = await pipeline.history.user_history_async(query.user_id,
-                                                                *pipeline.history_wanted(state, query.exclude_seen))
+                                                                *pipeline.history_wanted(state, query.exclude_seen,
+                                                                                         query.user_id))
             try:
                 body = pipeline.recommend(state, query.user_id, query.k, query.exclude_seen, query.diversity,
-                                          query.explain, history, query.item_filter, arm)
+                                          query.explain, history, query.item_filter, arm,
+                                          RequestContext(query.device, query.hour))
             except Unavailable as exc:
                 return 503, orjson.dumps({"detail": str(exc)})
             except FilterError as exc:
@@ -237,6 +243,10 @@ def create_app(config: ServingConfig) -> FastAPI:
         exclude: list[str] = Query([], max_length=MAX_CLAUSES, description="ATTRIBUTE:VALUE items must not have"),
         ranges: list[str] = Query([], alias="range", max_length=MAX_CLAUSES,
                                   description="ATTRIBUTE:LOW..HIGH for a numeric attribute (a bound may be left out)"),
+        device: str | None = Query(None, min_length=1, max_length=MAX_DEVICE,
+                                   description="the request's device: a user without a row gets its popularity slice"),
+        hour: int | None = Query(None, ge=0, le=23, description="the client's local hour of day (default: the UTC "
+                                 "hour of the newest event): a user without a row gets its daypart's slice"),
     ) -> Response:
         """Top-k items for a user: ANN + item-kNN + trending candidates, rescored, seen-filtered, MMR.
         Filters (and the configured rules) apply to every candidate source, against the published
@@ -247,7 +257,7 @@ def create_app(config: ServingConfig) -> FastAPI:
         except FilterError as exc:
             return _json(filter_refusal(exc), 422)
         status, body = await answer_recommend(RecommendQuery(user_id, k, exclude_seen, diversity, explain,
-                                                             item_filter))
+                                                             item_filter, device, hour))
         return Response(body, status, media_type="application/json")
 
     @app.post("/rescore", dependencies=guarded,
@@ -296,6 +306,7 @@ def create_app(config: ServingConfig) -> FastAPI:
             "cached_users": len(state.users) if state else 0,
             "artifacts": state.artifacts.versions if state else {}, "last_error": holder.last_error,
             "explore_reads": explore.reads if explore is not None else None,
+            "context_reads": context.reads if context is not None else None,
         }
         return _json(body, 200 if ready else 503)
 

@@ -120,6 +120,14 @@ def watch_cmd(ctx: click.Context, window: str, lateness: str, metrics_port: int 
 @click.option("--explore-seed", type=int, default=None,
               help="seed of the exploration draws (one worker answering requests in a fixed order then draws "
                    "the same slots: the simulator) [default: unseeded]")
+@click.option("--fold-in-events", type=click.IntRange(min=0), default=None,
+              help="a user without a row is served from the mean vector of up to this many of their recent "
+                   "items (0: off) [default: 5]")
+@click.option("--fold-in-weight", type=click.FloatRange(min=0.0, min_open=True), default=None,
+              help="scale of that mean vector against the items' biases (streamrec study-cold-users) [default: 2]")
+@click.option("--context-slices/--no-context-slices", default=None,
+              help="serve a user without events from the popularity slices of the request's device and hour, "
+                   "where the trainer's merit shows they beat the trending list [default: on]")
 @click.option("--log-level", default="warning", show_default=True)
 @click.pass_context
 def serve_cmd(ctx: click.Context, workers: int, host: str, port: int | None, poll_interval: float | None,

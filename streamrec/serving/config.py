@@ -105,6 +105,18 @@ class ServingConfig(BaseModel):
                                  "the pool's click-through rate")
     explore_refresh_s: float = Field(1.0, gt=0, description="how often a worker re-reads the fresh items' counts")
     explore_seed: int | None = Field(None, description="seed of the exploration draws; None: unseeded")
+    # users without a row but with events: their recent items' mean vector (fold-in)
+    fold_in_events: int = Field(5, ge=0, description="a user without a row is served from the mean vector of up "
+                                "to this many of their most recent items (0: off)")
+    fold_in_weight: float = Field(2.0, gt=0, description="scale of that mean vector against the items' biases "
+                                  "(chosen on validation splits by `streamrec study-cold-users`)")
+    # context slices for users without a row (streamrec.serving.context)
+    context_slices: bool = Field(True, description="serve users without a row from the popularity slices of "
+                                 "their request's context (device, hour) where those have proven useful")
+    context_pool: int = Field(200, ge=1, description="items read per context slice")
+    context_prior: float = Field(100.0, ge=0, description="events at which a slice's own popularity and the "
+                                 "global one weigh the same")
+    context_refresh_s: float = Field(5.0, gt=0, description="how often a worker re-reads the context slices")
     # degradation
     redis_timeout_s: float = Field(0.1, gt=0)
     redis_retry_s: float = Field(1.0, ge=0, description="skip Redis this long after a failure")

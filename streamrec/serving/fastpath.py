@@ -24,6 +24,7 @@ from streamrec.serving.filters import NO_FILTER, FilterError, ItemFilter
 
 PATH = "/recommend"
 MAX_USER_ID = 256  # characters, as the route's Query(max_length=256)
+MAX_DEVICE = 64  # characters, as the route's `device`
 _BOOLS = {"true": True, "false": False, "1": True, "0": False}
 _FRACTION = re.compile(r"\d+(?:\.\d+)?\Z")
 FILTER_PARAMETERS = ("include", "exclude", "range")  # in ItemFilter.parse's order
@@ -37,6 +38,8 @@ class RecommendQuery(NamedTuple):
     diversity: float
     explain: bool
     item_filter: ItemFilter = NO_FILTER
+    device: str | None = None
+    hour: int | None = None
 
 
 Handler = Callable[[RecommendQuery], Awaitable[tuple[int, bytes]]]  # (status, JSON body)
@@ -70,7 +73,14 @@ def parse(query_string: bytes) -> RecommendQuery | None:
     diversity = float(diversity_text)
     if diversity > 1.0:
         return None
-    return RecommendQuery(user_id, int(k_text), exclude_seen, diversity, explain, item_filter)
+    device = params.get("device")
+    if device is not None and not 0 < len(device) <= MAX_DEVICE:
+        return None
+    hour_text = params.get("hour")
+    if hour_text is not None and not (hour_text.isdigit() and hour_text.isascii() and int(hour_text) < 24):
+        return None
+    return RecommendQuery(user_id, int(k_text), exclude_seen, diversity, explain, item_filter, device,
+                          None if hour_text is None else int(hour_text))
 
 
 class RecommendFastPath:

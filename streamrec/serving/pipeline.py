@@ -12,6 +12,7 @@ import pandas as pd
 
 from streamrec.param_server.replica import TableMirror
 from streamrec.serving.config import ServingConfig
+from streamrec.serving.context import NO_CONTEXT, ContextPopularity, RequestContext
 from streamrec.serving.experiments import Arm
 from streamrec.serving.explore import ExplorationPool, slots, thompson
 from streamrec.serving.filters import NO_FILTER, ItemFilter
@@ -99,9 +100,10 @@ class CandidatePipeline:
     and picks the top k, optionally diversified with MMR."""
 
     def __init__(self, config: ServingConfig, history: History, metrics: ServingMetrics,
-                 explore: ExplorationPool | None = None) -> None:
-        self.config, self.history, self.explore = config, history, explore
+                 explore: ExplorationPool | None = None, context: ContextPopularity | None = None) -> None:
+        self.config, self.history, self.explore, self.context = config, history, explore, context
         self._explored = metrics.recommended.labels("explore")
+        self._contextual = metrics.recommended.labels("context")
         self._rng = np.random.default_rng(config.explore_seed)
         self._candidates = [metrics.candidates.labels(s) for s in SOURCES]
         self._recommended = [metrics.recommended.labels(s) for s in SOURCES]
@@ -146,26 +148,34 @@ class CandidatePipeline:
         return state is not None and state.artifacts.ranker is not None and state.artifacts.ranker.uses_history
 
     # ---- /recommend ---------------------------------------------------------------------------
-    def history_wanted(self, state: ServingState | None, exclude_seen: bool) -> tuple[int, bool]:
+    def history_wanted(self, state: ServingState | None, exclude_seen: bool, user_id: str) -> tuple[int, bool]:
         """What `recommend` needs from the user's history: (recent items for item-kNN candidates,
-        whether the seen set is needed: the seen filter or a ranker that pools the user's items)."""
+        and for the fold-in of a user not known to have a row; whether the seen set is needed:
+        the seen filter or a ranker that pools the user's items)."""
+        fold_in = self.config.fold_in_events if state is not None and not state.users.cached_with_row(user_id) else 0
+        return max(self._knn_recent(state), fold_in), exclude_seen or self._ranker_reads_history(state)
+
+    def _knn_recent(self, state: ServingState | None) -> int:
+        """Recent items whose neighbours are candidates: none without an item-kNN artifact."""
         wants_recent = state is not None and state.artifacts.knn is not None and self.config.knn_per_item
-        return self.config.knn_recent if wants_recent else 0, exclude_seen or self._ranker_reads_history(state)
+        return self.config.knn_recent if wants_recent else 0
 
     def recommend(self, state: ServingState | None, user_id: str, k: int, exclude_seen: bool,
                   diversity: float, explain: bool, history: tuple[list[str], set[str]] | None,
-                  item_filter: ItemFilter = NO_FILTER, arm: Arm | None = None) -> dict[str, Any]:
+                  item_filter: ItemFilter = NO_FILTER, arm: Arm | None = None,
+                  context: RequestContext = NO_CONTEXT) -> dict[str, Any]:
         """`history`: what `history_wanted` asked of Redis (`History.user_history_async`), None
         when Redis did not answer (the request is served without it and says so). `item_filter`
         and the configured rules restrict every candidate source; FilterError when the filter
         cannot be applied. `arm`, the user's experiment arm, may replace the list's source
-        (popularity), the diversity and the candidate sources."""
+        (popularity), the diversity and the candidate sources. `context` (device, hour) picks
+        the popularity slices a user without a row is served from (streamrec.serving.context)."""
         if arm is not None and arm.diversity is not None:
             diversity = arm.diversity
         sources = frozenset(arm.candidates) if arm is not None and arm.candidates else ALL_SOURCES
         allowed = allowed_rows(state, self.rules, item_filter)
         degraded: list[str] = []
-        wants_seen = self.history_wanted(state, exclude_seen)[1]
+        wants_seen = exclude_seen or self._ranker_reads_history(state)
         interacted: set[str] | None = None
         if history is None:
             _note_redis(degraded)
@@ -174,12 +184,18 @@ class CandidatePipeline:
             interacted = history[1]
         recent, seen = history[0], history[1] if exclude_seen else set()
         user = self._user(state, user_id, degraded) if state is not None else None
-        if user is None or (arm is not None and arm.source == "popularity"):
-            body = self._cold_start(state, k, seen, degraded, allowed)
+        folded, popular = 0, arm is not None and arm.source == "popularity"
+        if user is None and state is not None and recent and not popular:
+            user, folded = self._fold_in(state, recent[: self.config.fold_in_events])
+        recent = recent[: self._knn_recent(state)]  # the rest was read for the fold-in only
+        if user is None or popular:
+            body = self._cold_start(state, k, seen, degraded, allowed, None if popular else context)
             body["cold_start"] = user is None
         else:
             body = self._personal(state, user_id, recent, user, k, seen, interacted, diversity, explain, degraded,
                                   allowed, sources)
+            if folded:
+                body.update(cold_start=True, fold_in=folded)
         share = arm.explore if arm is not None and arm.explore is not None else self.config.explore_share
         if share and state is not None and self.explore is not None:
             self._explore(state, body, k, share, seen, allowed)
@@ -187,6 +203,17 @@ class CandidatePipeline:
             self.history.count_degraded()
         body["degraded"] = degraded
         return body
+
+    def _fold_in(self, state: ServingState, recent: list[str]) -> tuple[tuple[np.ndarray, float] | None, int]:
+        """A user without a row but with events: `fold_in_weight` times the mean vector of their
+        most recent items that have rows (the online BPR's own scoring of a new user's session),
+        and how many items it took; (None, 0) when none of them has a row."""
+        rows = rows_of(state.items, recent)
+        rows = rows[rows >= 0]
+        if not len(rows):
+            return None, 0
+        vectors = index_rows(state.items, rows)[:, : state.items.dim].astype(np.float32)
+        return (self.config.fold_in_weight * vectors.mean(axis=0), 0.0), len(rows)
 
     def _explore(self, state: ServingState, body: dict[str, Any], k: int, share: float, seen: set[str],
                  allowed: np.ndarray | None) -> None:
@@ -210,11 +237,16 @@ class CandidatePipeline:
         self._explored.inc(len(picks))
 
     def _cold_start(self, state: ServingState | None, k: int, seen: set[str], degraded: list[str],
-                    allowed: np.ndarray | None) -> dict[str, Any]:
-        """A user without a vector: trending items; without Redis, the items with the largest bias.
-        Filtered, the allowed ones among them, then the allowed items by bias until there are k."""
+                    allowed: np.ndarray | None, context: RequestContext | None = None) -> dict[str, Any]:
+        """A user without a vector: the items popular in the request's `context` where its slices
+        have proven useful, then trending items; without Redis, the items with the largest bias.
+        Filtered, the allowed ones among trending, then the allowed items by bias until there are k."""
         if allowed is not None and state is not None:
             return self._cold_start_within(state, k, seen, degraded, allowed)
+        ranked = self.context.rank(context, k + len(seen)) if context is not None and self.context is not None \
+            else None
+        if ranked is not None:
+            return self._cold_start_in_context(state, k, seen, degraded, *ranked)
         trending = self.history.trending(k + len(seen))
         if trending is None:
             _note_redis(degraded)
@@ -234,6 +266,20 @@ class CandidatePipeline:
         ids, scores = ids[keep][:k], scores[keep][:k]
         return {"cold_start": True, "items": [{"item_id": i, "score": s, "sources": [source]}
                                                 for i, s in zip(ids.tolist(), np.asarray(scores, float).tolist())]}
+
+    def _cold_start_in_context(self, state: ServingState | None, k: int, seen: set[str], degraded: list[str],
+                               ids: np.ndarray, scores: np.ndarray, slices: list[str]) -> dict[str, Any]:
+        """The context's list without the seen items; trending items fill it to k when it is short."""
+        keep = ~pd.Index(ids).isin(list(seen)) if seen else np.ones(len(ids), bool)
+        ids, scores = ids[keep][:k], scores[keep][:k]
+        items = [{"item_id": i, "score": s, "sources": ["context"]} for i, s in zip(ids.tolist(), scores.tolist())]
+        self._contextual.inc(len(items))
+        if len(items) < k:
+            rest = self._cold_start(state, k, {*seen, *ids.tolist()}, degraded, None)["items"]
+            items += rest[: k - len(items)]
+        else:
+            self._fallback["cold_start"].inc()
+        return {"cold_start": True, "context": slices, "items": items}
 
     def _cold_start_within(self, state: ServingState, k: int, seen: set[str], degraded: list[str],
                            allowed: np.ndarray) -> dict[str, Any]:

@@ -16,7 +16,7 @@ class ScoredItem(BaseModel):
 
 
 class RecommendedItem(ScoredItem):
-    sources: list[str]  # "ann", "item_knn", "trending" (cold start: "trending" or "prior")
+    sources: list[str]  # "ann", "item_knn", "trending", "explore" (cold start: "context", "trending" or "prior")
     dot: float | None = None  # explain=true: p_u . q_i
     bias: float | None = None  # explain=true: b_i (+ b_u)
     knn_score: float | None = None  # explain=true: best kNN similarity to a recent item
@@ -48,6 +48,10 @@ class RecommendResponse(BaseModel):
     arm: str | None
     experiments: dict[str, str]  # every experiment the user is in (one per layer) -> its arm
     explain: Explain | None = None
+    # a user without a row served from context slices: the slices used (e.g. "daypart=2", "device=ios")
+    context: list[str] | None = None
+    # a user without a row served from the mean vector of their recent items: how many it took
+    fold_in: int | None = None
 
 
 class RescoreResponse(BaseModel):
@@ -88,6 +92,7 @@ class Ready(BaseModel):
     artifacts: dict[str, int]
     last_error: str | None
     explore_reads: int | None = None  # reads of the exploration pool so far (None: this worker does not explore)
+    context_reads: int | None = None  # reads of the context slices so far (None: context slices are off)
 
 
 class FeedbackEvent(BaseModel):

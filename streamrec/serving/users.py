@@ -74,6 +74,12 @@ class UserCache:
         with self._lock:
             return list(self._slots)
 
+    def cached_with_row(self, user_id: str) -> bool:
+        """Whether the cache holds a row for the user (no pull, no recency update)."""
+        with self._lock:
+            slot = self._slots.get(user_id)
+            return slot is not None and bool(self._found[slot])
+
     def get(self, user_id: str) -> UserLookup:
         """The user's row from the cache, else pulled from the parameter server."""
         with self._lock:

@@ -14,6 +14,8 @@ from streamrec.serving.fastpath import RecommendQuery, parse
     (b"user_id=caf%C3%A9&k=1000&exclude_seen=0&explain=1", RecommendQuery("caf\u00e9", 1000, False, 0.0, True)),
     (b"user_id=a&user_id=b&k=3&unknown=x", RecommendQuery("b", 3, True, 0.0, False)),  # last value, extras ignored
     (b"user_id=u&diversity=1", RecommendQuery("u", 10, True, 1.0, False)),
+    (b"user_id=u&device=ios&hour=07", RecommendQuery("u", 10, True, 0.0, False, device="ios", hour=7)),
+    (b"user_id=u&device=a%3Ab&hour=23", RecommendQuery("u", 10, True, 0.0, False, device="a:b", hour=23)),
 ])
 def test_plain_queries_are_parsed(query: bytes, expected: RecommendQuery) -> None:
     assert parse(query) == expected
@@ -24,6 +26,8 @@ def test_plain_queries_are_parsed(query: bytes, expected: RecommendQuery) -> Non
     b"user_id=u&k=", b"user_id=u&k=+5", b"user_id=u&k=%D9%A1", b"user_id=u&exclude_seen=maybe",
     b"user_id=u&exclude_seen=True", b"user_id=u&explain=", b"user_id=u&diversity=1.5", b"user_id=u&diversity=-0.1",
     b"user_id=u&diversity=nan", b"user_id=u&diversity=.5", b"user_id=u&diversity=1e-1",
+    b"user_id=u&device=", b"user_id=u&device=" + b"x" * 65, b"user_id=u&hour=24", b"user_id=u&hour=-1",
+    b"user_id=u&hour=", b"user_id=u&hour=%D9%A3",
 ])
 def test_everything_else_is_left_to_fastapi(query: bytes) -> None:
     assert parse(query) is None

@@ -121,6 +121,25 @@ def bench_pipeline(ctx: click.Context, events: int, client: str | None, data: Da
     print_json(run_pipeline_bench(settings, events, client or settings.kafka_client, data_path, fmt, trainers, shards))
 
 
+@click.command("study-cold-users")
+@click.option("--data", "data", type=DATA, default=None,
+              help="a real log studied beside the synthetic ones (a path, or a data-set name)")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="ml-100k", show_default=True,
+              help="format of a --data PATH (a data-set name brings its own)")
+@click.option("--json", "as_json", is_flag=True, help="(output is always JSON)")
+def study_cold_users_cmd(data: DataSource | None, fmt: str, as_json: bool) -> None:
+    """How serving should rank a user with events but no row (popularity, the items' biases, or the
+    fold-in of their recent items at several weights), on synthetic logs of different character and
+    --data: hit@10 on validation, the weight chosen there across logs, and the test figures
+    (streamrec.trainer.online.cold_users_study)."""
+    from streamrec.stream.loaders import load_log
+    from streamrec.trainer.online.cold_users_study import study_cold_users, study_logs
+
+    real = None if data is None else load_log(data.path, data.format_or(fmt))
+    print_json(study_cold_users(study_logs(real, (data and data.name) or "data")))
+
+
 def register(cli: click.Group, bench: click.Group) -> None:
     cli.add_command(train_online)
+    cli.add_command(study_cold_users_cmd)
     bench.add_command(bench_pipeline)
