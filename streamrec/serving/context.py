@@ -17,19 +17,15 @@ request never waits for Redis here, and while Redis is down the last read stays 
 
 from __future__ import annotations
 
-import logging
-import threading
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import redis
 
 from streamrec.serving.config import ServingConfig
+from streamrec.serving.refresher import Refresher
 from streamrec.trainer.online.context_slices import ALL, SliceTops, daypart, device_slice
 from streamrec.trainer.online.exploration import ExplorationStore
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -41,40 +37,18 @@ class RequestContext:
 NO_CONTEXT = RequestContext()
 
 
-class ContextPopularity:
+class ContextPopularity(Refresher):
     """The context slices as of the last read, and the cold lists they give."""
 
     def __init__(self, config: ServingConfig) -> None:
+        super().__init__("context slices", config.context_refresh_s)
         self.config = config
         self.store = ExplorationStore.from_url(config.redis_url, config.feature_prefix, config.redis_cluster,
                                                timeout_s=max(config.redis_timeout_s, 1.0))
         self.tops = SliceTops.empty()
-        self.reads = 0  # successful reads (a barrier in tests)
-        self._failing = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="serving-context", daemon=True)
 
-    def start(self) -> ContextPopularity:
-        self._thread.start()
-        return self
-
-    def close(self) -> None:
-        self._stop.set()
-
-    def refresh(self) -> None:
+    def _read(self) -> None:
         self.tops = self.store.slice_tops(self.config.context_pool)
-        self.reads += 1
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.refresh()
-                self._failing = False
-            except redis.RedisError as exc:
-                if not self._failing:  # once per outage, not every refresh
-                    log.warning("context slices not refreshed (%s): the last read stays in use", exc)
-                self._failing = True
-            self._stop.wait(self.config.context_refresh_s)
 
     def rank(self, context: RequestContext, n: int) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
         return rank(self.tops, context, n, self.config.context_prior)

@@ -20,51 +20,28 @@ use. Counting impressions and clicks is the trainer's (`train-online --explore`)
 
 from __future__ import annotations
 
-import logging
-import threading
-
 import numpy as np
-import redis
 
 from streamrec.serving.config import ServingConfig
+from streamrec.serving.refresher import Refresher
 from streamrec.serving.state import ServingState
 from streamrec.trainer.online.exploration import ExplorationConfig, ExplorationStore, FreshItems
 
-log = logging.getLogger(__name__)
 
-
-class ExplorationPool:
+class ExplorationPool(Refresher):
     """The fresh items and their counts, as of the last read."""
 
     def __init__(self, config: ServingConfig) -> None:
+        super().__init__("exploration pool", config.explore_refresh_s)
         self.config = config
         self.store = ExplorationStore.from_url(
             config.redis_url, config.feature_prefix, config.redis_cluster, timeout_s=max(config.redis_timeout_s, 1.0),
             config=ExplorationConfig(config.explore_max_age_s, config.explore_min_impressions))
         self.fresh = FreshItems.empty()
-        self.reads = 0  # successful reads (a barrier in tests and the simulator)
         self._rows: tuple[ServingState, FreshItems, np.ndarray] | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="serving-explore", daemon=True)
 
-    def start(self) -> ExplorationPool:
-        self._thread.start()
-        return self
-
-    def close(self) -> None:
-        self._stop.set()
-
-    def refresh(self) -> None:
+    def _read(self) -> None:
         self.fresh = self.store.fresh(self.config.explore_pool)
-        self.reads += 1
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.refresh()
-            except redis.RedisError as exc:
-                log.warning("exploration pool not refreshed (%s): the last read stays in use", exc)
-            self._stop.wait(self.config.explore_refresh_s)
 
     def rows(self, state: ServingState) -> tuple[FreshItems, np.ndarray]:
         """The pool and its items' rows in `state` (-1: no row yet), looked up once per pool read
