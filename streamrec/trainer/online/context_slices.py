@@ -75,22 +75,21 @@ def event_slices(batch: EventBatch, counted: np.ndarray) -> pd.DataFrame:
     in its context is in that device's slice too."""
     events = np.flatnonzero(counted)
     hours = (np.floor(batch.timestamp[events] / 3600.0) % 24).astype(np.int64)
-    devices: list[tuple[int, str]] = []
-    with_context = events[[isinstance(c, dict) for c in batch.context[events].tolist()]]
-    position = {int(e): n for n, e in enumerate(events)} if len(with_context) else {}
-    for event in with_context.tolist():  # contexts are dicts: only the events that carry one
-        context = batch.context[event]
+    contexts = batch.context[events]
+    carrying = np.flatnonzero([isinstance(c, dict) for c in contexts.tolist()])  # positions in `events`
+    device_rows: list[int] = []
+    device_names: list[str] = []
+    for row, context in zip(carrying.tolist(), contexts[carrying].tolist()):  # only the events that carry one
         hour = context_hour(context)
         if hour is not None:
-            hours[position[event]] = hour
+            hours[row] = hour
         if "device" in context:
-            devices.append((event, device_slice(context["device"])))
+            device_rows.append(row)
+            device_names.append(device_slice(context["device"]))
     base = pd.DataFrame({"event": events, "item": batch.item_id[events], "t": batch.timestamp[events]})
     parts = [base.assign(slice=ALL), base.assign(slice=_DAYPART_OF_HOUR[hours])]
-    if devices:
-        index, names = zip(*devices)
-        rows = np.array([position[e] for e in index])
-        parts.append(base.iloc[rows].assign(slice=np.array(names, object)))
+    if device_rows:
+        parts.append(base.iloc[device_rows].assign(slice=np.array(device_names, object)))
     return pd.concat(parts, ignore_index=True)
 
 
