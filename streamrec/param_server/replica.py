@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from streamrec.core.lookup import appended, positions
 from streamrec.param_server.client import Delta
 from streamrec.param_server.table_store import TableStore
 
@@ -86,20 +87,20 @@ class TableMirror:
             self.alive = np.zeros(0, bool)
         removed = np.zeros(0, np.int64)
         if len(delta.deleted):
-            gone = self.index.get_indexer(delta.deleted.to_list())
+            gone = positions(self.index, delta.deleted.to_list())
             removed = gone[gone >= 0]
             removed = removed[self.alive[removed]]
             self.alive[removed] = False
         position = np.zeros(0, np.int64)
         if len(delta.ids):
             ids = np.array(delta.ids.to_list(), dtype=object)
-            position = self.index.get_indexer(ids)
+            position = positions(self.index, ids)
             new = position < 0
             if new.any():
-                self.index = self.index.append(pd.Index(ids[new], dtype=object))
+                self.index = appended(self.index, ids[new])
                 self._reserve(len(self.index), delta.values.shape[1])
                 self.alive = np.concatenate([self.alive, np.zeros(int(new.sum()), bool)])
-                position = self.index.get_indexer(ids)
+                position = positions(self.index, ids)
             self._values[position] = delta.values
             self.alive[position] = True
         self.version = delta.version
@@ -128,7 +129,7 @@ class TableMirror:
 
     def positions(self, ids: np.ndarray | list) -> np.ndarray:
         """Row of each id in `values`, -1 where unknown or deleted."""
-        position = self.index.get_indexer(np.asarray(ids, dtype=object))
+        position = positions(self.index, ids)
         known = position >= 0
         if known.any():
             position[known & ~self.alive[np.where(known, position, 0)]] = -1

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import pandas as pd
 
+from streamrec.core.lookup import positions
 from streamrec.param_server.artifacts import decode_catalogue, decode_dense, load_npz
 from streamrec.stream.catalogue import ItemCatalogue
 
@@ -47,7 +48,7 @@ class ItemNeighbors:
 
     def lookup(self, item_ids: list[str], per_item: int) -> tuple[np.ndarray, np.ndarray]:
         """(neighbour ids, scores) of the known items, flattened, at most per_item each."""
-        rows = self.index.get_indexer(item_ids)
+        rows = positions(self.index, item_ids)
         rows = rows[rows >= 0]
         neighbors, scores = self.neighbors[rows, :per_item].ravel(), self.scores[rows, :per_item].ravel()
         valid = neighbors >= 0

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.special import expit
 
-from streamrec.trainer.online.kernels import bpr_steps, mf_steps, rank_count
+from streamrec.trainer.online.kernels import bpr_steps, mf_steps, rank_count, rank_linear
 
 
 def numpy_steps(P: np.ndarray, Q: np.ndarray, U: np.ndarray, I: np.ndarray, J: np.ndarray, W: np.ndarray,
@@ -167,3 +167,26 @@ def test_rank_count_matches_numpy_with_ties_nan_infinities_and_exclusions(dtype)
         excluded = rng.choice(n, int(rng.integers(0, n)), replace=False).astype(np.int64)
         target = int(rng.integers(-1, n))
         assert rank_count(scores, excluded, target) == numpy_rank(scores.astype(np.float64), excluded, target)
+
+
+def test_rank_linear_counts_as_rank_count_over_the_same_scores_with_dead_hidden_and_nan_rows():
+    """The fused pass scores [p_u, 1] . [q_j, b_j] itself. Small integers keep every dot product
+    exact in float32 (whatever the summation order), so the counts, ties included, must equal
+    `rank_count` over the numpy scores with dead and hidden rows at -inf."""
+    rng = np.random.default_rng(11)
+    for _ in range(300):
+        n, dim = int(rng.integers(1, 80)), int(rng.integers(1, 40))
+        items = rng.integers(-2, 3, (n, dim + 1)).astype(np.float32)
+        items[rng.random(n) < 0.05, 0] = np.nan  # a diverged row counts as -inf
+        user = np.ones(dim + 1, np.float32)
+        user[:-1] = rng.integers(-2, 3, dim)
+        alive = rng.random(n) > 0.1
+        hidden = rng.random(n) < 0.1 if rng.random() < 0.7 else np.zeros(0, bool)  # empty: none hidden
+        excluded = rng.choice(n, int(rng.integers(0, n)), replace=False).astype(np.int64)
+        target = int(rng.integers(-1, n))
+        scores = (items[:, :dim] @ user[:-1] + items[:, dim]).astype(np.float64)
+        scores[~alive] = -np.inf
+        if len(hidden):
+            scores[hidden] = -np.inf
+        expected = numpy_rank(scores, excluded, target)
+        assert rank_linear(user, items, alive, hidden, excluded, target) == expected

@@ -6,7 +6,7 @@ import numpy as np
 
 from streamrec.param_server.client import ParamClient
 from streamrec.stream.events import EventBatch
-from streamrec.trainer.online.base import learn_together
+from streamrec.trainer.online.base import OnlineRecommender, learn_together
 from streamrec.trainer.online.models import OnlineBPR
 from streamrec.trainer.online.session import SessionTracker, session_ids
 
@@ -123,3 +123,31 @@ def test_weight_zero_scores_exactly_as_without_sessions():
     without, with_ = plain.score_users(users).scores, with_sessions.score_users(users).scores
     np.testing.assert_allclose(without[[0, 2]], with_[[0, 2]], rtol=1e-5, atol=1e-6)  # s0's session ended hours ago
     assert np.abs(without[1] - with_[1]).max() > 0.05  # s119's session is current
+
+
+def test_the_compiled_rank_of_one_user_counts_as_the_scores_do():
+    """`OnlineBPR.rank_one` (the live scorer's fused pass, with the one-user vector and its
+    session) against the generic rank over `score_users`, between batches and within one (the
+    step hook), for users with and without sessions, a hidden new item and an unknown user."""
+    model = OnlineBPR(session_fade=2.0)
+    log = EventBatch.from_events(theme_sessions(120, seed=3))
+    model.learn_many(log.take(slice(0, len(log) // 2)))
+    rng = np.random.default_rng(0)
+    index = model.scoring_index()
+
+    def agree(current: list[str]) -> int:
+        checked = 0
+        for user in [*current, "s1", "nobody", *rng.choice(log.user_id, 10).tolist()]:
+            excluded = rng.choice(len(index), int(rng.integers(0, 10)), replace=False).astype(np.int64)
+            for target in [-1, *rng.integers(0, len(index), 5).tolist()]:
+                generic = OnlineRecommender.rank_one(model, user, target, excluded)
+                assert model.rank_one(user, target, excluded) == generic, (user, target)
+                checked += 1
+        return checked
+
+    assert agree([log.user_id[len(log) // 2 - 1]]) > 50
+    late = log.take(slice(len(log) // 2, len(log)))
+    seen: list[int] = []
+    model.learn_pulled(late, model.store.pull_many(model.needs(late)),
+                       before_step=lambda step: seen.append(agree(late.user_id[step].tolist())))
+    assert len(seen) >= 10  # within the batch: the working copy and the sessions moving

@@ -40,6 +40,7 @@ EVAL_EVERY = 10
 K = 10
 SMALL_CHUNK = 16  # events: below this, history updates go pair by pair
 ScoreFn = Callable[[np.ndarray], ItemScores]  # user ids -> their scores over the items a model holds
+Scored = ScoreFn | OnlineRecommender  # what the scorer ranks with: scores, or an online model that ranks itself
 Row = tuple[int, int, int, float]  # a scored event: stream position, greater, ties, event time
 
 
@@ -219,14 +220,14 @@ class PrequentialScorer:
         self.history.add(users, items)
         self.position += len(users)
 
-    def evaluate(self, events: EventBatch, models: Mapping[str, ScoreFn]) -> dict[str, Evaluated]:
+    def evaluate(self, events: EventBatch, models: Mapping[str, Scored]) -> dict[str, Evaluated]:
         """Score the due events of `events` (the next events of the stream, not learned yet) with
         each model, then record all of them as history. One scoring per evaluated event."""
         found: dict[str, list[Row]] = {name: [] for name in models}
         self.evaluate_span(events, 0, len(events), models, found)
         return {name: evaluated_rows(rows) for name, rows in found.items()}
 
-    def evaluate_span(self, events: EventBatch, start: int, stop: int, models: Mapping[str, ScoreFn],
+    def evaluate_span(self, events: EventBatch, start: int, stop: int, models: Mapping[str, Scored],
                       found: Mapping[str, list[Row]]) -> None:
         """`evaluate` of rows start..stop-1 of `events`, appending each model's scored rows
         (position, greater, ties, timestamp) to `found[model]`: the live trainer's steps pass
@@ -241,12 +242,18 @@ class PrequentialScorer:
                 user, item = events.user_id[q], events.item_id[q]
                 if item in self.history.of(user):  # a re-consumption: learned, not evaluated
                     continue
-                for name, score_users in models.items():
-                    scores = score_users(np.array([user], object))
+                for name, model in models.items():
                     lookup = self._columns.setdefault(name, ColumnLookup())
-                    columns = lookup(scores.item_ids)
-                    excluded = self.history.columns(user, name, lookup)
-                    greater, ties = rank_count(np.ascontiguousarray(scores.scores[0]), excluded, columns.get(item, -1))
+                    if isinstance(model, OnlineRecommender):  # the model ranks (one compiled pass where it can)
+                        columns = lookup(model.scoring_index())
+                        excluded = self.history.columns(user, name, lookup)
+                        greater, ties = model.rank_one(user, columns.get(item, -1), excluded)
+                    else:
+                        scores = model(np.array([user], object))
+                        columns = lookup(scores.item_ids)
+                        excluded = self.history.columns(user, name, lookup)
+                        greater, ties = rank_count(np.ascontiguousarray(scores.scores[0]), excluded,
+                                                   columns.get(item, -1))
                     found[name].append((self.position, greater, ties, float(events.timestamp[q])))
         self.pass_unscored(events, observed, stop)
 
@@ -281,7 +288,7 @@ def run_prequential(model: OnlineRecommender, log: InteractionLog) -> dict[str, 
     allows micro-batches up to 256; 10 keeps each evaluated event's predecessors learned)."""
     stream = EventBatch.from_log(log)
     scorer = PrequentialScorer(EVAL_EVERY, model.roles)
-    models = {model.name: model.score_users}
+    models: dict[str, Scored] = {model.name: model}
     parts = []
     learn_seconds, eval_seconds = 0.0, 0.0
     n = len(stream)

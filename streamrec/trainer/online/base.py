@@ -35,6 +35,7 @@ from streamrec.param_server.specs import TableSpec
 from streamrec.param_server.table import initial_values
 from streamrec.param_server.table_store import TableStore
 from streamrec.stream.events import EventBatch
+from streamrec.trainer.online.kernels import rank_count
 from streamrec.trainer.online.roles import EventRoles
 from streamrec.trainer.online.shown import ShownItems
 
@@ -165,6 +166,21 @@ class OnlineRecommender(ABC):
         if len(self.hidden) == scores.shape[1] and self.hidden.any():
             scores[:, self.hidden] = -np.inf
         return ItemScores(self.items.index, scores)
+
+    def scoring_index(self) -> pd.Index:
+        """The items `score_users` and `rank_one` score, in their column order, from the newest
+        state (synced first between batches)."""
+        if not self._mid_batch:
+            self.items.sync()
+        return self.items.index
+
+    def rank_one(self, user: str, target: int, excluded: np.ndarray) -> tuple[int, int]:
+        """The prequential count of one scored event (`kernels.rank_count`): how many candidates
+        of `user` score above column `target` of `scoring_index()` and how many others tie it,
+        the columns `excluded` left out. The live trainer asks this before every tenth step, so
+        models whose scores are linear override it with one compiled pass."""
+        scores = self.score_users(np.array([user], object))
+        return rank_count(np.ascontiguousarray(scores.scores[0]), excluded, target)
 
     @abstractmethod
     def _scores(self, user_ids: np.ndarray, item_rows: np.ndarray) -> np.ndarray:

@@ -43,7 +43,7 @@ class LivePrequential:
     def before_step(self, batch: EventBatch, step: slice) -> None:
         """The ranker's step hook: score the due events of `batch[step]` before it learns them
         (the batch is not sliced: most steps score nothing)."""
-        self.scorer.evaluate_span(batch, step.start, step.stop, {self.ranker.name: self.ranker.score_users},
+        self.scorer.evaluate_span(batch, step.start, step.stop, {self.ranker.name: self.ranker},
                                   {self.ranker.name: self._pending})
         self._reached = step.stop
 

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, model_validator
 
+from streamrec.core.lookup import positions
 from streamrec.core.params import FloatRange, IntRange, space
 from streamrec.param_server.client import Rows
 from streamrec.param_server.keys import as_keys
@@ -44,7 +45,7 @@ from streamrec.trainer.online.base import (
     StepStats,
     Updates,
 )
-from streamrec.trainer.online.kernels import bpr_steps, mf_steps
+from streamrec.trainer.online.kernels import bpr_steps, mf_steps, rank_linear
 from streamrec.trainer.online.roles import EventRoles
 from streamrec.trainer.online.sampling import NegativeSampler, SamplingMode
 from streamrec.trainer.online.session import SessionTracker, session_ids
@@ -153,7 +154,7 @@ class _FactorModel(OnlineRecommender):
         elif len(user_ids) <= SMALL_LOOKUP:  # the live scorer's one user per scored event
             position = np.fromiter(map(self.users.row_of.get, user_ids, repeat(-1)), np.int64, len(user_ids))
         else:  # an object Index, not an array: pandas would first infer a string dtype for the array
-            position = self.users.index.get_indexer(pd.Index(user_ids, dtype=object))
+            position = positions(self.users.index, user_ids)
         width = self.users.values.shape[1] if self.users is not None else self.table_specs()["users"].width
         out = np.zeros((len(user_ids), width))
         local = position >= 0
@@ -187,37 +188,64 @@ class OnlineBPR(_FactorModel):
 
     def _scores(self, user_ids: np.ndarray, item_rows: np.ndarray) -> np.ndarray:
         dim = self.params.dim
-        users = self.user_rows(user_ids)[:, :dim]
+        return _dot(self._user_vectors(user_ids, item_rows), item_rows[:, :dim]) + item_rows[:, dim]
+
+    def _user_vectors(self, user_ids: np.ndarray, item_rows: np.ndarray) -> np.ndarray:
+        """Each user's scoring vector: their row, plus their current session's (faded) mean."""
+        users = self.user_rows(user_ids)[:, :self.params.dim]
         if self.sessions is not None:
             users = users + self._session_weights(user_ids)[:, None] * self._session_means(user_ids, item_rows)
-        return _dot(users, item_rows[:, :dim]) + item_rows[:, dim]
+        return users
+
+    def rank_one(self, user: str, target: int, excluded: np.ndarray) -> tuple[int, int]:
+        """The scores [p_u, 1] . [q_j, b_j] computed and counted in one compiled pass (`rank_linear`)."""
+        if not self._mid_batch:
+            self.items.sync()
+        items = self.items.values
+        vector = np.ones(self.params.dim + 1, np.float32)
+        vector[:-1] = self._user_vector(user, items)
+        return rank_linear(vector, items, self.items.alive, self.hidden, excluded, target)
+
+    def _user_vector(self, user: str, item_rows: np.ndarray) -> np.ndarray:
+        """`_user_vectors` of one user without the array plumbing, to the same float64 values:
+        the live scorer asks for one user per scored event, where building arrays for each of
+        the row lookup, the session weight and the session's grouping cost more than its score."""
+        dim = self.params.dim
+        row = None if self.users is None else self.users.row_of.get(user)
+        vector = (self.users.values[row, :dim].astype(np.float64) if row is not None
+                  else self.user_rows(np.array([user], object))[0, :dim])
+        if self.sessions is not None:
+            items = self.sessions.items_of(user)
+            rows = np.fromiter(map(self.items.position, items), np.int64, len(items))
+            rows = rows[rows >= 0]  # evicted items drop out
+            if len(rows):
+                mean = item_rows[rows, :dim].sum(axis=0) / len(rows)
+                vector = vector + self._faded(float(self.sessions.events_of(user))) * mean
+        return vector
 
     def _session_weights(self, user_ids: np.ndarray) -> np.ndarray:
-        """`session_weight`, faded by how much each user's own row has learned: a new user or an
-        anonymous session leans on its session, a user with a long history on their row."""
+        """Each user's `_faded` session weight."""
+        events = np.fromiter(map(self.sessions.events_of, user_ids.tolist()), np.float64, len(user_ids))
+        return self._faded(events)
+
+    def _faded(self, events: np.ndarray | float) -> np.ndarray | float:
+        """`session_weight`, faded by how much the user's own row has learned (`events`): a new user
+        or an anonymous session leans on its session, a user with a long history on their row."""
         p = self.params
         if not p.session_fade:
-            return np.full(len(user_ids), p.session_weight)
-        events = np.fromiter(map(self.sessions.events_of, user_ids.tolist()), np.float64, len(user_ids))
+            return p.session_weight * np.ones_like(events)
         return p.session_weight * p.session_fade / (p.session_fade + events)
 
     def _session_means(self, user_ids: np.ndarray, item_rows: np.ndarray) -> np.ndarray:
         """Mean current vector of each user's session items (zero without a session); the items
-        of all users are looked up in one call."""
+        of all users are looked up in one call, one hash lookup per item."""
         dim = self.params.dim
         sessions = [self.sessions.items_of(user) for user in user_ids.tolist()]
         lengths = np.fromiter(map(len, sessions), np.int64, len(sessions))
         means = np.zeros((len(user_ids), dim))
         if not lengths.any():
             return means
-        # one hash lookup per item: the scorer asks for one user per scored event, where building
-        # an array for pandas' get_indexer cost twice the whole score without sessions
         rows = np.fromiter(map(self.items.position, chain.from_iterable(sessions)), np.int64, int(lengths.sum()))
-        if len(user_ids) == 1:  # that one user: a plain mean (the grouping below costs as much again)
-            rows = rows[rows >= 0]
-            if len(rows):
-                means[0] = item_rows[rows, :dim].sum(axis=0) / len(rows)
-            return means
         owner = np.repeat(np.arange(len(user_ids)), lengths)[rows >= 0]  # evicted items drop out
         counts = np.bincount(owner, minlength=len(user_ids))
         present = np.flatnonzero(counts)
@@ -257,7 +285,7 @@ class OnlineBPR(_FactorModel):
         self.hidden[new_rows] = True  # not yet in the stream for the events before their first one
         user_ids = self.needs(batch)[self.user_table]
         self.users = LocalRows(self.table_specs()["users"], user_ids, rows[self.user_table])
-        u_all = self.users.index.get_indexer(batch.user_id)
+        u_all = positions(self.users.index, batch.user_id)
         i_all = self.items.positions(batch.item_id)
         # negatives for the whole batch up front: the touched item rows are then known
         positive_pos = np.flatnonzero(weight > 0)
@@ -301,9 +329,14 @@ class OnlineBPR(_FactorModel):
             learn(0, len(steps), *settings)
             observe(0, len(positive_pos))
         else:
+            # the steps holding a new item's first event, which unhide it (steps are step_events long)
+            unhides = np.zeros(len(steps), bool)
+            firsts = np.flatnonzero(learnable)
+            unhides[firsts[self.hidden[i_all[firsts]]] // p.step_events] = True
             for n, step in enumerate(steps):
                 before_step(step)
-                self.hidden[i_all[step][learnable[step]]] = False
+                if unhides[n]:
+                    self.hidden[i_all[step][learnable[step]]] = False
                 learn(n, n + 1, *settings)
                 observe(bounds[n], bounds[n + 1])  # the next step's scoring sees these items
         if k and len(W):
@@ -314,7 +347,7 @@ class OnlineBPR(_FactorModel):
             stats.examples += len(skip_pos)
         self.hidden[:] = False
         item_delta = Q[touched].astype(np.float64) - start_items
-        item_ids = list(self.items.index[touched])
+        item_ids = self.items.index.to_numpy()[touched].tolist()
         return {self.user_table: self.users.delta_update(),
                 self.item_table: (item_ids, (-item_delta).astype(np.float32))}, stats
 
@@ -377,8 +410,8 @@ class OnlineMF(_FactorModel):
         items = LocalRows(specs["items"], needs[self.item_table], rows[self.item_table])
         pos = np.flatnonzero(rated)
         bounds = np.searchsorted(pos, [st.start for st in steps] + [len(batch)])
-        learn = partial(mf_steps, users.values, items.values, users.index.get_indexer(batch.user_id[pos]),
-                        items.index.get_indexer(batch.item_id[pos]), batch.value[pos], bounds)
+        learn = partial(mf_steps, users.values, items.values, positions(users.index, batch.user_id[pos]),
+                        positions(items.index, batch.item_id[pos]), batch.value[pos], bounds)
         # predict first, then learn, per step: mu (the running mean) includes the earlier steps' ratings
         for first, last in [(0, len(steps))] if before_step is None else [(n, n + 1) for n in range(len(steps))]:
             if before_step is not None:

@@ -12,6 +12,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from streamrec.core.lookup import appended, positions
+
 SamplingMode = Literal["uniform", "popularity", "in-batch"]
 
 
@@ -31,12 +33,12 @@ class NegativeSampler:
         """Count the items of a batch (new ones join the catalogue)."""
         codes, uniques = pd.factorize(np.asarray(item_ids, dtype=object))
         per_unique = np.bincount(codes, minlength=len(uniques)).astype(np.float64)
-        position = self._index.get_indexer(uniques)
+        position = positions(self._index, uniques)
         new = position < 0
         if new.any():
-            self._index = self._index.append(pd.Index(uniques[new], dtype=object))
+            self._index = appended(self._index, uniques[new])
             self._counts = np.concatenate([self._counts, np.zeros(int(new.sum()))])
-            position = self._index.get_indexer(uniques)
+            position = positions(self._index, uniques)
         np.add.at(self._counts, position, per_unique)
 
     def sample(self, batch_items: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
