@@ -13,7 +13,7 @@ from streamrec.param_server.store import merge_meta
 from streamrec.stream.deadletter import read_dead_letter
 from streamrec.stream.events import EventBatch
 from streamrec.stream.kafka import make_consumer
-from streamrec.trainer.online.dedup import META_KEY, REASON, SPAN_EVENTS, EventIdWindow
+from streamrec.trainer.online.dedup import META_KEY, REASON, SPAN_EVENTS, EventIdWindow, hash_ids
 from tests.trainer_online.conftest import (
     TrainerProcess,
     applied,
@@ -129,3 +129,12 @@ def test_copies_on_the_topic_are_applied_once_across_a_trainer_restart(online_se
     letters = duplicate_letters(online_settings.kafka_bootstrap, online_settings.dlq_topic, 101)
     copied = sorted(orjson.loads(letter["raw"])["event_id"] for letter in letters)
     assert copied == sorted(e["event_id"] for e in events[100:200] + [events[450]])
+
+
+def test_event_id_hashes_are_pinned_because_the_meta_record_keeps_them_across_versions():
+    """A restarted trainer compares new ids against hashes an earlier version wrote into the
+    parameter server's meta record, so the hash of an id must never change (these were printed
+    by the version that factorized ids before hashing, and by the one that does not)."""
+    ids = np.array(["e-1", "u:1:click", "é", ""], object)
+    assert hash_ids(ids).tolist() == [12489684386117361974, 8201278672224796638, 16908809132758853863,
+                                      1760245841805064774]
