@@ -38,8 +38,8 @@ class Trial:
     hits: int  # cluster items in the last top 10 served
     cold_start: bool  # serving had no vector for the user in its last answer
     model_hits: int | None = None  # timed out: cluster items in the top 10 of the parameter server's own rows
-    known_seconds: float | None = None  # when serving first answered with the user's row (None: never)
-    known_hits: int | None = None  # cluster items in that first answer
+    row_seconds: float | None = None  # when serving first answered with the user's row (None: never)
+    row_hits: int | None = None  # cluster items in that first answer
 
 
 def item_clusters(client: ParamClient, table: str, n_clusters: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -115,20 +115,19 @@ def run_trial(settings: Settings, http: httpx.Client, n_clusters: int, burst: in
     publisher.close()
     start = time.monotonic()
     cluster_items = set(members.tolist())
-    known: tuple[float, int] | None = None  # (seconds, hits) of serving's first answer from the user's row
+    first_row: dict[str, float | int] = {}  # row_seconds, row_hits: serving's first answer from the user's row
     while True:
         top, cold = _recommend(http, user)
         hits = sum(item in cluster_items for item in top)
         elapsed = time.monotonic() - start
-        if known is None and not cold:
-            known = (elapsed, hits)
-        first = {"known_seconds": known[0], "known_hits": known[1]} if known else {}
+        if not first_row and not cold:
+            first_row = {"row_seconds": elapsed, "row_hits": hits}
         if hits >= min_hits:
-            return Trial(elapsed, cluster, user, hits, cold, **first)
+            return Trial(elapsed, cluster, user, hits, cold, **first_row)
         if elapsed >= timeout_s:
             with ParamClient.from_settings(settings) as client:
                 learned = model_hits(client, user_table, item_table, user, chosen, cluster_items)
-            return Trial(None, cluster, user, hits, cold, learned, **first)
+            return Trial(None, cluster, user, hits, cold, learned, **first_row)
         time.sleep(0.1)
 
 
@@ -181,8 +180,8 @@ def summarise(results: list[Trial], timeout_s: float) -> dict[str, Any]:
         # their recent items), and for each trial slower than 2 s, when serving first answered
         # from the user's row and how many of the cluster's items that answer held
         "reflected_by_fold_in": sum(t.seconds is not None and t.cold_start for t in results),
-        "slow": [{"seconds": round(t.seconds or timeout_s, 2), "row_seconds": t.known_seconds,
-                  "row_hits": t.known_hits} for t in results if t.seconds is None or t.seconds > 2.0],
+        "slow": [{"seconds": round(t.seconds or timeout_s, 2), "row_seconds": t.row_seconds,
+                  "row_hits": t.row_hits} for t in results if t.seconds is None or t.seconds > 2.0],
         "timed_out": [{"user": t.user, "cluster": t.cluster, "hits": t.hits, "cold_start": t.cold_start,
                        "model_hits": t.model_hits} for t in lost],
     }

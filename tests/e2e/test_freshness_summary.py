@@ -43,7 +43,7 @@ def test_the_summary_says_where_a_slow_trials_time_went():
     """A trial reflected by the fold-in (serving has no row yet) counts as such; a slow one lists
     when serving first answered from the user's row and how many cluster items that answer held."""
     by_fold_in = trial(0.3, cold_start=True)
-    slow = Trial(3.8, cluster=1, user="probe-z", hits=3, cold_start=False, known_seconds=0.76, known_hits=2)
+    slow = Trial(3.8, cluster=1, user="probe-z", hits=3, cold_start=False, row_seconds=0.76, row_hits=2)
     summary = summarise([by_fold_in, slow, trial(1.0)], timeout_s=60.0)
     assert summary["reflected_by_fold_in"] == 1
     assert summary["slow"] == [{"seconds": 3.8, "row_seconds": 0.76, "row_hits": 2}]

@@ -244,16 +244,12 @@ class PrequentialScorer:
                     continue
                 for name, model in models.items():
                     lookup = self._columns.setdefault(name, ColumnLookup())
-                    if isinstance(model, OnlineRecommender):  # the model ranks (one compiled pass where it can)
-                        columns = lookup(model.scoring_index())
-                        excluded = self.history.columns(user, name, lookup)
-                        greater, ties = model.rank_one(user, columns.get(item, -1), excluded)
-                    else:
-                        scores = model(np.array([user], object))
-                        columns = lookup(scores.item_ids)
-                        excluded = self.history.columns(user, name, lookup)
-                        greater, ties = rank_count(np.ascontiguousarray(scores.scores[0]), excluded,
-                                                   columns.get(item, -1))
+                    ranks_itself = isinstance(model, OnlineRecommender)  # one compiled pass where it can
+                    scores = None if ranks_itself else model(np.array([user], object))
+                    target = lookup(model.scoring_index() if scores is None else scores.item_ids).get(item, -1)
+                    excluded = self.history.columns(user, name, lookup)
+                    greater, ties = (model.rank_one(user, target, excluded) if scores is None else
+                                     rank_count(np.ascontiguousarray(scores.scores[0]), excluded, target))
                     found[name].append((self.position, greater, ties, float(events.timestamp[q])))
         self.pass_unscored(events, observed, stop)
 

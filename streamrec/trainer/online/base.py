@@ -159,8 +159,11 @@ class OnlineRecommender(ABC):
         """Scores of `user_ids` over every item the model holds, from its newest state (between
         batches: the store's, synced; within one: the local copy). Users without a row score like
         a zero vector (the items' biases: a learned popularity prior for cold users)."""
-        if not self._mid_batch:
-            self.items.sync()
+        self.scoring_index()
+        return self._scores_as_held(user_ids)
+
+    def _scores_as_held(self, user_ids: np.ndarray) -> ItemScores:
+        """`score_users` against the item rows as the mirror holds them now (no sync)."""
         scores = np.array(self._scores(np.asarray(user_ids, dtype=object), self.items.values), np.float64)
         scores[:, ~self.items.alive] = -np.inf
         if len(self.hidden) == scores.shape[1] and self.hidden.any():
@@ -176,10 +179,12 @@ class OnlineRecommender(ABC):
 
     def rank_one(self, user: str, target: int, excluded: np.ndarray) -> tuple[int, int]:
         """The prequential count of one scored event (`kernels.rank_count`): how many candidates
-        of `user` score above column `target` of `scoring_index()` and how many others tie it,
-        the columns `excluded` left out. The live trainer asks this before every tenth step, so
-        models whose scores are linear override it with one compiled pass."""
-        scores = self.score_users(np.array([user], object))
+        of `user` score above column `target` of the index `scoring_index()` returned and how many
+        others tie it, the columns `excluded` left out. It ranks against the items as that call
+        left them (no second sync: the columns name that index). The live trainer asks this
+        before every tenth step, so models whose scores are linear override it with one compiled
+        pass."""
+        scores = self._scores_as_held(np.array([user], object))
         return rank_count(np.ascontiguousarray(scores.scores[0]), excluded, target)
 
     @abstractmethod

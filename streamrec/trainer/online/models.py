@@ -199,8 +199,6 @@ class OnlineBPR(_FactorModel):
 
     def rank_one(self, user: str, target: int, excluded: np.ndarray) -> tuple[int, int]:
         """The scores [p_u, 1] . [q_j, b_j] computed and counted in one compiled pass (`rank_linear`)."""
-        if not self._mid_batch:
-            self.items.sync()
         items = self.items.values
         vector = np.ones(self.params.dim + 1, np.float32)
         vector[:-1] = self._user_vector(user, items)
