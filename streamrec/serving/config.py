@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from streamrec.core.config import Settings
 from streamrec.serving.filters import ItemFilter
+from streamrec.trainer.online.session import SESSION_FADE, SESSION_GAP, SESSION_WEIGHT
 
 CONFIG_ENV = "STREAMREC_SERVING_CONFIG_JSON"
 MAX_K = 1000
@@ -110,6 +111,16 @@ class ServingConfig(BaseModel):
                                 "to this many of their most recent items (0: off)")
     fold_in_weight: float = Field(2.0, gt=0, description="scale of that mean vector against the items' biases "
                                   "(chosen on validation splits by `streamrec study-cold-users`)")
+    # users with a row: their current session joins it, as the online model scores them
+    session_weight: float = Field(SESSION_WEIGHT, ge=0, description="weight of the mean vector of the user's "
+                                  "current session's items added to their row, faded by their events as "
+                                  "session_fade says (the online BPR's own `session_weight`; 0: off)")
+    session_fade: float = Field(SESSION_FADE, ge=0, description="the weight is session_weight * fade / (fade + the "
+                                "user's events) (the online BPR's `session_fade`; 0: no fade)")
+    session_items: int = Field(20, ge=1, description="the newest items of the session that count (the online "
+                               "BPR's `session_items`)")
+    session_gap: float = Field(SESSION_GAP, gt=0, description="seconds of event time after a user's last event "
+                               "that end their session (the feature store's and the online BPR's `session_gap`)")
     # context slices for users without a row (streamrec.serving.context)
     context_slices: bool = Field(True, description="serve users without a row from the popularity slices of "
                                  "their request's context (device, hour) where those have proven useful")

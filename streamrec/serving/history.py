@@ -21,7 +21,7 @@ import redis.asyncio
 
 from streamrec.serving.config import ServingConfig
 from streamrec.serving.metrics import ServingMetrics
-from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig, decode_history
+from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig, UserHistory, decode_history
 
 T = TypeVar("T")
 ASYNC_CONNECTIONS = 32  # per worker; requests beyond that wait for one
@@ -59,6 +59,8 @@ class History:
         self._trending: list[tuple[str, float]] = []
         self._trending_n = 0
         self._trending_at = -float("inf")
+        self._clock: float | None = None
+        self._clock_at = -float("inf")
 
     def _call(self, read: Callable[[], T]) -> T | None:
         now = time.monotonic()
@@ -73,20 +75,22 @@ class History:
     def count_degraded(self) -> None:
         self._redis_errors.inc()
 
-    def user_history(self, user: str, recent: int, seen: bool) -> tuple[list[str], set[str]] | None:
-        """(newest `recent` items, seen items) in one Redis round trip; None while Redis is down."""
-        if not recent and not seen:
-            return [], set()
-        return self._call(lambda: self.store.user_history(user, recent, seen))
+    def user_history(self, user: str, recent: int, seen: bool, session: bool = False) -> UserHistory | None:
+        """(newest `recent` items, seen items, the session's state) in one Redis round trip; None
+        while Redis is down."""
+        if not recent and not seen and not session:
+            return UserHistory([], set())
+        return self._call(lambda: self.store.user_history(user, recent, seen, session))
 
-    async def user_history_async(self, user: str, recent: int, seen: bool) -> tuple[list[str], set[str]] | None:
+    async def user_history_async(self, user: str, recent: int, seen: bool, session: bool = False,
+                                 ) -> UserHistory | None:
         """`user_history` awaited on the worker's event loop."""
-        if not recent and not seen:
-            return [], set()
+        if not recent and not seen and not session:
+            return UserHistory([], set())
         now = time.monotonic()
         if now < self._down_until:
             return None
-        commands = self.store.history_commands(user, recent, seen)
+        commands = self.store.history_commands(user, recent, seen, session)
         try:
             if len(commands) == 1:
                 replies = [await self.async_redis.execute_command(*commands[0])]
@@ -104,12 +108,23 @@ class History:
             self._down_until = now + self.config.redis_retry_s
             return None
         self._timeouts_in_a_row = 0
-        return decode_history(replies, recent, seen)
+        return decode_history(replies, recent, seen, session)
 
     async def close(self) -> None:
         await self.async_redis.aclose()
         if isinstance(self.async_redis, redis.asyncio.Redis):  # a pool passed in is not closed with the client
             await self.async_redis.connection_pool.disconnect()
+
+    def clock(self) -> float | None:
+        """The feature store's clock (its newest event time), re-read every `trending_cache_s`:
+        it tells whether a user's session has ended. None while Redis is down and nothing was read."""
+        now = time.monotonic()
+        if now - self._clock_at >= self.config.trending_cache_s:
+            clock = self._call(self.store.clock)
+            if clock is None:
+                return self._clock
+            self._clock, self._clock_at = clock, now
+        return self._clock
 
     def trending(self, n: int) -> list[tuple[str, float]] | None:
         """Top-n by decayed popularity; one worker reuses the list for `trending_cache_s`."""

@@ -21,6 +21,8 @@ from streamrec.serving.index import index_rows, query_rows
 from streamrec.serving.metrics import ServingMetrics
 from streamrec.serving.mmr import mmr
 from streamrec.serving.state import ServingState
+from streamrec.trainer.online.feature_store import UserHistory
+from streamrec.trainer.online.session import faded_weight
 
 SOURCES = ("ann", "item_knn", "trending")  # bit i of a candidate's source mask
 ALL_SOURCES = frozenset(SOURCES)
@@ -148,12 +150,17 @@ class CandidatePipeline:
         return state is not None and state.artifacts.ranker is not None and state.artifacts.ranker.uses_history
 
     # ---- /recommend ---------------------------------------------------------------------------
-    def history_wanted(self, state: ServingState | None, exclude_seen: bool, user_id: str) -> tuple[int, bool]:
+    def history_wanted(self, state: ServingState | None, exclude_seen: bool, user_id: str) -> tuple[int, bool, bool]:
         """What `recommend` needs from the user's history: (recent items for item-kNN candidates,
-        and for the fold-in of a user not known to have a row; whether the seen set is needed:
-        the seen filter or a ranker that pools the user's items)."""
-        fold_in = self.config.fold_in_events if state is not None and not state.users.cached_with_row(user_id) else 0
-        return max(self._knn_recent(state), fold_in), exclude_seen or self._ranker_reads_history(state)
+        for the fold-in of a user not known to have a row and for the session of one who may have
+        one; whether the seen set is needed: the seen filter or a ranker that pools the user's
+        items; whether the session's state is needed)."""
+        if state is None:
+            return 0, exclude_seen, False
+        fold_in = 0 if state.users.cached_with_row(user_id) else self.config.fold_in_events
+        session = self.config.session_weight > 0  # the row may come with the request (a pull)
+        recent = max(self._knn_recent(state), fold_in, self.config.session_items if session else 0)
+        return recent, exclude_seen or self._ranker_reads_history(state), session
 
     def _knn_recent(self, state: ServingState | None) -> int:
         """Recent items whose neighbours are candidates: none without an item-kNN artifact."""
@@ -161,7 +168,7 @@ class CandidatePipeline:
         return self.config.knn_recent if wants_recent else 0
 
     def recommend(self, state: ServingState | None, user_id: str, k: int, exclude_seen: bool,
-                  diversity: float, explain: bool, history: tuple[list[str], set[str]] | None,
+                  diversity: float, explain: bool, history: UserHistory | None,
                   item_filter: ItemFilter = NO_FILTER, arm: Arm | None = None,
                   context: RequestContext = NO_CONTEXT) -> dict[str, Any]:
         """`history`: what `history_wanted` asked of Redis (`History.user_history_async`), None
@@ -179,14 +186,16 @@ class CandidatePipeline:
         interacted: set[str] | None = None
         if history is None:
             _note_redis(degraded)
-            history = ([], set())
+            history = UserHistory([], set())
         elif wants_seen:
-            interacted = history[1]
-        recent, seen = history[0], history[1] if exclude_seen else set()
+            interacted = history.seen
+        recent, seen = history.recent, history.seen if exclude_seen else set()
         user = self._user(state, user_id, degraded) if state is not None else None
-        folded, popular = 0, arm is not None and arm.source == "popularity"
+        folded, in_session, popular = 0, 0, arm is not None and arm.source == "popularity"
         if user is None and state is not None and recent and not popular:
             user, folded = self._fold_in(state, recent[: self.config.fold_in_events])
+        elif user is not None and state is not None and not popular:
+            user, in_session = self._with_session(state, user, history)
         recent = recent[: self._knn_recent(state)]  # the rest was read for the fold-in only
         if user is None or popular:
             body = self._cold_start(state, k, seen, degraded, allowed, None if popular else context)
@@ -196,6 +205,8 @@ class CandidatePipeline:
                                   allowed, sources)
             if folded:
                 body.update(cold_start=True, fold_in=folded)
+            elif in_session:
+                body["session"] = in_session
         share = arm.explore if arm is not None and arm.explore is not None else self.config.explore_share
         if share and state is not None and self.explore is not None:
             self._explore(state, body, k, share, seen, allowed)
@@ -214,6 +225,29 @@ class CandidatePipeline:
             return None, 0
         vectors = index_rows(state.items, rows)[:, : state.items.dim].astype(np.float32)
         return (self.config.fold_in_weight * vectors.mean(axis=0), 0.0), len(rows)
+
+    def _with_session(self, state: ServingState, user: tuple[np.ndarray, float], history: UserHistory,
+                      ) -> tuple[tuple[np.ndarray, float], int]:
+        """The user's row plus their current session's mean item vector, weighted as the online
+        model weighs it (`faded_weight`, by the user's events), and how many items it took: the
+        model's own score of the user. A row the trainer learned from a burst's first few events
+        ranks little of what the burst was about, while the session already holds all of it
+        (docs/performance.md, "Freshness"). No session (none read, ended, or no item with a row):
+        the row alone."""
+        if history.session is None:
+            return user, 0
+        config = self.config
+        clock = self.history.clock()
+        items = history.session_items(history.session.last_seen if clock is None else clock, config.session_gap,
+                                      config.session_items)
+        rows = rows_of(state.items, items)
+        rows = rows[rows >= 0]
+        if not len(rows):
+            return user, 0
+        weight = faded_weight(config.session_weight, config.session_fade, float(history.session.events))
+        mean = index_rows(state.items, rows)[:, : state.items.dim].mean(axis=0)
+        p_u, b_u = user
+        return ((p_u + weight * mean).astype(np.float32), b_u), len(rows)
 
     def _explore(self, state: ServingState, body: dict[str, Any], k: int, share: float, seen: set[str],
                  allowed: np.ndarray | None) -> None:
@@ -429,7 +463,7 @@ class CandidatePipeline:
                 _note_redis(degraded)
                 self.history.count_degraded()
             else:
-                interacted = history[1]
+                interacted = history.seen
         score = self._rank(state, user_id, rows[known], features, interacted)
         order = np.argsort(-score, kind="stable")
         return {"cold_start": cold, "degraded": degraded, "unknown": ids[~known].tolist(),

@@ -52,6 +52,8 @@ class RecommendResponse(BaseModel):
     context: list[str] | None = None
     # a user without a row served from the mean vector of their recent items: how many it took
     fold_in: int | None = None
+    # a user with a row whose current session joined it (as the online model scores them): its items used
+    session: int | None = None
 
 
 class RescoreResponse(BaseModel):

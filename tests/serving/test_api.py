@@ -14,6 +14,7 @@ from streamrec.param_server.artifacts import KNN_BLOB, encode_neighbors
 from streamrec.param_server.client import ParamClient
 from streamrec.serving import schemas
 from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
+from streamrec.trainer.online.session import SESSION_FADE, SESSION_WEIGHT, faded_weight
 from tests.serving.conftest import (
     Serving,
     load_model,
@@ -48,7 +49,12 @@ class World:
     bias: np.ndarray
 
     def scores(self, user: int) -> np.ndarray:
-        return self.items @ self.users[user] + self.bias
+        """The online model's score: the user's row plus, for u1, their current session (i3, i7:
+        two events, so the faded weight is 4 * 2 / (2 + 2) = 2) times its mean item vector."""
+        vector = self.users[user]
+        if user == 1:
+            vector = vector + faded_weight(SESSION_WEIGHT, SESSION_FADE, 2.0) * self.items[[3, 7]].mean(axis=0)
+        return self.items @ vector + self.bias
 
     def top(self, user: int, k: int, exclude: tuple[str, ...] = ()) -> list[str]:
         scores = self.scores(user)
@@ -103,6 +109,7 @@ def test_exact_top_k(world: World) -> None:
         expected = world.scores(user)[[int(item.item_id[1:]) for item in body.items]]
         assert [item.score for item in body.items] == pytest.approx(expected.tolist(), rel=1e-5)
         assert not body.cold_start and body.degraded == [] and body.model_version > 0
+        assert body.session == (2 if user == 1 else None)
         assert 0 <= body.staleness_seconds < 5
         assert all("ann" in item.sources for item in body.items)  # the flat index holds all 40 items
 

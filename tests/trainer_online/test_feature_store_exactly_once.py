@@ -193,7 +193,7 @@ def test_bad_key_parts_are_refused(redis_url: str) -> None:
         KeySchema("sr").entity("x", "u1")  # type: ignore[arg-type]
 
 
-WRITE_COMMANDS = {b"HGET", b"GET", b"SET", b"SETNX", b"LPUSH", b"LTRIM", b"EXPIRE", b"SADD", b"HSET", b"HINCRBY",
+WRITE_COMMANDS = {b"HGET", b"HMGET", b"GET", b"SET", b"SETNX", b"LPUSH", b"LTRIM", b"EXPIRE", b"SADD", b"HSET", b"HINCRBY",
                   b"ZINCRBY", b"INCRBY"}
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import uuid
+
 import numpy as np
 
 from streamrec.param_server.client import ParamClient
 from streamrec.stream.events import EventBatch
 from streamrec.trainer.online.base import OnlineRecommender, learn_together
+from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
 from streamrec.trainer.online.models import OnlineBPR
-from streamrec.trainer.online.session import SessionTracker, session_ids
+from streamrec.trainer.online.session import SESSION_GAP, SessionTracker, session_ids
 
 THEMES, PER_THEME, POPULAR = 8, 6, 3
 START = 1_700_000_000.0
@@ -151,3 +154,35 @@ def test_the_compiled_rank_of_one_user_counts_as_the_scores_do():
     model.learn_pulled(late, model.store.pull_many(model.needs(late)),
                        before_step=lambda step: seen.append(agree(late.user_id[step].tolist())))
     assert len(seen) >= 10  # within the batch: the working copy and the sessions moving
+
+
+def test_the_feature_store_holds_the_session_the_model_tracks(redis_url):
+    """Serving adds the session term from the feature store (the newest `session_events` of the
+    user's recent items, their event count, ended by the same gap against the store's clock):
+    written in several batches through real Redis, it names the same items and counts as the
+    model's own `SessionTracker` fed the same stream, gaps and all."""
+    rng = np.random.default_rng(5)
+    n = 900
+    users = np.array([f"u:{i}" for i in rng.integers(0, 15, n)], object)  # ':' in ids: keys stay apart
+    items = np.array([f"i{i}" for i in rng.integers(0, 60, n)], object)
+    # mostly seconds apart, now and then a pause beyond the gap, so users have several sessions
+    times = START + np.cumsum(np.where(rng.random(n) < 0.03, SESSION_GAP * 1.5, rng.integers(1, 60, n)).astype(float))
+    store = FeatureStore.from_url(redis_url, FeatureStoreConfig(prefix=f"test-session-{uuid.uuid4().hex[:10]}"))
+    tracker = SessionTracker(max_items=20, gap_seconds=SESSION_GAP)
+    try:
+        for chunk in np.array_split(np.arange(n), 9):
+            store.write(EventBatch.from_columns(users[chunk], items[chunk], np.full(len(chunk), "click", object),
+                                                times[chunk]))
+            tracker.observe(users[chunk], items[chunk], times[chunk], [None] * len(chunk))
+        clock = store.clock()
+        assert clock == times.max()
+        current = 0
+        for user in sorted(set(users.tolist())):
+            history = store.user_history(user, 20, False, session=True)
+            assert history.session is not None and history.session.events == tracker.events_of(user)
+            assert history.session_items(clock, SESSION_GAP, 20) == tracker.items_of(user)[::-1], user
+            current += bool(tracker.items_of(user))
+        assert 0 < current < 15  # some sessions current, some ended by the gap
+        assert store.user_history("nobody", 20, False, session=True).session is None
+    finally:
+        store.clear()

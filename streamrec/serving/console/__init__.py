@@ -84,8 +84,7 @@ def add_console_routes(app: FastAPI, config: ServingConfig, holder: StateHolder,
         history = pipeline.history.user_history(user_id, n, False)
         if history is None:
             return _json({"user_id": user_id, "items": [], "redis_down": True})
-        recent, _ = history
-        return _json({"user_id": user_id, "items": _described(catalogue, recent), "redis_down": False})
+        return _json({"user_id": user_id, "items": _described(catalogue, history.recent), "redis_down": False})
 
     @app.get("/ui/api/items", dependencies=guarded, tags=["console"], responses=DOCUMENTED)
     def console_items(q: str = Query(min_length=1, max_length=MAX_ID_LENGTH),

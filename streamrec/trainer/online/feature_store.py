@@ -30,7 +30,7 @@ after their TTL; rebuild the store from the topic (`streamrec features rebuild`)
 |---|---|---|
 | `sr:{u:<user>}:recent` | list | the user's most recent item ids, newest first, capped (`recent_cap`) |
 | `sr:{u:<user>}:seen` | set | every item the user interacted with (the serving seen-filter) |
-| `sr:{u:<user>}` / `sr:{i:<item>}` | hash | `last_seen` (event time), `events` (total count) |
+| `sr:{u:<user>}` / `sr:{i:<item>}` | hash | `last_seen` (event time), `events` (total count); a user's also `session_events`, the events of their current session (a gap of more than `session_gap` seconds of event time starts a new one): the newest that many of `recent` are the session serving adds to the user's row |
 | `sr:{u or i:<id>}:w<window>:<bucket>` | string | events of one bucket of a sliding window (windows 300 s in 60 s buckets and 3600 s in 300 s buckets); a window's count is the sum of its buckets up to the clock |
 | `sr:{g}:clock` | string | the largest event time written (the feature store's "now") |
 | `sr:{g}:pop` | sorted set | item -> sum of weight * 2^((t - landmark) / half_life): popularity with exponential time decay (forward decay: ranking needs no rescaling) |
@@ -57,10 +57,10 @@ import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
-import numpy as np
 import hiredis
+import numpy as np
 import orjson
 import pandas as pd
 import redis
@@ -69,6 +69,7 @@ from streamrec.core.config import Settings
 from streamrec.param_server.keys import as_keys, mix64
 from streamrec.stream.events import EventBatch
 from streamrec.trainer.online.roles import EventRoles
+from streamrec.trainer.online.session import SESSION_GAP
 
 WINDOWS: dict[int, int] = {300: 60, 3600: 300}  # window seconds -> bucket seconds
 EntityKind = Literal["u", "i"]  # user, item
@@ -257,7 +258,7 @@ WRITE_SCRIPT = """
 -- Redis gets both sides of every event). Nothing outside KEYS is touched.
 local p = cjson.decode(ARGV[1])
 local WM, CLOCK, LANDMARK, POP, ITEM_EVENTS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local ttl, cap, half_life = p.ttl, p.cap, p.half_life
+local ttl, cap, half_life, gap = p.ttl, p.cap, p.half_life, p.gap
 local I, T, W, PI, O, PK, HOLD = p.i, p.t, p.w, p.pi, p.o, p.pk or {}, p.hold
 local UK, IK, UW, IW, WTTL = p.uk, p.ik, p.uw, p.iw, p.wttl
 -- a bucket of a Cluster store also gets every partition's last offset in the whole batch (its
@@ -304,8 +305,8 @@ for k = 1, #T do
     if uk > 0 then
       applied = applied + 1
       local e = users[uk]
-      if not e then e = {items = {}, last = t, n = 0}; users[uk] = e; user_order[#user_order + 1] = uk end
-      e.items[#e.items + 1] = i; e.n = e.n + 1; if t > e.last then e.last = t end
+      if not e then e = {items = {}, times = {}, last = t, n = 0}; users[uk] = e; user_order[#user_order + 1] = uk end
+      e.items[#e.items + 1] = i; e.times[#e.times + 1] = t; e.n = e.n + 1; if t > e.last then e.last = t end
       for w = 1, #WTTL do bump(UW[k][w], WTTL[w]) end
     end
     if ik > 0 then
@@ -330,7 +331,15 @@ if max_t ~= nil then
     redis.call('EXPIRE', recent, ttl)
     chunked('SADD', seen, e.items, 1)
     redis.call('EXPIRE', seen, ttl)
-    redis.call('HSET', key, 'last_seen', string.format('%.6f', e.last))
+    -- the current session: its events so far, a gap of more than `gap` seconds starting a new one
+    local held = redis.call('HMGET', key, 'last_seen', 'session_events')
+    local previous, session = tonumber(held[1]), tonumber(held[2]) or 0
+    for _, t in ipairs(e.times) do
+      if previous == nil or t - previous > gap then session = 0 end
+      session = session + 1
+      if previous == nil or t > previous then previous = t end
+    end
+    redis.call('HSET', key, 'last_seen', string.format('%.6f', previous), 'session_events', session)
     redis.call('HINCRBY', key, 'events', e.n)
     redis.call('EXPIRE', key, ttl)
   end
@@ -420,6 +429,7 @@ class FeatureStoreConfig:
     recent_cap: int = 100
     ttl_seconds: int = 30 * 86_400
     popularity_half_life: float = 7 * 86_400.0
+    session_gap: float = SESSION_GAP  # seconds of event time without an event of a user that end their session
     cluster: bool = False  # the URL names a node of a Redis Cluster (streamrec.trainer.online.feature_cluster)
 
     @classmethod
@@ -479,11 +489,41 @@ def popularity_weights(batch: EventBatch, roles: EventRoles) -> np.ndarray:
     return np.where(weights > 0, weights, 1.0)
 
 
-def decode_history(replies: list[list[bytes]], recent: int, seen: bool) -> tuple[list[str], set[str]]:
-    """(newest items, seen items) from the replies to `FeatureStore.history_commands`."""
+class SessionState(NamedTuple):
+    """What a user's hash says of their current session (`session_items` reads it)."""
+
+    events: int  # the user's events, every session
+    session_events: int  # the events of the current session
+    last_seen: float  # event time of the user's newest event
+
+
+class UserHistory(NamedTuple):
+    """One read of a user's history (`FeatureStore.history_commands`)."""
+
+    recent: list[str]  # newest first
+    seen: set[str]
+    session: SessionState | None = None  # None: not asked for, or the user has no hash
+
+    def session_items(self, clock: float, gap: float, most: int) -> list[str]:
+        """The user's current session, newest first (at most `most` items): the newest
+        `session_events` of `recent`, none when the user's last event is more than `gap` seconds of
+        event time older than `clock` (the session has ended, as the model's tracker ends it)."""
+        state = self.session
+        if state is None or clock - state.last_seen > gap:
+            return []
+        return self.recent[: min(state.session_events, most)]
+
+
+def decode_history(replies: list[list[bytes | None]], recent: int, seen: bool, session: bool = False) -> UserHistory:
+    """The replies to `FeatureStore.history_commands`, in the order it gives the commands."""
     newest = [v.decode() for v in replies[0]] if recent else []
-    everything = {v.decode() for v in replies[-1]} if seen else set()
-    return newest, everything
+    everything = {v.decode() for v in replies[1 if recent else 0]} if seen else set()
+    state = None
+    if session:
+        events, session_events, last_seen = replies[-1]
+        if events is not None and session_events is not None and last_seen is not None:
+            state = SessionState(int(events), int(session_events), float(last_seen))
+    return UserHistory(newest, everything, state)
 
 
 class FeatureStore:
@@ -498,7 +538,9 @@ class FeatureStore:
         """A store on the Redis at `url`; with `config.cluster`, on the Redis Cluster that node
         belongs to (the bucketed layout of streamrec.trainer.online.feature_cluster)."""
         if config is not None and config.cluster:
-            from streamrec.trainer.online.feature_cluster import ClusterFeatureStore  # it extends this class
+            from streamrec.trainer.online.feature_cluster import (
+                ClusterFeatureStore,  # it extends this class
+            )
 
             return ClusterFeatureStore.from_url(url, config, timeout_s)
         return cls(redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s), config)
@@ -513,7 +555,7 @@ class FeatureStore:
         times = batch.timestamp[order]
         keys = DeclaredKeys.of(self.keys, batch.user_id[order], batch.item_id[order], times)
         fields: dict[str, object] = {
-            "ttl": c.ttl_seconds, "cap": c.recent_cap, "half_life": c.popularity_half_life,
+            "ttl": c.ttl_seconds, "cap": c.recent_cap, "half_life": c.popularity_half_life, "gap": c.session_gap,
             "landmark_hint": float(times[0]), "wttl": WINDOW_TTLS,
             "i": batch.item_id[order], "t": times,
             "w": np.ones(len(batch)) if weights is None else np.asarray(weights, np.float64)[order],
@@ -573,26 +615,31 @@ class FeatureStore:
         end = (n or self.config.recent_cap) - 1
         return [v.decode() for v in self.redis.lrange(self.keys.entity("u", user, RECENT), 0, end)]
 
-    def history_commands(self, user: str, recent: int, seen: bool) -> list[tuple[str | int, ...]]:
-        """The Redis commands that read a user's `recent` newest items and (if asked) every seen
-        item; `decode_history` turns their replies into lists. One definition for this store's
-        blocking client and for serving's asynchronous one (`streamrec.serving.history`)."""
+    def history_commands(self, user: str, recent: int, seen: bool, session: bool = False,
+                         ) -> list[tuple[str | int, ...]]:
+        """The Redis commands that read a user's `recent` newest items, (if asked) every seen
+        item and (`session`) their hash's session fields; `decode_history` decodes their replies.
+        One definition for this store's blocking client and for serving's asynchronous one
+        (`streamrec.serving.history`). Every key is in the user's slot: one node answers."""
         commands: list[tuple[str | int, ...]] = []
         if recent:
             commands.append(("LRANGE", self.keys.entity("u", user, RECENT), 0, recent - 1))
         if seen:
             commands.append(("SMEMBERS", self.keys.entity("u", user, SEEN)))
+        if session:
+            commands.append(("HMGET", self.keys.entity("u", user), "events", "session_events", "last_seen"))
         return commands
 
-    def user_history(self, user: str, recent: int, seen: bool) -> tuple[list[str], set[str]]:
-        """The user's `recent` newest items and (if asked) every seen item, in one round trip."""
-        commands = self.history_commands(user, recent, seen)
+    def user_history(self, user: str, recent: int, seen: bool, session: bool = False) -> UserHistory:
+        """The user's `recent` newest items, (if asked) every seen item and their session's
+        state, in one round trip."""
+        commands = self.history_commands(user, recent, seen, session)
         if len(commands) == 1:  # a single command skips redis-py's pipeline machinery
-            return decode_history([self.redis.execute_command(*commands[0])], recent, seen)
+            return decode_history([self.redis.execute_command(*commands[0])], recent, seen, session)
         pipe = self.redis.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)
-        return decode_history(pipe.execute() if commands else [], recent, seen)
+        return decode_history(pipe.execute() if commands else [], recent, seen, session)
 
     def seen_items(self, user: str) -> set[str]:
         return {v.decode() for v in self.redis.smembers(self.keys.entity("u", user, SEEN))}

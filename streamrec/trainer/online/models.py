@@ -48,11 +48,16 @@ from streamrec.trainer.online.base import (
 from streamrec.trainer.online.kernels import bpr_steps, mf_steps, rank_linear
 from streamrec.trainer.online.roles import EventRoles
 from streamrec.trainer.online.sampling import NegativeSampler, SamplingMode
-from streamrec.trainer.online.session import SessionTracker, session_ids
+from streamrec.trainer.online.session import (
+    SESSION_FADE,
+    SESSION_GAP,
+    SESSION_WEIGHT,
+    SessionTracker,
+    faded_weight,
+    session_ids,
+)
 from streamrec.trainer.online.shown import ShownItems
 
-SESSION_FADE = 2.0  # chosen on validation with SESSION_WEIGHT: docs/models.md
-SESSION_WEIGHT = 4.0  # chosen on validation (the first half of MovieLens and of a session log): docs/models.md
 SMALL_LOOKUP = 16  # users: below this, row lookups go through a dict (pandas' setup costs more)
 
 
@@ -104,7 +109,7 @@ class OnlineBPRParams(FactorParams):
     # the current session's mean item vector joins the user's (0: off, nothing tracked); see docs/models.md
     session_weight: float = Field(SESSION_WEIGHT, ge=0.0)
     session_items: int = Field(20, ge=1)  # the last items of the session that count
-    session_gap: float = Field(1800.0, gt=0.0)  # seconds of event time without an event that end a session
+    session_gap: float = Field(SESSION_GAP, gt=0.0)  # seconds of event time without an event that end a session
     session_users: int = Field(100_000, ge=1)  # sessions kept, least recently active forgotten first
     # the session term fades as the user's row matures: weight * fade / (fade + the user's events); 0: no fade
     session_fade: float = Field(SESSION_FADE, ge=0.0)
@@ -227,12 +232,8 @@ class OnlineBPR(_FactorModel):
         return self._faded(events)
 
     def _faded(self, events: np.ndarray | float) -> np.ndarray | float:
-        """`session_weight`, faded by how much the user's own row has learned (`events`): a new user
-        or an anonymous session leans on its session, a user with a long history on their row."""
-        p = self.params
-        if not p.session_fade:
-            return p.session_weight * np.ones_like(events)
-        return p.session_weight * p.session_fade / (p.session_fade + events)
+        """`session_weight`, faded by the user's events (`faded_weight`)."""
+        return faded_weight(self.params.session_weight, self.params.session_fade, events)
 
     def _session_means(self, user_ids: np.ndarray, item_rows: np.ndarray) -> np.ndarray:
         """Mean current vector of each user's session items (zero without a session); the items

@@ -26,6 +26,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 SESSION_KEY = "session_id"  # the event context key that names a session
+SESSION_WEIGHT = 4.0  # chosen on validation (the first half of MovieLens and of a session log): docs/models.md
+SESSION_FADE = 2.0  # chosen on validation with SESSION_WEIGHT: docs/models.md
+SESSION_GAP = 1800.0  # seconds of event time without an event that end a session (the model's and the feature store's)
 
 
 @dataclass
@@ -81,6 +84,15 @@ class SessionTracker:
         if current is None or self.clock - current.last_time > self.gap_seconds:
             return []
         return list(current.items)
+
+
+def faded_weight(weight: float, fade: float, events: np.ndarray | float) -> np.ndarray | float:
+    """The session term's weight, faded by how much the user's own row has learned (`events`): a
+    new user or an anonymous session leans on its session, a user with a long history on their
+    row; `fade` 0: no fade. The online model scores with it and serving adds the same term."""
+    if not fade:
+        return weight * np.ones_like(events)
+    return weight * fade / (fade + events)
 
 
 def session_ids(context: np.ndarray) -> list[str | None]:
