@@ -84,6 +84,9 @@ class ServingConfig(BaseModel):
                                                             "scalars) + 200 bytes each: 100k at dim 64 ~ 45 MB")
     user_pull_timeout_s: float = Field(0.1, gt=0, description="longest wait for a missing user's row")
     user_pull_retry_s: float = Field(1.0, ge=0, description="pull no rows this long after a failed pull")
+    user_pull_on_events: bool = Field(True, description="pull a cached user's row again when the feature store "
+                                      "counts events of theirs since the last pull (read-your-writes: a user in a "
+                                      "session gets the row the trainer has now, not the last poll's)")
     # candidate generation
     ann_candidates: int = Field(200, ge=1)
     knn_recent: int = Field(10, ge=0, description="recent items whose neighbours become candidates")

@@ -114,11 +114,13 @@ class CandidatePipeline:
         self.rules = ItemFilter.parse_rules(config.item_rules)  # ServingConfig has checked them
 
     # ---- shared -------------------------------------------------------------------------------
-    def _user(self, state: ServingState, user_id: str, degraded: list[str]) -> tuple[np.ndarray, float] | None:
+    def _user(self, state: ServingState, user_id: str, degraded: list[str],
+              events: int | None = None) -> tuple[np.ndarray, float] | None:
         """(p_u, b_u) of a user with a vector, else None; "param_server" joins `degraded` when the
-        user is not cached and the parameter server did not answer (the user is served as unknown)."""
+        user is not cached and the parameter server did not answer (the user is served as unknown).
+        `events`: the feature store's count of the user's events (`UserCache.get`)."""
         users, dim = state.users, state.items.dim
-        values, reachable = users.get(user_id)
+        values, reachable = users.get(user_id, events)
         if not reachable:
             degraded.append("param_server")
             self._fallback["param_server"].inc()
@@ -190,7 +192,8 @@ class CandidatePipeline:
         elif wants_seen:
             interacted = history.seen
         recent, seen = history.recent, history.seen if exclude_seen else set()
-        user = self._user(state, user_id, degraded) if state is not None else None
+        events = history.session.events if history.session is not None else None
+        user = self._user(state, user_id, degraded, events) if state is not None else None
         folded, in_session, popular = 0, 0, arm is not None and arm.source == "popularity"
         if user is None and state is not None and recent and not popular:
             user, folded = self._fold_in(state, recent[: self.config.fold_in_events])

@@ -12,7 +12,11 @@ that fits (the serving bench's 10k users) is served like the full mirror, withou
 first request of a user (on the event loop, a cold cache raised the bench's p99 from ~15 to 72 ms).
 Freshness is the poll's, as with the full mirror: each poll streams the user table's delta (in
 chunks, so a reset never holds the whole table) and updates only the users that are cached; every
-other changed row is dropped. Users the server has no row for are cached as absent too (a cold-start
+other changed row is dropped. A user who is active now is fresher than that (`user_pull_on_events`):
+a request passes the feature store's count of the user's events, and when it has grown since the
+row was last pulled, the row is pulled again (read-your-writes), so the session's row is the one
+the trainer has pushed by then, not one a poll up to `poll_interval` old. The first request of a
+user the poll brought in only notes the count. A user without new events costs nothing more. Users the server has no row for are cached as absent too (a cold-start
 user asks on every request), and the delta brings their row in at the first poll after the trainer
 creates it. A pull racing a delta can leave an older value in place; the next delta carries the
 newer one, so nothing is staler than one poll.
@@ -59,12 +63,14 @@ class UserCache:
         # allocated once per row width; untouched pages cost no memory and slots are used in order
         self._values = np.empty((0, 0), np.float32)
         self._found = np.zeros(0, bool)
+        self._events = np.zeros(0, np.int64)  # the feature store's count of the user's events at the last pull; -1: none
         self._lock = threading.Lock()  # guards the entries; never held across a round trip
         self._client_lock = threading.Lock()  # one pull at a time on the client's connections
         self._client = ParamClient(config.param_servers, token=config.param_server_token,
                                    timeout=config.user_pull_timeout_s, retries=0)
         self._down_until = 0.0  # monotonic time before which no pull is tried
         self._pulls = {o: metrics.user_pulls.labels(o) for o in ("found", "absent", "failed")}
+        self.pull_on_events = config.user_pull_on_events
 
     def __len__(self) -> int:
         return len(self._slots)
@@ -80,16 +86,27 @@ class UserCache:
             slot = self._slots.get(user_id)
             return slot is not None and bool(self._found[slot])
 
-    def get(self, user_id: str) -> UserLookup:
-        """The user's row from the cache, else pulled from the parameter server."""
+    def get(self, user_id: str, events: int | None = None) -> UserLookup:
+        """The user's row from the cache, else pulled from the parameter server. `events`: the
+        feature store's count of the user's events now (None: not known); a cached user with more
+        events than at their last pull is pulled again (`user_pull_on_events`), and keeps the
+        cached row when that pull fails."""
         with self._lock:
             slot = self._slots.get(user_id)
             if slot is not None:
                 self._slots.move_to_end(user_id)
-                return UserLookup(self._values[slot].copy() if self._found[slot] else None, True)
-        return self._pull(user_id)
+                cached = UserLookup(self._values[slot].copy() if self._found[slot] else None, True)
+                if events is None or not self.pull_on_events or self._events[slot] >= events:
+                    return cached
+                if self._events[slot] < 0:  # the poll brought the user in: its row is as fresh as the poll
+                    self._events[slot] = events
+                    return cached
+            else:
+                cached = None
+        pulled = self._pull(user_id, -1 if events is None else events)
+        return cached if cached is not None and not pulled.reachable else pulled
 
-    def _pull(self, user_id: str) -> UserLookup:
+    def _pull(self, user_id: str, events: int) -> UserLookup:
         if time.monotonic() < self._down_until or not self._client_lock.acquire(timeout=self.timeout):
             self._pulls["failed"].inc()
             return UserLookup(None, False)
@@ -107,7 +124,7 @@ class UserCache:
         self._pulls["found" if found else "absent"].inc()
         with self._lock:
             self._fit(rows.values.shape[1], rows.dim)
-            self._store(user_id, rows.values[0], found)
+            self._store(user_id, rows.values[0], found, events)
         return UserLookup(rows.values[0] if found else None, True)
 
     def _failed(self, exc: Exception) -> UserLookup:
@@ -124,9 +141,10 @@ class UserCache:
         self._slots.clear()
         self._values = np.empty((self.capacity, width), np.float32)
         self._found = np.zeros(self.capacity, bool)
+        self._events = np.full(self.capacity, -1, np.int64)
         self.dim = dim
 
-    def _store(self, user_id: str, values: np.ndarray, found: bool) -> None:
+    def _store(self, user_id: str, values: np.ndarray, found: bool, events: int) -> None:
         """Insert or overwrite one entry, evicting the least recently used when full. Caller holds the lock."""
         slot = self._slots.get(user_id)
         if slot is None:
@@ -137,6 +155,7 @@ class UserCache:
             self._slots.move_to_end(user_id)
         self._values[slot] = values
         self._found[slot] = found
+        self._events[slot] = events
 
     def follow(self, chunks: Iterable[DeltaChunk], shard_of: Callable[[list[str]], np.ndarray],
                fill: bool = False) -> tuple[int, ...]:
@@ -175,6 +194,7 @@ class UserCache:
             self._slots[users[position]] = slot
         self._values[start : start + len(new)] = values[new]
         self._found[start : start + len(new)] = True
+        self._events[start : start + len(new)] = -1
 
     def _cached(self, users: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(positions in `users`, slots) of the users that are cached. Caller holds the lock."""
