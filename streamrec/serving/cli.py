@@ -125,6 +125,13 @@ def watch_cmd(ctx: click.Context, window: str, lateness: str, metrics_port: int 
                    "items (0: off) [default: 5]")
 @click.option("--fold-in-weight", type=click.FloatRange(min=0.0, min_open=True), default=None,
               help="scale of that mean vector against the items' biases (streamrec study-cold-users) [default: 2]")
+@click.option("--session-weight", type=click.FloatRange(min=0.0), default=None,
+              help="weight of a user's current session (mean item vector) added to their row, faded by their "
+                   "events: the online BPR's own session_weight; 0 when the served model scores without one "
+                   "[default: 4]")
+@click.option("--user-pull-on-events/--no-user-pull-on-events", "user_pull_on_events", default=None,
+              help="pull a cached user's row again when the feature store counts new events of theirs "
+                   "(read-your-writes) [default: on]")
 @click.option("--context-slices/--no-context-slices", default=None,
               help="serve a user without events from the popularity slices of the request's device and hour, "
                    "where the trainer's merit shows they beat the trending list [default: on]")
