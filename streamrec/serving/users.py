@@ -15,7 +15,9 @@ chunks, so a reset never holds the whole table) and updates only the users that 
 other changed row is dropped. A user who is active now is fresher than that (`user_pull_on_events`):
 a request passes the feature store's count of the user's events, and when it has grown since the
 row was last pulled, the row is pulled again (read-your-writes), so the session's row is the one
-the trainer has pushed by then, not one a poll up to `poll_interval` old. The first request of a
+the trainer has pushed by then, not one a poll up to `poll_interval` old. The trainer writes a
+batch's features while it learns the batch, so the count can run ahead of the pushed row: for
+`user_pull_settle_s` after the count grew, every request of the user pulls. The first request of a
 user the poll brought in only notes the count. A user without new events costs nothing more. Users the server has no row for are cached as absent too (a cold-start
 user asks on every request), and the delta brings their row in at the first poll after the trainer
 creates it. A pull racing a delta can leave an older value in place; the next delta carries the
@@ -64,13 +66,14 @@ class UserCache:
         self._values = np.empty((0, 0), np.float32)
         self._found = np.zeros(0, bool)
         self._events = np.zeros(0, np.int64)  # the feature store's count of the user's events at the last pull; -1: none
+        self._grew_at = np.zeros(0)  # monotonic time at which that count last grew
         self._lock = threading.Lock()  # guards the entries; never held across a round trip
         self._client_lock = threading.Lock()  # one pull at a time on the client's connections
         self._client = ParamClient(config.param_servers, token=config.param_server_token,
                                    timeout=config.user_pull_timeout_s, retries=0)
         self._down_until = 0.0  # monotonic time before which no pull is tried
         self._pulls = {o: metrics.user_pulls.labels(o) for o in ("found", "absent", "failed")}
-        self.pull_on_events = config.user_pull_on_events
+        self.pull_on_events, self.settle_s = config.user_pull_on_events, config.user_pull_settle_s
 
     def __len__(self) -> int:
         return len(self._slots)
@@ -96,17 +99,21 @@ class UserCache:
             if slot is not None:
                 self._slots.move_to_end(user_id)
                 cached = UserLookup(self._values[slot].copy() if self._found[slot] else None, True)
-                if events is None or not self.pull_on_events or self._events[slot] >= events:
+                if events is None or not self.pull_on_events:
                     return cached
-                if self._events[slot] < 0:  # the poll brought the user in: its row is as fresh as the poll
+                known, now = self._events[slot], time.monotonic()
+                if known < 0:  # the poll brought the user in: its row is as fresh as the poll
                     self._events[slot] = events
                     return cached
+                if known >= events and now - self._grew_at[slot] >= self.settle_s:
+                    return cached
+                grew_at = now if events > known else float(self._grew_at[slot])
             else:
-                cached = None
-        pulled = self._pull(user_id, -1 if events is None else events)
+                cached, grew_at = None, time.monotonic()
+        pulled = self._pull(user_id, -1 if events is None else events, grew_at)
         return cached if cached is not None and not pulled.reachable else pulled
 
-    def _pull(self, user_id: str, events: int) -> UserLookup:
+    def _pull(self, user_id: str, events: int, grew_at: float) -> UserLookup:
         if time.monotonic() < self._down_until or not self._client_lock.acquire(timeout=self.timeout):
             self._pulls["failed"].inc()
             return UserLookup(None, False)
@@ -124,7 +131,7 @@ class UserCache:
         self._pulls["found" if found else "absent"].inc()
         with self._lock:
             self._fit(rows.values.shape[1], rows.dim)
-            self._store(user_id, rows.values[0], found, events)
+            self._store(user_id, rows.values[0], found, events, grew_at)
         return UserLookup(rows.values[0] if found else None, True)
 
     def _failed(self, exc: Exception) -> UserLookup:
@@ -142,9 +149,10 @@ class UserCache:
         self._values = np.empty((self.capacity, width), np.float32)
         self._found = np.zeros(self.capacity, bool)
         self._events = np.full(self.capacity, -1, np.int64)
+        self._grew_at = np.zeros(self.capacity)
         self.dim = dim
 
-    def _store(self, user_id: str, values: np.ndarray, found: bool, events: int) -> None:
+    def _store(self, user_id: str, values: np.ndarray, found: bool, events: int, grew_at: float) -> None:
         """Insert or overwrite one entry, evicting the least recently used when full. Caller holds the lock."""
         slot = self._slots.get(user_id)
         if slot is None:
@@ -156,6 +164,7 @@ class UserCache:
         self._values[slot] = values
         self._found[slot] = found
         self._events[slot] = events
+        self._grew_at[slot] = grew_at
 
     def follow(self, chunks: Iterable[DeltaChunk], shard_of: Callable[[list[str]], np.ndarray],
                fill: bool = False) -> tuple[int, ...]:

@@ -60,22 +60,30 @@ def test_deltas_update_only_cached_users(ps: ParamClient, param_server: ServerPr
 def test_a_user_with_new_events_is_pulled_again_without_waiting_for_a_poll(
         ps: ParamClient, param_server: ServerProcess) -> None:
     """Read-your-writes: a cached row is pulled again when the feature store's count of the
-    user's events has grown since the last pull (and only then); a user the poll brought in first
-    notes the count; with `user_pull_on_events` off, rows wait for the poll."""
+    user's events has grown since the last pull, and for `user_pull_settle_s` after it grew (the
+    trainer's push can follow its feature write); otherwise never. A user the poll brought in
+    first notes the count; with `user_pull_on_events` off, rows wait for the poll."""
     load_model(ps, _users(3), _items(10))
-    cache = _cache(param_server.address, 10)
+    config = ServingConfig(param_servers=[param_server.address], user_pull_settle_s=0.0)
+    cache = UserCache(config, serving_metrics())
     cache.follow(ps.delta_chunks("bpr_users", 0), ps.shard_of, fill=True)  # u0..u2 from the "poll"
     assert cache.get("newcomer", 1).row is None  # pulled: no row yet, 1 event noted
     ps.assign("bpr_users", ["u0", "newcomer"], np.full((2, DIM), 7, np.float32))  # the trainer pushes
     assert np.array_equal(cache.get("u0", 5).row, np.full(DIM, 1, np.float32))  # first sight: the poll's row, 5 noted
     assert np.array_equal(cache.get("u0", 5).row, np.full(DIM, 1, np.float32))  # no new event: no pull
     assert np.array_equal(cache.get("u0", 6).row, np.full(DIM, 7, np.float32))  # a new event: the pushed row
-    assert cache.get("newcomer", 1).row is None  # same count: the absent entry stands
+    assert cache.get("newcomer", 1).row is None  # same count, no settle window: the absent entry stands
     assert np.array_equal(cache.get("newcomer", 3).row, np.full(DIM, 7, np.float32))
     assert np.array_equal(cache.get("u1").row, np.full(DIM, 2, np.float32))  # no count known: the cached row
     cache.close()
-    lazy = UserCache(ServingConfig(param_servers=[param_server.address], user_pull_on_events=False),
-                     serving_metrics())
+
+    settling = UserCache(config.model_copy(update={"user_pull_settle_s": 60.0}), serving_metrics())
+    assert settling.get("late", 20).row is None  # the features counted 20 events before the row was pushed
+    ps.assign("bpr_users", ["late"], np.full((1, DIM), 5, np.float32))
+    assert np.array_equal(settling.get("late", 20).row, np.full(DIM, 5, np.float32))  # same count, pulled again
+    settling.close()
+
+    lazy = UserCache(config.model_copy(update={"user_pull_on_events": False}), serving_metrics())
     assert lazy.get("u2", 1).row is not None
     ps.assign("bpr_users", ["u2"], np.full((1, DIM), 9, np.float32))
     assert np.array_equal(lazy.get("u2", 9).row, np.full(DIM, 3, np.float32))
