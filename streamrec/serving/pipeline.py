@@ -152,7 +152,8 @@ class CandidatePipeline:
         return state is not None and state.artifacts.ranker is not None and state.artifacts.ranker.uses_history
 
     # ---- /recommend ---------------------------------------------------------------------------
-    def history_wanted(self, state: ServingState | None, exclude_seen: bool, user_id: str) -> tuple[int, bool, bool]:
+    def history_wanted(self, state: ServingState | None, exclude_seen: bool,
+                       user_id: str) -> tuple[int, bool, bool]:
         """What `recommend` needs from the user's history: (recent items for item-kNN candidates,
         for the fold-in of a user not known to have a row and for the session of one who may have
         one; whether the seen set is needed: the seen filter or a ranker that pools the user's

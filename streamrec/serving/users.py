@@ -18,9 +18,10 @@ row was last pulled, the row is pulled again (read-your-writes), so the session'
 the trainer has pushed by then, not one a poll up to `poll_interval` old. The trainer writes a
 batch's features while it learns the batch, so the count can run ahead of the pushed row: for
 `user_pull_settle_s` after the count grew, every request of the user pulls. The first request of a
-user the poll brought in only notes the count. A user without new events costs nothing more. Users the server has no row for are cached as absent too (a cold-start
-user asks on every request), and the delta brings their row in at the first poll after the trainer
-creates it. A pull racing a delta can leave an older value in place; the next delta carries the
+user the poll brought in only notes the count. A user without new events costs nothing more.
+Users the server has no row for are cached as absent too (a cold-start user asks on every
+request), and the delta brings their row in at the first poll after the trainer creates it (or a
+pull, when they are active). A pull racing a delta can leave an older value in place; the next delta carries the
 newer one, so nothing is staler than one poll.
 
 The parameter server down or slow: pulls time out after `user_pull_timeout_s` and are not tried
@@ -65,7 +66,8 @@ class UserCache:
         # allocated once per row width; untouched pages cost no memory and slots are used in order
         self._values = np.empty((0, 0), np.float32)
         self._found = np.zeros(0, bool)
-        self._events = np.zeros(0, np.int64)  # the feature store's count of the user's events at the last pull; -1: none
+        # the feature store's count of the user's events at the last pull (-1: none yet)
+        self._events = np.zeros(0, np.int64)
         self._grew_at = np.zeros(0)  # monotonic time at which that count last grew
         self._lock = threading.Lock()  # guards the entries; never held across a round trip
         self._client_lock = threading.Lock()  # one pull at a time on the client's connections
