@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from streamrec.core.config import Settings
 from streamrec.serving.filters import ItemFilter
-from streamrec.trainer.online.session import SESSION_FADE, SESSION_GAP, SESSION_WEIGHT
+from streamrec.trainer.online.session import SESSION_FADE, SESSION_GAP, SESSION_ITEMS, SESSION_WEIGHT
 
 CONFIG_ENV = "STREAMREC_SERVING_CONFIG_JSON"
 MAX_K = 1000
@@ -123,7 +123,7 @@ class ServingConfig(BaseModel):
                                   "session_fade says (the online BPR's own `session_weight`; 0: off)")
     session_fade: float = Field(SESSION_FADE, ge=0, description="the weight is session_weight * fade / (fade + the "
                                 "user's events) (the online BPR's `session_fade`; 0: no fade)")
-    session_items: int = Field(20, ge=1, description="the newest items of the session that count (the online "
+    session_items: int = Field(SESSION_ITEMS, ge=1, description="the newest items of the session that count (the online "
                                "BPR's `session_items`)")
     session_gap: float = Field(SESSION_GAP, gt=0, description="seconds of event time after a user's last event "
                                "that end their session (the feature store's and the online BPR's `session_gap`)")

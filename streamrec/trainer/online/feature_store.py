@@ -305,8 +305,8 @@ for k = 1, #T do
     if uk > 0 then
       applied = applied + 1
       local e = users[uk]
-      if not e then e = {items = {}, times = {}, last = t, n = 0}; users[uk] = e; user_order[#user_order + 1] = uk end
-      e.items[#e.items + 1] = i; e.times[#e.times + 1] = t; e.n = e.n + 1; if t > e.last then e.last = t end
+      if not e then e = {items = {}, times = {}, n = 0}; users[uk] = e; user_order[#user_order + 1] = uk end
+      e.items[#e.items + 1] = i; e.times[#e.times + 1] = t; e.n = e.n + 1
       for w = 1, #WTTL do bump(UW[k][w], WTTL[w]) end
     end
     if ik > 0 then

@@ -51,6 +51,7 @@ from streamrec.trainer.online.sampling import NegativeSampler, SamplingMode
 from streamrec.trainer.online.session import (
     SESSION_FADE,
     SESSION_GAP,
+    SESSION_ITEMS,
     SESSION_WEIGHT,
     SessionTracker,
     faded_weight,
@@ -108,7 +109,7 @@ class OnlineBPRParams(FactorParams):
     user_iterations: int = Field(3, ge=1)  # extra passes over a step's user rows move new users faster
     # the current session's mean item vector joins the user's (0: off, nothing tracked); see docs/models.md
     session_weight: float = Field(SESSION_WEIGHT, ge=0.0)
-    session_items: int = Field(20, ge=1)  # the last items of the session that count
+    session_items: int = Field(SESSION_ITEMS, ge=1)  # the last items of the session that count
     session_gap: float = Field(SESSION_GAP, gt=0.0)  # seconds of event time without an event that end a session
     session_users: int = Field(100_000, ge=1)  # sessions kept, least recently active forgotten first
     # the session term fades as the user's row matures: weight * fade / (fade + the user's events); 0: no fade

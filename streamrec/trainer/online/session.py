@@ -28,6 +28,7 @@ import numpy as np
 SESSION_KEY = "session_id"  # the event context key that names a session
 SESSION_WEIGHT = 4.0  # chosen on validation (the first half of MovieLens and of a session log): docs/models.md
 SESSION_FADE = 2.0  # chosen on validation with SESSION_WEIGHT: docs/models.md
+SESSION_ITEMS = 20  # the newest items of a session that count (the model's and serving's)
 SESSION_GAP = 1800.0  # seconds of event time without an event that end a session (the model's and the feature store's)
 
 
@@ -40,7 +41,8 @@ class Session:
 
 
 class SessionTracker:
-    def __init__(self, max_items: int = 20, gap_seconds: float = 1800.0, max_users: int = 100_000) -> None:
+    def __init__(self, max_items: int = SESSION_ITEMS, gap_seconds: float = SESSION_GAP,
+                 max_users: int = 100_000) -> None:
         self.max_items, self.gap_seconds, self.max_users = max_items, gap_seconds, max_users
         self.clock = -np.inf  # newest event time observed
         self._sessions: OrderedDict[str, Session] = OrderedDict()
