@@ -62,6 +62,8 @@ class RedisCluster:
             raise RuntimeError("redis-server and redis-cli are needed (apt install redis-server redis-tools)")
         for _ in range(self.masters * (1 + self.replicas)):
             port = free_node_port()
+            while port in self.nodes:  # the node given the last one may not have bound it yet
+                port = free_node_port()
             directory = self.home / str(port)
             directory.mkdir(parents=True)
             self.nodes[port] = subprocess.Popen(

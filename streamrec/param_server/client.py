@@ -26,7 +26,7 @@ import secrets
 import socket
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -104,6 +104,13 @@ def _server_error(shard: int, error: dict[str, Any]) -> ParamServerError:
     return ParamServerError(kind, message, shard)
 
 
+def lowest_watermarks(per_shard: list[dict[str, int]]) -> dict[str, int]:
+    """The watermarks every one of the shards has reached: per partition key, the lowest next
+    offset; a key missing from any shard is left out (nothing of it is known to be learned)."""
+    common = set(per_shard[0]).intersection(*per_shard[1:]) if per_shard else set()
+    return {key: min(int(marks[key]) for marks in per_shard) for key in common}
+
+
 @dataclass(frozen=True)
 class Rows:
     """Pulled rows: `values` is (n, dim + scalars); `found` marks ids that have a real row (the
@@ -112,6 +119,9 @@ class Rows:
     values: np.ndarray
     found: np.ndarray
     dim: int
+    # `pull(..., learned=True)`: per partition key, the next offset every pulled row has learned
+    # (the lowest over the shards that answered; a key some shard lacks is left out)
+    learned: dict[str, int] | None = field(default=None, kw_only=True)
 
     @property
     def vectors(self) -> np.ndarray:
@@ -396,24 +406,25 @@ class ParamClient:
         except KeyError:
             raise ParamServerError("KeyError", f"no table named {name!r}", 0) from None
 
-    def pull(self, table: str, ids: IdsLike) -> Rows:
+    def pull(self, table: str, ids: IdsLike, learned: bool = False) -> Rows:
+        """The rows of `ids`; `learned`: with the watermarks of the pushes they have learned
+        (`Rows.learned`), read atomically with them on each shard."""
         keys = as_keys(ids)
         parts = self._split(keys)
-        requests = {
-            shard: ({"op": "pull", "table": table}, keys_arrays(keys if pos is None else keys.take(pos)))
-            for shard, pos in parts
-        }
+        header = {"op": "pull", "table": table, **({"learned": True} if learned else {})}
+        requests = {shard: (header, keys_arrays(keys if pos is None else keys.take(pos))) for shard, pos in parts}
         replies = self._fanout(requests)
+        marks = lowest_watermarks([reply.header.get("learned", {}) for reply in replies.values()]) if learned else None
         if len(parts) == 1 and parts[0][1] is None:
             reply = replies[0]
-            return Rows(reply.arrays["values"], reply.arrays["found"], reply.header["dim"])
+            return Rows(reply.arrays["values"], reply.arrays["found"], reply.header["dim"], learned=marks)
         first = next(iter(replies.values()))
         values = np.empty((len(keys), first.arrays["values"].shape[1]), np.float32)
         found = np.empty(len(keys), bool)
         for shard, pos in parts:
             values[pos] = replies[shard].arrays["values"]
             found[pos] = replies[shard].arrays["found"]
-        return Rows(values, found, first.header["dim"])
+        return Rows(values, found, first.header["dim"], learned=marks)
 
     def pull_many(self, requests: Mapping[str, IdsLike]) -> dict[str, Rows]:
         """Several tables' pulls in one round trip per shard: every request is written before any

@@ -268,6 +268,10 @@ class ParamServer:
     def _pull(self, message: Message) -> Iterable[Reply]:
         keys = keys_from(message.arrays)
         self._rows("pull", len(keys))
+        if message.header.get("learned") is True:  # the watermarks the rows have learned, too
+            values, found, dim, learned = self.store.pull_learned(message.header["table"], keys,
+                                                                  self.limits.frames.max_body)
+            return [({"dim": dim, "learned": learned}, {"values": values, "found": found})]
         values, found, dim = self.store.pull(message.header["table"], keys, self.limits.frames.max_body)
         return [({"dim": dim}, {"values": values, "found": found})]
 

@@ -87,9 +87,11 @@ class ServingConfig(BaseModel):
     user_pull_on_events: bool = Field(True, description="pull a cached user's row again when the feature store "
                                       "counts events of theirs since the last pull (read-your-writes: a user in a "
                                       "session gets the row the trainer has now, not the last poll's)")
-    user_pull_settle_s: float = Field(1.0, ge=0, description="after the count grows, the row is pulled on every "
-                                      "request for this long: the trainer writes a batch's features while it learns "
-                                      "the batch, so the pushed row can follow the count by a batch's learning")
+    user_pull_interval_s: float = Field(0.1, ge=0, description="while a pulled row has not learned the user's "
+                                        "newest event (the trainer writes a batch's features while it learns the "
+                                        "batch), a request pulls it again at most this often")
+    user_pull_lag_s: float = Field(30.0, ge=0, description="after the count grows, rows that lag it are pulled "
+                                   "again for at most this long (a stopped trainer: the poll takes over)")
     # candidate generation
     ann_candidates: int = Field(200, ge=1)
     knn_recent: int = Field(10, ge=0, description="recent items whose neighbours become candidates")

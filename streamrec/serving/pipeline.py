@@ -21,7 +21,7 @@ from streamrec.serving.index import index_rows, query_rows
 from streamrec.serving.metrics import ServingMetrics
 from streamrec.serving.mmr import mmr
 from streamrec.serving.state import ServingState
-from streamrec.trainer.online.feature_store import UserHistory
+from streamrec.trainer.online.feature_store import SessionState, UserHistory
 from streamrec.trainer.online.session import faded_weight
 
 SOURCES = ("ann", "item_knn", "trending")  # bit i of a candidate's source mask
@@ -115,12 +115,14 @@ class CandidatePipeline:
 
     # ---- shared -------------------------------------------------------------------------------
     def _user(self, state: ServingState, user_id: str, degraded: list[str],
-              events: int | None = None) -> tuple[np.ndarray, float] | None:
+              session: SessionState | None = None) -> tuple[np.ndarray, float] | None:
         """(p_u, b_u) of a user with a vector, else None; "param_server" joins `degraded` when the
         user is not cached and the parameter server did not answer (the user is served as unknown).
-        `events`: the feature store's count of the user's events (`UserCache.get`)."""
+        `session`: the feature store's count of the user's events and the position of their newest
+        (`UserCache.get` pulls a row that lags them)."""
         users, dim = state.users, state.items.dim
-        values, reachable = users.get(user_id, events)
+        values, reachable = (users.get(user_id) if session is None
+                             else users.get(user_id, session.events, session.position))
         if not reachable:
             degraded.append("param_server")
             self._fallback["param_server"].inc()
@@ -193,8 +195,7 @@ class CandidatePipeline:
         elif wants_seen:
             interacted = history.seen
         recent, seen = history.recent, history.seen if exclude_seen else set()
-        events = history.session.events if history.session is not None else None
-        user = self._user(state, user_id, degraded, events) if state is not None else None
+        user = self._user(state, user_id, degraded, history.session) if state is not None else None
         folded, in_session, popular = 0, 0, arm is not None and arm.source == "popularity"
         if user is None and state is not None and recent and not popular:
             user, folded = self._fold_in(state, recent[: self.config.fold_in_events])

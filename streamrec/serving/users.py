@@ -13,12 +13,17 @@ first request of a user (on the event loop, a cold cache raised the bench's p99 
 Freshness is the poll's, as with the full mirror: each poll streams the user table's delta (in
 chunks, so a reset never holds the whole table) and updates only the users that are cached; every
 other changed row is dropped. A user who is active now is fresher than that (`user_pull_on_events`):
-a request passes the feature store's count of the user's events, and when it has grown since the
-row was last pulled, the row is pulled again (read-your-writes), so the session's row is the one
-the trainer has pushed by then, not one a poll up to `poll_interval` old. The trainer writes a
-batch's features while it learns the batch, so the count can run ahead of the pushed row: for
-`user_pull_settle_s` after the count grew, every request of the user pulls. The first request of a
-user the poll brought in only notes the count. A user without new events costs nothing more.
+a request passes what the feature store says of the user, their count of events and the log
+position (partition and offset) of their newest event, and when the count has grown since the row
+was last pulled, the row is pulled again (read-your-writes), so the session's row is the one the
+trainer has pushed by then, not one a poll up to `poll_interval` old. A pull also returns the
+watermarks of the pushes its row has learned (read on the server with the row): the trainer
+writes a batch's features while it learns the batch, so the count can run ahead of the pushed row,
+and until the watermark of the user's partition passes their newest event, a request pulls again
+(at most every `user_pull_interval_s`, for at most `user_pull_lag_s` after the count grew: a
+stopped trainer then costs no more pulls, and the poll carries the row when it comes). The first
+request of a user the poll brought in only notes the count. A user without new events costs
+nothing more.
 Users the server has no row for are cached as absent too (a cold-start user asks on every
 request), and the delta brings their row in at the first poll after the trainer creates it (or a
 pull, when they are active). A pull racing a delta can leave an older value in place; the next delta carries the
@@ -33,6 +38,7 @@ request is marked degraded ("param_server").
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -69,13 +75,19 @@ class UserCache:
         # the feature store's count of the user's events at the last pull (-1: none yet)
         self._events = np.zeros(0, np.int64)
         self._grew_at = np.zeros(0)  # monotonic time at which that count last grew
+        self._pulled_at = np.zeros(0)  # monotonic time of the last pull
+        # the partition of the user's newest event at the last pull (None: not known, a polled row)
+        # and the watermark of that partition the pulled row had learned
+        self._learned_in: list[str | None] = []
+        self._learned_to = np.zeros(0, np.int64)
         self._lock = threading.Lock()  # guards the entries; never held across a round trip
         self._client_lock = threading.Lock()  # one pull at a time on the client's connections
         self._client = ParamClient(config.param_servers, token=config.param_server_token,
                                    timeout=config.user_pull_timeout_s, retries=0)
         self._down_until = 0.0  # monotonic time before which no pull is tried
         self._pulls = {o: metrics.user_pulls.labels(o) for o in ("found", "absent", "failed")}
-        self.pull_on_events, self.settle_s = config.user_pull_on_events, config.user_pull_settle_s
+        self.pull_on_events = config.user_pull_on_events
+        self.interval_s, self.lag_s = config.user_pull_interval_s, config.user_pull_lag_s
 
     def __len__(self) -> int:
         return len(self._slots)
@@ -91,11 +103,11 @@ class UserCache:
             slot = self._slots.get(user_id)
             return slot is not None and bool(self._found[slot])
 
-    def get(self, user_id: str, events: int | None = None) -> UserLookup:
+    def get(self, user_id: str, events: int | None = None, position: tuple[str, int] | None = None) -> UserLookup:
         """The user's row from the cache, else pulled from the parameter server. `events`: the
-        feature store's count of the user's events now (None: not known); a cached user with more
-        events than at their last pull is pulled again (`user_pull_on_events`), and keeps the
-        cached row when that pull fails."""
+        feature store's count of the user's events now, `position`: the log position of their
+        newest event (None: not known); a cached user whose row lags them is pulled again
+        (`user_pull_on_events`), and keeps the cached row when that pull fails."""
         with self._lock:
             slot = self._slots.get(user_id)
             if slot is not None:
@@ -107,20 +119,33 @@ class UserCache:
                 if known < 0:  # the poll brought the user in: its row is as fresh as the poll
                     self._events[slot] = events
                     return cached
-                if known >= events and now - self._grew_at[slot] >= self.settle_s:
+                if events > known:  # new events: pull now
+                    grew_at = now
+                elif (not self._behind(slot, position) or now - self._grew_at[slot] >= self.lag_s
+                      or now - self._pulled_at[slot] < self.interval_s):
                     return cached
-                grew_at = now if events > known else float(self._grew_at[slot])
+                else:  # the row has not learned the newest event yet: pull again
+                    grew_at = float(self._grew_at[slot])
             else:
                 cached, grew_at = None, time.monotonic()
-        pulled = self._pull(user_id, -1 if events is None else events, grew_at)
+        pulled = self._pull(user_id, -1 if events is None else events, grew_at,
+                            None if position is None else position[0])
         return cached if cached is not None and not pulled.reachable else pulled
 
-    def _pull(self, user_id: str, events: int, grew_at: float) -> UserLookup:
+    def _behind(self, slot: int, position: tuple[str, int] | None) -> bool:
+        """Whether the slot's row may lack the event at `position` (None: not known, so not waited
+        for). Caller holds the lock."""
+        if position is None:
+            return False
+        partition, offset = position
+        return self._learned_in[slot] != partition or self._learned_to[slot] <= offset
+
+    def _pull(self, user_id: str, events: int, grew_at: float, partition: str | None) -> UserLookup:
         if time.monotonic() < self._down_until or not self._client_lock.acquire(timeout=self.timeout):
             self._pulls["failed"].inc()
             return UserLookup(None, False)
         try:
-            rows = self._client.pull(self.table, [user_id])
+            rows = self._client.pull(self.table, [user_id], learned=True)
         except ParamServerError as exc:
             if exc.kind == MISSING_TABLE:  # no user has a row yet; nothing to cache
                 return UserLookup(None, True)
@@ -133,7 +158,8 @@ class UserCache:
         self._pulls["found" if found else "absent"].inc()
         with self._lock:
             self._fit(rows.values.shape[1], rows.dim)
-            self._store(user_id, rows.values[0], found, events, grew_at)
+            learned_to = -1 if partition is None or rows.learned is None else rows.learned.get(partition, 0)
+            self._store(user_id, rows.values[0], found, events, grew_at, partition, learned_to)
         return UserLookup(rows.values[0] if found else None, True)
 
     def _failed(self, exc: Exception) -> UserLookup:
@@ -152,9 +178,13 @@ class UserCache:
         self._found = np.zeros(self.capacity, bool)
         self._events = np.full(self.capacity, -1, np.int64)
         self._grew_at = np.zeros(self.capacity)
+        self._pulled_at = np.zeros(self.capacity)
+        self._learned_in = [None] * self.capacity
+        self._learned_to = np.full(self.capacity, -1, np.int64)
         self.dim = dim
 
-    def _store(self, user_id: str, values: np.ndarray, found: bool, events: int, grew_at: float) -> None:
+    def _store(self, user_id: str, values: np.ndarray, found: bool, events: int, grew_at: float,
+               partition: str | None, learned_to: int) -> None:
         """Insert or overwrite one entry, evicting the least recently used when full. Caller holds the lock."""
         slot = self._slots.get(user_id)
         if slot is None:
@@ -167,6 +197,9 @@ class UserCache:
         self._found[slot] = found
         self._events[slot] = events
         self._grew_at[slot] = grew_at
+        self._pulled_at[slot] = time.monotonic()
+        self._learned_in[slot] = None if partition is None else sys.intern(partition)  # a few distinct keys
+        self._learned_to[slot] = learned_to
 
     def follow(self, chunks: Iterable[DeltaChunk], shard_of: Callable[[list[str]], np.ndarray],
                fill: bool = False) -> tuple[int, ...]:
@@ -206,6 +239,7 @@ class UserCache:
         self._values[start : start + len(new)] = values[new]
         self._found[start : start + len(new)] = True
         self._events[start : start + len(new)] = -1
+        self._learned_in[start : start + len(new)] = [None] * len(new)
 
     def _cached(self, users: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(positions in `users`, slots) of the users that are cached. Caller holds the lock."""

@@ -242,3 +242,18 @@ def test_local_store_follows_the_same_rule() -> None:
         store.push({"t": (["a"], grads(1))}, ranges={P0: (5, 6)})
     assert refused.value.next_offsets == {P0: 3}
     assert store.watermarks() == [{P0: 3}] and store.item_event_counts() == [{"i": 3}] and store.take_restarts() == []
+
+
+def test_a_pull_says_which_offsets_its_rows_have_learned(shards: list[ServerProcess]) -> None:
+    """Serving's read-your-writes compares a user's newest event with these: read on each shard
+    under the lock that applies pushes, and the lowest over the shards a pull reached."""
+    ids = [f"u{i}" for i in range(40)]
+    with ParamClient([s.address for s in shards]) as c:
+        c.create_table("t", 4, optimizer="sgd", lr=1.0)
+        assert c.pull("t", ids).learned is None and c.pull("t", ids, learned=True).learned == {}
+        c.push({"t": (ids, grads(40))}, ranges={P0: (0, 30), P1: (0, 10)})
+        assert c.pull("t", ids, learned=True).learned == {P0: 30, P1: 10}
+        one = ids[:1]  # one shard's row
+        c.push({"t": (one, grads(1))}, ranges={P0: (30, 31)})  # every shard receives a ranged push
+        assert c.pull("t", one, learned=True).learned == {P0: 31, P1: 10}
+        assert c.pull("t", ids, learned=True).learned == {P0: 31, P1: 10}

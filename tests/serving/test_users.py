@@ -60,11 +60,10 @@ def test_deltas_update_only_cached_users(ps: ParamClient, param_server: ServerPr
 def test_a_user_with_new_events_is_pulled_again_without_waiting_for_a_poll(
         ps: ParamClient, param_server: ServerProcess) -> None:
     """Read-your-writes: a cached row is pulled again when the feature store's count of the
-    user's events has grown since the last pull, and for `user_pull_settle_s` after it grew (the
-    trainer's push can follow its feature write); otherwise never. A user the poll brought in
-    first notes the count; with `user_pull_on_events` off, rows wait for the poll."""
+    user's events has grown since the last pull; otherwise never. A user the poll brought in first
+    notes the count; with `user_pull_on_events` off, rows wait for the poll."""
     load_model(ps, _users(3), _items(10))
-    config = ServingConfig(param_servers=[param_server.address], user_pull_settle_s=0.0)
+    config = ServingConfig(param_servers=[param_server.address])
     cache = UserCache(config, serving_metrics())
     cache.follow(ps.delta_chunks("bpr_users", 0), ps.shard_of, fill=True)  # u0..u2 from the "poll"
     assert cache.get("newcomer", 1).row is None  # pulled: no row yet, 1 event noted
@@ -72,22 +71,51 @@ def test_a_user_with_new_events_is_pulled_again_without_waiting_for_a_poll(
     assert np.array_equal(cache.get("u0", 5).row, np.full(DIM, 1, np.float32))  # first sight: the poll's row, 5 noted
     assert np.array_equal(cache.get("u0", 5).row, np.full(DIM, 1, np.float32))  # no new event: no pull
     assert np.array_equal(cache.get("u0", 6).row, np.full(DIM, 7, np.float32))  # a new event: the pushed row
-    assert cache.get("newcomer", 1).row is None  # same count, no settle window: the absent entry stands
+    assert cache.get("newcomer", 1).row is None  # same count, no position known: the absent entry stands
     assert np.array_equal(cache.get("newcomer", 3).row, np.full(DIM, 7, np.float32))
     assert np.array_equal(cache.get("u1").row, np.full(DIM, 2, np.float32))  # no count known: the cached row
     cache.close()
-
-    settling = UserCache(config.model_copy(update={"user_pull_settle_s": 60.0}), serving_metrics())
-    assert settling.get("late", 20).row is None  # the features counted 20 events before the row was pushed
-    ps.assign("bpr_users", ["late"], np.full((1, DIM), 5, np.float32))
-    assert np.array_equal(settling.get("late", 20).row, np.full(DIM, 5, np.float32))  # same count, pulled again
-    settling.close()
 
     lazy = UserCache(config.model_copy(update={"user_pull_on_events": False}), serving_metrics())
     assert lazy.get("u2", 1).row is not None
     ps.assign("bpr_users", ["u2"], np.full((1, DIM), 9, np.float32))
     assert np.array_equal(lazy.get("u2", 9).row, np.full(DIM, 3, np.float32))
     lazy.close()
+
+
+def test_a_row_that_has_not_learned_the_users_newest_event_is_pulled_until_it_has(
+        ps: ParamClient, param_server: ServerProcess) -> None:
+    """The trainer writes a batch's features while it learns the batch, so the store can place a
+    user's newest event (partition, offset) before the push that learns it lands. A pull returns
+    the watermarks its row has learned, and until its partition's passes that offset every request
+    pulls again: at most every `user_pull_interval_s`, for at most `user_pull_lag_s` after the
+    count grew (a stopped trainer costs no pull after that)."""
+    load_model(ps, _users(1), _items(10))
+    newest = ("events/0", 20)  # the feature store: 21 events, the newest at offset 20
+    config = ServingConfig(param_servers=[param_server.address], user_pull_interval_s=0.0)
+    cache = UserCache(config, serving_metrics())
+    before = cache.get("u0", 21, newest).row  # pulled: the row the trainer pushed before this batch
+    assert np.array_equal(before, np.full(DIM, 1, np.float32))
+    assert np.array_equal(cache.get("u0", 21, newest).row, before)  # the row still lags: pulled, unchanged
+    ps.push({"bpr_users": (["u0"], np.full((1, DIM), -1, np.float32))}, ranges={newest[0]: (0, 21)})
+    learned = cache.get("u0", 21, newest).row  # same count, pulled again: the push has landed
+    assert not np.array_equal(learned, before)
+    ps.assign("bpr_users", ["u0"], np.full((1, DIM), 9, np.float32))
+    assert np.array_equal(cache.get("u0", 21, newest).row, learned)  # it has learned offset 20: no pull
+    assert np.array_equal(cache.get("u0", 22, ("events/0", 21)).row, np.full(DIM, 9, np.float32))  # a new event
+    cache.close()
+
+    ahead = ("events/0", 40)  # events the trainer has not pushed (it is slow, or stopped)
+    patient = UserCache(config.model_copy(update={"user_pull_interval_s": 60.0}), serving_metrics())
+    assert np.array_equal(patient.get("u0", 30, ahead).row, np.full(DIM, 9, np.float32))
+    ps.assign("bpr_users", ["u0"], np.full((1, DIM), 5, np.float32))
+    assert np.array_equal(patient.get("u0", 30, ahead).row, np.full(DIM, 9, np.float32))  # pulled a moment ago
+    patient.close()
+    stopped = UserCache(config.model_copy(update={"user_pull_lag_s": 0.0}), serving_metrics())
+    assert np.array_equal(stopped.get("u0", 30, ahead).row, np.full(DIM, 5, np.float32))
+    ps.assign("bpr_users", ["u0"], np.full((1, DIM), 3, np.float32))
+    assert np.array_equal(stopped.get("u0", 30, ahead).row, np.full(DIM, 5, np.float32))  # given up: the poll's job
+    stopped.close()
 
 
 def test_first_poll_fills_the_cache_up_to_its_size(ps: ParamClient, param_server: ServerProcess) -> None:

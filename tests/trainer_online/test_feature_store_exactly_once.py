@@ -13,10 +13,10 @@ import redis
 from streamrec.stream.events import EventBatch
 from streamrec.trainer.online.feature_store import (
     WINDOWS,
+    DeclaredKeys,
     FeatureStore,
     FeatureStoreConfig,
     FeatureWrite,
-    DeclaredKeys,
     KeySchema,
 )
 from tests.trainer_online.conftest import monitored_script_keys, unique_prefix
@@ -256,3 +256,21 @@ def test_one_user_with_more_events_than_lua_can_unpack_is_written_in_full(store:
     assert store.write(batch).applied == n
     assert len(store.seen_items("bot")) == n and store.entity("u", "bot")["events"] == n
     assert store.recent_items("bot") == items[::-1][: store.config.recent_cap].tolist()
+
+
+def test_each_user_hash_places_the_users_newest_event_in_the_log(store: FeatureStore) -> None:
+    """Serving pulls a user's row again until it has learned the event at this position (the
+    partition and offset of the user's newest event): written over several batches, it is the
+    user's highest offset so far, and a replayed batch does not move it back."""
+    batch = tagged_batch(400, seed=3)
+    for chunk in np.array_split(np.arange(400), 4):
+        store.write(batch.take(chunk))
+    newest = {user: (partition, int(offset))
+              for user, partition, offset in zip(batch.user_id, batch.partition, batch.offset)}  # offsets grow
+    store.write(batch.take(np.arange(100)))  # a replay of the first batch: below the watermarks
+    for user, position in newest.items():
+        session = store.user_history(user, 1, False, session=True).session
+        assert session is not None and session.position == position, user
+    store.write(EventBatch.from_columns(np.array(["u0"], object), np.array(["i0"], object),
+                                        np.array(["click"], object), np.array([START + 9_999.0])))
+    assert store.user_history("u0", 1, False, session=True).session.position == newest["u0"]  # no origin: kept

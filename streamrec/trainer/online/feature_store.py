@@ -30,7 +30,7 @@ after their TTL; rebuild the store from the topic (`streamrec features rebuild`)
 |---|---|---|
 | `sr:{u:<user>}:recent` | list | the user's most recent item ids, newest first, capped (`recent_cap`) |
 | `sr:{u:<user>}:seen` | set | every item the user interacted with (the serving seen-filter) |
-| `sr:{u:<user>}` / `sr:{i:<item>}` | hash | `last_seen` (event time), `events` (total count); a user's also `session_events`, the events of their current session (a gap of more than `session_gap` seconds of event time starts a new one): the newest that many of `recent` are the session serving adds to the user's row |
+| `sr:{u:<user>}` / `sr:{i:<item>}` | hash | `last_seen` (event time), `events` (total count); a user's also `session_events`, the events of their current session (a gap of more than `session_gap` seconds of event time starts a new one): the newest that many of `recent` are the session serving adds to the user's row; and `log_partition` / `log_offset`, the log position of their newest event (serving pulls their row again until it has learned that offset) |
 | `sr:{u or i:<id>}:w<window>:<bucket>` | string | events of one bucket of a sliding window (windows 300 s in 60 s buckets and 3600 s in 300 s buckets); a window's count is the sum of its buckets up to the clock |
 | `sr:{g}:clock` | string | the largest event time written (the feature store's "now") |
 | `sr:{g}:pop` | sorted set | item -> sum of weight * 2^((t - landmark) / half_life): popularity with exponential time decay (forward decay: ranking needs no rescaling) |
@@ -307,6 +307,11 @@ for k = 1, #T do
       local e = users[uk]
       if not e then e = {items = {}, times = {}, n = 0}; users[uk] = e; user_order[#user_order + 1] = uk end
       e.items[#e.items + 1] = i; e.times[#e.times + 1] = t; e.n = e.n + 1
+      -- the log position of the user's newest event: the highest offset in the partition of their
+      -- latest event (a user's events share a partition: the topic is keyed by user)
+      if pk > 0 then
+        if e.pk ~= pk then e.pk = pk; e.o = O[k] elseif O[k] > e.o then e.o = O[k] end
+      end
       for w = 1, #WTTL do bump(UW[k][w], WTTL[w]) end
     end
     if ik > 0 then
@@ -340,6 +345,7 @@ if max_t ~= nil then
       if previous == nil or t > previous then previous = t end
     end
     redis.call('HSET', key, 'last_seen', string.format('%.6f', previous), 'session_events', session)
+    if e.pk then redis.call('HSET', key, 'log_partition', PK[e.pk], 'log_offset', string.format('%.0f', e.o)) end
     redis.call('HINCRBY', key, 'events', e.n)
     redis.call('EXPIRE', key, ttl)
   end
@@ -495,6 +501,8 @@ class SessionState(NamedTuple):
     events: int  # the user's events, every session
     session_events: int  # the events of the current session
     last_seen: float  # event time of the user's newest event
+    # where the user's newest event is in the log (partition key, offset); None: written without one
+    position: tuple[str, int] | None = None
 
 
 class UserHistory(NamedTuple):
@@ -520,9 +528,10 @@ def decode_history(replies: list[list[bytes | None]], recent: int, seen: bool, s
     everything = {v.decode() for v in replies[1 if recent else 0]} if seen else set()
     state = None
     if session:
-        events, session_events, last_seen = replies[-1]
+        events, session_events, last_seen, partition, offset = replies[-1]
         if events is not None and session_events is not None and last_seen is not None:
-            state = SessionState(int(events), int(session_events), float(last_seen))
+            position = (partition.decode(), int(offset)) if partition is not None and offset is not None else None
+            state = SessionState(int(events), int(session_events), float(last_seen), position)
     return UserHistory(newest, everything, state)
 
 
@@ -627,7 +636,8 @@ class FeatureStore:
         if seen:
             commands.append(("SMEMBERS", self.keys.entity("u", user, SEEN)))
         if session:
-            commands.append(("HMGET", self.keys.entity("u", user), "events", "session_events", "last_seen"))
+            commands.append(("HMGET", self.keys.entity("u", user), "events", "session_events", "last_seen",
+                             "log_partition", "log_offset"))
         return commands
 
     def user_history(self, user: str, recent: int, seen: bool, session: bool = False) -> UserHistory:
@@ -645,7 +655,10 @@ class FeatureStore:
         return {v.decode() for v in self.redis.smembers(self.keys.entity("u", user, SEEN))}
 
     def entity(self, kind: EntityKind, entity_id: str) -> dict[str, float]:
-        return {k.decode(): float(v) for k, v in self.redis.hgetall(self.keys.entity(kind, entity_id)).items()}
+        """The numbers of an entity's hash (counts, times, the newest event's offset); a user's
+        partition key, the one text field, is read with the session (`user_history`)."""
+        fields = self.redis.hgetall(self.keys.entity(kind, entity_id))
+        return {k.decode(): float(v) for k, v in fields.items() if k != b"log_partition"}
 
     def popular(self, n: int) -> list[tuple[str, float]]:
         """Top-n items by decayed popularity, scores in units of the landmark time."""

@@ -28,12 +28,13 @@ GROUPS, PER_GROUP, DECOYS = 4, 10, ("d0", "d1", "d2")
 
 
 def decoy_log(seed: int = 0) -> tuple[InteractionLog, list[dict]]:
-    """Users pick their group's items; the decoys are popular with the odd users only. Serving
-    showed the decoys to every even user, who never picked one: only impressions say so."""
+    """Users pick their group's items; the decoys are popular with the odd users only, and every
+    group has odd and even users. Serving showed the decoys to every even user, who never picked
+    one: only impressions say so."""
     rng = np.random.default_rng(seed)
     users, items = [], []
     for u in range(120):
-        group = u % GROUPS
+        group = (u // 2) % GROUPS
         picks = [f"g{group}i{n}" for n in rng.choice(PER_GROUP, 6, replace=False)]
         if u % 2:
             picks += list(DECOYS)
@@ -42,7 +43,7 @@ def decoy_log(seed: int = 0) -> tuple[InteractionLog, list[dict]]:
     n = len(users)
     log = InteractionLog(np.array(users, object), np.array(items, object), np.ones(n),
                          np.arange(n, dtype=np.float64) + 1_700_000_000.0)
-    impressions = [{"request_id": f"r{u}", "user_id": f"u{u}", "items": [*DECOYS, f"g{u % GROUPS}i0"]}
+    impressions = [{"request_id": f"r{u}", "user_id": f"u{u}", "items": [*DECOYS, f"g{(u // 2) % GROUPS}i0"]}
                    for u in range(0, 120, 2)]
     return log, impressions
 
@@ -61,24 +62,30 @@ def test_shown_pairs_leave_out_what_the_user_picked() -> None:
     assert with_shown.subset(np.arange(len(data)) < 10).shown is with_shown.shown  # splits keep it
 
 
-def decoy_rank(model_cls: type, impression_negatives: bool) -> float:
-    """Mean score gap (decoys minus the user's group items) over the even users."""
+def decoy_rank(model_cls: type, impression_negatives: bool, epochs: int, seeds: range = range(3)) -> float:
+    """The decoys' mean rank among all items (0: first) for the even users, over a few seeds: a
+    rank, not a score gap, so it does not depend on a network's score scale, and several seeds, so
+    one float path's draws (which differ between CPUs) decide nothing alone."""
     log, impressions = decoy_log()
     data = Interactions.from_log(log, implicit=True)
     users = np.array([i["user_id"] for i in impressions for _ in i["items"]], object)
     items = np.array([item for i in impressions for item in i["items"]], object)
-    model = model_cls(epochs=8, patience=0, seed=0, impression_negatives=impression_negatives,
-                      popularity_blend=0).fit(data.with_shown(users, items))
-    even = np.arange(0, 120, 2)
-    scores = model.user_scores(data.users.index([f"u{u}" for u in even]), blended=False)
+    even = data.users.index([f"u{u}" for u in range(0, 120, 2)])
     decoys = data.items.index(list(DECOYS))
-    own = np.array([data.items.index([f"g{u % GROUPS}i{n}" for n in range(PER_GROUP)]) for u in even])
-    return float((scores[:, decoys].mean(axis=1) - np.take_along_axis(scores, own, axis=1).mean(axis=1)).mean())
+    ranks = []
+    for seed in seeds:
+        model = model_cls(epochs=epochs, patience=0, seed=seed, impression_negatives=impression_negatives,
+                          popularity_blend=0).fit(data.with_shown(users, items))
+        order = np.argsort(-model.user_scores(even, blended=False), axis=1, kind="stable")
+        ranks.append(np.argsort(order, axis=1)[:, decoys].mean())
+    return float(np.mean(ranks))
 
 
-@pytest.mark.parametrize("model_cls", [GMF, DeepFM])
-def test_what_was_shown_and_passed_over_ranks_lower(model_cls: type) -> None:
-    assert decoy_rank(model_cls, True) < decoy_rank(model_cls, False) - 0.3  # the same draws otherwise
+# DeepFM's user features let the sampled negatives alone push the decoys down for the even users
+# within a few more epochs on this small log, so it is looked at early, where only impressions say it
+@pytest.mark.parametrize(("model_cls", "epochs"), [(GMF, 8), (DeepFM, 3)])
+def test_what_was_shown_and_passed_over_ranks_lower(model_cls: type, epochs: int) -> None:
+    assert decoy_rank(model_cls, True, epochs) > decoy_rank(model_cls, False, epochs) + 2  # the same draws otherwise
 
 
 def test_impression_negatives_without_impressions_is_a_clear_error() -> None:
@@ -102,7 +109,7 @@ def test_refit_reads_impressions_from_a_file(tmp_path: Path, param_server: str, 
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["impressions"] == {"shown_pairs": 60 * 3 + sum(1 for u in range(0, 120, 2)
-                                                                  if f"g{u % GROUPS}i0" not in set(
+                                                                  if f"g{(u // 2) % GROUPS}i0" not in set(
                                                                       log.item_id[log.user_id == f"u{u}"])),
                                      "invalid": 1}
     refused = CliRunner().invoke(cli, ["refit", "--model", "item-knn", "--from", str(csv), "--format", "csv",
