@@ -139,6 +139,19 @@ def _read_frame(path: Path, fmt: str, mapping: dict[str, str] | None) -> pd.Data
     return frame.rename(columns=_parse_mapping(mapping))
 
 
+def _id_column(frame: pd.DataFrame, name: str) -> np.ndarray:
+    """An id column as strings. A missing or empty id is an error naming its row: as text it would
+    become one more id ("nan", ""), and a missing value in a JSON column of numbers would also turn
+    every other id of the column into a float ("30.0" for 30)."""
+    column = frame[name]
+    missing = column.isna().to_numpy() | (column.astype(str) == "").to_numpy()
+    if missing.any():
+        row = int(np.argmax(missing))
+        raise ValueError(f"column {name!r} row {row}: the id is missing or empty "
+                         f"({int(missing.sum())} of {len(missing)} rows)")
+    return column.astype(str).to_numpy(dtype=object)
+
+
 def _numeric_column(frame: pd.DataFrame, name: str, required: bool) -> np.ndarray:
     if name not in frame.columns:
         if required:
@@ -150,6 +163,9 @@ def _numeric_column(frame: pd.DataFrame, name: str, required: bool) -> np.ndarra
     if bad.any():
         row = int(np.argmax(bad))
         raise ValueError(f"column {name!r} row {row}: {raw.iloc[row]!r} is not a number")
+    if np.isinf(values).any():
+        row = int(np.argmax(np.isinf(values)))
+        raise ValueError(f"column {name!r} row {row}: {raw.iloc[row]!r} is not a finite number")
     if required and np.isnan(values).any():
         raise ValueError(f"column {name!r} has empty values")
     return values
@@ -174,8 +190,8 @@ def load_log(
         print(f"note: {path} has no timestamp column; using each row's position as its time", file=sys.stderr)
         frame = frame.assign(timestamp=np.arange(len(frame), dtype=np.float64))
     log = InteractionLog(
-        user_id=frame["user_id"].astype(str).to_numpy(dtype=object),
-        item_id=frame["item_id"].astype(str).to_numpy(dtype=object),
+        user_id=_id_column(frame, "user_id"),
+        item_id=_id_column(frame, "item_id"),
         rating=_numeric_column(frame, "rating", required=False),
         timestamp=_numeric_column(frame, "timestamp", required=True),
         event_type=(

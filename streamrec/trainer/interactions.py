@@ -7,6 +7,7 @@ split, and so that train and test splits of one log share one index space.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Literal
@@ -183,14 +184,24 @@ class Interactions:
         if self.weighting == "binary":
             return self.counts()
         values = self.log.rating.astype(np.float64, copy=False)
-        values = np.where(np.isfinite(values), values, 1.0)
-        if (values < 0).any():
-            raise ValueError(f"--weights {self.weighting} needs non-negative values; this log has negative ones")
+        values = np.where(np.isnan(values), 1.0, values)  # an event without a value counts 1
+        if (values < 0).any() or np.isinf(values).any():
+            raise ValueError(f"--weights {self.weighting} needs finite non-negative values; this log has others")
         m = self._coo(values)
         m.sum_duplicates()
         if self.weighting == "log1p":
             m.data = np.log1p(m.data)
-        m.eliminate_zeros()
+        if (m.data > np.finfo(np.float32).max).any():  # models train in float32
+            raise ValueError(f"--weights {self.weighting}: a pair's value is beyond float32's range; "
+                             "use --weights log1p")
+        pairs = m.nnz
+        m.eliminate_zeros()  # a zero confidence is no observation (implicit's convention)
+        if not m.nnz:
+            raise ValueError(f"--weights {self.weighting}: every pair's value is 0, so no pair carries weight; "
+                             "use --weights binary")
+        if m.nnz < pairs:
+            warnings.warn(f"--weights {self.weighting}: {pairs - m.nnz} of {pairs} (user, item) pairs have value 0 "
+                          "and are left out of training as unobserved", stacklevel=2)
         return m
 
     def binary(self) -> sp.csr_matrix:

@@ -79,3 +79,23 @@ def test_seeds_report_means_stderr_and_every_run(tmp_path: Path) -> None:
     assert result["metrics_stderr"]["hr@10"] == pytest.approx(np.std(per_seed, ddof=1) / np.sqrt(3))
     assert result["seed_0_metrics"]["hr@10"] == per_seed[0]
     assert len(set(per_seed)) > 1, "different seeds must give different fits"
+
+
+def test_weights_that_carry_nothing_are_said_so(tmp_path: Path) -> None:
+    """A zero value is no observation (implicit's convention): all zero is an error, some zero a
+    warning that counts them; a value beyond float32 asks for log1p; a log without a test item
+    says why."""
+    frame = pd.read_csv(_play_count_csv(tmp_path / "plays.csv"))
+    frame.assign(rating=0.0).to_csv(tmp_path / "zero.csv", index=False)
+    with pytest.raises(ValueError, match="every pair's value is 0"):
+        evaluate("topn", "bpr", ["epochs=1"], tmp_path / "zero.csv", "csv", weights="raw")
+    half = np.where(np.arange(len(frame)) % 2, 0.0, frame.rating)
+    frame.assign(rating=half).to_csv(tmp_path / "half.csv", index=False)
+    with pytest.warns(UserWarning, match=r"\d+ of \d+ \(user, item\) pairs have value 0"):
+        evaluate("topn", "item-knn", [], tmp_path / "half.csv", "csv", weights="raw")
+    frame.assign(rating=1e300).to_csv(tmp_path / "huge.csv", index=False)
+    with pytest.raises(ValueError, match="beyond float32's range; use --weights log1p"):
+        evaluate("topn", "item-knn", [], tmp_path / "huge.csv", "csv", weights="raw")
+    frame.drop_duplicates("user_id").to_csv(tmp_path / "singles.csv", index=False)
+    with pytest.raises(ValueError, match="none has a test item"):
+        evaluate("topn", "popularity", [], tmp_path / "singles.csv", "csv")

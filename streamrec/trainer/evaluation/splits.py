@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,6 +28,9 @@ def rating_folds(
     rated = np.flatnonzero(np.isfinite(log.rating))
     if not len(rated):
         raise ValueError("the rating protocol needs explicit ratings; this log has none")
+    if len(rated) < len(log):  # announced, as a missing timestamp column is
+        print(f"note: {len(log) - len(rated)} of {len(log)} events have no rating; the rating protocol's "
+              "folds use the rated ones only", file=sys.stderr)
     parts = np.array_split(np.random.default_rng(seed).permutation(rated), N_FOLDS)
     folds = []
     for n in range(N_FOLDS):

@@ -82,6 +82,9 @@ def run_topn(make_model: Callable[[], Recommender], log: InteractionLog, weighti
     (user, item) pairs count once, at their latest time; `weighting` gives models their summed values."""
     data = Interactions.from_log(distinct_pairs(log), implicit=True, weighting=weighting)
     train_mask, test = leave_last_out(data)
+    if not len(test):
+        raise ValueError("no user (or session) has two distinct items, so none has a test item (topn leaves "
+                         "each user's last item out; EVALUATION.md): the log is too short or holds one item per user")
     model = make_model()
     start = time.perf_counter()
     model.fit(data.subset(train_mask))
