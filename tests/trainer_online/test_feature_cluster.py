@@ -55,7 +55,9 @@ def test_a_cluster_store_reads_what_one_redis_reads(redis_url: str, redis_cluste
         assert [i for i, _ in top] == [i for i, _ in top_single]
         np.testing.assert_allclose([s for _, s in top], [s for _, s in top_single], rtol=1e-9)
         for user in {e["user_id"] for e in events[:50]}:
-            assert spread.user_history(user, 10, True) == single.user_history(user, 10, True)
+            history = single.user_history(user, 10, True, session=True)
+            assert spread.user_history(user, 10, True, session=True) == history
+            assert history.session is not None and history.session.position is not None  # where the newest event is
             assert spread.entity("u", user) == single.entity("u", user)
         item = events[-1]["item_id"]
         assert spread.window_count("i", item, 3600) == single.window_count("i", item, 3600)
