@@ -177,8 +177,8 @@ class ParamStore:
 
     def pull(self, name: str, keys: Keys, max_bytes: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
         """(values, found, dim); ValueError before allocating a reply over `max_bytes`."""
-        values, found, dim, _ = self.pull_learned(name, keys, max_bytes)
-        return values, found, dim
+        with self.lock:
+            return self._pull_locked(name, keys, max_bytes)
 
     def pull_learned(self, name: str, keys: Keys, max_bytes: int | None = None,
                      ) -> tuple[np.ndarray, np.ndarray, int, dict[str, int]]:
@@ -186,11 +186,14 @@ class ParamStore:
         partition key), read under the same lock as the rows: every event below a watermark is in
         them. Serving compares them with the position of a user's newest event (read-your-writes)."""
         with self.lock:
-            table = self._table(name)
-            if max_bytes is not None and len(keys) * table.spec.width * 4 > max_bytes:
-                raise ValueError(f"pulling {len(keys)} rows of width {table.spec.width} is over the {max_bytes}-byte reply limit: split it")
-            values, found = table.pull(keys)
-            return values, found, table.spec.dim, dict(self.ledger.next_offsets)
+            return *self._pull_locked(name, keys, max_bytes), dict(self.ledger.next_offsets)
+
+    def _pull_locked(self, name: str, keys: Keys, max_bytes: int | None) -> tuple[np.ndarray, np.ndarray, int]:
+        table = self._table(name)
+        if max_bytes is not None and len(keys) * table.spec.width * 4 > max_bytes:
+            raise ValueError(f"pulling {len(keys)} rows of width {table.spec.width} is over the {max_bytes}-byte reply limit: split it")
+        values, found = table.pull(keys)
+        return values, found, table.spec.dim
 
     def push(
         self,

@@ -144,12 +144,13 @@ def _id_column(frame: pd.DataFrame, name: str) -> np.ndarray:
     become one more id ("nan", ""), and a missing value in a JSON column of numbers would also turn
     every other id of the column into a float ("30.0" for 30)."""
     column = frame[name]
-    missing = column.isna().to_numpy() | (column.astype(str) == "").to_numpy()
+    ids = column.astype(str).to_numpy(dtype=object)
+    missing = column.isna().to_numpy() | (ids == "")
     if missing.any():
         row = int(np.argmax(missing))
         raise ValueError(f"column {name!r} row {row}: the id is missing or empty "
                          f"({int(missing.sum())} of {len(missing)} rows)")
-    return column.astype(str).to_numpy(dtype=object)
+    return ids
 
 
 def _numeric_column(frame: pd.DataFrame, name: str, required: bool) -> np.ndarray:

@@ -344,8 +344,12 @@ if max_t ~= nil then
       session = session + 1
       if previous == nil or t > previous then previous = t end
     end
-    redis.call('HSET', key, 'last_seen', string.format('%.6f', previous), 'session_events', session)
-    if e.pk then redis.call('HSET', key, 'log_partition', PK[e.pk], 'log_offset', string.format('%.0f', e.o)) end
+    if e.pk then
+      redis.call('HSET', key, 'last_seen', string.format('%.6f', previous), 'session_events', session,
+                 'log_partition', PK[e.pk], 'log_offset', string.format('%.0f', e.o))
+    else
+      redis.call('HSET', key, 'last_seen', string.format('%.6f', previous), 'session_events', session)
+    end
     redis.call('HINCRBY', key, 'events', e.n)
     redis.call('EXPIRE', key, ttl)
   end
