@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.special import expit
 
-from streamrec.trainer.online.kernels import bpr_steps, mf_steps, rank_count, rank_linear
+from streamrec.trainer.online.kernels import UNSERVABLE, bpr_steps, mf_steps, rank_count, rank_linear
 
 
 def numpy_steps(P: np.ndarray, Q: np.ndarray, U: np.ndarray, I: np.ndarray, J: np.ndarray, W: np.ndarray,
@@ -146,12 +146,13 @@ def test_compiled_mf_steps_match_numpy_steps(seed: int, users: int, items: int) 
 
 def numpy_rank(scores: np.ndarray, excluded: np.ndarray, target: int) -> tuple[int, int]:
     """The prequential rank counts as numpy computed them (the reference): NaN and the excluded
-    columns become -inf; a target not held or not finite ranks below every finite candidate."""
+    columns become -inf; a target not held or not finite ranks below every finite candidate and
+    cannot be served."""
     row = np.where(np.isnan(scores), -np.inf, scores)
     row[excluded] = -np.inf
     value = row[target] if target >= 0 else -np.inf
     if not np.isfinite(value):
-        return int(np.isfinite(row).sum()), 0
+        return int(np.isfinite(row).sum()), UNSERVABLE
     return int((row > value).sum()), int((row == value).sum()) - 1
 
 

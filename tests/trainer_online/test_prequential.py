@@ -35,12 +35,25 @@ def _log(events: list[dict]) -> InteractionLog:
                           np.full(len(events), np.nan), np.array([e["timestamp"] for e in events]))
 
 
-def test_unseen_target_ranks_below_every_known_candidate():
+def test_unseen_target_is_a_miss_however_few_candidates_the_model_knows():
     scores = ItemScores(pd.Index(["a", "b", "c", "d"], dtype=object), np.array([[3.0, 2.0, 2.0, -np.inf]] * 3))
     greater, ties = rank_counts_among_known(
         scores, np.array(["b", "zz", "d"], object), [{"a"}, {"a"}, set()])
-    # "b": "a" is excluded, "c" ties; "zz" is not held and "d" is held at -inf: below b and c (and a)
-    assert greater.tolist() == [0, 2, 3] and ties.tolist() == [1, 0, 0]
+    # "b": "a" is excluded, "c" ties; "zz" is not held and "d" is held at -inf: only 2 or 3 known
+    # candidates rank above them, but no list the model serves holds them
+    assert greater.tolist() == [0, 10, 10] and ties.tolist() == [1, 0, 0]
+
+
+def test_a_log_of_new_items_scores_no_hit(tmp_path):
+    """One user, every event a new item: no model has learned the item it is asked about, so
+    however short its list of known candidates, no prediction hits (it scored 1.0 when an unseen
+    target counted as ranked just below the known candidates)."""
+    path = tmp_path / "one-user.csv"
+    path.write_text("user_id,item_id,timestamp\n" + "".join(f"u,i{n},{1700000000 + n}\n" for n in range(200)))
+    for name in ("online-bpr", "online-popularity"):
+        metrics = evaluate("prequential", name, [], path, "csv")["metrics"]
+        assert metrics["evaluated_events"] == 20
+        assert metrics["hr@10_all"] == 0.0 and metrics["ndcg@10_all"] == 0.0, name
 
 
 def test_cached_history_columns_follow_new_items_new_indexes_and_forgotten_users():
@@ -139,3 +152,15 @@ def test_train_online_validates_params_with_the_shared_parser():
     assert bad_type.exit_code == 2 and "dim" in bad_type.output
     unknown = CliRunner().invoke(cli, ["train-online", "--model", "online-popularity", "--param", "online-popularity.lr=1"])
     assert unknown.exit_code == 2 and "lr" in unknown.output
+
+
+def test_ids_longer_than_the_stream_takes_are_refused_before_learning(tmp_path):
+    """The online models take the event stream's ids (at most 256 UTF-8 bytes): 128 two-byte
+    characters pass, one more is an error that shows the id."""
+    path = tmp_path / "long.csv"
+    rows = [f"u{n % 7},i{n % 13},{1700000000 + n}" for n in range(60)]
+    path.write_text("user_id,item_id,timestamp\n" + "\n".join(rows[:5] + [f"u1,{'é' * 128},1700000005"] + rows[6:]) + "\n")
+    assert evaluate("prequential", "online-popularity", [], path, "csv")["metrics"]["evaluated_events"] == 6
+    path.write_text(path.read_text().replace("é" * 128, "é" * 129))
+    with pytest.raises(ValueError, match=r"item_id 'é+'\.\.\. is 258 bytes long; .* at most 256"):
+        evaluate("prequential", "online-popularity", [], path, "csv")

@@ -115,6 +115,22 @@ def _over_seeds(runs: list[dict[str, Any]], seed: int) -> dict[str, Any]:
     }
 
 
+def _check_stream_ids(log: InteractionLog) -> None:
+    """The online models take the ids a live stream takes: at most `MAX_ID_BYTES` of UTF-8 (a longer
+    one is dead-lettered there). A longer id is an error that shows it, before any learning, where
+    it failed deep in the key store without saying which id."""
+    from streamrec.stream.events import MAX_ID_BYTES
+
+    for name, ids in (("user_id", log.user_id), ("item_id", log.item_id)):
+        chars = np.fromiter(map(len, ids), np.int64, len(ids))
+        for row in np.flatnonzero(chars > MAX_ID_BYTES // 4).tolist():  # 4 bytes per char at most
+            size = len(ids[row].encode("utf-8", "surrogatepass"))
+            if size > MAX_ID_BYTES:
+                raise ValueError(f"{name} {ids[row][:40]!r}... is {size} bytes long; online models take "
+                                 f"ids of at most {MAX_ID_BYTES} UTF-8 bytes, as the event stream does "
+                                 "(a longer one is dead-lettered there): shorten or hash them first")
+
+
 def _evaluate_once(protocol: str, model: str, params: list[str] | tuple[str, ...], log: InteractionLog,
                    data: str | Path, fmt: str, seed: int, weights: Weighting, engine: Engine) -> dict[str, Any]:
     from streamrec.core.params import parse_params
@@ -137,6 +153,7 @@ def _evaluate_once(protocol: str, model: str, params: list[str] | tuple[str, ...
         if "seed" in online.Params.model_fields and "seed" not in typed.model_fields_set:
             typed = typed.model_copy(update={"seed": seed})
         hyper = typed.model_dump()
+        _check_stream_ids(log)
         return {**run_prequential(online(**hyper), log), "params": hyper}
     if protocol not in ("rating", "topn"):
         raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")

@@ -11,8 +11,11 @@ Rules, the same for all three callers:
   replaced by the next event);
 - candidates are the items the model holds minus the user's earlier items; the target ranks by
   its score among them, ties counted as the expected rank under a random order of the tied
-  items. An item the model has not seen (not held, or held at -inf) ranks just below every
-  candidate it knows: greater = their number, no ties.
+  items. An item the model has not seen (not held, or held at -inf) ranks below every candidate
+  it knows and is a miss: the model cannot put it in a list. EVALUATION.md allows ranking it below
+  all others, unseen items included, which is a miss wherever more than 10 candidates remain; live,
+  where the catalogue to come is unknown, it is always one. Counting it just below the known ones
+  instead scored a one-user log (every item new, no candidate left) at hr@10 = 1.0.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from streamrec.stream.events import EventBatch
 from streamrec.stream.loaders import InteractionLog
 from streamrec.trainer.evaluation.metrics import expected_hit, expected_ndcg
 from streamrec.trainer.online.base import ItemScores, OnlineRecommender
-from streamrec.trainer.online.kernels import rank_count
+from streamrec.trainer.online.kernels import UNSERVABLE, rank_count
 from streamrec.trainer.online.roles import EventRoles
 
 EVAL_EVERY = 10
@@ -50,14 +53,20 @@ def rank_counts_among_known(scores: ItemScores, targets: Sequence[str], earlier:
 
     Candidates are the scored items minus `earlier[r]` (the user's earlier items; a target is
     never among them, re-consumptions are not scored). A target the model does not know ranks
-    below every known candidate. `columns` (item id -> column of `scores.item_ids`, e.g. from a
+    below every known candidate and is a miss (`served`). `columns` (item id -> column of `scores.item_ids`, e.g. from a
     `ColumnLookup`) saves building it per call. The counting is `kernels.rank_count`'s, row by row.
     """
     if columns is None:
         columns = ColumnLookup()(scores.item_ids)
-    counts = np.array([rank_count(np.ascontiguousarray(row), _columns_of(items, columns), columns.get(target, -1))
+    counts = np.array([served(*rank_count(np.ascontiguousarray(row), _columns_of(items, columns), columns.get(target, -1)))
                        for row, target, items in zip(scores.scores, targets, earlier)], np.int64).reshape(-1, 2)
     return counts[:, 0], counts[:, 1]
+
+
+def served(greater: int, ties: int) -> tuple[int, int]:
+    """`rank_count`'s counts as a served list sees them: a target the model cannot serve
+    (`UNSERVABLE`) ranks past the last of the `K` slots, whatever number of candidates it knows."""
+    return (max(greater, K), 0) if ties == UNSERVABLE else (greater, ties)
 
 
 def _columns_of(items: Collection[str], columns: Mapping[str, int]) -> np.ndarray:
@@ -248,8 +257,8 @@ class PrequentialScorer:
                     scores = None if ranks_itself else model(np.array([user], object))
                     target = lookup(model.scoring_index() if scores is None else scores.item_ids).get(item, -1)
                     excluded = self.history.columns(user, name, lookup)
-                    greater, ties = (model.rank_one(user, target, excluded) if scores is None else
-                                     rank_count(np.ascontiguousarray(scores.scores[0]), excluded, target))
+                    greater, ties = served(*(model.rank_one(user, target, excluded) if scores is None else
+                                             rank_count(np.ascontiguousarray(scores.scores[0]), excluded, target)))
                     found[name].append((self.position, greater, ties, float(events.timestamp[q])))
         self.pass_unscored(events, observed, stop)
 

@@ -174,6 +174,7 @@ def mf_steps(P: np.ndarray, Q: np.ndarray, u: np.ndarray, i: np.ndarray, rating:
     return rating_sum, rating_count, squared_error
 
 
+UNSERVABLE = -1  # `rank_count`'s ties for a target the model cannot put in a list
 _RANK_SIGNATURES = [f"UniTuple(int64, 2)({row}, int64[::1], int64)" for row in ("float32[::1]", "float64[::1]")]
 
 
@@ -182,7 +183,8 @@ def rank_count(scores: np.ndarray, excluded: np.ndarray, target: int) -> tuple[i
     """One scored event of the prequential protocol in one pass over a row of scores: (how many
     candidates score above column `target`, how many others tie it). Candidates are the columns
     not in `excluded` (the user's earlier items); NaN counts as -inf. A target that is negative
-    (not held), excluded or not finite ranks below every finite candidate: (their number, 0)."""
+    (not held), excluded or not finite ranks below every finite candidate and cannot be served:
+    (their number, `UNSERVABLE`), which the scorer counts as a miss (prequential.py)."""
     n = len(scores)
     out = np.zeros(n, np.bool_)
     for c in excluded:
@@ -205,7 +207,7 @@ def rank_count(scores: np.ndarray, excluded: np.ndarray, target: int) -> tuple[i
         elif s == value:
             ties += 1
     if not known:
-        return finite, 0
+        return finite, UNSERVABLE
     return greater, ties - 1
 
 
