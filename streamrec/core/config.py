@@ -139,6 +139,9 @@ class Settings(BaseSettings):
         172_800.0, gt=0, description="exploration: an item first seen less than this much event time ago is fresh")
     explore_min_impressions: int = Field(
         100, ge=0, description="exploration: an item shown fewer times is fresh whatever its age")
+    explore_candidates: int = Field(
+        5, ge=0, description="exploration: a user with a vector draws among the fresh items it scores highest, "
+        "this many (0: among all fresh items)")
     metrics_sources: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=dict,
         description="other processes' /metrics URLs the serving console aggregates: name=url,name=url (or JSON)",

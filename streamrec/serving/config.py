@@ -112,6 +112,8 @@ class ServingConfig(BaseModel):
     explore_pool: int = Field(1000, ge=1, description="the newest fresh items a worker draws from")
     explore_prior: float = Field(10.0, gt=0, description="strength, in impressions, of the Beta prior centred on "
                                  "the pool's click-through rate")
+    explore_candidates: int = Field(5, ge=0, description="Thompson sampling draws among the eligible fresh items "
+                                    "the user's vector scores highest, this many (0: among all of them)")
     explore_refresh_s: float = Field(1.0, gt=0, description="how often a worker re-reads the fresh items' counts")
     explore_seed: int | None = Field(None, description="seed of the exploration draws; None: unseeded")
     # users without a row but with events: their recent items' mean vector (fold-in)
@@ -168,7 +170,8 @@ class ServingConfig(BaseModel):
                 "max_context_bytes": settings.max_context_bytes,
                 "event_id_retention_s": settings.event_id_retention_s, "explore_share": settings.explore_share,
                 "explore_max_age_s": settings.explore_max_age_s,
-                "explore_min_impressions": settings.explore_min_impressions}
+                "explore_min_impressions": settings.explore_min_impressions,
+                "explore_candidates": settings.explore_candidates}
         return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
     @classmethod

@@ -13,7 +13,12 @@ the slots to whatever was shown least.
 
 The slots are the last `share * k` positions of the answer (a fractional part becomes a slot with
 that probability), never an item the user has seen, one the filters or rules exclude, or one
-already in the list. A worker re-reads the pool's counts every `explore_refresh_s` on a thread of
+already in the list. For a user with a vector, the draws are among the `explore_candidates` (5)
+eligible fresh items their vector scores highest: a slot given to whichever fresh item drew best,
+for anyone, displaced the answer's tenth item for one this user had little reason to want, and
+cost 7.5% of a replay's hits (docs/serving.md, "Cold start: measured in the simulator"). A new
+item's row starts where the content tower puts it, so the user's score already says something
+about it; the draw then decides among the plausible ones by their clicks. A worker re-reads the pool's counts every `explore_refresh_s` on a thread of
 its own, so a request never waits for Redis here; while Redis is down the last pool read stays in
 use. Counting impressions and clicks is the trainer's (`train-online --explore`).
 """
@@ -58,6 +63,16 @@ def slots(share: float, k: int, rng: np.random.Generator) -> int:
     expected = share * k
     whole = int(expected)
     return min(k, whole + int(rng.random() < expected - whole))
+
+
+def closest(scores: np.ndarray, eligible: np.ndarray, n: int) -> np.ndarray:
+    """`eligible` narrowed to its n best-scored items (all of it when n is 0 or it has no more)."""
+    candidates = np.flatnonzero(eligible)
+    if n <= 0 or len(candidates) <= n:
+        return eligible
+    narrowed = np.zeros_like(eligible)
+    narrowed[candidates[np.argpartition(-scores[candidates], n - 1)[:n]]] = True
+    return narrowed
 
 
 def thompson(fresh: FreshItems, eligible: np.ndarray, n: int, prior: float, rng: np.random.Generator,

@@ -14,7 +14,7 @@ from streamrec.param_server.replica import TableMirror
 from streamrec.serving.config import ServingConfig
 from streamrec.serving.context import NO_CONTEXT, ContextPopularity, RequestContext
 from streamrec.serving.experiments import Arm
-from streamrec.serving.explore import ExplorationPool, slots, thompson
+from streamrec.serving.explore import ExplorationPool, closest, slots, thompson
 from streamrec.serving.filters import NO_FILTER, ItemFilter
 from streamrec.serving.history import History
 from streamrec.serving.index import index_rows, query_rows
@@ -214,7 +214,7 @@ class CandidatePipeline:
                 body["session"] = in_session
         share = arm.explore if arm is not None and arm.explore is not None else self.config.explore_share
         if share and state is not None and self.explore is not None:
-            self._explore(state, body, k, share, seen, allowed)
+            self._explore(state, body, k, share, seen, allowed, None if popular else user)
         if "redis" in degraded:
             self.history.count_degraded()
         body["degraded"] = degraded
@@ -255,9 +255,10 @@ class CandidatePipeline:
         return ((p_u + weight * mean).astype(np.float32), b_u), len(rows)
 
     def _explore(self, state: ServingState, body: dict[str, Any], k: int, share: float, seen: set[str],
-                 allowed: np.ndarray | None) -> None:
+                 allowed: np.ndarray | None, user: tuple[np.ndarray, float] | None) -> None:
         """Give the answer's last slots (`share` of k) to fresh items by Thompson sampling
-        (streamrec.serving.explore); items seen, excluded or already listed are not drawn."""
+        (streamrec.serving.explore); items seen, excluded or already listed are not drawn. With a
+        `user` vector the draws are among the `explore_candidates` eligible items it scores highest."""
         n = slots(share, k, self._rng)
         fresh, rows = self.explore.rows(state) if n else (None, None)
         if fresh is None or not len(fresh):
@@ -267,6 +268,9 @@ class CandidatePipeline:
             eligible &= allowed[np.maximum(rows, 0)]
         listed = [entry["item_id"] for entry in body["items"]]
         eligible &= ~pd.Index(fresh.ids).isin([*listed, *seen])
+        if user is not None and self.config.explore_candidates and eligible.sum() > self.config.explore_candidates:
+            scores = index_rows(state.items, np.maximum(rows, 0)) @ query_rows(user[0][None], state.items)[0]
+            eligible = closest(scores, eligible, self.config.explore_candidates)
         picks, draws = thompson(fresh, eligible, n, self.config.explore_prior, self._rng)
         if not len(picks):
             return

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 
 from streamrec.param_server.client import ParamClient
-from streamrec.serving.explore import slots, thompson
+from streamrec.serving.explore import closest, slots, thompson
 from streamrec.trainer.online.exploration import ExplorationStore, FreshItems
 from streamrec.trainer.online.feature_store import FeatureStore
-from tests.serving.conftest import StartServing, load_model, wait_for, write_history
 from tests.param_server.conftest import ServerProcess
+from tests.serving.conftest import StartServing, load_model, wait_for, write_history
 
 DIM = 4
 
@@ -34,6 +34,13 @@ def test_thompson_sampling_favours_items_that_were_clicked_and_keeps_trying_the_
     assert wins[2] > 100  # an item never shown is still tried
     picks, draws = thompson(fresh, eligible, 3, 10.0, rng)
     assert sorted(picks.tolist()) == [0, 1, 2] and np.all(np.diff(draws) <= 0)
+
+
+def test_the_draws_are_narrowed_to_the_best_scored_eligible_items():
+    scores = np.array([5.0, 4.0, 3.0, 2.0, 1.0])
+    eligible = np.array([False, True, True, True, True])
+    assert closest(scores, eligible, 2).tolist() == [False, True, True, False, False]  # 0 is not eligible
+    assert closest(scores, eligible, 0) is eligible and closest(scores, eligible, 4) is eligible
 
 
 def _world(ps: ParamClient, feature_store: FeatureStore, redis_url: str, prefix: str) -> ExplorationStore:
@@ -79,3 +86,28 @@ def test_an_arm_sets_its_own_share(param_server: ServerProcess, ps: ParamClient,
     assert body["arm"] == "explore" and [e["item_id"] for e in body["items"]][-1] == "fresh-good"
     plain = serving.get("/recommend", user_id="u1", k=10, exclude_seen=False).json()  # fresh-seen allowed now
     assert plain["items"][-1]["item_id"] in {"fresh-good", "fresh-seen"}
+
+
+def test_a_user_with_a_vector_explores_the_fresh_items_it_scores_highest(
+        param_server: ServerProcess, ps: ParamClient, feature_store: FeatureStore, redis_url: str, prefix: str,
+        start_serving: StartServing) -> None:
+    """Five fresh items with the same counts: with one candidate, u1's slot always goes to the one
+    its vector points at; with all five candidates, the draws spread over them."""
+    items = {f"i{n}": np.array([1.0 - n / 20, 0, 0, 0], np.float32) for n in range(20)}
+    fresh = ["fresh-near", *(f"fresh-far{n}" for n in range(4))]
+    items.update({"fresh-near": np.array([0.45, 0, 0, 0], np.float32),
+                  **{name: np.array([-1.0, 0, 0, 0], np.float32) for name in fresh[1:]}})
+    load_model(ps, {"u1": np.array([1.0, 0, 0, 0], np.float32)}, items)
+    write_history(feature_store, [("u1", "i19", 1.0)])
+    ExplorationStore.from_url(redis_url, prefix).count(np.array(fresh, object), np.full(5, 20), np.full(5, 2),
+                                                      np.full(5, 5.0), 5.0)
+
+    def explored(serving) -> list[str]:
+        wait_for(lambda: serving.get("/recommend", user_id="u1", k=10).json()["items"][-1]["sources"] == ["explore"])
+        return [serving.get("/recommend", user_id="u1", k=10).json()["items"][-1]["item_id"] for _ in range(40)]
+
+    env = {"STREAMREC_EXPLORE_SHARE": "0.1", "STREAMREC_EXPLORE_CANDIDATES": "1"}
+    assert set(explored(start_serving(param_server.address, redis_url, prefix, extra_env=env))) == {"fresh-near"}
+    spread = explored(start_serving(param_server.address, redis_url, prefix,
+                                    extra_env={**env, "STREAMREC_EXPLORE_CANDIDATES": "0"}))
+    assert len(set(spread)) >= 3 and spread.count("fresh-near") < 30
