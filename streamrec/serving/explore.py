@@ -18,9 +18,11 @@ eligible fresh items their vector scores highest: a slot given to whichever fres
 for anyone, displaced the answer's tenth item for one this user had little reason to want, and
 cost 7.5% of a replay's hits (docs/serving.md, "Cold start: measured in the simulator"). A new
 item's row starts where the content tower puts it, so the user's score already says something
-about it; the draw then decides among the plausible ones by their clicks. A worker re-reads the pool's counts every `explore_refresh_s` on a thread of
-its own, so a request never waits for Redis here; while Redis is down the last pool read stays in
-use. Counting impressions and clicks is the trainer's (`train-online --explore`).
+about it; the draw then decides among the plausible ones by their clicks.
+
+A worker re-reads the pool's counts every `explore_refresh_s` on a thread of its own, so a request
+never waits for Redis here; while Redis is down the last pool read stays in use. Counting
+impressions and clicks is the trainer's (`train-online --explore`).
 """
 
 from __future__ import annotations
