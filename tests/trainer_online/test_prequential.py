@@ -19,7 +19,6 @@ from streamrec.trainer.evaluation.prequential import (
     ColumnLookup,
     EarlierItems,
     PrequentialScorer,
-    rank_counts_among_known,
     run_prequential,
 )
 from streamrec.trainer.online.base import ItemScores, OnlineRecommender, learn_together
@@ -36,12 +35,18 @@ def _log(events: list[dict]) -> InteractionLog:
 
 
 def test_unseen_target_is_a_miss_however_few_candidates_the_model_knows():
-    scores = ItemScores(pd.Index(["a", "b", "c", "d"], dtype=object), np.array([[3.0, 2.0, 2.0, -np.inf]] * 3))
-    greater, ties = rank_counts_among_known(
-        scores, np.array(["b", "zz", "d"], object), [{"a"}, {"a"}, set()])
-    # "b": "a" is excluded, "c" ties; "zz" is not held and "d" is held at -inf: only 2 or 3 known
-    # candidates rank above them, but no list the model serves holds them
-    assert greater.tolist() == [0, 10, 10] and ties.tolist() == [1, 0, 0]
+    items = pd.Index(["a", "b", "c", "d"], dtype=object)
+
+    def scores(users: np.ndarray) -> ItemScores:
+        return ItemScores(items, np.array([[3.0, 2.0, 2.0, -np.inf]] * len(users)))
+
+    events = [{"user_id": user, "item_id": item, "timestamp": 1700000000 + n}
+              for n, (user, item) in enumerate([("u1", "a"), ("u1", "b"), ("u1", "zz"), ("u2", "d")])]
+    found = PrequentialScorer(every=1).evaluate(EventBatch.from_log(_log(events)), {"m": scores})["m"]
+    # "a" leads; "b" ties "c" once "a" is excluded; "zz" is not held and "d" is held at -inf: only
+    # 2 or 3 known candidates rank above them, but no list the model serves holds them
+    assert found.greater.tolist() == [0, 0, 10, 10] and found.ties.tolist() == [0, 1, 0, 0]
+    assert found.hit.tolist() == [1.0, 1.0, 0.0, 0.0]
 
 
 def test_a_log_of_new_items_scores_no_hit(tmp_path):

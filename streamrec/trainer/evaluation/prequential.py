@@ -47,24 +47,6 @@ Scored = ScoreFn | OnlineRecommender  # what the scorer ranks with: scores, or a
 Row = tuple[int, int, int, float]  # a scored event: stream position, greater, ties, event time
 
 
-def rank_counts_among_known(scores: ItemScores, targets: Sequence[str], earlier: Sequence[Collection[str]],
-                            columns: Mapping[str, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Per row r: how many candidates score above `targets[r]` and how many others tie it.
-
-    Candidates are the scored items minus `earlier[r]` (the user's earlier items; a target is
-    never among them, re-consumptions are not scored). A target the model does not know ranks
-    below every known candidate and is a miss (`served`). `columns` (item id -> column of
-    `scores.item_ids`, e.g. from a `ColumnLookup`) saves building it per call. The counting is
-    `kernels.rank_count`'s, row by row.
-    """
-    if columns is None:
-        columns = ColumnLookup()(scores.item_ids)
-    counts = np.array([served(*rank_count(np.ascontiguousarray(row), _columns_of(items, columns),
-                                          columns.get(target, -1)))
-                       for row, target, items in zip(scores.scores, targets, earlier)], np.int64).reshape(-1, 2)
-    return counts[:, 0], counts[:, 1]
-
-
 def served(greater: int, ties: int) -> tuple[int, int]:
     """`rank_count`'s counts as a served list sees them: a target the model cannot serve
     (`UNSERVABLE`) ranks past the last of the `K` slots, whatever number of candidates it knows."""
