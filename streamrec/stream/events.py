@@ -28,6 +28,7 @@ _PLAIN_FIELDS = FIELDS - {"context"}  # `decode_many`'s fast path: a record with
 MIN_TIMESTAMP = 788_918_400.0  # 1995-01-01T00:00:00Z: nothing older is a plausible interaction
 MAX_FUTURE_SECONDS = 86_400.0
 MAX_ID_BYTES = 256
+SHORT_ID_CHARS = MAX_ID_BYTES // 4  # UTF-8 takes at most 4 bytes a character: ids this short always fit
 _NUMBER = (int, float)
 _INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1  # what JSON encoders and decoders here accept
 
@@ -144,6 +145,7 @@ class EventSchema:
         takes `validate`, which decides and explains exactly as it does for one record."""
         now = time.time() if now is None else now
         latest, event_types, plain_fields = now + MAX_FUTURE_SECONDS, self.event_types, _PLAIN_FIELDS
+        short = SHORT_ID_CHARS
         users, items, kinds, values, times, event_ids, contexts = [], [], [], [], [], [], []
         invalid: list[tuple[int, InvalidEvent]] = []
         nan, loads, isfinite = math.nan, orjson.loads, math.isfinite
@@ -158,7 +160,7 @@ class EventSchema:
                 user, item, kind = obj.get("user_id"), obj.get("item_id"), obj.get("event_type")
                 timestamp, event_id, value, context = obj.get("timestamp"), obj.get("event_id"), obj.get("value"), None
                 plain = (type(user) is str and type(item) is str and type(event_id) is str and type(kind) is str
-                         and 0 < len(user) <= 64 and 0 < len(item) <= 64 and 0 < len(event_id) <= 64
+                         and 0 < len(user) <= short and 0 < len(item) <= short and 0 < len(event_id) <= short
                          and kind in event_types and type(timestamp) is float and MIN_TIMESTAMP <= timestamp <= latest
                          and (value is None or (type(value) is float and isfinite(value))))
             if not plain:
@@ -191,9 +193,13 @@ def _objects(values: list[Any]) -> np.ndarray:
 def _check_id(name: str, value: Any) -> None:
     if type(value) is not str:
         raise InvalidEvent(f"bad_type:{name}", type(value).__name__)
-    # A str of <= 64 chars is at most 256 UTF-8 bytes: encode only the rare long ones.
-    if not value or (len(value) > 64 and len(value.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES):
+    if not value or (len(value) > SHORT_ID_CHARS and not id_fits(value)):  # encode only the rare long ones
         raise InvalidEvent(f"bad_length:{name}", f"{len(value)} chars")
+
+
+def id_fits(value: str) -> bool:
+    """Whether an id is at most `MAX_ID_BYTES` of UTF-8 (lone surrogates counted as encoded)."""
+    return len(value.encode("utf-8", "surrogatepass")) <= MAX_ID_BYTES
 
 
 def _finite_number(name: str, value: Any) -> float:

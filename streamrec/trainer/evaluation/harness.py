@@ -119,13 +119,13 @@ def _check_stream_ids(log: InteractionLog) -> None:
     """The online models take the ids a live stream takes: at most `MAX_ID_BYTES` of UTF-8 (a longer
     one is dead-lettered there). A longer id is an error that shows it, before any learning, where
     it failed deep in the key store without saying which id."""
-    from streamrec.stream.events import MAX_ID_BYTES
+    from streamrec.stream.events import MAX_ID_BYTES, SHORT_ID_CHARS, id_fits
 
     for name, ids in (("user_id", log.user_id), ("item_id", log.item_id)):
         chars = np.fromiter(map(len, ids), np.int64, len(ids))
-        for row in np.flatnonzero(chars > MAX_ID_BYTES // 4).tolist():  # 4 bytes per char at most
-            size = len(ids[row].encode("utf-8", "surrogatepass"))
-            if size > MAX_ID_BYTES:
+        for row in np.flatnonzero(chars > SHORT_ID_CHARS).tolist():
+            if not id_fits(ids[row]):
+                size = len(ids[row].encode("utf-8", "surrogatepass"))
                 raise ValueError(f"{name} {ids[row][:40]!r}... is {size} bytes long; online models take "
                                  f"ids of at most {MAX_ID_BYTES} UTF-8 bytes, as the event stream does "
                                  "(a longer one is dead-lettered there): shorten or hash them first")

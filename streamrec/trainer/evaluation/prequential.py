@@ -47,7 +47,7 @@ Scored = ScoreFn | OnlineRecommender  # what the scorer ranks with: scores, or a
 Row = tuple[int, int, int, float]  # a scored event: stream position, greater, ties, event time
 
 
-def served(greater: int, ties: int) -> tuple[int, int]:
+def _served(greater: int, ties: int) -> tuple[int, int]:
     """`rank_count`'s counts as a served list sees them: a target the model cannot serve
     (`UNSERVABLE`) ranks past the last of the `K` slots, whatever number of candidates it knows."""
     return (max(greater, K), 0) if ties == UNSERVABLE else (greater, ties)
@@ -241,7 +241,7 @@ class PrequentialScorer:
                     scores = None if ranks_itself else model(np.array([user], object))
                     target = lookup(model.scoring_index() if scores is None else scores.item_ids).get(item, -1)
                     excluded = self.history.columns(user, name, lookup)
-                    greater, ties = served(*(model.rank_one(user, target, excluded) if scores is None else
+                    greater, ties = _served(*(model.rank_one(user, target, excluded) if scores is None else
                                              rank_count(np.ascontiguousarray(scores.scores[0]), excluded, target)))
                     found[name].append((self.position, greater, ties, float(events.timestamp[q])))
         self.pass_unscored(events, observed, stop)

@@ -344,12 +344,12 @@ if max_t ~= nil then
       session = session + 1
       if previous == nil or t > previous then previous = t end
     end
-    if e.pk then
-      redis.call('HSET', key, 'last_seen', string.format('%.6f', previous), 'session_events', session,
-                 'log_partition', PK[e.pk], 'log_offset', string.format('%.0f', e.o))
-    else
-      redis.call('HSET', key, 'last_seen', string.format('%.6f', previous), 'session_events', session)
+    local fields = {'last_seen', string.format('%.6f', previous), 'session_events', session}
+    if e.pk then  -- the newest event's log position (events without an origin leave it alone)
+      table.insert(fields, 'log_partition'); table.insert(fields, PK[e.pk])
+      table.insert(fields, 'log_offset'); table.insert(fields, string.format('%.0f', e.o))
     end
+    redis.call('HSET', key, unpack(fields))
     redis.call('HINCRBY', key, 'events', e.n)
     redis.call('EXPIRE', key, ttl)
   end
