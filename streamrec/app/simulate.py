@@ -260,6 +260,7 @@ def replay_through_stack(settings: Settings, log: InteractionLog, options: Simul
             admin = admin_client(stack.settings.kafka_bootstrap)
             produced = 0
             released = cold is None
+            release: dict[str, Any] = {}
             try:
                 with progress_bar("simulate", total=len(log)) as advance:
                     for start in range(0, len(log), options.chunk_events):
@@ -267,9 +268,11 @@ def replay_through_stack(settings: Settings, log: InteractionLog, options: Simul
                         answered: dict[str, tuple[str, set[str]]] = {}
                         if produced:
                             wait_barrier(stack, admin, client, http, produced, options.barrier_timeout_s)
-                            if not released and start >= cold.middle:
-                                release_items(client, stack.settings, catalogue, cold, options.content_tower,
-                                              explore is not None)
+                            # released before the chunk that holds the middle (a trainer batch is a
+                            # whole chunk): the new items' events all come after it
+                            if not released and start + options.chunk_events > cold.middle:
+                                release = release_items(client, stack.settings, catalogue, cold,
+                                                        options.content_tower, explore is not None)
                                 released = True
                                 wait_barrier(stack, admin, client, http, produced, options.barrier_timeout_s)
                             if explore is not None:
@@ -306,6 +309,7 @@ def replay_through_stack(settings: Settings, log: InteractionLog, options: Simul
                            "the simulation is not reproducible")
     frame = pd.DataFrame(rows, columns=["arm", "user_id", "hit", "items", "cold", "released", "explored"]
                          ).assign(click=False)
+    frame.attrs["release"] = release  # what the release did: the content tower's fit report
     queried = frame["arm"].value_counts().to_dict() if len(frame) else {}
     if served != queried:
         raise RuntimeError(f"serving counted {served} answers per arm, the simulator sent {queried}")
@@ -380,7 +384,9 @@ def compare_cold_start(settings: Settings, log: InteractionLog, options: Simulat
     middle of the replay, then released (the full catalogue published). The same replay twice:
     without content tower and exploration, then with both (`options.explore` of the online-bpr
     arm's slots). Reported for the online-bpr arm, each with a paired per-user bootstrap: hit@k on
-    the new items after their release (queries whose next item is a new one), and hit@k overall."""
+    the new items after their release (queries whose next item is a new one), and hit@k overall;
+    with the content tower's fit report at the release (its validation error against the mean-row
+    baseline says whether the metadata predicted anything)."""
     if "online-bpr" not in options.arms or options.catalogue is None or not options.explore:
         raise ValueError("comparing cold start needs the online-bpr arm, a --catalogue and --explore > 0")
     if options.limit is not None:
@@ -402,5 +408,7 @@ def compare_cold_start(settings: Settings, log: InteractionLog, options: Simulat
         "explored_slots_per_answer": float(arm["explored"].mean()) if len(arm) else 0.0,
         "new_items_shown_per_answer_after_release": float(shown_new[arm["released"]].mean()) if len(arm) else 0.0,
         "new_items": len(cold.ids), "released_at_event": cold.middle, "explore": options.explore,
+        "explore_candidates": settings.explore_candidates,
+        "content_tower": frames["with"].attrs.get("release", {}).get("content_tower"),
         "events": len(log), "chunk_events": options.chunk_events, "k": options.k,
         "seconds": round(time.monotonic() - started, 1)}

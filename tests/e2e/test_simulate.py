@@ -104,3 +104,5 @@ def test_cold_start_is_compared_pairwise_through_the_real_path(settings, tmp_pat
     assert 1.5 < result["explored_slots_per_answer"] <= 2.0  # 20% of 10 slots, fewer when nothing fresh is eligible
     assert result["new_items_shown_per_answer_after_release"] > 0  # seeded rows and exploration show new items
     assert result["new_items"] == 12 and 0 < result["released_at_event"] < result["events"]
+    tower = result["content_tower"]  # the fit at the release, with what it was judged by
+    assert tower["seeded"] >= 12 and tower["validation_mse"] > 0 and tower["baseline_mse"] > 0
