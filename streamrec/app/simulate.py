@@ -224,10 +224,11 @@ def wait_impressions(stack: Stack, http: httpx.Client, queried: int, timeout_s: 
 
 
 def replay_through_stack(settings: Settings, log: InteractionLog, options: SimulateOptions,
-                         cold: ColdItems | None = None) -> tuple[pd.DataFrame, dict[str, int]]:
+                         cold: ColdItems | None = None) -> tuple[pd.DataFrame, dict[str, int], dict[str, Any]]:
     """Replay `log` through a private stack; one row per query (arm, user_id, hit, items shown,
     whether the target is a `cold` item and whether the query comes after their release) and
-    serving's own count of answers per arm (checked against the rows)."""
+    serving's own count of answers per arm (checked against the rows); and what the release of the
+    `cold` items did (the content tower's fit report; empty without a release)."""
     spec = experiments_file(options.arms, options.explore)
     rows: list[tuple[str, str, bool, list[str], bool, bool, int]] = []
     trainer_args = ["--batch-events", str(options.chunk_events), "--batch-seconds", str(BATCH_WAIT_S)]
@@ -309,18 +310,17 @@ def replay_through_stack(settings: Settings, log: InteractionLog, options: Simul
                            "the simulation is not reproducible")
     frame = pd.DataFrame(rows, columns=["arm", "user_id", "hit", "items", "cold", "released", "explored"]
                          ).assign(click=False)
-    frame.attrs["release"] = release  # what the release did: the content tower's fit report
     queried = frame["arm"].value_counts().to_dict() if len(frame) else {}
     if served != queried:
         raise RuntimeError(f"serving counted {served} answers per arm, the simulator sent {queried}")
-    return frame, served
+    return frame, served, release
 
 
 def simulate(settings: Settings, log: InteractionLog, options: SimulateOptions = SimulateOptions()) -> dict[str, Any]:
     if options.limit is not None:
         log = log.take(slice(0, options.limit))
     started = time.monotonic()
-    frame, served = replay_through_stack(settings, log, options)
+    frame, served, _ = replay_through_stack(settings, log, options)
     report = experiment_report(frame, {arm: 1.0 for arm in options.arms}, np.random.default_rng(options.seed))
     for arm in report["arms"].values():  # no feedback is sent in a simulation: no clicks to report
         for key in ("clicks", "ctr", "ctr_ci95"):
@@ -366,7 +366,7 @@ def compare_impression_negatives(settings: Settings, log: InteractionLog, option
     started = time.monotonic()
     runs, per_user = {}, {}
     for name, count in (("sampled", 0), ("impressions", options.impression_negatives)):
-        frame, _ = replay_through_stack(settings, log, replace(options, impression_negatives=count))
+        frame, _, _ = replay_through_stack(settings, log, replace(options, impression_negatives=count))
         runs[name] = experiment_report(frame, {arm: 1.0 for arm in options.arms}, np.random.default_rng(options.seed))
         per_user[name] = per_user_hits(frame, "online-bpr")
     lift = paired_lift(per_user["sampled"], per_user["impressions"], options.seed)
@@ -393,9 +393,10 @@ def compare_cold_start(settings: Settings, log: InteractionLog, options: Simulat
         log = log.take(slice(0, options.limit))
     started = time.monotonic()
     log, cold = withhold_items(log, options.cold_items, options.seed)
-    runs, frames = {}, {}
+    runs, frames, release = {}, {}, {}
     for name, tower, explore in (("without", False, 0.0), ("with", True, options.explore)):
-        frame, _ = replay_through_stack(settings, log, replace(options, content_tower=tower, explore=explore), cold)
+        frame, _, release = replay_through_stack(settings, log, replace(options, content_tower=tower, explore=explore),
+                                                 cold)
         runs[name] = experiment_report(frame, {arm: 1.0 for arm in options.arms}, np.random.default_rng(options.seed))
         frames[name] = frame
     new_items = {name: per_user_hits(f, "online-bpr", f["cold"] & f["released"]) for name, f in frames.items()}
@@ -409,6 +410,6 @@ def compare_cold_start(settings: Settings, log: InteractionLog, options: Simulat
         "new_items_shown_per_answer_after_release": float(shown_new[arm["released"]].mean()) if len(arm) else 0.0,
         "new_items": len(cold.ids), "released_at_event": cold.middle, "explore": options.explore,
         "explore_candidates": settings.explore_candidates,
-        "content_tower": frames["with"].attrs.get("release", {}).get("content_tower"),
+        "content_tower": release.get("content_tower"),  # the "with" replay's, the last
         "events": len(log), "chunk_events": options.chunk_events, "k": options.k,
         "seconds": round(time.monotonic() - started, 1)}

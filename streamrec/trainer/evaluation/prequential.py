@@ -242,7 +242,7 @@ class PrequentialScorer:
                     target = lookup(model.scoring_index() if scores is None else scores.item_ids).get(item, -1)
                     excluded = self.history.columns(user, name, lookup)
                     greater, ties = _served(*(model.rank_one(user, target, excluded) if scores is None else
-                                             rank_count(np.ascontiguousarray(scores.scores[0]), excluded, target)))
+                                              rank_count(np.ascontiguousarray(scores.scores[0]), excluded, target)))
                     found[name].append((self.position, greater, ties, float(events.timestamp[q])))
         self.pass_unscored(events, observed, stop)
 
