@@ -81,6 +81,14 @@ class SimulateOptions:
     catalogue: Path | None = None  # item metadata (u.item, CSV, JSON lines): published, the new items at the middle
     content_tower: bool = False  # at the middle, fit the content tower and seed the new items' rows from it
     explore: float = 0.0  # the online-bpr arm's share of exploration slots (the trainer counts for them)
+    # replays of each configuration, the online learner seeded 0 .. n-1: which negatives it draws
+    # decides its trajectory, and one trajectory's hit@k is one draw (docs/serving.md)
+    trainer_seeds: int = 1
+    trainer_seed: int = 0  # the online learner's seed in one replay
+
+    def __post_init__(self) -> None:
+        if self.trainer_seeds < 1:
+            raise ValueError(f"trainer seeds: at least 1, not {self.trainer_seeds}")
 
 
 def experiments_file(arms: tuple[str, ...], explore: float = 0.0) -> str:
@@ -236,6 +244,8 @@ def replay_through_stack(settings: Settings, log: InteractionLog, options: Simul
         trainer_args += ["--param", f"online-bpr.impression_negatives={options.impression_negatives}"]
     if options.explore:
         trainer_args.append("--explore")
+    if options.trainer_seed:
+        trainer_args += ["--param", f"online-bpr.seed={options.trainer_seed}"]
     catalogue = read_catalogue(options.catalogue) if options.catalogue is not None else None
     with tempfile.TemporaryDirectory(prefix="streamrec-simulate-") as tmp:
         work = Path(tmp)
@@ -316,17 +326,36 @@ def replay_through_stack(settings: Settings, log: InteractionLog, options: Simul
     return frame, served, release
 
 
+def replay_seeds(settings: Settings, log: InteractionLog, options: SimulateOptions, cold: ColdItems | None = None,
+                 ) -> tuple[list[pd.DataFrame], dict[str, int], dict[str, Any]]:
+    """`options.trainer_seeds` replays of the same configuration, the online learner seeded
+    0 .. n-1: each replay's frame (with its `trainer_seed`), serving's answers per arm summed over
+    them, and the last replay's release report. The same users are asked the same queries in
+    every replay, so per-user sums over the frames stay paired with another configuration's."""
+    frames, served, release = [], {}, {}
+    for trainer_seed in range(options.trainer_seeds):
+        frame, counts, release = replay_through_stack(settings, log, replace(options, trainer_seed=trainer_seed),
+                                                      cold)
+        frames.append(frame.assign(trainer_seed=trainer_seed))
+        for arm, count in counts.items():
+            served[arm] = served.get(arm, 0) + count
+    return frames, served, release
+
+
 def simulate(settings: Settings, log: InteractionLog, options: SimulateOptions = SimulateOptions()) -> dict[str, Any]:
     if options.limit is not None:
         log = log.take(slice(0, options.limit))
     started = time.monotonic()
-    frame, served, _ = replay_through_stack(settings, log, options)
+    frames, served, _ = replay_seeds(settings, log, options)
+    frame = pd.concat(frames, ignore_index=True)
     report = experiment_report(frame, {arm: 1.0 for arm in options.arms}, np.random.default_rng(options.seed))
     for arm in report["arms"].values():  # no feedback is sent in a simulation: no clicks to report
         for key in ("clicks", "ctr", "ctr_ci95"):
             arm.pop(key)
     return {**report, "events": len(log), "chunk_events": options.chunk_events, "k": options.k,
-            "impression_negatives": options.impression_negatives,
+            "impression_negatives": options.impression_negatives, "trainer_seeds": options.trainer_seeds,
+            "per_trainer_seed": [{"trainer_seed": n, **{arm: float(f.loc[f["arm"] == arm, "hit"].mean())
+                                                        for arm in options.arms}} for n, f in enumerate(frames)],
             "queries": len(frame), "served_counts": served, "seconds": round(time.monotonic() - started, 1)}
 
 
@@ -366,7 +395,8 @@ def compare_impression_negatives(settings: Settings, log: InteractionLog, option
     started = time.monotonic()
     runs, per_user = {}, {}
     for name, count in (("sampled", 0), ("impressions", options.impression_negatives)):
-        frame, _, _ = replay_through_stack(settings, log, replace(options, impression_negatives=count))
+        frame = pd.concat(replay_seeds(settings, log, replace(options, impression_negatives=count))[0],
+                          ignore_index=True)
         runs[name] = experiment_report(frame, {arm: 1.0 for arm in options.arms}, np.random.default_rng(options.seed))
         per_user[name] = per_user_hits(frame, "online-bpr")
     lift = paired_lift(per_user["sampled"], per_user["impressions"], options.seed)
@@ -375,37 +405,50 @@ def compare_impression_negatives(settings: Settings, log: InteractionLog, option
         "users": lift["users"], "requests": lift["requests"], f"hit@{k} sampled": lift["before"],
         f"hit@{k} impressions": lift["after"], "relative": lift["relative"], "ci95": lift["ci95"],
         "method": lift["method"]},
-        "impression_negatives": options.impression_negatives, "events": len(log), "chunk_events": options.chunk_events,
-        "k": options.k, "seconds": round(time.monotonic() - started, 1)}
+        "impression_negatives": options.impression_negatives, "trainer_seeds": options.trainer_seeds,
+        "events": len(log), "chunk_events": options.chunk_events, "k": options.k,
+        "seconds": round(time.monotonic() - started, 1)}
+
+
+def cold_start_lifts(without: pd.DataFrame, with_: pd.DataFrame, k: int, seed: int) -> dict[str, dict[str, Any]]:
+    """The online-bpr arm's paired lifts from the replays without and with the content tower and
+    exploration: hit@k on the new items after their release, and overall."""
+    new_items = [per_user_hits(f, "online-bpr", f["cold"] & f["released"]) for f in (without, with_)]
+    overall = [per_user_hits(f, "online-bpr") for f in (without, with_)]
+    return {f"new items hit@{k}": paired_lift(*new_items, seed), f"overall hit@{k}": paired_lift(*overall, seed)}
 
 
 def compare_cold_start(settings: Settings, log: InteractionLog, options: SimulateOptions) -> dict[str, Any]:
     """Issue 17's cold-start acceptance: `options.cold_items` of the items are withheld until the
-    middle of the replay, then released (the full catalogue published). The same replay twice:
-    without content tower and exploration, then with both (`options.explore` of the online-bpr
-    arm's slots). Reported for the online-bpr arm, each with a paired per-user bootstrap: hit@k on
-    the new items after their release (queries whose next item is a new one), and hit@k overall;
-    with the content tower's fit report at the release (its validation error against the mean-row
-    baseline says whether the metadata predicted anything)."""
+    middle of the replay, then released (the full catalogue published). The same replay twice
+    (each `options.trainer_seeds` times): without content tower and exploration, then with both
+    (`options.explore` of the online-bpr arm's slots). Reported for the online-bpr arm, each with a
+    paired per-user bootstrap over every seed's queries: hit@k on the new items after their release
+    (queries whose next item is a new one), and hit@k overall; each seed's own lifts; the content
+    tower's fit report at the release (its validation error against the mean-row baseline says
+    whether the metadata predicted anything)."""
     if "online-bpr" not in options.arms or options.catalogue is None or not options.explore:
         raise ValueError("comparing cold start needs the online-bpr arm, a --catalogue and --explore > 0")
     if options.limit is not None:
         log = log.take(slice(0, options.limit))
     started = time.monotonic()
     log, cold = withhold_items(log, options.cold_items, options.seed)
-    runs, frames, release = {}, {}, {}
+    runs, per_seed, frames, release = {}, {}, {}, {}
     for name, tower, explore in (("without", False, 0.0), ("with", True, options.explore)):
-        frame, _, release = replay_through_stack(settings, log, replace(options, content_tower=tower, explore=explore),
-                                                 cold)
-        runs[name] = experiment_report(frame, {arm: 1.0 for arm in options.arms}, np.random.default_rng(options.seed))
-        frames[name] = frame
-    new_items = {name: per_user_hits(f, "online-bpr", f["cold"] & f["released"]) for name, f in frames.items()}
+        per_seed[name], _, release = replay_seeds(settings, log, replace(options, content_tower=tower, explore=explore),
+                                                  cold)
+        frames[name] = pd.concat(per_seed[name], ignore_index=True)
+        runs[name] = experiment_report(frames[name], {arm: 1.0 for arm in options.arms},
+                                       np.random.default_rng(options.seed))
     arm = frames["with"][frames["with"]["arm"] == "online-bpr"]
     shown_new = arm["items"].map(lambda items: sum(item in cold.ids for item in items))
-    overall = {name: per_user_hits(f, "online-bpr") for name, f in frames.items()}
-    return {"runs": runs, "online-bpr": {
-        f"new items hit@{options.k}": paired_lift(new_items["without"], new_items["with"], options.seed),
-        f"overall hit@{options.k}": paired_lift(overall["without"], overall["with"], options.seed)},
+    k = options.k
+    return {"runs": runs, "online-bpr": cold_start_lifts(frames["without"], frames["with"], k, options.seed),
+        "per_trainer_seed": [
+            {"trainer_seed": n, **{name: lift["relative"] for name, lift in
+                                   cold_start_lifts(without, with_, k, options.seed).items()}}
+            for n, (without, with_) in enumerate(zip(per_seed["without"], per_seed["with"]))],
+        "trainer_seeds": options.trainer_seeds,
         "explored_slots_per_answer": float(arm["explored"].mean()) if len(arm) else 0.0,
         "new_items_shown_per_answer_after_release": float(shown_new[arm["released"]].mean()) if len(arm) else 0.0,
         "new_items": len(cold.ids), "released_at_event": cold.middle, "explore": options.explore,

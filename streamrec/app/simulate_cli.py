@@ -36,11 +36,15 @@ from streamrec.stream.loaders import FORMATS
               help="item metadata for --cold-items (u.item, CSV, JSON lines) [default: the data set's u.item]")
 @click.option("--explore", type=click.FloatRange(0.0, 1.0), default=0.1, show_default=True,
               help="with --cold-items: the online-bpr arm's share of exploration slots in the second replay")
+@click.option("--trainer-seeds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="replay each configuration this many times, the online learner seeded 0..N-1, and pool every "
+                   "replay's queries per user (one learner's trajectory is one draw; N times the run time)")
 @click.option("--json", "as_json", is_flag=True, help="(output is always JSON)")
 @click.pass_context
 def simulate_cmd(ctx: click.Context, data: DataSource, fmt: str, arms: str, chunk_events: int, k: int,
                  limit: int | None, seed: int, impression_negatives: int, compare_negatives: bool,
-                 cold_items: float | None, catalogue: Path | None, explore: float, as_json: bool) -> None:
+                 cold_items: float | None, catalogue: Path | None, explore: float, trainer_seeds: int,
+                 as_json: bool) -> None:
     """Replay a log through a private broker topic, trainer, parameter server and serving worker
     whose experiment splits users between the arms; each user is asked for k items before their
     next events and a hit is the next item in the list. Prints per-arm hit@k with 95% intervals
@@ -55,7 +59,8 @@ def simulate_cmd(ctx: click.Context, data: DataSource, fmt: str, arms: str, chun
         catalogue = beside
     options = SimulateOptions(tuple(a.strip() for a in arms.split(",") if a.strip()), chunk_events, k, limit,
                               seed=seed, impression_negatives=impression_negatives, cold_items=cold_items or 0.0,
-                              catalogue=catalogue, explore=explore if cold_items is not None else 0.0)
+                              catalogue=catalogue, explore=explore if cold_items is not None else 0.0,
+                              trainer_seeds=trainer_seeds)
     try:
         log = load_log(data.path, data.format_or(fmt))
         run = compare_cold_start if cold_items is not None else (

@@ -6,6 +6,8 @@ item is predictable from the user's group, the online model's arm beats the popu
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -14,6 +16,7 @@ from streamrec.app.simulate import (
     compare_cold_start,
     compare_impression_negatives,
     experiments_file,
+    replay_seeds,
     simulate,
     withhold_items,
 )
@@ -36,6 +39,26 @@ def test_two_runs_agree_and_serving_counted_every_query(settings) -> None:
     assert first["srm"]["warning"] is False
     lift = first["lift"]["online-bpr vs popularity"]
     assert first["arms"]["online-bpr"]["hit@10"] > first["arms"]["popularity"]["hit@10"] and lift["ci95"][0] > 0
+
+
+def test_trainer_seeds_pool_replays_of_differently_seeded_learners(settings) -> None:
+    """`trainer_seeds=2`: the log replayed twice, the online learner seeded 0 then 1. Seed 0's
+    replay is the single-seed one; seed 1's learner takes another trajectory (other lists); the
+    report pools both replays' queries per user."""
+    log = synthetic_log(events=2000, users=100, items=60, clusters=4, affinity=0.9, seed=7)
+    options = SimulateOptions(chunk_events=400)
+    single = simulate(settings, log, options)
+    frames, served, _ = replay_seeds(settings, log, replace(options, trainer_seeds=2))
+    assert [set(f["trainer_seed"]) for f in frames] == [{0}, {1}]
+    assert served == {arm: 2 * count for arm, count in single["served_counts"].items()}
+    assert int(frames[0].loc[frames[0]["arm"] == "online-bpr", "hit"].sum()) == single["arms"]["online-bpr"]["hits"]
+    assert (frames[0]["user_id"].tolist() == frames[1]["user_id"].tolist())  # the same queries, paired
+    bpr = [f[f["arm"] == "online-bpr"]["items"].tolist() for f in frames]
+    assert bpr[0] != bpr[1]  # the seed reached the learner
+    assert [f[f["arm"] == "popularity"]["items"].tolist() for f in frames][0] == \
+        [f[f["arm"] == "popularity"]["items"].tolist() for f in frames][1]  # the trending list has no seed
+    with pytest.raises(ValueError, match="trainer seeds"):
+        SimulateOptions(trainer_seeds=0)
 
 
 def test_unknown_or_single_arms_are_refused() -> None:
@@ -101,6 +124,8 @@ def test_cold_start_is_compared_pairwise_through_the_real_path(settings, tmp_pat
         assert runs[name]["arms"]["online-bpr"]["requests"] == runs["without"]["arms"]["online-bpr"]["requests"] > 0
     new, overall = result["online-bpr"]["new items hit@10"], result["online-bpr"]["overall hit@10"]
     assert new["requests"] > 0 and overall["requests"] == runs["with"]["arms"]["online-bpr"]["requests"]
+    assert result["per_trainer_seed"] == [{"trainer_seed": 0, "new items hit@10": new["relative"],
+                                           "overall hit@10": overall["relative"]}]  # one seed: the pooled lifts
     assert 1.5 < result["explored_slots_per_answer"] <= 2.0  # 20% of 10 slots, fewer when nothing fresh is eligible
     assert result["new_items_shown_per_answer_after_release"] > 0  # seeded rows and exploration show new items
     assert result["new_items"] == 12 and 0 < result["released_at_event"] < result["events"]
