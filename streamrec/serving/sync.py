@@ -100,8 +100,12 @@ class Syncer:
                 self.ready.set()
                 self.holder.confirmed_at, self.holder.last_error = time.time(), None
                 return False
-            self._follow_users(client, tables.get(self.config.user_table))
+            # the item delta first: `synced_version` is its version, and the users followed after it
+            # have every row of that version, so "synced past v" holds for the user cache too (the
+            # other way round a push landing between the two left a new user's row out of the cache
+            # while the version said it was in: answers depended on timing)
             delta = client.delta(self.config.item_table, self.item_since)
+            self._follow_users(client, tables.get(self.config.user_table))
             artifacts = self._fetch_artifacts(client)
         except OSError:
             client.close()  # reconnect next time

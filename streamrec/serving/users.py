@@ -22,7 +22,8 @@ writes a batch's features while it learns the batch, so the count can run ahead 
 and until the watermark of the user's partition passes their newest event, a request pulls again
 (at most every `user_pull_interval_s`, for at most `user_pull_lag_s` after the count grew: a
 stopped trainer then costs no more pulls, and the poll carries the row when it comes). The first
-request of a user the poll brought in only notes the count. A user without new events costs
+request of a user the poll brought in only notes the count (one pulled without a count, before the
+store knew any event of theirs, is pulled again at their first counted event). A user without new events costs
 nothing more.
 Users the server has no row for are cached as absent too (a cold-start user asks on every
 request), and the delta brings their row in at the first poll after the trainer creates it (or a
@@ -72,7 +73,7 @@ class UserCache:
         # allocated once per row width; untouched pages cost no memory and slots are used in order
         self._values = np.empty((0, 0), np.float32)
         self._found = np.zeros(0, bool)
-        # the feature store's count of the user's events at the last pull (-1: none yet)
+        # the feature store's count of the user's events at the last pull (-1: brought in by the poll)
         self._events = np.zeros(0, np.int64)
         self._grew_at = np.zeros(0)  # monotonic time at which that count last grew
         self._pulled_at = np.zeros(0)  # monotonic time of the last pull
@@ -128,7 +129,8 @@ class UserCache:
                     grew_at = float(self._grew_at[slot])
             else:
                 cached, grew_at = None, time.monotonic()
-        pulled = self._pull(user_id, -1 if events is None else events, grew_at,
+        # pulled without a count: 0, not the poll's -1, so the user's first counted event pulls again
+        pulled = self._pull(user_id, 0 if events is None else events, grew_at,
                             None if position is None else position[0])
         return cached if cached is not None and not pulled.reachable else pulled
 

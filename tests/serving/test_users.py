@@ -74,6 +74,9 @@ def test_a_user_with_new_events_is_pulled_again_without_waiting_for_a_poll(
     assert cache.get("newcomer", 1).row is None  # same count, no position known: the absent entry stands
     assert np.array_equal(cache.get("newcomer", 3).row, np.full(DIM, 7, np.float32))
     assert np.array_equal(cache.get("u1").row, np.full(DIM, 2, np.float32))  # no count known: the cached row
+    assert cache.get("stranger").row is None  # pulled before the store counted any event of theirs
+    ps.assign("bpr_users", ["stranger"], np.full((1, DIM), 4, np.float32))
+    assert np.array_equal(cache.get("stranger", 1).row, np.full(DIM, 4, np.float32))  # their first counted event
     cache.close()
 
     lazy = UserCache(config.model_copy(update={"user_pull_on_events": False}), serving_metrics())
