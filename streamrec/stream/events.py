@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import pandas as pd
 
 from streamrec.core.config import Settings
 from streamrec.stream.loaders import InteractionLog
@@ -290,6 +291,15 @@ class EventBatch:
         """The whole log as one batch, in its (time) order; slice it with `take`. Event types as
         the log gives them (`rating` where rated, else `view`, for logs without types)."""
         return cls.from_columns(log.user_id, log.item_id, log.event_types(), log.timestamp, log.rating)
+
+    def in_event_time_order(self) -> EventBatch:
+        """The events by event time; ties by partition, then offset. A consumer interleaves its
+        partitions' fetches as they arrive, so arrival order among equal times (different users
+        in one second, different partitions) would make the order in which a batch is learned,
+        and the negatives each event draws, depend on timing. Within a partition it is the
+        stream's order."""
+        partition = pd.factorize(self.partition, sort=True)[0]
+        return self.take(np.lexsort((self.offset, partition, self.timestamp)))
 
     def take(self, index: np.ndarray | slice) -> EventBatch:
         """Rows at `index` (a slice, mask or integer array)."""

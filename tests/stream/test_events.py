@@ -186,3 +186,29 @@ def test_decode_many_is_decode_per_record(raws: list[bytes]):
     expected, expected_invalid = decode_one_by_one(raws)
     assert [(n, e.reason, e.detail) for n, e in invalid] == expected_invalid
     assert_same_batch(batch, expected)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.randoms(use_true_random=False))
+def test_event_time_order_does_not_depend_on_how_partitions_interleaved(random) -> None:
+    """The same records, their partitions interleaved in any arrival order (each partition's own
+    order kept, as a consumer delivers them), come out in one order: event time, then partition,
+    then offset. Equal times across partitions are common (a second holds many users' events)."""
+    timestamps = {"t/0": [5.0, 5.0, 7.0, 9.0], "t/1": [5.0, 6.0, 7.0], "t/2": [4.0, 5.0, 7.0, 7.0]}
+    streams = {key: [(key, offset, ts) for offset, ts in enumerate(times, start=10)] for key, times in timestamps.items()}
+
+    def arrived(order: list[str]) -> EventBatch:
+        cursors = {key: iter(records) for key, records in streams.items()}
+        records = [next(cursors[key]) for key in order]
+        batch = EventBatch.from_columns([f"u{offset}" for _, offset, _ in records], [key for key, _, _ in records],
+                                        ["view"] * len(records), [ts for _, _, ts in records])
+        return batch.with_origin(np.array([key for key, _, _ in records], object),
+                                 np.array([offset for _, offset, _ in records]))
+
+    by_partition = [key for key, times in timestamps.items() for _ in times]
+    shuffled = list(by_partition)
+    random.shuffle(shuffled)
+    expected = sorted((ts, key, offset) for key, records in streams.items() for _, offset, ts in records)
+    for order in (by_partition, shuffled):
+        batch = arrived(order).in_event_time_order()
+        assert list(zip(batch.timestamp.tolist(), batch.partition.tolist(), batch.offset.tolist())) == expected

@@ -381,7 +381,7 @@ class OnlineTrainer:
         keys = np.array([offset_key(topic, p) for p in range(int(partitions.max()) + 1)], dtype=object)
         batch = decoded.with_origin(keys[partitions[valid]], offsets[valid])
         batch, seen_ids = self._drop_duplicates(batch, [r for r, ok in zip(records, valid) if ok], fresh)
-        batch = batch.take(np.argsort(batch.timestamp, kind="stable"))  # event-time order (stable per partition)
+        batch = batch.in_event_time_order()  # ties by partition and offset: never by when a fetch arrived
         pending: Future | None = None
         weights = np.ones(0)
         if len(batch) and self.features:
