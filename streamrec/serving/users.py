@@ -23,8 +23,8 @@ and until the watermark of the user's partition passes their newest event, a req
 (at most every `user_pull_interval_s`, for at most `user_pull_lag_s` after the count grew: a
 stopped trainer then costs no more pulls, and the poll carries the row when it comes). The first
 request of a user the poll brought in only notes the count (one pulled without a count, before the
-store knew any event of theirs, is pulled again at their first counted event). A user without new events costs
-nothing more.
+store knew any event of theirs, is pulled again at their first counted event). A user without new
+events costs nothing more.
 Users the server has no row for are cached as absent too (a cold-start user asks on every
 request), and the delta brings their row in at the first poll after the trainer creates it (or a
 pull, when they are active). A pull racing a delta can leave an older value in place; the next delta carries the

@@ -52,11 +52,10 @@ def test_trainer_seeds_pool_replays_of_differently_seeded_learners(settings) -> 
     assert [set(f["trainer_seed"]) for f in frames] == [{0}, {1}]
     assert served == {arm: 2 * count for arm, count in single["served_counts"].items()}
     assert int(frames[0].loc[frames[0]["arm"] == "online-bpr", "hit"].sum()) == single["arms"]["online-bpr"]["hits"]
-    assert (frames[0]["user_id"].tolist() == frames[1]["user_id"].tolist())  # the same queries, paired
-    bpr = [f[f["arm"] == "online-bpr"]["items"].tolist() for f in frames]
+    assert frames[0]["user_id"].tolist() == frames[1]["user_id"].tolist()  # the same queries, paired
+    bpr, popular = ([f[f["arm"] == arm]["items"].tolist() for f in frames] for arm in ("online-bpr", "popularity"))
     assert bpr[0] != bpr[1]  # the seed reached the learner
-    assert [f[f["arm"] == "popularity"]["items"].tolist() for f in frames][0] == \
-        [f[f["arm"] == "popularity"]["items"].tolist() for f in frames][1]  # the trending list has no seed
+    assert popular[0] == popular[1]  # the trending list has no seed
     with pytest.raises(ValueError, match="trainer seeds"):
         SimulateOptions(trainer_seeds=0)
 

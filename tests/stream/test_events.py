@@ -195,7 +195,8 @@ def test_event_time_order_does_not_depend_on_how_partitions_interleaved(random) 
     order kept, as a consumer delivers them), come out in one order: event time, then partition,
     then offset. Equal times across partitions are common (a second holds many users' events)."""
     timestamps = {"t/0": [5.0, 5.0, 7.0, 9.0], "t/1": [5.0, 6.0, 7.0], "t/2": [4.0, 5.0, 7.0, 7.0]}
-    streams = {key: [(key, offset, ts) for offset, ts in enumerate(times, start=10)] for key, times in timestamps.items()}
+    streams = {key: [(key, offset, ts) for offset, ts in enumerate(times, start=10)]
+               for key, times in timestamps.items()}
 
     def arrived(order: list[str]) -> EventBatch:
         cursors = {key: iter(records) for key, records in streams.items()}
