@@ -6,7 +6,11 @@ Every consumer of a log file (replay to Kafka, batch refits, `streamrec evaluate
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
+import json
+import lzma
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,19 +104,22 @@ def _parse_mapping(mapping: dict[str, str] | None) -> dict[str, str]:
     return {src: dst for dst, src in (mapping or {}).items()}
 
 
+_FORMAT_OF_SUFFIX = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+
+
 def _read_frame(path: Path, fmt: str, mapping: dict[str, str] | None) -> pd.DataFrame:
-    if fmt == "ml-100k":
-        file = path / "u.data" if path.is_dir() else path
-        return pd.read_csv(
-            file, sep="\t", header=None, names=["user_id", "item_id", "rating", "timestamp"],
-            dtype={"user_id": str, "item_id": str, "rating": np.float64, "timestamp": np.float64},
-        )
-    if fmt == "ml-1m":  # ratings.dat: UserID::MovieID::Rating::Timestamp (one-char separator: the C parser)
-        file = path / "ratings.dat" if path.is_dir() else path
-        return pd.read_csv(
-            file, sep=":", header=None, usecols=[0, 2, 4, 6], names=["user_id", "item_id", "rating", "timestamp"],
-            dtype={"user_id": str, "item_id": str, "rating": np.float64, "timestamp": np.float64},
-        )
+    if fmt in ("ml-100k", "ml-1m"):  # u.data: tab-separated; ratings.dat: UserID::MovieID::Rating::Timestamp
+        file = path / ("u.data" if fmt == "ml-100k" else "ratings.dat") if path.is_dir() else path
+        if file.suffix.lower() in _FORMAT_OF_SUFFIX:
+            raise ValueError(f"{file} looks like a {file.suffix[1:]} file, but --format is {fmt} (the default is "
+                             f"ml-100k): add --format {_FORMAT_OF_SUFFIX[file.suffix.lower()]}")
+        shape = {"sep": "\t"} if fmt == "ml-100k" else {"sep": ":", "usecols": [0, 2, 4, 6]}  # one-char sep: C parser
+        names = ["user_id", "item_id", "rating", "timestamp"]
+        try:
+            return pd.read_csv(file, header=None, names=names, **shape,
+                               dtype={"user_id": str, "item_id": str, "rating": np.float64, "timestamp": np.float64})
+        except ValueError:  # a value that is not a number: read as text, so that its row is named below
+            return pd.read_csv(file, header=None, names=names, **shape, dtype=str, keep_default_na=False)
     if fmt == "sessions":  # session_id,item_id,timestamp[,user_id]: sessions take the place of users
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
         if "session_id" not in frame.columns:
@@ -125,7 +132,7 @@ def _read_frame(path: Path, fmt: str, mapping: dict[str, str] | None) -> pd.Data
     if fmt == "csv":
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     elif fmt == "jsonl":
-        frame = pd.read_json(path, lines=True, dtype=False)
+        frame = _read_json_lines(path)
     elif fmt == "parquet":  # a file or a folder of parts, as `streamrec export --to parquet` and Spark write them
         try:
             frame = pd.read_parquet(path)
@@ -137,6 +144,33 @@ def _read_frame(path: Path, fmt: str, mapping: dict[str, str] | None) -> pd.Data
     else:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     return frame.rename(columns=_parse_mapping(mapping))
+
+
+_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
+def _reject_constant(name: str) -> str:
+    raise ValueError(f"{name} is not a value a log can hold")
+
+
+def _read_json_lines(path: Path) -> pd.DataFrame:
+    """JSON lines with every number kept as the text it was written as. pandas' reader infers a
+    column's type: one `1.5` among integer ids made every id a float ("3" became "3.0"), and ids
+    beyond 2**53 merged into one another; the numeric columns are converted later, with their row
+    named when a value is not a number."""
+    records = []
+    with _OPENERS.get(path.suffix, open)(path, "rt", encoding="utf-8-sig") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line, parse_int=str, parse_float=str, parse_constant=_reject_constant)
+            except ValueError as exc:
+                raise ValueError(f"{path} line {number}: not a JSON value ({exc})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path} line {number}: expected a JSON object, got {type(record).__name__}")
+            records.append(record)
+    return pd.DataFrame.from_records(records)
 
 
 def _id_column(frame: pd.DataFrame, name: str) -> np.ndarray:
@@ -172,6 +206,46 @@ def _numeric_column(frame: pd.DataFrame, name: str, required: bool) -> np.ndarra
     return values
 
 
+EPOCH_UNITS = ((1e17, 1e9, "nanoseconds"), (1e14, 1e6, "microseconds"), (1e11, 1e3, "milliseconds"))
+"""(median magnitude from which, divisor, unit): epoch seconds reach 1e11 only in the year 5138."""
+
+
+def _datetime_seconds(column: pd.Series) -> np.ndarray:
+    """Datetimes (naive ones read as UTC) as float epoch seconds, whatever their resolution."""
+    times = pd.to_datetime(column, utc=True)
+    return ((times - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)).to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def _timestamp_column(frame: pd.DataFrame, path: Path) -> np.ndarray:
+    """Event times as epoch seconds. Datetime columns (Parquet's, pandas') and ISO 8601 text are
+    converted; numbers whose median magnitude is that of epoch milliseconds, microseconds or
+    nanoseconds are divided down to seconds, announced on stderr, so that the same log gives the
+    same times whichever unit its exporter chose (time-aware models count days, and the parameter
+    server refuses event times a day or more in the future)."""
+    column = frame["timestamp"]
+    if pd.api.types.is_datetime64_any_dtype(column.dtype):
+        values = _datetime_seconds(column)
+    else:
+        try:
+            values = _numeric_column(frame, "timestamp", required=True)
+        except ValueError as not_numbers:
+            text = column.replace("", np.nan)
+            try:
+                values = _datetime_seconds(pd.to_datetime(text, utc=True, format="ISO8601"))
+            except (ValueError, TypeError):
+                raise not_numbers from None
+            print(f"note: {path}: timestamps read as ISO 8601 dates", file=sys.stderr)
+    if np.isnan(values).any():
+        raise ValueError(f"column 'timestamp' row {int(np.argmax(np.isnan(values)))}: the time is missing")
+    magnitude = float(np.median(np.abs(values))) if len(values) else 0.0
+    for bound, divisor, unit in EPOCH_UNITS:
+        if magnitude >= bound:
+            print(f"note: {path}: timestamps look like epoch {unit}; divided by {divisor:.0e} to seconds",
+                  file=sys.stderr)
+            return values / divisor
+    return values
+
+
 def load_log(
     path: str | Path, fmt: str = "ml-100k", mapping: dict[str, str] | None = None, sort: bool = True
 ) -> InteractionLog:
@@ -183,7 +257,11 @@ def load_log(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such log: {path}")
+    if path.is_dir() and fmt in ("csv", "jsonl", "sessions"):
+        raise ValueError(f"{path} is a folder; --format {fmt} reads one file")
     frame = _read_frame(path, fmt, mapping)
+    if not len(frame):
+        raise ValueError(f"{path} holds no events")
     for name in ("user_id", "item_id"):
         if name not in frame.columns:
             raise ValueError(f"log has no {name!r} column (columns: {list(frame.columns)}); use --map")
@@ -194,7 +272,7 @@ def load_log(
         user_id=_id_column(frame, "user_id"),
         item_id=_id_column(frame, "item_id"),
         rating=_numeric_column(frame, "rating", required=False),
-        timestamp=_numeric_column(frame, "timestamp", required=True),
+        timestamp=_timestamp_column(frame, path),
         event_type=(
             frame["event_type"].astype(str).to_numpy(dtype=object)
             if "event_type" in frame.columns

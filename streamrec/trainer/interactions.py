@@ -113,6 +113,10 @@ class Interactions:
         shown.eliminate_zeros()
         return replace(self, shown=shown)
 
+    def with_ratings_divided(self, unit: float) -> Interactions:
+        """The same events with every rating divided by `unit` (a fit on another rating scale)."""
+        return replace(self, log=replace(self.log, rating=self.log.rating / unit))
+
     def as_implicit(self) -> Interactions:
         """The same events read as implicit feedback (rating values ignored)."""
         return replace(self, implicit=True)

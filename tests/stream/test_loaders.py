@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from streamrec.stream.loaders import load_log
@@ -64,3 +65,68 @@ def test_an_infinite_value_is_an_error(tmp_path: Path) -> None:
         path.write_text(header)
         with pytest.raises(ValueError, match=f"column '{column}' row 0: .* is not a finite number"):
             load_log(path, "csv")
+
+
+def test_json_ids_keep_the_text_they_were_written_as(tmp_path: Path) -> None:
+    """pandas inferred a column's type: one 1.5 among integer ids made every id a float ("3" became
+    "3.0"), ids beyond 2**53 merged into one another, and 20-digit ids were refused."""
+    big = 2**53
+    rows = [{"user_id": big + n, "item_id": n % 3, "timestamp": n} for n in range(4)]
+    rows += [{"user_id": 1.5, "item_id": 3, "timestamp": 9}, {"user_id": 12345678901234567890123, "item_id": "x",
+                                                             "timestamp": 10}]
+    path = tmp_path / "ids.jsonl"
+    path.write_text("\ufeff" + "\n".join(json.dumps(r) for r in rows) + "\n\n")
+    log = load_log(path, "jsonl")
+    assert sorted(set(log.user_id)) == sorted({str(big + n) for n in range(4)} | {"1.5", "12345678901234567890123"})
+    assert set(log.item_id) == {"0", "1", "2", "3", "x"}
+    (tmp_path / "list.jsonl").write_text('[1, 2]\n')
+    with pytest.raises(ValueError, match="line 1: expected a JSON object"):
+        load_log(tmp_path / "list.jsonl", "jsonl")
+    (tmp_path / "nan.jsonl").write_text('{"user_id": 1, "item_id": 2, "timestamp": NaN}\n')
+    with pytest.raises(ValueError, match="line 1: not a JSON value"):
+        load_log(tmp_path / "nan.jsonl", "jsonl")
+
+
+@pytest.mark.parametrize(("unit", "factor"), [("seconds", 1), ("milliseconds", 10**3), ("microseconds", 10**6),
+                                              ("nanoseconds", 10**9)])
+def test_epoch_times_in_finer_units_are_read_as_seconds(tmp_path: Path, unit: str, factor: int,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Time-aware models count days and the parameter server refuses times a day ahead of now: a log
+    exported in milliseconds was refused by the prequential protocol and broke timeSVD++."""
+    seconds = [1_700_000_000, 1_700_000_060, 1_700_086_400]
+    path = tmp_path / "log.csv"
+    path.write_text("user_id,item_id,timestamp\n" + "".join(f"u,i{n},{s * factor}\n" for n, s in enumerate(seconds)))
+    assert load_log(path, "csv").timestamp.tolist() == seconds
+    assert (f"epoch {unit}" in capsys.readouterr().err) == (factor > 1)
+
+
+def test_dates_are_read_as_epoch_seconds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    csv = tmp_path / "dates.csv"
+    csv.write_text("user_id,item_id,timestamp\nu,a,2023-11-14T22:13:20Z\nu,b,2023-11-14 22:14:20\n")
+    assert load_log(csv, "csv").timestamp.tolist() == [1_700_000_000.0, 1_700_000_060.0]
+    assert "ISO 8601" in capsys.readouterr().err
+    parquet = tmp_path / "dates.parquet"
+    pd.DataFrame({"user_id": ["u", "u"], "item_id": ["a", "b"],
+                  "timestamp": pd.to_datetime([1_700_000_000, 1_700_000_060], unit="s").as_unit("us")}
+                 ).to_parquet(parquet)
+    assert load_log(parquet, "parquet").timestamp.tolist() == [1_700_000_000.0, 1_700_000_060.0]
+    csv.write_text("user_id,item_id,timestamp\nu,a,2023-11-14\nu,b,yesterday\n")
+    with pytest.raises(ValueError, match="column 'timestamp' row 0: '2023-11-14' is not a number"):
+        load_log(csv, "csv")
+
+
+def test_a_log_without_events_or_a_folder_for_a_file_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "header.csv").write_text("user_id,item_id,timestamp\n")
+    with pytest.raises(ValueError, match="holds no events"):
+        load_log(tmp_path / "header.csv", "csv")
+    with pytest.raises(ValueError, match="is a folder; --format csv reads one file"):
+        load_log(tmp_path, "csv")
+
+
+def test_a_movielens_file_with_a_bad_value_or_a_csv_read_as_movielens_names_the_problem(tmp_path: Path) -> None:
+    (tmp_path / "u.data").write_text("1\t10\t5\t881250949\n2\t20\tx\t881250950\n")
+    with pytest.raises(ValueError, match="column 'rating' row 1: 'x' is not a number"):
+        load_log(tmp_path, "ml-100k")
+    (tmp_path / "log.csv").write_text("user_id,item_id,timestamp\nu,a,1\n")
+    with pytest.raises(ValueError, match="looks like a csv file, but --format is ml-100k .*add --format csv"):
+        load_log(tmp_path / "log.csv", "ml-100k")

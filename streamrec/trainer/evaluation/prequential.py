@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from streamrec.core.progress import track
+from streamrec.param_server.defaults import MAX_CLOCK_SKEW
 from streamrec.stream.events import EventBatch
 from streamrec.stream.loaders import InteractionLog
 from streamrec.trainer.evaluation.metrics import expected_hit, expected_ndcg
@@ -256,12 +257,13 @@ def evaluated_rows(rows: list[Row]) -> Evaluated:
                      ties.astype(np.int64))
 
 
-def _mean(values: np.ndarray) -> float:
-    return float(values.mean()) if len(values) else 0.0
+def _mean(values: np.ndarray) -> float | None:
+    return float(values.mean()) if len(values) else None
 
 
-def prequential_metrics(evaluated: Evaluated, n_events: int) -> dict[str, float | int]:
-    """EVALUATION.md's metrics: means over the second half of the stream and over all of it."""
+def prequential_metrics(evaluated: Evaluated, n_events: int) -> dict[str, float | int | None]:
+    """EVALUATION.md's metrics: means over the second half of the stream and over all of it; null
+    where nothing was evaluated (every due event a repeat, say), which 0.0 would report as a miss."""
     late = evaluated.position >= n_events / 2
     hits, ndcgs = evaluated.hit, evaluated.ndcg
     return {
@@ -271,10 +273,23 @@ def prequential_metrics(evaluated: Evaluated, n_events: int) -> dict[str, float 
     }
 
 
+def check_event_times(log: InteractionLog) -> None:
+    """The online models learn through a parameter server, which stamps its writes with event times
+    in epoch seconds from 0 to a day ahead of now (a later one would expire its rows for good); a
+    log outside that is refused up front, with its first such row, instead of halfway through."""
+    outside = (log.timestamp < 0) | (log.timestamp > time.time() + MAX_CLOCK_SKEW)
+    if outside.any():
+        row = int(np.argmax(outside))
+        raise ValueError(f"the prequential protocol needs event times in epoch seconds between 0 and a day from now; "
+                         f"{int(outside.sum())} of {len(log)} events are outside, the first at {log.timestamp[row]:.0f} "
+                         f"(user {log.user_id[row]!r}, item {log.item_id[row]!r}): shift the log's times")
+
+
 def run_prequential(model: OnlineRecommender, log: InteractionLog) -> dict[str, Any]:
     """Feed the log (already in the protocol's order) through `model` in chunks of `EVAL_EVERY`
     events: each chunk's due event is scored, then the model learns the chunk (the protocol
     allows micro-batches up to 256; 10 keeps each evaluated event's predecessors learned)."""
+    check_event_times(log)
     stream = EventBatch.from_log(log)
     scorer = PrequentialScorer(EVAL_EVERY, model.roles)
     models: dict[str, Scored] = {model.name: model}

@@ -41,13 +41,17 @@ def run_rating(
 ) -> dict[str, Any]:
     """Fit a fresh model per fold on the train part, score the test part."""
     errors, fit_times, eval_times, members, member_fits, combiners = [], [], [], {}, {}, []
-    for train_log, test_log in track(rating_folds(log, path, fmt, seed), "rating folds", N_FOLDS):
+    for fold, (train_log, test_log) in enumerate(track(rating_folds(log, path, fmt, seed), "rating folds", N_FOLDS)):
         model = make_model()
         start = time.perf_counter()
         model.fit(Interactions.from_log(train_log))
         fit_times.append(time.perf_counter() - start)
         start = time.perf_counter()
         predicted = fold_predictions(model, test_log)
+        if not np.isfinite(predicted).all():  # a NaN mean would print as null under exit status 0
+            low, high = model.rating_scale
+            raise ValueError(f"{model.name}: the fit on fold {fold} diverged (its predictions are not finite; "
+                             f"ratings from {low:g} to {high:g}); try a smaller lr")
         eval_times.append(time.perf_counter() - start)
         errors.append((rmse(predicted, test_log.rating), mae(predicted, test_log.rating)))
         for name, rmse_value in member_rmses(model, test_log).items():

@@ -21,6 +21,11 @@ def rating_folds(
     """ml-100k: the given u1..u5 base/test files; other data: five shuffled 80/20 folds."""
     folder = Path(path)
     if fmt == "ml-100k" and folder.is_dir() and (folder / "u1.base").exists():
+        missing = [name for n in range(1, N_FOLDS + 1) for name in (f"u{n}.base", f"u{n}.test")
+                   if not (folder / name).exists()]
+        if missing:
+            raise ValueError(f"{folder} holds u1.base but not {', '.join(missing)}: the rating protocol uses all "
+                             f"{N_FOLDS} of MovieLens' folds")
         return [
             (load_log(folder / f"u{n}.base", fmt), load_log(folder / f"u{n}.test", fmt))
             for n in range(1, N_FOLDS + 1)
@@ -28,6 +33,9 @@ def rating_folds(
     rated = np.flatnonzero(np.isfinite(log.rating))
     if not len(rated):
         raise ValueError("the rating protocol needs explicit ratings; this log has none")
+    if len(rated) < N_FOLDS:
+        raise ValueError(f"the rating protocol's {N_FOLDS} folds need at least {N_FOLDS} rated events; "
+                         f"this log has {len(rated)}")
     if len(rated) < len(log):  # announced, as a missing timestamp column is
         print(f"note: {len(log) - len(rated)} of {len(log)} events have no rating; the rating protocol's "
               "folds use the rated ones only", file=sys.stderr)

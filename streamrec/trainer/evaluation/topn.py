@@ -29,7 +29,8 @@ from streamrec.trainer.models.popularity_blend import (
 
 
 def ranking_metrics(model: Recommender, users: np.ndarray, targets: np.ndarray) -> dict[str, float]:
-    """hr@10, ndcg@10, mrr, recall@20 (tie-aware) and coverage@10 over test users."""
+    """hr@10, ndcg@10, mrr, recall@20 (tie-aware) and coverage@10 over test users (items a top 10
+    holds as a candidate: a training item at -inf fills a short list but is never recommended)."""
     greater, ties, top10 = [], [], []
     for start in range(0, len(users), SCORE_CHUNK):
         block, block_targets = users[start : start + SCORE_CHUNK], targets[start : start + SCORE_CHUNK]
@@ -37,7 +38,8 @@ def ranking_metrics(model: Recommender, users: np.ndarray, targets: np.ndarray) 
         g, t = rank_counts(scores, block_targets)
         greater.append(g)
         ties.append(t)
-        top10.append(top_k(scores, 10)[0])
+        listed, listed_scores = top_k(scores, 10)
+        top10.append(listed[np.isfinite(listed_scores)])  # a user with fewer candidates lists fewer
     g, t = np.concatenate(greater), np.concatenate(ties)
     return {
         "hr@10": float(expected_hit(g, t, 10).mean()),

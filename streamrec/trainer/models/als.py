@@ -95,6 +95,9 @@ class ImplicitALS(Recommender):
                 X = conjugate_gradient(X, Y, by_user, p["reg"], p["cg_steps"])
                 Y = conjugate_gradient(Y, X, by_item, p["reg"], p["cg_steps"])
         self.X, self.Y = X.numpy(), Y.numpy()
+        if not (np.isfinite(self.X).all() and np.isfinite(self.Y).all()):  # else every score ties at NaN
+            raise ValueError(f"{self.name}: the factors overflowed float32 (confidences 1 + alpha * w reach "
+                             f"{confidence.data.max():.3g}); use --weights log1p or a smaller alpha")
 
     def _user_scores(self, users: np.ndarray) -> np.ndarray:
         return self.X[users] @ self.Y.T

@@ -31,6 +31,18 @@ FORMAT_VERSION = 1
 SCORE_CHUNK = 1024  # users scored per dense block: bounds memory at chunk x n_items floats
 MIN_VALIDATION_USERS = 20  # fewer validation users than this: no popularity blend (nothing to judge by)
 MAX_VALIDATION_USERS = 2000  # a sample bounds the validation scoring at this x n_items floats
+STAR_SPAN = 4.0  # 1-5 stars, the rating scale the SGD rating models' defaults were chosen on
+
+
+def rating_unit(scale: tuple[float, float]) -> float:
+    """How many of a log's rating units make one star of the 1-5 scale. The SGD rating models'
+    learning rates, regularisation and initial factors are in rating units, so on a 0-1000 scale
+    their steps diverged to NaN, and on 0/1 they barely moved: those models fit ratings divided by
+    this. 1 for spans within a factor 2 of four stars, so 1-5 and 0.5-5 logs fit exactly as before."""
+    span = scale[1] - scale[0]
+    if span <= 0 or STAR_SPAN / 2 <= span <= STAR_SPAN * 2:
+        return 1.0
+    return span / STAR_SPAN
 
 
 @dataclass(frozen=True)
@@ -58,6 +70,7 @@ class Recommender(ABC):
     capabilities: ClassVar[Capabilities]
     Params: ClassVar[type[ModelParams]]
     search_space: ClassVar[SearchSpace] = space()  # where `streamrec tune` looks; empty: nothing to tune
+    fits_in_stars: ClassVar[bool] = False  # hyper-parameters in rating units: ratings fitted per `rating_unit`
 
     def __init__(self, **params: object) -> None:
         self.params: dict[str, Any] = parse_params(self.Params, params, self.name).model_dump()
@@ -67,6 +80,7 @@ class Recommender(ABC):
         self.popularity: np.ndarray | None = None
         self.global_mean = 0.0
         self.rating_scale = (0.0, 1.0)
+        self.rating_unit = 1.0  # the model's own scores are in units of this many of the log's rating units
         self.blend_weight = 0.0  # popularity in the ranking (streamrec.trainer.models.popularity_blend)
         self._validated_blend: float | None = None  # set by a `_fit` that validates on its own split
 
@@ -76,8 +90,12 @@ class Recommender(ABC):
         self.users, self.items = interactions.users, interactions.items
         self.seen = interactions.binary()
         self.popularity = np.asarray(self.seen.sum(axis=0)).ravel()
-        self.global_mean = interactions.global_mean
         self.rating_scale = interactions.rating_scale
+        explicit = self.fits_in_stars and interactions.is_explicit
+        self.rating_unit = rating_unit(self.rating_scale) if explicit else 1.0
+        if self.rating_unit != 1.0:
+            interactions = interactions.with_ratings_divided(self.rating_unit)
+        self.global_mean = interactions.global_mean
         self.blend_weight, self._validated_blend = 0.0, None
         self._fit(interactions)
         self.blend_weight = self._blend_weight(interactions)
@@ -151,11 +169,17 @@ class Recommender(ABC):
     def pair_scores(
         self, users: np.ndarray, items: np.ndarray, timestamps: np.ndarray | None = None
     ) -> np.ndarray:
-        """The model's own score of each (user, item) pair (a rating, a logit, a similarity sum:
-        never blended with popularity, which only re-ranks); the default gathers from
-        `user_scores` per chunk. Rating models override this with a direct formula (and the
-        rating-scale fallback for unknown users/items); time-aware models use `timestamps`.
-        """
+        """The model's own score of each (user, item) pair (a rating in the log's units, a logit,
+        a similarity sum: never blended with popularity, which only re-ranks)."""
+        scores = self._pair_scores(users, items, timestamps)
+        return scores * self.rating_unit if self.rating_unit != 1.0 else scores
+
+    def _pair_scores(
+        self, users: np.ndarray, items: np.ndarray, timestamps: np.ndarray | None = None
+    ) -> np.ndarray:
+        """`pair_scores` in the model's own units; the default gathers from `user_scores` per
+        chunk. Rating models override this with a direct formula (and the rating-scale fallback
+        for unknown users/items); time-aware models use `timestamps`."""
         users = np.asarray(users, dtype=np.int64)
         items = np.asarray(items, dtype=np.int64)
         out = np.zeros(len(users), dtype=np.float64)
@@ -291,7 +315,7 @@ class Recommender(ABC):
         meta = {
             "format_version": FORMAT_VERSION, "model": self.name, "params": self.params,
             "global_mean": self.global_mean, "rating_scale": list(self.rating_scale),
-            "capabilities": asdict(self.capabilities), "blend_weight": self.blend_weight,
+            "rating_unit": self.rating_unit, "capabilities": asdict(self.capabilities), "blend_weight": self.blend_weight,
         }
         (path / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         arrays = {f"model.{k}": np.asarray(v) for k, v in self._state().items()}
@@ -316,6 +340,7 @@ class Recommender(ABC):
         model.popularity = arrays["popularity"]
         model.global_mean = float(meta["global_mean"])
         model.rating_scale = tuple(meta["rating_scale"])
+        model.rating_unit = float(meta.get("rating_unit", 1.0))
         model.blend_weight = float(meta.get("blend_weight", 0.0))
         model._load_state({k[len("model."):]: v for k, v in arrays.items() if k.startswith("model.")})
         return model
@@ -332,7 +357,9 @@ def mask_seen(scores: np.ndarray, seen: sp.csr_matrix, users: np.ndarray) -> np.
 
 
 def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and values of the k largest scores per row, best first (ties: lower index)."""
+    """Indices and values of the k largest scores per row, best first (ties: lower index); all of a
+    row's scores when it has fewer than k."""
+    k = min(k, scores.shape[1])
     if k <= 0:
         return np.empty((len(scores), 0), np.int64), np.empty((len(scores), 0))
     part = np.argpartition(-scores, k - 1, axis=1)[:, :k]

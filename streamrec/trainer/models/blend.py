@@ -140,7 +140,7 @@ class Blend(Recommender):
         scores["blend-gbt"] = self.gbt.predict(self._features(X, users, items))
         return scores
 
-    def pair_scores(self, users, items, timestamps=None) -> np.ndarray:
+    def _pair_scores(self, users, items, timestamps=None) -> np.ndarray:
         return self.member_scores(users, items, timestamps)[f"blend-{self.combiner}"]
 
     def _user_scores(self, users: np.ndarray) -> np.ndarray:
@@ -154,6 +154,7 @@ class Blend(Recommender):
         state.update({f"gbt.{k}": v for k, v in self.gbt.state().items()})
         for n, member in enumerate(self.members):
             state.update({f"member{n}.{k}": v for k, v in member._state().items()})
+            state[f"scale{n}"] = np.array([member.global_mean, member.rating_unit])  # a member may fit in stars
         return state
 
     def _load_state(self, arrays: dict[str, np.ndarray]) -> None:
@@ -170,4 +171,6 @@ class Blend(Recommender):
             member.popularity, member.global_mean, member.rating_scale = (
                 self.popularity, self.global_mean, self.rating_scale,
             )
+            if f"scale{n}" in arrays:
+                member.global_mean, member.rating_unit = (float(v) for v in arrays[f"scale{n}"])
             member._load_state(part(f"member{n}."))

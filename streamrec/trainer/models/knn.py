@@ -127,10 +127,10 @@ class _NeighbourModel(Recommender):
             self.k, self.params["min_k"],
         )
 
-    def pair_scores(self, users, items, timestamps=None) -> np.ndarray:
+    def _pair_scores(self, users, items, timestamps=None) -> np.ndarray:
         users, items = np.asarray(users), np.asarray(items)
         if not self.explicit:
-            return super().pair_scores(users, items, timestamps)
+            return super()._pair_scores(users, items, timestamps)
         base = self._baseline(users, items)
         known = np.flatnonzero((users >= 0) & (items >= 0))
         est, found = self._neighbour_terms(users[known], items[known])

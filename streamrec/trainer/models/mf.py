@@ -33,6 +33,7 @@ class BiasedMF(Recommender):
     """
 
     name = "mf-sgd"
+    fits_in_stars = True
     capabilities = Capabilities(explicit=True)  # on implicit data (all 1s) it has nothing to fit
     Params = BiasedMFParams
     search_space = space(factors=IntRange(10, 200, log=True), epochs=IntRange(10, 60),
@@ -49,7 +50,7 @@ class BiasedMF(Recommender):
             run_epoch(order, p["batch_size"], rows, self.global_mean, theta, None, rates, regs)
         self.P, self.Q, self.bu, self.bi = theta["P"], theta["Q"], theta["bu"], theta["bi"]
 
-    def pair_scores(self, users, items, timestamps=None) -> np.ndarray:
+    def _pair_scores(self, users, items, timestamps=None) -> np.ndarray:
         users, items = np.asarray(users), np.asarray(items)
         dot = (gather_or_zero(self.P, users) * gather_or_zero(self.Q, items)).sum(1)
         return self.global_mean + gather_or_zero(self.bu, users) + gather_or_zero(self.bi, items) + dot

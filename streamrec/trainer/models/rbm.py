@@ -111,7 +111,7 @@ class RBM(Recommender):
             out.append((self._visible_probs(hidden) * values).sum(-1).numpy())
         return np.concatenate(out).astype(np.float64) if out else np.zeros((0, self.n_items))
 
-    def pair_scores(self, users, items, timestamps=None) -> np.ndarray:
+    def _pair_scores(self, users, items, timestamps=None) -> np.ndarray:
         users, items = np.asarray(users), np.asarray(items)
         out = np.full(len(users), self.global_mean)
         known = np.flatnonzero((users >= 0) & (items >= 0))

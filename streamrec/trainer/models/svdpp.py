@@ -67,6 +67,7 @@ class SVDpp(Recommender):
     """SVD++ with Koren's hyperparameters (survey table); see the module doc."""
 
     name = "svdpp"
+    fits_in_stars = True
     capabilities = Capabilities(explicit=True)
     Params = SVDppParams
     search_space = space(factors=IntRange(5, 100, log=True), epochs=IntRange(10, 40),
@@ -111,7 +112,7 @@ class SVDpp(Recommender):
         """Extra bias and user-factor offset at time t (none for SVD++)."""
         return np.zeros(len(users)), np.zeros((len(users), self.theta["P"].shape[1]))
 
-    def pair_scores(self, users, items, timestamps=None) -> np.ndarray:
+    def _pair_scores(self, users, items, timestamps=None) -> np.ndarray:
         users, items = np.asarray(users), np.asarray(items)
         th = self.theta
         bias, offset = self._time_terms(users, items, timestamps)
