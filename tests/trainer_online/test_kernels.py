@@ -136,7 +136,7 @@ def test_compiled_mf_steps_match_numpy_steps(seed: int, users: int, items: int) 
     total, count, squared = 0.0, 0, 0.0
     for first, last in [(0, 11), (11, 12), (12, len(bounds) - 1)]:
         total, count, step_squared = mf_steps(P2, Q2, u, i, rating, bounds, first, last, 0.007, 0.015, 0.005, 0.005,
-                                              total, count)
+                                              total, count, 10.0)
         squared += step_squared
     assert not np.allclose(P2, P0)
     np.testing.assert_allclose(P2, P, rtol=1e-10, atol=1e-12)
@@ -191,3 +191,26 @@ def test_rank_linear_counts_as_rank_count_over_the_same_scores_with_dead_hidden_
             scores[hidden] = -np.inf
         expected = numpy_rank(scores, excluded, target)
         assert rank_linear(user, items, alive, hidden, excluded, target) == expected
+
+
+def test_a_rating_far_off_the_scale_moves_the_rows_by_a_bounded_step() -> None:
+    """One rating of 1e30 made every update non-finite: the parameter server refused the push and
+    the trainer retried the batch for ever. The error is clipped to `max_error`, in the update and
+    in the running mean, so the step is what a rating max_error above its prediction gives."""
+    rng = np.random.default_rng(0)
+    P0, Q0 = rng.normal(0, 0.1, (3, 5)), rng.normal(0, 0.1, (3, 5))
+    u, i, bounds = np.array([0, 1]), np.array([0, 1]), np.array([0, 1, 2])
+    steps = {}
+    for name, poison in (("poison", 1e30), ("huge", 1e300), ("at the bound", None)):
+        P, Q = P0.copy(), Q0.copy()
+        first = mf_steps(P, Q, u, i, np.array([4.0, 4.0]), bounds, 0, 1, 0.007, 0.015, 0.005, 0.005, 0.0, 0, 10.0)
+        predicted = first[0] / first[1] + P[1, 4] + Q[1, 4] + P[1, :4] @ Q[1, :4]
+        rating = np.array([4.0, predicted + 10.0 if poison is None else poison])
+        total, count, squared = mf_steps(P, Q, u, i, rating, bounds, 1, 2, 0.007, 0.015, 0.005, 0.005, *first[:2], 10.0)
+        assert np.isfinite(P).all() and np.isfinite(Q).all() and np.isfinite(total) and squared == pytest.approx(100.0)
+        steps[name] = (P, Q)
+        if poison is not None:  # the mean moves as by a rating max_error above it
+            assert (total, count) == (4.0 + 4.0 + 10.0, 2)
+    for name in ("poison", "huge"):
+        for got, expected in zip(steps[name], steps["at the bound"]):
+            np.testing.assert_allclose(got, expected, rtol=1e-12)

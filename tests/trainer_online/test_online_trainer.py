@@ -61,6 +61,23 @@ def test_learning_happens_on_planted_structure(online_settings, start_server):
     assert applied(server.address) == 6000
 
 
+def test_a_rating_far_off_the_scale_is_learned_without_stopping_the_trainer(online_settings, start_server):
+    """A rating event valued 1e30 passes the schema (a finite number). Online MF's update from it was
+    non-finite, the parameter server refused the push, and the trainer took that for an outage and
+    retried the same batch for ever: one hostile event stopped all learning."""
+    server = start_server("--no-checkpoints")
+    events = [{**event, "event_type": "rating", "value": float(1 + n % 5)} for n, event in enumerate(planted_events(400))]
+    events[150]["value"], events[250]["value"] = 1e30, 1.7e308
+    produce_events(online_settings, events)
+    trainer = run_trainer(online_settings, server.address)
+    assert trainer.stats.applied == 400 and trainer.stats.dead_lettered == 0
+    client = ParamClient([server.address])
+    mf = OnlineMF(store=client)
+    for table in (mf.user_table, mf.item_table):
+        ids = sorted({e["user_id" if table == mf.user_table else "item_id"] for e in events})
+        assert np.isfinite(client.pull(table, ids).values).all(), table
+
+
 def test_dead_letters_and_keeps_running(online_settings, start_server):
     server = start_server("--no-checkpoints")
     good = planted_events(50)

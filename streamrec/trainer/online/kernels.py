@@ -133,16 +133,19 @@ def bpr_steps(P: np.ndarray, Q: np.ndarray, U: np.ndarray, I: np.ndarray, J: np.
 
 _D2, _D1 = "float64[:, ::1]", "float64[::1]"
 _MF_SIGNATURE = (f"Tuple((float64, int64, float64))({_D2}, {_D2}, {_I1}, {_I1}, {_D1}, {_I1}, int64, int64, float64, "
-                 "float64, float64, float64, float64, int64)")
+                 "float64, float64, float64, float64, int64, float64)")
 
 
 @njit(_MF_SIGNATURE, cache=True, nogil=True)
 def mf_steps(P: np.ndarray, Q: np.ndarray, u: np.ndarray, i: np.ndarray, rating: np.ndarray, bounds: np.ndarray,
              first: int, last: int, lr: float, reg: float, bias_lr: float, bias_reg: float,
-             rating_sum: float, rating_count: int) -> tuple[float, int, float]:
+             rating_sum: float, rating_count: int, max_error: float) -> tuple[float, int, float]:
     """`OnlineMF`'s steps first..last-1 in place on the rows [p, b] (float64): step n's ratings are
     rows bounds[n]:bounds[n+1] of (u, i, rating). Each rating is predicted with the mean of the
     ratings before its step (mu), then learned; both rows' updates use the step's initial rows.
+    A rating enters both the update and the mean at most `max_error` from what was predicted
+    (gradient clipping): one event valued 1e30 made every update non-finite, the parameter server
+    refused the push, and the trainer retried that batch forever.
     Returns the new (rating_sum, rating_count) and the summed squared prediction error."""
     dim = P.shape[1] - 1
     squared_error = 0.0
@@ -160,7 +163,8 @@ def mf_steps(P: np.ndarray, Q: np.ndarray, u: np.ndarray, i: np.ndarray, rating:
             for d in range(dim):
                 dot += pu[r, d] * qi[r, d]
             error[r] = rating[a + r] - (mu + pu[r, dim] + qi[r, dim] + dot)
-            rating_sum += rating[a + r]
+            rating_sum += mu + min(max(rating[a + r] - mu, -max_error), max_error)
+            error[r] = min(max(error[r], -max_error), max_error)
             squared_error += error[r] * error[r]
         rating_count += b - a
         for r in range(b - a):

@@ -132,6 +132,9 @@ class OnlineMFParams(FactorParams):
     reg: float = Field(0.015, ge=0.0)
     bias_lr: float = Field(0.005, ge=0.0)
     bias_reg: float = Field(0.005, ge=0.0)
+    # a rating counts at most this far from its prediction (gradient clipping); raise it, and lower
+    # lr, for scales wider than stars
+    max_error: float = Field(10.0, gt=0.0)
 
 
 class _FactorModel(OnlineRecommender):
@@ -417,7 +420,7 @@ class OnlineMF(_FactorModel):
             if before_step is not None:
                 before_step(steps[first])
             self.rating_sum, self.rating_count, squared = learn(first, last, p.lr, p.reg, p.bias_lr, p.bias_reg,
-                                                                self.rating_sum, self.rating_count)
+                                                                self.rating_sum, self.rating_count, p.max_error)
             stats.squared_error += squared
             stats.loss_sum += squared
         stats.examples += len(pos)
