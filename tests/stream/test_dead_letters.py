@@ -55,6 +55,25 @@ def test_each_kind_of_bad_record_with_its_reason(settings, kafka_client):
         assert letter["component"] == "test" and letter["time"] > 1.7e9
 
 
+def test_a_record_too_large_to_dead_letter_whole_is_kept_in_part_and_the_next_one_goes_on(settings, kafka_client):
+    """A 3 MB line made a dead letter over the producer's 1 MiB cap: the send raised, `produce`
+    died there and the good line after it was never produced."""
+    import hashlib
+
+    from streamrec.stream.deadletter import MAX_RAW_BYTES
+
+    create_topics(settings.kafka_bootstrap, [settings.topic, settings.dlq_topic], 2)
+    huge = orjson.dumps({**NOW_VALID, "junk": "x" * 3_000_000})
+    publisher = publish_lines(settings, [huge, orjson.dumps(NOW_VALID)], kafka_client)
+    assert publisher.summary() == {"accepted": 1, "dead_lettered": 1}
+    [record] = read_records(settings.kafka_bootstrap, settings.dlq_topic, kafka_client)
+    letter = read_dead_letter(record.value)
+    assert letter["reason"] == "unknown_field" and letter["raw"] == huge[:MAX_RAW_BYTES]
+    assert (letter["raw_truncated"], letter["raw_size"], letter["raw_sha256"]) == (
+        True, len(huge), hashlib.sha256(huge).hexdigest())
+    assert len(record.value) < 1024 * 1024
+
+
 lines_strategy = st.lists(
     st.one_of(
         st.sampled_from(list(BAD_LINES)),

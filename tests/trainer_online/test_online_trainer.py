@@ -78,6 +78,22 @@ def test_a_rating_far_off_the_scale_is_learned_without_stopping_the_trainer(onli
         assert np.isfinite(client.pull(table, ids).values).all(), table
 
 
+def test_a_record_too_large_to_dead_letter_whole_does_not_stop_the_trainer(online_settings, start_server):
+    """800 kB of junk with a 100 kB key, written straight to the topic as any producer can: its
+    dead letter exceeded the producer's 1 MiB cap and the trainer died on it at every restart."""
+    server = start_server("--no-checkpoints")
+    with make_producer(online_settings.kafka_bootstrap) as producer:
+        producer.send(online_settings.topic, b"\x00junk" * 160_000, b"k" * 100_000)
+        producer.flush()
+    produce_events(online_settings, planted_events(20))
+    trainer = run_trainer(online_settings, server.address)
+    assert trainer.stats.applied == 20 and trainer.stats.dead_lettered == 1
+    [record] = read_records(online_settings.kafka_bootstrap, online_settings.dlq_topic)
+    letter = read_dead_letter(record.value)
+    assert letter["reason"] == "not_json" and letter["raw_truncated"] and letter["raw_size"] == 800_000
+    assert len(record.key) == 1024
+
+
 def test_dead_letters_and_keeps_running(online_settings, start_server):
     server = start_server("--no-checkpoints")
     good = planted_events(50)
