@@ -236,6 +236,60 @@ def test_feature_store_after_replay_matches_direct_computation(redis_url):
         store.clear()
 
 
+def test_popularity_stays_finite_across_decades_of_event_time(redis_url):
+    """Forward decay scores 2^((t - landmark) / half_life), which overflows a double 1,024
+    half-lives past the landmark (20 years at the default week): a store whose first event was
+    from 1995, and a batch spanning 1995 to now, made inf * 0 = NaN in the write script, which then
+    failed on every retry after writing part of the batch (user counts went up at each one)."""
+    week = 7 * 86_400.0
+    config = FeatureStoreConfig(prefix=unique_prefix())
+    store = FeatureStore.from_url(redis_url, config)
+
+    def write(users: list[str], items: list[str], times: list[float]) -> None:
+        store.write(EventBatch.from_columns(np.array(users, object), np.array(items, object),
+                                            np.full(len(users), "view", object), np.array(times)))
+
+    try:
+        old, now = 788_918_400.0, 1_760_000_000.0  # 1995, 2025: 1,606 half-lives
+        write(["a"], ["i-old"], [old])
+        write(["b", "c"], ["i-spans", "i-spans"], [old + week, now])  # one batch across the decades
+        write(["d", "d"], ["i-new", "i-new"], [now + 60, now + 120])
+        popular = dict(store.popular(10))
+        assert all(math.isfinite(score) for score in popular.values()), popular
+        assert popular["i-spans"] == pytest.approx(1.0) and popular["i-new"] == pytest.approx(2.0, rel=1e-3)
+        assert popular["i-old"] < 1e-300
+        assert float(store.redis.get(store.keys.shared("pop", "landmark"))) == now  # moved up to the batch's newest
+        assert store.entity("u", "c")["events"] == 1  # written once: no failed script retried
+    finally:
+        store.clear()
+
+
+def test_an_event_dated_a_day_ahead_does_not_move_the_clocks_past_the_wall_clock(redis_url):
+    """The schema admits event times up to a day ahead (skewed clients). The feature store's clock
+    and the trainer's session clock followed such an event, so every user's session read as ended,
+    and every window count as empty, until real time caught up."""
+    import time
+
+    from streamrec.trainer.online.session import SessionTracker
+
+    store = FeatureStore.from_url(redis_url, FeatureStoreConfig(prefix=unique_prefix()))
+    tracker = SessionTracker()
+    now = time.time()
+    users, items = np.array(["a", "a", "b"], object), np.array(["i1", "i2", "i3"], object)
+    times = np.array([now - 60, now - 30, now + 86_000])
+    try:
+        store.write(EventBatch.from_columns(users, items, np.full(3, "view", object), times))
+        tracker.observe(users, items, times, [None] * 3)
+        assert now - 30 <= store.clock() <= time.time() and now - 30 <= tracker.clock <= time.time()
+        history = store.user_history("a", 5, True, session=True)
+        assert history.session_items(store.clock(), 1800.0, 10) == ["i2", "i1"]  # "a" is still in session
+        assert tracker.items_of("a") == ["i1", "i2"]
+        assert store.window_count("u", "a", 3600) == 2
+        assert store.entity("u", "b")["last_seen"] == pytest.approx(now + 86_000)  # the event keeps its time
+    finally:
+        store.clear()
+
+
 def test_online_bpr_learns_standalone_on_the_in_process_store():
     """`OnlineBPR()` keeps its tables in a fresh `LocalStore`: the live trainer's learning code
     without a network, one push per `learn_many`."""

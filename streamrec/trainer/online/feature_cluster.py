@@ -262,7 +262,9 @@ class ClusterFeatureStore(FeatureStore):
         return max((float(v) for v, in values if v), default=0.0)
 
     def popular(self, n: int) -> list[tuple[str, float]]:
-        """Top-n items over every bucket, scores in units of the earliest bucket landmark."""
+        """Top-n items over every bucket, scores in units of the earliest bucket landmark; of the
+        latest where they lie over 512 half-lives apart (each bucket moves its landmark up on its
+        own, feature_store's RENORMALISE_AFTER_HALF_LIVES, and 2^x overflows from x = 1,024)."""
         def fetch(pipe: redis.client.Pipeline, bucket: int) -> None:
             pipe.get(self.keys.shared("pop", "landmark", bucket=bucket))
             pipe.zrevrange(self.keys.shared("pop", bucket=bucket), 0, n - 1, withscores=True)
@@ -271,7 +273,8 @@ class ClusterFeatureStore(FeatureStore):
         landmarks = [float(landmark) for landmark, _ in replies if landmark]
         if not landmarks:
             return []
-        base, half_life = min(landmarks), self.config.popularity_half_life
+        half_life = self.config.popularity_half_life
+        base = min(landmarks) if max(landmarks) - min(landmarks) <= 512 * half_life else max(landmarks)
         merged = [(item.decode(), score * 2.0 ** ((float(landmark) - base) / half_life))
                   for landmark, top in replies if landmark for item, score in top]
         merged.sort(key=lambda pair: -pair[1])

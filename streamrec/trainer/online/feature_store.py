@@ -32,9 +32,9 @@ after their TTL; rebuild the store from the topic (`streamrec features rebuild`)
 | `sr:{u:<user>}:seen` | set | every item the user interacted with (the serving seen-filter) |
 | `sr:{u:<user>}` / `sr:{i:<item>}` | hash | `last_seen` (event time), `events` (total count); a user's also `session_events`, the events of their current session (a gap of more than `session_gap` seconds of event time starts a new one): the newest that many of `recent` are the session serving adds to the user's row; and `log_partition` / `log_offset`, the log position of their newest event (serving pulls their row again until it has learned that offset) |
 | `sr:{u or i:<id>}:w<window>:<bucket>` | string | events of one bucket of a sliding window (windows 300 s in 60 s buckets and 3600 s in 300 s buckets); a window's count is the sum of its buckets up to the clock |
-| `sr:{g}:clock` | string | the largest event time written (the feature store's "now") |
+| `sr:{g}:clock` | string | the largest event time written, never past the writer's wall clock (the feature store's "now") |
 | `sr:{g}:pop` | sorted set | item -> sum of weight * 2^((t - landmark) / half_life): popularity with exponential time decay (forward decay: ranking needs no rescaling) |
-| `sr:{g}:pop:landmark` | string | the landmark time of `sr:{g}:pop` (first event time) |
+| `sr:{g}:pop:landmark` | string | the landmark time of `sr:{g}:pop` (first event time; moved up, the scores rescaled, once it falls 256 half-lives behind) |
 | `sr:{g}:item_events` | hash | item -> exact number of events written (never expires: the chaos suite's count) |
 | `sr:{g}:wm` | hash | partition key ("topic/partition") -> its watermark, the next offset to write (never expires) |
 
@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
@@ -324,11 +325,25 @@ for k = 1, #T do
   end
 end
 if max_t ~= nil then
-  local clock = tonumber(redis.call('GET', CLOCK) or '0')
-  if max_t > clock then redis.call('SET', CLOCK, string.format('%.6f', max_t)) end
+  -- the clock never runs past the writer's wall clock: one event dated up to a day ahead (the
+  -- schema's allowance for skewed clients) ended every session and emptied every window count
+  local clock, newest = tonumber(redis.call('GET', CLOCK) or '0'), math.min(max_t, p.now)
+  if newest > clock then redis.call('SET', CLOCK, string.format('%.6f', newest)) end
   redis.call('SETNX', LANDMARK, string.format('%.6f', min_t))
-  -- popularity was accumulated relative to landmark_hint; convert to the stored landmark
-  local shift = math.pow(2, (p.landmark_hint - tonumber(redis.call('GET', LANDMARK))) / half_life)
+  -- popularity was accumulated relative to landmark_hint, the batch's newest time (so each event's
+  -- 2^((t - hint) / half_life) is at most 1); convert to the stored landmark. 2^x overflows a
+  -- double from x = 1024 (20 years at a week's half-life: a MovieLens replay, then live traffic),
+  -- and inf * 0 made the script fail on every retry after writing part of the batch; so once the
+  -- hint is RENORMALISE_AFTER half-lives past the landmark, the landmark moves to the hint and the
+  -- stored scores are scaled down by what they decayed meanwhile
+  local landmark = tonumber(redis.call('GET', LANDMARK))
+  if (p.landmark_hint - landmark) / half_life > p.renormalise_after then
+    local decayed = math.pow(2, (landmark - p.landmark_hint) / half_life)
+    redis.call('ZUNIONSTORE', POP, 1, POP, 'WEIGHTS', string.format('%.17g', decayed))
+    redis.call('SET', LANDMARK, string.format('%.6f', p.landmark_hint))
+    landmark = p.landmark_hint
+  end
+  local shift = math.pow(2, (p.landmark_hint - landmark) / half_life)
   for _, uk in ipairs(user_order) do
     local e, key, recent, seen = users[uk], KEYS[uk], KEYS[uk + 1], KEYS[uk + 2]
     chunked('LPUSH', recent, e.items, math.max(1, #e.items - cap + 1))  -- the newest `cap`: the rest is trimmed
@@ -373,6 +388,7 @@ for k, pkey in ipairs(PK) do
 end
 return {applied, skipped, unpack(unmarked)}
 """
+RENORMALISE_AFTER_HALF_LIVES = 256.0  # popularity's landmark moves up once this far behind (2^256: far from overflow)
 WAIT_TIMEOUT_MS = 1000  # WAIT for replicas (Cluster): below the socket timeout, so a missing confirmation is an answer
 WINDOW_TTLS = [window + size for window, size in WINDOWS.items()]  # a bucket outlives its window by one bucket
 
@@ -569,7 +585,8 @@ class FeatureStore:
         keys = DeclaredKeys.of(self.keys, batch.user_id[order], batch.item_id[order], times)
         fields: dict[str, object] = {
             "ttl": c.ttl_seconds, "cap": c.recent_cap, "half_life": c.popularity_half_life, "gap": c.session_gap,
-            "landmark_hint": float(times[0]), "wttl": WINDOW_TTLS,
+            "landmark_hint": float(times[-1]), "renormalise_after": RENORMALISE_AFTER_HALF_LIVES, "wttl": WINDOW_TTLS,
+            "now": time.time(),
             "i": batch.item_id[order], "t": times,
             "w": np.ones(len(batch)) if weights is None else np.asarray(weights, np.float64)[order],
             "uk": keys.user, "ik": keys.item, "uw": keys.user_windows, "iw": keys.item_windows,

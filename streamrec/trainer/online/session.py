@@ -8,8 +8,8 @@ vectors, and an item evicted meanwhile simply drops out).
 
 A session ends after `gap_seconds` of event time without an event of the user, or when an event's
 context carries a `session_id` other than the session's (events without one continue it). The
-clock is event time, the newest timestamp observed: a session idle for longer than the gap is no
-longer current when scoring either, whatever the wall clock says.
+clock is event time, the newest timestamp observed (never past the wall clock): a session idle for
+longer than the gap is no longer current when scoring either, whatever the wall clock says.
 
 Memory is bounded: at most `max_users` sessions, the least recently active forgotten first (like
 the prequential scorer's histories). The tracker is a cache of recent events and is not written
@@ -19,6 +19,7 @@ push); after a restart sessions start empty and refill within one session's even
 
 from __future__ import annotations
 
+import time as wall_time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -73,7 +74,9 @@ class SessionTracker:
             current.last_time = time
             current.events += 1
             current.items.append(item)
-        self.clock = max(self.clock, float(times.max()))
+        # never ahead of the wall clock: one event dated up to a day ahead (the schema's allowance
+        # for skewed clients) ended every user's session until real time caught up
+        self.clock = max(self.clock, min(float(times.max()), wall_time.time()))
 
     def events_of(self, user: str) -> int:
         """The user's events the tracker has seen (0 for a user it does not remember)."""
