@@ -91,6 +91,22 @@ def test_later_events_weigh_more_with_the_half_life(store: ExplorationStore):
     assert ids.tolist() == ["new", "old"] and scores[0] / scores[1] == pytest.approx(2 * 4 / 3)
 
 
+def test_slice_weights_stay_finite_across_decades_of_event_time(store: ExplorationStore):
+    """The weights are 2^((t - landmark) / half_life), which overflows 1,024 half-lives past the
+    landmark (20 years at a week): a slice count from 1995 and then today made them infinite."""
+    half_life, nothing = store.slice_config.half_life_s, np.empty(0, object)
+    decades = (1_760_000_000.0 - 788_918_400.0) / HOUR  # 1995 to 2025, as hours after DAY0
+    counts = [batch(["old"], [788_918_400.0 / HOUR - DAY0 / HOUR], [None]),
+              batch(["new", "new", "spans"], [decades, decades, decades - 24 * 7], [None] * 3)]
+    for n, events in enumerate(counts):
+        store.count(nothing, np.zeros(0), np.zeros(0), np.zeros(0), DAY0, "t/0", n, n + 1,
+                    slice_counts(event_slices(events, np.ones(len(events), bool)), half_life, {}))
+    tops = store.slice_tops(10)
+    ids, scores = tops.lists[ALL]
+    assert ids.tolist() == ["new", "spans", "old"] and np.isfinite(scores).all() and np.isfinite(tops.mass[ALL])
+    assert scores[0] / scores[1] == pytest.approx(4.0) and scores[2] < 1e-300
+
+
 def test_the_merit_counts_hits_of_the_slice_against_hits_of_all():
     events = batch(["a", "b", "c"], [13, 13, 1], [{"device": "ios"}, {"device": "ios"}, None])
     tops = {ALL: np.array(["b"], object), "device=ios": np.array(["a", "b"], object), "daypart=2": np.array([], object)}

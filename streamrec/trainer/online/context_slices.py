@@ -120,7 +120,7 @@ def slice_counts(rows: pd.DataFrame, half_life_s: float, tops: dict[str, np.ndar
         empty = np.empty(0, object)
         return SliceCounts(empty, empty, np.zeros(0, np.int64), np.zeros(0), 0.0, empty, np.zeros(0, np.int64),
                            np.zeros(0, np.int64), np.zeros(0, np.int64))
-    hint = float(rows["t"].min())
+    hint = float(rows["t"].max())  # every weight at most 1: 2^x overflows from x = 1,024
     weighted = rows.assign(w=np.exp2((rows["t"].to_numpy(np.float64) - hint) / half_life_s))
     per = weighted.groupby(["slice", "item"], sort=False).agg(events=("w", "size"), weights=("w", "sum"))
     names = per.index.get_level_values(0).to_numpy(object)

@@ -89,7 +89,21 @@ local s, first = tonumber(ARGV[at]), at + 4
 if s > 0 then
   local hint, half_life, max_slices, keep = tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3]), tonumber(ARGV[at + 4])
   redis.call('SETNX', landmark_key, ARGV[at + 1])
-  local shift = math.pow(2, (hint - tonumber(redis.call('GET', landmark_key))) / half_life)
+  -- the hint is the count's newest time, so its weights are at most 1 each; as in the feature
+  -- store's popularity, 2^x overflows from x = 1,024, so a landmark 256 half-lives behind moves up
+  -- to the hint and every slice's weights and mass are scaled down by what they decayed meanwhile
+  local landmark = tonumber(redis.call('GET', landmark_key))
+  if (hint - landmark) / half_life > 256 then
+    local decayed = math.pow(2, (landmark - hint) / half_life)
+    for _, name in ipairs(redis.call('SMEMBERS', slices_key)) do
+      redis.call('ZUNIONSTORE', slice_prefix .. name, 1, slice_prefix .. name, 'WEIGHTS', string.format('%.17g', decayed))
+      local mass = tonumber(redis.call('HGET', mass_key, name) or '0')
+      redis.call('HSET', mass_key, name, string.format('%.17g', mass * decayed))
+    end
+    redis.call('SET', landmark_key, ARGV[at + 1])
+    landmark = hint
+  end
+  local shift = math.pow(2, (hint - landmark) / half_life)
   local touched, order = {}, {}
   for j = 1, s do
     local name, item = ARGV[first + j], ARGV[first + s + j]
