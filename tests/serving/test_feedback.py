@@ -139,6 +139,20 @@ def test_bad_events_are_dead_lettered_with_their_reason(start_serving, monkeypat
     assert orjson.loads(next(x for x in letters if x["source"]["index"] == 1)["raw"])["event_type"] == "teleport"
 
 
+def test_an_event_too_large_to_dead_letter_whole_is_refused_alone(start_serving, monkeypatch, kafka_bootstrap,
+                                                                 topic_pair, redis_url, prefix):
+    """A 3 MB event (an unknown field) made a dead letter over the producer's 1 MiB cap: the whole
+    request got a 503 that tripped the broker-down state, and other clients' events got 503s too."""
+    topic, dlq = topic_pair
+    serving = start_feedback(start_serving, monkeypatch, kafka_bootstrap, topic, redis_url, prefix)
+    reply = post(serving, [{**event(0), "junk": "x" * 3_000_000}, event(1)])
+    assert reply.status_code == 202, reply.text
+    assert (reply.json()["produced"], reply.json()["dead_lettered"]) == (1, 1)
+    assert post(serving, event(2)).status_code == 202  # the next request is not refused
+    [letter] = [read_dead_letter(r.value) for r in read_topic(kafka_bootstrap, dlq, 1)]
+    assert letter["reason"] == "unknown_field" and letter["raw_truncated"] and letter["raw_size"] > 3_000_000
+
+
 def test_malformed_and_oversized_requests_are_refused(start_serving, monkeypatch, kafka_bootstrap, topic_pair,
                                                       redis_url, prefix):
     topic, _ = topic_pair
