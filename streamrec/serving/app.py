@@ -227,7 +227,8 @@ def create_app(config: ServingConfig) -> FastAPI:
 
     # innermost: the direct /recommend route is measured and body-capped like every other
     app.add_middleware(RecommendFastPath, handler=answer_recommend, token=config.api_token)
-    app.add_middleware(BodyLimit, default=config.max_body_bytes, routes=config.route_body_limits)
+    app.add_middleware(BodyLimit, default=config.max_body_bytes, routes=config.route_body_limits,
+                       read_timeout_s=config.body_read_timeout_s)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: refused bodies are counted too
 
     @app.get("/recommend", dependencies=guarded,

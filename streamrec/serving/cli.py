@@ -98,6 +98,9 @@ def watch_cmd(ctx: click.Context, window: str, lateness: str, metrics_port: int 
               help="request body cap of every route without its own [default: 65536]")
 @click.option("--body-limit", "body_limits", multiple=True, metavar="PATH=BYTES",
               help="request body cap of one route, e.g. /rescore=4194304 (repeatable) [default: /rescore=4 MiB]")
+@click.option("--body-read-timeout", "body_read_timeout_s", type=click.FloatRange(min=0.001), default=None,
+              help="answer 408 when no part of a request body arrives for this many seconds (a client that "
+                   "declares more than it sends held a connection for ever) [default: 30]")
 @click.option("--first-poll-wait", "first_poll_wait_s", type=click.FloatRange(min=0), default=None,
               help="seconds a starting worker waits for a model before it accepts requests anyway (0: a "
                    "gateway for POST /events without a parameter server) [default: 15]")

@@ -37,6 +37,8 @@ class ServingConfig(BaseModel):
     max_body_bytes: int = Field(64 * KIB, ge=0, description="request body cap of routes not in route_body_limits")
     route_body_limits: dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_ROUTE_BODY_LIMITS),
                                               description="request body cap per route path (bytes)")
+    body_read_timeout_s: float = Field(30.0, gt=0, description="408 when no part of a request body arrives "
+                                                                "for this long")
     feature_prefix: str = Field("sr", description="Redis key prefix of the online trainer's feature store")
     poll_interval: float = Field(60.0, ge=0.05, description="seconds between parameter-server polls")
     first_poll_wait_s: float = Field(15.0, ge=0, description="a starting worker (the first, or one replacing a "

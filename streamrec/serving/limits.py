@@ -2,11 +2,15 @@
 
 A declared Content-Length over the cap is refused at once, before the application runs; a chunked
 body (no Content-Length) is counted as it streams in and refused as soon as it passes the cap, so a
-worker never holds more than the cap plus one chunk of any request.
+worker never holds more than the cap plus one chunk of any request. A body that stops arriving
+(a Content-Length larger than what is sent, or a client trickling bytes) is answered 408 once no
+part of it has come for `read_timeout_s`: uvicorn waits for a body as long as the client likes, so
+each such request held a connection and its handler for ever.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 
 import orjson
@@ -14,6 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 STATUS = 413
+TIMEOUT_STATUS = 408
 
 
 class BodyTooLarge(HTTPException):
@@ -24,11 +29,19 @@ class BodyTooLarge(HTTPException):
         super().__init__(STATUS, f"request body over the {limit}-byte limit of this endpoint")
 
 
-class BodyLimit:
-    """413 for bodies over `routes[path]` bytes (exact path), or over `default` for any other path."""
+class BodyStalled(HTTPException):
+    """No part of a request body came for the read timeout (an HTTPException, as BodyTooLarge)."""
 
-    def __init__(self, app: ASGIApp, default: int, routes: Mapping[str, int]) -> None:
-        self.app, self.default, self.routes = app, default, dict(routes)
+    def __init__(self, seconds: float) -> None:
+        super().__init__(TIMEOUT_STATUS, f"no part of the request body arrived for {seconds:g} s")
+
+
+class BodyLimit:
+    """413 for bodies over `routes[path]` bytes (exact path), or over `default` for any other path;
+    408 for a body of which nothing arrives for `read_timeout_s`."""
+
+    def __init__(self, app: ASGIApp, default: int, routes: Mapping[str, int], read_timeout_s: float = 30.0) -> None:
+        self.app, self.default, self.routes, self.read_timeout_s = app, default, dict(routes), read_timeout_s
 
     def limit(self, path: str) -> int:
         return self.routes.get(path, self.default)
@@ -44,14 +57,22 @@ class BodyLimit:
             return
         received = 0
         started = False
+        # a request that declares no body (most GETs) gets no timer: asyncio.wait_for costs a task
+        complete = declared == 0 or (declared is None and not _chunked(scope))
 
         async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete:  # after the body, a receive waits for the client to disconnect: no timeout
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.read_timeout_s)
+            except TimeoutError:
+                raise BodyStalled(self.read_timeout_s) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise BodyTooLarge(limit)
+                complete = not message.get("more_body", False)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -61,10 +82,14 @@ class BodyLimit:
 
         try:
             await self.app(scope, counting_receive, tracking_send)
-        except BodyTooLarge as exc:
+        except (BodyTooLarge, BodyStalled) as exc:
             if started:  # the application answered before it read the rest; nothing left to say
                 raise
             await _refuse(send, exc)
+
+
+def _chunked(scope: Scope) -> bool:
+    return any(name == b"transfer-encoding" for name, _ in scope["headers"])
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -77,9 +102,9 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _refuse(send: Send, exc: BodyTooLarge) -> None:
+async def _refuse(send: Send, exc: HTTPException) -> None:
     body = orjson.dumps({"detail": exc.detail})
-    await send({"type": "http.response.start", "status": STATUS,
+    await send({"type": "http.response.start", "status": exc.status_code,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})

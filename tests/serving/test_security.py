@@ -52,7 +52,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterato
         yield Servers(
             open=start(param_server.address, redis_url, prefix),
             locked=start(param_server.address, redis_url, prefix, api_token=TOKEN,
-                         args=("--body-limit", f"/rescore={SMALL_RESCORE_CAP}")),
+                         args=("--body-limit", f"/rescore={SMALL_RESCORE_CAP}", "--body-read-timeout", "1")),
             guarded_redis=start(param_server.address, private_url, prefix),
             wrong_password=start(param_server.address, f"redis://{redis.host}:{redis.port}/0", prefix),
         )
@@ -99,6 +99,20 @@ def test_streamed_body_over_the_cap_is_refused(servers: Servers) -> None:
     assert reply.status_code == 413 and "limit" in reply.json()["detail"]
     small = servers.locked.http.post("/rescore", json={"user_id": "u1", "candidates": ["i1"]}, headers=auth)
     assert small.status_code == 200, small.text  # the same connection pool still works
+
+
+def test_a_body_that_stops_arriving_is_answered_408(servers: Servers) -> None:
+    """A Content-Length larger than what is sent: uvicorn waits for the rest as long as the client
+    likes, so each such request held a connection and its handler for ever."""
+    head = (f"POST /rescore HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n")
+    started = time.monotonic()
+    status, body = raw_exchange(servers.locked, head + '{"user_id": "u1", ')
+    assert status == 408 and b"no part of the request body arrived for 1 s" in body
+    assert time.monotonic() - started < 8
+    auth = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    slow = servers.locked.http.post("/rescore", json={"user_id": "u1", "candidates": ["i1"]}, headers=auth)
+    assert slow.status_code == 200, slow.text  # a whole body is not timed out
 
 
 def test_rescore_candidate_limits(servers: Servers) -> None:
