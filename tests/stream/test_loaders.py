@@ -130,3 +130,12 @@ def test_a_movielens_file_with_a_bad_value_or_a_csv_read_as_movielens_names_the_
     (tmp_path / "log.csv").write_text("user_id,item_id,timestamp\nu,a,1\n")
     with pytest.raises(ValueError, match="looks like a csv file, but --format is ml-100k .*add --format csv"):
         load_log(tmp_path / "log.csv", "ml-100k")
+
+
+def test_json_ids_under_their_own_names_are_checked_as_ids(tmp_path: Path) -> None:
+    """The fast reader takes a file whose ids are strings or integers; a float id under a mapped
+    name sends it to the reader that keeps each number's text."""
+    path = tmp_path / "mapped.jsonl"
+    path.write_text('{"uid": 7, "sku": "a", "timestamp": 1}\n{"uid": 7.0, "sku": 8, "timestamp": 2}\n')
+    log = load_log(path, "jsonl", {"user_id": "uid", "item_id": "sku"})
+    assert log.user_id.tolist() == ["7", "7.0"] and log.item_id.tolist() == ["a", "8"]
