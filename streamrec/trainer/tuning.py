@@ -121,7 +121,11 @@ def _prequential(cls: type[OnlineRecommender], log: InteractionLog, fixed: dict[
     first_half = log.take(slice(0, len(log) // 2))
 
     def objective(params: dict[str, object], report: Callable[[float, int], bool]) -> float:
-        return run_prequential(cls(**fixed, **params), first_half)["metrics"][metric]
+        value = run_prequential(cls(**fixed, **params), first_half)["metrics"][metric]
+        if value is None:  # nothing of the first half was evaluated: no search can tell settings apart
+            raise ValueError(f"the prequential protocol evaluated no event of the log's first half for {metric}; "
+                             "there is nothing to tune on")
+        return value
 
     def final(params: dict[str, object]) -> dict[str, Any]:
         return run_prequential(cls(**fixed, **params), log)

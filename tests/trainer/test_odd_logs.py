@@ -63,6 +63,9 @@ def test_sgd_rating_models_fit_any_rating_scale_as_they_fit_stars(model: str) ->
     users, items = stars.user_id[:200], stars.item_id[:200]
     np.testing.assert_allclose(fitted_scaled.score(users, items), 250.0 * fitted.score(users, items), rtol=1e-4)
     assert (fitted.rating_unit, fitted_scaled.rating_unit) == (1.0, 250.0)
+    listed, scores = fitted_scaled.recommend(users[:5], k=3)  # recommend speaks the log's units too
+    np.testing.assert_allclose(scores, [fitted_scaled.score([u] * 3, row) for u, row in zip(users[:5], listed)],
+                               rtol=1e-4)
 
 
 def test_a_rating_model_that_diverges_is_an_error_not_a_null(tmp_path: Path) -> None:

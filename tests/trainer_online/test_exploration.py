@@ -127,3 +127,16 @@ def test_a_partition_s_first_count_may_start_past_offset_zero(store: Exploration
     assert store.marks() == {"t/0": 510}
     with pytest.raises(MarkMoved):
         store.count(objects("a"), np.array([1]), np.zeros(1), np.array([1.0]), 1.0, "t/0", 400, 420)
+
+
+def test_an_event_dated_a_day_ahead_does_not_age_the_fresh_items(store: ExplorationStore):
+    """The schema admits times up to a day ahead; the clock followed such an event, so an item first
+    seen 30 h ago counted as 53 h old and left the pool at its next impression."""
+    import time
+
+    now = time.time()
+    store.count(objects("young"), np.array([3]), np.zeros(1), np.array([now - 30 * HOUR]), now - 30 * HOUR)
+    store.count(objects("ahead"), np.zeros(1), np.zeros(1), np.array([now + 23 * HOUR]), now + 23 * HOUR)
+    assert now - 1 <= store.clock() <= time.time()
+    store.count(objects("young"), np.array([1]), np.zeros(1), np.full(1, np.nan), NO_CLOCK)
+    assert "young" in store.fresh(10).ids.tolist()

@@ -160,6 +160,8 @@ class Recommender(ABC):
         known = users >= 0
         if known.any():
             out[known] = self._user_scores(users[known])
+            if self.rating_unit != 1.0:  # in the log's units, as pair_scores
+                out[known] *= self.rating_unit
         if (~known).any():
             out[~known] = self._cold_user_scores(int((~known).sum()))
         if blended and self.blend_weight:

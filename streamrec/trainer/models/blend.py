@@ -146,7 +146,7 @@ class Blend(Recommender):
     def _user_scores(self, users: np.ndarray) -> np.ndarray:
         grid_u = np.repeat(users, self.n_items)
         grid_i = np.tile(np.arange(self.n_items), len(users))
-        return self.pair_scores(grid_u, grid_i).reshape(len(users), self.n_items)
+        return self._pair_scores(grid_u, grid_i).reshape(len(users), self.n_items)
 
     def _state(self) -> dict[str, np.ndarray]:
         state = {"combiner": np.array(COMBINERS.index(self.combiner))}

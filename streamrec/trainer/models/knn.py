@@ -146,7 +146,7 @@ class _NeighbourModel(Recommender):
         if self.explicit:
             grid_u = np.repeat(users, self.n_items)
             grid_i = np.tile(np.arange(self.n_items), len(users))
-            return self.pair_scores(grid_u, grid_i).reshape(len(users), self.n_items)
+            return self._pair_scores(grid_u, grid_i).reshape(len(users), self.n_items)
         if self.item_based:
             return np.asarray((self.ratings[users] @ self.sim).todense())
         return np.asarray((self.sim[users] @ self.ratings).todense())

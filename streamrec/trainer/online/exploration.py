@@ -39,6 +39,7 @@ loses the counts with it; counting goes on from where the reader stands.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -218,7 +219,9 @@ class ExplorationStore:
         to `end`."""
         c, sc = self.config, self.slice_config
         seen = [repr(t) if np.isfinite(t) else "" for t in np.asarray(first_seen, np.float64).tolist()]
-        clock = clock if np.isfinite(clock) else NO_CLOCK
+        # never past the wall clock: one event dated up to a day ahead (the schema's allowance for
+        # skewed clients) aged every fresh item by that much, and the next impression dropped it
+        clock = min(clock, time.time()) if np.isfinite(clock) else NO_CLOCK
         sliced: list[object] = [0, "0", repr(sc.half_life_s), sc.max_slices, sc.slice_items, 0]
         if slices is not None:
             sliced = [len(slices), repr(slices.hint), repr(sc.half_life_s), sc.max_slices, sc.slice_items,
