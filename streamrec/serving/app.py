@@ -27,7 +27,7 @@ import faiss
 import orjson
 from fastapi import Depends, FastAPI, Path, Query
 from fastapi.responses import Response
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from streamrec.serving import schemas
@@ -115,6 +115,8 @@ CandidateId = Annotated[str, Field(max_length=MAX_ID_BYTES), AfterValidator(_wit
 
 
 class RescoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a field /rescore does not take (`k`, say) is a 422, not ignored
+
     user_id: str = Field(min_length=1, max_length=MAX_ID_BYTES)
     candidates: list[CandidateId] = Field(min_length=1, max_length=MAX_CANDIDATES,
                                           description=f"at most {MAX_CANDIDATES} ids of at most {MAX_ID_BYTES} bytes")

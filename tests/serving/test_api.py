@@ -197,6 +197,8 @@ def test_bad_rescore_and_similar_bodies(world: World) -> None:
     http = world.serving.http
     assert http.post("/rescore", json={"user_id": "u1", "candidates": []}).status_code == 422
     assert http.post("/rescore", json={"user_id": "u1"}).status_code == 422
+    unknown = http.post("/rescore", json={"user_id": "u1", "candidates": ["i1"], "k": 5})
+    assert unknown.status_code == 422 and "k" in unknown.text  # ignored before: the client never learned
     assert http.post("/rescore", content=b"not json", headers={"content-type": "application/json"}).status_code == 422
     assert http.post("/rescore", json={"user_id": "u1", "candidates": ["x"] * 10_001}).status_code == 422
     assert world.serving.get("/similar/i1", k=5000).status_code == 422
