@@ -94,6 +94,27 @@ def test_a_record_too_large_to_dead_letter_whole_does_not_stop_the_trainer(onlin
     assert len(record.key) == 1024
 
 
+def test_updates_the_server_refuses_stop_the_trainer_instead_of_a_retry_loop(online_settings, start_server):
+    """A learner that produces a non-finite update (fault injected: the learners themselves clip
+    what could) is refused by the parameter server's check. That refusal was taken for an outage
+    and the batch retried for ever under "parameter server unavailable" warnings."""
+    from streamrec.trainer.online.trainer import UpdatesRefused
+
+    class Broken(OnlineBPR):
+        def _learn(self, batch, rows, before_step):
+            updates, stats = super()._learn(batch, rows, before_step)
+            ids, gradients = updates[self.item_table]
+            return {**updates, self.item_table: (ids, np.full_like(gradients, np.nan))}, stats
+
+    server = start_server("--no-checkpoints")
+    produce_events(online_settings, planted_events(50))
+    client = ParamClient([server.address])
+    trainer = OnlineTrainer(online_settings, [Broken(store=client)], TrainerConfig(idle_exit_seconds=3.0))
+    with pytest.raises(UpdatesRefused, match="refused this batch's updates .*NaN or infinite"):
+        trainer.run()
+    assert applied(server.address) == 0
+
+
 def test_dead_letters_and_keeps_running(online_settings, start_server):
     server = start_server("--no-checkpoints")
     good = planted_events(50)

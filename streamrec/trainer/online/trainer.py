@@ -85,6 +85,13 @@ from streamrec.trainer.online.metrics import (
 from streamrec.trainer.online.warmup import warm_up, warmup_ranges
 
 log = logging.getLogger("streamrec.trainer")
+
+
+class UpdatesRefused(RuntimeError):
+    """The parameter server refused the content of a push (REFUSED_CONTENT): the trainer stops."""
+# the parameter server's answers that refuse what a push carries (non-finite values, wrong shapes),
+# as opposed to a shard that is down or restarting: retrying the same batch cannot help
+REFUSED_CONTENT = frozenset({"ValueError", "TypeError"})
 PARTITION_FETCH_BYTES = 256 * 1024  # ~1,000 events per partition per fetch: a backlog interleaves in time
 
 
@@ -408,6 +415,12 @@ class OnlineTrainer:
                 return None
             except (ParamServerError, ConnectionError) as exc:  # a shard down or restarting
                 self._wait_quietly(pending)
+                if isinstance(exc, ParamServerError) and exc.kind in REFUSED_CONTENT:
+                    # a learner produced what the server cannot store: this trainer's bug, not an
+                    # outage. It used to be taken for one, and the batch was retried for ever
+                    # under "unavailable" warnings; stopping says what is wrong
+                    raise UpdatesRefused(f"the parameter server refused this batch's updates ({exc}); "
+                                         f"offsets {dict(ranges)} stay uncommitted") from exc
                 log.warning("parameter server unavailable (%s): waiting for it, then resuming from its offsets", exc)
                 self._wait_for_param_server()
                 if self.stop_requested.is_set():  # SIGTERM while waiting: the batch stays uncommitted, for the next run
