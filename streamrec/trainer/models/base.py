@@ -156,16 +156,21 @@ class Recommender(ABC):
         popularity blend on (`blended`), rows are standardised and blended (a ranking, not the
         model's raw scale: `pair_scores` keeps that)."""
         users = np.asarray(users, dtype=np.int64)
+        out = self._unscaled_user_scores(users)
+        if self.rating_unit != 1.0:  # the known users' rows in the log's units, as pair_scores
+            out[users >= 0] *= self.rating_unit
+        if blended and self.blend_weight:
+            out = blend(out, popularity_prior(self.popularity), self.blend_weight)
+        return out
+
+    def _unscaled_user_scores(self, users: np.ndarray) -> np.ndarray:
+        """(len(users), n_items) in the model's own units; -1 rows get the cold-start fallback."""
         out = np.empty((len(users), self.n_items), dtype=np.float64)
         known = users >= 0
         if known.any():
             out[known] = self._user_scores(users[known])
-            if self.rating_unit != 1.0:  # in the log's units, as pair_scores
-                out[known] *= self.rating_unit
         if (~known).any():
             out[~known] = self._cold_user_scores(int((~known).sum()))
-        if blended and self.blend_weight:
-            out = blend(out, popularity_prior(self.popularity), self.blend_weight)
         return out
 
     def pair_scores(
@@ -179,7 +184,7 @@ class Recommender(ABC):
     def _pair_scores(
         self, users: np.ndarray, items: np.ndarray, timestamps: np.ndarray | None = None
     ) -> np.ndarray:
-        """`pair_scores` in the model's own units; the default gathers from `user_scores` per
+        """`pair_scores` in the model's own units; the default gathers from `_user_scores` per
         chunk. Rating models override this with a direct formula (and the rating-scale fallback
         for unknown users/items); time-aware models use `timestamps`."""
         users = np.asarray(users, dtype=np.int64)
@@ -190,7 +195,7 @@ class Recommender(ABC):
             block = unique[start : start + SCORE_CHUNK]
             rows = np.flatnonzero((inverse >= start) & (inverse < start + len(block)))
             ok = rows[items[rows] >= 0]
-            out[ok] = self.user_scores(block, blended=False)[inverse[ok] - start, items[ok]]
+            out[ok] = self._unscaled_user_scores(block)[inverse[ok] - start, items[ok]]
         return out
 
     # ---- public API in id space --------------------------------------------------------------

@@ -46,6 +46,7 @@ import numpy as np
 import redis
 
 from streamrec.trainer.online.context_slices import Merit, SliceConfig, SliceCounts, SliceTops
+from streamrec.trainer.online.feature_store import RENORMALISE_AFTER_HALF_LIVES
 
 TAG = "{x}"
 NO_CLOCK = -1e300  # a count that does not move the clock (impressions carry serving's time, not event time)
@@ -91,10 +92,10 @@ if s > 0 then
   local hint, half_life, max_slices, keep = tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3]), tonumber(ARGV[at + 4])
   redis.call('SETNX', landmark_key, ARGV[at + 1])
   -- the hint is the count's newest time, so its weights are at most 1 each; as in the feature
-  -- store's popularity, 2^x overflows from x = 1,024, so a landmark 256 half-lives behind moves up
+  -- store's popularity, 2^x overflows from x = 1,024, so a landmark RENORMALISE_AFTER half-lives behind moves up
   -- to the hint and every slice's weights and mass are scaled down by what they decayed meanwhile
   local landmark = tonumber(redis.call('GET', landmark_key))
-  if (hint - landmark) / half_life > 256 then
+  if (hint - landmark) / half_life > RENORMALISE_AFTER then
     local decayed = math.pow(2, (landmark - hint) / half_life)
     for _, name in ipairs(redis.call('SMEMBERS', slices_key)) do
       redis.call('ZUNIONSTORE', slice_prefix .. name, 1, slice_prefix .. name, 'WEIGHTS', string.format('%.17g', decayed))
@@ -133,7 +134,7 @@ for j = 1, r do
 end
 if ARGV[1] ~= '' then redis.call('HSET', marks_key, ARGV[1], ARGV[3]) end
 return 'ok'
-"""
+""".replace("RENORMALISE_AFTER", repr(RENORMALISE_AFTER_HALF_LIVES))
 
 
 class MarkMoved(RuntimeError):

@@ -50,6 +50,7 @@ from redis.cluster import ClusterNode, RedisCluster
 
 from streamrec.stream.events import EventBatch
 from streamrec.trainer.online.feature_store import (
+    RENORMALISE_AFTER_HALF_LIVES,
     WAIT_TIMEOUT_MS,
     FeatureStore,
     FeatureStoreConfig,
@@ -263,8 +264,8 @@ class ClusterFeatureStore(FeatureStore):
 
     def popular(self, n: int) -> list[tuple[str, float]]:
         """Top-n items over every bucket, scores in units of the earliest bucket landmark; of the
-        latest where they lie over 512 half-lives apart (each bucket moves its landmark up on its
-        own, feature_store's RENORMALISE_AFTER_HALF_LIVES, and 2^x overflows from x = 1,024)."""
+        latest where they lie more than twice RENORMALISE_AFTER_HALF_LIVES apart (each bucket moves
+        its landmark up on its own, and 2^x overflows from x = 1,024)."""
         def fetch(pipe: redis.client.Pipeline, bucket: int) -> None:
             pipe.get(self.keys.shared("pop", "landmark", bucket=bucket))
             pipe.zrevrange(self.keys.shared("pop", bucket=bucket), 0, n - 1, withscores=True)
@@ -274,7 +275,8 @@ class ClusterFeatureStore(FeatureStore):
         if not landmarks:
             return []
         half_life = self.config.popularity_half_life
-        base = min(landmarks) if max(landmarks) - min(landmarks) <= 512 * half_life else max(landmarks)
+        apart = max(landmarks) - min(landmarks)
+        base = min(landmarks) if apart <= 2 * RENORMALISE_AFTER_HALF_LIVES * half_life else max(landmarks)
         merged = [(item.decode(), score * 2.0 ** ((float(landmark) - base) / half_life))
                   for landmark, top in replies if landmark for item, score in top]
         merged.sort(key=lambda pair: -pair[1])

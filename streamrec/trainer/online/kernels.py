@@ -143,9 +143,9 @@ def mf_steps(P: np.ndarray, Q: np.ndarray, u: np.ndarray, i: np.ndarray, rating:
     """`OnlineMF`'s steps first..last-1 in place on the rows [p, b] (float64): step n's ratings are
     rows bounds[n]:bounds[n+1] of (u, i, rating). Each rating is predicted with the mean of the
     ratings before its step (mu), then learned; both rows' updates use the step's initial rows.
-    A rating enters both the update and the mean at most `max_error` from what was predicted
-    (gradient clipping): one event valued 1e30 made every update non-finite, the parameter server
-    refused the push, and the trainer retried that batch forever.
+    The update's error is clipped to `max_error` (gradient clipping), and a rating enters the mean
+    at most `max_error` from mu: one event valued 1e30 made every update non-finite, the parameter
+    server refused the push, and the trainer retried that batch forever.
     Returns the new (rating_sum, rating_count) and the summed squared prediction error."""
     dim = P.shape[1] - 1
     squared_error = 0.0

@@ -85,10 +85,6 @@ from streamrec.trainer.online.metrics import (
 from streamrec.trainer.online.warmup import warm_up, warmup_ranges
 
 log = logging.getLogger("streamrec.trainer")
-
-
-class UpdatesRefused(RuntimeError):
-    """The parameter server refused the content of a push (REFUSED_CONTENT): the trainer stops."""
 # the parameter server's answers that refuse what a push carries (non-finite values, wrong shapes),
 # as opposed to a shard that is down or restarting: retrying the same batch cannot help
 REFUSED_CONTENT = frozenset({"ValueError", "TypeError"})
@@ -103,6 +99,10 @@ def recorded_offsets(meta_records: list[dict[str, Any]]) -> dict[str, int]:
         for key, offset in ((record.get("meta") or {}).get("offsets") or {}).items():
             merged[key] = min(merged.get(key, offset), offset)
     return merged
+
+
+class UpdatesRefused(RuntimeError):
+    """The parameter server refused the content of a push (REFUSED_CONTENT): the trainer stops."""
 
 
 class FeatureStoreUnavailable(RuntimeError):
