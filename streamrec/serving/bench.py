@@ -214,6 +214,15 @@ def _impressions_logged(bootstrap: str, topic: str) -> int:
         consumer.close()
 
 
+def _memo_hit_share(url: str) -> float | None:
+    """The share of the workers' index searches so far that their search memos answered."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    counts = {line.split('"')[1]: float(line.split()[-1]) for line in text.splitlines()
+              if line.startswith("streamrec_serving_search_memo_total{")}
+    return _ratio(counts.get("hit", 0.0), counts.get("hit", 0.0) + counts.get("miss", 0.0))
+
+
 def _ratio(numerator: object, denominator: object) -> float | None:
     if not isinstance(numerator, (int, float)) or not isinstance(denominator, (int, float)) or not denominator:
         return None
@@ -259,6 +268,7 @@ def run_bench(settings: Settings, items: int, users: int, dim: int, workers: int
         stack = start(serve, env, "serve.log")
         index_kind = stack.ready["index_kind"]
         result = _measure(stack.url, plain, users, rate, duration, max_connections, {})
+        result["search_memo_hit_share"] = _memo_hit_share(stack.url)
         if filter_rate:
             with_filter = _loadgen(stack.url, f"{plain}&{BENCH_FILTER}", users, filter_rate, duration, max_connections,
                                    {})

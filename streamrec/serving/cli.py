@@ -94,6 +94,9 @@ def watch_cmd(ctx: click.Context, window: str, lateness: str, metrics_port: int 
 @click.option("--user-cache-size", type=click.IntRange(min=1), default=None,
               help="users whose rows a worker keeps, least recently used evicted [default: 100000]")
 @click.option("--nprobe", type=click.IntRange(min=1), default=None, help="IVF lists probed per query")
+@click.option("--search-memo-mb", type=click.FloatRange(min=0), default=None,
+              help="bound on the single-query index answers a worker's buffer keeps, emptied by every index change "
+                   "(0: off) [default: 8]")
 @click.option("--max-body-bytes", type=click.IntRange(min=0), default=None,
               help="request body cap of every route without its own [default: 65536]")
 @click.option("--body-limit", "body_limits", multiple=True, metavar="PATH=BYTES",

@@ -7,9 +7,19 @@ replica's row positions. Small catalogues use exact search (IndexFlatIP behind a
 Both support incremental add / update (remove + add) / remove; a delta touching more than
 `rebuild_fraction` of the rows, a full snapshot or a change of kind rebuilds instead, reusing the
 IVF centroids while the catalogue stays within 2x of the size they were trained on.
+
+Single-query searches are memoised (`SearchMemo`): requests follow a Zipf law over users, and a
+user asking again before their row or the index changed sends the same query bytes, whose answer
+from the same index is the same. The memo is emptied by every change to the index, so it never
+answers from another state.
 """
 
 from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import faiss
 import numpy as np
@@ -34,10 +44,91 @@ def query_rows(vectors: np.ndarray, item_mirror: TableMirror, bias_weight: float
     return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
+class Count(Protocol):
+    """What the memo counts hits and misses with: a labelled Prometheus counter in a worker."""
+
+    def inc(self, amount: float = 1) -> None: ...
+
+
+class Tally:
+    """A plain `Count` where no metrics are kept (tests, the bench's bare search)."""
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1) -> None:
+        self.value += amount
+
+
+@dataclass(frozen=True)
+class MemoCounts:
+    """Where the memos of a worker's indexes (both buffers and their clones) count."""
+
+    hits: Count = field(default_factory=Tally)
+    misses: Count = field(default_factory=Tally)
+
+
+class SearchMemo:
+    """The answers of recent distinct single-row searches, by query bytes and k, least recently
+    used first out once their arrays exceed `capacity_bytes` (so a large k costs its size, not one
+    slot). Answers are stored read-only: a caller that tried to change one would fail, not corrupt
+    the next request's candidates. A lock guards the LRU order: `/similar` searches from the thread
+    pool while `/recommend` searches on the event loop."""
+
+    def __init__(self, capacity_bytes: int, counts: MemoCounts) -> None:
+        self.capacity_bytes, self.counts = capacity_bytes, counts
+        self._answers: OrderedDict[tuple[bytes, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._answers)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def get(self, key: tuple[bytes, int]) -> tuple[np.ndarray, np.ndarray] | None:
+        with self._lock:
+            answer = self._answers.get(key)
+            if answer is not None:
+                self._answers.move_to_end(key)
+        (self.counts.misses if answer is None else self.counts.hits).inc()
+        return answer
+
+    def put(self, key: tuple[bytes, int], answer: tuple[np.ndarray, np.ndarray]) -> None:
+        size = _entry_bytes(key, answer)
+        if size > self.capacity_bytes:
+            return
+        for array in answer:
+            array.setflags(write=False)
+        with self._lock:
+            previous = self._answers.pop(key, None)
+            if previous is not None:
+                self._bytes -= _entry_bytes(key, previous)
+            self._answers[key] = answer
+            self._bytes += size
+            while self._bytes > self.capacity_bytes:
+                old_key, old_answer = self._answers.popitem(last=False)
+                self._bytes -= _entry_bytes(old_key, old_answer)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._answers.clear()
+            self._bytes = 0
+
+
+def _entry_bytes(key: tuple[bytes, int], answer: tuple[np.ndarray, np.ndarray]) -> int:
+    return len(key[0]) + answer[0].nbytes + answer[1].nbytes
+
+
 class ItemIndex:
     def __init__(self, kind: str = "auto", nprobe: int = 16, ivf_min_items: int = 50_000,
-                 rebuild_fraction: float = 0.25) -> None:
+                 rebuild_fraction: float = 0.25, memo_bytes: int = 0, memo_counts: MemoCounts | None = None) -> None:
+        """`memo_bytes`: the memo's bound on the answers it keeps (0: no memo); `memo_counts`: where
+        its hits and misses are counted (shared by the worker's buffers)."""
         self.kind, self.nprobe, self.ivf_min_items, self.rebuild_fraction = kind, nprobe, ivf_min_items, rebuild_fraction
+        self.memo = SearchMemo(memo_bytes, memo_counts or MemoCounts())
         self.index: faiss.Index | None = None
         self.built_kind = ""
         self._centroids: np.ndarray | None = None
@@ -64,6 +155,7 @@ class ItemIndex:
             kind, index = "flat", faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         if len(rows):
             index.add_with_ids(rows, positions.astype(np.int64))
+        self.memo.clear()
         self.index, self.built_kind = index, kind
         self.rebuilds += 1
 
@@ -93,6 +185,7 @@ class ItemIndex:
             self.rebuild(mirror)
             return True
         stale = np.concatenate([changes.removed, changes.upserted]).astype(np.int64)
+        self.memo.clear()
         if len(stale):
             self.index.remove_ids(faiss.IDSelectorBatch(stale))
         if len(changes.upserted):
@@ -100,10 +193,19 @@ class ItemIndex:
         return False
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, row positions), -1 positions where fewer than k items exist."""
+        """(scores, row positions), -1 positions where fewer than k items exist. A single query's
+        answer may come from the memo: then both arrays are read-only."""
         if self.index is None or not self.size:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-        return self.index.search(queries, min(k, self.size))
+        k = min(k, self.size)
+        if len(queries) != 1 or not self.memo.capacity_bytes:
+            return self.index.search(queries, k)
+        key = (queries.tobytes(), k)
+        answer = self.memo.get(key)
+        if answer is None:
+            answer = self.index.search(queries, k)
+            self.memo.put(key, answer)
+        return answer
 
     def search_within(self, queries: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """`search` restricted to the row positions where `allowed` (bool by row) is True, with a
@@ -123,7 +225,8 @@ class ItemIndex:
 
     def clone(self) -> ItemIndex:
         """An independent copy (the second buffer after a rebuild: a copy is cheaper than a rebuild)."""
-        copy = ItemIndex(self.kind, self.nprobe, self.ivf_min_items, self.rebuild_fraction)
+        copy = ItemIndex(self.kind, self.nprobe, self.ivf_min_items, self.rebuild_fraction, self.memo.capacity_bytes,
+                         self.memo.counts)
         copy.index = None if self.index is None else faiss.clone_index(self.index)
         if copy.index is not None and self.built_kind == "ivf":
             faiss.extract_index_ivf(copy.index).nprobe = self.nprobe

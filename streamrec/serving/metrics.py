@@ -53,6 +53,8 @@ class ServingMetrics:
                                       buckets=SYNC_BUCKETS)
         self.sync_failures = Counter("streamrec_serving_sync_failures_total", "polls that failed")
         self.index_rebuilds = Counter("streamrec_serving_index_rebuilds_total", "full index rebuilds")
+        self.search_memo = Counter("streamrec_serving_search_memo_total",
+                                   "index searches answered from the memo (hit) or by FAISS (miss)", ["result"])
         self.arm_requests = Counter("streamrec_serving_experiment_requests_total",
                                     "/recommend answers by experiment and arm", ["experiment", "arm"])
         self.experiments_loaded = Gauge("streamrec_serving_experiments", "experiments in force",

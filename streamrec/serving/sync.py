@@ -23,7 +23,7 @@ from streamrec.param_server.client import Delta, ParamClient
 from streamrec.param_server.replica import TableMirror
 from streamrec.serving.artifacts import Artifacts
 from streamrec.serving.config import ServingConfig
-from streamrec.serving.index import ItemIndex
+from streamrec.serving.index import ItemIndex, MemoCounts
 from streamrec.serving.metrics import ServingMetrics
 from streamrec.serving.state import ServingState, StateHolder
 from streamrec.serving.users import UserCache
@@ -51,6 +51,7 @@ class Syncer:
         the experiments file), never inside a request."""
         self.config, self.holder, self.metrics, self.users = config, holder, metrics, users
         self.between_polls = between_polls
+        self._memo_counts = MemoCounts(metrics.search_memo.labels("hit"), metrics.search_memo.labels("miss"))
         self.buffers = [self._buffer(), self._buffer()]
         self.standby = 0
         self.item_since: int | tuple[int, ...] = 0
@@ -65,7 +66,8 @@ class Syncer:
     def _buffer(self) -> Buffer:
         c = self.config
         return Buffer(TableMirror(None, c.item_table, compact=True),
-                      ItemIndex(c.index, c.nprobe, c.ivf_min_items, c.rebuild_fraction))
+                      ItemIndex(c.index, c.nprobe, c.ivf_min_items, c.rebuild_fraction,
+                                int(c.search_memo_mb * 2**20), self._memo_counts))
 
     def _connect(self) -> ParamClient:
         if self._client is None:

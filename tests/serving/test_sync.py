@@ -17,7 +17,7 @@ from streamrec.core.net import port_open
 from streamrec.param_server.client import Delta, ParamClient
 from streamrec.param_server.keys import Keys
 from streamrec.param_server.replica import TableMirror
-from streamrec.serving.index import ItemIndex, query_rows
+from streamrec.serving.index import ItemIndex, MemoCounts, query_rows
 from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
 from tests.param_server.conftest import ServerProcess
 from tests.serving.conftest import (
@@ -55,6 +55,9 @@ def test_change_served_after_next_poll_not_before(ps: ParamClient, param_server:
     wait_for(lambda: serving.get("/readyz").json()["synced_at"] > pushed_at)
     after = serving.get("/recommend", user_id="u", k=1).json()
     assert after["items"][0]["item_id"] == "i5" and after["model_version"] > first["model_version"]
+    memo = {line.split('"')[1]: float(line.split()[-1]) for line in serving.get("/metrics").text.splitlines()
+            if line.startswith("streamrec_serving_search_memo_total{")}
+    assert memo["hit"] >= 1 and memo["miss"] >= 2  # `before` came from the memo, `after` could not
 
 
 def test_requests_racing_swaps_see_one_version(ps: ParamClient, param_server: ServerProcess, redis_url: str,
@@ -120,24 +123,55 @@ def test_requests_racing_swaps_see_one_version(ps: ParamClient, param_server: Se
 
 
 def test_index_follows_deltas_like_a_rebuild(ps: ParamClient) -> None:
-    """Incremental updates (flat and IVF) give the same answers as an index built from scratch."""
+    """Incremental updates (flat and IVF) give the same answers as an index built from scratch,
+    also for single queries asked before the update, whose answers the memo held."""
     items = _items(2000, seed=1)
     load_model(ps, {"u": np.ones(DIM, np.float32)}, items)
     mirror = TableMirror(ps, "bpr_items")
-    indexes = [ItemIndex("flat"), ItemIndex("ivf", nprobe=64)]
+    counts = MemoCounts()
+    indexes = [ItemIndex("flat", memo_bytes=2**20, memo_counts=counts), ItemIndex("ivf", nprobe=64, memo_bytes=2**20)]
     initial = mirror.apply(ps.delta("bpr_items", 0))
     assert all(index.update(initial, mirror) for index in indexes)  # the first delta builds
     rng = np.random.default_rng(2)
+    queries = query_rows(rng.normal(size=(20, DIM)).astype(np.float32), mirror)
+    before = [[index.search(queries[j : j + 1], 10)[1] for j in range(20)] for index in indexes]
     changed = [f"i{j}" for j in rng.choice(2000, 100, replace=False)]
     ps.assign("bpr_items", changed, rng.normal(size=(100, DIM)).astype(np.float32) * 3, np.ones(100, np.float32))
     changes = mirror.apply(ps.delta("bpr_items", mirror.version))
     assert len(changes.upserted) == 100 and not changes.full
-    queries = query_rows(rng.normal(size=(20, DIM)).astype(np.float32), mirror)
-    for index in indexes:
+    for index, answers in zip(indexes, before):
+        assert [index.search(queries[j : j + 1], 10)[1] for j in range(20)] == answers  # memo answers
         assert index.update(changes, mirror) is False  # incremental, not rebuilt
         fresh = ItemIndex(index.kind, nprobe=64)
         fresh.rebuild(mirror)
-        assert np.array_equal(index.search(queries, 10)[1], fresh.search(queries, 10)[1])
+        expected = fresh.search(queries, 10)[1]
+        assert np.array_equal(index.search(queries, 10)[1], expected)
+        singles = np.vstack([index.search(queries[j : j + 1], 10)[1] for j in range(20)])
+        assert np.array_equal(singles, expected)  # the memo did not outlive the update
+        assert not np.array_equal(np.vstack(answers), expected)  # the update moved answers
+    assert (counts.hits.value, counts.misses.value) == (20, 40)  # 20 asked twice before, 20 after
+
+
+def test_memo_is_bounded_read_only_and_reset_by_rebuilds(ps: ParamClient) -> None:
+    load_model(ps, {"u": np.ones(DIM, np.float32)}, _items(50))
+    mirror = TableMirror(ps, "bpr_items")
+    mirror.apply(ps.delta("bpr_items", 0))
+    queries = query_rows(np.random.default_rng(3).normal(size=(5, DIM)).astype(np.float32), mirror)
+    entry = queries[:1].nbytes + 7 * (4 + 8)  # the key, 7 float32 scores and 7 int64 positions
+    index = ItemIndex("flat", memo_bytes=3 * entry)
+    index.rebuild(mirror)
+    for row in range(5):
+        scores, positions = index.search(queries[row : row + 1], 7)
+    assert len(index.memo) == 3 and index.memo.nbytes == 3 * entry
+    index.search(queries[0:1], 40)  # larger than the whole bound: answered, not kept
+    assert len(index.memo) == 3
+    assert not positions.flags.writeable and not scores.flags.writeable
+    assert index.search(queries[4:5], 7)[1] is positions and index.search(queries[4:5], 8)[1] is not positions
+    assert index.clone().search(queries[4:5], 7)[1] is not positions  # a clone starts empty
+    index.rebuild(mirror)
+    assert len(index.memo) == 0
+    batch = index.search(queries, 7)  # several rows: FAISS directly, writeable
+    assert batch[1].flags.writeable and len(index.memo) == 0
 
 
 def test_param_server_outage_keeps_serving(ps: ParamClient, param_server: ServerProcess, redis_url: str,
