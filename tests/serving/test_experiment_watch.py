@@ -13,8 +13,8 @@ import pytest
 from streamrec.serving.experiment_report import events_frame, impressions_frame
 from streamrec.serving.experiment_watch import LiveOutcomes, WatchMetrics
 from tests.conftest import settings_env
-from tests.serving.test_experiment_report import T0, WINDOW, encoded, produce_world, world
 from tests.serving.conftest import free_port
+from tests.serving.test_experiment_report import T0, WINDOW, encoded, produce_world, world
 from tests.trainer_online.conftest import STREAMREC, wait_until
 
 

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import schemathesis
-from schemathesis import GenerationMode
 from hypothesis import HealthCheck, given, settings
+from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -22,8 +22,8 @@ from schemathesis.specs.openapi.checks import (
 
 from streamrec.param_server.client import ParamClient
 from streamrec.serving import schemas
-from tests.serving.conftest import Serving, load_model, serving_factory, start_param_server, write_history
 from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
+from tests.serving.conftest import Serving, load_model, serving_factory, start_param_server, write_history
 
 TOKEN = "fuzz-" + uuid.uuid4().hex
 REQUEST_TIMEOUT_S = 10.0  # far above any real answer on this tiny model: reaching it means a hang
