@@ -68,17 +68,27 @@ class MemoCounts:
     misses: Count = field(default_factory=Tally)
 
 
+MemoKey = tuple[str, int, bytes, int]  # the query's dtype and width, its bytes, k
+Answer = tuple[np.ndarray, np.ndarray]
+ENTRY_OVERHEAD_BYTES = 512  # key and answer tuples, the bytes object, two array headers, the LRU node
+
+
 class SearchMemo:
-    """The answers of recent distinct single-row searches, by query bytes and k, least recently
-    used first out once their arrays exceed `capacity_bytes` (so a large k costs its size, not one
-    slot). Answers are stored read-only: a caller that tried to change one would fail, not corrupt
-    the next request's candidates. A lock guards the LRU order: `/similar` searches from the thread
-    pool while `/recommend` searches on the event loop."""
+    """The answers of recent distinct single-row searches, least recently used first out once they
+    take more than `capacity_bytes` (arrays, key and a fixed overhead: a large k costs its size,
+    not one slot). Answers are stored read-only: a caller that tried to change one would fail, not
+    corrupt the next request's candidates. A lock guards the LRU order: `/similar` searches from
+    the thread pool while `/recommend` searches on the event loop.
+
+    Each `clear` starts a new generation, and an answer is kept only if no clear came between the
+    `get` that missed and its `put`: a search that overlapped a change of its index (the index
+    clears before and after changing) is answered but not remembered."""
 
     def __init__(self, capacity_bytes: int, counts: MemoCounts) -> None:
         self.capacity_bytes, self.counts = capacity_bytes, counts
-        self._answers: OrderedDict[tuple[bytes, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._answers: OrderedDict[MemoKey, Answer] = OrderedDict()
         self._bytes = 0
+        self._generation = 0
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -88,21 +98,24 @@ class SearchMemo:
     def nbytes(self) -> int:
         return self._bytes
 
-    def get(self, key: tuple[bytes, int]) -> tuple[np.ndarray, np.ndarray] | None:
+    def get(self, key: MemoKey) -> tuple[Answer | None, int]:
+        """The remembered answer (None: a miss) and the generation a `put` of this search gives back."""
         with self._lock:
-            answer = self._answers.get(key)
+            answer, generation = self._answers.get(key), self._generation
             if answer is not None:
                 self._answers.move_to_end(key)
         (self.counts.misses if answer is None else self.counts.hits).inc()
-        return answer
+        return answer, generation
 
-    def put(self, key: tuple[bytes, int], answer: tuple[np.ndarray, np.ndarray]) -> None:
+    def put(self, key: MemoKey, answer: Answer, generation: int) -> None:
         size = _entry_bytes(key, answer)
         if size > self.capacity_bytes:
             return
         for array in answer:
             array.setflags(write=False)
         with self._lock:
+            if generation != self._generation:
+                return
             previous = self._answers.pop(key, None)
             if previous is not None:
                 self._bytes -= _entry_bytes(key, previous)
@@ -116,10 +129,11 @@ class SearchMemo:
         with self._lock:
             self._answers.clear()
             self._bytes = 0
+            self._generation += 1
 
 
-def _entry_bytes(key: tuple[bytes, int], answer: tuple[np.ndarray, np.ndarray]) -> int:
-    return len(key[0]) + answer[0].nbytes + answer[1].nbytes
+def _entry_bytes(key: MemoKey, answer: Answer) -> int:
+    return len(key[2]) + answer[0].nbytes + answer[1].nbytes + ENTRY_OVERHEAD_BYTES
 
 
 class ItemIndex:
@@ -157,6 +171,7 @@ class ItemIndex:
             index.add_with_ids(rows, positions.astype(np.int64))
         self.memo.clear()
         self.index, self.built_kind = index, kind
+        self.memo.clear()  # again: a search of the old index that began between the two is not remembered
         self.rebuilds += 1
 
     def _ivf(self, rows: np.ndarray, dim: int) -> faiss.Index:
@@ -190,6 +205,7 @@ class ItemIndex:
             self.index.remove_ids(faiss.IDSelectorBatch(stale))
         if len(changes.upserted):
             self.index.add_with_ids(index_rows(mirror, changes.upserted), changes.upserted)
+        self.memo.clear()  # again: a search that ran during the change is not remembered
         return False
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -200,11 +216,11 @@ class ItemIndex:
         k = min(k, self.size)
         if len(queries) != 1 or not self.memo.capacity_bytes:
             return self.index.search(queries, k)
-        key = (queries.tobytes(), k)
-        answer = self.memo.get(key)
+        key = (queries.dtype.str, queries.shape[1], queries.tobytes(), k)
+        answer, generation = self.memo.get(key)
         if answer is None:
             answer = self.index.search(queries, k)
-            self.memo.put(key, answer)
+            self.memo.put(key, answer, generation)
         return answer
 
     def search_within(self, queries: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

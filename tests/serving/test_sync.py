@@ -17,7 +17,7 @@ from streamrec.core.net import port_open
 from streamrec.param_server.client import Delta, ParamClient
 from streamrec.param_server.keys import Keys
 from streamrec.param_server.replica import TableMirror
-from streamrec.serving.index import ItemIndex, MemoCounts, query_rows
+from streamrec.serving.index import ENTRY_OVERHEAD_BYTES, ItemIndex, MemoCounts, query_rows
 from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
 from tests.param_server.conftest import ServerProcess
 from tests.serving.conftest import (
@@ -153,17 +153,17 @@ def test_index_follows_deltas_like_a_rebuild(ps: ParamClient) -> None:
 
 
 def test_memo_is_bounded_read_only_and_reset_by_rebuilds(ps: ParamClient) -> None:
-    load_model(ps, {"u": np.ones(DIM, np.float32)}, _items(50))
+    load_model(ps, {"u": np.ones(DIM, np.float32)}, _items(500))
     mirror = TableMirror(ps, "bpr_items")
     mirror.apply(ps.delta("bpr_items", 0))
     queries = query_rows(np.random.default_rng(3).normal(size=(5, DIM)).astype(np.float32), mirror)
-    entry = queries[:1].nbytes + 7 * (4 + 8)  # the key, 7 float32 scores and 7 int64 positions
+    entry = queries[:1].nbytes + 7 * (4 + 8) + ENTRY_OVERHEAD_BYTES  # the key, 7 float32 scores, 7 int64 positions
     index = ItemIndex("flat", memo_bytes=3 * entry)
     index.rebuild(mirror)
     for row in range(5):
         scores, positions = index.search(queries[row : row + 1], 7)
     assert len(index.memo) == 3 and index.memo.nbytes == 3 * entry
-    index.search(queries[0:1], 40)  # larger than the whole bound: answered, not kept
+    index.search(queries[0:1], 400)  # larger than the whole bound: answered, not kept
     assert len(index.memo) == 3
     assert not positions.flags.writeable and not scores.flags.writeable
     assert index.search(queries[4:5], 7)[1] is positions and index.search(queries[4:5], 8)[1] is not positions
@@ -172,6 +172,11 @@ def test_memo_is_bounded_read_only_and_reset_by_rebuilds(ps: ParamClient) -> Non
     assert len(index.memo) == 0
     batch = index.search(queries, 7)  # several rows: FAISS directly, writeable
     assert batch[1].flags.writeable and len(index.memo) == 0
+    key = ("<f4", queries.shape[1], queries[:1].tobytes(), 7)
+    missed, generation = index.memo.get(key)
+    index.memo.clear()  # an index change while that search ran: its answer is not remembered
+    index.memo.put(key, batch, generation)
+    assert missed is None and len(index.memo) == 0
 
 
 def test_param_server_outage_keeps_serving(ps: ParamClient, param_server: ServerProcess, redis_url: str,
