@@ -107,7 +107,7 @@ class ServingConfig(BaseModel):
     rebuild_fraction: float = Field(0.25, gt=0, description="rebuild the index when a delta touches more")
     search_memo_mb: float = Field(8.0, ge=0, description="bound on the single-query index answers each of a "
                                   "worker's two buffers keeps (LRU), emptied by every index change; an answer of "
-                                  "200 candidates takes ~2.7 kB (0: off)")
+                                  "200 candidates takes ~3.2 kB (0: off)")
     # exploration (streamrec.serving.explore)
     explore_share: float = Field(0.0, ge=0.0, le=1.0, description="share of the k slots given to fresh items "
                                  "chosen by Thompson sampling; an arm's `explore` overrides it")
