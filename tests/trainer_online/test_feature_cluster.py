@@ -13,9 +13,17 @@ import redis
 
 from streamrec.core import net
 from streamrec.stream.events import EventBatch
-from streamrec.trainer.online.feature_cluster import CLUSTER_BUCKETS, ClusterFeatureStore
-from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig, FeatureWrite, bucket_of
+from streamrec.trainer.online.feature_cluster import (
+    CLUSTER_BUCKETS,
+    ClusterFeatureStore,
+)
 from streamrec.trainer.online.feature_rebuild import rebuild_features
+from streamrec.trainer.online.feature_store import (
+    FeatureStore,
+    FeatureStoreConfig,
+    FeatureWrite,
+    bucket_of,
+)
 from tests.redis_cluster import RedisCluster
 from tests.trainer_online.conftest import (
     TrainerProcess,
@@ -140,6 +148,27 @@ def test_a_store_on_an_unreachable_cluster_is_made_and_fails_its_calls_as_an_out
                  lambda: store.write(origin_batch(planted_events(10)))):
         with pytest.raises(redis.ConnectionError):
             call()
+
+
+def test_a_write_is_confirmed_by_a_replica_still_in_its_first_sync(redis_cluster: RedisCluster) -> None:
+    """A new cluster's replicas take their first full sync ~5 s after it forms (Redis's diskless
+    sync delay), so none is online yet. A batch written then must wait for them: the old rule
+    counted only online replicas, took the batch unconfirmed, and a master killed before the sync
+    took it away when its replica was promoted."""
+    config = FeatureStoreConfig(prefix=unique_prefix(), cluster=True)
+    store = FeatureStore.from_url(redis_cluster.url, config)
+    assert all(not redis.Redis(port=port).execute_command("ROLE")[2] for port in redis_cluster.master_ports())
+    events = planted_events(2000)
+    written = None
+    while written is None:  # as the trainer does: a batch not confirmed is written again
+        try:
+            written = store.write(origin_batch(events))
+        except redis.ConnectionError:
+            pass
+    redis_cluster.kill(redis_cluster.master_ports()[0])  # its replica, promoted, has to hold what it took
+    store = FeatureStore.from_url(redis_cluster.url, config)
+    assert store.item_event_counts() == dict(Counter(e["item_id"] for e in events))
+    assert store.watermarks() == {"t/0": len(events)}
 
 
 @pytest.mark.slow  # ~30 s each: a trainer, a parameter server and a failover

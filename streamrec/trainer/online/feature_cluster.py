@@ -23,8 +23,14 @@ of the bucket's items), `:item_events`, `:clock`, `:pop:landmark`. So:
 - **Replication before commit.** Redis replicates asynchronously; a master that dies can take
   acknowledged writes with it. Each master's calls of a batch go through one pipeline that ends
   with `WAIT 1`: the write returns only once every master that took part had a replica confirm
-  it (a master that has no replica connected, after losing it or being promoted, waits for none;
-  `ROLE` tells, asked at most once a second per master).
+  it. A master waits for none only when the cluster gives it no replica that could take over
+  (none assigned, or every assigned one marked failed: a promoted replica whose old master died,
+  a master whose replica died); `CLUSTER NODES` on the master tells, asked at most once a second.
+  A replica that is assigned but not replicating (its first full sync, a resync after a lost
+  link) is waited for: WAIT times out, the batch is not confirmed and is written again, and the
+  trainer holds consumption meanwhile. Counting only the replicas online (`ROLE`) lost writes: a
+  master whose replica was still in its first sync took them unconfirmed, then died, and the
+  replica was promoted without them.
   The trainer commits its Kafka offsets only after the write, so what a failover can lose was
   never committed and is read and written again; the watermarks then skip what survived.
 - **Failover.** A call that meets a moved slot or a lost connection refreshes the slot map and the
@@ -64,12 +70,23 @@ from streamrec.trainer.online.feature_store import (
 log = logging.getLogger(__name__)
 CLUSTER_BUCKETS = 64  # part of the layout: changing it needs `streamrec features rebuild` into a new prefix
 WAIT_REPLICAS = 1  # replicas that must confirm a batch (at most those connected to the master)
-ROLE_TTL_S = 1.0  # how long a master's count of connected replicas is trusted before it is asked again
+ROLE_TTL_S = 1.0  # how long a master's count of assigned replicas is trusted before it is asked again
 ATTEMPTS = 4  # writes of a batch (with a fresh slot map between) before the error reaches the caller
 RETRY_PAUSE_S = 0.5  # a failover takes the cluster's node timeout plus an election
 EVENT_COLUMNS = frozenset({"i", "t", "w", "pi", "o"})  # the script's per-event fields (the rest is per batch)
 KEY_INDEX_COLUMNS = frozenset({"uk", "ik", "uw", "iw"})  # per event too, but set per bucket (0: another bucket's side)
 T = TypeVar("T")
+
+
+def assigned_replicas(nodes: bytes | str) -> int:
+    """The replicas that `CLUSTER NODES`, as answered by a master, assigns to that master (the
+    line flagged `myself`) and the cluster has not marked failed. A replica only suspected by this
+    master (`fail?`) still counts: the others may see it, and promote it."""
+    lines = [line.split() for line in (nodes.decode() if isinstance(nodes, bytes) else nodes).splitlines()]
+    me = next((fields[0] for fields in lines if len(fields) > 3 and "myself" in fields[2].split(",")), None)
+    return sum(1 for fields in lines
+               if len(fields) > 3 and fields[3] == me and "slave" in (flags := fields[2].split(","))
+               and not {"fail", "noaddr", "handshake"} & set(flags))
 
 
 class ReplicationNotConfirmed(redis.ConnectionError):
@@ -90,7 +107,7 @@ class ClusterFeatureStore(FeatureStore):
         self.buckets = buckets
         self._bucket_shared = [self.keys.shared_keys(b) for b in range(buckets)]
         self._marks = [shared[0] for shared in self._bucket_shared]  # each bucket's watermarks: where its calls go
-        self._replicas: dict[str, tuple[float, int]] = {}  # master -> (when asked, replicas connected)
+        self._replicas: dict[str, tuple[float, int]] = {}  # master -> (when asked, replicas assigned)
 
     @classmethod
     def from_url(cls, url: str, config: FeatureStoreConfig | None = None, timeout_s: float = 2.0) -> ClusterFeatureStore:
@@ -206,13 +223,11 @@ class ClusterFeatureStore(FeatureStore):
             raise
 
     def _wanted(self, name: str, connection: redis.Redis) -> int:
-        """Replicas that must confirm this master's writes: WAIT_REPLICAS, at most those connected
-        (a master that lost its replica, or a promoted one, waits for none)."""
+        """Replicas that must confirm this master's writes: WAIT_REPLICAS, at most those the
+        cluster assigns to it and has not marked failed (module docstring), connected or not."""
         asked = self._replicas.get(name)
         if asked is None or time.monotonic() - asked[0] > ROLE_TTL_S:
-            role = connection.execute_command("ROLE")
-            connected = len(role[2]) if role and role[0] in (b"master", "master") else 0
-            asked = (time.monotonic(), connected)
+            asked = (time.monotonic(), assigned_replicas(connection.execute_command("CLUSTER", "NODES")))
             self._replicas[name] = asked
         return min(WAIT_REPLICAS, asked[1])
 
