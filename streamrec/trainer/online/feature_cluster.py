@@ -78,6 +78,16 @@ KEY_INDEX_COLUMNS = frozenset({"uk", "ik", "uw", "iw"})  # per event too, but se
 T = TypeVar("T")
 
 
+def _first_application(final: list[int], unconfirmed: list[int] | None) -> list[int]:
+    """A bucket's reply ([applied, skipped, *unmarked]) counting as applied the events a first,
+    unconfirmed execution applied: its retry finds them written (the watermark) and skips them,
+    or, on a promoted replica that never got them, applies the same events again."""
+    if unconfirmed is None or int(unconfirmed[0]) <= int(final[0]):
+        return final
+    moved = int(unconfirmed[0]) - int(final[0])
+    return [int(final[0]) + moved, int(final[1]) - moved, *final[2:]]
+
+
 def assigned_replicas(nodes: bytes | str) -> int:
     """The replicas that `CLUSTER NODES`, as answered by a master, assigns to that master (the
     line flagged `myself`) and the cluster has not marked failed. A replica only suspected by this
@@ -183,8 +193,9 @@ class ClusterFeatureStore(FeatureStore):
                      "iw": np.where(item_here[:, None], keys.item_windows[rows], 0)}
             calls.append((self._bucket_shared[bucket] + keys.of_bucket(bucket), script_argument(part)))
         done: dict[int, list[int]] = {}  # bucket -> its reply, once its master wrote and replicated it
-        self._retrying(lambda: self._run_buckets(calls, done))
-        replies = [done[bucket] for bucket in range(self.buckets)]
+        unconfirmed: dict[int, list[int]] = {}  # bucket -> its reply from a master whose replica did not confirm
+        self._retrying(lambda: self._run_buckets(calls, done, unconfirmed))
+        replies = [_first_application(done[bucket], unconfirmed.get(bucket)) for bucket in range(self.buckets)]
         applied = skipped = 0
         unmarked: set[int] = set()
         for applied_here, skipped_here, *missing in replies:
@@ -194,7 +205,8 @@ class ClusterFeatureStore(FeatureStore):
             str(origin.pkeys[k - 1]): int(origin.first[k - 1])
             for k in sorted(unmarked) if floors is None or origin.beyond_floor[k - 1]}, len(keys.keys))
 
-    def _run_buckets(self, calls: list[ScriptCall], done: dict[int, list[int]]) -> None:
+    def _run_buckets(self, calls: list[ScriptCall], done: dict[int, list[int]],
+                     unconfirmed: dict[int, list[int]]) -> None:
         """Every bucket's call not yet `done` (its declared keys and its argument), one pipeline per
         master ending with WAIT when the master has a replica connected, all masters at once; the
         replies of the masters that wrote and replicated their calls go into `done`, so a retry
@@ -211,6 +223,8 @@ class ClusterFeatureStore(FeatureStore):
             for (node, buckets, _), want, got in zip(masters, wanted, results):
                 error = next((result for result in got if isinstance(result, Exception)), None)
                 if error is None and want and int(got[-1]) < want:
+                    for bucket, reply in zip(buckets, got):  # written, not yet confirmed: the retry says "skipped"
+                        unconfirmed.setdefault(bucket, reply)
                     error = ReplicationNotConfirmed(f"{node.name}: {got[-1]} of {want} replicas confirmed "
                                                     f"the batch within {WAIT_TIMEOUT_MS} ms")
                 if error is None:
