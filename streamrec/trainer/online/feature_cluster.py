@@ -69,8 +69,8 @@ from streamrec.trainer.online.feature_store import (
 
 log = logging.getLogger(__name__)
 CLUSTER_BUCKETS = 64  # part of the layout: changing it needs `streamrec features rebuild` into a new prefix
-WAIT_REPLICAS = 1  # replicas that must confirm a batch (at most those connected to the master)
-ROLE_TTL_S = 1.0  # how long a master's count of assigned replicas is trusted before it is asked again
+WAIT_REPLICAS = 1  # replicas that must confirm a batch (at most those the cluster assigns to the master)
+REPLICAS_TTL_S = 1.0  # how long a master's count of assigned replicas is trusted before it is asked again
 ATTEMPTS = 4  # writes of a batch (with a fresh slot map between) before the error reaches the caller
 RETRY_PAUSE_S = 0.5  # a failover takes the cluster's node timeout plus an election
 EVENT_COLUMNS = frozenset({"i", "t", "w", "pi", "o"})  # the script's per-event fields (the rest is per batch)
@@ -240,7 +240,7 @@ class ClusterFeatureStore(FeatureStore):
         """Replicas that must confirm this master's writes: WAIT_REPLICAS, at most those the
         cluster assigns to it and has not marked failed (module docstring), connected or not."""
         asked = self._replicas.get(name)
-        if asked is None or time.monotonic() - asked[0] > ROLE_TTL_S:
+        if asked is None or time.monotonic() - asked[0] > REPLICAS_TTL_S:
             asked = (time.monotonic(), assigned_replicas(connection.execute_command("CLUSTER", "NODES")))
             self._replicas[name] = asked
         return min(WAIT_REPLICAS, asked[1])
