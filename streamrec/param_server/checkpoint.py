@@ -26,6 +26,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import stat
 import struct
 import time
 from dataclasses import dataclass
@@ -156,10 +157,29 @@ def write(path: Path, header: dict[str, Any], arrays: dict[str, Source], key: by
         os.close(directory)
 
 
+def _file_bytes(path: Path) -> bytes:
+    """The bytes of a checkpoint file, after refusing (CorruptCheckpoint) what cannot be one before
+    reading it: anything but a regular file (a FIFO in its place blocked startup for good; it is
+    opened without blocking to find out) or a file larger than this machine's memory (a sparse
+    200 GB file ended startup with a MemoryError)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise CorruptCheckpoint(f"{path}: not a regular file")
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if info.st_size > memory:
+            raise CorruptCheckpoint(f"{path}: {info.st_size} bytes, more than this machine's memory ({memory})")
+        with os.fdopen(os.dup(fd), "rb") as file:
+            return file.read()
+    finally:
+        os.close(fd)
+
+
 def read(path: Path, key: bytes | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Header and arrays (views of the file's bytes); CorruptCheckpoint unless everything checks,
     the HMAC under `key` first when there is one."""
-    data = path.read_bytes()
+    data = _file_bytes(path)
     if len(data) < 16 + DIGEST_BYTES or data[:8] != MAGIC:
         raise CorruptCheckpoint(f"{path}: not a checkpoint or truncated")
     digest = hasher(key)
@@ -283,7 +303,8 @@ class CheckpointDir:
         for path in self.files():
             try:
                 return self.load(path, default_max_rows, any_routing)
-            except (CorruptCheckpoint, OSError) as exc:
-                log.error("skipping checkpoint: %s", exc)
-                self.rejected.append(str(exc))
+            except (CorruptCheckpoint, OSError, MemoryError) as exc:
+                reason = str(exc) or f"{path}: {type(exc).__name__}"
+                log.error("skipping checkpoint: %s", reason)
+                self.rejected.append(reason)
         return None

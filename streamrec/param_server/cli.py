@@ -11,6 +11,7 @@ from streamrec.param_server.defaults import (
     DEFAULT_AUTH_TIMEOUT,
     DEFAULT_BYTE_BUDGET,
     DEFAULT_CHECKPOINT_EVERY,
+    DEFAULT_FRAME_GRACE,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_KEEP_CHECKPOINTS,
     DEFAULT_MAX_BODY_BYTES,
@@ -18,6 +19,7 @@ from streamrec.param_server.defaults import (
     DEFAULT_MAX_HEADER_BYTES,
     DEFAULT_MAX_ROWS,
     DEFAULT_MAX_UNAUTHENTICATED,
+    DEFAULT_MIN_FRAME_RATE,
 )
 
 
@@ -39,6 +41,8 @@ from streamrec.param_server.defaults import (
 @click.option("--max-unauthenticated", type=click.IntRange(min=1), default=DEFAULT_MAX_UNAUTHENTICATED, show_default=True, help="connections still to send their hello frame")
 @click.option("--auth-timeout", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_AUTH_TIMEOUT, show_default=True, help="seconds a new connection has to send its hello frame")
 @click.option("--idle-timeout", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_IDLE_TIMEOUT, show_default=True, help="seconds an authenticated connection may stay silent")
+@click.option("--frame-grace", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_FRAME_GRACE, show_default=True, help="seconds the rest of a frame may take after its prefix, beyond --min-frame-rate")
+@click.option("--min-frame-rate", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_MIN_FRAME_RATE / (1 << 20), show_default=True, help="MiB/s a frame's bytes must arrive at (a slower peer is cut)")
 @click.pass_context
 def param_server_cmd(
     ctx: click.Context,
@@ -59,6 +63,8 @@ def param_server_cmd(
     max_unauthenticated: int,
     auth_timeout: float,
     idle_timeout: float,
+    frame_grace: float,
+    min_frame_rate: float,
 ) -> None:
     """Run one parameter-server shard until SIGTERM (which writes a final checkpoint).
 
@@ -70,7 +76,7 @@ def param_server_cmd(
     from streamrec.core.allocator import tune_allocator
     from streamrec.core.cli import print_json, settings_from
     from streamrec.param_server.limits import ServerLimits
-    from streamrec.param_server.protocol import FrameLimits
+    from streamrec.param_server.protocol import FrameLimits, FramePace
     from streamrec.param_server.server import run
 
     tune_allocator()
@@ -91,7 +97,8 @@ def param_server_cmd(
             keep_checkpoints=keep_checkpoints,
             max_rows=max_rows,
             limits=ServerLimits(FrameLimits(max_header_bytes, max_body_bytes), byte_budget, max_connections=max_connections,
-                                max_unauthenticated=max_unauthenticated, auth_timeout=auth_timeout, idle_timeout=idle_timeout),
+                                max_unauthenticated=max_unauthenticated, auth_timeout=auth_timeout, idle_timeout=idle_timeout,
+                                pace=FramePace(frame_grace, min_frame_rate * (1 << 20))),
             metrics_port=settings.metrics_port if metrics_port is None else metrics_port,
             ready=print_json,
         )

@@ -17,3 +17,7 @@ DEFAULT_MAX_UNAUTHENTICATED = 16  # still to send their hello frame
 DEFAULT_AUTH_TIMEOUT = 5.0  # seconds from accept to a complete hello frame
 DEFAULT_IDLE_TIMEOUT = 600.0  # seconds without a byte from an authenticated peer
 DEFAULT_BUDGET_WAIT = 5.0  # seconds a frame waits for room in the byte budget before it is refused
+# the rest of a frame must follow its prefix within this many seconds plus one per MIN_FRAME_RATE
+# bytes received (FramePace): a stalled peer is cut before the frames waiting for its budget give up
+DEFAULT_FRAME_GRACE = 3.0
+DEFAULT_MIN_FRAME_RATE = 4 << 20  # bytes per second: 32 Mbit/s, a 256 MiB frame in about a minute

@@ -116,19 +116,20 @@ def gather_rows(block: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
             out[r, c] = block[row, c]
 
 
-# ---- the key index (`keyindex.KeyIndex`): open addressing, linear probing from mix(key) ----------
+# ---- the key index (`keyindex.KeyIndex`): open addressing, linear probing from a key's home,
+# mix(key ^ salt), the salt a secret of the index (see KeyIndex) -------------------------------
 
 _EMPTY, _TOMBSTONE = -1, -2
 
 
-@njit(f"void(int32[::1], {_U1}, {_U1}, {_I1})", cache=True, nogil=True)
-def find_keys(slots: np.ndarray, row_key: np.ndarray, keys: np.ndarray, out: np.ndarray) -> None:
-    """out[i] = the first row whose key is keys[i], probing from its home slot until an empty slot
-    (-1: absent). Tombstones are probed past."""
+@njit(f"void(int32[::1], {_U1}, {_U1}, uint64, {_I1})", cache=True, nogil=True)
+def find_keys(slots: np.ndarray, row_key: np.ndarray, keys: np.ndarray, salt: np.uint64, out: np.ndarray) -> None:
+    """out[i] = the first row whose key is keys[i], probing from its home slot (`home`) until an
+    empty slot (-1: absent). Tombstones are probed past."""
     mask = np.uint64(slots.size - 1)
     for i in range(keys.size):
         key = keys[i]
-        pos = mix(key) & mask
+        pos = mix(key ^ salt) & mask
         out[i] = -1
         while True:
             row = slots[pos]
@@ -140,14 +141,14 @@ def find_keys(slots: np.ndarray, row_key: np.ndarray, keys: np.ndarray, out: np.
             pos = (pos + np.uint64(1)) & mask
 
 
-@njit(f"int64(int32[::1], int32[::1], {_U1}, {_I1})", cache=True, nogil=True)
-def place_keys(slots: np.ndarray, row_slot: np.ndarray, keys: np.ndarray, rows: np.ndarray) -> int:
+@njit(f"int64(int32[::1], int32[::1], {_U1}, uint64, {_I1})", cache=True, nogil=True)
+def place_keys(slots: np.ndarray, row_slot: np.ndarray, keys: np.ndarray, salt: np.uint64, rows: np.ndarray) -> int:
     """Put rows[i] in the first free (empty or tombstone) slot from keys[i]'s home and record the
     slot in row_slot; returns how many tombstones were reused. The index must have room."""
     mask = np.uint64(slots.size - 1)
     reused = 0
     for i in range(keys.size):
-        pos = mix(keys[i]) & mask
+        pos = mix(keys[i] ^ salt) & mask
         while slots[pos] >= 0:
             pos = (pos + np.uint64(1)) & mask
         if slots[pos] == _TOMBSTONE:

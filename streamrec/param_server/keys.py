@@ -191,6 +191,8 @@ class Keys:
             if self.ints.dtype != np.int64 or self.ints.ndim != 1:
                 raise ValueError("integer ids must be a 1-d int64 array")
             return self
+        if self.offsets.dtype != np.int64 or self.blob.dtype != np.uint8:
+            raise ValueError("string ids must be a uint8 byte buffer with int64 offsets")
         if self.offsets.ndim != 1 or self.offsets.size < 1 or self.offsets[0] != 0:
             raise ValueError("string id offsets must be 1-d and start at 0")
         lens = self.lengths
@@ -198,6 +200,24 @@ class Keys:
             raise ValueError(f"string ids must be 0..{MAX_KEY_BYTES} bytes long")
         if self.offsets[-1] != self.blob.size:
             raise ValueError("string id offsets do not match the byte buffer")
+        return self
+
+    def checked_utf8(self) -> Keys:
+        """`checked`, and every string id valid UTF-8: what a server asks of ids from the wire.
+        An id that is not was stored, and every reader decoding the table's ids (a serving
+        worker's delta, `to_list`) failed on it from then on. The buffer must decode as a whole
+        and no non-empty id may start inside a character (on a continuation byte), which a
+        split between two ids of a valid buffer would."""
+        self.checked()
+        if self.ints is not None or not self.blob.size:
+            return self
+        try:
+            self.blob.tobytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"string ids must be valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+        starts = self.offsets[:-1][self.lengths > 0]
+        if ((self.blob[starts] & 0xC0) == 0x80).any():
+            raise ValueError("string ids must be valid UTF-8 (an id starts inside a character)")
         return self
 
 

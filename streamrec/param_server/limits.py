@@ -20,7 +20,7 @@ from streamrec.param_server.defaults import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_UNAUTHENTICATED,
 )
-from streamrec.param_server.protocol import FrameLimits
+from streamrec.param_server.protocol import FrameLimits, FramePace
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class ServerLimits:
     max_unauthenticated: int = DEFAULT_MAX_UNAUTHENTICATED
     auth_timeout: float = DEFAULT_AUTH_TIMEOUT
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    pace: FramePace = field(default_factory=FramePace)  # how fast a frame's bytes must follow its prefix
 
     def __post_init__(self) -> None:
         if min(self.frames.max_header, self.frames.max_body, self.byte_budget, self.max_connections, self.max_unauthenticated) < 1:

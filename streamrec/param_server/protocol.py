@@ -28,8 +28,10 @@ import numpy as np
 import orjson
 
 from streamrec.param_server.defaults import (
+    DEFAULT_FRAME_GRACE,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_HEADER_BYTES,
+    DEFAULT_MIN_FRAME_RATE,
 )
 from streamrec.param_server.keys import Keys
 
@@ -58,6 +60,46 @@ class FrameLimits:
 
 
 HELLO_LIMITS = FrameLimits(HELLO_MAX_HEADER_BYTES, 0)
+
+
+@dataclass(frozen=True)
+class FramePace:
+    """How fast the rest of a frame must follow its prefix: each read must return within `grace`
+    seconds of the prefix plus 1/`min_rate` seconds per byte of the frame received so far. The
+    budget reserves a frame's announced bytes before they arrive, so without a pace a peer that
+    announced a large frame and then sent nothing (or a byte now and then, each resetting the idle
+    timeout) held that share of the budget for as long as it liked, and two of them held all of
+    it. Now a stalled peer is cut within `grace` seconds, sooner than a frame waiting for room
+    gives up (`budget_wait`), and holding bytes takes sending them at `min_rate` at least."""
+
+    grace: float = DEFAULT_FRAME_GRACE
+    min_rate: float = DEFAULT_MIN_FRAME_RATE  # bytes per second
+
+    def __post_init__(self) -> None:
+        if self.grace <= 0 or self.min_rate <= 0:
+            raise ValueError("a frame's grace and minimum rate must be positive")
+
+
+class _Due:
+    """When the next read (or send) of one frame must have returned: a fixed deadline, a pace's
+    rolling one (which moves with the bytes moved so far, `received`), the earlier of both, or
+    none (the socket's own timeout)."""
+
+    def __init__(self, deadline: float | None = None, pace: FramePace | None = None) -> None:
+        self.deadline, self.pace = deadline, pace
+        self.started, self.received = time.monotonic(), 0
+
+    def arm(self, sock: socket.socket) -> None:
+        due = self.deadline
+        if self.pace is not None:
+            paced = self.started + self.pace.grace + self.received / self.pace.min_rate
+            due = paced if due is None else min(due, paced)
+        if due is None:
+            return
+        left = due - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the frame did not arrive in time (deadline or minimum rate)")
+        sock.settimeout(left)
 
 
 class ByteBudget:
@@ -121,59 +163,57 @@ def encode(header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) 
     return [memoryview(PREFIX.pack(MAGIC, len(head), offset) + head)] + [b for b in buffers if b.nbytes]
 
 
-def send(sock: socket.socket, header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> None:
-    """Write one frame with a single gathered send where the kernel accepts it all."""
+def send(sock: socket.socket, header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None,
+         pace: FramePace | None = None) -> None:
+    """Write one frame with a single gathered send where the kernel accepts it all; with `pace`,
+    the peer must take the bytes that fast (TimeoutError otherwise, the socket's timeout left as
+    the last send set it): a reply is held in memory until the peer has read it."""
     pending = encode(header, arrays)
+    due = _Due(None, pace)
     while pending:
+        due.arm(sock)
         sent = sock.sendmsg(pending[:512])
+        due.received += sent
         while pending and sent >= pending[0].nbytes:
             sent -= pending.pop(0).nbytes
         if sent:
             pending[0] = pending[0][sent:]
 
 
-def _arm(sock: socket.socket, deadline: float | None) -> None:
-    """Make the next socket read give up at `deadline` (monotonic seconds; None: keep the socket's timeout)."""
-    if deadline is None:
-        return
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TimeoutError("deadline passed in the middle of a frame")
-    sock.settimeout(left)
-
-
-def _recv_exact(sock: socket.socket, size: int, deadline: float | None) -> bytearray | None:
+def _recv_exact(sock: socket.socket, size: int, due: _Due) -> bytearray | None:
     buffer = bytearray(size)
     view = memoryview(buffer)
     got = 0
     while got < size:
-        _arm(sock, deadline)
+        due.arm(sock)
         n = sock.recv_into(view[got:])
         if n == 0:
             if got == 0:
                 return None
             raise ConnectionError("connection closed in the middle of a frame")
         got += n
+        due.received += n
     return buffer
 
 
-def _recv_growing(sock: socket.socket, size: int, deadline: float | None) -> bytearray:
+def _recv_growing(sock: socket.socket, size: int, due: _Due) -> bytearray:
     """`size` bytes, the buffer growing with what arrives (a peer that announces much and sends
     little costs only what it sent)."""
     body = bytearray()
     while len(body) < size:
-        _arm(sock, deadline)
+        due.arm(sock)
         chunk = sock.recv(min(CHUNK_BYTES, size - len(body)))
         if not chunk:
             raise ConnectionError("connection closed in the middle of a frame")
         body += chunk
+        due.received += len(chunk)
     return body
 
 
 def read_prefix(sock: socket.socket, limits: FrameLimits, deadline: float | None = None) -> tuple[int, int] | None:
     """(header length, body length) of the next frame, checked against `limits`; None if the peer
     closed the connection cleanly between frames. FrameRefused for a frame over the caps."""
-    prefix = _recv_exact(sock, PREFIX.size, deadline)
+    prefix = _recv_exact(sock, PREFIX.size, _Due(deadline))
     if prefix is None:
         return None
     magic, head_len, body_len = PREFIX.unpack(prefix)
@@ -190,15 +230,18 @@ def read_prefix(sock: socket.socket, limits: FrameLimits, deadline: float | None
 
 
 def read_frame(sock: socket.socket, head_len: int, body_len: int, deadline: float | None = None,
-               direct: int = DIRECT_BODY_BYTES) -> Message:
-    """The header and body announced by a prefix (already checked and reserved by the caller)."""
-    head = _recv_exact(sock, head_len, deadline) or b""
+               direct: int = DIRECT_BODY_BYTES, pace: FramePace | None = None) -> Message:
+    """The header and body announced by a prefix (already checked and reserved by the caller),
+    by `deadline` and at `pace` where given (TimeoutError otherwise). The socket's timeout is
+    left as the last read set it: a caller that paces restores its own."""
+    due = _Due(deadline, pace)
+    head = _recv_exact(sock, head_len, due) or b""
     if len(head) != head_len:
         raise ConnectionError("connection closed in the middle of a frame")
     if body_len <= direct:
-        body = _recv_exact(sock, body_len, deadline) if body_len else bytearray()
+        body = _recv_exact(sock, body_len, due) if body_len else bytearray()
     else:
-        body = _recv_growing(sock, body_len, deadline)
+        body = _recv_growing(sock, body_len, due)
     if body is None:
         raise ConnectionError("connection closed in the middle of a frame")
     return parse(head, body)
@@ -255,9 +298,10 @@ def keys_arrays(keys: Keys, name: str = "ids") -> dict[str, np.ndarray]:
 
 
 def keys_from(arrays: dict[str, np.ndarray], name: str = "ids") -> Keys:
+    """The ids of a request, checked as ids from a peer (`Keys.checked_utf8`)."""
     if name in arrays:
         return Keys(ints=arrays[name]).checked()
     try:
-        return Keys(blob=arrays[f"{name}.blob"], offsets=arrays[f"{name}.offsets"]).checked()
+        return Keys(blob=arrays[f"{name}.blob"], offsets=arrays[f"{name}.offsets"]).checked_utf8()
     except KeyError:
         raise ValueError(f"request has no {name!r} ids") from None

@@ -19,7 +19,7 @@ import socket
 import socketserver
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -170,17 +170,20 @@ class ParamServer:
         return False
 
     def _read(self, sock: socket.socket) -> Message | None:
-        """The next frame of an authenticated peer, its bytes reserved in the budget first."""
+        """The next frame of an authenticated peer, its bytes reserved in the budget first, then
+        read at the limits' pace (a stalled peer gives its reservation back within seconds)."""
         sizes = protocol.read_prefix(sock, self.limits.frames)
         if sizes is None:
             return None
         reserved = sum(sizes)
         self.budget.acquire(reserved)
         try:
-            message = protocol.read_frame(sock, *sizes)
+            message = protocol.read_frame(sock, *sizes, pace=self.limits.pace)
         except BaseException:
             self.budget.release(reserved)
             raise
+        finally:
+            sock.settimeout(self.limits.idle_timeout)  # between frames: the idle timeout again
         message.reserved = reserved
         return message
 
@@ -192,7 +195,12 @@ class ParamServer:
             pass
 
     def reply(self, sock: socket.socket, header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> None:
-        protocol.send(sock, {**header, **self.store.identity()}, arrays)
+        """Send one reply at the limits' pace: a peer that stops reading is cut within seconds
+        instead of pinning the reply's memory for the idle timeout."""
+        try:
+            protocol.send(sock, {**header, **self.store.identity()}, arrays, pace=self.limits.pace)
+        finally:
+            sock.settimeout(self.limits.idle_timeout)
 
     def authorised(self, header: dict[str, Any]) -> bool:
         if self.token is None:
@@ -223,31 +231,43 @@ class ParamServer:
     # ---- requests -----------------------------------------------------------------------------
 
     def answer(self, sock: socket.socket, message: Message) -> None:
+        """Send the replies of the frame's operation; an OSError from sending them (the peer is
+        gone) drops the connection, every other failure is an error reply (`_replies`)."""
         op = message.header.get("op")
-        handler = self._ops.get(op)
+        label = op if isinstance(op, str) and op in self._ops else "unknown"
         started = time.perf_counter()
-        try:
-            if handler is None:
-                raise ValueError(f"unknown operation {op!r}")
-            for header, arrays in handler(message):
-                self.reply(sock, {"ok": True, **header}, arrays)
-        except CLIENT_ERRORS as exc:
-            self._error(sock, op, exc)
-        except OSError:
-            raise
-        except Exception as exc:  # a server bug: log it with its traceback, tell the caller, stay up
-            log.exception("request %s failed", op)
-            self._error(sock, op, exc)
-        self.metrics.request_seconds.labels(op=str(op)).observe(time.perf_counter() - started)
+        for header, arrays in self._replies(label, op, message):
+            self.reply(sock, header, arrays)
+        self.metrics.request_seconds.labels(op=label).observe(time.perf_counter() - started)
 
-    def _error(self, sock: socket.socket, op: object, exc: Exception) -> None:
+    def _replies(self, label: str, op: object, message: Message) -> Iterator[Reply]:
+        """The operation's replies, or after them an error reply: for the caller's errors, a
+        server bug, and the server's own I/O (a full disk, memory the kernel refused), which used
+        to be taken for the socket's and dropped the connection without a word. Metrics label
+        known operations by name and any other `unknown`: a label per name a peer made up grew
+        the server's memory for good."""
+        try:
+            if label == "unknown":
+                raise ValueError(f"unknown operation {str(op)[:100]!r}")
+            for header, arrays in self._ops[label](message):
+                yield {"ok": True, **header}, arrays
+        except CLIENT_ERRORS as exc:
+            yield self._error(label, exc)
+        except OSError as exc:
+            log.error("request %s failed on the server's own I/O: %s", label, exc)
+            yield self._error(label, exc)
+        except Exception as exc:  # a server bug: log it with its traceback, tell the caller, stay up
+            log.exception("request %s failed", label)
+            yield self._error(label, exc)
+
+    def _error(self, op: str, exc: Exception) -> Reply:
         kind = exc.kind if isinstance(exc, PushRefused) else type(exc).__name__
-        self.metrics.errors.labels(op=str(op), type=kind).inc()
+        self.metrics.errors.labels(op=op, type=kind).inc()
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         error: dict[str, Any] = {"type": kind, "message": str(message)}
         if isinstance(exc, PushRefused):
             error["next_offsets"] = exc.next_offsets
-        self.reply(sock, {"ok": False, "error": error})
+        return {"ok": False, "error": error}, {}
 
     def _rows(self, op: str, n: int) -> None:
         self.metrics.request_rows.labels(op=op).observe(n)
@@ -298,10 +318,14 @@ class ParamServer:
         return [({"version": version}, {})]
 
     def _delta(self, message: Message) -> Iterable[Reply]:
-        """Stream the rows changed since `since` in chunks; deletions ride on the first chunk."""
+        """Stream the rows changed since `since` in chunks; deletions ride on the first chunk. A
+        chunk is held whole until the peer has read it, so its size is capped like a pull's reply
+        (`--max-body-bytes`), whatever `chunk_rows` asks: one chunk of a whole large table per
+        connection that never read it pinned a copy of the table each."""
         table = message.header["table"]
-        chunk_rows = max(1, int(message.header.get("chunk_rows", DEFAULT_CHUNK_ROWS)))
         plan = self.store.delta_plan(table, int(message.header.get("since", 0)))
+        chunk_rows = min(max(1, int(message.header.get("chunk_rows", DEFAULT_CHUNK_ROWS))),
+                         max(1, self.limits.frames.max_body // plan.row_bytes))
         self._rows("delta", plan.rows.size)
         starts = range(0, max(plan.rows.size, 1), chunk_rows)
         for i, start in enumerate(starts):

@@ -38,7 +38,7 @@ from streamrec.param_server.defaults import (
     MAX_EVENTS_PER_PUSH,
 )
 from streamrec.param_server.item_counts import ItemEventCounts, checked_counts
-from streamrec.param_server.keys import Keys
+from streamrec.param_server.keys import MAX_KEY_BYTES, Keys
 from streamrec.param_server.ledger import (
     OffsetConflict,
     PartitionLedger,
@@ -110,6 +110,7 @@ class DeltaPlan:
     deleted: Keys
     version: int
     reset: bool
+    row_bytes: int  # the most one row of the reply can take: its values and its id
 
 
 class ParamStore:
@@ -294,7 +295,8 @@ class ParamStore:
             table = self._table(name)
             rows, reset = table.changed_rows(since)
             deleted = Keys.empty(table.spec.key_type) if reset else table.deleted_since(since)
-            return DeltaPlan(rows, deleted, self.version, reset)
+            id_bytes = 8 if table.spec.key_type == "int" else MAX_KEY_BYTES + 8  # a string id and its offset
+            return DeltaPlan(rows, deleted, self.version, reset, table.spec.width * 4 + id_bytes)
 
     def delta_rows(self, name: str, rows: np.ndarray) -> tuple[Keys, np.ndarray, int]:
         """(ids, values, dim) of the planned rows still alive now."""

@@ -4,6 +4,7 @@ previous one."""
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -122,6 +123,26 @@ def test_checkpoint_that_fails_to_load_falls_back_to_the_previous(tmp_path: Path
     assert loaded.path == first.path and "later" not in loaded.store.blobs
     assert len(ckpts.rejected) == 1 and str(second.path) in ckpts.rejected[0]
     assert loaded.store.watermarks() == {"events/0": 1200}
+
+
+@pytest.mark.parametrize("what", ["fifo", "sparse"])
+def test_a_file_that_cannot_be_a_checkpoint_is_skipped_before_it_is_read(tmp_path: Path, what: str) -> None:
+    """In the newest checkpoint's place: a FIFO (reading it blocked startup for good) or a sparse
+    file larger than the machine's memory (reading it ended startup with a MemoryError)."""
+    store = populated_store()
+    ckpts = CheckpointDir(tmp_path, 0, 1)
+    first = ckpts.save(store)
+    store.put_blob("later", b"x")
+    second = ckpts.save(store)
+    second.path.unlink()
+    if what == "fifo":
+        os.mkfifo(second.path)
+    else:
+        with open(second.path, "wb") as sparse:
+            sparse.truncate(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") + 1)
+    loaded = ckpts.load_newest()
+    assert loaded is not None and loaded.path == first.path and "later" not in loaded.store.blobs
+    assert len(ckpts.rejected) == 1 and str(second.path) in ckpts.rejected[0]
 
 
 def test_no_loadable_checkpoint_means_none_and_only_the_newest_are_kept(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import socket
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from streamrec.core.net import free_port
 from streamrec.param_server import protocol
 from streamrec.param_server.client import ParamClient, ParamServerError
 from streamrec.param_server.limits import ConnectionGate, ServerLimits
@@ -172,6 +174,113 @@ def test_bad_values_get_error_replies(good_server: ServerProcess) -> None:
         with pytest.raises(Exception, match="item counts"):
             client.push({}, item_counts=(["a"], np.array([-5])))
         assert not client.pull(GOOD_TABLE, ids).found.any()  # nothing was applied; the connection still works
+
+
+def _stall_after_announcing(address: str, body: int, trickle: bool) -> socket.socket:
+    """An authenticated peer that announces a `body`-byte frame and then sends nothing (or a
+    byte a second, each of which used to reset the idle timeout)."""
+    host, _, port = address.rpartition(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(hello() + protocol.PREFIX.pack(protocol.MAGIC, 10, body) + b'{"op":"x"}')
+    sock.recv(4096)  # the hello's reply
+    if trickle:
+        def drip() -> None:
+            try:
+                for _ in range(30):
+                    sock.sendall(b"\0")
+                    threading.Event().wait(1.0)
+            except OSError:  # cut by the server: what the test wants
+                pass
+        threading.Thread(target=drip, daemon=True).start()
+    return sock
+
+
+@pytest.mark.parametrize("trickle", [False, True], ids=["silent", "trickling"])
+def test_stalled_peers_give_their_share_of_the_budget_back(good_server: ServerProcess, trickle: bool) -> None:
+    """Two peers announce frames that together hold the whole byte budget, then stall. They are
+    cut within the frame grace (3 s), before the good client's frame gives up waiting for room
+    (5 s). Before the frame pace they held it until the idle timeout (600 s), and every other
+    client's push and pull was refused as `server busy`."""
+    body = FUZZ_BUDGET // 2 - 64
+    stalled = [_stall_after_announcing(good_server.address, body, trickle) for _ in range(2)]
+    threading.Event().wait(0.5)  # both frames are reserved now
+    with ParamClient([good_server.address], token=TOKEN, timeout=20.0, retries=0) as client:
+        client.push({GOOD_TABLE: (np.arange(4), np.ones((4, 8), np.float32))})
+        assert client.pull(GOOD_TABLE, np.arange(4)).found.all()
+    for sock in stalled:
+        sock.settimeout(5)
+        try:
+            while sock.recv(65536):  # up to the server's end-of-stream (or reset)
+                pass
+        except ConnectionResetError:
+            pass
+        sock.close()
+
+
+def test_a_reply_is_cut_to_the_body_cap_whatever_chunk_rows_asks(start_server: StartServer) -> None:
+    """A delta is sent in chunks held whole until the peer reads them; `chunk_rows` asked for
+    2^40 rows (one chunk of the whole table per connection, each pinned by a peer that never
+    read it) now gets chunks within --max-body-bytes."""
+    cap = 1 << 20
+    server = start_server("--no-checkpoints", "--max-body-bytes", str(cap))
+    with ParamClient([server.address]) as client:
+        client.create_table("wide", 64, key_type="int")
+        ids = np.arange(20_000)
+        for start in range(0, ids.size, 2_000):
+            client.assign("wide", ids[start : start + 2_000], np.ones((2_000, 64), np.float32))
+        chunks = list(client.delta_chunks("wide", 0, chunk_rows=1 << 40))
+    assert len(chunks) > 1 and sum(len(chunk.ids) for chunk in chunks) == ids.size
+    assert max(chunk.values.nbytes for chunk in chunks) <= cap
+
+
+def test_ops_a_peer_makes_up_get_error_replies_under_one_metrics_label(start_server: StartServer) -> None:
+    """An op that is not a string (a list was unhashable: a traceback, no reply, the connection
+    gone) gets an error reply like an unknown name, and made-up names share the metrics label
+    `unknown` (a label each grew the server's memory for good)."""
+    metrics_port = free_port()
+    server = start_server("--no-checkpoints", "--metrics-port", str(metrics_port))
+    host, _, port = server.address.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(frame({"op": "hello", "arrays": []}))
+        protocol.recv(sock)
+        for op in ([1], {"a": 1}, 7, "made-up-1", "made-up-2"):
+            sock.sendall(frame({"op": op, "arrays": []}))
+            reply = protocol.recv(sock)
+            assert reply is not None and reply.header["ok"] is False
+            assert reply.header["error"]["type"] == "ValueError" and "unknown operation" in reply.header["error"]["message"]
+    exposed = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    assert 'op="unknown"' in exposed and "made-up" not in exposed
+
+
+def test_the_servers_own_io_error_is_an_error_reply_not_a_dropped_connection(start_server: StartServer,
+                                                                            tmp_path: Path) -> None:
+    """A checkpoint the server cannot write (its shard directory is a file: a full disk fails the
+    same way) answers the caller with the OSError, and the connection stays usable. It used to
+    be taken for a socket error: the connection was dropped without a word."""
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    (checkpoints / "shard-0-of-1").write_text("not a directory")
+    server = start_server("--checkpoint-dir", str(checkpoints), "--checkpoint-every", "0")
+    with ParamClient([server.address], retries=0) as client:
+        client.create_table("t", 4, key_type="int")
+        with pytest.raises(ParamServerError) as failed:
+            client.checkpoint()
+        assert failed.value.kind in {"NotADirectoryError", "FileExistsError"}
+        client.assign("t", np.arange(3), np.ones((3, 4), np.float32))  # the same connection goes on
+        assert client.pull("t", np.arange(3)).found.all()
+
+
+def test_string_ids_that_are_not_utf8_are_refused(good_server: ServerProcess) -> None:
+    """Such an id was stored, and every delta of the table failed to decode from then on (a
+    serving worker could never sync it again). An id split inside a character is refused too,
+    though the buffer of all ids decodes."""
+    with ParamClient([good_server.address], token=TOKEN, retries=0) as client:
+        for ids in ([b"\xff\xfe"], [b"ok", b"\xc3", b"\xa9"]):
+            with pytest.raises(ParamServerError, match="UTF-8"):
+                client.assign("fs", ids, np.ones((len(ids), 4), np.float32))
+        client.assign("fs", ["caf\u00e9", "\U0001f600", "a:b"], np.ones((3, 4), np.float32))
+        synced = [key for chunk in client.delta_chunks("fs", 0) for key in chunk.ids.to_list()]
+    assert sorted(synced) == sorted(["caf\u00e9", "\U0001f600", "a:b"])
 
 
 def test_sigterm_stops_the_server_under_attack(good_server: ServerProcess) -> None:
