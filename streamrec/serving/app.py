@@ -41,6 +41,7 @@ from streamrec.serving.fastpath import MAX_DEVICE, MAX_USER_ID, RecommendFastPat
 from streamrec.serving.feedback import add_feedback_routes
 from streamrec.serving.filters import MAX_CLAUSES, FilterError, ItemFilter
 from streamrec.serving.history import History
+from streamrec.serving.http_guard import StrictPercentEncoding
 from streamrec.serving.impressions import ImpressionLog
 from streamrec.serving.ingest import producer_timeouts
 from streamrec.serving.limits import STATUS as TOO_LARGE
@@ -231,6 +232,7 @@ def create_app(config: ServingConfig) -> FastAPI:
     app.add_middleware(RecommendFastPath, handler=answer_recommend, token=config.api_token)
     app.add_middleware(BodyLimit, default=config.max_body_bytes, routes=config.route_body_limits,
                        read_timeout_s=config.body_read_timeout_s)
+    app.add_middleware(StrictPercentEncoding)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: refused bodies are counted too
 
     @app.get("/recommend", dependencies=guarded,
@@ -276,7 +278,7 @@ def create_app(config: ServingConfig) -> FastAPI:
                 return _json({"detail": str(exc)}, 503)
             return _json(envelope(state, {"user_id": request.user_id, **body}))
 
-    @app.get("/similar/{item_id}", dependencies=guarded,
+    @app.get("/similar/{item_id:path}", dependencies=guarded,  # `path`: an id may hold "/" (sent as %2F or not)
              responses={200: {"model": schemas.SimilarResponse}, 404: {"model": schemas.Error}, **unavailable,
                         **UNAUTHORIZED, **too_large})
     def similar(item_id: str = Path(min_length=1, max_length=256), k: int = Query(10, ge=1, le=MAX_K)) -> Response:

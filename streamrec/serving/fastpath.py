@@ -26,7 +26,7 @@ PATH = "/recommend"
 MAX_USER_ID = 256  # characters, as the route's Query(max_length=256)
 MAX_DEVICE = 64  # characters, as the route's `device`
 _BOOLS = {"true": True, "false": False, "1": True, "0": False}
-_FRACTION = re.compile(r"\d+(?:\.\d+)?\Z")
+_FRACTION = re.compile(r"[0-9]+(?:\.[0-9]+)?\Z")  # ASCII digits: float() also reads "١" (Arabic-Indic), FastAPI does not
 FILTER_PARAMETERS = ("include", "exclude", "range")  # in ItemFilter.parse's order
 _HEADERS = [(b"content-type", b"application/json")]
 

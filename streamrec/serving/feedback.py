@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.params import Depends
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from streamrec.serving import schemas
 from streamrec.serving.auth import UNAUTHORIZED
@@ -24,6 +25,8 @@ from streamrec.serving.config import MAX_EVENTS_PER_REQUEST, ServingConfig
 from streamrec.serving.ingest import BadRequest, EventIngest, Unavailable, parse_body
 from streamrec.serving.limits import STATUS as TOO_LARGE
 from streamrec.serving.metrics import ServingMetrics
+
+CLIENT_CLOSED = 499
 
 
 def _json(body: dict[str, object], status: int, headers: dict[str, str] | None = None) -> Response:
@@ -71,7 +74,10 @@ def add_feedback_routes(app: FastAPI, config: ServingConfig, metrics: ServingMet
     async def events(request: Request) -> Response:
         """Feedback: validate with the trainer's schema, produce to the interaction topic, answer once
         the broker acknowledged. Idempotent by `event_id` (docs/serving.md, "Feedback")."""
-        raw = await request.body()
+        try:
+            raw = await request.body()
+        except ClientDisconnect:  # nobody to answer; 499 (nginx's "client closed request"), not a 5xx
+            return Response(status_code=CLIENT_CLOSED)
         try:
             outcome = await run_in_threadpool(lambda: ingest.ingest(parse_body(raw)))
         except BadRequest as exc:

@@ -19,6 +19,7 @@ trainer's event-id de-duplication applies them once (docs/serving.md, "Feedback"
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -94,7 +95,7 @@ def parse_body(raw: bytes) -> list[object]:
     try:
         payload = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise BadRequest(400, f"the body is not JSON: {str(exc)[:200]}") from None
+        payload = _with_numbers_beyond_double(raw, exc)
     if type(payload) is dict:
         return [payload]
     if type(payload) is not list:
@@ -102,6 +103,28 @@ def parse_body(raw: bytes) -> list[object]:
     if len(payload) > MAX_EVENTS_PER_REQUEST:
         raise BadRequest(413, f"{len(payload)} events: at most {MAX_EVENTS_PER_REQUEST} per request")
     return payload
+
+
+def _with_numbers_beyond_double(raw: bytes, error: orjson.JSONDecodeError) -> object:
+    """The body when orjson refused it only for a number beyond a double (1e400: valid JSON), read
+    by the standard parser, which makes it infinite, so that the event holding it alone is
+    rejected (`non_finite:...`) and dead-lettered, as the schema does with any other bad value;
+    refusing the body dropped every good event beside it. Anything else stays a 400: the NaN and
+    Infinity literals (not JSON), and what orjson alone refuses (lone surrogates, depth), which the
+    re-encoding check catches."""
+    refusal = BadRequest(400, f"the body is not JSON: {str(error)[:200]}")
+    if "infinity" not in str(error):
+        raise refusal from None
+    try:
+        payload = json.loads(raw, parse_constant=_no_constant)
+        orjson.dumps(payload)  # what orjson would not have parsed, it does not write either
+    except (ValueError, RecursionError, orjson.JSONEncodeError):
+        raise refusal from None
+    return payload
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
 
 
 class EventIngest:

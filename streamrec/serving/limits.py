@@ -3,14 +3,17 @@
 A declared Content-Length over the cap is refused at once, before the application runs; a chunked
 body (no Content-Length) is counted as it streams in and refused as soon as it passes the cap, so a
 worker never holds more than the cap plus one chunk of any request. A body that stops arriving
-(a Content-Length larger than what is sent, or a client trickling bytes) is answered 408 once no
-part of it has come for `read_timeout_s`: uvicorn waits for a body as long as the client likes, so
-each such request held a connection and its handler for ever.
+(a Content-Length larger than what is sent) is answered 408 once no part of it has come for
+`read_timeout_s`: uvicorn waits for a body as long as the client likes, so each such request held
+a connection and its handler for ever. A body trickled a byte at a time (each byte restarting that
+timer) must also keep to `MIN_BODY_RATE`: all of it within `read_timeout_s` plus one second per
+64 KiB received, else 408.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 
 import orjson
@@ -19,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 STATUS = 413
 TIMEOUT_STATUS = 408
+MIN_BODY_RATE = 64 << 10  # bytes per second a body must average (after its first read_timeout_s)
 
 
 class BodyTooLarge(HTTPException):
@@ -30,10 +34,12 @@ class BodyTooLarge(HTTPException):
 
 
 class BodyStalled(HTTPException):
-    """No part of a request body came for the read timeout (an HTTPException, as BodyTooLarge)."""
+    """No part of a request body came for the read timeout, or the body came slower than
+    MIN_BODY_RATE (an HTTPException, as BodyTooLarge)."""
 
-    def __init__(self, seconds: float) -> None:
-        super().__init__(TIMEOUT_STATUS, f"no part of the request body arrived for {seconds:g} s")
+    def __init__(self, seconds: float, trickled: bool = False) -> None:
+        super().__init__(TIMEOUT_STATUS, f"the request body arrived slower than {MIN_BODY_RATE} bytes/s" if trickled
+                         else f"no part of the request body arrived for {seconds:g} s")
 
 
 class BodyLimit:
@@ -60,14 +66,21 @@ class BodyLimit:
         # a request that declares no body (most GETs) gets no timer: asyncio.wait_for costs a task
         complete = declared == 0 or (declared is None and not _chunked(scope))
 
+        first_read: float | None = None
+
         async def counting_receive() -> Message:
-            nonlocal received, complete
+            nonlocal received, complete, first_read
             if complete:  # after the body, a receive waits for the client to disconnect: no timeout
                 return await receive()
+            now = time.monotonic()
+            first_read = now if first_read is None else first_read
+            paced = first_read + self.read_timeout_s + received / MIN_BODY_RATE - now
+            if paced <= 0:
+                raise BodyStalled(self.read_timeout_s, trickled=True)
             try:
-                message = await asyncio.wait_for(receive(), self.read_timeout_s)
+                message = await asyncio.wait_for(receive(), min(self.read_timeout_s, paced))
             except TimeoutError:
-                raise BodyStalled(self.read_timeout_s) from None
+                raise BodyStalled(self.read_timeout_s, trickled=paced < self.read_timeout_s) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:

@@ -9,6 +9,7 @@ import tempfile
 import uvicorn
 
 from streamrec.serving.config import CONFIG_ENV, ServingConfig
+from streamrec.serving.http_guard import GuardedHttpToolsProtocol
 
 # Serving exports Prometheus metrics itself (streamrec.serving.metrics). FastAPI's native
 # OpenTelemetry hooks look the global providers up on every request (~4% of a worker's CPU in the
@@ -18,8 +19,10 @@ FASTAPI_TELEMETRY = {"tracing": False, "metrics": False, "logs": False, "operati
 
 def run_uvicorn(factory: str, host: str, port: int, workers: int, log_level: str = "warning") -> None:
     """The server settings every serving stack uses, so `streamrec bench serving` measures its
-    empty-endpoint bound (streamrec.serving.empty) on exactly the stack that serves /recommend."""
-    uvicorn.run(factory, factory=True, host=host, port=port, workers=workers, log_level=log_level, access_log=False)
+    empty-endpoint bound (streamrec.serving.empty) on exactly the stack that serves /recommend:
+    httptools with a size and a time bound on each request's head (`GuardedHttpToolsProtocol`)."""
+    uvicorn.run(factory, factory=True, host=host, port=port, workers=workers, log_level=log_level, access_log=False,
+                http=GuardedHttpToolsProtocol)
 
 
 def run_workers(config: ServingConfig, host: str, port: int, workers: int, log_level: str = "warning") -> None:

@@ -4,6 +4,7 @@ outage is a 503 with Retry-After under which nothing is acknowledged."""
 
 from __future__ import annotations
 
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -151,6 +152,45 @@ def test_an_event_too_large_to_dead_letter_whole_is_refused_alone(start_serving,
     assert post(serving, event(2)).status_code == 202  # the next request is not refused
     [letter] = [read_dead_letter(r.value) for r in read_topic(kafka_bootstrap, dlq, 1)]
     assert letter["reason"] == "unknown_field" and letter["raw_truncated"] and letter["raw_size"] > 3_000_000
+
+
+def test_a_number_beyond_a_double_rejects_its_event_alone(start_serving, monkeypatch, kafka_bootstrap, topic_pair,
+                                                          redis_url, prefix):
+    """1e400 is valid JSON that orjson refuses: the whole batch used to get a 400 and none of its
+    good events was produced. Now that event alone is rejected as non-finite and dead-lettered;
+    the NaN and Infinity literals, which are not JSON, still refuse the body."""
+    topic, dlq = topic_pair
+    serving = start_feedback(start_serving, monkeypatch, kafka_bootstrap, topic, redis_url, prefix)
+    good = [orjson.dumps(event(n)) for n in range(3)]
+    body = b"[" + b",".join([*good, b'{"event_id": "ev-9", "user_id": "g1", "item_id": "i2", "event_type": '
+                                    b'"rating", "value": 1e400}']) + b"]"
+    reply = serving.http.post("/events", content=body, headers={"Content-Type": "application/json"})
+    assert reply.status_code == 202, reply.text
+    assert (reply.json()["produced"], reply.json()["dead_lettered"]) == (3, 1)
+    assert [r["reason"] for r in reply.json()["rejected"]] == ["non_finite:value"]
+    assert sorted(v["event_id"] for v in values(read_topic(kafka_bootstrap, topic, 3))) == ["ev-0", "ev-1", "ev-2"]
+    assert [read_dead_letter(r.value)["reason"] for r in read_topic(kafka_bootstrap, dlq, 1)] == ["non_finite:value"]
+    for literal in (b"NaN", b"Infinity", b"-Infinity"):
+        assert serving.http.post("/events", content=b'[{"value": ' + literal + b"}]").status_code == 400
+
+
+def test_a_client_gone_mid_body_is_not_a_server_error(start_serving, monkeypatch, kafka_bootstrap, topic_pair,
+                                                      redis_url, prefix):
+    """A client that closes the connection halfway through its body: a traceback in the log and a
+    500 in the error counter (which alerts watch) before; 499, client closed request, now."""
+    topic, _ = topic_pair
+    serving = start_feedback(start_serving, monkeypatch, kafka_bootstrap, topic, redis_url, prefix)
+    host, port = serving.url.removeprefix("http://").split(":")
+    for _ in range(3):
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b'Content-Length: 100\r\n\r\n{"user_id"')
+    deadline = time.monotonic() + 10
+    while 'status="499"' not in (exposed := serving.fresh_get("/metrics").text) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert 'streamrec_serving_errors_total{endpoint="/events",status="499"}' in exposed
+    assert 'endpoint="/events",status="500"' not in exposed
+    assert "ClientDisconnect" not in serving.log.read_text()
 
 
 def test_malformed_and_oversized_requests_are_refused(start_serving, monkeypatch, kafka_bootstrap, topic_pair,

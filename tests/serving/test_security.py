@@ -115,6 +115,101 @@ def test_a_body_that_stops_arriving_is_answered_408(servers: Servers) -> None:
     assert slow.status_code == 200, slow.text  # a whole body is not timed out
 
 
+def test_a_trickled_body_is_answered_408(servers: Servers) -> None:
+    """A byte every half second restarted the body's read timeout each time (1 s on this server),
+    so the request was held as long as the client kept dripping; the body must now average
+    64 KiB/s after its first second."""
+    host, port = servers.locked.url.removeprefix("http://").split(":")
+    started = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall((f"POST /rescore HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                      "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n").encode())
+        reply = b""
+        try:
+            for _ in range(40):
+                sock.sendall(b" ")
+                sock.settimeout(0.5)
+                try:
+                    reply += sock.recv(65536)
+                except TimeoutError:
+                    continue
+                if reply:
+                    break
+            sock.settimeout(5)
+            while chunk := sock.recv(65536):
+                reply += chunk
+        except OSError:  # closed after the answer
+            pass
+    assert reply.startswith(b"HTTP/1.1 408") and b"slower than" in reply, reply[:200]
+    assert time.monotonic() - started < 8
+
+
+def _head_reply(serving: Serving, send: list[bytes], pause: float = 0.0, timeout: float = 30.0) -> tuple[bytes, float]:
+    """Send the parts (pausing between them), then read until the server closes; (reply, seconds)."""
+    host, port = serving.url.removeprefix("http://").split(":")
+    started = time.monotonic()
+    reply = b""
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        try:
+            for part in send:
+                sock.sendall(part)
+                sock.settimeout(pause or 0.001)  # an answer while still sending ends the sending
+                try:
+                    reply += sock.recv(65536)
+                except TimeoutError:
+                    continue
+                if reply:
+                    break
+            sock.settimeout(timeout)
+            while chunk := sock.recv(65536):
+                reply += chunk
+        except (ConnectionResetError, BrokenPipeError):  # refused while still sending
+            pass
+    return reply, time.monotonic() - started
+
+
+def test_a_head_that_never_ends_is_refused_431(servers: Servers) -> None:
+    """A header line that never ends was buffered whole: 300 MB of it grew a worker by 357 MB."""
+    reply, _ = _head_reply(servers.open, [b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: "] + [b"x" * (1 << 18)] * 12)
+    assert reply.startswith(b"HTTP/1.1 431"), reply[:200]
+    assert servers.open.fresh_get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("drip", [False, True], ids=["silent", "slowloris"])
+def test_a_head_not_complete_in_10s_is_answered_408(servers: Servers, drip: bool) -> None:
+    """A connection that sends nothing, or a head a line at a time, was never closed by uvicorn:
+    enough of them take every file descriptor of the worker."""
+    parts = [b"GET /healthz HTTP/1.1\r\n"] + ([b"X-A: b\r\n"] * 15 if drip else [])
+    reply, seconds = _head_reply(servers.open, parts, pause=1.0 if drip else 0.0)
+    assert reply.startswith(b"HTTP/1.1 408") and b"within 10 s" in reply, reply[:200]
+    assert 9 < seconds < 14
+
+
+def test_percent_encoding_that_is_not_utf8_is_refused(servers: Servers) -> None:
+    """caf%E9, caf%E8 and caf%FF were all decoded to the user "caf\ufffd": one history for all."""
+    for path in ("/recommend?user_id=caf%E9", "/recommend?user_id=caf%FF&exclude_seen=yes",
+                 "/similar/caf%E9", "/ui/api/users/caf%E8/history"):
+        reply = servers.open.http.get(path)
+        assert reply.status_code == 400 and "UTF-8" in reply.json()["detail"], (path, reply.text)
+    assert servers.open.http.get("/recommend?user_id=caf%C3%A9").status_code == 200  # "café", UTF-8
+
+
+def test_an_item_id_with_a_slash_is_found(servers: Servers) -> None:
+    """/similar/cat%2Fa did not match the route (uvicorn decodes %2F before routing): 404 "Not
+    Found" for an item the same server recommends."""
+    for path in ("/similar/cat%2Fa", "/similar/cat/a"):
+        reply = servers.open.http.get(path)
+        assert reply.status_code == 404 and reply.json()["detail"] == "unknown item 'cat/a'", reply.text
+    assert servers.open.get("/similar/i1").status_code == 200
+
+
+def test_the_fast_path_refuses_a_diversity_fastapi_refuses(servers: Servers) -> None:
+    """float() reads non-ASCII digits ("\u0661" is 1 in Arabic-Indic): the fast path applied
+    diversity 1 where the FastAPI route answers 422."""
+    for value in ("\u0661", "\uff11", "0.\u0665"):
+        assert servers.open.get("/recommend", user_id="u1", diversity=value).status_code == 422
+
+
 def test_rescore_candidate_limits(servers: Servers) -> None:
     http = servers.open.http
     largest = ["i1"] + ["c" * 254 + f"{n:02d}"[-2:] for n in range(9_999)]  # 10,000 ids of <= 256 bytes: 2.6 MB

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import FastAPI, Query
+from fastapi import Path as PathParameter
 from fastapi.params import Depends
 from fastapi.responses import FileResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -78,8 +79,9 @@ def add_console_routes(app: FastAPI, config: ServingConfig, holder: StateHolder,
             found, total = search.find(state, "users", prefix, limit) if state else ([], 0)
         return _json({"users": found, "total": total})
 
-    @app.get("/ui/api/users/{user_id}/history", dependencies=guarded, tags=["console"], responses=DOCUMENTED)
-    def console_history(user_id: str, n: int = Query(20, ge=1, le=MAX_IDS)) -> Response:
+    @app.get("/ui/api/users/{user_id:path}/history", dependencies=guarded, tags=["console"], responses=DOCUMENTED)
+    def console_history(user_id: str = PathParameter(min_length=1, max_length=MAX_ID_LENGTH),
+                        n: int = Query(20, ge=1, le=MAX_IDS)) -> Response:
         """The user's newest items from the Redis feature store (`redis_down` while it is not reachable)."""
         history = pipeline.history.user_history(user_id, n, False)
         if history is None:
