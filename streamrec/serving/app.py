@@ -27,6 +27,7 @@ import faiss
 import orjson
 from fastapi import Depends, FastAPI, Path, Query
 from fastapi.responses import Response
+from fastapi.routing import APIRoute
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -41,7 +42,7 @@ from streamrec.serving.fastpath import MAX_DEVICE, MAX_USER_ID, RecommendFastPat
 from streamrec.serving.feedback import add_feedback_routes
 from streamrec.serving.filters import MAX_CLAUSES, FilterError, ItemFilter
 from streamrec.serving.history import History
-from streamrec.serving.http_guard import StrictPercentEncoding
+from streamrec.serving.http_guard import BAD_ENCODING, StrictPercentEncoding
 from streamrec.serving.impressions import ImpressionLog
 from streamrec.serving.ingest import producer_timeouts
 from streamrec.serving.limits import STATUS as TOO_LARGE
@@ -278,7 +279,7 @@ def create_app(config: ServingConfig) -> FastAPI:
                 return _json({"detail": str(exc)}, 503)
             return _json(envelope(state, {"user_id": request.user_id, **body}))
 
-    @app.get("/similar/{item_id:path}", dependencies=guarded,  # `path`: an id may hold "/" (sent as %2F or not)
+    @app.get("/similar/{item_id:id}", dependencies=guarded,  # `id`: an id may hold "/" or a newline (http_guard)
              responses={200: {"model": schemas.SimilarResponse}, 404: {"model": schemas.Error}, **unavailable,
                         **UNAUTHORIZED, **too_large})
     def similar(item_id: str = Path(min_length=1, max_length=256), k: int = Query(10, ge=1, le=MAX_K)) -> Response:
@@ -323,6 +324,9 @@ def create_app(config: ServingConfig) -> FastAPI:
 
     add_feedback_routes(app, config, metrics, guarded)
     add_console_routes(app, config, holder, pipeline, metrics, guarded)
+    for route in app.routes:  # StrictPercentEncoding answers before any route: each one documents it
+        if isinstance(route, APIRoute):
+            route.responses.setdefault(400, {"model": schemas.Error, "description": BAD_ENCODING})
     return app
 
 

@@ -16,6 +16,10 @@ that is not UTF-8.
 UTF-8 with replacement, so `caf%E9`, `caf%E8` and `caf%FF` (Latin-1 clients) all became the user
 `caf\ufffd`, one history shared by all of them. A path or query whose percent-decoded bytes are not
 UTF-8 is now refused (400); the check runs only on strings that hold a `%`.
+
+`{name:id}` in a route: one path parameter that is a whole id, whatever it holds. uvicorn decodes
+`%2F` before routing, so Starlette's default parameter (no `/`) missed `/similar/cat%2Fa`, and its
+`path` parameter (`.*`) misses an id with a newline.
 """
 
 from __future__ import annotations
@@ -24,12 +28,27 @@ import asyncio
 from urllib.parse import unquote_to_bytes
 
 import orjson
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 MAX_HEAD_BYTES = 1 << 20  # request line and headers; h11's default is 16 KiB, nginx's 8 KiB per line
 HEAD_TIMEOUT_S = 10.0
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+BAD_ENCODING = "the path or query percent-encodes bytes that are not UTF-8"
+
+
+class IdConvertor(Convertor[str]):
+    regex = r"[\s\S]+"  # any character, "/" and newlines included
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("id", IdConvertor())
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -103,7 +122,7 @@ class StrictPercentEncoding:
         if scope["type"] == "http":
             for part in (scope.get("raw_path") or b"", scope["query_string"]):
                 if b"%" in part and not _utf8(unquote_to_bytes(part.replace(b"+", b" "))):
-                    body = orjson.dumps({"detail": "the path or query percent-encodes bytes that are not UTF-8"})
+                    body = orjson.dumps({"detail": BAD_ENCODING})
                     await send({"type": "http.response.start", "status": 400,
                                 "headers": [(b"content-type", b"application/json"),
                                             (b"content-length", str(len(body)).encode())]})

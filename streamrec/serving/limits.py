@@ -23,6 +23,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 STATUS = 413
 TIMEOUT_STATUS = 408
 MIN_BODY_RATE = 64 << 10  # bytes per second a body must average (after its first read_timeout_s)
+# the rest of a refused body is never read, so the connection cannot carry another request: whoever
+# answers (this middleware, or FastAPI's handler when the error rises while it reads the body) says
+# so and uvicorn closes it at once (before, a 408 from FastAPI left it open, the unread body pending)
+CLOSE = {"connection": "close"}
 
 
 class BodyTooLarge(HTTPException):
@@ -30,7 +34,7 @@ class BodyTooLarge(HTTPException):
     raised while it reads a body into a 400, passes it on and answers 413."""
 
     def __init__(self, limit: int) -> None:
-        super().__init__(STATUS, f"request body over the {limit}-byte limit of this endpoint")
+        super().__init__(STATUS, f"request body over the {limit}-byte limit of this endpoint", headers=CLOSE)
 
 
 class BodyStalled(HTTPException):
@@ -39,7 +43,7 @@ class BodyStalled(HTTPException):
 
     def __init__(self, seconds: float, trickled: bool = False) -> None:
         super().__init__(TIMEOUT_STATUS, f"the request body arrived slower than {MIN_BODY_RATE} bytes/s" if trickled
-                         else f"no part of the request body arrived for {seconds:g} s")
+                         else f"no part of the request body arrived for {seconds:g} s", headers=CLOSE)
 
 
 class BodyLimit:

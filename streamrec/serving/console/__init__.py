@@ -19,6 +19,7 @@ from fastapi.params import Depends
 from fastapi.responses import FileResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+import streamrec.serving.http_guard  # noqa: F401  (registers the {name:id} route parameter used below)
 from streamrec.serving import schemas
 from streamrec.serving.auth import UNAUTHORIZED
 from streamrec.serving.config import ServingConfig
@@ -79,7 +80,7 @@ def add_console_routes(app: FastAPI, config: ServingConfig, holder: StateHolder,
             found, total = search.find(state, "users", prefix, limit) if state else ([], 0)
         return _json({"users": found, "total": total})
 
-    @app.get("/ui/api/users/{user_id:path}/history", dependencies=guarded, tags=["console"], responses=DOCUMENTED)
+    @app.get("/ui/api/users/{user_id:id}/history", dependencies=guarded, tags=["console"], responses=DOCUMENTED)
     def console_history(user_id: str = PathParameter(min_length=1, max_length=MAX_ID_LENGTH),
                         n: int = Query(20, ge=1, le=MAX_IDS)) -> Response:
         """The user's newest items from the Redis feature store (`redis_down` while it is not reachable)."""
