@@ -32,6 +32,8 @@ from starlette.convertors import Convertor, register_url_convertor
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from streamrec.serving.limits import send_detail
+
 MAX_HEAD_BYTES = 1 << 20  # request line and headers; h11's default is 16 KiB, nginx's 8 KiB per line
 HEAD_TIMEOUT_S = 10.0
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
@@ -121,12 +123,8 @@ class StrictPercentEncoding:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             for part in (scope.get("raw_path") or b"", scope["query_string"]):
-                if b"%" in part and not _utf8(unquote_to_bytes(part.replace(b"+", b" "))):
-                    body = orjson.dumps({"detail": BAD_ENCODING})
-                    await send({"type": "http.response.start", "status": 400,
-                                "headers": [(b"content-type", b"application/json"),
-                                            (b"content-length", str(len(body)).encode())]})
-                    await send({"type": "http.response.body", "body": body})
+                if b"%" in part and not _utf8(unquote_to_bytes(part)):
+                    await send_detail(send, 400, BAD_ENCODING)
                     return
         await self.app(scope, receive, send)
 

@@ -120,8 +120,13 @@ def _content_length(scope: Scope) -> int | None:
 
 
 async def _refuse(send: Send, exc: HTTPException) -> None:
-    body = orjson.dumps({"detail": exc.detail})
-    await send({"type": "http.response.start", "status": exc.status_code,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+    await send_detail(send, exc.status_code, str(exc.detail), close=True)
+
+
+async def send_detail(send: Send, status: int, detail: str, close: bool = False) -> None:
+    """A `{"detail": ...}` JSON answer from ASGI middleware that answers before the application."""
+    body = orjson.dumps({"detail": detail})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status,
+                "headers": headers + [(b"connection", b"close")] if close else headers})
     await send({"type": "http.response.body", "body": body})
