@@ -234,7 +234,7 @@ def run_demo(settings: Settings, options: DemoOptions, display: Any) -> dict[str
                 break
             display(_status(replayed, len(log), started, report_path, ps_address, queries, refits))
             time.sleep(0.5)
-        time.sleep(options.poll_interval + 1)  # one more poll: serving holds the final model
+        _await_serving_answer(queries, options.poll_interval + 1, processes)
         queries.stop.set()
         queries.thread.join()
         while refits.busy.locked():
@@ -260,11 +260,24 @@ def run_demo(settings: Settings, options: DemoOptions, display: Any) -> dict[str
                                                 "evaluated": len(points)}
                                          for name, points in scorer.points.items() if points}},
         "serving": {"requests": len(latencies), "p50_ms": _pct(latencies, 50), "p99_ms": _pct(latencies, 99),
-                    "staleness_seconds": queries.staleness},
+                    "staleness_seconds": queries.staleness, "before_first_model": len(queries.unavailable)},
         "serving_errors": queries.errors, "last_serving_error": queries.last_error,
         "refits": {name: {"count": len(d), "mean_seconds": float(np.mean(d))} for name, d in refits.durations.items()},
         "plots": plots, "logs": str(out),
     }
+
+
+def _await_serving_answer(queries: Queries, settle_s: float, processes: Processes, patience_s: float = 90.0) -> None:
+    """One more poll so serving holds the final model, then until serving has answered a query
+    after it. On a loaded machine the workers can still be starting (answering 503, which is no
+    error) when a short replay ends; stopping the queries then would report a pipeline whose
+    serving nobody ever heard from. Bounded: a serving that never answers is reported as it is."""
+    time.sleep(settle_s)
+    settled = time.monotonic()
+    deadline = settled + patience_s
+    while time.monotonic() < deadline and not (queries.latencies and queries.latencies[-1][0] >= settled):
+        processes.check()
+        time.sleep(0.2)
 
 
 def _count(value: float | None) -> str:
