@@ -132,23 +132,29 @@ def write(path: Path, header: dict[str, Any], arrays: dict[str, Source], key: by
     body += b" " * (_aligned(16 + len(body)) - 16 - len(body))
     digest = hasher(key)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as out:
+    try:
+        with open(tmp, "wb") as out:
 
-        def emit(chunk: bytes | memoryview) -> None:
-            digest.update(chunk)
-            out.write(chunk)
+            def emit(chunk: bytes | memoryview) -> None:
+                digest.update(chunk)
+                out.write(chunk)
 
-        emit(MAGIC + struct.pack("<Q", len(body)) + body)
-        written = 0
-        for name, array in arrays.items():
-            emit(b"\0" * (layout[name]["offset"] - written))
-            written = layout[name]["offset"]
-            for chunk in array.chunks() if isinstance(array, BlockSnapshot) else [array]:
-                emit(raw_bytes(chunk))
-                written += chunk.nbytes
-        out.write(digest.digest())
-        out.flush()
-        os.fsync(out.fileno())
+            emit(MAGIC + struct.pack("<Q", len(body)) + body)
+            written = 0
+            for name, array in arrays.items():
+                emit(b"\0" * (layout[name]["offset"] - written))
+                written = layout[name]["offset"]
+                for chunk in array.chunks() if isinstance(array, BlockSnapshot) else [array]:
+                    emit(raw_bytes(chunk))
+                    written += chunk.nbytes
+            out.write(digest.digest())
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        # a full disk: the partial file would hold the space the next checkpoint (or anything
+        # else on that disk) needs until the next save cleared it, and a final one never is
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     directory = os.open(path.parent, os.O_RDONLY)
     try:

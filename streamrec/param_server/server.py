@@ -443,4 +443,11 @@ def run(
                 log.exception("periodic checkpoint failed")
     server.stop()
     if checkpoints is not None:
-        server.checkpoint()
+        try:
+            server.checkpoint()
+        except OSError as exc:  # a full disk, most likely: say what survives, exit non-zero, no traceback
+            newest = checkpoints.files()[:1]
+            log.error("final checkpoint failed (%s): this shard stopped at version %d, the newest checkpoint on "
+                      "disk is %s. A restart resumes from that, and the trainer re-applies the rest from Kafka's "
+                      "retained log", exc, store.version, newest[0] if newest else "none")
+            raise SystemExit(1) from None
