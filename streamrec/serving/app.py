@@ -113,15 +113,15 @@ def _within_id_bytes(value: str) -> str:
     return value
 
 
-CandidateId = Annotated[str, Field(max_length=MAX_ID_BYTES), AfterValidator(_within_id_bytes)]
+WireId = Annotated[str, Field(max_length=MAX_ID_BYTES), AfterValidator(_within_id_bytes)]
 
 
 class RescoreRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a field /rescore does not take (`k`, say) is a 422, not ignored
 
-    user_id: str = Field(min_length=1, max_length=MAX_ID_BYTES)
-    candidates: list[CandidateId] = Field(min_length=1, max_length=MAX_CANDIDATES,
-                                          description=f"at most {MAX_CANDIDATES} ids of at most {MAX_ID_BYTES} bytes")
+    user_id: WireId = Field(min_length=1)
+    candidates: list[WireId] = Field(min_length=1, max_length=MAX_CANDIDATES,
+                                     description=f"at most {MAX_CANDIDATES} ids of at most {MAX_ID_BYTES} bytes")
 
 
 def create_app(config: ServingConfig) -> FastAPI:

@@ -202,6 +202,7 @@ def test_rescore_candidate_limits(servers: Servers) -> None:
     assert http.post("/rescore", json={"user_id": "u1", "candidates": ["x" * 257]}).status_code == 422
     wide = "é" * 129  # 129 characters, 258 bytes
     assert http.post("/rescore", json={"user_id": "u1", "candidates": [wide]}).status_code == 422
+    assert http.post("/rescore", json={"user_id": wide, "candidates": ["i1"]}).status_code == 422  # bytes, as ids are
 
 
 @pytest.mark.parametrize(("method", "path", "params"), [
