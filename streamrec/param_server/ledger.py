@@ -51,6 +51,8 @@ class StaleEpoch(PushRefused):
 
 def checked_ranges(ranges: Mapping[str, object]) -> dict[str, tuple[int, int]]:
     """`{pkey: (a, b)}` with 0 <= a <= b integers, or a ValueError naming the bad entry."""
+    if not isinstance(ranges, Mapping):
+        raise ValueError(f"ranges must map partition keys to [a, b), got {str(ranges)[:100]!r}")
     out = {}
     for pkey, bounds in ranges.items():
         if not isinstance(pkey, str) or not pkey:
@@ -66,8 +68,8 @@ def checked_ranges(ranges: Mapping[str, object]) -> dict[str, tuple[int, int]]:
 
 
 def checked_epochs(epochs: Mapping[str, object]) -> dict[str, int]:
-    if not all(isinstance(pkey, str) and isinstance(e, int) and not isinstance(e, bool) for pkey, e in epochs.items()):
-        raise ValueError(f"epochs must map partition keys to integers, got {dict(epochs)!r}")
+    if not isinstance(epochs, Mapping) or not all(isinstance(pkey, str) and isinstance(e, int) and not isinstance(e, bool) for pkey, e in epochs.items()):
+        raise ValueError(f"epochs must map partition keys to integers, got {str(epochs)[:100]!r}")
     return dict(epochs)  # type: ignore[arg-type]
 
 

@@ -41,10 +41,31 @@ from streamrec.param_server.store import ParamStore
 from streamrec.param_server.table import TableFullError
 
 DEFAULT_CHUNK_ROWS = 65536
+MAX_NAME_CHARS = 1024  # a table's or blob's name on the wire
 log = logging.getLogger(__name__)
 Reply = tuple[dict[str, Any], dict[str, np.ndarray]]
 # errors a caller caused: reported to it by type name, not logged as server faults
 CLIENT_ERRORS = (KeyError, ValueError, TypeError, TableFullError)
+
+
+def named(header: dict[str, Any], field: str = "table") -> str:
+    """A table's or blob's name from a frame header. A name of another JSON type was taken as it
+    came: a blob named 7 made every later blob listing unserialisable, so every serving worker's
+    sync failed from then on (and the checkpoint carried it over a restart)."""
+    return checked_name(header.get(field), field)
+
+
+def checked_name(value: object, field: str) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME_CHARS:
+        raise TypeError(f"{field} must be a string of 1 to {MAX_NAME_CHARS} characters, got {str(value)[:100]!r}")
+    return value
+
+
+def _listed(header: dict[str, Any], field: str) -> list[object]:
+    value = header.get(field)
+    if not isinstance(value, list):  # list("ab") would claim partitions "a" and "b"
+        raise TypeError(f"{field} must be a list, got {str(value)[:100]!r}")
+    return value
 
 
 class _Handler(socketserver.BaseRequestHandler):
@@ -280,25 +301,26 @@ class ParamServer:
         return [({"info": self.store.info()}, {})]
 
     def _create_table(self, message: Message) -> Iterable[Reply]:
-        return [({"table": self.store.create_table(self.store.spec_from(message.header["spec"]))}, {})]
+        return [({"table": self.store.create_table(self.store.spec_from(message.header.get("spec")))}, {})]
 
     def _drop_table(self, message: Message) -> Iterable[Reply]:
-        return [({"dropped": self.store.drop_table(message.header["table"])}, {})]
+        return [({"dropped": self.store.drop_table(named(message.header))}, {})]
 
     def _pull(self, message: Message) -> Iterable[Reply]:
         keys = keys_from(message.arrays)
         self._rows("pull", len(keys))
         if message.header.get("learned") is True:  # the watermarks the rows have learned, too
-            values, found, dim, learned = self.store.pull_learned(message.header["table"], keys,
+            values, found, dim, learned = self.store.pull_learned(named(message.header), keys,
                                                                   self.limits.frames.max_body)
             return [({"dim": dim, "learned": learned}, {"values": values, "found": found})]
-        values, found, dim = self.store.pull(message.header["table"], keys, self.limits.frames.max_body)
+        values, found, dim = self.store.pull(named(message.header), keys, self.limits.frames.max_body)
         return [({"dim": dim}, {"values": values, "found": found})]
 
     def _push(self, message: Message) -> Iterable[Reply]:
         header, arrays = message.header, message.arrays
         updates = []
-        for i, name in enumerate(header["tables"]):
+        for i, table in enumerate(_listed(header, "tables")):
+            name = checked_name(table, "table")
             keys = keys_from(arrays, f"ids{i}")
             updates.append((name, keys, arrays[f"grads{i}"]))
             self._rows("push", len(keys))
@@ -313,7 +335,7 @@ class ParamServer:
     def _assign(self, message: Message) -> Iterable[Reply]:
         keys = keys_from(message.arrays)
         self._rows("assign", len(keys))
-        version = self.store.assign(message.header["table"], keys, message.arrays["values"], message.header.get("event_time"),
+        version = self.store.assign(named(message.header), keys, message.arrays["values"], message.header.get("event_time"),
                                     only_new=bool(message.header.get("only_new", False)))
         return [({"version": version}, {})]
 
@@ -322,7 +344,7 @@ class ParamServer:
         chunk is held whole until the peer has read it, so its size is capped like a pull's reply
         (`--max-body-bytes`), whatever `chunk_rows` asks: one chunk of a whole large table per
         connection that never read it pinned a copy of the table each."""
-        table = message.header["table"]
+        table = named(message.header)
         plan = self.store.delta_plan(table, int(message.header.get("since", 0)))
         chunk_rows = min(max(1, int(message.header.get("chunk_rows", DEFAULT_CHUNK_ROWS))),
                          max(1, self.limits.frames.max_body // plan.row_bytes))
@@ -339,14 +361,15 @@ class ParamServer:
     def _put_blob(self, message: Message) -> Iterable[Reply]:
         data = message.arrays.get("data", np.empty(0, np.uint8)).tobytes()
         self._rows("put_blob", len(data))
-        return [({"version": self.store.put_blob(message.header["name"], data)}, {})]
+        return [({"version": self.store.put_blob(named(message.header, "name"), data)}, {})]
 
     def _get_blob(self, message: Message) -> Iterable[Reply]:
         if "name" not in message.header:
             return [({"blobs": self.store.blob_versions()}, {})]
-        blob = self.store.get_blob(message.header["name"])
+        name = named(message.header, "name")
+        blob = self.store.get_blob(name)
         if blob is None:
-            raise KeyError(f"no blob named {message.header['name']!r}")
+            raise KeyError(f"no blob named {name!r}")
         if blob.version <= int(message.header.get("since", 0)):
             return [({"version": blob.version, "changed": False}, {})]
         return [({"version": blob.version, "changed": True}, {"data": np.frombuffer(blob.data, np.uint8)})]
@@ -355,7 +378,7 @@ class ParamServer:
         return [({"meta": self.store.meta_record()}, {})]
 
     def _claim(self, message: Message) -> Iterable[Reply]:
-        claimed = self.store.claim(list(message.header["pkeys"]))
+        claimed = self.store.claim(_listed(message.header, "pkeys"))
         return [({"epochs": claimed.epochs, "next_offsets": claimed.next_offsets}, {})]
 
     def _watermarks(self, message: Message) -> Iterable[Reply]:

@@ -7,6 +7,8 @@ only talks to a parameter server (a serving worker, a client) does not load kern
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -22,6 +24,20 @@ MAX_WIDTH = 8192  # floats per row: a wider table turns a small pull into a huge
 MAX_ADMISSION_WIDTH = 1 << 22  # counters per sketch row: 64 MB of sketch at the default depth
 
 OptimizerName = Literal["sgd", "adagrad"]
+MAX_LR = 100.0  # anything larger only makes rows non-finite
+MAX_INIT_STD = 10.0
+
+
+def _integer(field: str, value: object, low: int, high: int) -> None:
+    """Specs arrive as JSON from any peer: a seed of [1] or a min_count of 1.5 was stored as it came."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"{field} must be an integer in [{low}, {high}], got {value!r}")
+
+
+def _real(field: str, value: object, low: float, high: float, *, above_low: bool = False) -> None:
+    if (not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value)
+            or not low <= value <= high or (above_low and value == low)):
+        raise ValueError(f"{field} must be a number in {'(' if above_low else '['}{low}, {high}], got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -35,8 +51,11 @@ class OptimizerSpec:
     def __post_init__(self) -> None:
         if self.name not in ("sgd", "adagrad"):
             raise ValueError(f"unknown optimiser {self.name!r}; choose sgd or adagrad")
-        if self.lr <= 0 or (self.scalar_lr is not None and self.scalar_lr <= 0):
-            raise ValueError("learning rates must be positive")
+        _real("lr", self.lr, 0.0, MAX_LR, above_low=True)
+        if self.scalar_lr is not None:
+            _real("scalar_lr", self.scalar_lr, 0.0, MAX_LR, above_low=True)
+        _real("eps", self.eps, 0.0, 1.0, above_low=True)  # Adagrad divides by sqrt(accumulator) + eps
+        _real("initial_accumulator", self.initial_accumulator, 0.0, 1e6)
 
     @property
     def state_per_value(self) -> int:
@@ -66,18 +85,23 @@ class TableSpec:
     admission_width: int = DEFAULT_WIDTH
 
     def __post_init__(self) -> None:
-        if not _NAME.match(self.name):
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
             raise ValueError(f"table name {self.name!r} must be 1-128 of [A-Za-z0-9_.-]")
-        if self.dim < 1 or self.scalars < 0 or self.dim + self.scalars > MAX_WIDTH:
-            raise ValueError(f"dim must be >= 1, scalars >= 0 and dim + scalars <= {MAX_WIDTH}")
+        _integer("dim", self.dim, 1, MAX_WIDTH)
+        _integer("scalars", self.scalars, 0, MAX_WIDTH)
+        _real("init_std", self.init_std, 0.0, MAX_INIT_STD)
+        _integer("seed", self.seed, 0, 2**63 - 1)
+        _integer("min_count", self.min_count, 1, 2**31 - 1)
+        if self.ttl is not None:
+            _real("ttl", self.ttl, 0.0, 1e12, above_low=True)
+        _integer("max_rows", self.max_rows, 1, 2**31 - 1)
+        _integer("admission_width", self.admission_width, 1, MAX_ADMISSION_WIDTH)
+        if not isinstance(self.optimizer, OptimizerSpec):
+            raise ValueError(f"optimizer must be an OptimizerSpec, got {self.optimizer!r}")
+        if self.dim + self.scalars > MAX_WIDTH:
+            raise ValueError(f"dim + scalars must be at most {MAX_WIDTH}")
         if self.key_type not in ("int", "str"):
             raise ValueError("key_type must be 'int' or 'str'")
-        if self.min_count < 1 or (self.ttl is not None and self.ttl <= 0):
-            raise ValueError("min_count must be >= 1 and ttl positive (or None)")
-        if not 1 <= self.max_rows < 2**31:
-            raise ValueError("max_rows must be in [1, 2**31)")
-        if not 1 <= self.admission_width <= MAX_ADMISSION_WIDTH:
-            raise ValueError(f"admission_width must be in [1, {MAX_ADMISSION_WIDTH}]")
 
     @property
     def width(self) -> int:

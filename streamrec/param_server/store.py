@@ -152,6 +152,8 @@ class ParamStore:
 
     def spec_from(self, data: dict[str, Any]) -> TableSpec:
         """A TableSpec from its JSON form; no (or null) max_rows: this store's default."""
+        if not isinstance(data, dict):
+            raise TypeError(f"a table spec is a JSON object, got {str(data)[:100]!r}")
         if data.get("max_rows") is None:
             data = {**data, "max_rows": self.default_max_rows}
         return TableSpec.from_dict(data)

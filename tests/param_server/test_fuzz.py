@@ -233,6 +233,49 @@ def test_a_reply_is_cut_to_the_body_cap_whatever_chunk_rows_asks(start_server: S
     assert max(chunk.values.nbytes for chunk in chunks) <= cap
 
 
+ODD_VALUES = (1, "x", "4", [1], {"a": 1}, None, 1.5, True, -1, 2**63, 1e308, [[1]], ["a", {"x": 1}])
+HEADER_FIELDS = {"create_table": ("spec",), "drop_table": ("table",), "pull": ("table", "learned"),
+                 "push": ("tables", "meta", "ranges", "epochs", "event_time", "events", "incarnation"),
+                 "assign": ("table", "event_time", "only_new"), "delta": ("table", "since", "chunk_rows"),
+                 "put_blob": ("name",), "get_blob": ("name", "since"), "claim": ("pkeys",)}
+SPEC_FIELDS = ("dim", "scalars", "key_type", "optimizer", "init_std", "seed", "min_count", "ttl", "max_rows",
+               "admission_width")
+ODD_OPTIMIZERS = ({"name": "adagrad", "lr": 1e308}, {"eps": -1.0}, {"eps": 0.0}, {"initial_accumulator": "q"},
+                  {"name": "sgd", "lr": "x"}, {"scalar_lr": -1})
+
+
+def test_header_fields_of_the_wrong_type_are_refused_and_never_stored(start_server: StartServer) -> None:
+    """Every field a frame header carries, given every JSON type: an error reply of the caller's
+    kind (no server traceback in the log), and nothing stored that breaks later. A blob named 7
+    made every blob listing unserialisable (serving's sync failed for good, the checkpoint kept
+    it); a table spec with seed [1], an lr of 1e308 or a negative Adagrad eps was created, and
+    its rows came out non-finite or its pushes divided by zero."""
+    server = start_server("--no-checkpoints")
+    host, _, port = server.address.rpartition(":")
+    frames = [{"op": op, "table": "t", "tables": [], field: value}
+              for op, fields in HEADER_FIELDS.items() for field in fields for value in ODD_VALUES]
+    frames += [{"op": "create_table", "spec": {"name": f"s{i}", "dim": 4, field: value}}
+               for i, (field, value) in enumerate((f, v) for f in SPEC_FIELDS for v in (*ODD_VALUES, *ODD_OPTIMIZERS))]
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(frame({"op": "hello", "arrays": []}))
+        protocol.recv(sock)
+        sock.sendall(frame({"op": "create_table", "spec": {"name": "t", "dim": 4}, "arrays": []}))
+        assert protocol.recv(sock).header["ok"]
+        for header in frames:
+            sock.sendall(frame({**header, "arrays": []}))
+            reply = protocol.recv(sock)
+            assert reply is not None, header
+            assert reply.header["ok"] or reply.header["error"]["type"] in {"ValueError", "TypeError", "KeyError",
+                                                                          "offsets"}, (header, reply.header)
+    with ParamClient([server.address], retries=0) as client:
+        assert set(client.blobs()) <= {"x", "4"}  # only names that are strings were stored
+        for table in client.info()[0]["tables"]:  # every table that was created works
+            name, width = table["name"], table["spec"]["dim"] + table["spec"]["scalars"]
+            client.push({name: (["a"], np.ones((1, width), np.float32))})  # one row: max_rows 1 is valid
+            assert np.isfinite(client.pull(name, ["a"]).values).all(), table
+    assert "Traceback" not in server.stop()
+
+
 def test_ops_a_peer_makes_up_get_error_replies_under_one_metrics_label(start_server: StartServer) -> None:
     """An op that is not a string (a list was unhashable: a traceback, no reply, the connection
     gone) gets an error reply like an unknown name, and made-up names share the metrics label
