@@ -3,7 +3,8 @@
 A dead letter is a JSON object: `reason` (short code, see `streamrec.stream.events.InvalidEvent`),
 `detail`, `source` (where the record came from: topic/partition/offset or file/line),
 `component` (which process rejected it), `time` (epoch seconds of rejection) and `raw_base64`
-(the exact bytes). The record key is the original key; header `streamrec-reason` repeats the reason.
+(the exact bytes; empty with `raw_null` for a tombstone, a record whose value is null). The
+record key is the original key; header `streamrec-reason` repeats the reason.
 
 A record is kept whole up to MAX_RAW_BYTES. Past that the letter keeps its first MAX_RAW_BYTES with
 `raw_truncated`, `raw_size` and `raw_sha256`: an 800 kB record of junk made a letter over the
@@ -30,17 +31,22 @@ MAX_DETAIL_CHARS = 1024
 MAX_KEY_BYTES = 1024
 
 
-def dead_letter_record(raw: bytes, reason: str, detail: str, source: dict[str, Any], component: str) -> bytes:
+def dead_letter_record(raw: bytes | None, reason: str, detail: str, source: dict[str, Any], component: str) -> bytes:
+    """`raw` None: the record was a tombstone (`raw_null`); slicing it killed the trainer on that
+    record at every restart."""
+    data = b"" if raw is None else raw
     letter: dict[str, Any] = {
         "reason": reason[:MAX_DETAIL_CHARS],
         "detail": detail[:MAX_DETAIL_CHARS],
         "source": source,
         "component": component,
         "time": time.time(),
-        "raw_base64": base64.b64encode(raw[:MAX_RAW_BYTES]).decode("ascii"),
+        "raw_base64": base64.b64encode(data[:MAX_RAW_BYTES]).decode("ascii"),
     }
-    if len(raw) > MAX_RAW_BYTES:
-        letter.update(raw_truncated=True, raw_size=len(raw), raw_sha256=hashlib.sha256(raw).hexdigest())
+    if raw is None:
+        letter["raw_null"] = True
+    if len(data) > MAX_RAW_BYTES:
+        letter.update(raw_truncated=True, raw_size=len(data), raw_sha256=hashlib.sha256(data).hexdigest())
     return orjson.dumps(letter)
 
 
@@ -60,7 +66,7 @@ class DeadLetterSink:
         self.count = 0
 
     def send(
-        self, raw: bytes, reason: str, source: dict[str, Any], detail: str = "", key: bytes | None = None
+        self, raw: bytes | None, reason: str, source: dict[str, Any], detail: str = "", key: bytes | None = None
     ) -> None:
         self.producer.send(
             self.topic,

@@ -43,6 +43,10 @@ class InvalidEvent(ValueError):
         self.detail = detail
 
 
+# a Kafka tombstone on the interaction topic: no event, and no bytes to keep beyond the fact
+NULL_VALUE = InvalidEvent("null_value", "a record without a value (a tombstone)")
+
+
 @dataclass(frozen=True)
 class EventSchema:
     """The accepted event types and context bounds; one instance per process."""
@@ -128,15 +132,17 @@ class EventSchema:
             raise InvalidEvent("context_too_large", f"{size} bytes > {self.max_context_bytes}")
         return context
 
-    def decode(self, raw: bytes, now: float | None = None) -> dict[str, Any]:
+    def decode(self, raw: bytes | None, now: float | None = None) -> dict[str, Any]:
         """Wire bytes -> validated event."""
+        if raw is None:
+            raise NULL_VALUE
         try:
             obj = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise InvalidEvent("not_json", str(exc)[:200]) from None
         return self.validate(obj, now)
 
-    def decode_many(self, raws: Sequence[bytes], now: float | None = None,
+    def decode_many(self, raws: Sequence[bytes | None], now: float | None = None,
                     ) -> tuple[EventBatch, list[tuple[int, InvalidEvent]]]:
         """Wire records -> the batch of the valid ones (in order) and (position, error) of the others.
 
@@ -151,6 +157,9 @@ class EventSchema:
         invalid: list[tuple[int, InvalidEvent]] = []
         nan, loads, isfinite = math.nan, orjson.loads, math.isfinite
         for n, raw in enumerate(raws):
+            if raw is None:
+                invalid.append((n, NULL_VALUE))
+                continue
             try:
                 obj = loads(raw)
             except orjson.JSONDecodeError as exc:

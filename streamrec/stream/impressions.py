@@ -36,9 +36,11 @@ def encode_records(impressions: list[dict[str, Any]]) -> list[bytes]:
     return values
 
 
-def decode_record(value: bytes) -> list[dict[str, Any]]:
+def decode_record(value: bytes | None) -> list[dict[str, Any]]:
     """The impressions of one Kafka record of the impressions topic (raises orjson.JSONDecodeError
-    on a line that is not JSON)."""
+    on a line that is not JSON, and on a tombstone, which readers count as invalid alike)."""
+    if value is None:
+        raise orjson.JSONDecodeError("a record without a value (a tombstone)", "", 0)
     return [orjson.loads(line) for line in value.split(b"\n") if line]
 
 

@@ -11,6 +11,8 @@ from scipy.special import expit
 
 from streamrec.trainer.online.kernels import UNSERVABLE, bpr_steps, mf_steps, rank_count, rank_linear
 
+NO_BOUND = 1e30  # max_norm that never binds: the compiled steps compared with numpy's, which have none
+
 
 def numpy_steps(P: np.ndarray, Q: np.ndarray, U: np.ndarray, I: np.ndarray, J: np.ndarray, W: np.ndarray,
                 bounds: np.ndarray, skip_u: np.ndarray, skip_j: np.ndarray, skip_bounds: np.ndarray,
@@ -87,7 +89,7 @@ def test_compiled_steps_match_numpy_steps(seed: int, k: int, iterations: int, us
     for first, last in [(0, 7), (7, 8), (8, steps)]:  # step by step (the trainer's hook) or many at once
         bpr_steps(P2, Q2, data["U"], data["I"], data["J"], data["W"], data["bounds"], data["skip_u"], data["skip_j"],
                   data["skip_bounds"], first, last, np.float32(lr), np.float32(reg), np.float32(reg * k),
-                  np.float32(skip_weight), iterations, out, skip_out)
+                  np.float32(skip_weight), iterations, np.float32(NO_BOUND), out, skip_out)
     assert not np.allclose(P2, data["P"]) and not np.allclose(Q2, data["Q"])  # it learned something
     assert np.abs(P).max() < 10 and np.abs(Q).max() < 10  # and did not diverge (rounding would then grow)
     np.testing.assert_allclose(P2, P, rtol=1e-4, atol=1e-5)
@@ -136,7 +138,7 @@ def test_compiled_mf_steps_match_numpy_steps(seed: int, users: int, items: int) 
     total, count, squared = 0.0, 0, 0.0
     for first, last in [(0, 11), (11, 12), (12, len(bounds) - 1)]:
         total, count, step_squared = mf_steps(P2, Q2, u, i, rating, bounds, first, last, 0.007, 0.015, 0.005, 0.005,
-                                              total, count, 10.0)
+                                              total, count, 10.0, NO_BOUND)
         squared += step_squared
     assert not np.allclose(P2, P0)
     np.testing.assert_allclose(P2, P, rtol=1e-10, atol=1e-12)
@@ -203,10 +205,10 @@ def test_a_rating_far_off_the_scale_moves_the_rows_by_a_bounded_step() -> None:
     steps = {}
     for name, poison in (("poison", 1e30), ("huge", 1e300), ("at the bound", None)):
         P, Q = P0.copy(), Q0.copy()
-        first = mf_steps(P, Q, u, i, np.array([4.0, 4.0]), bounds, 0, 1, 0.007, 0.015, 0.005, 0.005, 0.0, 0, 10.0)
+        first = mf_steps(P, Q, u, i, np.array([4.0, 4.0]), bounds, 0, 1, 0.007, 0.015, 0.005, 0.005, 0.0, 0, 10.0, NO_BOUND)
         predicted = first[0] / first[1] + P[1, 4] + Q[1, 4] + P[1, :4] @ Q[1, :4]
         rating = np.array([4.0, predicted + 10.0 if poison is None else poison])
-        total, count, squared = mf_steps(P, Q, u, i, rating, bounds, 1, 2, 0.007, 0.015, 0.005, 0.005, *first[:2], 10.0)
+        total, count, squared = mf_steps(P, Q, u, i, rating, bounds, 1, 2, 0.007, 0.015, 0.005, 0.005, *first[:2], 10.0, NO_BOUND)
         assert np.isfinite(P).all() and np.isfinite(Q).all() and np.isfinite(total) and squared == pytest.approx(100.0)
         steps[name] = (P, Q)
         if poison is not None:  # the mean moves as by a rating max_error above it
@@ -214,3 +216,37 @@ def test_a_rating_far_off_the_scale_moves_the_rows_by_a_bounded_step() -> None:
     for name in ("poison", "huge"):
         for got, expected in zip(steps[name], steps["at the bound"]):
             np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+def test_a_burst_of_one_users_events_keeps_every_row_within_max_norm() -> None:
+    """5,000 purchases by one user over 50 items (the updates of a user within a step add up,
+    each from the step's initial rows) grew rows to 1e12 and then NaN: the parameter server
+    refused the push and the trainer stopped on that batch at every restart. A run of ratings
+    of 1e308 did the same to OnlineMF (its error is clipped, but never shrinks). Rows that
+    leave the ball of radius max_norm are scaled back onto it, the users' constant 1 untouched."""
+    rng = np.random.default_rng(0)
+    dim, k, events, max_norm = 16, 10, 5000, 32.0
+    P = np.hstack([rng.normal(0, 0.1, (1, dim)), np.ones((1, 1))]).astype(np.float32)
+    Q = rng.normal(0, 0.1, (50, dim + 1)).astype(np.float32)
+    U, I = np.zeros(events, np.int64), rng.integers(0, 50, events)
+    J, W = rng.integers(0, 50, (events, k)), np.full(events, 5.0, np.float32)
+    bounds = np.arange(0, events + 1, 10)
+    margins, none = np.zeros((events, k), np.float32), np.zeros(0, np.int64)
+    for bound, finite in ((NO_BOUND, False), (max_norm, True)):
+        P1, Q1 = P.copy(), Q.copy()
+        with np.errstate(all="ignore"):
+            bpr_steps(P1, Q1, U, I, J, W, bounds, none, none, np.zeros(len(bounds), np.int64), 0, len(bounds) - 1,
+                      np.float32(0.05), np.float32(0.01), np.float32(0.1), np.float32(1.0), 3, np.float32(bound),
+                      margins, np.zeros(0, np.float32))
+        assert np.isfinite(P1).all() and np.isfinite(Q1).all() if finite else not (
+            np.isfinite(P1).all() and np.abs(Q1).max() < 1e6)  # without the bound it diverges
+        if finite:
+            assert np.linalg.norm(P1[:, :dim], axis=1).max() <= max_norm * (1 + 1e-5) and np.all(P1[:, -1] == 1.0)
+            assert np.linalg.norm(Q1, axis=1).max() <= max_norm * (1 + 1e-5)
+    P, Q = rng.normal(0, 0.1, (1, 9)), rng.normal(0, 0.1, (50, 9))
+    u, i = np.zeros(12_000, np.int64), rng.integers(0, 50, 12_000)
+    bounds = np.arange(0, 12_001, 10)
+    mf_steps(P, Q, u, i, np.full(12_000, 1e308), bounds, 0, len(bounds) - 1, 0.007, 0.015, 0.005, 0.005, 0.0, 0,
+             10.0, max_norm)
+    assert np.isfinite(P).all() and np.isfinite(Q).all()
+    assert max(np.linalg.norm(P, axis=1).max(), np.linalg.norm(Q, axis=1).max()) <= max_norm * (1 + 1e-9)

@@ -94,6 +94,45 @@ def test_a_record_too_large_to_dead_letter_whole_does_not_stop_the_trainer(onlin
     assert len(record.key) == 1024
 
 
+def test_tombstones_and_junk_at_the_head_of_every_partition_are_dead_lettered_and_the_rest_learned(
+        online_settings, start_server, redis_url):
+    """A tombstone (a record whose value is null, as any Kafka producer can write) killed the
+    trainer while it wrote the dead letter, at every restart. Records the schema refuses at the
+    head of a partition left the feature store without a watermark for it after a rebuild that
+    found no event there: the trainer rebuilt again, 17 times a second, for ever (and SIGTERM
+    could not stop it)."""
+    server = start_server("--no-checkpoints")
+    with make_producer(online_settings.kafka_bootstrap) as producer:
+        for partition in range(3):
+            producer.send(online_settings.topic, None, b"t", partition=partition)  # type: ignore[arg-type]
+            producer.send(online_settings.topic, b"not json", b"j", partition=partition)
+        producer.flush()
+    events = planted_events(60)
+    produce_events(online_settings, events)
+    store = FeatureStore.from_url(redis_url, FeatureStoreConfig(prefix=unique_prefix()))
+    client = ParamClient([server.address])
+    trainer = OnlineTrainer(online_settings, [OnlineBPR(store=client)],
+                            TrainerConfig(idle_exit_seconds=3.0, batch_events=500), store)
+    worker = threading.Thread(target=trainer.run)
+    worker.start()
+    worker.join(60)
+    alive = worker.is_alive()
+    trainer.stop_requested.set()
+    worker.join(30)
+    try:
+        assert not alive, "the trainer did not finish the topic"
+        assert trainer.stats.applied == 60 and trainer.stats.dead_lettered == 6
+        letters = [read_dead_letter(r.value)
+                   for r in read_records(online_settings.kafka_bootstrap, online_settings.dlq_topic)]
+        assert Counter(letter["reason"] for letter in letters) == {"null_value": 3, "not_json": 3}
+        assert [letter.get("raw_null", False) for letter in letters] == [
+            letter["reason"] == "null_value" for letter in letters]
+        assert sum(store.item_event_counts().values()) == 60  # every event written once
+        assert len(store.watermarks()) == 3
+    finally:
+        store.clear()
+
+
 def test_updates_the_server_refuses_stop_the_trainer_instead_of_a_retry_loop(online_settings, start_server):
     """A learner that produces a non-finite update (fault injected: the learners themselves clip
     what could) is refused by the parameter server's check. That refusal was taken for an outage

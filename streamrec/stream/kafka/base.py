@@ -43,7 +43,7 @@ class Record(NamedTuple):
     offset: int
     timestamp_ms: int
     key: bytes | None
-    value: bytes
+    value: bytes | None  # None: a tombstone (a record produced with a null value)
     headers: Sequence[tuple[str, bytes]]
 
 

@@ -27,7 +27,7 @@ from numba import njit
 # Types of `bpr_steps`' arguments: rows float32 (C order), row positions int64.
 _F2, _F1, _I2, _I1 = "float32[:, ::1]", "float32[::1]", "int64[:, ::1]", "int64[::1]"
 _BPR_SIGNATURE = (f"void({_F2}, {_F2}, {_I1}, {_I1}, {_I2}, {_F1}, {_I1}, {_I1}, {_I1}, {_I1}, int64, int64, "
-                  f"float32, float32, float32, float32, int64, {_F2}, {_F1})")
+                  f"float32, float32, float32, float32, int64, float32, {_F2}, {_F1})")
 
 
 @njit(cache=True, nogil=True)
@@ -36,8 +36,25 @@ def _sigmoid(x: np.float32) -> np.float32:
 
 
 @njit(cache=True, nogil=True)
+def _within(row: np.ndarray, width: int, max_norm: float) -> None:
+    """Scale row[:width] back onto the ball of radius `max_norm` when it left it (max-norm
+    regularisation). A burst of one user's events sums that user's updates within a step, all
+    computed from the step's initial rows: 5,000 purchases by one user grew rows to 1e12 and
+    then NaN, which the parameter server refused, and the trainer stopped on that batch at every
+    restart. Learned rows stay far inside the ball (MovieLens 100K's largest is 4.2)."""
+    total = 0.0
+    for d in range(width):
+        total += float(row[d]) * float(row[d])
+    if total > max_norm * max_norm:
+        scale = max_norm / np.sqrt(total)
+        for d in range(width):
+            row[d] = row[d] * scale
+
+
+@njit(cache=True, nogil=True)
 def _positives(P: np.ndarray, Q: np.ndarray, u: np.ndarray, i: np.ndarray, j: np.ndarray, w: np.ndarray,
-               lr: np.float32, reg: np.float32, reg_k: np.float32, iterations: int, margins: np.ndarray) -> None:
+               lr: np.float32, reg: np.float32, reg_k: np.float32, iterations: int, max_norm: np.float32,
+               margins: np.ndarray) -> None:
     m, k, width = len(u), j.shape[1], P.shape[1]
     dim = width - 1  # the last user column is the constant 1
     diff = np.empty((m, k, width), np.float32)
@@ -85,11 +102,16 @@ def _positives(P: np.ndarray, Q: np.ndarray, u: np.ndarray, i: np.ndarray, j: np
         for c in range(k):
             for d in range(width):
                 Q[j[r, c], d] += lr * item_j[r, c, d]
+    for r in range(m):
+        _within(P[u[r]], dim, max_norm)  # the constant 1 is no part of the user's vector
+        _within(Q[i[r]], width, max_norm)
+        for c in range(k):
+            _within(Q[j[r, c]], width, max_norm)
 
 
 @njit(cache=True, nogil=True)
 def _skips(P: np.ndarray, Q: np.ndarray, u: np.ndarray, j: np.ndarray, weight: np.float32, lr: np.float32,
-           reg: np.float32, margins: np.ndarray) -> None:
+           reg: np.float32, max_norm: np.float32, margins: np.ndarray) -> None:
     m, width = len(u), P.shape[1]
     dim = width - 1
     pu = np.empty((m, width), np.float32)
@@ -108,44 +130,50 @@ def _skips(P: np.ndarray, Q: np.ndarray, u: np.ndarray, j: np.ndarray, weight: n
     for r in range(m):
         for d in range(width):
             Q[j[r], d] += -lr * (g[r] * pu[r, d] + reg * qj[r, d])
+    for r in range(m):
+        _within(P[u[r]], dim, max_norm)
+        _within(Q[j[r]], width, max_norm)
 
 
 @njit(_BPR_SIGNATURE, cache=True, nogil=True)
 def bpr_steps(P: np.ndarray, Q: np.ndarray, U: np.ndarray, I: np.ndarray, J: np.ndarray, W: np.ndarray,
               bounds: np.ndarray, skip_u: np.ndarray, skip_j: np.ndarray, skip_bounds: np.ndarray,
               first: int, last: int, lr: np.float32, reg: np.float32, reg_k: np.float32, skip_weight: np.float32,
-              iterations: int, margins: np.ndarray, skip_margins: np.ndarray) -> None:
+              iterations: int, max_norm: np.float32, margins: np.ndarray, skip_margins: np.ndarray) -> None:
     """Learn steps first..last-1 in place on the user rows `P` ([p_u, 1]) and item rows `Q`.
 
     Step n's positives are rows bounds[n]:bounds[n+1] of (U, I, J, W): user and item positions,
     the (positives, k) negative positions and the weights; its skips are rows
     skip_bounds[n]:skip_bounds[n+1] of (skip_u, skip_j). Each example's margin before its step
-    goes to the same rows of `margins` (positives, k) and `skip_margins` (the skip's -s)."""
+    goes to the same rows of `margins` (positives, k) and `skip_margins` (the skip's -s). After
+    each step, every row it touched is kept within `max_norm` (`_within`)."""
     k = J.shape[1]
     for n in range(first, last):
         a, b = bounds[n], bounds[n + 1]
         if b > a and k:
-            _positives(P, Q, U[a:b], I[a:b], J[a:b], W[a:b], lr, reg, reg_k, iterations, margins[a:b])
+            _positives(P, Q, U[a:b], I[a:b], J[a:b], W[a:b], lr, reg, reg_k, iterations, max_norm, margins[a:b])
         a, b = skip_bounds[n], skip_bounds[n + 1]
         if b > a:
-            _skips(P, Q, skip_u[a:b], skip_j[a:b], skip_weight, lr, reg, skip_margins[a:b])
+            _skips(P, Q, skip_u[a:b], skip_j[a:b], skip_weight, lr, reg, max_norm, skip_margins[a:b])
 
 
 _D2, _D1 = "float64[:, ::1]", "float64[::1]"
 _MF_SIGNATURE = (f"Tuple((float64, int64, float64))({_D2}, {_D2}, {_I1}, {_I1}, {_D1}, {_I1}, int64, int64, float64, "
-                 "float64, float64, float64, float64, int64, float64)")
+                 "float64, float64, float64, float64, int64, float64, float64)")
 
 
 @njit(_MF_SIGNATURE, cache=True, nogil=True)
 def mf_steps(P: np.ndarray, Q: np.ndarray, u: np.ndarray, i: np.ndarray, rating: np.ndarray, bounds: np.ndarray,
              first: int, last: int, lr: float, reg: float, bias_lr: float, bias_reg: float,
-             rating_sum: float, rating_count: int, max_error: float) -> tuple[float, int, float]:
+             rating_sum: float, rating_count: int, max_error: float, max_norm: float) -> tuple[float, int, float]:
     """`OnlineMF`'s steps first..last-1 in place on the rows [p, b] (float64): step n's ratings are
     rows bounds[n]:bounds[n+1] of (u, i, rating). Each rating is predicted with the mean of the
     ratings before its step (mu), then learned; both rows' updates use the step's initial rows.
     The update's error is clipped to `max_error` (gradient clipping), and a rating enters the mean
     at most `max_error` from mu: one event valued 1e30 made every update non-finite, the parameter
-    server refused the push, and the trainer retried that batch forever.
+    server refused the push, and the trainer retried that batch forever. Clipping alone does not
+    bound a run of such ratings (the error stays at max_error, and the user's and items' vectors
+    grow each other geometrically), so every row a step touched is kept within `max_norm`.
     Returns the new (rating_sum, rating_count) and the summed squared prediction error."""
     dim = P.shape[1] - 1
     squared_error = 0.0
@@ -175,6 +203,9 @@ def mf_steps(P: np.ndarray, Q: np.ndarray, u: np.ndarray, i: np.ndarray, rating:
             for d in range(dim):
                 Q[i[a + r], d] += lr * (error[r] * pu[r, d] - reg * qi[r, d])
             Q[i[a + r], dim] += bias_lr * (error[r] - bias_reg * qi[r, dim])
+        for r in range(b - a):
+            _within(P[u[a + r]], dim + 1, max_norm)
+            _within(Q[i[a + r]], dim + 1, max_norm)
     return rating_sum, rating_count, squared_error
 
 

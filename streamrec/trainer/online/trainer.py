@@ -522,11 +522,13 @@ class OnlineTrainer:
         self.evaluator.publish()
 
     # ---- feature store ------------------------------------------------------------------------
-    def _write_features_once(self, batch: EventBatch, weights: np.ndarray) -> dict[str, int]:
+    def _write_features_once(self, batch: EventBatch, weights: np.ndarray,
+                             rebuilt: Mapping[str, int] | None = None) -> dict[str, int]:
         """One attempt (on the feature thread, overlapping the learning); returns the partitions
-        the store has no offsets for although the topic holds earlier events (a wiped store)."""
+        the store has no offsets for although the topic holds earlier events (a wiped store).
+        `rebuilt`: partitions just rebuilt up to these offsets, which stand as their floors."""
         t0 = time.perf_counter()
-        result = self.features.write(batch, weights, floors=self._floors)
+        result = self.features.write(batch, weights, floors={**self._floors, **(rebuilt or {})})
         FEATURE_SECONDS.observe(time.perf_counter() - t0)
         return result.unmarked
 
@@ -546,22 +548,28 @@ class OnlineTrainer:
             unmarked = pending.result()
         except RedisError as exc:
             unmarked = self._write_through_outage(batch, weights, exc)
+        rebuilt: dict[str, int] = {}
         while unmarked:
             log.warning("feature store has no offsets for %s although the topic holds earlier events: "
                         "rebuilding it from the topic", sorted(unmarked))
             FEATURE_REBUILDS.inc()
             written = rebuild_features(self.settings, self.features, unmarked)
             log.warning("feature store rebuilt: %d events rewritten", written)
-            unmarked = self._write_through_outage(batch, weights, None)
+            # everything below these offsets has been read now. Where none of it was a valid event
+            # (a topic that starts with records the schema refuses) the rebuild leaves no
+            # watermark, and asking again looped for ever: they are the partitions' floors now
+            rebuilt |= unmarked
+            unmarked = self._write_through_outage(batch, weights, None, rebuilt)
 
-    def _write_through_outage(self, batch: EventBatch, weights: np.ndarray, error: RedisError | None) -> dict[str, int]:
+    def _write_through_outage(self, batch: EventBatch, weights: np.ndarray, error: RedisError | None,
+                              rebuilt: Mapping[str, int] | None = None) -> dict[str, int]:
         owned = self.consumer.assignment()
         paused = False
         attempt = 0
         while True:
             if error is None:
                 try:
-                    unmarked = self._write_features_once(batch, weights)
+                    unmarked = self._write_features_once(batch, weights, rebuilt)
                     break
                 except RedisError as exc:
                     error = exc
