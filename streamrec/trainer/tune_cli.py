@@ -25,7 +25,9 @@ from streamrec.trainer.interactions import WEIGHTINGS, Weighting
 @click.option("--trials", type=click.IntRange(min=1), default=30, show_default=True)
 @click.option("--budget-seconds", type=click.FloatRange(min=1), default=None,
               help="stop searching after this long (trials already started finish)")
-@click.option("--metric", default=None, help="validation metric (default: hr@10; rmse for rating)")
+@click.option("--metric", default=None, help="validation metric: topn hr@10 (default), ndcg@10, mrr, recall@20; "
+              "rating rmse (default), mae; prequential hr@10_second_half (default), ndcg@10_second_half, "
+              "hr@10_all, ndcg@10_all")
 @click.option("--weights", type=click.Choice(WEIGHTINGS), default="binary", show_default=True,
               help="topn: implicit confidence from the value column (EVALUATION.md)")
 @click.option("--seed", type=int, default=0, show_default=True)

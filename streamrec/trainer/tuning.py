@@ -35,12 +35,13 @@ from streamrec.core.params import (
 )
 from streamrec.stream.loaders import InteractionLog, load_log
 from streamrec.trainer.engines import Engine, model_class
-from streamrec.trainer.evaluation.metrics import rmse
+from streamrec.trainer.evaluation.metrics import mae, rmse
 from streamrec.trainer.evaluation.prequential import run_prequential
 from streamrec.trainer.evaluation.rating import fold_predictions, run_rating
 from streamrec.trainer.evaluation.splits import (
     distinct_pairs,
     leave_last_out,
+    protocol_log,
     rating_folds,
 )
 from streamrec.trainer.evaluation.topn import ranking_metrics
@@ -50,6 +51,11 @@ from streamrec.trainer.online.base import OnlineRecommender
 
 Objective = Callable[[dict[str, object], Callable[[float, int], bool]], float]  # params, report -> value
 DEFAULT_METRIC = {"topn": "hr@10", "prequential": "hr@10_second_half", "rating": "rmse"}
+# what each protocol measures and a search can optimise (its first is the default); lower is better
+# for the rating errors only
+METRICS = {"topn": ("hr@10", "ndcg@10", "mrr", "recall@20"), "rating": ("rmse", "mae"),
+           "prequential": ("hr@10_second_half", "ndcg@10_second_half", "hr@10_all", "ndcg@10_all")}
+ERRORS = {"rmse": rmse, "mae": mae}
 
 
 class Pruned(Exception):
@@ -77,6 +83,9 @@ def _topn(cls: type[Recommender], log: InteractionLog, weighting: Weighting, fix
     train_mask, test = leave_last_out(data)
     train = data.subset(train_mask)
     inner_mask, valid = leave_last_out(train)
+    if not len(valid):  # ranking_metrics of nobody failed with "need at least one array to concatenate"
+        raise ValueError("no user (or session) has three distinct items, so none has a validation item: the "
+                         "search leaves each user's last item out for the test and the one before for validation")
     inner = train.subset(inner_mask)
 
     def objective(params: dict[str, object], report: Callable[[float, int], bool]) -> float:
@@ -95,7 +104,8 @@ def _topn(cls: type[Recommender], log: InteractionLog, weighting: Weighting, fix
 
 
 def _rating(cls: type[Recommender], log: InteractionLog, data: str | Path, fmt: str, seed: int,
-            fixed: dict[str, object]) -> tuple[Objective, Callable[[dict[str, object]], dict[str, Any]]]:
+            fixed: dict[str, object], metric: str) -> tuple[Objective, Callable[[dict[str, object]], dict[str, Any]]]:
+    error = ERRORS[metric]
     train_log, _ = rating_folds(log, data, fmt, seed)[0]
     parts = np.array_split(np.random.default_rng(seed).permutation(len(train_log)), 5)
     inner_folds = [(train_log.take(np.sort(np.concatenate(parts[:n] + parts[n + 1:]))), train_log.take(np.sort(parts[n])))
@@ -105,7 +115,7 @@ def _rating(cls: type[Recommender], log: InteractionLog, data: str | Path, fmt: 
         errors = []
         for step, (fit_part, valid_part) in enumerate(inner_folds):
             model = cls(**fixed, **params).fit(Interactions.from_log(fit_part))
-            errors.append(rmse(fold_predictions(model, valid_part), valid_part.rating))
+            errors.append(error(fold_predictions(model, valid_part), valid_part.rating))
             if report(float(np.mean(errors)), step):
                 raise Pruned
         return float(np.mean(errors))
@@ -152,16 +162,18 @@ def tune(protocol: str, model: str, params: list[str] | tuple[str, ...], data: s
     space = {name: dim for name, dim in space.items() if name not in fixed}
     if not space:
         raise ValueError(f"{model} has nothing to tune (no search space, or every dimension fixed by --param)")
+    if protocol not in METRICS:
+        raise ValueError(f"unknown protocol {protocol!r}; expected one of {tuple(METRICS)}")
     metric = metric or DEFAULT_METRIC[protocol]
-    log = log if log is not None else load_log(data, fmt)
+    if metric not in METRICS[protocol]:  # a KeyError after the first fit, or (rating) rmse under its name
+        raise ValueError(f"the {protocol} protocol measures {', '.join(METRICS[protocol])}; not {metric!r}")
+    log = protocol_log(log if log is not None else load_log(data, fmt), protocol, fmt)
     if protocol == "topn":
         objective, final = _topn(cls, log, weights, fixed, metric)
     elif protocol == "rating":
-        objective, final = _rating(cls, log, data, fmt, seed, fixed)
-    elif protocol == "prequential":
-        objective, final = _prequential(cls, log, fixed, metric)
+        objective, final = _rating(cls, log, data, fmt, seed, fixed, metric)
     else:
-        raise ValueError(f"unknown protocol {protocol!r}")
+        objective, final = _prequential(cls, log, fixed, metric)
     direction = "minimize" if metric in ("rmse", "mae") else "maximize"
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -99,3 +99,22 @@ def test_weights_that_carry_nothing_are_said_so(tmp_path: Path) -> None:
     frame.drop_duplicates("user_id").to_csv(tmp_path / "singles.csv", index=False)
     with pytest.raises(ValueError, match="none has a test item"):
         evaluate("topn", "popularity", [], tmp_path / "singles.csv", "csv")
+
+
+def test_sessions_with_fewer_than_two_distinct_items_are_dropped(tmp_path: Path) -> None:
+    """EVALUATION.md's session protocol drops them; they were kept as training data, and 600
+    one-item sessions on items no longer session holds took popularity's hr@10 from 0.17 to 0."""
+    rng = np.random.default_rng(0)
+    rows = [(f"s{s}", f"i{item}", 1e9 + 100 * s + n) for s in range(300) for n, item in
+            enumerate(rng.choice(60, 4, replace=False, p=np.arange(60, 0, -1) / np.arange(60, 0, -1).sum()))]
+    clean = pd.DataFrame(rows, columns=["session_id", "item_id", "timestamp"])
+    junk = pd.DataFrame([(f"j{s}", f"x{s % 12}", 2e9 + s) for s in range(600)] +
+                        [("r", "x1", 2e9), ("r", "x1", 2e9 + 1)],  # a repeat is one distinct item
+                        columns=["session_id", "item_id", "timestamp"])
+    clean.to_csv(tmp_path / "clean.csv", index=False)
+    pd.concat([clean, junk]).to_csv(tmp_path / "junk.csv", index=False)
+    results = [evaluate("topn", "popularity", [], tmp_path / name, "sessions") for name in ("clean.csv", "junk.csv")]
+    assert results[0]["metrics"]["hr@10"] > 0.1
+    figures = ("hr@10", "ndcg@10", "mrr", "recall@20", "coverage@10", "test_users")
+    assert [results[1]["metrics"][f] for f in figures] == pytest.approx([results[0]["metrics"][f] for f in figures])
+    assert results[1]["data"]["users"] == results[0]["data"]["users"] == 300

@@ -100,3 +100,27 @@ def test_a_neural_search_stops_on_its_budget_and_reports_validation_and_test(tmp
     assert np.isfinite([result["validation"]["best"], result["validation"]["default"]]).all()
     for which in ("tuned", "default"):
         assert 0.0 <= result["test"][which]["metrics"]["hr@10"] <= 1.0
+
+
+def test_a_metric_the_protocol_does_not_measure_is_refused_before_any_fit(tmp_path: Path) -> None:
+    """`--metric hr@10` under the rating protocol optimised RMSE in the direction of hr@10 (it kept
+    the worst trial and called it an improvement); `--metric mae` reported RMSE under that name;
+    a misspelt metric (or prequential's hr@10) failed with a KeyError traceback after a fit."""
+    path = tmp_path / "ratings.csv"
+    pd.DataFrame({"user_id": np.arange(400) % 40, "item_id": np.arange(400) % 37, "rating": 1.0 + np.arange(400) % 5,
+                  "timestamp": np.arange(400.0)}).to_csv(path, index=False)
+    for protocol, model, metric in (("rating", "mf-sgd", "hr@10"), ("topn", "als", "ndcg10"),
+                                    ("prequential", "online-bpr", "hr@10")):
+        with pytest.raises(ValueError, match=f"the {protocol} protocol measures .*not '{metric}'"):
+            tune(protocol, model, [], path, "csv", trials=1, metric=metric)
+    result = tune("rating", "mf-sgd", ["epochs=2"], path, "csv", trials=2, seed=0, metric="mae")
+    assert result["metric"] == "mae" and result["direction"] == "minimize"
+    assert result["validation"]["default"] < 1.5  # an MAE: below this log's RMSE of the mean (~1.41) and of mf
+
+
+def test_a_log_with_no_validation_item_gets_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "two.csv"  # every user has two items: a test item, but nothing left to validate on
+    pd.DataFrame({"user_id": np.repeat(np.arange(50), 2), "item_id": np.arange(100) % 30,
+                  "timestamp": np.arange(100.0)}).to_csv(path, index=False)
+    with pytest.raises(ValueError, match="none has a validation item"):
+        tune("topn", "als", [], path, "csv", trials=1)

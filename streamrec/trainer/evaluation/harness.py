@@ -10,6 +10,7 @@ import numpy as np
 
 from streamrec.stream.loaders import InteractionLog, load_log
 from streamrec.trainer.engines import Engine
+from streamrec.trainer.evaluation.splits import protocol_log
 from streamrec.trainer.interactions import WEIGHTINGS, Weighting
 
 PROTOCOLS = ("rating", "topn", "prequential")
@@ -32,7 +33,7 @@ def evaluate(
     if seeds < 1:
         raise ValueError("--seeds must be at least 1")
     params, tuned = _without_tuned(params)
-    log = load_log(data, fmt)
+    log = protocol_log(load_log(data, fmt), protocol, fmt)
     if tuned:
         return _tuned(protocol, model, params, log, data, fmt, seed, weights, engine)
     runs = [_evaluate_once(protocol, model, params, log, data, fmt, seed + n, weights, engine) for n in range(seeds)]
