@@ -106,7 +106,7 @@ def produce(ctx: click.Context, file: BinaryIO, topic_flag: str | None, as_json:
 @click.option("--topic", "topic_flag", help="target topic [settings.topic]")
 @click.option("--speed", type=float, default=0.0, show_default=True,
               help="event-time seconds per wall second; 0 = as fast as possible")
-@click.option("--limit", type=int, help="replay only the first N events (in time order)")
+@click.option("--limit", type=click.IntRange(min=0), help="replay only the first N events (in time order)")
 @click.option("--map", "mapping", multiple=True, help="field=column, e.g. user_id=userId,item_id=movieId")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context

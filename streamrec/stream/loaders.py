@@ -83,13 +83,20 @@ class InteractionLog:
 
 
 def id_sort_key(ids: np.ndarray) -> np.ndarray:
-    """Ids compare as integers when every id is an integer, else as strings (EVALUATION.md)."""
-    numeric = pd.to_numeric(pd.Series(ids, copy=False), errors="coerce")
-    if len(ids) and numeric.notna().all() and (numeric == np.floor(numeric)).all():
-        as_int = pd.Series(ids, copy=False).astype(str).str.fullmatch(r"[+-]?\d+")
-        if as_int.all():
-            return numeric.to_numpy(dtype=np.float64)
-    return np.asarray(ids, dtype=str)
+    """Ids compare as integers when every id is an integer, else as strings (EVALUATION.md).
+
+    Integers compare exactly, whatever their size: as float64, 64-bit ids (Snowflake-style,
+    above 2**53) that differ in their last digits compared equal, and the order of their events
+    fell back to the file's. Ids equal as integers ("007", "7") are told apart as strings. The
+    key of integer ids is each id's rank among the distinct ids."""
+    if not len(ids):
+        return np.asarray(ids, dtype=str)
+    text = pd.Series(ids, copy=False).astype(str)
+    if not text.str.fullmatch(r"[+-]?\d+").all():
+        return np.asarray(ids, dtype=str)
+    distinct = pd.unique(text.to_numpy())
+    ordered = sorted(distinct.tolist(), key=lambda value: (int(value), value))  # once per distinct id
+    return pd.Index(ordered).get_indexer(text.to_numpy()).astype(np.int64)
 
 
 def time_order(log: InteractionLog) -> np.ndarray:
@@ -117,7 +124,7 @@ def _read_frame(path: Path, fmt: str, mapping: dict[str, str] | None) -> pd.Data
         shape = {"sep": "\t"} if fmt == "ml-100k" else {"sep": ":", "usecols": [0, 2, 4, 6]}  # one-char sep: C parser
         names = ["user_id", "item_id", "rating", "timestamp"]
         try:
-            return pd.read_csv(file, header=None, names=names, **shape,
+            return pd.read_csv(file, header=None, names=names, **shape, keep_default_na=False,  # "NA" is an id
                                dtype={"user_id": str, "item_id": str, "rating": np.float64, "timestamp": np.float64})
         except ValueError:  # a value that is not a number: read as text, so that its row is named below
             return pd.read_csv(file, header=None, names=names, **shape, dtype=str, keep_default_na=False)
@@ -128,7 +135,7 @@ def _read_frame(path: Path, fmt: str, mapping: dict[str, str] | None) -> pd.Data
         return frame.drop(columns=["user_id"], errors="ignore").rename(columns={"session_id": "user_id"})
     if fmt == "ml-latest":
         file = path / "ratings.csv" if path.is_dir() else path
-        frame = pd.read_csv(file, dtype={"userId": str, "movieId": str})
+        frame = pd.read_csv(file, dtype={"userId": str, "movieId": str}, keep_default_na=False)  # "NA" is an id
         return frame.rename(columns={"userId": "user_id", "movieId": "item_id"})
     if fmt == "csv":
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)

@@ -49,6 +49,16 @@ class IdIndex:
         return np.fromiter((get(str(v), -1) for v in ids), dtype=np.int64, count=len(ids))
 
 
+def weight_values(rating: np.ndarray, weighting: Weighting) -> np.ndarray:
+    """The events' values as implicit confidence (`--weights raw|log1p`): an event without a value
+    counts 1; a negative or infinite value is refused. Check a log's events before its repeated
+    pairs are summed (`distinct_pairs`): 5 then -3 summed to 2 and slipped through."""
+    values = np.where(np.isnan(rating), 1.0, rating.astype(np.float64, copy=False))
+    if weighting != "binary" and ((values < 0).any() or np.isinf(values).any()):
+        raise ValueError(f"--weights {weighting} needs finite non-negative values; this log has others")
+    return values
+
+
 @dataclass(frozen=True)
 class Interactions:
     """The indexed training view of one `InteractionLog`: the log's events plus their dense indices.
@@ -187,11 +197,7 @@ class Interactions:
         sum), which tames heavy play counts. Models with `Capabilities.weights` train on this."""
         if self.weighting == "binary":
             return self.counts()
-        values = self.log.rating.astype(np.float64, copy=False)
-        values = np.where(np.isnan(values), 1.0, values)  # an event without a value counts 1
-        if (values < 0).any() or np.isinf(values).any():
-            raise ValueError(f"--weights {self.weighting} needs finite non-negative values; this log has others")
-        m = self._coo(values)
+        m = self._coo(weight_values(self.log.rating, self.weighting))
         m.sum_duplicates()
         if self.weighting == "log1p":
             m.data = np.log1p(m.data)

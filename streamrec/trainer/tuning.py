@@ -45,7 +45,7 @@ from streamrec.trainer.evaluation.splits import (
     rating_folds,
 )
 from streamrec.trainer.evaluation.topn import ranking_metrics
-from streamrec.trainer.interactions import Interactions, Weighting
+from streamrec.trainer.interactions import Interactions, Weighting, weight_values
 from streamrec.trainer.models.base import Recommender
 from streamrec.trainer.online.base import OnlineRecommender
 
@@ -79,6 +79,7 @@ def suggest(trial: Any, space: SearchSpace) -> dict[str, object]:
 
 def _topn(cls: type[Recommender], log: InteractionLog, weighting: Weighting, fixed: dict[str, object],
           metric: str) -> tuple[Objective, Callable[[dict[str, object]], dict[str, Any]]]:
+    weight_values(log.rating, weighting)
     data = Interactions.from_log(distinct_pairs(log), implicit=True, weighting=weighting)
     train_mask, test = leave_last_out(data)
     train = data.subset(train_mask)

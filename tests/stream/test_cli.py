@@ -60,6 +60,13 @@ def test_replay_json_summary(settings, ml100k):
     assert summary["first_timestamp"] == 874724710.0 and summary["events_per_second"] > 0
 
 
+def test_a_negative_limit_is_refused(settings, ml100k):
+    """`--limit -3` replayed all but the last 3 events."""
+    result = CliRunner().invoke(cli, ["replay", "--data", str(ml100k), "--limit", "-3", "--json"],
+                                env=settings_env(settings))
+    assert result.exit_code == 2 and "--limit" in result.output and "-3 is not in the range x>=0" in result.output
+
+
 def test_bad_format_is_a_clear_error(settings, tmp_path):
     path = tmp_path / "x.csv"
     path.write_text("a,b\n1,2\n")

@@ -214,6 +214,21 @@ def test_a_verified_folder_or_zip_is_imported(tmp_path):
     assert cache.manifest(tmp_path / "home2", "toy")["archive_sha256"] == _sha(GOOD)
 
 
+def test_a_folder_of_links_is_imported_and_a_missing_file_is_named_in_the_users_folder(tmp_path):
+    """DVC and git-annex check files out as symbolic links: they were skipped, and the import
+    failed with "README is missing from <a staging folder that no longer exists>"."""
+    entry, real = _toy("http://unused.invalid/toy.zip"), _folder(tmp_path)
+    links = tmp_path / "links"
+    links.mkdir()
+    for name in ("u.data", "README"):
+        (links / name).symlink_to(real / name)
+    path = import_dataset(entry, links, tmp_path / "home")
+    assert (path / "u.data").read_bytes() == U_DATA and not (path / "u.data").is_symlink()
+    (links / "README").unlink()
+    with pytest.raises(DatasetError, match=f"toy: README missing from {links}$"):
+        import_dataset(entry, links, tmp_path / "home2")
+
+
 def test_a_modified_copy_is_refused_and_the_cached_one_kept(tmp_path):
     entry, home = _toy("http://unused.invalid/toy.zip"), tmp_path / "home"
     import_dataset(entry, _folder(tmp_path), home)

@@ -118,3 +118,14 @@ def test_sessions_with_fewer_than_two_distinct_items_are_dropped(tmp_path: Path)
     figures = ("hr@10", "ndcg@10", "mrr", "recall@20", "coverage@10", "test_users")
     assert [results[1]["metrics"][f] for f in figures] == pytest.approx([results[0]["metrics"][f] for f in figures])
     assert results[1]["data"]["users"] == results[0]["data"]["users"] == 300
+
+
+def test_a_negative_value_is_refused_as_a_weight_even_when_its_pair_sums_positive(tmp_path: Path) -> None:
+    """5 then -3 on one pair summed to 2 before the check, and the negative value went through."""
+    path = tmp_path / "plays.csv"
+    pd.DataFrame({"user_id": ["u1", "u1", "u1", "u2", "u2"], "item_id": ["a", "a", "b", "a", "b"],
+                  "rating": [5.0, -3.0, 1.0, 2.0, 1.0], "timestamp": np.arange(5.0)}).to_csv(path, index=False)
+    for weights in ("raw", "log1p"):
+        with pytest.raises(ValueError, match=f"--weights {weights} needs finite non-negative values"):
+            evaluate("topn", "als", [], path, "csv", weights=weights)
+    assert evaluate("topn", "popularity", [], path, "csv")["metrics"]["test_users"] == 2  # binary ignores values

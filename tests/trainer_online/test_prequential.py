@@ -169,3 +169,21 @@ def test_ids_longer_than_the_stream_takes_are_refused_before_learning(tmp_path):
     path.write_text(path.read_text().replace("é" * 128, "é" * 129))
     with pytest.raises(ValueError, match=r"item_id 'é+'\.\.\. is 258 bytes long; .* at most 256"):
         evaluate("prequential", "online-popularity", [], path, "csv")
+
+
+def test_event_types_the_online_models_do_not_know_are_announced_or_refused(tmp_path, capsys) -> None:
+    """A log of "play" events evaluated nothing, exited 0 and said nothing; in a mixed log the
+    unknown ones were passed over without a word."""
+    events = planted_events(600)
+    path = tmp_path / "plays.csv"
+    frame = pd.DataFrame({"user_id": [e["user_id"] for e in events], "item_id": [e["item_id"] for e in events],
+                          "timestamp": [e["timestamp"] for e in events], "event_type": "play"})
+    frame.to_csv(path, index=False)
+    with pytest.raises(ValueError, match="no event of the log has a type the online models learn from.*'play' x600"):
+        evaluate("prequential", "online-bpr", [], path, "csv")
+    frame.loc[::3, "event_type"] = "view"
+    frame.to_csv(path, index=False)
+    result = evaluate("prequential", "online-bpr", [], path, "csv")
+    assert result["metrics"]["evaluated_events"] > 0
+    assert "note: 400 of 600 events have a type the online models neither learn from nor score ('play' x400)" in (
+        capsys.readouterr().err)

@@ -60,10 +60,17 @@ def import_dataset(entry: Dataset, path: Path, home: Path) -> Path:
             raise DatasetError(f"{entry.name} pins only its archive's SHA-256, so a folder cannot be "
                                f"verified; import the zip ({entry.url.rsplit('/', 1)[-1]}) instead")
         source = _folder_with_files(entry, path)
+        missing = [name for name in sorted(entry.files) if not (source / name).is_file()]
+        if missing:  # named against the user's folder, not the staging copy it would have reached
+            raise DatasetError(f"{entry.name}: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
+                               f"missing from {source}")
         files = staged / "files"
         files.mkdir()
         for item in sorted(source.iterdir()):
-            if item.is_file() and not item.is_symlink():
+            # pinned files are copied through symbolic links too (DVC and git-annex check data out
+            # as links), which were skipped, and their absence was blamed on the staging folder;
+            # every pinned file is verified by its SHA-256 all the same
+            if item.is_file() and (item.name in entry.files or not item.is_symlink()):
                 shutil.copy2(item, files / item.name)
         return cache.install(files, home, entry, str(source.resolve()), None)
 

@@ -21,6 +21,7 @@ Rules, the same for all three callers:
 from __future__ import annotations
 
 import itertools
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -285,11 +286,32 @@ def check_event_times(log: InteractionLog) -> None:
                          f"(user {log.user_id[row]!r}, item {log.item_id[row]!r}): shift the log's times")
 
 
+def check_event_types(log: InteractionLog, roles: EventRoles) -> None:
+    """Events of a type the online models neither learn from nor score (`play`, `View`) were
+    passed over without a word: a log of nothing else evaluated nothing and exited 0. A log of
+    nothing else is refused; a log with some is evaluated, with their count announced, as the
+    live trainer learns nothing from them either."""
+    if log.event_type is None or not len(log):
+        return
+    known = roles.positive_types | roles.negative_types | roles.rating_types
+    types, counts = np.unique(np.asarray(log.event_type, dtype=str), return_counts=True)
+    unused = {kind: int(count) for kind, count in zip(types.tolist(), counts.tolist()) if kind not in known}
+    if not unused:
+        return
+    listed = ", ".join(f"{kind!r} x{count:,}" for kind, count in sorted(unused.items(), key=lambda kv: -kv[1])[:10])
+    if sum(unused.values()) == len(log):
+        raise ValueError(f"no event of the log has a type the online models learn from ({', '.join(sorted(known))}); "
+                         f"its types: {listed}. Rename them in the log (types are case-sensitive)")
+    print(f"note: {sum(unused.values()):,} of {len(log):,} events have a type the online models neither learn "
+          f"from nor score ({listed}); known: {', '.join(sorted(known))}", file=sys.stderr)
+
+
 def run_prequential(model: OnlineRecommender, log: InteractionLog) -> dict[str, Any]:
     """Feed the log (already in the protocol's order) through `model` in chunks of `EVAL_EVERY`
     events: each chunk's due event is scored, then the model learns the chunk (the protocol
     allows micro-batches up to 256; 10 keeps each evaluated event's predecessors learned)."""
     check_event_times(log)
+    check_event_types(log, model.roles)
     stream = EventBatch.from_log(log)
     scorer = PrequentialScorer(EVAL_EVERY, model.roles)
     models: dict[str, Scored] = {model.name: model}

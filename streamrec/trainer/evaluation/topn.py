@@ -18,7 +18,7 @@ from streamrec.trainer.evaluation.metrics import (
     rank_counts,
 )
 from streamrec.trainer.evaluation.splits import distinct_pairs, leave_last_out
-from streamrec.trainer.interactions import Interactions, Weighting
+from streamrec.trainer.interactions import Interactions, Weighting, weight_values
 from streamrec.trainer.models.base import SCORE_CHUNK, Recommender, top_k
 from streamrec.trainer.models.popularity_blend import (
     GRID,
@@ -82,6 +82,7 @@ def run_topn(make_model: Callable[[], Recommender], log: InteractionLog, weighti
              ) -> dict[str, Any]:
     """Fit on everything but each user's last interaction; rank that one among all items. Repeated
     (user, item) pairs count once, at their latest time; `weighting` gives models their summed values."""
+    weight_values(log.rating, weighting)
     data = Interactions.from_log(distinct_pairs(log), implicit=True, weighting=weighting)
     train_mask, test = leave_last_out(data)
     if not len(test):
