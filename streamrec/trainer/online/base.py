@@ -163,7 +163,11 @@ class OnlineRecommender(ABC):
         return self._scores_as_held(user_ids)
 
     def _scores_as_held(self, user_ids: np.ndarray) -> ItemScores:
-        """`score_users` against the item rows as the mirror holds them now (no sync)."""
+        """`score_users` against the item rows as the mirror holds them now (no sync). A model
+        without item rows yet scores nothing (online MF ranking first on a log of clicks only:
+        its mirror had no width, and indexing the bias column raised)."""
+        if not len(self.items.index):
+            return ItemScores(self.items.index, np.zeros((len(user_ids), 0)))
         scores = np.array(self._scores(np.asarray(user_ids, dtype=object), self.items.values), np.float64)
         scores[:, ~self.items.alive] = -np.inf
         if len(self.hidden) == scores.shape[1] and self.hidden.any():

@@ -60,7 +60,7 @@ def train_online(ctx: click.Context, models: tuple[str, ...], pairs: tuple[str, 
     from streamrec.stream.topics import create_topics
     from streamrec.trainer.online.exploration import ExplorationConfig, ExplorationStore
     from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
-    from streamrec.trainer.online.trainer import OnlineTrainer, TrainerConfig
+    from streamrec.trainer.online.trainer import OnlineTrainer, StateOfAnotherLog, TrainerConfig
 
     tune_allocator()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -89,7 +89,10 @@ def train_online(ctx: click.Context, models: tuple[str, ...], pairs: tuple[str, 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: trainer.stop_requested.set())
     with threadpool_limits(1):  # small matrix products: BLAS threads only contend on 2 cores
-        trainer.run()
+        try:
+            trainer.run()
+        except StateOfAnotherLog as exc:  # an operator's decision, not a crash: said in one line
+            raise click.ClickException(str(exc)) from None
     report = trainer.report()
     store.close()
     if as_json:

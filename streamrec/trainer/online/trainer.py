@@ -41,6 +41,7 @@ from streamrec.param_server.client import Fenced, OffsetsRefused, ParamServerErr
 from streamrec.stream.deadletter import DeadLetterSink
 from streamrec.stream.events import EventBatch, EventSchema
 from streamrec.stream.kafka import (
+    BROKER_ERRORS,
     Consumer,
     KafkaError,
     Record,
@@ -49,7 +50,7 @@ from streamrec.stream.kafka import (
     producer_from,
 )
 from streamrec.stream.metrics import EVENTS_ACCEPTED
-from streamrec.stream.topics import offset_key
+from streamrec.stream.topics import end_offsets, offset_key
 from streamrec.trainer.online.base import (
     OnlineRecommender,
     learn_together,
@@ -88,6 +89,7 @@ log = logging.getLogger("streamrec.trainer")
 # the parameter server's answers that refuse what a push carries (non-finite values, wrong shapes),
 # as opposed to a shard that is down or restarting: retrying the same batch cannot help
 REFUSED_CONTENT = frozenset({"ValueError", "TypeError"})
+IDLE_PROBE_SECONDS = 5.0  # how often an idle trainer asks the shards whether one restarted
 PARTITION_FETCH_BYTES = 256 * 1024  # ~1,000 events per partition per fetch: a backlog interleaves in time
 
 
@@ -103,6 +105,10 @@ def recorded_offsets(meta_records: list[dict[str, Any]]) -> dict[str, int]:
 
 class UpdatesRefused(RuntimeError):
     """The parameter server refused the content of a push (REFUSED_CONTENT): the trainer stops."""
+
+
+class StateOfAnotherLog(RuntimeError):
+    """The parameter server's watermarks lie beyond the topic's end: its state is another log's."""
 
 
 class FeatureStoreUnavailable(RuntimeError):
@@ -215,6 +221,7 @@ class OnlineTrainer:
                 log.warning("parameter server unavailable while positioning %s (%s): waiting for it", keys, exc)
                 self._wait_for_param_server()
         floors = self.consumer.beginning_offsets(partitions)
+        self._refuse_state_of_another_log(partitions, keys)
         for tp, key in zip(partitions, keys):
             floor = floors.get(tp, 0)
             self._floors[key] = floor
@@ -232,6 +239,34 @@ class OnlineTrainer:
             self._positions[tp] = target
             self._fenced.discard(tp)
         self._warm_up(partitions)
+
+    def _refuse_state_of_another_log(self, partitions: Sequence[TopicPartition], keys: Sequence[str]) -> None:
+        """A shard that has learned a partition beyond the topic's end holds the state of another
+        log under this topic's name: a memory-only broker restarted, or the topic was deleted and
+        made again, while the checkpoints stayed. Resuming there skipped the new log's first
+        events without a word and mixed two logs in the counts. Stopping says what to do. (A new
+        log already longer than the old one cannot be told apart by offsets.)"""
+        by_topic: dict[str, list[int]] = {}
+        for topic, partition in partitions:
+            by_topic.setdefault(topic, []).append(partition)
+        try:
+            ends = {(topic, p): end for topic, numbers in by_topic.items()
+                    for p, (_, end) in end_offsets(self.settings.kafka_bootstrap, topic, numbers).items()}
+        except (*BROKER_ERRORS, TimeoutError) as exc:
+            log.warning("cannot list the end offsets of %s (%s): not checked against the model state", keys, exc)
+            return
+        ahead = {}
+        for tp, key in zip(partitions, keys):
+            learned = max(shard.get(key, 0) for shard in self._shard_next)
+            if tp in ends and learned > ends[tp]:
+                ahead[key] = (learned, ends[tp])
+        if ahead:
+            raise StateOfAnotherLog(
+                "the parameter server has learned beyond the end of the topic (" + ", ".join(
+                    f"{key}: learned to {learned}, topic ends at {end}" for key, (learned, end) in sorted(ahead.items()))
+                + "): its state comes from another log under this topic's name (a memory-only broker restarted, "
+                "or the topic was made again). Start the parameter server from an empty checkpoint directory, "
+                "or point the trainer at the log it learned")
 
     def _warm_up(self, partitions: Sequence[TopicPartition]) -> None:
         """Re-read what this process has not seen before the resume points (warmup.py: histories
@@ -268,23 +303,44 @@ class OnlineTrainer:
         for restart in restarts:
             log.warning("parameter-server shard %d restarted (%s -> %s)%s: rewinding to its offsets",
                         restart.shard, restart.old, restart.new, " EMPTY" if restart.empty else "")
-        for model in self.models:
-            model.create_tables()
-        restore_states(self.models, self._meta())
+        while True:
+            try:
+                for model in self.models:
+                    model.create_tables()
+                restore_states(self.models, self._meta())
+                break
+            except (ParamServerError, ConnectionError) as exc:  # another shard went down meanwhile: it killed the trainer
+                if self.stop_requested.is_set():  # the batch in hand stays uncommitted, for the next run
+                    return True
+                log.warning("parameter server unavailable while recovering from a shard restart (%s): waiting "
+                            "for it", exc)
+                self._wait_for_param_server()
         self._resync(self.consumer.assignment(), "shard_restarted_empty" if any(r.empty for r in restarts)
                      else "shard_restarted")
         return True
+
+    def _probe_shards(self) -> bool:
+        """While no record arrives, nothing else asks the shards anything, and a shard that came
+        back from an older checkpoint (or empty) went unnoticed until the next event: it served
+        old rows indefinitely, and an `--idle-exit` trainer left it behind for good. One cheap call
+        tells its new incarnation; returns whether the trainer rewound."""
+        try:
+            self.store.watermarks()
+        except (ParamServerError, ConnectionError) as exc:
+            log.debug("probing the parameter server while idle: %s", exc)  # known again once it answers
+            return False
+        return self._after_restarts()
 
     # ---- the loop -----------------------------------------------------------------------------
     def run(self) -> TrainerStats:
         """Consume until stopped (SIGTERM/SIGINT via `stop_requested`, max_events, or idle)."""
         cfg = self.config
-        idle_since = last_report = time.monotonic()
+        idle_since = last_report = last_probe = time.monotonic()
         try:
             while not self.stop_requested.is_set():
                 records = self._collect()
                 if records:
-                    idle_since = time.monotonic()
+                    idle_since = last_probe = time.monotonic()
                     try:
                         self.process(records)
                     except FeatureStoreUnavailable as exc:
@@ -292,8 +348,16 @@ class OnlineTrainer:
                         break
                     if cfg.max_events is not None and self.stats.consumed >= cfg.max_events:
                         break
-                elif cfg.idle_exit_seconds is not None and time.monotonic() - idle_since > cfg.idle_exit_seconds:
-                    break
+                else:
+                    idle_exit = (cfg.idle_exit_seconds is not None
+                                 and time.monotonic() - idle_since > cfg.idle_exit_seconds)
+                    if idle_exit or time.monotonic() - last_probe >= IDLE_PROBE_SECONDS:
+                        last_probe = time.monotonic()
+                        if self._probe_shards():  # a shard went back: relearn before anything else
+                            idle_since = time.monotonic()
+                            continue
+                    if idle_exit:
+                        break
                 if cfg.report_path and time.monotonic() - last_report >= cfg.report_every_seconds:
                     self.write_report()
                     last_report = time.monotonic()
