@@ -159,11 +159,36 @@ class Experiments:
         """ValueError naming `source` and what failed when the text is not a valid experiments file."""
         try:
             raw = yaml.safe_load(text)
+            _within_node_budget(raw, source)
             return cls(ExperimentsFile.model_validate(raw if raw is not None else {}))
         except yaml.YAMLError as exc:
             raise ValueError(f"{source}: not YAML: {exc}") from None
-        except ValidationError as exc:
-            raise ValueError(f"{source}: {exc}") from None
+        except ValidationError as exc:  # the locations and messages: str(exc) repeats every input value
+            raise ValueError(f"{source}: " + "; ".join(
+                f"{'.'.join(map(str, error['loc'])) or '<file>'}: {error['msg']}"
+                for error in exc.errors(include_url=False, include_input=False)[:20])) from None
+
+
+MAX_FILE_BYTES = 1 << 20  # an experiments file is a few kB; a 50 MB one stalled the sync thread as it parsed
+MAX_NODES = 100_000  # values in the document with YAML aliases expanded
+
+
+def _within_node_budget(document: object, source: str) -> None:
+    """Refuse a document with more than MAX_NODES values once aliases are expanded. A 2 kB "billion
+    laughs" file (aliases of aliases) is small as YAML but huge as the values the schema walks:
+    describing it in the validation error took 75 s, holding the GIL, and the worker answered
+    nothing meanwhile. Counting stops at the budget, so a bomb is refused in milliseconds."""
+    pending, seen = [document], 0
+    while pending:
+        value = pending.pop()
+        seen += 1
+        if seen > MAX_NODES:
+            raise ValueError(f"{source}: more than {MAX_NODES:,} values once YAML aliases are expanded: refused")
+        if isinstance(value, dict):
+            pending.extend(value.keys())
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
 
 
 NO_EXPERIMENTS = Experiments(ExperimentsFile())
@@ -186,12 +211,21 @@ class ExperimentsSource:
         if self.path is None:
             return "unchanged"
         try:
-            stat = os.stat(self.path)
-            stamp = (stat.st_mtime_ns, stat.st_size)
+            try:
+                stat = os.stat(self.path)
+                stamp = (stat.st_mtime_ns, stat.st_size)
+            except FileNotFoundError:
+                stamp = (-1, -1)  # gone: reported once like a broken version, not at every poll
             if stamp == self._stamp:
                 return "unchanged"
             self._stamp = stamp  # a broken version is reported once, then waits for the next change
-            self.current = Experiments.parse(self.path.read_text(encoding="utf-8"), str(self.path))
+            if stamp == (-1, -1):
+                raise FileNotFoundError(f"{self.path} is gone")
+            with open(self.path, "rb") as file:
+                data = file.read(MAX_FILE_BYTES + 1)  # bounded even if it grows after the stat
+            if len(data) > MAX_FILE_BYTES:
+                raise ValueError(f"{self.path}: over {MAX_FILE_BYTES:,} bytes, more than an experiments file holds")
+            self.current = Experiments.parse(data.decode("utf-8"), str(self.path))
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             self.last_error = f"{type(exc).__name__}: {exc}"
             log.error("experiments file not loaded, the last good one stays in force: %s", self.last_error)

@@ -4,7 +4,9 @@ counts arms in Prometheus and follows the file as it changes."""
 
 from __future__ import annotations
 
+import re
 import subprocess
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -38,6 +40,9 @@ experiments:
       - {name: knn, candidates: [item_knn, trending]}
 """
 USERS = [f"user-{n}" for n in range(20_000)]
+# 2 kB of YAML, 9^9 values once its aliases are expanded ("billion laughs"), then a valid file
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + n)}: &{chr(98 + n)} [{', '.join([f'*{chr(97 + n)}'] * 9)}]\n" for n in range(8)) + TWO_LAYERS
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -51,6 +56,7 @@ USERS = [f"user-{n}" for n in range(20_000)]
     ("experiments: [{name: a, arms: [{name: x, colour: red}]}]", "Extra inputs are not permitted"),
     ("experiments: [{name: a, arms: [{name: x, source: random}]}]", "'personal' or 'popularity'"),
     ("experiments: [{name: a", "not YAML"),
+    (BOMB, "more than 100,000 values once YAML aliases are expanded"),
 ])
 def test_the_schema_refuses_what_cannot_run(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=None) as refused:
@@ -161,6 +167,30 @@ def test_the_file_is_followed_and_a_broken_version_keeps_the_last_good_one(serve
     wait_for(lambda: "streamrec_serving_experiments_reload_failures_total 1.0" in serving.get("/metrics").text)
     body = serving.get("/recommend", user_id="user-1", k=3).json()
     assert body["experiment"] == "all-popular" and [i["item_id"] for i in body["items"]] == POPULAR
+
+
+def reload_failures(serving) -> float:
+    found = re.search(r"^streamrec_serving_experiments_reload_failures_total (\S+)$", serving.get("/metrics").text,
+                      re.MULTILINE)
+    assert found is not None
+    return float(found.group(1))
+
+
+def test_a_bomb_a_huge_file_or_a_deleted_one_is_refused_once_and_answers_go_on(served) -> None:
+    """A 2 kB YAML alias bomb froze the worker for 77 s (describing it in the validation error
+    walked 9^9 values holding the GIL); a 50 MB file stalled model sync while it was parsed; a
+    deleted file was counted and logged as a new failure at every poll."""
+    serving, path, _ = served
+    for n, (text, expected) in enumerate(((BOMB, 1.0), ("# " + "x" * (2 << 20) + "\n" + TWO_LAYERS, 2.0))):
+        path.write_text(text)
+        wait_for(lambda expected=expected: reload_failures(serving) == expected)
+        body = serving.get("/recommend", user_id="user-1", k=3).json()
+        assert body["experiment"] == "popular-vs-personal", n  # the last good file stays in force
+    path.unlink()
+    wait_for(lambda: reload_failures(serving) == 3.0)
+    time.sleep(3)  # polls go on: the file is still gone, and that is no new failure
+    assert reload_failures(serving) == 3.0
+    assert serving.get("/readyz").status_code == 200
 
 
 def test_serve_refuses_a_broken_file_at_start(tmp_path: Path) -> None:
