@@ -75,3 +75,27 @@ def test_online_mf_ranking_first_on_a_log_without_ratings(online_settings, start
                             TrainerConfig(batch_events=100, idle_exit_seconds=3.0, evaluate_every=1))
     trainer.run()
     assert trainer.stats.applied == 300
+
+
+def test_a_trainer_fenced_by_another_consumer_group_says_so(online_settings, start_server, caplog):
+    """A trainer in another consumer group claimed the partitions on the parameter server: this
+    one dropped its batch as fenced and then learned nothing, without a word, for good (only its
+    own group's reassignment clears a fence, and a group of one never reassigns)."""
+    server = start_server("--no-checkpoints")
+    produce_events(online_settings, planted_events(300))
+    config = TrainerConfig(batch_events=100, fenced_warning_seconds=1.0)
+    first = OnlineTrainer(online_settings, [OnlineBPR(store=ParamClient([server.address]))], config)
+    worker = threading.Thread(target=first.run)
+    worker.start()
+    try:
+        wait_until(lambda: applied(server.address) == 300, timeout=60)
+        other = online_settings.model_copy(update={"consumer_group": online_settings.consumer_group + "-other"})
+        OnlineTrainer(other, [OnlineBPR(store=ParamClient([server.address]))],
+                      TrainerConfig(batch_events=100, idle_exit_seconds=2.0)).run()  # claims, finds nothing new
+        produce_events(online_settings, planted_events(100, seed=3, start=1_700_300_000.0))
+        wait_until(lambda: any("fenced: a trainer outside its consumer group" in r.getMessage()
+                               for r in caplog.records if r.levelname == "ERROR"), timeout=60)
+        assert first.report()["fenced_partitions"]
+    finally:
+        first.stop_requested.set()
+        worker.join(30)

@@ -126,6 +126,7 @@ class TrainerConfig:
     report_every_seconds: float = 5.0
     dedup_window_events: int = 65_536  # per partition: an event id seen this many offsets back is a duplicate
     warmup_events: int = 300_000  # records before the resume points re-read (not learned) on start, split over the partitions
+    fenced_warning_seconds: float = 60.0  # how often partitions still assigned here but fenced are reported
 
 
 @dataclass
@@ -335,7 +336,7 @@ class OnlineTrainer:
     def run(self) -> TrainerStats:
         """Consume until stopped (SIGTERM/SIGINT via `stop_requested`, max_events, or idle)."""
         cfg = self.config
-        idle_since = last_report = last_probe = time.monotonic()
+        idle_since = last_report = last_probe = last_fence_report = time.monotonic()
         try:
             while not self.stop_requested.is_set():
                 records = self._collect()
@@ -362,11 +363,25 @@ class OnlineTrainer:
                     self.write_report()
                     last_report = time.monotonic()
                 self._trimmer.trim_if_due()
+                if self._fenced and time.monotonic() - last_fence_report >= cfg.fenced_warning_seconds:
+                    last_fence_report = time.monotonic()
+                    self._report_fenced()
         finally:
             self.close()
             if cfg.report_path:
                 self.write_report()
         return self.stats
+
+    def _report_fenced(self) -> None:
+        """A fenced partition is learned by nobody here until this trainer's group assigns it again,
+        which within one group follows at once. One still assigned here a minute later was claimed
+        by a trainer outside this group (two groups on one parameter server), and it was silent
+        for good, even after that trainer died."""
+        stuck = sorted(self._fenced & set(self.consumer.assignment()))
+        if stuck:
+            log.error("partitions %s are assigned to this trainer but fenced: a trainer outside its consumer group "
+                      "claimed them on the parameter server, and nothing of them is learned here. Run one consumer "
+                      "group per parameter server, then restart this trainer", [offset_key(*tp) for tp in stuck])
 
     def write_report(self) -> None:
         """Atomically replace the report file (readers never see half a JSON document)."""
@@ -705,6 +720,7 @@ class OnlineTrainer:
             # wall-clock bounds of the active span, so the spans of several trainers can be combined
             "first_record_wall": _wall(s.first_record_at), "last_batch_wall": _wall(s.last_batch_at),
             "active_cpu_seconds": max(0.0, s.last_batch_cpu - s.first_record_cpu),
+            "fenced_partitions": sorted(offset_key(*tp) for tp in self._fenced),
         }
 
     def close(self) -> None:
