@@ -36,12 +36,13 @@ def test_the_tuner_finds_the_planted_region_and_reports_defaults_and_winner(tmp_
 
 @pytest.mark.slow  # twenty seconds of trials
 def test_a_numeric_region_is_found_and_fixed_params_are_not_searched(tmp_path: Path) -> None:
-    """online BPR on a stream: a learning rate near zero learns nothing and a huge one diverges;
-    the winner lands between, and a fixed parameter is never searched."""
+    """online BPR on a stream: a learning rate near zero learns nothing and a huge one diverges
+    (with max_norm fixed far out of reach: the default bound keeps every row finite); the winner
+    lands between, and a fixed parameter is never searched."""
     log = synthetic_log(events=12_000, users=300, items=200)
     data = tmp_path / "planted.csv"
     pd.DataFrame({"user_id": log.user_id, "item_id": log.item_id, "timestamp": log.timestamp}).to_csv(data, index=False)
-    result = tune("prequential", "online-bpr", ["dim=16"], data, "csv", trials=16, seed=1,
+    result = tune("prequential", "online-bpr", ["dim=16", "max_norm=1e30"], data, "csv", trials=16, seed=1,
                   space=space(lr=FloatRange(1e-6, 100.0, log=True), dim=FloatRange(1, 2)))
     assert result["fixed_params"]["dim"] == 16 and "dim" not in result["search_space"]
     assert 5e-3 <= result["best_trial_params"]["lr"] <= 0.5, result["best_trial_params"]
