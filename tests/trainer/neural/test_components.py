@@ -12,8 +12,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from streamrec.trainer.features import load_side_features, trigram_bags
 from streamrec.stream.loaders import InteractionLog
+from streamrec.trainer.features import load_side_features, trigram_bags
 from streamrec.trainer.interactions import IdIndex, Interactions
 from streamrec.trainer.models import create, load
 from streamrec.trainer.models.neural.ctr import fm_second_order, load_ranker
@@ -21,7 +21,6 @@ from streamrec.trainer.models.neural.history import HistoryPooling
 from streamrec.trainer.models.neural.losses import LogQSampler, sampled_softmax
 from streamrec.trainer.models.neural.sequential import sessions
 from streamrec.trainer.models.neural.training import int_list
-
 from tests.trainer.neural.test_neural_models import fast_params, planted_sequences
 
 

@@ -7,17 +7,16 @@ and from order (sequence models), while popularity is flat.
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
 
 from streamrec.stream.loaders import InteractionLog, time_order
+from streamrec.trainer import registry
 from streamrec.trainer.evaluation.splits import distinct_pairs, leave_last_out
 from streamrec.trainer.evaluation.topn import run_topn, validation_ndcg
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models import create, load
-from streamrec.trainer import registry
 
 NEURAL_MODELS = registry.names("streamrec.trainer.models.neural")
 

@@ -87,10 +87,8 @@ def bpr_max_loss(pos: torch.Tensor, neg: torch.Tensor, valid: torch.Tensor, reg:
     return loss[has].mean() if has.any() else loss.sum() * 0.0
 
 
-def cross_entropy_loss(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Sampled softmax over the candidates: row r's positive is column r (the batch's own targets
-    come first), other columns holding the same item (accidental hits, `valid` 0) are masked."""
-    rows = torch.arange(len(scores), device=scores.device)
-    keep = valid.bool()
-    keep[rows, rows] = True
-    return F.cross_entropy(scores.masked_fill(~keep, float("-inf")), rows)
+def cross_entropy_loss(pos: torch.Tensor, neg: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Sampled softmax of each row's positive against its valid candidates: columns holding the
+    row's own item (accidental hits, `valid` 0) are masked, so the positive is counted once."""
+    logits = torch.cat([pos[:, None], neg.masked_fill(valid == 0, float("-inf"))], dim=1)
+    return F.cross_entropy(logits, torch.zeros(len(pos), dtype=torch.long, device=pos.device))
