@@ -104,7 +104,7 @@ class GRU4RecParams(NeuralParams):
     negatives: int = 256
     sample_alpha: float = 0.5
     session_gap: float = 3600.0
-    history: int = 50
+    history: int = Field(50, ge=1)
     lr: float = 2e-3
 
 
