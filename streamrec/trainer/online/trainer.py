@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,17 +210,13 @@ class OnlineTrainer:
         if not partitions:
             return
         keys = [offset_key(*tp) for tp in partitions]
-        while True:
-            try:
-                self._shard_next = self.store.claim(keys) if claim else self.store.watermarks()
-                self._event_ids.restore(self.store.get_meta(), keys)  # the ids as they were at the resume point
-                break
-            except (ParamServerError, ConnectionError) as exc:  # a shard down or restarting
-                if self.stop_requested.is_set():  # nothing uncommitted is lost: it is read again from the shards' offsets
-                    log.warning("stopping with the parameter server unavailable (%s): %s left unpositioned", exc, keys)
-                    return
-                log.warning("parameter server unavailable while positioning %s (%s): waiting for it", keys, exc)
-                self._wait_for_param_server()
+
+        def position() -> None:
+            self._shard_next = self.store.claim(keys) if claim else self.store.watermarks()
+            self._event_ids.restore(self.store.get_meta(), keys)  # the ids as they were at the resume point
+
+        if not self._once_param_server_answers(position, f"positioning {keys}"):
+            return
         floors = self.consumer.beginning_offsets(partitions)
         self._refuse_state_of_another_log(partitions, keys)
         for tp, key in zip(partitions, keys):
@@ -304,21 +300,32 @@ class OnlineTrainer:
         for restart in restarts:
             log.warning("parameter-server shard %d restarted (%s -> %s)%s: rewinding to its offsets",
                         restart.shard, restart.old, restart.new, " EMPTY" if restart.empty else "")
-        while True:
-            try:
-                for model in self.models:
-                    model.create_tables()
-                restore_states(self.models, self._meta())
-                break
-            except (ParamServerError, ConnectionError) as exc:  # another shard went down meanwhile: it killed the trainer
-                if self.stop_requested.is_set():  # the batch in hand stays uncommitted, for the next run
-                    return True
-                log.warning("parameter server unavailable while recovering from a shard restart (%s): waiting "
-                            "for it", exc)
-                self._wait_for_param_server()
+
+        def recover() -> None:
+            for model in self.models:
+                model.create_tables()
+            restore_states(self.models, self._meta())
+
+        if not self._once_param_server_answers(recover, "recovering from a shard restart"):
+            return True  # the batch in hand stays uncommitted, for the next run
         self._resync(self.consumer.assignment(), "shard_restarted_empty" if any(r.empty for r in restarts)
                      else "shard_restarted")
         return True
+
+    def _once_param_server_answers(self, attempt: Callable[[], None], doing: str) -> bool:
+        """Run `attempt` again until no shard is down or restarting for it (another shard going down
+        while the trainer recovers used to kill it); False when a stop is requested first, which
+        loses nothing uncommitted: it is read again from the shards' offsets by the next run."""
+        while True:
+            try:
+                attempt()
+                return True
+            except (ParamServerError, ConnectionError) as exc:
+                if self.stop_requested.is_set():
+                    log.warning("stopping with the parameter server unavailable while %s (%s)", doing, exc)
+                    return False
+                log.warning("parameter server unavailable while %s (%s): waiting for it", doing, exc)
+                self._wait_for_param_server()
 
     def _probe_shards(self) -> bool:
         """While no record arrives, nothing else asks the shards anything, and a shard that came
