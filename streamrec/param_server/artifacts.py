@@ -20,11 +20,12 @@ from __future__ import annotations
 import io
 import json
 import struct
+import zipfile
 from typing import Any
 
 import numpy as np
 
-from streamrec.stream.catalogue import ItemCatalogue
+from streamrec.stream.catalogue import CatalogueError, ItemCatalogue
 
 KNN_BLOB = "refit/item-knn/neighbors"
 RANKER_BLOB = "refit/ranker"
@@ -39,8 +40,12 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
 
 
 def load_npz(data: bytes) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-        return {name: npz[name] for name in npz.files}
+    """The arrays of an .npz; ValueError for bytes that are not one (a truncated zip, say)."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            return {name: npz[name] for name in npz.files}
+    except (zipfile.BadZipFile, EOFError, OSError) as exc:
+        raise ValueError(f"not an npz archive: {exc}") from exc
 
 
 def encode_dense(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
@@ -49,10 +54,17 @@ def encode_dense(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes
 
 
 def decode_dense(data: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    if data[:8] != DENSE_MAGIC:
-        raise ValueError("not a dense blob (bad magic)")
+    """(header, arrays) of a dense blob; ValueError for anything else (blobs are put by peers)."""
+    if data[:8] != DENSE_MAGIC or len(data) < 12:
+        raise ValueError("not a dense blob (bad magic or truncated)")
     (length,) = struct.unpack_from("<I", data, 8)
-    return json.loads(data[12 : 12 + length]), load_npz(data[12 + length :])
+    try:
+        header = json.loads(data[12 : 12 + length])
+    except RecursionError as exc:
+        raise ValueError("dense blob header nested too deep") from exc
+    if not isinstance(header, dict):
+        raise ValueError(f"dense blob header is a JSON {type(header).__name__}, not an object")
+    return header, load_npz(data[12 + length :])
 
 
 def encode_neighbors(items: list[str] | np.ndarray, neighbors: np.ndarray, scores: np.ndarray) -> bytes:
@@ -68,5 +80,8 @@ def encode_catalogue(catalogue: ItemCatalogue) -> bytes:
 
 def decode_catalogue(data: bytes) -> ItemCatalogue:
     """Inverse of `encode_catalogue`; CatalogueError (a ValueError) on a malformed blob."""
-    header, arrays = decode_dense(data)
+    try:
+        header, arrays = decode_dense(data)
+    except ValueError as exc:
+        raise CatalogueError(f"malformed catalogue blob: {exc}") from exc
     return ItemCatalogue.from_arrays(header, arrays)

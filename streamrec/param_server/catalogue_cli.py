@@ -12,7 +12,7 @@ from typing import get_args
 
 import click
 
-from streamrec.core.cli import show, settings_from
+from streamrec.core.cli import settings_from, show
 from streamrec.param_server.artifacts import CATALOGUE_BLOB, decode_catalogue, encode_catalogue
 from streamrec.param_server.client import ParamClient, ParamServerError
 from streamrec.stream.catalogue import CatalogueError, CatalogueFormat, read_catalogue
@@ -33,7 +33,7 @@ def publish_cmd(ctx: click.Context, path: Path, fmt: CatalogueFormat, as_json: b
     """Read PATH, check it, and store it as the next version of the catalogue blob."""
     try:
         catalogue = read_catalogue(path, fmt)
-    except (CatalogueError, UnicodeDecodeError) as exc:
+    except CatalogueError as exc:  # every malformed file (read_catalogue wraps the parsers' own errors)
         raise click.ClickException(str(exc)) from exc
     settings = settings_from(ctx)
     try:
@@ -57,7 +57,11 @@ def show_cmd(ctx: click.Context, as_json: bool) -> None:
         raise click.ClickException(f"parameter server {','.join(settings.param_servers)}: {exc}") from exc
     if blob is None:
         raise click.ClickException("no catalogue is published (streamrec catalogue publish PATH)")
-    show({"blob": CATALOGUE_BLOB, "version": blob.version, **decode_catalogue(blob.data).summary()}, as_json)
+    try:
+        catalogue = decode_catalogue(blob.data)
+    except CatalogueError as exc:  # a blob someone else put under the name: serving refuses it too
+        raise click.ClickException(f"version {blob.version}: {exc}") from exc
+    show({"blob": CATALOGUE_BLOB, "version": blob.version, **catalogue.summary()}, as_json)
 
 
 def register(cli: click.Group, bench: click.Group) -> None:

@@ -310,7 +310,9 @@ def create_app(config: ServingConfig) -> FastAPI:
             "loaded_at": state.loaded_at if state else None, "index_items": state.index.size if state else 0,
             "index_kind": state.index.built_kind if state else None, "users": holder.user_rows,
             "cached_users": len(state.users) if state else 0,
-            "artifacts": state.artifacts.versions if state else {}, "last_error": holder.last_error,
+            "artifacts": state.artifacts.versions if state else {},
+            "refused_artifacts": holder.refused_artifacts, "inert_rules": holder.inert_rules,
+            "last_error": holder.last_error,
             "explore_reads": explore.reads if explore is not None else None,
             "context_reads": context.reads if context is not None else None,
         }

@@ -10,6 +10,8 @@ Other families' item vectors are not blobs: they are parameter-server tables, ch
 
 from __future__ import annotations
 
+import struct
+import zipfile
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
@@ -42,8 +44,12 @@ class ItemNeighbors:
         arrays = load_npz(data)
         ids = arrays["items"].astype(object)
         neighbors, scores = arrays["neighbors"], arrays["scores"]
-        if neighbors.shape != scores.shape or neighbors.shape[0] != len(ids):
+        if neighbors.ndim != 2 or neighbors.shape != scores.shape or neighbors.shape[0] != len(ids):
             raise ValueError(f"neighbour blob shapes disagree: {len(ids)} items, {neighbors.shape}, {scores.shape}")
+        if neighbors.dtype.kind not in "iu" or scores.dtype.kind != "f":
+            raise ValueError(f"neighbour blob types: neighbors {neighbors.dtype}, scores {scores.dtype}")
+        if neighbors.size and (neighbors.min() < -1 or neighbors.max() >= len(ids)):  # -1: no neighbour
+            raise ValueError(f"neighbour blob points outside its {len(ids)} items")
         return cls(pd.Index(ids, dtype=object), ids, neighbors, scores)
 
     def lookup(self, item_ids: list[str], per_item: int) -> tuple[np.ndarray, np.ndarray]:
@@ -147,7 +153,24 @@ class Artifacts:
     versions: dict[str, int] = field(default_factory=dict)
 
     def with_blob(self, name: str, kind: str, data: bytes, version: int) -> Artifacts:
-        """A copy with one blob decoded and replaced (`kind`: "knn", "ranker" or "catalogue")."""
+        """A copy with one blob decoded and replaced (`kind`: "knn", "ranker" or "catalogue").
+        Raises `ArtifactError` for any blob that does not decode: blobs come from whoever may put
+        one, and their decoders meet bytes they were not written for in many ways."""
         loaders: dict[str, Callable[[bytes], object]] = {"knn": ItemNeighbors.from_bytes, "ranker": load_ranker,
                                                          "catalogue": decode_catalogue}
-        return replace(self, **{kind: loaders[kind](data)}, versions={**self.versions, name: version})
+        try:
+            decoded = loaders[kind](data)
+        except DECODE_ERRORS as exc:
+            raise ArtifactError(f"{kind} blob {name!r} version {version} does not decode: "
+                                f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+        return replace(self, **{kind: decoded}, versions={**self.versions, name: version})
+
+
+class ArtifactError(ValueError):
+    """A published blob that serving cannot use."""
+
+
+# what decoding foreign bytes raises: json, npz (zip), struct headers, numpy casts, torch's
+# load_state_dict (RuntimeError), and headers of the wrong JSON shape (AttributeError, TypeError)
+DECODE_ERRORS = (ValueError, KeyError, IndexError, TypeError, AttributeError, EOFError, OverflowError,
+                 RecursionError, RuntimeError, struct.error, zipfile.BadZipFile)

@@ -168,6 +168,13 @@ def serve_cmd(ctx: click.Context, workers: int, host: str, port: int | None, pol
             Experiments.parse(config.experiments_file.read_text(encoding="utf-8"), str(config.experiments_file))
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             raise click.UsageError(f"--experiments: {exc}") from exc
+    if config.item_catalogue is not None:  # each worker reads it at start: a bad one would fail them in a loop
+        from streamrec.serving.console.catalogue import Catalogue
+
+        try:
+            Catalogue.load(config.item_catalogue)
+        except (OSError, ValueError) as exc:
+            raise click.UsageError(f"--item-catalogue: {exc}") from exc
     run_workers(config, host, settings.serving_port if port is None else port, workers, log_level)
 
 

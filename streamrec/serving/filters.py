@@ -111,6 +111,16 @@ class ItemFilter:
                           tuple(c for c in self.exclude if kinds.get(c[0]) == "categorical"),
                           tuple(c for c in self.ranges if kinds.get(c[0]) == "numeric"))
 
+    def inert(self, catalogue: ItemCatalogue | None) -> list[str]:
+        """The clauses `applicable` leaves out, each with why: a rule that stopped applying (a
+        numeric column that became categorical by one non-numeric cell, say) must be seen."""
+        kinds = catalogue.attributes if catalogue is not None else {}
+        clauses = ([(f"include={a}:{'|'.join(v)}", a, "categorical") for a, v in self.include]
+                   + [(f"exclude={a}:{v}", a, "categorical") for a, v in self.exclude]
+                   + [(f"range={a}:{lo}..{hi}", a, "numeric") for a, lo, hi in self.ranges])
+        return [f"{clause}: the catalogue has {'no ' + repr(a) if a not in kinds else repr(a) + ' as ' + kinds[a]}"
+                + ("" if a not in kinds else f", not {kind}") for clause, a, kind in clauses if kinds.get(a) != kind]
+
     def mask(self, catalogue: ItemCatalogue, catalogue_rows: np.ndarray, n_rows: int) -> np.ndarray:
         """Allowed item rows (bool, `n_rows`); `catalogue_rows`: the item row of each catalogue
         position, -1 where the item has no vector. Checked first (`check`)."""

@@ -52,6 +52,8 @@ class ServingMetrics:
         self.sync_seconds = Histogram("streamrec_serving_sync_seconds", "one poll (fetch + apply + swap)",
                                       buckets=SYNC_BUCKETS)
         self.sync_failures = Counter("streamrec_serving_sync_failures_total", "polls that failed")
+        self.artifact_refusals = Counter("streamrec_serving_artifact_refusals_total",
+                                         "published blobs that did not decode (the version before stays)", ["blob"])
         self.index_rebuilds = Counter("streamrec_serving_index_rebuilds_total", "full index rebuilds")
         self.search_memo = Counter("streamrec_serving_search_memo_total",
                                    "index searches answered from the memo (hit) or by FAISS (miss)", ["result"])

@@ -92,6 +92,8 @@ class Ready(BaseModel):
     users: int  # rows of the user table at the parameter server (last poll)
     cached_users: int  # users whose rows this worker holds (at most user_cache_size)
     artifacts: dict[str, int]
+    refused_artifacts: dict[str, str] = {}  # blobs published but not decodable here, by name: why
+    inert_rules: list[str] = []  # configured item rules the published catalogue cannot apply, with why
     last_error: str | None
     explore_reads: int | None = None  # reads of the exploration pool so far (None: this worker does not explore)
     context_reads: int | None = None  # reads of the context slices so far (None: context slices are off)

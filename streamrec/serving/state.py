@@ -83,6 +83,9 @@ class StateHolder:
         self._current: ServingState | None = None
         self.confirmed_at = 0.0  # wall time of the last successful poll (the state was current then)
         self.last_error: str | None = None
+        # published blobs this worker could not decode, by name: why (the version before stays in use)
+        self.refused_artifacts: dict[str, str] = {}
+        self.inert_rules: list[str] = []  # configured item rules the catalogue in use cannot apply, with why
         self.user_rows = 0  # rows of the user table at the last poll (the worker caches only some)
         # the parameter server's version (summed over shards) the last successful poll reached, whether
         # or not the item table changed: everything pushed up to it is served (`streamrec simulate` waits on it)

@@ -21,8 +21,9 @@ from typing import Any
 from streamrec.core.allocator import HeapTrimmer
 from streamrec.param_server.client import Delta, ParamClient
 from streamrec.param_server.replica import TableMirror
-from streamrec.serving.artifacts import Artifacts
+from streamrec.serving.artifacts import ArtifactError, Artifacts
 from streamrec.serving.config import ServingConfig
+from streamrec.serving.filters import ItemFilter
 from streamrec.serving.index import ItemIndex, MemoCounts
 from streamrec.serving.metrics import ServingMetrics
 from streamrec.serving.state import ServingState, StateHolder
@@ -61,6 +62,8 @@ class Syncer:
         # set once the worker has something to serve, or the parameter server answered that no shard has
         # the item table (a new cluster: no worker could serve either); a failed poll never sets it
         self.ready = threading.Event()
+        self._refused_versions: dict[str, int] = {}  # blob name -> the newest version that did not decode
+        self._rules = ItemFilter.parse_rules(config.item_rules)  # ServingConfig has checked them
         self._trimmer = HeapTrimmer()  # replaced buffers and index rebuilds free memory each poll
 
     def _buffer(self) -> Buffer:
@@ -76,17 +79,41 @@ class Syncer:
         return self._client
 
     def _fetch_artifacts(self, client: ParamClient) -> Artifacts:
-        """Artifacts with every configured blob that has a newer version decoded."""
+        """Artifacts with every configured blob that has a newer version decoded. A version that
+        does not decode is refused once (logged, counted, named in /readyz) and not fetched again:
+        the version before stays in use, and the poll goes on, item and user deltas included (it
+        used to fail the whole poll, at every poll, until someone published a good blob)."""
         artifacts = self.artifacts
         published = client.blobs()
         for name, kind in ((self.config.knn_blob, "knn"), (self.config.ranker_blob, "ranker"),
                            (self.config.catalogue_blob, "catalogue")):
             version = published.get(name)
-            if version is not None and version > artifacts.versions.get(name, 0):
-                blob = client.get_blob(name, since=artifacts.versions.get(name, 0))
-                if blob is not None:
-                    artifacts = artifacts.with_blob(name, kind, blob.data, blob.version)
+            if version is None or version <= max(artifacts.versions.get(name, 0), self._refused_versions.get(name, 0)):
+                continue
+            blob = client.get_blob(name, since=artifacts.versions.get(name, 0))
+            if blob is None:
+                continue
+            try:
+                artifacts = artifacts.with_blob(name, kind, blob.data, blob.version)
+            except ArtifactError as exc:
+                self._refused_versions[name] = blob.version
+                self.holder.refused_artifacts = {**self.holder.refused_artifacts, name: str(exc)}
+                self.metrics.artifact_refusals.labels(name).inc()
+                log.error("%s; serving goes on with version %s", exc, artifacts.versions.get(name, "none"))
+            else:
+                self.holder.refused_artifacts = {k: v for k, v in self.holder.refused_artifacts.items() if k != name}
+                if kind == "catalogue":
+                    self._check_rules(artifacts)
         return artifacts
+
+    def _check_rules(self, artifacts: Artifacts) -> None:
+        """Configured rules the new catalogue cannot apply are skipped (rules come before any
+        catalogue), so each such catalogue says which, in the log and in /readyz."""
+        inert = self._rules.inert(artifacts.catalogue)
+        if inert and inert != self.holder.inert_rules:
+            log.error("configured item rules not applied with catalogue version %s: %s",
+                      artifacts.versions.get(self.config.catalogue_blob), "; ".join(inert))
+        self.holder.inert_rules = inert
 
     def poll(self) -> bool:
         """One poll; True when a new state was swapped in. Raises on parameter-server errors, and

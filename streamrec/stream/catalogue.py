@@ -188,6 +188,7 @@ class _Builder:
     def add(self, line: int, item_id: object, attributes: dict[str, Value]) -> None:
         if not isinstance(item_id, str) or not 0 < len(item_id) <= MAX_ID_CHARS:
             raise self.fail(line, f"item_id must be a string of 1 to {MAX_ID_CHARS} characters")
+        self._check_text(line, item_id)
         if item_id in self.seen:
             raise self.fail(line, f"item {item_id[:80]!r} appears twice (first on line {self.seen[item_id]})")
         self.seen[item_id] = line
@@ -195,6 +196,13 @@ class _Builder:
         self.ids.append(item_id)
         for name, value in attributes.items():
             self._add_value(line, position, name, value)
+
+    def _check_text(self, line: int, text: str) -> None:
+        """JSON can spell a lone surrogate (`"\\ud800"`), which no UTF-8 blob can hold."""
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            raise self.fail(line, f"{text[:80]!r} is not valid Unicode text (a lone surrogate)") from None
 
     def _add_value(self, line: int, position: int, name: str, value: Value) -> None:
         if not ATTRIBUTE_NAME.match(name):
@@ -210,6 +218,7 @@ class _Builder:
             return
         values = value if isinstance(value, list) else [str(value)]
         for v in values:
+            self._check_text(line, v)
             if len(v) > MAX_VALUE_CHARS:
                 raise self.fail(line, f"a value of {name!r} is longer than {MAX_VALUE_CHARS} characters")
         if kind == "text":
@@ -273,8 +282,18 @@ def read_movielens(path: Path) -> ItemCatalogue:
     return builder.build()
 
 
+MISSING_NUMBERS = frozenset({"n/a", "na", "nan", "null", "none", "-"})  # in a numeric column: no value
+
+
+def _missing(text: str) -> bool:
+    return text == "" or text.strip().lower() in MISSING_NUMBERS
+
+
 def read_csv(path: Path) -> ItemCatalogue:
-    """`item_id` plus any columns; all-number columns numeric, `title` text, the rest categorical."""
+    """`item_id` plus any columns; all-number columns numeric, `title` text, the rest categorical.
+    In a column of numbers, `n/a`, `NaN`, `null`, `-` and the like are no value (the item then
+    fails every range on it): one such cell used to make the column categorical, which silently
+    turned off a configured range rule such as `range=stock:1..`."""
     with path.open(newline="", encoding="utf-8") as handle:
         rows = list(csv.reader(handle))
     if not rows or "item_id" not in rows[0]:
@@ -282,15 +301,15 @@ def read_csv(path: Path) -> ItemCatalogue:
     header, body = rows[0], rows[1:]
     key = header.index("item_id")
     numeric = {c for c, name in enumerate(header) if c != key and name not in TEXT_ATTRIBUTES
-               and all(_number(r[c]) is not None for r in body if c < len(r) and r[c] != "")
-               and any(c < len(r) and r[c] != "" for r in body)}
+               and all(_number(r[c]) is not None for r in body if c < len(r) and not _missing(r[c]))
+               and any(c < len(r) and not _missing(r[c]) for r in body)}
     builder = _Builder(str(path))
     for number, row in enumerate(body, 2):
         if len(row) != len(header):
             raise builder.fail(number, f"{len(row)} fields, the header has {len(header)}")
         attributes: dict[str, Value] = {}
         for c, (name, text) in enumerate(zip(header, row)):
-            if c == key or text == "":
+            if c == key or text == "" or (c in numeric and _missing(text)):
                 continue
             attributes[name] = float(text) if c in numeric else [v for v in text.split("|") if v]
         builder.add(number, row[key], attributes)
@@ -349,8 +368,13 @@ def read_catalogue(path: Path, fmt: CatalogueFormat = "auto") -> ItemCatalogue:
                else "jsonl" if suffix in (".jsonl", ".ndjson") else "auto")
         if fmt == "auto":
             raise CatalogueError(f"{path}: cannot tell the format from the name; pass movielens, csv or jsonl")
-    if fmt == "movielens":
-        return read_movielens(path)
-    if fmt == "csv":
-        return read_csv(path)
-    return read_jsonl(_lines(path), str(path))
+    try:
+        if fmt == "movielens":
+            return read_movielens(path)
+        if fmt == "csv":
+            return read_csv(path)
+        return read_jsonl(_lines(path), str(path))
+    except CatalogueError:
+        raise
+    except (csv.Error, OverflowError, RecursionError, ValueError) as exc:  # a field over csv's limit, 1e400, ...
+        raise CatalogueError(f"{path}: {type(exc).__name__}: {str(exc)[:300]}") from exc

@@ -172,6 +172,33 @@ def test_a_new_catalogue_version_is_served_after_the_next_poll(world: World) -> 
                                                                                          "values": 3}
 
 
+def test_a_rule_the_new_catalogue_cannot_apply_is_named_until_one_can(world: World) -> None:
+    """Rules are written before any catalogue exists, so one naming an attribute the catalogue lacks
+    (or has as another kind) is skipped; it used to be skipped in silence, which turned a business
+    rule off without a word when one cell changed a column's kind. /readyz names it now."""
+    assert world.serving.get("/readyz").json()["inert_rules"] == []
+    try:
+        world.publish([{k: (int(v) if k == "in_stock" else v) for k, v in r.items()} for r in records()])  # 0 / 1
+        ready = wait_for(lambda: (r := world.serving.get("/readyz").json())["inert_rules"] and r)
+        assert ready["inert_rules"] == ["exclude=in_stock:false: the catalogue has 'in_stock' as numeric, "
+                                        "not categorical"]
+    finally:
+        world.publish(records())
+        wait_for(lambda: world.serving.get("/readyz").json()["inert_rules"] == [])
+    assert ids(world.serving.get("/recommend", user_id="u0", k=N_ITEMS)) == world.ranked(0, in_stock)
+
+
+def test_serve_refuses_a_broken_item_catalogue_at_start(tmp_path: Path) -> None:
+    """Each worker reads `--item-catalogue` when it starts: a broken file crash-looped them for
+    ever, the parent never ready and never exiting."""
+    path = tmp_path / "bad.csv"
+    path.write_text("item_id,title\ni1,One,extra\n")
+    env = {**os.environ, "STREAMREC_HOME": str(tmp_path)}
+    done = subprocess.run([STREAMREC, "serve", "--item-catalogue", str(path), "--port", "0", "--workers", "2"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2 and "bad.csv:2: 3 fields, the header has 2" in done.stderr
+
+
 # ---- the filtered search against real FAISS indexes, in process ---------------------------------------
 @pytest.mark.parametrize("kind", ["flat", "ivf"])
 def test_allowed_items_the_unfiltered_search_never_reaches_are_still_found(tmp_path: Path, kind: str) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 
 from streamrec.app import infra
 from streamrec.core.net import port_open
+from streamrec.param_server.artifacts import CATALOGUE_BLOB, KNN_BLOB, RANKER_BLOB, encode_dense, encode_neighbors
 from streamrec.param_server.client import Delta, ParamClient
 from streamrec.param_server.keys import Keys
 from streamrec.param_server.replica import TableMirror
@@ -330,3 +331,42 @@ def test_a_worker_without_a_model_serves_the_first_one_before_its_next_poll(
     load_model(ps, {"u": np.ones(DIM, np.float32)}, _items(30))
     reply = wait_for(lambda: (r := serving.get("/recommend", user_id="u", k=5)).status_code == 200 and r, timeout=20)
     assert len(reply.json()["items"]) == 5 and not reply.json()["cold_start"]
+
+
+def test_a_blob_that_does_not_decode_is_refused_once_and_the_poll_goes_on(
+        ps: ParamClient, param_server: ServerProcess, redis_url: str, prefix: str,
+        start_serving: StartServing) -> None:
+    """Blobs come from whoever may put one. A catalogue, kNN or ranker blob that does not decode
+    used to fail every poll until a good one was published: new items were never served. Now the
+    version is refused once (named in /readyz, counted), the version before stays in use, the
+    item delta is applied in the same poll, and a later good version is taken."""
+    items = _items(30)
+    load_model(ps, {"u": np.ones(DIM, np.float32)}, items)
+    ids = list(items)
+    good_knn = encode_neighbors(ids, np.tile(np.arange(1, 4, dtype=np.int32), (len(ids), 1)),
+                                np.ones((len(ids), 3), np.float32))
+    ps.put_blob(KNN_BLOB, good_knn)
+    serving = start_serving(param_server.address, redis_url, prefix, poll=0.5)
+    good_version = wait_for(lambda: serving.get("/readyz").json()["artifacts"].get(KNN_BLOB))
+    pointing_outside = encode_neighbors(ids, np.full((len(ids), 3), 1000, np.int32), np.ones((len(ids), 3), np.float32))
+    bad = {CATALOGUE_BLOB: b"SRDENSE1garbage", KNN_BLOB: pointing_outside,
+           RANKER_BLOB: encode_dense({"format": "streamrec-ranker/1", "model": "deepfm", "kind": "deepfm",
+                                      "dims": {"n_users": 10**9, "n_items": 1, "user_cards": [], "item_cards": [],
+                                               "n_genres": 0}, "params": {"dim": 64, "hidden": "", "dropout": 0.0}},
+                                     {})}  # a header asking for 256 GB of embeddings, and no weights
+    for name, data in bad.items():
+        ps.put_blob(name, data)
+    ps.assign("bpr_items", ["new"], np.full((1, DIM), 10, np.float32), np.zeros(1, np.float32))
+    ready = wait_for(lambda: (r := serving.get("/readyz").json())["index_items"] == 31 and len(r["refused_artifacts"]) == 3
+                     and r)
+    assert ready["artifacts"] == {KNN_BLOB: good_version} and ready["last_error"] is None
+    assert "neighbour blob points outside" in ready["refused_artifacts"][KNN_BLOB]
+    assert "header and weights disagree" in ready["refused_artifacts"][RANKER_BLOB]
+    assert serving.get("/recommend", user_id="u", k=1).json()["items"][0]["item_id"] == "new"
+    assert serving.get("/similar/i0", k=3).status_code == 200  # the kNN lists before are still used
+    refusals = [line for line in serving.get("/metrics").text.splitlines()
+                if line.startswith("streamrec_serving_artifact_refusals_total{")]
+    assert len(refusals) == 3 and all(line.endswith(" 1.0") for line in refusals)  # once each, not per poll
+    ps.put_blob(KNN_BLOB, good_knn)
+    ready = wait_for(lambda: KNN_BLOB not in (r := serving.get("/readyz").json())["refused_artifacts"] and r)
+    assert ready["artifacts"][KNN_BLOB] > good_version

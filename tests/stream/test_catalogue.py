@@ -74,6 +74,11 @@ def test_jsonl_values_are_typed_by_json(tmp_path):
     ("items.csv", "item_id,g\na,x\nb,y,z\n", "items.csv:3: 3 fields, the header has 2"),
     ("u.item", "1|Toy Story|01-Jan-1995\n", "u.item:1: not a u.item line"),
     ("items.txt", "", "cannot tell the format"),
+    # what the parsers raise themselves comes out as CatalogueError too (it left tracebacks before)
+    ("items.jsonl", '{"item_id": "a", "n": 1' + "0" * 400 + '}\n', "OverflowError"),
+    ("items.jsonl", '{"item_id": "a", "g": "\\ud800x"}\n', "items.jsonl:1: '\\ud800x' is not valid Unicode text"),
+    ("items.jsonl", '{"item_id": "a", "g": ' + "[" * 100_000 + "]" * 100_000 + "}\n", "RecursionError"),
+    ("items.csv", "item_id,g\na," + "x" * 200_000 + "\n", "field larger than field limit"),
 ])
 def test_a_broken_rule_is_refused_with_its_line(tmp_path, name, text, message):
     with pytest.raises(CatalogueError, match=None) as refused:
@@ -103,3 +108,22 @@ def test_the_blob_round_trips_and_a_lying_blob_is_refused(tmp_path):
         ItemCatalogue.from_arrays(header, outside)
     with pytest.raises(CatalogueError, match="not a catalogue"):
         ItemCatalogue.from_arrays({"kind": "ranker"}, arrays)
+
+
+def test_a_missing_number_keeps_its_column_numeric(tmp_path):
+    """One `n/a` in a stock column made it categorical, which silently turned off the configured
+    rule `range=stock:1..`: out-of-stock items were served. It is now no value, so the item fails
+    every range on the column."""
+    path = write(tmp_path, "items.csv", "item_id,stock,note\na,0,n/a\nb,n/a,x\nc,NaN,y\nd,-,z\ne,3,\n")
+    catalogue = read_catalogue(path)
+    assert catalogue.attributes == {"stock": "numeric", "note": "categorical"}
+    stock = catalogue.numeric["stock"]
+    assert stock[0] == 0 and stock[4] == 3 and np.isnan(stock[1:4]).all()
+    assert items_with(catalogue, "note", "n/a") == ["a"]  # in a column of words it is a word
+
+
+@pytest.mark.parametrize("blob", [b"SRDENSE1", b"SRDENSE1garbage", b"SRDENSE1\x04\x00\x00\x00[1]]",
+                                  b"SRDENSE1\x02\x00\x00\x00{}PK\x03\x04trunc", b"not a blob at all"])
+def test_a_blob_that_is_not_a_catalogue_is_refused_as_one(blob):
+    with pytest.raises(CatalogueError, match="malformed catalogue blob"):
+        decode_catalogue(blob)

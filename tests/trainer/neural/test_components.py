@@ -180,6 +180,21 @@ def test_exported_ranker_scores_like_the_model(name: str, history: bool, tmp_pat
         np.testing.assert_array_equal(older.score(users, items, history=own), scores)
 
 
+def test_a_ranker_header_that_asks_for_more_than_its_weights_is_refused_before_anything_is_built() -> None:
+    """Serving builds the network a published header describes: a 254-byte blob asking for a
+    billion users made every worker try to allocate 256 GB at every poll. The header's shapes
+    are now checked against the weights sent, on torch's meta device, before any allocation."""
+    data = Interactions.from_log(planted_sequences(), implicit=True)
+    export = create("deepfm", **fast_params("deepfm", epochs=1)).fit(data).export()
+    header, arrays = json.loads(json.dumps(export.ranker.header)), dict(export.ranker.arrays)
+    assert load_ranker(header, arrays).score(["u1"], ["i3"]).shape == (1,)
+    bomb = {**header, "dims": {**header["dims"], "n_users": 10**9}}
+    with pytest.raises(ValueError, match="header and weights disagree .*embed.user.weight"):
+        load_ranker(bomb, arrays)
+    with pytest.raises(ValueError, match="header and weights disagree"):
+        load_ranker(header, {k: v for k, v in arrays.items() if k != "w.head.bias"})
+
+
 @pytest.mark.parametrize("name", ["youtube-dnn", "dssm"])
 def test_two_tower_vectors_reproduce_scores(name: str) -> None:
     data = Interactions.from_log(planted_sequences(), implicit=True)

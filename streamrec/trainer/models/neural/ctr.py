@@ -285,8 +285,16 @@ def load_ranker(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> Ranker
     """Rebuild a ranker published by `CTRRecommender.export` (weights only, no code objects)."""
     if header.get("format") != RANKER_FORMAT:
         raise ValueError(f"not a {RANKER_FORMAT} blob: {header.get('format')!r}")
+    weights = {k[2:]: v for k, v in arrays.items() if k.startswith("w.")}
+    with torch.device("meta"):  # shapes only: a header may ask for any size, the arrays are what was sent
+        shapes = {name: tuple(t.shape) for name, t in CTRNet(header["kind"], header["dims"], header["params"])
+                  .state_dict().items()}
+    sent = {name: tuple(np.shape(v)) for name, v in weights.items()}
+    if shapes != sent:
+        wrong = sorted(set(shapes) ^ set(sent)) or sorted(n for n in shapes if shapes[n] != sent[n])
+        raise ValueError(f"ranker header and weights disagree ({', '.join(wrong[:5])}): not built")
     net = CTRNet(header["kind"], header["dims"], header["params"])
-    load_numpy_state(net, {k[2:]: v for k, v in arrays.items() if k.startswith("w.")})
+    load_numpy_state(net, weights)
     return Ranker(net, IdIndex.from_ordered(arrays["users"]), IdIndex.from_ordered(arrays["items"]))
 
 
