@@ -160,6 +160,8 @@ def _split(clause: str, kind: str) -> tuple[str, str]:
 def _range(clause: str) -> tuple[str, float, float]:
     attribute, text = _split(clause, "range")
     low_text, dots, high_text = text.partition("..")
+    if "_" in text:  # Python's float takes `1_0` as 10; no catalogue number is written so
+        low_text = "nan"
     try:
         low = float(low_text) if low_text else -math.inf
         high = float(high_text) if high_text else math.inf

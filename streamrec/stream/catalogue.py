@@ -251,6 +251,9 @@ class _Builder:
 
 
 def _number(text: str) -> float | None:
+    """A finite number as written in data: Python's `float` also takes `1_000` (a code literal)."""
+    if "_" in text:
+        return None
     try:
         value = float(text)
     except ValueError:
@@ -299,6 +302,9 @@ def read_csv(path: Path) -> ItemCatalogue:
     if not rows or "item_id" not in rows[0]:
         raise CatalogueError(f"{path}:1: a header with an item_id column is expected")
     header, body = rows[0], rows[1:]
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:  # the last column of a name used to win without a word
+        raise CatalogueError(f"{path}:1: column {repeated[0][:80]!r} appears more than once in the header")
     key = header.index("item_id")
     numeric = {c for c, name in enumerate(header) if c != key and name not in TEXT_ATTRIBUTES
                and all(_number(r[c]) is not None for r in body if c < len(r) and not _missing(r[c]))

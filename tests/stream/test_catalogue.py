@@ -72,6 +72,7 @@ def test_jsonl_values_are_typed_by_json(tmp_path):
     ("items.jsonl", "{oops\n", "items.jsonl:1: not JSON"),
     ("items.csv", "id,title\n1,x\n", "items.csv:1: a header with an item_id column"),
     ("items.csv", "item_id,g\na,x\nb,y,z\n", "items.csv:3: 3 fields, the header has 2"),
+    ("items.csv", "item_id,g,g\na,x,y\n", "items.csv:1: column 'g' appears more than once"),
     ("u.item", "1|Toy Story|01-Jan-1995\n", "u.item:1: not a u.item line"),
     ("items.txt", "", "cannot tell the format"),
     # what the parsers raise themselves comes out as CatalogueError too (it left tracebacks before)
@@ -114,9 +115,10 @@ def test_a_missing_number_keeps_its_column_numeric(tmp_path):
     """One `n/a` in a stock column made it categorical, which silently turned off the configured
     rule `range=stock:1..`: out-of-stock items were served. It is now no value, so the item fails
     every range on the column."""
-    path = write(tmp_path, "items.csv", "item_id,stock,note\na,0,n/a\nb,n/a,x\nc,NaN,y\nd,-,z\ne,3,\n")
+    path = write(tmp_path, "items.csv", "item_id,stock,note,code\na,0,n/a,1_000\nb,n/a,x,2\nc,NaN,y,3\nd,-,z,4\n"
+                                        "e,3,,5\n")
     catalogue = read_catalogue(path)
-    assert catalogue.attributes == {"stock": "numeric", "note": "categorical"}
+    assert catalogue.attributes == {"stock": "numeric", "note": "categorical", "code": "categorical"}
     stock = catalogue.numeric["stock"]
     assert stock[0] == 0 and stock[4] == 3 and np.isnan(stock[1:4]).all()
     assert items_with(catalogue, "note", "n/a") == ["a"]  # in a column of words it is a word
