@@ -63,6 +63,8 @@ class Syncer:
         # the item table (a new cluster: no worker could serve either); a failed poll never sets it
         self.ready = threading.Event()
         self._refused_versions: dict[str, int] = {}  # blob name -> the newest version that did not decode
+        for blob in (config.knn_blob, config.ranker_blob, config.catalogue_blob):
+            metrics.artifact_refusals.labels(blob)  # every blob's series from the start, at 0
         self._rules = ItemFilter.parse_rules(config.item_rules)  # ServingConfig has checked them
         self._trimmer = HeapTrimmer()  # replaced buffers and index rebuilds free memory each poll
 
