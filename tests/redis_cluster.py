@@ -60,10 +60,14 @@ class RedisCluster:
         server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
         if server is None or cli is None:  # .ci/run installs both; a developer without them is told how
             raise RuntimeError("redis-server and redis-cli are needed (apt install redis-server redis-tools)")
+        taken: set[int] = set()
         for _ in range(self.masters * (1 + self.replicas)):
             port = free_node_port()
-            while port in self.nodes:  # the node given the last one may not have bound it yet
+            # the nodes given earlier ports have not bound them (or their bus ports) yet: one node's
+            # port 49291 and another's bus port 39291 + 10000 collided, and that node never started
+            while {port, port + BUS_OFFSET} & taken:
                 port = free_node_port()
+            taken |= {port, port + BUS_OFFSET}
             directory = self.home / str(port)
             directory.mkdir(parents=True)
             self.nodes[port] = subprocess.Popen(
