@@ -23,6 +23,7 @@ from pydantic_settings import (
 
 DEFAULT_HOME = Path.home() / ".streamrec"
 IMPRESSIONS_SUFFIX = ".impressions"
+ITEMS_SUFFIX = ".items"
 INFRA_STATE_FILE = "infra.json"
 
 
@@ -190,6 +191,11 @@ class Settings(BaseSettings):
         """Where serving logs what each answer showed (streamrec.serving.impressions)."""
         return self.topic + IMPRESSIONS_SUFFIX
 
+    @property
+    def items_topic(self) -> str:
+        """Item metadata changes, beside the events (streamrec.stream.catalogue_topic)."""
+        return self.topic + ITEMS_SUFFIX
+
     def public_dict(self) -> dict[str, Any]:
         """The effective configuration, secrets masked, JSON-ready."""
         data = self.model_dump(mode="json")
@@ -199,6 +205,7 @@ class Settings(BaseSettings):
         data["redis_url"] = masked_url(self.redis_url)
         data["dlq_topic"] = self.dlq_topic
         data["impressions_topic"] = self.impressions_topic
+        data["items_topic"] = self.items_topic
         return data
 
 

@@ -55,6 +55,13 @@ def encode_dense(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes
 
 def decode_dense(data: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(header, arrays) of a dense blob; ValueError for anything else (blobs are put by peers)."""
+    header = dense_header(data)
+    (length,) = struct.unpack_from("<I", data, 8)
+    return header, load_npz(data[12 + length :])
+
+
+def dense_header(data: bytes) -> dict[str, Any]:
+    """A dense blob's JSON header alone (its arrays are not read)."""
     if data[:8] != DENSE_MAGIC or len(data) < 12:
         raise ValueError("not a dense blob (bad magic or truncated)")
     (length,) = struct.unpack_from("<I", data, 8)
@@ -64,7 +71,7 @@ def decode_dense(data: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         raise ValueError("dense blob header nested too deep") from exc
     if not isinstance(header, dict):
         raise ValueError(f"dense blob header is a JSON {type(header).__name__}, not an object")
-    return header, load_npz(data[12 + length :])
+    return header
 
 
 def encode_neighbors(items: list[str] | np.ndarray, neighbors: np.ndarray, scores: np.ndarray) -> bytes:
@@ -72,16 +79,29 @@ def encode_neighbors(items: list[str] | np.ndarray, neighbors: np.ndarray, score
                        "scores": np.asarray(scores, np.float32)})
 
 
-def encode_catalogue(catalogue: ItemCatalogue) -> bytes:
-    """The item catalogue as a dense blob (`CATALOGUE_BLOB`)."""
+def encode_catalogue(catalogue: ItemCatalogue, marks: dict[str, int] | None = None) -> bytes:
+    """The item catalogue as a dense blob (`CATALOGUE_BLOB`). `marks`: the items-topic offsets it
+    holds ("topic/partition" -> next offset), written with it so that state and position are one
+    atomic put (streamrec.param_server.catalogue_follow)."""
     header, arrays = catalogue.to_arrays()
+    if marks is not None:
+        header["marks"] = marks
     return encode_dense(header, arrays)
 
 
 def decode_catalogue(data: bytes) -> ItemCatalogue:
     """Inverse of `encode_catalogue`; CatalogueError (a ValueError) on a malformed blob."""
+    return decode_catalogue_marks(data)[0]
+
+
+def decode_catalogue_marks(data: bytes) -> tuple[ItemCatalogue, dict[str, int] | None]:
+    """The catalogue and the items-topic marks it was published with (None: a file publish)."""
     try:
         header, arrays = decode_dense(data)
     except ValueError as exc:
         raise CatalogueError(f"malformed catalogue blob: {exc}") from exc
-    return ItemCatalogue.from_arrays(header, arrays)
+    marks = header.get("marks")
+    if marks is not None and not (isinstance(marks, dict) and all(
+            isinstance(k, str) and type(v) is int and v >= 0 for k, v in marks.items())):
+        raise CatalogueError("malformed catalogue blob: marks must map partition keys to offsets")
+    return ItemCatalogue.from_arrays(header, arrays), marks

@@ -45,6 +45,7 @@ from streamrec.param_server.signing import (
 from streamrec.param_server.specs import OptimizerSpec, TableSpec
 
 Request = tuple[dict[str, Any], dict[str, np.ndarray]]
+NEWEST = 2**62  # a `since` no version reaches: a get_blob that answers the version only
 
 
 @dataclass(frozen=True)
@@ -609,13 +610,28 @@ class ParamClient:
     def _blob_shard(self, name: str) -> int:
         return int(self.shard_of([name])[0])
 
-    def put_blob(self, name: str, data: bytes) -> int:
+    def put_blob(self, name: str, data: bytes, expect: int | None = None) -> int:
         """Store bytes under a name (on the shard the name hashes to); returns its version. With a
-        token the stored bytes end with their HMAC, which `get_blob` checks and strips."""
+        token the stored bytes end with their HMAC, which `get_blob` checks and strips. With
+        `expect`, the put happens only if the stored version is `expect` (0: no blob yet), else
+        ParamServerError of kind "BlobConflict"."""
         if self._blob_key is not None:
             data = data + blob_mac(self._blob_key, name, data)
         arrays = {"data": np.frombuffer(data, np.uint8)}
-        return self._exchange(self._blob_shard(name), {"op": "put_blob", "name": name}, arrays).header["version"]
+        header: dict[str, Any] = {"op": "put_blob", "name": name}
+        if expect is not None:
+            header["expect"] = expect
+        return self._exchange(self._blob_shard(name), header, arrays).header["version"]
+
+    def blob_version(self, name: str) -> int | None:
+        """The blob's stored version without its bytes (None: no such blob)."""
+        try:
+            reply = self._exchange(self._blob_shard(name), {"op": "get_blob", "name": name, "since": NEWEST})
+        except ParamServerError as exc:
+            if exc.kind == "KeyError":
+                return None
+            raise
+        return int(reply.header["version"])
 
     def get_blob(self, name: str, since: int = 0) -> FetchedBlob | None:
         """The blob, or None if its version is not newer than `since`. With a token, a blob whose

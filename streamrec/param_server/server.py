@@ -361,7 +361,10 @@ class ParamServer:
     def _put_blob(self, message: Message) -> Iterable[Reply]:
         data = message.arrays.get("data", np.empty(0, np.uint8)).tobytes()
         self._rows("put_blob", len(data))
-        return [({"version": self.store.put_blob(named(message.header, "name"), data)}, {})]
+        expect = message.header.get("expect")
+        if expect is not None and (type(expect) is not int or expect < 0):
+            raise TypeError(f"expect must be a version (an integer >= 0), got {str(expect)[:100]!r}")
+        return [({"version": self.store.put_blob(named(message.header, "name"), data, expect)}, {})]
 
     def _get_blob(self, message: Message) -> Iterable[Reply]:
         if "name" not in message.header:

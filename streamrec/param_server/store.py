@@ -79,6 +79,10 @@ def fresh_version(previous: int = 0) -> int:
     return max(previous, time.time_ns() // 1000) + 1
 
 
+class BlobConflict(ValueError):
+    """A conditional blob put whose expected version is not the stored one (nothing was stored)."""
+
+
 @dataclass(frozen=True)
 class StoredBlob:
     """A blob as one shard holds it: the bytes and the store version of its last put."""
@@ -309,8 +313,15 @@ class ParamStore:
 
     # ---- blobs and meta -----------------------------------------------------------------------
 
-    def put_blob(self, name: str, data: bytes) -> int:
+    def put_blob(self, name: str, data: bytes, expect: int | None = None) -> int:
+        """Store `data` under `name`; with `expect`, only if the blob's version is that (0: only if
+        there is no such blob), else BlobConflict: a writer that read, changed and writes back a
+        blob cannot overwrite a put made in between."""
         with self.lock:
+            if expect is not None:
+                current = self.blobs[name].version if name in self.blobs else 0
+                if current != expect:
+                    raise BlobConflict(f"blob {name!r} is at version {current}, not {expect}")
             self.version += 1
             self.blobs[name] = StoredBlob(data, self.version)
             return self.version

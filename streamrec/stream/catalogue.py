@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pandas as pd
 
 MAX_ID_CHARS = 256
 MAX_VALUE_CHARS = 256
@@ -39,6 +40,7 @@ ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "C
                  "War", "Western")
 TEXT_ATTRIBUTES = frozenset({"title"})
 CatalogueFormat = Literal["auto", "movielens", "csv", "jsonl"]
+Value = str | float | list[str]  # one attribute of one item: categorical values, a number, or text
 
 
 class CatalogueError(ValueError):
@@ -107,6 +109,63 @@ class ItemCatalogue:
         return ItemCatalogue(self.ids[keep], categorical, {a: v[keep] for a, v in self.numeric.items()},
                              {a: v[keep] for a, v in self.text.items()})
 
+    @classmethod
+    def empty(cls) -> ItemCatalogue:
+        return cls(np.empty(0, object), {}, {}, {})
+
+    def appended(self, other: ItemCatalogue) -> ItemCatalogue:
+        """This catalogue followed by `other`'s items (ids must not repeat): value codes are merged
+        per attribute with array operations, so the cost is the catalogue's size in numpy work."""
+        clash = sorted(name for name, kind in other.attributes.items() if self.attributes.get(name, kind) != kind)
+        if clash:
+            raise CatalogueError(f"attribute {clash[0]!r} is {self.attributes[clash[0]]} here, "
+                                 f"{other.attributes[clash[0]]} in the items added")
+        n = len(self)
+        categorical = {}
+        for name in sorted({*self.categorical, *other.categorical}):
+            parts = [(column, offset) for column, offset in ((self.categorical.get(name), 0),
+                                                             (other.categorical.get(name), n)) if column is not None]
+            values = np.unique(np.concatenate([np.array(c.values, dtype=object) for c, _ in parts]))
+            items, codes = [], []
+            for column, offset in parts:
+                mine = np.searchsorted(values, np.array(column.values, dtype=object))
+                codes.append(np.repeat(mine, np.diff(column.starts)))
+                items.append(column.items.astype(np.int64) + offset)
+            held, merged = np.unique(np.concatenate(codes), return_inverse=True)  # a value no item holds goes
+            categorical[name] = Categorical.from_pairs(values[held].tolist(), np.concatenate(items), merged)
+
+        def joined(mine: dict[str, np.ndarray], theirs: dict[str, np.ndarray], blank: object,
+                   dtype: type) -> dict[str, np.ndarray]:
+            return {name: np.concatenate([mine.get(name, np.full(n, blank, dtype)),
+                                          theirs.get(name, np.full(len(other), blank, dtype))])
+                    for name in sorted({*mine, *theirs})}
+
+        return ItemCatalogue(np.concatenate([self.ids, other.ids]), categorical,
+                             joined(self.numeric, other.numeric, np.nan, np.float64),
+                             joined(self.text, other.text, "", object))
+
+    def attributes_of(self, ids: Iterable[str]) -> dict[str, dict[str, Value]]:
+        """{id: its attributes} for the `ids` the catalogue holds, in the form the builder takes
+        (the rows a patch starts from)."""
+        wanted = np.array(list(ids), dtype=object)
+        found = pd.Index(self.ids).get_indexer(wanted)
+        rows: dict[int, dict[str, Value]] = {int(p): {} for p in found[found >= 0]}
+        positions = np.array(sorted(rows), np.int64)
+        for name, column in self.categorical.items():
+            held = np.flatnonzero(np.isin(column.items, positions))
+            codes = np.searchsorted(column.starts, held, side="right") - 1
+            for position, code in zip(column.items[held].tolist(), codes.tolist()):
+                rows[position].setdefault(name, []).append(column.values[code])  # type: ignore[union-attr]
+        for name, numbers in self.numeric.items():
+            for position, number in zip(positions.tolist(), numbers[positions].tolist()):
+                if math.isfinite(number):
+                    rows[position][name] = number
+        for name, texts in self.text.items():
+            for position, text in zip(positions.tolist(), texts[positions].tolist()):
+                if text:
+                    rows[position][name] = text
+        return {str(self.ids[position]): row for position, row in rows.items()}
+
     # ---- the blob form ------------------------------------------------------------------------
     def to_arrays(self) -> tuple[dict[str, object], dict[str, np.ndarray]]:
         """(JSON header, arrays): strings as UTF-8 bytes with offsets, so no object array is stored."""
@@ -167,10 +226,9 @@ def _get_strings(arrays: dict[str, np.ndarray], name: str) -> list[str]:
 
 
 # ---- building -----------------------------------------------------------------------------------
-Value = str | float | list[str]
 
 
-class _Builder:
+class CatalogueBuilder:
     """Rows (item id, {attribute: value}) in file order -> an ItemCatalogue, checking every rule."""
 
     def __init__(self, source: str) -> None:
@@ -268,7 +326,7 @@ def read_movielens(path: Path) -> ItemCatalogue:
     if genre_file.exists():
         pairs = [line.split("|") for line in genre_file.read_text(encoding="latin-1").splitlines() if "|" in line]
         names = tuple(name for name, _ in sorted(pairs, key=lambda p: int(p[1])))
-    builder = _Builder(str(path))
+    builder = CatalogueBuilder(str(path))
     for number, line in enumerate(path.read_text(encoding="latin-1").splitlines(), 1):
         if not line.strip():
             continue
@@ -309,7 +367,7 @@ def read_csv(path: Path) -> ItemCatalogue:
     numeric = {c for c, name in enumerate(header) if c != key and name not in TEXT_ATTRIBUTES
                and all(_number(r[c]) is not None for r in body if c < len(r) and not _missing(r[c]))
                and any(c < len(r) and not _missing(r[c]) for r in body)}
-    builder = _Builder(str(path))
+    builder = CatalogueBuilder(str(path))
     for number, row in enumerate(body, 2):
         if len(row) != len(header):
             raise builder.fail(number, f"{len(row)} fields, the header has {len(header)}")
@@ -322,7 +380,7 @@ def read_csv(path: Path) -> ItemCatalogue:
     return builder.build()
 
 
-def _json_value(value: object) -> Value | None:
+def json_value(value: object) -> Value | None:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
@@ -336,7 +394,7 @@ def _json_value(value: object) -> Value | None:
 
 def read_jsonl(lines: Iterable[str], source: str) -> ItemCatalogue:
     """One JSON object per line with `item_id`; other keys become attributes by their JSON type."""
-    builder = _Builder(source)
+    builder = CatalogueBuilder(source)
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -346,19 +404,27 @@ def read_jsonl(lines: Iterable[str], source: str) -> ItemCatalogue:
             raise builder.fail(number, f"not JSON: {exc}") from None
         if not isinstance(record, dict):
             raise builder.fail(number, "a JSON object is expected")
-        attributes: dict[str, Value] = {}
-        for name, value in record.items():
-            if name == "item_id" or value is None:
-                continue
-            try:
-                converted = _json_value(value)
-            except TypeError as exc:
-                raise builder.fail(number, f"attribute {str(name)[:80]!r}: a {exc} is not a number, string, "
-                                           "boolean or list of strings") from None
-            if converted is not None:
-                attributes[name] = converted
-        builder.add(number, record.get("item_id"), attributes)
+        try:
+            attributes = json_attributes(record)
+        except CatalogueError as exc:
+            raise builder.fail(number, str(exc)) from None
+        builder.add(number, record.get("item_id"), {k: v for k, v in attributes.items() if v is not None})
     return builder.build()
+
+
+def json_attributes(record: dict[str, object], reserved: frozenset[str] = frozenset({"item_id"})) -> dict[str, Value | None]:
+    """The attributes of one JSON object (a JSONL line, an items-topic record) by their JSON type;
+    None for a null or non-finite number (no value)."""
+    attributes: dict[str, Value | None] = {}
+    for name, value in record.items():
+        if name in reserved:
+            continue
+        try:
+            attributes[name] = None if value is None else json_value(value)
+        except TypeError as exc:
+            raise CatalogueError(f"attribute {str(name)[:80]!r}: a {exc} is not a number, string, boolean or "
+                                 "list of strings") from None
+    return attributes
 
 
 def _lines(path: Path) -> Iterator[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,10 +21,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from streamrec.stream.kafka import make_producer
 from streamrec.stream.topics import create_topics
-from tests.param_server.conftest import ServerProcess
-from tests.serving.conftest import free_port, serving_factory
-from tests.trainer_online.conftest import TrainerProcess, planted_events, produce_events, wait_until
 from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
+from tests.conftest import settings_env
+from tests.param_server.conftest import ServerProcess
+from tests.serving.conftest import STREAMREC, free_port, serving_factory
+from tests.trainer_online.conftest import TrainerProcess, planted_events, produce_events, wait_until
 
 CATALOGUE = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
 ROW = re.compile(r"^\|\s*`(streamrec_[a-z0-9_]+)`\s*\|\s*(\w+)\s*\|([^|]*)\|\s*([\w-]+)\s*\|")
@@ -62,10 +64,19 @@ def test_catalogue_parses_and_follows_the_naming_convention():
     rows = catalogue()
     assert len(rows) >= 30, rows
     for name, (kind, process) in rows.items():
-        assert process in {"param-server", "train-online", "serve", "refit", "experiments-watch"}, (name, process)
+        assert process in {"param-server", "train-online", "serve", "refit", "experiments-watch", "catalogue-follow"}, \
+            (name, process)
         assert kind in {"counter", "gauge", "histogram"}, (name, kind)
         assert (kind == "counter") == name.endswith("_total"), name
         assert re.fullmatch(r"streamrec_(stream|trainer|param_server|serving|refit)_[a-z0-9_]+", name), name
+
+
+def _listening(url: str) -> bool:
+    try:
+        Scrape(url)
+    except httpx.HTTPError:
+        return False
+    return True
 
 
 def consumed(url: str) -> float:
@@ -88,17 +99,23 @@ def test_every_catalogued_metric_is_exposed_and_counters_move(settings, redis_ur
     monkeypatch.setenv("STREAMREC_FEATURE_PREFIX", prefix)  # the trainer's feature-store prefix
     monkeypatch.delenv("STREAMREC_PARAM_SERVER_TOKEN", raising=False)
 
-    ps_metrics, trainer_metrics = free_port(), free_port()
+    ps_metrics, trainer_metrics, follow_metrics = free_port(), free_port(), free_port()
     env = {**os.environ, "STREAMREC_HOME": str(tmp_path / "ps-home")}
     server = ServerProcess(["--no-checkpoints", "--metrics-port", str(ps_metrics)], env)
     trainer = TrainerProcess(settings, server.address, tmp_path / "report.json", "--model", "online-bpr",
                              "--evaluate-every", "2", "--metrics-port", str(trainer_metrics))
     start_serving, started = serving_factory(tmp_path / "serve-home")
+    follower = subprocess.Popen([STREAMREC, "catalogue", "follow", "--interval", "0.2", "--metrics-port",
+                                 str(follow_metrics)], env={**env, **settings_env(settings),
+                                                            "STREAMREC_PARAM_SERVERS": server.address},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         events = planted_events(2400, users=100)
         produce_events(settings, events[:1200])
         urls = {"param-server": f"http://127.0.0.1:{ps_metrics}/metrics",
-                "train-online": f"http://127.0.0.1:{trainer_metrics}/metrics"}
+                "train-online": f"http://127.0.0.1:{trainer_metrics}/metrics",
+                "catalogue-follow": f"http://127.0.0.1:{follow_metrics}/metrics"}
+        wait_until(lambda: _listening(urls["catalogue-follow"]), timeout=40)
         wait_until(lambda: consumed(urls["train-online"]) >= 1200, timeout=40)
         experiments = tmp_path / "experiments.yaml"  # the per-arm series exist with an experiments file
         experiments.write_text("experiments: [{name: e, arms: [{name: a}, {name: b}]}]\n")
@@ -111,12 +128,15 @@ def test_every_catalogued_metric_is_exposed_and_counters_move(settings, redis_ur
         produce_events(settings, events[1200:])
         with make_producer(settings.kafka_bootstrap) as producer:  # one dead letter for the trainer
             producer.send(settings.topic, b"{broken json", b"u1")
+            producer.send(settings.items_topic, b'{"item_id": "i1", "genre": "g"}', b"i1")  # one item, one refusal
+            producer.send(settings.items_topic, b"{broken json", b"i2")
             producer.flush()
         for n in range(20):
             assert serving.get("/recommend", user_id=f"u{n}", k=10).status_code == 200
         assert serving.get("/recommend", user_id="u1", k=0).status_code == 422  # an error to count
         wait_until(lambda: consumed(urls["train-online"]) >= 2401, timeout=40)
         wait_until(lambda: Scrape(urls["serve"]).value("streamrec_serving_model_version") > 0, timeout=20)
+        wait_until(lambda: Scrape(urls["catalogue-follow"]).value("streamrec_stream_catalogue_items") == 1, timeout=20)
         second = {process: Scrape(url) for process, url in urls.items()}
 
         for process, scrape in second.items():
@@ -132,6 +152,9 @@ def test_every_catalogued_metric_is_exposed_and_counters_move(settings, redis_ur
             return before, after
 
         moved("serve", "streamrec_serving_experiment_requests_total", experiment="e")
+        moved("catalogue-follow", "streamrec_stream_catalogue_records_total", outcome="applied")
+        moved("catalogue-follow", "streamrec_stream_catalogue_records_total", outcome="dead_lettered")
+        moved("catalogue-follow", "streamrec_stream_catalogue_publishes_total", cause="changes")
         moved("train-online", "streamrec_trainer_events_consumed_total")
         moved("train-online", "streamrec_trainer_events_applied_total")
         moved("train-online", "streamrec_stream_events_accepted_total", component="trainer")
@@ -149,6 +172,8 @@ def test_every_catalogued_metric_is_exposed_and_counters_move(settings, redis_ur
                        if s.name == "streamrec_trainer_prequential"}
         assert {"hr@10", "ndcg@10"} <= prequential, prequential
     finally:
+        follower.terminate()
+        follower.wait(60)
         for serving in started:
             serving.stop()
         trainer.proc.terminate()

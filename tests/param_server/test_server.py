@@ -64,6 +64,23 @@ def test_assign_blobs_and_drop(client: ParamClient) -> None:
     assert client.table_info("items")["rows"] == 0
 
 
+def test_a_conditional_blob_put_never_overwrites_a_put_it_did_not_see(client: ParamClient) -> None:
+    """`expect`: the version the writer read (0: none). A put made in between wins, the late one is
+    refused and stores nothing; `blob_version` reads the version without the bytes."""
+    assert client.blob_version("catalogue") is None
+    first = client.put_blob("catalogue", b"mine", expect=0)
+    with pytest.raises(ParamServerError) as refused:
+        client.put_blob("catalogue", b"late", expect=0)
+    assert refused.value.kind == "BlobConflict"
+    between = client.put_blob("catalogue", b"theirs")  # unconditional, like `catalogue publish` used to be
+    with pytest.raises(ParamServerError, match="BlobConflict"):
+        client.put_blob("catalogue", b"late", expect=first)
+    assert client.get_blob("catalogue").data == b"theirs" and client.blob_version("catalogue") == between
+    assert client.put_blob("catalogue", b"next", expect=between) > between
+    with pytest.raises(ParamServerError, match="TypeError"):
+        client._exchange(0, {"op": "put_blob", "name": "catalogue", "expect": "1"}, {"data": np.zeros(1, np.uint8)})
+
+
 def test_assign_only_new_never_overwrites_a_row(start_server: StartServer) -> None:
     """Cold-start seeding: rows that exist (trained meanwhile) keep their values, new string ids get
     the given values, on both shards of a two-shard server; a plain assign still replaces."""
