@@ -380,11 +380,17 @@ def read_csv(path: Path) -> ItemCatalogue:
     return builder.build()
 
 
-def json_value(value: object) -> Value | None:
+def json_value(value: object) -> Value:
+    """A JSON value as an attribute value; ValueError for NaN and the infinities (Python's json
+    reads them, and dropping the value in silence hid the broken row), TypeError for any other
+    type than a number, string, boolean or list of strings."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
-        return float(value) if math.isfinite(value) else None
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValueError(f"{value} is not a finite number")
+        return number
     if isinstance(value, str):
         return [value]
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
@@ -414,7 +420,7 @@ def read_jsonl(lines: Iterable[str], source: str) -> ItemCatalogue:
 
 def json_attributes(record: dict[str, object], reserved: frozenset[str] = frozenset({"item_id"})) -> dict[str, Value | None]:
     """The attributes of one JSON object (a JSONL line, an items-topic record) by their JSON type;
-    None for a null or non-finite number (no value)."""
+    None for a null (no value; in a patch, remove it)."""
     attributes: dict[str, Value | None] = {}
     for name, value in record.items():
         if name in reserved:
@@ -424,6 +430,8 @@ def json_attributes(record: dict[str, object], reserved: frozenset[str] = frozen
         except TypeError as exc:
             raise CatalogueError(f"attribute {str(name)[:80]!r}: a {exc} is not a number, string, boolean or "
                                  "list of strings") from None
+        except (ValueError, OverflowError) as exc:  # NaN, Infinity; an integer past a float's range
+            raise CatalogueError(f"attribute {str(name)[:80]!r}: {str(exc)[:80]}") from None
     return attributes
 
 

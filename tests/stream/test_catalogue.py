@@ -76,7 +76,9 @@ def test_jsonl_values_are_typed_by_json(tmp_path):
     ("u.item", "1|Toy Story|01-Jan-1995\n", "u.item:1: not a u.item line"),
     ("items.txt", "", "cannot tell the format"),
     # what the parsers raise themselves comes out as CatalogueError too (it left tracebacks before)
-    ("items.jsonl", '{"item_id": "a", "n": 1' + "0" * 400 + '}\n', "OverflowError"),
+    ("items.jsonl", '{"item_id": "a", "n": 1' + "0" * 400 + '}\n', "items.jsonl:1: attribute 'n': int too large"),
+    ("items.jsonl", '{"item_id": "a", "p": 1}\n{"item_id": "b", "p": NaN}\n', "items.jsonl:2: attribute 'p': nan is not a"),
+    ("items.jsonl", '{"item_id": "a", "p": -Infinity}\n', "items.jsonl:1: attribute 'p': -inf is not a finite number"),
     ("items.jsonl", '{"item_id": "a", "g": "\\ud800x"}\n', "items.jsonl:1: '\\ud800x' is not valid Unicode text"),
     ("items.jsonl", '{"item_id": "a", "g": ' + "[" * 100_000 + "]" * 100_000 + "}\n", "RecursionError"),
     ("items.csv", "item_id,g\na," + "x" * 200_000 + "\n", "field larger than field limit"),
