@@ -20,7 +20,7 @@ from redis import RedisError
 from streamrec.core.cli import settings_from, show
 from streamrec.core.config import Settings
 from streamrec.param_server.client import ParamClient, ParamServerError
-from streamrec.trainer.content_tower import refresh_content_tower
+from streamrec.trainer.content_tower import refresh_content_tower, seed_with_published
 from streamrec.trainer.online.exploration import NO_CLOCK, ExplorationStore
 from streamrec.trainer.refit import parse_period
 
@@ -56,24 +56,53 @@ def _round(settings: Settings, table: str, min_events: int, explore: bool) -> di
         return refresh_content_tower(client, table, min_events, mark_fresh(settings) if explore else None)
 
 
+def _seed(settings: Settings, table: str, since: int, explore: bool) -> dict[str, Any] | None:
+    with ParamClient.from_settings(settings) as client:
+        return seed_with_published(client, table, since, mark_fresh(settings) if explore else None)
+
+
+def _seed_until(settings: Settings, table: str, since: int, explore: bool, period: float, until: float,
+                as_json: bool) -> None:
+    """Between two fits, every `period` seconds: seed the items a new catalogue version added."""
+    while time.monotonic() + period < until:
+        time.sleep(period)
+        try:
+            report = _seed(settings, table, since, explore)
+        except ROUND_FAILURES as exc:
+            show({"table": table, "error": f"seeding: {type(exc).__name__}: {exc}"}, as_json)
+            continue
+        if report is not None:
+            since = report["catalogue_version"]
+            show(report, as_json)
+
+
 @content_tower_group.command("fit")
 @click.option("--table", default="bpr_items", show_default=True, help="online item table: targets and seeded rows")
 @click.option("--min-events", type=click.IntRange(min=0), default=5, show_default=True,
               help="items with fewer events are not fitted on (their rows are mostly noise)")
 @click.option("--every", "period", default=None, metavar="PERIOD",
               help="repeat every PERIOD (e.g. 10m) until interrupted; a failed round is reported, not fatal")
+@click.option("--seed-every", "seed_period", default=None, metavar="PERIOD",
+              help="with --every: between fits, seed the items each new catalogue version adds (the items topic) "
+                   "with the tower already published, checked every PERIOD (e.g. 5s)")
 @click.option("--explore/--no-explore", default=True, show_default=True,
               help="make seeded items fresh for serving's exploration slots (Redis; see train-online --explore)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON (one document per round)")
 @click.pass_context
-def fit_cmd(ctx: click.Context, table: str, min_events: int, period: str | None, explore: bool,
-            as_json: bool) -> None:
+def fit_cmd(ctx: click.Context, table: str, min_events: int, period: str | None, seed_period: str | None,
+            explore: bool, as_json: bool) -> None:
     """Fit the tower on TABLE's rows and the published catalogue, publish it, seed new items."""
     settings = settings_from(ctx)
     try:
         seconds = None if period is None else parse_period(period)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--every") from exc
+    try:
+        seed_seconds = None if seed_period is None else parse_period(seed_period)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--seed-every") from exc
+    if seed_seconds is not None and seconds is None:
+        raise click.BadParameter("needs --every (seeding runs between fits)", param_hint="--seed-every")
     while True:
         started = time.monotonic()
         try:
@@ -86,6 +115,9 @@ def fit_cmd(ctx: click.Context, table: str, min_events: int, period: str | None,
         show(report, as_json)
         if seconds is None:
             return
+        if seed_seconds:
+            _seed_until(settings, table, int(report.get("catalogue_version", 0)), explore, seed_seconds,
+                        started + seconds, as_json)
         time.sleep(max(0.0, seconds - (time.monotonic() - started)))
 
 

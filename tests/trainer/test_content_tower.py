@@ -215,3 +215,37 @@ def test_every_reports_a_failed_round_and_goes_on(start_server: StartServer, tmp
             loop.terminate()
             loop.wait(timeout=30)
         assert client.pull("bpr_items", catalogue.ids[25:]).found.all()
+
+
+@pytest.mark.timeout(90)
+def test_seed_every_gives_the_items_a_new_catalogue_version_adds_their_rows_between_fits(
+        start_server: StartServer, tmp_path) -> None:  # noqa: F811
+    """The items topic adds items at any time; `--seed-every` seeds them from the published tower
+    within seconds, where the next fit may be an hour away."""
+    server = start_server("--no-checkpoints")
+    env = {**os.environ, "STREAMREC_PARAM_SERVERS": server.address, "STREAMREC_HOME": str(tmp_path / "home")}
+    env.pop("STREAMREC_PARAM_SERVER_TOKEN", None)
+    records = synthetic_items(40)
+    catalogue = catalogue_of(records)
+    truth = genre_rows(records).astype(np.float32)
+    refused = CliRunner().invoke(cli, ["content-tower", "fit", "--seed-every", "1s"], env=env)
+    assert refused.exit_code == 2 and "needs --every" in refused.output
+    with ParamClient([server.address]) as client:
+        client.create_table("bpr_items", 4, scalars=1, optimizer="sgd")
+        client.assign("bpr_items", catalogue.ids[:25], truth[:25, :4], truth[:25, 4:])
+        client.put_blob(CATALOGUE_BLOB, encode_catalogue(catalogue_of(records[:30])))
+        loop = subprocess.Popen([STREAMREC, "content-tower", "fit", "--every", "1h", "--seed-every", "0.2s",
+                                 "--min-events", "0", "--json"], stdout=subprocess.PIPE, text=True, env=env)
+        try:
+            fitted = json.loads(loop.stdout.readline())
+            assert fitted["items"] == 25 and fitted["seeded"] == 5
+            version = client.put_blob(CATALOGUE_BLOB, encode_catalogue(catalogue))  # ten items more
+            seeded = json.loads(loop.stdout.readline())
+            assert seeded == {"table": "bpr_items", "catalogue_version": version, "tower_version": fitted["version"],
+                              "seeded": 10}
+        finally:
+            loop.terminate()
+            loop.wait(timeout=30)
+        tower = ContentTower.from_blob(client.get_blob(tower_blob("bpr_items")).data)
+        new = catalogue.ids[30:]
+        assert np.array_equal(client.pull("bpr_items", new).values, tower.predict(catalogue, new)[1])
