@@ -142,6 +142,7 @@ class DeltaChunk:
     version: int  # the shard's version when the delta was planned
     reset: bool  # the shard sent a full snapshot: drop everything held for this shard first
     dim: int
+    torn: bool = False  # a change after `version` reached rows of this or an earlier chunk of the shard
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,10 @@ class Delta(Rows):
     deleted: Keys
     version: tuple[int, ...]
     full: bool
+    # some rows hold values newer than `version` (a multi-chunk delta a push reached while it was read):
+    # applied, the copy is past `version` but not any version of the table; a delta since `version`
+    # applied on top makes it the table as of that delta's version
+    torn: bool = False
 
 
 @dataclass(frozen=True)
@@ -577,7 +582,8 @@ class ParamClient:
             deleted = keys_from(reply.arrays, "deleted")
             while True:
                 header = reply.header
-                yield DeltaChunk(shard, keys_from(reply.arrays), reply.arrays["values"], deleted, header["version"], header["reset"], header["dim"])
+                yield DeltaChunk(shard, keys_from(reply.arrays), reply.arrays["values"], deleted, header["version"], header["reset"], header["dim"],
+                                 bool(header.get("torn", False)))
                 if not header["more"]:
                     break
                 deleted = Keys.empty(deleted.kind)
@@ -603,6 +609,7 @@ class ParamClient:
             deleted=Keys.concat([c.deleted for c in chunks if len(c.deleted)], kind),
             version=tuple(versions[shard] for shard in range(self.num_shards)),
             full=all(c.reset for c in chunks),
+            torn=any(c.torn for c in chunks),
         )
 
     # ---- blobs, meta, admin -------------------------------------------------------------------

@@ -86,8 +86,7 @@ class LocalStore:
 
     def delta(self, table: str, since: int | tuple[int, ...] = 0) -> Delta:
         since = since[0] if isinstance(since, tuple) else since
-        plan = self.store.delta_plan(table, since)
-        keys, values, dim = self.store.delta_rows(table, plan.rows)
+        plan, _, (keys, values, dim, _) = self.store.delta_start(table, since, 2**62)  # one chunk: exact
         return Delta(values=values, found=np.ones(len(keys), bool), dim=dim, ids=keys, deleted=plan.deleted,
                      version=(plan.version,), full=plan.reset)
 

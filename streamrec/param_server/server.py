@@ -345,14 +345,20 @@ class ParamServer:
         (`--max-body-bytes`), whatever `chunk_rows` asks: one chunk of a whole large table per
         connection that never read it pinned a copy of the table each."""
         table = named(message.header)
-        plan = self.store.delta_plan(table, int(message.header.get("since", 0)))
-        chunk_rows = min(max(1, int(message.header.get("chunk_rows", DEFAULT_CHUNK_ROWS))),
-                         max(1, self.limits.frames.max_body // plan.row_bytes))
+        # the plan and the first chunk under one lock: a one-chunk delta is the table as of its version;
+        # a later chunk a change reached after the plan is `torn` (the reader follows it up)
+        plan, chunk_rows, first = self.store.delta_start(
+            table, int(message.header.get("since", 0)), max(1, int(message.header.get("chunk_rows", DEFAULT_CHUNK_ROWS))),
+            self.limits.frames.max_body)
         self._rows("delta", plan.rows.size)
         starts = range(0, max(plan.rows.size, 1), chunk_rows)
+        torn = False
         for i, start in enumerate(starts):
-            keys, values, dim = self.store.delta_rows(table, plan.rows[start : start + chunk_rows])
-            header = {"version": plan.version, "reset": plan.reset, "dim": dim, "more": i < len(starts) - 1}
+            keys, values, dim, chunk_torn = first if i == 0 else self.store.delta_chunk(
+                table, plan.rows[start : start + chunk_rows], plan.version)
+            torn = torn or chunk_torn
+            header = {"version": plan.version, "reset": plan.reset, "dim": dim, "more": i < len(starts) - 1,
+                      "torn": torn}
             arrays = {**keys_arrays(keys), "values": values}
             if i == 0:
                 arrays.update(keys_arrays(plan.deleted, "deleted"))

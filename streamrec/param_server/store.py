@@ -296,20 +296,31 @@ class ParamStore:
             table.apply_assign(plan, self.version, now)
             return self.version
 
-    def delta_plan(self, name: str, since: int) -> DeltaPlan:
+    def delta_start(self, name: str, since: int, chunk_rows: int,
+                    max_bytes: int = 0) -> tuple[DeltaPlan, int, tuple[Keys, np.ndarray, int, bool]]:
+        """(plan, rows per chunk, first chunk): the plan and its first chunk's rows are read under one
+        lock, so a delta that fits in one chunk holds exactly the rows as of `plan.version`. Rows per
+        chunk: `chunk_rows`, fewer where a chunk would pass `max_bytes` (0: no cap)."""
         with self.lock:
             table = self._table(name)
             rows, reset = table.changed_rows(since)
             deleted = Keys.empty(table.spec.key_type) if reset else table.deleted_since(since)
             id_bytes = 8 if table.spec.key_type == "int" else MAX_KEY_BYTES + 8  # a string id and its offset
-            return DeltaPlan(rows, deleted, self.version, reset, table.spec.width * 4 + id_bytes)
+            plan = DeltaPlan(rows, deleted, self.version, reset, table.spec.width * 4 + id_bytes)
+            chunk = max(1, chunk_rows if not max_bytes else min(chunk_rows, max_bytes // plan.row_bytes))
+            keys, values = table.read_rows(rows[:chunk])
+            return plan, chunk, (keys, values, table.spec.dim, False)
 
-    def delta_rows(self, name: str, rows: np.ndarray) -> tuple[Keys, np.ndarray, int]:
-        """(ids, values, dim) of the planned rows still alive now."""
+    def delta_chunk(self, name: str, rows: np.ndarray, planned_at: int) -> tuple[Keys, np.ndarray, int, bool]:
+        """(ids, values, dim, torn) of planned rows read after the plan: torn when a change after
+        `planned_at` reached one of them (rewritten, evicted or its row reused), so the chunk holds
+        values newer than the plan's version and the delta is not the table as of that version."""
         with self.lock:
             table = self._table(name)
-            keys, values = table.read_rows(rows)
-            return keys, values, table.spec.dim
+            alive = rows[table.row_slot[rows] >= 0]
+            torn = alive.size < rows.size or bool((table.row_version[alive] > planned_at).any())
+            keys, values = table.read_rows(alive)
+            return keys, values, table.spec.dim, torn
 
     # ---- blobs and meta -----------------------------------------------------------------------
 

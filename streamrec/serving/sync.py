@@ -32,6 +32,7 @@ from streamrec.serving.users import UserCache
 log = logging.getLogger(__name__)
 GAUGE_REFRESH_S = 1.0  # the staleness gauge is refreshed at least this often between polls
 USER_CHUNK_ROWS = 8192  # user delta rows per chunk: bounds the memory and the cache lock's hold per chunk
+MAX_FOLLOW_UPS = 8  # deltas since a torn item delta's version, before the poll gives up (the last state stays)
 FIRST_RETRY_S = 0.25  # a starting worker without a model retries a failed poll this soon (for first_poll_wait_s)
 
 
@@ -43,6 +44,10 @@ class Buffer:
 
 def _changed(delta: Delta) -> bool:
     return bool(delta.full or len(delta.ids) or len(delta.deleted))
+
+
+class TornDelta(RuntimeError):
+    """Item deltas kept holding rows newer than their version: no exact version to serve."""
 
 
 class Syncer:
@@ -135,15 +140,24 @@ class Syncer:
             # have every row of that version, so "synced past v" holds for the user cache too (the
             # other way round a push landing between the two left a new user's row out of the cache
             # while the version said it was in: answers depended on timing)
-            delta = client.delta(self.config.item_table, self.item_since)
+            deltas = [client.delta(self.config.item_table, self.item_since)]
+            # a torn delta (pushes reached its later chunks while they were read) is the table as of no
+            # version: a state built from it alone labelled model_version v held rows newer than v, and
+            # two workers answered the same request differently under one model_version. Deltas since
+            # its version on top make the copy exact again (they are small: one chunk, never torn)
+            while deltas[-1].torn:
+                if len(deltas) > MAX_FOLLOW_UPS:
+                    raise TornDelta(f"{len(deltas)} item deltas in a row held rows newer than their version")
+                deltas.append(client.delta(self.config.item_table, deltas[-1].version))
+            delta = deltas[-1]
             self._follow_users(client, tables.get(self.config.user_table))
             artifacts = self._fetch_artifacts(client)
         except OSError:
             client.close()  # reconnect next time
             raise
-        changed = _changed(delta) or artifacts is not self.artifacts or self.holder.current is None
+        changed = any(map(_changed, deltas)) or artifacts is not self.artifacts or self.holder.current is None
         if changed:
-            self._swap_in(delta, artifacts)
+            self._swap_in(deltas, artifacts)
         self.item_since = delta.version
         self.artifacts = artifacts
         self.holder.synced_version = int(sum(delta.version))
@@ -163,30 +177,30 @@ class Syncer:
         chunks = client.delta_chunks(self.config.user_table, self.user_since or 0, USER_CHUNK_ROWS)
         self.user_since = self.users.follow(chunks, client.shard_of, fill=self.user_since is None)
 
-    def _apply(self, buffer: Buffer, items: Delta, rebuilt_from: ItemIndex | None) -> bool:
-        """Apply the item delta to one buffer; the index is cloned from `rebuilt_from` when given."""
-        if not _changed(items):
-            return False
-        changes = buffer.items.apply(items)
-        if rebuilt_from is not None:
+    def _apply(self, buffer: Buffer, deltas: list[Delta], rebuilt_from: ItemIndex | None) -> bool:
+        """Apply the item deltas, in order, to one buffer; the index is cloned from `rebuilt_from` when given."""
+        rebuilt = False
+        for items in filter(_changed, deltas):
+            changes = buffer.items.apply(items)
+            if rebuilt_from is None and buffer.index.update(changes, buffer.items):
+                self.metrics.index_rebuilds.inc()
+                rebuilt = True
+        if rebuilt_from is not None and any(map(_changed, deltas)):
             buffer.index = rebuilt_from.clone()
             return True
-        rebuilt = buffer.index.update(changes, buffer.items)
-        if rebuilt:
-            self.metrics.index_rebuilds.inc()
         return rebuilt
 
-    def _swap_in(self, delta: Delta, artifacts: Artifacts) -> None:
+    def _swap_in(self, deltas: list[Delta], artifacts: Artifacts) -> None:
         standby = self.buffers[self.standby]
-        rebuilt = self._apply(standby, delta, None)
-        state = ServingState.build(self.users, standby.items, standby.index, artifacts, int(sum(delta.version)))
+        rebuilt = self._apply(standby, deltas, None)
+        state = ServingState.build(self.users, standby.items, standby.index, artifacts, int(sum(deltas[-1].version)))
         old = self.holder.swap(state)
         self.metrics.model_version.set(state.version)
         self.metrics.index_items.set(standby.index.size)
         if old is not None:
             self.holder.wait_unused(old)
         other = self.buffers[1 - self.standby]
-        self._apply(other, delta, standby.index if rebuilt else None)
+        self._apply(other, deltas, standby.index if rebuilt else None)
         self.standby = 1 - self.standby  # the buffer just caught up is the next standby
 
     def run(self, stop: threading.Event) -> None:

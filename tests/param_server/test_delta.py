@@ -25,10 +25,10 @@ def apply(replica: Replica, ids: list, values: np.ndarray, deleted: list, reset:
 
 
 def store_sync(store: ParamStore, replica: Replica, since: int, chunk: int) -> int:
-    plan = store.delta_plan("t", since)
-    ids, values = [], []
-    for start in range(0, plan.rows.size, chunk):
-        keys, part, _ = store.delta_rows("t", plan.rows[start : start + chunk])
+    plan, chunk, (keys, part, _, _) = store.delta_start("t", since, chunk)
+    ids, values = keys.to_list(), [part]
+    for start in range(chunk, plan.rows.size, chunk):
+        keys, part, _, _ = store.delta_chunk("t", plan.rows[start : start + chunk], plan.version)
         ids += keys.to_list()
         values.append(part)
     apply(replica, ids, np.concatenate(values) if values else np.empty((0, 3)), plan.deleted.to_list(), plan.reset)
@@ -111,3 +111,21 @@ def test_delta_under_concurrent_pushes(client: ParamClient, server) -> None:
     assert replica == full
     empty = client.delta("t", client.delta("t", version).version)
     assert len(empty.ids) == 0 and len(empty.deleted) == 0 and not empty.full
+
+
+def test_a_delta_is_the_table_as_of_its_version_or_says_it_is_torn() -> None:
+    """A push landing while a delta is read: a one-chunk delta (plan and rows under one lock) is
+    the table as of its version; a later chunk the push reached is flagged torn (it used to carry the
+    push's values under the version before it, and serving labelled them with that version)."""
+    store = ParamStore()
+    store.create_table(TableSpec("t", 2, scalars=1, key_type="int"))
+    keys = Keys(ints=np.arange(10, dtype=np.int64))
+    since = store.assign("t", keys, np.zeros((10, 3), np.float32))
+    store.assign("t", keys, np.ones((10, 3), np.float32))
+    plan, chunk, (_, first, _, torn) = store.delta_start("t", since, 4)
+    store.assign("t", keys, np.full((10, 3), 2, np.float32))  # lands between the chunks
+    assert chunk == 4 and not torn and (first == 1).all()
+    _, later, _, torn = store.delta_chunk("t", plan.rows[4:8], plan.version)
+    assert torn and (later == 2).all()
+    _, _, (_, whole, _, torn) = store.delta_start("t", since, 100)
+    assert not torn and (whole == 2).all()
