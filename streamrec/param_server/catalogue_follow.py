@@ -116,6 +116,8 @@ class CatalogueFollower:
     def _round(self) -> None:
         assert self._consumer is not None
         self._read(self._consumer.poll(max_records=5000, timeout_s=0.2))
+        if self._consumer is not None:
+            self._notice_rewound()
         now = time.monotonic()
         if self.dirty and now - self._published_at >= self.interval_s:
             self._publish("changes")
@@ -176,9 +178,12 @@ class CatalogueFollower:
 
     def _publish(self, cause: str) -> None:
         assert self._producer is not None
-        self._producer.flush()  # dead letters are kept before the marks that pass them
         started = time.monotonic()
-        catalogue = apply_changes(self.catalogue, self.pending)
+        catalogue, refused = apply_changes(self.catalogue, self.pending, self.pending.kinds)
+        for change, exc in refused:  # a patch whose merged row breaks a rule: the item keeps its row
+            self._dead_letter(change.record(), ItemRecordError("bad_item", str(exc)),
+                              {"item_id": change.item_id[:256], "merged": True}, change.item_id.encode())
+        self._producer.flush()  # dead letters are kept before the marks that pass them
         try:
             version = self.client.put_blob(CATALOGUE_BLOB, encode_catalogue(catalogue, dict(self.marks)), self.version)
         except ParamServerError as exc:
@@ -247,8 +252,9 @@ class CatalogueFollower:
         applied = 0
         for record in records:
             key = offset_key(record.topic, record.partition)
-            if record.offset < self.marks.get(key, 0):
-                continue  # before the marks (a re-seek while a fetch was under way)
+            if record.offset < self.marks.get(key, 0):  # the consumer was placed at the marks
+                self._rewound(key, f"a record at offset {record.offset}")
+                return
             try:
                 self.pending.add(decode_item_record(record.key, record.value, self.pending.kinds))
                 applied += 1
@@ -263,6 +269,23 @@ class CatalogueFollower:
             ends = {key: self._consumer.high_watermark((key.rpartition("/")[0], int(key.rpartition("/")[2])))
                     for key in self.marks}
             LAG.set(sum(max(0, end - self.marks[key]) for key, end in ends.items() if end is not None))
+
+    def _notice_rewound(self) -> None:
+        """A partition whose end fell below its mark was recreated (a broker that keeps nothing
+        restarted, or the topic was deleted): its new records start at 0 and would all be skipped."""
+        assert self._consumer is not None
+        for key, mark in list(self.marks.items()):
+            topic, _, partition = key.rpartition("/")
+            end = self._consumer.high_watermark((topic, int(partition)))
+            if end is not None and end < mark:
+                self._rewound(key, f"the partition now ends at {end}")
+                return
+
+    def _rewound(self, key: str, seen: str) -> None:
+        log.error("%s: %s, below the %d records the catalogue holds: the partition was recreated; reading it from "
+                  "its beginning on top of the catalogue", key, seen, self.marks[key])
+        self.marks[key], self.dirty = 0, True
+        self._close_consumer()
 
     def _dead_letter(self, raw: bytes | None, exc: ItemRecordError, source: dict[str, object],
                      key: bytes | None) -> None:

@@ -13,8 +13,9 @@ a categorical attribute is a list of (item position, value code) pairs grouped b
 one is a float64 array with NaN where an item lacks it. Input is checked on the way in and a
 broken rule names its line: ids of 1 to 256 characters, each once; attribute names of letters,
 digits, `_`, `-` and `.` (never `:`, which separates attribute and value in filters); values of at
-most 256 characters; at most 64 attributes. `to_arrays` / `from_arrays` give the form the
-parameter server stores as a blob (JSON header and plain arrays: nothing is pickled).
+most 256 characters (a title too), at most 256 values of one attribute per item; at most 64
+attributes. `to_arrays` / `from_arrays` give the form the parameter server stores as a blob (JSON
+header and plain arrays: nothing is pickled).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import pandas as pd
 
 MAX_ID_CHARS = 256
 MAX_VALUE_CHARS = 256
+MAX_VALUES_PER_ITEM = 256  # of one attribute: a catalogue's size stays bounded by its item count
 MAX_ATTRIBUTES = 64
 ATTRIBUTE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
@@ -99,7 +101,9 @@ class ItemCatalogue:
 
     def without(self, ids: Iterable[str]) -> ItemCatalogue:
         """The catalogue less the items `ids` (items that do not exist yet, in a simulation)."""
-        keep = ~np.isin(self.ids.astype(str), np.array(list(ids), dtype=str))
+        # as objects: numpy's fixed-width strings drop trailing NULs ("a\0" was "a") and are as wide
+        # as the longest id for every item
+        keep = ~pd.Index(self.ids).isin(list(ids))
         position = np.cumsum(keep) - 1  # old position -> new, where kept
         categorical = {}
         for name, column in self.categorical.items():
@@ -275,12 +279,17 @@ class CatalogueBuilder:
             self.numbers.setdefault(name, {})[position] = float(value)  # type: ignore[arg-type]
             return
         values = value if isinstance(value, list) else [str(value)]
+        if len(values) > MAX_VALUES_PER_ITEM:
+            raise self.fail(line, f"{name!r} has {len(values)} values; at most {MAX_VALUES_PER_ITEM} per item")
         for v in values:
             self._check_text(line, v)
             if len(v) > MAX_VALUE_CHARS:
                 raise self.fail(line, f"a value of {name!r} is longer than {MAX_VALUE_CHARS} characters")
         if kind == "text":
-            self.texts.setdefault(name, {})[position] = " ".join(values)
+            text = " ".join(values)
+            if len(text) > MAX_VALUE_CHARS:  # a list of short parts joined: read back, it must pass again
+                raise self.fail(line, f"{name!r} is longer than {MAX_VALUE_CHARS} characters")
+            self.texts.setdefault(name, {})[position] = text
             return
         positions, found = self.pairs.setdefault(name, ([], []))
         for v in dict.fromkeys(values):  # a value once per item

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+import numpy as np
 import orjson
 
 from streamrec.stream.catalogue import (
@@ -32,6 +33,7 @@ from streamrec.stream.catalogue import (
     TEXT_ATTRIBUTES,
     CatalogueBuilder,
     CatalogueError,
+    Categorical,
     ItemCatalogue,
     Value,
     json_attributes,
@@ -111,12 +113,8 @@ def decode_item_record(key: bytes | None, value: bytes | None, kinds: Mapping[st
 
 
 def check_change(change: ItemChange, kinds: Mapping[str, str]) -> ItemChange:
-    """The builder's rules (id, names, lengths, Unicode) and each attribute's kind so far."""
-    builder = CatalogueBuilder("record")
-    try:
-        builder.add(0, change.item_id, {k: v for k, v in change.attributes.items() if v is not None})
-    except CatalogueError as exc:
-        raise ItemRecordError("bad_item", str(exc).removeprefix("record:0: ")) from None
+    """Each attribute's kind so far, their count, and the builder's rules (id, names, lengths,
+    Unicode)."""
     new = set()
     for name, value in change.attributes.items():
         if value is None:
@@ -128,6 +126,11 @@ def check_change(change: ItemChange, kinds: Mapping[str, str]) -> ItemChange:
             raise ItemRecordError("kind_conflict", f"attribute {name!r} is {known} in the catalogue, {kind} here")
     if len(kinds) + len(new) > MAX_ATTRIBUTES:
         raise ItemRecordError("too_many_attributes", f"the catalogue would have more than {MAX_ATTRIBUTES} attributes")
+    builder = CatalogueBuilder("record")
+    try:
+        builder.add(0, change.item_id, {k: v for k, v in change.attributes.items() if v is not None})
+    except CatalogueError as exc:
+        raise ItemRecordError("bad_item", str(exc).removeprefix("record:0: ")) from None
     return change
 
 
@@ -153,20 +156,41 @@ class PendingChanges:
         return iter(self.by_item.values())
 
 
-def apply_changes(catalogue: ItemCatalogue, changes: Iterable[ItemChange]) -> ItemCatalogue:
-    """The catalogue with `changes` (one per item) applied: changed items leave their place and
-    their new rows are appended; a patch starts from the item's current attributes."""
+def apply_changes(catalogue: ItemCatalogue, changes: Iterable[ItemChange], kinds: Mapping[str, str] | None = None,
+                  ) -> tuple[ItemCatalogue, list[tuple[ItemChange, CatalogueError]]]:
+    """(the catalogue with `changes` (one per item) applied, the changes it refused with why).
+    Changed items leave their place and their new rows are appended; a patch starts from the
+    item's current attributes. A change whose merged row breaks a rule is refused alone (the item
+    keeps its row), never the batch. `kinds`: attributes to keep as (possibly empty) columns, so an
+    attribute keeps its kind whichever batch the records fell in."""
     changes = list(changes)
-    if not changes:
-        return catalogue
     current = catalogue.attributes_of(c.item_id for c in changes if c.op == "patch")
     builder = CatalogueBuilder("items topic")
+    applied, refused = [], []
     for line, change in enumerate(changes, 1):
         if change.op == "delete":
+            applied.append(change.item_id)
             continue
         merged = {**current.get(change.item_id, {}), **change.attributes} if change.op == "patch" else change.attributes
-        builder.add(line, change.item_id, {k: v for k, v in merged.items() if v is not None})
-    return catalogue.without(c.item_id for c in changes).appended(builder.build())
+        row = {k: v for k, v in merged.items() if v is not None}
+        try:
+            CatalogueBuilder("items topic").add(line, change.item_id, row)  # checked alone first: add is not atomic
+        except CatalogueError as exc:
+            refused.append((change, exc))
+            continue
+        builder.add(line, change.item_id, row)
+        applied.append(change.item_id)
+    added = builder.build().appended(_columns(kinds or {}))
+    return catalogue.without(applied).appended(added), refused
+
+
+def _columns(kinds: Mapping[str, str]) -> ItemCatalogue:
+    """No items, one empty column per attribute."""
+    empty = np.zeros(0, np.int32)
+    return ItemCatalogue(np.empty(0, object),
+                         {n: Categorical((), empty, np.zeros(1, np.int64)) for n, k in kinds.items() if k == "categorical"},
+                         {n: np.zeros(0) for n, k in kinds.items() if k == "numeric"},
+                         {n: np.empty(0, object) for n, k in kinds.items() if k == "text"})
 
 
 def put_records(catalogue: ItemCatalogue) -> Iterator[tuple[bytes, bytes]]:

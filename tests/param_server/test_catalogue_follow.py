@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from streamrec.app import infra
 from streamrec.core.config import Settings
 from streamrec.core.net import free_port
 from streamrec.param_server.artifacts import CATALOGUE_BLOB, decode_catalogue_marks
@@ -226,3 +227,25 @@ def test_the_benchmark_publishes_every_patch_it_sends(settings: Settings) -> Non
     assert report["patches"] == 100 and report["patches_unpublished"] == 0
     assert 0 < report["patch_to_version_p50_ms"] <= report["patch_to_version_p99_ms"] < 60_000
     assert report["load_records_per_second"] > 0 and report["blob_bytes"] > 0 and report["publishes"] >= 2
+
+
+def test_a_broker_that_comes_back_empty_is_read_from_its_beginning(
+        settings: Settings, start_server: StartServer, followers: Callable[..., Follower], tmp_path: Path) -> None:
+    """Tansu keeps nothing across a restart: the recreated partitions start at offset 0 again, below
+    the marks. Their records used to be skipped in silence, for good."""
+    broker = infra.start_broker(tmp_path / "broker").to_json()
+    own = settings.model_copy(update={"kafka_bootstrap": f"{broker['host']}:{broker['port']}"})
+    server = start_server("--no-checkpoints")
+    try:
+        followers(env_for(own, server.address))
+        before = {f"old-{n}": {"g": ["x"]} for n in range(30)}
+        send(own, [put(item, g="x") for item in before])
+        with ParamClient([server.address]) as client:
+            wait_for(lambda: caught_up(client, own, before))
+            infra.stop(broker)
+            broker = infra.start_broker(tmp_path / "broker2", port=broker["port"]).to_json()
+            after = {**before, **{f"new-{n}": {"g": ["y"]} for n in range(5)}}
+            send(own, [put(item, g="y") for item in after if item.startswith("new")])
+            wait_for(lambda: caught_up(client, own, after), timeout=90)
+    finally:
+        infra.stop(broker)

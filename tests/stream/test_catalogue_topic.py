@@ -8,11 +8,12 @@ import json
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from streamrec.stream.catalogue import CatalogueError, ItemCatalogue, read_jsonl
 from streamrec.stream.catalogue_topic import (
+    ItemChange,
     ItemRecordError,
     PendingChanges,
     apply_changes,
@@ -37,11 +38,21 @@ def applied(catalogue: ItemCatalogue, *records: tuple[bytes | None, bytes | None
     pending = PendingChanges(catalogue.attributes)
     for key, value in records:
         pending.add(decode_item_record(key, value, pending.kinds))
-    return apply_changes(catalogue, pending)
+    after, refused = apply_changes(catalogue, pending, pending.kinds)
+    assert not refused
+    return after
 
 
 def record(**fields: object) -> tuple[bytes, bytes]:
     return str(fields["item_id"]).encode(), json.dumps(fields).encode()
+
+
+def put(item: str, **attributes: object) -> tuple[bytes, bytes]:
+    return record(item_id=item, **attributes)
+
+
+def patch(item: str, **attributes: object) -> tuple[bytes, bytes]:
+    return record(item_id=item, op="patch", **attributes)
 
 
 def test_put_replaces_patch_merges_and_removes_delete_and_tombstone_drop() -> None:
@@ -75,6 +86,9 @@ def test_later_changes_to_one_item_fold_into_one() -> None:
     (b"a", b'{"item_id": "a", "op": "patch", "genre": 5}', "kind_conflict"),
     (b"a", b'{"item_id": "a", "genre": {"nested": 1}}', "bad_attribute"),
     (b"a", b'{"item_id": "a", "bad name": "x"}', "bad_item"),
+    (b"a", json.dumps({"item_id": "a", "title": ["x" * 200, "y" * 200]}).encode(), "bad_item"),  # joined: 401
+    (b"a", json.dumps({"item_id": "a", "genre": [f"g{n}" for n in range(257)]}).encode(), "bad_item"),
+    (b"a", json.dumps({"item_id": "a", **{f"a{n}": 1 for n in range(70)}}).encode(), "too_many_attributes"),
     (b"a", json.dumps({"item_id": "a", "genre": "v" * 10_000}).encode(), "bad_item"),
     (None, json.dumps({"item_id": "j" * 10_000}).encode(), "bad_item"),
     (b"a", b'{"item_id": "a", "genre": "\\ud800"}', "not_json"),  # orjson refuses a lone surrogate
@@ -99,7 +113,7 @@ def test_the_attribute_count_is_bounded_across_records() -> None:
 
 def test_a_file_sent_as_records_reads_back_as_the_file() -> None:
     sent = [decode_item_record(key, value, {}) for key, value in put_records(BASE)]
-    assert rows(apply_changes(ItemCatalogue.empty(), sent)) == rows(BASE)
+    assert rows(apply_changes(ItemCatalogue.empty(), sent)[0]) == rows(BASE)
     clashing = read_jsonl(['{"item_id": "a", "op": "x"}'], "f")
     with pytest.raises(CatalogueError, match="reserved"):
         list(put_records(clashing))
@@ -137,7 +151,8 @@ def test_batches_of_changes_give_what_a_plain_model_gives(first: list, second: l
             else:
                 merged = {**model.get(item, {}), **given_}
                 model[item] = {k: v for k, v in merged.items() if fields[k] is not None and fields[k] != []}
-        catalogue = apply_changes(catalogue, pending)
+        catalogue, refused = apply_changes(catalogue, pending, pending.kinds)
+        assert not refused
         assert rows(catalogue) == model
         assert sorted(catalogue.ids.tolist()) == sorted(model)
         for value in ("red", "x", "a:b"):  # the filter index agrees with the rows
@@ -148,3 +163,41 @@ def test_batches_of_changes_give_what_a_plain_model_gives(first: list, second: l
             sizes = catalogue.numeric["size"]
             assert all((np.isnan(sizes[p]) if "size" not in model[i] else sizes[p] == model[i]["size"])
                        for p, i in enumerate(catalogue.ids.tolist()))
+
+
+def test_ids_that_differ_only_in_trailing_nul_characters_stay_apart() -> None:
+    after = applied(ItemCatalogue.empty(), put("nul\u0000", g="x"), put("nul", g="y"))
+    after = applied(after, patch("nul", h="z"))
+    assert rows(after) == {"nul\u0000": {"g": ["x"]}, "nul": {"g": ["y"], "h": ["z"]}}
+
+
+def test_a_change_that_breaks_a_rule_is_refused_alone_and_the_rest_apply() -> None:
+    bad = ItemChange("a", "patch", {"bad name": "x"})  # as if it had passed the record's checks
+    after, refused = apply_changes(BASE, [bad, ItemChange("b", "delete", {}), ItemChange("n", "put", {"genre": ["q"]})])
+    assert [(change.item_id, "attribute name" in str(exc)) for change, exc in refused] == [("a", True)]
+    assert rows(after) == {"a": rows(BASE)["a"], "c:1": rows(BASE)["c:1"], "n": {"genre": ["q"]}}
+
+
+@settings(max_examples=200, deadline=None)
+@given(records=st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), st.sampled_from(["put", "patch", "delete"]),
+                                  st.sampled_from(["s", 1.5, None])), max_size=12),
+       cut=st.integers(0, 12))
+@example(records=[("a", "put", "s"), ("a", "put", None), ("b", "put", 1.5)], cut=2)  # the hunt's case
+def test_what_is_refused_and_kept_does_not_depend_on_how_records_fall_into_batches(records: list, cut: int) -> None:
+    """A re-read after a crash or a restore cuts the same records into other batches."""
+    def run(batches: list[list]) -> tuple[dict, list]:
+        catalogue, refusals = ItemCatalogue.empty(), []
+        kinds: dict[str, str] = {}
+        for batch in batches:
+            pending = PendingChanges({**catalogue.attributes, **kinds})
+            for n, (item, op, x) in enumerate(batch):
+                try:
+                    pending.add(decode_item_record(None, json.dumps({"item_id": item, "op": op, "x": x}).encode(),
+                                                   pending.kinds))
+                except ItemRecordError as exc:
+                    refusals.append((n, exc.reason))
+            catalogue, refused = apply_changes(catalogue, pending, pending.kinds)
+            assert not refused
+        return rows(catalogue), [reason for _, reason in refusals]
+
+    assert run([records]) == run([records[:cut], records[cut:]])
