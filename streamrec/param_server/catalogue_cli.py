@@ -10,6 +10,7 @@ a file (`publish`) or from the items topic (`follow`, streamrec.param_server.cat
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import get_args
 
@@ -32,16 +33,25 @@ from streamrec.stream.kafka import BROKER_ERRORS, make_producer
 from streamrec.stream.topics import create_topics
 
 
+def catalogue_file(command: Callable[..., None]) -> Callable[..., None]:
+    """PATH, --format and --json: what every command reading a catalogue file takes."""
+    for option in reversed((
+        click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path)),
+        click.option("--format", "fmt", type=click.Choice(get_args(CatalogueFormat)), default="auto",
+                     show_default=True, help="auto: u.item, *.csv, *.jsonl / *.ndjson by name"),
+        click.option("--json", "as_json", is_flag=True, help="print JSON"),
+    )):
+        command = option(command)
+    return command
+
+
 @click.group("catalogue")
 def catalogue_group() -> None:
     """Item metadata for filters and business rules (u.item, CSV or JSON lines)."""
 
 
 @catalogue_group.command("publish")
-@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(get_args(CatalogueFormat)), default="auto", show_default=True,
-              help="auto: u.item, *.csv, *.jsonl / *.ndjson by name")
-@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@catalogue_file
 @click.pass_context
 def publish_cmd(ctx: click.Context, path: Path, fmt: CatalogueFormat, as_json: bool) -> None:
     """Read PATH, check it, and store it as the next version of the catalogue blob."""
@@ -108,10 +118,7 @@ def follow_cmd(ctx: click.Context, interval_s: float, metrics_port: int | None) 
 
 
 @catalogue_group.command("produce")
-@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(get_args(CatalogueFormat)), default="auto", show_default=True,
-              help="auto: u.item, *.csv, *.jsonl / *.ndjson by name")
-@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@catalogue_file
 @click.pass_context
 def produce_cmd(ctx: click.Context, path: Path, fmt: CatalogueFormat, as_json: bool) -> None:
     """Send every item of PATH to the items topic as a put record (a bulk load for the follower)."""

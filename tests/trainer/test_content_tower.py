@@ -36,6 +36,13 @@ def catalogue_of(records: list[dict]) -> ItemCatalogue:
     return read_jsonl([json.dumps(r) for r in records], "test")
 
 
+def subprocess_env(address: str, tmp_path: Path) -> dict[str, str]:
+    """A `streamrec` subprocess on this parameter server, without any token of the environment."""
+    env = {**os.environ, "STREAMREC_PARAM_SERVERS": address, "STREAMREC_HOME": str(tmp_path / "home")}
+    env.pop("STREAMREC_PARAM_SERVER_TOKEN", None)
+    return env
+
+
 def synthetic_items(n: int, seed: int = 0) -> list[dict]:
     """Items with 1-3 genres, a three-word title ending in a year, and a year (missing for 1 in 7)."""
     rng = np.random.default_rng(seed)
@@ -194,8 +201,7 @@ def test_every_reports_a_failed_round_and_goes_on(start_server: StartServer, tmp
     """`--every`: no catalogue yet is a reported round, not the end; once one is published the next
     round fits (min-events 0: rows without counted events weigh as one) and seeds."""
     server = start_server("--no-checkpoints")
-    env = {**os.environ, "STREAMREC_PARAM_SERVERS": server.address, "STREAMREC_HOME": str(tmp_path / "home")}
-    env.pop("STREAMREC_PARAM_SERVER_TOKEN", None)
+    env = subprocess_env(server.address, tmp_path)
     records = synthetic_items(30)
     catalogue = catalogue_of(records)
     truth = genre_rows(records).astype(np.float32)
@@ -223,8 +229,7 @@ def test_seed_every_gives_the_items_a_new_catalogue_version_adds_their_rows_betw
     """The items topic adds items at any time; `--seed-every` seeds them from the published tower
     within seconds, where the next fit may be an hour away."""
     server = start_server("--no-checkpoints")
-    env = {**os.environ, "STREAMREC_PARAM_SERVERS": server.address, "STREAMREC_HOME": str(tmp_path / "home")}
-    env.pop("STREAMREC_PARAM_SERVER_TOKEN", None)
+    env = subprocess_env(server.address, tmp_path)
     records = synthetic_items(40)
     catalogue = catalogue_of(records)
     truth = genre_rows(records).astype(np.float32)
