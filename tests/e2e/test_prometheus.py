@@ -111,7 +111,8 @@ def expected(ps_instance: str) -> dict[tuple[str, str], Expect]:
         ("Refit durations", "B"): expect("param-server assign p99", "param-server put_blob p99"),
         ("Refits finished", "A"): expect(f"{REFIT_MODEL} ok"),
         ("Scrape targets up", "A"): expect("streamrec-param-server", "streamrec-trainer", "streamrec-serving",
-                                           "streamrec-refit", "streamrec-experiments-watch", "prometheus"),
+                                           "streamrec-refit", "streamrec-experiments-watch",
+                                           "streamrec-catalogue-follow", "prometheus"),
         ("Time since the last successful refit", "A"): expect(REFIT_MODEL),
         ("Refit size (rows)", "A"): expect(f"{REFIT_MODEL} events fitted on"),
         ("Refit size (rows)", "B"): expect(f"{REFIT_MODEL} rows published"),
@@ -278,7 +279,7 @@ def test_every_dashboard_target_is_valid_promql_with_an_expectation(prometheus_b
     prometheus = Prometheus(prometheus_binary, tmp_path / "prometheus", {
         "streamrec-param-server": "127.0.0.1:1", "streamrec-trainer": "127.0.0.1:1",
         "streamrec-serving": "127.0.0.1:1", "streamrec-refit": "127.0.0.1:1",
-        "streamrec-experiments-watch": "127.0.0.1:1"})
+        "streamrec-experiments-watch": "127.0.0.1:1", "streamrec-catalogue-follow": "127.0.0.1:1"})
     try:
         invalid = {}
         for q in queries:
@@ -340,7 +341,8 @@ def test_dashboard_panels_show_a_running_pipeline(prometheus_binary, settings: S
                   settings.topic_partitions)
     experiments = tmp_path / "experiments.yaml"  # the experiments row: one arm for everyone, impressions logged
     experiments.write_text("experiments: [{name: all-users, arms: [{name: everyone}]}]\n")
-    ports = {name: net.free_port() for name in ("param-server", "trainer", "serving", "refit", "experiments-watch")}
+    ports = {name: net.free_port() for name in ("param-server", "trainer", "serving", "refit", "experiments-watch",
+                                                "catalogue-follow")}
     processes = Processes(tmp_path)
     env = pipeline_env(settings)
     env.pop("STREAMREC_PARAM_SERVER_TOKEN", None)
@@ -352,6 +354,7 @@ def test_dashboard_panels_show_a_running_pipeline(prometheus_binary, settings: S
         "streamrec-serving": f"127.0.0.1:{ports['serving']}",
         "streamrec-refit": f"127.0.0.1:{ports['refit']}",
         "streamrec-experiments-watch": f"127.0.0.1:{ports['experiments-watch']}",
+        "streamrec-catalogue-follow": f"127.0.0.1:{ports['catalogue-follow']}",
     })
     try:
         address = start_param_server(processes, "param-server", env, [
@@ -373,6 +376,8 @@ def test_dashboard_panels_show_a_running_pipeline(prometheus_binary, settings: S
                         {**env, "STREAMREC_METRICS_PORT": str(ports["refit"])})
         processes.start("experiments-watch", [STREAMREC, "experiments", "watch", "--metrics-port",
                                               str(ports["experiments-watch"])], env)
+        processes.start("catalogue-follow", [STREAMREC, "catalogue", "follow", "--metrics-port",
+                                             str(ports["catalogue-follow"])], env)
         processes.start("serving", [STREAMREC, "serve", "--workers", "2", "--port", str(ports["serving"]),
                                     "--poll-interval", "0.5", "--experiments", str(experiments)], env)
         serving = f"http://127.0.0.1:{ports['serving']}"
