@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Self
 
 import httpx
+import orjson
 import pytest
 import yaml
 from prometheus_client import REGISTRY
@@ -127,6 +128,13 @@ def expected(ps_instance: str) -> dict[tuple[str, str], Expect]:
         ("Experiments watch: join state", "A"): expect("held impressions", "held events"),
         # the planted events carry 2023 timestamps: older than the lateness behind the clicks' clock
         ("Experiments watch: join state", "B"): expect("late impressions (/s)", "late events (/s)", positive=False),
+        # the follower: Traffic sends an item's stock flip and a broken record to the items topic each round
+        ("Catalogue follower: records (/s)", "A"): expect("applied", "dead_lettered"),
+        ("Catalogue follower: records (/s)", "B"): expect("versions published"),
+        ("Catalogue follower: items, pending, lag", "A"): expect("items"),
+        ("Catalogue follower: items, pending, lag", "B"): expect("pending changes", positive=False),
+        ("Catalogue follower: items, pending, lag", "C"): expect("lag (records)", positive=False),
+        ("Catalogue publish time", "A"): expect("p99"),
     }
 
 
@@ -246,6 +254,10 @@ class Traffic:
                     "event_type": "click", "timestamp": time.time(), "context": {"request_id": answer["request_id"]}},
                     {"round": rounds})
                 producer.send(self.settings.topic, b"{broken json", b"u1")
+                item = f"i{rounds % 50}"  # the product service: a stock flip, and a record nobody can read
+                producer.send(self.settings.items_topic, orjson.dumps({"item_id": item, "in_stock": rounds % 2 == 0}),
+                              item.encode())
+                producer.send(self.settings.items_topic, b"{broken json", b"i1")
                 producer.flush()
                 for path, params, status in (
                     ("/recommend", {"user_id": f"new-user-{rounds}", "k": 10}, 200),  # cold start
