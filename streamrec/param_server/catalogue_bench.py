@@ -49,7 +49,7 @@ def _put(n: int, rng: np.random.Generator) -> bytes:
 
 
 class _Watcher(threading.Thread):
-    """Reads the stored version every WATCH_S; `marks` is the newest version's mark of partition 0
+    """Reads the stored version every WATCH_S; `seen` holds each new version's mark of partition 0
     with the time it was seen."""
 
     def __init__(self, address: str, key: str) -> None:

@@ -74,12 +74,7 @@ def _replace(client: ParamClient, catalogue: ItemCatalogue, attempts: int = 5) -
     top of it (streamrec.param_server.catalogue_follow). Conditional on the version read, so a
     follower's put in between is not lost: the marks are read again and the put retried."""
     for _ in range(attempts):
-        try:
-            blob = client.get_blob(CATALOGUE_BLOB)
-        except ParamServerError as exc:
-            if exc.kind != "KeyError":
-                raise
-            blob = None
+        blob = client.find_blob(CATALOGUE_BLOB)
         marks = None
         if blob is not None:
             try:

@@ -129,17 +129,9 @@ class CatalogueFollower:
         """Start from the published catalogue and its marks (once; later opens keep the state)."""
         if self.version or self.marks:
             return
-        blob = self._fetch()
+        blob = self.client.find_blob(CATALOGUE_BLOB)
         if blob is not None:
             self._take(blob)
-
-    def _fetch(self) -> FetchedBlob | None:
-        try:
-            return self.client.get_blob(CATALOGUE_BLOB)
-        except ParamServerError as exc:
-            if exc.kind != "KeyError":  # the server's answer for a blob never put
-                raise
-            return None
 
     def _take(self, blob: FetchedBlob) -> None:
         """Make a stored version the base. Its marks say which records it holds; without marks (a
@@ -203,7 +195,7 @@ class CatalogueFollower:
         PENDING.set(0)
 
     def _adopt(self) -> None:
-        blob = self._fetch()
+        blob = self.client.find_blob(CATALOGUE_BLOB)
         if blob is None:  # deleted in between: publish ours
             self.version, self.dirty = 0, True
             return
@@ -254,7 +246,7 @@ class CatalogueFollower:
             key = offset_key(record.topic, record.partition)
             if record.offset < self.marks.get(key, 0):  # the consumer was placed at the marks
                 self._rewound(key, f"a record at offset {record.offset}")
-                return
+                break
             try:
                 self.pending.add(decode_item_record(record.key, record.value, self.pending.kinds))
                 applied += 1

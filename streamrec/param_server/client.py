@@ -630,6 +630,15 @@ class ParamClient:
             header["expect"] = expect
         return self._exchange(self._blob_shard(name), header, arrays).header["version"]
 
+    def find_blob(self, name: str, since: int = 0) -> FetchedBlob | None:
+        """`get_blob`, with None also for a blob never put (the server answers that with a KeyError)."""
+        try:
+            return self.get_blob(name, since)
+        except ParamServerError as exc:
+            if exc.kind == "KeyError":
+                return None
+            raise
+
     def blob_version(self, name: str) -> int | None:
         """The blob's stored version without its bytes (None: no such blob)."""
         try:

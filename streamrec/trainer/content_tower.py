@@ -45,7 +45,7 @@ from streamrec.param_server.artifacts import (
     decode_dense,
     encode_dense,
 )
-from streamrec.param_server.client import FetchedBlob, ParamClient, ParamServerError
+from streamrec.param_server.client import ParamClient
 from streamrec.stream.catalogue import ItemCatalogue
 
 BLOB_KIND = "content-tower"
@@ -418,22 +418,13 @@ def seed_new_items(client: ParamClient, table: str, catalogue: ItemCatalogue, to
     return np.concatenate(seeded) if seeded else np.empty(0, object)
 
 
-def _blob_or_none(client: ParamClient, name: str, since: int = 0) -> FetchedBlob | None:
-    try:
-        return client.get_blob(name, since)
-    except ParamServerError as exc:
-        if exc.kind != "KeyError":  # the server's answer for a blob never put
-            raise
-        return None
-
-
 def seed_with_published(client: ParamClient, table: str, since: int,
                         on_seeded: Callable[[np.ndarray], None] | None = None) -> dict[str, Any] | None:
     """Between fits: when the catalogue has a version newer than `since` (the items topic adds
     items at any time), seed its items without a row with the tower already published, without
     refitting; None while there is no newer catalogue or no tower yet."""
-    catalogue_blob = _blob_or_none(client, CATALOGUE_BLOB, since)
-    tower = _blob_or_none(client, tower_blob(table)) if catalogue_blob is not None else None
+    catalogue_blob = client.find_blob(CATALOGUE_BLOB, since)
+    tower = client.find_blob(tower_blob(table)) if catalogue_blob is not None else None
     if catalogue_blob is None or tower is None:
         return None
     seeded = seed_new_items(client, table, decode_catalogue(catalogue_blob.data), ContentTower.from_blob(tower.data))
@@ -448,7 +439,7 @@ def refresh_content_tower(client: ParamClient, table: str, min_events: int = 5,
     """One round: fit on the published catalogue and `table`'s rows, publish the tower as
     `tower_blob(table)`, seed the catalogue items without a row (`on_seeded` gets their ids, e.g.
     to make them fresh for exploration). Returns the report."""
-    blob = _blob_or_none(client, CATALOGUE_BLOB)
+    blob = client.find_blob(CATALOGUE_BLOB)
     if blob is None:
         raise ValueError("no catalogue is published (streamrec catalogue publish PATH)")
     catalogue = decode_catalogue(blob.data)
