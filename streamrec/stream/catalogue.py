@@ -6,7 +6,8 @@ The interaction events stay as they are; metadata arrives beside them, from a fi
 - a CSV with an `item_id` column and any others: a column whose every non-empty value is a number
   is numeric, `title` is text, every other column is categorical with `|` between several values;
 - JSON lines, one object per item with `item_id`: numbers are numeric, strings, booleans and lists
-  of strings categorical (a boolean as "true" / "false"), `title` text.
+  of strings categorical (a boolean as "true" / "false"), `title` text. An empty string is no
+  value, in JSON as in a CSV cell.
 
 Columnar, so that a filter is a few array operations over the catalogue, never a loop per item:
 a categorical attribute is a list of (item position, value code) pairs grouped by value; a numeric
@@ -328,13 +329,28 @@ def _number(text: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def read_movielens(path: Path) -> ItemCatalogue:
-    """MovieLens 100K's u.item: title, genres (from `u.genre` beside it when present), year."""
-    names = ML100K_GENRES
+def movielens_genres(path: Path) -> tuple[str, ...]:
+    """The genre names of the u.item at `path`, in flag order: from `u.genre` beside it when
+    present, else MovieLens 100K's 19."""
     genre_file = path.with_name("u.genre")
-    if genre_file.exists():
-        pairs = [line.split("|") for line in genre_file.read_text(encoding="latin-1").splitlines() if "|" in line]
-        names = tuple(name for name, _ in sorted(pairs, key=lambda p: int(p[1])))
+    if not genre_file.exists():
+        return ML100K_GENRES
+    pairs = [line.split("|") for line in genre_file.read_text(encoding="latin-1").splitlines() if "|" in line]
+    try:
+        return tuple(name for name, _ in sorted(pairs, key=lambda p: int(p[1])))
+    except (ValueError, IndexError):
+        raise CatalogueError(f"{genre_file}: every line must be name|index") from None
+
+
+def read_movielens(path: Path) -> ItemCatalogue:
+    """MovieLens 100K's u.item: title, genres (flags named by `movielens_genres`), year.
+
+    A line is `id|title|release date|video release date|URL|flags`. The format has no quoting,
+    so a title that holds `|` spans several fields: the fields are read from both ends, and the
+    title is everything between the id and the fixed tail (it used to lose its year and date).
+    A shorter line without the video date and URL (`id|title|date|flags`) is read as before."""
+    names = movielens_genres(path)
+    tail = len(names) + 3  # release date, video release date, URL, flags
     builder = CatalogueBuilder(str(path))
     for number, line in enumerate(path.read_text(encoding="latin-1").splitlines(), 1):
         if not line.strip():
@@ -343,9 +359,10 @@ def read_movielens(path: Path) -> ItemCatalogue:
         flags = fields[-len(names):]
         if len(fields) < 3 + len(names) or any(f not in ("0", "1") for f in flags):
             raise builder.fail(number, f"not a u.item line ({len(names)} genre flags expected)")
-        attributes: dict[str, Value] = {"title": fields[1],
-                                        "genre": [n for n, f in zip(names, flags) if f == "1"]}
-        year = re.search(r"(\d{4})\s*$", fields[2])
+        title, date = (("|".join(fields[1:-tail]), fields[-tail]) if len(fields) >= 2 + tail
+                       else (fields[1], fields[2]))
+        attributes: dict[str, Value] = {"title": title, "genre": [n for n, f in zip(names, flags) if f == "1"]}
+        year = re.search(r"(\d{4})\s*$", date)
         if year:
             attributes["year"] = float(year.group(1))
         builder.add(number, fields[0], attributes)
@@ -392,7 +409,9 @@ def read_csv(path: Path) -> ItemCatalogue:
 def json_value(value: object) -> Value:
     """A JSON value as an attribute value; ValueError for NaN and the infinities (Python's json
     reads them, and dropping the value in silence hid the broken row), TypeError for any other
-    type than a number, string, boolean or list of strings."""
+    type than a number, string, boolean or list of strings. An empty string is no value, as an
+    empty CSV cell is: stored, it was a value that no filter could name (`include=color:` is not
+    a clause), so `exclude=` could never drop it."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
@@ -401,9 +420,9 @@ def json_value(value: object) -> Value:
             raise ValueError(f"{value} is not a finite number")
         return number
     if isinstance(value, str):
-        return [value]
+        return [value] if value else []
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return list(value)
+        return [v for v in value if v]
     raise TypeError(type(value).__name__)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from streamrec.stream.catalogue import movielens_genres, read_movielens
 from streamrec.trainer.interactions import IdIndex
 
 AGE_EDGES = (18, 25, 35, 45, 50, 56)  # MovieLens-1M's age buckets: <18, 18-24, ..., 56+
@@ -80,14 +81,24 @@ def _user_table(path: Path, users: IdIndex) -> tuple[np.ndarray, tuple[int, ...]
 
 
 def _item_table(path: Path, items: IdIndex) -> tuple[np.ndarray, tuple[int, ...], np.ndarray, tuple[str, ...]]:
-    raw = pd.read_csv(path, sep="|", header=None, dtype=str, encoding="latin-1")
-    frame = raw.rename(columns={0: "id", 1: "title", 2: "date"}).set_index("id")
+    """Decade codes, genre flags and titles, read by the catalogue's u.item reader (one parser: a
+    second one here split titles that hold `|` into the wrong columns)."""
+    catalogue = read_movielens(path)
+    names = movielens_genres(path)
+    flags = np.zeros((len(catalogue), len(names)), np.float32)
+    if "genre" in catalogue.categorical:
+        for column, name in enumerate(names):
+            flags[catalogue.categorical["genre"].holding(name), column] = 1.0
+    frame = pd.DataFrame({"year": catalogue.numeric.get("year", np.full(len(catalogue), np.nan)),
+                          "title": catalogue.text.get("title", np.full(len(catalogue), "", object)),
+                          "row": np.arange(len(catalogue))}, index=pd.Index(catalogue.ids.astype(str)))
     frame = _align(frame, items)
-    year = pd.to_numeric(frame["date"].str[-4:], errors="coerce")
-    decade = year.map(lambda y: None if np.isnan(y) else str(int(y) // 10 * 10))
+    decade = frame["year"].map(lambda y: None if np.isnan(y) else str(int(y) // 10 * 10))
     codes, card = _codes(decade)
-    genre_columns = [c for c in frame.columns if isinstance(c, int) and c >= 5]
-    genres = frame[genre_columns].fillna("0").astype(np.float32).to_numpy()
+    row = frame["row"].to_numpy()
+    known = ~np.isnan(row)
+    genres = np.zeros((len(row), len(names)), np.float32)
+    genres[known] = flags[row[known].astype(np.int64)]
     titles = tuple(frame["title"].fillna("").astype(str))
     return codes[:, None], (card,), genres, titles
 

@@ -38,6 +38,28 @@ def test_movielens_u_item_gives_genres_years_and_titles(tmp_path):
     assert catalogue.text["title"].tolist() == ["Toy Story (1995)", "GoldenEye (1995)", "unknown"]
 
 
+def test_a_u_item_title_holding_a_pipe_keeps_its_title_date_and_genres(tmp_path):
+    """u.item has no quoting: a title with `|` spans two fields. It used to be cut at the `|`, and
+    the rest of the title was read as the release date, so the item lost its year."""
+    flags = "|".join("1" if g in (1, 5) else "0" for g in range(19))
+    catalogue = read_catalogue(write(tmp_path, "u.item", f"7|Tom | Jerry (1992)|01-Jan-1992||http://x|{flags}\n"))
+    assert catalogue.text["title"].tolist() == ["Tom | Jerry (1992)"]
+    assert catalogue.numeric["year"].tolist() == [1992.0]
+    assert items_with(catalogue, "genre", "Action") == ["7"] and items_with(catalogue, "genre", "Comedy") == ["7"]
+
+
+def test_an_empty_string_is_no_value_in_every_format(tmp_path):
+    """A stored "" could not be named by any filter clause (`exclude=color:` is refused), so an
+    item holding it could never be excluded: "" is now no value, as an empty CSV cell always was."""
+    lines = [{"item_id": "a", "color": "", "tags": ["", "x"], "title": ""}, {"item_id": "b", "color": "red"}]
+    catalogue = read_catalogue(write(tmp_path, "items.jsonl", "\n".join(json.dumps(x) for x in lines) + "\n"))
+    assert catalogue.categorical["color"].values == ("red",)
+    assert catalogue.categorical["tags"].values == ("x",)
+    assert items_with(catalogue, "tags", "x") == ["a"]
+    csv_catalogue = read_catalogue(write(tmp_path, "items.csv", "item_id,color\na,\nb,red\n"))
+    assert csv_catalogue.categorical["color"].values == ("red",)
+
+
 def test_csv_columns_are_typed_by_their_values(tmp_path):
     path = write(tmp_path, "items.csv", "item_id,title,genres,price,in_stock\n"
                                         "a,Alpha,x|y,9.5,true\nb,Beta,y,,false\nc,Gamma,,12,true\n")

@@ -138,8 +138,23 @@ def test_side_features_load_and_degrade(tmp_path) -> None:
     assert len(side.user_cards) == 4 and side.genres.shape == (3, 19)
     assert (side.user_codes[users.index(["nobody"])[0]] == 0).all()  # unknown user -> code 0
     assert side.titles[items.index(["i3"])[0]] == "Movie number 3 (1953)"
+    assert side.genres[items.index(["i3"])[0]].tolist() == [1.0 if g == 3 else 0.0 for g in range(19)]
+    assert side.item_codes[items.index(["i1"])[0], 0] == side.item_codes[items.index(["i3"])[0], 0] == 1  # 1950s
+    assert (side.genres[items.index(["unknown"])[0]] == 0).all() and side.item_codes[items.index(["unknown"])[0], 0] == 0
     indices, offsets = trigram_bags(["ab", ""], 64)
     assert len(indices) == 2 and offsets.tolist() == [0, 2]  # '#ab#' -> '#ab', 'ab#'
+
+
+def test_side_features_read_a_title_holding_a_pipe_whole(tmp_path) -> None:
+    """The side features read u.item with the catalogue's reader: pandas split a title holding
+    `|` into an extra column and refused the whole file."""
+    flags = "|".join("1" if g == 2 else "0" for g in range(19))
+    (tmp_path / "u.item").write_text(f"i1|Tom | Jerry (1992)|01-Jan-1992||http://x|{flags}\n", encoding="latin-1")
+    items = IdIndex.from_ids(np.array(["i1"]))
+    side = load_side_features(tmp_path, IdIndex.from_ids(np.array(["u1"])), items)
+    assert side.titles == ("Tom | Jerry (1992)",)
+    assert side.genres.tolist() == [[1.0 if g == 2 else 0.0 for g in range(19)]]
+    assert side.item_cards == (2,) and side.item_codes.tolist() == [[1]]  # one decade, the 1990s
 
 
 @pytest.mark.parametrize(("name", "history"), [("deepfm", False), ("dcn", False), ("dcn-v2", False),
