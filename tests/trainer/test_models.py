@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from streamrec.trainer.interactions import Interactions
-from streamrec.trainer.models import create, load
+from streamrec.trainer.models import ModelFileError, create, load
 from streamrec.trainer.registry import names as registered_names
 from tests.trainer.synthetic import group_of, planted_log
 
@@ -124,3 +124,61 @@ def test_bpr_floors_the_draws_of_short_histories_only_where_histories_are_short(
     assert user_repeats(histories, 3, "auto").tolist() == [1] * 64
     assert user_repeats(histories, 3, 8).tolist() == [2] * 4 + [1] * 60
     assert user_repeats(histories, 3, 0).tolist() == [1] * 64
+
+
+def _resave(source: Path, target: Path, change) -> Path:
+    """A copy of the saved model at `source` with its arrays changed by `change(arrays)`."""
+    target.mkdir(parents=True)
+    (target / "meta.json").write_text((source / "meta.json").read_text())
+    with np.load(source / "arrays.npz") as data:
+        arrays = {k: data[k] for k in data.files}
+    change(arrays)
+    np.savez(target / "arrays.npz", **arrays)
+    return target
+
+
+@pytest.mark.parametrize(("name", "array"), [("als", "model.Y"), ("bpr", "model.Q"), ("mf-sgd", "model.P"),
+                                             ("item-knn", "model.sim_indptr"), ("svdpp", "model.bi"),
+                                             ("blend", "model.gbt.left")])
+def test_a_saved_model_whose_arrays_do_not_fit_together_is_refused_at_load(name, array, log, tmp_path: Path):
+    """`load` used to check only that each array existed: a model folder with one array from
+    another fit loaded, then failed or answered garbage at its first query, far from the cause."""
+    model = _fit(name, log, implicit=not create(name).capabilities.explicit)
+    saved = model.save(tmp_path / "good")
+    assert load(saved).n_items == model.n_items
+    with np.load(saved / "arrays.npz") as data:
+        assert array in data.files, sorted(data.files)
+
+    def drop_last_row(arrays: dict[str, np.ndarray]) -> None:
+        arrays[array] = arrays[array][:-1]
+
+    with pytest.raises(ModelFileError, match="do not fit together|scores"):
+        load(_resave(saved, tmp_path / "short", drop_last_row))
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda a: a.update(popularity=a["popularity"][:-1]), "popularity has"),
+    (lambda a: a.update(seen_indices=a["seen_indices"] + 1000), "outside the"),
+    (lambda a: a.update(seen_indptr=a["seen_indptr"][::-1].copy()), "does not cover"),
+    (lambda a: a.update(items=np.r_[a["items"][:-1], a["items"][:1]]), "appears twice"),
+    (lambda a: a.pop("users"), "lacks"),
+])
+def test_the_arrays_every_model_saves_are_checked_against_each_other(change, message, log, tmp_path: Path):
+    saved = _fit("als", log, implicit=True).save(tmp_path / "good")
+    with pytest.raises(ModelFileError, match=message):
+        load(_resave(saved, tmp_path / "bad", change))
+
+
+def test_a_folder_that_is_not_a_saved_model_is_refused_with_its_path(log, tmp_path: Path):
+    saved = _fit("popularity", log, implicit=True).save(tmp_path / "good")
+    (saved / "arrays.npz").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ModelFileError, match="not a saved model"):
+        load(saved)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "meta.json").write_text('{"format_version": 1, "model": "no-such-model"}')
+    (tmp_path / "other" / "arrays.npz").write_bytes((tmp_path / "good" / "meta.json").read_bytes())
+    with pytest.raises(ModelFileError, match="not a saved model"):
+        load(tmp_path / "other")
+    np.savez(tmp_path / "other" / "arrays.npz", users=np.array(["u"]))
+    with pytest.raises(ModelFileError, match="unknown model 'no-such-model'"):
+        load(tmp_path / "other")

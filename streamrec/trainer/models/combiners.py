@@ -67,6 +67,21 @@ class BoostedTrees(ArrayRecord):
     leaf: np.ndarray  # per node, bool
     value: np.ndarray  # per node, float64
 
+    def __post_init__(self) -> None:
+        """Trees read back from a file are checked: a node array of another length, a root or a
+        child outside the forest, or a child that points back up (a cycle: `_leaves` would never
+        end) is a ValueError. sklearn numbers nodes depth first, so every child follows its parent."""
+        nodes = len(self.leaf)
+        per_node = (self.feature, self.threshold, self.missing_left, self.left, self.right, self.value)
+        if any(np.shape(a) != (nodes,) for a in per_node) or np.ndim(self.roots) != 1:
+            raise ValueError("boosted trees: the node arrays differ in length")
+        split = np.flatnonzero(~np.asarray(self.leaf, bool))
+        if (len(self.roots) and (np.min(self.roots) < 0 or np.max(self.roots) >= nodes)) or (
+                len(split) and ((self.left[split] <= split).any() or (self.right[split] <= split).any()
+                                or (self.left[split] >= nodes).any() or (self.right[split] >= nodes).any()
+                                or (self.feature[split] < 0).any())):
+            raise ValueError("boosted trees: a root or child lies outside the forest or points back up")
+
     @classmethod
     def fit(cls, X: np.ndarray, y: np.ndarray, iterations: int, seed: int) -> BoostedTrees:
         """Fit sklearn's regressor and keep its trees. Its fitted trees are only reachable through
