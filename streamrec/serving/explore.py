@@ -27,12 +27,16 @@ impressions and clicks is the trainer's (`train-online --explore`).
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from streamrec.serving.config import ServingConfig
 from streamrec.serving.refresher import Refresher
 from streamrec.serving.state import ServingState
 from streamrec.trainer.online.exploration import ExplorationConfig, ExplorationStore, FreshItems
+
+log = logging.getLogger(__name__)
 
 
 class ExplorationPool(Refresher):
@@ -80,12 +84,18 @@ def closest(scores: np.ndarray, eligible: np.ndarray, n: int) -> np.ndarray:
 def thompson(fresh: FreshItems, eligible: np.ndarray, n: int, prior: float, rng: np.random.Generator,
              ) -> tuple[np.ndarray, np.ndarray]:
     """(positions in `fresh`, draws) of the n eligible items with the best draws from their Beta
-    posteriors, best first; the prior is centred on the pool's click-through rate."""
+    posteriors, best first; the prior is centred on the pool's click-through rate. Counts that give
+    no posterior (a negative one, clicks above impressions) explore nothing rather than fail the
+    request."""
     candidates = np.flatnonzero(eligible)
     if not len(candidates) or n <= 0:
         return np.zeros(0, np.int64), np.zeros(0)
     shown, clicks = fresh.shown[candidates].astype(np.float64), fresh.clicks[candidates].astype(np.float64)
-    rate = (fresh.clicks.sum() + 1.0) / (fresh.shown.sum() + 2.0)
-    draws = rng.beta(prior * rate + clicks, prior * (1.0 - rate) + shown - clicks)
+    rate = (fresh.clicks.sum(dtype=np.float64) + 1.0) / (fresh.shown.sum(dtype=np.float64) + 2.0)
+    try:
+        draws = rng.beta(prior * rate + clicks, prior * (1.0 - rate) + shown - clicks)
+    except ValueError as exc:  # counts no posterior has (the store's reads never give them): not this request's fault
+        log.warning("no exploration for this request: the fresh items' counts give no Beta posterior (%s)", exc)
+        return np.zeros(0, np.int64), np.zeros(0)
     best = np.argsort(-draws, kind="stable")[:n]
     return candidates[best], draws[best]

@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from streamrec.param_server.client import ParamClient
-from streamrec.serving.explore import closest, slots, thompson
+from streamrec.serving.config import ServingConfig
+from streamrec.serving.explore import ExplorationPool, closest, slots, thompson
+from streamrec.serving.refresher import Refresher
 from streamrec.trainer.online.exploration import ExplorationStore, FreshItems
 from streamrec.trainer.online.feature_store import FeatureStore
 from tests.param_server.conftest import ServerProcess
@@ -111,3 +113,59 @@ def test_a_user_with_a_vector_explores_the_fresh_items_it_scores_highest(
     spread = explored(start_serving(param_server.address, redis_url, prefix,
                                     extra_env={**env, "STREAMREC_EXPLORE_CANDIDATES": "0"}))
     assert len(set(spread)) >= 3 and spread.count("fresh-near") < 30
+
+
+def test_counts_that_give_no_posterior_explore_nothing_rather_than_fail():
+    fresh = FreshItems(np.array(["a", "b"], object), np.array([-1000, 5]), np.array([0, 9]), np.zeros(2), 0.0)
+    picks, draws = thompson(fresh, np.ones(2, bool), 1, 10.0, np.random.default_rng(0))
+    assert len(picks) == 0 and len(draws) == 0
+
+
+def test_a_negative_counter_in_redis_neither_fails_a_request_nor_stops_exploring(
+        param_server: ServerProcess, ps: ParamClient, feature_store: FeatureStore, redis_url: str, prefix: str,
+        start_serving: StartServing) -> None:
+    """A counter set by hand to -1000 made every exploring answer a 500 (a Beta draw with a < 0);
+    it reads as 0 impressions now."""
+    explore = _world(ps, feature_store, redis_url, prefix)
+    explore.redis.hset(explore.keys.key("shown"), "fresh-good", -1000)
+    serving = start_serving(param_server.address, redis_url, prefix, extra_env={"STREAMREC_EXPLORE_SHARE": "0.2"})
+
+    def answer() -> list[dict]:
+        reply = serving.get("/recommend", user_id="u1", k=10)
+        assert reply.status_code == 200, reply.text
+        return reply.json()["items"]
+
+    assert wait_for(lambda: answer()[-1]["item_id"] == "fresh-good")
+    assert all(answer()[-1]["sources"] == ["explore"] for _ in range(10))
+
+
+def test_the_pool_reader_survives_a_counter_that_is_not_an_integer(redis_url: str, prefix: str) -> None:
+    """int(b"1.5") ended the worker's pool thread for good: the pool then never changed again."""
+    explore = ExplorationStore.from_url(redis_url, prefix)
+    explore.count(np.array(["a", "b"], object), np.array([4, 4]), np.array([1, 1]), np.array([5.0, 5.0]), 5.0)
+    explore.redis.hset(explore.keys.key("clicks"), "a", "1.5")
+    pool = ExplorationPool(ServingConfig(redis_url=redis_url, feature_prefix=prefix, explore_refresh_s=0.05)).start()
+    try:
+        wait_for(lambda: pool.reads >= 2)
+        assert dict(zip(pool.fresh.ids.tolist(), pool.fresh.clicks.tolist())) == {"a": 0, "b": 1}  # read as 0
+        explore.count(np.array(["c"], object), np.array([1]), np.array([0]), np.array([6.0]), 6.0)
+        wait_for(lambda: "c" in pool.fresh.ids.tolist())  # still re-reading
+    finally:
+        pool.close()
+
+
+def test_a_refresher_goes_on_after_any_failed_read() -> None:
+    class Flaky(Refresher):
+        calls = 0
+
+        def _read(self) -> None:
+            self.calls += 1
+            if self.calls <= 2:
+                raise ValueError("a read that fails for a reason other than Redis")
+
+    flaky = Flaky("flaky", 0.01).start()
+    try:
+        wait_for(lambda: flaky.reads >= 1)
+    finally:
+        flaky.close()
+    assert flaky.failures == 2

@@ -140,3 +140,66 @@ def test_an_event_dated_a_day_ahead_does_not_age_the_fresh_items(store: Explorat
     assert now - 1 <= store.clock() <= time.time()
     store.count(objects("young"), np.array([1]), np.zeros(1), np.full(1, np.nan), NO_CLOCK)
     assert "young" in store.fresh(10).ids.tolist()
+
+
+def test_a_click_is_credited_once_per_answer_and_item_and_only_to_the_answer_s_user(store: ExplorationStore):
+    """Within a range, across ranges and partitions: one click per (answer, item), whatever repeats it."""
+    args = (objects("a", "b"), np.zeros(2), np.zeros(2), np.array([1.0, 1.0]), 1.0)
+    assert store.count(*args, "t/0", 0, 3, credits=[("r1", "a"), ("r1", "a"), ("r2", "a")]) == 2
+    with pytest.raises(MarkMoved):  # the range re-read (a counter killed after its write): nothing credited again
+        store.count(*args, "t/0", 0, 3, credits=[("r1", "a")])
+    assert store.count(*args, "t/1", 0, 1, credits=[("r1", "a"), ("r1", "b")]) == 1  # r1/a was credited already
+    assert store.count(*args, credits=[("r", "1:ra"), ("r1:r", "a")]) == 2  # pairs that would spell alike
+    fresh = store.fresh(10)
+    assert dict(zip(fresh.ids.tolist(), fresh.clicks.tolist())) == {"a": 0, "b": 0}  # never more than shown
+    assert store.redis.hgetall(store.keys.key("clicks")) == {b"a": b"3", b"b": b"1", b"1:ra": b"1"}
+
+
+def test_the_follower_credits_repeated_clicks_once_and_only_from_the_answer_s_user(
+        settings: Settings, store: ExplorationStore):
+    """A click delivered 5 times (a producer's retries: one event id) and 3 more clicks on the same
+    shown item are one click through; another user's click naming u1's answer is none. A restart
+    re-reads the answer for the join, and a new click on another item it showed still counts."""
+    create_topics(settings.kafka_bootstrap, [settings.topic, settings.impressions_topic], 1)
+    producer = make_producer(settings.kafka_bootstrap)
+    for value in encode_records([{"request_id": "r1", "user_id": "u1", "items": ["a", "b"], "timestamp": 1.0}]):
+        producer.send(settings.impressions_topic, value)
+    producer.flush()
+    start = 1_700_000_000.0
+
+    def click(event_id: str, user: str, item: str, n: int) -> dict:
+        return {"event_id": event_id, "user_id": user, "item_id": item, "event_type": "click",
+                "timestamp": start + n, "context": {"request_id": "r1"}}
+
+    def clicks() -> dict[str, int]:
+        fresh = store.fresh(100)
+        return dict(zip(fresh.ids.tolist(), fresh.clicks.tolist()))
+
+    produce_events(settings, [*(click("e1", "u1", "a", 0) for _ in range(5)),
+                              *(click(f"again{n}", "u1", "a", n) for n in range(3)),
+                              click("other", "u2", "b", 4),
+                              {"event_id": "end", "user_id": "u9", "item_id": "end", "event_type": "view",
+                               "timestamp": start + 5}])
+    follower = ExplorationFollower(settings, store, ["click"]).start()
+    try:
+        wait_until(lambda: "end" in clicks(), timeout=30)
+    finally:
+        follower.close()
+    assert clicks() == {"a": 1, "b": 0, "end": 0}
+    assert store.redis.hgetall(store.keys.key("clicks")) == {b"a": b"1"}  # raw, before reading clamps it to shown
+    again = ExplorationFollower(settings, store, ["click"]).start()
+    try:
+        produce_events(settings, [click("e1", "u1", "a", 6), click("late", "u1", "b", 7)])
+        wait_until(lambda: clicks().get("b") == 1, timeout=30)
+    finally:
+        again.close()
+    assert clicks() == {"a": 1, "b": 1, "end": 0}
+
+
+def test_counters_set_by_hand_are_read_as_counts_never_negative(store: ExplorationStore):
+    store.count(objects("neg", "half", "big"), np.array([5, 5, 5]), np.array([1, 1, 1]), np.ones(3), 1.0)
+    store.redis.hset(store.keys.key("shown"), mapping={"neg": -1000, "big": "1" * 30})
+    store.redis.hset(store.keys.key("clicks"), mapping={"half": "1.5", "big": -3})
+    fresh = store.fresh(10)
+    assert dict(zip(fresh.ids.tolist(), zip(fresh.shown.tolist(), fresh.clicks.tolist()))) == {
+        "neg": (0, 0), "half": (5, 0), "big": (0, 0)}

@@ -17,7 +17,8 @@ slice's sorted set itself, from the declared prefix and the slice name, on that 
 | key | type | content |
 |---|---|---|
 | `sr:{x}:shown` | hash | item -> impressions counted |
-| `sr:{x}:clicks` | hash | item -> clicks counted (an event carrying an answer's `request_id` whose impression showed the item) |
+| `sr:{x}:clicks` | hash | item -> clicks counted (an event carrying an answer's `request_id` whose impression showed the item to the event's user) |
+| `sr:{x}:credited` | sorted set | `<len(request id)>:<request id><item>` -> clock when credited: each (answer, item) is credited one click at most; the newest `max_credited` kept |
 | `sr:{x}:first` | hash | item -> first-seen event time |
 | `sr:{x}:fresh` | sorted set | item -> first-seen time: exploration's candidates, the newest `max_fresh` kept; items leave when no longer fresh |
 | `sr:{x}:marks` | hash | "topic/partition" -> the next offset counted |
@@ -39,7 +40,9 @@ loses the counts with it; counting goes on from where the reader stands.
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +51,7 @@ import redis
 from streamrec.trainer.online.context_slices import Merit, SliceConfig, SliceCounts, SliceTops
 from streamrec.trainer.online.feature_store import RENORMALISE_AFTER_HALF_LIVES
 
+log = logging.getLogger(__name__)
 TAG = "{x}"
 NO_CLOCK = -1e300  # a count that does not move the clock (impressions carry serving's time, not event time)
 _COUNT = """
@@ -132,8 +136,20 @@ for j = 1, r do
   redis.call('HINCRBY', merit_key, kind .. ':hits', ARGV[at + 1 + 2 * r + j])
   redis.call('HINCRBY', merit_key, kind .. ':reference_hits', ARGV[at + 1 + 3 * r + j])
 end
+-- clicks credited per (request, item): one each, the oldest credits (by the clock) forgotten first
+local credited_key = KEYS[12]
+at = at + 2 + 4 * r
+local m, max_credited, credited = tonumber(ARGV[at]), tonumber(ARGV[at + 1]), 0
+for j = 1, m do
+  if redis.call('ZADD', credited_key, 'NX', clock, ARGV[at + 1 + j]) == 1 then
+    redis.call('HINCRBY', clicks_key, ARGV[at + 1 + m + j], 1)
+    credited = credited + 1
+  end
+end
+local remembered = redis.call('ZCARD', credited_key)
+if remembered > max_credited then redis.call('ZREMRANGEBYRANK', credited_key, 0, remembered - max_credited - 1) end
 if ARGV[1] ~= '' then redis.call('HSET', marks_key, ARGV[1], ARGV[3]) end
-return 'ok'
+return {'ok', credited}
 """.replace("RENORMALISE_AFTER", repr(RENORMALISE_AFTER_HALF_LIVES))
 
 
@@ -150,6 +166,9 @@ class ExplorationConfig:
     max_age_s: float = 48 * 3600.0  # event time since first seen during which an item is fresh
     min_impressions: int = 100  # an item shown fewer times is fresh whatever its age
     max_fresh: int = 100_000  # candidates kept in `fresh`; the oldest first seen leave first
+    # (answer, item) pairs remembered as credited, so a repeated click (a producer retry, a second
+    # POST) is not credited again; twice the follower's join window of 200,000 answers
+    max_credited: int = 400_000
 
 
 @dataclass(frozen=True)
@@ -162,7 +181,8 @@ class ExplorationKeys:
     @property
     def all(self) -> list[str]:
         return [self.key(name) for name in ("shown", "clicks", "first", "fresh", "marks", "clock", "slices",
-                                            "slice_landmark", "slice_events", "slice_mass", "slice_merit")]
+                                            "slice_landmark", "slice_events", "slice_mass", "slice_merit",
+                                            "credited")]
 
     def slice(self, name: str) -> str:
         """The sorted set of one context slice (item -> decayed popularity)."""
@@ -212,12 +232,13 @@ class ExplorationStore:
 
     def count(self, items: np.ndarray, shown: np.ndarray, clicks: np.ndarray, first_seen: np.ndarray,
               clock: float, partition: str = "", start: int = 0, end: int = 0,
-              slices: SliceCounts | None = None) -> None:
+              slices: SliceCounts | None = None, credits: Sequence[tuple[str, str]] = ()) -> int:
         """Add `shown` impressions and `clicks` per distinct item; lower each item's first-seen
         time to `first_seen` (event time; NaN: no sighting) where it is earlier; advance the clock;
-        add `slices` to the context slices. With a `partition`, the range [start, end) of it:
-        applied only when `start` is its mark (else MarkMoved, nothing written), and the mark moves
-        to `end`."""
+        add `slices` to the context slices; credit one click to the item of each (request id, item)
+        of `credits` not credited before (a click repeated, in this range or another, counts once).
+        With a `partition`, the range [start, end) of it: applied only when `start` is its mark
+        (else MarkMoved, nothing written), and the mark moves to `end`. Returns the clicks credited."""
         c, sc = self.config, self.slice_config
         seen = [repr(t) if np.isfinite(t) else "" for t in np.asarray(first_seen, np.float64).tolist()]
         # never past the wall clock: one event dated up to a day ahead (the schema's allowance for
@@ -230,12 +251,16 @@ class ExplorationStore:
                       *[repr(w) for w in slices.weights.tolist()], len(slices.merit_kinds),
                       *slices.merit_kinds.tolist(), *slices.merit_events.tolist(), *slices.merit_hits.tolist(),
                       *slices.merit_reference_hits.tolist()]
+        pairs = list(dict.fromkeys(credits))
         reply = self._count(keys=self.keys.all, args=[
             partition, str(start) if partition else "", str(end), repr(float(clock)), repr(c.max_age_s),
             c.min_impressions, c.max_fresh, len(items), self.keys.slice(""), *items.tolist(),
-            *np.asarray(shown, np.int64).tolist(), *np.asarray(clicks, np.int64).tolist(), *seen, *sliced])
-        if reply != b"ok":
+            *np.asarray(shown, np.int64).tolist(), *np.asarray(clicks, np.int64).tolist(), *seen, *sliced,
+            len(pairs), c.max_credited, *[f"{len(request)}:{request}{item}" for request, item in pairs],
+            *[item for _, item in pairs]])
+        if not isinstance(reply, list):
             raise MarkMoved(partition, start, int(reply))
+        return int(reply[1])
 
     def fresh(self, limit: int) -> FreshItems:
         """The `limit` newest fresh candidates with their counts, in one round trip. An item no
@@ -253,8 +278,8 @@ class ExplorationStore:
         pipe.hmget(self.keys.key("shown"), names)
         pipe.hmget(self.keys.key("clicks"), names)
         shown_raw, clicks_raw = pipe.execute()
-        shown = np.array([int(v) if v is not None else 0 for v in shown_raw], np.int64)
-        clicks = np.minimum(np.array([int(v) if v is not None else 0 for v in clicks_raw], np.int64), shown)
+        shown = _counters(shown_raw, names, "shown")
+        clicks = np.clip(_counters(clicks_raw, names, "clicks"), 0, shown)
         now = float(clock) if clock is not None else float(first.max())
         keep = (now - first < self.config.max_age_s) | (shown < self.config.min_impressions)
         return FreshItems(ids[keep], shown[keep], clicks[keep], first[keep], now)
@@ -283,3 +308,19 @@ class ExplorationStore:
         return SliceTops(lists, {key.decode(): int(value) for key, value in events_raw.items()},
                          {key.decode(): float(value) for key, value in mass_raw.items()}, merit,
                          float(clock) if clock is not None else float("-inf"))
+
+
+def _counters(raw: list[bytes | None], names: list[bytes], kind: str) -> np.ndarray:
+    """Counters as read from Redis, never negative; a missing one is 0. One that is not an integer
+    (written by hand: the script only increments) is read as 0 and logged, so serving's draws,
+    which need counts >= 0, never see it and one bad field does not hide the rest of the pool."""
+    counts = np.zeros(len(raw), np.int64)
+    for n, value in enumerate(raw):
+        if value is None:
+            continue
+        try:
+            counts[n] = max(int(value), 0)
+        except (ValueError, OverflowError):
+            log.warning("exploration counter %s of %r is not an integer (%r): read as 0", kind,
+                        names[n].decode(errors="replace"), value[:40])
+    return counts

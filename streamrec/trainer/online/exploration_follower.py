@@ -4,8 +4,12 @@ A thread follows every partition of the events topic and of serving's impression
 any consumer group, from the marks the store keeps (exactly once; a partition without a mark from
 its beginning), and counts per item:
 - impressions: every item an impression showed;
-- clicks: an event whose `context.request_id` names an impression that showed the event's item
-  (the join window: the newest `join_requests` impressions read, also those re-read on start);
+- clicks: a positive event whose `context.request_id` names an impression that showed the event's
+  item to the event's user (the join window: the newest `join_requests` impressions read, also
+  those re-read on start), one at most per (impression, item): a producer's retry of the click or
+  a second click on the same shown item is not a second click through. The store remembers which
+  pairs it credited in the same atomic call that moves the partition's mark, so a click re-read
+  after a restart is neither credited twice nor lost;
 - first seen: the event time of an item's first event;
 and per context slice (`streamrec.trainer.online.context_slices`), every positive event's decayed
 weight and the slices' prequential merit.
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import orjson
@@ -40,6 +44,7 @@ log = logging.getLogger(__name__)
 RETRY_S = 2.0
 JOIN_REQUESTS = 200_000  # impressions a click can be joined to
 REWIND_RECORDS = 1000  # impression records per partition re-read on start, for the join only
+Shown = tuple[str | None, frozenset[str]]  # an answer's user and the items it showed
 
 
 class ExplorationFollower(FollowerThread):
@@ -49,7 +54,7 @@ class ExplorationFollower(FollowerThread):
         self.settings, self.store, self.join_requests = settings, store, join_requests
         self.positive_types = list(positive_types)
         self.schema = EventSchema.from_settings(settings)
-        self._shown: OrderedDict[str, frozenset[str]] = OrderedDict()  # request id -> items it showed
+        self._shown: OrderedDict[str, Shown] = OrderedDict()  # request id -> (its user, the items it showed)
         self._next: dict[str, int] = {}  # per partition key: the next offset to count
         self._counted = {kind: EXPLORATION_COUNTED.labels(kind) for kind in ("impressions", "shown", "clicks", "first_seen",
                                                                              "sliced")}
@@ -106,16 +111,16 @@ class ExplorationFollower(FollowerThread):
     def _impressions(self, records: list[Record]) -> None:
         parsed = {(record.partition, record.offset): _shown_by_request(record.value) for record in records}
         for answers in parsed.values():  # every record read feeds the join memory, counted or not
-            for request_id, items in answers:
-                self._shown[request_id] = items
+            for request_id, user, items in answers:
+                self._shown[request_id] = user, items
                 self._shown.move_to_end(request_id)
         while len(self._shown) > self.join_requests:
             self._shown.popitem(last=False)
         for key, mine in self._ranges(records):
-            answers = [items for record in mine for _, items in parsed[record.partition, record.offset]]
+            answers = [items for record in mine for _, _, items in parsed[record.partition, record.offset]]
             shown = [item for items in answers for item in items]
             ids, counts = np.unique(np.array(shown, object), return_counts=True) if shown else (np.empty(0, object), np.zeros(0))
-            self._count(key, mine, ids, counts, np.zeros(len(ids), np.int64), np.full(len(ids), np.nan), NO_CLOCK)
+            self._count(key, mine, ids, counts, np.full(len(ids), np.nan), NO_CLOCK)
             self._counted["shown"].inc(int(np.sum(counts)))
             self._counted["impressions"].inc(len(answers))
 
@@ -127,36 +132,45 @@ class ExplorationFollower(FollowerThread):
         for key, mine in ranges:
             batch, _ = self.schema.decode_many([record.value for record in mine])
             if not len(batch):
-                self._count(key, mine, np.empty(0, object), np.zeros(0), np.zeros(0), np.zeros(0), NO_CLOCK)
+                self._count(key, mine, np.empty(0, object), np.zeros(0), np.zeros(0), NO_CLOCK)
                 continue
-            clicks = np.zeros(len(batch), np.int64)
             positive = np.isin(batch.event_type, self.positive_types)
             slices = slice_counts(event_slices(batch, positive), self.store.slice_config.half_life_s, tops)
-            carried = np.flatnonzero(~pd.isna(batch.context) & positive)
-            if len(carried):  # a positive event that names the answer it came from
-                requests = [context.get("request_id") for context in batch.context[carried].tolist()]
-                clicks[carried] = [item in self._shown.get(request, ()) if isinstance(request, str) else False
-                                   for request, item in zip(requests, batch.item_id[carried].tolist())]
-            frame = pd.DataFrame({"item": batch.item_id, "t": batch.timestamp, "click": clicks})
-            per_item = frame.groupby("item", sort=False).agg(first=("t", "min"), clicks=("click", "sum"))
-            ids = per_item.index.to_numpy(object)
-            self._count(key, mine, ids, np.zeros(len(ids), np.int64), per_item["clicks"].to_numpy(np.int64),
-                        per_item["first"].to_numpy(np.float64), float(batch.timestamp.max()), slices)
-            self._counted["clicks"].inc(int(per_item["clicks"].sum()))
+            carried = np.flatnonzero(~pd.isna(batch.context) & positive)  # positive events naming their answer
+            credits = [(request, item) for request, user, item in zip(
+                [context.get("request_id") for context in batch.context[carried].tolist()],
+                batch.user_id[carried].tolist(), batch.item_id[carried].tolist()) if self._clicked(request, user, item)]
+            first = pd.Series(batch.timestamp).groupby(batch.item_id, sort=False).min()
+            ids = first.index.to_numpy(object)
+            credited = self._count(key, mine, ids, np.zeros(len(ids), np.int64), first.to_numpy(np.float64),
+                                   float(batch.timestamp.max()), slices, credits)
+            self._counted["clicks"].inc(credited)
             self._counted["first_seen"].inc(len(ids))
             self._counted["sliced"].inc(int(slices.events.sum()))
 
-    def _count(self, key: str, mine: list[Record], ids: np.ndarray, shown: np.ndarray, clicks: np.ndarray,
-               first: np.ndarray, clock: float, slices: SliceCounts | None = None) -> None:
+    def _count(self, key: str, mine: list[Record], ids: np.ndarray, shown: np.ndarray, first: np.ndarray,
+               clock: float, slices: SliceCounts | None = None, credits: Sequence[tuple[str, str]] = ()) -> int:
+        """Count one partition's range `mine` from its mark; clicks only as `credits` (request id,
+        item), which the store credits once per pair. Returns the clicks credited."""
         end = mine[-1].offset + 1
-        self.store.count(ids, shown, clicks, first, clock, key, self._next[key], end, slices)
+        clicks = np.zeros(len(ids), np.int64)
+        credited = self.store.count(ids, shown, clicks, first, clock, key, self._next[key], end, slices, credits)
         self._next[key] = end
+        return credited
+
+    def _clicked(self, request: object, user: str, item: str) -> bool:
+        """Whether a positive event of `user` on `item` naming answer `request` is a click through:
+        that answer (in the join window) showed the item to that same user; another user's event
+        naming someone else's answer credits nothing."""
+        shown = self._shown.get(request) if isinstance(request, str) else None
+        return shown is not None and shown[0] == user and item in shown[1]
 
 
-def _shown_by_request(value: bytes) -> list[tuple[str, frozenset[str]]]:
-    """(request id, shown items) of each well-formed impression of one record; anything else
-    (not JSON, no string request id, items not a list of strings) is skipped: the trainer's
-    impressions reader counts such records as invalid."""
+def _shown_by_request(value: bytes) -> list[tuple[str, str | None, frozenset[str]]]:
+    """(request id, user id, shown items) of each well-formed impression of one record; anything
+    else (not JSON, no string request id, items not a list of strings) is skipped: the trainer's
+    impressions reader counts such records as invalid. A user id that is not a string is None: its
+    items count as shown, but no event's user matches it, so no click is credited to them."""
     try:
         impressions = decode_record(value)
     except orjson.JSONDecodeError:
@@ -165,7 +179,7 @@ def _shown_by_request(value: bytes) -> list[tuple[str, frozenset[str]]]:
     for impression in impressions:
         if not isinstance(impression, dict):
             continue
-        request, items = impression.get("request_id"), impression.get("items")
+        request, user, items = impression.get("request_id"), impression.get("user_id"), impression.get("items")
         if isinstance(request, str) and isinstance(items, list) and all(isinstance(i, str) for i in items):
-            out.append((request, frozenset(items)))
+            out.append((request, user if isinstance(user, str) else None, frozenset(items)))
     return out
