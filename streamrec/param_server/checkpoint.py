@@ -266,6 +266,7 @@ class CheckpointDir:
         self.dir = Path(root) / f"shard-{shard}-of-{num_shards}"
         self.shard, self.num_shards, self.keep = shard, num_shards, keep
         self.rejected: list[str] = []  # messages about checkpoints that failed to load and were skipped
+        self.unloadable: set[Path] = set()  # their files: never pruned (see `save`)
 
     def files(self) -> list[Path]:
         """Newest first."""
@@ -282,7 +283,10 @@ class CheckpointDir:
             write(path, taken.header, taken.arrays, self.key)
         finally:
             taken.release(store)
-        for old in self.files()[self.keep :]:
+        # a file that did not load is kept: a shard started without its token (or with a wrong one)
+        # rejects every signed checkpoint, and pruning used to delete them after `keep` saves, so
+        # fixing the token found nothing left to restore
+        for old in [f for f in self.files() if f not in self.unloadable][self.keep :]:
             old.unlink(missing_ok=True)
         return CheckpointResult(path, taken.header["version"], time.perf_counter() - started, path.stat().st_size)
 
@@ -313,4 +317,5 @@ class CheckpointDir:
                 reason = str(exc) or f"{path}: {type(exc).__name__}"
                 log.error("skipping checkpoint: %s", reason)
                 self.rejected.append(reason)
+                self.unloadable.add(path)
         return None

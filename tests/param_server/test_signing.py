@@ -51,3 +51,29 @@ def test_blob_without_the_tokens_mac_is_refused_by_the_reader(start_server: Star
         assert b'"ok":true' in exchange(server.address, hello(TOKEN) + raw)
         with pytest.raises(ParamServerError, match="BadSignature"):
             client.get_blob("model")
+
+
+def test_a_shard_started_without_its_token_keeps_the_checkpoints_it_could_not_load(
+        start_server: StartServer, tmp_path: Path) -> None:
+    """Started without its token, a shard rejects every signed checkpoint and starts empty (as
+    documented). Its own checkpoints then used to prune the signed ones after --keep-checkpoints
+    saves, so once the token was back there was nothing left to restore."""
+    ckpt = tmp_path / "ckpt"
+    server = start_server("--checkpoint-dir", str(ckpt), "--checkpoint-every", "0", token=TOKEN)
+    with ParamClient([server.address], token=TOKEN) as client:
+        client.create_table("t", 4, key_type="int")
+        client.push({"t": (np.arange(100), np.ones((100, 4), np.float32))})
+    server.stop()
+    misconfigured = start_server("--checkpoint-dir", str(ckpt), "--checkpoint-every", "0",
+                                 "--keep-checkpoints", "2")
+    assert misconfigured.ready["empty"] and misconfigured.ready["rejected_checkpoints"]
+    with ParamClient([misconfigured.address]) as client:
+        client.create_table("t", 4, key_type="int")
+        for n in range(4):  # more saves than it keeps
+            client.push({"t": (np.array([1000 + n]), np.ones((1, 4), np.float32))})
+            client.checkpoint()
+    misconfigured.stop()
+    fixed = start_server("--checkpoint-dir", str(ckpt), "--checkpoint-every", "0", token=TOKEN)
+    assert fixed.ready["restored"] and not fixed.ready["empty"]
+    with ParamClient([fixed.address], token=TOKEN) as client:
+        assert client.table_info("t")["rows"] == 100
