@@ -320,7 +320,8 @@ def replay_through_stack(settings: Settings, log: InteractionLog, options: Simul
                            "the simulation is not reproducible")
     frame = pd.DataFrame(rows, columns=["arm", "user_id", "hit", "items", "cold", "released", "explored"]
                          ).assign(click=False)
-    queried = frame["arm"].value_counts().to_dict() if len(frame) else {}
+    # every arm, 0 where nobody was asked: serving's series of every arm exist from the start, at 0
+    queried = {**dict.fromkeys(options.arms, 0), **frame["arm"].value_counts().to_dict()}
     if served != queried:
         raise RuntimeError(f"serving counted {served} answers per arm, the simulator sent {queried}")
     return frame, served, release

@@ -16,17 +16,19 @@ the counters equal the report's `requests`, `hits` and `clicks` over the same re
 
 State is bounded by event time: an impression is held until `window` after it, an event until no
 held or late impression can reach it, and `lateness` is how far behind the newest timestamp seen
-a record may arrive and still be joined (impressions and events come from different topics and
-are polled independently). Anything later is counted as an impression but cannot score; those are
-counted in `streamrec_serving_watch_late_records_total`. The job holds no offsets: it starts at
-the topics' ends (or their beginnings with `--from-beginning`), and a restart starts counting
-afresh, as Prometheus counters of a restarted process do.
+(never later than the wall clock) a record may arrive and still be joined (impressions and events
+come from different topics and are polled independently). Anything later is counted as an
+impression but cannot score; those are counted in `streamrec_serving_watch_late_records_total`.
+The job holds no offsets: it starts at the topics' ends (or their beginnings with
+`--from-beginning`), and a restart starts counting afresh, as Prometheus counters of a restarted
+process do.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -69,7 +71,7 @@ class LiveOutcomes:
         self.hit: set[str] = set()  # request ids already counted as a hit
         self.clicked: set[str] = set()
         self.shown: dict[tuple[str, str], set[str]] = {}
-        self.clock = float("-inf")  # the newest timestamp seen in either topic
+        self.clock = float("-inf")  # the newest timestamp seen in either topic, at most the wall clock
 
     def add(self, impressions: pd.DataFrame, events: pd.DataFrame) -> None:
         """Join a poll's new impressions (one row per request and experiment) and positive events."""
@@ -93,7 +95,9 @@ class LiveOutcomes:
         self.impressions = pd.concat([self.impressions, impressions], ignore_index=True) if len(impressions) else self.impressions
         self.events = held_events
         stamps = [frame["timestamp"].max() for frame in (impressions, events) if len(frame)]
-        self.clock = max([self.clock, *stamps])
+        # never past the wall clock: one valid event dated hours ahead (the schema allows a day, for
+        # skewed clients) made every record after it late, unscored, until wall time caught up
+        self.clock = min(max([self.clock, *stamps]), time.time())
         self._expire()
 
     def _count(self, frame: pd.DataFrame, flag: str, counted: set[str], counter: Counter) -> None:

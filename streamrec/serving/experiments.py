@@ -45,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 log = logging.getLogger(__name__)
 BUCKETS = 10_000
 NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+MAX_WEIGHT = 1e6  # weights are relative: a million to one is finer than the buckets can split
 CandidateSource = Literal["ann", "item_knn", "trending"]
 
 
@@ -52,7 +53,10 @@ class Arm(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(pattern=NAME)
-    weight: float = Field(1.0, gt=0, description="relative share of the experiment's users")
+    # finite and bounded: an infinite weight, or weights whose sum overflows, made every share 0 or NaN
+    # and sent every user to the last arm
+    weight: float = Field(1.0, gt=0, le=MAX_WEIGHT, allow_inf_nan=False,
+                          description="relative share of the experiment's users")
     source: Literal["personal", "popularity"] = Field("personal", description="personal: the model's list; "
                                                       "popularity: the trending list, for every user")
     diversity: float | None = Field(None, ge=0.0, le=1.0, description="MMR diversity; None: the request's")
@@ -67,7 +71,8 @@ class Experiment(BaseModel):
 
     name: str = Field(pattern=NAME)
     layer: str = Field("default", pattern=NAME)
-    traffic: float = Field(1.0, gt=0.0, le=1.0, description="share of the layer's users in this experiment")
+    # at least one bucket: a smaller share rounds to no bucket, an experiment that silently gets no users
+    traffic: float = Field(1.0, ge=1 / BUCKETS, le=1.0, description="share of the layer's users in this experiment")
     salt: str | None = Field(None, max_length=128, description="reshuffles the arms; default: the name")
     arms: tuple[Arm, ...] = Field(min_length=1, max_length=64)
 
@@ -163,6 +168,8 @@ class Experiments:
             return cls(ExperimentsFile.model_validate(raw if raw is not None else {}))
         except yaml.YAMLError as exc:
             raise ValueError(f"{source}: not YAML: {exc}") from None
+        except RecursionError:  # PyYAML composes nested values recursively: `x: [[[...]]]` of 2,000 levels
+            raise ValueError(f"{source}: values nested too deeply to parse") from None
         except ValidationError as exc:  # the locations and messages: str(exc) repeats every input value
             raise ValueError(f"{source}: " + "; ".join(
                 f"{'.'.join(map(str, error['loc'])) or '<file>'}: {error['msg']}"

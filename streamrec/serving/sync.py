@@ -222,8 +222,7 @@ class Syncer:
                 self.metrics.sync_failures.inc()
                 self.holder.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("parameter-server poll failed: %s", self.holder.last_error)
-            for upkeep in self.between_polls:
-                upkeep()
+            self._upkeep()
             self._trimmer.trim_if_due()  # on this thread, between polls: never inside a request
             hurry = ((not self.ready.is_set() and started < hurry_until)
                      or (answered and self.holder.current is None))
@@ -234,6 +233,19 @@ class Syncer:
                     self.metrics.staleness.set(staleness)
                 if time.monotonic() >= next_poll:
                     break
+
+    def _upkeep(self) -> None:
+        """Run each `between_polls` step; one that raises is logged and counted as a sync failure and
+        the next step and the next poll go on. Unguarded, one unexpected exception (a 2,000-level
+        nested experiments file broke PyYAML with RecursionError) ended this thread for good: no
+        more polls, no more reloads, and nothing said so."""
+        for upkeep in self.between_polls:
+            try:
+                upkeep()
+            except Exception:  # noqa: BLE001 - the sync thread must survive any failure of an upkeep step
+                self.metrics.sync_failures.inc()
+                log.exception("upkeep between polls failed (%s); the sync thread goes on",
+                              getattr(upkeep, "__name__", upkeep))
 
     def close(self) -> None:
         self.users.close()

@@ -60,6 +60,16 @@ def test_trainer_seeds_pool_replays_of_differently_seeded_learners(settings) -> 
         SimulateOptions(trainer_seeds=0)
 
 
+def test_an_arm_nobody_was_asked_in_is_counted_at_zero_on_both_sides(settings) -> None:
+    """With one user every query goes to one arm; serving's series of the other exists at 0 and the
+    simulator's counts left it out, so the run crashed at the end comparing the two."""
+    log = synthetic_log(events=60, users=1, items=10, clusters=1, seed=1)
+    result = simulate(settings, log, SimulateOptions(chunk_events=20))
+    served = result["served_counts"]
+    assert set(served) == {"online-bpr", "popularity"} and min(served.values()) == 0
+    assert result["queries"] == max(served.values()) > 0
+
+
 def test_unknown_or_single_arms_are_refused() -> None:
     with pytest.raises(ValueError, match="two or more distinct arms"):
         experiments_file(("online-bpr",))

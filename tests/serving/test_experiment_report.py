@@ -6,6 +6,7 @@ against a real broker."""
 from __future__ import annotations
 
 import json
+import tracemalloc
 
 import numpy as np
 import orjson
@@ -105,6 +106,55 @@ def test_a_lopsided_split_raises_the_sample_ratio_warning() -> None:
     report = build_report(*encoded(impressions, events), WINDOW, SPEC)
     assert report["srm"]["warning"] is True and report["srm"]["observed_users"] == {"a": 300, "b": 100}
     assert build_report(*encoded(impressions, events), WINDOW, None)["srm"] is None  # no weights, no check
+
+
+def test_an_arm_that_got_no_users_is_a_sample_ratio_mismatch() -> None:
+    """The check compared only the arms seen: a=500, b=500 with a configured c at 0 gave p = 1, and
+    every user in one of two arms gave no check at all."""
+    three = Experiments.parse("experiments: [{name: e, arms: [{name: a}, {name: b}, {name: c}]}]")
+    impressions, events, _ = world(users_a=150, users_b=150)
+    srm = build_report(*encoded(impressions, events), WINDOW, three)["srm"]
+    assert srm["warning"] is True and srm["observed_users"] == {"a": 150, "b": 150, "c": 0}
+    srm = build_report(*encoded(world(users_a=300, users_b=0)[0], []), WINDOW, SPEC)["srm"]
+    assert srm is not None and srm["warning"] is True and srm["observed_users"] == {"a": 300, "b": 0}
+
+
+def test_a_click_counts_only_from_the_shown_user_within_the_window() -> None:
+    """Clicks were joined on (request_id, item) alone: another user's click carrying the answer's
+    request id counted, and so did one dated days before the answer. A click stamped a few seconds
+    before its answer is clock skew (serving stamps the answer, the client the click): it counts."""
+    shown = [{"request_id": f"r-{user}", "user_id": user, "items": ["i1", "i2"], "timestamp": T0,
+              "experiments": {"e": arm}} for user, arm in (("alice", "a"), ("bob", "b"), ("carol", "b"))]
+
+    def click(user: str, request_id: str, at: float) -> dict:
+        return {"user_id": user, "item_id": "i1", "event_type": "click", "timestamp": at,
+                "context": {"request_id": request_id}}
+
+    events = [click("mallory", "r-alice", T0 + 5), click("bob", "r-bob", T0 - 10 * 86400),
+              click("bob", "r-bob", T0 + WINDOW + 5), click("carol", "r-carol", T0 + 5)]
+    report = build_report(*encoded(shown, events), WINDOW, SPEC)
+    assert {arm: report["arms"][arm]["clicks"] for arm in "ab"} == {"a": 0, "b": 1}  # carol's click only
+    skewed = build_report(*encoded(shown, [click("alice", "r-alice", T0 - 5)]), WINDOW, SPEC)
+    assert skewed["arms"]["a"]["clicks"] == 1
+
+
+def test_the_hit_join_takes_memory_linear_in_one_users_activity() -> None:
+    """One user with n answers all showing x and n events on x: the join built the n * n pairs of
+    the user's answers and events on x before filtering by the window (4.3 GB at n = 8,000)."""
+    n = 3000
+    shown = [{"request_id": f"r{i}", "user_id": "bot", "items": ["x", f"y{i % 7}"], "timestamp": T0 + i,
+              "experiments": {"e": "a"}} for i in range(n)]
+    shown.append({"request_id": "s", "user_id": "other", "items": ["x"], "timestamp": T0, "experiments": {"e": "b"}})
+    events = [{"user_id": "bot", "item_id": "x", "event_type": "view", "timestamp": T0 + i + 0.5} for i in range(n - 1)]
+    records = encoded(shown, events)
+    tracemalloc.start()
+    try:
+        report = build_report(*records, WINDOW, SPEC)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert report["arms"]["a"]["hits"] == n - 1 and report["arms"]["b"]["hits"] == 0  # the last answer has no event
+    assert peak < 50 * 2**20, f"{peak / 2**20:.0f} MiB"
 
 
 def produce_world(settings, impressions: list[dict], events: list[dict], partitions: int) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -60,6 +61,25 @@ def test_records_later_than_the_lateness_are_counted_as_late() -> None:
     assert value(metrics, "streamrec_serving_watch_late_records_total", kind="impressions") == 1
     assert value(metrics, "streamrec_serving_watch_late_records_total", kind="events") == 1
     assert value(metrics, "streamrec_serving_arm_impressions_total", experiment="e", arm="a") == 1
+
+
+def test_an_event_dated_hours_ahead_does_not_make_the_rest_late() -> None:
+    """The join's clock was the newest timestamp ever seen: one valid event of a client whose clock
+    runs 6 h ahead made every record after it late, unscored, until wall time caught up."""
+    metrics = WatchMetrics()
+    live = LiveOutcomes(WINDOW, lateness_s=60.0, metrics=metrics)
+    now = time.time()
+    imp, ev = encoded([], [{"user_id": "skewed", "item_id": "x", "event_type": "click", "timestamp": now + 6 * 3600}])
+    live.add(impressions_frame(imp)[0], events_frame(ev)[0])
+    for n in range(5):
+        shown = {"request_id": f"r{n}", "user_id": f"u{n}", "items": ["i1", "i2"], "timestamp": now + n,
+                 "experiments": {"e": "a"}}
+        clicked = {"user_id": f"u{n}", "item_id": "i2", "event_type": "click", "timestamp": now + n + 5,
+                   "context": {"request_id": f"r{n}"}}
+        live.add(impressions_frame(encoded([shown], [])[0])[0], events_frame(encoded([], [clicked])[1])[0])
+    assert value(metrics, "streamrec_serving_arm_hits_total", experiment="e", arm="a") == 5
+    assert value(metrics, "streamrec_serving_arm_clicks_total", experiment="e", arm="a") == 5
+    assert value(metrics, "streamrec_serving_watch_late_records_total", kind="impressions") == 0
 
 
 def test_the_command_serves_the_reports_counts(settings) -> None:

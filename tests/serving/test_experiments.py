@@ -43,6 +43,8 @@ USERS = [f"user-{n}" for n in range(20_000)]
 # 2 kB of YAML, 9^9 values once its aliases are expanded ("billion laughs"), then a valid file
 BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{chr(98 + n)}: &{chr(98 + n)} [{', '.join([f'*{chr(97 + n)}'] * 9)}]\n" for n in range(8)) + TWO_LAYERS
+# valid YAML 2,000 levels deep: PyYAML's recursive composer raised RecursionError, which ended the sync thread
+NESTED = "x: " + "[" * 2000 + "]" * 2000 + "\n"
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -57,6 +59,12 @@ BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     ("experiments: [{name: a, arms: [{name: x, source: random}]}]", "'personal' or 'popularity'"),
     ("experiments: [{name: a", "not YAML"),
     (BOMB, "more than 100,000 values once YAML aliases are expanded"),
+    (NESTED, "nested too deeply to parse"),
+    ("experiments: [{name: a, arms: [{name: x, weight: .inf}, {name: y}]}]", "finite number"),
+    ("experiments: [{name: a, arms: [{name: x, weight: .nan}, {name: y}]}]", "finite number"),
+    ("experiments: [{name: a, arms: [{name: x, weight: 1e308}, {name: y, weight: 1e308}]}]",
+     "less than or equal to 1000000"),
+    ("experiments: [{name: a, traffic: 0.00004, arms: [{name: x}]}]", "greater than or equal to 0.0001"),
 ])
 def test_the_schema_refuses_what_cannot_run(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=None) as refused:
@@ -169,6 +177,17 @@ def test_the_file_is_followed_and_a_broken_version_keeps_the_last_good_one(serve
     assert body["experiment"] == "all-popular" and [i["item_id"] for i in body["items"]] == POPULAR
 
 
+def test_a_file_nested_too_deeply_is_one_reload_failure_and_the_file_is_still_followed(served) -> None:
+    """A 2,000-level nested file raised RecursionError on the sync thread, which ended it: no more
+    polls, no more reloads, and the failure counter stayed at 0."""
+    serving, path, _ = served
+    path.write_text(NESTED)
+    wait_for(lambda: reload_failures(serving) == 1.0)
+    assert serving.get("/recommend", user_id="user-1", k=3).json()["experiment"] == "popular-vs-personal"
+    path.write_text("experiments:\n  - name: all-popular\n    arms: [{name: only, source: popularity}]\n")
+    wait_for(lambda: serving.get("/recommend", user_id="user-1", k=3).json()["experiment"] == "all-popular")
+
+
 def reload_failures(serving) -> float:
     found = re.search(r"^streamrec_serving_experiments_reload_failures_total (\S+)$", serving.get("/metrics").text,
                       re.MULTILINE)
@@ -193,12 +212,16 @@ def test_a_bomb_a_huge_file_or_a_deleted_one_is_refused_once_and_answers_go_on(s
     assert serving.get("/readyz").status_code == 200
 
 
-def test_serve_refuses_a_broken_file_at_start(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("text", "message"), [
+    ("experiments: [{name: a, arms: [{name: x}, {name: x}]}]\n", "arm names repeat"),
+    (NESTED, "nested too deeply to parse"),  # a usage error, not a RecursionError's traceback
+])
+def test_serve_refuses_a_broken_file_at_start(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "bad.yaml"
-    path.write_text("experiments: [{name: a, arms: [{name: x}, {name: x}]}]\n")
+    path.write_text(text)
     done = subprocess.run([STREAMREC, "serve", "--experiments", str(path), "--port", "0"], capture_output=True,
                           text=True, timeout=60)
-    assert done.returncode == 2 and "arm names repeat" in done.stderr
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
 
 
 def test_the_documented_example_is_a_valid_file() -> None:
