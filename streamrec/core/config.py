@@ -110,7 +110,7 @@ class Settings(BaseSettings):
     param_servers: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["127.0.0.1:7070"], description="host:port of each shard, in order"
     )
-    param_server_token: str | None = Field(None, description="shared secret for every call")
+    param_server_token: str | None = Field(None, repr=False, description="shared secret for every call")
     # Serving
     serving_port: int = Field(8000, description="HTTP port of the serving workers")
     api_token: str | None = Field(

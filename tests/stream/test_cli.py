@@ -31,6 +31,13 @@ def test_config_json_reflects_env_and_flags(settings):
     assert flagged["topic"] == "other"
 
 
+def test_secrets_never_appear_in_a_settings_repr(settings):
+    """`param_server_token` lacked `repr=False` (api_token had it): any log or traceback that
+    printed the settings would have shown the parameter server's shared secret."""
+    shown = repr(settings.model_copy(update={"param_server_token": "ps-s3cret", "api_token": "api-s3cret"}))
+    assert "ps-s3cret" not in shown and "api-s3cret" not in shown
+
+
 def test_topics_create_list_describe(settings):
     created = run(settings, "topics", "create", "--partitions", "2", "--json")
     assert created == {settings.topic: "created", settings.dlq_topic: "created", settings.impressions_topic: "created"}
