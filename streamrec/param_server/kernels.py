@@ -117,19 +117,21 @@ def gather_rows(block: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
 
 
 # ---- the key index (`keyindex.KeyIndex`): open addressing, linear probing from a key's home,
-# mix(key ^ salt), the salt a secret of the index (see KeyIndex) -------------------------------
+# mix(home ^ salt), the salt a secret of the index (see KeyIndex) ------------------------------
 
 _EMPTY, _TOMBSTONE = -1, -2
 
 
-@njit(f"void(int32[::1], {_U1}, {_U1}, uint64, {_I1})", cache=True, nogil=True)
-def find_keys(slots: np.ndarray, row_key: np.ndarray, keys: np.ndarray, salt: np.uint64, out: np.ndarray) -> None:
-    """out[i] = the first row whose key is keys[i], probing from its home slot (`home`) until an
-    empty slot (-1: absent). Tombstones are probed past."""
+@njit(f"void(int32[::1], {_U1}, {_U1}, {_U1}, uint64, {_I1})", cache=True, nogil=True)
+def find_keys(slots: np.ndarray, row_key: np.ndarray, keys: np.ndarray, homes: np.ndarray, salt: np.uint64,
+              out: np.ndarray) -> None:
+    """out[i] = the first row whose key is keys[i], probing from the home of homes[i] until an
+    empty slot (-1: absent). Tombstones are probed past. `homes` is `keys` itself for integer ids
+    and a secret hash of the id's bytes for string ids (see `hash_words`)."""
     mask = np.uint64(slots.size - 1)
     for i in range(keys.size):
         key = keys[i]
-        pos = mix(key ^ salt) & mask
+        pos = mix(homes[i] ^ salt) & mask
         out[i] = -1
         while True:
             row = slots[pos]
@@ -142,13 +144,13 @@ def find_keys(slots: np.ndarray, row_key: np.ndarray, keys: np.ndarray, salt: np
 
 
 @njit(f"int64(int32[::1], int32[::1], {_U1}, uint64, {_I1})", cache=True, nogil=True)
-def place_keys(slots: np.ndarray, row_slot: np.ndarray, keys: np.ndarray, salt: np.uint64, rows: np.ndarray) -> int:
-    """Put rows[i] in the first free (empty or tombstone) slot from keys[i]'s home and record the
-    slot in row_slot; returns how many tombstones were reused. The index must have room."""
+def place_keys(slots: np.ndarray, row_slot: np.ndarray, homes: np.ndarray, salt: np.uint64, rows: np.ndarray) -> int:
+    """Put rows[i] in the first free (empty or tombstone) slot from the home of homes[i] and record
+    the slot in row_slot; returns how many tombstones were reused. The index must have room."""
     mask = np.uint64(slots.size - 1)
     reused = 0
-    for i in range(keys.size):
-        pos = mix(keys[i] ^ salt) & mask
+    for i in range(homes.size):
+        pos = mix(homes[i] ^ salt) & mask
         while slots[pos] >= 0:
             pos = (pos + np.uint64(1)) & mask
         if slots[pos] == _TOMBSTONE:
@@ -156,3 +158,40 @@ def place_keys(slots: np.ndarray, row_slot: np.ndarray, keys: np.ndarray, salt: 
         slots[pos] = rows[i]
         row_slot[rows[i]] = pos
     return reused
+
+
+@njit(f"void({_U1}, {_I1}, {_I1}, {_I1}, uint64, uint64, {_U1}, {_U1})", cache=True, nogil=True)
+def hash_words(words: np.ndarray, starts: np.ndarray, counts: np.ndarray, lengths: np.ndarray, seed: np.uint64,
+               secret: np.uint64, key64: np.ndarray, homes: np.ndarray) -> None:
+    """Two hashes of each string id in one pass over its words: key64[i], `keys.KeyWords.hash64`
+    (seeded by the public `seed`: routing, initial values and every process agree on it) and
+    homes[i], the same chain seeded by the table's `secret`, where the id's slot in the key index
+    starts. The public chain can be inverted, so anyone could make thousands of ids share one
+    key64; they then shared one home too, and every lookup walked them all. Their secret hashes
+    differ, so they no longer pile up in one probe run."""
+    for i in range(starts.size):
+        public = mix(np.uint64(lengths[i]) ^ seed)
+        private = mix(np.uint64(lengths[i]) ^ secret)
+        first = starts[i]
+        for j in range(counts[i]):
+            word = words[first + j]
+            public = mix(public ^ word)
+            private = mix(private ^ word)
+        key64[i] = public
+        homes[i] = private
+
+
+@njit(f"void({_U1}, {_I1}, int32[::1], {_I1}, uint64, {_U1})", cache=True, nogil=True)
+def stored_homes(arena: np.ndarray, key_start: np.ndarray, key_len: np.ndarray, rows: np.ndarray, secret: np.uint64,
+                 out: np.ndarray) -> None:
+    """out[i] = `hash_words`'s home of the id stored for rows[i], read in place from a table's key
+    arena (`key_start` in bytes, a multiple of 8; ids zero-padded to whole words): an index
+    rebuild re-homes every live row without first copying their ids out."""
+    for i in range(rows.size):
+        row = rows[i]
+        length = key_len[row]
+        first = key_start[row] >> 3
+        private = mix(np.uint64(length) ^ secret)
+        for j in range((length + 7) >> 3):
+            private = mix(private ^ arena[first + j])
+        out[i] = private

@@ -19,7 +19,7 @@ MAX_KEY_BYTES = 1024  # longer string ids are refused
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
-_STRING_SEED = np.uint64(0x9E3779B97F4A7C15)
+STRING_SEED = np.uint64(0x9E3779B97F4A7C15)
 
 
 def mix64(x: np.ndarray, in_place: bool = False) -> np.ndarray:
@@ -80,7 +80,7 @@ class KeyWords:
         Loops over word positions (a handful per id), never over ids; the ids still active at a
         position shrink as the short ones finish, so the work is one mix per word.
         """
-        h = mix64(self.lengths.astype(np.uint64) ^ _STRING_SEED)
+        h = mix64(self.lengths.astype(np.uint64) ^ STRING_SEED)
         active = np.flatnonzero(self.counts > 0)
         position = 0
         while active.size:

@@ -26,6 +26,7 @@ Not thread-safe: the store serialises calls.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import deque
 from dataclasses import dataclass, replace
@@ -37,11 +38,13 @@ from streamrec.param_server.admission import CountMinSketch, Sightings
 from streamrec.param_server.kernels import (
     draw_initial,
     gather_rows,
+    hash_words,
     kernel_input,
+    stored_homes,
     write_new_rows,
 )
 from streamrec.param_server.keyindex import KeyIndex
-from streamrec.param_server.keys import Keys, KeyWords, mix64
+from streamrec.param_server.keys import STRING_SEED, Keys, KeyWords, mix64
 from streamrec.param_server.memory import COMMITTER, commit_rows, reserve
 from streamrec.param_server.optimizers import RowOptimizer
 from streamrec.param_server.snapshot import BlockSnapshot
@@ -104,6 +107,7 @@ class PlannedRows:
     matrix: np.ndarray
     rows: np.ndarray
     key64: np.ndarray
+    homes: np.ndarray  # where each id's probe starts in the key index (`Table._hashes`)
     words: KeyWords | None  # string ids as words (None for integer ids)
     create: np.ndarray  # positions in keys
     sightings: Sightings | None
@@ -137,7 +141,9 @@ class Table:
         self.committed_rows = 0  # rows whose memory is committed or being committed (`_commit_ahead`)
         self._commit_step = max(1, COMMIT_AHEAD_BYTES // self.block.strides[0])
         self.free_rows = np.empty(0, np.int64)
-        self.index = KeyIndex(self.row_key, self.row_slot)
+        self._secret = np.uint64(int.from_bytes(os.urandom(8), "little"))  # string ids' homes (`_hashes`)
+        self.index = KeyIndex(self.row_key, self.row_slot,
+                              homes_of=self._stored_homes if spec.key_type == "str" else None)
         self.sketch = CountMinSketch(spec.admission_width) if spec.min_count > 1 else None
         self.admitted = self.evicted = self.rejected = 0  # evicted: by TTL
         self.evicted_for_room = 0  # least recently updated rows evicted at max_rows
@@ -159,32 +165,51 @@ class Table:
         if len(keys) and keys.kind != self.spec.key_type:
             raise TypeError(f"table {self.spec.name!r} has {self.spec.key_type} ids, got {keys.kind} ids")
 
-    def _find(self, key64: np.ndarray, words: KeyWords | None) -> np.ndarray:
+    def _find(self, key64: np.ndarray, homes: np.ndarray, words: KeyWords | None) -> np.ndarray:
         """Row of each id, -1 where absent. String ids: the index finds the first row with the same
-        64-bit hash, then one vectorised compare of the ids' words confirms it; ids whose match is
-        another id (a true 64-bit collision, practically never) probe on with the exact compare
-        in every step. That exactness is what makes string keys collisionless."""
-        rows = self.index.find(key64)
+        64-bit hash, probing from the id's secret home, then one vectorised compare of the ids'
+        words confirms it; ids whose match is another id (a true 64-bit collision: by chance
+        practically never, but ids can be made to collide on purpose) probe on with the exact
+        compare in every step. That exactness is what makes string keys collisionless, and the
+        secret homes keep ids made to collide from piling up in one probe run."""
+        rows = self.index.find(key64, homes=homes)
         if words is None:
             return rows
         hits = np.flatnonzero(rows >= 0)
         wrong = hits[~self._same(words, hits, rows[hits])]
         if wrong.size:
-            rows[wrong] = self.index.find(key64[wrong], lambda pos, found: self._same(words, wrong[pos], found))
+            rows[wrong] = self.index.find(key64[wrong], lambda pos, found: self._same(words, wrong[pos], found),
+                                          homes[wrong])
         return rows
 
     def _same(self, words: KeyWords, positions: np.ndarray, rows: np.ndarray) -> np.ndarray:
         return words.equal(positions, self.arena, self.row_key_start[rows] >> 3, self.row_key_len[rows].astype(np.int64))
 
-    def _locate(self, keys: Keys) -> tuple[np.ndarray, np.ndarray, KeyWords | None]:
-        """(row per key or -1, the keys' 64-bit form, string ids' words)."""
+    def _hashes(self, words: KeyWords) -> tuple[np.ndarray, np.ndarray]:
+        """String ids' public 64-bit hash (`KeyWords.hash64`) and their homes, a hash of the same
+        bytes under this table's secret, in one compiled pass (`kernels.hash_words`)."""
+        key64, homes = np.empty(len(words), np.uint64), np.empty(len(words), np.uint64)
+        hash_words(kernel_input(words.words, np.uint64), kernel_input(words.starts, np.int64),
+                   kernel_input(words.counts, np.int64), kernel_input(words.lengths, np.int64), STRING_SEED,
+                   self._secret, key64, homes)
+        return key64, homes
+
+    def _stored_homes(self, rows: np.ndarray) -> np.ndarray:
+        """The homes of stored rows' ids, for the key index's rebuilds (read from the arena in place)."""
+        homes = np.empty(rows.size, np.uint64)
+        stored_homes(self.arena, self.row_key_start, self.row_key_len, kernel_input(rows, np.int64), self._secret, homes)
+        return homes
+
+    def _locate(self, keys: Keys) -> tuple[np.ndarray, np.ndarray, np.ndarray, KeyWords | None]:
+        """(row per key or -1, the keys' 64-bit form, their homes, string ids' words)."""
         self._check(keys)
         if self.spec.key_type == "int":
             key64, words = keys.ints.view(np.uint64), None
+            homes = key64
         else:
             words = keys.words()
-            key64 = words.hash64()
-        return self._find(key64, words), key64, words
+            key64, homes = self._hashes(words)
+        return self._find(key64, homes, words), key64, homes, words
 
     def lookup(self, keys: Keys) -> np.ndarray:
         return self._locate(keys)[0]
@@ -266,18 +291,23 @@ class Table:
                        self.spec.dim, np.float32(self.spec.optimizer.initial_accumulator), grads,
                        self.optimizer.lr, self.optimizer.eps, self.optimizer.adagrad)
 
-    def _create(self, key64: np.ndarray, words: KeyWords | None, initialise: bool) -> np.ndarray:
+    def _create(self, key64: np.ndarray, homes: np.ndarray, words: KeyWords | None, initialise: bool) -> np.ndarray:
         """Give rows to ids not in the table; repeated ids get one row. Returns the row of each id.
         `initialise`: write the rows' initial values now (else the caller writes them, see
         `_write_new`); the caller stamps version and time.
 
-        Distinct ids are picked by 64-bit key; two different strings with the same hash are told
-        apart by the exact re-lookup below and get their own rows on the next pass.
+        Distinct ids are picked by their homes (the key for integer ids, a secret hash for string
+        ids: ids made to share the public hash do not share it); two different strings with the
+        same home are told apart by the exact re-lookup below and get their own rows on the next
+        pass. The first pass asks for every distinct id's row at once, so a push that does not fit
+        fails in `_allocate` before any row is taken (counting by the public hash, ids made to share
+        it looked like one new row: the push was given room for one, then failed halfway, with
+        rows taken and the store's version already raised).
         """
         out = np.full(key64.size, -1, np.int64)
         pending = np.arange(key64.size)
         while pending.size:
-            _, first = np.unique(key64[pending], return_index=True)
+            _, first = np.unique(homes[pending], return_index=True)
             chosen = pending[np.sort(first)]  # in order: all distinct (common) is every position
             rows = self._allocate(chosen.size)
             new64 = key64[chosen]
@@ -285,7 +315,7 @@ class Table:
             if words is not None:
                 self._store_key_words(rows, words if chosen.size == len(words) else words.take(chosen))
             self.row_slot[rows] = -1
-            self.index.insert(new64, rows, self.size)
+            self.index.insert(homes[chosen], rows, self.size)
             if initialise:
                 self._write_new(rows)
             self.admitted += rows.size
@@ -295,7 +325,7 @@ class Table:
             rest = np.ones(pending.size, bool)
             rest[first] = False
             pending = pending[rest]
-            found = self._find(key64[pending], None if words is None else words.take(pending))
+            found = self._find(key64[pending], homes[pending], None if words is None else words.take(pending))
             out[pending] = found
             pending = pending[found < 0]
         return out
@@ -352,14 +382,14 @@ class Table:
         self.evicted += dead.size
         return int(dead.size)
 
-    def _room_for(self, create: np.ndarray, key64: np.ndarray, rows: np.ndarray) -> int:
+    def _room_for(self, create: np.ndarray, homes: np.ndarray, rows: np.ndarray) -> int:
         """Rows to evict so that the distinct ids at `create` fit, keeping the rows this push
         updates; a bit more than needed (ROOM_HEADROOM) so the next pushes find room without
         another scan. Distinct ids are only counted (a sort) when the ids might not fit."""
         free = self.spec.max_rows - self.live_rows
         if create.size <= free:
             return 0
-        new_rows = np.unique(key64[create]).size
+        new_rows = np.unique(homes[create]).size  # homes, not the public hash: ids made to share it count apart
         if new_rows <= free:
             return 0
         kept = np.unique(rows[rows >= 0]).size
@@ -405,11 +435,11 @@ class Table:
         with np.errstate(over="ignore"):  # an overflow becomes inf, refused just below
             matrix = kernel_input(matrix, np.float32)
         self._check_matrix(keys, matrix, what)
-        rows, key64, words = self._locate(keys)
+        rows, key64, homes, words = self._locate(keys)
         if only_new:  # the plan covers only the ids without a row, so the rows that exist are never written
             new = np.flatnonzero(rows < 0)
             if new.size < len(keys):
-                keys, matrix, rows, key64 = keys.take(new), matrix[new], rows[new], key64[new]
+                keys, matrix, rows, key64, homes = keys.take(new), matrix[new], rows[new], key64[new], homes[new]
                 words = None if words is None else words.take(new)
         create = np.flatnonzero(rows < 0)
         sightings, rejected = None, 0
@@ -418,8 +448,8 @@ class Table:
             admitted = sightings.estimates >= self.spec.min_count
             rejected = int(np.count_nonzero(~admitted))
             create = create[admitted]
-        evict = self._room_for(create, key64, rows)
-        return PlannedRows(keys, matrix, rows, key64, words, create, sightings, rejected, evict)
+        evict = self._room_for(create, homes, rows)
+        return PlannedRows(keys, matrix, rows, key64, homes, words, create, sightings, rejected, evict)
 
     def prepare_push(self, keys: Keys, grads: np.ndarray) -> PlannedRows:
         """Check a push (ids, gradient shape, finite values, admission, room) without changing anything."""
@@ -445,7 +475,7 @@ class Table:
             words = plan.words
             if words is not None and plan.create.size < len(words):  # all new (common): no copy
                 words = words.take(plan.create)
-            rows[plan.create] = self._create(plan.key64[plan.create], words, initialise)
+            rows[plan.create] = self._create(plan.key64[plan.create], plan.homes[plan.create], words, initialise)
         return rows
 
     def apply_push(self, plan: PlannedRows, version: int, now: float) -> int:
@@ -493,12 +523,12 @@ class Table:
         shards): values and optimiser state as they were, with their versions and event times, so
         training and TTL expiry go on as if nothing moved. The ids must be new to this table;
         TableFullError past max_rows."""
-        rows, key64, words = self._locate(keys)
+        rows, key64, homes, words = self._locate(keys)
         if (rows >= 0).any():
             raise ValueError(f"table {self.spec.name!r}: {int((rows >= 0).sum())} adopted ids are already here")
         if block.shape != (len(keys), self.block.shape[1]):
             raise ValueError(f"table {self.spec.name!r}: adopted block is {block.shape}, rows here are {self.block.shape[1]} wide")
-        rows = self._create(key64, words, initialise=False)
+        rows = self._create(key64, homes, words, initialise=False)
         if np.unique(rows).size != rows.size:
             raise ValueError(f"table {self.spec.name!r}: some adopted ids come more than once")
         self._before_write(rows)

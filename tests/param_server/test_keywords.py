@@ -62,6 +62,8 @@ def test_ids_over_the_limit_are_refused() -> None:
 def test_hash_property(ids: list[str]) -> None:
     keys = as_keys(ids) if ids else Keys.empty("str")
     assert keys.hash64().tolist() == [hash_reference(i.encode()) for i in ids]
+    key64, homes = Table(TableSpec("t", 1, key_type="str"))._hashes(keys.words())  # the server's compiled pass
+    assert key64.tolist() == [hash_reference(i.encode()) for i in ids]
 
 
 operations = st.lists(
@@ -105,8 +107,10 @@ def test_table_equals_a_dict(ops: list[tuple[str, list[str]]]) -> None:
 @given(ops=operations)
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 def test_table_equals_a_dict_when_every_hash_collides(ops: list[tuple[str, list[str]]], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Three 64-bit hashes for all ids: only the exact compare of the ids' words tells them apart."""
-    monkeypatch.setattr(KeyWords, "hash64", lambda self: (self.lengths % 3).astype(np.uint64))
+    """Three 64-bit hashes and three homes for all ids: only the exact compare of the ids' words
+    tells them apart."""
+    monkeypatch.setattr(Table, "_hashes", lambda self, words: ((words.lengths % 3).astype(np.uint64),
+                                                               (words.lengths % 3).astype(np.uint64)))
     check_against_dict(ops)
 
 

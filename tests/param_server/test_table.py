@@ -8,8 +8,9 @@ import torch
 
 from streamrec.param_server.admission import CountMinSketch
 from streamrec.param_server.keyindex import KeyIndex
-from streamrec.param_server.keys import Keys, as_keys, mix64
+from streamrec.param_server.keys import STRING_SEED, Keys, as_keys, mix64
 from streamrec.param_server.specs import OptimizerSpec, TableSpec
+from streamrec.param_server.store import ParamStore
 from streamrec.param_server.table import Table, TableFullError
 
 
@@ -78,6 +79,58 @@ def test_chosen_integer_ids_do_not_share_a_home_slot() -> None:
     index.insert(chosen, np.arange(chosen.size), chosen.size)
     assert _longest_cluster(index.slots) < 100
     assert (index.find(chosen) == np.arange(chosen.size)).all()
+
+
+def _ids_sharing_one_public_hash(count: int, seed: int = 0) -> list[str]:
+    """`count` distinct 16-byte ASCII ids whose public 64-bit hash (`KeyWords.hash64`) is one
+    value: the chain can be inverted, so the second word is solved for any first word."""
+    rng = np.random.default_rng(seed)
+    start = mix64(np.array([16], np.uint64) ^ np.uint64(STRING_SEED))
+    target = _unmix64(np.array([0x0123456789ABCDEF], np.uint64))
+    found: dict[str, None] = {}
+    while len(found) < count:
+        first = rng.integers(0x61, 0x7B, size=(1 << 16, 8), dtype=np.uint8)
+        second = (mix64(first.view("<u8").ravel() ^ start) ^ target).view(np.uint8).reshape(-1, 8)
+        printable = ((second >= 0x20) & (second < 0x7F)).all(axis=1)
+        found.update(dict.fromkeys((a.tobytes() + b.tobytes()).decode() for a, b in zip(first[printable], second[printable])))
+    return list(found)[:count]
+
+
+def test_ids_made_to_share_the_public_hash_neither_pile_up_nor_merge() -> None:
+    """Anyone who can post events could make ids share the public string hash in well under a
+    second. They shared a home slot too, so every probe walked all of them (400 such ids took one
+    push 5 s, holding the shard's lock). Homes now come from a hash under the table's secret."""
+    ids = _ids_sharing_one_public_hash(3000)
+    keys = Keys.from_strings(ids)
+    assert np.unique(keys.hash64()).size == 1
+    table = Table(TableSpec("users", 4, key_type="str", max_rows=10_000))
+    table.push(keys, np.ones((len(ids), 4), np.float32), 1, 0.0)
+    rows = table.lookup(keys)
+    assert (rows >= 0).all() and np.unique(rows).size == len(ids)  # exact: one row per id
+    assert table.keys_of(rows).to_list() == ids
+    assert _longest_cluster(table.index.slots) < 100
+    table.index.rebuild(table.alive_rows())  # the homes of stored ids are recomputed alike
+    assert (table.lookup(keys) == rows).all() and _longest_cluster(table.index.slots) < 100
+
+
+def test_a_push_of_ids_made_to_share_a_hash_is_all_or_nothing_on_a_full_table() -> None:
+    """Counting new rows by the public hash, 20 such ids looked like one: the push was given room
+    for one row, then failed halfway with rows taken and the version raised, and each retry
+    evicted more real rows. Now room is made for all 20, or the push is refused untouched."""
+    store = ParamStore()
+    store.create_table(TableSpec(name="users", dim=4, max_rows=100))
+    store.push([("users", Keys.from_strings([f"user-{i}" for i in range(90)]), np.ones((90, 4), np.float32))])
+    table, version = store.tables["users"], store.version
+    made = _ids_sharing_one_public_hash(130)
+    store.push([("users", Keys.from_strings(made[:20]), np.ones((20, 4), np.float32))])
+    rows = table.lookup(Keys.from_strings(made[:20]))
+    assert (rows >= 0).all() and np.unique(rows).size == 20 and table.live_rows <= 100
+    assert (table.row_version[rows] == version + 1).all()  # created and stamped by this push
+    before = (store.version, table.live_rows, table.size)
+    with pytest.raises(TableFullError):
+        store.push([("users", Keys.from_strings(made[20:]), np.ones((110, 4), np.float32))])
+    assert (store.version, table.live_rows, table.size) == before
+    assert (table.lookup(Keys.from_strings(made[20:])) < 0).all()
 
 
 def test_string_and_int_ids_round_trip_through_keys() -> None:
