@@ -59,6 +59,14 @@ class CorruptCheckpoint(ValueError):
     """The file is truncated, altered or not a checkpoint: it is reported and never loaded."""
 
 
+RESHARD_STAGING = ".reshard-staging"  # `param-server reshard` writes the new shards here, then moves them in
+
+
+class UnfinishedReshard(ValueError):
+    """The checkpoint directory is the target of a reshard that has not finished: some shards may
+    not be there yet, and a shard that starts without its checkpoints starts empty."""
+
+
 class RoutingMismatch(ValueError):
     """A multi-shard checkpoint laid out under another routing scheme. Its rows would sit on the
     wrong shards (pulls would miss them and pushes would create fresh rows beside them), and falling

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from streamrec.param_server.checkpoint import CheckpointDir
+from streamrec.param_server.checkpoint import RESHARD_STAGING, CheckpointDir
 from streamrec.param_server.defaults import DEFAULT_KEEP_CHECKPOINTS
 from streamrec.param_server.item_counts import ItemEventCounts
 from streamrec.param_server.keys import Keys
@@ -191,7 +191,10 @@ def reshard(source: Path, target: Path, num_shards: int, *, from_shards: int | N
     `target`, load them back, and report what moved (JSON-ready)."""
     started = time.perf_counter()
     old_count = source_layout(source, from_shards)
-    if layouts(target).get(num_shards):
+    staging = target / RESHARD_STAGING
+    # a target that still has the staging folder holds the leftovers of a reshard that did not
+    # finish (killed while moving shards in): it is done again, whole, from the untouched source
+    if layouts(target).get(num_shards) and not staging.exists():
         raise ReshardError(f"{target} already holds checkpoints of {num_shards} shards: give an empty directory")
     loaded = []
     for shard in range(old_count):
@@ -201,9 +204,9 @@ def reshard(source: Path, target: Path, num_shards: int, *, from_shards: int | N
             raise ReshardError(f"no checkpoint of shard {shard} of {old_count} loads: {'; '.join(checkpoints.rejected)}")
         loaded.append(restored)
     stores, moves = split([item.store for item in loaded], num_shards)
-    # staged beside the target and moved in only once all are written: a crash midway leaves no
-    # partial layout that shards could start on (a missing shard would start empty)
-    staging = target / ".reshard-staging"
+    # staged beside the target and moved in only once all are written; the staging folder goes
+    # last, so while any shard is missing it is there, and a shard refuses to start on the target
+    # (`unfinished_reshard`): a missing shard would start empty
     shutil.rmtree(staging, ignore_errors=True)
     for shard, store in enumerate(stores):
         CheckpointDir(staging, shard, num_shards, keep, key).save(store)

@@ -27,9 +27,11 @@ import numpy as np
 
 from streamrec.param_server import protocol
 from streamrec.param_server.checkpoint import (
+    RESHARD_STAGING,
     CheckpointDir,
     CheckpointResult,
     LoadedCheckpoint,
+    UnfinishedReshard,
 )
 from streamrec.param_server.defaults import DEFAULT_KEEP_CHECKPOINTS, DEFAULT_MAX_ROWS
 from streamrec.param_server.ledger import PushRefused
@@ -410,6 +412,10 @@ def open_store(
     the whole log again. With a token, checkpoints are signed and only signed ones load."""
     if checkpoint_dir is None:
         return ParamStore(shard, num_shards, default_max_rows=default_max_rows), None, None
+    if (checkpoint_dir / RESHARD_STAGING).exists():
+        raise UnfinishedReshard(f"{checkpoint_dir} is the target of a reshard that did not finish (it holds "
+                                f"{RESHARD_STAGING}): run the same `streamrec param-server reshard` again, then start "
+                                "the shards")
     key = derived_key(token, CHECKPOINT_CONTEXT) if token else None
     checkpoints = CheckpointDir(checkpoint_dir, shard, num_shards, keep, key)
     loaded = checkpoints.load_newest(default_max_rows)

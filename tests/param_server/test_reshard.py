@@ -189,3 +189,43 @@ def test_reshard_explains_what_it_cannot_read(tmp_path: Path) -> None:
     (tmp_path / "partial" / "shard-1-of-2").mkdir(parents=True)
     (tmp_path / "partial" / "shard-1-of-2" / "ckpt-1.srps").write_bytes(b"junk")
     assert "no checkpoint of shard(s) [0] of 2" in reshard(tmp_path / "partial", tmp_path / "out", 2).stderr
+
+
+def test_a_reshard_killed_while_moving_shards_in_is_refused_at_start_and_finished_by_a_rerun(
+        start_server: StartServer, tmp_path: Path) -> None:
+    """The new shards are moved into --to one by one. Killed after the first move, the reshard
+    left one shard of three: the other two started empty (their rows gone), and a rerun refused the
+    directory as already holding checkpoints. Shards now refuse a target that still holds the
+    staging folder, and a rerun does the whole reshard again from the untouched source."""
+    old_dir, new_dir = tmp_path / "two", tmp_path / "three"
+    old = start_shards(start_server, old_dir, 2)
+    with ParamClient([s.address for s in old]) as c:
+        fill(c)
+        users = c.pull("users", USERS).values
+    for server in old:
+        server.stop()
+    killed_after_first_move = (
+        "import os, signal, sys\n"
+        "from streamrec.app.cli import main\n"
+        "real = os.replace\n"
+        "def replace(a, b):\n"
+        "    real(a, b)\n"
+        f"    if os.path.dirname(str(b)) == {str(new_dir)!r}:  # a shard moved in, not a checkpoint written\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "os.replace = replace\n"
+        f"sys.argv = ['streamrec', 'param-server', 'reshard', '--from', {str(old_dir)!r}, '--to', {str(new_dir)!r}, "
+        "'--shards', '3']\n"
+        "main()\n")
+    env = {k: v for k, v in os.environ.items() if k != "STREAMREC_PARAM_SERVER_TOKEN"}
+    killed = subprocess.run([sys.executable, "-c", killed_after_first_move], capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert killed.returncode == -9, killed.stderr
+    assert len(list(new_dir.glob("shard-*-of-3"))) == 1  # a partial layout
+    with pytest.raises(RuntimeError, match="reshard that did not finish"):
+        start_server("--shard", "1", "--num-shards", "3", "--checkpoint-dir", str(new_dir), "--checkpoint-every", "0")
+    done = reshard(old_dir, new_dir, 3)
+    assert done.returncode == 0, done.stderr
+    new = start_shards(start_server, new_dir, 3)
+    with ParamClient([s.address for s in new]) as c:
+        assert all(not s.ready["empty"] for s in new)
+        assert np.array_equal(c.pull("users", USERS).values, users)
