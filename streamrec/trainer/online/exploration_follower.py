@@ -13,17 +13,24 @@ its beginning), and counts per item:
 - first seen: the event time of an item's first event;
 and per context slice (`streamrec.trainer.online.context_slices`), every positive event's decayed
 weight and the slices' prequential merit.
-Impressions are read before events in every round, so a click normally finds its impression; one
-whose impression is not in the window is not counted (a click cannot be credited to what was
-never seen shown). A broker or Redis outage never stops training: the thread logs it, waits
+A range of events holding a click whose answer's impression has not been read yet waits for it,
+at most `click_grace_s` (2 s) after it was read, while impressions go on being read: serving sends
+its impressions in batches (every 0.2 s), so a click made right after its answer often reached
+the broker before the answer's impression, and was never credited (7 of 20 such clicks counted).
+Ranges behind a waiting one wait with it, so each partition is still counted in order from its
+mark; waiting ranges are in memory only, their marks unmoved, so a restart re-reads them; past
+`MAX_HELD_EVENTS` the oldest are counted at once. A click whose impression is still not in the
+window then is not counted (it cannot be credited to what was never seen shown). A broker or Redis outage never stops training: the thread logs it, waits
 `RETRY_S` and reopens from the store's marks.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import orjson
@@ -31,7 +38,7 @@ import pandas as pd
 import redis
 
 from streamrec.core.config import Settings
-from streamrec.stream.events import EventSchema
+from streamrec.stream.events import EventBatch, EventSchema
 from streamrec.stream.impressions import decode_record
 from streamrec.stream.kafka import BROKER_ERRORS, Consumer, Record, make_consumer
 from streamrec.stream.topics import create_topics, end_offsets, offset_key, partitions_of
@@ -44,14 +51,31 @@ log = logging.getLogger(__name__)
 RETRY_S = 2.0
 JOIN_REQUESTS = 200_000  # impressions a click can be joined to
 REWIND_RECORDS = 1000  # impression records per partition re-read on start, for the join only
+CLICK_GRACE_S = 2.0  # how long an event read waits for its answer's impression before it is counted
+MAX_HELD_EVENTS = 200_000  # events held for the grace at most (memory); past it the oldest are counted
 Shown = tuple[str | None, frozenset[str]]  # an answer's user and the items it showed
+
+
+@dataclass
+class HeldRange:
+    """Events of one partition read but not counted yet: `waiting` are the request ids its clicks
+    name whose impressions were not read yet."""
+
+    read_at: float  # time.monotonic()
+    key: str
+    records: list[Record]
+    batch: EventBatch
+    waiting: set[str]
 
 
 class ExplorationFollower(FollowerThread):
     def __init__(self, settings: Settings, store: ExplorationStore, positive_types: Iterable[str],
-                 join_requests: int = JOIN_REQUESTS) -> None:
+                 join_requests: int = JOIN_REQUESTS, click_grace_s: float = CLICK_GRACE_S) -> None:
         super().__init__("trainer-exploration")
         self.settings, self.store, self.join_requests = settings, store, join_requests
+        self.click_grace_s = click_grace_s
+        self._held: deque[HeldRange] = deque()  # ranges read, not yet counted, in the order read
+        self._held_records = 0
         self.positive_types = list(positive_types)
         self.schema = EventSchema.from_settings(settings)
         self._shown: OrderedDict[str, Shown] = OrderedDict()  # request id -> (its user, the items it showed)
@@ -84,10 +108,13 @@ class ExplorationFollower(FollowerThread):
                 impressions = impressions or self._open(s.impressions_topic, self.join_requests and REWIND_RECORDS)
                 events = events or self._open(s.topic, 0)
                 self._impressions(impressions.poll(max_records=500, timeout_s=0.05))
-                self._events(events.poll(max_records=5000, timeout_s=0.2))
+                self._hold(events.poll(max_records=5000, timeout_s=0.2))
+                self._events(self._due())
             except (*BROKER_ERRORS, KeyError, TimeoutError, redis.RedisError, MarkMoved) as exc:
                 log.warning("exploration statistics paused for %.0f s (%s); resuming from the store's marks",
                             RETRY_S, exc)
+                self._held.clear()  # re-read from the marks with everything else
+                self._held_records = 0
                 for consumer in (impressions, events):
                     if consumer is not None:
                         consumer.close()
@@ -125,21 +152,52 @@ class ExplorationFollower(FollowerThread):
             self._counted["impressions"].inc(len(answers))
 
     # ---- events -------------------------------------------------------------------------------
-    def _events(self, records: list[Record]) -> None:
-        ranges = list(self._ranges(records))
+    def _hold(self, records: list[Record]) -> None:
+        """Decode what was read, per partition, and queue it for counting."""
+        now = time.monotonic()
+        for key, mine in self._ranges(records):
+            batch, _ = self.schema.decode_many([record.value for record in mine])
+            held = HeldRange(now, key, mine, batch, set())
+            if len(batch):
+                held.waiting = {request for request, _, _ in self._carried(batch) if isinstance(request, str)
+                                and request not in self._shown}
+            self._held.append(held)
+            self._held_records += len(mine)
+
+    def _due(self) -> list[HeldRange]:
+        """The held ranges to count now, oldest first: every one until the first that still waits
+        for an impression (within the grace and the bound), so each partition stays in order."""
+        due: list[HeldRange] = []
+        ripe = time.monotonic() - self.click_grace_s
+        while self._held:
+            first = self._held[0]
+            if first.waiting and first.read_at > ripe and self._held_records <= MAX_HELD_EVENTS:
+                first.waiting = {request for request in first.waiting if request not in self._shown}
+                if first.waiting:
+                    break
+            self._held.popleft()
+            self._held_records -= len(first.records)
+            due.append(first)
+        return due
+
+    def _carried(self, batch: EventBatch) -> list[tuple[object, str, str]]:
+        """(request id as sent, user, item) of the batch's positive events that name their answer."""
+        carried = np.flatnonzero(~pd.isna(batch.context) & np.isin(batch.event_type, self.positive_types))
+        return list(zip([context.get("request_id") for context in batch.context[carried].tolist()],
+                        batch.user_id[carried].tolist(), batch.item_id[carried].tolist()))
+
+    def _events(self, ranges: list[HeldRange]) -> None:
         tops = {name: ids[:MERIT_TOP] for name, (ids, _) in self.store.slice_tops(MERIT_TOP).lists.items()} \
             if ranges else {}
-        for key, mine in ranges:
-            batch, _ = self.schema.decode_many([record.value for record in mine])
+        for held in ranges:
+            key, mine, batch = held.key, held.records, held.batch
             if not len(batch):
                 self._count(key, mine, np.empty(0, object), np.zeros(0), np.zeros(0), NO_CLOCK)
                 continue
             positive = np.isin(batch.event_type, self.positive_types)
             slices = slice_counts(event_slices(batch, positive), self.store.slice_config.half_life_s, tops)
-            carried = np.flatnonzero(~pd.isna(batch.context) & positive)  # positive events naming their answer
-            credits = [(request, item) for request, user, item in zip(
-                [context.get("request_id") for context in batch.context[carried].tolist()],
-                batch.user_id[carried].tolist(), batch.item_id[carried].tolist()) if self._clicked(request, user, item)]
+            credits = [(request, item) for request, user, item in self._carried(batch)
+                       if self._clicked(request, user, item)]
             first = pd.Series(batch.timestamp).groupby(batch.item_id, sort=False).min()
             ids = first.index.to_numpy(object)
             credited = self._count(key, mine, ids, np.zeros(len(ids), np.int64), first.to_numpy(np.float64),
