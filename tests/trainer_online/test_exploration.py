@@ -226,3 +226,14 @@ def test_counters_set_by_hand_are_read_as_counts_never_negative(store: Explorati
     fresh = store.fresh(10)
     assert dict(zip(fresh.ids.tolist(), zip(fresh.shown.tolist(), fresh.clicks.tolist()))) == {
         "neg": (0, 0), "half": (5, 0), "big": (0, 0)}
+
+
+def test_a_counter_edited_into_a_non_integer_does_not_stop_counting_nor_count_twice(store: ExplorationStore):
+    """HINCRBY on a field set by hand to `1.5` failed in the middle of the counting script, after
+    the writes before it (a script is not rolled back): the range was retried for ever, and the
+    counts before the failing one were applied again at every retry."""
+    store.count(objects("a", "b"), np.array([1, 1]), np.array([0, 0]), np.ones(2), 1.0, "t/0", 0, 1)
+    store.redis.hset(store.keys.key("shown"), "b", "1.5")
+    store.count(objects("a", "b"), np.array([2, 2]), np.array([0, 0]), np.ones(2), 1.0, "t/0", 1, 2)
+    assert store.redis.hgetall(store.keys.key("shown")) == {b"a": b"3", b"b": b"2"}  # b restarts from its increment
+    assert store.marks() == {"t/0": 2}

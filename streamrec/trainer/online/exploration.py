@@ -55,6 +55,21 @@ log = logging.getLogger(__name__)
 TAG = "{x}"
 NO_CLOCK = -1e300  # a count that does not move the clock (impressions carry serving's time, not event time)
 _COUNT = """
+-- a counter edited by hand into a non-integer made HINCRBY fail mid-script, after earlier writes
+-- (a script is not rolled back): the range was retried for ever and its first counts applied
+-- again at every retry. Such a field restarts from this increment, as the reader takes it for 0.
+local function incr(key, field, by)
+  local done = redis.pcall('HINCRBY', key, field, by)
+  if type(done) == 'table' and done.err then
+    redis.call('HSET', key, field, by)
+    return tonumber(by)
+  end
+  return done
+end
+local function incrfloat(key, field, by)
+  local done = redis.pcall('HINCRBYFLOAT', key, field, by)
+  if type(done) == 'table' and done.err then redis.call('HSET', key, field, string.format('%.17g', by)) end
+end
 local shown_key, clicks_key, first_key, fresh_key, marks_key, clock_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local mark = redis.call('HGET', marks_key, ARGV[1])
 if ARGV[2] ~= '' and mark and mark ~= ARGV[2] then return mark end
@@ -79,9 +94,9 @@ for i = 1, n do
       first = tonumber(seen)
     end
   end
-  if clicks > 0 then redis.call('HINCRBY', clicks_key, item, clicks) end
+  if clicks > 0 then incr(clicks_key, item, clicks) end
   if shows > 0 then
-    local total = redis.call('HINCRBY', shown_key, item, shows)
+    local total = incr(shown_key, item, shows)
     first = first or tonumber(redis.call('HGET', first_key, item) or '-1e300')
     if total >= min_shown and clock - first >= max_age then redis.call('ZREM', fresh_key, item) end
   end
@@ -119,8 +134,8 @@ if s > 0 then
     end
     redis.call('SADD', slices_key, name)
     redis.call('ZINCRBY', slice_prefix .. name, weight, item)
-    redis.call('HINCRBY', events_key, name, events)
-    redis.call('HINCRBYFLOAT', mass_key, name, weight)
+    incr(events_key, name, events)
+    incrfloat(mass_key, name, weight)
     if not touched[name] then touched[name] = true; order[#order + 1] = name end
   end
   for _, name in ipairs(order) do
@@ -132,9 +147,9 @@ at = first + 4 * s
 local r = tonumber(ARGV[at + 1])
 for j = 1, r do
   local kind = ARGV[at + 1 + j]
-  redis.call('HINCRBY', merit_key, kind .. ':events', ARGV[at + 1 + r + j])
-  redis.call('HINCRBY', merit_key, kind .. ':hits', ARGV[at + 1 + 2 * r + j])
-  redis.call('HINCRBY', merit_key, kind .. ':reference_hits', ARGV[at + 1 + 3 * r + j])
+  incr(merit_key, kind .. ':events', ARGV[at + 1 + r + j])
+  incr(merit_key, kind .. ':hits', ARGV[at + 1 + 2 * r + j])
+  incr(merit_key, kind .. ':reference_hits', ARGV[at + 1 + 3 * r + j])
 end
 -- clicks credited per (request, item): one each, the oldest credits (by the clock) forgotten first
 local credited_key = KEYS[12]
@@ -142,7 +157,7 @@ at = at + 2 + 4 * r
 local m, max_credited, credited = tonumber(ARGV[at]), tonumber(ARGV[at + 1]), 0
 for j = 1, m do
   if redis.call('ZADD', credited_key, 'NX', clock, ARGV[at + 1 + j]) == 1 then
-    redis.call('HINCRBY', clicks_key, ARGV[at + 1 + m + j], 1)
+    incr(clicks_key, ARGV[at + 1 + m + j], 1)
     credited = credited + 1
   end
 end
