@@ -42,7 +42,7 @@ from streamrec.param_server.keys import Keys
 from streamrec.param_server.ledger import PartitionLedger
 from streamrec.param_server.protocol import ALLOWED_DTYPES, raw_bytes, view_array
 from streamrec.param_server.routing import ROUTING
-from streamrec.param_server.signing import hasher
+from streamrec.param_server.signing import hasher, key_id
 from streamrec.param_server.snapshot import BlockSnapshot
 from streamrec.param_server.store import ParamStore, StoredBlob
 from streamrec.param_server.table import Table
@@ -136,7 +136,7 @@ def write(path: Path, header: dict[str, Any], arrays: dict[str, Source], key: by
         nbytes = int(np.prod(array.shape)) * array.dtype.itemsize
         layout[name] = {"dtype": array.dtype.str, "shape": list(array.shape), "offset": offset}
         offset = _aligned(offset + nbytes)
-    body = orjson.dumps({**header, "arrays_layout": layout})
+    body = orjson.dumps({**header, "key_id": key_id(key), "arrays_layout": layout})
     body += b" " * (_aligned(16 + len(body)) - 16 - len(body))
     digest = hasher(key)
     tmp = path.with_name(path.name + ".tmp")
@@ -169,6 +169,25 @@ def write(path: Path, header: dict[str, Any], arrays: dict[str, Source], key: by
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def _signed_by(path: Path) -> str | None:
+    """The `key_id` a checkpoint's header names, read without the rest of the file; None for a file
+    written before headers named it. "unreadable" for a file whose header cannot be read: it is
+    not pruned either."""
+    try:
+        with open(path, "rb") as file:
+            start = file.read(16)
+            if len(start) < 16 or start[:8] != MAGIC:
+                return "unreadable"
+            (header_len,) = struct.unpack_from("<Q", start, 8)
+            if header_len > 1 << 30:
+                return "unreadable"
+            header = orjson.loads(file.read(header_len))
+    except (OSError, orjson.JSONDecodeError):
+        return "unreadable"
+    found = header.get("key_id") if isinstance(header, dict) else "unreadable"
+    return found if isinstance(found, str) or found is None else "unreadable"
 
 
 def _file_bytes(path: Path) -> bytes:
@@ -291,10 +310,12 @@ class CheckpointDir:
             write(path, taken.header, taken.arrays, self.key)
         finally:
             taken.release(store)
-        # a file that did not load is kept: a shard started without its token (or with a wrong one)
-        # rejects every signed checkpoint, and pruning used to delete them after `keep` saves, so
-        # fixing the token found nothing left to restore
-        for old in [f for f in self.files() if f not in self.unloadable][self.keep :]:
+        # a file that did not load, or that another key signed, is kept: a shard started without
+        # its token (or with a wrong one) rejects every signed checkpoint, or restarted once more,
+        # loads its own newest and never tries them; pruning used to delete them after `keep`
+        # saves, so fixing the token found nothing left to restore
+        ours = key_id(self.key)
+        for old in [f for f in self.files() if f not in self.unloadable and _signed_by(f) in (ours, None)][self.keep :]:
             old.unlink(missing_ok=True)
         return CheckpointResult(path, taken.header["version"], time.perf_counter() - started, path.stat().st_size)
 

@@ -36,3 +36,10 @@ def blob_mac(key: bytes, name: str, data: bytes) -> bytes:
     """The MAC of a blob's name and bytes (the name is bound in, so blobs cannot be swapped)."""
     encoded = name.encode()
     return hmac.new(key, len(encoded).to_bytes(4, "little") + encoded + data, hashlib.sha256).digest()
+
+
+def key_id(key: bytes | None) -> str:
+    """A public name of a signing key (or "none"), written in each checkpoint's header: a shard can
+    tell, from a file's header alone, that another key signed it, and must not prune it. It is an
+    HMAC of a fixed text under the key, so it tells nothing of the key."""
+    return "none" if key is None else hmac.new(key, b"streamrec-key-id", hashlib.sha256).hexdigest()[:16]

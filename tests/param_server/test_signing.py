@@ -57,7 +57,9 @@ def test_a_shard_started_without_its_token_keeps_the_checkpoints_it_could_not_lo
         start_server: StartServer, tmp_path: Path) -> None:
     """Started without its token, a shard rejects every signed checkpoint and starts empty (as
     documented). Its own checkpoints then used to prune the signed ones after --keep-checkpoints
-    saves, so once the token was back there was nothing left to restore."""
+    saves, so once the token was back there was nothing left to restore. Restarted once more
+    without it, the shard loads its own newest and never tries the signed ones: they must survive
+    that too."""
     ckpt = tmp_path / "ckpt"
     server = start_server("--checkpoint-dir", str(ckpt), "--checkpoint-every", "0", token=TOKEN)
     with ParamClient([server.address], token=TOKEN) as client:
@@ -73,6 +75,13 @@ def test_a_shard_started_without_its_token_keeps_the_checkpoints_it_could_not_lo
             client.push({"t": (np.array([1000 + n]), np.ones((1, 4), np.float32))})
             client.checkpoint()
     misconfigured.stop()
+    again = start_server("--checkpoint-dir", str(ckpt), "--checkpoint-every", "0", "--keep-checkpoints", "2")
+    assert again.ready["restored"] and not again.ready["rejected_checkpoints"]  # its own, unsigned
+    with ParamClient([again.address]) as client:
+        for n in range(4):
+            client.push({"t": (np.array([2000 + n]), np.ones((1, 4), np.float32))})
+            client.checkpoint()
+    again.stop()
     fixed = start_server("--checkpoint-dir", str(ckpt), "--checkpoint-every", "0", token=TOKEN)
     assert fixed.ready["restored"] and not fixed.ready["empty"]
     with ParamClient([fixed.address], token=TOKEN) as client:
