@@ -82,6 +82,10 @@ class Experiment(BaseModel):
         names = [arm.name for arm in arms]
         if len(set(names)) != len(names):
             raise ValueError(f"arm names repeat: {names}")
+        total = sum(arm.weight for arm in arms)
+        starved = [arm.name for arm in arms if arm.weight / total < 1 / BUCKETS]
+        if starved:  # its share is below one draw in BUCKETS: an arm that silently gets no users
+            raise ValueError(f"arm(s) {starved}: a weight under 1/{BUCKETS} of the experiment's total gets no users")
         return arms
 
 

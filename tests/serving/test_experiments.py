@@ -65,6 +65,7 @@ NESTED = "x: " + "[" * 2000 + "]" * 2000 + "\n"
     ("experiments: [{name: a, arms: [{name: x, weight: 1e308}, {name: y, weight: 1e308}]}]",
      "less than or equal to 1000000"),
     ("experiments: [{name: a, traffic: 0.00004, arms: [{name: x}]}]", "greater than or equal to 0.0001"),
+    ("experiments: [{name: a, arms: [{name: x, weight: 1e-300}, {name: y}]}]", "arm(s) ['x']: a weight under"),
 ])
 def test_the_schema_refuses_what_cannot_run(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=None) as refused:
