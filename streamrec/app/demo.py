@@ -158,7 +158,7 @@ class RefitLoop:
         from streamrec.trainer.refit import publish
 
         try:
-            log, _ = read_log(self.settings.kafka_bootstrap, self.settings.topic, EventSchema.from_settings(self.settings))
+            log, _, _ = read_log(self.settings.kafka_bootstrap, self.settings.topic, EventSchema.from_settings(self.settings))
             data = Interactions.from_log(log, implicit=True)  # both refit models rank from interactions
             with ParamClient.from_settings(self.settings) as client:
                 for name, params in (("item-knn", {}), ("als", {})):

@@ -9,16 +9,20 @@ the trainer's warm-up after a restart read the topic through it.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
+import pandas as pd
 
 from streamrec.core.config import Settings
 from streamrec.stream.events import EventSchema, InvalidEvent
 from streamrec.stream.kafka import Record, TopicPartition, make_consumer
 from streamrec.stream.loaders import InteractionLog, load_log, time_order
 from streamrec.stream.topics import end_offsets, partitions_of
+
+logger = logging.getLogger(__name__)
 
 
 def read_records(
@@ -77,15 +81,20 @@ def read_ranges(
 def read_log(
     bootstrap: str, topic: str, schema: EventSchema, client: str = "kafka-python",
     progress: Callable[[int], None] | None = None,
-) -> tuple[InteractionLog, int]:
-    """The topic as a time-ordered `InteractionLog` plus the number of invalid records skipped
-    (they were dead-lettered when produced; a batch job only reports them)."""
+) -> tuple[InteractionLog, int, int]:
+    """The topic as a time-ordered `InteractionLog`, the number of invalid records skipped (they
+    were dead-lettered when produced; a batch job only reports them) and the number of records
+    that repeat an earlier record's `event_id`, kept once: a replay run again after a crash, or a
+    producer's retry, writes events twice, which the online trainer drops and a refit learned twice."""
     events, invalid = [], 0
     for record in read_records(bootstrap, topic, client, progress=progress):
         try:
             events.append(schema.decode(record.value))
         except InvalidEvent:
             invalid += 1
+    repeated = pd.Series([e["event_id"] for e in events], dtype=object).duplicated().to_numpy()
+    if repeated.any():
+        events = [e for e, again in zip(events, repeated) if not again]
     log = InteractionLog(
         user_id=np.array([e["user_id"] for e in events], dtype=object),
         item_id=np.array([e["item_id"] for e in events], dtype=object),
@@ -95,7 +104,7 @@ def read_log(
         event_type=np.array([e["event_type"] for e in events], dtype=object),
         source=f"kafka:{topic}",
     )
-    return log.take(time_order(log)), invalid
+    return log.take(time_order(log)), invalid, int(repeated.sum())
 
 
 def read_event_log(settings: Settings, source: str, fmt: str) -> InteractionLog:
@@ -103,7 +112,14 @@ def read_event_log(settings: Settings, source: str, fmt: str) -> InteractionLog:
     of format `fmt` (batch refits and `streamrec export` read their input this way)."""
     if source == "topic" or source.startswith("topic:"):
         topic = source.partition(":")[2] or settings.topic
-        log, _ = read_log(settings.kafka_bootstrap, topic, EventSchema.from_settings(settings), settings.kafka_client)
+        try:
+            log, _, repeated = read_log(settings.kafka_bootstrap, topic, EventSchema.from_settings(settings),
+                                        settings.kafka_client)
+        except KeyError:  # a refit loop started before anything was produced: tried again next period
+            raise ValueError(f"topic {topic!r} does not exist yet") from None
+        if repeated:
+            logger.warning("%d records of %r repeat an earlier event_id (a replay run again, a producer's retry): "
+                         "each event is read once", repeated, topic)
         if not len(log):
             raise ValueError(f"topic {topic!r} holds no valid events yet")
         return log

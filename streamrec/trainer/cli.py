@@ -120,14 +120,17 @@ def evaluate_cmd(
 @click.option("--impressions", default=None,
               help="'topic' (serving's impressions topic) or a JSON-lines file of impressions: what was shown and "
                    "never picked becomes negatives of models with impression_negatives=true")
+@click.option("--keep-artefacts", type=click.IntRange(min=1), default=3, show_default=True,
+              help="version folders kept per model under --out (older ones are removed after each refit)")
 @click.pass_context
 def refit_cmd(
     ctx: click.Context, model_name: str, params: tuple[str, ...], source: str, fmt: str,
     every: str | None, out_dir: str | None, publish: bool, device: str | None, engine: str, spark_master: str | None,
-    nproc: int, impressions: str | None,
+    nproc: int, impressions: str | None, keep_artefacts: int,
 ) -> None:
     """Fit a batch model on the event log and publish it for serving, once or periodically."""
     from streamrec.core.cli import print_json, settings_from
+    from streamrec.param_server.client import ParamServerError
     from streamrec.trainer.refit import parse_period, refit_loop
 
     settings = settings_from(ctx)
@@ -142,11 +145,13 @@ def refit_cmd(
         period = parse_period(every) if every else None
         for report in refit_loop(
             settings, model_name, with_device(model_name, params, device), source, fmt, period, out_dir, publish,
-            cast(Engine, engine), impressions,
+            cast(Engine, engine), impressions, keep_artefacts,
         ):
             print_json(report)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
+    except (ParamServerError, OSError) as exc:  # a one-off refit: the parameter server down or refusing
+        raise click.ClickException(f"refit failed: {type(exc).__name__}: {exc}") from exc
 
 
 @click.command("models")

@@ -85,3 +85,23 @@ def test_refit_publishes_to_the_parameter_server(csv_log, param_server, tmp_path
             rows = client.pull("refit_bpr_items", ["item-000x", "item-001x"])
             assert rows.vectors.shape == (2, 3) and rows.found.all()
             assert "refit_bpr_users" in client.tables()
+
+
+def test_refits_keep_the_newest_artefact_folders_only(csv_log, tmp_path, monkeypatch):
+    """A refit loop wrote a version folder every period and never removed one (about 3 GB a day for
+    item-knn at the compose default of every 10 minutes)."""
+    monkeypatch.setenv("STREAMREC_HOME", str(tmp_path))
+    folder = tmp_path / "refits" / "popularity"
+    for n in range(4):  # earlier refits' folders, oldest first
+        (folder / f"v{n:06d}" / "model").mkdir(parents=True)
+    report = _run(["refit", "--model", "popularity", "--from", str(csv_log), "--format", "csv", "--no-publish",
+                   "--keep-artefacts", "2"])
+    kept = sorted(path.name for path in folder.iterdir())
+    assert kept == ["v000003", f"v{report['version']:06d}"]
+
+
+def test_a_one_off_refit_against_a_server_that_is_down_is_a_clear_error(csv_log, tmp_path, monkeypatch):
+    monkeypatch.setenv("STREAMREC_PARAM_SERVERS", "127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setenv("STREAMREC_HOME", str(tmp_path))
+    result = CliRunner().invoke(cli, ["refit", "--model", "popularity", "--from", str(csv_log), "--format", "csv"])
+    assert result.exit_code == 1 and "refit failed" in result.output and "Traceback" not in result.output
