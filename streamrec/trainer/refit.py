@@ -16,11 +16,13 @@ A refit loop (`--every`) serves Prometheus metrics on STREAMREC_METRICS_PORT (`r
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,7 @@ from streamrec.trainer.models.neural.distributed import is_primary, world
 
 PERIOD_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 KEEP_ARTEFACTS = 3  # version folders kept per model under --out
+logger = logging.getLogger(__name__)
 
 
 def parse_period(text: str) -> float:
@@ -91,18 +94,40 @@ def write_artefacts(model: Recommender, export: Export, out: Path) -> dict[str, 
     return files
 
 
+def stable_width(model: Recommender, export: Export) -> Export:
+    """`export` with the popularity-blend coordinate always there when the model exports user and
+    item vectors: zero on both sides when the weight is 0, which changes no dot product, norm or
+    distance. The weight is chosen on validation at each fit and moved between 0 and not 0 as the
+    log grew, so the tables' width flipped between refits and the next create_table was refused."""
+    if model.blend_weight or export.item_vectors is None or export.user_vectors is None:
+        return export
+    return replace(export, item_vectors=np.hstack([export.item_vectors, np.zeros((len(export.item_vectors), 1),
+                                                                                 export.item_vectors.dtype)]),
+                   user_vectors=np.hstack([export.user_vectors, np.zeros((len(export.user_vectors), 1),
+                                                                         export.user_vectors.dtype)]))
+
+
 def publish(client: ParamClient, model: Recommender, version: int, export: Export | None = None) -> dict[str, Any]:
     """Publish exactly what `export` (default: `model.export()`) describes, then the manifest;
     returns what was written."""
-    export = model.export() if export is None else export
+    export = stable_width(model, model.export() if export is None else export)
     written: dict[str, Any] = {"tables": {}, "blobs": {}}
     if export.item_vectors is not None:
         biases = export.item_biases if export.item_biases is not None else np.zeros(len(export.item_vectors))
         sides = [("items", model.items.ids, export.item_vectors, biases)]
         if export.user_vectors is not None:
             sides.append(("users", model.users.ids, export.user_vectors, np.zeros(len(export.user_vectors))))
+        existing = client.tables()
         for side, ids, vectors, scalars in sides:
             table = f"refit_{model.name.replace('-', '_')}_{side}"
+            held = existing.get(table, {}).get("spec", {}).get("dim")
+            if held is not None and held != vectors.shape[1]:
+                # another width (other factors, or a release before `stable_width`): create_table
+                # refused the new spec, and a refit loop failed so at every period, for ever
+                logger.warning("table %s holds %d-wide rows, this fit exports %d: dropped and created anew", table,
+                            held, vectors.shape[1])
+                client.drop_table(table)
+                written.setdefault("recreated", []).append(table)
             client.create_table(table, dim=vectors.shape[1], scalars=1, optimizer="sgd")
             versions = client.assign(
                 table, list(ids.astype(str)), vectors.astype(np.float32), scalars[:, None].astype(np.float32)

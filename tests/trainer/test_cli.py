@@ -105,3 +105,24 @@ def test_a_one_off_refit_against_a_server_that_is_down_is_a_clear_error(csv_log,
     monkeypatch.setenv("STREAMREC_HOME", str(tmp_path))
     result = CliRunner().invoke(cli, ["refit", "--model", "popularity", "--from", str(csv_log), "--format", "csv"])
     assert result.exit_code == 1 and "refit failed" in result.output and "Traceback" not in result.output
+
+
+def test_refits_publish_whatever_width_the_fit_exports(param_server, tmp_path):
+    """The popularity-blend weight is chosen on validation at each fit; between 0 and not 0 the
+    exported width flipped, the next create_table was refused, and a refit loop failed at every
+    period for ever. Other factors (a changed --param) failed the same way."""
+    from streamrec.trainer.interactions import Interactions
+    from streamrec.trainer.models import create
+    from streamrec.trainer.refit import publish
+
+    data = Interactions.from_log(planted_log(n_users=40, n_items=30, per_user=10), implicit=True)
+    with ParamClient(param_server) as client:
+        for n, (factors, weight) in enumerate([(4, 0.0), (4, 0.5), (4, 0.0), (6, 0.0)]):
+            model = create("als", factors=factors, iterations=2, popularity_blend=weight).fit(data)
+            written = publish(client, model, n)
+            assert client.tables()["refit_als_items"]["spec"]["dim"] == factors + 1
+            rows = client.pull("refit_als_users", model.users.ids[:3].tolist())
+            served = rows.vectors @ client.pull("refit_als_items", model.items.ids.tolist()).vectors.T
+            own = model.user_scores(np.arange(3))
+            assert (np.argsort(-served, axis=1)[:, :5] == np.argsort(-own, axis=1)[:, :5]).all()
+            assert ("recreated" in written) == (n == 3)
