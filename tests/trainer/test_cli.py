@@ -83,7 +83,8 @@ def test_refit_publishes_to_the_parameter_server(csv_log, param_server, tmp_path
             assert client.get_blob(KNN_BLOB) is not None
         else:
             rows = client.pull("refit_bpr_items", ["item-000x", "item-001x"])
-            assert rows.vectors.shape == (2, 3) and rows.found.all()
+            # factors=4 includes the item bias (a scalar here): three factors, plus the blend coordinate (zero at weight 0)
+            assert rows.vectors.shape == (2, 4) and rows.found.all()
             assert "refit_bpr_users" in client.tables()
 
 

@@ -154,20 +154,6 @@ def test_updates_the_server_refuses_stop_the_trainer_instead_of_a_retry_loop(onl
     assert applied(server.address) == 0
 
 
-def test_a_batch_no_table_can_hold_stops_the_trainer_instead_of_a_retry_loop(online_settings, start_server):
-    """One push needing more new rows than max_rows is refused with TableFullError. The trainer
-    took that for an outage, like a shard restarting, and retried the batch for ever."""
-    from streamrec.trainer.online.trainer import UpdatesRefused
-
-    server = start_server("--no-checkpoints", "--max-rows", "8")
-    produce_events(online_settings, planted_events(50))
-    client = ParamClient([server.address])
-    trainer = OnlineTrainer(online_settings, [OnlineBPR(store=client)], TrainerConfig(idle_exit_seconds=3.0))
-    with pytest.raises(UpdatesRefused, match="TableFullError|max_rows"):
-        trainer.run()
-    assert applied(server.address) == 0
-
-
 def test_dead_letters_and_keeps_running(online_settings, start_server):
     server = start_server("--no-checkpoints")
     good = planted_events(50)

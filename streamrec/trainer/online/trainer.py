@@ -86,10 +86,9 @@ from streamrec.trainer.online.metrics import (
 from streamrec.trainer.online.warmup import warm_up, warmup_ranges
 
 log = logging.getLogger("streamrec.trainer")
-# the parameter server's answers that refuse what a push carries (non-finite values, wrong shapes,
-# more new rows than the table can ever hold), as opposed to a shard that is down or restarting:
-# retrying the same batch cannot help (a full table was taken for an outage and retried for ever)
-REFUSED_CONTENT = frozenset({"ValueError", "TypeError", "TableFullError"})
+# the parameter server's answers that refuse what a push carries (non-finite values, wrong shapes),
+# as opposed to a shard that is down or restarting: retrying the same batch cannot help
+REFUSED_CONTENT = frozenset({"ValueError", "TypeError"})
 IDLE_PROBE_SECONDS = 5.0  # how often an idle trainer asks the shards whether one restarted
 PARTITION_FETCH_BYTES = 256 * 1024  # ~1,000 events per partition per fetch: a backlog interleaves in time
 
