@@ -18,13 +18,19 @@ from tests.param_server.test_fuzz import exchange, frame, hello
 TOKEN = "s3cret-token"
 
 
-def test_plainly_checksummed_checkpoint_is_refused_with_a_token(start_server: StartServer, tmp_path: Path) -> None:
+def signed_checkpoint(start_server: StartServer, tmp_path: Path, rows: int) -> Path:
+    """A checkpoint directory whose shard, run with TOKEN, stopped holding table t with `rows` rows."""
     ckpt = tmp_path / "ckpt"
     server = start_server("--checkpoint-dir", str(ckpt), "--checkpoint-every", "0", token=TOKEN)
     with ParamClient([server.address], token=TOKEN) as client:
         client.create_table("t", 4, key_type="int")
-        client.push({"t": (np.arange(3), np.ones((3, 4), np.float32))})
+        client.push({"t": (np.arange(rows), np.ones((rows, 4), np.float32))})
     server.stop()
+    return ckpt
+
+
+def test_plainly_checksummed_checkpoint_is_refused_with_a_token(start_server: StartServer, tmp_path: Path) -> None:
+    ckpt = signed_checkpoint(start_server, tmp_path, rows=3)
     restarted = start_server("--checkpoint-dir", str(ckpt), "--checkpoint-every", "0", token=TOKEN)
     assert restarted.ready["restored"] and not restarted.ready["empty"]  # a signed checkpoint loads
     restarted.stop()
@@ -60,12 +66,7 @@ def test_a_shard_started_without_its_token_keeps_the_checkpoints_it_could_not_lo
     saves, so once the token was back there was nothing left to restore. Restarted once more
     without it, the shard loads its own newest and never tries the signed ones: they must survive
     that too."""
-    ckpt = tmp_path / "ckpt"
-    server = start_server("--checkpoint-dir", str(ckpt), "--checkpoint-every", "0", token=TOKEN)
-    with ParamClient([server.address], token=TOKEN) as client:
-        client.create_table("t", 4, key_type="int")
-        client.push({"t": (np.arange(100), np.ones((100, 4), np.float32))})
-    server.stop()
+    ckpt = signed_checkpoint(start_server, tmp_path, rows=100)
     misconfigured = start_server("--checkpoint-dir", str(ckpt), "--checkpoint-every", "0",
                                  "--keep-checkpoints", "2")
     assert misconfigured.ready["empty"] and misconfigured.ready["rejected_checkpoints"]
