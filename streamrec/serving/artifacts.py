@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from streamrec.core.lookup import positions
-from streamrec.param_server.artifacts import decode_catalogue, decode_dense, load_npz
+from streamrec.param_server.artifacts import decode_catalogue, decode_dense, decode_neighbor_ids, load_npz
 from streamrec.stream.catalogue import ItemCatalogue
 
 if TYPE_CHECKING:  # torch is imported only when a neural ranker is loaded
@@ -42,7 +42,7 @@ class ItemNeighbors:
     @classmethod
     def from_bytes(cls, data: bytes) -> ItemNeighbors:
         arrays = load_npz(data)
-        ids = arrays["items"].astype(object)
+        ids = decode_neighbor_ids(arrays)
         neighbors, scores = arrays["neighbors"], arrays["scores"]
         if neighbors.ndim != 2 or neighbors.shape != scores.shape or neighbors.shape[0] != len(ids):
             raise ValueError(f"neighbour blob shapes disagree: {len(ids)} items, {neighbors.shape}, {scores.shape}")
