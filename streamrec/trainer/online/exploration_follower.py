@@ -58,13 +58,15 @@ Shown = tuple[str | None, frozenset[str]]  # an answer's user and the items it s
 
 @dataclass
 class HeldRange:
-    """Events of one partition read but not counted yet: `waiting` are the request ids its clicks
-    name whose impressions were not read yet."""
+    """Events of one partition read but not counted yet: `carried` are its positive events that
+    name their answer, (request id as sent, user, item); `waiting` the request ids among them
+    whose impressions were not read yet."""
 
     read_at: float  # time.monotonic()
     key: str
     records: list[Record]
     batch: EventBatch
+    carried: list[tuple[object, str, str]]
     waiting: set[str]
 
 
@@ -157,11 +159,9 @@ class ExplorationFollower(FollowerThread):
         now = time.monotonic()
         for key, mine in self._ranges(records):
             batch, _ = self.schema.decode_many([record.value for record in mine])
-            held = HeldRange(now, key, mine, batch, set())
-            if len(batch):
-                held.waiting = {request for request, _, _ in self._carried(batch) if isinstance(request, str)
-                                and request not in self._shown}
-            self._held.append(held)
+            carried = self._carried(batch) if len(batch) else []
+            waiting = {request for request, _, _ in carried if isinstance(request, str) and request not in self._shown}
+            self._held.append(HeldRange(now, key, mine, batch, carried, waiting))
             self._held_records += len(mine)
 
     def _due(self) -> list[HeldRange]:
@@ -196,8 +196,7 @@ class ExplorationFollower(FollowerThread):
                 continue
             positive = np.isin(batch.event_type, self.positive_types)
             slices = slice_counts(event_slices(batch, positive), self.store.slice_config.half_life_s, tops)
-            credits = [(request, item) for request, user, item in self._carried(batch)
-                       if self._clicked(request, user, item)]
+            credits = [(request, item) for request, user, item in held.carried if self._clicked(request, user, item)]
             first = pd.Series(batch.timestamp).groupby(batch.item_id, sort=False).min()
             ids = first.index.to_numpy(object)
             credited = self._count(key, mine, ids, np.zeros(len(ids), np.int64), first.to_numpy(np.float64),
