@@ -49,7 +49,7 @@ from streamrec.serving.experiment_report import (
 )
 from streamrec.stream.catalogue import ItemCatalogue, read_catalogue
 from streamrec.stream.events import iter_events
-from streamrec.stream.loaders import InteractionLog
+from streamrec.stream.loaders import InteractionLog, id_strings
 from streamrec.stream.publish import EventPublisher
 from streamrec.stream.topics import admin_client, group_committed
 from streamrec.trainer.content_tower import refresh_content_tower
@@ -116,10 +116,11 @@ def withhold_items(log: InteractionLog, share: float, seed: int) -> tuple[Intera
     time): they do not exist before the middle of the replay."""
     if not 0.0 < share < 1.0:
         raise ValueError(f"cold items: a share in (0, 1), not {share}")
-    items = np.unique(log.item_id.astype(str))
+    item_ids = id_strings(log.item_id)
+    items = np.sort(pd.unique(item_ids))
     chosen = np.random.default_rng(seed).choice(items, size=max(1, round(share * len(items))), replace=False)
     early = np.arange(len(log)) < len(log) // 2
-    dropped = early & np.isin(log.item_id.astype(str), chosen)
+    dropped = early & np.isin(item_ids, chosen)
     kept = log.take(np.flatnonzero(~dropped))
     return kept, ColdItems(frozenset(chosen.tolist()), int(np.count_nonzero(early & ~dropped)))
 

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from streamrec.stream.loaders import InteractionLog
+from streamrec.stream.loaders import InteractionLog, id_codes, id_strings
 
 ROW_GROUP = 1 << 20  # rows per row group: the unit a Spark task reads
 
@@ -26,8 +26,8 @@ ROW_GROUP = 1 << 20  # rows per row group: the unit a Spark task reads
 def log_table(log: InteractionLog) -> pa.Table:
     """The log's canonical columns as an Arrow table."""
     return pa.table({
-        "user_id": pa.array(log.user_id.astype(str), pa.string()),
-        "item_id": pa.array(log.item_id.astype(str), pa.string()),
+        "user_id": pa.array(id_strings(log.user_id), pa.string()),
+        "item_id": pa.array(id_strings(log.item_id), pa.string()),
         "timestamp": pa.array(log.timestamp, pa.float64()),
         "rating": pa.array(log.rating, pa.float64(), mask=~np.isfinite(log.rating)),
         "event_type": pa.array(log.event_types().astype(str), pa.string()),
@@ -40,6 +40,6 @@ def export_parquet(log: InteractionLog, path: Path) -> dict[str, Any]:
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(log_table(log), tmp, row_group_size=ROW_GROUP, compression="zstd")
     os.replace(tmp, path)
-    return {"path": str(path), "rows": len(log), "users": int(len(np.unique(log.user_id.astype(str)))),
-            "items": int(len(np.unique(log.item_id.astype(str)))), "bytes": path.stat().st_size,
+    return {"path": str(path), "rows": len(log), "users": len(id_codes(log.user_id)[1]),
+            "items": len(id_codes(log.item_id)[1]), "bytes": path.stat().st_size,
             "source": log.source}

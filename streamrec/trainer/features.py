@@ -59,7 +59,7 @@ def _codes(values: pd.Series) -> tuple[np.ndarray, int]:
 
 def _align(frame: pd.DataFrame, index: IdIndex) -> pd.DataFrame:
     """Rows of `frame` (indexed by id string) in the order of `index`; missing ids -> NaN rows."""
-    return frame.reindex(pd.Index(index.ids.astype(str)))
+    return frame.reindex(pd.Index(index.ids, dtype=object))
 
 
 def _user_table(path: Path, users: IdIndex) -> tuple[np.ndarray, tuple[int, ...]]:
@@ -91,7 +91,7 @@ def _item_table(path: Path, items: IdIndex) -> tuple[np.ndarray, tuple[int, ...]
             flags[catalogue.categorical["genre"].holding(name), column] = 1.0
     frame = pd.DataFrame({"year": catalogue.numeric.get("year", np.full(len(catalogue), np.nan)),
                           "title": catalogue.text.get("title", np.full(len(catalogue), "", object)),
-                          "row": np.arange(len(catalogue))}, index=pd.Index(catalogue.ids.astype(str)))
+                          "row": np.arange(len(catalogue))}, index=pd.Index(catalogue.ids, dtype=object))
     frame = _align(frame, items)
     decade = frame["year"].map(lambda y: None if np.isnan(y) else str(int(y) // 10 * 10))
     codes, card = _codes(decade)

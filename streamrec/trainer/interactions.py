@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 import scipy.sparse as sp
 
-from streamrec.stream.loaders import InteractionLog, id_sort_key
+from streamrec.stream.loaders import InteractionLog, id_codes, id_sort_key
 
 Weighting = Literal["binary", "log1p", "raw"]
 WEIGHTINGS: tuple[str, ...] = ("binary", "log1p", "raw")
@@ -30,15 +30,53 @@ class IdIndex:
 
     @classmethod
     def from_ids(cls, ids: np.ndarray) -> IdIndex:
-        unique = np.unique(np.asarray(ids, dtype=object).astype(str)).astype(object)
-        ordered = unique[np.argsort(id_sort_key(unique), kind="stable")]
-        return cls.from_ordered(ordered)
+        _, text = id_codes(ids)
+        return cls.from_ordered(text[np.argsort(id_sort_key(text), kind="stable")])
 
     @classmethod
     def from_ordered(cls, ids: np.ndarray) -> IdIndex:
         """An index whose order is given (e.g. read back from a saved model)."""
-        ordered = np.asarray(ids).astype(str).astype(object)
+        ordered = np.empty(len(ids), dtype=object)
+        ordered[:] = list(map(str, ids))
         return cls(ordered, {v: i for i, v in enumerate(ordered)})
+
+    def to_arrays(self, name: str) -> dict[str, np.ndarray]:
+        """The ids as `<name>_bytes` (UTF-8, lone surrogates kept) and `<name>_offsets`, for a saved
+        model or a published blob. A numpy string array was as wide as the longest id in every row
+        (one 256-character id made a million users' array 1 GB) and lost trailing NUL characters."""
+        encoded = [text.encode("utf-8", "surrogatepass") for text in self.ids]
+        offsets = np.zeros(len(encoded) + 1, np.int64)
+        np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)), out=offsets[1:])
+        return {f"{name}_bytes": np.frombuffer(b"".join(encoded), np.uint8), f"{name}_offsets": offsets}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], name: str) -> IdIndex:
+        """The index `to_arrays` wrote (or, from files written before it, the string array `<name>`);
+        ValueError when the arrays do not describe distinct ids."""
+        if f"{name}_bytes" not in arrays:
+            if name not in arrays:
+                raise ValueError(f"no {name} ids")
+            ids = np.asarray(arrays[name])
+            if ids.ndim != 1 or ids.dtype.kind not in "USO":
+                raise ValueError(f"{name} ids are not a 1-d string array")
+            return cls._distinct(cls.from_ordered(ids), name)
+        data, offsets = arrays[f"{name}_bytes"], arrays.get(f"{name}_offsets")
+        if (offsets is None or data.dtype != np.uint8 or data.ndim != 1 or offsets.ndim != 1
+                or not np.issubdtype(offsets.dtype, np.integer) or not len(offsets) or offsets[0] != 0
+                or offsets[-1] != len(data) or (np.diff(offsets) < 0).any()):
+            raise ValueError(f"{name}_offsets do not split {name}_bytes into ids")
+        raw, bounds = data.tobytes(), offsets.tolist()
+        try:
+            ids = [raw[start:end].decode("utf-8", "surrogatepass") for start, end in zip(bounds[:-1], bounds[1:])]
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{name} ids are not UTF-8 ({exc.reason})") from None
+        return cls._distinct(cls.from_ordered(np.array(ids, dtype=object) if ids else np.empty(0, object)), name)
+
+    @staticmethod
+    def _distinct(index: IdIndex, name: str) -> IdIndex:
+        if len(index._lookup) != len(index.ids):
+            raise ValueError(f"an id appears twice among the {name}")
+        return index
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -71,7 +71,7 @@ def fit_with_progress(model: Recommender, data: Interactions) -> float:
 
 def neighbours_blob(model: Recommender, lists: NeighbourLists) -> bytes:
     """The neighbour lists as serving reads them (the same bytes go to the local artefact)."""
-    return encode_neighbors(model.items.ids.astype(str), lists.indices, lists.scores)
+    return encode_neighbors(model.items.ids, lists.indices, lists.scores)
 
 
 def prune_artefacts(folder: Path, keep: int) -> None:
@@ -130,7 +130,7 @@ def publish(client: ParamClient, model: Recommender, version: int, export: Expor
                 written.setdefault("recreated", []).append(table)
             client.create_table(table, dim=vectors.shape[1], scalars=1, optimizer="sgd")
             versions = client.assign(
-                table, list(ids.astype(str)), vectors.astype(np.float32), scalars[:, None].astype(np.float32)
+                table, list(ids), vectors.astype(np.float32), scalars[:, None].astype(np.float32)
             )
             written["tables"][table] = {"rows": len(vectors), "versions": {str(s): v for s, v in versions.items()}}
     if export.neighbours is not None:

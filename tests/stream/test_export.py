@@ -21,6 +21,7 @@ def test_a_file_exports_and_reads_back_unchanged(tmp_path) -> None:
         {"user_id": "u:1", "item_id": "caf\u00e9 \u2615", "timestamp": 3.5, "rating": 4.0, "event_type": "rating"},
         {"user_id": "u:2", "item_id": "x" * 10_000, "timestamp": 1.0, "event_type": "click"},
         {"user_id": "007", "item_id": "{i}", "timestamp": 2.0, "event_type": "purchase"},
+        {"user_id": "u:1\u0000", "item_id": "{i}", "timestamp": 4.0, "event_type": "click"},  # not "u:1"
     ]
     source = tmp_path / "log.jsonl"
     source.write_text("\n".join(json.dumps(row) for row in rows))
@@ -28,14 +29,14 @@ def test_a_file_exports_and_reads_back_unchanged(tmp_path) -> None:
     done = subprocess.run([STREAMREC, "export", "--to", "parquet", str(target), "--from", str(source), "--format", "jsonl"],
                           capture_output=True, text=True, timeout=60, env={**os.environ, "STREAMREC_HOME": str(tmp_path / "home")})
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) | {"bytes": 0} == {"path": str(target), "rows": 3, "users": 3, "items": 3, "bytes": 0,
+    assert json.loads(done.stdout) | {"bytes": 0} == {"path": str(target), "rows": 4, "users": 4, "items": 3, "bytes": 0,
                                                        "source": str(source)}
     assert pq.read_schema(target).names == ["user_id", "item_id", "timestamp", "rating", "event_type"]
     assert not list(target.parent.glob(".*.tmp"))
     original, back = load_log(source, "jsonl"), load_log(target, "parquet")
     for column in ("user_id", "item_id", "event_type"):
         assert getattr(back, column).tolist() == getattr(original, column).tolist()
-    assert back.timestamp.tolist() == [1.0, 2.0, 3.5]
+    assert back.timestamp.tolist() == [1.0, 2.0, 3.5, 4.0]
     np.testing.assert_array_equal(back.rating, original.rating)  # NaN where an event has no rating
 
 

@@ -5,7 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streamrec.trainer.interactions import Interactions
+from streamrec.stream.loaders import InteractionLog
+from streamrec.trainer.interactions import IdIndex, Interactions
 from streamrec.trainer.models import ModelFileError, create, load
 from streamrec.trainer.registry import names as registered_names
 from tests.trainer.synthetic import group_of, planted_log
@@ -160,13 +161,51 @@ def test_a_saved_model_whose_arrays_do_not_fit_together_is_refused_at_load(name,
     (lambda a: a.update(popularity=a["popularity"][:-1]), "popularity has"),
     (lambda a: a.update(seen_indices=a["seen_indices"] + 1000), "outside the"),
     (lambda a: a.update(seen_indptr=a["seen_indptr"][::-1].copy()), "does not cover"),
-    (lambda a: a.update(items=np.r_[a["items"][:-1], a["items"][:1]]), "appears twice"),
-    (lambda a: a.pop("users"), "lacks"),
+    (lambda a: a.update(_ids_with_a_repeat(a, "items")), "appears twice"),
+    (lambda a: a.pop("users_bytes"), "no users ids"),
+    (lambda a: a.update(items_offsets=a["items_offsets"][::-1].copy()), "do not split"),
+    (lambda a: a.update(users_bytes=np.full(len(a["users_bytes"]), 0xFF, np.uint8)), "not UTF-8"),
 ])
 def test_the_arrays_every_model_saves_are_checked_against_each_other(change, message, log, tmp_path: Path):
     saved = _fit("als", log, implicit=True).save(tmp_path / "good")
     with pytest.raises(ModelFileError, match=message):
         load(_resave(saved, tmp_path / "bad", change))
+
+
+def _ids_with_a_repeat(arrays: dict[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
+    ids = IdIndex.from_arrays(arrays, name).ids
+    return IdIndex.from_ordered(np.r_[ids[:-1], ids[:1]]).to_arrays(name)
+
+
+def test_ids_are_saved_as_they_are_and_as_small_as_they_are(tmp_path: Path):
+    """Ids were saved as numpy string arrays: each row as wide as the longest id, so one id of
+    10,000 characters made this 200-user model's file 8 MB; and an id's trailing NUL characters
+    were cut, so "u1" and "u1\\0" were indexed as one user (their events merged)."""
+    users = ["u1", "u1\x00", "a:b", "ü" * 3, "x" * 10_000] + [f"u{n}" for n in range(2, 200)]
+    rng = np.random.default_rng(0)
+    user = np.repeat(np.array(users, dtype=object), 5)
+    item = np.array([f"i{n}" for n in rng.integers(0, 50, len(user))], dtype=object)
+    log = InteractionLog(user, item, np.full(len(user), np.nan), np.arange(len(user), dtype=np.float64))
+    model = create("popularity").fit(Interactions.from_log(log, implicit=True))
+    assert len(model.users) == len(users) and {"u1", "u1\x00"} <= set(model.users.ids)
+    saved = model.save(tmp_path / "model")
+    assert (saved / "arrays.npz").stat().st_size < 100_000
+    back = load(saved)
+    assert list(back.users.ids) == list(model.users.ids) and list(back.items.ids) == list(model.items.ids)
+
+
+def test_a_model_saved_with_string_arrays_of_ids_still_loads(log, tmp_path: Path):
+    """Model folders from before the ids were bytes and offsets carry them as `users`/`items`."""
+    model = _fit("als", log, implicit=True)
+
+    def legacy(arrays: dict[str, np.ndarray]) -> None:
+        for name, index in (("users", model.users), ("items", model.items)):
+            del arrays[f"{name}_bytes"], arrays[f"{name}_offsets"]
+            arrays[name] = index.ids.astype(str)
+
+    back = load(_resave(model.save(tmp_path / "new"), tmp_path / "old", legacy))
+    assert list(back.users.ids) == list(model.users.ids)
+    assert np.allclose(back.user_scores(np.arange(3)), model.user_scores(np.arange(3)))
 
 
 def test_a_folder_that_is_not_a_saved_model_is_refused_with_its_path(log, tmp_path: Path):

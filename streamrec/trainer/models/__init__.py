@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from streamrec.trainer import registry
+from streamrec.trainer.interactions import IdIndex
 from streamrec.trainer.models.base import FORMAT_VERSION, Recommender
 
 
@@ -71,15 +72,15 @@ def load(path: str | Path) -> Recommender:
 
 def _check_common(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """The arrays every model saves (ids, the seen matrix in CSR form, popularity) against each other."""
-    missing = sorted({"users", "items", "seen_indptr", "seen_indices", "popularity"} - set(arrays))
+    missing = sorted({"seen_indptr", "seen_indices", "popularity"} - set(arrays))
     if missing:
         raise ModelFileError(f"{path}: arrays.npz lacks {missing}")
-    users, items = arrays["users"], arrays["items"]
+    try:
+        users, items = IdIndex.from_arrays(arrays, "users"), IdIndex.from_arrays(arrays, "items")
+    except ValueError as exc:
+        raise ModelFileError(f"{path}: {exc}") from None
     indptr, indices, popularity = arrays["seen_indptr"], arrays["seen_indices"], arrays["popularity"]
     faults = [
-        (users.ndim != 1 or items.ndim != 1, "users and items must be 1-D"),
-        (len(np.unique(users.astype(str))) != len(users) or len(np.unique(items.astype(str))) != len(items),
-         "an id appears twice"),
         (indptr.shape != (len(users) + 1,) or not np.issubdtype(indptr.dtype, np.integer), "seen_indptr is not one "
          "offset per user plus one"),
         (not np.issubdtype(indices.dtype, np.integer) or indices.ndim != 1, "seen_indices is not 1-D integers"),

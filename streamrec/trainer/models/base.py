@@ -326,10 +326,9 @@ class Recommender(ABC):
         }
         (path / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         arrays = {f"model.{k}": np.asarray(v) for k, v in self._state().items()}
-        arrays.update(
-            users=self.users.ids.astype(str), items=self.items.ids.astype(str),
-            seen_indptr=self.seen.indptr, seen_indices=self.seen.indices, popularity=self.popularity,
-        )
+        arrays.update(self.users.to_arrays("users"))
+        arrays.update(self.items.to_arrays("items"))
+        arrays.update(seen_indptr=self.seen.indptr, seen_indices=self.seen.indices, popularity=self.popularity)
         np.savez(path / "arrays.npz", **arrays)
         return path
 
@@ -337,8 +336,8 @@ class Recommender(ABC):
     def restore(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> Recommender:
         """Rebuild a fitted model from `save`'s files (see `streamrec.trainer.models.load`)."""
         model = cls(**meta["params"])
-        model.users = IdIndex.from_ordered(arrays["users"])
-        model.items = IdIndex.from_ordered(arrays["items"])
+        model.users = IdIndex.from_arrays(arrays, "users")
+        model.items = IdIndex.from_arrays(arrays, "items")
         indices = arrays["seen_indices"]
         model.seen = sp.csr_matrix(
             (np.ones(len(indices)), indices, arrays["seen_indptr"]),

@@ -35,6 +35,7 @@ from streamrec.param_server.specs import TableSpec
 from streamrec.param_server.table import initial_values
 from streamrec.param_server.table_store import TableStore
 from streamrec.stream.events import EventBatch
+from streamrec.stream.loaders import id_codes
 from streamrec.trainer.online.kernels import rank_count
 from streamrec.trainer.online.roles import EventRoles
 from streamrec.trainer.online.shown import ShownItems
@@ -251,7 +252,7 @@ def learn_together(models: Sequence[OnlineRecommender], batch: EventBatch, offse
     if ranges is None:
         store.push(updates, meta=meta_record(models, offsets, extra_meta), events=len(batch), event_time=event_time)
     else:
-        items, counts = np.unique(batch.item_id.astype(str), return_counts=True)
+        codes, items = id_codes(batch.item_id)  # never fixed-width strings: they cut trailing NULs
         store.push(updates, meta=meta_record(models, offsets, extra_meta), events=len(batch), event_time=event_time,
-                   ranges=ranges, item_counts=(items.tolist(), counts.astype(np.int64)))
+                   ranges=ranges, item_counts=(items.tolist(), np.bincount(codes, minlength=len(items))))
     return stats

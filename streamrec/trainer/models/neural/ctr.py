@@ -241,7 +241,8 @@ class CTRRecommender(PointwiseRecommender):
             "params": {k: self.params[k] for k in ARCH_PARAMS} | {"history_table": True, "history_live": True},
         }
         arrays = {f"w.{k}": v for k, v in self._exported_state().items()}
-        arrays["users"], arrays["items"] = self.users.ids.astype(str), self.items.ids.astype(str)
+        arrays.update(self.users.to_arrays("users"))
+        arrays.update(self.items.to_arrays("items"))
         return Export(ranker=RankerBlob(header, arrays))
 
 
@@ -295,7 +296,7 @@ def load_ranker(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> Ranker
         raise ValueError(f"ranker header and weights disagree ({', '.join(wrong[:5])}): not built")
     net = CTRNet(header["kind"], header["dims"], header["params"])
     load_numpy_state(net, weights)
-    return Ranker(net, IdIndex.from_ordered(arrays["users"]), IdIndex.from_ordered(arrays["items"]))
+    return Ranker(net, IdIndex.from_arrays(arrays, "users"), IdIndex.from_arrays(arrays, "items"))
 
 
 class WideDeep(CTRRecommender):
