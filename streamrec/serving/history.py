@@ -12,18 +12,25 @@ the round trip overlaps other requests' candidate work. Handlers that run in the
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
 import redis
 import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from streamrec.serving.config import ServingConfig
 from streamrec.serving.metrics import ServingMetrics
 from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig, UserHistory, decode_history
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+# redis-py's Redis Cluster client raises RedisClusterException (no RedisError) when no node answers
+FAILURES = (redis.RedisError, redis.exceptions.RedisClusterException, ValueError)
+DATA_ERROR_LOG_S = 60.0  # a broken key is logged at most this often (each request that meets it is counted)
 ASYNC_CONNECTIONS = 32  # per worker; requests beyond that wait for one
 # The asyncio client's timeouts run on the worker's event loop, so they also count the time other
 # requests hold it (candidate work, an overload): at least this long, and a timeout (or a wait for
@@ -45,9 +52,11 @@ class History:
         timeout = max(config.redis_timeout_s, ASYNC_MIN_TIMEOUT_S)
         self.async_redis: redis.asyncio.Redis | redis.asyncio.RedisCluster
         if config.redis_cluster:  # a user's history keys share their bucket's slot: one node per read
+            # one retry, at once: redis-py's default (10, backing off) held each request on a stopped
+            # master for 3-7 s, longer than the outage window it then opened
             self.async_redis = redis.asyncio.RedisCluster.from_url(
                 config.redis_url, max_connections=ASYNC_CONNECTIONS, socket_timeout=timeout,
-                socket_connect_timeout=timeout)
+                socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 1))
         else:
             pool = redis.asyncio.BlockingConnectionPool.from_url(
                 config.redis_url, max_connections=ASYNC_CONNECTIONS, timeout=timeout, socket_timeout=timeout,
@@ -61,16 +70,30 @@ class History:
         self._trending_at = -float("inf")
         self._clock: float | None = None
         self._clock_at = -float("inf")
+        self._data_error_logged_at = -float("inf")
 
     def _call(self, read: Callable[[], T]) -> T | None:
-        now = time.monotonic()
-        if now < self._down_until:
+        if time.monotonic() < self._down_until:
             return None
         try:
             return read()
-        except redis.RedisError:
-            self._down_until = now + self.config.redis_retry_s
+        except FAILURES as exc:
+            self._failed(exc)
             return None
+
+    def _failed(self, exc: BaseException) -> None:
+        """A failed read: Redis is not asked again for `redis_retry_s` from now (from the read's start,
+        a read slower than that opened a window already closed), unless the fault is in the data
+        read (one user's key of another type, a counter that is no number): that request goes
+        without, the others still read, and the key is logged."""
+        if not _data_error(exc):
+            self._down_until = time.monotonic() + self.config.redis_retry_s
+            return
+        now = time.monotonic()
+        if now - self._data_error_logged_at >= DATA_ERROR_LOG_S:
+            self._data_error_logged_at = now
+            log.warning("feature store data that cannot be read (the request goes on without it): %s: %s",
+                        type(exc).__name__, exc)
 
     def count_degraded(self) -> None:
         self._redis_errors.inc()
@@ -87,8 +110,7 @@ class History:
         """`user_history` awaited on the worker's event loop."""
         if not recent and not seen and not session:
             return UserHistory([], set())
-        now = time.monotonic()
-        if now < self._down_until:
+        if time.monotonic() < self._down_until:
             return None
         commands = self.store.history_commands(user, recent, seen, session)
         try:
@@ -99,16 +121,17 @@ class History:
                     for command in commands:
                         pipe.execute_command(*command)
                     replies = await pipe.execute()
-        except (redis.RedisError, asyncio.TimeoutError) as exc:
+            history = decode_history(replies, recent, seen, session)
+        except (*FAILURES, asyncio.TimeoutError) as exc:
             if _timed_out(exc):
                 self._timeouts_in_a_row += 1
                 if self._timeouts_in_a_row < ASYNC_TIMEOUTS_TO_OPEN:
                     return None  # this request goes without the history; Redis is asked again
             self._timeouts_in_a_row = 0
-            self._down_until = now + self.config.redis_retry_s
+            self._failed(exc)
             return None
         self._timeouts_in_a_row = 0
-        return decode_history(replies, recent, seen, session)
+        return history
 
     async def close(self) -> None:
         await self.async_redis.aclose()
@@ -140,6 +163,14 @@ class History:
                 return fresh
             self._trending, self._trending_n, self._trending_at = fresh, fetch, now
         return self._trending if len(self._trending) <= n else self._trending[:n]  # same object while cached
+
+
+def _data_error(exc: BaseException) -> bool:
+    """A fault of the data read, not of Redis: a key of another type, a value that does not decode."""
+    if isinstance(exc, ValueError):
+        return True
+    reply = str(exc).rpartition(" of pipeline caused error: ")[2]  # a pipeline's names the command first
+    return isinstance(exc, redis.ResponseError) and reply.startswith("WRONGTYPE")
 
 
 def _timed_out(exc: BaseException) -> bool:

@@ -8,14 +8,19 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
 
 from streamrec.serving.config import ServingConfig
+from streamrec.serving.context import ContextPopularity
+from streamrec.serving.explore import ExplorationPool
 from streamrec.serving.history import ASYNC_TIMEOUTS_TO_OPEN, History
 from streamrec.serving.metrics import serving_metrics
+from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig, UserHistory
+from tests.serving.conftest import write_history
 
 
 @dataclass
@@ -99,3 +104,67 @@ def test_timeouts_skip_redis_only_after_several_in_a_row(silent_peer: Peer) -> N
 def test_a_refused_connection_skips_redis_at_once(closing_peer: Peer) -> None:
     assert _reads(closing_peer.url, 3) == [None, None, None]
     assert closing_peer.connections == 1
+
+
+def test_a_read_slower_than_the_retry_window_still_opens_it(silent_peer: Peer) -> None:
+    """The window was counted from the read's start: a read that took longer than `redis_retry_s`
+    (a timeout, a stopped master) opened a window that had already closed, so every request paid
+    the whole timeout again."""
+    history = History(ServingConfig(redis_url=silent_peer.url, redis_timeout_s=0.3, redis_retry_s=0.2),
+                      serving_metrics())
+    assert history.trending(5) is None
+    asked = silent_peer.connections
+    assert asked >= 1 and history.trending(5) is None and history.clock() is None
+    assert silent_peer.connections == asked  # not asked again within the window
+
+
+@pytest.fixture
+def store(redis_url: str) -> Iterator[FeatureStore]:
+    store = FeatureStore.from_url(redis_url, FeatureStoreConfig(prefix=f"history-{uuid.uuid4().hex[:8]}"))
+    yield store
+    store.clear()
+
+
+def test_one_users_broken_key_costs_that_request_alone(store: FeatureStore, redis_url: str) -> None:
+    """A key of another type (WRONGTYPE) or a counter that is no number is a fault of one user's data,
+    not of Redis: it opened the outage window, and every user went without history for
+    `redis_retry_s` each time that one user asked; a broken counter answered 500."""
+    write_history(store, [(user, "i:1", 1e9 + n) for n, user in enumerate(("alice", "mallory", "carol"))])
+    store.redis.delete(store.keys.entity("u", "mallory", "recent"))
+    store.redis.set(store.keys.entity("u", "mallory", "recent"), "not a list")
+    store.redis.hset(store.keys.entity("u", "carol"), "events", "oops")
+    history = History(ServingConfig(redis_url=redis_url, feature_prefix=store.config.prefix, redis_retry_s=60.0),
+                      serving_metrics())
+
+    async def run() -> list[UserHistory | None]:
+        try:
+            return [await history.user_history_async(user, 10, True, session=True)
+                    for user in ("mallory", "alice", "carol", "alice")]
+        finally:
+            await history.close()
+
+    mallory, alice, carol, alice_again = asyncio.run(run())
+    assert mallory is None and carol is None
+    assert alice is not None and alice.recent == ["i:1"] and alice_again == alice
+    assert history.user_history("mallory", 10, True) is None and history.user_history("carol", 10, True, True) is None
+    assert history.user_history("alice", 10, True) is not None and history.trending(3) is not None
+
+
+def test_an_unreachable_cluster_degrades_requests_and_starts_workers() -> None:
+    """redis-py's cluster client raises RedisClusterException, which is no RedisError: a history read
+    answered 500, and the context slices and exploration pool (built at start) killed the worker
+    while the cluster could not be reached."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        url = f"redis://127.0.0.1:{probe.getsockname()[1]}/0"
+    config = ServingConfig(redis_url=url, redis_cluster=True, redis_timeout_s=0.2, redis_retry_s=60.0)
+    history = History(config, serving_metrics())
+
+    async def run() -> UserHistory | None:
+        try:
+            return await history.user_history_async("u:1", 10, True)
+        finally:
+            await history.close()
+
+    assert asyncio.run(run()) is None and history.user_history("u:1", 10, True) is None
+    ContextPopularity(config), ExplorationPool(config)  # noqa: B018  # built with nothing to reach

@@ -42,11 +42,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import redis
+from redis.commands.core import Script
 
 from streamrec.trainer.online.context_slices import Merit, SliceConfig, SliceCounts, SliceTops
 from streamrec.trainer.online.feature_store import RENORMALISE_AFTER_HALF_LIVES
@@ -223,18 +224,40 @@ class FreshItems:
 
 
 class ExplorationStore:
-    def __init__(self, client: redis.Redis | redis.RedisCluster, prefix: str = "sr",
+    def __init__(self, connect: Callable[[], redis.Redis | redis.RedisCluster], prefix: str = "sr",
                  config: ExplorationConfig | None = None, slices: SliceConfig | None = None) -> None:
-        self.redis, self.keys, self.config = client, ExplorationKeys(prefix), config or ExplorationConfig()
+        """`connect` makes the client on first use: a Redis Cluster client connects as it is built,
+        so a serving worker (its context slices and exploration pool) or `content-tower fit --every`
+        that built it at start died while the cluster was unreachable, instead of degrading."""
+        self._connect, self._client = connect, None
+        self.keys, self.config = ExplorationKeys(prefix), config or ExplorationConfig()
         self.slice_config = slices or SliceConfig()
-        self._count = client.register_script(_COUNT)
+        self._count_script: Script | None = None
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "sr", cluster: bool = False, timeout_s: float = 2.0,
                  config: ExplorationConfig | None = None, slices: SliceConfig | None = None) -> ExplorationStore:
         kind = redis.RedisCluster if cluster else redis.Redis
-        return cls(kind.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s), prefix, config,
-                   slices)
+        return cls(lambda: kind.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s), prefix,
+                   config, slices)
+
+    @property
+    def redis(self) -> redis.Redis | redis.RedisCluster:
+        """The client, made on first use; a cluster that cannot be reached raises redis.ConnectionError
+        (what every caller handles: redis-py's RedisClusterException is no RedisError), and is asked
+        again at the next use."""
+        if self._client is None:
+            try:
+                self._client = self._connect()
+            except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+                raise redis.ConnectionError(f"Redis Cluster unreachable: {type(exc).__name__}: {exc}") from exc
+        return self._client
+
+    @property
+    def _count(self) -> Script:
+        if self._count_script is None:
+            self._count_script = self.redis.register_script(_COUNT)
+        return self._count_script
 
     def marks(self) -> dict[str, int]:
         """The next offset counted, per partition key ("topic/partition")."""
