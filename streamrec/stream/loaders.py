@@ -13,9 +13,10 @@ import json
 import lzma
 import re
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import orjson
@@ -146,24 +147,18 @@ def _read_frame(path: Path, fmt: str, mapping: dict[str, str] | None) -> pd.Data
         if file.suffix.lower() in _FORMAT_OF_SUFFIX:
             raise ValueError(f"{file} looks like a {file.suffix[1:]} file, but --format is {fmt} (the default is "
                              f"ml-100k): add --format {_FORMAT_OF_SUFFIX[file.suffix.lower()]}")
-        shape = {"sep": "\t"} if fmt == "ml-100k" else {"sep": ":", "usecols": [0, 2, 4, 6]}  # one-char sep: C parser
-        names = ["user_id", "item_id", "rating", "timestamp"]
-        try:
-            return pd.read_csv(file, header=None, names=names, **shape, keep_default_na=False,  # "NA" is an id
-                               dtype={"user_id": str, "item_id": str, "rating": np.float64, "timestamp": np.float64})
-        except ValueError:  # a value that is not a number: read as text, so that its row is named below
-            return pd.read_csv(file, header=None, names=names, **shape, dtype=str, keep_default_na=False)
+        return _read_movielens(file, fmt)
     if fmt == "sessions":  # session_id,item_id,timestamp[,user_id]: sessions take the place of users
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        frame = _read_csv_with_header(path, dtype=str)
         if "session_id" not in frame.columns:
             raise ValueError(f"sessions format needs a session_id column (columns: {list(frame.columns)})")
         return frame.drop(columns=["user_id"], errors="ignore").rename(columns={"session_id": "user_id"})
     if fmt == "ml-latest":
         file = path / "ratings.csv" if path.is_dir() else path
-        frame = pd.read_csv(file, dtype={"userId": str, "movieId": str}, keep_default_na=False)  # "NA" is an id
+        frame = _read_csv_with_header(file, dtype={"userId": str, "movieId": str})
         return frame.rename(columns={"userId": "user_id", "movieId": "item_id"})
     if fmt == "csv":
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        frame = _read_csv_with_header(path, dtype=str)
     elif fmt == "jsonl":
         named = mapping or {}
         frame = _read_json_lines(path, (named.get("user_id", "user_id"), named.get("item_id", "item_id")))
@@ -178,6 +173,55 @@ def _read_frame(path: Path, fmt: str, mapping: dict[str, str] | None) -> pd.Data
     else:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     return frame.rename(columns=_parse_mapping(mapping))
+
+
+def _read_csv_with_header(path: Path, **options: Any) -> pd.DataFrame:
+    """A CSV file whose first row names its columns ("NA" is an id, not a missing value).
+
+    `index_col=False`: rows with one field more than the header (a trailing comma on each data row)
+    made pandas take their first field as the index, shifting every column by one without a word;
+    now the fields past the header's are dropped, and that is announced on stderr."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        frame = pd.read_csv(path, keep_default_na=False, index_col=False, **options)
+    for warning in caught:
+        if issubclass(warning.category, pd.errors.ParserWarning):  # "... leads to a loss of data with index_col=False"
+            print(f"note: {path}: rows hold more fields than the header names; the fields past the header's are "
+                  "ignored", file=sys.stderr)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return frame
+
+
+_MOVIELENS_FIELDS = ("user_id", "item_id", "rating", "timestamp")
+
+
+def _read_movielens(file: Path, fmt: str) -> pd.DataFrame:
+    """u.data (tab separated) or ratings.dat (`::` separated): exactly the four fields of
+    `_MOVIELENS_FIELDS` on every line. A line with a field more was read with its first field as
+    the index, or, for ratings.dat, had the extra field dropped: every column shifted, or data
+    lost, without a word; it is refused, naming the line."""
+    sep, step = ("\t", 1) if fmt == "ml-100k" else (":", 2)  # `::` read as ':' has an empty column between fields
+    expected = f"{fmt} lines hold exactly {len(_MOVIELENS_FIELDS)} fields ({' '.join(_MOVIELENS_FIELDS)})"
+
+    def read(dtype: type | dict[int, type]) -> pd.DataFrame:
+        try:
+            return pd.read_csv(file, header=None, sep=sep, dtype=dtype, keep_default_na=False)  # "NA" is an id
+        except pd.errors.ParserError as exc:  # a line with more fields than the first
+            found = re.search(r"line (\d+), saw (\d+)", str(exc))
+            if found is None:
+                raise ValueError(f"{file}: {exc}; {expected}") from None
+            line, tokens = found.groups()
+            raise ValueError(f"{file} line {line}: {(int(tokens) + step - 1) // step} fields; {expected}") from None
+
+    try:  # numbers as numbers (twice as fast as text); dtypes by position, so that no field can shift
+        frame = read({0: str, step: str, 2 * step: np.float64, 3 * step: np.float64})
+    except ValueError:  # a value that is not a number: read as text, so that its row is named later
+        frame = read(str)
+    fields = (frame.shape[1] + step - 1) // step
+    if fields != len(_MOVIELENS_FIELDS):
+        raise ValueError(f"{file} line 1: {fields} fields; {expected}")
+    return frame.iloc[:, ::step].set_axis(list(_MOVIELENS_FIELDS), axis=1)
 
 
 _OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}

@@ -26,8 +26,7 @@ from streamrec.trainer.interactions import WEIGHTINGS, Weighting
 @click.option("--budget-seconds", type=click.FloatRange(min=1), default=None,
               help="stop searching after this long (trials already started finish)")
 @click.option("--metric", default=None, help="validation metric: topn hr@10 (default), ndcg@10, mrr, recall@20; "
-              "rating rmse (default), mae; prequential hr@10_second_half (default), ndcg@10_second_half, "
-              "hr@10_all, ndcg@10_all")
+              "rating rmse (default), mae; prequential hr@10_second_half (default), ndcg@10_second_half")
 @click.option("--weights", type=click.Choice(WEIGHTINGS), default="binary", show_default=True,
               help="topn: implicit confidence from the value column (EVALUATION.md)")
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -165,3 +165,40 @@ def test_ids_that_read_like_missing_values_are_ids_in_every_format(tmp_path: Pat
     for fmt in ("ml-100k", "ml-latest"):
         log = load_log(tmp_path, fmt)
         assert log.user_id.tolist() == ids and log.item_id.tolist() == ids[::-1], fmt
+
+
+@pytest.mark.parametrize("fmt", ["csv", "sessions", "ml-latest"])
+def test_a_trailing_comma_on_each_data_row_does_not_shift_the_columns(tmp_path: Path, fmt: str,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Rows with one field more than the header made pandas take the first field as the index:
+    every column moved one to the left (item ids read as users, ratings as items), exit 0."""
+    header = {"csv": "user_id,item_id,rating,timestamp", "sessions": "session_id,item_id,rating,timestamp",
+              "ml-latest": "userId,movieId,rating,timestamp"}[fmt]
+    rows = [(f"u{n % 7}", f"i{n % 11}", 1 + n % 5, 1000 + n) for n in range(40)]
+    plain, trailing = tmp_path / "plain.csv", tmp_path / "trailing.csv"
+    plain.write_text(header + "\n" + "".join(f"{u},{i},{r},{t}\n" for u, i, r, t in rows))
+    trailing.write_text(header + "\n" + "".join(f"{u},{i},{r},{t},\n" for u, i, r, t in rows))
+    expected, read = load_log(plain, fmt), load_log(trailing, fmt)
+    assert (len(set(read.user_id)), len(set(read.item_id))) == (7, 11)
+    assert read.user_id.tolist() == expected.user_id.tolist() and read.rating.tolist() == expected.rating.tolist()
+    assert "fields past the header's are ignored" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("fmt", "name", "sep"), [("ml-100k", "u.data", "\t"), ("ml-1m", "ratings.dat", "::")])
+def test_a_movielens_file_without_exactly_four_fields_is_refused_naming_the_line(tmp_path: Path, fmt: str, name: str,
+                                                                                 sep: str) -> None:
+    """A 5th column on every line of u.data shifted every column (users read from the item field),
+    and ratings.dat's was dropped without a word."""
+    rows = [("1", "10", "5", "881250949"), ("2", "20", "3", "881250950"), ("3", "30", "4", "881250951")]
+    path = tmp_path / name
+    path.write_text("".join(sep.join((*row, "0")) + "\n" for row in rows))
+    with pytest.raises(ValueError, match=f"{name} line 1: 5 fields; {fmt} lines hold exactly 4 fields"):
+        load_log(tmp_path, fmt)
+    path.write_text("".join(sep.join((*row, "0")[: 4 + (n == 2)]) + "\n" for n, row in enumerate(rows)))
+    with pytest.raises(ValueError, match=f"{name} line 3: 5 fields; {fmt} lines hold exactly 4 fields"):
+        load_log(tmp_path, fmt)
+    path.write_text("".join(sep.join(row[:3]) + "\n" for row in rows))
+    with pytest.raises(ValueError, match=f"{name} line 1: 3 fields"):
+        load_log(tmp_path, fmt)
+    path.write_text("".join(sep.join(row) + "\n" for row in rows))
+    assert load_log(tmp_path, fmt).user_id.tolist() == ["1", "2", "3"]

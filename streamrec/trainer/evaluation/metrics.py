@@ -71,12 +71,25 @@ def map_at_k(
     )
 
 
+def _scaled_errors(predicted: np.ndarray, actual: np.ndarray) -> tuple[np.ndarray, float]:
+    """(|errors| / scale, scale), the scale being the largest finite error: squared, the errors of
+    ratings near 1e200 overflowed, and RMSE printed as null under exit status 0. A NaN or
+    infinite error stays one."""
+    with np.errstate(over="ignore"):  # a difference beyond float64 is an infinite error, refused by its caller
+        errors = np.abs(np.asarray(predicted, dtype=np.float64) - np.asarray(actual, dtype=np.float64))
+    largest = float(errors.max(initial=0.0, where=np.isfinite(errors)))
+    scale = largest if largest > 0.0 else 1.0
+    return errors / scale, scale
+
+
 def rmse(predicted: np.ndarray, actual: np.ndarray) -> float:
-    return float(np.sqrt(np.mean((np.asarray(predicted) - np.asarray(actual)) ** 2)))
+    errors, scale = _scaled_errors(predicted, actual)
+    return scale * float(np.sqrt(np.mean(errors**2)))
 
 
 def mae(predicted: np.ndarray, actual: np.ndarray) -> float:
-    return float(np.mean(np.abs(np.asarray(predicted) - np.asarray(actual))))
+    errors, scale = _scaled_errors(predicted, actual)
+    return scale * float(np.mean(errors))
 
 
 def catalogue_coverage(recommended: np.ndarray, n_items: int) -> float:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ import numpy as np
 from streamrec.core.progress import track
 from streamrec.stream.loaders import InteractionLog
 from streamrec.trainer.evaluation.metrics import mae, rmse
-from streamrec.trainer.evaluation.splits import N_FOLDS, rating_folds
+from streamrec.trainer.evaluation.splits import rating_folds
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.base import Recommender
 from streamrec.trainer.models.blend import Blend
@@ -40,8 +40,15 @@ def run_rating(
     make_model: Callable[[], Recommender], log: InteractionLog, path: str | Path, fmt: str, seed: int
 ) -> dict[str, Any]:
     """Fit a fresh model per fold on the train part, score the test part."""
+    return score_folds(make_model, rating_folds(log, path, fmt, seed))
+
+
+def score_folds(make_model: Callable[[], Recommender], folds: Sequence[tuple[InteractionLog, InteractionLog]],
+                ) -> dict[str, Any]:
+    """The rating protocol's figures over `folds` (all five of `rating_folds`, or the ones a
+    search never saw: streamrec.trainer.tuning)."""
     errors, fit_times, eval_times, members, member_fits, combiners = [], [], [], {}, {}, []
-    for fold, (train_log, test_log) in enumerate(track(rating_folds(log, path, fmt, seed), "rating folds", N_FOLDS)):
+    for fold, (train_log, test_log) in enumerate(track(folds, "rating folds", len(folds))):
         model = make_model()
         start = time.perf_counter()
         model.fit(Interactions.from_log(train_log))
@@ -54,6 +61,9 @@ def run_rating(
                              f"ratings from {low:g} to {high:g}); try a smaller lr")
         eval_times.append(time.perf_counter() - start)
         errors.append((rmse(predicted, test_log.rating), mae(predicted, test_log.rating)))
+        if not np.isfinite(errors[-1]).all():  # errors beyond float64 (ratings near 1e308): null under exit 0
+            raise ValueError(f"{model.name}: the errors on fold {fold} are beyond floating point "
+                             f"(RMSE {errors[-1][0]:g}): rescale the ratings")
         for name, rmse_value in member_rmses(model, test_log).items():
             members.setdefault(name, []).append(rmse_value)
         if isinstance(model, Blend):

@@ -79,6 +79,9 @@ def protocol_log(log: InteractionLog, protocol: str, fmt: str) -> InteractionLog
     distinct = pairs.groupby("session", sort=False).size()
     keep = np.isin(log.user_id, distinct.index[distinct.to_numpy() >= 2].to_numpy())
     dropped = int(len(distinct) - (distinct.to_numpy() >= 2).sum())
+    if dropped == len(distinct):  # an empty log failed later, in the split, with an IndexError
+        raise ValueError(f"none of the {dropped:,} sessions has two distinct items, so none has a next item to "
+                         "predict (sessions with fewer are dropped; EVALUATION.md)")
     if dropped:
         print(f"note: {dropped:,} sessions with fewer than two distinct items dropped (EVALUATION.md)",
               file=sys.stderr)
