@@ -202,3 +202,37 @@ def test_a_master_failover_during_a_replay_loses_and_doubles_nothing(online_sett
     report = trainer.report()
     assert report is not None and report["applied"] == len(events)
     store.clear()
+
+
+def test_a_bucket_back_with_an_older_state_is_held_and_a_corrupt_counter_repaired(redis_cluster: RedisCluster) -> None:
+    """One bucket's master came back with an older state (its replica lagged when promoted): its
+    watermark lies below where the next batch starts. The bucket holds its share back until the
+    missing range is written again (what the rebuild does); a counter of another bucket left as
+    text is reset and that bucket's share written in full."""
+    store = FeatureStore.from_url(redis_cluster.url, FeatureStoreConfig(prefix=unique_prefix(), cluster=True))
+    events = planted_events(600)
+    store.write(origin_batch(events[:200]), ranges={"t/0": (0, 200)})
+    lost = int(bucket_of([events[0]["user_id"]], CLUSTER_BUCKETS)[0])
+    client = store.redis
+    older = {key: (client.dump(key), max(client.pttl(key), 0))
+             for key in client.scan_iter(f"{store.keys.prefix}:{{b{lost}}}:*")}
+    store.write(origin_batch(events[200:400], first=200), ranges={"t/0": (200, 400)})
+    client.delete(*client.scan_iter(f"{store.keys.prefix}:{{b{lost}}}:*"))
+    for key, (value, ttl) in older.items():
+        client.restore(key, ttl, value)
+    later = events[400:]
+    item = next(e["item_id"] for e in later if bucket_of([e["item_id"]], CLUSTER_BUCKETS)[0] != lost)
+    client.hset(store.keys.entity("i", item), "events", "oops")
+
+    held = store.write(origin_batch(later, first=400), floors={"t/0": 0}, ranges={"t/0": (400, 600)})
+    in_lost_bucket = int((bucket_of([e["user_id"] for e in later], CLUSTER_BUCKETS) == lost).sum())
+    assert held.behind == {"t/0": 400} and held.skipped == in_lost_bucket
+    assert held.repaired == (f"{store.keys.entity('i', item)} events",)
+    store.write(origin_batch(events[200:400], first=200), ranges={"t/0": (200, 400)})  # the rebuild's write
+    again = store.write(origin_batch(later, first=400), floors={"t/0": 0}, ranges={"t/0": (400, 600)})
+    assert again.applied == in_lost_bucket and again.behind == {}
+    expected = Counter(e["item_id"] for e in events)
+    assert store.item_event_counts() == dict(expected)
+    assert store.entity("i", item)["events"] == sum(e["item_id"] == item for e in later)  # restarted from 0
+    assert store.watermarks() == {"t/0": 600}
+    store.clear()

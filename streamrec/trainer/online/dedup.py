@@ -108,6 +108,11 @@ class EventIdWindow:
         return (np.concatenate([h for h, _ in spans.values()]), np.concatenate([o for _, o in spans.values()]))
 
     # ---- deciding -------------------------------------------------------------------------------
+    def window_start(self, offset: np.ndarray | int) -> np.ndarray | int:
+        """The first offset of the window of the record at `offset`: the same id at an offset from
+        there on makes it a duplicate (what a reader resuming at `offset` must have recorded)."""
+        return (offset // SPAN_EVENTS - (self.slots - 1)) * SPAN_EVENTS
+
     def duplicates(self, batch: EventBatch) -> tuple[np.ndarray, np.ndarray]:
         """(mask of the batch's duplicate rows, the offset of each one's previous copy, -1 elsewhere).
         The batch must carry its origin (`with_origin`); rows may be in any order."""
@@ -123,8 +128,7 @@ class EventIdWindow:
             near = np.isin(known_h, h)
             has_prev, prev = _previous_offsets(np.concatenate([h, known_h[near]]), np.concatenate([o, known_o[near]]),
                                                len(rows))
-            start = (o // SPAN_EVENTS - (self.slots - 1)) * SPAN_EVENTS
-            hit = has_prev & (prev >= start)
+            hit = has_prev & (prev >= self.window_start(o))
             duplicate[rows[hit]] = True
             previous[rows[hit]] = prev[hit]
         return duplicate, previous

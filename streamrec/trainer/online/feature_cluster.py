@@ -58,6 +58,7 @@ from streamrec.stream.events import EventBatch
 from streamrec.trainer.online.feature_store import (
     RENORMALISE_AFTER_HALF_LIVES,
     WAIT_TIMEOUT_MS,
+    ConsumedRanges,
     FeatureStore,
     FeatureStoreConfig,
     FeatureWrite,
@@ -78,8 +79,8 @@ KEY_INDEX_COLUMNS = frozenset({"uk", "ik", "uw", "iw"})  # per event too, but se
 T = TypeVar("T")
 
 
-def _first_application(final: list[int], unconfirmed: list[int] | None) -> list[int]:
-    """A bucket's reply ([applied, skipped, *unmarked]) counting as applied the events a first,
+def _first_application(final: list, unconfirmed: list | None) -> list:
+    """A bucket's reply ([applied, skipped, unmarked, behind, repaired]) counting as applied the events a first,
     unconfirmed execution applied: its retry finds them written (the watermark) and skips them,
     or, on a promoted replica that never got them, applies the same events again."""
     if unconfirmed is None or int(unconfirmed[0]) <= int(final[0]):
@@ -157,7 +158,7 @@ class ClusterFeatureStore(FeatureStore):
             try:
                 return attempt()
             except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError,
-                    redis.exceptions.MovedError, redis.exceptions.TryAgainError,
+                    redis.exceptions.MovedError, redis.exceptions.AskError, redis.exceptions.TryAgainError,
                     redis.exceptions.RedisClusterException) as exc:
                 if number == attempts:
                     raise redis.ConnectionError(f"Redis Cluster: {type(exc).__name__}: {exc}") from exc
@@ -171,13 +172,14 @@ class ClusterFeatureStore(FeatureStore):
 
     # ---- writing ------------------------------------------------------------------------------
     def write(self, batch: EventBatch, weights: np.ndarray | None = None,
-              floors: Mapping[str, int] | None = None) -> FeatureWrite:
+              floors: Mapping[str, int] | None = None, ranges: ConsumedRanges | None = None) -> FeatureWrite:
         """The batch as one script call per bucket, every master's calls in one pipeline ending
-        with WAIT (module docstring); semantics and result as `FeatureStore.write`."""
-        if not len(batch):
+        with WAIT (module docstring); semantics and result as `FeatureStore.write` (each bucket
+        compares its own watermark with `ranges`, and reports the partitions it lacks)."""
+        if not len(batch) and not ranges:
             return FeatureWrite(0, 0, {})
-        fields, keys, origin = self._columns(batch, weights, floors)
-        if len(origin.pkeys):
+        fields, keys, origin = self._columns(batch, weights, floors, ranges)
+        if len(origin.pkeys) and origin.last is None:
             last = np.full(len(origin.pkeys), -1, np.int64)
             tagged = origin.index > 0
             np.maximum.at(last, origin.index[tagged] - 1, np.asarray(fields["o"])[tagged])
@@ -196,22 +198,17 @@ class ClusterFeatureStore(FeatureStore):
         unconfirmed: dict[int, list[int]] = {}  # bucket -> its reply from a master whose replica did not confirm
         self._retrying(lambda: self._run_buckets(calls, done, unconfirmed))
         replies = [_first_application(done[bucket], unconfirmed.get(bucket)) for bucket in range(self.buckets)]
-        applied = skipped = 0
-        unmarked: set[int] = set()
-        for applied_here, skipped_here, *missing in replies:
-            applied, skipped = applied + int(applied_here), skipped + int(skipped_here)
-            unmarked.update(int(k) for k in missing)
-        return FeatureWrite(applied, skipped, {
-            str(origin.pkeys[k - 1]): int(origin.first[k - 1])
-            for k in sorted(unmarked) if floors is None or origin.beyond_floor[k - 1]}, len(keys.keys))
+        return origin.outcome(replies, floors, len(keys.keys))
 
     def _run_buckets(self, calls: list[ScriptCall], done: dict[int, list[int]],
                      unconfirmed: dict[int, list[int]]) -> None:
         """Every bucket's call not yet `done` (its declared keys and its argument), one pipeline per
         master ending with WAIT when the master has a replica connected, all masters at once; the
         replies of the masters that wrote and replicated their calls go into `done`, so a retry
-        after a failover resends only the others' (their events would count as skipped otherwise).
-        Raises the first failure: an error reply, or a replica that did not confirm."""
+        after a failover resends only the others' (their events would count as skipped otherwise),
+        even when another master failed meanwhile; a master that failed after some of its calls
+        (or before its replica confirmed) leaves their replies `unconfirmed`. Raises the first
+        failure: an error reply, a lost connection, or a replica that did not confirm."""
         pending = [bucket for bucket in range(len(calls)) if bucket not in done]
         failure: Exception | None = None
         try:
@@ -222,13 +219,18 @@ class ClusterFeatureStore(FeatureStore):
                                         for (_, buckets, client), w in zip(masters, wanted)])
             for (node, buckets, _), want, got in zip(masters, wanted, results):
                 error = next((result for result in got if isinstance(result, Exception)), None)
-                if error is None and want and int(got[-1]) < want:
-                    for bucket, reply in zip(buckets, got):  # written, not yet confirmed: the retry says "skipped"
-                        unconfirmed.setdefault(bucket, reply)
+                confirmed = not want or (len(got) > len(buckets) and not isinstance(got[-1], Exception)
+                                         and int(got[-1]) >= want)
+                if error is None and not confirmed:
                     error = ReplicationNotConfirmed(f"{node.name}: {got[-1]} of {want} replicas confirmed "
                                                     f"the batch within {WAIT_TIMEOUT_MS} ms")
-                if error is None:
-                    done.update(zip(buckets, got))
+                for bucket, reply in zip(buckets, got):  # replies before a lost connection stand
+                    if isinstance(reply, Exception):
+                        continue
+                    if confirmed:
+                        done[bucket] = reply
+                    else:  # written, not yet confirmed: the retry says "skipped"
+                        unconfirmed.setdefault(bucket, reply)
                 failure = failure or error
             if failure is not None:
                 raise failure

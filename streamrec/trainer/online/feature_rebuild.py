@@ -10,7 +10,11 @@ anyway), and a rebuild that stops half-way, or runs twice, or overlaps the live 
 writes every event exactly once.
 
 Records that fail the event schema are skipped: the trainer dead-lettered them when it first
-consumed them, so they never were in the store.
+consumed them, so they never were in the store. So are the records the trainer drops as
+duplicates (an event id seen earlier in the partition, `dedup.EventIdWindow`): the same window
+runs over the rebuilt records, filled first with the ids of the window before the first offset
+rebuilt (read, not written), so that it decides each record as the trainer did. Every write names
+the offsets it was read from, so the watermarks move past skipped records too.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from streamrec.stream.events import EventBatch, EventSchema, InvalidEvent
 from streamrec.stream.kafka import Record, TopicPartition
 from streamrec.stream.reader import read_ranges
 from streamrec.stream.topics import end_offsets
+from streamrec.trainer.online.dedup import EventIdWindow
 from streamrec.trainer.online.feature_store import FeatureStore, popularity_weights
 from streamrec.trainer.online.roles import EventRoles
 
@@ -51,15 +56,17 @@ def _partition(pkey: str) -> TopicPartition:
     return topic, int(number)
 
 
-def _read_ranges(bootstrap: str, until: Mapping[str, int], written: Mapping[str, int]) -> dict[TopicPartition, tuple[str, int, int]]:
-    """(topic, partition) -> (pkey, first offset to read, offset to stop before), for partitions
-    with something left to write. Starts at the store's watermark or the topic's earliest
-    offset, whichever is later; stops at `until` or the topic's end, whichever is earlier."""
+def _read_ranges(bootstrap: str, until: Mapping[str, int],
+                 written: Mapping[str, int]) -> dict[TopicPartition, tuple[str, int, int, int]]:
+    """(topic, partition) -> (pkey, first offset to read, offset to stop before, the topic's
+    earliest offset), for partitions with something left to write. Starts at the store's
+    watermark or the topic's earliest offset, whichever is later; stops at `until` or the
+    topic's end, whichever is earlier."""
     by_topic: dict[str, dict[int, str]] = {}
     for pkey in until:
         topic, partition = _partition(pkey)
         by_topic.setdefault(topic, {})[partition] = pkey
-    ranges: dict[TopicPartition, tuple[str, int, int]] = {}
+    ranges: dict[TopicPartition, tuple[str, int, int, int]] = {}
     for topic, pkeys in by_topic.items():
         for partition, (begin, end) in end_offsets(bootstrap, topic, list(pkeys)).items():
             pkey = pkeys[partition]
@@ -71,7 +78,7 @@ def _read_ranges(bootstrap: str, until: Mapping[str, int], written: Mapping[str,
                 log.warning("%s: the parameter server is at offset %d but the topic ends at %d", pkey, until[pkey], end)
             start, stop = max(begin, resume), min(until[pkey], end)
             if start < stop:
-                ranges[(topic, partition)] = (pkey, start, stop)
+                ranges[(topic, partition)] = (pkey, start, stop, begin)
     return ranges
 
 
@@ -88,14 +95,40 @@ def _batch(records: Sequence[Record], schema: EventSchema, pkeys: Mapping[TopicP
     return EventBatch.from_events(events).with_origin(np.array(origin, dtype=object), np.array(offsets, np.int64))
 
 
+def _read(records: Sequence[Record], position: dict[TopicPartition, int],
+          pkeys: Mapping[TopicPartition, str]) -> dict[str, tuple[int, int]]:
+    """Per partition key, the offsets `records` cover ([first, end), the write's `ranges`): from
+    where the partition's previous records ended (`position`, moved on here) to its last record."""
+    ends: dict[TopicPartition, int] = {}
+    for record in records:
+        tp = (record.topic, record.partition)
+        ends[tp] = max(ends.get(tp, 0), record.offset + 1)
+    read = {pkeys[tp]: (position[tp], end) for tp, end in ends.items()}
+    position.update(ends)
+    return read
+
+
+def _fill_window(settings: Settings, schema: EventSchema, window: EventIdWindow,
+                 ranges: Mapping[TopicPartition, tuple[str, int, int, int]], batch_events: int,
+                 idle_timeout_s: float) -> None:
+    """Record in `window` the ids of the records before each range's start that the trainer's
+    window held there (dedup.py: the window of the range's first record, from the topic's
+    earliest offset at most), without writing them."""
+    before = {tp: (max(begin, window.window_start(start)), start) for tp, (_, start, _, begin) in ranges.items()}
+    pkeys = {tp: pkey for tp, (pkey, _, _, _) in ranges.items()}
+    for records in read_ranges(settings.kafka_bootstrap, before, settings.kafka_client, batch_events, idle_timeout_s):
+        window.record(_batch(records, schema, pkeys))
+
+
 def rebuild_features(
     settings: Settings, store: FeatureStore, until: Mapping[str, int], roles: EventRoles | None = None,
-    batch_events: int = 5000, idle_timeout_s: float = 60.0,
+    batch_events: int = 5000, idle_timeout_s: float = 60.0, dedup_window_events: int = 65_536,
 ) -> int:
     """Write the topic's events [earliest, until[pkey]) of every partition key into `store`, in
     batches of `batch_events` records; returns the number of events written (0 when the store
     already holds them all). `roles` weigh popularity as the trainer's ranking model does (the
-    default roles, as `streamrec train-online` uses). Raises TimeoutError when the broker sends
+    default roles, as `streamrec train-online` uses); `dedup_window_events` is the trainer's event-id
+    window (`TrainerConfig.dedup_window_events`). Raises TimeoutError when the broker sends
     nothing for `idle_timeout_s` while records are still due."""
     roles = roles or EventRoles()
     schema = EventSchema.from_settings(settings)
@@ -103,13 +136,19 @@ def rebuild_features(
     if not ranges:
         return 0
     log.info("rebuilding the feature store from %s",
-             {pkey: [start, stop] for pkey, start, stop in ranges.values()})
-    pkeys = {tp: pkey for tp, (pkey, _, _) in ranges.items()}
+             {pkey: [start, stop] for pkey, start, stop, _ in ranges.values()})
+    window = EventIdWindow(dedup_window_events)
+    _fill_window(settings, schema, window, ranges, batch_events, idle_timeout_s)
+    pkeys = {tp: pkey for tp, (pkey, _, _, _) in ranges.items()}
+    position = {tp: start for tp, (_, start, _, _) in ranges.items()}
     written = 0
-    for records in read_ranges(settings.kafka_bootstrap, {tp: (start, stop) for tp, (_, start, stop) in ranges.items()},
+    for records in read_ranges(settings.kafka_bootstrap,
+                               {tp: (start, stop) for tp, (_, start, stop, _) in ranges.items()},
                                settings.kafka_client, batch_events, idle_timeout_s):
         batch = _batch(records, schema, pkeys)
-        if len(batch):
-            written += store.write(batch, popularity_weights(batch, roles)).applied
+        duplicate, _ = window.duplicates(batch)  # as the trainer decided (trainer._drop_duplicates)
+        window.record(batch)
+        batch = batch.take(~duplicate)
+        written += store.write(batch, popularity_weights(batch, roles), ranges=_read(records, position, pkeys)).applied
     log.info("feature store rebuilt: %d events written", written)
     return written

@@ -17,7 +17,15 @@ without an origin (a file, a benchmark) are written unconditionally, as before. 
 no watermark although the topic holds earlier events (the store was wiped: Redis here keeps
 nothing on disk) is held back and reported, so that the caller rebuilds it from the topic
 (`feature_rebuild`) before writing on: a watermark only moves forward, so earlier events could
-not be added after later ones.
+not be added after later ones. The same holds for a watermark below the offset the batch was read
+from (the trainer names it, `ranges`): a store back with an older state than it acknowledged (an
+RDB/AOF restore, a lagging replica promoted) lacks what lies between.
+
+A failed script is not rolled back: one failing half-way kept its first writes, and its retries
+counted them again. So the script repairs what a key holds that a command cannot take (a key of
+another type is deleted, a counter that is no integer restarts from 0), reports it, and writes the
+batch in full; only watermarks it cannot read make it refuse the batch before any write
+(`FeatureStoreCorrupt`).
 
 Key schema (`KeySchema`; prefix `sr`, configurable). Ids are encoded by `encode_id`: `%`, `:`,
 `{` and `}` become `%25`, `%3A`, `%7B`, `%7D`, so an id can neither end its key early (`:`), nor
@@ -54,6 +62,7 @@ watermarks and its own fragment of the shared keys: streamrec.trainer.online.fea
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import time
 from collections.abc import Mapping
@@ -65,6 +74,7 @@ import numpy as np
 import orjson
 import pandas as pd
 import redis
+from prometheus_client import Counter
 
 from streamrec.core.config import Settings
 from streamrec.param_server.keys import as_keys, mix64
@@ -72,6 +82,10 @@ from streamrec.stream.events import EventBatch
 from streamrec.trainer.online.roles import EventRoles
 from streamrec.trainer.online.session import SESSION_GAP
 
+log = logging.getLogger(__name__)
+FEATURE_REPAIRS = Counter("streamrec_trainer_feature_store_repairs_total",
+                          "Feature-store keys (or hash fields) that held what the write script cannot use (another "
+                          "type, a counter that is no integer): deleted or reset to 0, and the batch written in full")
 WINDOWS: dict[int, int] = {300: 60, 3600: 300}  # window seconds -> bucket seconds
 EntityKind = Literal["u", "i"]  # user, item
 RECENT, SEEN = "recent", "seen"  # suffixes of a user's keys
@@ -262,18 +276,83 @@ local WM, CLOCK, LANDMARK, POP, ITEM_EVENTS = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local ttl, cap, half_life, gap = p.ttl, p.cap, p.half_life, p.gap
 local I, T, W, PI, O, PK, HOLD = p.i, p.t, p.w, p.pi, p.o, p.pk or {}, p.hold
 local UK, IK, UW, IW, WTTL = p.uk, p.ik, p.uw, p.iw, p.wttl
--- a bucket of a Cluster store also gets every partition's last offset in the whole batch (its
--- watermark moves even when none of the partition's events falls in this bucket)
-local PLAST = p.plast
+-- with the caller's consumed ranges (or, in a bucket of a Cluster store, always): every
+-- partition's last offset read, so its watermark moves past records that wrote nothing (invalid,
+-- duplicates, another bucket's), and (ranges only) the first offset read, right after the range
+-- the caller wrote before
+local PLAST, START = p.plast, p.start
+-- Redis does not roll a failed script back: a command that fails half-way through left the
+-- writes before it, and the retried batch counted them again. So nothing below fails on what a
+-- key holds: the watermarks are checked before the first write (the batch is refused, nothing
+-- written, when they cannot be read: no write could be placed safely), and every other key is
+-- repaired where a command cannot take it (a key of another type deleted, a counter that is not
+-- an integer restarted from 0), reported in the reply, and the command made again.
+local repaired = {}
+local function is_offset(v)
+  return string.len(v) <= 18 and string.match(v, '^-?%d+$') ~= nil
+end
+local function failed(reply) return type(reply) == 'table' and reply.err ~= nil end
+local function repairable(reply) -- a reply that says what the key holds, not why Redis refused (OOM, READONLY)
+  local e = reply.err
+  return string.find(e, 'WRONGTYPE', 1, true) or string.find(e, 'not an integer', 1, true)
+    or string.find(e, 'overflow', 1, true)
+end
+local function on_key(command, key, ...)  -- a key of another type is deleted first
+  local done = redis.pcall(command, key, ...)
+  if not failed(done) then return done end
+  if not string.find(done.err, 'WRONGTYPE', 1, true) then error(done) end
+  redis.call('DEL', key); repaired[#repaired + 1] = key
+  return redis.call(command, key, ...)
+end
+local function incr(key, by)  -- INCRBY; a key that is no integer restarts from 0
+  local done = redis.pcall('INCRBY', key, by)
+  if not failed(done) then return done end
+  if not repairable(done) then error(done) end
+  redis.call('DEL', key); repaired[#repaired + 1] = key
+  return redis.call('INCRBY', key, by)
+end
+local function hincr(key, field, by)  -- HINCRBY; a field that is no integer restarts from 0
+  local done = redis.pcall('HINCRBY', key, field, by)
+  if not failed(done) then return done end
+  if not repairable(done) then error(done) end
+  if string.find(done.err, 'WRONGTYPE', 1, true) then
+    redis.call('DEL', key); repaired[#repaired + 1] = key
+  else
+    redis.call('HDEL', key, field); repaired[#repaired + 1] = key .. ' ' .. field
+  end
+  return redis.call('HINCRBY', key, field, by)
+end
+local function number_at(key)  -- a string key's number; one that holds none is deleted (nil)
+  local v = on_key('GET', key)
+  local n = v and tonumber(v)
+  if v and (n == nil or n ~= n or n == math.huge or n == -math.huge) then
+    redis.call('DEL', key); repaired[#repaired + 1] = key
+    return nil
+  end
+  return n
+end
 -- the batch's partitions: an event below its partition's watermark was written before; a
--- partition without one is reported, and held back entirely (nothing written, no watermark set)
--- when the caller knows the topic holds earlier events of it
-local marks, unmarked, last = {}, {}, {}
+-- partition without one is reported, and so is one whose watermark lies below the offset the
+-- caller read this batch from (the store lost writes: restored from an older snapshot, or a
+-- lagging replica promoted); either is held back entirely (nothing written, no watermark set)
+-- when the caller knows the topic holds the missing events, so that they are rebuilt first
+local marks, unmarked, behind, last = {}, {}, {}, {}
+local stored = #PK > 0 and redis.pcall('HMGET', WM, unpack(PK)) or {}
+if failed(stored) then
+  return redis.error_reply('CORRUPT ' .. WM .. ' is not a hash of watermarks: nothing written (' .. stored.err .. ')')
+end
 for k, pkey in ipairs(PK) do
-  local v = redis.call('HGET', WM, pkey)
+  local v = stored[k]
+  if v and not is_offset(v) then
+    return redis.error_reply('CORRUPT watermark ' .. WM .. ' ' .. pkey .. ' = ' .. string.format('%q', v)
+                             .. ' is not an offset: nothing written')
+  end
   marks[k] = v and tonumber(v) or -1
   if not v then
     unmarked[#unmarked + 1] = k
+    if HOLD[k] then marks[k] = math.huge end
+  elseif START and START[k] > marks[k] then
+    behind[#behind + 1] = k
     if HOLD[k] then marks[k] = math.huge end
   end
 end
@@ -283,7 +362,7 @@ local applied, skipped, max_t, min_t = 0, 0, nil, nil
 -- a command on many values in chunks: Lua's unpack stops near 8,000 values (one user's events in a
 -- large batch: a bot), which would fail the whole batch, and again at every retry
 local function chunked(command, key, values, first)
-  for s = first, #values, 4096 do redis.call(command, key, unpack(values, s, math.min(s + 4095, #values))) end
+  for s = first, #values, 4096 do on_key(command, key, unpack(values, s, math.min(s + 4095, #values))) end
 end
 local function bump(key, ttl_seconds)
   local c = counts[key]
@@ -327,8 +406,10 @@ end
 if max_t ~= nil then
   -- the clock never runs past the writer's wall clock: one event dated up to a day ahead (the
   -- schema's allowance for skewed clients) ended every session and emptied every window count
-  local clock, newest = tonumber(redis.call('GET', CLOCK) or '0'), math.min(max_t, p.now)
+  local clock, newest = number_at(CLOCK) or 0, math.min(max_t, p.now)
   if newest > clock then redis.call('SET', CLOCK, string.format('%.6f', newest)) end
+  -- a landmark that is no number is replaced by this batch's: the stored scores keep their order
+  number_at(LANDMARK)
   redis.call('SETNX', LANDMARK, string.format('%.6f', min_t))
   -- popularity was accumulated relative to landmark_hint, the batch's newest time (so each event's
   -- 2^((t - hint) / half_life) is at most 1); convert to the stored landmark. 2^x overflows a
@@ -339,7 +420,7 @@ if max_t ~= nil then
   local landmark = tonumber(redis.call('GET', LANDMARK))
   if (p.landmark_hint - landmark) / half_life > p.renormalise_after then
     local decayed = math.pow(2, (landmark - p.landmark_hint) / half_life)
-    redis.call('ZUNIONSTORE', POP, 1, POP, 'WEIGHTS', string.format('%.17g', decayed))
+    on_key('ZUNIONSTORE', POP, 1, POP, 'WEIGHTS', string.format('%.17g', decayed))
     redis.call('SET', LANDMARK, string.format('%.6f', p.landmark_hint))
     landmark = p.landmark_hint
   end
@@ -352,7 +433,7 @@ if max_t ~= nil then
     chunked('SADD', seen, e.items, 1)
     redis.call('EXPIRE', seen, ttl)
     -- the current session: its events so far, a gap of more than `gap` seconds starting a new one
-    local held = redis.call('HMGET', key, 'last_seen', 'session_events')
+    local held = on_key('HMGET', key, 'last_seen', 'session_events')
     local previous, session = tonumber(held[1]), tonumber(held[2]) or 0
     for _, t in ipairs(e.times) do
       if previous == nil or t - previous > gap then session = 0 end
@@ -365,28 +446,28 @@ if max_t ~= nil then
       table.insert(fields, 'log_offset'); table.insert(fields, string.format('%.0f', e.o))
     end
     redis.call('HSET', key, unpack(fields))
-    redis.call('HINCRBY', key, 'events', e.n)
+    hincr(key, 'events', e.n)
     redis.call('EXPIRE', key, ttl)
   end
   for _, ik in ipairs(item_order) do
     local f, key = items[ik], KEYS[ik]
-    local last_seen = tonumber(redis.call('HGET', key, 'last_seen') or '0')
+    local last_seen = tonumber(on_key('HGET', key, 'last_seen')) or 0
     if f.last > last_seen then redis.call('HSET', key, 'last_seen', string.format('%.6f', f.last)) end
-    redis.call('HINCRBY', key, 'events', f.n)
+    hincr(key, 'events', f.n)
     redis.call('EXPIRE', key, ttl)
-    redis.call('HINCRBY', ITEM_EVENTS, f.id, f.n)
-    redis.call('ZINCRBY', POP, f.pop * shift, f.id)
+    hincr(ITEM_EVENTS, f.id, f.n)
+    on_key('ZINCRBY', POP, f.pop * shift, f.id)
   end
   for _, key in ipairs(count_order) do
     local c = counts[key]
-    if redis.call('INCRBY', KEYS[key], c[1]) == c[1] then redis.call('EXPIRE', KEYS[key], c[2]) end
+    if incr(KEYS[key], c[1]) == c[1] then redis.call('EXPIRE', KEYS[key], c[2]) end
   end
 end
 for k, pkey in ipairs(PK) do
   local l = PLAST and PLAST[k] or last[k]
   if l + 1 > marks[k] then redis.call('HSET', WM, pkey, string.format('%d', l + 1)) end
 end
-return {applied, skipped, unpack(unmarked)}
+return {applied, skipped, unmarked, behind, repaired}
 """
 RENORMALISE_AFTER_HALF_LIVES = 256.0  # popularity's landmark moves up once this far behind (2^256: far from overflow)
 WAIT_TIMEOUT_MS = 1000  # WAIT for replicas (Cluster): below the socket timeout, so a missing confirmation is an answer
@@ -397,21 +478,31 @@ WRITE_SHA = hashlib.sha1(WRITE_SCRIPT.encode()).hexdigest()
 ScriptCall = tuple[list[str], bytes]  # one write-script call: its declared keys and its argument
 
 
+class FeatureStoreCorrupt(redis.ResponseError):
+    """The write script refused a batch, writing nothing: a key it cannot repair (the partitions'
+    watermarks) holds something else. Writing the batch again cannot help, unlike a refusal for
+    the moment (OOM, READONLY during a failover): the key must be fixed by hand."""
+
+
+CORRUPT = "CORRUPT "  # the script's error reply when it refuses a batch
+
+
 def _reply(connection: redis.Connection) -> object:
     """The next reply on `connection`, an error reply as its exception (the replies after it must
-    still be read)."""
+    still be read); the script's refusal as FeatureStoreCorrupt."""
     try:
         return connection.read_response()
     except redis.ResponseError as error:
-        return error
+        return FeatureStoreCorrupt(str(error)) if str(error).startswith(CORRUPT) else error
 
 
 def _exchange(sends: list[tuple[redis.Redis, list[ScriptCall], int]]) -> list[list[object]]:
     """Send each Redis (its client, its write-script calls, the replicas to WAIT for after them)
     its commands, then read every reply: several Redis (a Cluster's masters) run their scripts at
     the same time. Commands are packed by hiredis itself: redis-py's packer looks at each of a
-    batch's thousands of keys in Python first. A connection error is raised, and a connection
-    with replies left unread is dropped."""
+    batch's thousands of keys in Python first. A Redis whose connection fails gets the error as
+    its last reply, its connection dropped; the replies read before it, and the other Redis's,
+    stand (a Cluster counts what its other masters wrote)."""
     packed = []  # every send packed before anything is sent: a bad argument sends nothing
     for _, calls, wanted in sends:
         commands: list[tuple[str | int | bytes, ...]] = [
@@ -419,21 +510,34 @@ def _exchange(sends: list[tuple[redis.Redis, list[ScriptCall], int]]) -> list[li
         if wanted:
             commands.append(("WAIT", wanted, WAIT_TIMEOUT_MS))
         packed.append(b"".join(map(hiredis.pack_command, commands)))
-    held: list[tuple[redis.Redis, redis.Connection]] = []
+    results: list[list[object]] = [[] for _ in sends]
+    connections: list[redis.Connection | None] = [None] * len(sends)
     try:
-        for (client, _, _), payload in zip(sends, packed):
-            connection = client.connection_pool.get_connection()
-            held.append((client, connection))
-            connection.send_packed_command([payload])
-        return [[_reply(connection) for _ in range(len(calls) + bool(wanted))]
-                for (_, connection), (_, calls, wanted) in zip(held, sends)]
+        for k, ((client, _, _), payload) in enumerate(zip(sends, packed)):
+            try:
+                connections[k] = client.connection_pool.get_connection()
+                connections[k].send_packed_command([payload])
+            except (redis.ConnectionError, redis.TimeoutError) as error:
+                results[k].append(error)
+        for k, (connection, (_, calls, wanted)) in enumerate(zip(connections, sends)):
+            if results[k]:
+                continue  # not sent
+            try:
+                for _ in range(len(calls) + bool(wanted)):
+                    results[k].append(_reply(connection))
+            except (redis.ConnectionError, redis.TimeoutError) as error:
+                connection.disconnect()  # replies may be left unread on it
+                results[k].append(error)
+        return results
     except BaseException:
-        for _, connection in held:
-            connection.disconnect()
+        for connection in connections:
+            if connection is not None:
+                connection.disconnect()
         raise
     finally:
-        for client, connection in held:
-            client.connection_pool.release(connection)
+        for (client, _, _), connection in zip(sends, connections):
+            if connection is not None:
+                client.connection_pool.release(connection)
 
 
 def run_write_script(sends: list[tuple[redis.Redis, list[ScriptCall], int]]) -> list[list[object]]:
@@ -469,37 +573,95 @@ class FeatureWrite:
     """The outcome of one batch's write: events `applied`, events `skipped` (written before, or
     held back), and `unmarked`: the batch's partitions that had no watermark (a first write, or a
     wiped store; with floors, only those with earlier events in the topic), each with the batch's
-    first offset of it. `declared_keys`: the user, item and window keys the write declared (the
-    cost of the batch's key set; not part of the outcome, so not compared)."""
+    first offset of it. `behind` (only with the batch's `ranges`): partitions whose watermark lies
+    below the offset the batch was read from, each with that offset: the store lost writes (an
+    older snapshot restored, a lagging replica promoted); with floors, only those whose missing
+    offsets the topic still holds. `repaired`: keys (or "key field") that held what the script
+    could not use, deleted or reset to 0 so that the batch was written in full (also logged and
+    counted). `declared_keys`: the user, item and window keys the write declared (the cost of the
+    batch's key set; not part of the outcome, so not compared)."""
 
     applied: int
     skipped: int
     unmarked: dict[str, int]
+    behind: dict[str, int] = field(default_factory=dict)
+    repaired: tuple[str, ...] = ()
     declared_keys: int = field(default=0, compare=False)
+
+    @property
+    def missing(self) -> dict[str, int]:
+        """The partitions to rebuild before the batch is written again (`rebuild_features`): the
+        unmarked and those behind, each up to the offset the batch starts at."""
+        return {**self.unmarked, **self.behind}
+
+
+ConsumedRanges = Mapping[str, tuple[int, int]]  # partition key -> [first offset read, end): what a batch was cut from
 
 
 @dataclass(frozen=True)
 class _Origin:
     """A time-ordered batch's partitions: `pkeys` (sorted), `index` (per event, 1-based into
-    `pkeys`; 0 = no origin), each partition's `first` offset here and whether that is
-    `beyond_floor` (the topic holds earlier events of it; always False without floors)."""
+    `pkeys`; 0 = no origin), each partition's `first` offset here (with ranges, the first offset
+    read) and whether that is `beyond_floor` (the topic holds earlier events of it; always False
+    without floors), and with ranges each partition's `last` offset read (None without)."""
 
     pkeys: np.ndarray
     index: np.ndarray
     first: np.ndarray
     beyond_floor: np.ndarray
+    last: np.ndarray | None = None
 
     @classmethod
-    def of(cls, partition: np.ndarray, offset: np.ndarray, floors: Mapping[str, int] | None) -> _Origin:
+    def of(cls, partition: np.ndarray, offset: np.ndarray, floors: Mapping[str, int] | None,
+           ranges: ConsumedRanges | None = None) -> _Origin:
         tagged = np.not_equal(partition, None) & (offset >= 0)
-        pkeys, inverse = np.unique(partition[tagged], return_inverse=True)
+        if ranges is None:
+            pkeys, inverse = np.unique(partition[tagged], return_inverse=True)
+        else:  # every partition read, with or without an event to write
+            pkeys = np.array(sorted(ranges), dtype=object)
+            bounds = np.array([ranges[pkey] for pkey in pkeys], np.int64).reshape(-1, 2)
+            named, at = partition[tagged], offset[tagged]
+            inverse = np.searchsorted(pkeys, named)
+            inside = inverse < len(pkeys)
+            inside[inside] = pkeys[inverse[inside]] == named[inside]
+            if not inside.all() or np.any((at < bounds[inverse, 0]) | (at >= bounds[inverse, 1])):
+                raise ValueError("an event lies outside the ranges its batch was read from")
         index = np.zeros(len(partition), np.int64)
         index[tagged] = inverse + 1
         first = np.full(len(pkeys), np.iinfo(np.int64).max)
         np.minimum.at(first, inverse, offset[tagged])
+        last = None
+        if ranges is not None:
+            first, last = bounds[:, 0].copy(), bounds[:, 1] - 1
         beyond = (first > np.array([floors.get(pkey, 0) for pkey in pkeys], np.int64) if floors is not None
                   else np.zeros(len(pkeys), bool))
-        return cls(pkeys, index, first, beyond)
+        return cls(pkeys, index, first, beyond, last)
+
+    def outcome(self, replies: list[list], floors: Mapping[str, int] | None, declared_keys: int) -> FeatureWrite:
+        """The FeatureWrite of the script's replies to the batch (one per bucket):
+        [applied, skipped, unmarked, behind, repaired], partitions as 1-based indexes into
+        `pkeys`. With floors, only the partitions held back are reported (those beyond their floor)."""
+        applied = skipped = 0
+        unmarked: set[int] = set()
+        behind: set[int] = set()
+        repaired: list[str] = []
+        for applied_here, skipped_here, unmarked_here, behind_here, repaired_here in replies:
+            applied, skipped = applied + int(applied_here), skipped + int(skipped_here)
+            unmarked.update(int(k) for k in unmarked_here)
+            behind.update(int(k) for k in behind_here)
+            repaired.extend(key.decode(errors="backslashreplace") for key in repaired_here)
+        if repaired:
+            log.error("feature store: %d keys held what the write script cannot use (a hand edit, another writer, a "
+                      "bad restore); deleted or reset to 0 so that the batch was written in full: %s",
+                      len(repaired), repaired[:20])
+            FEATURE_REPAIRS.inc(len(repaired))
+
+        def report(partitions: set[int]) -> dict[str, int]:
+            return {str(self.pkeys[k - 1]): int(self.first[k - 1])
+                    for k in sorted(partitions) if floors is None or self.beyond_floor[k - 1]}
+
+        return FeatureWrite(applied, skipped, report(unmarked), report(behind - unmarked), tuple(repaired),
+                            declared_keys)
 
 
 def script_argument(fields: Mapping[str, object]) -> bytes:
@@ -575,8 +737,8 @@ class FeatureStore:
         return cls(redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s), config)
 
     # ---- writing ------------------------------------------------------------------------------
-    def _columns(self, batch: EventBatch, weights: np.ndarray | None,
-                 floors: Mapping[str, int] | None) -> tuple[dict[str, object], DeclaredKeys, _Origin]:
+    def _columns(self, batch: EventBatch, weights: np.ndarray | None, floors: Mapping[str, int] | None,
+                 ranges: ConsumedRanges | None = None) -> tuple[dict[str, object], DeclaredKeys, _Origin]:
         """The script's fields: the batch's columns in time order (the script aggregates them inside
         Redis), the keys they touch, and where the events come from."""
         c = self.config
@@ -585,20 +747,22 @@ class FeatureStore:
         keys = DeclaredKeys.of(self.keys, batch.user_id[order], batch.item_id[order], times)
         fields: dict[str, object] = {
             "ttl": c.ttl_seconds, "cap": c.recent_cap, "half_life": c.popularity_half_life, "gap": c.session_gap,
-            "landmark_hint": float(times[-1]), "renormalise_after": RENORMALISE_AFTER_HALF_LIVES, "wttl": WINDOW_TTLS,
+            "landmark_hint": float(times[-1]) if len(times) else 0.0, "renormalise_after": RENORMALISE_AFTER_HALF_LIVES, "wttl": WINDOW_TTLS,
             "now": time.time(),
             "i": batch.item_id[order], "t": times,
             "w": np.ones(len(batch)) if weights is None else np.asarray(weights, np.float64)[order],
             "uk": keys.user, "ik": keys.item, "uw": keys.user_windows, "iw": keys.item_windows,
         }
-        origin = _Origin.of(batch.partition[order], batch.offset[order], floors)
+        origin = _Origin.of(batch.partition[order], batch.offset[order], floors, ranges)
         if len(origin.pkeys):
             fields |= {"pi": origin.index, "o": batch.offset[order], "pk": origin.pkeys.tolist(),
                        "hold": origin.beyond_floor.tolist()}
+            if origin.last is not None:
+                fields |= {"start": origin.first, "plast": origin.last}
         return fields, keys, origin
 
     def write(self, batch: EventBatch, weights: np.ndarray | None = None,
-              floors: Mapping[str, int] | None = None) -> FeatureWrite:
+              floors: Mapping[str, int] | None = None, ranges: ConsumedRanges | None = None) -> FeatureWrite:
         """One round trip for the whole batch: its new events are written and its partitions'
         watermarks advanced atomically; events already below a watermark are skipped.
 
@@ -607,18 +771,28 @@ class FeatureStore:
         first offset here is above its floor has earlier events that the store lacks. Its events
         are then held back (counted as skipped, no watermark set) and only such partitions are
         reported in `unmarked`: rebuild them up to those offsets (`rebuild_features(settings,
-        store, result.unmarked)`), then write the batch again. Without `floors` every partition
-        without a watermark is reported, and everything is written."""
-        if not len(batch):
+        store, result.missing)`), then write the batch again. Without `floors` every partition
+        without a watermark is reported, and everything is written.
+
+        `ranges` (partition key -> [first offset read, end)): the records the batch was made of,
+        each range starting right after the one the caller wrote before (the consumer's position),
+        so the records that wrote nothing (invalid, duplicate) count as read. The store then moves
+        each watermark to its range's end, even for a batch without events, and compares it with
+        the range's start: a watermark below it means the store lost writes it acknowledged (an
+        older snapshot restored, a lagging replica promoted), which it reports in `behind` and,
+        with `floors`, holds back as a wiped partition. Without `ranges` the watermark moves to the
+        last event's offset + 1 and such a loss goes unnoticed.
+
+        A key that holds what the script cannot use (another type, a counter that is no integer)
+        is deleted or reset and reported in `repaired`; watermarks it cannot read make it refuse
+        the batch, writing nothing: FeatureStoreCorrupt."""
+        if not len(batch) and not ranges:
             return FeatureWrite(0, 0, {})
-        fields, keys, origin = self._columns(batch, weights, floors)
+        fields, keys, origin = self._columns(batch, weights, floors, ranges)
         (reply,), = run_write_script([(self.redis, [(self._shared + keys.of_bucket(0), script_argument(fields))], 0)])
         if isinstance(reply, Exception):
             raise reply
-        applied, skipped, *unmarked = reply
-        return FeatureWrite(int(applied), int(skipped), {
-            str(origin.pkeys[k - 1]): int(origin.first[k - 1])
-            for k in unmarked if floors is None or origin.beyond_floor[k - 1]}, len(keys.keys))
+        return origin.outcome([reply], floors, len(keys.keys))
 
     def clear(self) -> int:
         """Delete every key under this store's prefix (benchmark and test data); returns the count."""

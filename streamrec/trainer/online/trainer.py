@@ -65,7 +65,11 @@ from streamrec.trainer.online.dedup import (
 from streamrec.trainer.online.exploration import ExplorationStore
 from streamrec.trainer.online.exploration_follower import ExplorationFollower
 from streamrec.trainer.online.feature_rebuild import rebuild_features
-from streamrec.trainer.online.feature_store import FeatureStore, popularity_weights
+from streamrec.trainer.online.feature_store import (
+    FeatureStore,
+    FeatureStoreCorrupt,
+    popularity_weights,
+)
 from streamrec.trainer.online.impression_follower import ImpressionFollower
 from streamrec.trainer.online.live_eval import LivePrequential
 from streamrec.trainer.online.metrics import (
@@ -477,9 +481,9 @@ class OnlineTrainer:
         batch = batch.in_event_time_order()  # ties by partition and offset: never by when a fetch arrived
         pending: Future | None = None
         weights = np.ones(0)
-        if len(batch) and self.features:
+        if self.features:  # a batch without an event still moves the store's watermarks past its records
             weights = popularity_weights(batch, self.models[0].roles)
-            pending = self._feature_pool.submit(self._write_features_once, batch, weights)
+            pending = self._feature_pool.submit(self._write_features_once, batch, weights, ranges)
         if needed_by_any:
             recorded = {offset_key(*tp): o for tp, o in {**self._positions, **commits}.items()}
             try:
@@ -525,7 +529,7 @@ class OnlineTrainer:
         if self.dead_letters.count:
             self._producer.flush()
         if pending is not None:
-            self._finish_features(pending, batch, weights)
+            self._finish_features(pending, batch, weights, ranges)
         try:
             self.consumer.commit(commits)
         except KafkaError as exc:  # partitions revoked meanwhile: the new owner resumes from the server's offsets
@@ -608,15 +612,17 @@ class OnlineTrainer:
         self.evaluator.publish()
 
     # ---- feature store ------------------------------------------------------------------------
-    def _write_features_once(self, batch: EventBatch, weights: np.ndarray,
+    def _write_features_once(self, batch: EventBatch, weights: np.ndarray, ranges: Mapping[str, tuple[int, int]],
                              rebuilt: Mapping[str, int] | None = None) -> dict[str, int]:
         """One attempt (on the feature thread, overlapping the learning); returns the partitions
-        the store has no offsets for although the topic holds earlier events (a wiped store).
+        whose earlier events the store lacks although the topic holds them (a wiped store, or one
+        restored from an older state: its offsets lie below `ranges`, the records this batch was
+        cut from, each starting where the previous batch of the partition ended).
         `rebuilt`: partitions just rebuilt up to these offsets, which stand as their floors."""
         t0 = time.perf_counter()
-        result = self.features.write(batch, weights, floors={**self._floors, **(rebuilt or {})})
+        result = self.features.write(batch, weights, floors={**self._floors, **(rebuilt or {})}, ranges=ranges)
         FEATURE_SECONDS.observe(time.perf_counter() - t0)
-        return result.unmarked
+        return result.missing
 
     def _wait_quietly(self, pending: Future | None) -> None:
         """Let an abandoned batch's feature write finish (the store's offsets make it harmless)."""
@@ -626,42 +632,55 @@ class OnlineTrainer:
             except RedisError as exc:
                 log.warning("feature store write of a refused batch failed: %s", exc)
 
-    def _finish_features(self, pending: Future, batch: EventBatch, weights: np.ndarray) -> None:
-        """Wait for the batch's features. A wiped store is rebuilt from the topic first; while Redis
-        is unreachable nothing is consumed or committed (backpressure): the partitions are paused
-        and the consumer keeps polling, so this member stays in its group, until a write succeeds."""
+    def _finish_features(self, pending: Future, batch: EventBatch, weights: np.ndarray,
+                         ranges: Mapping[str, tuple[int, int]]) -> None:
+        """Wait for the batch's features. A wiped store (or one that went back to an older state)
+        is rebuilt from the topic first; while Redis is unreachable nothing is consumed or
+        committed (backpressure): the partitions are paused and the consumer keeps polling, so
+        this member stays in its group, until a write succeeds."""
         try:
             unmarked = pending.result()
         except RedisError as exc:
-            unmarked = self._write_through_outage(batch, weights, exc)
+            unmarked = self._write_through_outage(batch, weights, ranges, exc)
         rebuilt: dict[str, int] = {}
         while unmarked:
-            log.warning("feature store has no offsets for %s although the topic holds earlier events: "
-                        "rebuilding it from the topic", sorted(unmarked))
+            log.warning("feature store lacks events of %s before this batch (no offsets: wiped; offsets behind: "
+                        "restored from an older state) although the topic holds them: rebuilding it from the topic",
+                        sorted(unmarked.items()))
             FEATURE_REBUILDS.inc()
-            written = rebuild_features(self.settings, self.features, unmarked)
+            written = rebuild_features(self.settings, self.features, unmarked,
+                                       dedup_window_events=self.config.dedup_window_events)
             log.warning("feature store rebuilt: %d events rewritten", written)
             # everything below these offsets has been read now. Where none of it was a valid event
             # (a topic that starts with records the schema refuses) the rebuild leaves no
             # watermark, and asking again looped for ever: they are the partitions' floors now
             rebuilt |= unmarked
-            unmarked = self._write_through_outage(batch, weights, None, rebuilt)
+            unmarked = self._write_through_outage(batch, weights, ranges, None, rebuilt)
 
-    def _write_through_outage(self, batch: EventBatch, weights: np.ndarray, error: RedisError | None,
-                              rebuilt: Mapping[str, int] | None = None) -> dict[str, int]:
+    def _write_through_outage(self, batch: EventBatch, weights: np.ndarray, ranges: Mapping[str, tuple[int, int]],
+                              error: RedisError | None, rebuilt: Mapping[str, int] | None = None) -> dict[str, int]:
+        """Write the batch until a write succeeds, consumption paused meanwhile. A store whose
+        watermarks are corrupt (FeatureStoreCorrupt: the script wrote nothing) stops the trainer
+        instead: writing again cannot help, and it took the retries for an outage for ever. (The
+        script repairs every other key that holds what it cannot use, and goes on.)"""
         owned = self.consumer.assignment()
         paused = False
         attempt = 0
         while True:
             if error is None:
                 try:
-                    unmarked = self._write_features_once(batch, weights, rebuilt)
+                    unmarked = self._write_features_once(batch, weights, ranges, rebuilt)
                     break
                 except RedisError as exc:
                     error = exc
+            if isinstance(error, FeatureStoreCorrupt):
+                FEATURE_ERRORS.labels("refused").inc()
+                log.error("feature store refused the batch (%s): fix or delete that key, then restart; offsets %s "
+                          "stay uncommitted", error, dict(ranges))
+                raise error
             refused = isinstance(error, ResponseError)  # Redis answered: a full, read-only or misused store
             FEATURE_ERRORS.labels("refused" if refused else "unreachable").inc()
-            if refused:  # worth an operator's look every time (OOM, READONLY and BUSY pass; WRONGTYPE does not)
+            if refused:  # worth an operator's look every time (OOM, READONLY and BUSY pass)
                 log.error("feature store refused the batch's write (%s): retrying, consumption paused", error)
             if not paused:
                 log.warning("feature store %s (%s): consumption paused until a write succeeds",
