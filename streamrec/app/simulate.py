@@ -158,7 +158,7 @@ def release_items(client: ParamClient, settings: Settings, catalogue: ItemCatalo
     report: dict[str, Any] = {"released": len(cold.ids)}
     if content_tower:
         report["content_tower"] = refresh_content_tower(client, ONLINE_ITEM_TABLE,
-                                                        on_seeded=mark_fresh(settings) if explore else None)
+                                                        before_assign=mark_fresh(settings) if explore else None)
     return report
 
 

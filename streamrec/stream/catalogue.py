@@ -4,7 +4,8 @@ The interaction events stay as they are; metadata arrives beside them, from a fi
 - MovieLens's `u.item` (pipe-separated, Latin-1): `title` (text), `genre` (categorical, several per
   item, named by `u.genre` beside it when present) and `year` (numeric, from the release date);
 - a CSV with an `item_id` column and any others: a column whose every non-empty value is a number
-  is numeric, `title` is text, every other column is categorical with `|` between several values;
+  (one at least finite; an infinite one is refused with its line) is numeric, `title` is text,
+  every other column is categorical with `|` between several values;
 - JSON lines, one object per item with `item_id`: numbers are numeric, strings, booleans and lists
   of strings categorical (a boolean as "true" / "false"), `title` text. An empty string is no
   value, in JSON as in a CSV cell.
@@ -319,14 +320,14 @@ class CatalogueBuilder:
 
 
 def _number(text: str) -> float | None:
-    """A finite number as written in data: Python's `float` also takes `1_000` (a code literal)."""
+    """A number as written in data, finite or not (`inf`, `-Infinity`, `1e999`); None for other text,
+    `1_000` too (Python's `float` takes it, as a code literal)."""
     if "_" in text:
         return None
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         return None
-    return value if math.isfinite(value) else None
 
 
 def movielens_genres(path: Path) -> tuple[str, ...]:
@@ -376,11 +377,20 @@ def _missing(text: str) -> bool:
     return text == "" or text.strip().lower() in MISSING_NUMBERS
 
 
+def _numeric_column(cells: list[float | None]) -> bool:
+    """Whether a CSV column's present cells (`_number` of each) make it numeric: all numbers, at
+    least one finite (a column of infinities alone is no column of numbers)."""
+    return all(cell is not None for cell in cells) and any(cell is not None and math.isfinite(cell) for cell in cells)
+
+
 def read_csv(path: Path) -> ItemCatalogue:
     """`item_id` plus any columns; all-number columns numeric, `title` text, the rest categorical.
     In a column of numbers, `n/a`, `NaN`, `null`, `-` and the like are no value (the item then
     fails every range on it): one such cell used to make the column categorical, which silently
-    turned off a configured range rule such as `range=stock:1..`."""
+    turned off a configured range rule such as `range=stock:1..`. A column whose cells are numbers,
+    at least one of them finite, is numeric even where one is infinite (`inf`, `-Infinity`, `1e999`),
+    and that cell is refused with its line, as JSON lines refuse one: it used to make the whole
+    column categorical, which turned off its ranges and the content tower's use of its values."""
     with path.open(newline="", encoding="utf-8") as handle:
         rows = list(csv.reader(handle))
     if not rows or "item_id" not in rows[0]:
@@ -391,8 +401,7 @@ def read_csv(path: Path) -> ItemCatalogue:
         raise CatalogueError(f"{path}:1: column {repeated[0][:80]!r} appears more than once in the header")
     key = header.index("item_id")
     numeric = {c for c, name in enumerate(header) if c != key and name not in TEXT_ATTRIBUTES
-               and all(_number(r[c]) is not None for r in body if c < len(r) and not _missing(r[c]))
-               and any(c < len(r) and not _missing(r[c]) for r in body)}
+               and _numeric_column([_number(r[c]) for r in body if c < len(r) and not _missing(r[c])])}
     builder = CatalogueBuilder(str(path))
     for number, row in enumerate(body, 2):
         if len(row) != len(header):
@@ -401,7 +410,13 @@ def read_csv(path: Path) -> ItemCatalogue:
         for c, (name, text) in enumerate(zip(header, row)):
             if c == key or text == "" or (c in numeric and _missing(text)):
                 continue
-            attributes[name] = float(text) if c in numeric else [v for v in text.split("|") if v]
+            if c not in numeric:
+                attributes[name] = [v for v in text.split("|") if v]
+                continue
+            value = float(text)
+            if not math.isfinite(value):
+                raise builder.fail(number, f"column {name[:80]!r}: {text[:80]!r} is not a finite number")
+            attributes[name] = value
         builder.add(number, row[key], attributes)
     return builder.build()
 

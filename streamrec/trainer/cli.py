@@ -131,7 +131,7 @@ def refit_cmd(
     """Fit a batch model on the event log and publish it for serving, once or periodically."""
     from streamrec.core.cli import print_json, settings_from
     from streamrec.param_server.client import ParamServerError
-    from streamrec.trainer.refit import parse_period, refit_loop
+    from streamrec.trainer.refit import parse_loop_period, refit_loop
 
     settings = settings_from(ctx)
     if engine == "spark" and nproc > 1:
@@ -142,7 +142,10 @@ def refit_cmd(
         data = DATA.convert(source, None, ctx)
         source, fmt = str(data.path), data.format_or(fmt)
     try:
-        period = parse_period(every) if every else None
+        period = None if every is None else parse_loop_period(every)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--every") from exc
+    try:
         for report in refit_loop(
             settings, model_name, with_device(model_name, params, device), source, fmt, period, out_dir, publish,
             cast(Engine, engine), impressions, keep_artefacts,

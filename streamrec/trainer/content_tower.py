@@ -31,6 +31,7 @@ Published as the blob `tower_blob(table)` = "content_tower/<table>" (the dense b
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +58,9 @@ LAMBDAS = tuple(10.0 ** k for k in range(-2, 5))  # the ridge penalties tried on
 VALIDATION_SHARE = 0.2
 MIN_FIT_ITEMS = 5  # below that there is nothing to validate against
 CHUNK_IDS = 65_536  # ids per pull / assign when seeding, so no frame grows with the catalogue
+# seeding leaves 1/SEED_RESERVE of each shard's max_rows free: rows the online trainer creates
+# between the room check and the assign, and its next pushes, find room without an eviction
+SEED_RESERVE = 100
 WORD = r"[^\W\d_]{2,}"  # letters only (any alphabet), at least two: no numbers, no "a"
 
 
@@ -137,6 +141,23 @@ def _binary(rows: np.ndarray, values: np.ndarray, vocabulary: tuple[str, ...],
     return rows[known], offset + columns[known], np.ones(int(known.sum()))
 
 
+def _numeric_spec(values: np.ndarray) -> NumericSpec:
+    """Mean, std and quantile bin edges of the finite `values`, computed on the values divided by a
+    power of two that brings the largest to [1, 2): sums, squares and interpolations of finite but
+    huge values (1e308) overflowed, and a NaN mean made NaN features that stopped every fit
+    ("Eigenvalues did not converge"), or an infinite std silently zeroed the value column. A
+    power of two divides and multiplies exactly, so ordinary values get the very same statistics."""
+    present = values[np.isfinite(values)]
+    if present.size == 0:
+        return NumericSpec(0.0, 1.0, ())
+    largest = float(np.abs(present).max())
+    scale = math.ldexp(1.0, math.frexp(largest)[1] - 1) if largest > 0 else 1.0
+    unit = present / scale
+    mean, std = float(unit.mean()) * scale, float(unit.std()) * scale
+    edges = np.unique(np.quantile(unit, np.linspace(0, 1, BINS + 1)[1:-1]) * scale)
+    return NumericSpec(mean, std if 0 < std < math.inf else 1.0, tuple(edges.tolist()))
+
+
 @dataclass(frozen=True)
 class FeatureSpec:
     """What turns a catalogue into the tower's feature matrix, fixed at fit time: vocabularies per
@@ -161,15 +182,7 @@ class FeatureSpec:
                        for name in sorted(catalogue.categorical)}
         text = {name: _vocabulary(_text_pairs(catalogue, name, positions)[1]) for name in sorted(catalogue.text)}
         numeric: dict[str, NumericSpec] = {}
-        for name in sorted(catalogue.numeric):
-            values = catalogue.numeric[name][positions]
-            present = values[np.isfinite(values)]
-            if present.size == 0:
-                numeric[name] = NumericSpec(0.0, 1.0, ())
-                continue
-            std = float(present.std())
-            edges = np.unique(np.quantile(present, np.linspace(0, 1, BINS + 1)[1:-1]))
-            numeric[name] = NumericSpec(float(present.mean()), std if std > 0 else 1.0, tuple(edges.tolist()))
+        numeric = {name: _numeric_spec(catalogue.numeric[name][positions]) for name in sorted(catalogue.numeric)}
         return cls(categorical, text, numeric)
 
     def features(self, catalogue: ItemCatalogue, positions: np.ndarray) -> sparse.csr_matrix:
@@ -191,7 +204,10 @@ class FeatureSpec:
             column = catalogue.numeric.get(name)
             values = column[positions] if column is not None else np.full(n, np.nan)
             present = np.isfinite(values)
-            z = np.clip((values[present] - spec.mean) / spec.std, -Z_CLIP, Z_CLIP)
+            with np.errstate(over="ignore", invalid="ignore"):  # huge values: +-inf is clipped below
+                z = (values[present] - spec.mean) / spec.std
+            # NaN only from a blob's non-finite statistics (an older tower's): such a value adds nothing
+            z = np.clip(np.nan_to_num(z, nan=0.0), -Z_CLIP, Z_CLIP)
             bins = np.searchsorted(np.asarray(spec.edges, np.float64), values[present], side="right")
             parts.append((everyone[present], np.full(z.size, offset), z))
             parts.append((everyone[~present], np.full(n - z.size, offset + 1), np.ones(n - z.size)))
@@ -394,59 +410,111 @@ def fit_content_tower(client: ParamClient, table: str, catalogue: ItemCatalogue,
     return tower, {"table": table, "rows": int(ids.size), "min_events": min_events, **tower.metrics}
 
 
-def _chunks(ids: np.ndarray) -> Iterator[np.ndarray]:
-    for start in range(0, ids.size, CHUNK_IDS):
-        yield ids[start:start + CHUNK_IDS]
+def _reversed_chunks(ids: np.ndarray) -> Iterator[np.ndarray]:
+    """`ids` in chunks of CHUNK_IDS, last first and each reversed: the catalogue's newest items
+    (the items topic appends) come first."""
+    for stop in range(ids.size, 0, -CHUNK_IDS):
+        yield ids[max(0, stop - CHUNK_IDS):stop][::-1]
 
 
-def seed_new_items(client: ParamClient, table: str, catalogue: ItemCatalogue, tower: ContentTower) -> np.ndarray:
-    """Give every catalogue item without a row in `table` the tower's row for it; returns the ids
-    sent. The assign is `only_new`, so a row the online trainer created between the pull and the
-    assign keeps its trained values."""
+def _free_rows(client: ParamClient, table: str) -> np.ndarray:
+    """Rows each shard of `table` can still create without evicting one: max_rows (per shard) less
+    its live rows, less 1/SEED_RESERVE of max_rows."""
+    free = []
+    for shard in client.info():
+        entry = next((t for t in shard["tables"] if t["name"] == table), None)
+        if entry is None:
+            raise ValueError(f"no table {table!r} on the parameter server")
+        max_rows = int(entry["spec"]["max_rows"])
+        free.append(max(0, max_rows - max_rows // SEED_RESERVE - int(entry["rows"])))
+    return np.asarray(free, np.int64)
+
+
+def _fitting(shards: np.ndarray, free: np.ndarray) -> np.ndarray:
+    """Mask of the ids (by their shards, in order of preference) that fit the shards' free rows."""
+    rank = np.empty(shards.size, np.int64)  # how many ids of the same shard come before
+    for shard in np.unique(shards):
+        on = shards == shard
+        rank[on] = np.arange(int(on.sum()))
+    return rank < free[shards]
+
+
+@dataclass(frozen=True)
+class Seeding:
+    """What one seeding did: `ids` given rows (sent with `only_new`), and how many catalogue items
+    without a row got none because their shard had no free row left."""
+
+    ids: np.ndarray  # object
+    skipped_for_room: int
+
+
+def seed_new_items(client: ParamClient, table: str, catalogue: ItemCatalogue, tower: ContentTower,
+                   before_assign: Callable[[np.ndarray], None] | None = None) -> Seeding:
+    """Give catalogue items without a row in `table` the tower's row for them, newest first, as many
+    as fit the rows each shard has free (`_free_rows`).
+
+    Seeding never displaces a row: the table makes room for new rows by evicting its least recently
+    updated ones, which are trained rows, so seeding the whole catalogue into a nearly full table
+    evicted learned rows round after round (and with more new items than max_rows every round
+    failed with TableFullError). The items left out are counted in `skipped_for_room`; a later
+    round seeds them when there is room. The assign is `only_new`, so a row the online trainer
+    created between the pull and the assign keeps its trained values.
+
+    `before_assign` gets each chunk's ids before their rows are written (e.g. to make them fresh for
+    exploration): if it raises, those items still have no row and the next round tries them again,
+    where marking after the assign left items seeded but never marked whenever the mark failed."""
+    free = _free_rows(client, table)
     seeded: list[np.ndarray] = []
-    for ids in _chunks(catalogue.ids):
+    skipped = 0
+    for ids in _reversed_chunks(catalogue.ids):
         pulled = client.pull(table, ids)
         if pulled.values.shape[1] != tower.width:
             raise ValueError(f"table {table!r} rows are {pulled.values.shape[1]} wide, the tower's {tower.width}")
         missing = ids[~pulled.found]
+        shards = client.shard_of(missing)
+        fits = _fitting(shards, free)
+        skipped += int((~fits).sum())
+        missing = missing[fits]
         if missing.size == 0:
             continue
+        free -= np.bincount(shards[fits], minlength=free.size)
+        if before_assign is not None:
+            before_assign(missing)
         _, rows = tower.predict(catalogue, missing)
-        client.assign(table, missing, rows[:, : pulled.dim], rows[:, pulled.dim :] if tower.width > pulled.dim else None,
-                      only_new=True)
+        scalars = rows[:, pulled.dim :] if tower.width > pulled.dim else None
+        client.assign(table, missing, rows[:, : pulled.dim], scalars, only_new=True)
         seeded.append(missing)
-    return np.concatenate(seeded) if seeded else np.empty(0, object)
+    return Seeding(np.concatenate(seeded) if seeded else np.empty(0, object), skipped)
 
 
 def seed_with_published(client: ParamClient, table: str, since: int,
-                        on_seeded: Callable[[np.ndarray], None] | None = None) -> dict[str, Any] | None:
+                        before_assign: Callable[[np.ndarray], None] | None = None) -> dict[str, Any] | None:
     """Between fits: when the catalogue has a version newer than `since` (the items topic adds
     items at any time), seed its items without a row with the tower already published, without
-    refitting; None while there is no newer catalogue or no tower yet."""
+    refitting (`before_assign` as `seed_new_items`'s `before_assign`); None while there is no newer
+    catalogue or no tower yet."""
     catalogue_blob = client.find_blob(CATALOGUE_BLOB, since)
     tower = client.find_blob(tower_blob(table)) if catalogue_blob is not None else None
     if catalogue_blob is None or tower is None:
         return None
-    seeded = seed_new_items(client, table, decode_catalogue(catalogue_blob.data), ContentTower.from_blob(tower.data))
-    if on_seeded is not None and seeded.size:
-        on_seeded(seeded)
+    seeding = seed_new_items(client, table, decode_catalogue(catalogue_blob.data), ContentTower.from_blob(tower.data),
+                             before_assign)
     return {"table": table, "catalogue_version": catalogue_blob.version, "tower_version": tower.version,
-            "seeded": int(seeded.size)}
+            "seeded": int(seeding.ids.size), "skipped_for_room": seeding.skipped_for_room}
 
 
 def refresh_content_tower(client: ParamClient, table: str, min_events: int = 5,
-                          on_seeded: Callable[[np.ndarray], None] | None = None) -> dict[str, Any]:
+                          before_assign: Callable[[np.ndarray], None] | None = None) -> dict[str, Any]:
     """One round: fit on the published catalogue and `table`'s rows, publish the tower as
-    `tower_blob(table)`, seed the catalogue items without a row (`on_seeded` gets their ids, e.g.
-    to make them fresh for exploration). Returns the report."""
+    `tower_blob(table)`, seed the catalogue items without a row that fit the table (`before_assign`
+    gets their ids just before their rows are written, e.g. to make them fresh for exploration:
+    see `seed_new_items`). Returns the report."""
     blob = client.find_blob(CATALOGUE_BLOB)
     if blob is None:
         raise ValueError("no catalogue is published (streamrec catalogue publish PATH)")
     catalogue = decode_catalogue(blob.data)
     tower, report = fit_content_tower(client, table, catalogue, min_events)
     version = client.put_blob(tower_blob(table), tower.to_blob())
-    seeded = seed_new_items(client, table, catalogue, tower)
-    if on_seeded is not None and seeded.size:
-        on_seeded(seeded)
+    seeding = seed_new_items(client, table, catalogue, tower, before_assign)
     return {"blob": tower_blob(table), "version": version, "catalogue_version": blob.version, **report,
-            "seeded": int(seeded.size)}
+            "seeded": int(seeding.ids.size), "skipped_for_room": seeding.skipped_for_room}

@@ -16,18 +16,22 @@ from typing import Any
 import click
 import numpy as np
 from redis import RedisError
+from redis.exceptions import RedisClusterException
 
 from streamrec.core.cli import settings_from, show
-from streamrec.core.config import Settings
+from streamrec.core.config import Settings, masked_url
 from streamrec.param_server.client import ParamClient, ParamServerError
 from streamrec.trainer.content_tower import refresh_content_tower, seed_with_published
 from streamrec.trainer.online.exploration import NO_CLOCK, ExplorationStore
-from streamrec.trainer.refit import parse_period
+from streamrec.trainer.refit import parse_loop_period
 
 # What a round may fail with and be tried again at the next period: no catalogue or too few
 # trained items yet (ValueError, CatalogueError among them), the parameter server unreachable or
-# answering an error.
-ROUND_FAILURES = (ValueError, OSError, ParamServerError, RedisError)
+# answering an error, the feature store's Redis unreachable (redis-py's RedisClusterException, a
+# cluster that cannot be reached, is no RedisError), a feature matrix too large for memory (the
+# allocation fails before anything is changed, and the next catalogue may be smaller).
+REDIS_FAILURES = (RedisError, RedisClusterException)
+ROUND_FAILURES = (ValueError, OSError, ParamServerError, *REDIS_FAILURES, MemoryError)
 
 
 @click.group("content-tower")
@@ -38,10 +42,15 @@ def content_tower_group() -> None:
 def mark_fresh(settings: Settings) -> Callable[[np.ndarray], None]:
     """Seeded items become fresh for serving's exploration slots from now (first seen at the
     trainer's event clock, in the feature store's Redis), before any interaction: with rows from
-    the tower they can be served, and exploration gives them impressions."""
-    store = ExplorationStore.from_url(settings.redis_url, settings.feature_prefix, settings.redis_cluster)
+    the tower they can be served, and exploration gives them impressions. The store is made at the
+    first mark, where a failure is the round's: a Redis Cluster client connects as it is built, and
+    built here, with the cluster down, it stopped `--every` before its first round."""
+    store: ExplorationStore | None = None
 
     def mark(ids: np.ndarray) -> None:
+        nonlocal store
+        if store is None:
+            store = ExplorationStore.from_url(settings.redis_url, settings.feature_prefix, settings.redis_cluster)
         clock = store.clock()
         if clock == NO_CLOCK:  # nothing counted yet: their age starts at the first event counted
             return
@@ -49,6 +58,18 @@ def mark_fresh(settings: Settings) -> Callable[[np.ndarray], None]:
         store.count(np.asarray(ids, object), zeros, zeros, np.full(len(ids), clock), NO_CLOCK)
 
     return mark
+
+
+def _failed_at(settings: Settings, exc: BaseException) -> str:
+    """What a failed round's message starts with: the component that failed, by the exception's
+    type (every failure but a ValueError used to be blamed on the parameter server, Redis's too)."""
+    if isinstance(exc, REDIS_FAILURES):
+        return f"feature store Redis {masked_url(settings.redis_url)}: "
+    if isinstance(exc, MemoryError):
+        return "out of memory fitting the tower: "
+    if isinstance(exc, (ParamServerError, OSError)):
+        return f"parameter server {','.join(settings.param_servers)}: "
+    return ""
 
 
 def _round(settings: Settings, table: str, min_events: int, explore: bool) -> dict[str, Any]:
@@ -69,7 +90,7 @@ def _seed_until(settings: Settings, table: str, since: int, explore: bool, perio
         try:
             report = _seed(settings, table, since, explore)
         except ROUND_FAILURES as exc:
-            show({"table": table, "error": f"seeding: {type(exc).__name__}: {exc}"}, as_json)
+            show({"table": table, "error": f"seeding: {_failed_at(settings, exc)}{type(exc).__name__}: {exc}"}, as_json)
             continue
         if report is not None:
             since = report["catalogue_version"]
@@ -94,11 +115,11 @@ def fit_cmd(ctx: click.Context, table: str, min_events: int, period: str | None,
     """Fit the tower on TABLE's rows and the published catalogue, publish it, seed new items."""
     settings = settings_from(ctx)
     try:
-        seconds = None if period is None else parse_period(period)
+        seconds = None if period is None else parse_loop_period(period)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--every") from exc
     try:
-        seed_seconds = None if seed_period is None else parse_period(seed_period)
+        seed_seconds = None if seed_period is None else parse_loop_period(seed_period)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--seed-every") from exc
     if seed_seconds is not None and seconds is None:
@@ -108,7 +129,7 @@ def fit_cmd(ctx: click.Context, table: str, min_events: int, period: str | None,
         try:
             report = _round(settings, table, min_events, explore)
         except ROUND_FAILURES as exc:
-            where = f"parameter server {','.join(settings.param_servers)}: " if not isinstance(exc, ValueError) else ""
+            where = _failed_at(settings, exc)
             if seconds is None:
                 raise click.ClickException(f"{where}{exc}") from exc
             report = {"table": table, "error": f"{where}{type(exc).__name__}: {exc}"}

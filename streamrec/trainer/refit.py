@@ -46,6 +46,7 @@ from streamrec.trainer.models.export import Export, NeighbourLists
 from streamrec.trainer.models.neural.distributed import is_primary, world
 
 PERIOD_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_LOOP_PERIOD_S = 365 * 86400  # a year: a longer pause is no loop, and past ~292 years sleep() overflows
 KEEP_ARTEFACTS = 3  # version folders kept per model under --out
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,16 @@ def parse_period(text: str) -> float:
     if not match:
         raise ValueError(f"bad period {text!r}; expected e.g. 30s, 10m, 1h")
     return float(match.group(1)) * PERIOD_UNITS[match.group(2) or "s"]
+
+
+def parse_loop_period(text: str) -> float:
+    """`parse_period` for how often a loop runs (`--every`, `--seed-every`): more than zero (0s
+    ran rounds back to back, or was silently ignored) and at most MAX_LOOP_PERIOD_S (a longer one
+    was accepted, then the sleep after the first round died with OverflowError)."""
+    seconds = parse_period(text)
+    if not 0 < seconds <= MAX_LOOP_PERIOD_S:
+        raise ValueError(f"period {text.strip()!r} must be more than 0s and at most {MAX_LOOP_PERIOD_S // 86400}d")
+    return seconds
 
 
 def fit_with_progress(model: Recommender, data: Interactions) -> float:

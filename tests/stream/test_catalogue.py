@@ -104,6 +104,10 @@ def test_jsonl_values_are_typed_by_json(tmp_path):
     ("items.jsonl", '{"item_id": "a", "g": "\\ud800x"}\n', "items.jsonl:1: '\\ud800x' is not valid Unicode text"),
     ("items.jsonl", '{"item_id": "a", "g": ' + "[" * 100_000 + "]" * 100_000 + "}\n", "RecursionError"),
     ("items.csv", "item_id,g\na," + "x" * 200_000 + "\n", "field larger than field limit"),
+    # an infinite cell in a column of numbers is refused, as in JSON lines (it made the column categorical)
+    ("items.csv", "item_id,price\na,1.5\nb,inf\n", "items.csv:3: column 'price': 'inf' is not a finite number"),
+    ("items.csv", "item_id,price\na,-Infinity\nb,2\n", "items.csv:2: column 'price': '-Infinity' is not a finite"),
+    ("items.csv", "item_id,price\na,1\nb,n/a\nc,1e999\n", "items.csv:4: column 'price': '1e999' is not a finite"),
 ])
 def test_a_broken_rule_is_refused_with_its_line(tmp_path, name, text, message):
     with pytest.raises(CatalogueError, match=None) as refused:
@@ -146,6 +150,14 @@ def test_a_missing_number_keeps_its_column_numeric(tmp_path):
     stock = catalogue.numeric["stock"]
     assert stock[0] == 0 and stock[4] == 3 and np.isnan(stock[1:4]).all()
     assert items_with(catalogue, "note", "n/a") == ["a"]  # in a column of words it is a word
+
+
+def test_a_column_of_infinities_alone_or_among_words_stays_categorical(tmp_path):
+    """Only a column of numbers with a finite one is numeric (and refuses an infinite cell): `inf`
+    among words, or alone, is a word."""
+    catalogue = read_catalogue(write(tmp_path, "items.csv", "item_id,size,mood\na,inf,x\nb,-inf,Infinity\n"))
+    assert catalogue.attributes == {"size": "categorical", "mood": "categorical"}
+    assert items_with(catalogue, "size", "-inf") == ["b"] and items_with(catalogue, "mood", "Infinity") == ["b"]
 
 
 @pytest.mark.parametrize("blob", [b"SRDENSE1", b"SRDENSE1garbage", b"SRDENSE1\x04\x00\x00\x00[1]]",

@@ -247,7 +247,7 @@ def test_seed_every_gives_the_items_a_new_catalogue_version_adds_their_rows_betw
             version = client.put_blob(CATALOGUE_BLOB, encode_catalogue(catalogue))  # ten items more
             seeded = json.loads(loop.stdout.readline())
             assert seeded == {"table": "bpr_items", "catalogue_version": version, "tower_version": fitted["version"],
-                              "seeded": 10}
+                              "seeded": 10, "skipped_for_room": 0}
         finally:
             loop.terminate()
             loop.wait(timeout=30)
