@@ -55,7 +55,7 @@ def mark_fresh(settings: Settings) -> Callable[[np.ndarray], None]:
         if clock == NO_CLOCK:  # nothing counted yet: their age starts at the first event counted
             return
         zeros = np.zeros(len(ids), np.int64)
-        store.count(np.asarray(ids, object), zeros, zeros, np.full(len(ids), clock), NO_CLOCK)
+        store.count(np.asarray(ids, object), zeros, np.full(len(ids), clock), NO_CLOCK)
 
     return mark
 

@@ -34,8 +34,8 @@ def _slices(redis_url: str, prefix: str) -> None:
     counts = dataclasses.replace(counts, merit_kinds=np.array(["device", "daypart"], object),
                                  merit_events=np.array([1000, 1000]), merit_hits=np.array([500, 100]),
                                  merit_reference_hits=np.array([100, 100]))
-    ExplorationStore.from_url(redis_url, prefix).count(np.empty(0, object), np.zeros(0), np.zeros(0), np.zeros(0),
-                                                       DAY0, slices=counts)
+    ExplorationStore.from_url(redis_url, prefix).count(np.empty(0, object), np.zeros(0), np.zeros(0), DAY0,
+                                                       slices=counts)
 
 
 def _world(ps: ParamClient, feature_store: FeatureStore, redis_url: str, prefix: str) -> None:

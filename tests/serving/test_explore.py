@@ -13,6 +13,7 @@ from streamrec.serving.explore import ExplorationPool, closest, slots, thompson
 from streamrec.serving.refresher import Refresher
 from streamrec.trainer.online.exploration import ExplorationStore, FreshItems
 from streamrec.trainer.online.feature_store import FeatureStore
+from tests.exploration_credits import credits
 from tests.param_server.conftest import ServerProcess
 from tests.serving.conftest import StartServing, load_model, wait_for, write_history
 
@@ -52,7 +53,7 @@ def _world(ps: ParamClient, feature_store: FeatureStore, redis_url: str, prefix:
     write_history(feature_store, [("u1", "fresh-seen", 1.0)])
     explore = ExplorationStore.from_url(redis_url, prefix)
     ids = np.array(["fresh-good", "fresh-seen", "fresh-no-row"], object)
-    explore.count(ids, np.array([50, 50, 0]), np.array([25, 25, 0]), np.array([5.0, 5.0, 5.0]), 5.0)
+    explore.count(ids, np.array([50, 50, 0]), np.array([5.0, 5.0, 5.0]), 5.0, credits=credits(ids, [25, 25, 0]))
     return explore
 
 
@@ -101,8 +102,8 @@ def test_a_user_with_a_vector_explores_the_fresh_items_it_scores_highest(
                   **{name: np.array([-1.0, 0, 0, 0], np.float32) for name in fresh[1:]}})
     load_model(ps, {"u1": np.array([1.0, 0, 0, 0], np.float32)}, items)
     write_history(feature_store, [("u1", "i19", 1.0)])
-    ExplorationStore.from_url(redis_url, prefix).count(np.array(fresh, object), np.full(5, 20), np.full(5, 2),
-                                                      np.full(5, 5.0), 5.0)
+    ExplorationStore.from_url(redis_url, prefix).count(np.array(fresh, object), np.full(5, 20), np.full(5, 5.0), 5.0,
+                                                      credits=credits(fresh, [2] * 5))
 
     def explored(serving) -> list[str]:
         wait_for(lambda: serving.get("/recommend", user_id="u1", k=10).json()["items"][-1]["sources"] == ["explore"])
@@ -142,13 +143,14 @@ def test_a_negative_counter_in_redis_neither_fails_a_request_nor_stops_exploring
 def test_the_pool_reader_survives_a_counter_that_is_not_an_integer(redis_url: str, prefix: str) -> None:
     """int(b"1.5") ended the worker's pool thread for good: the pool then never changed again."""
     explore = ExplorationStore.from_url(redis_url, prefix)
-    explore.count(np.array(["a", "b"], object), np.array([4, 4]), np.array([1, 1]), np.array([5.0, 5.0]), 5.0)
+    explore.count(np.array(["a", "b"], object), np.array([4, 4]), np.array([5.0, 5.0]), 5.0,
+                  credits=credits(["a", "b"], [1, 1]))
     explore.redis.hset(explore.keys.key("clicks"), "a", "1.5")
     pool = ExplorationPool(ServingConfig(redis_url=redis_url, feature_prefix=prefix, explore_refresh_s=0.05)).start()
     try:
         wait_for(lambda: pool.reads >= 2)
         assert dict(zip(pool.fresh.ids.tolist(), pool.fresh.clicks.tolist())) == {"a": 0, "b": 1}  # read as 0
-        explore.count(np.array(["c"], object), np.array([1]), np.array([0]), np.array([6.0]), 6.0)
+        explore.count(np.array(["c"], object), np.array([1]), np.array([6.0]), 6.0)
         wait_for(lambda: "c" in pool.fresh.ids.tolist())  # still re-reading
     finally:
         pool.close()

@@ -67,9 +67,9 @@ def test_slices_are_counted_once_per_range_bounded_and_trimmed(store: Exploratio
                    [{"device": "ios"}, {"device": "ios"}, {"device": "web"}, {"device": "tv"}, {"device": "car"}])
     counts = slice_counts(event_slices(events, np.ones(5, bool)), store.slice_config.half_life_s, {})
     nothing = np.empty(0, object)
-    store.count(nothing, np.zeros(0), np.zeros(0), np.zeros(0), DAY0, "t/0", 0, 5, counts)
+    store.count(nothing, np.zeros(0), np.zeros(0), DAY0, "t/0", 0, 5, counts)
     with pytest.raises(MarkMoved):  # the same range again (a reader that died before moving on)
-        store.count(nothing, np.zeros(0), np.zeros(0), np.zeros(0), DAY0, "t/0", 0, 5, counts)
+        store.count(nothing, np.zeros(0), np.zeros(0), DAY0, "t/0", 0, 5, counts)
     tops = store.slice_tops(10)
     # 4 names: all, daypart=2, device=ios, device=web; tv and car came later and count as other
     assert set(tops.lists) == {ALL, "daypart=2", "device=ios", "device=web", "device=other"}
@@ -85,7 +85,7 @@ def test_later_events_weigh_more_with_the_half_life(store: ExplorationStore):
     old, new = batch(["old"] * 3, [0, 0, 0], [None] * 3), batch(["new"] * 2, [half_life / HOUR * 2] * 2, [None] * 2)
     nothing = np.empty(0, object)
     for n, events in enumerate((old, new)):
-        store.count(nothing, np.zeros(0), np.zeros(0), np.zeros(0), DAY0, "t/0", n, n + 1,
+        store.count(nothing, np.zeros(0), np.zeros(0), DAY0, "t/0", n, n + 1,
                     slice_counts(event_slices(events, np.ones(len(events), bool)), half_life, {}))
     ids, scores = store.slice_tops(10).lists[ALL]
     assert ids.tolist() == ["new", "old"] and scores[0] / scores[1] == pytest.approx(2 * 4 / 3)
@@ -99,7 +99,7 @@ def test_slice_weights_stay_finite_across_decades_of_event_time(store: Explorati
     counts = [batch(["old"], [788_918_400.0 / HOUR - DAY0 / HOUR], [None]),
               batch(["new", "new", "spans"], [decades, decades, decades - 24 * 7], [None] * 3)]
     for n, events in enumerate(counts):
-        store.count(nothing, np.zeros(0), np.zeros(0), np.zeros(0), DAY0, "t/0", n, n + 1,
+        store.count(nothing, np.zeros(0), np.zeros(0), DAY0, "t/0", n, n + 1,
                     slice_counts(event_slices(events, np.ones(len(events), bool)), half_life, {}))
     tops = store.slice_tops(10)
     ids, scores = tops.lists[ALL]
@@ -158,7 +158,7 @@ def test_slices_count_on_a_redis_cluster(redis_cluster: RedisCluster):
     store = ExplorationStore.from_url(redis_cluster.url, "sr", cluster=True)
     events = batch(["a", "b"], [13, 13], [{"device": "ios"}, None])
     nothing = np.empty(0, object)
-    store.count(nothing, np.zeros(0), np.zeros(0), np.zeros(0), DAY0, "t/0", 0, 2,
+    store.count(nothing, np.zeros(0), np.zeros(0), DAY0, "t/0", 0, 2,
                 slice_counts(event_slices(events, np.ones(2, bool)), store.slice_config.half_life_s, {}))
     tops = store.slice_tops(10)
     assert tops.events == {ALL: 2, "daypart=2": 2, "device=ios": 1}

@@ -16,6 +16,7 @@ from streamrec.stream.kafka import make_producer
 from streamrec.stream.topics import create_topics
 from streamrec.trainer.online.exploration import NO_CLOCK, ExplorationConfig, ExplorationStore, MarkMoved
 from streamrec.trainer.online.exploration_follower import ExplorationFollower
+from tests.exploration_credits import credits
 from tests.trainer_online.conftest import produce_events, wait_until
 
 HOUR = 3600.0
@@ -38,12 +39,15 @@ def store(redis_url: str) -> ExplorationStore:
 
 def test_a_range_is_counted_once_and_only_from_its_partition_s_mark(store: ExplorationStore):
     items = objects("a", "b:c", "x" * 10_000)
-    store.count(items, np.array([2, 1, 0]), np.array([1, 0, 0]), np.array([10.0, 20.0, 30.0]), 30.0, "t/0", 0, 5)
+    store.count(items, np.array([2, 1, 0]), np.array([10.0, 20.0, 30.0]), 30.0, "t/0", 0, 5,
+                credits=credits(items, [1, 0, 0]))
     with pytest.raises(MarkMoved) as moved:  # the same range again (a reader that died before moving on)
-        store.count(items, np.array([2, 1, 0]), np.array([1, 0, 0]), np.array([10.0, 20.0, 30.0]), 30.0, "t/0", 0, 5)
+        store.count(items, np.array([2, 1, 0]), np.array([10.0, 20.0, 30.0]), 30.0, "t/0", 0, 5,
+                    credits=credits(items, [1, 0, 0]))
     assert moved.value.mark == 5
-    store.count(objects("a"), np.array([1]), np.array([0]), np.array([np.nan]), NO_CLOCK, "t/0", 5, 9)
-    store.count(objects("a"), np.array([0]), np.array([1]), np.array([5.0]), 40.0, "t/1", 0, 1)  # an earlier sighting
+    store.count(objects("a"), np.array([1]), np.array([np.nan]), NO_CLOCK, "t/0", 5, 9)
+    store.count(objects("a"), np.array([0]), np.array([5.0]), 40.0, "t/1", 0, 1,  # an earlier sighting
+                credits=credits(["a"], [1], tag="later"))
     assert store.marks() == {"t/0": 9, "t/1": 1}
     fresh = store.fresh(10)
     by_id = dict(zip(fresh.ids.tolist(), zip(fresh.shown.tolist(), fresh.clicks.tolist(), fresh.first_seen.tolist())))
@@ -53,14 +57,14 @@ def test_a_range_is_counted_once_and_only_from_its_partition_s_mark(store: Explo
 
 
 def test_an_item_stops_being_fresh_once_old_and_shown_enough(store: ExplorationStore):
-    store.count(objects("old", "new", "unseen-old"), np.zeros(3), np.zeros(3), np.array([0.0, 47 * HOUR, 0.0]),
+    store.count(objects("old", "new", "unseen-old"), np.zeros(3), np.array([0.0, 47 * HOUR, 0.0]),
                 47 * HOUR)
-    store.count(objects("old", "new"), np.array([3, 3]), np.zeros(2), np.full(2, np.nan), NO_CLOCK)
+    store.count(objects("old", "new"), np.array([3, 3]), np.full(2, np.nan), NO_CLOCK)
     assert sorted(store.fresh(10).ids.tolist()) == ["new", "old", "unseen-old"]  # all younger than 48 h
-    store.count(objects("later"), np.zeros(1), np.zeros(1), np.array([49 * HOUR]), 49 * HOUR)
+    store.count(objects("later"), np.zeros(1), np.array([49 * HOUR]), 49 * HOUR)
     # "old" is 49 h old and shown 3 times; "unseen-old" is as old but shown fewer than 3 times; "new" is 2 h old
     assert sorted(store.fresh(10).ids.tolist()) == ["later", "new", "unseen-old"]
-    store.count(objects("old"), np.array([1]), np.zeros(1), np.full(1, np.nan), NO_CLOCK)  # shown again: it leaves
+    store.count(objects("old"), np.array([1]), np.full(1, np.nan), NO_CLOCK)  # shown again: it leaves
     members = store.redis.zrange(store.keys.key("fresh"), 0, -1)
     assert b"old" not in members and len(members) == 3
 
@@ -69,7 +73,7 @@ def test_the_candidates_are_bounded_newest_kept(redis_url: str):
     prefix = f"t{uuid.uuid4().hex[:8]}"
     small = ExplorationStore.from_url(redis_url, prefix, config=ExplorationConfig(max_fresh=5))
     ids = np.array([f"i{n}" for n in range(12)], object)
-    small.count(ids, np.zeros(12), np.zeros(12), np.arange(12.0), 11.0)
+    small.count(ids, np.zeros(12), np.arange(12.0), 11.0)
     assert small.fresh(100).ids.tolist() == [f"i{n}" for n in range(11, 6, -1)]
     for key in small.redis.scan_iter(f"{prefix}:*"):
         small.redis.delete(key)
@@ -124,10 +128,10 @@ def test_the_follower_counts_impressions_clicks_and_first_sightings_exactly_once
 
 def test_a_partition_s_first_count_may_start_past_offset_zero(store: ExplorationStore):
     """Retention removed the topic's beginning: the first count starts where the topic does."""
-    store.count(objects("a"), np.array([1]), np.zeros(1), np.array([1.0]), 1.0, "t/0", 500, 510)
+    store.count(objects("a"), np.array([1]), np.array([1.0]), 1.0, "t/0", 500, 510)
     assert store.marks() == {"t/0": 510}
     with pytest.raises(MarkMoved):
-        store.count(objects("a"), np.array([1]), np.zeros(1), np.array([1.0]), 1.0, "t/0", 400, 420)
+        store.count(objects("a"), np.array([1]), np.array([1.0]), 1.0, "t/0", 400, 420)
 
 
 def test_an_event_dated_a_day_ahead_does_not_age_the_fresh_items(store: ExplorationStore):
@@ -136,16 +140,16 @@ def test_an_event_dated_a_day_ahead_does_not_age_the_fresh_items(store: Explorat
     import time
 
     now = time.time()
-    store.count(objects("young"), np.array([3]), np.zeros(1), np.array([now - 30 * HOUR]), now - 30 * HOUR)
-    store.count(objects("ahead"), np.zeros(1), np.zeros(1), np.array([now + 23 * HOUR]), now + 23 * HOUR)
+    store.count(objects("young"), np.array([3]), np.array([now - 30 * HOUR]), now - 30 * HOUR)
+    store.count(objects("ahead"), np.zeros(1), np.array([now + 23 * HOUR]), now + 23 * HOUR)
     assert now - 1 <= store.clock() <= time.time()
-    store.count(objects("young"), np.array([1]), np.zeros(1), np.full(1, np.nan), NO_CLOCK)
+    store.count(objects("young"), np.array([1]), np.full(1, np.nan), NO_CLOCK)
     assert "young" in store.fresh(10).ids.tolist()
 
 
 def test_a_click_is_credited_once_per_answer_and_item_and_only_to_the_answer_s_user(store: ExplorationStore):
     """Within a range, across ranges and partitions: one click per (answer, item), whatever repeats it."""
-    args = (objects("a", "b"), np.zeros(2), np.zeros(2), np.array([1.0, 1.0]), 1.0)
+    args = (objects("a", "b"), np.zeros(2), np.array([1.0, 1.0]), 1.0)
     assert store.count(*args, "t/0", 0, 3, credits=[("r1", "a"), ("r1", "a"), ("r2", "a")]) == 2
     with pytest.raises(MarkMoved):  # the range re-read (a counter killed after its write): nothing credited again
         store.count(*args, "t/0", 0, 3, credits=[("r1", "a")])
@@ -220,7 +224,8 @@ def test_a_click_that_reaches_the_broker_before_its_impression_is_credited(
 
 
 def test_counters_set_by_hand_are_read_as_counts_never_negative(store: ExplorationStore):
-    store.count(objects("neg", "half", "big"), np.array([5, 5, 5]), np.array([1, 1, 1]), np.ones(3), 1.0)
+    store.count(objects("neg", "half", "big"), np.array([5, 5, 5]), np.ones(3), 1.0,
+                credits=credits(["neg", "half", "big"], [1, 1, 1]))
     store.redis.hset(store.keys.key("shown"), mapping={"neg": -1000, "big": "1" * 30})
     store.redis.hset(store.keys.key("clicks"), mapping={"half": "1.5", "big": -3})
     fresh = store.fresh(10)
@@ -232,8 +237,8 @@ def test_a_counter_edited_into_a_non_integer_does_not_stop_counting_nor_count_tw
     """HINCRBY on a field set by hand to `1.5` failed in the middle of the counting script, after
     the writes before it (a script is not rolled back): the range was retried for ever, and the
     counts before the failing one were applied again at every retry."""
-    store.count(objects("a", "b"), np.array([1, 1]), np.array([0, 0]), np.ones(2), 1.0, "t/0", 0, 1)
+    store.count(objects("a", "b"), np.array([1, 1]), np.ones(2), 1.0, "t/0", 0, 1)
     store.redis.hset(store.keys.key("shown"), "b", "1.5")
-    store.count(objects("a", "b"), np.array([2, 2]), np.array([0, 0]), np.ones(2), 1.0, "t/0", 1, 2)
+    store.count(objects("a", "b"), np.array([2, 2]), np.ones(2), 1.0, "t/0", 1, 2)
     assert store.redis.hgetall(store.keys.key("shown")) == {b"a": b"3", b"b": b"2"}  # b restarts from its increment
     assert store.marks() == {"t/0": 2}

@@ -85,7 +85,7 @@ local slice_prefix = ARGV[9]
 local base = 9
 for i = 1, n do
   local item = ARGV[base + i]
-  local shows, clicks, seen = tonumber(ARGV[base + n + i]), tonumber(ARGV[base + 2 * n + i]), ARGV[base + 3 * n + i]
+  local shows, seen = tonumber(ARGV[base + n + i]), ARGV[base + 2 * n + i]
   local first
   if seen ~= '' then
     local known = redis.call('HGET', first_key, item)
@@ -95,7 +95,6 @@ for i = 1, n do
       first = tonumber(seen)
     end
   end
-  if clicks > 0 then incr(clicks_key, item, clicks) end
   if shows > 0 then
     local total = incr(shown_key, item, shows)
     first = first or tonumber(redis.call('HGET', first_key, item) or '-1e300')
@@ -106,7 +105,7 @@ local size = redis.call('ZCARD', fresh_key)
 if size > max_fresh then redis.call('ZREMRANGEBYRANK', fresh_key, 0, size - max_fresh - 1) end
 -- context slices: per (slice, item) events and decayed weights relative to a hint time
 local slices_key, landmark_key, events_key, mass_key, merit_key = KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11]
-local at = base + 4 * n + 1
+local at = base + 3 * n + 1
 local s, first = tonumber(ARGV[at]), at + 4
 if s > 0 then
   local hint, half_life, max_slices, keep = tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3]), tonumber(ARGV[at + 4])
@@ -268,10 +267,10 @@ class ExplorationStore:
         value = self.redis.get(self.keys.key("clock"))
         return float(value) if value is not None else NO_CLOCK
 
-    def count(self, items: np.ndarray, shown: np.ndarray, clicks: np.ndarray, first_seen: np.ndarray,
+    def count(self, items: np.ndarray, shown: np.ndarray, first_seen: np.ndarray,
               clock: float, partition: str = "", start: int = 0, end: int = 0,
               slices: SliceCounts | None = None, credits: Sequence[tuple[str, str]] = ()) -> int:
-        """Add `shown` impressions and `clicks` per distinct item; lower each item's first-seen
+        """Add `shown` impressions per distinct item; lower each item's first-seen
         time to `first_seen` (event time; NaN: no sighting) where it is earlier; advance the clock;
         add `slices` to the context slices; credit one click to the item of each (request id, item)
         of `credits` not credited before (a click repeated, in this range or another, counts once).
@@ -293,7 +292,7 @@ class ExplorationStore:
         reply = self._count(keys=self.keys.all, args=[
             partition, str(start) if partition else "", str(end), repr(float(clock)), repr(c.max_age_s),
             c.min_impressions, c.max_fresh, len(items), self.keys.slice(""), *items.tolist(),
-            *np.asarray(shown, np.int64).tolist(), *np.asarray(clicks, np.int64).tolist(), *seen, *sliced,
+            *np.asarray(shown, np.int64).tolist(), *seen, *sliced,
             len(pairs), c.max_credited, *[f"{len(request)}:{request}{item}" for request, item in pairs],
             *[item for _, item in pairs]])
         if not isinstance(reply, list):

@@ -210,8 +210,7 @@ class ExplorationFollower(FollowerThread):
         """Count one partition's range `mine` from its mark; clicks only as `credits` (request id,
         item), which the store credits once per pair. Returns the clicks credited."""
         end = mine[-1].offset + 1
-        clicks = np.zeros(len(ids), np.int64)
-        credited = self.store.count(ids, shown, clicks, first, clock, key, self._next[key], end, slices, credits)
+        credited = self.store.count(ids, shown, first, clock, key, self._next[key], end, slices, credits)
         self._next[key] = end
         return credited
 
