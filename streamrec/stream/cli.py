@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 from typing import BinaryIO
 
@@ -14,6 +16,11 @@ from streamrec.stream.loaders import FORMATS
 
 def _fail(message: str) -> click.ClickException:
     return click.ClickException(message)
+
+
+def _broker_failure(bootstrap: str, exc: Exception) -> str:
+    """One line for a broker that does not answer (the clients' own errors name no address)."""
+    return f"the Kafka broker at {bootstrap} did not answer: {str(exc).strip() or type(exc).__name__}"
 
 
 # ---------------------------------------------------------------- topics
@@ -105,34 +112,42 @@ def produce(ctx: click.Context, file: BinaryIO, topic_flag: str | None, as_json:
               help="format of a PATH (a data-set name brings its own)")
 @click.option("--topic", "topic_flag", help="target topic [settings.topic]")
 @click.option("--speed", type=float, default=0.0, show_default=True,
-              help="event-time seconds per wall second; 0 = as fast as possible")
+              help="event-time seconds per wall second (finite, >= 0); 0 = as fast as possible")
 @click.option("--limit", type=click.IntRange(min=0), help="replay only the first N events (in time order)")
 @click.option("--map", "mapping", multiple=True, help="field=column, e.g. user_id=userId,item_id=movieId")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def replay_cmd(ctx: click.Context, data: DataSource, fmt: str, topic_flag: str | None, speed: float,
                limit: int | None, mapping: tuple[str, ...], as_json: bool) -> None:
-    """Replay a historical log into the topic in timestamp order (ties: user, then item)."""
+    """Replay a historical log into the topic in timestamp order (ties: user, then item).
+
+    The log needs a timestamp column: events carry their time. Exits 1 (after the summary) when
+    every event was dead-lettered, which is a wrong log or mapping, not a replay."""
     from streamrec.core.progress import progress_bar
+    from streamrec.stream.kafka import BROKER_ERRORS
     from streamrec.stream.loaders import load_log, parse_map_option
     from streamrec.stream.publish import EventPublisher
     from streamrec.stream.replay import replay
     from streamrec.stream.topics import create_topics
 
-    if speed < 0:
-        raise click.BadParameter("must be >= 0", param_hint="--speed")
+    if not math.isfinite(speed) or speed < 0:  # nan passed `speed < 0` and paced nothing
+        raise click.BadParameter("must be a finite number >= 0 (0: as fast as possible)", param_hint="--speed")
     settings = settings_from(ctx)
     fmt = data.format_or(fmt)
     try:
-        log = load_log(data.path, fmt, parse_map_option(mapping))
+        log = load_log(data.path, fmt, parse_map_option(mapping), require_timestamp=True)
     except (ValueError, KeyError) as exc:
         raise _fail(f"cannot read {data.path} as {fmt}: {exc}") from exc
-    publisher = EventPublisher.from_settings(settings, "replay", topic_flag)
-    create_topics(settings.kafka_bootstrap, [publisher.topic, publisher.dead_letters.topic], settings.topic_partitions)
-    total = min(len(log), limit) if limit is not None else len(log)
-    with progress_bar(f"replay -> {publisher.topic}", total) as advance:
-        result = replay(log, publisher, speed, limit, advance)
-    publisher.close()
+    try:
+        publisher = EventPublisher.from_settings(settings, "replay", topic_flag)
+        create_topics(settings.kafka_bootstrap, [publisher.topic, publisher.dead_letters.topic],
+                      settings.topic_partitions)
+        total = min(len(log), limit) if limit is not None else len(log)
+        with progress_bar(f"replay -> {publisher.topic}", total) as advance:
+            result = replay(log, publisher, speed, limit, advance)
+        publisher.close()
+    except (*BROKER_ERRORS, TimeoutError) as exc:
+        raise _fail(_broker_failure(settings.kafka_bootstrap, exc)) from exc
     summary = result.to_json()
     if as_json:
         print_json(summary)
@@ -142,6 +157,9 @@ def replay_cmd(ctx: click.Context, data: DataSource, fmt: str, topic_flag: str |
             f"{summary['seconds']} s, {summary['events_per_second']} events/s; event time "
             f"{summary['first_timestamp']} .. {summary['last_timestamp']}"
         )
+    if result.dead_lettered and not result.produced:
+        raise _fail(f"every event ({result.dead_lettered}) was dead-lettered to {publisher.dead_letters.topic}; "
+                    "each dead letter's reason and detail say why (a wrong --format or --map?)")
 
 
 # ---------------------------------------------------------------- bench
@@ -162,14 +180,15 @@ def bench_stream_cmd(ctx: click.Context, events: int, client: str | None, partit
 # ---------------------------------------------------------------- export
 @click.command("export")
 @click.option("--to", "target_format", type=click.Choice(["parquet"]), required=True, help="file format to write")
-@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("path", type=click.Path(dir_okay=False))
 @click.option("--from", "source", default="topic", show_default=True,
               help="topic (the interaction topic from its beginning), topic:NAME, or a log file / data-set name")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="ml-100k", show_default=True,
               help="format of a file given to --from (a data-set name brings its own)")
 @click.pass_context
-def export_cmd(ctx: click.Context, target_format: str, path: Path, source: str, fmt: str) -> None:
+def export_cmd(ctx: click.Context, target_format: str, path: str, source: str, fmt: str) -> None:
     """Write the interaction log to PATH (Parquet: the input of `refit --engine spark`); prints JSON."""
+    from streamrec.stream.kafka import BROKER_ERRORS
     from streamrec.stream.reader import read_event_log
 
     try:
@@ -177,6 +196,9 @@ def export_cmd(ctx: click.Context, target_format: str, path: Path, source: str, 
     except ImportError as exc:
         raise _fail(f"Parquet needs pyarrow: pip install 'streamrec[parquet]' ({exc})") from exc
 
+    if path.endswith(("/", os.sep)):  # Path() drops the slash: "out/new/" wrote a file named "new"
+        raise click.BadParameter(f"{path!r} names a folder; PATH is the file to write, e.g. {path}log.parquet",
+                                 param_hint="PATH")
     settings = settings_from(ctx)
     if source != "topic" and not source.startswith("topic:"):
         data = DATA.convert(source, None, ctx)
@@ -185,7 +207,13 @@ def export_cmd(ctx: click.Context, target_format: str, path: Path, source: str, 
         log = read_event_log(settings, source, fmt)
     except (ValueError, FileNotFoundError) as exc:
         raise _fail(str(exc)) from exc
-    print_json(export_parquet(log, path))
+    except (*BROKER_ERRORS, TimeoutError) as exc:
+        raise _fail(_broker_failure(settings.kafka_bootstrap, exc)) from exc
+    try:
+        written = export_parquet(log, Path(path))
+    except OSError as exc:  # the folder is a file, not writable, or the disk is full
+        raise _fail(f"cannot write {path}: {exc}") from exc
+    print_json(written)
 
 
 def register(cli: click.Group, bench: click.Group) -> None:

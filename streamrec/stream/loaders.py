@@ -13,6 +13,7 @@ import json
 import lzma
 import re
 import sys
+import unicodedata
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,17 +108,40 @@ def id_strings(ids: np.ndarray) -> np.ndarray:
     return text[codes]
 
 
+_REVERSED_DIGITS = str.maketrans("0123456789", "9876543210")
+
+
+def _integer_key(text: str) -> tuple[int, int, str, str]:
+    """Sorts integer strings as `(int(text), text)` would, without `int()`: Python refuses to
+    convert strings of more than 4,300 digits, and one such id made the whole log unreadable.
+
+    (sign class, digit count, digits, text): the magnitude is its digits without leading zeros,
+    longer is larger; negative magnitudes are ordered in reverse (count negated, digits mirrored
+    9 - d); the original text breaks ties, so "007" and "7" stay apart. Non-ASCII decimal digits
+    ("٣", which `int` also reads) are compared by their values."""
+    digits = text.lstrip("+-")
+    if not digits.isascii():
+        digits = "".join(str(unicodedata.decimal(c)) for c in digits)
+    digits = digits.lstrip("0")
+    if not digits:
+        return (1, 0, "", text)
+    if text.startswith("-"):
+        return (0, -len(digits), digits.translate(_REVERSED_DIGITS), text)
+    return (2, len(digits), digits, text)
+
+
 def id_sort_key(ids: np.ndarray) -> np.ndarray:
     """Ids compare as integers when every id is an integer, else as strings (EVALUATION.md).
 
     Integers compare exactly, whatever their size: as float64, 64-bit ids (Snowflake-style,
     above 2**53) that differ in their last digits compared equal, and the order of their events
-    fell back to the file's. Ids equal as integers ("007", "7") are told apart as strings. The
+    fell back to the file's; longer than 4,300 digits they are compared as digit strings (see
+    `_integer_key`). Ids equal as integers ("007", "7") are told apart as strings. The
     key is each id's rank among the distinct ids (code-point order for strings)."""
     codes, text = id_codes(ids)
     distinct = text.tolist()
     if all(map(_INTEGER.fullmatch, distinct)):
-        ordered = sorted(range(len(distinct)), key=lambda i: (int(distinct[i]), distinct[i]))  # once per distinct id
+        ordered = sorted(range(len(distinct)), key=lambda i: _integer_key(distinct[i]))  # once per distinct id
     else:
         ordered = sorted(range(len(distinct)), key=distinct.__getitem__)
     rank = np.empty(len(distinct), np.int64)
@@ -340,12 +364,15 @@ def _timestamp_column(frame: pd.DataFrame, path: Path) -> np.ndarray:
 
 
 def load_log(
-    path: str | Path, fmt: str = "ml-100k", mapping: dict[str, str] | None = None, sort: bool = True
+    path: str | Path, fmt: str = "ml-100k", mapping: dict[str, str] | None = None, sort: bool = True,
+    require_timestamp: bool = False,
 ) -> InteractionLog:
     """Read a log file (or an ml-100k / ml-latest folder) into time order.
 
     Columns: user_id and item_id required; rating and event_type optional; without a timestamp
-    column the rows keep the file's order (row position as time, announced on stderr).
+    column the rows keep the file's order (row position as time, announced on stderr), unless
+    `require_timestamp`: replay publishes each event at its time, and positions 0, 1, 2 ... are
+    not times any event may carry (every event was dead-lettered), so it refuses such a log.
     """
     path = Path(path)
     if not path.exists():
@@ -358,6 +385,9 @@ def load_log(
     for name in ("user_id", "item_id"):
         if name not in frame.columns:
             raise ValueError(f"log has no {name!r} column (columns: {list(frame.columns)}); use --map")
+    if "timestamp" not in frame.columns and require_timestamp:
+        raise ValueError(f"{path} has no timestamp column (columns: {list(frame.columns)}), and each event "
+                         "needs its time here; name the column with --map timestamp=COLUMN")
     if "timestamp" not in frame.columns:  # no times: the file's order is the order of events
         print(f"note: {path} has no timestamp column; using each row's position as its time", file=sys.stderr)
         frame = frame.assign(timestamp=np.arange(len(frame), dtype=np.float64))

@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from streamrec.app.cli import cli
+from streamrec.core.net import free_port
 from tests.conftest import REPO, settings_env
 
 
@@ -79,6 +80,58 @@ def test_bad_format_is_a_clear_error(settings, tmp_path):
     path.write_text("a,b\n1,2\n")
     result = CliRunner().invoke(cli, ["replay", "--data", str(path), "--format", "csv"], env=settings_env(settings))
     assert result.exit_code != 0 and "use --map" in result.output
+
+
+def test_replay_refuses_a_log_without_timestamps(settings, tmp_path):
+    """Each row's position became its time (0, 1, 2: 1970), which no event may carry: every event
+    was dead-lettered and the replay exited 0."""
+    path = tmp_path / "plays.csv"
+    path.write_text("user_id,item_id\n1,10\n2,10\n3,11\n")
+    result = CliRunner().invoke(cli, ["replay", "--data", str(path), "--format", "csv", "--json"],
+                                env=settings_env(settings))
+    assert result.exit_code == 1, result.output
+    assert f"cannot read {path} as csv: {path} has no timestamp column" in result.stderr
+    assert "--map timestamp=COLUMN" in result.stderr and result.stdout == ""
+    assert settings.topic not in run(settings, "topics", "list", "--json")  # refused before anything was sent
+
+
+def test_replay_exits_1_when_every_event_is_dead_lettered(settings, tmp_path):
+    path = tmp_path / "old.csv"
+    path.write_text("user_id,item_id,timestamp\nu1,i1,100\nu2,i2,101\n")  # 1970: older than any valid event
+    result = CliRunner().invoke(cli, ["replay", "--data", str(path), "--format", "csv", "--json"],
+                                env=settings_env(settings))
+    assert result.exit_code == 1, result.output
+    summary = json.loads(result.stdout)  # the summary is still printed, for scripts
+    assert (summary["produced"], summary["dead_lettered"]) == (0, 2)
+    assert f"every event (2) was dead-lettered to {settings.dlq_topic}" in result.stderr
+
+
+@pytest.mark.parametrize("speed", ["nan", "inf", "-1"])
+def test_a_speed_that_is_not_a_finite_non_negative_number_is_refused(settings, tmp_path, speed):
+    """`--speed nan` passed the `speed < 0` check (every comparison with nan is false)."""
+    path = tmp_path / "log.csv"
+    path.write_text("user_id,item_id,timestamp\nu1,i1,1700000000\n")
+    result = CliRunner().invoke(cli, ["replay", "--data", str(path), "--format", "csv", "--speed", speed],
+                                env=settings_env(settings))
+    assert result.exit_code == 2 and "Invalid value for --speed: must be a finite number >= 0" in result.output
+
+
+def test_an_unreachable_broker_is_a_one_line_error(tmp_path):
+    """`replay` and `export --from topic` ended in a KafkaTimeoutError traceback (after ~33 s)."""
+    closed = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "STREAMREC_KAFKA_BOOTSTRAP": closed, "STREAMREC_HOME": str(tmp_path / "home")}
+    log = tmp_path / "log.csv"
+    log.write_text("user_id,item_id,timestamp\nu1,i1,1700000000\n")
+    exe = str(Path(sys.executable).parent / "streamrec")
+    commands = [[exe, "replay", "--data", str(log), "--format", "csv"],
+                [exe, "export", "--to", "parquet", str(tmp_path / "topic.parquet")]]
+    running = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for command in commands]  # side by side: each waits for the client's bootstrap timeout
+    for process in running:
+        _, err = process.communicate(timeout=180)
+        assert process.returncode == 1, err
+        assert err.startswith(f"Error: the Kafka broker at {closed} did not answer: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "topic.parquet").exists()
 
 
 @pytest.mark.parametrize("client", ["kafka-python", "confluent"])

@@ -7,11 +7,13 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
+import warnings
 import zipfile
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -51,20 +53,30 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+HUGE = 64 * 2**20  # what /endless.zip and /liar.zip would send when read to the end
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     hits: Counter[str]
+    sent: Counter[str]  # body bytes written per path, until the client hung up
+    done: defaultdict[str, threading.Event]  # set when the last request of a path ended
     released: threading.Event
 
 
 class _Handler(BaseHTTPRequestHandler):
-    """/good.zip, /tampered.zip, /short.zip (announces more than it sends, then closes), /slow.zip
-    (no answer until the test ends)."""
+    """/good.zip, /tampered.zip, /short.zip (announces the archive's size, sends half, then closes),
+    /slow.zip (no answer until the test ends), /endless.zip (the archive, then zeros up to HUGE,
+    with no length announced) and /liar.zip (announces HUGE bytes and sends them)."""
 
     server: _Server
 
     def log_message(self, *args: object) -> None:  # keep test output clean
         pass
+
+    def _send(self, data: bytes) -> None:
+        self.wfile.write(data)
+        self.server.sent[self.path] += len(data)
 
     def do_GET(self) -> None:
         self.server.hits[self.path] += 1
@@ -72,24 +84,35 @@ class _Handler(BaseHTTPRequestHandler):
             if self.path == "/slow.zip":
                 self.server.released.wait(30)
                 return
+            if self.path in ("/endless.zip", "/liar.zip"):
+                self.send_response(200)
+                if self.path == "/liar.zip":
+                    self.send_header("Content-Length", str(HUGE))
+                self.end_headers()
+                self._send(GOOD if self.path == "/endless.zip" else b"")
+                while self.server.sent[self.path] < HUGE:
+                    self._send(b"\0" * 2**20)
+                return
             body = {"/good.zip": GOOD, "/tampered.zip": TAMPERED, "/short.zip": GOOD}.get(self.path)
             if body is None:
                 self.send_error(404)
                 return
             self.send_response(200)
             self.send_header("Content-Type", "application/zip")
-            self.send_header("Content-Length", str(len(body) + (4096 if self.path == "/short.zip" else 0)))
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body[: len(body) // 2] if self.path == "/short.zip" else body)
+            self._send(body[: len(body) // 2] if self.path == "/short.zip" else body)
             self.close_connection = True
         except (BrokenPipeError, ConnectionResetError):
             pass
+        finally:
+            self.server.done[self.path].set()
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[_Server]:
     httpd = _Server(("127.0.0.1", 0), _Handler)
-    httpd.hits, httpd.released = Counter(), threading.Event()
+    httpd.hits, httpd.sent, httpd.done, httpd.released = Counter(), Counter(), defaultdict(threading.Event), threading.Event()
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield httpd
@@ -110,7 +133,6 @@ def _url(server: _Server, path: str) -> str:
 
 def _nothing_cached(home: Path) -> None:
     """No copy, and no staging folder or partial file left behind: only the lock file."""
-    assert not cache.is_cached(home, "toy")
     assert sorted(p.name for p in cache.cache_root(home).iterdir()) == [".toy.lock"]
 
 
@@ -146,6 +168,19 @@ def test_an_interrupted_transfer_is_refused_and_nothing_is_cached(server, tmp_pa
     with pytest.raises(DatasetError, match="interrupted"):
         fetch_dataset(_toy(_url(server, "/short.zip")), tmp_path)
     _nothing_cached(tmp_path)
+
+
+@pytest.mark.parametrize(("path", "reason"), [("/endless.zip", "sends more than the expected"),
+                                               ("/liar.zip", f"announces {HUGE:,} bytes")])
+def test_a_download_past_the_pinned_size_is_cut_off_at_once(server, tmp_path, path, reason):
+    """Without a bound, a server (a bad mirror, a redirect) that sent more than the pinned size was
+    read to its end, onto the disk, and refused only then: 300 MB written for a 4.9 MB archive."""
+    entry = _toy(_url(server, path))
+    with pytest.raises(DatasetError, match=f"{reason}.*{entry.size:,}"):
+        fetch_dataset(entry, tmp_path)
+    _nothing_cached(tmp_path)
+    assert server.done[path].wait(30)
+    assert server.sent[path] < HUGE / 4  # the client hung up; what is left is the socket buffers
 
 
 def test_an_unreachable_host_fails_at_once(tmp_path):
@@ -195,6 +230,54 @@ def test_extraction_is_capped(tmp_path):
         extract(archive, tmp_path / "out", "toy", 100_000)
 
 
+def _zip_of(members: list[tuple[str, bytes]], method: int = zipfile.ZIP_DEFLATED) -> bytes:
+    """`_zip`, but members may repeat a name (zipfile warns, and writes both)."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), zipfile.ZipFile(buffer, "w") as archive:
+        warnings.simplefilter("ignore", UserWarning)  # "Duplicate name"
+        for name, data in members:
+            archive.writestr(zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0)), data, method)
+    return buffer.getvalue()
+
+
+def _method(data: bytes, method: int) -> bytes:
+    """The stored archive `data` with every member's compression method set to `method` in its local
+    and central headers (zipfile cannot write deflate64, 9, but an archive found online can use it)."""
+    raw = bytearray(data)
+    for signature, offset in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):
+        at = raw.find(signature)
+        while at >= 0:
+            raw[at + offset:at + offset + 2] = method.to_bytes(2, "little")
+            at = raw.find(signature, at + 4)
+    return bytes(raw)
+
+
+@pytest.mark.parametrize(("members", "reason"), [
+    ([("toy/u.data", U_DATA), ("toy/u.data/x", b"x")], "u.data both as a file and as a folder"),
+    ([("toy/sub/x", b"x"), ("toy/sub", b"y"), ("toy/u.data", U_DATA)], "sub both as a file and as a folder"),
+    ([("toy/u.data", U_DATA), ("toy/u.data", b"other")], "u.data twice"),
+])
+def test_members_that_collide_are_refused_before_anything_is_written(tmp_path, members, reason):
+    """They raised FileExistsError or IsADirectoryError half way, past the one-line error handling
+    (or, twice the same name, let the second member replace the first)."""
+    archive = tmp_path / "a.zip"
+    archive.write_bytes(_zip_of(members))
+    (tmp_path / "out").mkdir()
+    with pytest.raises(DatasetError, match=f"holds {reason}; refused"):
+        extract(archive, tmp_path / "out", "toy", 1 << 20)
+    assert not list((tmp_path / "out").iterdir())
+
+
+def test_a_member_zipfile_cannot_read_is_a_dataset_error(tmp_path):
+    """Compression method 9 (deflate64) raised NotImplementedError through `datasets import`."""
+    archive = tmp_path / "deflate64.zip"
+    archive.write_bytes(_method(_zip_of([("toy/u.data", U_DATA)], zipfile.ZIP_STORED), 9))
+    with pytest.raises(DatasetError, match="member toy/u.data cannot be read: That compression method is not supported"):
+        extract(archive, tmp_path / "out", "toy", 1 << 20)
+    with pytest.raises(DatasetError, match="cannot be read"):
+        import_dataset(replace(_toy("http://unused.invalid/toy.zip"), archive_sha256=None), archive, tmp_path / "home")
+
+
 # ---------------------------------------------------------------- imports
 def _folder(tmp_path: Path, data: bytes = U_DATA) -> Path:
     folder = tmp_path / "copy"
@@ -207,7 +290,7 @@ def _folder(tmp_path: Path, data: bytes = U_DATA) -> Path:
 def test_a_verified_folder_or_zip_is_imported(tmp_path):
     entry = _toy("http://unused.invalid/toy.zip")
     path = import_dataset(entry, _folder(tmp_path), tmp_path / "home")
-    assert (path / "u.data").read_bytes() == U_DATA and cache.is_cached(tmp_path / "home", "toy")
+    assert (path / "u.data").read_bytes() == U_DATA and cache.is_cached(tmp_path / "home", entry)
     archive = tmp_path / "toy.zip"
     archive.write_bytes(GOOD)
     path = import_dataset(entry, archive, tmp_path / "home2")
@@ -244,6 +327,89 @@ def test_a_modified_copy_is_refused_and_the_cached_one_kept(tmp_path):
         import_dataset(entry, tampered, home)
     assert (cache.cached_path(home, "toy") / "u.data").read_bytes() == U_DATA
     assert sorted(p.name for p in cache.cache_root(home).iterdir()) == [".toy.lock", "toy"]
+
+
+def test_a_cached_copy_changed_after_its_install_is_not_used_and_a_fetch_repairs_it(server, tmp_path, monkeypatch):
+    """A copy was trusted for its manifest alone: a u.data cut short or a file deleted after the
+    install was still "cached", read by `--data NAME`, and kept by `datasets fetch`."""
+    entry = _toy(_url(server, "/good.zip"))
+    monkeypatch.setitem(CATALOGUE, "toy", entry)
+    path, _ = fetch_dataset(entry, tmp_path)
+    (path / "u.data").write_bytes(U_DATA.replace(b"\t5\t", b"\t1\t"))  # one rating changed: same size
+    with pytest.raises(DatasetError, match=f"u.data in the cached copy {path} changed since it was installed"):
+        resolve_data("toy", tmp_path, fetch=False)
+    assert not cache.is_cached(tmp_path, entry)
+    (path / "README").unlink()
+    with pytest.raises(DatasetError, match=f"README is missing from the cached copy {path}: run `streamrec"):
+        resolve_data("toy", tmp_path, fetch=False)
+    hits = server.hits["/good.zip"]
+    assert resolve_data("toy", tmp_path) == DataSource(path, "ml-100k", "toy")  # downloaded again
+    assert server.hits["/good.zip"] == hits + 1
+    assert (path / "u.data").read_bytes() == U_DATA and (path / "README").read_bytes() == README
+    assert cache.is_cached(tmp_path, entry) and fetch_dataset(entry, tmp_path) == (path, False)
+    (path / "u.data").unlink()
+    assert fetch_dataset(entry, tmp_path) == (path, True)  # `datasets fetch` repairs it too
+    assert (path / "u.data").read_bytes() == U_DATA
+    assert sorted(p.name for p in cache.cache_root(tmp_path).iterdir()) == [".toy.lock", "toy"]
+
+
+_REIMPORT = """
+import sys
+from pathlib import Path
+from streamrec.stream.datasets.catalogue import Dataset
+from streamrec.stream.datasets.store import import_dataset
+import_dataset(Dataset(name="toy", title="toy", url="http://unused.invalid/toy.zip", format="ml-100k",
+                       license="test", files={"u.data": sys.argv[3], "README": sys.argv[4]}),
+               Path(sys.argv[1]), Path(sys.argv[2]))
+"""
+
+
+def test_a_reimport_killed_while_it_replaces_the_copy_leaves_a_whole_copy(tmp_path):
+    """The old copy was removed in place (rmtree) before the new one was renamed in: a kill during
+    the removal left part of it, with its manifest, and that half copy was used as the data set."""
+    entry, home = _toy("http://unused.invalid/toy.zip"), tmp_path / "home"
+    copies = {}
+    for tag in ("old", "new"):  # many small files: removing a copy takes a while
+        folder = tmp_path / tag
+        folder.mkdir()
+        (folder / "u.data").write_bytes(U_DATA)
+        (folder / "README").write_bytes(README)
+        for i in range(1000):
+            (folder / f"{tag}{i:04}").write_bytes(tag.encode())
+        copies[tag] = {p.name for p in folder.iterdir()} | {cache.MANIFEST}
+    target = import_dataset(entry, tmp_path / "old", home)
+    inode = target.stat().st_ino
+    child = subprocess.Popen([sys.executable, "-c", _REIMPORT, str(tmp_path / "new"), str(home), _sha(U_DATA),
+                              _sha(README)], cwd=REPO)
+    try:
+        while child.poll() is None:  # kill as soon as the old copy starts to go
+            try:
+                if target.stat().st_ino != inode or len(os.listdir(target)) < len(copies["old"]):
+                    break
+            except FileNotFoundError:
+                break
+    finally:
+        child.kill()
+        child.wait()
+    with cache.locked(home, "toy"):  # what the next fetch or import does first: clear a killed one's leftovers
+        pass
+    assert set(os.listdir(target)) in (copies["old"], copies["new"])
+    assert cache.is_cached(home, entry) and len(load_log(target, "ml-100k")) == 3
+    assert sorted(p.name for p in cache.cache_root(home).iterdir()) == [".toy.lock", "toy"]
+
+
+def test_the_cache_itself_is_not_a_source_and_a_copied_manifest_is_not_data(tmp_path):
+    """`datasets import NAME <the cached folder>` recorded the cache as its source and hashed the
+    old manifest as one of the files, which the new manifest then replaced."""
+    entry, home = _toy("http://unused.invalid/toy.zip"), tmp_path / "home"
+    cached = import_dataset(entry, _folder(tmp_path), home)
+    with pytest.raises(DatasetError, match=f"{cached} is inside the data-set cache"):
+        import_dataset(entry, cached, home)
+    copied = shutil.copytree(cached, tmp_path / "copied")  # with the manifest of the copy it came from
+    import_dataset(entry, copied, home)
+    record = cache.manifest(home, "toy")
+    assert record is not None and sorted(record["files"]) == ["README", "u.data"]
+    assert record["source"] == str(copied.resolve()) and cache.is_cached(home, entry)
 
 
 def test_a_folder_cannot_be_imported_when_only_the_archive_is_pinned(tmp_path):

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
+import threading
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from streamrec.stream.loaders import load_log
+from streamrec.stream.export import export_parquet
+from streamrec.stream.loaders import InteractionLog, load_log
 from streamrec.stream.topics import create_topics
 from tests.conftest import settings_env
 from tests.trainer_online.conftest import STREAMREC, planted_events, produce_events
@@ -60,3 +63,62 @@ def test_export_explains_a_missing_source(tmp_path) -> None:
                            str(tmp_path / "missing.csv"), "--format", "csv"], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "STREAMREC_HOME": str(tmp_path / "home")})
     assert done.returncode != 0 and "missing.csv" in done.stderr and not (tmp_path / "x.parquet").exists()
+
+
+def _log(rows: int) -> InteractionLog:
+    ids = np.array([f"u{i % 5000}" for i in range(rows)], dtype=object)
+    return InteractionLog(ids, ids.copy(), np.full(rows, 4.0), np.arange(rows, dtype=np.float64) + 1e9)
+
+
+def test_concurrent_exports_to_one_path_each_install_a_whole_file(tmp_path) -> None:
+    """Both wrote into one fixed `.NAME.tmp`: the file at PATH was torn (ZSTD "Data corruption
+    detected" when read) or one export crashed in os.replace, while the other reported success."""
+    logs, target = [_log(200_000), _log(150_000)], tmp_path / "out" / "log.parquet"
+    for _ in range(5):
+        barrier, errors = threading.Barrier(2), []
+
+        def export(log: InteractionLog) -> None:
+            barrier.wait()
+            try:
+                export_parquet(log, target)
+            except Exception as exc:  # reported by the assertion below
+                errors.append(repr(exc))
+
+        threads = [threading.Thread(target=export, args=(log,)) for log in logs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert errors == []
+        assert pq.read_table(target).num_rows in (200_000, 150_000)
+        assert os.listdir(target.parent) == ["log.parquet"]  # no temporary file left
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask  # as a plain new file, not mkstemp's 0o600
+
+
+def test_event_types_export_as_the_text_they_are(tmp_path) -> None:
+    """`event_types().astype(str)` went through numpy's fixed-width strings: a trailing NUL was cut,
+    making "click\\0" one event type with "click" (and every value was padded to the longest)."""
+    source = tmp_path / "log.jsonl"
+    source.write_text("\n".join(json.dumps({"user_id": "u", "item_id": "i", "timestamp": 1e9 + n, "event_type": kind})
+                                for n, kind in enumerate(["click", "click\u0000", "view" + "w" * 1000])))
+    target = tmp_path / "log.parquet"
+    export_parquet(load_log(source, "jsonl"), target)
+    assert pq.read_table(target).column("event_type").to_pylist() == ["click", "click\u0000", "view" + "w" * 1000]
+
+
+def test_a_path_export_cannot_write_is_a_one_line_error(tmp_path) -> None:
+    """A parent that is a file, or a folder nobody may write (/proc), ended in a traceback; a path
+    ending in a slash wrote a file named like the folder it named."""
+    source = tmp_path / "log.csv"
+    source.write_text("user_id,item_id,timestamp\nu,i,1000000000\n")
+    (tmp_path / "afile").write_text("")
+    env = {**os.environ, "STREAMREC_HOME": str(tmp_path / "home")}
+    for target, code, message in [(tmp_path / "afile" / "x.parquet", 1, f"Error: cannot write {tmp_path}/afile/x.parquet: "),
+                                  ("/proc/x.parquet", 1, "Error: cannot write /proc/x.parquet: "),
+                                  (f"{tmp_path}/newdir/", 2, "names a folder; PATH is the file to write")]:
+        done = subprocess.run([STREAMREC, "export", "--to", "parquet", str(target), "--from", str(source), "--format", "csv"],
+                              capture_output=True, text=True, timeout=60, env=env)
+        assert done.returncode == code and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "newdir").exists()

@@ -155,6 +155,23 @@ def test_integer_ids_beyond_float_precision_order_exactly_whatever_the_file_orde
     assert forward.item_id[2:6].tolist() == [str(2**62 + i) for i in range(4)]
 
 
+def test_integer_ids_longer_than_pythons_int_limit_order_like_shorter_ones(tmp_path: Path) -> None:
+    """`int()` refuses strings of more than 4,300 digits: one such id made the whole log unreadable
+    (ValueError: Exceeds the limit). The order is that of (integer value, text) for every id."""
+    huge = "9" * 5000
+    users = [huge, "1" + "0" * 4999, "-" + huge, "-1" + "0" * 4999, "007", "7", "+7", "-7", "-007", "0", "-0", "00",
+             "12", "-12", "3", "٣"]  # "٣" is an Arabic-Indic 3: `int` reads it, so it is an integer too
+    path = tmp_path / "huge.csv"
+    path.write_text("user_id,item_id,timestamp\n" + "".join(f"{u},i,1000000000\n" for u in reversed(users)),
+                    encoding="utf-8")
+    log = load_log(path, "csv")
+    expected = ["-" + huge, "-1" + "0" * 4999, "-12", "-007", "-7", "-0", "0", "00", "3", "٣", "+7", "007", "7", "12",
+                "1" + "0" * 4999, huge]
+    assert log.user_id.tolist() == expected
+    short = [u for u in users if len(u) < 10]
+    assert [u for u in expected if len(u) < 10] == sorted(short, key=lambda u: (int(u), u))  # as before
+
+
 def test_ids_that_read_like_missing_values_are_ids_in_every_format(tmp_path: Path) -> None:
     """pandas reads "NA", "null" or "nan" as missing unless told not to: the ml-100k and
     ml-latest formats refused such ids as "missing or empty", where csv takes them."""

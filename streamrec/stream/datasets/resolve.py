@@ -31,8 +31,8 @@ class DataSource:
 
 
 def resolve_data(value: str | Path, home: Path, fetch: bool = True) -> DataSource:
-    """An existing path as is; a catalogue name as its cached copy (fetched when missing and
-    `fetch`). Raises DatasetError with a one-line reason otherwise."""
+    """An existing path as is; a catalogue name as its cached copy, verified file by file (fetched
+    when missing or damaged and `fetch`). Raises DatasetError with a one-line reason otherwise."""
     path = Path(value).expanduser()
     if path.exists():
         return DataSource(path)
@@ -41,14 +41,14 @@ def resolve_data(value: str | Path, home: Path, fetch: bool = True) -> DataSourc
         raise DatasetError(f"{value} is neither an existing file or folder nor a data set "
                            f"({', '.join(sorted(CATALOGUE))}; see `streamrec datasets list`)")
     entry = dataset(name)
-    if not cache.is_cached(home, name):
+    problem = cache.problem(home, entry)  # every file re-hashed: a copy changed since its install is not used
+    if problem is not None:
         if not fetch:
-            raise DatasetError(f"{name} is not in the cache {cache.cache_root(home)}: "
-                               f"run `streamrec datasets fetch {name}` or `datasets import {name} PATH`")
+            raise DatasetError(f"{problem}: run `streamrec datasets fetch {name}` or `datasets import {name} PATH`")
         # imported here: httpx only when a download is due, so `streamrec --help` stays fast
         from streamrec.stream.datasets.store import fetch_dataset
 
-        click.echo(f"{name} is not cached: downloading it from {entry.url} ({entry.license})", err=True)
+        click.echo(f"{problem}: downloading {name} from {entry.url} ({entry.license})", err=True)
         try:
             fetch_dataset(entry, home)
         except DatasetError as exc:

@@ -25,9 +25,10 @@ def _install_archive(entry: Dataset, archive: Path, staged: Path, home: Path, so
 
 def fetch_dataset(entry: Dataset, home: Path, timeout: httpx.Timeout = DEFAULT_TIMEOUT,
                   force: bool = False) -> tuple[Path, bool]:
-    """(cached folder, whether it was downloaded now). An existing copy is kept unless `force`."""
+    """(cached folder, whether it was downloaded now). A verified copy is kept unless `force`; a
+    damaged one (a file changed or missing since it was installed) is downloaded again."""
     with cache.locked(home, entry.name):
-        if cache.is_cached(home, entry.name) and not force:
+        if cache.is_cached(home, entry) and not force:
             return cache.cached_path(home, entry.name), False
         with cache.staging(home, entry.name) as staged:
             archive = staged / "archive.zip"
@@ -49,6 +50,10 @@ def import_dataset(entry: Dataset, path: Path, home: Path) -> Path:
     path = Path(path).expanduser()
     if not path.exists():
         raise DatasetError(f"no such file or folder: {path}")
+    root = cache.cache_root(home).resolve()
+    if path.is_dir() and path.resolve().is_relative_to(root):  # the copy itself: nothing to import from
+        raise DatasetError(f"{path} is inside the data-set cache {root}; import from the original "
+                           f"copy (or `streamrec datasets fetch {entry.name} --force`)")
     with cache.locked(home, entry.name), cache.staging(home, entry.name) as staged:
         if path.is_file():
             digest = cache.sha256_file(path)
@@ -67,6 +72,8 @@ def import_dataset(entry: Dataset, path: Path, home: Path) -> Path:
         files = staged / "files"
         files.mkdir()
         for item in sorted(source.iterdir()):
+            if item.name == cache.MANIFEST:  # another copy's record (a cached folder copied elsewhere), not data
+                continue
             # pinned files are copied through symbolic links too (DVC and git-annex check data out
             # as links), which were skipped, and their absence was blamed on the staging folder;
             # every pinned file is verified by its SHA-256 all the same
@@ -77,6 +84,6 @@ def import_dataset(entry: Dataset, path: Path, home: Path) -> Path:
 
 def status(entry: Dataset, home: Path) -> dict[str, object]:
     """The catalogue entry plus whether and where it is cached (what `datasets list` shows)."""
-    cached = cache.is_cached(home, entry.name)
+    cached = cache.is_cached(home, entry)
     return {**entry.to_json(), "cached": cached,
             "path": str(cache.cached_path(home, entry.name)) if cached else None}
