@@ -11,18 +11,19 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import redis
 
+from streamrec.core.config import Settings
 from streamrec.param_server.client import ParamClient
 from streamrec.stream.kafka import make_producer
 from streamrec.stream.publish import EventPublisher
 from streamrec.stream.topics import create_topics
-from streamrec.core.config import Settings
+from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
 from tests.conftest import settings_env
 from tests.param_server.conftest import start_server  # noqa: F401  (a fixture shared with these suites)
 
@@ -149,3 +150,17 @@ def monitored_script_keys(server: redis.Redis, prefix: str, action: Callable[[],
                 touched.add(args[1])
             elif args and args[0].upper() == b"EVALSHA":
                 declared.update(args[3 : 3 + int(args[2])])
+
+
+@pytest.fixture
+def new_store(redis_url: str) -> Iterator[Callable[[], FeatureStore]]:
+    """Makes feature stores, each under a fresh key prefix, cleared at the end."""
+    made: list[FeatureStore] = []
+
+    def make() -> FeatureStore:
+        made.append(FeatureStore.from_url(redis_url, FeatureStoreConfig(prefix=unique_prefix())))
+        return made[-1]
+
+    yield make
+    for store in made:
+        store.clear()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
 
 import numpy as np
 import orjson
@@ -34,19 +33,6 @@ from tests.trainer_online.test_feature_store_exactly_once import snapshot
 from tests.trainer_online.test_feature_store_rebuild import end_of_topic
 
 START = 1_700_000_000.0
-
-
-@pytest.fixture
-def new_store(redis_url: str) -> Iterator[Callable[[], FeatureStore]]:
-    made: list[FeatureStore] = []
-
-    def make() -> FeatureStore:
-        made.append(FeatureStore.from_url(redis_url, FeatureStoreConfig(prefix=unique_prefix())))
-        return made[-1]
-
-    yield make
-    for store in made:
-        store.clear()
 
 
 def batch_of(users: list[str], items: list[str], first_offset: int, pkey: str = "t/0") -> EventBatch:

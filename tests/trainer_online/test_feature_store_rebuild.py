@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -21,31 +21,16 @@ from streamrec.stream.topics import end_offsets
 from streamrec.trainer.online.feature_rebuild import rebuild_features
 from streamrec.trainer.online.feature_store import (
     FeatureStore,
-    FeatureStoreConfig,
     FeatureWrite,
 )
 from tests.conftest import settings_env
 from tests.trainer_online.conftest import (
     STREAMREC,
     TOPIC_EVENTS,
-    unique_prefix,
 )
 from tests.trainer_online.test_feature_store_exactly_once import snapshot
 
 N = TOPIC_EVENTS
-
-
-@pytest.fixture
-def new_store(redis_url: str) -> Iterator[Callable[[], FeatureStore]]:
-    made: list[FeatureStore] = []
-
-    def make() -> FeatureStore:
-        made.append(FeatureStore.from_url(redis_url, FeatureStoreConfig(prefix=unique_prefix())))
-        return made[-1]
-
-    yield make
-    for store in made:
-        store.clear()
 
 
 def end_of_topic(settings: Settings) -> dict[str, int]:

@@ -50,7 +50,7 @@ import redis
 from redis.commands.core import Script
 
 from streamrec.trainer.online.context_slices import Merit, SliceConfig, SliceCounts, SliceTops
-from streamrec.trainer.online.feature_store import RENORMALISE_AFTER_HALF_LIVES
+from streamrec.trainer.online.feature_store import RENORMALISE_AFTER_HALF_LIVES, connect_on_first_use
 
 log = logging.getLogger(__name__)
 TAG = "{x}"
@@ -246,10 +246,7 @@ class ExplorationStore:
         (what every caller handles: redis-py's RedisClusterException is no RedisError), and is asked
         again at the next use."""
         if self._client is None:
-            try:
-                self._client = self._connect()
-            except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
-                raise redis.ConnectionError(f"Redis Cluster unreachable: {type(exc).__name__}: {exc}") from exc
+            self._client = connect_on_first_use(self._connect)
         return self._client
 
     @property

@@ -64,6 +64,7 @@ from streamrec.trainer.online.feature_store import (
     FeatureWrite,
     KeySchema,
     ScriptCall,
+    connect_on_first_use,
     run_write_script,
     script_argument,
 )
@@ -130,10 +131,7 @@ class ClusterFeatureStore(FeatureStore):
         """The cluster client, made on first use; a cluster that cannot be reached raises
         redis.ConnectionError (the error every caller already handles), and is asked again next time."""
         if self._client is None:
-            try:
-                self._client = self._connect()
-            except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
-                raise redis.ConnectionError(f"Redis Cluster unreachable: {type(exc).__name__}: {exc}") from exc
+            self._client = connect_on_first_use(self._connect)
         return self._client
 
     # ---- per master ---------------------------------------------------------------------------

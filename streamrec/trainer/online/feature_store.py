@@ -65,9 +65,9 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, TypeVar
 
 import hiredis
 import numpy as np
@@ -83,6 +83,7 @@ from streamrec.trainer.online.roles import EventRoles
 from streamrec.trainer.online.session import SESSION_GAP
 
 log = logging.getLogger(__name__)
+C = TypeVar("C")  # a Redis client
 FEATURE_REPAIRS = Counter("streamrec_trainer_feature_store_repairs_total",
                           "Feature-store keys (or hash fields) that held what the write script cannot use (another "
                           "type, a counter that is no integer): deleted or reset to 0, and the batch written in full")
@@ -715,6 +716,16 @@ def decode_history(replies: list[list[bytes | None]], recent: int, seen: bool, s
             position = (partition.decode(), int(offset)) if partition is not None and offset is not None else None
             state = SessionState(int(events), int(session_events), float(last_seen), position)
     return UserHistory(newest, everything, state)
+
+
+def connect_on_first_use(connect: Callable[[], C]) -> C:
+    """`connect()`, with a Redis Cluster that cannot be reached raised as redis.ConnectionError: a
+    cluster client connects as it is built, and redis-py's RedisClusterException is no RedisError,
+    the error every caller of a store handles (a trainer waits it out, serving degrades)."""
+    try:
+        return connect()
+    except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+        raise redis.ConnectionError(f"Redis Cluster unreachable: {type(exc).__name__}: {exc}") from exc
 
 
 class FeatureStore:
