@@ -242,3 +242,21 @@ def test_a_counter_edited_into_a_non_integer_does_not_stop_counting_nor_count_tw
     store.count(objects("a", "b"), np.array([2, 2]), np.ones(2), 1.0, "t/0", 1, 2)
     assert store.redis.hgetall(store.keys.key("shown")) == {b"a": b"3", b"b": b"2"}  # b restarts from its increment
     assert store.marks() == {"t/0": 2}
+
+
+def test_keys_of_another_type_or_junk_numbers_neither_stop_counting_nor_count_twice(store: ExplorationStore):
+    """A key of another type (written by hand, or by another program under the prefix) failed the
+    counting script half-way, after its first writes (a script is not rolled back): the range was
+    retried for ever, and its first counts applied again at every retry. So did a stored time that
+    does not read as a number."""
+    client, keys = store.redis, store.keys
+    client.set(keys.key("shown"), "text")  # a string where a hash belongs
+    client.hset(keys.key("fresh"), "a", "1")  # a hash where a sorted set belongs
+    client.rpush(keys.key("clock"), "x")  # a list where a string belongs
+    store.count(objects("a", "b"), np.array([1, 2]), np.array([1.0, 2.0]), 2.0, "t/0", 0, 1)
+    assert client.hgetall(keys.key("shown")) == {b"a": b"1", b"b": b"2"}
+    client.hset(keys.key("first"), "a", "junk")
+    client.set(keys.key("clock"), "junk")
+    store.count(objects("a", "b"), np.array([1, 1]), np.array([3.0, 3.0]), 3.0, "t/0", 1, 2)
+    assert client.hgetall(keys.key("shown")) == {b"a": b"2", b"b": b"3"}
+    assert store.marks() == {"t/0": 2} and set(store.fresh(10).ids.tolist()) == {"a", "b"}

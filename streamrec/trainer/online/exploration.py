@@ -71,10 +71,30 @@ local function incrfloat(key, field, by)
   local done = redis.pcall('HINCRBYFLOAT', key, field, by)
   if type(done) == 'table' and done.err then redis.call('HSET', key, field, string.format('%.17g', by)) end
 end
+-- likewise a key of another type (written by hand, or by another program under this prefix)
+-- failed the script half-way: every declared key is checked before the first write, and one that
+-- holds another type is deleted; a number that does not read as one counts as absent
+local KEY_TYPES = {'hash', 'hash', 'hash', 'zset', 'hash', 'string', 'set', 'string', 'hash', 'hash', 'hash', 'zset'}
+for i, want in ipairs(KEY_TYPES) do
+  local have = redis.call('TYPE', KEYS[i]).ok
+  if have ~= 'none' and have ~= want then redis.call('DEL', KEYS[i]) end
+end
+local function number(value, absent)  -- a Redis nil arrives as false
+  local n = value and tonumber(value) or nil
+  if n == nil or n ~= n then return absent end
+  return n
+end
+local function zincr(key, by, member)  -- a slice key of another type restarts as a sorted set
+  local done = redis.pcall('ZINCRBY', key, by, member)
+  if type(done) == 'table' and done.err then
+    redis.call('DEL', key)
+    redis.call('ZINCRBY', key, by, member)
+  end
+end
 local shown_key, clicks_key, first_key, fresh_key, marks_key, clock_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local mark = redis.call('HGET', marks_key, ARGV[1])
 if ARGV[2] ~= '' and mark and mark ~= ARGV[2] then return mark end
-local clock = tonumber(redis.call('GET', clock_key) or '-1e300')
+local clock = number(redis.call('GET', clock_key), -1e300)
 local now = tonumber(ARGV[4])
 if now > clock then
   clock = now
@@ -89,7 +109,7 @@ for i = 1, n do
   local first
   if seen ~= '' then
     local known = redis.call('HGET', first_key, item)
-    if not known or tonumber(seen) < tonumber(known) then
+    if not known or tonumber(seen) < number(known, math.huge) then
       redis.call('HSET', first_key, item, seen)
       if not known or redis.call('ZSCORE', fresh_key, item) then redis.call('ZADD', fresh_key, seen, item) end
       first = tonumber(seen)
@@ -97,7 +117,7 @@ for i = 1, n do
   end
   if shows > 0 then
     local total = incr(shown_key, item, shows)
-    first = first or tonumber(redis.call('HGET', first_key, item) or '-1e300')
+    first = first or number(redis.call('HGET', first_key, item), -1e300)
     if total >= min_shown and clock - first >= max_age then redis.call('ZREM', fresh_key, item) end
   end
 end
@@ -113,12 +133,18 @@ if s > 0 then
   -- the hint is the count's newest time, so its weights are at most 1 each; as in the feature
   -- store's popularity, 2^x overflows from x = 1,024, so a landmark RENORMALISE_AFTER half-lives behind moves up
   -- to the hint and every slice's weights and mass are scaled down by what they decayed meanwhile
-  local landmark = tonumber(redis.call('GET', landmark_key))
+  local landmark = number(redis.call('GET', landmark_key), nil)
+  if landmark == nil then
+    redis.call('SET', landmark_key, ARGV[at + 1])
+    landmark = hint
+  end
   if (hint - landmark) / half_life > RENORMALISE_AFTER then
     local decayed = math.pow(2, (landmark - hint) / half_life)
     for _, name in ipairs(redis.call('SMEMBERS', slices_key)) do
-      redis.call('ZUNIONSTORE', slice_prefix .. name, 1, slice_prefix .. name, 'WEIGHTS', string.format('%.17g', decayed))
-      local mass = tonumber(redis.call('HGET', mass_key, name) or '0')
+      local scaled = redis.pcall('ZUNIONSTORE', slice_prefix .. name, 1, slice_prefix .. name, 'WEIGHTS',
+                                 string.format('%.17g', decayed))
+      if type(scaled) == 'table' and scaled.err then redis.call('DEL', slice_prefix .. name) end
+      local mass = number(redis.call('HGET', mass_key, name), 0)
       redis.call('HSET', mass_key, name, string.format('%.17g', mass * decayed))
     end
     redis.call('SET', landmark_key, ARGV[at + 1])
@@ -133,7 +159,7 @@ if s > 0 then
       if redis.call('SCARD', slices_key) >= max_slices then name = string.match(name, '^[^=]*') .. '=other' end
     end
     redis.call('SADD', slices_key, name)
-    redis.call('ZINCRBY', slice_prefix .. name, weight, item)
+    zincr(slice_prefix .. name, weight, item)
     incr(events_key, name, events)
     incrfloat(mass_key, name, weight)
     if not touched[name] then touched[name] = true; order[#order + 1] = name end
