@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from streamrec.param_server.store import ParamStore
+from streamrec.param_server.table_alias import logical_name
 
 PREFIX = "streamrec_param_server"
 ROW_BUCKETS = (1, 16, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
@@ -39,10 +40,17 @@ class _StoreCollector(Collector):
             )
         }
         fields = {"evictions": "evicted_for_room"}
+        # the versions a refit keeps of one table (`table_alias`) are summed under its logical name
+        sums: dict[str, dict[str, int]] = {}
         for table in info["tables"]:
-            rows.add_metric([table["name"]], table["rows"])
+            entry = sums.setdefault(logical_name(table["name"]), dict.fromkeys(["rows", *counters], 0))
+            entry["rows"] += table["rows"]
+            for what in counters:
+                entry[what] += table[fields.get(what, what)]
+        for name, entry in sums.items():
+            rows.add_metric([name], entry["rows"])
             for what, family in counters.items():
-                family.add_metric([table["name"]], table[fields.get(what, what)])
+                family.add_metric([name], entry[what])
         yield rows
         yield from counters.values()
         yield GaugeMetricFamily(f"{PREFIX}_version", "global version counter", value=info["version"])

@@ -21,6 +21,7 @@ from typing import Any
 from streamrec.core.allocator import HeapTrimmer
 from streamrec.param_server.client import Delta, ParamClient
 from streamrec.param_server.replica import TableMirror
+from streamrec.param_server.table_alias import alias_blob, decode_alias, resolve
 from streamrec.serving.artifacts import ArtifactError, Artifacts
 from streamrec.serving.config import ServingConfig
 from streamrec.serving.filters import ItemFilter
@@ -58,6 +59,10 @@ class Syncer:
         self.config, self.holder, self.metrics, self.users = config, holder, metrics, users
         self.between_polls = between_polls
         self._memo_counts = MemoCounts(metrics.search_memo.labels("hit"), metrics.search_memo.labels("miss"))
+        # the (item, user) tables read: the configured names, or the version a refit's alias names
+        self.tables = (config.item_table, config.user_table)
+        self._alias_version = 0
+        self._retired_users: UserCache | None = None  # the cache of tables switched away from, in use until a swap
         self.buffers = [self._buffer(), self._buffer()]
         self.standby = 0
         self.item_since: int | tuple[int, ...] = 0
@@ -75,7 +80,7 @@ class Syncer:
 
     def _buffer(self) -> Buffer:
         c = self.config
-        return Buffer(TableMirror(None, c.item_table, compact=True),
+        return Buffer(TableMirror(None, self.tables[0], compact=True),
                       ItemIndex(c.index, c.nprobe, c.ivf_min_items, c.rebuild_fraction,
                                 int(c.search_memo_mb * 2**20), self._memo_counts))
 
@@ -85,13 +90,38 @@ class Syncer:
                                        timeout=30.0, retries=1, retry_backoff=0.1)
         return self._client
 
-    def _fetch_artifacts(self, client: ParamClient) -> Artifacts:
+    def _follow_alias(self, client: ParamClient, published: dict[str, int]) -> None:
+        """Switch to the tables a refit's newer alias names (`streamrec.param_server.table_alias`):
+        new buffers and a new user cache, filled from scratch by this poll, and swapped in with
+        the item state, so no request pairs users of one version with items of another. The state
+        before keeps serving until the new one is whole."""
+        name = alias_blob(self.config.item_table)
+        version = published.get(name, 0)
+        if version <= self._alias_version:
+            return
+        blob = client.get_blob(name, since=self._alias_version)
+        if blob is None:
+            return
+        tables = resolve(decode_alias(blob.data)[1], self.config.item_table, self.config.user_table)
+        self._alias_version = blob.version
+        if tables == self.tables:
+            return
+        log.info("switching to tables %s / %s (alias version %d)", *tables, blob.version)
+        self.tables = tables
+        self.buffers = [self._buffer(), self._buffer()]
+        self.item_since, self.user_since = 0, None
+        if self._retired_users is None:
+            self._retired_users = self.users  # the current state's: closed once a new state replaces it
+        else:
+            self.users.close()  # a switch that no state ever used
+        self.users = UserCache(self.config, self.metrics, table=tables[1])
+
+    def _fetch_artifacts(self, client: ParamClient, published: dict[str, int]) -> Artifacts:
         """Artifacts with every configured blob that has a newer version decoded. A version that
         does not decode is refused once (logged, counted, named in /readyz) and not fetched again:
         the version before stays in use, and the poll goes on, item and user deltas included (it
         used to fail the whole poll, at every poll, until someone published a good blob)."""
         artifacts = self.artifacts
-        published = client.blobs()
         for name, kind in ((self.config.knn_blob, "knn"), (self.config.ranker_blob, "ranker"),
                            (self.config.catalogue_blob, "catalogue")):
             version = published.get(name)
@@ -128,8 +158,11 @@ class Syncer:
         started = time.perf_counter()
         client = self._connect()
         try:
+            published = client.blobs()
+            self._follow_alias(client, published)
+            item_table, user_table = self.tables
             tables = client.tables()
-            if self.config.item_table not in tables and self.holder.current is None:
+            if item_table not in tables and self.holder.current is None:
                 # nothing trained yet, on any shard: nothing to wait for. A worker with a model goes
                 # on below and fails (the shards restarted empty): it keeps that model, and its
                 # staleness and last_error say so
@@ -140,7 +173,7 @@ class Syncer:
             # have every row of that version, so "synced past v" holds for the user cache too (the
             # other way round a push landing between the two left a new user's row out of the cache
             # while the version said it was in: answers depended on timing)
-            deltas = [client.delta(self.config.item_table, self.item_since)]
+            deltas = [client.delta(item_table, self.item_since)]
             # a torn delta (pushes reached its later chunks while they were read) is the table as of no
             # version: a state built from it alone labelled model_version v held rows newer than v, and
             # two workers answered the same request differently under one model_version. Deltas since
@@ -148,10 +181,10 @@ class Syncer:
             while deltas[-1].torn:
                 if len(deltas) > MAX_FOLLOW_UPS:
                     raise TornDelta(f"{len(deltas)} item deltas in a row held rows newer than their version")
-                deltas.append(client.delta(self.config.item_table, deltas[-1].version))
+                deltas.append(client.delta(item_table, deltas[-1].version))
             delta = deltas[-1]
-            self._follow_users(client, tables.get(self.config.user_table))
-            artifacts = self._fetch_artifacts(client)
+            self._follow_users(client, user_table, tables.get(user_table))
+            artifacts = self._fetch_artifacts(client, published)
         except OSError:
             client.close()  # reconnect next time
             raise
@@ -167,14 +200,14 @@ class Syncer:
         self.metrics.staleness.set(0.0)
         return changed
 
-    def _follow_users(self, client: ParamClient, info: dict[str, Any] | None) -> None:
+    def _follow_users(self, client: ParamClient, table: str, info: dict[str, Any] | None) -> None:
         """The user table's changes since the last poll, into the cache; the first poll streams the
         whole table to fill it (chunk by chunk: never the whole table at once). `info` is the
         table's merged info, None when no shard has it (no user has a row: nothing to follow)."""
         self.holder.user_rows = info["rows"] if info is not None else 0
         if info is None:
             return
-        chunks = client.delta_chunks(self.config.user_table, self.user_since or 0, USER_CHUNK_ROWS)
+        chunks = client.delta_chunks(table, self.user_since or 0, USER_CHUNK_ROWS)
         self.user_since = self.users.follow(chunks, client.shard_of, fill=self.user_since is None)
 
     def _apply(self, buffer: Buffer, deltas: list[Delta], rebuilt_from: ItemIndex | None) -> bool:
@@ -199,6 +232,9 @@ class Syncer:
         self.metrics.index_items.set(standby.index.size)
         if old is not None:
             self.holder.wait_unused(old)
+        if self._retired_users is not None:  # no request holds a state with the cache switched away from
+            self._retired_users.close()
+            self._retired_users = None
         other = self.buffers[1 - self.standby]
         self._apply(other, deltas, standby.index if rebuilt else None)
         self.standby = 1 - self.standby  # the buffer just caught up is the next standby
@@ -249,5 +285,7 @@ class Syncer:
 
     def close(self) -> None:
         self.users.close()
+        if self._retired_users is not None:
+            self._retired_users.close()
         if self._client is not None:
             self._client.close()

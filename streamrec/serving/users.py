@@ -65,8 +65,9 @@ class UserCache:
     """At most `capacity` users' rows, least recently used evicted first. Thread-safe: requests run
     on the event loop and in the thread pool, deltas arrive on the sync thread."""
 
-    def __init__(self, config: ServingConfig, metrics: ServingMetrics) -> None:
-        self.table, self.capacity = config.user_table, config.user_cache_size
+    def __init__(self, config: ServingConfig, metrics: ServingMetrics, table: str | None = None) -> None:
+        """`table`: the user table read, when not the configured one (the version a refit's alias names)."""
+        self.table, self.capacity = table or config.user_table, config.user_cache_size
         self.timeout, self.retry_s = config.user_pull_timeout_s, config.user_pull_retry_s
         self.dim = 0
         self._slots: OrderedDict[str, int] = OrderedDict()  # user -> row of _values, oldest first

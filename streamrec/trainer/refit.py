@@ -1,9 +1,10 @@
 """Periodic batch refits: read the event log, fit a model, publish it for serving by version.
 
 What is published is what the model's `export()` says (formats in `streamrec.param_server.artifacts`):
-* retrieval vectors: item (and user) vectors assigned into parameter-server tables
-  `refit_<model>_items` / `refit_<model>_users`, rows = [vector | scalar], the scalar being the
-  item bias where the model keeps one apart (else 0);
+* retrieval vectors: item (and user) vectors assigned into new parameter-server tables of this
+  version, rows = [vector | scalar], the scalar being the item bias where the model keeps one
+  apart (else 0), then switched in under the names `refit_<model>_items` / `refit_<model>_users`
+  by one alias blob (`streamrec.param_server.table_alias`);
 * item neighbour lists: the top-k neighbours as the blob `refit/<model>/neighbors` (for item-knn
   that is `KNN_BLOB`, the one serving reads);
 * a ranking-stage network: the dense blob `RANKER_BLOB`;
@@ -34,6 +35,7 @@ from streamrec.core.config import Settings
 from streamrec.core.params import parse_params
 from streamrec.param_server.artifacts import RANKER_BLOB, encode_dense, encode_neighbors
 from streamrec.param_server.client import ParamClient, ParamServerError
+from streamrec.param_server.table_alias import alias_blob, encode_alias, is_version_of, physical_name, read_alias
 from streamrec.stream.impressions import decode_record, shown_pairs
 from streamrec.stream.kafka import KafkaError
 from streamrec.stream.loaders import InteractionLog
@@ -120,30 +122,33 @@ def stable_width(model: Recommender, export: Export) -> Export:
 
 def publish(client: ParamClient, model: Recommender, version: int, export: Export | None = None) -> dict[str, Any]:
     """Publish exactly what `export` (default: `model.export()`) describes, then the manifest;
-    returns what was written."""
+    returns what was written.
+
+    Vectors go into new tables of this version, switched in by one alias blob once both sides are
+    whole (`streamrec.param_server.table_alias`): a reader never sees the item table of one fit
+    with the user table of another, and a refit killed half-way leaves the last version served.
+    Tables of versions older than the one replaced are dropped (also those a killed refit left)."""
     export = stable_width(model, model.export() if export is None else export)
     written: dict[str, Any] = {"tables": {}, "blobs": {}}
     if export.item_vectors is not None:
         biases = export.item_biases if export.item_biases is not None else np.zeros(len(export.item_vectors))
-        sides = [("items", model.items.ids, export.item_vectors, biases)]
+        prefix = f"refit_{model.name.replace('-', '_')}"
+        sides = [(f"{prefix}_items", model.items.ids, export.item_vectors, biases)]
         if export.user_vectors is not None:
-            sides.append(("users", model.users.ids, export.user_vectors, np.zeros(len(export.user_vectors))))
-        existing = client.tables()
-        for side, ids, vectors, scalars in sides:
-            table = f"refit_{model.name.replace('-', '_')}_{side}"
-            held = existing.get(table, {}).get("spec", {}).get("dim")
-            if held is not None and held != vectors.shape[1]:
-                # another width (other factors, or a release before `stable_width`): create_table
-                # refused the new spec, and a refit loop failed so at every period, for ever
-                logger.warning("table %s holds %d-wide rows, this fit exports %d: dropped and created anew", table,
-                            held, vectors.shape[1])
-                client.drop_table(table)
-                written.setdefault("recreated", []).append(table)
+            sides.append((f"{prefix}_users", model.users.ids, export.user_vectors, np.zeros(len(export.user_vectors))))
+        _, replaced = read_alias(client, sides[0][0])
+        aliases: dict[str, str] = {}
+        for logical, ids, vectors, scalars in sides:
+            table = aliases[logical] = physical_name(logical, version)
             client.create_table(table, dim=vectors.shape[1], scalars=1, optimizer="sgd")
             versions = client.assign(
                 table, list(ids), vectors.astype(np.float32), scalars[:, None].astype(np.float32)
             )
             written["tables"][table] = {"rows": len(vectors), "versions": {str(s): v for s, v in versions.items()}}
+        alias = alias_blob(sides[0][0])
+        written["blobs"][alias] = client.put_blob(alias, encode_alias(version, aliases))
+        written["aliases"] = aliases
+        written["dropped"] = drop_old_versions(client, aliases, replaced)
     if export.neighbours is not None:
         blob = f"refit/{model.name}/neighbors"
         written["blobs"][blob] = client.put_blob(blob, neighbours_blob(model, export.neighbours))
@@ -151,11 +156,25 @@ def publish(client: ParamClient, model: Recommender, version: int, export: Expor
         written["blobs"][RANKER_BLOB] = client.put_blob(RANKER_BLOB, encode_dense(export.ranker.header, export.ranker.arrays))
     manifest = f"refit/{model.name}/manifest"
     header = {"model": model.name, "version": version, "params": model.params, "published_at": time.time(),
-              "tables": sorted(written["tables"]), "blobs": sorted(written["blobs"])}
+              "tables": sorted(written["tables"]), "aliases": written.get("aliases", {}),
+              "blobs": sorted(written["blobs"])}
     written["blobs"][manifest] = client.put_blob(
         manifest, encode_dense(header, {"popularity": np.asarray(model.popularity, np.float32)})
     )
     return written
+
+
+def drop_old_versions(client: ParamClient, aliases: dict[str, str], replaced: dict[str, str]) -> list[str]:
+    """Drop every table of the published logical names except the new version and the one it
+    replaced (serving workers may be reading it until their next poll); returns the dropped."""
+    keep = set(aliases.values()) | {replaced.get(logical, logical) for logical in aliases}
+    dropped = sorted(table for table in client.tables() if table not in keep
+                     and any(is_version_of(table, logical) for logical in aliases))
+    for table in dropped:
+        client.drop_table(table)
+    if dropped:
+        logger.info("dropped tables of older refits: %s", ", ".join(dropped))
+    return dropped
 
 
 def load_refit_log(settings: Settings, source: str, fmt: str, engine: Engine) -> InteractionLog:

@@ -55,7 +55,7 @@ def test_two_tower_vectors_served_after_refit(stack, redis_url):
     model = create("youtube-dnn", epochs=3, dim=16, hidden="32", negatives=64, batch_size=256, seed=0).fit(data)
     with ParamClient([server.address]) as client:
         written = publish(client, model, version=1)
-    assert {"refit_youtube_dnn_items", "refit_youtube_dnn_users"} <= set(written["tables"])
+    assert {"refit_youtube_dnn_items", "refit_youtube_dnn_users"} <= set(written["aliases"])
     serving = start(server.address, redis_url, f"e2e{uuid.uuid4().hex[:8]}",
                     args=("--user-table", "refit_youtube_dnn_users", "--item-table", "refit_youtube_dnn_items",
                           "--index", "flat"))

@@ -7,11 +7,12 @@ import orjson
 import pytest
 from click.testing import CliRunner
 
+from streamrec.app.cli import cli
+from streamrec.param_server.artifacts import KNN_BLOB, decode_dense
 from streamrec.param_server.client import ParamClient
 from streamrec.param_server.server import ParamServer
 from streamrec.param_server.store import ParamStore
-from streamrec.param_server.artifacts import KNN_BLOB, decode_dense
-from streamrec.app.cli import cli
+from streamrec.param_server.table_alias import resolve_tables
 from tests.trainer.synthetic import planted_log
 
 TOP_LEVEL = {"protocol", "model", "params", "data", "metrics", "fit_seconds", "eval_seconds", "events_per_second", "seed"}
@@ -82,10 +83,11 @@ def test_refit_publishes_to_the_parameter_server(csv_log, param_server, tmp_path
         if model == "item-knn":
             assert client.get_blob(KNN_BLOB) is not None
         else:
-            rows = client.pull("refit_bpr_items", ["item-000x", "item-001x"])
+            items, users = resolve_tables(client, "refit_bpr_items", "refit_bpr_users")
+            rows = client.pull(items, ["item-000x", "item-001x"])
             # factors=4 includes the item bias (a scalar here): three factors, plus the blend coordinate (zero at weight 0)
             assert rows.vectors.shape == (2, 4) and rows.found.all()
-            assert "refit_bpr_users" in client.tables()
+            assert users in client.tables() and header["aliases"] == {"refit_bpr_items": items, "refit_bpr_users": users}
 
 
 def test_refits_keep_the_newest_artefact_folders_only(csv_log, tmp_path, monkeypatch):
@@ -120,10 +122,47 @@ def test_refits_publish_whatever_width_the_fit_exports(param_server, tmp_path):
     with ParamClient(param_server) as client:
         for n, (factors, weight) in enumerate([(4, 0.0), (4, 0.5), (4, 0.0), (6, 0.0)]):
             model = create("als", factors=factors, iterations=2, popularity_blend=weight).fit(data)
-            written = publish(client, model, n)
-            assert client.tables()["refit_als_items"]["spec"]["dim"] == factors + 1
-            rows = client.pull("refit_als_users", model.users.ids[:3].tolist())
-            served = rows.vectors @ client.pull("refit_als_items", model.items.ids.tolist()).vectors.T
+            publish(client, model, n)
+            items, users = resolve_tables(client, "refit_als_items", "refit_als_users")
+            assert client.tables()[items]["spec"]["dim"] == factors + 1
+            rows = client.pull(users, model.users.ids[:3].tolist())
+            served = rows.vectors @ client.pull(items, model.items.ids.tolist()).vectors.T
             own = model.user_scores(np.arange(3))
             assert (np.argsort(-served, axis=1)[:, :5] == np.argsort(-own, axis=1)[:, :5]).all()
-            assert ("recreated" in written) == (n == 3)
+
+
+def test_a_refit_publishes_both_sides_as_one_version_and_drops_older_ones(param_server):
+    """A refit assigned its item vectors, then its user vectors, into the same two tables in place:
+    a reader between the two (or after a refit killed between them) got new items with old users,
+    and rows of ids that had left the log were served for ever. Now each version has its own
+    tables and one alias write switches both; the version before stays for readers mid-poll, and
+    older ones (a killed refit's included) are dropped."""
+    from streamrec.param_server.table_alias import alias_blob, read_alias
+    from streamrec.trainer.interactions import Interactions
+    from streamrec.trainer.models import create
+    from streamrec.trainer.refit import publish
+
+    first = Interactions.from_log(planted_log(n_users=40, n_items=30, per_user=10), implicit=True)
+    with ParamClient(param_server) as client:
+        publish(client, create("als", factors=4, iterations=2).fit(first), 1)
+        _, v1 = read_alias(client, "refit_als_items")
+        # a refit killed after its item table was written: nothing names it, nothing serves it
+        client.create_table("refit_als_items.v2-0badc0de", dim=5, optimizer="sgd")
+        client.assign("refit_als_items.v2-0badc0de", ["item-000x"], np.full((1, 5), 9.0, np.float32))
+        assert read_alias(client, "refit_als_items")[1] == v1
+        client.create_table("refit_als_items", dim=5, scalars=1, optimizer="sgd")  # a release before aliases
+        client.create_table("refit_als_items_old", dim=5, scalars=1, optimizer="sgd")  # another model's name
+        log = planted_log(n_users=40, n_items=30, per_user=10)
+        later = Interactions.from_log(log.take(np.flatnonzero(log.user_id != "user-000")), implicit=True)  # one user left
+        model = create("als", factors=4, iterations=2).fit(later)
+        written = publish(client, model, 3)
+        version, v3 = read_alias(client, "refit_als_items")
+        assert version == written["blobs"][alias_blob("refit_als_items")] and v3 == written["aliases"]
+        assert set(v3) == {"refit_als_items", "refit_als_users"} and set(v3.values()).isdisjoint(v1.values())
+        tables = set(client.tables())
+        assert set(v1.values()) | set(v3.values()) <= tables  # the version replaced stays one more round
+        assert written["dropped"] == ["refit_als_items", "refit_als_items.v2-0badc0de"]
+        assert "refit_als_items_old" in tables
+        assert client.tables()[v3["refit_als_users"]]["rows"] == 39  # the user who left has no row
+        publish(client, model, 4)
+        assert set(v1.values()).isdisjoint(client.tables())

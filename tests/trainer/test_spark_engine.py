@@ -93,7 +93,7 @@ def test_refit_on_spark_from_parquet_is_published_and_served(tmp_path, redis_url
         with ParamClient([server.address]) as client:
             blobs = client.blobs()
         # exactly what the in-process refits publish: the tables and blobs serving reads
-        assert {"refit_als_items", "refit_als_users"} <= set(reports["als"]["published"]["tables"])
+        assert {"refit_als_items", "refit_als_users"} <= set(reports["als"]["published"]["aliases"])
         assert {KNN_BLOB, "refit/item-knn/manifest", "refit/als/manifest"} <= set(blobs)
         serving = start(server.address, redis_url, f"e2e{uuid.uuid4().hex[:8]}",
                         args=("--user-table", "refit_als_users", "--item-table", "refit_als_items", "--index", "flat"))
