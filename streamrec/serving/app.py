@@ -248,7 +248,10 @@ def create_app(config: ServingConfig) -> FastAPI:
                                    "(repeatable; values of one attribute are alternatives)"),
         exclude: list[str] = Query([], max_length=MAX_CLAUSES, description="ATTRIBUTE:VALUE items must not have"),
         ranges: list[str] = Query([], alias="range", max_length=MAX_CLAUSES,
-                                  description="ATTRIBUTE:LOW..HIGH for a numeric attribute (a bound may be left out)"),
+                                  description="ATTRIBUTE:LOW..HIGH for a numeric attribute (a bound may be left out, "
+                                  "or be now / now-30d / now+2h: the request's time)"),
+        available: list[str] = Query([], max_length=MAX_CLAUSES, description="true: only items available now "
+                                     "(catalogue attributes available_from / available_until, epoch seconds)"),
         device: str | None = Query(None, min_length=1, max_length=MAX_DEVICE,
                                    description="the request's device: a user without a row gets its popularity slice"),
         hour: int | None = Query(None, ge=0, le=23, description="the client's local hour of day (default: the UTC "
@@ -259,7 +262,7 @@ def create_app(config: ServingConfig) -> FastAPI:
         item catalogue (streamrec.serving.filters). Well-formed unfiltered requests are answered
         before FastAPI by the same code (streamrec.serving.fastpath)."""
         try:
-            item_filter = ItemFilter.parse(include, exclude, ranges)
+            item_filter = ItemFilter.parse(include, exclude, ranges, available)
         except FilterError as exc:
             return _json(filter_refusal(exc), 422)
         status, body = await answer_recommend(RecommendQuery(user_id, k, exclude_seen, diversity, explain,

@@ -20,14 +20,13 @@ from urllib.parse import parse_qsl
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from streamrec.serving.config import MAX_K
-from streamrec.serving.filters import NO_FILTER, FilterError, ItemFilter
+from streamrec.serving.filters import NO_FILTER, PARAMETERS, FilterError, ItemFilter
 
 PATH = "/recommend"
 MAX_USER_ID = 256  # characters, as the route's Query(max_length=256)
 MAX_DEVICE = 64  # characters, as the route's `device`
 _BOOLS = {"true": True, "false": False, "1": True, "0": False}
 _FRACTION = re.compile(r"[0-9]+(?:\.[0-9]+)?\Z")  # ASCII digits: float() also reads "١" (Arabic-Indic), FastAPI does not
-FILTER_PARAMETERS = ("include", "exclude", "range")  # in ItemFilter.parse's order
 _HEADERS = [(b"content-type", b"application/json")]
 
 
@@ -49,14 +48,14 @@ def parse(query_string: bytes) -> RecommendQuery | None:
     """The query when every parameter is in a form FastAPI certainly accepts with the same value
     (digits for k, true/false/1/0, a plain decimal in [0, 1]); None: let FastAPI decide. The
     string is read as Starlette reads it (latin-1, last value of a repeated name wins; the filter
-    parameters include, exclude and range repeat). A filter `ItemFilter.parse` refuses is left to
+    parameters include, exclude, range and available repeat). A filter `ItemFilter.parse` refuses is left to
     the FastAPI route, which refuses it in the same words."""
     pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
     params = dict(pairs)
     item_filter = NO_FILTER
-    if FILTER_PARAMETERS & params.keys():
+    if PARAMETERS & params.keys():
         try:
-            item_filter = ItemFilter.parse(*([v for n, v in pairs if n == name] for name in FILTER_PARAMETERS))
+            item_filter = ItemFilter.parse(*([v for n, v in pairs if n == name] for name in PARAMETERS))
         except FilterError:
             return None
     user_id = params.get("user_id", "")

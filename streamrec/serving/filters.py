@@ -6,11 +6,20 @@ The syntax is the same for a request's query parameters and for the rules in con
   (OR); different attributes must all hold (AND).
 - `exclude=ATTR:VALUE` drops the items that have VALUE.
 - `range=ATTR:LO..HI` keeps the items whose numeric ATTR lies in [LO, HI]; either bound may be left
-  out (`year:1990..`, `price:..20`). An item without the attribute is dropped.
+  out (`year:1990..`, `price:..20`). An item without the attribute is dropped. A bound may be the
+  request's time in epoch seconds, `now`, or an offset from it, `now-30d` / `now+2h` (units s, m,
+  h, d): `range=released:now-30d..now` keeps what was released in the last 30 days.
+- `available=true` keeps the items available now: numeric `available_from` (epoch seconds, the
+  first moment it may be shown) at or before now, and `available_until` (the first moment it may
+  not) after now. A missing bound, or a missing attribute on an item, sets no limit, so a shop
+  marks only what has a window. As a rule (`item_rules=available=true`) items leave and enter at
+  their times without a new catalogue.
 The attribute is what comes before the first `:`, so a value may itself contain `:`.
 
 A filter becomes one boolean mask over the serving state's item rows, cached per state, and the
-candidate pipeline searches within it (streamrec.serving.pipeline). An item with a vector but no
+candidate pipeline searches within it (streamrec.serving.pipeline). A mask that depends on the
+time is cached with the next moment an item crosses one of its bounds (`valid_until`) and built
+again from then on: exact to the second, without a mask per request. An item with a vector but no
 catalogue entry has no attributes: an include or a range drops it, an exclude keeps it. A request
 naming an attribute the catalogue lacks is refused (422); a rule naming one is skipped, since
 rules are written before any catalogue exists, and `inert_rules` says which.
@@ -19,7 +28,9 @@ rules are written before any catalogue exists, and `inert_rules` says which.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import parse_qsl
 
 import numpy as np
@@ -28,6 +39,25 @@ from streamrec.stream.catalogue import ItemCatalogue
 
 MAX_CLAUSES = 32  # per request, all kinds together
 MAX_CLAUSE_CHARS = 600
+AVAILABLE_FROM, AVAILABLE_UNTIL = "available_from", "available_until"
+_NOW = re.compile(r"now(?:([+-])(\d+(?:\.\d+)?)([smhd]))?")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_BOOLS = {"true": True, "1": True, "false": False, "0": False}
+
+
+class Bound(NamedTuple):
+    """One end of a range: a number, or (`relative`) seconds from the request's time."""
+
+    value: float
+    relative: bool = False
+
+    def at(self, now: float) -> float:
+        return self.value + now if self.relative else self.value
+
+    def __str__(self) -> str:
+        if not self.relative:
+            return "" if math.isinf(self.value) else f"{self.value:g}"
+        return "now" if self.value == 0 else f"now{self.value:+g}s"
 
 
 class FilterError(ValueError):
@@ -38,20 +68,31 @@ class FilterError(ValueError):
 class ItemFilter:
     include: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (attribute, alternatives), sorted
     exclude: tuple[tuple[str, str], ...] = ()
-    ranges: tuple[tuple[str, float, float], ...] = ()
+    ranges: tuple[tuple[str, Bound, Bound], ...] = ()
+    available: bool = False
 
     def __bool__(self) -> bool:
-        return bool(self.include or self.exclude or self.ranges)
+        return bool(self.include or self.exclude or self.ranges or self.available)
 
     @property
     def attributes(self) -> set[str]:
+        """The attributes the clauses name (`available` names none: its attributes are optional)."""
         return {a for a, _ in self.include} | {a for a, _ in self.exclude} | {a for a, _, _ in self.ranges}
 
+    @property
+    def timed(self) -> bool:
+        """Whether the mask depends on the request's time."""
+        return self.available or any(low.relative or high.relative for _, low, high in self.ranges)
+
     @classmethod
-    def parse(cls, include: list[str], exclude: list[str], ranges: list[str]) -> ItemFilter:
+    def parse(cls, include: list[str], exclude: list[str], ranges: list[str],
+              available: list[str] | tuple[str, ...] = ()) -> ItemFilter:
         """From the request's repeated parameters; FilterError names the clause that is malformed."""
-        if len(include) + len(exclude) + len(ranges) > MAX_CLAUSES:
-            raise FilterError(f"at most {MAX_CLAUSES} include / exclude / range clauses")
+        if len(include) + len(exclude) + len(ranges) + len(available) > MAX_CLAUSES:
+            raise FilterError(f"at most {MAX_CLAUSES} include / exclude / range / available clauses")
+        flags = {_BOOLS.get(text) for text in available}
+        if None in flags:
+            raise FilterError("available: true or false expected")
         alternatives: dict[str, set[str]] = {}
         for clause in include:
             attribute, value = _split(clause, "include")
@@ -59,16 +100,16 @@ class ItemFilter:
         excluded = {_split(clause, "exclude") for clause in exclude}
         bounds = [_range(clause) for clause in ranges]
         return cls(tuple(sorted((a, tuple(sorted(v))) for a, v in alternatives.items())), tuple(sorted(excluded)),
-                   tuple(sorted(bounds)))
+                   tuple(sorted(bounds)), available=bool(available) and _BOOLS[available[-1]])
 
     @classmethod
     def parse_rules(cls, text: str) -> ItemFilter:
         """The configured rules: a query string of include / exclude / range parameters."""
         pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text))
-        unknown = {name for name, _ in pairs} - {"include", "exclude", "range"}
+        unknown = {name for name, _ in pairs} - set(PARAMETERS)
         if unknown:
-            raise FilterError(f"item rules: unknown parameter(s) {sorted(unknown)}; use include, exclude, range")
-        return cls.parse(*([v for n, v in pairs if n == name] for name in ("include", "exclude", "range")))
+            raise FilterError(f"item rules: unknown parameter(s) {sorted(unknown)}; use {', '.join(PARAMETERS)}")
+        return cls.parse(*([v for n, v in pairs if n == name] for name in PARAMETERS))
 
     def merged(self, other: ItemFilter) -> ItemFilter:
         """Both filters at once (a request's on top of the rules)."""
@@ -81,7 +122,7 @@ class ItemFilter:
             alternatives[attribute] = alternatives[attribute] & set(values) if attribute in alternatives else set(values)
         return ItemFilter(tuple(sorted((a, tuple(sorted(v))) for a, v in alternatives.items())),
                           tuple(sorted(set(self.exclude) | set(other.exclude))),
-                          tuple(sorted(set(self.ranges) | set(other.ranges))))
+                          tuple(sorted(set(self.ranges) | set(other.ranges))), self.available or other.available)
 
     def check(self, catalogue: ItemCatalogue | None) -> None:
         """FilterError unless every attribute exists in the catalogue with a kind the clause fits."""
@@ -101,6 +142,11 @@ class ItemFilter:
         for attribute, _, _ in self.ranges:
             if kinds[attribute] != "numeric":
                 raise FilterError(f"{attribute!r} is {kinds[attribute]}: range needs a numeric attribute")
+        if self.available:
+            window = {a: kinds[a] for a in (AVAILABLE_FROM, AVAILABLE_UNTIL) if a in kinds}
+            if not window or any(kind != "numeric" for kind in window.values()):
+                raise FilterError(f"available needs numeric {AVAILABLE_FROM} and/or {AVAILABLE_UNTIL} (epoch seconds) "
+                                  f"in the catalogue; it has {window or 'neither'}")
 
     def applicable(self, catalogue: ItemCatalogue | None) -> ItemFilter:
         """The clauses whose attribute the catalogue has with the right kind (for rules)."""
@@ -109,7 +155,8 @@ class ItemFilter:
         kinds = catalogue.attributes
         return ItemFilter(tuple(c for c in self.include if kinds.get(c[0]) == "categorical"),
                           tuple(c for c in self.exclude if kinds.get(c[0]) == "categorical"),
-                          tuple(c for c in self.ranges if kinds.get(c[0]) == "numeric"))
+                          tuple(c for c in self.ranges if kinds.get(c[0]) == "numeric"),
+                          self.available and _window_ok(kinds))
 
     def inert(self, catalogue: ItemCatalogue | None) -> list[str]:
         """The clauses `applicable` leaves out, each with why: a rule that stopped applying (a
@@ -118,12 +165,16 @@ class ItemFilter:
         clauses = ([(f"include={a}:{'|'.join(v)}", a, "categorical") for a, v in self.include]
                    + [(f"exclude={a}:{v}", a, "categorical") for a, v in self.exclude]
                    + [(f"range={a}:{lo}..{hi}", a, "numeric") for a, lo, hi in self.ranges])
-        return [f"{clause}: the catalogue has {'no ' + repr(a) if a not in kinds else repr(a) + ' as ' + kinds[a]}"
-                + ("" if a not in kinds else f", not {kind}") for clause, a, kind in clauses if kinds.get(a) != kind]
+        inert = [f"{clause}: the catalogue has {'no ' + repr(a) if a not in kinds else repr(a) + ' as ' + kinds[a]}"
+                 + ("" if a not in kinds else f", not {kind}") for clause, a, kind in clauses if kinds.get(a) != kind]
+        if self.available and not _window_ok(kinds):
+            inert.append(f"available=true: the catalogue has no numeric {AVAILABLE_FROM} or {AVAILABLE_UNTIL}, "
+                         "or one that is not numeric")
+        return inert
 
-    def mask(self, catalogue: ItemCatalogue, catalogue_rows: np.ndarray, n_rows: int) -> np.ndarray:
-        """Allowed item rows (bool, `n_rows`); `catalogue_rows`: the item row of each catalogue
-        position, -1 where the item has no vector. Checked first (`check`)."""
+    def mask(self, catalogue: ItemCatalogue, catalogue_rows: np.ndarray, n_rows: int, now: float = 0.0) -> np.ndarray:
+        """Allowed item rows (bool, `n_rows`) at time `now` (epoch seconds); `catalogue_rows`: the
+        item row of each catalogue position, -1 where the item has no vector. Checked first (`check`)."""
         allowed = np.ones(n_rows, bool)
         has_row = catalogue_rows >= 0
         for attribute, values in self.include:
@@ -140,12 +191,66 @@ class ItemFilter:
             column = catalogue.numeric[attribute]
             within = np.zeros(n_rows, bool)
             with np.errstate(invalid="ignore"):
-                within[catalogue_rows[has_row & (column >= low) & (column <= high)]] = True
+                within[catalogue_rows[has_row & (column >= low.at(now)) & (column <= high.at(now))]] = True
             allowed &= within
+        if self.available:
+            starts, ends = _window(catalogue)
+            with np.errstate(invalid="ignore"):
+                unavailable = has_row & ((starts > now) | (ends <= now))  # NaN compares False: no limit
+            allowed[catalogue_rows[unavailable]] = False
         return allowed
+
+    def valid_until(self, catalogue: ItemCatalogue, now: float) -> float:
+        """The first moment after `now` at which the mask may change: the nearest time an item
+        crosses a time-relative bound or an availability bound (inf: never, an untimed filter)."""
+        until = math.inf
+        with np.errstate(invalid="ignore"):
+            for attribute, low, high in self.ranges:
+                column = catalogue.numeric[attribute]
+                if low.relative:  # the items at or above the lower bound leave as it rises past them
+                    until = min(until, _least(column[column >= low.at(now)]) - low.value)
+                if high.relative:  # the items above the upper bound enter as it reaches them
+                    until = min(until, _least(column[column > high.at(now)]) - high.value)
+            if self.available:
+                for column in _window(catalogue):
+                    until = min(until, _least(column[column > now]))
+        return until
 
 
 NO_FILTER = ItemFilter()
+PARAMETERS = ("include", "exclude", "range", "available")  # in ItemFilter.parse's order
+
+
+def _least(values: np.ndarray) -> float:
+    return float(values.min()) if values.size else math.inf
+
+
+def _window_ok(kinds: dict[str, str]) -> bool:
+    window = [kinds[a] for a in (AVAILABLE_FROM, AVAILABLE_UNTIL) if a in kinds]
+    return bool(window) and all(kind == "numeric" for kind in window)
+
+
+def _window(catalogue: ItemCatalogue) -> tuple[np.ndarray, np.ndarray]:
+    """(available_from, available_until) by catalogue position, NaN where there is no limit."""
+    nothing = np.full(len(catalogue.ids), np.nan)
+    return catalogue.numeric.get(AVAILABLE_FROM, nothing), catalogue.numeric.get(AVAILABLE_UNTIL, nothing)
+
+
+def _bound(text: str, open_end: float) -> Bound:
+    """A range bound: empty (open), a finite number, `now` or `now±N<unit>`; ValueError otherwise."""
+    if not text:
+        return Bound(open_end)
+    match = _NOW.fullmatch(text)
+    if match is not None:
+        sign, amount, unit = match.groups()
+        offset = 0.0 if sign is None else float(amount) * _UNITS[unit] * (-1 if sign == "-" else 1)
+        return Bound(offset, relative=True)
+    if "_" in text:  # Python's float takes `1_0` as 10; no catalogue number is written so
+        raise ValueError(text)
+    value = float(text)
+    if math.isnan(value):
+        raise ValueError(text)
+    return Bound(value)
 
 
 def _split(clause: str, kind: str) -> tuple[str, str]:
@@ -160,13 +265,13 @@ def _split(clause: str, kind: str) -> tuple[str, str]:
 def _range(clause: str) -> tuple[str, float, float]:
     attribute, text = _split(clause, "range")
     low_text, dots, high_text = text.partition("..")
-    if "_" in text:  # Python's float takes `1_0` as 10; no catalogue number is written so
-        low_text = "nan"
     try:
-        low = float(low_text) if low_text else -math.inf
-        high = float(high_text) if high_text else math.inf
+        low, high = _bound(low_text, -math.inf), _bound(high_text, math.inf)
     except ValueError:
-        low = high = math.nan
-    if not dots or math.isnan(low) or math.isnan(high) or (not low_text and not high_text) or low > high:
-        raise FilterError(f"range={clause[:80]!r}: ATTRIBUTE:LOW..HIGH expected, LOW <= HIGH, one may be left out")
+        low = high = Bound(math.nan)
+    comparable = low.relative == high.relative or math.isinf(low.value) or math.isinf(high.value)
+    if (not dots or math.isnan(low.value) or math.isnan(high.value) or (not low_text and not high_text)
+            or (comparable and low.at(0) > high.at(0))):
+        raise FilterError(f"range={clause[:80]!r}: ATTRIBUTE:LOW..HIGH expected, LOW <= HIGH, one may be left out; "
+                          "a bound is a number, now, or now-30d / now+2h")
     return attribute, low, high

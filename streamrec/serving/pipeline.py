@@ -5,6 +5,7 @@ k result objects, and the hash lookups of a short list of history ids, see `rows
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -72,7 +73,7 @@ def allowed_rows(state: ServingState | None, rules: ItemFilter, requested: ItemF
     combined = rules.applicable(catalogue).merged(requested)
     if not combined or state is None:
         return None
-    return state.allowed_rows(combined)
+    return state.allowed_rows(combined, time.time())
 
 
 def ann_within(state: ServingState, query: np.ndarray, want: int, enough: int, allowed: np.ndarray) -> np.ndarray:

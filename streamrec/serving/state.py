@@ -9,6 +9,7 @@ old state before it touches the old buffers again (`wait_unused`).
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -41,21 +42,25 @@ class ServingState:
     knn_neighbor_row: np.ndarray  # kNN artifact row -> item row (-1: no live vector)
     catalogue_rows: np.ndarray  # catalogue position -> item row (-1: no live vector); empty without a catalogue
     refs: int = 0  # requests using this state; guarded by the holder's lock
-    filter_masks: dict[ItemFilter, np.ndarray] = field(default_factory=dict)  # allowed rows per filter (bounded)
+    # allowed rows per filter, with the time until which they hold (inf: untimed); bounded
+    filter_masks: dict[ItemFilter, tuple[np.ndarray, float]] = field(default_factory=dict)
 
-    def allowed_rows(self, item_filter: ItemFilter) -> np.ndarray:
-        """The rows `item_filter` allows among the live items, computed once per state and filter
-        (the filters a service sees repeat: its rules, a few categories); the cache keeps at most
-        MASK_CACHE filters, so arbitrary requests cannot grow it."""
-        mask = self.filter_masks.get(item_filter)
-        if mask is None:
-            catalogue = self.artifacts.catalogue
-            if catalogue is None:
-                raise RuntimeError("a filter reached a state without a catalogue: check it first (ItemFilter.check)")
-            mask = item_filter.mask(catalogue, self.catalogue_rows, len(self.items.index)) & self.items.alive
-            if len(self.filter_masks) >= MASK_CACHE:
-                self.filter_masks.pop(next(iter(self.filter_masks)), None)
-            self.filter_masks[item_filter] = mask
+    def allowed_rows(self, item_filter: ItemFilter, now: float) -> np.ndarray:
+        """The rows `item_filter` allows among the live items at `now` (epoch seconds), computed
+        once per state and filter (the filters a service sees repeat: its rules, a few categories),
+        and again only when a timed filter's mask has passed its `valid_until`; the cache keeps at
+        most MASK_CACHE filters, so arbitrary requests cannot grow it."""
+        cached = self.filter_masks.get(item_filter)
+        if cached is not None and now < cached[1]:
+            return cached[0]
+        catalogue = self.artifacts.catalogue
+        if catalogue is None:
+            raise RuntimeError("a filter reached a state without a catalogue: check it first (ItemFilter.check)")
+        mask = item_filter.mask(catalogue, self.catalogue_rows, len(self.items.index), now) & self.items.alive
+        until = item_filter.valid_until(catalogue, now) if item_filter.timed else math.inf
+        if cached is None and len(self.filter_masks) >= MASK_CACHE:
+            self.filter_masks.pop(next(iter(self.filter_masks)), None)
+        self.filter_masks[item_filter] = (mask, until)
         return mask
 
     @classmethod

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from streamrec.param_server.replica import TableMirror
 from streamrec.serving.artifacts import Artifacts
 from streamrec.serving.config import ServingConfig
 from streamrec.serving.fastpath import parse
-from streamrec.serving.filters import FilterError, ItemFilter
+from streamrec.serving.filters import Bound, FilterError, ItemFilter
 from streamrec.serving.index import ItemIndex, query_rows
 from streamrec.serving.pipeline import allowed_rows, ann_within
 from streamrec.serving.state import ServingState
@@ -150,6 +151,11 @@ def test_a_filtered_cold_user_still_gets_k_allowed_items(world: World) -> None:
     ({"range": "year:abc..1"}, "ATTRIBUTE:LOW..HIGH expected"),
     ({"range": "year:1_990.."}, "ATTRIBUTE:LOW..HIGH expected"),  # Python's float would read 1990
     ({"include": "g:" + "x" * 10_000}, "longer than 600 characters"),
+    ({"range": "year:now..now-1d"}, "LOW <= HIGH"),
+    ({"range": "year:now-1x.."}, "ATTRIBUTE:LOW..HIGH expected"),
+    ({"range": "year:nan.."}, "ATTRIBUTE:LOW..HIGH expected"),
+    ({"available": "maybe"}, "true or false expected"),
+    ({"available": "true"}, "available needs numeric available_from and/or available_until"),
 ])
 def test_a_filter_that_cannot_apply_is_refused_like_any_invalid_query(world: World, params, message) -> None:
     reply = world.serving.get("/recommend", user_id="u0", **params)
@@ -187,6 +193,60 @@ def test_a_rule_the_new_catalogue_cannot_apply_is_named_until_one_can(world: Wor
         world.publish(records())
         wait_for(lambda: world.serving.get("/readyz").json()["inert_rules"] == [])
     assert ids(world.serving.get("/recommend", user_id="u0", k=N_ITEMS)) == world.ranked(0, in_stock)
+
+
+def test_availability_windows_and_times_relative_to_now_follow_the_clock_without_a_new_catalogue(world: World) -> None:
+    """`available=true` keeps the items whose [available_from, available_until) holds now, and a
+    range bound may be `now` or an offset from it. Items leave and enter at their times with the
+    same catalogue version: the cached mask is built again when the next item crosses a bound."""
+    start = time.time() + 10.0  # late enough for the catalogue to reach serving first (the CLI starts in ~3 s)
+
+    def window(j: int) -> dict[str, float]:
+        return ({"available_until": start} if j % 4 == 1 else {"available_from": start} if j % 4 == 2
+                else {"available_until": start - 3600} if j % 4 == 3 and j < 20 else {})
+
+    def released(j: int) -> float:  # odd items released an hour ago, even ones at `start`
+        return start - 3600 if j % 2 else start
+
+    try:
+        world.publish([{**r, **window(j), "released": released(j)} for j, r in enumerate(records())])
+        before = [j for j in range(N_ITEMS) if j % 4 != 2 and not (j % 4 == 3 and j < 20)]
+        wait_for(lambda: ids(world.serving.get("/recommend", user_id="u0", k=N_ITEMS, available="true"))
+                 == world.ranked(0, lambda j: j in before and in_stock(j)))
+        recent = world.serving.get("/recommend", user_id="u1", k=N_ITEMS, range="released:now-2h..now")
+        assert ids(recent) == world.ranked(1, lambda j: j % 2 == 1 and in_stock(j))
+        assert time.time() < start, "the catalogue took too long to reach serving: the test proves nothing"
+        while time.time() < start + 0.05:
+            time.sleep(0.05)
+        after = [j for j in range(N_ITEMS) if j % 4 in (0, 2) or (j % 4 == 3 and j >= 20)]
+        assert ids(world.serving.get("/recommend", user_id="u0", k=N_ITEMS, available="true")) == world.ranked(
+            0, lambda j: j in after and in_stock(j))
+        recent = world.serving.get("/recommend", user_id="u1", k=N_ITEMS, range="released:now-2h..now")
+        assert ids(recent) == world.ranked(1, in_stock)
+        assert ids(world.serving.get("/recommend", user_id="u1", k=N_ITEMS, range="released:now+1s..")) == []
+    finally:
+        world.publish(records())
+        wait_for(lambda: world.serving.get("/recommend", user_id="u0", available="true").status_code == 422)
+
+
+def test_a_timed_mask_holds_until_the_next_item_crosses_a_bound() -> None:
+    catalogue = read_catalogue_of([{"item_id": "a", "available_until": 100.0}, {"item_id": "b", "available_from": 50.0},
+                                   {"item_id": "c", "released": 10.0}, {"item_id": "d", "released": 30.0}])
+    rows = np.arange(4)
+    available = ItemFilter.parse([], [], [], ["true"])
+    assert available.timed and available.mask(catalogue, rows, 4, now=40.0).tolist() == [True, False, True, True]
+    assert available.valid_until(catalogue, 40.0) == 50.0  # b enters
+    assert available.mask(catalogue, rows, 4, now=100.0).tolist() == [False, True, True, True]
+    assert available.valid_until(catalogue, 100.0) == float("inf")
+    recent = ItemFilter.parse([], [], ["released:now-15s..now"])
+    assert recent.timed and recent.ranges == (("released", Bound(-15.0, True), Bound(0.0, True)),)
+    assert recent.mask(catalogue, rows, 4, now=20.0).tolist() == [False, False, True, False]
+    assert recent.valid_until(catalogue, 20.0) == 25.0  # c leaves when now - 15 passes 10
+    assert recent.valid_until(catalogue, 26.0) == 30.0  # d enters when now reaches 30
+    assert not ItemFilter.parse([], [], ["released:1..2"]).timed
+    assert ItemFilter.parse([], [], [], ["true", "false"]) == ItemFilter()  # the last value wins, as for FastAPI
+    assert ItemFilter.parse_rules("available=true").inert(read_catalogue_of([{"item_id": "a", "x": 1}])) == [
+        "available=true: the catalogue has no numeric available_from or available_until, or one that is not numeric"]
 
 
 def test_serve_refuses_a_broken_item_catalogue_at_start(tmp_path: Path) -> None:
@@ -236,7 +296,7 @@ def read_catalogue_of(lines: list[dict[str, object]]) -> ItemCatalogue:
 
 def test_rules_that_name_missing_attributes_are_skipped_but_bad_rules_stop_the_worker() -> None:
     rules = ItemFilter.parse_rules("exclude=in_stock:false&range=stock:1..")
-    assert rules.exclude == (("in_stock", "false"),) and rules.ranges == (("stock", 1.0, float("inf")),)
+    assert rules.exclude == (("in_stock", "false"),) and rules.ranges == (("stock", Bound(1.0), Bound(float("inf"))),)
     without_stock = read_catalogue_of([{"item_id": "a", "in_stock": True}])
     assert rules.applicable(without_stock) == ItemFilter(exclude=(("in_stock", "false"),))  # no `stock`: skipped
     assert not rules.applicable(None)
