@@ -10,7 +10,10 @@ does it put one blob, `tables/<logical item table>`, naming the physical tables 
 blob lives on one shard and is replaced in one step, so a reader resolving the alias gets both
 sides of one version or both of the one before; a refit that dies half-way leaves tables that
 nothing names (the next publish drops them). The tables of the version before stay until the
-next publish, so a serving worker in the middle of reading them finishes its poll.
+next publish, so a serving worker in the middle of reading them finishes its poll. The alias is
+put only if it is still the version read before the tables were written (compare and set): of two
+refits of one model publishing at once (two replicas of a refit service), one wins and the other
+fails and drops its own tables, so the alias never names tables a concurrent publish dropped.
 
 The blob is JSON: {"version": int, "tables": {logical name: physical name}}. It is keyed by the
 item table because serving retrieves with the items and reads users to match them.
@@ -23,7 +26,7 @@ import secrets
 
 import orjson
 
-from streamrec.param_server.client import ParamClient, ParamServerError
+from streamrec.param_server.client import ParamClient
 
 ALIAS_PREFIX = "tables/"
 MAX_ALIAS_BYTES = 64 * 1024  # two names and a version: anything larger is not an alias
@@ -80,12 +83,7 @@ def decode_alias(data: bytes) -> tuple[int, dict[str, str]]:
 def read_alias(client: ParamClient, item_table: str) -> tuple[int, dict[str, str]]:
     """The alias published for `item_table`: (0, {}) when there is none (an online model's tables,
     read by their own names)."""
-    try:
-        blob = client.get_blob(alias_blob(item_table))
-    except ParamServerError as exc:
-        if exc.kind != "KeyError":  # the server's answer for a blob it does not have
-            raise
-        return 0, {}
+    blob = client.find_blob(alias_blob(item_table))
     return (0, {}) if blob is None else (blob.version, decode_alias(blob.data)[1])
 
 

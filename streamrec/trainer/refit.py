@@ -23,7 +23,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +120,54 @@ def stable_width(model: Recommender, export: Export) -> Export:
                                                                          export.user_vectors.dtype)]))
 
 
+@dataclass(frozen=True)
+class StagedTables:
+    """A refit's tables written and not yet switched in (`stage_tables`, then `switch_tables`)."""
+
+    alias: str  # the alias blob that switches them in
+    expect: int  # its version when the tables were begun (0: none yet)
+    replaced: dict[str, str]  # logical -> physical of the version it will replace
+    aliases: dict[str, str]  # logical -> physical of this version
+    version: int
+
+
+def stage_tables(client: ParamClient, model: Recommender, export: Export, version: int,
+                 written: dict[str, Any]) -> StagedTables:
+    """Write this version's item (and user) vectors into new tables that nothing names yet."""
+    if export.item_vectors is None:
+        raise ValueError(f"{model.name} exports no item vectors: there are no tables to publish")
+    biases = export.item_biases if export.item_biases is not None else np.zeros(len(export.item_vectors))
+    prefix = f"refit_{model.name.replace('-', '_')}"
+    sides = [(f"{prefix}_items", model.items.ids, export.item_vectors, biases)]
+    if export.user_vectors is not None:
+        sides.append((f"{prefix}_users", model.users.ids, export.user_vectors, np.zeros(len(export.user_vectors))))
+    expect, replaced = read_alias(client, sides[0][0])
+    aliases: dict[str, str] = {}
+    for logical, ids, vectors, scalars in sides:
+        table = aliases[logical] = physical_name(logical, version)
+        client.create_table(table, dim=vectors.shape[1], scalars=1, optimizer="sgd")
+        versions = client.assign(table, list(ids), vectors.astype(np.float32), scalars[:, None].astype(np.float32))
+        written["tables"][table] = {"rows": len(vectors), "versions": {str(s): v for s, v in versions.items()}}
+    return StagedTables(alias_blob(sides[0][0]), expect, replaced, aliases, version)
+
+
+def switch_tables(client: ParamClient, staged: StagedTables) -> tuple[int, list[str]]:
+    """Put the alias naming the staged tables, only over the version read when they were begun:
+    of two refits of one model publishing at once (two replicas of a refit service), the later
+    one fails here and drops its own tables, so the alias never names tables the other dropped.
+    Then drop the versions older than the one replaced. Returns (alias version, dropped tables)."""
+    try:
+        alias_version = client.put_blob(staged.alias, encode_alias(staged.version, staged.aliases), expect=staged.expect)
+    except ParamServerError as exc:
+        if exc.kind != "BlobConflict":
+            raise
+        for table in staged.aliases.values():
+            client.drop_table(table)
+        raise ParamServerError(exc.kind, f"another refit published {staged.alias} while this one wrote its tables: "
+                               "that version stays, this one's tables are dropped", exc.shard) from exc
+    return alias_version, drop_old_versions(client, staged.aliases, staged.replaced)
+
+
 def publish(client: ParamClient, model: Recommender, version: int, export: Export | None = None) -> dict[str, Any]:
     """Publish exactly what `export` (default: `model.export()`) describes, then the manifest;
     returns what was written.
@@ -131,24 +179,9 @@ def publish(client: ParamClient, model: Recommender, version: int, export: Expor
     export = stable_width(model, model.export() if export is None else export)
     written: dict[str, Any] = {"tables": {}, "blobs": {}}
     if export.item_vectors is not None:
-        biases = export.item_biases if export.item_biases is not None else np.zeros(len(export.item_vectors))
-        prefix = f"refit_{model.name.replace('-', '_')}"
-        sides = [(f"{prefix}_items", model.items.ids, export.item_vectors, biases)]
-        if export.user_vectors is not None:
-            sides.append((f"{prefix}_users", model.users.ids, export.user_vectors, np.zeros(len(export.user_vectors))))
-        _, replaced = read_alias(client, sides[0][0])
-        aliases: dict[str, str] = {}
-        for logical, ids, vectors, scalars in sides:
-            table = aliases[logical] = physical_name(logical, version)
-            client.create_table(table, dim=vectors.shape[1], scalars=1, optimizer="sgd")
-            versions = client.assign(
-                table, list(ids), vectors.astype(np.float32), scalars[:, None].astype(np.float32)
-            )
-            written["tables"][table] = {"rows": len(vectors), "versions": {str(s): v for s, v in versions.items()}}
-        alias = alias_blob(sides[0][0])
-        written["blobs"][alias] = client.put_blob(alias, encode_alias(version, aliases))
-        written["aliases"] = aliases
-        written["dropped"] = drop_old_versions(client, aliases, replaced)
+        staged = stage_tables(client, model, export, version, written)
+        written["blobs"][staged.alias], written["dropped"] = switch_tables(client, staged)
+        written["aliases"] = staged.aliases
     if export.neighbours is not None:
         blob = f"refit/{model.name}/neighbors"
         written["blobs"][blob] = client.put_blob(blob, neighbours_blob(model, export.neighbours))

@@ -166,3 +166,32 @@ def test_a_refit_publishes_both_sides_as_one_version_and_drops_older_ones(param_
         assert client.tables()[v3["refit_als_users"]]["rows"] == 39  # the user who left has no row
         publish(client, model, 4)
         assert set(v1.values()).isdisjoint(client.tables())
+
+
+
+def test_of_two_refits_publishing_at_once_one_wins_and_the_alias_never_names_dropped_tables(param_server):
+    """Two replicas of a refit service publish one model at once. A publish drops the tables no
+    alias names, so the slower replica's alias, put without a check, named tables the faster one
+    had just dropped: serving failed every poll until the next refit. Now the alias is put only
+    over the version read when the tables were begun: the slower replica fails and drops its own
+    tables, and the faster one's version stays whole."""
+    from streamrec.param_server.client import ParamServerError
+    from streamrec.param_server.table_alias import read_alias
+    from streamrec.trainer.interactions import Interactions
+    from streamrec.trainer.models import create
+    from streamrec.trainer.refit import publish, stable_width, stage_tables, switch_tables
+
+    data = Interactions.from_log(planted_log(n_users=40, n_items=30, per_user=10), implicit=True)
+    slow, fast = (create("als", factors=4, iterations=2, seed=seed).fit(data) for seed in (0, 1))
+    with ParamClient(param_server) as client:
+        publish(client, slow, 1)
+        staged = stage_tables(client, slow, stable_width(slow, slow.export()), 2, {"tables": {}})
+        written = publish(client, fast, 3)  # the other replica, while this one's tables are written
+        assert set(staged.aliases.values()) <= set(written["dropped"])  # nothing named them
+        with pytest.raises(ParamServerError, match="another refit published"):
+            switch_tables(client, staged)
+        _, aliases = read_alias(client, "refit_als_items")
+        assert aliases == written["aliases"]
+        tables = client.tables()
+        assert all(tables[name]["rows"] > 0 for name in aliases.values())
+        assert set(staged.aliases.values()).isdisjoint(tables)
