@@ -35,6 +35,7 @@ from streamrec.serving import schemas
 from streamrec.serving.auth import UNAUTHORIZED, bearer_guard
 from streamrec.serving.config import MAX_K, ServingConfig
 from streamrec.serving.console import add_console_routes
+from streamrec.serving.console.search import PrefixSearch
 from streamrec.serving.context import ContextPopularity, RequestContext
 from streamrec.serving.experiments import ExperimentsSource, combined
 from streamrec.serving.explore import ExplorationPool
@@ -146,7 +147,10 @@ def create_app(config: ServingConfig) -> FastAPI:
 
     experiments_in_force()
 
-    syncer = Syncer(config, holder, metrics, UserCache(config, metrics), between_polls=(refresh_experiments,))
+    # the console's item search sorts ids on the sync thread after each poll, never in a request
+    console_search = PrefixSearch(holder)
+    syncer = Syncer(config, holder, metrics, UserCache(config, metrics),
+                    between_polls=(refresh_experiments, console_search.refresh))
     impressions = ImpressionLog(config.impressions_topic, lambda: make_producer(
         config.kafka_bootstrap, config.kafka_client, config.producer_acks, config.producer_linger_ms,
         **producer_timeouts(config.kafka_client, config.produce_timeout_s)),
@@ -328,7 +332,7 @@ def create_app(config: ServingConfig) -> FastAPI:
         return Response(data, media_type=content_type)
 
     add_feedback_routes(app, config, metrics, guarded)
-    add_console_routes(app, config, holder, pipeline, metrics, guarded)
+    add_console_routes(app, config, holder, pipeline, metrics, guarded, console_search)
     for route in app.routes:  # StrictPercentEncoding answers before any route: each one documents it
         if isinstance(route, APIRoute):
             route.responses.setdefault(400, {"model": schemas.Error, "description": BAD_ENCODING})

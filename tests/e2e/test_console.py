@@ -30,7 +30,7 @@ from prometheus_client import (
 
 from streamrec.core.config import Settings
 from streamrec.serving.console.catalogue import Catalogue
-from streamrec.serving.console.figures import Totals, figures
+from streamrec.serving.console.figures import Reading, Totals, figures
 from streamrec.stream.synthetic import synthetic_log
 from tests.e2e.console_stack import Stack, console_stack
 
@@ -178,8 +178,7 @@ def test_overview_figures_from_exposition_text():
     latency = Histogram("streamrec_serving_request_seconds", "", ["endpoint"], buckets=(0.01, 0.1, 1.0),
                         registry=registry)
     consumed.inc(100)
-    before = Totals()
-    before.add(generate_latest(registry).decode())
+    before = Totals.parse(generate_latest(registry).decode())
     consumed.inc(50)
     lag.labels("0").set(3)
     lag.labels("1").set(4)
@@ -192,13 +191,12 @@ def test_overview_figures_from_exposition_text():
     latency.labels("/recommend").observe(0.5)
     latency.labels("/recommend").observe(0.5)
     latency.labels("/similar").observe(5.0)  # another endpoint: not in the /recommend p99
-    now = Totals()
-    now.add(generate_latest(registry).decode())
-    result = figures(now, before, 2.0)
+    now = Totals.parse(generate_latest(registry).decode())
+    result = figures({"trainer": Reading(now, 12.0)}, {"trainer": Reading(before, 10.0)})
     assert result["events_per_s"] == 25.0 and result["consumer_lag"] == 7 and result["hr10"] == 0.4
     assert result["ps_rows"] == 15 and result["ps_tables"] == {"bpr_users": 10, "bpr_items": 5}
     assert 100 < result["serving_p99_ms"] <= 1000  # the 99th of 100 is one of the two slow ones
-    assert figures(now, now, 1.0)["serving_p99_ms"] is None  # no request in the interval
+    assert figures({"s": Reading(now, 1.0)}, {"s": Reading(now, 0.0)})["serving_p99_ms"] is None  # no request since
 
 
 def test_catalogue_reads_movielens_and_csv(ml100k, tmp_path):

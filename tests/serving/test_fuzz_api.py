@@ -62,12 +62,13 @@ def api_schema(fuzz_target: Serving) -> schemathesis.BaseSchema:
 ROUTES = [("GET", "/recommend"), ("POST", "/rescore"), ("GET", "/similar/{item_id}"), ("POST", "/events"),
           ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"),
           ("GET", "/ui/api/overview"), ("GET", "/ui/api/info"), ("GET", "/ui/api/users"),
-          ("GET", "/ui/api/users/{user_id}/history"), ("GET", "/ui/api/items"), ("GET", "/ui/api/items/info")]
+          ("GET", "/ui/api/users/{user_id}/history"), ("GET", "/ui/api/history"), ("GET", "/ui/api/items"),
+          ("GET", "/ui/api/items/info"), ("GET", "/ui/api/similar")]
 
 
 WITH_INPUT = {("GET", "/recommend"), ("POST", "/rescore"), ("GET", "/similar/{item_id}"), ("POST", "/events"),
-              ("GET", "/ui/api/users"), ("GET", "/ui/api/users/{user_id}/history"), ("GET", "/ui/api/items"),
-              ("GET", "/ui/api/items/info")}  # negative data exists
+              ("GET", "/ui/api/users"), ("GET", "/ui/api/users/{user_id}/history"), ("GET", "/ui/api/history"),
+              ("GET", "/ui/api/items"), ("GET", "/ui/api/items/info"), ("GET", "/ui/api/similar")}  # negative data exists
 
 
 @pytest.mark.parametrize(("method", "path", "mode"), [

@@ -8,6 +8,7 @@ or `genres` (CSV) attribute the genres.
 
 from __future__ import annotations
 
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -44,9 +45,12 @@ class Catalogue:
         return found
 
     def title_matches(self, text: str, limit: int) -> list[str]:
-        """Ids of items whose title contains `text` (case-insensitive), in catalogue order."""
+        """Ids of the first `limit` items whose title contains `text` (case-insensitive), in
+        catalogue order. The scan stops at the `limit`-th hit: a one-letter search matches most of a
+        large catalogue, and every match used to be built before the slice."""
         needle = text.lower()
-        return [self.items.ids[n] for n, title in enumerate(self._lowered) if needle in title][:limit]
+        hits = (n for n, title in enumerate(self._lowered) if needle in title)
+        return [self.items.ids[n] for n in islice(hits, limit)]
 
     @classmethod
     def load(cls, path: Path) -> Catalogue:

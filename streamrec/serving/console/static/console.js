@@ -1,11 +1,23 @@
 // streamrec console: plain JavaScript, no dependencies (the page must work offline).
 // Every figure comes from the serving API; the token (if the server sets one) is kept in
 // localStorage and sent as `Authorization: Bearer`. ?poll=SECONDS sets the refresh period,
-// ?user=ID opens a user.
+// ?user=ID opens a user. Ids go to the server as query parameters, never as path segments: the
+// URL parser resolves a segment "." or ".." away (the user ".." asked for another endpoint).
 "use strict";
 
 const params = new URLSearchParams(location.search);
-const POLL_MS = Math.max(250, 1000 * (parseFloat(params.get("poll")) || 2));
+const DEFAULT_POLL_S = 2, MIN_POLL_S = 0.25;
+// an hour at most: setInterval takes a 32-bit delay, and a larger one (?poll=1e9, ?poll=Infinity)
+// overflowed to a poll about every millisecond
+const MAX_POLL_S = 3600;
+
+function pollMs(value) {
+  const seconds = parseFloat(value);
+  if (!Number.isFinite(seconds) || seconds <= 0) return 1000 * DEFAULT_POLL_S;  // absent, garbage, Infinity
+  return 1000 * Math.min(MAX_POLL_S, Math.max(MIN_POLL_S, seconds));
+}
+
+const POLL_MS = pollMs(params.get("poll"));
 const MAX_POINTS = 300;
 const CHARTS = [
   ["events_per_s", "events / s (trainer)", (v) => v.toFixed(1)],
@@ -19,7 +31,7 @@ const CHARTS = [
 const $ = (id) => document.getElementById(id);
 const ui = { token: localStorage.getItem("streamrec.token") || "", user: params.get("user") || "",
   series: [], lastT: 0, catalogue: false, meta: new Map(), clicked: new Set(), previousRecs: new Set(),
-  recsBusy: false };
+  recsBusy: false, overviewBusy: false };
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -81,15 +93,21 @@ function drawChart(key, format) {
 }
 
 async function pollOverview() {
-  const body = await json("/ui/api/overview");
-  const fresh = (ui.series.length ? [body.now] : body.history).filter((s) => s.t > ui.lastT);
-  ui.series.push(...fresh);
-  if (ui.series.length > MAX_POINTS) ui.series.splice(0, ui.series.length - MAX_POINTS);
-  if (ui.series.length) ui.lastT = ui.series[ui.series.length - 1].t;
-  for (const [key, , format] of CHARTS) drawChart(key, format);
-  $("sources").replaceChildren(...body.now.sources.map((s) =>
-    el("span", { class: "source " + (s.up ? "up" : "down"), title: s.error || s.url || "this worker",
-      "data-source": s.name }, `${s.name} ${s.up ? "up" : "down"}`)));
+  if (ui.overviewBusy) return;  // the previous poll has not answered yet: skip this tick, never stack polls
+  ui.overviewBusy = true;
+  try {
+    const body = await json("/ui/api/overview");
+    const fresh = (ui.series.length ? [body.now] : body.history).filter((s) => s.t > ui.lastT);
+    ui.series.push(...fresh);
+    if (ui.series.length > MAX_POINTS) ui.series.splice(0, ui.series.length - MAX_POINTS);
+    if (ui.series.length) ui.lastT = ui.series[ui.series.length - 1].t;
+    for (const [key, , format] of CHARTS) drawChart(key, format);
+    $("sources").replaceChildren(...body.now.sources.map((s) =>
+      el("span", { class: "source " + (s.up ? "up" : "down"), title: s.error || s.url || "this worker",
+        "data-source": s.name }, `${s.name} ${s.up ? "up" : "down"}`)));
+  } finally {
+    ui.overviewBusy = false;
+  }
 }
 
 // ---- items: catalogue titles and genres, click and similar buttons ----------------------------
@@ -98,7 +116,8 @@ async function describe(ids) {
   if (!ui.catalogue || !missing.length) return;
   const query = missing.slice(0, 200).map((i) => "ids=" + encodeURIComponent(i)).join("&");
   const body = await json("/ui/api/items/info?" + query);
-  for (const i of missing) ui.meta.set(i, body.items[i] || null);
+  // own properties only: an id such as "valueOf" or "__proto__" read through `[]` found Object.prototype's
+  for (const i of missing) ui.meta.set(i, Object.hasOwn(body.items, i) ? body.items[i] : null);
 }
 
 function itemLabel(id) {
@@ -129,7 +148,7 @@ async function sendClick(itemId) {
 
 async function showSimilar(itemId) {
   $("similar-of").textContent = itemId;
-  const reply = await api("/similar/" + encodeURIComponent(itemId) + "?k=10");
+  const reply = await api("/ui/api/similar?k=10&item_id=" + encodeURIComponent(itemId));
   const body = reply.ok ? await reply.json() : { items: [], item_knn: null };
   const lists = [body.items || [], body.item_knn || []];
   await describe(lists.flat().map((e) => e.item_id));
@@ -158,7 +177,7 @@ async function refreshUser() {
   try {
     const user = encodeURIComponent(ui.user);
     const [reply, history] = await Promise.all([api(`/recommend?user_id=${user}&k=10&explain=true`),
-      json(`/ui/api/users/${user}/history?n=15`)]);
+      json(`/ui/api/history?n=15&user_id=${user}`)]);
     const recs = reply.ok ? await reply.json() : null;
     const ids = recs ? recs.items.map((e) => e.item_id) : [];
     await describe([...ids, ...history.items.map((e) => e.item_id)]);
