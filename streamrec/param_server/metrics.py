@@ -8,6 +8,7 @@ test process); `start_http_server` exposes it.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 
@@ -24,8 +25,16 @@ LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
 
 
 class _StoreCollector(Collector):
+    """Per-table figures under each table's logical name (`table_alias.logical_name`): the versions
+    a refit keeps of one table are summed, and the counters of versions dropped since are kept in
+    the sums, so a counter never goes down when a refit drops its old tables (Prometheus would read
+    that as a reset and `rate()` would spike at every refit)."""
+
     def __init__(self, store: ParamStore, metrics: ServerMetrics):
         self.store, self.metrics = store, metrics
+        self._seen: dict[str, dict[str, int]] = {}  # table -> its counters at the last scrape
+        self._retired: dict[str, dict[str, int]] = {}  # logical name -> counters of its dropped tables
+        self._lock = threading.Lock()  # scrapes may run concurrently
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         info = self.store.info()
@@ -40,13 +49,24 @@ class _StoreCollector(Collector):
             )
         }
         fields = {"evictions": "evicted_for_room"}
-        # the versions a refit keeps of one table (`table_alias`) are summed under its logical name
+        now = {table["name"]: {what: table[fields.get(what, what)] for what in counters} for table in info["tables"]}
+        with self._lock:
+            for gone in self._seen.keys() - now.keys():
+                retired = self._retired.setdefault(logical_name(gone), dict.fromkeys(counters, 0))
+                for what, value in self._seen[gone].items():
+                    retired[what] += value
+            self._seen = now
+            retired_now = {name: dict(values) for name, values in self._retired.items()}
         sums: dict[str, dict[str, int]] = {}
         for table in info["tables"]:
             entry = sums.setdefault(logical_name(table["name"]), dict.fromkeys(["rows", *counters], 0))
             entry["rows"] += table["rows"]
             for what in counters:
-                entry[what] += table[fields.get(what, what)]
+                entry[what] += now[table["name"]][what]
+        for name, values in retired_now.items():  # a logical table with no version left keeps its series
+            entry = sums.setdefault(name, dict.fromkeys(["rows", *counters], 0))
+            for what, value in values.items():
+                entry[what] += value
         for name, entry in sums.items():
             rows.add_metric([name], entry["rows"])
             for what, family in counters.items():

@@ -26,7 +26,7 @@ import secrets
 
 import orjson
 
-from streamrec.param_server.client import ParamClient
+from streamrec.param_server.client import ParamClient, ParamServerError
 
 ALIAS_PREFIX = "tables/"
 MAX_ALIAS_BYTES = 64 * 1024  # two names and a version: anything larger is not an alias
@@ -77,14 +77,23 @@ def decode_alias(data: bytes) -> tuple[int, dict[str, str]]:
     if (not isinstance(version, int) or not isinstance(tables, dict)
             or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in tables.items())):
         raise AliasError('table alias must be {"version": int, "tables": {name: name}}')
+    foreign = sorted(f"{k} -> {v}" for k, v in tables.items() if not is_version_of(v, k))
+    if foreign:  # an alias names versions of its own tables, never another model's
+        raise AliasError(f"table alias maps names to tables that are no version of them: {', '.join(foreign)}")
     return version, tables
 
 
 def read_alias(client: ParamClient, item_table: str) -> tuple[int, dict[str, str]]:
     """The alias published for `item_table`: (0, {}) when there is none (an online model's tables,
-    read by their own names)."""
+    read by their own names). AliasError, or ParamServerError "BadSignature" with a token, for a
+    blob that is no alias."""
     blob = client.find_blob(alias_blob(item_table))
     return (0, {}) if blob is None else (blob.version, decode_alias(blob.data)[1])
+
+
+def unreadable(exc: Exception) -> bool:
+    """Whether `exc` says the alias blob is there but cannot be used (not an outage)."""
+    return isinstance(exc, AliasError) or (isinstance(exc, ParamServerError) and exc.kind == "BadSignature")
 
 
 def resolve(aliases: dict[str, str], item_table: str, user_table: str) -> tuple[str, str]:

@@ -55,9 +55,10 @@ class Bound(NamedTuple):
         return self.value + now if self.relative else self.value
 
     def __str__(self) -> str:
+        """As a clause writes it (every digit of the number: rules are read back in /readyz)."""
         if not self.relative:
-            return "" if math.isinf(self.value) else f"{self.value:g}"
-        return "now" if self.value == 0 else f"now{self.value:+g}s"
+            return "" if math.isinf(self.value) else repr(self.value)
+        return "now" if self.value == 0 else f"now{'+' if self.value > 0 else ''}{self.value!r}s"
 
 
 class FilterError(ValueError):

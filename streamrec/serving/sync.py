@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from streamrec.core.allocator import HeapTrimmer
-from streamrec.param_server.client import Delta, ParamClient
+from streamrec.param_server.client import Delta, ParamClient, ParamServerError
 from streamrec.param_server.replica import TableMirror
-from streamrec.param_server.table_alias import alias_blob, decode_alias, resolve
+from streamrec.param_server.table_alias import AliasError, alias_blob, decode_alias, resolve, unreadable
 from streamrec.serving.artifacts import ArtifactError, Artifacts
 from streamrec.serving.config import ServingConfig
 from streamrec.serving.filters import ItemFilter
@@ -73,7 +73,7 @@ class Syncer:
         # the item table (a new cluster: no worker could serve either); a failed poll never sets it
         self.ready = threading.Event()
         self._refused_versions: dict[str, int] = {}  # blob name -> the newest version that did not decode
-        for blob in (config.knn_blob, config.ranker_blob, config.catalogue_blob):
+        for blob in (config.knn_blob, config.ranker_blob, config.catalogue_blob, alias_blob(config.item_table)):
             metrics.artifact_refusals.labels(blob)  # every blob's series from the start, at 0
         self._rules = ItemFilter.parse_rules(config.item_rules)  # ServingConfig has checked them
         self._trimmer = HeapTrimmer()  # replaced buffers and index rebuilds free memory each poll
@@ -91,22 +91,39 @@ class Syncer:
         return self._client
 
     def _follow_alias(self, client: ParamClient, published: dict[str, int]) -> None:
-        """Switch to the tables a refit's newer alias names (`streamrec.param_server.table_alias`):
-        new buffers and a new user cache, filled from scratch by this poll, and swapped in with
-        the item state, so no request pairs users of one version with items of another. The state
-        before keeps serving until the new one is whole."""
+        """Switch to the tables a refit's alias names (`streamrec.param_server.table_alias`) when
+        its version is another than the one followed (older too: a shard restored from a
+        checkpoint brings an older alias back, naming the tables it has): new buffers and a new
+        user cache, filled from scratch by this poll and swapped in with the item state, so no
+        request pairs users of one version with items of another. The state before keeps serving
+        until the new one is whole. A blob that is no alias is refused once, like an artefact
+        (logged, counted, named in /readyz): the poll goes on with the tables it had."""
         name = alias_blob(self.config.item_table)
         version = published.get(name, 0)
-        if version <= self._alias_version:
+        if version == self._alias_version:
             return
-        blob = client.get_blob(name, since=self._alias_version)
-        if blob is None:
-            return
-        tables = resolve(decode_alias(blob.data)[1], self.config.item_table, self.config.user_table)
-        self._alias_version = blob.version
+        tables = self.tables if version else (self.config.item_table, self.config.user_table)
+        if version:
+            try:
+                blob = client.find_blob(name)
+                if blob is None:
+                    return
+                version, aliases = blob.version, decode_alias(blob.data)[1]
+            except (AliasError, ParamServerError) as exc:
+                if not unreadable(exc):
+                    raise
+                self._alias_version = version
+                self.holder.refused_artifacts = {**self.holder.refused_artifacts, name: str(exc)}
+                self.metrics.artifact_refusals.labels(name).inc()
+                log.error("table alias %s version %d refused: %s; serving goes on with %s / %s", name, version, exc,
+                          *self.tables)
+                return
+            tables = resolve(aliases, self.config.item_table, self.config.user_table)
+        self.holder.refused_artifacts = {k: v for k, v in self.holder.refused_artifacts.items() if k != name}
+        self._alias_version = version
         if tables == self.tables:
             return
-        log.info("switching to tables %s / %s (alias version %d)", *tables, blob.version)
+        log.info("switching to tables %s / %s (alias version %d)", *tables, version)
         self.tables = tables
         self.buffers = [self._buffer(), self._buffer()]
         self.item_since, self.user_since = 0, None

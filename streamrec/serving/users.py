@@ -49,6 +49,7 @@ from typing import NamedTuple
 import numpy as np
 
 from streamrec.param_server.client import DeltaChunk, ParamClient, ParamServerError
+from streamrec.param_server.table_alias import logical_name
 from streamrec.serving.config import ServingConfig
 from streamrec.serving.metrics import ServingMetrics
 
@@ -150,8 +151,14 @@ class UserCache:
         try:
             rows = self._client.pull(self.table, [user_id], learned=True)
         except ParamServerError as exc:
-            if exc.kind == MISSING_TABLE:  # no user has a row yet; nothing to cache
+            if exc.kind == MISSING_TABLE and logical_name(self.table) == self.table:  # no user has a row yet
                 return UserLookup(None, True)
+            # a refit's version dropped before this worker's next poll switched away from it (two
+            # refits within one poll interval): the users are not known to have no row, so the
+            # request is served degraded, not as a cold start
+            if exc.kind == MISSING_TABLE:
+                self._pulls["failed"].inc()
+                return UserLookup(None, False)
             return self._failed(exc)
         except OSError as exc:
             return self._failed(exc)

@@ -35,7 +35,15 @@ from streamrec.core.config import Settings
 from streamrec.core.params import parse_params
 from streamrec.param_server.artifacts import RANKER_BLOB, encode_dense, encode_neighbors
 from streamrec.param_server.client import ParamClient, ParamServerError
-from streamrec.param_server.table_alias import alias_blob, encode_alias, is_version_of, physical_name, read_alias
+from streamrec.param_server.table_alias import (
+    AliasError,
+    alias_blob,
+    encode_alias,
+    is_version_of,
+    physical_name,
+    read_alias,
+    unreadable,
+)
 from streamrec.stream.impressions import decode_record, shown_pairs
 from streamrec.stream.kafka import KafkaError
 from streamrec.stream.loaders import InteractionLog
@@ -133,7 +141,9 @@ class StagedTables:
 
 def stage_tables(client: ParamClient, model: Recommender, export: Export, version: int,
                  written: dict[str, Any]) -> StagedTables:
-    """Write this version's item (and user) vectors into new tables that nothing names yet."""
+    """Write this version's item (and user) vectors into new tables that nothing names yet. A
+    staging that fails drops what it wrote (a refit failing at every period left a whole copy of
+    its tables each time, growing the server without bound)."""
     if export.item_vectors is None:
         raise ValueError(f"{model.name} exports no item vectors: there are no tables to publish")
     biases = export.item_biases if export.item_biases is not None else np.zeros(len(export.item_vectors))
@@ -141,31 +151,63 @@ def stage_tables(client: ParamClient, model: Recommender, export: Export, versio
     sides = [(f"{prefix}_items", model.items.ids, export.item_vectors, biases)]
     if export.user_vectors is not None:
         sides.append((f"{prefix}_users", model.users.ids, export.user_vectors, np.zeros(len(export.user_vectors))))
-    expect, replaced = read_alias(client, sides[0][0])
+    expect, replaced = current_alias(client, sides[0][0])
     aliases: dict[str, str] = {}
-    for logical, ids, vectors, scalars in sides:
-        table = aliases[logical] = physical_name(logical, version)
-        client.create_table(table, dim=vectors.shape[1], scalars=1, optimizer="sgd")
-        versions = client.assign(table, list(ids), vectors.astype(np.float32), scalars[:, None].astype(np.float32))
-        written["tables"][table] = {"rows": len(vectors), "versions": {str(s): v for s, v in versions.items()}}
+    staged = False
+    try:
+        for logical, ids, vectors, scalars in sides:
+            table = aliases[logical] = physical_name(logical, version)
+            client.create_table(table, dim=vectors.shape[1], scalars=1, optimizer="sgd")
+            versions = client.assign(table, list(ids), vectors.astype(np.float32),
+                                     scalars[:, None].astype(np.float32))
+            written["tables"][table] = {"rows": len(vectors), "versions": {str(s): v for s, v in versions.items()}}
+        staged = True
+    finally:
+        if not staged:
+            drop_quietly(client, list(aliases.values()))
     return StagedTables(alias_blob(sides[0][0]), expect, replaced, aliases, version)
+
+
+def current_alias(client: ParamClient, item_table: str) -> tuple[int, dict[str, str]]:
+    """(version, map) of the alias this refit will replace. One that cannot be read (not an
+    alias, or not signed with the token) is replaced like any other, as naming nothing to keep: a
+    refit that failed on it left it there for good, and serving with it."""
+    try:
+        return read_alias(client, item_table)
+    except (AliasError, ParamServerError) as exc:
+        if not unreadable(exc):
+            raise
+        logger.error("table alias %s cannot be read (%s): this refit replaces it", alias_blob(item_table), exc)
+        return client.blob_version(alias_blob(item_table)) or 0, {}
+
+
+def drop_quietly(client: ParamClient, tables: list[str]) -> None:
+    """Drop `tables` on the way out of a failure: one that cannot be dropped now (the server is
+    down: the likely cause) is left for the next successful publish, which drops unnamed versions."""
+    for table in tables:
+        try:
+            client.drop_table(table)
+        except (ParamServerError, OSError) as exc:
+            logger.warning("table %s of a failed refit not dropped (%s); the next publish drops it", table, exc)
 
 
 def switch_tables(client: ParamClient, staged: StagedTables) -> tuple[int, list[str]]:
     """Put the alias naming the staged tables, only over the version read when they were begun:
     of two refits of one model publishing at once (two replicas of a refit service), the later
     one fails here and drops its own tables, so the alias never names tables the other dropped.
-    Then drop the versions older than the one replaced. Returns (alias version, dropped tables)."""
+    Then drop the versions older than the one replaced, among the tables that existed before the
+    alias was put: a table made after it belongs to a refit that read this alias, whose own
+    compare and set decides its fate. Returns (alias version, dropped tables)."""
+    existing = list(client.tables())
     try:
         alias_version = client.put_blob(staged.alias, encode_alias(staged.version, staged.aliases), expect=staged.expect)
     except ParamServerError as exc:
         if exc.kind != "BlobConflict":
             raise
-        for table in staged.aliases.values():
-            client.drop_table(table)
+        drop_quietly(client, list(staged.aliases.values()))
         raise ParamServerError(exc.kind, f"another refit published {staged.alias} while this one wrote its tables: "
                                "that version stays, this one's tables are dropped", exc.shard) from exc
-    return alias_version, drop_old_versions(client, staged.aliases, staged.replaced)
+    return alias_version, drop_old_versions(client, existing, staged.aliases, staged.replaced)
 
 
 def publish(client: ParamClient, model: Recommender, version: int, export: Export | None = None) -> dict[str, Any]:
@@ -197,11 +239,13 @@ def publish(client: ParamClient, model: Recommender, version: int, export: Expor
     return written
 
 
-def drop_old_versions(client: ParamClient, aliases: dict[str, str], replaced: dict[str, str]) -> list[str]:
-    """Drop every table of the published logical names except the new version and the one it
-    replaced (serving workers may be reading it until their next poll); returns the dropped."""
+def drop_old_versions(client: ParamClient, existing: list[str], aliases: dict[str, str],
+                      replaced: dict[str, str]) -> list[str]:
+    """Drop every table of `existing` that is a version of the published logical names, except the
+    new version and the one it replaced (serving workers may be reading it until their next poll);
+    returns the dropped."""
     keep = set(aliases.values()) | {replaced.get(logical, logical) for logical in aliases}
-    dropped = sorted(table for table in client.tables() if table not in keep
+    dropped = sorted(table for table in existing if table not in keep
                      and any(is_version_of(table, logical) for logical in aliases))
     for table in dropped:
         client.drop_table(table)

@@ -244,3 +244,37 @@ def test_metrics_endpoint(start_server: StartServer) -> None:
         "streamrec_param_server_checkpoint_age_seconds -1.0",
     ):
         assert line in text, line
+
+
+def test_table_metrics_follow_a_refits_logical_tables_and_counters_never_go_down(start_server: StartServer) -> None:
+    """A refit keeps its tables as versions (`refit_x_items.v<N>-<token>`, streamrec.param_server.
+    table_alias) and drops the old ones: per-table series are summed under the logical name (one
+    series, not one per refit), and a dropped version's counts stay in the counter, which would
+    otherwise fall at every refit and read as a reset to Prometheus (a spike in rate())."""
+    port = free_port()
+    server = start_server("--no-checkpoints", "--metrics-port", str(port))
+
+    def scrape() -> dict[str, float]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+                if line.startswith(("streamrec_param_server_table_rows{", "streamrec_param_server_admitted_total{"))}
+
+    def version(c: ParamClient, name: str, rows: int) -> None:
+        c.create_table(name, 2)
+        c.push({name: ([f"k{i}" for i in range(rows)], np.ones((rows, 2), np.float32))})
+
+    rows, admitted = ('streamrec_param_server_table_rows{table="refit_x_items"}',
+                      'streamrec_param_server_admitted_total{table="refit_x_items"}')
+    with ParamClient([server.address]) as c:
+        version(c, "refit_x_items.v1-aa", 100)
+        version(c, "refit_x_items.v2-bb", 100)
+        first = scrape()
+        assert first[rows] == 200 and first[admitted] == 200
+        assert not any(".v1-" in name or ".v2-" in name for name in first)
+        c.drop_table("refit_x_items.v1-aa")
+        version(c, "refit_x_items.v3-cc", 100)
+        second = scrape()
+        assert second[rows] == 200 and second[admitted] == 300
+        c.drop_table("refit_x_items.v2-bb")
+        c.drop_table("refit_x_items.v3-cc")
+        assert scrape()[admitted] == 300  # no version left: the series stays, and does not fall

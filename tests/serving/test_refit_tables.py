@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -104,3 +105,126 @@ def test_serving_never_pairs_items_and_users_of_two_refits(ps: ParamClient, para
     final = generations[-1]
     expected = DIM * (1 + final / 10) ** 2
     wait_for(lambda: top(serving, "u2")["items"][0]["score"] == pytest.approx(expected, rel=0.02))
+
+
+def serve_refit(start_serving: StartServing, address: str, redis_url: str, prefix: str, poll: float = 0.1,
+                args: tuple[str, ...] = ()):
+    return start_serving(address, redis_url, prefix, poll=poll,
+                         args=("--item-table", "refit_als_items", "--user-table", "refit_als_users", "--index", "flat",
+                               *args))
+
+
+def test_a_blob_that_is_no_alias_is_refused_once_and_the_next_refit_replaces_it(
+        ps: ParamClient, param_server: ServerProcess, redis_url: str, prefix: str, start_serving: StartServing) -> None:
+    """A blob at the alias's name that is not one (or names another model's tables) failed every
+    poll (item and user deltas and artefacts no longer followed) and every refit after it (which
+    read it first), for good. Now serving refuses it once and goes on with its tables, and the
+    next refit replaces it."""
+    users = [f"u{n}" for n in range(USERS)]
+    model = fitted(users)
+    written = publish(ps, model, 1, space(model, 1))
+    serving = serve_refit(start_serving, param_server.address, redis_url, prefix)
+    for garbage in (b'{"version": 1, "tables": {"refit_als_items": 5}}',
+                    b'{"version": 1, "tables": {"refit_als_items": "bpr_items"}}'):  # another model's table
+        ps.put_blob("tables/refit_als_items", garbage)
+        ready = wait_for(lambda: (r := serving.get("/readyz").json()).get("refused_artifacts", {}).get(
+            "tables/refit_als_items") and r)
+        assert ready["last_error"] is None
+    before = serving.get("/readyz").json()["synced_version"]
+    items = written["aliases"]["refit_als_items"]
+    width = ps.tables()[items]["spec"]["dim"]  # the vector and the blend coordinate (stable_width)
+    row = np.full((1, width), -50.0, np.float32)  # generation 1 points the negative way
+    ps.assign(items, ["good-0"], row, np.zeros(1, np.float32))  # still followed
+    wait_for(lambda: serving.get("/readyz").json()["synced_version"] > before)
+    assert top(serving, "u1")["items"][0]["item_id"] == "good-0"
+    replaced = publish(ps, model, 2, space(model, 2))  # the refit is not stopped by the garbage
+    expected = DIM * (1 + 2 / 10) ** 2
+    wait_for(lambda: top(serving, "u1")["items"][0]["score"] == pytest.approx(expected, rel=0.02))
+    assert "tables/refit_als_items" not in serving.get("/readyz").json()["refused_artifacts"]
+    assert set(replaced["aliases"].values()) <= set(ps.tables())
+
+
+def test_a_refit_that_fails_leaves_no_tables_behind(ps: ParamClient) -> None:
+    """A refit failing after its item table was written left a whole copy every period until one
+    succeeded: the server grew without bound under a refit that kept failing."""
+    users = [f"u{n}" for n in range(USERS)]
+    model = fitted(users)
+    publish(ps, model, 1, space(model, 1))
+    held = set(ps.tables())
+    broken = fitted(users + [TOO_LONG_ID])
+    for version in (2, 3, 4):
+        with pytest.raises(ValueError, match="1024 bytes"):
+            publish(ps, broken, version, space(broken, version))
+    assert set(ps.tables()) == held
+
+
+def test_two_refits_within_one_poll_make_uncached_users_degraded_not_cold(
+        ps: ParamClient, param_server: ServerProcess, redis_url: str, prefix: str, start_serving: StartServing) -> None:
+    """A publish drops the version before the one it replaces; a worker that has not polled since
+    then still reads it. Its user pulls found no table and answered every user not cached as a
+    cold start with no word. Now such a request says the parameter server did not answer it."""
+    users = [f"u{n}" for n in range(USERS)]
+    model = fitted(users)
+    publish(ps, model, 1, space(model, 1))
+    serving = serve_refit(start_serving, param_server.address, redis_url, prefix, poll=600.0,
+                          args=("--user-cache-size", "2"))
+    assert not top(serving, "u0")["cold_start"]
+    dropped = [publish(ps, model, version, space(model, version))["dropped"] for version in (2, 3)]
+    assert dropped[1], "the third publish drops the first version, which the worker still serves"
+    answers = [top(serving, user) for user in users[3:]]  # past the two users the cache holds
+    assert all("param_server" in answer["degraded"] for answer in answers if answer["cold_start"]), answers
+    assert any(answer["cold_start"] for answer in answers)
+
+
+def test_a_refit_replica_starting_after_an_alias_switch_keeps_its_tables(ps: ParamClient) -> None:
+    """B puts its alias; A (another replica) starts right then, reads B's alias and writes its
+    tables; B's clean-up then listed the tables and dropped A's, and A's alias (over B's version,
+    which it had read) named tables that no longer existed. B now drops only among the tables that
+    existed before its alias was put."""
+    from streamrec.param_server.table_alias import encode_alias, read_alias
+    from streamrec.trainer.refit import drop_old_versions, stable_width, stage_tables, switch_tables
+
+    users = [f"u{n}" for n in range(USERS)]
+    model = fitted(users)
+    publish(ps, model, 1, space(model, 1))
+    b = stage_tables(ps, model, stable_width(model, space(model, 2)), 2, {"tables": {}})
+    existing = list(ps.tables())  # what B's switch lists before its compare and set
+    ps.put_blob(b.alias, encode_alias(b.version, b.aliases), expect=b.expect)
+    a = stage_tables(ps, model, stable_width(model, space(model, 3)), 3, {"tables": {}})  # A reads B's alias
+    drop_old_versions(ps, existing, b.aliases, b.replaced)  # B's clean-up, after A began
+    switch_tables(ps, a)
+    _, aliases = read_alias(ps, "refit_als_items")
+    assert aliases == a.aliases and set(aliases.values()) <= set(ps.tables())
+
+
+def test_a_worker_follows_an_alias_a_restored_shard_brings_back_older(
+        tmp_path: Path, redis_url: str, prefix: str, start_serving: StartServing) -> None:
+    """A shard restored from a checkpoint taken before the last publish brings the alias back at
+    an older version, naming the tables it has. A running worker only followed newer versions: it
+    kept reading the newer tables, which were gone, and failed every poll until the next refit,
+    while a worker started then served the restored version."""
+    import os
+
+    from tests.serving.conftest import free_port
+
+    env = {**os.environ, "STREAMREC_HOME": str(tmp_path / "ps")}
+    env.pop("STREAMREC_PARAM_SERVER_TOKEN", None)
+    args = ["--port", str(free_port()), "--checkpoint-dir", str(tmp_path / "checkpoints"), "--checkpoint-every", "0"]
+    server = ServerProcess(args, env)
+    try:
+        users = [f"u{n}" for n in range(USERS)]
+        model = fitted(users)
+        with ParamClient([server.address]) as client:
+            publish(client, model, 1, space(model, 1))
+            client.checkpoint()
+            publish(client, model, 2, space(model, 2))
+        serving = serve_refit(start_serving, server.address, redis_url, prefix)
+        second = DIM * (1 + 2 / 10) ** 2
+        wait_for(lambda: top(serving, "u1")["items"][0]["score"] == pytest.approx(second, rel=0.02))
+        server.kill()
+        server = ServerProcess(args, env)  # the same address, the state of the checkpoint
+        first = DIM * (1 + 1 / 10) ** 2
+        wait_for(lambda: top(serving, "u1")["items"][0]["score"] == pytest.approx(first, rel=0.02))
+        assert serving.get("/readyz").json()["last_error"] is None
+    finally:
+        server.kill()
