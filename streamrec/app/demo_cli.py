@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from streamrec.core.cli import print_json, settings_from
+from streamrec.core.cli import FiniteFloatRange, print_json, settings_from
 from streamrec.stream.datasets import cache
 from streamrec.stream.datasets.catalogue import DatasetError, dataset
 from streamrec.stream.datasets.resolve import resolve_data
@@ -145,12 +145,14 @@ def probe() -> None:
 
 @probe.command("freshness")
 @click.option("--url", default=None, help="serving base URL [http://127.0.0.1:<settings.serving_port>]")
-@click.option("--trials", type=int, default=20, show_default=True)
-@click.option("--burst", type=int, default=20, show_default=True, help="interactions per trial")
-@click.option("--min-hits", type=int, default=3, show_default=True, help="cluster items in the top 10 that count")
-@click.option("--spread", type=float, default=0.0, show_default=True,
+@click.option("--trials", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--burst", type=click.IntRange(min=1), default=20, show_default=True, help="interactions per trial")
+@click.option("--min-hits", type=click.IntRange(1, 10), default=3, show_default=True,
+              help="cluster items in the top 10 that count")
+@click.option("--spread", type=FiniteFloatRange(min=0), default=0.0, show_default=True,
               help="start trials at random moments within this many seconds (use the poll interval)")
-@click.option("--timeout", type=float, default=180.0, show_default=True, help="seconds before a trial fails")
+@click.option("--timeout", type=FiniteFloatRange(min=0, min_open=True), default=180.0, show_default=True,
+              help="seconds before a trial fails")
 @click.option("--table", default="bpr_items", show_default=True, help="item table the clusters come from")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
@@ -160,8 +162,11 @@ def probe_freshness_cmd(ctx: click.Context, url: str | None, trials: int, burst:
     from streamrec.app.probe import probe_freshness
 
     settings = settings_from(ctx)
-    result = probe_freshness(settings, url or f"http://127.0.0.1:{settings.serving_port}", trials, burst, min_hits,
-                             table=table, timeout_s=timeout, spread_s=spread)
+    try:
+        result = probe_freshness(settings, url or f"http://127.0.0.1:{settings.serving_port}", trials, burst, min_hits,
+                                 table=table, timeout_s=timeout, spread_s=spread)
+    except (ValueError, OSError) as exc:  # a model too small to probe, a server that does not answer
+        raise click.ClickException(f"probe failed: {exc}") from exc
     if as_json:
         print_json(result)
     else:

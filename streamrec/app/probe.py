@@ -16,6 +16,7 @@ pipeline lost the update; both short of `min_hits` means the model learned the b
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import uuid
@@ -131,11 +132,30 @@ def run_trial(settings: Settings, http: httpx.Client, n_clusters: int, burst: in
         time.sleep(0.1)
 
 
+def check_trials(trials: int, burst: int, min_hits: int, timeout_s: float, spread_s: float,
+                 n_clusters: int = 20) -> None:
+    """Raises ValueError unless trials, burst, min_hits and n_clusters are at least 1, min_hits
+    at most 10 (the top 10 is what is read), the timeout finite and above 0 and the spread finite
+    and >= 0."""
+    for name, count in (("trials", trials), ("burst", burst), ("min_hits", min_hits), ("clusters", n_clusters)):
+        if count < 1:
+            raise ValueError(f"{name}: at least 1, not {count}")
+    if min_hits > 10:
+        raise ValueError(f"min_hits: at most 10 (items of the top 10), not {min_hits}")
+    if not math.isfinite(timeout_s) or timeout_s <= 0:
+        raise ValueError(f"timeout: a finite number of seconds above 0, not {timeout_s}")
+    if not math.isfinite(spread_s) or spread_s < 0:
+        raise ValueError(f"spread: a finite number of seconds >= 0, not {spread_s}")
+
+
 def probe_freshness(settings: Settings, serving_url: str, trials: int = 20, burst: int = 20, min_hits: int = 3,
                     n_clusters: int = 20, table: str = "bpr_items", timeout_s: float = 180.0,
                     spread_s: float = 0.0, seed: int = 0, user_table: str = "bpr_users") -> dict[str, Any]:
     """Run `trials` trials, started at random moments within `spread_s` seconds (so they sample
-    every phase of the serving poll cycle) and measured concurrently."""
+    every phase of the serving poll cycle) and measured concurrently. The numbers are checked
+    first (ValueError): -3 trials ran none and reported p99 None with -3 requested and -3 errors,
+    and a negative timeout ended every trial at its first answer."""
+    check_trials(trials, burst, min_hits, timeout_s, spread_s, n_clusters)
     rng = np.random.default_rng(seed)
     with ParamClient.from_settings(settings) as client:
         item_clusters(client, table, n_clusters, seed)  # fail early when the model is too small to probe

@@ -8,6 +8,7 @@ have no model yet, and the staleness serving reports. Times are `time.monotonic(
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -26,6 +27,11 @@ class FailedRequest:
 
 class Queries:
     def __init__(self, url: str, rate: float, users: np.ndarray, seed: int = 0) -> None:
+        """`rate` queries per second, finite and above 0: the thread waits 1 / rate between them,
+        so 0 raised ZeroDivisionError in the thread (it died without a word and the run reported
+        0 queries, 0 errors) and a negative or NaN wait sent them back to back."""
+        if not math.isfinite(rate) or rate <= 0:
+            raise ValueError(f"query rate: a finite number of queries per second above 0, not {rate}")
         self.url, self.rate, self.users, self.seed = url, rate, users, seed
         self.latencies: list[tuple[float, float]] = []  # (time answered, ms)
         self.failures: list[FailedRequest] = []

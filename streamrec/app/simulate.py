@@ -20,7 +20,13 @@ Serving waits as long as the barrier for a user's row and history (`--user-pull-
 busy machine a 0.1 s timeout served a few users as unknown, which moved hit@10 by 4 hits in 8,115.
 At the end the simulator reads serving's own per-arm request counters and refuses to report when
 they differ from its count of queries, so a simulation cannot pass by scoring anything locally.
-Intervals and lifts are those of `streamrec experiments report` (a bootstrap over users).
+Intervals and lifts are those of `streamrec experiments report` (a bootstrap over users), the hit
+rate named after the k asked for (`hit@{k}`, with `k` beside it).
+
+The first chunk is asked nothing (there is no model before it), so a log of one chunk or less can
+give no query: it is refused before any process starts. Serving listens only once it has a model
+(or after its first-poll wait), so every read of its /readyz or /metrics first waits until it
+answers.
 """
 
 from __future__ import annotations
@@ -174,6 +180,31 @@ def events_with_clicks(chunk: InteractionLog, answered: dict[str, tuple[str, set
     return events
 
 
+def require_queries(log: InteractionLog, chunk_events: int) -> None:
+    """Refuse a log that can give no query, before any process starts: users are asked before
+    every chunk but the first, so the log needs more events than one chunk. `--limit 10` with
+    chunks of 10 started the whole stack, then failed reading serving's counters."""
+    if len(log) <= chunk_events:
+        raise ValueError(f"the log has {len(log)} events to replay: a simulation needs more than one chunk "
+                         f"({chunk_events} events, --chunk), since users are asked before each chunk after the "
+                         "first; replay more events or use smaller chunks")
+
+
+def wait_serving(stack: Stack, http: httpx.Client, timeout_s: float) -> dict[str, Any]:
+    """Serving's /readyz body once it answers at all. A starting worker listens only after its
+    first model (or its first-poll wait), so a read of /readyz or /metrics before then was
+    refused (httpx.ConnectError); raises if a stack process died or `timeout_s` ran out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return http.get("/readyz").json()
+        except httpx.TransportError:  # not listening yet
+            stack.processes.check()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"serving at {stack.serving_url} did not answer in {timeout_s} s") from None
+            time.sleep(0.05)
+
+
 def wait_barrier(stack: Stack, admin: KafkaAdminClient, client: ParamClient, http: httpx.Client, produced: int,
                  timeout_s: float) -> None:
     """Until the trainer has committed `produced` events and serving has polled past them."""
@@ -188,7 +219,7 @@ def wait_barrier(stack: Stack, admin: KafkaAdminClient, client: ParamClient, htt
             raise TimeoutError(f"the trainer committed {committed} of {produced} events in {timeout_s} s")
         time.sleep(0.005)
     target = sum(int(meta["version"]) for meta in client.get_meta())
-    while http.get("/readyz").json().get("synced_version", 0) < target:
+    while wait_serving(stack, http, max(0.0, deadline - time.monotonic())).get("synced_version", 0) < target:
         if time.monotonic() > deadline:
             raise TimeoutError(f"serving did not poll past version {target} in {timeout_s} s")
         time.sleep(0.005)
@@ -238,6 +269,7 @@ def replay_through_stack(settings: Settings, log: InteractionLog, options: Simul
     whether the target is a `cold` item and whether the query comes after their release) and
     serving's own count of answers per arm (checked against the rows); and what the release of the
     `cold` items did (the content tower's fit report; empty without a release)."""
+    require_queries(log, options.chunk_events)
     spec = experiments_file(options.arms, options.explore)
     rows: list[tuple[str, str, bool, list[str], bool, bool, int]] = []
     trainer_args = ["--batch-events", str(options.chunk_events), "--batch-seconds", str(BATCH_WAIT_S)]
@@ -312,6 +344,7 @@ def replay_through_stack(settings: Settings, log: InteractionLog, options: Simul
             finally:
                 publisher.close()
                 admin.close()
+            wait_serving(stack, http, options.barrier_timeout_s)
             served = served_counts(http)
             metrics = http.get("/metrics").text
             late = {reason: counter_total(metrics, "streamrec_serving_degraded", reason=reason)
@@ -350,7 +383,8 @@ def simulate(settings: Settings, log: InteractionLog, options: SimulateOptions =
     started = time.monotonic()
     frames, served, _ = replay_seeds(settings, log, options)
     frame = pd.concat(frames, ignore_index=True)
-    report = experiment_report(frame, {arm: 1.0 for arm in options.arms}, np.random.default_rng(options.seed))
+    report = experiment_report(frame, {arm: 1.0 for arm in options.arms}, np.random.default_rng(options.seed),
+                               k=options.k)
     for arm in report["arms"].values():  # no feedback is sent in a simulation: no clicks to report
         for key in ("clicks", "ctr", "ctr_ci95"):
             arm.pop(key)
@@ -399,7 +433,8 @@ def compare_impression_negatives(settings: Settings, log: InteractionLog, option
     for name, count in (("sampled", 0), ("impressions", options.impression_negatives)):
         frame = pd.concat(replay_seeds(settings, log, replace(options, impression_negatives=count))[0],
                           ignore_index=True)
-        runs[name] = experiment_report(frame, {arm: 1.0 for arm in options.arms}, np.random.default_rng(options.seed))
+        runs[name] = experiment_report(frame, {arm: 1.0 for arm in options.arms}, np.random.default_rng(options.seed),
+                                       k=options.k)
         per_user[name] = per_user_hits(frame, "online-bpr")
     lift = paired_lift(per_user["sampled"], per_user["impressions"], options.seed)
     k = options.k
@@ -441,7 +476,7 @@ def compare_cold_start(settings: Settings, log: InteractionLog, options: Simulat
                                                   cold)
         frames[name] = pd.concat(per_seed[name], ignore_index=True)
         runs[name] = experiment_report(frames[name], {arm: 1.0 for arm in options.arms},
-                                       np.random.default_rng(options.seed))
+                                       np.random.default_rng(options.seed), k=options.k)
     arm = frames["with"][frames["with"]["arm"] == "online-bpr"]
     shown_new = arm["items"].map(lambda items: sum(item in cold.ids for item in items))
     k = options.k

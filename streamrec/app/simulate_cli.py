@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from streamrec.core.cli import print_json, settings_from
 from streamrec.stream.datasets.resolve import DATA, DataSource
 from streamrec.stream.loaders import FORMATS
+
+if TYPE_CHECKING:
+    from streamrec.stream.loaders import InteractionLog
 
 
 @click.command("simulate")
@@ -50,7 +54,6 @@ def simulate_cmd(ctx: click.Context, data: DataSource, fmt: str, arms: str, chun
     next events and a hit is the next item in the list. Prints per-arm hit@k with 95% intervals
     (a bootstrap over users) and the lifts."""
     from streamrec.app.simulate import SimulateOptions, compare_cold_start, compare_impression_negatives, simulate
-    from streamrec.stream.loaders import load_log
 
     if cold_items is not None and catalogue is None:
         beside = data.path / "u.item" if data.path.is_dir() else data.path.parent / "u.item"
@@ -61,13 +64,27 @@ def simulate_cmd(ctx: click.Context, data: DataSource, fmt: str, arms: str, chun
                               seed=seed, impression_negatives=impression_negatives, cold_items=cold_items or 0.0,
                               catalogue=catalogue, explore=explore if cold_items is not None else 0.0,
                               trainer_seeds=trainer_seeds)
+    log = replay_log(data, fmt)
     try:
-        log = load_log(data.path, data.format_or(fmt))
         run = compare_cold_start if cold_items is not None else (
             compare_impression_negatives if compare_negatives else simulate)
         print_json(run(settings_from(ctx), log, options))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
+
+
+def replay_log(data: DataSource, fmt: str) -> InteractionLog:
+    """The log to replay, read before any process starts, or a one-line usage error. Events are
+    published at their own times, so a log without a timestamp column is refused here, as
+    `streamrec replay` refuses it: row positions as times started the stack and failed 11 s later.
+    A folder without the file its format names (ml-100k's u.data) is an OSError, not a traceback."""
+    from streamrec.stream.loaders import load_log
+
+    fmt = data.format_or(fmt)
+    try:
+        return load_log(data.path, fmt, require_timestamp=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise click.UsageError(f"cannot read {data.path} as {fmt}: {exc}") from exc
 
 
 def register(cli: click.Group, bench: click.Group) -> None:

@@ -6,6 +6,7 @@ use it without importing the roof that assembles them (`streamrec.app.cli`).
 
 from __future__ import annotations
 
+import math
 import sys
 
 import click
@@ -36,3 +37,18 @@ def settings_from(ctx: click.Context) -> Settings:
     if not isinstance(settings, Settings):
         raise click.UsageError("no configuration: run this command through the `streamrec` CLI")
     return settings
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that also refuses NaN and the infinities. FloatRange compares the bounds
+    only, and NaN fails no comparison: `--rate nan` passed min=0 and failed deep inside a bench
+    (a subprocess traceback, an OverflowError, a thread that died without a word). Commands of
+    every layer take their rates and durations through it."""
+
+    name = "finite float range"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number

@@ -10,6 +10,9 @@ server's per-request parsing included (`bench_strings`); `*_vs_numpy`: ratios to
 gather / scatter-add of the same rows measured in the same run; `str_create_vs_memory_commit`: the
 memory that row creation committed per second, as a fraction of what the kernel commits when
 nothing else runs (`bench_strings.memory_commit_bound`).
+`delta_seconds_100k` and `checkpoint_seconds_1m` keep the names of the default run (a delta of 100k
+changed rows, a checkpoint of the 1M-row table); `delta_rows` and `checkpoint_rows` beside them
+give the sizes this run measured, which `--ids` makes smaller.
 """
 
 from __future__ import annotations
@@ -88,7 +91,9 @@ def _collisions(int_table: Table, ids: np.ndarray, num_strings: int) -> int:
 
 
 def _pushes_during_checkpoint(client: ParamClient, address: str, ids: np.ndarray, grads: np.ndarray) -> dict[str, Any]:
-    """Small pushes, timed one by one, while another connection has a checkpoint written."""
+    """Small pushes, timed one by one, while another connection has a checkpoint written of the
+    table's rows (`checkpoint_rows`, read from the server just before)."""
+    rows = int(client.tables()["bench"]["rows"])
     finished: list[dict[str, Any]] = []
 
     def checkpoint() -> None:
@@ -109,6 +114,7 @@ def _pushes_during_checkpoint(client: ParamClient, address: str, ids: np.ndarray
         "push_p99_ms_during_checkpoint": round(1000 * float(np.percentile(latencies, 99)), 2),
         "pushes_during_checkpoint": len(latencies),
         "checkpoint_seconds_1m": round(finished[0]["seconds"], 2),
+        "checkpoint_rows": rows,
     }
 
 
@@ -156,6 +162,7 @@ def _remote(ids: np.ndarray, dim: int, batch: int, grads: np.ndarray, checkpoint
             "remote_pull_keys_per_second": round(pull_rate),
             "remote_push_rows_per_second": round(push_rate),
             "delta_seconds_100k": round(delta_seconds, 4),
+            "delta_rows": int(len(delta.ids)),
             "empty_delta_seconds": round(empty_seconds, 5),
             **during,
         }
@@ -165,6 +172,11 @@ def _remote(ids: np.ndarray, dim: int, batch: int, grads: np.ndarray, checkpoint
 
 
 def run_benchmark(num_ids: int = 1_000_000, dim: int = 64, batch: int = 4096) -> dict[str, Any]:
+    """Every figure of the module docstring for a table of `num_ids` rows of `dim` values, pushed
+    and pulled `batch` rows at a time (each at least 1: 0 failed deep inside with a traceback)."""
+    for name, size in (("ids", num_ids), ("dim", dim), ("batch", batch)):
+        if size < 1:
+            raise ValueError(f"{name}: at least 1, not {size}")
     rng = np.random.default_rng(0)
     ids = np.unique(rng.integers(-(2**63), 2**63 - 1, num_ids, dtype=np.int64))
     ids = rng.permutation(ids)

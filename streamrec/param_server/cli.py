@@ -134,9 +134,9 @@ def reshard_cmd(ctx: click.Context, source: Path, target: Path, num_shards: int,
 
 @click.command("param-server")
 @click.option("--json", "as_json", is_flag=True, help="print JSON (the default output is the same JSON, indented)")
-@click.option("--ids", type=int, default=1_000_000, show_default=True, help="table size")
-@click.option("--dim", type=int, default=64, show_default=True)
-@click.option("--batch", type=int, default=4096, show_default=True)
+@click.option("--ids", type=click.IntRange(min=1), default=1_000_000, show_default=True, help="table size")
+@click.option("--dim", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=4096, show_default=True, help="rows per push and pull")
 def bench_cmd(as_json: bool, ids: int, dim: int, batch: int) -> None:
     """Table, loopback, delta, checkpoint, memory and collision figures of the parameter server."""
     from streamrec.core.cli import print_json

@@ -8,11 +8,15 @@ the same queries, and an empty endpoint on the same server stack (streamrec.serv
 by the same generator at the same rate or sweep; ratios to both are printed. A second run with the
 API token and the seen-item filter on (the filter /recommend has) is reported beside the plain mix
 (k=10, explanations and filters off). With a broker reachable, the workers log every answer to an
-impressions topic of the run, as in production, and `impressions_logged` counts what arrived."""
+impressions topic of the run, as in production, and `impressions_logged` counts what arrived.
+
+A run that cannot finish (a process that does not start, a load generator that fails) raises
+BenchFailure with one line; whatever it ends with, every process it started is stopped."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -60,8 +64,14 @@ BENCH_TOKEN = "bench-serving-token"
 WARMUP_S = 1.0
 SWEEP_STEP_S = 5.0
 STEP_PAUSE_S = 1.0  # lets a server drain what an overloaded step left queued
+STDERR_TAIL_CHARS = 600  # of a failed load generator's stderr, in the one-line error
 SUMMARY_KEYS = ("offered_rps", "achieved_rps", "p50_ms", "p99_ms", "p999_ms", "max_ms", "errors", "error_status", "broken",
                 "timeouts", "dropped", "pass")
+
+
+class BenchFailure(RuntimeError):
+    """The bench could not measure (a process did not start or get ready, the load generator
+    failed): the CLI prints it as one line."""
 
 
 def _start_param_server(home: Path) -> tuple[subprocess.Popen, str]:
@@ -69,10 +79,15 @@ def _start_param_server(home: Path) -> tuple[subprocess.Popen, str]:
     env.pop("STREAMREC_PARAM_SERVER_TOKEN", None)
     proc = subprocess.Popen([sys.executable, "-m", "streamrec.param_server", "--port", "0", "--no-checkpoints"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-    line = proc.stdout.readline() if proc.stdout else ""
-    if not line:
-        raise RuntimeError("parameter server did not start")
-    return proc, json.loads(line)["address"]
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        if not line:
+            raise BenchFailure("parameter server did not start")
+        return proc, json.loads(line)["address"]
+    except BaseException:  # stopped while it starts (Ctrl-C, SIGTERM) as much as a failed start
+        proc.kill()
+        proc.wait()
+        raise
 
 
 def _load(client: ParamClient, rng: np.random.Generator, items: int, users: int, dim: int) -> np.ndarray:
@@ -116,7 +131,7 @@ def _wait_ready(url: str, workers: int, proc: subprocess.Popen, headers: dict[st
     deadline = time.monotonic() + timeout
     while len(pids) < workers:
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{url}: workers did not get ready")
+            raise BenchFailure(f"{url}: workers did not get ready")
         request = urllib.request.Request(url + "/readyz", headers={"Connection": "close", **(headers or {})})
         try:
             with urllib.request.urlopen(request, timeout=5) as reply:
@@ -128,14 +143,22 @@ def _wait_ready(url: str, workers: int, proc: subprocess.Popen, headers: dict[st
 
 
 class Stack:
-    """One server process tree on a free loopback port; stopped with SIGTERM (then killed)."""
+    """One server process tree on a free loopback port; stopped with SIGTERM (then killed). The
+    wait for its workers can take minutes (a big index), and the bench may be stopped during it
+    (Ctrl-C, SIGTERM, a worker that never gets ready): the process is stopped then too, since the
+    caller never got a Stack to stop and the serve process outlived the bench."""
 
     def __init__(self, argv: list[str], env: dict[str, str], workers: int, log: Path) -> None:
         self.port = net.free_port(None, "127.0.0.1")
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([*argv, "--port", str(self.port)], env=env, stdout=subprocess.DEVNULL,
-                                     stderr=log.open("w"))
-        self.ready = _wait_ready(self.url, workers, self.proc)
+        with log.open("w") as stderr:  # the child holds its own descriptor
+            self.proc = subprocess.Popen([*argv, "--port", str(self.port)], env=env, stdout=subprocess.DEVNULL,
+                                         stderr=stderr)
+        try:
+            self.ready = _wait_ready(self.url, workers, self.proc)
+        except BaseException:  # KeyboardInterrupt and SystemExit (SIGTERM) as much as a failed start
+            self.stop()
+            raise
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -155,7 +178,14 @@ def _loadgen(url: str, template: str, users: int, rate: float, duration: float, 
             "--max-connections", str(max_connections), "--template", template]
     for name, value in headers.items():
         argv += ["--header", f"{name}: {value}"]
-    return json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
+    done = subprocess.run(argv, capture_output=True, text=True)
+    try:
+        if done.returncode == 0:
+            return json.loads(done.stdout)
+    except json.JSONDecodeError:
+        pass
+    tail = " ".join(done.stderr.split())[-STDERR_TAIL_CHARS:] or "no output on stderr"
+    raise BenchFailure(f"the load generator failed (exit {done.returncode}) at {rate} requests/s: {tail}")
 
 
 def _measure(url: str, template: str, users: int, rate: float, duration: float, max_connections: int,
@@ -232,21 +262,28 @@ def _ratio(numerator: object, denominator: object) -> float | None:
 def run_bench(settings: Settings, items: int, users: int, dim: int, workers: int, max_connections: int,
               duration: float, k: int, index: str, rate: float = 0.0, auth_run: bool = True,
               filter_rate: float = 500.0) -> dict[str, Any]:
-    """`filter_rate` > 0 adds a run at that rate with a genre filter on (`item_filter`)."""
+    """`filter_rate` > 0 adds a run at that rate with a genre filter on (`item_filter`). Rates
+    and the duration must be finite (NaN or infinity failed in the load generator, after the
+    stack had started)."""
+    for name, value in (("rate", rate), ("duration", duration), ("filter_rate", filter_rate)):
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name}: a finite number >= 0, not {value}")
     home = Path(tempfile.mkdtemp(prefix="streamrec-bench-serving-"))
     prefix = f"bench-serving-{uuid.uuid4().hex[:8]}"
     redis_up = net.redis_ping(settings.redis_url)
     broker_up = net.port_open(*net.host_port(settings.kafka_bootstrap))
     impressions_topic = f"streamrec.bench.{uuid.uuid4().hex[:8]}.impressions"
-    ps_proc, address = _start_param_server(home)
     rng = np.random.default_rng(0)
     stacks: list[Stack] = []
+    ps_proc: subprocess.Popen | None = None
+    topics: list[str] = []  # deleted at the end: only what was created (deleting a missing one raises)
 
     def start(argv: list[str], env: dict[str, str], log: str) -> Stack:
-        stacks.append(Stack(argv, env, workers, home / log))
+        stacks.append(Stack(argv, env, workers, home / log))  # a Stack interrupted while it starts stops itself
         return stacks[-1]
 
     try:
+        ps_proc, address = _start_param_server(home)
         started = time.perf_counter()
         with ParamClient([address]) as client:
             user_vectors = _load(client, rng, items, users, dim)
@@ -258,6 +295,7 @@ def run_bench(settings: Settings, items: int, users: int, dim: int, workers: int
         env.pop("STREAMREC_API_TOKEN", None)
         if broker_up:  # the production path: every answer logged to the impressions topic
             create_topics(settings.kafka_bootstrap, [impressions_topic], 1)
+            topics.append(impressions_topic)
             env.update({"STREAMREC_IMPRESSIONS": "on", "STREAMREC_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
                         "STREAMREC_TOPIC": impressions_topic.removesuffix(".impressions")})
         serve = [sys.executable, "-c", "from streamrec.app.cli import main; main()", "serve", "--workers",
@@ -306,13 +344,12 @@ def run_bench(settings: Settings, items: int, users: int, dim: int, workers: int
         return result
     finally:
         for stack in stacks:
-            if stack.proc.poll() is None:
-                stack.proc.kill()
-                stack.proc.wait()
-        ps_proc.kill()
-        ps_proc.wait()
+            stack.stop()  # SIGTERM first: the serve process then stops its workers too
+        if ps_proc is not None:
+            ps_proc.kill()
+            ps_proc.wait()
         if redis_up:
             FeatureStore.from_url(settings.redis_url, FeatureStoreConfig.from_settings(settings, prefix)).clear()
-        if broker_up:
-            delete_topics(settings.kafka_bootstrap, [impressions_topic])
+        if topics:
+            delete_topics(settings.kafka_bootstrap, topics)
         shutil.rmtree(home, ignore_errors=True)

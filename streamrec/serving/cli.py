@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+
+from streamrec.core.cli import FiniteFloatRange
+
+if TYPE_CHECKING:
+    from streamrec.core.config import Settings
+    from streamrec.stream.kafka import Record
 
 
 def register(cli: click.Group, bench: click.Group) -> None:
@@ -23,31 +30,61 @@ def experiments_group() -> None:
               default=None, help="the experiments file, for the arms' weights (sample-ratio check) "
                                  "[settings.experiments_file]")
 @click.option("--experiment", "only", default=None, help="the experiment at the top level [the first seen]")
-@click.option("--window", default="30m", show_default=True, help="a hit: the user's next events within this long")
+@click.option("--window", default="30m", show_default=True,
+              help="a hit: the user's next events within this long (more than 0)")
+@click.option("--k", type=click.IntRange(min=1), default=10, show_default=True,
+              help="the answer length the clients asked for: names the hit rate (hit@K)")
 @click.option("--seed", type=int, default=0, show_default=True, help="bootstrap seed")
 @click.option("--json", "as_json", is_flag=True, help="print JSON (the only output form)")
 @click.pass_context
-def report_cmd(ctx: click.Context, experiments_file: Path | None, only: str | None, window: str, seed: int,
+def report_cmd(ctx: click.Context, experiments_file: Path | None, only: str | None, window: str, k: int, seed: int,
                as_json: bool) -> None:
     """Per-arm hit@k, CTR and coverage with 95% intervals (a bootstrap over users), the relative lift
     against the first arm and a sample-ratio check, from the impressions and interaction topics."""
     from streamrec.core.cli import print_json, settings_from
     from streamrec.serving.experiment_report import build_report
     from streamrec.serving.experiments import Experiments
-    from streamrec.stream.reader import read_records
-    from streamrec.trainer.refit import parse_period
 
     settings = settings_from(ctx)
+    window_s = report_window(window)
     path = experiments_file or settings.experiments_file
     try:
-        window_s = parse_period(window)
         experiments = Experiments.parse(path.read_text(encoding="utf-8"), str(path)) if path else None
-        impressions = read_records(settings.kafka_bootstrap, settings.impressions_topic, settings.kafka_client)
-        events = read_records(settings.kafka_bootstrap, settings.topic, settings.kafka_client)
-        report = build_report(impressions, events, window_s, experiments, only, seed)
+        impressions = read_topic(settings, settings.impressions_topic,
+                                 "serving logs impressions to it when it runs with impressions on "
+                                 "(STREAMREC_IMPRESSIONS=on, or auto with an experiments file)")
+        events = read_topic(settings, settings.topic, "it is the interaction topic (STREAMREC_TOPIC), which "
+                                                      "`streamrec topics create` or the first events create")
+        report = build_report(impressions, events, window_s, experiments, only, seed, k=k)
     except (OSError, ValueError, TimeoutError) as exc:
         raise click.ClickException(str(exc)) from exc
     print_json(report)
+
+
+def report_window(text: str) -> float:
+    """`--window` in seconds, more than 0: a window of 0 counted every hit as 0 and printed that as
+    a result."""
+    from streamrec.trainer.refit import parse_period
+
+    try:
+        seconds = parse_period(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--window") from exc
+    if seconds <= 0:
+        raise click.BadParameter(f"{text.strip()!r} is no time: a hit needs a window of more than 0s",
+                                 param_hint="--window")
+    return seconds
+
+
+def read_topic(settings: Settings, topic: str, what: str) -> list[Record]:
+    """Every record of `topic`; a topic the broker does not have is a one-line error saying what
+    writes it (it was a KeyError traceback)."""
+    from streamrec.stream.reader import read_records
+
+    try:
+        return read_records(settings.kafka_bootstrap, topic, settings.kafka_client)
+    except KeyError as exc:
+        raise click.ClickException(f"topic {topic!r} does not exist: {what}") from exc
 
 
 @experiments_group.command("watch")
@@ -76,7 +113,7 @@ def watch_cmd(ctx: click.Context, window: str, lateness: str, metrics_port: int 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        watch(settings, parse_period(window), parse_period(lateness), stop, port, from_beginning)
+        watch(settings, report_window(window), parse_period(lateness), stop, port, from_beginning)
     except (OSError, ValueError, TimeoutError) as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -196,15 +233,15 @@ def parse_body_limits(pairs: tuple[str, ...]) -> dict[str, int]:
 @click.option("--workers", type=click.IntRange(1, 64), default=2, show_default=True)
 @click.option("--max-connections", "--concurrency", "max_connections", type=click.IntRange(min=1), default=256,
               show_default=True, help="cap of the generator's connection pool; a slot finding it full is `dropped`")
-@click.option("--rate", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--rate", type=FiniteFloatRange(min=0), default=0.0, show_default=True,
               help="open-loop arrival rate, requests/s (0: sweep for the saturation rate)")
-@click.option("--duration", type=click.FloatRange(min=1), default=20.0, show_default=True,
+@click.option("--duration", type=FiniteFloatRange(min=1), default=20.0, show_default=True,
               help="seconds of load at --rate (a sweep uses 5 s steps)")
 @click.option("--k", type=click.IntRange(1, 1000), default=10, show_default=True)
 @click.option("--index", type=click.Choice(["auto", "flat", "ivf"]), default="auto", show_default=True)
 @click.option("--auth-run/--no-auth-run", default=True, show_default=True,
               help="also measure with the API token and the seen-item filter on")
-@click.option("--filter-rate", type=click.FloatRange(min=0), default=500.0, show_default=True,
+@click.option("--filter-rate", type=FiniteFloatRange(min=0), default=500.0, show_default=True,
               help="also measure at this rate with a catalogue filter on (include=genre:g3, ~5% of items); 0: not")
 @click.option("--json", "as_json", is_flag=True, help="print JSON (the only output form)")
 @click.pass_context
@@ -212,6 +249,10 @@ def bench_serving_cmd(ctx: click.Context, as_json: bool, **options: object) -> N
     """Random vectors in a private parameter server, N workers, an open-loop load generator; beside
     it the same load on an empty endpoint of the same stack, and FAISS search alone."""
     from streamrec.core.cli import print_json, settings_from
-    from streamrec.serving.bench import run_bench
+    from streamrec.serving.bench import BenchFailure, run_bench
 
-    print_json(run_bench(settings_from(ctx), **options))
+    try:
+        result = run_bench(settings_from(ctx), **options)
+    except BenchFailure as exc:  # a process that did not start, a failed load generator: its stderr says why
+        raise click.ClickException(str(exc)) from exc
+    print_json(result)

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import sys
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -218,18 +219,45 @@ def run_sync(url: str, paths: Sequence[str], rate: float, duration: float, warmu
         return runner.run(run(url, paths, rate, duration, warmup, max_connections, timeout, headers))
 
 
+def finite(minimum: float, above: bool) -> Callable[[str], float]:
+    """An argparse type: a finite float >= `minimum` (> with `above`). `--rate nan` died in
+    `int(nan)` and `--rate inf` in an OverflowError, tracebacks where a usage line belongs."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < minimum or (above and value == minimum):
+            raise argparse.ArgumentTypeError(f"{text!r}: a finite number {'>' if above else '>='} {minimum:g}")
+        return value
+    return parse
+
+
+def at_least_one(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: at least 1")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", required=True, help="http://host:port")
     parser.add_argument("--template", default="/recommend?user_id=u{user}&k=10", help="path; {user} is replaced")
-    parser.add_argument("--users", type=int, default=10_000)
-    parser.add_argument("--zipf", type=float, default=ZIPF_EXPONENT, help="exponent of the user popularity")
+    parser.add_argument("--users", type=at_least_one, default=10_000)
+    parser.add_argument("--zipf", type=finite(0.0, above=False), default=ZIPF_EXPONENT,
+                        help="exponent of the user popularity")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rate", type=float, required=True, help="requests/s, open loop")
-    parser.add_argument("--duration", type=float, default=20.0)
-    parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--max-connections", type=int, default=256)
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds before a request counts as timed out")
+    parser.add_argument("--rate", type=finite(0.0, above=True), required=True, help="requests/s, open loop")
+    parser.add_argument("--duration", type=finite(0.0, above=True), default=20.0)
+    parser.add_argument("--warmup", type=finite(0.0, above=False), default=1.0)
+    parser.add_argument("--max-connections", type=at_least_one, default=256)
+    parser.add_argument("--timeout", type=finite(0.0, above=True), default=5.0,
+                        help="seconds before a request counts as timed out")
     parser.add_argument("--header", action="append", default=[], metavar="NAME:VALUE")
     args = parser.parse_args(argv)
     count = max(1, int((args.warmup + args.duration) * args.rate))

@@ -154,21 +154,29 @@ def raw_bound(settings: Settings, client: str, records: list[RawRecord], source_
             "raw_consume_events_per_second": round(len(records) / consume_seconds)}
 
 
-def bench_stream(settings: Settings, events: int, client: str, partitions: int = 3) -> dict[str, Any]:
-    topic = f"streamrec.bench.{uuid.uuid4().hex[:8]}"
-    create_topics(settings.kafka_bootstrap, [topic, topic + settings.dlq_suffix], partitions)
+def _produce(settings: Settings, client: str, topic: str, events: int,
+             ) -> tuple[float, EventPublisher, list[dict[str, Any]], EventSchema]:
+    """(seconds, the publisher, the events, the schema): `events` synthetic events published to
+    `topic` through the publisher, flushed."""
     data = synthetic_events(events)
     schema = EventSchema.from_settings(settings)
     producer = make_producer(settings.kafka_bootstrap, client, settings.producer_acks, settings.producer_linger_ms)
     publisher = EventPublisher(producer, schema, topic, topic + settings.dlq_suffix, "bench")
-    start = time.perf_counter()
-    source = {"bench": topic}
-    for event in data:
-        publisher.publish(event, source)
-    publisher.flush()
-    produce_seconds = time.perf_counter() - start
-    publisher.close()
+    try:
+        start = time.perf_counter()
+        source = {"bench": topic}
+        for event in data:
+            publisher.publish(event, source)
+        publisher.flush()
+        return time.perf_counter() - start, publisher, data, schema
+    finally:
+        publisher.close()
 
+
+def _consume(settings: Settings, client: str, topic: str, events: int, schema: EventSchema,
+             ) -> tuple[float, int, int, list[np.ndarray]]:
+    """(seconds from the first fetch, records received, records the schema refused, the event ids
+    of each batch): `topic` read in a fresh group until `events` arrived or the deadline."""
     consumer = make_consumer(
         settings.kafka_bootstrap, client, group_id=f"bench-{topic}", topics=[topic],
         session_timeout_ms=settings.session_timeout_ms, heartbeat_interval_ms=settings.heartbeat_interval_ms,
@@ -192,10 +200,23 @@ def bench_stream(settings: Settings, events: int, client: str, partitions: int =
                     rejected += 1
             event_ids.append(EventBatch.from_events(valid).event_id)
             received += len(records)
-        consume_seconds = time.perf_counter() - (first or time.perf_counter())
+        return time.perf_counter() - (first or time.perf_counter()), received, rejected, event_ids
     finally:
         consumer.close()
+
+
+def bench_stream(settings: Settings, events: int, client: str, partitions: int = 3) -> dict[str, Any]:
+    """Produce `events` through the publisher, consume and validate them, and measure the raw
+    client on the same bytes. The run's topics are deleted however it ends: created outside the
+    `finally`, a failure before the consumer (an unknown client, the broker refusing, Ctrl-C while
+    producing) left them on the broker."""
+    if events < 1 or partitions < 1:
+        raise ValueError(f"events and partitions: at least 1 each, not {events} and {partitions}")
+    topic = f"streamrec.bench.{uuid.uuid4().hex[:8]}"
+    create_topics(settings.kafka_bootstrap, [topic, topic + settings.dlq_suffix], partitions)
     try:
+        produce_seconds, publisher, data, schema = _produce(settings, client, topic, events)
+        consume_seconds, received, rejected, event_ids = _consume(settings, client, topic, events, schema)
         if received < events:
             raise RuntimeError(f"consumed only {received} of {events} events before the deadline")
         raw = raw_bound(settings, client, raw_records(data, schema), topic, partitions)

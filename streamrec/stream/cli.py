@@ -164,9 +164,9 @@ def replay_cmd(ctx: click.Context, data: DataSource, fmt: str, topic_flag: str |
 
 # ---------------------------------------------------------------- bench
 @click.command("stream")
-@click.option("--events", type=int, default=200_000, show_default=True)
+@click.option("--events", type=click.IntRange(min=1), default=200_000, show_default=True)
 @click.option("--client", type=click.Choice(["kafka-python", "confluent"]), help="[settings.kafka_client]")
-@click.option("--partitions", type=int, default=3, show_default=True)
+@click.option("--partitions", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="(output is always JSON)")
 @click.pass_context
 def bench_stream_cmd(ctx: click.Context, events: int, client: str | None, partitions: int, as_json: bool) -> None:

@@ -32,9 +32,23 @@ ROWS: tuple[tuple[str, str, tuple[str, ...], str, dict[str, float], float | None
 SHOWN = {"rating": ("rmse", "mae"), "topn": ("hr@10", "ndcg@10"), "prequential": ("hr@10_second_half", "ndcg@10_second_half")}
 
 
+def unknown_models(only: tuple[str, ...]) -> str | None:
+    """Why `only` selects nothing it should (None when every name is a model of the table): an
+    unknown name gave an empty table and exit 0, as if the run had passed."""
+    known = sorted({row[1] for row in ROWS})
+    unknown = [name for name in only if name not in known]
+    if not unknown:
+        return None
+    return f"not models of the table: {', '.join(unknown)}; the table's models: {', '.join(known)}"
+
+
 def run_table(data: str, fmt: str, seed: int, only: tuple[str, ...] = ()) -> dict[str, Any]:
     """Evaluate every row (or the models named in `only`) and build the markdown table."""
     from streamrec.trainer.evaluation.harness import evaluate
+
+    unknown = unknown_models(only)
+    if unknown:
+        raise ValueError(unknown)
 
     rows, lines = [], [
         "| protocol | model | params | metric | ours | reference | ref. value | fit s (ours) | fit s (ref.) |",

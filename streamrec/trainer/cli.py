@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import cast
 
 import click
@@ -161,16 +163,36 @@ def refit_cmd(
 @click.option("--data", "data", required=True, type=DATA, help=DATA_HELP)
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="ml-100k", show_default=True, help=FORMAT_HELP)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--only", multiple=True, help="restrict to these model names (repeatable)")
-@click.option("--markdown", "markdown_path", type=click.Path(), default=None, help="also write the table here")
+@click.option("--only", multiple=True, help="restrict to these model names of the table (repeatable)")
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,
+              help="also write the table here (its folder must exist)")
 def bench_models_cmd(data: DataSource, fmt: str, seed: int, only: tuple[str, ...], markdown_path: str | None) -> None:
-    """Every batch family on one data set beside the ANCHORS references (docs/models.md table)."""
-    from pathlib import Path
-
+    """Every batch family on one data set beside the ANCHORS references (docs/models.md table).
+    The JSON is printed before the markdown file is written: the evaluation takes minutes, and a
+    file that cannot be written must not lose it."""
     from streamrec.core.cli import print_json
-    from streamrec.trainer.benchmarks import run_table
+    from streamrec.trainer.benchmarks import run_table, unknown_models
 
+    unknown = unknown_models(only)
+    if unknown:
+        raise click.BadParameter(unknown, param_hint="--only")
+    target = Path(markdown_path) if markdown_path else None
+    if target is not None:
+        writable_target(target)
     result = run_table(str(data.path), data.format_or(fmt), seed, only)
-    if markdown_path:
-        Path(markdown_path).write_text(result["markdown"] + "\n")
     print_json(result)
+    if target is not None:
+        try:
+            target.write_text(result["markdown"] + "\n")
+        except OSError as exc:  # the folder went away or filled up during the run: the JSON is out already
+            raise click.ClickException(f"cannot write {target}: {exc}") from exc
+
+
+def writable_target(path: Path) -> None:
+    """Refuse, before a minutes-long run, a file path whose folder does not exist or cannot be
+    written: the write after the run failed with a traceback and took the results with it."""
+    folder = path.parent
+    if not folder.is_dir():
+        raise click.BadParameter(f"{path}: the folder {folder} does not exist", param_hint="--markdown")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise click.BadParameter(f"{path}: not writable", param_hint="--markdown")
