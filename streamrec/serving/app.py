@@ -332,7 +332,7 @@ def create_app(config: ServingConfig) -> FastAPI:
         return Response(data, media_type=content_type)
 
     add_feedback_routes(app, config, metrics, guarded)
-    add_console_routes(app, config, holder, pipeline, metrics, guarded, console_search)
+    add_console_routes(app, config, holder, pipeline, metrics, guarded, console_search, similar)
     for route in app.routes:  # StrictPercentEncoding answers before any route: each one documents it
         if isinstance(route, APIRoute):
             route.responses.setdefault(400, {"model": schemas.Error, "description": BAD_ENCODING})

@@ -19,6 +19,7 @@ origin, which is all it loads (no inline script or style, nothing from a CDN).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -39,7 +40,7 @@ from streamrec.serving.console.overview import Overview
 from streamrec.serving.console.search import PrefixSearch
 from streamrec.serving.limits import STATUS as TOO_LARGE
 from streamrec.serving.metrics import ServingMetrics, render
-from streamrec.serving.pipeline import CandidatePipeline, Unavailable, UnknownItem
+from streamrec.serving.pipeline import CandidatePipeline
 from streamrec.serving.state import StateHolder
 
 STATIC = Path(__file__).resolve().parent / "static"  # package data: works from a wheel as from a checkout
@@ -64,9 +65,11 @@ class ConsoleStatic(StaticFiles):
 
 
 def add_console_routes(app: FastAPI, config: ServingConfig, holder: StateHolder, pipeline: CandidatePipeline,
-                       metrics: ServingMetrics, guarded: list[Depends], search: PrefixSearch) -> None:
+                       metrics: ServingMetrics, guarded: list[Depends], search: PrefixSearch,
+                       similar: Callable[[str, int], Response]) -> None:
     """Register /ui (static page) and its JSON endpoints on `app`. `search` is the item search whose
-    `refresh` the caller runs between polls (on the sync thread, never in a request)."""
+    `refresh` the caller runs between polls (on the sync thread, never in a request); `similar` answers
+    /similar/{item_id}, which the page reaches with the item as a query parameter."""
     overview = Overview(config.metrics_sources, lambda: render()[0], holder.staleness)
     # titles and genres are optional: ServingConfig.item_catalogue (u.item or item_id,title,genres CSV)
     catalogue_path = config.item_catalogue
@@ -131,16 +134,7 @@ def add_console_routes(app: FastAPI, config: ServingConfig, holder: StateHolder,
     def console_similar(item_id: str = Query(min_length=1, max_length=MAX_ID_LENGTH),
                         k: int = Query(10, ge=1, le=MAX_K)) -> Response:
         """/similar/{item_id} with the item as a query parameter, so any id reaches it from the page."""
-        with holder.use() as state:
-            try:
-                body = pipeline.similar(state, item_id, k)
-            except UnknownItem:
-                return _json({"detail": f"unknown item {item_id!r}"}, 404)
-            except Unavailable as exc:
-                return _json({"detail": str(exc)}, 503)
-            staleness = holder.staleness()
-            return _json({**body, "model_version": state.version if state is not None else None,
-                          "staleness_seconds": None if staleness is None else round(staleness, 3)})
+        return similar(item_id, k)
 
     @app.get("/ui/api/items", dependencies=guarded, tags=["console"], responses=DOCUMENTED)
     def console_items(q: str = Query(min_length=1, max_length=MAX_ID_LENGTH),
