@@ -45,7 +45,7 @@ class History:
         self.config = config
         self.store = FeatureStore.from_url(
             config.redis_url, FeatureStoreConfig(prefix=config.feature_prefix, cluster=config.redis_cluster),
-            timeout_s=config.redis_timeout_s)
+            timeout_s=config.redis_timeout_s, fail_fast=True)
         # connections are made on first use, in the event loop that awaits them (the worker's); at
         # most ASYNC_CONNECTIONS, so a burst of requests queues for a connection instead of
         # opening one per request in flight

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from streamrec.serving.explore import ExplorationPool
 from streamrec.serving.history import ASYNC_TIMEOUTS_TO_OPEN, History
 from streamrec.serving.metrics import serving_metrics
 from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig, UserHistory
+from tests.redis_cluster import RedisCluster
 from tests.serving.conftest import write_history
 
 
@@ -168,3 +170,28 @@ def test_an_unreachable_cluster_degrades_requests_and_starts_workers() -> None:
 
     assert asyncio.run(run()) is None and history.user_history("u:1", 10, True) is None
     ContextPopularity(config), ExplorationPool(config)  # noqa: B018  # built with nothing to reach
+
+
+def test_a_stopped_cluster_master_costs_a_blocking_read_no_retries(tmp_path) -> None:
+    """/rescore and the console read the history with the blocking cluster client: with redis-py's
+    default retries (backing off, up to 10 tries) a read of a stopped master's keys held its
+    request for ~4 s. One retry, at once: the request goes without the history within the read's
+    timeout. No replica here, so no failover can answer the read instead."""
+    cluster = RedisCluster(tmp_path / "cluster", masters=3, replicas=0).start()
+    try:
+        config = ServingConfig(redis_url=cluster.url, redis_cluster=True, redis_timeout_s=0.5, redis_retry_s=0.0)
+        history = History(config, serving_metrics())
+        users = [f"u:{n}" for n in range(12)]
+        assert all(history.user_history(user, 10, True) == UserHistory([], set()) for user in users)
+        client = history.store.redis
+        masters = {user: client.get_node_from_key(history.store.keys.entity("u", user)).port for user in users}
+        stopped = masters[users[0]]
+        cluster.kill(stopped, wait=False)
+        for user in [u for u in users if masters[u] == stopped][:3]:
+            started = time.monotonic()
+            assert history.user_history(user, 10, True) is None
+            assert time.monotonic() - started < 2 * config.redis_timeout_s  # not held for retries
+        alive = next(u for u in users if masters[u] != stopped)  # the other masters still answer
+        assert history.user_history(alive, 10, True) == UserHistory([], set())
+    finally:
+        cluster.stop()

@@ -52,7 +52,9 @@ from typing import TypeVar
 
 import numpy as np
 import redis
+from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
+from redis.retry import Retry
 
 from streamrec.stream.events import EventBatch
 from streamrec.trainer.online.feature_store import (
@@ -122,9 +124,13 @@ class ClusterFeatureStore(FeatureStore):
         self._replicas: dict[str, tuple[float, int]] = {}  # master -> (when asked, replicas assigned)
 
     @classmethod
-    def from_url(cls, url: str, config: FeatureStoreConfig | None = None, timeout_s: float = 2.0) -> ClusterFeatureStore:
-        return cls(lambda: RedisCluster.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s),
-                   config)
+    def from_url(cls, url: str, config: FeatureStoreConfig | None = None, timeout_s: float = 2.0,
+                 fail_fast: bool = False) -> ClusterFeatureStore:
+        """`fail_fast`: one retry without backoff. redis-py's default (backing off, up to 10 tries)
+        held each read of a stopped master's keys for ~4 s, where serving answers without them."""
+        retry = Retry(NoBackoff(), 1) if fail_fast else None
+        return cls(lambda: RedisCluster.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                                 retry=retry), config)
 
     @property
     def redis(self) -> RedisCluster:  # type: ignore[override]  # the base class holds a plain client

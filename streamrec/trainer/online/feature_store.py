@@ -736,15 +736,18 @@ class FeatureStore:
         self._shared = self.keys.shared_keys()
 
     @classmethod
-    def from_url(cls, url: str, config: FeatureStoreConfig | None = None, timeout_s: float = 2.0) -> FeatureStore:
+    def from_url(cls, url: str, config: FeatureStoreConfig | None = None, timeout_s: float = 2.0,
+                 fail_fast: bool = False) -> FeatureStore:
         """A store on the Redis at `url`; with `config.cluster`, on the Redis Cluster that node
-        belongs to (the bucketed layout of streamrec.trainer.online.feature_cluster)."""
+        belongs to (the bucketed layout of streamrec.trainer.online.feature_cluster). `fail_fast`:
+        a cluster read retries once, at once, for a caller that answers without the store rather
+        than wait (serving); the trainer, which waits out an outage, keeps redis-py's retries."""
         if config is not None and config.cluster:
             from streamrec.trainer.online.feature_cluster import (
                 ClusterFeatureStore,  # it extends this class
             )
 
-            return ClusterFeatureStore.from_url(url, config, timeout_s)
+            return ClusterFeatureStore.from_url(url, config, timeout_s, fail_fast)
         return cls(redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s), config)
 
     # ---- writing ------------------------------------------------------------------------------
