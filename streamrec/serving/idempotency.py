@@ -22,12 +22,17 @@ trainer's own event-id de-duplication (streamrec.trainer.online.dedup) drops the
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
+import pandas as pd
 import redis
+from redis.backoff import NoBackoff
+from redis.commands.core import Script
+from redis.retry import Retry
 
-from streamrec.trainer.online.feature_store import encode_id
+from streamrec.trainer.online.feature_cluster import CLUSTER_BUCKETS
+from streamrec.trainer.online.feature_store import bucket_of, connect_on_first_use, encode_id
 
 DONE = b"done"
 
@@ -65,39 +70,82 @@ class IdState(enum.IntEnum):
 
 
 class EventIdLedger:
-    """Event ids produced through the HTTP API, in the feature store's Redis."""
+    """Event ids produced through the HTTP API, in the feature store's Redis or Redis Cluster.
 
-    def __init__(self, client: redis.Redis, prefix: str, retention_s: int, pending_ms: int) -> None:
-        self.redis, self.prefix = client, prefix
+    On a cluster a script may only touch keys of one slot, so each id's key carries the hash tag of
+    its bucket (`bucket_of`, as the feature store's keys) and a request's ids are reserved and
+    released one bucket at a time; on one Redis the keys (and so a running ledger) are unchanged."""
+
+    def __init__(self, connect: Callable[[], redis.Redis | redis.RedisCluster], prefix: str, retention_s: int,
+                 pending_ms: int, buckets: int = 0) -> None:
+        """`connect` makes the client on first use: a cluster client connects as it is built, and a
+        worker must start while the cluster is down (its requests then go without the check)."""
+        self._connect: Callable[[], redis.Redis | redis.RedisCluster] = connect
+        self._session: tuple[redis.Redis | redis.RedisCluster, Script, Script] | None = None
+        self.prefix, self.buckets = prefix, buckets
         self.retention_s, self.pending_ms = retention_s, pending_ms
-        self._reserve = client.register_script(_RESERVE)
-        self._release = client.register_script(_RELEASE)
 
     @classmethod
-    def from_url(cls, url: str, prefix: str, retention_s: int, pending_ms: int, timeout_s: float) -> EventIdLedger:
-        client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-        return cls(client, prefix, retention_s, pending_ms)
+    def from_url(cls, url: str, prefix: str, retention_s: int, pending_ms: int, timeout_s: float,
+                 cluster: bool = False) -> EventIdLedger:
+        if cluster:  # one retry, at once: a request answers without the check rather than wait (history.py)
+            return cls(lambda: redis.RedisCluster.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                                           retry=Retry(NoBackoff(), 1)),
+                       prefix, retention_s, pending_ms, CLUSTER_BUCKETS)
+        return cls(lambda: redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s),
+                   prefix, retention_s, pending_ms)
 
-    def key(self, event_id: str) -> str:
-        return f"{self.prefix}:eid:{encode_id(event_id)}"
+    def _connected(self) -> tuple[redis.Redis | redis.RedisCluster, Script, Script]:
+        """(client, reserve script, release script), made on first use; an unreachable cluster
+        raises redis.ConnectionError, and is asked again next time."""
+        if self._session is None:
+            client = connect_on_first_use(self._connect)
+            self._session = (client, client.register_script(_RESERVE), client.register_script(_RELEASE))
+        return self._session
+
+    def keys(self, event_ids: Sequence[str]) -> list[str]:
+        if not self.buckets:
+            return [f"{self.prefix}:eid:{encode_id(e)}" for e in event_ids]
+        buckets = bucket_of(list(event_ids), self.buckets)
+        return [f"{self.prefix}:eid:{{b{b}}}:{encode_id(e)}" for e, b in zip(event_ids, buckets.tolist())]
+
+    def _by_slot(self, event_ids: Sequence[str]) -> list[tuple[np.ndarray, list[str]]]:
+        """(positions, keys) of the ids' groups that one script call may touch: all of them on one
+        Redis, one group per bucket on a cluster."""
+        keys = self.keys(event_ids)
+        if not self.buckets:
+            return [(np.arange(len(keys)), keys)]
+        tags = pd.Index([key[:key.index("}") + 1] for key in keys])
+        codes, _ = pd.factorize(tags)
+        order = np.argsort(codes, kind="stable")
+        cuts = np.flatnonzero(np.diff(codes[order])) + 1
+        return [(group, [keys[n] for n in group.tolist()]) for group in np.split(order, cuts)]
 
     def reserve(self, event_ids: Sequence[str], token: str) -> np.ndarray:
-        """`IdState` code per id (ids distinct); raises redis.RedisError when Redis fails."""
+        """`IdState` code per id (ids distinct); raises redis.RedisError when Redis fails. On a
+        cluster a failure part-way leaves the earlier buckets' reservations, which expire after
+        `pending_ms` (a retry meanwhile is answered 503, never produced twice)."""
         if not event_ids:
             return np.zeros(0, np.int8)
-        codes = self._reserve(keys=[self.key(e) for e in event_ids], args=[token, self.pending_ms])
-        return np.asarray(codes, np.int8)
+        client, reserve, _ = self._connected()
+        codes = np.empty(len(event_ids), np.int8)
+        for positions, keys in self._by_slot(event_ids):
+            codes[positions] = reserve(keys=keys, args=[token, self.pending_ms], client=client)
+        return codes
 
     def confirm(self, event_ids: Sequence[str]) -> None:
         """The broker acknowledged these: remember them as produced for `retention_s`."""
         if not event_ids:
             return
-        pipe = self.redis.pipeline(transaction=False)
-        for event_id in event_ids:
-            pipe.set(self.key(event_id), DONE, ex=self.retention_s)
+        pipe = self._connected()[0].pipeline(transaction=False)
+        for key in self.keys(event_ids):
+            pipe.set(key, DONE, ex=self.retention_s)
         pipe.execute()
 
     def release(self, event_ids: Sequence[str], token: str) -> None:
         """Drop this request's reservations (its produce failed): a retry may produce them now."""
-        if event_ids:
-            self._release(keys=[self.key(e) for e in event_ids], args=[token])
+        if not event_ids:
+            return
+        client, _, release = self._connected()
+        for _, keys in self._by_slot(event_ids):
+            release(keys=keys, args=[token], client=client)

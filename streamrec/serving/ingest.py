@@ -46,6 +46,8 @@ from streamrec.stream.metrics import EVENTS_ACCEPTED, EVENTS_PRODUCED
 
 log = logging.getLogger("streamrec.serving.feedback")
 COMPONENT = "serving"
+# redis-py's Redis Cluster client raises RedisClusterException (no RedisError) when no node answers
+REDIS_FAILURES = (redis.RedisError, redis.exceptions.RedisClusterException)
 LEDGER_TIMEOUT_S = 2.0  # one script over up to 10,000 keys: far above a single-key read's budget
 
 
@@ -138,7 +140,7 @@ class EventIngest:
         self.retry_after = max(1, math.ceil(config.produce_retry_after_s))
         pending_ms = int(2000 * config.produce_timeout_s) + 5000  # outlives a produce that is still waiting
         self.ledger = EventIdLedger.from_url(config.redis_url, config.feature_prefix, config.event_id_retention_s,
-                                             pending_ms, LEDGER_TIMEOUT_S)
+                                             pending_ms, LEDGER_TIMEOUT_S, config.redis_cluster)
         self._lock = threading.Lock()
         self._producer: Producer | None = None
         self._sink: DeadLetterSink | None = None
@@ -259,7 +261,7 @@ class EventIngest:
             return None
         try:
             return self.ledger.reserve(ids, token)
-        except redis.RedisError as exc:
+        except REDIS_FAILURES as exc:
             log.warning("POST /events: Redis unreachable (%s): producing without the event-id check", exc)
             self._redis_down_until = time.monotonic() + self.config.redis_retry_s
             self._redis_degraded.inc()
@@ -270,14 +272,14 @@ class EventIngest:
         these ids is produced again (the trainer drops the copy): the events themselves are safe."""
         try:
             self.ledger.confirm(ids)
-        except redis.RedisError as exc:
+        except REDIS_FAILURES as exc:
             log.warning("POST /events: could not mark %d produced event ids (%s)", len(ids), exc)
             self._redis_degraded.inc()
 
     def _release(self, ids: list[str], token: str) -> None:
         try:
             self.ledger.release(ids, token)
-        except redis.RedisError as exc:  # the reservations expire by themselves
+        except REDIS_FAILURES as exc:  # the reservations expire by themselves
             log.warning("POST /events: could not release %d reservations (%s)", len(ids), exc)
 
 

@@ -61,13 +61,16 @@ def topic_pair(kafka_bootstrap: str) -> tuple[str, str]:
 
 
 def start_feedback(start_serving: StartServing, monkeypatch: pytest.MonkeyPatch, bootstrap: str, topic: str,
-                   redis_url: str, prefix: str, *, client: str = "kafka-python", token: str | None = None) -> Serving:
-    """A serving worker for POST /events (no model loaded: /events does not need one)."""
+                   redis_url: str, prefix: str, *, client: str = "kafka-python", token: str | None = None,
+                   cluster: bool = False) -> Serving:
+    """A serving worker for POST /events (no model loaded: /events does not need one); with
+    `cluster`, `redis_url` is a node of a Redis Cluster."""
     monkeypatch.setenv("STREAMREC_KAFKA_BOOTSTRAP", bootstrap)
     monkeypatch.setenv("STREAMREC_KAFKA_CLIENT", client)
     monkeypatch.setenv("STREAMREC_TOPIC", topic)
     serving = start_serving(f"127.0.0.1:{free_port()}", redis_url, prefix, ready=False, api_token=token,
-                            args=("--first-poll-wait", "0"))  # no parameter server: nothing to wait for
+                            args=("--first-poll-wait", "0"),  # no parameter server: nothing to wait for
+                            extra_env={"STREAMREC_REDIS_CLUSTER": "true"} if cluster else None)
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -218,6 +221,25 @@ def test_a_resent_event_id_is_produced_once(start_serving, monkeypatch, kafka_bo
     assert (retry.json()["accepted"], retry.json()["produced"], retry.json()["duplicates"]) == (22, 11, 11)
     ids = [v["event_id"] for v in values(read_topic(kafka_bootstrap, topic, 61))]
     assert sorted(ids) == sorted(f"ev-{n}" for n in range(61))  # each once
+
+
+def test_a_resent_event_id_is_produced_once_on_a_redis_cluster(start_serving, monkeypatch, kafka_bootstrap,
+                                                               topic_pair, redis_cluster, prefix):
+    """On a cluster a request's ids fall in many slots, and one script may touch one slot only: the
+    ledger answered every request "not de-duplicated" (CROSSSLOT, or MOVED for a single id), so a
+    re-send was produced twice. Now each id's key carries its bucket's tag, reserved bucket by bucket."""
+    topic, _ = topic_pair
+    serving = start_feedback(start_serving, monkeypatch, kafka_bootstrap, topic, redis_cluster.url, prefix,
+                             cluster=True)
+    first = post(serving, [event(n) for n in range(50)]).json()
+    assert (first["deduplicated"], first["produced"]) == (True, 50)
+    retry = post(serving, [event(n) for n in range(40, 60)] + [event(60), event(60)]).json()
+    assert (retry["deduplicated"], retry["accepted"], retry["produced"], retry["duplicates"]) == (True, 22, 11, 11)
+    single = post(serving, event(7)).json()  # one id, whichever master holds it
+    assert (single["deduplicated"], single["produced"], single["duplicates"]) == (True, 0, 1)
+    ids = [v["event_id"] for v in values(read_topic(kafka_bootstrap, topic, 61))]
+    assert sorted(ids) == sorted(f"ev-{n}" for n in range(61))  # each once
+    assert 'streamrec_serving_degraded_total{reason="idempotency"} 0.0' in serving.get("/metrics").text
 
 
 def test_the_api_token_guards_events(start_serving, monkeypatch, kafka_bootstrap, topic_pair, redis_url, prefix):
