@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 GAUGE_REFRESH_S = 1.0  # the staleness gauge is refreshed at least this often between polls
 USER_CHUNK_ROWS = 8192  # user delta rows per chunk: bounds the memory and the cache lock's hold per chunk
 MAX_FOLLOW_UPS = 8  # deltas since a torn item delta's version, before the poll gives up (the last state stays)
+# a user pull that found the refit version it reads gone (users.py) makes the sync poll this soon
+# after its last poll, checked this often, not after the poll interval
+EARLY_POLL_MIN_S, EARLY_POLL_CHECK_S = 1.0, 0.1
 FIRST_RETRY_S = 0.25  # a starting worker without a model retries a failed poll this soon (for first_poll_wait_s)
 
 
@@ -267,6 +270,7 @@ class Syncer:
         hurry_until = time.monotonic() + self.config.first_poll_wait_s
         while not stop.is_set():
             started = time.monotonic()
+            self.users.version_gone.clear()  # this poll follows the alias, if there is a newer one
             answered = False
             try:
                 self.poll()
@@ -280,11 +284,15 @@ class Syncer:
             hurry = ((not self.ready.is_set() and started < hurry_until)
                      or (answered and self.holder.current is None))
             next_poll = started + (min(self.config.poll_interval, FIRST_RETRY_S) if hurry else self.config.poll_interval)
-            while not stop.wait(max(0.0, min(GAUGE_REFRESH_S, next_poll - time.monotonic()))):
-                staleness = self.holder.staleness()
-                if staleness is not None:
-                    self.metrics.staleness.set(staleness)
-                if time.monotonic() >= next_poll:
+            gauge_at = 0.0
+            while not stop.wait(max(0.0, min(EARLY_POLL_CHECK_S, next_poll - time.monotonic()))):
+                now = time.monotonic()
+                if now >= gauge_at:
+                    gauge_at = now + GAUGE_REFRESH_S
+                    staleness = self.holder.staleness()
+                    if staleness is not None:
+                        self.metrics.staleness.set(staleness)
+                if now >= next_poll or (self.users.version_gone.is_set() and now >= started + EARLY_POLL_MIN_S):
                     break
 
     def _upkeep(self) -> None:

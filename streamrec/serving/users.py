@@ -33,7 +33,9 @@ newer one, so nothing is staler than one poll.
 The parameter server down or slow: pulls time out after `user_pull_timeout_s` and are not tried
 again for `user_pull_retry_s`, as Redis is treated (a request on the event loop must not hang).
 Cached users are served from their last rows; an uncached user is answered as a cold start and the
-request is marked degraded ("param_server").
+request is marked degraded ("param_server"). So is an uncached user while the refit version read
+here is gone (two refits within one poll interval); the worker then polls at once, at most every
+`EARLY_POLL_MIN_S` (streamrec.serving.sync), and follows the alias to the version that replaced it.
 """
 
 from __future__ import annotations
@@ -90,6 +92,8 @@ class UserCache:
         self._down_until = 0.0  # monotonic time before which no pull is tried
         self._pulls = {o: metrics.user_pulls.labels(o) for o in ("found", "absent", "failed")}
         self.pull_on_events = config.user_pull_on_events
+        # set when the version of a refit's user table read here is gone: a newer alias replaced it
+        self.version_gone = threading.Event()
         self.interval_s, self.lag_s = config.user_pull_interval_s, config.user_pull_lag_s
 
     def __len__(self) -> int:
@@ -158,6 +162,7 @@ class UserCache:
             # request is served degraded, not as a cold start
             if exc.kind == MISSING_TABLE:
                 self._pulls["failed"].inc()
+                self.version_gone.set()  # the sync polls now, not at its interval (a minute by default)
                 return UserLookup(None, False)
             return self._failed(exc)
         except OSError as exc:
