@@ -178,17 +178,19 @@ def create_app(config: ServingConfig) -> FastAPI:
         # until it has a model: the socket is shared, so it accepts only once it has one (or the
         # parameter server has none to give, or first_poll_wait_s has passed)
         await asyncio.to_thread(syncer.ready.wait, config.first_poll_wait_s)
-        yield
-        stop.set()
-        thread.join(timeout=10)
-        if logger is not None:  # its last flush waits at most produce_timeout_s for the broker
-            logger.join(timeout=config.produce_timeout_s + 5)
-        syncer.close()
-        for reader in (explore, context):
-            if reader is not None:
-                reader.close()
-        await pipeline.history.close()
-        mark_worker_dead(os.getpid())
+        try:
+            yield
+        finally:  # also when a wrapping lifespan's shutdown failed: the last impressions are flushed
+            stop.set()
+            thread.join(timeout=10)
+            if logger is not None:  # its last flush waits at most produce_timeout_s for the broker
+                logger.join(timeout=config.produce_timeout_s + 5)
+            syncer.close()
+            for reader in (explore, context):
+                if reader is not None:
+                    reader.close()
+            await pipeline.history.close()
+            mark_worker_dead(os.getpid())
 
     app = FastAPI(title="streamrec serving", version="1", lifespan=lifespan, telemetry=FASTAPI_TELEMETRY,
                   description="Recommendations from the live embeddings (docs/serving.md).")

@@ -149,3 +149,9 @@ class EventIdLedger:
         client, _, release = self._connected()
         for _, keys in self._by_slot(event_ids):
             release(keys=keys, args=[token], client=client)
+
+    def close(self) -> None:
+        """Close the client's connections, if it was made; the next use connects again."""
+        session, self._session = self._session, None
+        if session is not None:
+            session[0].close()

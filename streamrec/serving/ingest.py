@@ -252,7 +252,10 @@ class EventIngest:
             producer, self._producer, self._sink = self._producer, None, None
         if producer is not None:
             _close_quietly(producer)
-        self.ledger.redis.close()
+        try:
+            self.ledger.close()
+        except REDIS_FAILURES as exc:  # the worker is stopping: nothing is lost with the connections
+            log.warning("POST /events: closing the event-id ledger's Redis connections failed (%s)", exc)
 
     # ---- Redis (degrades to producing without the check) ---------------------------------------
     def _reserve(self, ids: list[str], token: str) -> np.ndarray | None:

@@ -4,6 +4,7 @@ outage is a 503 with Retry-After under which nothing is acknowledged."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import time
 import uuid
@@ -81,6 +82,15 @@ def start_feedback(start_serving: StartServing, monkeypatch: pytest.MonkeyPatch,
         if serving.proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"serving did not start: {serving.log.read_text()[-3000:]}")
         time.sleep(0.1)
+
+
+def stop_cleanly(serving: Serving) -> None:
+    """SIGTERM: the worker closes its producer and its Redis clients and exits, nothing raised
+    (a close that raised skipped the rest of the shutdown: the impressions' last flush among it)."""
+    serving.proc.send_signal(signal.SIGTERM)
+    assert serving.proc.wait(30) in (0, 128 + signal.SIGTERM)  # the supervisor exits as it was signalled
+    log = serving.log.read_text()
+    assert "Traceback" not in log and "shutdown failed" not in log, log[-3000:]
 
 
 def post(serving: Serving, body: object, token: str | None = None) -> httpx.Response:
@@ -221,6 +231,7 @@ def test_a_resent_event_id_is_produced_once(start_serving, monkeypatch, kafka_bo
     assert (retry.json()["accepted"], retry.json()["produced"], retry.json()["duplicates"]) == (22, 11, 11)
     ids = [v["event_id"] for v in values(read_topic(kafka_bootstrap, topic, 61))]
     assert sorted(ids) == sorted(f"ev-{n}" for n in range(61))  # each once
+    stop_cleanly(serving)
 
 
 def test_a_resent_event_id_is_produced_once_on_a_redis_cluster(start_serving, monkeypatch, kafka_bootstrap,
@@ -240,6 +251,7 @@ def test_a_resent_event_id_is_produced_once_on_a_redis_cluster(start_serving, mo
     ids = [v["event_id"] for v in values(read_topic(kafka_bootstrap, topic, 61))]
     assert sorted(ids) == sorted(f"ev-{n}" for n in range(61))  # each once
     assert 'streamrec_serving_degraded_total{reason="idempotency"} 0.0' in serving.get("/metrics").text
+    stop_cleanly(serving)
 
 
 def test_the_api_token_guards_events(start_serving, monkeypatch, kafka_bootstrap, topic_pair, redis_url, prefix):
