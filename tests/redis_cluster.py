@@ -152,6 +152,14 @@ class RedisCluster:
         if wait:
             self.wait_whole()
 
+    def start_again(self, ports: list[int]) -> None:
+        """Start killed nodes again on their ports and directories (their nodes.conf keeps the
+        cluster's layout; nothing is saved, so they come back empty) and wait until it is whole."""
+        for port in ports:
+            self.nodes[port] = subprocess.Popen(self.nodes[port].args, stdout=subprocess.DEVNULL,
+                                                stderr=subprocess.DEVNULL)
+        self.wait_whole()
+
     def stop(self) -> None:
         for proc in self.nodes.values():
             if proc.poll() is None:

@@ -295,7 +295,8 @@ def replay_through_stack(settings: Settings, log: InteractionLog, options: Simul
         with running_stack(settings, work, stack_options) as stack, \
                 ParamClient(stack.settings.param_servers, timeout=30.0) as client, \
                 httpx.Client(base_url=stack.serving_url, timeout=30.0) as http:
-            explore = ExplorationStore.from_url(stack.settings.redis_url, stack.settings.feature_prefix) \
+            explore = ExplorationStore.from_url(stack.settings.redis_url, stack.settings.feature_prefix,
+                                                stack.settings.redis_cluster) \
                 if options.explore else None
             if catalogue is not None:  # before the release only the items that exist then
                 client.put_blob(CATALOGUE_BLOB, encode_catalogue(

@@ -15,8 +15,9 @@ from streamrec.stream.impressions import encode_records
 from streamrec.stream.kafka import make_producer
 from streamrec.stream.topics import create_topics
 from streamrec.trainer.online.exploration import NO_CLOCK, ExplorationConfig, ExplorationStore, MarkMoved
-from streamrec.trainer.online.exploration_follower import ExplorationFollower
+from streamrec.trainer.online.exploration_follower import RETRY_S, ExplorationFollower
 from tests.exploration_credits import credits
+from tests.redis_cluster import RedisCluster
 from tests.trainer_online.conftest import produce_events, wait_until
 
 HOUR = 3600.0
@@ -260,3 +261,29 @@ def test_keys_of_another_type_or_junk_numbers_neither_stop_counting_nor_count_tw
     store.count(objects("a", "b"), np.array([1, 1]), np.array([3.0, 3.0]), 3.0, "t/0", 1, 2)
     assert client.hgetall(keys.key("shown")) == {b"a": b"2", b"b": b"3"}
     assert store.marks() == {"t/0": 2} and set(store.fresh(10).ids.tolist()) == {"a", "b"}
+
+
+def test_the_follower_outlives_a_whole_redis_cluster_outage(settings: Settings, redis_cluster: RedisCluster):
+    """With no node of the cluster answering, redis-py raises RedisClusterException, which is no
+    RedisError: it ended the follower's thread for good, and exploration and context slices
+    stopped counting until the trainer restarted. Now the follower pauses and resumes from the
+    store's marks (the nodes come back empty: everything is counted again from the topic)."""
+    on_cluster = settings.model_copy(update={"redis_url": redis_cluster.url, "redis_cluster": True})
+    create_topics(on_cluster.kafka_bootstrap, [on_cluster.topic, on_cluster.impressions_topic], 1)
+    store = ExplorationStore.from_url(redis_cluster.url, f"t{uuid.uuid4().hex[:8]}", cluster=True)
+    start = 1_700_000_000.0
+    follower = ExplorationFollower(on_cluster, store, ["click"]).start()
+    try:
+        produce_events(on_cluster, [{"event_id": "e1", "user_id": "u1", "item_id": "a", "event_type": "click",
+                                     "timestamp": start}])
+        wait_until(lambda: "a" in store.fresh(100).ids.tolist(), timeout=30)
+        ports = redis_cluster.alive()
+        for port in ports:
+            redis_cluster.kill(port, wait=False)
+        produce_events(on_cluster, [{"event_id": "e2", "user_id": "u2", "item_id": "b", "event_type": "click",
+                                     "timestamp": start + 1}])
+        time.sleep(3 * RETRY_S)  # the follower meets the outage
+        redis_cluster.start_again(ports)
+        wait_until(lambda: set(store.fresh(100).ids.tolist()) == {"a", "b"}, timeout=60)
+    finally:
+        follower.close()

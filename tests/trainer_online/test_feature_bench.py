@@ -9,6 +9,7 @@ import redis
 from click.testing import CliRunner
 
 from streamrec.app.cli import cli
+from streamrec.trainer.online.feature_bench import RedisCpu
 from tests.conftest import settings_env
 from tests.redis_cluster import RedisCluster
 
@@ -38,3 +39,25 @@ def test_bench_features_on_a_cluster(settings, redis_cluster: RedisCluster) -> N
     check(bench(on_cluster), cluster=True)
     for port in redis_cluster.master_ports():
         assert not list(redis.Redis(port=port).scan_iter("bench-features-*"))
+
+
+def test_the_redis_cpu_read_counts_every_node_of_a_cluster(settings, redis_cluster: RedisCluster) -> None:
+    """`bench pipeline`'s CPU sampler read `INFO cpu` from the URL's node alone, a third of a
+    3-master cluster's work (6.2 of 18.3 s in a measured run): it now sums every node, as
+    `bench features` did."""
+    on_cluster = settings.model_copy(update={"redis_url": redis_cluster.url, "redis_cluster": True})
+
+    def node_seconds(port: int) -> float:
+        info = redis.Redis(port=port).info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+    redis_cpu = RedisCpu(on_cluster)
+    try:
+        before = {port: node_seconds(port) for port in redis_cluster.alive()}
+        total = redis_cpu.seconds()
+        after = {port: node_seconds(port) for port in redis_cluster.alive()}
+    finally:
+        redis_cpu.close()
+    # every master at least (the replicas too once the client's slot map lists them)
+    assert total is not None and sum(before[port] for port in redis_cluster.master_ports()) <= total
+    assert total <= sum(after.values())

@@ -30,8 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import redis
-
 from streamrec.core.children import stop_children
 from streamrec.core.config import Settings
 from streamrec.core.procstat import cpu_seconds, machine_busy_seconds
@@ -40,6 +38,7 @@ from streamrec.stream.events import EventSchema, iter_events
 from streamrec.stream.loaders import load_log
 from streamrec.stream.publish import EventPublisher
 from streamrec.stream.topics import create_topics, delete_topics
+from streamrec.trainer.online.feature_bench import RedisCpu
 from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
 
 STREAMREC = str(Path(sys.executable).parent / "streamrec")
@@ -86,26 +85,19 @@ class CpuSampler:
     only from their reports, afterwards) can be read off: the operations guide's cost per event."""
 
     shards: list[int]
-    redis_url: str
+    settings: Settings  # the store's Redis, or every node of its Redis Cluster
     every: float = 0.2
     samples: list[tuple[float, float, float, float | None]] = field(default_factory=list)  # wall, machine, shards, redis
     stop: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
-        self._redis = redis.Redis.from_url(self.redis_url, socket_timeout=2.0)
+        self._redis = RedisCpu(self.settings)
         self.thread = threading.Thread(target=self._run, name="bench-cpu", daemon=True)
-
-    def _redis_cpu(self) -> float | None:
-        try:
-            info = self._redis.info("cpu")
-        except redis.RedisError:
-            return None
-        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
     def _run(self) -> None:
         while not self.stop.is_set():
             shards = sum(cpu_seconds(pid) or 0.0 for pid in self.shards)
-            self.samples.append((time.time(), machine_busy_seconds(), shards, self._redis_cpu()))
+            self.samples.append((time.time(), machine_busy_seconds(), shards, self._redis.seconds()))
             self.stop.wait(self.every)
 
     def start(self) -> None:
@@ -168,7 +160,7 @@ def _train(settings: Settings, client: str, topic: str, events: list[dict[str, A
     produced_at = time.time()
     servers = _start_shards(work, env, shards)
     processes: list[subprocess.Popen] = []
-    sampler = CpuSampler([server.pid for server in servers], settings.redis_url)
+    sampler = CpuSampler([server.pid for server in servers], settings)
     try:
         sampler.start()
         stop_rule = (["--max-events", str(len(events)), "--idle-exit", str(SAFETY_IDLE_EXIT_SECONDS)] if trainers == 1

@@ -112,7 +112,10 @@ class ExplorationFollower(FollowerThread):
                 self._impressions(impressions.poll(max_records=500, timeout_s=0.05))
                 self._hold(events.poll(max_records=5000, timeout_s=0.2))
                 self._events(self._due())
-            except (*BROKER_ERRORS, KeyError, TimeoutError, redis.RedisError, MarkMoved) as exc:
+            # a Redis Cluster with no node answering raises RedisClusterException, no RedisError:
+            # uncaught, it ended this thread for good (counting stopped until the trainer restarted)
+            except (*BROKER_ERRORS, KeyError, TimeoutError, redis.RedisError, redis.exceptions.RedisClusterException,
+                    MarkMoved) as exc:
                 log.warning("exploration statistics paused for %.0f s (%s); resuming from the store's marks",
                             RETRY_S, exc)
                 self._held.clear()  # re-read from the marks with everything else

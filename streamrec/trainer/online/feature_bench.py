@@ -38,22 +38,33 @@ def _log_batch(data_path: str | None, fmt: str, events: int) -> EventBatch:
     return batch.with_origin(np.full(len(batch), PARTITION, object), np.arange(len(batch), dtype=np.int64))
 
 
-def _redis_cpu(settings: Settings) -> float | None:
+class RedisCpu:
     """CPU seconds used so far by every Redis node of the store (one Redis, or every node of the
-    Cluster); None when a node does not say."""
-    try:
-        if settings.redis_cluster:
-            cluster = RedisCluster.from_url(settings.redis_url, socket_timeout=2.0)
-            try:
-                infos = list(cluster.info("cpu", target_nodes=RedisCluster.ALL_NODES).values())
-            finally:
-                cluster.close()
-        else:
-            with redis.Redis.from_url(settings.redis_url, socket_timeout=2.0) as client:
-                infos = [client.info("cpu")]
-    except (redis.RedisError, redis.exceptions.RedisClusterException):
-        return None
-    return sum(float(info["used_cpu_user"]) + float(info["used_cpu_sys"]) for info in infos)
+    Cluster), on one client kept between reads (a bench samples it several times a second)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._client: redis.Redis | RedisCluster | None = None
+
+    def seconds(self) -> float | None:
+        """None when a node does not answer (the client is made again at the next read)."""
+        try:
+            if self._client is None:
+                self._client = RedisCluster.from_url(self.settings.redis_url, socket_timeout=2.0) \
+                    if self.settings.redis_cluster else redis.Redis.from_url(self.settings.redis_url, socket_timeout=2.0)
+            if isinstance(self._client, RedisCluster):
+                infos = list(self._client.info("cpu", target_nodes=RedisCluster.ALL_NODES).values())
+            else:
+                infos = [self._client.info("cpu")]
+        except (redis.RedisError, redis.exceptions.RedisClusterException):
+            self.close()
+            return None
+        return sum(float(info["used_cpu_user"]) + float(info["used_cpu_sys"]) for info in infos)
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
 
 
 def run_feature_bench(settings: Settings, data_path: str | None, fmt: str, events: int,
@@ -64,15 +75,17 @@ def run_feature_bench(settings: Settings, data_path: str | None, fmt: str, event
     config = FeatureStoreConfig.from_settings(settings, prefix=f"bench-features-{uuid.uuid4().hex[:8]}")
     store = FeatureStore.from_url(settings.redis_url, config)
     parts = [batch.take(slice(start, start + batch_events)) for start in range(0, len(batch), batch_events)]
+    redis_cpu = RedisCpu(settings)
     try:
         # this process's CPU in ns (all threads): /proc's 10 ms ticks read 0 for a short run
-        redis_before, client_before = _redis_cpu(settings), time.process_time()
+        redis_before, client_before = redis_cpu.seconds(), time.process_time()
         started = time.perf_counter()
         writes = [store.write(part) for part in parts]
         seconds = time.perf_counter() - started
-        client_after, redis_after = time.process_time(), _redis_cpu(settings)
+        client_after, redis_after = time.process_time(), redis_cpu.seconds()
         exact = sum(store.item_event_counts().values())
     finally:
+        redis_cpu.close()
         store.clear()
     per_event = 1e6 / max(len(batch), 1)
     return {
