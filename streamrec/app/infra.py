@@ -155,6 +155,18 @@ def up(settings: Settings, kafka_flag: str | None = None, redis_flag: str | None
     state = read_infra_state(home)
     started: dict[str, Any] = dict(state.get("started", {}))
 
+    try:
+        return _up(settings, home, state, started, kafka_flag, redis_flag)
+    except BaseException:  # e.g. Redis set explicitly but unreachable: stop what this call started
+        for name, proc in started.items():
+            if state.get("started", {}).get(name) != proc:
+                stop(proc)
+        raise
+
+
+def _up(settings: Settings, home: Path, state: dict[str, Any], started: dict[str, Any], kafka_flag: str | None,
+        redis_flag: str | None) -> dict[str, Any]:
+    """`up`, adding what it starts to `started` as it goes."""
     kafka = _explicit("STREAMREC_KAFKA_BOOTSTRAP", kafka_flag)
     if kafka:
         if not port_open(*host_port(kafka)):

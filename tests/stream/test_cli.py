@@ -168,6 +168,25 @@ def test_infra_up_is_idempotent_and_down_stops_what_it_started(tmp_path):
     assert set(down["stopped"]) == set(first["started"])
 
 
+def test_infra_up_that_fails_on_redis_stops_the_broker_it_started(tmp_path, monkeypatch):
+    """Redis set explicitly but unreachable: `up` had started a broker first and left it running,
+    recorded nowhere, so `infra down` could not stop it (nor the demo, which calls `up`)."""
+    from streamrec.app import infra
+    from streamrec.core import net
+    from streamrec.core.config import Settings, read_infra_state
+
+    for name in [k for k in os.environ if k.startswith("STREAMREC_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("STREAMREC_REDIS_URL", f"redis://127.0.0.1:{net.free_port()}/0")
+    home = tmp_path / "home"
+    with pytest.raises(infra.InfraError, match="not reachable"):
+        infra.up(Settings(home=home))
+    logs = list((home / "logs").glob("tansu-*.log"))
+    assert len(logs) == 1  # a broker was started on the way
+    port = int(logs[0].stem.split("-")[1])
+    assert not net.port_open("127.0.0.1", port) and read_infra_state(home) == {}
+
+
 def test_embedded_redis_starts_and_stops(tmp_path):
     from streamrec.app import infra
     from streamrec.core import net
