@@ -30,6 +30,7 @@ from streamrec.app.processes import (
     start_param_server,
 )
 from streamrec.app.query_load import Queries
+from streamrec.app.stack import remove_run_state
 from streamrec.core import net
 from streamrec.core.config import Settings
 from streamrec.param_server.client import ParamClient
@@ -138,6 +139,7 @@ class RefitLoop:
     settings: Settings
     scorer: StreamScorer
     every: int
+    until: int  # the log's length: a refit starting there would have no event left to be scored on
     durations: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     done: int = 0
     next_at: int = 0
@@ -147,7 +149,7 @@ class RefitLoop:
         self.next_at = self.every
 
     def maybe_start(self, replayed: int) -> None:
-        if replayed >= self.next_at and self.busy.acquire(blocking=False):
+        if self.next_at <= replayed < self.until and self.busy.acquire(blocking=False):
             self.next_at = replayed + self.every
             self.scorer.refit_started(replayed)
             threading.Thread(target=self._refit, name="refit", daemon=True).start()
@@ -206,7 +208,7 @@ def run_demo(settings: Settings, options: DemoOptions, display: Any) -> dict[str
                                     "--poll-interval", str(options.poll_interval)], serving_env)
         url = f"http://127.0.0.1:{serving_port}"
         scorer = StreamScorer(log)
-        refits = RefitLoop(settings, scorer, options.refit_every or max(1_000, len(log) // 4))
+        refits = RefitLoop(settings, scorer, options.refit_every or max(1_000, len(log) // 4), len(log))
         queries = Queries(url, options.query_rate, np.unique(log.user_id))
         queries.thread.start()
         publisher = EventPublisher.from_settings(settings, "demo")
@@ -244,6 +246,7 @@ def run_demo(settings: Settings, options: DemoOptions, display: Any) -> dict[str
         if queries is not None:
             queries.stop.set()
         processes.stop_all()
+        remove_run_state(settings)  # what the run wrote is in `out`; its topics and keys are not needed
     report = read_json(report_path) or {}
     plots = _plots(out, report, scorer, queries)
     prequential = report.get("prequential") or {}

@@ -100,7 +100,8 @@ def demo(ctx: click.Context, data: str | None, fmt: str, duration: float, speed:
         state = infra.up(settings, root.get("kafka_bootstrap"), root.get("redis_url"))
     except infra.InfraError as exc:
         raise click.ClickException(str(exc)) from exc
-    started_here = {name: proc for name, proc in state["started"].items() if name not in before}
+    # by process, not name: a dead broker recorded by an earlier run is replaced under the same name
+    started_here = {name: proc for name, proc in state["started"].items() if before.get(name) != proc}
     stderr_console.print(f"[bold]broker[/] {state['kafka_bootstrap']} ({state['broker']})  "
                          f"[bold]redis[/] {state['redis_url']} ({state['redis']})")
     settings = load_settings(**root)  # `up` may have just recorded new addresses
@@ -133,6 +134,8 @@ def demo(ctx: click.Context, data: str | None, fmt: str, duration: float, speed:
         print_json(summary)
         return
     table = Table(title="streamrec demo summary", show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # paths are copied from here: folded, never cut with an ellipsis
     for key, value in summary_rows(summary):
         table.add_row(key, value)
     Console().print(table)

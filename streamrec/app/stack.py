@@ -8,6 +8,7 @@ topics, feature keys), so a benchmark leaves nothing behind.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import redis
 
 from streamrec.app.processes import (
     STREAMREC,
@@ -26,8 +28,11 @@ from streamrec.app.processes import (
 )
 from streamrec.core import net
 from streamrec.core.config import Settings
+from streamrec.stream.kafka import BROKER_ERRORS
 from streamrec.stream.topics import create_topics, delete_topics, list_topics
 from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,19 @@ def running_stack(settings: Settings, work: Path, options: StackOptions = StackO
         yield Stack(settings, processes, f"http://127.0.0.1:{port}", report_path, f"http://{host}:{trainer_port}/metrics")
     finally:
         processes.stop_all()
-        ours = {settings.topic, settings.dlq_topic, settings.impressions_topic}  # impressions: when logged or read
+        remove_run_state(settings)
+
+
+def remove_run_state(settings: Settings) -> None:
+    """Delete a finished run's topics and feature-store keys (its own names): on an external broker
+    or Redis they stayed behind (a demo left ~83,000 keys, some with a 30-day expiry). A failure is
+    logged, never raised over the run's own outcome."""
+    ours = {settings.topic, settings.dlq_topic, settings.impressions_topic}  # impressions: when logged or read
+    try:
         delete_topics(settings.kafka_bootstrap, sorted(ours & set(list_topics(settings.kafka_bootstrap))))
+    except BROKER_ERRORS as exc:
+        log.warning("could not delete the run's topics %s: %s", sorted(ours), exc)
+    try:
         FeatureStore.from_url(settings.redis_url, FeatureStoreConfig.from_settings(settings)).clear()
+    except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+        log.warning("could not clear the run's feature-store keys (prefix %s): %s", settings.feature_prefix, exc)

@@ -10,7 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import redis
+
 from streamrec.app.demo import status_rows, summary_rows
+from streamrec.stream.topics import list_topics
 from tests.conftest import settings_env
 from tests.trainer_online.conftest import planted_events
 
@@ -41,6 +44,11 @@ def test_demo_runs_the_pipeline_and_cleans_up(settings, tmp_path):
     logs = Path(summary["logs"])
     ps = subprocess.run(["ps", "-eo", "args"], check=True, capture_output=True, text=True).stdout
     assert str(logs) not in ps  # the demo's parameter server, trainer and workers are gone
+    # nor its topics and feature-store keys (the broker and Redis here outlive the demo: a user's
+    # Redis kept ~83,000 keys per run, some for 30 days)
+    run = logs.name
+    assert not [t for t in list_topics(settings.kafka_bootstrap) if run in t]
+    assert not list(redis.Redis.from_url(settings.redis_url).scan_iter(f"demo{run}*", count=1000))
 
 
 LONG_FLOAT = re.compile(r"\d\.\d{4,}")  # e.g. 309365.4666666667: a figure nobody rounded
@@ -117,3 +125,16 @@ def test_a_refit_that_arrives_after_the_replay_still_scores_the_events_after_its
     assert scorer.points["popularity"] == reference.points["popularity"]
     assert len(scorer.points["popularity"]) > 40
     assert min(t for t, _, _ in scorer.points["popularity"]) >= log.timestamp[trained_on]
+
+
+def test_no_refit_starts_at_the_end_of_the_log() -> None:
+    """A refit every quarter of the log started a fourth time at its last event, with no event
+    left to score it on (four refits reported, three scored)."""
+    from streamrec.app.demo import RefitLoop, StreamScorer
+    from streamrec.core.config import Settings
+    from streamrec.stream.synthetic import synthetic_log
+
+    log = synthetic_log(events=600, users=40, items=30, seed=0)
+    refits = RefitLoop(Settings(), StreamScorer(log, every=1), every=150, until=len(log))
+    refits.maybe_start(len(log))
+    assert not refits.busy.locked() and refits.next_at == 150
