@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from streamrec.core.config import INFRA_STATE_FILE, Settings, masked_url, read_infra_state
-from streamrec.core.net import free_port, host_port, port_open, redis_ping
+from streamrec.core.net import free_port, host_port, port_open, redis_cluster_node, redis_ping
 
 BROKER_NOTE = (
     "the local broker is Tansu with memory-only storage: topics and offsets are lost when it "
@@ -190,6 +190,9 @@ def _up(settings: Settings, home: Path, state: dict[str, Any], started: dict[str
         server = start_redis(home, 6379)
         started["redis"] = server.to_json()
         redis_url = f"redis://{server.host}:{server.port}/0"
+    if settings.redis_cluster and not redis_cluster_node(redis_url):  # every cluster client would fail on it
+        raise InfraError(f"STREAMREC_REDIS_CLUSTER is set but the Redis at {masked_url(redis_url)} is no cluster "
+                         "node: set STREAMREC_REDIS_URL to a node of the cluster (up never starts a cluster)")
 
     new_state = {"kafka_bootstrap": kafka, "redis_url": redis_url, "started": started}
     _write_state(home, new_state)

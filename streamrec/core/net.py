@@ -48,3 +48,17 @@ def redis_ping(url: str, timeout_s: float = 0.5) -> bool:
             client.close()
     except (redis.RedisError, OSError, ValueError):
         return False
+
+
+def redis_cluster_node(url: str, timeout_s: float = 0.5) -> bool:
+    """Whether the Redis at `url` runs in cluster mode (`INFO cluster`: cluster_enabled:1)."""
+    import redis
+
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+        try:
+            return int(client.info("cluster").get("cluster_enabled", 0)) == 1
+        finally:
+            client.close()
+    except (redis.RedisError, OSError, ValueError):
+        return False

@@ -187,6 +187,24 @@ def test_infra_up_that_fails_on_redis_stops_the_broker_it_started(tmp_path, monk
     assert not net.port_open("127.0.0.1", port) and read_infra_state(home) == {}
 
 
+def test_infra_up_refuses_a_single_redis_for_a_cluster(tmp_path, monkeypatch, kafka_bootstrap, redis_url,
+                                                       redis_cluster):
+    """STREAMREC_REDIS_CLUSTER with a URL of a plain Redis (or none, so that `up` fell back to the
+    local one): every cluster client failed on it later with no word of why. Now `up` says so,
+    and takes a node of a real cluster."""
+    from streamrec.app import infra
+    from streamrec.core.config import Settings
+
+    for name in [k for k in os.environ if k.startswith("STREAMREC_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("STREAMREC_KAFKA_BOOTSTRAP", kafka_bootstrap)
+    monkeypatch.setenv("STREAMREC_REDIS_URL", redis_url)
+    with pytest.raises(infra.InfraError, match="no cluster node"):
+        infra.up(Settings(home=tmp_path / "home", redis_cluster=True))
+    monkeypatch.setenv("STREAMREC_REDIS_URL", redis_cluster.url)
+    assert infra.up(Settings(home=tmp_path / "home", redis_cluster=True))["redis_url"] == redis_cluster.url
+
+
 def test_embedded_redis_starts_and_stops(tmp_path):
     from streamrec.app import infra
     from streamrec.core import net
