@@ -22,13 +22,13 @@ trainer's own event-id de-duplication (streamrec.trainer.online.dedup) drops the
 from __future__ import annotations
 
 import enum
+import threading
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import redis
 from redis.backoff import NoBackoff
-from redis.commands.core import Script
 from redis.retry import Retry
 
 from streamrec.trainer.online.feature_cluster import CLUSTER_BUCKETS
@@ -81,7 +81,8 @@ class EventIdLedger:
         """`connect` makes the client on first use: a cluster client connects as it is built, and a
         worker must start while the cluster is down (its requests then go without the check)."""
         self._connect: Callable[[], redis.Redis | redis.RedisCluster] = connect
-        self._session: tuple[redis.Redis | redis.RedisCluster, Script, Script] | None = None
+        self._client: redis.Redis | redis.RedisCluster | None = None
+        self._client_lock = threading.Lock()  # request threads: one client made, none left open
         self.prefix, self.buckets = prefix, buckets
         self.retention_s, self.pending_ms = retention_s, pending_ms
 
@@ -95,13 +96,15 @@ class EventIdLedger:
         return cls(lambda: redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s),
                    prefix, retention_s, pending_ms)
 
-    def _connected(self) -> tuple[redis.Redis | redis.RedisCluster, Script, Script]:
-        """(client, reserve script, release script), made on first use; an unreachable cluster
-        raises redis.ConnectionError, and is asked again next time."""
-        if self._session is None:
-            client = connect_on_first_use(self._connect)
-            self._session = (client, client.register_script(_RESERVE), client.register_script(_RELEASE))
-        return self._session
+    def _connected(self) -> redis.Redis | redis.RedisCluster:
+        """The client, made on first use; an unreachable cluster raises redis.ConnectionError, and
+        is asked again next time. Scripts go as EVAL, not as cached scripts: on a cluster a script
+        not yet loaded (a new worker, a master just promoted) is loaded on every master, so one
+        master down failed every request, not only those with ids on it."""
+        with self._client_lock:
+            if self._client is None:
+                self._client = connect_on_first_use(self._connect)
+            return self._client
 
     def keys(self, event_ids: Sequence[str]) -> list[str]:
         if not self.buckets:
@@ -122,22 +125,34 @@ class EventIdLedger:
         return [(group, [keys[n] for n in group.tolist()]) for group in np.split(order, cuts)]
 
     def reserve(self, event_ids: Sequence[str], token: str) -> np.ndarray:
-        """`IdState` code per id (ids distinct); raises redis.RedisError when Redis fails. On a
-        cluster a failure part-way leaves the earlier buckets' reservations, which expire after
-        `pending_ms` (a retry meanwhile is answered 503, never produced twice)."""
+        """`IdState` code per id (ids distinct); raises redis.RedisError (or RedisClusterException)
+        when Redis fails. On a cluster a failure part-way releases the buckets reserved before it
+        (the request is produced unchecked: reservations left would answer its re-send 503)."""
         if not event_ids:
             return np.zeros(0, np.int8)
-        client, reserve, _ = self._connected()
+        client = self._connected()
         codes = np.empty(len(event_ids), np.int8)
-        for positions, keys in self._by_slot(event_ids):
-            codes[positions] = reserve(keys=keys, args=[token, self.pending_ms], client=client)
+        reserved: list[list[str]] = []  # per bucket, the keys this call reserved
+        try:
+            for positions, keys in self._by_slot(event_ids):
+                codes[positions] = client.eval(_RESERVE, len(keys), *keys, token, self.pending_ms)
+                reserved.append([key for key, code in zip(keys, codes[positions]) if code == IdState.RESERVED])
+        except (redis.RedisError, redis.exceptions.RedisClusterException):
+            for keys in filter(None, reserved):
+                try:
+                    self._release(client, keys, token)
+                except redis.TimeoutError:
+                    break  # a node that does not answer would cost a timeout each: the rest expire
+                except (redis.RedisError, redis.exceptions.RedisClusterException):
+                    continue  # a refused connection costs nothing; this bucket's expire after pending_ms
+            raise
         return codes
 
     def confirm(self, event_ids: Sequence[str]) -> None:
         """The broker acknowledged these: remember them as produced for `retention_s`."""
         if not event_ids:
             return
-        pipe = self._connected()[0].pipeline(transaction=False)
+        pipe = self._connected().pipeline(transaction=False)
         for key in self.keys(event_ids):
             pipe.set(key, DONE, ex=self.retention_s)
         pipe.execute()
@@ -146,12 +161,17 @@ class EventIdLedger:
         """Drop this request's reservations (its produce failed): a retry may produce them now."""
         if not event_ids:
             return
-        client, _, release = self._connected()
+        client = self._connected()
         for _, keys in self._by_slot(event_ids):
-            release(keys=keys, args=[token], client=client)
+            self._release(client, keys, token)
+
+    @staticmethod
+    def _release(client: redis.Redis | redis.RedisCluster, keys: list[str], token: str) -> None:
+        client.eval(_RELEASE, len(keys), *keys, token)
 
     def close(self) -> None:
         """Close the client's connections, if it was made; the next use connects again."""
-        session, self._session = self._session, None
-        if session is not None:
-            session[0].close()
+        with self._client_lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
