@@ -60,6 +60,9 @@ class Syncer:
         """`between_polls`: other upkeep of the worker run on this thread after each poll (re-reading
         the experiments file), never inside a request."""
         self.config, self.holder, self.metrics, self.users = config, holder, metrics, users
+        # set by any user cache of this worker (the one in use may be a retired one, until a swap)
+        # whose refit version is gone: the run loop polls early (EARLY_POLL_MIN_S)
+        self.version_gone = users.version_gone
         self.between_polls = between_polls
         self._memo_counts = MemoCounts(metrics.search_memo.labels("hit"), metrics.search_memo.labels("miss"))
         # the (item, user) tables read: the configured names, or the version a refit's alias names
@@ -134,7 +137,7 @@ class Syncer:
             self._retired_users = self.users  # the current state's: closed once a new state replaces it
         else:
             self.users.close()  # a switch that no state ever used
-        self.users = UserCache(self.config, self.metrics, table=tables[1])
+        self.users = UserCache(self.config, self.metrics, table=tables[1], version_gone=self.version_gone)
 
     def _fetch_artifacts(self, client: ParamClient, published: dict[str, int]) -> Artifacts:
         """Artifacts with every configured blob that has a newer version decoded. A version that
@@ -268,9 +271,11 @@ class Syncer:
         every FIRST_RETRY_S: the first model is picked up at once, not a poll interval (a minute by
         default) after a sibling worker began serving it."""
         hurry_until = time.monotonic() + self.config.first_poll_wait_s
+        early = False  # this poll was made early, for a version gone
         while not stop.is_set():
             started = time.monotonic()
-            self.users.version_gone.clear()  # this poll follows the alias, if there is a newer one
+            alias_before = self._alias_version
+            self.version_gone.clear()  # this poll follows the alias, if there is a newer one
             answered = False
             try:
                 self.poll()
@@ -284,6 +289,11 @@ class Syncer:
             hurry = ((not self.ready.is_set() and started < hurry_until)
                      or (answered and self.holder.current is None))
             next_poll = started + (min(self.config.poll_interval, FIRST_RETRY_S) if hurry else self.config.poll_interval)
+            # an early poll that found no other alias (or failed) is not repeated before the next
+            # regular one: a version missing for good (a shard restored without it) costs one extra
+            # poll per interval, not one a second
+            may_poll_early = not early or self._alias_version != alias_before
+            early = False
             gauge_at = 0.0
             while not stop.wait(max(0.0, min(EARLY_POLL_CHECK_S, next_poll - time.monotonic()))):
                 now = time.monotonic()
@@ -292,7 +302,10 @@ class Syncer:
                     staleness = self.holder.staleness()
                     if staleness is not None:
                         self.metrics.staleness.set(staleness)
-                if now >= next_poll or (self.users.version_gone.is_set() and now >= started + EARLY_POLL_MIN_S):
+                if now >= next_poll:
+                    break
+                if may_poll_early and self.version_gone.is_set() and now >= started + EARLY_POLL_MIN_S:
+                    early = True
                     break
 
     def _upkeep(self) -> None:

@@ -35,7 +35,8 @@ again for `user_pull_retry_s`, as Redis is treated (a request on the event loop 
 Cached users are served from their last rows; an uncached user is answered as a cold start and the
 request is marked degraded ("param_server"). So is an uncached user while the refit version read
 here is gone (two refits within one poll interval); the worker then polls at once, at most every
-`EARLY_POLL_MIN_S` (streamrec.serving.sync), and follows the alias to the version that replaced it.
+`EARLY_POLL_MIN_S` (streamrec.serving.sync), and follows the alias to the version that replaced it
+(an early poll that finds no other alias is not repeated before the next regular one).
 """
 
 from __future__ import annotations
@@ -68,8 +69,10 @@ class UserCache:
     """At most `capacity` users' rows, least recently used evicted first. Thread-safe: requests run
     on the event loop and in the thread pool, deltas arrive on the sync thread."""
 
-    def __init__(self, config: ServingConfig, metrics: ServingMetrics, table: str | None = None) -> None:
-        """`table`: the user table read, when not the configured one (the version a refit's alias names)."""
+    def __init__(self, config: ServingConfig, metrics: ServingMetrics, table: str | None = None,
+                 version_gone: threading.Event | None = None) -> None:
+        """`table`: the user table read, when not the configured one (the version a refit's alias names);
+        `version_gone`: the event set when that version is gone (the worker's sync shares one)."""
         self.table, self.capacity = table or config.user_table, config.user_cache_size
         self.timeout, self.retry_s = config.user_pull_timeout_s, config.user_pull_retry_s
         self.dim = 0
@@ -93,7 +96,7 @@ class UserCache:
         self._pulls = {o: metrics.user_pulls.labels(o) for o in ("found", "absent", "failed")}
         self.pull_on_events = config.user_pull_on_events
         # set when the version of a refit's user table read here is gone: a newer alias replaced it
-        self.version_gone = threading.Event()
+        self.version_gone = version_gone or threading.Event()
         self.interval_s, self.lag_s = config.user_pull_interval_s, config.user_pull_lag_s
 
     def __len__(self) -> int:

@@ -9,6 +9,7 @@ the "bad" items first: a served list whose top item is bad is a torn read.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from pathlib import Path
@@ -233,3 +234,28 @@ def test_a_worker_follows_an_alias_a_restored_shard_brings_back_older(
         assert serving.get("/readyz").json()["last_error"] is None
     finally:
         server.kill()
+
+
+def test_an_early_poll_that_finds_no_newer_version_is_not_repeated(
+        ps: ParamClient, param_server: ServerProcess, redis_url: str, prefix: str, start_serving: StartServing) -> None:
+    """The user table of the version served is gone with no newer alias (dropped by hand, or a
+    shard restored without it): every uncached user's pull asks for an early poll, and the worker
+    polled every second for as long as it lasted. Now one early poll per poll interval."""
+    users = [f"u{n}" for n in range(USERS)]
+    model = fitted(users)
+    written = publish(ps, model, 1, space(model, 1))
+    serving = serve_refit(start_serving, param_server.address, redis_url, prefix, poll=600.0,
+                          args=("--user-cache-size", "2"))
+
+    def polls() -> float:
+        text = serving.get("/metrics").text
+        return float(re.search(r"^streamrec_serving_sync_seconds_count ([\d.e+]+)$", text, re.M).group(1))
+
+    before = polls()
+    assert ps.drop_table(written["aliases"]["refit_als_users"])
+    deadline = time.monotonic() + 6
+    while time.monotonic() < deadline:  # uncached users, each pull finding the version gone
+        for user in users[3:]:
+            assert "param_server" in top(serving, user)["degraded"]
+        time.sleep(0.2)
+    assert polls() - before <= 1
