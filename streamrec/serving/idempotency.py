@@ -107,19 +107,22 @@ class EventIdLedger:
             return self._client
 
     def keys(self, event_ids: Sequence[str]) -> list[str]:
+        return self._keys_and_buckets(event_ids)[0]
+
+    def _keys_and_buckets(self, event_ids: Sequence[str]) -> tuple[list[str], np.ndarray | None]:
+        """Each id's key, and on a cluster its bucket (the hash tag in the key)."""
         if not self.buckets:
-            return [f"{self.prefix}:eid:{encode_id(e)}" for e in event_ids]
+            return [f"{self.prefix}:eid:{encode_id(e)}" for e in event_ids], None
         buckets = bucket_of(list(event_ids), self.buckets)
-        return [f"{self.prefix}:eid:{{b{b}}}:{encode_id(e)}" for e, b in zip(event_ids, buckets.tolist())]
+        return [f"{self.prefix}:eid:{{b{b}}}:{encode_id(e)}" for e, b in zip(event_ids, buckets.tolist())], buckets
 
     def _by_slot(self, event_ids: Sequence[str]) -> list[tuple[np.ndarray, list[str]]]:
         """(positions, keys) of the ids' groups that one script call may touch: all of them on one
-        Redis, one group per bucket on a cluster."""
-        keys = self.keys(event_ids)
-        if not self.buckets:
+        Redis, one group per bucket (in order of first appearance) on a cluster."""
+        keys, buckets = self._keys_and_buckets(event_ids)
+        if buckets is None:
             return [(np.arange(len(keys)), keys)]
-        tags = pd.Index([key[:key.index("}") + 1] for key in keys])
-        codes, _ = pd.factorize(tags)
+        codes, _ = pd.factorize(buckets)
         order = np.argsort(codes, kind="stable")
         cuts = np.flatnonzero(np.diff(codes[order])) + 1
         return [(group, [keys[n] for n in group.tolist()]) for group in np.split(order, cuts)]
