@@ -16,9 +16,10 @@ from streamrec.stream.loaders import InteractionLog
 from streamrec.trainer.features import load_side_features, trigram_bags
 from streamrec.trainer.interactions import IdIndex, Interactions
 from streamrec.trainer.models import create, load
-from streamrec.trainer.models.neural.ctr import fm_second_order, load_ranker
+from streamrec.trainer.models.neural.ctr import CTRNet, fm_second_order, load_ranker
 from streamrec.trainer.models.neural.history import HistoryPooling
 from streamrec.trainer.models.neural.losses import LogQSampler, sampled_softmax
+from streamrec.trainer.models.neural.ncf import NCFNet
 from streamrec.trainer.models.neural.sequential import sessions
 from streamrec.trainer.models.neural.training import int_list
 from tests.trainer.neural.test_neural_models import fast_params, planted_sequences
@@ -28,6 +29,52 @@ def test_fm_second_order_equals_pairwise_sum() -> None:
     fields = torch.randn(5, 7, 4, dtype=torch.float64)
     explicit = sum((fields[:, i] * fields[:, j]).sum(1) for i, j in itertools.combinations(range(7), 2))
     torch.testing.assert_close(fm_second_order(fields), explicit)
+
+
+def random_weights(net: torch.nn.Module) -> None:
+    """Weights far from their initial near-zero scale, so that every term of a logit counts."""
+    torch.manual_seed(0)
+    for weight in net.parameters():
+        torch.nn.init.normal_(weight, std=0.3)
+
+
+@pytest.mark.parametrize(("gmf", "use_mlp", "history"),
+                         [(True, False, True), (False, True, False), (False, True, True), (True, True, True)])
+def test_ncf_scores_every_item_as_its_pairs_would_be_scored(gmf: bool, use_mlp: bool, history: bool) -> None:
+    """The factorised all-item scoring (first tower layer split by side) is the pairwise forward."""
+    net = NCFNet(50, 300, 8, [16, 8, 4], gmf, use_mlp, history).eval()
+    random_weights(net)
+    for pooling in (net.gmf_history if gmf else None, net.mlp_history if use_mlp else None):
+        if pooling is not None:
+            pooling.attach(sp.random(50, 300, density=0.05, format="csr", random_state=0), torch.device("cpu"))
+    users = torch.arange(50)
+    with torch.no_grad():
+        pairs = net(users[:, None].expand(-1, 300), torch.arange(300)[None, :].expand(50, -1))
+        torch.testing.assert_close(net.all_item_logits(users), pairs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("kind", "side", "hidden", "history"),
+                         itertools.product(["dcn", "dcn-v2", "deepfm", "wide-deep"], [False, True], ["16,8", ""],
+                                           [False, True]))
+def test_ctr_heads_score_every_item_as_their_pairs_would_be_scored(kind: str, side: bool, hidden: str,
+                                                                   history: bool) -> None:
+    """Each head's factorised all-item scoring (sides computed once, DCN's crosses as scalars) is
+    the pairwise forward, with and without side fields, a deep tower and the history cross."""
+    dims = {"n_users": 30, "n_items": 40, "user_cards": [3, 4] if side else [], "item_cards": [5] if side else [],
+            "n_genres": 6 if side else 0}
+    net = CTRNet(kind, dims, {"dim": 4, "hidden": hidden, "cross_layers": 3, "dropout": 0.0,
+                              "user_history": history}).eval()
+    random_weights(net)
+    if side:
+        net.ucodes[:] = torch.randint(0, 3, net.ucodes.shape)
+        net.icodes[:] = torch.randint(0, 5, net.icodes.shape)
+        net.genres[:] = (torch.rand(net.genres.shape) < 0.3).float()
+    if history:
+        net.history.pooling.attach(sp.random(30, 40, density=0.1, format="csr", random_state=0), torch.device("cpu"))
+    users = torch.arange(30)
+    with torch.no_grad():
+        pairs = net(users[:, None].expand(-1, 40).reshape(-1), torch.arange(40).repeat(30)).view(30, 40)
+        torch.testing.assert_close(net.all_item_logits(users, 40), pairs, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("correct", [True, False])
