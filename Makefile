@@ -37,11 +37,12 @@ lint: setup  # the floor plan of docs/architecture.md: imports only go down
 	$(BIN)/lint-imports
 
 # pytest exits 5 when nothing is marked slow: not a failure. The slow contracts are independent
-# model fits on one torch thread each (most of the slow suite's time), so they take one process per
-# core; the other slow suites (chaos, MovieLens quality, the wheel) keep the machine to themselves.
+# model fits on one torch thread each, so they take one process per core; the other slow suites
+# (chaos, replays through the real path, MovieLens quality, Spark, the wheel) wait on processes as
+# much as they compute, so they share two workers a file at a time, as `make test` does.
 test-slow: setup-spark
 	$(BIN)/python -m pytest -m slow -n auto tests/contracts $(PYTEST_ARGS) || [ $$? -eq 5 ]
-	$(BIN)/python -m pytest -m slow --ignore=tests/contracts $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(BIN)/python -m pytest -m slow --ignore=tests/contracts $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 test-all: test test-slow
 
