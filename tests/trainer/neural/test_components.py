@@ -38,11 +38,14 @@ def random_weights(net: torch.nn.Module) -> None:
         torch.nn.init.normal_(weight, std=0.3)
 
 
-@pytest.mark.parametrize(("gmf", "use_mlp", "history"),
-                         [(True, False, True), (False, True, False), (False, True, True), (True, True, True)])
-def test_ncf_scores_every_item_as_its_pairs_would_be_scored(gmf: bool, use_mlp: bool, history: bool) -> None:
-    """The factorised all-item scoring (first tower layer split by side) is the pairwise forward."""
-    net = NCFNet(50, 300, 8, [16, 8, 4], gmf, use_mlp, history).eval()
+@pytest.mark.parametrize(("gmf", "use_mlp", "history", "tower"),
+                         [(True, False, True, "16,8,4"), (False, True, False, "16,8,4"), (False, True, True, "16,8,4"),
+                          (True, True, True, "16,8,4"), (False, True, True, "16"), (True, True, False, "16")])
+def test_ncf_scores_every_item_as_its_pairs_would_be_scored(gmf: bool, use_mlp: bool, history: bool,
+                                                            tower: str) -> None:
+    """The factorised all-item scoring (first tower layer split by side) is the pairwise forward,
+    with a tower and with none (one width: the output layer reads the concatenation)."""
+    net = NCFNet(50, 300, 8, int_list(tower), gmf, use_mlp, history).eval()
     random_weights(net)
     for pooling in (net.gmf_history if gmf else None, net.mlp_history if use_mlp else None):
         if pooling is not None:

@@ -150,11 +150,12 @@ class CTRNet(nn.Module):
 
     def columns(self, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Where the user's and the item's fields sit in a pair's flat input (`forward`'s x0)."""
+        device = self.bias.device
         fields = torch.arange(2 + len(self.embed.user_fields) + len(self.embed.item_fields)
-                              + (self.embed.genre is not None))
+                              + (self.embed.genre is not None), device=device)
         user = torch.cat([fields[:1], fields[2 : 2 + len(self.embed.user_fields)]])
         item = torch.cat([fields[1:2], fields[2 + len(self.embed.user_fields) :]])
-        offsets = torch.arange(dim)
+        offsets = torch.arange(dim, device=device)
         return (user[:, None] * dim + offsets).flatten(), (item[:, None] * dim + offsets).flatten()
 
     def all_item_logits(self, users: torch.Tensor, n_items: int) -> torch.Tensor:

@@ -84,11 +84,15 @@ class NCFNet(nn.Module):
             user = self.user_vectors(self.gmf_user, self.gmf_history, users, None)
             logits = logits + user @ (self.gmf_item.weight * weight[:width]).T
         if self.use_mlp:
-            first, rest = self.mlp[0], self.mlp[1:]
             split = self.mlp_user.embedding_dim
-            user = self.user_vectors(self.mlp_user, self.mlp_history, users, None) @ first.weight[:, :split].T
-            item = self.mlp_item.weight @ first.weight[:, split:].T + first.bias
-            logits = logits + rest(user[:, None, :] + item[None, :, :]) @ weight[width:]
+            user = self.user_vectors(self.mlp_user, self.mlp_history, users, None)
+            if len(self.mlp):
+                first, rest = self.mlp[0], self.mlp[1:]
+                item = self.mlp_item.weight @ first.weight[:, split:].T + first.bias
+                logits = logits + rest((user @ first.weight[:, :split].T)[:, None, :] + item[None, :, :]) @ weight[width:]
+            else:  # a one-width tower is no layer: the output reads the concatenation itself
+                logits = (logits + (user @ weight[width : width + split])[:, None]
+                          + (self.mlp_item.weight @ weight[width + split :])[None, :])
         return logits
 
 
