@@ -18,6 +18,7 @@ import click
 from streamrec.app import bench_cli, chaos_cli, demo_cli, infra_cli, simulate_cli
 from streamrec.core.cli import print_json, settings_from
 from streamrec.core.config import load_settings
+from streamrec.core.parent_watch import exit_with_parent
 from streamrec.param_server import catalogue_cli
 from streamrec.param_server import cli as param_server_cli
 from streamrec.serving import cli as serving_cli
@@ -90,5 +91,6 @@ def main() -> None:
     unwinds and stops what it started. The long-running services (train-online, param-server,
     serve) replace this handler with their own graceful stop."""
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    exit_with_parent()
     cli(prog_name="streamrec")
 

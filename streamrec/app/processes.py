@@ -17,6 +17,7 @@ from typing import Any
 
 from streamrec.core.children import stop_children
 from streamrec.core.config import Settings
+from streamrec.core.parent_watch import PARENT_ENV
 
 STREAMREC = str(Path(sys.executable).parent / "streamrec")
 
@@ -62,13 +63,14 @@ class Processes:
         return self.logs / f"{name}.log"
 
     def start(self, name: str, args: list[str], env: dict[str, str], read_stdout: bool = False) -> subprocess.Popen:
-        """Start `args` as `name`; with `read_stdout` the caller reads the process's stdout."""
+        """Start `args` as `name`; with `read_stdout` the caller reads the process's stdout. The
+        child ends with this process, even one SIGKILLed (`streamrec.core.parent_watch`)."""
         current = self.children.get(name)
         if current is not None and current.poll() is None:
             raise RuntimeError(f"{name} is still running (pid {current.pid})")
         with self.log_path(name).open("ab") as log:
-            proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE if read_stdout else log, stderr=log,
-                                    stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(args, env={**env, PARENT_ENV: str(os.getpid())},
+                                    stdout=subprocess.PIPE if read_stdout else log, stderr=log, stdin=subprocess.DEVNULL)
         self.children[name] = proc
         return proc
 

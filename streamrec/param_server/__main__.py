@@ -5,6 +5,7 @@ import sys
 import click
 
 from streamrec.core.config import load_settings
+from streamrec.core.parent_watch import exit_with_parent
 from streamrec.param_server.cli import register
 
 
@@ -15,4 +16,5 @@ def _root(ctx: click.Context) -> None:
 
 
 register(_root, click.Group("bench"))
+exit_with_parent()
 _root(["param-server", *sys.argv[1:]], prog_name="python -m streamrec.param_server")
