@@ -8,6 +8,7 @@ and requests in between. The catalogue table is parsed, not repeated here.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -172,10 +173,11 @@ def test_every_catalogued_metric_is_exposed_and_counters_move(settings, redis_ur
                        if s.name == "streamrec_trainer_prequential"}
         assert {"hr@10", "ndcg@10"} <= prequential, prequential
     finally:
-        follower.terminate()
-        follower.wait(60)
-        for serving in started:
-            serving.stop()
-        trainer.proc.terminate()
-        trainer.wait(30)
-        server.stop()
+        with contextlib.ExitStack() as stops:  # last in, first run; each runs even when one before it failed
+            stops.callback(server.stop)
+            stops.callback(trainer.wait, 30)
+            stops.callback(trainer.proc.terminate)
+            for serving in reversed(started):
+                stops.callback(serving.stop)
+            stops.callback(follower.wait, 60)
+            stops.callback(follower.terminate)

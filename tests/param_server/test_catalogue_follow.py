@@ -103,7 +103,15 @@ def ends(settings: Settings) -> dict[str, int]:
     return {offset_key(settings.items_topic, p): end for p, (_, end) in bounds.items()}
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+def describe(client: ParamClient, settings: Settings, expected: dict[str, dict[str, object]], log: Path) -> str:
+    """What a failed `caught_up` saw: the items missing or different, the marks against the ends."""
+    got, marks, version = stored(client)
+    wrong = {item: (got.get(item), attrs) for item, attrs in expected.items() if got.get(item) != attrs}
+    return (f"version {version}; missing or different: {wrong}; extra: {sorted(set(got) - set(expected))}; "
+            f"marks {marks}; ends {ends(settings)}; follower log:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 60.0, state: Callable[[], str] | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -112,7 +120,7 @@ def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
         except (AssertionError, KeyError, OSError, ParamServerError):  # no blob yet, a shard restarting
             pass
         time.sleep(0.2)
-    assert condition()
+    assert condition(), state() if state is not None else "condition not reached"
 
 
 def caught_up(client: ParamClient, settings: Settings, expected: dict[str, dict[str, object]]) -> bool:
@@ -246,6 +254,7 @@ def test_a_broker_that_comes_back_empty_is_read_from_its_beginning(
             broker = infra.start_broker(tmp_path / "broker2", port=broker["port"]).to_json()
             after = {**before, **{f"new-{n}": {"g": ["y"]} for n in range(5)}}
             send(own, [put(item, g="y") for item in after if item.startswith("new")])
-            wait_for(lambda: caught_up(client, own, after), timeout=90)
+            wait_for(lambda: caught_up(client, own, after), timeout=90,
+                     state=lambda: describe(client, own, after, tmp_path / "follower.log"))
     finally:
         infra.stop(broker)

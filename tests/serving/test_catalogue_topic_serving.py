@@ -63,6 +63,8 @@ def test_an_out_of_stock_patch_on_the_items_topic_takes_the_item_out_of_recommen
         wait_for(lambda: top() == ranked[:5], timeout=30)
     finally:
         follower.send_signal(signal.SIGTERM)
-        assert follower.wait(60) == 0, (tmp_path / "follow.log").read_text()
-        server.kill()
-        FeatureStore.from_url(redis_url, FeatureStoreConfig(prefix=prefix)).clear()
+        try:
+            assert follower.wait(60) == 0, (tmp_path / "follow.log").read_text()
+        finally:  # the server and the keys go even when the follower did not stop cleanly
+            server.kill()
+            FeatureStore.from_url(redis_url, FeatureStoreConfig(prefix=prefix)).clear()

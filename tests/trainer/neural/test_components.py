@@ -57,8 +57,8 @@ def test_ncf_scores_every_item_as_its_pairs_would_be_scored(gmf: bool, use_mlp: 
 
 
 @pytest.mark.parametrize(("kind", "side", "hidden", "history"),
-                         itertools.product(["dcn", "dcn-v2", "deepfm", "wide-deep"], [False, True], ["16,8", ""],
-                                           [False, True]))
+                         list(itertools.product(["dcn", "dcn-v2", "deepfm", "wide-deep"], [False, True], ["16,8", ""],
+                                                [False, True])))
 def test_ctr_heads_score_every_item_as_their_pairs_would_be_scored(kind: str, side: bool, hidden: str,
                                                                    history: bool) -> None:
     """Each head's factorised all-item scoring (sides computed once, DCN's crosses as scalars) is
