@@ -26,7 +26,7 @@ from streamrec.param_server.client import ParamClient, ParamServerError
 from streamrec.stream.catalogue import ItemCatalogue
 from streamrec.stream.deadletter import read_dead_letter
 from streamrec.stream.kafka import make_consumer, make_producer
-from streamrec.stream.topics import create_topics, end_offsets, offset_key
+from streamrec.stream.topics import create_topics, end_offsets, offset_key, partitions_of
 from tests.conftest import settings_env
 from tests.param_server.conftest import StartServer
 
@@ -99,7 +99,10 @@ def rows(catalogue: ItemCatalogue) -> dict[str, dict[str, object]]:
 
 
 def ends(settings: Settings) -> dict[str, int]:
-    bounds = end_offsets(settings.kafka_bootstrap, settings.items_topic, list(range(settings.topic_partitions)))
+    """Each partition's end, over the partitions the topic has: a topic recreated after a broker
+    restart may have been auto-created with the broker's default count, not the settings'."""
+    bounds = end_offsets(settings.kafka_bootstrap, settings.items_topic,
+                         partitions_of(settings.kafka_bootstrap, settings.items_topic))
     return {offset_key(settings.items_topic, p): end for p, (_, end) in bounds.items()}
 
 
