@@ -1,6 +1,6 @@
 """A run's child processes end with the run, even when the run itself is SIGKILLed.
 
-`streamrec demo`, `chaos`, the benches and the freshness replay start a parameter server, trainers,
+`streamrec demo`, `chaos`, `simulate` and `bench freshness` start a parameter server, trainers,
 serving and replays (`streamrec.app.processes.Processes`) and stop them on the way out. A run
 killed with SIGKILL has no way out: its children used to keep running, a trainer consuming and
 serving workers holding their ports, until someone found them. The run names itself in the child's
