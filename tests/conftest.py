@@ -25,6 +25,7 @@ from click.testing import CliRunner
 from streamrec.app import infra
 from streamrec.core import net
 from streamrec.core.config import Settings
+from tests import children
 from tests.redis_cluster import RedisCluster
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,3 +164,12 @@ def redis_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
     started = RedisCluster(tmp_path / "redis-cluster").start()
     yield started
     started.stop()
+
+
+@pytest.fixture(autouse=True)
+def stop_leaked_children() -> Iterator[None]:
+    """Kill what the test's tracked processes left running (tests/children.py): set up before,
+    and so torn down after, the test's other function-scoped fixtures."""
+    mark = children.mark()
+    yield
+    children.stop_since(mark)

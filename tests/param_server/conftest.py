@@ -12,17 +12,18 @@ from pathlib import Path
 import pytest
 
 from streamrec.param_server.client import ParamClient
+from tests import children
 
 
 class ServerProcess:
     def __init__(self, args: list[str], env: dict[str, str]):
-        self.proc = subprocess.Popen(
+        self.proc = children.track(subprocess.Popen(
             [sys.executable, "-m", "streamrec.param_server", "--port", "0", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             env=env,
-        )
+        ))
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"server did not start: {self.proc.stderr.read()}")

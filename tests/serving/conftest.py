@@ -20,6 +20,7 @@ import pytest
 from streamrec.param_server.client import ParamClient
 from streamrec.stream.events import EventBatch
 from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
+from tests import children
 from tests.param_server.conftest import ServerProcess
 
 T = TypeVar("T")
@@ -84,8 +85,7 @@ class Serving:
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                children.kill(self.proc, own_group=True)  # the workers too: they would outlive their parent
 
 
 def free_port() -> int:
@@ -116,7 +116,9 @@ def serving_factory(home: Path) -> tuple[StartServing, list[Serving]]:
         log.parent.mkdir(parents=True, exist_ok=True)
         proc = subprocess.Popen(
             [STREAMREC, "serve", "--workers", str(workers), "--port", str(port), "--poll-interval", str(poll),
-             "--feature-prefix", prefix, *args], env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"))
+             "--feature-prefix", prefix, *args], env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"),
+            start_new_session=True)
+        children.track(proc, own_group=True)
         serving = Serving(proc, port, log)
         started.append(serving)
         if ready:

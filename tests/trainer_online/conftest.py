@@ -24,6 +24,7 @@ from streamrec.stream.kafka import make_producer
 from streamrec.stream.publish import EventPublisher
 from streamrec.stream.topics import create_topics
 from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
+from tests import children
 from tests.conftest import settings_env
 from tests.param_server.conftest import start_server  # noqa: F401  (a fixture shared with these suites)
 
@@ -62,20 +63,17 @@ def online_settings(settings: Settings, tmp_path: Path) -> Settings:
 
 
 class TrainerProcess:
-    """`streamrec train-online` as a real process; `report()` reads its --report file. Every one
-    started is in `started` until `stop_trainers` (autouse) kills what a test left running: a
-    test that failed before its own kill would otherwise leave a trainer looping for good."""
-
-    started: list[TrainerProcess] = []
+    """`streamrec train-online` as a real process; `report()` reads its --report file. What a
+    test leaves running is killed after it (`tests.children`): a test that failed before its own
+    kill would otherwise leave a trainer looping for good."""
 
     def __init__(self, settings: Settings, ps_address: str, report: Path, *args: str) -> None:
         env = {**os.environ, **settings_env(settings), "STREAMREC_PARAM_SERVERS": ps_address}
         self.report_path = report
-        self.proc = subprocess.Popen(
+        self.proc = children.track(subprocess.Popen(
             [STREAMREC, "train-online", "--report", str(report), "--batch-events", "200", *args],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        TrainerProcess.started.append(self)
+        ))
 
     def report(self) -> dict | None:
         try:
@@ -95,15 +93,6 @@ class TrainerProcess:
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.communicate()
-
-
-@pytest.fixture(autouse=True)
-def stop_trainers() -> Iterator[None]:
-    yield
-    while TrainerProcess.started:
-        trainer = TrainerProcess.started.pop()
-        if trainer.proc.poll() is None:
-            trainer.kill()
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 60, interval: float = 0.2) -> None:
