@@ -78,3 +78,55 @@ def test_a_child_whose_named_parent_is_already_gone_stops_at_once() -> None:
     env = {**os.environ, PARENT_ENV: "1", "SLEEP_S": "600"}  # pid 1 is not this child's parent
     done = subprocess.run([sys.executable, "-c", WATCHER], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == -signal.SIGTERM, done.stderr
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid`."""
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for listing in Path(f"/proc/{todo.pop()}/task").glob("*/children"):
+            try:
+                children = [int(child) for child in listing.read_text().split()]
+            except OSError:  # exited meanwhile
+                continue
+            found.update(children)
+            todo.extend(children)
+    return found
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_a_sigkilled_bench_leaves_neither_its_parameter_server_nor_its_serving_stack(tmp_path: Path) -> None:
+    """`bench serving` starts its children itself (not through `Processes`): killed with SIGKILL
+    while its load ran, it left a parameter server and a serving group running."""
+    env = {**os.environ, "STREAMREC_HOME": str(tmp_path)}
+    env.pop("STREAMREC_API_TOKEN", None)
+    bench = subprocess.Popen([str(Path(sys.executable).parent / "streamrec"), "bench", "serving", "--items", "500",
+                              "--users", "50", "--workers", "2", "--rate", "20", "--duration", "60", "--no-auth-run",
+                              "--filter-rate", "0", "--json"], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    below: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # the parameter server, serve and its two workers, the load generator
+            below = descendants(bench.pid)
+            if any("streamrec.serving.loadgen" in command_line(pid) for pid in below):
+                break
+            time.sleep(0.2)
+        assert len(below) >= 4, f"the bench did not reach its load: {below}"
+        below = descendants(bench.pid)
+        bench.kill()
+        bench.wait()
+        left = wait_gone(sorted(below), timeout=30)
+        assert left == [], f"the bench's children outlived it: {[command_line(pid) for pid in left]}"
+    finally:
+        bench.kill()
+        for pid in below:
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -17,7 +17,7 @@ from typing import Any
 
 from streamrec.core.children import stop_children
 from streamrec.core.config import Settings
-from streamrec.core.parent_watch import PARENT_ENV
+from streamrec.core.parent_watch import watched_env
 
 STREAMREC = str(Path(sys.executable).parent / "streamrec")
 
@@ -69,7 +69,7 @@ class Processes:
         if current is not None and current.poll() is None:
             raise RuntimeError(f"{name} is still running (pid {current.pid})")
         with self.log_path(name).open("ab") as log:
-            proc = subprocess.Popen(args, env={**env, PARENT_ENV: str(os.getpid())},
+            proc = subprocess.Popen(args, env=watched_env(env),
                                     stdout=subprocess.PIPE if read_stdout else log, stderr=log, stdin=subprocess.DEVNULL)
         self.children[name] = proc
         return proc

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from streamrec.core.parent_watch import watched_env
 from streamrec.param_server.bench_strings import (
     memory_commit_bound,
     numpy_bound,
@@ -122,6 +123,7 @@ def _remote(ids: np.ndarray, dim: int, batch: int, grads: np.ndarray, checkpoint
     server = subprocess.Popen(
         [sys.executable, "-m", "streamrec.param_server", "--port", "0", "--checkpoint-dir", checkpoint_dir,
          "--checkpoint-every", "0", "--metrics-port", "0"],
+        env=watched_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

@@ -33,6 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from streamrec.core.config import Settings
 from streamrec.core.net import free_port
+from streamrec.core.parent_watch import watched_env
 from streamrec.core.progress import track
 from streamrec.param_server.artifacts import CATALOGUE_BLOB, dense_header
 from streamrec.param_server.client import ParamClient, ParamServerError
@@ -94,7 +95,7 @@ def run_benchmark(settings: Settings, items: int = 100_000, rate: float = 200.0,
     with tempfile.TemporaryDirectory(prefix="streamrec-bench-catalogue-") as work:
         server = subprocess.Popen([sys.executable, "-m", "streamrec.param_server", "--port", "0", "--checkpoint-dir",
                                    str(Path(work) / "ckpt"), "--checkpoint-every", "10"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                                  env=watched_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         follower: subprocess.Popen[bytes] | None = None
         try:
             address = json.loads(server.stdout.readline())["address"]  # type: ignore[union-attr]
@@ -112,7 +113,8 @@ def run_benchmark(settings: Settings, items: int = 100_000, rate: float = 200.0,
                 env.pop("STREAMREC_PARAM_SERVER_TOKEN", None)
                 started = time.perf_counter()
                 follower = subprocess.Popen([str(Path(sys.executable).parent / "streamrec"), "catalogue", "follow",
-                                             "--interval", str(interval_s), "--metrics-port", str(metrics)], env=env,
+                                             "--interval", str(interval_s), "--metrics-port", str(metrics)],
+                                            env=watched_env(env),
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 while watcher.reached(items - 1) is None:
                     if follower.poll() is not None:

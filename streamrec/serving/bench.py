@@ -34,6 +34,7 @@ import numpy as np
 
 from streamrec.core import net
 from streamrec.core.config import Settings
+from streamrec.core.parent_watch import watched_env
 from streamrec.param_server.artifacts import (
     CATALOGUE_BLOB,
     KNN_BLOB,
@@ -78,7 +79,7 @@ def _start_param_server(home: Path) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "STREAMREC_HOME": str(home)}
     env.pop("STREAMREC_PARAM_SERVER_TOKEN", None)
     proc = subprocess.Popen([sys.executable, "-m", "streamrec.param_server", "--port", "0", "--no-checkpoints"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=watched_env(env))
     try:
         line = proc.stdout.readline() if proc.stdout else ""
         if not line:
@@ -152,7 +153,7 @@ class Stack:
         self.port = net.free_port(None, "127.0.0.1")
         self.url = f"http://127.0.0.1:{self.port}"
         with log.open("w") as stderr:  # the child holds its own descriptor
-            self.proc = subprocess.Popen([*argv, "--port", str(self.port)], env=env, stdout=subprocess.DEVNULL,
+            self.proc = subprocess.Popen([*argv, "--port", str(self.port)], env=watched_env(env), stdout=subprocess.DEVNULL,
                                          stderr=stderr)
         try:
             self.ready = _wait_ready(self.url, workers, self.proc)
@@ -178,7 +179,7 @@ def _loadgen(url: str, template: str, users: int, rate: float, duration: float, 
             "--max-connections", str(max_connections), "--template", template]
     for name, value in headers.items():
         argv += ["--header", f"{name}: {value}"]
-    done = subprocess.run(argv, capture_output=True, text=True)
+    done = subprocess.run(argv, capture_output=True, text=True, env=watched_env())
     try:
         if done.returncode == 0:
             return json.loads(done.stdout)

@@ -11,6 +11,7 @@ import os
 from fastapi import FastAPI
 from fastapi.responses import Response
 
+from streamrec.core.parent_watch import exit_with_parent
 from streamrec.serving.server import FASTAPI_TELEMETRY, run_uvicorn
 
 EMPTY_PATH = "/empty"
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args(argv)
+    exit_with_parent()
     run_uvicorn("streamrec.serving.empty:create_app", args.host, args.port, args.workers)
 
 

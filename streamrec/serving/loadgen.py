@@ -30,8 +30,10 @@ from urllib.parse import urlsplit
 import numpy as np
 import orjson
 
-ZIPF_EXPONENT = 1.0
-IDLE_REUSE_S = 2.0  # under uvicorn's 5 s keep-alive: an older idle connection may be closing server-side  # user popularity of the request mix
+from streamrec.core.parent_watch import exit_with_parent
+
+ZIPF_EXPONENT = 1.0  # user popularity of the request mix
+IDLE_REUSE_S = 2.0  # under uvicorn's 5 s keep-alive: an older idle connection may be closing server-side
 CONNECT_ERRORS = (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError)
 
 
@@ -260,6 +262,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="seconds before a request counts as timed out")
     parser.add_argument("--header", action="append", default=[], metavar="NAME:VALUE")
     args = parser.parse_args(argv)
+    exit_with_parent()
     count = max(1, int((args.warmup + args.duration) * args.rate))
     paths = [args.template.format(user=u) for u in zipf_users(args.users, count, args.zipf, args.seed)]
     headers = dict(h.split(":", 1) for h in args.header)

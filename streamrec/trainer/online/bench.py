@@ -32,6 +32,7 @@ from typing import Any
 
 from streamrec.core.children import stop_children
 from streamrec.core.config import Settings
+from streamrec.core.parent_watch import watched_env
 from streamrec.core.procstat import cpu_seconds, machine_busy_seconds
 from streamrec.stream.bench import raw_bound, raw_records, synthetic_events
 from streamrec.stream.events import EventSchema, iter_events
@@ -134,7 +135,7 @@ def _start_shards(work: Path, env: dict[str, str], shards: int) -> list[subproce
                 [sys.executable, "-m", "streamrec.param_server", "--port", "0", "--shard", str(shard),
                  "--num-shards", str(shards), "--checkpoint-dir", str(work / "checkpoints"),
                  "--checkpoint-every", str(CHECKPOINT_EVERY_SECONDS), "--keep-checkpoints", "1000"],
-                env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+                env=watched_env(env), stdout=subprocess.PIPE, stderr=log, text=True)
         servers.append(server)
         line = server.stdout.readline()
         if not line:
@@ -169,7 +170,7 @@ def _train(settings: Settings, client: str, topic: str, events: list[dict[str, A
         for path in report_paths:
             processes.append(subprocess.Popen(
                 [STREAMREC, "train-online", "--report", str(path), *stop_rule],
-                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+                env=watched_env(env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
         if not preload:
             produce_seconds = _publish(settings, client, topic, events)
             produced_at = time.time()
