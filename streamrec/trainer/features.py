@@ -11,6 +11,7 @@ value never seen), so code 0 can be an embedding row that stays neutral.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import pandas as pd
 
 from streamrec.stream.catalogue import movielens_genres, read_movielens
 from streamrec.trainer.interactions import IdIndex
+from streamrec.trainer.models.base import Capabilities
 
 AGE_EDGES = (18, 25, 35, 45, 50, 56)  # MovieLens-1M's age buckets: <18, 18-24, ..., 56+
 USER_FIELDS = ("age", "gender", "occupation", "zip")
@@ -101,6 +103,30 @@ def _item_table(path: Path, items: IdIndex) -> tuple[np.ndarray, tuple[int, ...]
     genres[known] = flags[row[known].astype(np.int64)]
     titles = tuple(frame["title"].fillna("").astype(str))
     return codes[:, None], (card,), genres, titles
+
+
+def side_files_folder(data: str | Path, fmt: str) -> str | None:
+    """The folder of a MovieLens-100K log's side files (`u.user`, `u.item`), or None (another
+    format, or a folder without them). `evaluate` and `tune` give it to the models that read side
+    features when `--param side_data` is not given: a newcomer's `evaluate --model deepfm --data
+    ml-100k` then measures the model the README reports, not its id-only variant."""
+    if fmt != "ml-100k":
+        return None
+    folder = Path(data)
+    folder = folder.parent if folder.is_file() else folder
+    return str(folder.resolve()) if (folder / "u.user").exists() or (folder / "u.item").exists() else None
+
+
+def with_side_data(model: type, params: dict[str, object], given: Collection[str], data: str | Path,
+                   fmt: str) -> dict[str, object]:
+    """`params` with `side_data` set to the log's side files (`side_files_folder`) for a model
+    class that reads side features, unless `side_data` was `given` (`--param side_data=` keeps
+    it id-only). Online models declare no capabilities and read none."""
+    capabilities: Capabilities | None = getattr(model, "capabilities", None)
+    if capabilities is None or not capabilities.side_features or "side_data" in given:
+        return params
+    folder = side_files_folder(data, fmt)
+    return {**params, "side_data": folder} if folder else params
 
 
 def load_side_features(folder: str | Path | None, users: IdIndex, items: IdIndex) -> SideFeatures:

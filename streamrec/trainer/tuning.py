@@ -53,6 +53,7 @@ from streamrec.trainer.evaluation.splits import (
     rating_folds,
 )
 from streamrec.trainer.evaluation.topn import ranking_metrics, run_topn
+from streamrec.trainer.features import with_side_data
 from streamrec.trainer.interactions import Interactions, Weighting, weight_values
 from streamrec.trainer.models.base import Recommender
 from streamrec.trainer.online.base import OnlineRecommender
@@ -165,7 +166,8 @@ def tune(protocol: str, model: str, params: list[str] | tuple[str, ...], data: s
     cls = protocol_model(protocol, model, engine)
     space = dict(cls.search_space if space is None else space)
     fixed_typed = parse_params(cls.Params, params, model)
-    fixed = fixed_typed.model_dump(exclude_unset=True)
+    fixed = with_side_data(cls, fixed_typed.model_dump(exclude_unset=True), fixed_typed.model_fields_set,
+                           data, fmt)
     if "seed" in cls.Params.model_fields and "seed" not in fixed:
         fixed["seed"] = seed
     space = {name: dim for name, dim in space.items() if name not in fixed}

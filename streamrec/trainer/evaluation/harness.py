@@ -221,12 +221,13 @@ def _evaluate_once(protocol: str, model: str, params: list[str] | tuple[str, ...
     from streamrec.trainer.evaluation.prequential import run_prequential
     from streamrec.trainer.evaluation.rating import run_rating
     from streamrec.trainer.evaluation.topn import run_topn
+    from streamrec.trainer.features import with_side_data
 
     cls = protocol_model(protocol, model, engine)
     typed = parse_params(cls.Params, params, model)
     if "seed" in cls.Params.model_fields and "seed" not in typed.model_fields_set:
         typed = typed.model_copy(update={"seed": seed})  # --seed, unless `--param seed=` is given
-    effective = typed.model_dump()
+    effective = with_side_data(cls, typed.model_dump(), typed.model_fields_set, data, fmt)
     if protocol == "prequential":
         _check_stream_ids(log)
         return {**run_prequential(cls(**effective), log), "params": effective}

@@ -48,13 +48,15 @@ def rating_unit(scale: tuple[float, float]) -> float:
 @dataclass(frozen=True)
 class Capabilities:
     """What a model can use: explicit ratings (predicts ratings), implicit feedback (ranks from
-    interactions alone), timestamps (time-aware predictions), and implicit confidence weights
-    (`Interactions.strength()`, `evaluate --weights`)."""
+    interactions alone), timestamps (time-aware predictions), implicit confidence weights
+    (`Interactions.strength()`, `evaluate --weights`), and side features (`side_data`: the
+    MovieLens users' demographics and items' genres, decades and titles)."""
 
     explicit: bool = False
     implicit: bool = False
     time_aware: bool = False
     weights: bool = False
+    side_features: bool = False
 
 
 class Recommender(ABC):

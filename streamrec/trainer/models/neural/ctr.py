@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Collection
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from torch import nn
 
 from streamrec.trainer.features import load_side_features
 from streamrec.trainer.interactions import IdIndex, Interactions
+from streamrec.trainer.models.base import Capabilities
 from streamrec.trainer.models.export import Export, RankerBlob
 from streamrec.trainer.models.neural.history import HistoryPooling
 from streamrec.trainer.models.neural.training import (
@@ -258,6 +259,7 @@ class CTRRecommender(PointwiseRecommender):
     """Shared fit/score/export of the four heads; subclasses only name their `kind`."""
 
     Params = CTRParams
+    capabilities: ClassVar[Capabilities] = Capabilities(implicit=True, side_features=True)
 
     @property
     @abstractmethod

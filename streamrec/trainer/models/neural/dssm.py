@@ -14,6 +14,7 @@ of per-item first-layer outputs: one EmbeddingBag pass over the catalogue per st
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from torch import nn
 
 from streamrec.trainer.features import load_side_features, stable_hash, trigram_bags
 from streamrec.trainer.interactions import Interactions
+from streamrec.trainer.models.base import Capabilities
 from streamrec.trainer.models.neural.losses import in_batch_softmax
 from streamrec.trainer.models.neural.training import (
     NeuralParams,
@@ -87,6 +89,7 @@ class DSSM(NeuralRecommender):
 
     name = "dssm"
     Params = DSSMParams
+    capabilities: ClassVar[Capabilities] = Capabilities(implicit=True, side_features=True)
 
     def _prepare(self, train: Interactions, rng: np.random.Generator) -> None:
         side = load_side_features(self.params["side_data"], train.users, train.items)

@@ -4,8 +4,8 @@
 
 (`--data` also takes a folder holding the ml-100k files.)
 
-Every row goes through the topn harness of `streamrec evaluate`; models that read side features
-get `side_data=<the data folder>`. Prints one JSON line per model on stderr as it finishes and the
+Every row goes through the topn harness of `streamrec evaluate`, which gives the models that read
+side features the data folder's `u.user` and `u.item` (`side_data`). Prints one JSON line per model on stderr as it finishes and the
 markdown table (with the best classical model and the ANCHORS references) on stdout.
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import click
 
@@ -21,7 +20,6 @@ from streamrec.stream.datasets.resolve import DATA, DataSource
 from streamrec.trainer import registry
 
 CLASSICAL = ("popularity", "als", "bpr")
-SIDE_AWARE = ("wide-deep", "deepfm", "dcn", "dcn-v2", "youtube-dnn", "dssm")
 ANCHORS = (
     ("popularity (ANCHORS)", 0.0498, 0.0254, 0.00),
     ("implicit ALS alpha 40 (ANCHORS)", 0.0976, 0.0509, 0.17),
@@ -32,8 +30,7 @@ ANCHORS = (
 def evaluate_row(model: str, data: str, seed: int) -> dict:
     from streamrec.trainer.evaluation.harness import evaluate
 
-    params = [f"side_data={Path(data).resolve()}"] if model in SIDE_AWARE else []
-    return evaluate("topn", model, params, data, "ml-100k", seed)
+    return evaluate("topn", model, [], data, "ml-100k", seed)
 
 
 @click.command()

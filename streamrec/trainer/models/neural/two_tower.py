@@ -12,6 +12,7 @@ correction. Serving gets `item_vectors()` for FAISS and user vectors from `user_
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 
 from streamrec.trainer.features import load_side_features
 from streamrec.trainer.interactions import Interactions
+from streamrec.trainer.models.base import Capabilities
 from streamrec.trainer.models.neural.losses import LogQSampler, sampled_softmax
 from streamrec.trainer.models.neural.training import (
     NeuralParams,
@@ -83,6 +85,7 @@ class YouTubeDNN(NeuralRecommender):
 
     name = "youtube-dnn"
     Params = YouTubeDNNParams
+    capabilities: ClassVar[Capabilities] = Capabilities(implicit=True, side_features=True)
     data_parallel = True  # one example per row; the sampled negatives are shared by the batch
 
     def _prepare(self, train: Interactions, rng: np.random.Generator) -> None:
