@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Annotated, Any
 
 import faiss
@@ -45,7 +46,7 @@ from streamrec.serving.filters import MAX_CLAUSES, FilterError, ItemFilter
 from streamrec.serving.history import History
 from streamrec.serving.http_guard import BAD_ENCODING, StrictPercentEncoding
 from streamrec.serving.impressions import ImpressionLog
-from streamrec.serving.ingest import producer_timeouts
+from streamrec.serving.ingest import open_producer
 from streamrec.serving.limits import STATUS as TOO_LARGE
 from streamrec.serving.limits import BodyLimit
 from streamrec.serving.metrics import (
@@ -60,7 +61,6 @@ from streamrec.serving.server import FASTAPI_TELEMETRY
 from streamrec.serving.state import ServingState, StateHolder
 from streamrec.serving.sync import Syncer
 from streamrec.serving.users import UserCache
-from streamrec.stream.kafka import make_producer
 
 MAX_CANDIDATES = 10_000
 MAX_ID_BYTES = 256
@@ -151,10 +151,8 @@ def create_app(config: ServingConfig) -> FastAPI:
     console_search = PrefixSearch(holder)
     syncer = Syncer(config, holder, metrics, UserCache(config, metrics),
                     between_polls=(refresh_experiments, console_search.refresh))
-    impressions = ImpressionLog(config.impressions_topic, lambda: make_producer(
-        config.kafka_bootstrap, config.kafka_client, config.producer_acks, config.producer_linger_ms,
-        **producer_timeouts(config.kafka_client, config.produce_timeout_s)),
-        config.max_pending_impressions, config.produce_timeout_s, config.impressions_flush_s) \
+    impressions = ImpressionLog(config.impressions_topic, partial(open_producer, config, [config.impressions_topic]),
+                                config.max_pending_impressions, config.produce_timeout_s, config.impressions_flush_s) \
         if config.logs_impressions else None
     # an arm of the experiments file may explore even when the server's share is 0
     explore = ExplorationPool(config) if config.explore_share or config.experiments_file else None

@@ -70,6 +70,8 @@ class ServingConfig(BaseModel):
     kafka_client: Literal["kafka-python", "confluent"] = "kafka-python"
     topic: str = "streamrec.events"
     dlq_suffix: str = ".dlq"
+    topic_partitions: int = Field(3, ge=1, description="partitions of the topics serving creates before it "
+                                  "produces (events, dead letters, impressions) when they do not exist yet")
     producer_acks: Literal["0", "1", "all"] = "all"
     producer_linger_ms: int = Field(5, ge=0)
     custom_event_types: list[str] = Field(default_factory=list)
@@ -169,7 +171,8 @@ class ServingConfig(BaseModel):
                 "experiments_file": settings.experiments_file, "impressions": settings.impressions,
                 "impressions_topic": settings.impressions_topic,
                 "kafka_bootstrap": settings.kafka_bootstrap, "kafka_client": settings.kafka_client,
-                "topic": settings.topic, "dlq_suffix": settings.dlq_suffix, "producer_acks": settings.producer_acks,
+                "topic": settings.topic, "dlq_suffix": settings.dlq_suffix,
+                "topic_partitions": settings.topic_partitions, "producer_acks": settings.producer_acks,
                 "producer_linger_ms": settings.producer_linger_ms,
                 "custom_event_types": settings.custom_event_types, "max_context_keys": settings.max_context_keys,
                 "max_context_bytes": settings.max_context_bytes,

@@ -43,6 +43,7 @@ from streamrec.stream.deadletter import DeadLetterSink
 from streamrec.stream.events import EventSchema, InvalidEvent, encode
 from streamrec.stream.kafka import BROKER_ERRORS, Producer, make_producer
 from streamrec.stream.metrics import EVENTS_ACCEPTED, EVENTS_PRODUCED
+from streamrec.stream.topics import create_topics
 
 log = logging.getLogger("streamrec.serving.feedback")
 COMPONENT = "serving"
@@ -231,11 +232,10 @@ class EventIngest:
         self._produced_metric.inc(len(events))
 
     def _open(self) -> tuple[Producer, DeadLetterSink]:
-        """The worker's producer (under the lock): created on first use, after uvicorn forked."""
+        """The worker's producer (under the lock): created on first use, after uvicorn forked, and
+        after a failure; the topics are created first where they do not exist (stream.topics)."""
         if self._producer is None or self._sink is None:
-            self._producer = make_producer(self.config.kafka_bootstrap, self.config.kafka_client,
-                                           self.config.producer_acks, self.config.producer_linger_ms,
-                                           **producer_timeouts(self.config.kafka_client, self.config.produce_timeout_s))
+            self._producer = open_producer(self.config, [self.topic, self.dlq_topic])
             self._sink = DeadLetterSink(self._producer, self.dlq_topic, COMPONENT)
         return self._producer, self._sink
 
@@ -299,6 +299,14 @@ def _raw(item: object) -> bytes:
         return orjson.dumps(item)
     except TypeError:
         return repr(item).encode("utf-8", "replace")
+
+
+def open_producer(config: ServingConfig, topics: Sequence[str]) -> Producer:
+    """A producer whose waits are bounded by `produce_timeout_s`, for `topics`, which are created
+    first where they do not exist (clients never create topics: streamrec.stream.topics)."""
+    create_topics(config.kafka_bootstrap, topics, config.topic_partitions, timeout_s=config.produce_timeout_s)
+    return make_producer(config.kafka_bootstrap, config.kafka_client, config.producer_acks, config.producer_linger_ms,
+                         **producer_timeouts(config.kafka_client, config.produce_timeout_s))
 
 
 def producer_timeouts(client: str, timeout_s: float) -> dict[str, Any]:

@@ -128,7 +128,6 @@ def replay_cmd(ctx: click.Context, data: DataSource, fmt: str, topic_flag: str |
     from streamrec.stream.loaders import load_log, parse_map_option
     from streamrec.stream.publish import EventPublisher
     from streamrec.stream.replay import replay
-    from streamrec.stream.topics import create_topics
 
     if not math.isfinite(speed) or speed < 0:  # nan passed `speed < 0` and paced nothing
         raise click.BadParameter("must be a finite number >= 0 (0: as fast as possible)", param_hint="--speed")
@@ -139,9 +138,7 @@ def replay_cmd(ctx: click.Context, data: DataSource, fmt: str, topic_flag: str |
     except (ValueError, KeyError) as exc:
         raise _fail(f"cannot read {data.path} as {fmt}: {exc}") from exc
     try:
-        publisher = EventPublisher.from_settings(settings, "replay", topic_flag)
-        create_topics(settings.kafka_bootstrap, [publisher.topic, publisher.dead_letters.topic],
-                      settings.topic_partitions)
+        publisher = EventPublisher.from_settings(settings, "replay", topic_flag)  # creates the topics
         total = min(len(log), limit) if limit is not None else len(log)
         with progress_bar(f"replay -> {publisher.topic}", total) as advance:
             result = replay(log, publisher, speed, limit, advance)

@@ -15,6 +15,7 @@ from streamrec.stream.deadletter import DeadLetterSink
 from streamrec.stream.events import EventSchema, InvalidEvent, encode
 from streamrec.stream.kafka import Producer, producer_from
 from streamrec.stream.metrics import EVENTS_ACCEPTED, EVENTS_PRODUCED
+from streamrec.stream.topics import create_topics
 
 
 class EventPublisher:
@@ -31,7 +32,10 @@ class EventPublisher:
 
     @classmethod
     def from_settings(cls, settings: Settings, component: str, topic: str | None = None) -> EventPublisher:
+        """A publisher to `topic` (default: the settings'), which it creates with its dead-letter
+        topic where they do not exist: clients never create topics (streamrec.stream.topics)."""
         topic = topic or settings.topic
+        create_topics(settings.kafka_bootstrap, [topic, topic + settings.dlq_suffix], settings.topic_partitions)
         return cls(producer_from(settings), EventSchema.from_settings(settings), topic,
                    topic + settings.dlq_suffix, component)
 

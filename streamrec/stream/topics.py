@@ -1,5 +1,14 @@
 """Topic administration: create, list, describe with correct end offsets and consumer-group lag.
 
+Topics are created here, with the partition count of the settings, and never by a client: every
+producer and consumer is made with auto-creation off (streamrec.stream.kafka). A broker creating a
+topic on a client's first metadata request gives it the broker's default count (Tansu's 4, Apache
+Kafka's `num.partitions`, 1 unless set) and the later `create_topics` finds it existing: a serving
+worker answering `POST /events` before any trainer started, or any client after a memory-only
+broker restarted, fixed the topic's partitions, and so how many trainers can share it, by accident.
+A process that produces creates its topics before its first send and again after a failed one
+(`EventPublisher.from_settings`, serving's `POST /events` and impressions).
+
 End offsets come from a fetch response's high-water mark rather than ListOffsets: the embedded
 broker answers ListOffsets with the last batch's base offset + 1, which undercounts; the
 high-water mark of a fetch is right on it and on Apache Kafka alike.
@@ -16,19 +25,31 @@ from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
 from kafka.structs import TopicPartition as KTP
 
+from streamrec.stream.kafka.base import KafkaError
+
+
+class TopicsNotVisible(KafkaError, TimeoutError):
+    """Created topics that the broker's metadata does not list in time: a broker error for the
+    callers that retry on one (BROKER_ERRORS), a timeout for those that wait."""
+
 
 def offset_key(topic: str, partition: int) -> str:
     """A partition's key in the stores' offset maps and watermarks: "topic/partition"."""
     return f"{topic}/{partition}"
 
 
-def admin_client(bootstrap: str) -> KafkaAdminClient:
-    return KafkaAdminClient(bootstrap_servers=bootstrap.split(","), client_id="streamrec-admin")
+def admin_client(bootstrap: str, timeout_s: float = 30.0) -> KafkaAdminClient:
+    """An admin client whose bootstrap and requests each wait at most `timeout_s`."""
+    ms = max(500, int(timeout_s * 1000))
+    return KafkaAdminClient(bootstrap_servers=bootstrap.split(","), client_id="streamrec-admin",
+                            request_timeout_ms=ms, bootstrap_timeout_ms=ms)
 
 
-def create_topics(bootstrap: str, names: Sequence[str], partitions: int, replication: int = 1) -> dict[str, str]:
-    """Create topics that do not exist yet; {name: "created" | "exists"}."""
-    admin = admin_client(bootstrap)
+def create_topics(bootstrap: str, names: Sequence[str], partitions: int, replication: int = 1,
+                  timeout_s: float = 30.0) -> dict[str, str]:
+    """Create topics that do not exist yet; {name: "created" | "exists"}. A broker that does not
+    answer raises (kafka-python's KafkaError) after about `timeout_s`."""
+    admin = admin_client(bootstrap, timeout_s)
     try:
         existing = set(admin.list_topics())
         result = {name: "exists" for name in names if name in existing}
@@ -39,7 +60,7 @@ def create_topics(bootstrap: str, names: Sequence[str], partitions: int, replica
             except TopicAlreadyExistsError:
                 pass  # created concurrently by another process: that is the state we wanted
             result.update({t.name: "created" for t in missing})
-        _wait_for_metadata(admin, names)
+        _wait_for_metadata(admin, names, min(10.0, timeout_s))
         return result
     finally:
         admin.close()
@@ -51,7 +72,7 @@ def _wait_for_metadata(admin: KafkaAdminClient, names: Sequence[str], timeout_s:
         if set(names) <= set(admin.list_topics()):
             return
         time.sleep(0.1)
-    raise TimeoutError(f"topics {list(names)} not visible after {timeout_s}s")
+    raise TopicsNotVisible(f"topics {list(names)} not visible after {timeout_s}s")
 
 
 def delete_topics(bootstrap: str, names: Sequence[str]) -> None:

@@ -20,7 +20,7 @@ from streamrec.core.net import free_port
 from streamrec.serving import schemas
 from streamrec.stream.deadletter import read_dead_letter
 from streamrec.stream.kafka import Record, make_consumer
-from streamrec.stream.topics import create_topics
+from streamrec.stream.topics import create_topics, partitions_of
 from tests.serving.conftest import Serving, StartServing
 
 TOKEN = "feedback-" + uuid.uuid4().hex
@@ -292,8 +292,7 @@ def test_nothing_is_acknowledged_while_the_broker_is_down_and_the_retry_is_exact
     down = post(serving, batch)
     assert down.status_code == 503 and down.headers["Retry-After"]
     restarted = infra.start_broker(tmp_path / "broker2", port=own_broker["port"]).to_json()
-    try:
-        create_topics(bootstrap, [topic, topic + ".dlq"], 3)  # Tansu keeps nothing in memory across restarts
+    try:  # Tansu keeps nothing in memory across restarts: serving creates the topics again
         deadline = time.monotonic() + 120
         while (reply := post(serving, batch)).status_code == 503 and time.monotonic() < deadline:
             time.sleep(float(reply.headers["Retry-After"]))
@@ -302,8 +301,28 @@ def test_nothing_is_acknowledged_while_the_broker_is_down_and_the_retry_is_exact
         assert (reply.json()["produced"], reply.json()["duplicates"]) == (15, 5)
         ids = [v["event_id"] for v in values(read_topic(bootstrap, topic, 15))]
         assert sorted(ids) == sorted(f"ev-{n}" for n in range(10, 25))
+        # with the settings' 3 partitions, not the 4 of the broker's auto-creation
+        assert (partitions_of(bootstrap, topic), partitions_of(bootstrap, topic + ".dlq")) == ([0, 1, 2], [0, 1, 2])
     finally:
         infra.stop(restarted)
+
+
+def test_the_first_event_creates_the_topics_with_the_configured_partitions(start_serving, monkeypatch,
+                                                                           kafka_bootstrap, kafka_client, redis_url,
+                                                                           prefix):
+    """A worker answering POST /events before any trainer created the topic: the producer's first
+    metadata request made the broker create it with its own default (4 on Tansu, `num.partitions`
+    on Apache Kafka), and the trainer's `create_topics` then found it existing: the topic's
+    partitions, and so how many trainers can share it, were fixed by accident."""
+    topic = f"test.feedback.{uuid.uuid4().hex[:10]}"
+    monkeypatch.setenv("STREAMREC_TOPIC_PARTITIONS", "2")
+    serving = start_feedback(start_serving, monkeypatch, kafka_bootstrap, topic, redis_url, prefix,
+                             client=kafka_client)
+    reply = post(serving, [event(n) for n in range(20)] + [{"user_id": "u1"}])  # one bad: the dead-letter topic
+    assert reply.status_code == 202 and reply.json()["dead_lettered"] == 1, reply.text
+    assert partitions_of(kafka_bootstrap, topic) == [0, 1]
+    assert partitions_of(kafka_bootstrap, topic + ".dlq") == [0, 1]
+    assert len(read_topic(kafka_bootstrap, topic, 20, partitions=2)) == 20
 
 
 def test_without_redis_events_are_produced_unchecked(start_serving, monkeypatch, kafka_bootstrap, topic_pair):

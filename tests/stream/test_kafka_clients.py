@@ -136,3 +136,17 @@ def test_fetch_wait_reaches_the_client(kafka_bootstrap, topic):
         assert consumer._consumer.config["fetch_max_wait_ms"] == 20
     with group_consumer(kafka_bootstrap, "kafka-python", f"g2-{topic}", topic) as consumer:
         assert consumer._consumer.config["fetch_max_wait_ms"] == 50
+
+
+
+def test_a_consumer_waits_for_a_topic_that_does_not_exist_yet(kafka_bootstrap, kafka_client, topic):
+    """Clients never create topics (streamrec.stream.topics), so a consumer may start before its
+    topic exists. confluent-kafka reported the missing topic as a non-retriable error, and the
+    consumer raised it out of `poll`; kafka-python waited. Both wait now, and read the topic once
+    it is there."""
+    with group_consumer(kafka_bootstrap, kafka_client, f"g-{topic}", topic) as consumer:
+        for _ in range(4):
+            assert consumer.poll(timeout_s=0.5) == []
+        create_topics(kafka_bootstrap, [topic], 2)
+        produce(kafka_bootstrap, kafka_client, topic, 10)
+        assert sorted(r.value for r in poll_until(consumer, 10)) == sorted(f"v{i}".encode() for i in range(10))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +25,11 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 
+log = logging.getLogger(__name__)
+MISSING_TOPIC_WARN_S = 60.0  # a missing subscribed topic is reported at most this often
+METADATA_REFRESH_MS = 5000
+
+
 class ConfluentProducer(Producer):
     def __init__(self, bootstrap: str, acks: str, linger_ms: int, batch_bytes: int, **extra: Any) -> None:
         self._producer = ck.Producer(
@@ -33,6 +40,7 @@ class ConfluentProducer(Producer):
                 "linger.ms": linger_ms,
                 "batch.size": batch_bytes,
                 "queue.buffering.max.messages": 1_000_000,
+                "allow.auto.create.topics": False,  # topics are created with their partitions (stream.topics)
                 **extra,
             }
         )
@@ -86,10 +94,16 @@ class ConfluentConsumer(Consumer):
                 "enable.partition.eof": False,
                 "max.partition.fetch.bytes": c.partition_fetch_bytes,
                 "fetch.wait.max.ms": c.fetch_wait_ms,
+                "allow.auto.create.topics": False,  # librdkafka's consumer default, stated
+                # a subscribed topic created later (or given partitions) is seen within seconds, not
+                # at librdkafka's default 5 min refresh (kafka-python: metadata_max_age_ms, 5 min too,
+                # but it refreshes at once while a subscribed topic is missing)
+                "topic.metadata.refresh.interval.ms": METADATA_REFRESH_MS,
                 **extra,
             }
         )
         self._on_assign, self._on_revoke = c.on_assign, c.on_revoke
+        self._missing_warned_at = -MISSING_TOPIC_WARN_S
         if c.topics:
             self._consumer.subscribe(list(c.topics), on_assign=self._assigned, on_revoke=self._revoked)
 
@@ -112,6 +126,13 @@ class ConfluentConsumer(Consumer):
             if err is not None:
                 if err.retriable() or err.code() == ck.KafkaError._PARTITION_EOF:
                     continue  # transient broker state; librdkafka retries by itself
+                if err.code() == ck.KafkaError.UNKNOWN_TOPIC_OR_PART:
+                    # a subscribed topic that does not exist (yet): clients never create topics
+                    # (streamrec.stream.topics), so it is waited for, as kafka-python waits
+                    if time.monotonic() >= self._missing_warned_at + MISSING_TOPIC_WARN_S:
+                        self._missing_warned_at = time.monotonic()
+                        log.warning("consume: %s; waiting for it to be created", err.str())
+                    continue
                 raise KafkaError(f"consume failed: {err}")
             records.append(
                 Record(m.topic(), m.partition(), m.offset(), m.timestamp()[1], m.key(), m.value(),

@@ -30,6 +30,7 @@ class KafkaPythonProducer(Producer):
             enable_idempotence=acks == "all",
             linger_ms=linger_ms,
             batch_size=batch_bytes,
+            allow_auto_create_topics=False,  # topics are created with their partitions (stream.topics)
             **extra,
         )
         self._failures: list[BaseException] = []
@@ -88,6 +89,7 @@ class KafkaPythonConsumer(Consumer):
             fetch_max_bytes=64 * 1024 * 1024,
             max_partition_fetch_bytes=c.partition_fetch_bytes,
             fetch_max_wait_ms=c.fetch_wait_ms,
+            allow_auto_create_topics=False,
             **extra,
         )
         if c.topics:
