@@ -38,7 +38,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 from streamrec.core.config import Settings
 from streamrec.serving.experiment_report import events_frame, impressions_frame, outcomes
 from streamrec.stream.kafka import Consumer, Record, TopicPartition, make_consumer
-from streamrec.stream.topics import end_offsets, partitions_of
+from streamrec.stream.topics import create_topics, end_offsets, partitions_of
 
 log = logging.getLogger(__name__)
 ARM = ["experiment", "arm"]
@@ -120,12 +120,16 @@ class LiveOutcomes:
 
 
 def _reader(settings: Settings, from_beginning: bool) -> Consumer:
-    """A group-less reader of every partition of both topics, at their ends (or beginnings)."""
-    consumer = make_consumer(settings.kafka_bootstrap, settings.kafka_client, fetch_wait_ms=settings.fetch_wait_ms)
+    """A group-less reader of every partition of both topics, at their ends (or beginnings). The
+    topics are created where they do not exist yet, as the impression follower does: a watch
+    started before serving's first answer raised KeyError (and left its consumer open)."""
+    topics = [settings.impressions_topic, settings.topic]
+    create_topics(settings.kafka_bootstrap, topics, settings.topic_partitions)
     ends: dict[TopicPartition, int] = {(topic, partition): end
-            for topic in (settings.impressions_topic, settings.topic)
+            for topic in topics
             for partition, (_, end) in end_offsets(settings.kafka_bootstrap, topic,
                                                    partitions_of(settings.kafka_bootstrap, topic)).items()}
+    consumer = make_consumer(settings.kafka_bootstrap, settings.kafka_client, fetch_wait_ms=settings.fetch_wait_ms)
     consumer.assign(list(ends))
     if not from_beginning:
         for partition, end in ends.items():

@@ -139,7 +139,9 @@ class EventIngest:
         self.schema = EventSchema(tuple(config.custom_event_types), config.max_context_keys, config.max_context_bytes)
         self.topic, self.dlq_topic = config.topic, config.topic + config.dlq_suffix
         self.retry_after = max(1, math.ceil(config.produce_retry_after_s))
-        pending_ms = int(2000 * config.produce_timeout_s) + 5000  # outlives a produce that is still waiting
+        # outlives a produce that is still waiting: the lock, the topics' creation (`open_producer`)
+        # and the send each wait at most produce_timeout_s
+        pending_ms = int(3000 * config.produce_timeout_s) + 5000
         self.ledger = EventIdLedger.from_url(config.redis_url, config.feature_prefix, config.event_id_retention_s,
                                              pending_ms, LEDGER_TIMEOUT_S, config.redis_cluster)
         self._lock = threading.Lock()
@@ -303,8 +305,10 @@ def _raw(item: object) -> bytes:
 
 def open_producer(config: ServingConfig, topics: Sequence[str]) -> Producer:
     """A producer whose waits are bounded by `produce_timeout_s`, for `topics`, which are created
-    first where they do not exist (clients never create topics: streamrec.stream.topics)."""
-    create_topics(config.kafka_bootstrap, topics, config.topic_partitions, timeout_s=config.produce_timeout_s)
+    first where they do not exist (clients never create topics: streamrec.stream.topics). The
+    creation's four steps (bootstrap, listing, creating, waiting for the metadata) get a quarter
+    of the timeout each: together no longer than one send."""
+    create_topics(config.kafka_bootstrap, topics, config.topic_partitions, timeout_s=config.produce_timeout_s / 4)
     return make_producer(config.kafka_bootstrap, config.kafka_client, config.producer_acks, config.producer_linger_ms,
                          **producer_timeouts(config.kafka_client, config.produce_timeout_s))
 

@@ -6,8 +6,9 @@ topic on a client's first metadata request gives it the broker's default count (
 Kafka's `num.partitions`, 1 unless set) and the later `create_topics` finds it existing: a serving
 worker answering `POST /events` before any trainer started, or any client after a memory-only
 broker restarted, fixed the topic's partitions, and so how many trainers can share it, by accident.
-A process that produces creates its topics before its first send and again after a failed one
-(`EventPublisher.from_settings`, serving's `POST /events` and impressions).
+A process that produces creates its topics before its first send (`EventPublisher.from_settings`,
+the trainer, the catalogue tools), and serving's `POST /events` and impressions again after each
+failed send, since a memory-only broker may have come back empty.
 
 End offsets come from a fetch response's high-water mark rather than ListOffsets: the embedded
 broker answers ListOffsets with the last batch's base offset + 1, which undercounts; the
@@ -39,16 +40,33 @@ def offset_key(topic: str, partition: int) -> str:
 
 
 def admin_client(bootstrap: str, timeout_s: float = 30.0) -> KafkaAdminClient:
-    """An admin client whose bootstrap and requests each wait at most `timeout_s`."""
+    """An admin client whose bootstrap and requests each wait at most `timeout_s`.
+
+    kafka-python starts the client's network thread before it bootstraps, and a bootstrap that
+    fails (broker down) raised out of the constructor with the thread and its sockets left
+    running: serving, which creates its topics again after each failed send, gained a thread and
+    four descriptors per retry through an outage. The half-built client is stopped here."""
     ms = max(500, int(timeout_s * 1000))
-    return KafkaAdminClient(bootstrap_servers=bootstrap.split(","), client_id="streamrec-admin",
-                            request_timeout_ms=ms, bootstrap_timeout_ms=ms)
+    admin = KafkaAdminClient.__new__(KafkaAdminClient)
+    try:
+        admin.__init__(bootstrap_servers=bootstrap.split(","), client_id="streamrec-admin",  # type: ignore[misc]
+                       request_timeout_ms=ms, bootstrap_timeout_ms=ms)
+    except BaseException:
+        client, net = getattr(admin, "_client", None), getattr(admin, "_net", None)
+        if client is not None:
+            client.close()
+        if net is not None:
+            net.stop()
+        raise
+    return admin
 
 
-def create_topics(bootstrap: str, names: Sequence[str], partitions: int, replication: int = 1,
+def create_topics(bootstrap: str, names: Sequence[str], partitions: int, replication: int = -1,
                   timeout_s: float = 30.0) -> dict[str, str]:
-    """Create topics that do not exist yet; {name: "created" | "exists"}. A broker that does not
-    answer raises (kafka-python's KafkaError) after about `timeout_s`."""
+    """Create topics that do not exist yet; {name: "created" | "exists"}. `replication` -1: the
+    broker's `default.replication.factor` (a cluster's replicas, with auto-creation off, would
+    otherwise be one copy, which `min.insync.replicas` > 1 refuses under acks=all). A broker that
+    does not answer raises (kafka-python's KafkaError) after about `timeout_s`."""
     admin = admin_client(bootstrap, timeout_s)
     try:
         existing = set(admin.list_topics())

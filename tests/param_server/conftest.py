@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from streamrec.core.parent_watch import watched_env
 from streamrec.param_server.client import ParamClient
 from tests import children
 
@@ -22,7 +23,7 @@ class ServerProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=env,
+            env=watched_env(env),  # ends with this test process, even one killed
         ))
         line = self.proc.stdout.readline()
         if not line:

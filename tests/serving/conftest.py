@@ -17,6 +17,7 @@ import httpx
 import numpy as np
 import pytest
 
+from streamrec.core.parent_watch import watched_env
 from streamrec.param_server.client import ParamClient
 from streamrec.stream.events import EventBatch
 from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
@@ -116,8 +117,8 @@ def serving_factory(home: Path) -> tuple[StartServing, list[Serving]]:
         log.parent.mkdir(parents=True, exist_ok=True)
         proc = subprocess.Popen(
             [STREAMREC, "serve", "--workers", str(workers), "--port", str(port), "--poll-interval", str(poll),
-             "--feature-prefix", prefix, *args], env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"),
-            start_new_session=True)
+             "--feature-prefix", prefix, *args], env=watched_env(env), stdout=subprocess.DEVNULL,
+            stderr=log.open("w"), start_new_session=True)  # its own group, killed whole; ends with this process
         children.track(proc, own_group=True)
         serving = Serving(proc, port, log)
         started.append(serving)

@@ -11,8 +11,10 @@ import time
 import numpy as np
 import pytest
 
+from streamrec.core.net import port_open
 from streamrec.serving.experiment_report import events_frame, impressions_frame
 from streamrec.serving.experiment_watch import LiveOutcomes, WatchMetrics
+from streamrec.stream.topics import partitions_of
 from tests.conftest import settings_env
 from tests.serving.conftest import free_port
 from tests.serving.test_experiment_report import T0, WINDOW, encoded, produce_world, world
@@ -111,4 +113,22 @@ def test_the_command_serves_the_reports_counts(settings) -> None:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     assert {k: got.get(k) for k in expected} == expected, err[-2000:]
+    assert proc.returncode == 0, err[-2000:]
+
+
+def test_a_watch_started_before_its_topics_creates_them_and_runs(settings) -> None:
+    """Started before serving's first answer (no impressions topic yet), the watch raised KeyError
+    and exited; it creates both topics with the settings' partitions, as the trainer does."""
+    port = free_port()
+    proc = subprocess.Popen([STREAMREC, "experiments", "watch", "--metrics-port", str(port)],
+                            env={**os.environ, **settings_env(settings)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: proc.poll() is not None or port_open("127.0.0.1", port), timeout=60)
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert partitions_of(settings.kafka_bootstrap, settings.impressions_topic) == [0, 1, 2]
+        assert partitions_of(settings.kafka_bootstrap, settings.topic) == [0, 1, 2]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err[-2000:]

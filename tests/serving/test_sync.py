@@ -28,6 +28,7 @@ from tests.serving.conftest import (
     wait_for,
     write_history,
 )
+from tests.test_parent_watch import wait_gone
 
 DIM = 4
 
@@ -371,3 +372,18 @@ def test_a_blob_that_does_not_decode_is_refused_once_and_the_poll_goes_on(
     ps.put_blob(KNN_BLOB, good_knn)
     ready = wait_for(lambda: KNN_BLOB not in (r := serving.get("/readyz").json())["refused_artifacts"] and r)
     assert ready["artifacts"][KNN_BLOB] > good_version
+
+
+def test_the_workers_stop_when_their_supervisor_is_sigkilled(ps: ParamClient, param_server: ServerProcess,
+                                                             redis_url: str, prefix: str,
+                                                             start_serving: StartServing) -> None:
+    """`streamrec serve --workers 2` is uvicorn's supervisor and two worker processes. SIGTERM to the
+    supervisor stops them all; a SIGKILLed supervisor left both workers answering on the port,
+    owned by nobody. Each worker now watches its supervisor and stops when it is gone."""
+    load_model(ps, {"u": np.ones(DIM, np.float32)}, _items(30))
+    serving = start_serving(param_server.address, redis_url, prefix, workers=2)
+    workers: set[int] = set()
+    wait_for(lambda: workers.add(serving.fresh_get("/readyz").json()["pid"]) or len(workers) == 2, timeout=30)
+    serving.proc.kill()  # the supervisor alone: its workers are in its group but get no signal
+    serving.proc.wait()
+    assert wait_gone(sorted(workers), timeout=20) == [], "workers outlived their supervisor"

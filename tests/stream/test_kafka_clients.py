@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import pytest
 
+from streamrec.core.net import free_port
 from streamrec.stream.kafka import Consumer, Record, make_consumer, make_producer
 from streamrec.stream.topics import create_topics
 from tests.conftest import TEST_HEARTBEAT_MS, TEST_SESSION_MS
@@ -150,3 +153,30 @@ def test_a_consumer_waits_for_a_topic_that_does_not_exist_yet(kafka_bootstrap, k
         create_topics(kafka_bootstrap, [topic], 2)
         produce(kafka_bootstrap, kafka_client, topic, 10)
         assert sorted(r.value for r in poll_until(consumer, 10)) == sorted(f"v{i}".encode() for i in range(10))
+
+
+DOWN_BROKER = """
+import gc, os, sys, threading
+from streamrec.stream.kafka import BROKER_ERRORS
+from streamrec.stream.topics import create_topics
+threads, descriptors = threading.active_count(), len(os.listdir("/proc/self/fd"))
+for _ in range(4):
+    try:
+        create_topics(sys.argv[1], ["never"], 1, timeout_s=0.5)
+    except BROKER_ERRORS:
+        pass
+gc.collect()  # the stopped clients' sockets sit in reference cycles; a running thread kept them reachable
+print(threading.active_count() - threads, len(os.listdir("/proc/self/fd")) - descriptors)
+"""
+
+
+def test_creating_topics_on_a_broker_that_is_down_leaves_no_thread_or_socket_behind():
+    """kafka-python's admin client starts its network thread before it bootstraps; a failed
+    bootstrap raised out of its constructor and left the thread and its sockets running. Serving
+    creates its topics again after every failed send, so an outage added a thread and four
+    descriptors per retry until the worker ran out of descriptors. (In a process of its own:
+    pytest's captured logs and exceptions keep the clients' sockets reachable.)"""
+    done = subprocess.run([sys.executable, "-c", DOWN_BROKER, f"127.0.0.1:{free_port()}"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["0", "0"], "threads and descriptors gained over four failed creations"

@@ -19,6 +19,7 @@ import pytest
 import redis
 
 from streamrec.core.config import Settings
+from streamrec.core.parent_watch import watched_env
 from streamrec.param_server.client import ParamClient
 from streamrec.stream.kafka import make_producer
 from streamrec.stream.publish import EventPublisher
@@ -72,7 +73,7 @@ class TrainerProcess:
         self.report_path = report
         self.proc = children.track(subprocess.Popen(
             [STREAMREC, "train-online", "--report", str(report), "--batch-events", "200", *args],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=watched_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         ))
 
     def report(self) -> dict | None:
