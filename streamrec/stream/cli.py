@@ -89,15 +89,19 @@ def topics_describe(ctx: click.Context, name: str | None, as_json: bool) -> None
 @click.pass_context
 def produce(ctx: click.Context, file: BinaryIO, topic_flag: str | None, as_json: bool) -> None:
     """Send JSON lines from FILE (or stdin) to the topic; invalid lines go to the dead-letter topic."""
+    from streamrec.stream.kafka import BROKER_ERRORS
     from streamrec.stream.publish import EventPublisher
 
     settings = settings_from(ctx)
-    publisher = EventPublisher.from_settings(settings, "produce", topic_flag)
     name = getattr(file, "name", "-")
     lines = 0
-    for lines, raw in enumerate(file, start=1):
-        publisher.publish_raw(raw.rstrip(b"\r\n"), {"file": name, "line": lines})
-    publisher.close()
+    try:
+        publisher = EventPublisher.from_settings(settings, "produce", topic_flag)
+        for lines, raw in enumerate(file, start=1):
+            publisher.publish_raw(raw.rstrip(b"\r\n"), {"file": name, "line": lines})
+        publisher.close()
+    except BROKER_ERRORS as exc:  # a traceback from the client's bootstrap said no more than this
+        raise _fail(_broker_failure(settings.kafka_bootstrap, exc)) from exc
     result = {"lines": lines, **publisher.summary(), "topic": publisher.topic}
     if as_json:
         print_json(result)

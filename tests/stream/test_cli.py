@@ -117,14 +117,16 @@ def test_a_speed_that_is_not_a_finite_non_negative_number_is_refused(settings, t
 
 
 def test_an_unreachable_broker_is_a_one_line_error(tmp_path):
-    """`replay` and `export --from topic` ended in a KafkaTimeoutError traceback (after ~33 s)."""
+    """`replay`, `produce` and `export --from topic` ended in a KafkaTimeoutError traceback (after ~33 s)."""
     closed = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "STREAMREC_KAFKA_BOOTSTRAP": closed, "STREAMREC_HOME": str(tmp_path / "home")}
     log = tmp_path / "log.csv"
     log.write_text("user_id,item_id,timestamp\nu1,i1,1700000000\n")
     exe = str(Path(sys.executable).parent / "streamrec")
     commands = [[exe, "replay", "--data", str(log), "--format", "csv"],
-                [exe, "export", "--to", "parquet", str(tmp_path / "topic.parquet")]]
+                [exe, "export", "--to", "parquet", str(tmp_path / "topic.parquet")],
+                [exe, "produce", str(tmp_path / "events.jsonl")]]
+    (tmp_path / "events.jsonl").write_text('{"user_id": "u1", "item_id": "i1", "event_type": "click"}\n')
     running = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for command in commands]  # side by side: each waits for the client's bootstrap timeout
     for process in running:
