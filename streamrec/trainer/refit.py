@@ -50,6 +50,7 @@ from streamrec.stream.loaders import InteractionLog
 from streamrec.stream.reader import read_event_log, read_records
 from streamrec.trainer import refit_metrics
 from streamrec.trainer.engines import Engine, model_class
+from streamrec.trainer.features import with_side_data
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.base import Recommender
 from streamrec.trainer.models.export import Export, NeighbourLists
@@ -303,7 +304,11 @@ def refit_once(
     if impressions is not None and "impression_negatives" not in cls.Params.model_fields:
         raise ValueError(f"--impressions: {model_name} does not learn from impressions (the pointwise networks do, "
                          "with impression_negatives=true)")
-    model = cls(**parse_params(cls.Params, params, model_name).model_dump())
+    typed = parse_params(cls.Params, params, model_name)
+    effective = typed.model_dump()
+    if source != "topic" and not source.startswith("topic:"):  # a MovieLens folder's side files, as `evaluate`
+        effective = with_side_data(cls, effective, typed.model_fields_set, source, fmt)
+    model = cls(**effective)
     with refit_metrics.DURATION.labels(model_name, "load").time():
         log = load_refit_log(settings, source, fmt, engine)
         data = Interactions.from_log(log, implicit=not model.capabilities.explicit)
@@ -316,6 +321,7 @@ def refit_once(
     report: dict[str, Any] = {
         "model": model_name, "version": version, "events": len(log), "users": data.n_users,
         "items": data.n_items, "fit_seconds": fit_seconds, "engine": engine, "ranks": world()[1],
+        "params": effective,
     }
     if impressions is not None:  # what the fit could use of them: pairs shown and never picked
         report["impressions"] = {"shown_pairs": int(data.shown.nnz), "invalid": invalid}

@@ -1,4 +1,4 @@
-"""`evaluate` and `tune` give the models that read side features the MovieLens folder's side files
+"""`evaluate`, `tune` and `refit` give the models that read side features the MovieLens folder's side files
 when `--param side_data` is not given: `evaluate --model deepfm --data ml-100k` used to measure the
 id-only variant (0.0838 hr@10 on MovieLens 100K) while the README reports the model with its side
 features (the report command passed them), so a newcomer could not reproduce the table."""
@@ -13,6 +13,7 @@ import pytest
 from streamrec.trainer import registry
 from streamrec.trainer.evaluation.harness import evaluate
 from streamrec.trainer.features import side_files_folder
+from streamrec.trainer.refit import refit_once
 from streamrec.trainer.tuning import tune
 from tests.trainer.neural.test_components import write_side_files
 from tests.trainer.neural.test_neural_models import planted_sequences
@@ -58,3 +59,15 @@ def test_tune_fixes_the_folder_beside_the_searched_parameters(movielens_like: Pa
     search = tune("topn", "deepfm", list(QUICK), movielens_like, "ml-100k", trials=1, seed=0)
     assert search["fixed_params"]["side_data"] == str(movielens_like.resolve())
     assert np.isfinite(search["test"]["tuned"]["metrics"]["hr@10"])
+
+
+def test_a_refit_from_the_folder_fits_the_model_that_was_evaluated(movielens_like: Path, settings, tmp_path) -> None:
+    """`refit --from FOLDER` of a side-aware model fitted the id-only variant while `evaluate` on
+    the same folder measured the model with side features: serving would rank with another model
+    than the one measured."""
+    report = refit_once(settings, "deepfm", list(QUICK), str(movielens_like), "ml-100k", tmp_path / "refits",
+                        do_publish=False, version=1)
+    assert report["params"]["side_data"] == str(movielens_like.resolve())
+    id_only = refit_once(settings, "deepfm", [*QUICK, "side_data="], str(movielens_like), "ml-100k",
+                         tmp_path / "refits", do_publish=False, version=2)
+    assert id_only["params"]["side_data"] == ""
