@@ -325,6 +325,25 @@ def _numeric_column(frame: pd.DataFrame, name: str, required: bool) -> np.ndarra
 
 EPOCH_UNITS = ((1e17, 1e9, "nanoseconds"), (1e14, 1e6, "microseconds"), (1e11, 1e3, "milliseconds"))
 """(median magnitude from which, divisor, unit): epoch seconds reach 1e11 only in the year 5138."""
+DATED_FROM = 1e8  # |t| from which a time is an epoch date in some unit (1973 in seconds): below, any unit fits
+
+
+def _check_one_unit(values: np.ndarray, path: Path) -> None:
+    """Refuse a numeric time column that mixes epoch units: the unit is chosen for the whole
+    column from its median, so a log with 40% of its times in milliseconds kept them as seconds
+    (the year 55,000: every user's latest events, the topn test split) and one with half of
+    them converted moved the rest to January 1970, each with exit 0. The units' ranges do not
+    overlap from 1973 on (seconds reach 1e11 in the year 5138), so two of them in one column are
+    two exports mixed, not a long log."""
+    magnitude = np.abs(values)
+    dated = magnitude >= DATED_FROM
+    unit_of = np.searchsorted(np.array([1e11, 1e14, 1e17]), magnitude, side="right")  # 0: s, 1: ms, 2: us, 3: ns
+    units = np.unique(unit_of[dated])
+    if len(units) > 1:
+        names = ("seconds", "milliseconds", "microseconds", "nanoseconds")
+        found = ", ".join(f"{int(((unit_of == u) & dated).sum()):,} in epoch {names[u]} (the first at row "
+                          f"{int(np.argmax((unit_of == u) & dated))})" for u in units.tolist())
+        raise ValueError(f"{path}: column 'timestamp' mixes time units: {found}; write every time in one unit")
 
 
 def _datetime_seconds(column: pd.Series) -> np.ndarray:
@@ -354,6 +373,8 @@ def _timestamp_column(frame: pd.DataFrame, path: Path) -> np.ndarray:
             print(f"note: {path}: timestamps read as ISO 8601 dates", file=sys.stderr)
     if np.isnan(values).any():
         raise ValueError(f"column 'timestamp' row {int(np.argmax(np.isnan(values)))}: the time is missing")
+    if not pd.api.types.is_datetime64_any_dtype(column.dtype):
+        _check_one_unit(values, path)
     magnitude = float(np.median(np.abs(values))) if len(values) else 0.0
     for bound, divisor, unit in EPOCH_UNITS:
         if magnitude >= bound:

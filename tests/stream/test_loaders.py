@@ -100,6 +100,23 @@ def test_epoch_times_in_finer_units_are_read_as_seconds(tmp_path: Path, unit: st
     assert (f"epoch {unit}" in capsys.readouterr().err) == (factor > 1)
 
 
+def test_a_time_column_that_mixes_units_is_refused(tmp_path: Path) -> None:
+    """The unit is chosen from the column's median: with 40% of the times in milliseconds they were
+    kept as seconds (the year 55,000, every user's test item in topn), with half of them the other
+    half was divided into January 1970; both exited 0. Small times (offsets, 1970-1973) fit any
+    unit and stay allowed beside a dated unit."""
+    seconds = [1_700_000_000 + 60 * n for n in range(10)]
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_text("user_id,item_id,timestamp\n" + "".join(
+        f"u{n % 3},i{n},{s * 1000 if n % 5 < 2 else s}\n" for n, s in enumerate(seconds)))
+    with pytest.raises(ValueError, match=r"mixes time units: 6 in epoch seconds \(the first at row 2\), "
+                                         r"4 in epoch milliseconds \(the first at row 0\)"):
+        load_log(mixed, "csv")
+    offsets = tmp_path / "offsets.csv"
+    offsets.write_text("user_id,item_id,timestamp\nu,a,0\nu,b,5000\nu,c,1700000000\n")
+    assert load_log(offsets, "csv").timestamp.tolist() == [0.0, 5000.0, 1_700_000_000.0]
+
+
 def test_dates_are_read_as_epoch_seconds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     csv = tmp_path / "dates.csv"
     csv.write_text("user_id,item_id,timestamp\nu,a,2023-11-14T22:13:20Z\nu,b,2023-11-14 22:14:20\n")
