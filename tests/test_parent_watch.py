@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from streamrec.core.parent_watch import PARENT_ENV
 
 RUN = """
@@ -102,6 +104,7 @@ def command_line(pid: int) -> str:
         return ""
 
 
+@pytest.mark.slow  # a bench serving run under load (about 20 s)
 def test_a_sigkilled_bench_leaves_neither_its_parameter_server_nor_its_serving_stack(tmp_path: Path) -> None:
     """`bench serving` starts its children itself (not through `Processes`): killed with SIGKILL
     while its load ran, it left a parameter server and a serving group running."""

@@ -13,6 +13,7 @@ from streamrec.app.cli import cli
 from tests.conftest import settings_env
 
 
+@pytest.mark.slow  # two bench runs (17 and 24 s)
 @pytest.mark.parametrize("client", ["kafka-python", "confluent"])
 def test_bench_pipeline_json(settings, client):
     args = ["bench", "pipeline", "--events", "3000", "--client", client, "--json"]

@@ -12,6 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from streamrec.app.cli import cli
@@ -19,6 +20,7 @@ from streamrec.app.processes import STREAMREC
 from tests.conftest import settings_env
 
 
+@pytest.mark.slow  # a bench run of its own (18 s): with the other process-level runs in make test-slow
 def test_soak_reports_memory_and_keeps_the_row_bound(settings):
     args = ["bench", "soak", "--events", "20000", "--users", "10000", "--items", "1000", "--max-rows", "4000",
             "--query-rate", "5", "--json"]
@@ -67,6 +69,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow  # a bench run of its own (37 s)
 def test_sigterm_stops_every_process_the_bench_started(settings):
     """A bench stopped with SIGTERM (a CI timeout, `kill`) unwinds through its `finally` and stops
     its parameter server, trainer and serving workers instead of orphaning them."""
