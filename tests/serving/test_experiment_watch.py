@@ -123,11 +123,18 @@ def test_a_watch_started_before_its_topics_creates_them_and_runs(settings) -> No
     proc = subprocess.Popen([STREAMREC, "experiments", "watch", "--metrics-port", str(port)],
                             env={**os.environ, **settings_env(settings)}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    try:
-        wait_until(lambda: proc.poll() is not None or port_open("127.0.0.1", port), timeout=60)
+    def partitions(topic: str) -> list[int]:
+        try:
+            return partitions_of(settings.kafka_bootstrap, topic)
+        except KeyError:
+            return []
+
+    try:  # the metrics port opens before the topics are read: wait for the topics themselves
+        wait_until(lambda: proc.poll() is not None or (port_open("127.0.0.1", port) and
+                                                       all(partitions(t) for t in (settings.impressions_topic,
+                                                                                   settings.topic))), timeout=60)
         assert proc.poll() is None, proc.communicate()[1][-2000:]
-        assert partitions_of(settings.kafka_bootstrap, settings.impressions_topic) == [0, 1, 2]
-        assert partitions_of(settings.kafka_bootstrap, settings.topic) == [0, 1, 2]
+        assert partitions(settings.impressions_topic) == [0, 1, 2] and partitions(settings.topic) == [0, 1, 2]
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
