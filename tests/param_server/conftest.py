@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,17 +18,29 @@ from tests import children
 
 
 class ServerProcess:
+    BUSY_PORT_TRIES = 20  # a restart on the same port: half a second apart
+
     def __init__(self, args: list[str], env: dict[str, str]):
-        self.proc = children.track(subprocess.Popen(
-            [sys.executable, "-m", "streamrec.param_server", "--port", "0", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=watched_env(env),  # ends with this test process, even one killed
-        ))
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"server did not start: {self.proc.stderr.read()}")
+        """The server on a free port, or on `--port P` given in `args`. A test restarting a shard
+        on its old port can find that number taken for a moment by another process's outgoing
+        connection (its local port is drawn from the same ephemeral range): the start is tried
+        again then, as an operator would, instead of failing the test."""
+        for attempt in range(self.BUSY_PORT_TRIES):
+            self.proc = children.track(subprocess.Popen(
+                [sys.executable, "-m", "streamrec.param_server", "--port", "0", *args],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=watched_env(env),  # ends with this test process, even one killed
+            ))
+            line = self.proc.stdout.readline()
+            if line:
+                break
+            error = self.proc.stderr.read()
+            self.proc.wait()
+            if "Address already in use" not in error or attempt == self.BUSY_PORT_TRIES - 1:
+                raise RuntimeError(f"server did not start: {error}")
+            time.sleep(0.5)
         self.ready = json.loads(line)
         self.address: str = self.ready["address"]
 
