@@ -190,7 +190,7 @@ def bench_stream_cmd(ctx: click.Context, events: int, client: str | None, partit
 def export_cmd(ctx: click.Context, target_format: str, path: str, source: str, fmt: str) -> None:
     """Write the interaction log to PATH (Parquet: the input of `refit --engine spark`); prints JSON."""
     from streamrec.stream.kafka import BROKER_ERRORS
-    from streamrec.stream.reader import read_event_log
+    from streamrec.stream.reader import is_topic_source, read_event_log
 
     try:
         from streamrec.stream.export import export_parquet
@@ -201,7 +201,7 @@ def export_cmd(ctx: click.Context, target_format: str, path: str, source: str, f
         raise click.BadParameter(f"{path!r} names a folder; PATH is the file to write, e.g. {path}log.parquet",
                                  param_hint="PATH")
     settings = settings_from(ctx)
-    if source != "topic" and not source.startswith("topic:"):
+    if not is_topic_source(source):
         data = DATA.convert(source, None, ctx)
         source, fmt = str(data.path), data.format_or(fmt)
     try:

@@ -107,10 +107,15 @@ def read_log(
     return log.take(time_order(log)), invalid, int(repeated.sum())
 
 
+def is_topic_source(source: str) -> bool:
+    """`source` names a topic (`topic`, `topic:NAME`), not a log file, folder or data-set name."""
+    return source == "topic" or source.startswith("topic:")
+
+
 def read_event_log(settings: Settings, source: str, fmt: str) -> InteractionLog:
     """The event log from its beginning: `topic` (the interaction topic), `topic:NAME`, or a file
     of format `fmt` (batch refits and `streamrec export` read their input this way)."""
-    if source == "topic" or source.startswith("topic:"):
+    if is_topic_source(source):
         topic = source.partition(":")[2] or settings.topic
         try:
             log, _, repeated = read_log(settings.kafka_bootstrap, topic, EventSchema.from_settings(settings),

@@ -133,6 +133,7 @@ def refit_cmd(
     """Fit a batch model on the event log and publish it for serving, once or periodically."""
     from streamrec.core.cli import print_json, settings_from
     from streamrec.param_server.client import ParamServerError
+    from streamrec.stream.reader import is_topic_source
     from streamrec.trainer.refit import parse_loop_period, refit_loop
 
     settings = settings_from(ctx)
@@ -140,7 +141,7 @@ def refit_cmd(
         raise click.UsageError("--nproc trains torch families; Spark distributes --engine spark fits itself")
     use_ranks(model_name, nproc)
     use_engine(ctx, engine, spark_master)
-    if source != "topic" and not source.startswith("topic:"):
+    if not is_topic_source(source):
         data = DATA.convert(source, None, ctx)
         source, fmt = str(data.path), data.format_or(fmt)
     try:

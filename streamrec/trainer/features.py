@@ -107,14 +107,20 @@ def _item_table(path: Path, items: IdIndex) -> tuple[np.ndarray, tuple[int, ...]
 
 def side_files_folder(data: str | Path, fmt: str) -> str | None:
     """The folder of a MovieLens-100K log's side files (`u.user`, `u.item`), or None (another
-    format, or a folder without them). `evaluate` and `tune` give it to the models that read side
+    format, or a folder without them). `evaluate`, `tune` and `refit` give it to the models that read side
     features when `--param side_data` is not given: a newcomer's `evaluate --model deepfm --data
     ml-100k` then measures the model the README reports, not its id-only variant."""
     if fmt != "ml-100k":
         return None
-    folder = Path(data)
+    folder = _folder_of_side_files(data)
+    return str(folder.resolve()) if folder is not None else None
+
+
+def _folder_of_side_files(path: str | Path) -> Path | None:
+    """`path` (a folder, or a file in it) when the folder holds `u.user` or `u.item`."""
+    folder = Path(path)
     folder = folder.parent if folder.is_file() else folder
-    return str(folder.resolve()) if (folder / "u.user").exists() or (folder / "u.item").exists() else None
+    return folder if (folder / "u.user").exists() or (folder / "u.item").exists() else None
 
 
 def with_side_data(model: type, params: dict[str, object], given: Collection[str], data: str | Path,
@@ -133,19 +139,17 @@ def load_side_features(folder: str | Path | None, users: IdIndex, items: IdIndex
     """Demographics, decade, genres and titles from a MovieLens-100K folder; id-only if absent."""
     if not folder:
         return SideFeatures.empty(len(users), len(items), "none (no side_data folder given)")
-    folder = Path(folder)
-    if folder.is_file():
-        folder = folder.parent
-    user_file, item_file = folder / "u.user", folder / "u.item"
-    if not user_file.exists() and not item_file.exists():
+    found = _folder_of_side_files(folder)
+    if found is None:
         return SideFeatures.empty(len(users), len(items), f"none (no u.user/u.item in {folder})")
+    user_file, item_file = found / "u.user", found / "u.item"
     empty = SideFeatures.empty(len(users), len(items), "")
     user_codes, user_cards = _user_table(user_file, users) if user_file.exists() else (empty.user_codes, ())
     if item_file.exists():
         item_codes, item_cards, genres, titles = _item_table(item_file, items)
     else:
         item_codes, item_cards, genres, titles = empty.item_codes, (), empty.genres, empty.titles
-    return SideFeatures(user_codes, user_cards, item_codes, item_cards, genres, titles, str(folder))
+    return SideFeatures(user_codes, user_cards, item_codes, item_cards, genres, titles, str(found))
 
 
 def stable_hash(token: str, buckets: int) -> int:

@@ -47,7 +47,7 @@ from streamrec.param_server.table_alias import (
 from streamrec.stream.impressions import decode_record, shown_pairs
 from streamrec.stream.kafka import KafkaError
 from streamrec.stream.loaders import InteractionLog
-from streamrec.stream.reader import read_event_log, read_records
+from streamrec.stream.reader import is_topic_source, read_event_log, read_records
 from streamrec.trainer import refit_metrics
 from streamrec.trainer.engines import Engine, model_class
 from streamrec.trainer.features import with_side_data
@@ -260,7 +260,7 @@ def load_refit_log(settings: Settings, source: str, fmt: str, engine: Engine) ->
     engine reads the topic or any file format."""
     if engine == "local":
         return read_event_log(settings, source, fmt)
-    if source == "topic" or source.startswith("topic:") or fmt != "parquet":
+    if is_topic_source(source) or fmt != "parquet":
         raise ValueError("--engine spark reads a Parquet log: write one with `streamrec export --to parquet PATH`, "
                          "then `refit --engine spark --from PATH --format parquet`")
     from streamrec.trainer.spark.logs import read_parquet_log
@@ -306,7 +306,7 @@ def refit_once(
                          "with impression_negatives=true)")
     typed = parse_params(cls.Params, params, model_name)
     effective = typed.model_dump()
-    if source != "topic" and not source.startswith("topic:"):  # a MovieLens folder's side files, as `evaluate`
+    if not is_topic_source(source):  # a MovieLens folder's side files, as `evaluate`
         effective = with_side_data(cls, effective, typed.model_fields_set, source, fmt)
     model = cls(**effective)
     with refit_metrics.DURATION.labels(model_name, "load").time():
