@@ -14,8 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from streamrec.trainer.models.neural.distributed import requested
 from streamrec.trainer.models.neural.training import NeuralRecommender
+from streamrec.trainer.ranks import requested
 
 
 def check_data_parallel(cls: type, nproc: int) -> None:

@@ -54,7 +54,7 @@ from streamrec.trainer.features import with_side_data
 from streamrec.trainer.interactions import Interactions
 from streamrec.trainer.models.base import Recommender
 from streamrec.trainer.models.export import Export, NeighbourLists
-from streamrec.trainer.models.neural.distributed import is_primary, world
+from streamrec.trainer.ranks import is_primary, world
 
 PERIOD_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_LOOP_PERIOD_S = 365 * 86400  # a year: a longer pause is no loop, and past ~292 years sleep() overflows

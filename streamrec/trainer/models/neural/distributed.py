@@ -7,7 +7,7 @@ on its own contiguous slice of each batch; DDP averages the gradients, so a step
 batch and the global batch size is `batch_size` whatever N is (each rank's share shrinks). Every
 rank applies the same averaged step, so replicas stay equal and validation, early stopping and the
 popularity blend decide the same on all of them without talking. Rank 0 alone writes and
-publishes (`is_primary`).
+publishes (`streamrec.trainer.ranks.is_primary`).
 
 Only families whose batches are independent examples can be sliced this way (`data_parallel` on
 the class): the pointwise ones (NCF, Wide & Deep, DeepFM, DCN, DCN-v2) and YouTube DNN. DSSM's
@@ -16,37 +16,21 @@ batch is its in-batch negatives, and GRU4Rec's and Caser's are session-parallel 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from streamrec.trainer.ranks import requested, world
+
 Batch = tuple[torch.Tensor, ...]
-
-
-def requested() -> bool:
-    """Whether this process was started as one of several ranks (torchrun sets WORLD_SIZE)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def join(device: torch.device) -> None:
     """Join the process group torchrun describes (once per process)."""
     if requested() and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
-
-def world() -> tuple[int, int]:
-    """(rank, number of ranks); (0, 1) outside a process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def is_primary() -> bool:
-    """Rank 0, or the only process: the one that writes artefacts, publishes and prints."""
-    return world()[0] == 0
 
 
 def local_part(batch: Batch, rank: int, size: int) -> Batch:

@@ -41,6 +41,7 @@ from streamrec.trainer.models.neural.distributed import parallel_loss
 from streamrec.trainer.models.neural.history import HistoryPooling
 from streamrec.trainer.models.popularity_blend import RankingParams
 from streamrec.trainer.models.seen_pairs import SeenPairs
+from streamrec.trainer.ranks import requested
 
 SCORE_BATCH = 256  # users scored per forward pass
 _console = Console(file=sys.stderr)
@@ -281,7 +282,7 @@ class NeuralRecommender(Recommender):
 
         p = self.params
         self.device = configure(p["seed"], p["threads"], p["device"])
-        if distributed.requested():
+        if requested():
             if not self.data_parallel:
                 raise ValueError(f"{self.name} cannot be trained data-parallel (--nproc): its batches are not "
                                  "independent examples (see streamrec.trainer.models.neural.distributed)")
