@@ -45,7 +45,7 @@ from streamrec.trainer.online.base import (
     StepStats,
     Updates,
 )
-from streamrec.trainer.online.kernels import bpr_steps, mf_steps, rank_linear
+from streamrec.trainer.online.kernels import bpr_steps, mf_steps, rank_linear, scoring_vector
 from streamrec.trainer.online.roles import EventRoles
 from streamrec.trainer.online.sampling import NegativeSampler, SamplingMode
 from streamrec.trainer.online.session import (
@@ -60,6 +60,7 @@ from streamrec.trainer.online.session import (
 from streamrec.trainer.online.shown import ShownItems
 
 SMALL_LOOKUP = 16  # users: below this, row lookups go through a dict (pandas' setup costs more)
+NO_ROWS = np.zeros(0, np.int64)  # a user without a session: no item rows
 
 
 def _dot(users: np.ndarray, items: np.ndarray) -> np.ndarray:
@@ -212,26 +213,23 @@ class OnlineBPR(_FactorModel):
     def rank_one(self, user: str, target: int, excluded: np.ndarray) -> tuple[int, int]:
         """The scores [p_u, 1] . [q_j, b_j] computed and counted in one compiled pass (`rank_linear`)."""
         items = self.items.values
-        vector = np.ones(self.params.dim + 1, np.float32)
-        vector[:-1] = self._user_vector(user, items)
-        return rank_linear(vector, items, self.items.alive, self.hidden, excluded, target)
+        return rank_linear(self._user_vector(user, items), items, self.items.alive, self.hidden, excluded, target)
 
     def _user_vector(self, user: str, item_rows: np.ndarray) -> np.ndarray:
-        """`_user_vectors` of one user without the array plumbing, to the same float64 values:
-        the live scorer asks for one user per scored event, where building arrays for each of
-        the row lookup, the session weight and the session's grouping cost more than its score."""
+        """`_user_vectors` of one user, as `rank_linear`'s float32 [vector, 1], without the array
+        plumbing (`scoring_vector` does the session's arithmetic): the live scorer asks for one
+        user per scored event, where building arrays for each of the row lookup, the session
+        weight and the session's grouping cost more than its score."""
         dim = self.params.dim
         row = None if self.users is None else self.users.row_of.get(user)
         vector = (self.users.values[row, :dim].astype(np.float64) if row is not None
                   else self.user_rows(np.array([user], object))[0, :dim])
+        rows, weight = NO_ROWS, 0.0
         if self.sessions is not None:
             items = self.sessions.items_of(user)
-            rows = np.fromiter(map(self.items.position, items), np.int64, len(items))
-            rows = rows[rows >= 0]  # evicted items drop out
-            if len(rows):
-                mean = item_rows[rows, :dim].sum(axis=0) / len(rows)
-                vector = vector + self._faded(float(self.sessions.events_of(user))) * mean
-        return vector
+            rows = np.fromiter(map(self.items.position, items), np.int64, len(items))  # -1: evicted, dropped
+            weight = float(self._faded(float(self.sessions.events_of(user))))
+        return scoring_vector(vector, item_rows, rows, weight)
 
     def _session_weights(self, user_ids: np.ndarray) -> np.ndarray:
         """Each user's `_faded` session weight."""
