@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -148,6 +148,11 @@ class Settings(BaseSettings):
         description="other processes' /metrics URLs the serving console aggregates: name=url,name=url (or JSON)",
     )
 
+    @field_validator("param_server_token", "api_token")
+    @classmethod
+    def _secret_given(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return secret_or_none(value, str(info.field_name))
+
     @field_validator("custom_event_types", "param_servers", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
@@ -207,6 +212,15 @@ class Settings(BaseSettings):
         data["impressions_topic"] = self.impressions_topic
         data["items_topic"] = self.items_topic
         return data
+
+
+def secret_or_none(value: str | None, name: str) -> str | None:
+    """A token as given, or None (none configured). An empty or blank one is refused: a secret
+    store that hands over an empty variable (`STREAMREC_API_TOKEN=`) left the API open to anyone,
+    since an empty token read as "no token", where the operator meant to close it."""
+    if value is not None and not value.strip():
+        raise ValueError(f"{name} is set but empty: unset it to run without a token, or give the token")
+    return value
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -26,7 +26,9 @@ from typing import Annotated, Any
 
 import faiss
 import orjson
-from fastapi import Depends, FastAPI, Path, Query
+from fastapi import Depends, FastAPI, Path, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -70,6 +72,13 @@ def filter_refusal(exc: FilterError) -> dict[str, Any]:
     """A filter that cannot be applied, refused in the shape of FastAPI's own 422 (the OpenAPI
     document's HTTPValidationError), so clients parse one form of refusal."""
     return {"detail": [{"loc": ["query", "filter"], "msg": str(exc), "type": "value_error"}]}
+
+
+async def validation_refusal(request: Request, exc: RequestValidationError) -> Response:
+    """FastAPI's own 422, encoded by orjson: FastAPI's encoder refuses the non-finite floats that a
+    body's `NaN`, `Infinity` or `1e309` parse to, and the refusal, which echoes the input, was a
+    500 instead (orjson writes them as null)."""
+    return _json({"detail": jsonable_encoder(exc.errors())}, 422)
 
 
 def _json(body: dict[str, Any], status: int = 200) -> Response:
@@ -192,6 +201,7 @@ def create_app(config: ServingConfig) -> FastAPI:
 
     app = FastAPI(title="streamrec serving", version="1", lifespan=lifespan, telemetry=FASTAPI_TELEMETRY,
                   description="Recommendations from the live embeddings (docs/serving.md).")
+    app.add_exception_handler(RequestValidationError, validation_refusal)
     guarded = [Depends(bearer_guard(config.api_token))]
     too_large = {TOO_LARGE: {"model": schemas.Error, "description": "request body over this endpoint's cap"}}
     unavailable = {503: {"model": schemas.Error, "description": "no model loaded yet"}}

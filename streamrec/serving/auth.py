@@ -24,7 +24,7 @@ def bearer_guard(token: str | None) -> Callable[[HTTPAuthorizationCredentials | 
     `Authorization: Bearer <token>` (compared in constant time); 401 otherwise. It is a coroutine
     so FastAPI runs it on the event loop: a plain `def` would cost every request a hop through the
     thread pool, which the handlers themselves already take."""
-    expected = token.encode() if token else None
+    expected = token.encode() if token is not None else None
 
     async def guard(credentials: HTTPAuthorizationCredentials | None = Depends(SCHEME)) -> None:
         if expected is None:

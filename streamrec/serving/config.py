@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from streamrec.core.config import Settings
+from streamrec.core.config import Settings, secret_or_none
 from streamrec.serving.filters import ItemFilter
 from streamrec.trainer.online.session import SESSION_FADE, SESSION_GAP, SESSION_ITEMS, SESSION_WEIGHT
 
@@ -152,6 +152,11 @@ class ServingConfig(BaseModel):
     @property
     def logs_impressions(self) -> bool:
         return self.impressions == "on" or (self.impressions == "auto" and self.experiments_file is not None)
+
+    @field_validator("param_server_token", "api_token")
+    @classmethod
+    def _secret_given(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return secret_or_none(value, str(info.field_name))
 
     @field_validator("item_rules")
     @classmethod

@@ -61,8 +61,8 @@ def parse(query_string: bytes) -> RecommendQuery | None:
     user_id = params.get("user_id", "")
     if not 0 < len(user_id) <= MAX_USER_ID:
         return None
-    k_text = params.get("k", "10")
-    if not k_text.isdigit() or not k_text.isascii() or not 1 <= int(k_text) <= MAX_K:
+    k = _bounded_int(params.get("k", "10"), 1, MAX_K)
+    if k is None:
         return None
     exclude_seen = _BOOLS.get(params.get("exclude_seen", "true"))
     explain = _BOOLS.get(params.get("explain", "false"))
@@ -76,10 +76,23 @@ def parse(query_string: bytes) -> RecommendQuery | None:
     if device is not None and not 0 < len(device) <= MAX_DEVICE:
         return None
     hour_text = params.get("hour")
-    if hour_text is not None and not (hour_text.isdigit() and hour_text.isascii() and int(hour_text) < 24):
+    hour = None if hour_text is None else _bounded_int(hour_text, 0, 23)
+    if hour_text is not None and hour is None:
         return None
-    return RecommendQuery(user_id, int(k_text), exclude_seen, diversity, explain, item_filter, device,
-                          None if hour_text is None else int(hour_text))
+    return RecommendQuery(user_id, k, exclude_seen, diversity, explain, item_filter, device, hour)
+
+
+def _bounded_int(text: str, low: int, high: int) -> int | None:
+    """The ASCII decimal `text` as an int within [low, high], else None (FastAPI then answers).
+    `int()` refuses more than 4,300 digits with a ValueError, which made a `k` of 5,000 zeros and
+    a 5 a 500; leading zeros are stripped and the length checked before it converts."""
+    if not (text.isdigit() and text.isascii()):
+        return None
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(high)):
+        return None
+    value = int(digits)
+    return value if low <= value <= high else None
 
 
 class RecommendFastPath:

@@ -203,6 +203,14 @@ def test_bad_rescore_and_similar_bodies(world: World) -> None:
     assert http.post("/rescore", json={"user_id": "u1", "candidates": ["x"] * 10_001}).status_code == 422
     assert world.serving.get("/similar/i1", k=5000).status_code == 422
     assert world.serving.get("/recommend", user_id="u1", k=1000).status_code == 200  # the bound itself is fine
+    # non-finite numbers parse (json.loads), fail validation, and the 422 that echoes them was a 500
+    for body in (b'{"user_id": 1e309, "candidates": ["i1"]}', b'{"user_id": NaN, "candidates": ["i1"]}',
+                 b'{"user_id": "u1", "candidates": ["i1"], "x": -Infinity}'):
+        refused = http.post("/rescore", content=body, headers={"content-type": "application/json"})
+        assert refused.status_code == 422 and refused.json()["detail"], (body, refused.text)
+    # more digits than int() converts: the direct route raised, a 500
+    assert world.serving.get("/recommend", user_id="u1", k="0" * 5000 + "5").status_code == 200
+    assert world.serving.get("/recommend", user_id="u1", k="9" * 5000).status_code == 422
 
 
 def test_health_ready_metrics_openapi(world: World) -> None:

@@ -16,6 +16,8 @@ from streamrec.serving.fastpath import RecommendQuery, parse
     (b"user_id=u&diversity=1", RecommendQuery("u", 10, True, 1.0, False)),
     (b"user_id=u&device=ios&hour=07", RecommendQuery("u", 10, True, 0.0, False, device="ios", hour=7)),
     (b"user_id=u&device=a%3Ab&hour=23", RecommendQuery("u", 10, True, 0.0, False, device="a:b", hour=23)),
+    # more digits than int() converts (4,300): a ValueError, so a 500, before the zeros were stripped
+    (b"user_id=u&k=" + b"0" * 5000 + b"5&hour=" + b"0" * 5000 + b"7", RecommendQuery("u", 5, True, 0.0, False, hour=7)),
 ])
 def test_plain_queries_are_parsed(query: bytes, expected: RecommendQuery) -> None:
     assert parse(query) == expected
@@ -27,7 +29,8 @@ def test_plain_queries_are_parsed(query: bytes, expected: RecommendQuery) -> Non
     b"user_id=u&exclude_seen=True", b"user_id=u&explain=", b"user_id=u&diversity=1.5", b"user_id=u&diversity=-0.1",
     b"user_id=u&diversity=nan", b"user_id=u&diversity=.5", b"user_id=u&diversity=1e-1",
     b"user_id=u&device=", b"user_id=u&device=" + b"x" * 65, b"user_id=u&hour=24", b"user_id=u&hour=-1",
-    b"user_id=u&hour=", b"user_id=u&hour=%D9%A3",
+    b"user_id=u&hour=", b"user_id=u&hour=%D9%A3", b"user_id=u&k=" + b"9" * 5000, b"user_id=u&hour=" + b"1" * 5000,
+    b"user_id=u&k=" + b"9" * 5000 + b"&exclude_seen=maybe",
 ])
 def test_everything_else_is_left_to_fastapi(query: bytes) -> None:
     assert parse(query) is None

@@ -15,9 +15,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from streamrec.app import infra
+from streamrec.app.cli import cli
+from streamrec.core.config import load_settings
 from streamrec.param_server.client import ParamClient
+from streamrec.serving.config import ServingConfig
 from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
 from tests.serving.conftest import Serving, load_model, serving_factory, start_param_server, write_history
 
@@ -293,3 +297,17 @@ def test_http_client_timeouts_do_not_leak(servers: Servers) -> None:
     with socket.create_connection((host, int(port)), timeout=10) as idle:
         idle.sendall(b"POST /rescore HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
         assert httpx.get(servers.open.url + "/healthz", timeout=10).status_code == 200
+
+
+
+@pytest.mark.parametrize("name", ["STREAMREC_API_TOKEN", "STREAMREC_PARAM_SERVER_TOKEN"])
+@pytest.mark.parametrize("value", ["", "   "])
+def test_an_empty_token_is_refused_not_read_as_none(name: str, value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A secret store that hands over an empty variable must not open the API: `streamrec serve`
+    read `STREAMREC_API_TOKEN=` as "no token" and answered everyone."""
+    result = CliRunner().invoke(cli, ["serve", "--help"], env={name: value})
+    assert result.exit_code == 2 and "set but empty" in result.output, result.output
+    with pytest.raises(ValueError, match="set but empty"):
+        ServingConfig(api_token=value)
+    monkeypatch.delenv(name, raising=False)
+    assert load_settings().api_token is None  # unset: no token, as before
