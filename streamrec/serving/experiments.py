@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import Literal
 
@@ -43,6 +45,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 log = logging.getLogger(__name__)
+EPSILON = 1e-6  # of a bucket: float error in a running total of traffics
 BUCKETS = 10_000
 NAME = r"^[A-Za-z0-9_.-]{1,64}$"
 MAX_WEIGHT = 1e6  # weights are relative: a million to one is finer than the buckets can split
@@ -100,10 +103,21 @@ class ExperimentsFile(BaseModel):
         if len(set(names)) != len(names):
             raise ValueError(f"experiment names repeat: {names}")
         for layer in {e.layer for e in self.experiments}:
-            total = sum(e.traffic for e in self.experiments if e.layer == layer)
+            members = [e for e in self.experiments if e.layer == layer]
+            total = sum(e.traffic for e in members)
             if total > 1.0 + 1e-9:
                 raise ValueError(f"layer {layer!r}: its experiments' traffic adds up to {total:g} > 1")
         return self
+
+
+def bucket_ends(traffics: list[float]) -> list[int]:
+    """Where each experiment of a layer ends among its BUCKETS (file order: the first starts at 0,
+    each next one where the one before ends): the running total's floor. Rounded share by share,
+    the round-ups added up, and a later experiment began past the last bucket, with no users,
+    while the file said otherwise. Floors of a running total give each experiment at least the
+    floor of its own share (floor(a + b) >= floor(a) + floor(b)), so every experiment, whose
+    traffic is at least 1/BUCKETS, gets a bucket; EPSILON keeps 0.3 * 10,000 = 2999.99... at 3,000."""
+    return [min(BUCKETS, math.floor(total * BUCKETS + EPSILON)) for total in accumulate(traffics)]
 
 
 @dataclass(frozen=True)
@@ -137,15 +151,16 @@ class Experiments:
     def __init__(self, spec: ExperimentsFile) -> None:
         self.spec = spec
         self._layers: dict[str, list[tuple[int, Experiment, list[tuple[float, Arm]]]]] = {}
-        for experiment in spec.experiments:
-            ranges = self._layers.setdefault(experiment.layer, [])
-            start = ranges[-1][0] if ranges else 0
-            total = sum(arm.weight for arm in experiment.arms)
-            cumulative, shares = 0.0, []
-            for arm in experiment.arms:
-                cumulative += arm.weight / total
-                shares.append((cumulative, arm))
-            ranges.append((start + round(experiment.traffic * BUCKETS), experiment, shares))
+        for layer in dict.fromkeys(e.layer for e in spec.experiments):
+            members = [e for e in spec.experiments if e.layer == layer]
+            ranges = self._layers[layer] = []
+            for end, experiment in zip(bucket_ends([e.traffic for e in members]), members):
+                total = sum(arm.weight for arm in experiment.arms)
+                cumulative, shares = 0.0, []
+                for arm in experiment.arms:
+                    cumulative += arm.weight / total
+                    shares.append((cumulative, arm))
+                ranges.append((end, experiment, shares))
 
     def __bool__(self) -> bool:
         return bool(self.spec.experiments)

@@ -6,6 +6,7 @@ k result objects, and the hash lookups of a short list of history ids, see `rows
 from __future__ import annotations
 
 import time
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,12 @@ def rows_of(mirror: TableMirror, ids: list[str]) -> np.ndarray:
     if len(ids) > SMALL_LOOKUP:
         return mirror.positions(ids)
     return np.fromiter((mirror.position(item) for item in ids), np.int64, len(ids))
+
+
+def _unseen(ids: list[str], scores: list[float], seen: set[str], k: int, source: str) -> list[dict[str, Any]]:
+    """The first k of `ids` not in `seen`, as answer items from `source`."""
+    unseen = ((i, s) for i, s in zip(ids, scores) if i not in seen)
+    return [{"item_id": i, "score": float(s), "sources": [source]} for i, s in islice(unseen, k)]
 
 
 def top_order(scores: np.ndarray, k: int) -> np.ndarray:
@@ -283,7 +290,8 @@ class CandidatePipeline:
     def _cold_start(self, state: ServingState | None, k: int, seen: set[str], degraded: list[str],
                     allowed: np.ndarray | None, context: RequestContext | None = None) -> dict[str, Any]:
         """A user without a vector: the items popular in the request's `context` where its slices
-        have proven useful, then trending items; without Redis, the items with the largest bias.
+        have proven useful, then trending items, then (to fill k, and all of them without Redis) the
+        items with the largest bias.
         Filtered, the allowed ones among trending, then the allowed items by bias until there are k."""
         if allowed is not None and state is not None:
             return self._cold_start_within(state, k, seen, degraded, allowed)
@@ -294,22 +302,21 @@ class CandidatePipeline:
         trending = self.history.trending(k + len(seen))
         if trending is None:
             _note_redis(degraded)
-        if trending:
-            ids = np.array([item for item, _ in trending], dtype=object)
-            scores = np.array([score for _, score in trending])
-            source = "trending"
-        elif state is not None and len(state.prior):
-            ids = state.item_ids[state.prior]
-            scores = state.items.values[state.prior, state.items.dim] if state.items.scalars else np.zeros(len(ids))
-            source = "prior"
-            self._fallback["prior"].inc()
-        else:
+        by_bias = state if state is not None and len(state.prior) else None
+        if not trending and by_bias is None:
             raise Unavailable("no model loaded yet and no trending items")
         self._fallback["cold_start"].inc()
-        keep = ~pd.Index(ids).isin(list(seen)) if seen else np.ones(len(ids), bool)
-        ids, scores = ids[keep][:k], scores[keep][:k]
-        return {"cold_start": True, "items": [{"item_id": i, "score": s, "sources": [source]}
-                                                for i, s in zip(ids.tolist(), np.asarray(scores, float).tolist())]}
+        items: list[dict[str, Any]] = []
+        if trending:
+            items = _unseen([item for item, _ in trending], [score for _, score in trending], seen, k, "trending")
+        if len(items) < k and by_bias is not None:  # a short trending list is filled by the items of largest bias
+            listed = {*seen, *(item["item_id"] for item in items)}
+            head = by_bias.prior[: k + len(listed)]  # enough however many of them are listed
+            ids = by_bias.item_ids[head]
+            scores = by_bias.items.values[head, by_bias.items.dim] if by_bias.items.scalars else np.zeros(len(ids))
+            items += _unseen(ids.tolist(), np.asarray(scores, float).tolist(), listed, k - len(items), "prior")
+            self._fallback["prior"].inc()
+        return {"cold_start": True, "items": items}
 
     def _cold_start_in_context(self, state: ServingState | None, k: int, seen: set[str], degraded: list[str],
                                ids: np.ndarray, scores: np.ndarray, slices: list[str]) -> dict[str, Any]:

@@ -158,6 +158,17 @@ def test_cold_start_user_gets_trending(world: World) -> None:
     assert [(item["item_id"], item["sources"]) for item in body["items"]] == [("i30", ["trending"]), ("i31", ["trending"])]
 
 
+def test_a_short_trending_list_is_filled_to_k_by_the_items_of_largest_bias(world: World) -> None:
+    """Trending holds five items; a cold user asking for 8 got those five, though 40 items exist
+    (a filter that allows everything gave 8: that path already filled from the bias prior)."""
+    body = world.serving.get("/recommend", user_id="newcomer", k=8).json()
+    trending = ["i30", "i31", "i32", "i3", "i7"]
+    by_bias = [f"i{j}" for j in np.argsort(-world.bias, kind="stable") if f"i{j}" not in trending]
+    ids = [item["item_id"] for item in body["items"]]
+    assert sorted(ids[:5]) == sorted(trending) and ids[5:] == by_bias[:3]
+    assert [item["sources"] for item in body["items"]] == [["trending"]] * 5 + [["prior"]] * 3
+
+
 def test_rescore_reports_unknown(world: World) -> None:
     reply = world.serving.http.post("/rescore", json={"user_id": "u2", "candidates": ["i5", "nope", "i1", "i5"]})
     body = schemas.RescoreResponse.model_validate(reply.json())

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from streamrec.param_server.client import ParamClient
-from streamrec.serving.experiments import Experiments, combined
+from streamrec.serving.experiments import Experiments, bucket_ends, combined
 from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
 from tests.serving.conftest import STREAMREC, load_model, serving_factory, start_param_server, wait_for, write_history
 
@@ -94,6 +96,35 @@ def test_assignment_is_sticky_split_by_weight_and_traffic_and_independent_across
         inside = [r for r, k in zip(retrieval, ranking) if k == cell]
         share = Counter(inside)["popular"] / len(inside)
         assert abs(share - 0.25) <= 4 * np.sqrt(0.25 * 0.75 / len(inside)), cell
+
+
+def test_every_experiment_gets_the_share_of_users_its_traffic_says() -> None:
+    """Shares rounded one by one added up past the last bucket: four experiments of 1.6 buckets
+    took 2 each, and the last one of this layer, declared at 0.0001, got no user at all."""
+    text = "experiments:\n" + "".join(f"  - {{name: e{n}, traffic: 0.00016, arms: [{{name: a}}]}}\n" for n in range(4))
+    text += "  - {name: mid, traffic: 0.99926, arms: [{name: a}]}\n  - {name: last, traffic: 0.0001, arms: [{name: a}]}\n"
+    experiments = Experiments.parse(text)
+    users = [f"user-{n}" for n in range(200_000)]
+    counts = Counter(found[0].experiment for found in map(experiments.assign, users) if found)
+    assert sum(counts.values()) == len(users)  # the traffic adds up to 1: everyone is in one
+    expected = 0.0001 * len(users)
+    assert abs(counts["last"] - expected) <= 4 * np.sqrt(expected), counts
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(1e-4, 0.3), min_size=1, max_size=40).filter(lambda traffics: sum(traffics) <= 1),
+       st.booleans())
+def test_each_experiment_has_the_buckets_its_traffic_gives_it(traffics: list[float], fill: bool) -> None:
+    """Ranges are contiguous from bucket 0, none empty, each within one bucket of its traffic; a
+    layer whose traffic adds up to 1 covers every bucket."""
+    if fill:
+        traffics = [*traffics, 1 - sum(traffics)] if 1 - sum(traffics) >= 1e-4 else traffics
+    ends = bucket_ends(traffics)
+    sizes = [end - start for start, end in zip([0, *ends], ends)]
+    assert ends[-1] <= 10_000 and all(size >= 1 for size in sizes)
+    assert all(abs(size - t * 10_000) < 1 + 1e-6 for size, t in zip(sizes, traffics))
+    if abs(sum(traffics) - 1) < 1e-9:
+        assert ends[-1] == 10_000
 
 
 def test_a_new_salt_reshuffles_its_experiment_and_nothing_else() -> None:
