@@ -6,6 +6,11 @@
 DEFAULT_MAX_ROWS = 1 << 22
 DEFAULT_CHECKPOINT_EVERY = 10.0  # seconds: the most a crash loses, which the trainer then replays
 DEFAULT_KEEP_CHECKPOINTS = 3  # newest kept; a checkpoint that fails to load falls back to the next
+# one row's update in one push (its gradients summed over repeats of its id), per value: far beyond
+# any learning step, and small enough that neither a sum nor Adagrad's square of it overflows float32
+# (3.4e38): 3e38 pushed twice for one id wrote -inf, 2e19 once froze an Adagrad row at an infinite
+# accumulator, and both rows were then served and checkpointed
+MAX_UPDATE = 1e15
 MAX_EVENTS_PER_PUSH = 10**9  # events (or one item's count) one push may credit: more is a bug or an attack
 MAX_CLOCK_SKEW = 86400.0  # seconds an event time may lie in the future (it drives the TTL clock forward)
 # what a shard lets its peers use (ServerLimits, docs/param_server.md "Limits")

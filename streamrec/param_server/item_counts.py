@@ -31,6 +31,8 @@ def checked_counts(item_ids: Sequence[str], counts: np.ndarray) -> tuple[list[st
     codes = np.fromiter(map(position.__getitem__, ids), np.int64, len(ids))
     sums = np.zeros(len(position), np.int64)
     np.add.at(sums, codes, counts.astype(np.int64))
+    if sums.size and sums.max() > MAX_EVENTS_PER_PUSH:  # an id repeated with large counts adds up past the cap
+        raise ValueError(f"an item's counts in one push must add up to at most {MAX_EVENTS_PER_PUSH}")
     return list(position), sums
 
 

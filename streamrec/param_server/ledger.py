@@ -27,6 +27,8 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import ClassVar
 
+MAX_OFFSET = 1 << 63  # Kafka offsets and our epochs are signed 64-bit
+
 Ranges = Mapping[str, tuple[int, int]]
 
 
@@ -61,15 +63,20 @@ def checked_ranges(ranges: Mapping[str, object]) -> dict[str, tuple[int, int]]:
             a, b = bounds  # type: ignore[misc]
         except (TypeError, ValueError):
             raise ValueError(f"range of {pkey!r} must be [a, b), got {bounds!r}") from None
-        if not all(isinstance(x, int) and not isinstance(x, bool) for x in (a, b)) or not 0 <= a <= b:
-            raise ValueError(f"range of {pkey!r} must be integers 0 <= a <= b, got {bounds!r}")
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in (a, b)) or not 0 <= a <= b < MAX_OFFSET:
+            raise ValueError(f"range of {pkey!r} must be integers 0 <= a <= b < 2**63, got {bounds!r}")
         out[pkey] = (a, b)
     return out
 
 
 def checked_epochs(epochs: Mapping[str, object]) -> dict[str, int]:
-    if not isinstance(epochs, Mapping) or not all(isinstance(pkey, str) and isinstance(e, int) and not isinstance(e, bool) for pkey, e in epochs.items()):
-        raise ValueError(f"epochs must map partition keys to integers, got {str(epochs)[:100]!r}")
+    """Epochs as integers in [0, 2**63 - 1): a claim adds one, and the checkpoint's JSON holds 64
+    bits. An epoch of 2**64 - 1 was adopted, the next claim made it 2**64, and the checkpoint
+    that followed raised and stopped the server."""
+    if not isinstance(epochs, Mapping) or not all(
+            isinstance(pkey, str) and isinstance(e, int) and not isinstance(e, bool) and 0 <= e < MAX_OFFSET - 1
+            for pkey, e in epochs.items()):
+        raise ValueError(f"epochs must map partition keys to integers in [0, 2**63 - 1), got {str(epochs)[:100]!r}")
     return dict(epochs)  # type: ignore[arg-type]
 
 

@@ -48,6 +48,11 @@ class ProtocolError(ConnectionError):
     """The peer sent something that is not a valid frame; the connection is dropped."""
 
 
+class MalformedFrame(ProtocolError):
+    """A whole frame read whose header is no request (not JSON, not an object, bad arrays): the
+    stream is still in step, so the server can say why before it closes the connection."""
+
+
 class FrameRefused(ProtocolError):
     """A well-formed prefix the server will not read (over a cap or over the byte budget); the
     server tells the peer why, then drops the connection (the unread body cannot be skipped)."""
@@ -257,9 +262,11 @@ def parse(head: bytes | bytearray, body: bytearray) -> Message:
         for name, dtype, shape, offset in header.pop("arrays", []):
             if not isinstance(name, str) or dtype not in ALLOWED_DTYPES:
                 raise ValueError(f"array {name!r} has a bad name or a disallowed dtype {dtype!r}")
+            if name in arrays:  # the later one silently won
+                raise ValueError(f"array {name!r} is described twice")
             arrays[name] = view_array(body, dtype, shape, offset)
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise ProtocolError(f"malformed frame header: {exc}") from exc
+        raise MalformedFrame(f"malformed frame header: {exc}") from exc
     return Message(header, arrays)
 
 

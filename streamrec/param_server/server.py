@@ -169,9 +169,10 @@ class ParamServer:
                     self.answer(sock, message)
                 finally:
                     self.budget.release(message.reserved)
-        except protocol.FrameRefused as exc:
-            self.metrics.errors.labels(op="frame", type="FrameRefused").inc()
-            self._tell(sock, "FrameRefused", str(exc))
+        except (protocol.FrameRefused, protocol.MalformedFrame) as exc:  # said, not just a closed connection
+            kind = type(exc).__name__
+            self.metrics.errors.labels(op="frame", type=kind).inc()
+            self._tell(sock, kind, str(exc))
         except OSError as exc:  # ProtocolError, ConnectionError, timeouts: drop this connection only
             log.debug("connection from %s dropped: %s", peer, exc)
 

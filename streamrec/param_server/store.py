@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 from streamrec.param_server.defaults import (
     DEFAULT_MAX_ROWS,
@@ -47,6 +48,17 @@ from streamrec.param_server.ledger import (
 )
 from streamrec.param_server.specs import TableSpec
 from streamrec.param_server.table import Table
+
+
+def checked_meta(meta: object) -> None:
+    """A ValueError for meta the checkpoint could not write. orjson reads JSON nested 1,024 levels
+    deep but writes 255 at most: a push with meta 300 levels deep was stored, every later `meta`
+    call failed, and the next checkpoint raised and stopped the server, losing what it held."""
+    try:
+        orjson.dumps(meta)
+    except orjson.JSONEncodeError as exc:
+        raise ValueError(f"meta cannot be stored: {exc}") from None
+
 
 RECENT_PUSHERS = 4096  # clients whose last push sequence number is remembered (retry dedup)
 
@@ -176,7 +188,10 @@ class ParamStore:
 
     def drop_table(self, name: str) -> bool:
         with self.lock:
-            return self.tables.pop(name, None) is not None
+            dropped = self.tables.pop(name, None) is not None
+            if dropped:
+                self.version += 1  # a change a checkpoint must record: the table came back after a restart
+            return dropped
 
     def table_infos(self) -> list[dict[str, Any]]:
         with self.lock:
@@ -226,6 +241,8 @@ class ParamStore:
         now = checked_event_time(event_time)
         if not isinstance(events, int) or isinstance(events, bool) or not 0 <= events <= MAX_EVENTS_PER_PUSH:
             raise ValueError(f"events must be an integer in [0, {MAX_EVENTS_PER_PUSH}], got {events!r}")
+        if meta is not None:
+            checked_meta(meta)
         ranged = None if ranges is None else checked_ranges(ranges)
         claimed = checked_epochs(epochs or {})
         counted = None if item_counts is None else checked_counts(*item_counts)

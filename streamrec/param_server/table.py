@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from streamrec.param_server.admission import CountMinSketch, Sightings
+from streamrec.param_server.defaults import MAX_UPDATE
 from streamrec.param_server.kernels import (
     draw_initial,
     gather_rows,
@@ -453,7 +454,23 @@ class Table:
 
     def prepare_push(self, keys: Keys, grads: np.ndarray) -> PlannedRows:
         """Check a push (ids, gradient shape, finite values, admission, room) without changing anything."""
-        return self._prepare(keys, grads, "gradients", admit=True)
+        plan = self._prepare(keys, grads, "gradients", admit=True)
+        self._check_update_size(plan)
+        return plan
+
+    def _check_update_size(self, plan: PlannedRows) -> None:
+        """A ValueError when a row's summed update exceeds MAX_UPDATE in some value. The sums are
+        bounded from above by summing magnitudes per key hash (colliding ids only add to the
+        bound); a push whose largest value times its length stays under it needs no grouping."""
+        matrix = plan.matrix
+        if not matrix.size or float(np.abs(matrix).max()) * len(matrix) <= MAX_UPDATE:
+            return
+        _, owner = np.unique(plan.key64, return_inverse=True)
+        bound = np.zeros((int(owner.max()) + 1, matrix.shape[1]))
+        np.add.at(bound, owner, np.abs(matrix))
+        if bound.max() > MAX_UPDATE:
+            raise ValueError(f"gradients for table {self.spec.name!r}: a row's update in one push exceeds "
+                             f"{MAX_UPDATE:g} in magnitude (repeats of an id add up)")
 
     def prepare_assign(self, keys: Keys, values: np.ndarray, only_new: bool = False) -> PlannedRows:
         """Check an assign without changing anything. `only_new`: plan rows for the ids that have
