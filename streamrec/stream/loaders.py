@@ -159,7 +159,22 @@ def _parse_mapping(mapping: dict[str, str] | None) -> dict[str, str]:
     unknown = set(mapping or {}) - set(CANONICAL_COLUMNS)
     if unknown:
         raise ValueError(f"--map names unknown fields {sorted(unknown)}; known: {CANONICAL_COLUMNS}")
+    sources = list((mapping or {}).values())
+    twice = sorted({src for src in sources if sources.count(src) > 1})
+    if twice:  # the reversed mapping kept one of them, silently
+        raise ValueError(f"--map names the column(s) {twice} for more than one field")
     return {src: dst for dst, src in (mapping or {}).items()}
+
+
+def _mapped(frame: pd.DataFrame, mapping: dict[str, str] | None) -> pd.DataFrame:
+    """`frame` with the `--map` renames; a rename onto a column the log also has is refused (two
+    columns of one name made the id reader fail with "Buffer has wrong number of dimensions")."""
+    renames = _parse_mapping(mapping)
+    taken = [f"{dst}={src}" for src, dst in renames.items() if src != dst and dst in frame.columns]
+    if taken:
+        raise ValueError(f"--map {','.join(taken)}: the log has a column of that name already; rename it or map "
+                         "the field to that column")
+    return frame.rename(columns=renames)
 
 
 _FORMAT_OF_SUFFIX = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
@@ -171,16 +186,18 @@ def _read_frame(path: Path, fmt: str, mapping: dict[str, str] | None) -> pd.Data
         if file.suffix.lower() in _FORMAT_OF_SUFFIX:
             raise ValueError(f"{file} looks like a {file.suffix[1:]} file, but --format is {fmt} (the default is "
                              f"ml-100k): add --format {_FORMAT_OF_SUFFIX[file.suffix.lower()]}")
+        if mapping:
+            raise ValueError(f"--map does not apply to --format {fmt}, whose columns are fixed")
         return _read_movielens(file, fmt)
     if fmt == "sessions":  # session_id,item_id,timestamp[,user_id]: sessions take the place of users
-        frame = _read_csv_with_header(path, dtype=str)
+        frame = _mapped(_read_csv_with_header(path, dtype=str), mapping)
         if "session_id" not in frame.columns:
             raise ValueError(f"sessions format needs a session_id column (columns: {list(frame.columns)})")
         return frame.drop(columns=["user_id"], errors="ignore").rename(columns={"session_id": "user_id"})
     if fmt == "ml-latest":
         file = path / "ratings.csv" if path.is_dir() else path
         frame = _read_csv_with_header(file, dtype={"userId": str, "movieId": str})
-        return frame.rename(columns={"userId": "user_id", "movieId": "item_id"})
+        return _mapped(frame.rename(columns={"userId": "user_id", "movieId": "item_id"}), mapping)
     if fmt == "csv":
         frame = _read_csv_with_header(path, dtype=str)
     elif fmt == "jsonl":
@@ -196,7 +213,7 @@ def _read_frame(path: Path, fmt: str, mapping: dict[str, str] | None) -> pd.Data
                 frame[column] = frame[column].astype(str)
     else:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
-    return frame.rename(columns=_parse_mapping(mapping))
+    return _mapped(frame, mapping)
 
 
 def _read_csv_with_header(path: Path, **options: Any) -> pd.DataFrame:

@@ -290,6 +290,20 @@ def load_shown(settings: Settings, source: str) -> tuple[np.ndarray, np.ndarray,
     return users, items, invalid + undecodable
 
 
+def rated_events(log: InteractionLog, model_name: str) -> InteractionLog:
+    """The rated events, for a model that learns from ratings only: an unrated event (a view, a
+    click) entered its fit as a rating of 1, so an item a user had only viewed was predicted at
+    one star. A log without ratings is refused, as the rating protocol refuses it."""
+    rated = np.flatnonzero(np.isfinite(log.rating))
+    if not len(rated):
+        raise ValueError(f"{model_name} learns from ratings and this log has none: refit a model that ranks "
+                         "from interactions (als, bpr, item-knn, ...)")
+    if len(rated) < len(log):
+        print(f"note: {len(log) - len(rated)} of {len(log)} events have no rating; {model_name} is fitted on the "
+              "rated ones only", file=sys.stderr)
+    return log.take(rated)
+
+
 def refit_once(
     settings: Settings, model_name: str, params: list[str] | tuple[str, ...], source: str, fmt: str,
     out_dir: str | Path | None, do_publish: bool, version: int, engine: Engine = "local",
@@ -311,6 +325,9 @@ def refit_once(
     model = cls(**effective)
     with refit_metrics.DURATION.labels(model_name, "load").time():
         log = load_refit_log(settings, source, fmt, engine)
+        loaded = len(log)
+        if model.capabilities.explicit and not model.capabilities.implicit:
+            log = rated_events(log, model_name)
         data = Interactions.from_log(log, implicit=not model.capabilities.explicit)
         if impressions is not None:
             shown_users, shown_items, invalid = load_shown(settings, impressions)
@@ -319,7 +336,7 @@ def refit_once(
     refit_metrics.DURATION.labels(model_name, "fit").observe(fit_seconds)
     out = Path(out_dir) if out_dir else Path(settings.home) / "refits"
     report: dict[str, Any] = {
-        "model": model_name, "version": version, "events": len(log), "users": data.n_users,
+        "model": model_name, "version": version, "events": loaded, "events_fitted": len(log), "users": data.n_users,
         "items": data.n_items, "fit_seconds": fit_seconds, "engine": engine, "ranks": world()[1],
         "params": effective,
     }

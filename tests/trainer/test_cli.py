@@ -13,6 +13,7 @@ from streamrec.param_server.client import ParamClient
 from streamrec.param_server.server import ParamServer
 from streamrec.param_server.store import ParamStore
 from streamrec.param_server.table_alias import resolve_tables
+from streamrec.trainer.models import load
 from tests.trainer.synthetic import planted_log
 
 TOP_LEVEL = {"protocol", "model", "params", "data", "metrics", "fit_seconds", "eval_seconds", "events_per_second", "seed"}
@@ -101,6 +102,29 @@ def test_refits_keep_the_newest_artefact_folders_only(csv_log, tmp_path, monkeyp
                    "--keep-artefacts", "2"])
     kept = sorted(path.name for path in folder.iterdir())
     assert kept == ["v000003", f"v{report['version']:06d}"]
+
+
+def test_a_model_that_learns_ratings_is_refit_on_the_rated_events_only(tmp_path, monkeypatch):
+    """An unrated event (a view) entered mf-sgd's fit as a rating of 1: an item a user had only
+    viewed was predicted at one star, below the log's 5-star ratings. A log without a rating
+    column is refused instead of fitted on constant 1s."""
+    monkeypatch.setenv("STREAMREC_HOME", str(tmp_path))
+    rows = ["user_id,item_id,rating,timestamp"]
+    for n, (u, i) in enumerate((u, i) for u in range(30) for i in range(10)):
+        rows.append(f"u{u},r{i},5,{n}" if i < 5 else f"u{u},v{i},,{n}")  # five rated items, five viewed
+    log = tmp_path / "views_and_ratings.csv"
+    log.write_text("\n".join(rows) + "\n")
+    report = _run(["refit", "--model", "mf-sgd", "--param", "epochs=30", "--from", str(log), "--format", "csv",
+                   "--no-publish", "--out", str(tmp_path / "refits")])
+    model = load(next((tmp_path / "refits" / "mf-sgd").glob("*/model")))
+    rated, viewed = model.score(np.array(["u0", "u0"], object), np.array(["r0", "v5"], object))
+    assert rated > 4.5 and viewed > 4.5  # a viewed item is one the fit never saw: the mean, not one star
+    assert (report["events"], report["events_fitted"], report["items"]) == (300, 150, 5)
+    unrated = tmp_path / "views.csv"
+    unrated.write_text("user_id,item_id,timestamp\nu1,a,1\nu2,b,2\n")
+    result = CliRunner().invoke(cli, ["refit", "--model", "mf-sgd", "--from", str(unrated), "--format", "csv",
+                                      "--no-publish", "--out", str(tmp_path / "refits")])
+    assert result.exit_code != 0 and "learns from ratings and this log has none" in result.output, result.output
 
 
 def test_a_one_off_refit_against_a_server_that_is_down_is_a_clear_error(csv_log, tmp_path, monkeypatch):
