@@ -364,9 +364,11 @@ def _check_one_unit(values: np.ndarray, path: Path) -> None:
 
 
 def _datetime_seconds(column: pd.Series) -> np.ndarray:
-    """Datetimes (naive ones read as UTC) as float epoch seconds, whatever their resolution."""
-    times = pd.to_datetime(column, utc=True)
-    return ((times - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)).to_numpy(dtype=np.float64, na_value=np.nan)
+    """Datetimes (naive ones read as UTC) as float epoch seconds, whatever their resolution. The
+    subtraction runs in the column's own unit: pandas reads `2300-01-01` in microseconds, and
+    subtracting a nanosecond epoch raised OutOfBoundsDatetime, reported as "is not a number"."""
+    times = pd.to_datetime(column, utc=True).dt.tz_localize(None).to_numpy()
+    return (times - np.datetime64(0, "s")) / np.timedelta64(1, "s")
 
 
 def _timestamp_column(frame: pd.DataFrame, path: Path) -> np.ndarray:

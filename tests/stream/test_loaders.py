@@ -268,3 +268,13 @@ def test_map_is_refused_for_a_format_with_fixed_columns(tmp_path: Path) -> None:
     path.write_text("1\t2\t3\t4\n")
     with pytest.raises(ValueError, match="--map does not apply to --format ml-100k"):
         load_log(path, "ml-100k", {"timestamp": "when"})
+
+
+def test_iso_dates_outside_pandas_nanosecond_range_are_read(tmp_path: Path) -> None:
+    """pandas reads 2300-01-01 in microseconds; subtracting a nanosecond epoch raised, and the
+    date was reported as "is not a number"."""
+    path = tmp_path / "dates.csv"
+    path.write_text("user_id,item_id,timestamp\nu1,a,2300-01-01T00:00:00Z\nu1,b,2021-01-01T00:00:00Z\n"
+                    "u2,a,2021-01-02T00:00:00Z\nu3,c,1600-01-01T00:00:00+01:00\n")
+    log = load_log(path, "csv")
+    assert log.timestamp.tolist() == [-11676099600.0, 1609459200.0, 1609545600.0, 10413792000.0]

@@ -26,6 +26,7 @@ from streamrec.trainer.online.live_eval import LivePrequential
 from streamrec.trainer.online.models import OnlineBPR, OnlineMF
 from streamrec.trainer.online.popularity import OnlinePopularity
 from streamrec.trainer.registry import model_class
+from streamrec.trainer.tuning import tune
 from tests.trainer_online.conftest import planted_events
 
 
@@ -169,6 +170,11 @@ def test_ids_longer_than_the_stream_takes_are_refused_before_learning(tmp_path):
     path.write_text(path.read_text().replace("é" * 128, "é" * 129))
     with pytest.raises(ValueError, match=r"item_id 'é+'\.\.\. is 258 bytes long; .* at most 256"):
         evaluate("prequential", "online-popularity", [], path, "csv")
+    # and before a search: tune learned from such ids, then failed at its final fit naming none
+    for run in (lambda: tune("prequential", "online-bpr", [], path, "csv", trials=1),
+                lambda: evaluate("prequential", "online-bpr", ["tuned=true"], path, "csv")):
+        with pytest.raises(ValueError, match=r"item_id 'é+'\.\.\. is 258 bytes long"):
+            run()
 
 
 def test_event_types_the_online_models_do_not_know_are_announced_or_refused(tmp_path, capsys) -> None:

@@ -199,22 +199,6 @@ def _over_seeds(runs: list[dict[str, Any]], seed: int) -> dict[str, Any]:
     }
 
 
-def _check_stream_ids(log: InteractionLog) -> None:
-    """The online models take the ids a live stream takes: at most `MAX_ID_BYTES` of UTF-8 (a longer
-    one is dead-lettered there). A longer id is an error that shows it, before any learning, where
-    it failed deep in the key store without saying which id."""
-    from streamrec.stream.events import MAX_ID_BYTES, SHORT_ID_CHARS, id_fits
-
-    for name, ids in (("user_id", log.user_id), ("item_id", log.item_id)):
-        chars = np.fromiter(map(len, ids), np.int64, len(ids))
-        for row in np.flatnonzero(chars > SHORT_ID_CHARS).tolist():
-            if not id_fits(ids[row]):
-                size = len(ids[row].encode("utf-8", "surrogatepass"))
-                raise ValueError(f"{name} {ids[row][:40]!r}... is {size} bytes long; online models take "
-                                 f"ids of at most {MAX_ID_BYTES} UTF-8 bytes, as the event stream does "
-                                 "(a longer one is dead-lettered there): shorten or hash them first")
-
-
 def _evaluate_once(protocol: str, model: str, params: list[str] | tuple[str, ...], log: InteractionLog,
                    data: str | Path, fmt: str, seed: int, weights: Weighting, engine: Engine) -> dict[str, Any]:
     from streamrec.core.params import parse_params
@@ -229,7 +213,6 @@ def _evaluate_once(protocol: str, model: str, params: list[str] | tuple[str, ...
         typed = typed.model_copy(update={"seed": seed})  # --seed, unless `--param seed=` is given
     effective = with_side_data(cls, typed.model_dump(), typed.model_fields_set, data, fmt)
     if protocol == "prequential":
-        _check_stream_ids(log)
         return {**run_prequential(cls(**effective), log), "params": effective}
     make = lambda: cls(**effective)
     if protocol == "rating":

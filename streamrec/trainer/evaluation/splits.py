@@ -68,11 +68,15 @@ def distinct_pairs(log: InteractionLog) -> InteractionLog:
 
 
 def protocol_log(log: InteractionLog, protocol: str, fmt: str) -> InteractionLog:
-    """The log a protocol runs on. Sessions (the `sessions` format under topn, EVALUATION.md's
+    """The log a protocol runs on, for `evaluate` and `tune` alike (tune checked nothing of the
+    prequential protocol's ids, and failed at its final fit on an id a search had learned from).
+    Prequential: ids an event stream takes (`_check_stream_ids`). Sessions (the `sessions` format under topn, EVALUATION.md's
     session protocol) with fewer than two distinct items are dropped: unlike a user with one
     item, which stays as training data, such a session has no next item to predict, and kept
     it moved the figures (600 one-item sessions on items no longer session holds took a
     popularity baseline from 0.166 to 0.0)."""
+    if protocol == "prequential":
+        _check_stream_ids(log)
     if fmt != "sessions" or protocol != "topn" or not len(log):
         return log
     pairs = pd.DataFrame({"session": log.user_id, "item": log.item_id}).drop_duplicates()
@@ -102,3 +106,19 @@ def leave_last_out(data: Interactions) -> tuple[np.ndarray, np.ndarray]:
     train = np.ones(len(data), dtype=bool)
     train[test] = False
     return train, test
+
+
+def _check_stream_ids(log: InteractionLog) -> None:
+    """The online models take the ids a live stream takes: at most `MAX_ID_BYTES` of UTF-8 (a longer
+    one is dead-lettered there). A longer id is an error that shows it, before any learning, where
+    it failed deep in the key store without saying which id."""
+    from streamrec.stream.events import MAX_ID_BYTES, SHORT_ID_CHARS, id_fits
+
+    for name, ids in (("user_id", log.user_id), ("item_id", log.item_id)):
+        chars = np.fromiter(map(len, ids), np.int64, len(ids))
+        for row in np.flatnonzero(chars > SHORT_ID_CHARS).tolist():
+            if not id_fits(ids[row]):
+                size = len(ids[row].encode("utf-8", "surrogatepass"))
+                raise ValueError(f"{name} {ids[row][:40]!r}... is {size} bytes long; online models take "
+                                 f"ids of at most {MAX_ID_BYTES} UTF-8 bytes, as the event stream does "
+                                 "(a longer one is dead-lettered there): shorten or hash them first")
