@@ -18,8 +18,11 @@ N_FOLDS = 5
 def rating_folds(
     log: InteractionLog, path: str | Path, fmt: str, seed: int
 ) -> list[tuple[InteractionLog, InteractionLog]]:
-    """ml-100k: the given u1..u5 base/test files; other data: five shuffled 80/20 folds."""
+    """ml-100k: the given u1..u5 base/test files, beside `u.data` (the folder, or `u.data` in it:
+    given the file, random folds were drawn without a word); other data: five shuffled 80/20 folds."""
     folder = Path(path)
+    if folder.name == "u.data" and folder.is_file():
+        folder = folder.parent
     if fmt == "ml-100k" and folder.is_dir() and (folder / "u1.base").exists():
         missing = [name for n in range(1, N_FOLDS + 1) for name in (f"u{n}.base", f"u{n}.test")
                    if not (folder / name).exists()]
