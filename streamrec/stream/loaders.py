@@ -303,8 +303,21 @@ def _json_lines_as_text(path: Path) -> list[dict[str, object]]:
                 raise ValueError(f"{path} line {number}: not a JSON value ({exc})") from None
             if not isinstance(record, dict):
                 raise ValueError(f"{path} line {number}: expected a JSON object, got {type(record).__name__}")
+            _refuse_lone_surrogates(record, path, number)
             records.append(record)
     return records
+
+
+def _refuse_lone_surrogates(record: dict[str, object], path: Path, number: int) -> None:
+    """`"\\ud800"` is valid JSON but no text (orjson refuses it, the standard parser does not):
+    pandas' strings then failed on it with "surrogates not allowed", naming no line."""
+    for field, value in record.items():
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{path} line {number}: {field} {value[:40]!r} holds a lone surrogate "
+                                 "(an escaped \\ud800-\\udfff without its pair), which is not text") from None
 
 
 def _id_column(frame: pd.DataFrame, name: str) -> np.ndarray:

@@ -278,3 +278,14 @@ def test_iso_dates_outside_pandas_nanosecond_range_are_read(tmp_path: Path) -> N
                     "u2,a,2021-01-02T00:00:00Z\nu3,c,1600-01-01T00:00:00+01:00\n")
     log = load_log(path, "csv")
     assert log.timestamp.tolist() == [-11676099600.0, 1609459200.0, 1609545600.0, 10413792000.0]
+
+
+
+def test_a_json_lines_id_with_a_lone_surrogate_is_refused_naming_its_line(tmp_path: Path) -> None:
+    """`"\\ud800"` is valid JSON that orjson refuses; the text reader took it, and pandas' strings
+    then failed with "surrogates not allowed", naming no line."""
+    path = tmp_path / "weird.jsonl"
+    path.write_text('{"user_id": "u1", "item_id": "i1", "timestamp": 1}\n'
+                    '{"user_id": "\\ud800x", "item_id": "i1", "timestamp": 2}\n')
+    with pytest.raises(ValueError, match=r"weird.jsonl line 2: user_id '\\ud800x' holds a lone surrogate"):
+        load_log(path, "jsonl")
