@@ -100,7 +100,8 @@ class TableMirror:
             new = position < 0
             if new.any():
                 if self._row_of is not None:
-                    self._row_of.update(zip(ids[new].tolist(), range(len(self.index), len(self.index) + int(new.sum()))))
+                    start = len(self.index)
+                    self._row_of.update(zip(ids[new].tolist(), range(start, start + int(new.sum()))))
                 self.index = appended(self.index, ids[new])
                 self._reserve(len(self.index), delta.values.shape[1])
                 self.alive = np.concatenate([self.alive, np.zeros(int(new.sum()), bool)])

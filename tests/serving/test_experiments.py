@@ -102,7 +102,8 @@ def test_every_experiment_gets_the_share_of_users_its_traffic_says() -> None:
     """Shares rounded one by one added up past the last bucket: four experiments of 1.6 buckets
     took 2 each, and the last one of this layer, declared at 0.0001, got no user at all."""
     text = "experiments:\n" + "".join(f"  - {{name: e{n}, traffic: 0.00016, arms: [{{name: a}}]}}\n" for n in range(4))
-    text += "  - {name: mid, traffic: 0.99926, arms: [{name: a}]}\n  - {name: last, traffic: 0.0001, arms: [{name: a}]}\n"
+    text += ("  - {name: mid, traffic: 0.99926, arms: [{name: a}]}\n"
+             "  - {name: last, traffic: 0.0001, arms: [{name: a}]}\n")
     experiments = Experiments.parse(text)
     users = [f"user-{n}" for n in range(200_000)]
     counts = Counter(found[0].experiment for found in map(experiments.assign, users) if found)

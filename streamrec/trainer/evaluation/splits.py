@@ -73,11 +73,11 @@ def distinct_pairs(log: InteractionLog) -> InteractionLog:
 def protocol_log(log: InteractionLog, protocol: str, fmt: str) -> InteractionLog:
     """The log a protocol runs on, for `evaluate` and `tune` alike (tune checked nothing of the
     prequential protocol's ids, and failed at its final fit on an id a search had learned from).
-    Prequential: ids an event stream takes (`_check_stream_ids`). Sessions (the `sessions` format under topn, EVALUATION.md's
-    session protocol) with fewer than two distinct items are dropped: unlike a user with one
-    item, which stays as training data, such a session has no next item to predict, and kept
-    it moved the figures (600 one-item sessions on items no longer session holds took a
-    popularity baseline from 0.166 to 0.0)."""
+    Prequential: ids an event stream takes (`_check_stream_ids`). Sessions (the `sessions` format
+    under topn, EVALUATION.md's session protocol) with fewer than two distinct items are dropped:
+    unlike a user with one item, which stays as training data, such a session has no next item to
+    predict, and kept it moved the figures (600 one-item sessions on items no longer session holds
+    took a popularity baseline from 0.166 to 0.0)."""
     if protocol == "prequential":
         _check_stream_ids(log)
     if fmt != "sessions" or protocol != "topn" or not len(log):
