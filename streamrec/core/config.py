@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -150,8 +150,8 @@ class Settings(BaseSettings):
 
     @field_validator("param_server_token", "api_token")
     @classmethod
-    def _secret_given(cls, value: str | None, info: ValidationInfo) -> str | None:
-        return secret_or_none(value, str(info.field_name))
+    def _secret_given(cls, value: str | None) -> str | None:
+        return secret_or_none(value)
 
     @field_validator("custom_event_types", "param_servers", mode="before")
     @classmethod
@@ -214,13 +214,13 @@ class Settings(BaseSettings):
         return data
 
 
-def secret_or_none(value: str | None, name: str) -> str | None:
-    """A token as given, or None (none configured). An empty or blank one is refused: a secret
-    store that hands over an empty variable (`STREAMREC_API_TOKEN=`) left the API open to anyone,
-    since an empty token read as "no token", where the operator meant to close it."""
-    if value is not None and not value.strip():
-        raise ValueError(f"{name} is set but empty: unset it to run without a token, or give the token")
-    return value
+def secret_or_none(value: str | None) -> str | None:
+    """A token as given, or None for none, an empty or a blank one (compose passes
+    `STREAMREC_API_TOKEN=` when `.env` names none). One reading for every check: the HTTP guard
+    took "" as no token while the direct route took it as a token, and `streamrec serve` says at
+    start when its API is open (`serving.cli.open_api_warning`), so a secret store that handed
+    over nothing is seen."""
+    return value if value is not None and value.strip() else None
 
 
 def load_settings(**overrides: object) -> Settings:

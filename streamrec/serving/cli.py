@@ -11,6 +11,7 @@ from streamrec.core.cli import FiniteFloatRange
 
 if TYPE_CHECKING:
     from streamrec.core.config import Settings
+    from streamrec.serving.config import ServingConfig
     from streamrec.stream.kafka import Record
 
 
@@ -212,7 +213,19 @@ def serve_cmd(ctx: click.Context, workers: int, host: str, port: int | None, pol
             Catalogue.load(config.item_catalogue)
         except (OSError, ValueError) as exc:
             raise click.UsageError(f"--item-catalogue: {exc}") from exc
+    warning = open_api_warning(config, host)
+    if warning:
+        click.echo(warning, err=True)
     run_workers(config, host, settings.serving_port if port is None else port, workers, log_level)
+
+
+def open_api_warning(config: ServingConfig, host: str) -> str | None:
+    """One line on stderr at start when every route is open to whoever reaches `host`: no
+    STREAMREC_API_TOKEN, or an empty one (a secret store that handed over nothing)."""
+    if config.api_token is not None:
+        return None
+    return (f"warning: no STREAMREC_API_TOKEN (unset or empty): every route of the HTTP API on {host} is open, "
+            "users' histories included; set one to require `Authorization: Bearer <token>`")
 
 
 def parse_body_limits(pairs: tuple[str, ...]) -> dict[str, int]:

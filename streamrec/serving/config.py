@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from streamrec.core.config import Settings, secret_or_none
 from streamrec.serving.filters import ItemFilter
@@ -155,8 +155,8 @@ class ServingConfig(BaseModel):
 
     @field_validator("param_server_token", "api_token")
     @classmethod
-    def _secret_given(cls, value: str | None, info: ValidationInfo) -> str | None:
-        return secret_or_none(value, str(info.field_name))
+    def _secret_given(cls, value: str | None) -> str | None:
+        return secret_or_none(value)
 
     @field_validator("item_rules")
     @classmethod
