@@ -49,11 +49,23 @@ from streamrec.param_server.ledger import (
 from streamrec.param_server.specs import TableSpec
 from streamrec.param_server.table import Table
 
+MAX_META_DEPTH = 64  # levels of nesting in a push's meta (the trainers' records use 3)
+
 
 def checked_meta(meta: object) -> None:
     """A ValueError for meta the checkpoint could not write. orjson reads JSON nested 1,024 levels
-    deep but writes 255 at most: a push with meta 300 levels deep was stored, every later `meta`
-    call failed, and the next checkpoint raised and stopped the server, losing what it held."""
+    deep but writes 255 at most, and the checkpoint and the `meta` reply nest meta one and two
+    levels further: a push with meta 300 levels deep was stored, every later `meta` call failed,
+    and the next checkpoint raised and stopped the server, losing what it held. So the depth is
+    capped well below (MAX_META_DEPTH), and what orjson cannot write (integers past 64 bits) is
+    refused too."""
+    pending = [(meta, 1)] if isinstance(meta, (dict, list)) else []
+    while pending:  # containers only: a list of scalars costs one pass in C
+        value, level = pending.pop()
+        if level > MAX_META_DEPTH:
+            raise ValueError(f"meta cannot be stored: nested more than {MAX_META_DEPTH} levels deep")
+        children = value.values() if isinstance(value, dict) else value
+        pending.extend((item, level + 1) for item in children if isinstance(item, (dict, list)))
     try:
         orjson.dumps(meta)
     except orjson.JSONEncodeError as exc:

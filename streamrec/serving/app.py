@@ -77,8 +77,15 @@ def filter_refusal(exc: FilterError) -> dict[str, Any]:
 async def validation_refusal(request: Request, exc: RequestValidationError) -> Response:
     """FastAPI's own 422, encoded by orjson: FastAPI's encoder refuses the non-finite floats that a
     body's `NaN`, `Infinity` or `1e309` parse to, and the refusal, which echoes the input, was a
-    500 instead (orjson writes them as null)."""
-    return _json({"detail": jsonable_encoder(exc.errors())}, 422)
+    500 instead (orjson writes them as null). An input orjson cannot write either (an integer past
+    64 bits, nesting past 255 levels) is left out of the refusal rather than failing it."""
+    errors = jsonable_encoder(exc.errors())
+    try:
+        body = orjson.dumps({"detail": errors})
+    except orjson.JSONEncodeError:
+        body = orjson.dumps({"detail": [{key: value for key, value in error.items() if key != "input"}
+                                        for error in errors]})
+    return Response(body, 422, media_type="application/json")
 
 
 def _json(body: dict[str, Any], status: int = 200) -> Response:

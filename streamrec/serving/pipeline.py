@@ -314,8 +314,10 @@ class CandidatePipeline:
             head = by_bias.prior[: k + len(listed)]  # enough however many of them are listed
             ids = by_bias.item_ids[head]
             scores = by_bias.items.values[head, by_bias.items.dim] if by_bias.items.scalars else np.zeros(len(ids))
-            items += _unseen(ids.tolist(), np.asarray(scores, float).tolist(), listed, k - len(items), "prior")
-            self._fallback["prior"].inc()
+            extra = _unseen(ids.tolist(), np.asarray(scores, float).tolist(), listed, k - len(items), "prior")
+            if extra:  # counted as the filtered path counts it: when the prior gave items
+                self._fallback["prior"].inc()
+            items += extra
         return {"cold_start": True, "items": items}
 
     def _cold_start_in_context(self, state: ServingState | None, k: int, seen: set[str], degraded: list[str],

@@ -170,7 +170,9 @@ def _mapped(frame: pd.DataFrame, mapping: dict[str, str] | None) -> pd.DataFrame
     """`frame` with the `--map` renames; a rename onto a column the log also has is refused (two
     columns of one name made the id reader fail with "Buffer has wrong number of dimensions")."""
     renames = _parse_mapping(mapping)
-    taken = [f"{dst}={src}" for src, dst in renames.items() if src != dst and dst in frame.columns]
+    names = [renames.get(column, column) for column in frame.columns]  # pandas renames all at once: swaps are fine
+    taken = [f"{dst}={src}" for src, dst in renames.items()
+             if src in frame.columns and names.count(dst) > 1]
     if taken:
         raise ValueError(f"--map {','.join(taken)}: the log has a column of that name already; rename it or map "
                          "the field to that column")

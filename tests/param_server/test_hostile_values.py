@@ -44,10 +44,11 @@ def checkpointing(start_server: StartServer, tmp_path: Path) -> ServerProcess:
     return start_server("--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "0.2")
 
 
+@pytest.mark.parametrize("depth", [300, 254, 253, 65])  # the checkpoint and the meta reply nest it further
 def test_meta_the_checkpoint_cannot_write_is_refused_and_the_server_keeps_checkpointing(
-        checkpointing: ServerProcess) -> None:
+        checkpointing: ServerProcess, depth: int) -> None:
     head = orjson.dumps({"op": "push", "tables": [], "meta": {"a": 1}, "arrays": []})
-    deep = head.replace(b'{"a":1}', b'{"k":' * 300 + b"1" + b"}" * 300)  # orjson writes 255 levels at most
+    deep = head.replace(b'{"a":1}', b'{"k":' * depth + b"1" + b"}" * depth)  # orjson writes 255 levels at most
     host, _, port = checkpointing.address.rpartition(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(frame({"op": "hello", "arrays": []}))

@@ -215,8 +215,11 @@ def test_bad_rescore_and_similar_bodies(world: World) -> None:
     assert world.serving.get("/similar/i1", k=5000).status_code == 422
     assert world.serving.get("/recommend", user_id="u1", k=1000).status_code == 200  # the bound itself is fine
     # non-finite numbers parse (json.loads), fail validation, and the 422 that echoes them was a 500
+    # and inputs orjson cannot write back: an integer past 64 bits, arrays nested 300 deep
     for body in (b'{"user_id": 1e309, "candidates": ["i1"]}', b'{"user_id": NaN, "candidates": ["i1"]}',
-                 b'{"user_id": "u1", "candidates": ["i1"], "x": -Infinity}'):
+                 b'{"user_id": "u1", "candidates": ["i1"], "x": -Infinity}',
+                 b'{"user_id": 1' + b"0" * 30 + b', "candidates": ["i1"]}',
+                 b'{"user_id": ' + b"[" * 300 + b"]" * 300 + b', "candidates": ["i1"]}'):
         refused = http.post("/rescore", content=body, headers={"content-type": "application/json"})
         assert refused.status_code == 422 and refused.json()["detail"], (body, refused.text)
     # more digits than int() converts: the direct route raised, a 500

@@ -263,6 +263,17 @@ def test_a_mapping_that_would_make_two_columns_of_one_name_is_refused(tmp_path: 
         load_log(path, "csv", mapping)
 
 
+def test_map_may_swap_or_chain_columns(tmp_path: Path) -> None:
+    """pandas renames every column at once: a rename onto a column renamed away is no collision."""
+    path = tmp_path / "log.csv"
+    path.write_text("customer,user_id,timestamp\nc1,p1,1\nc2,p2,2\n")
+    chained = load_log(path, "csv", {"user_id": "customer", "item_id": "user_id"})
+    assert chained.user_id.tolist() == ["c1", "c2"] and chained.item_id.tolist() == ["p1", "p2"]
+    path.write_text("item_id,user_id,timestamp\nc1,p1,1\nc2,p2,2\n")
+    swapped = load_log(path, "csv", {"user_id": "item_id", "item_id": "user_id"})
+    assert swapped.user_id.tolist() == ["c1", "c2"] and swapped.item_id.tolist() == ["p1", "p2"]
+
+
 def test_map_is_refused_for_a_format_with_fixed_columns(tmp_path: Path) -> None:
     path = tmp_path / "u.data"
     path.write_text("1\t2\t3\t4\n")

@@ -275,8 +275,9 @@ def rank_linear(user: np.ndarray, items: np.ndarray, alive: np.ndarray, hidden: 
 @njit(f"float32[::1](float64[::1], {_F2}, {_I1}, float64)", cache=True, nogil=True)
 def scoring_vector(row: np.ndarray, items: np.ndarray, rows: np.ndarray, weight: float) -> np.ndarray:
     """`rank_linear`'s user vector [p_u + weight * mean(q_s over the session's item rows), 1] in
-    one call, to the bit of the numpy form it replaces (`OnlineBPR._user_vectors` for one user)
-    wherever dim >= 2 (numpy sums a single column of 8 or more rows pairwise, which can differ in
+    one call, to the bit of the one-user numpy form it replaced (`OnlineBPR._user_vector`) wherever
+    dim >= 2 and the session weight fades (`session_fade` > 0; numpy summed a single column of 8
+    or more rows pairwise, and multiplied an unfaded weight in float64, either of which can move
     the last bit): the session's rows (those >= 0: an evicted item drops out) summed in float32 in their order,
     the mean and its weighting in float32, added to the float64 row, then rounded to float32. The
     numpy form took six calls (a gather, a sum, a division, a product, a sum, a cast) per scored
