@@ -15,6 +15,7 @@ never blocks a request. Responses are encoded with orjson; the pydantic models i
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import threading
 import time
@@ -77,14 +78,15 @@ def filter_refusal(exc: FilterError) -> dict[str, Any]:
 async def validation_refusal(request: Request, exc: RequestValidationError) -> Response:
     """FastAPI's own 422, encoded by orjson: FastAPI's encoder refuses the non-finite floats that a
     body's `NaN`, `Infinity` or `1e309` parse to, and the refusal, which echoes the input, was a
-    500 instead (orjson writes them as null). An input orjson cannot write either (an integer past
-    64 bits, nesting past 255 levels) is left out of the refusal rather than failing it."""
+    500 instead (orjson writes them as null). What orjson cannot write (an integer past 64 bits,
+    nesting past 255 levels, a lone surrogate escaped in a field's name or value) goes through the
+    standard encoder, its input left out, rather than failing the refusal."""
     errors = jsonable_encoder(exc.errors())
     try:
         body = orjson.dumps({"detail": errors})
     except orjson.JSONEncodeError:
-        body = orjson.dumps({"detail": [{key: value for key, value in error.items() if key != "input"}
-                                        for error in errors]})
+        body = json.dumps({"detail": [{key: value for key, value in error.items() if key != "input"}
+                                      for error in errors]}).encode()
     return Response(body, 422, media_type="application/json")
 
 

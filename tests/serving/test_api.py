@@ -3,16 +3,20 @@ feature store with known history: exact results, filters, cold start, kNN, error
 
 from __future__ import annotations
 
+import asyncio
+import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from fastapi.exceptions import RequestValidationError
 
 from streamrec.param_server.artifacts import KNN_BLOB, encode_neighbors
 from streamrec.param_server.client import ParamClient
 from streamrec.serving import schemas
+from streamrec.serving.app import validation_refusal
 from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
 from streamrec.trainer.online.session import SESSION_FADE, SESSION_WEIGHT, faded_weight
 from tests.serving.conftest import (
@@ -219,7 +223,8 @@ def test_bad_rescore_and_similar_bodies(world: World) -> None:
     for body in (b'{"user_id": 1e309, "candidates": ["i1"]}', b'{"user_id": NaN, "candidates": ["i1"]}',
                  b'{"user_id": "u1", "candidates": ["i1"], "x": -Infinity}',
                  b'{"user_id": 1' + b"0" * 30 + b', "candidates": ["i1"]}',
-                 b'{"user_id": ' + b"[" * 300 + b"]" * 300 + b', "candidates": ["i1"]}'):
+                 b'{"user_id": ' + b"[" * 300 + b"]" * 300 + b', "candidates": ["i1"]}',
+                 b'{"user_id": "u1", "candidates": ["i1"], "\\ud800": "\\udea3"}'):  # lone surrogates
         refused = http.post("/rescore", content=body, headers={"content-type": "application/json"})
         assert refused.status_code == 422 and refused.json()["detail"], (body, refused.text)
     # more digits than int() converts: the direct route raised, a 500
@@ -258,3 +263,17 @@ def test_direct_route_and_fastapi_route_answer_alike(world: World, direct: dict,
     for body in bodies:
         body.pop("staleness_seconds")
     assert bodies[0] == bodies[1]
+
+
+@pytest.mark.parametrize("error", [
+    {"type": "extra_forbidden", "loc": ("body", "\ud800"), "msg": "Extra inputs are not permitted", "input": "\udea3"},
+    {"type": "string_type", "loc": ("body", "user_id"), "msg": "Input should be a valid string", "input": 10**30},
+    {"type": "string_type", "loc": ("body", "user_id"), "msg": "Input should be a valid string", "input": float("nan")},
+])
+def test_a_refusal_is_written_whatever_input_it_echoes(error: dict) -> None:
+    """FastAPI's 422 echoes the input; what its encoder (NaN) or orjson (integers past 64 bits,
+    lone surrogates) cannot write made the refusal itself a 500 (schemathesis found the surrogate)."""
+    reply = asyncio.run(validation_refusal(None, RequestValidationError([error])))
+    assert reply.status_code == 422
+    [detail] = json.loads(reply.body)["detail"]
+    assert detail["type"] == error["type"] and detail["loc"] == list(error["loc"])

@@ -188,8 +188,10 @@ def test_every_answer_is_labelled_and_each_arm_is_served_as_declared(served) -> 
         assert body["arm"] == expected["popular-vs-personal"]
         request_ids.add(body["request_id"])
         sources = {s for item in body["items"] for s in item["sources"]}
-        if body["arm"] == "popular":  # the trending list, whatever the user's vector says
-            assert [item["item_id"] for item in body["items"]] == POPULAR and not body["cold_start"]
+        if body["arm"] == "popular":  # the trending list, whatever the user's vector says (filled to k by bias)
+            assert [item["item_id"] for item in body["items"][:len(POPULAR)]] == POPULAR and not body["cold_start"]
+            assert len(body["items"]) == 5 and {s for item in body["items"][len(POPULAR):] for s in item["sources"]} \
+                == {"prior"}
         else:
             assert "ann" in sources if expected.get("knn-only") is None else "ann" not in sources
         arms.update(f"{e}/{a}" for e, a in expected.items())
