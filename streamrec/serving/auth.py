@@ -23,13 +23,17 @@ def bearer_guard(token: str | None) -> Callable[[HTTPAuthorizationCredentials | 
     """A dependency that lets a request through when no token is configured, or when it presents
     `Authorization: Bearer <token>` (compared in constant time); 401 otherwise. It is a coroutine
     so FastAPI runs it on the event loop: a plain `def` would cost every request a hop through the
-    thread pool, which the handlers themselves already take."""
+    thread pool, which the handlers themselves already take.
+
+    The comparison is of bytes as sent: Starlette decodes a header as latin-1, so encoding the
+    credentials back as latin-1 gives the client's bytes, compared with the token's UTF-8. Encoded
+    as UTF-8 instead, a non-ASCII token could never match whatever the client sent."""
     expected = token.encode() if token is not None else None
 
     async def guard(credentials: HTTPAuthorizationCredentials | None = Depends(SCHEME)) -> None:
         if expected is None:
             return
-        presented = credentials.credentials.encode() if credentials is not None else b""
+        presented = credentials.credentials.encode("latin-1", "replace") if credentials is not None else b""
         if not hmac.compare_digest(presented, expected):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 

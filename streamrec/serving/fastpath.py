@@ -100,16 +100,13 @@ class RecommendFastPath:
 
     def __init__(self, app: ASGIApp, handler: Handler, token: str | None) -> None:
         self.app, self.handler = app, handler
-        self.open = token is None
-        # FastAPI reads headers as latin-1 and compares the token's UTF-8: for a non-ASCII token
-        # the two byte forms differ, so such tokens are always left to FastAPI
-        self.expected = b"bearer " + token.encode() if token is not None and token.isascii() else None
+        self.token = token
+        # the header's bytes against the token's UTF-8, as `auth.bearer_guard` compares them
+        self.expected = b"" if token is None else b"bearer " + token.encode()
 
     def _authorised(self, scope: Scope) -> bool:
-        if self.open:
+        if self.token is None:
             return True
-        if self.expected is None:
-            return False
         for name, value in scope["headers"]:
             if name == b"authorization":
                 # "Bearer" in any case, one space, then the token: anything else is FastAPI's to judge

@@ -3,9 +3,14 @@ everything else is left to FastAPI (None), so 422s and odd-but-valid forms stay 
 
 from __future__ import annotations
 
-import pytest
+import asyncio
 
-from streamrec.serving.fastpath import RecommendQuery, parse
+import pytest
+from fastapi import HTTPException
+from fastapi.security import HTTPAuthorizationCredentials
+
+from streamrec.serving.auth import bearer_guard
+from streamrec.serving.fastpath import RecommendFastPath, RecommendQuery, parse
 
 
 @pytest.mark.parametrize(("query", "expected"), [
@@ -34,3 +39,22 @@ def test_plain_queries_are_parsed(query: bytes, expected: RecommendQuery) -> Non
 ])
 def test_everything_else_is_left_to_fastapi(query: bytes) -> None:
     assert parse(query) is None
+
+
+@pytest.mark.parametrize("token", ["plain-ascii-token", "t\u00f6k\u00e9n-\u2713"])
+def test_the_guard_and_the_direct_route_accept_the_same_bytes(token: str) -> None:
+    """Both compare the header's bytes with the token's UTF-8. Starlette decodes headers as
+    latin-1; the guard encoded them back as UTF-8, so a non-ASCII token could never match (and
+    the direct route left such tokens to it)."""
+    guard = bearer_guard(token)
+    route = RecommendFastPath(None, None, token)  # type: ignore[arg-type]
+    for raw, accepted in ((b"Bearer " + token.encode(), True), (b"bEARER " + token.encode(), True),
+                          (b"Bearer " + token.encode()[:-1], False), (b"Bearer x", False)):
+        scope = {"headers": [(b"authorization", raw)]}
+        assert route._authorised(scope) is accepted, raw
+        credentials = HTTPAuthorizationCredentials(scheme="Bearer", credentials=raw[7:].decode("latin-1"))
+        if accepted:
+            asyncio.run(guard(credentials))
+        else:
+            with pytest.raises(HTTPException):
+                asyncio.run(guard(credentials))
