@@ -35,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
@@ -195,6 +194,7 @@ class Experiments:
                 for error in exc.errors(include_url=False, include_input=False)[:20])) from None
 
 
+GONE = b"gone"  # the stamp of a missing file (a digest is 16 bytes)
 MAX_FILE_BYTES = 1 << 20  # an experiments file is a few kB; a 50 MB one stalled the sync thread as it parsed
 MAX_NODES = 100_000  # values in the document with YAML aliases expanded
 
@@ -221,15 +221,17 @@ NO_EXPERIMENTS = Experiments(ExperimentsFile())
 
 
 class ExperimentsSource:
-    """The experiments file as serving sees it: read again when its modification time or size
-    changes (`refresh`, called from the sync thread); a file that fails the schema keeps the last
-    good version in force and is reported in `last_error`. No file configured: no experiments."""
+    """The experiments file as serving sees it: parsed again when its content changes (`refresh`,
+    called from the sync thread, reads it and compares a digest: a file of a few kB; its mtime and
+    size missed a rewrite of the same size within one timestamp tick, and a copy that kept both);
+    a file that fails the schema keeps the last good version in force and is reported in
+    `last_error`. No file configured: no experiments."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self.current = NO_EXPERIMENTS
         self.last_error: str | None = None
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: bytes | None = None  # the last content's digest; GONE once the file was missing
         self.refresh()
 
     def refresh(self) -> Literal["unchanged", "loaded", "failed"]:
@@ -238,17 +240,16 @@ class ExperimentsSource:
             return "unchanged"
         try:
             try:
-                stat = os.stat(self.path)
-                stamp = (stat.st_mtime_ns, stat.st_size)
+                with open(self.path, "rb") as file:
+                    data = file.read(MAX_FILE_BYTES + 1)  # bounded: a 50 MB file is refused unread
+                stamp = hashlib.blake2b(data, digest_size=16).digest()
             except FileNotFoundError:
-                stamp = (-1, -1)  # gone: reported once like a broken version, not at every poll
+                data, stamp = b"", GONE  # reported once like a broken version, not at every poll
             if stamp == self._stamp:
                 return "unchanged"
             self._stamp = stamp  # a broken version is reported once, then waits for the next change
-            if stamp == (-1, -1):
+            if stamp == GONE:
                 raise FileNotFoundError(f"{self.path} is gone")
-            with open(self.path, "rb") as file:
-                data = file.read(MAX_FILE_BYTES + 1)  # bounded even if it grows after the stat
             if len(data) > MAX_FILE_BYTES:
                 raise ValueError(f"{self.path}: over {MAX_FILE_BYTES:,} bytes, more than an experiments file holds")
             self.current = Experiments.parse(data.decode("utf-8"), str(self.path))

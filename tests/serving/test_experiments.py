@@ -4,6 +4,7 @@ counts arms in Prometheus and follows the file as it changes."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import time
@@ -18,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamrec.param_server.client import ParamClient
-from streamrec.serving.experiments import Experiments, bucket_ends, combined
+from streamrec.serving.experiments import Experiments, ExperimentsSource, bucket_ends, combined
 from streamrec.trainer.online.feature_store import FeatureStore, FeatureStoreConfig
 from tests.serving.conftest import STREAMREC, load_model, serving_factory, start_param_server, wait_for, write_history
 
@@ -264,3 +265,21 @@ def test_the_documented_example_is_a_valid_file() -> None:
     example = text.split("### Online experiments", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
     experiments = Experiments.parse(example, "docs/serving.md")
     assert [e.name for e in experiments.spec.experiments] == ["diversity-test", "popular-vs-personal"]
+
+
+def test_a_rewrite_that_keeps_size_and_modification_time_is_reloaded(tmp_path: Path) -> None:
+    """The source compared mtime and size: a same-size rewrite within one timestamp tick, or a
+    copy that kept both (`cp -p`, `rsync -a`), was never loaded."""
+    path = tmp_path / "experiments.yaml"
+    path.write_text("experiments: [{name: aaaa, arms: [{name: x}]}]\n")
+    source = ExperimentsSource(path)
+    assert [e.name for e in source.current.spec.experiments] == ["aaaa"]
+    stat = path.stat()
+    path.write_text("experiments: [{name: bbbb, arms: [{name: x}]}]\n")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    assert source.refresh() == "loaded" and [e.name for e in source.current.spec.experiments] == ["bbbb"]
+    assert source.refresh() == "unchanged"
+    path.unlink()
+    assert source.refresh() == "failed" and source.refresh() == "unchanged"  # reported once
+    assert [e.name for e in source.current.spec.experiments] == ["bbbb"]  # the last good one stays
