@@ -20,16 +20,20 @@ from tests.param_server.conftest import ServerProcess, StartServer
 from tests.param_server.test_fuzz import frame
 
 
-def ask(address: str, header: dict) -> dict:
-    """One request on a fresh connection (no token), the reply's header."""
+def ask_raw(address: str, head: bytes, body: bytes = b"") -> dict:
+    """One frame of these header bytes on a fresh connection (no token), the reply's header."""
     host, _, port = address.rpartition(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(frame({"op": "hello", "arrays": []}))
         assert protocol.recv(sock).header["ok"]
-        sock.sendall(frame({**header, "arrays": []}))
+        sock.sendall(protocol.PREFIX.pack(protocol.MAGIC, len(head), len(body)) + head + body)
         reply = protocol.recv(sock)
     assert reply is not None, "the server closed the connection without a reply"
     return reply.header
+
+
+def ask(address: str, header: dict) -> dict:
+    return ask_raw(address, orjson.dumps({**header, "arrays": []}))
 
 
 def nested(depth: int) -> object:
@@ -49,12 +53,7 @@ def test_meta_the_checkpoint_cannot_write_is_refused_and_the_server_keeps_checkp
         checkpointing: ServerProcess, depth: int) -> None:
     head = orjson.dumps({"op": "push", "tables": [], "meta": {"a": 1}, "arrays": []})
     deep = head.replace(b'{"a":1}', b'{"k":' * depth + b"1" + b"}" * depth)  # orjson writes 255 levels at most
-    host, _, port = checkpointing.address.rpartition(":")
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(frame({"op": "hello", "arrays": []}))
-        protocol.recv(sock)
-        sock.sendall(protocol.PREFIX.pack(protocol.MAGIC, len(deep), 0) + deep)
-        reply = protocol.recv(sock).header
+    reply = ask_raw(checkpointing.address, deep)
     assert not reply["ok"] and "meta cannot be stored" in reply["error"]["message"], reply
     with ParamClient([checkpointing.address]) as client:
         client.push({}, meta={"good": 1})
@@ -112,20 +111,9 @@ def test_a_dropped_table_stays_dropped_after_a_restart(start_server: StartServer
 
 def test_a_header_that_is_no_request_is_answered_before_the_connection_closes(client: ParamClient,
                                                                                server: ServerProcess) -> None:
-    host, _, port = server.address.rpartition(":")
     for head in (b"[1, 2]", b"not json", b""):
-        with socket.create_connection((host, int(port)), timeout=10) as sock:
-            sock.sendall(frame({"op": "hello", "arrays": []}))
-            protocol.recv(sock)
-            sock.sendall(protocol.PREFIX.pack(protocol.MAGIC, len(head), 0) + head)
-            reply = protocol.recv(sock)
-        assert reply is not None and reply.header["error"]["type"] == "MalformedFrame", head
+        assert ask_raw(server.address, head)["error"]["type"] == "MalformedFrame", head
     twice = [["x", "<f4", [1], 0], ["x", "<f4", [1], 0]]
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(frame({"op": "hello", "arrays": []}))
-        protocol.recv(sock)
-        head = orjson.dumps({"op": "info", "arrays": twice})
-        sock.sendall(protocol.PREFIX.pack(protocol.MAGIC, len(head), 4) + head + b"\0" * 4)
-        reply = protocol.recv(sock)
-    assert reply.header["error"]["type"] == "MalformedFrame" and "described twice" in reply.header["error"]["message"]
+    reply = ask_raw(server.address, orjson.dumps({"op": "info", "arrays": twice}), b"\0" * 4)
+    assert reply["error"]["type"] == "MalformedFrame" and "described twice" in reply["error"]["message"]
     assert client.tables() == {}  # the server goes on
