@@ -159,9 +159,12 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 @pytest.fixture
-def redis_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
-    """A Redis Cluster of this test alone: 3 masters, 3 replicas (tests/redis_cluster.py)."""
-    started = RedisCluster(tmp_path / "redis-cluster").start()
+def redis_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RedisCluster]:
+    """A Redis Cluster of this test alone: 3 masters, 3 replicas (tests/redis_cluster.py); the
+    marker `cluster_node_timeout_ms` sets how long a silent node has before it is marked failed."""
+    marker = request.node.get_closest_marker("cluster_node_timeout_ms")
+    timeout = {"node_timeout_ms": marker.args[0]} if marker else {}
+    started = RedisCluster(tmp_path / "redis-cluster", **timeout).start()
     yield started
     started.stop()
 

@@ -46,6 +46,7 @@ class RedisCluster:
     home: Path
     masters: int = 3
     replicas: int = 1
+    node_timeout_ms: int = NODE_TIMEOUT_MS
     nodes: dict[int, subprocess.Popen] = field(default_factory=dict)  # port -> process
 
     def start(self) -> RedisCluster:
@@ -72,7 +73,7 @@ class RedisCluster:
             directory.mkdir(parents=True)
             self.nodes[port] = subprocess.Popen(
                 [server, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-                 "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
+                 "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", str(self.node_timeout_ms),
                  # a replica takes over however long ago it last heard from its master: with a 1 s node
                  # timeout, the default factor (10) let a loaded machine's replica refuse ("disconnected
                  # from master for longer than allowed") and the cluster stayed down

@@ -150,11 +150,15 @@ def test_a_store_on_an_unreachable_cluster_is_made_and_fails_its_calls_as_an_out
             call()
 
 
+@pytest.mark.cluster_node_timeout_ms(5000)  # gossip tells a master of its replica up to 2.5 s late
 def test_a_write_is_confirmed_by_a_replica_still_in_its_first_sync(redis_cluster: RedisCluster) -> None:
     """A new cluster's replicas take their first full sync ~5 s after it forms (Redis's diskless
     sync delay), so none is online yet. A batch written then must wait for them: the old rule
     counted only online replicas, took the batch unconfirmed, and a master killed before the sync
-    took it away when its replica was promoted."""
+    took it away when its replica was promoted. The next rule counted the replicas the master's
+    `CLUSTER NODES` assigns to it, which the cluster's gossip tells it up to half the node timeout
+    after the replica attached: with 1 s, CI still lost a batch once; with 5 s, every run did.
+    A replica connected to the master counts now too."""
     config = FeatureStoreConfig(prefix=unique_prefix(), cluster=True)
     store = FeatureStore.from_url(redis_cluster.url, config)
     assert all(not redis.Redis(port=port).execute_command("ROLE")[2] for port in redis_cluster.master_ports())

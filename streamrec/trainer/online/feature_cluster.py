@@ -30,7 +30,10 @@ of the bucket's items), `:item_events`, `:clock`, `:pop:landmark`. So:
   link) is waited for: WAIT times out, the batch is not confirmed and is written again, and the
   trainer holds consumption meanwhile. Counting only the replicas online (`ROLE`) lost writes: a
   master whose replica was still in its first sync took them unconfirmed, then died, and the
-  replica was promoted without them.
+  replica was promoted without them. A master learns that a node became its replica from the
+  cluster's gossip, up to half the node timeout later (seconds with a production timeout), so a
+  replica already connected to the master (`INFO replication`, any state) counts as assigned
+  too: a new cluster's first batches were taken unconfirmed in that gap, and lost the same way.
   The trainer commits its Kafka offsets only after the write, so what a failover can lose was
   never committed and is read and written again; the watermarks then skip what survived.
 - **Failover.** A call that meets a moved slot or a lost connection refreshes the slot map and the
@@ -244,10 +247,16 @@ class ClusterFeatureStore(FeatureStore):
 
     def _wanted(self, name: str, connection: redis.Redis) -> int:
         """Replicas that must confirm this master's writes: WAIT_REPLICAS, at most those the
-        cluster assigns to it and has not marked failed (module docstring), connected or not."""
+        cluster assigns to it and has not marked failed, connected or not, or more when more
+        are connected to it (module docstring)."""
         asked = self._replicas.get(name)
         if asked is None or time.monotonic() - asked[0] > REPLICAS_TTL_S:
-            asked = (time.monotonic(), assigned_replicas(connection.execute_command("CLUSTER", "NODES")))
+            pipe = connection.pipeline(transaction=False)
+            pipe.execute_command("CLUSTER", "NODES")
+            pipe.info("replication")
+            nodes, replication = pipe.execute()
+            replicas = max(assigned_replicas(nodes), int(replication.get("connected_slaves", 0)))
+            asked = (time.monotonic(), replicas)
             self._replicas[name] = asked
         return min(WAIT_REPLICAS, asked[1])
 
