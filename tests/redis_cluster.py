@@ -135,6 +135,15 @@ class RedisCluster:
                 and len(self.master_ports()) == want
         self._wait(whole, "the cluster did not become whole")
 
+    def online_replicas(self, master: int) -> list[int]:
+        """The ports of the replicas the master counts as online (its `ROLE`)."""
+        return [int(port) for _, port, _ in self._client(master).execute_command("ROLE")[2]]
+
+    def flags(self, viewer: int, node: int) -> list[str]:
+        """The flags of `node` in the `CLUSTER NODES` of `viewer` (`master`, `slave`, `fail`, ...)."""
+        lines = self._client(viewer).execute_command("CLUSTER", "NODES").decode().splitlines()
+        return next(line.split()[2].split(",") for line in lines if f":{node}@" in line.split()[1])
+
     def manual_failover(self, master: int, wait: bool = True) -> int:
         """`CLUSTER FAILOVER` on the master's replica (no write is lost); returns the new master
         (with `wait`, once it has taken over)."""

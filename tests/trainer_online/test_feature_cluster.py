@@ -5,6 +5,7 @@ independently per item against what was produced."""
 
 from __future__ import annotations
 
+import signal
 from collections import Counter
 
 import numpy as np
@@ -16,6 +17,7 @@ from streamrec.stream.events import EventBatch
 from streamrec.trainer.online.feature_cluster import (
     CLUSTER_BUCKETS,
     ClusterFeatureStore,
+    replicas_to_wait_for,
 )
 from streamrec.trainer.online.feature_rebuild import rebuild_features
 from streamrec.trainer.online.feature_store import (
@@ -173,6 +175,59 @@ def test_a_write_is_confirmed_by_a_replica_still_in_its_first_sync(redis_cluster
     store = FeatureStore.from_url(redis_cluster.url, config)
     assert store.item_event_counts() == dict(Counter(e["item_id"] for e in events))
     assert store.watermarks() == {"t/0": len(events)}
+
+
+NODES = """\
+m1 127.0.0.1:7001@17001 myself,master - 0 0 1 connected 0-5460
+m2 127.0.0.1:7002@17002 master - 0 0 2 connected 5461-10922
+r1 127.0.0.1:7011@17011 slave m1 0 0 1 connected
+r2 127.0.0.1:7012@17012 slave m2 0 0 2 connected
+"""
+
+
+def replication(*ports: int, state: str = "online") -> dict[str, object]:
+    return {"role": "master", "connected_slaves": len(ports),
+            **{f"slave{k}": {"ip": "127.0.0.1", "port": port, "state": state} for k, port in enumerate(ports)}}
+
+
+def test_the_replicas_a_master_waits_for() -> None:
+    """Its own assigned replica, connected or not; a connected one gossip has not told it of yet
+    (still listed as a slot-less master); not one the cluster marked failed, even while its socket
+    is still connected (a hung replica); one only this master suspects (`fail?`) still counts."""
+    assert replicas_to_wait_for(NODES, replication()) == 1  # assigned, not connected (first sync, lost link)
+    assert replicas_to_wait_for(NODES, replication(7011, state="wait_bgsave")) == 1  # the same replica once
+    unknown = NODES.replace("r1 127.0.0.1:7011@17011 slave m1", "r1 127.0.0.1:7011@17011 master -")
+    assert replicas_to_wait_for(unknown, replication()) == 0
+    assert replicas_to_wait_for(unknown, replication(7011, state="wait_bgsave")) == 1
+    failed = NODES.replace("r1 127.0.0.1:7011@17011 slave", "r1 127.0.0.1:7011@17011 slave,fail")
+    assert replicas_to_wait_for(failed, replication(7011)) == 0
+    suspected = NODES.replace("r1 127.0.0.1:7011@17011 slave", "r1 127.0.0.1:7011@17011 slave,fail?")
+    assert replicas_to_wait_for(suspected, replication(7011)) == 1
+    assert replicas_to_wait_for(NODES.replace("myself,master", "master").replace("m2 127.0.0.1:7002@17002 master",
+                                                                                "m2 127.0.0.1:7002@17002 myself,master"),
+                                replication(7012)) == 1  # the other master's replica, for the other master
+
+
+def test_a_hung_replica_marked_failed_stops_the_wait(redis_cluster: RedisCluster) -> None:
+    """A replica that stops answering without closing its socket (a hung VM, a host lost without a
+    reset) is marked failed by the cluster after the node timeout, but stays connected to its
+    master until `repl-timeout` (60 s). Counting connected replicas kept every write waiting for
+    it that long, where a dead replica must stop the wait: nothing could promote it."""
+    master = redis_cluster.master_ports()[0]
+    wait_until(lambda: redis_cluster.online_replicas(master), timeout=60)  # its first sync done
+    replica, = redis_cluster.online_replicas(master)
+    store = FeatureStore.from_url(redis_cluster.url, FeatureStoreConfig(prefix=unique_prefix(), cluster=True))
+    events = planted_events(600)
+    store.write(origin_batch(events[:300]))
+    redis_cluster.nodes[replica].send_signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: "fail" in redis_cluster.flags(master, replica), timeout=30)
+        assert redis_cluster.online_replicas(master) == [replica]  # still connected
+        written = store.write(origin_batch(events[300:], first=300))
+    finally:
+        redis_cluster.nodes[replica].send_signal(signal.SIGCONT)
+    assert written.applied == 300
+    assert store.item_event_counts() == dict(Counter(e["item_id"] for e in events))
 
 
 @pytest.mark.slow  # ~30 s each: a trainer, a parameter server and a failover

@@ -34,6 +34,8 @@ of the bucket's items), `:item_events`, `:clock`, `:pop:landmark`. So:
   cluster's gossip, up to half the node timeout later (seconds with a production timeout), so a
   replica already connected to the master (`INFO replication`, any state) counts as assigned
   too: a new cluster's first batches were taken unconfirmed in that gap, and lost the same way.
+  One the cluster marked failed does not, connected or not: a hung replica stays connected until
+  `repl-timeout` (60 s) and would stall every write that long.
   The trainer commits its Kafka offsets only after the write, so what a failover can lose was
   never committed and is read and written again; the watermarks then skip what survived.
 - **Failover.** A call that meets a moved slot or a lost connection refreshes the slot map and the
@@ -95,15 +97,27 @@ def _first_application(final: list, unconfirmed: list | None) -> list:
     return [int(final[0]) + moved, int(final[1]) - moved, *final[2:]]
 
 
-def assigned_replicas(nodes: bytes | str) -> int:
-    """The replicas that `CLUSTER NODES`, as answered by a master, assigns to that master (the
-    line flagged `myself`) and the cluster has not marked failed. A replica only suspected by this
-    master (`fail?`) still counts: the others may see it, and promote it."""
+def _address(field: str) -> str:
+    """`ip:port` of a `CLUSTER NODES` address field (`ip:port@cport[,hostname]`)."""
+    return field.split("@", 1)[0]
+
+
+def replicas_to_wait_for(nodes: bytes | str, replication: Mapping[str, object]) -> int:
+    """The replicas a master's writes wait for, from its own `CLUSTER NODES` and `INFO replication`:
+    those the cluster assigns to it (the line flagged `myself`), and those connected to it, which
+    gossip may not have told it of yet (a new replica), less those the cluster has marked failed:
+    a replica that hangs without closing its socket stays connected until `repl-timeout` (60 s),
+    and waiting for it meanwhile stalled every write where a dead replica should stop the wait
+    after the node timeout. A replica only suspected by this master (`fail?`) still counts: the
+    others may see it, and promote it."""
     lines = [line.split() for line in (nodes.decode() if isinstance(nodes, bytes) else nodes).splitlines()]
-    me = next((fields[0] for fields in lines if len(fields) > 3 and "myself" in fields[2].split(",")), None)
-    return sum(1 for fields in lines
-               if len(fields) > 3 and fields[3] == me and "slave" in (flags := fields[2].split(","))
-               and not {"fail", "noaddr", "handshake"} & set(flags))
+    lines = [fields for fields in lines if len(fields) > 3]
+    me = next((fields[0] for fields in lines if "myself" in fields[2].split(",")), None)
+    failed = {_address(fields[1]) for fields in lines if {"fail", "noaddr", "handshake"} & set(fields[2].split(","))}
+    assigned = {_address(fields[1]) for fields in lines if fields[3] == me and "slave" in fields[2].split(",")}
+    connected = {f"{value['ip']}:{value['port']}" for key, value in replication.items()
+                 if key.startswith("slave") and isinstance(value, dict) and "ip" in value and "port" in value}
+    return len((assigned | connected) - failed)
 
 
 class ReplicationNotConfirmed(redis.ConnectionError):
@@ -246,17 +260,15 @@ class ClusterFeatureStore(FeatureStore):
             raise
 
     def _wanted(self, name: str, connection: redis.Redis) -> int:
-        """Replicas that must confirm this master's writes: WAIT_REPLICAS, at most those the
-        cluster assigns to it and has not marked failed, connected or not, or more when more
-        are connected to it (module docstring)."""
+        """Replicas that must confirm this master's writes: WAIT_REPLICAS, at most those of
+        `replicas_to_wait_for` (module docstring), asked at most once every REPLICAS_TTL_S."""
         asked = self._replicas.get(name)
         if asked is None or time.monotonic() - asked[0] > REPLICAS_TTL_S:
             pipe = connection.pipeline(transaction=False)
             pipe.execute_command("CLUSTER", "NODES")
             pipe.info("replication")
             nodes, replication = pipe.execute()
-            replicas = max(assigned_replicas(nodes), int(replication.get("connected_slaves", 0)))
-            asked = (time.monotonic(), replicas)
+            asked = (time.monotonic(), replicas_to_wait_for(nodes, replication))
             self._replicas[name] = asked
         return min(WAIT_REPLICAS, asked[1])
 
