@@ -17,6 +17,7 @@ from streamrec.stream.events import EventBatch
 from streamrec.trainer.online.feature_cluster import (
     CLUSTER_BUCKETS,
     ClusterFeatureStore,
+    _first_application,
     replicas_to_wait_for,
 )
 from streamrec.trainer.online.feature_rebuild import rebuild_features
@@ -175,6 +176,15 @@ def test_a_write_is_confirmed_by_a_replica_still_in_its_first_sync(redis_cluster
     store = FeatureStore.from_url(redis_cluster.url, config)
     assert store.item_event_counts() == dict(Counter(e["item_id"] for e in events))
     assert store.watermarks() == {"t/0": len(events)}
+
+
+def test_a_retry_reports_what_its_first_unconfirmed_execution_found() -> None:
+    """A first execution that wrote a bucket (its replica did not confirm) found partition 1 unmarked;
+    the retry skips what it wrote and sees the partition marked: the loss is still reported, and
+    the events the first applied count as applied."""
+    first, retry = [5, 0, [1], [], [b"sr:k"]], [0, 5, [], [2], []]
+    assert _first_application(retry, first) == [5, 0, [1], [2], [b"sr:k"]]
+    assert _first_application(retry, None) == retry
 
 
 NODES = """\

@@ -97,6 +97,29 @@ def test_a_rebuild_resumes_where_the_last_one_stopped(online_settings: Settings,
     assert store.item_event_counts() == dict(Counter(e["item_id"] for e in topic_events))
 
 
+def test_a_store_that_loses_state_while_it_is_rebuilt_is_rebuilt_again(
+        online_settings: Settings, topic_events: list[dict], new_store: Callable[[], FeatureStore],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis restarts empty after the rebuild's first write. The next write used to go on over the
+    hole (the rebuild passed no floors and read no report): its watermarks moved past what was
+    lost, and nothing noticed the gap. It is held and reported now, and the rebuild starts again."""
+    store = new_store()
+    until = end_of_topic(online_settings)
+    write, calls = store.write, []
+
+    def restarting_empty_after_the_first(*args: object, **kwargs: object) -> FeatureWrite:
+        result = write(*args, **kwargs)
+        calls.append(result)
+        if len(calls) == 1:
+            store.clear()
+        return result
+    monkeypatch.setattr(store, "write", restarting_empty_after_the_first)
+    rebuild_features(online_settings, store, until, batch_events=300)
+    assert store.item_event_counts() == dict(Counter(e["item_id"] for e in topic_events))
+    assert store.watermarks() == until
+    assert any(result.missing for result in calls)  # the loss was seen, not written over
+
+
 def test_a_wiped_store_holds_the_live_batch_until_rebuilt(online_settings: Settings, topic_events: list[dict],
                                                           new_store: Callable[[], FeatureStore]) -> None:
     until = end_of_topic(online_settings)

@@ -90,11 +90,16 @@ T = TypeVar("T")
 def _first_application(final: list, unconfirmed: list | None) -> list:
     """A bucket's reply ([applied, skipped, unmarked, behind, repaired]) counting as applied the events a first,
     unconfirmed execution applied: its retry finds them written (the watermark) and skips them,
-    or, on a promoted replica that never got them, applies the same events again."""
-    if unconfirmed is None or int(unconfirmed[0]) <= int(final[0]):
+    or, on a promoted replica that never got them, applies the same events again. The partitions
+    either execution found unmarked or behind, and the keys either repaired, are all reported:
+    a retry that skips what the first wrote over a lost bucket no longer sees the loss."""
+    if unconfirmed is None:
         return final
-    moved = int(unconfirmed[0]) - int(final[0])
-    return [int(final[0]) + moved, int(final[1]) - moved, *final[2:]]
+    applied, skipped = int(final[0]), int(final[1])
+    moved = max(int(unconfirmed[0]) - applied, 0)
+    return [applied + moved, skipped - moved,
+            sorted({int(k) for k in (*unconfirmed[2], *final[2])}), sorted({int(k) for k in (*unconfirmed[3], *final[3])}),
+            list(dict.fromkeys((*unconfirmed[4], *final[4])))]
 
 
 def _address(field: str) -> str:

@@ -129,18 +129,40 @@ def rebuild_features(
     already holds them all). `roles` weigh popularity as the trainer's ranking model does (the
     default roles, as `streamrec train-online` uses); `dedup_window_events` is the trainer's event-id
     window (`TrainerConfig.dedup_window_events`). Raises TimeoutError when the broker sends
-    nothing for `idle_timeout_s` while records are still due."""
+    nothing for `idle_timeout_s` while records are still due.
+
+    A store that loses state while it is rebuilt (a Redis, or a Cluster master with its replica,
+    restarted empty between two of the rebuild's writes) is rebuilt again from where it stands
+    then: each write after a partition's first holds that partition where the store lacks what the
+    rebuild wrote before (the floors are where the rebuild started), and reports it. Before, the
+    next write went on over the hole, its watermark moved past it, and nothing noticed the gap."""
     roles = roles or EventRoles()
+    written = 0
+    while True:
+        more, lost = _rebuild_once(settings, store, until, roles, batch_events, idle_timeout_s, dedup_window_events)
+        written += more
+        if not lost:
+            log.info("feature store rebuilt: %d events written", written)
+            return written
+        log.warning("the feature store lost what was rebuilt of %s while it was rebuilt: rebuilding again",
+                    sorted(lost.items()))
+
+
+def _rebuild_once(settings: Settings, store: FeatureStore, until: Mapping[str, int], roles: EventRoles,
+                  batch_events: int, idle_timeout_s: float, dedup_window_events: int) -> tuple[int, dict[str, int]]:
+    """One pass of `rebuild_features`: (events written, the partitions the store lost meanwhile,
+    empty when it lost none; the pass stops at the first write that reports one)."""
     schema = EventSchema.from_settings(settings)
     ranges = _read_ranges(settings.kafka_bootstrap, until, store.watermarks())
     if not ranges:
-        return 0
+        return 0, {}
     log.info("rebuilding the feature store from %s",
              {pkey: [start, stop] for pkey, start, stop, _ in ranges.values()})
     window = EventIdWindow(dedup_window_events)
     _fill_window(settings, schema, window, ranges, batch_events, idle_timeout_s)
     pkeys = {tp: pkey for tp, (pkey, _, _, _) in ranges.items()}
     position = {tp: start for tp, (_, start, _, _) in ranges.items()}
+    floors = {pkey: start for pkey, start, _, _ in ranges.values()}
     written = 0
     for records in read_ranges(settings.kafka_bootstrap,
                                {tp: (start, stop) for tp, (_, start, stop, _) in ranges.items()},
@@ -149,6 +171,9 @@ def rebuild_features(
         duplicate, _ = window.duplicates(batch)  # as the trainer decided (trainer._drop_duplicates)
         window.record(batch)
         batch = batch.take(~duplicate)
-        written += store.write(batch, popularity_weights(batch, roles), ranges=_read(records, position, pkeys)).applied
-    log.info("feature store rebuilt: %d events written", written)
-    return written
+        result = store.write(batch, popularity_weights(batch, roles), floors=floors,
+                             ranges=_read(records, position, pkeys))
+        written += result.applied
+        if result.missing:
+            return written, result.missing
+    return written, {}
