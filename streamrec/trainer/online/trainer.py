@@ -94,6 +94,11 @@ log = logging.getLogger("streamrec.trainer")
 # as opposed to a shard that is down or restarting: retrying the same batch cannot help
 REFUSED_CONTENT = frozenset({"ValueError", "TypeError"})
 IDLE_PROBE_SECONDS = 5.0  # how often an idle trainer asks the shards whether one restarted
+# an idle trainer without partitions yet (its group is still forming) is not idle: nothing could
+# reach it. Kafka holds a new group's first assignment for 3 s (group.initial.rebalance.delay.ms),
+# and a trainer with `idle_exit_seconds` below that exited before it got a partition. Past this
+# long without one (the group's other members hold every partition), idle time counts again.
+ASSIGNMENT_GRACE_SECONDS = 15.0
 PARTITION_FETCH_BYTES = 256 * 1024  # ~1,000 events per partition per fetch: a backlog interleaves in time
 
 
@@ -347,7 +352,7 @@ class OnlineTrainer:
     def run(self) -> TrainerStats:
         """Consume until stopped (SIGTERM/SIGINT via `stop_requested`, max_events, or idle)."""
         cfg = self.config
-        idle_since = last_report = last_probe = last_fence_report = time.monotonic()
+        started = idle_since = last_report = last_probe = last_fence_report = time.monotonic()
         try:
             while not self.stop_requested.is_set():
                 records = self._collect()
@@ -361,6 +366,8 @@ class OnlineTrainer:
                     if cfg.max_events is not None and self.stats.consumed >= cfg.max_events:
                         break
                 else:
+                    if time.monotonic() - started < ASSIGNMENT_GRACE_SECONDS and not self.consumer.assignment():
+                        idle_since = time.monotonic()  # still joining its group: not idle yet
                     idle_exit = (cfg.idle_exit_seconds is not None
                                  and time.monotonic() - idle_since > cfg.idle_exit_seconds)
                     if idle_exit or time.monotonic() - last_probe >= IDLE_PROBE_SECONDS:
