@@ -13,8 +13,8 @@ groups, a ring of sessions), one seed each, hold every family, neural ones inclu
 rule.
 
 Neural families are held to that rule on the weak-signal logs where their defaults meet it as a
-mean over the three draws (on `sessions`, where every one of them clears it many times over, on
-the first draw alone: `NEURAL_SEEDS`) (`NEURAL_ABOVE`, measured 2026-12-01, -02 and -04 with at least two standard errors
+mean over the three draws (on `sessions`, where all but ncf-mlp clear it many times over on the
+first draw, on that draw alone: `neural_seeds`) (`NEURAL_ABOVE`, measured 2026-12-01, -02 and -04 with at least two standard errors
 to spare; docs/models.md, "Where the defaults still fall short"). Elsewhere they are held to the
 safety net only, the popularity blend (`popularity_blend=auto`, its weight chosen on the model's
 own validation split): one seed each, so the tolerance is two standard errors, since a blend
@@ -104,18 +104,20 @@ def test_classical_defaults_beat_popularity_on_weak_signal(name: str, log: str) 
     assert got > baseline + stderr, f"{name} {got:.3f} does not beat popularity ({baseline:.3f} +- {stderr:.3f}) on {log}"
 
 
-# The draws the neural families are held to on each log. On `sessions` one: every family beat
-# popularity by 4.8 (ncf-mlp) to 41 (ncf-gmf) standard errors on draw 0 alone (2026-12-07; caser
-# 9.3, gru4rec 7.8), and its fits cost twice those of the other logs (6.2 CPU-minutes a draw, CI
-# came within minutes of its 90 with three). `weak` keeps three: there ncf-mlp, youtube-dnn and
-# dssm beat popularity by 1.5-2.3 on draw 0 and need the mean.
-NEURAL_SEEDS: dict[str, tuple[int, ...]] = {"sessions": SEEDS[:1], "short": SEEDS, "weak": SEEDS}
+# The draws the neural families are held to on each log. On `sessions` one: every family but
+# ncf-mlp beat popularity by 7.8 (gru4rec) to 41 (ncf-gmf) standard errors on draw 0 alone
+# (2026-12-07; caser 9.3), and its fits cost twice those of the other logs (6.2 CPU-minutes a
+# draw, CI came within minutes of its 90 with three). ncf-mlp keeps three there: 4.8 on draw 0,
+# but 2.7 (of the pooled error) over the three on 2026-12-04, so draws 1 and 2 are thinner. `weak`
+# keeps three for all: there ncf-mlp, youtube-dnn and dssm beat popularity by 1.5-2.3 on draw 0.
+def neural_seeds(name: str, log: str) -> tuple[int, ...]:
+    return SEEDS[:1] if log == "sessions" and name != "ncf-mlp" else SEEDS
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("name", "log"), [(name, log) for log in WEAK for name in sorted(NEURAL_ABOVE[log])])
 def test_neural_defaults_that_learn_weak_signal_beat_popularity(name: str, log: str) -> None:
-    got, baseline, stderr = compare(name, log, NEURAL_SEEDS[log])
+    got, baseline, stderr = compare(name, log, neural_seeds(name, log))
     assert got > baseline + stderr, f"{name} {got:.3f} does not beat popularity ({baseline:.3f} +- {stderr:.3f}) on {log}"
 
 

@@ -213,6 +213,11 @@ def test_the_replicas_a_master_waits_for() -> None:
     assert replicas_to_wait_for(failed, replication(7011)) == 0
     suspected = NODES.replace("r1 127.0.0.1:7011@17011 slave", "r1 127.0.0.1:7011@17011 slave,fail?")
     assert replicas_to_wait_for(suspected, replication(7011)) == 1
+    # restarted with a new node id on its old address: the old entry stays failed for a while
+    reborn = failed + "r1b 127.0.0.1:7011@17011 slave m1 0 0 1 connected\n"
+    assert replicas_to_wait_for(reborn, replication(7011, state="wait_bgsave")) == 1
+    meeting = unknown.replace("r1 127.0.0.1:7011@17011 master -", "r1 127.0.0.1:7011@17011 handshake -")
+    assert replicas_to_wait_for(meeting, replication(7011, state="wait_bgsave")) == 1  # connected, still being met
     assert replicas_to_wait_for(NODES.replace("myself,master", "master").replace("m2 127.0.0.1:7002@17002 master",
                                                                                 "m2 127.0.0.1:7002@17002 myself,master"),
                                 replication(7012)) == 1  # the other master's replica, for the other master

@@ -97,23 +97,37 @@ def test_a_rebuild_resumes_where_the_last_one_stopped(online_settings: Settings,
     assert store.item_event_counts() == dict(Counter(e["item_id"] for e in topic_events))
 
 
+@pytest.mark.parametrize("lost", ["after-the-first-write", "after-the-watermarks-were-read"])
 def test_a_store_that_loses_state_while_it_is_rebuilt_is_rebuilt_again(
         online_settings: Settings, topic_events: list[dict], new_store: Callable[[], FeatureStore],
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Redis restarts empty after the rebuild's first write. The next write used to go on over the
-    hole (the rebuild passed no floors and read no report): its watermarks moved past what was
-    lost, and nothing noticed the gap. It is held and reported now, and the rebuild starts again."""
+        monkeypatch: pytest.MonkeyPatch, lost: str) -> None:
+    """Redis restarts empty after the rebuild's first write, or after the rebuild read the
+    watermarks it resumes from. The next write used to go on over the hole (the rebuild passed no
+    floors and read no report): its watermarks moved past what was lost, and nothing noticed the
+    gap. It is held and reported now, and the rebuild starts again."""
     store = new_store()
     until = end_of_topic(online_settings)
-    write, calls = store.write, []
+    if lost == "after-the-watermarks-were-read":
+        rebuild_features(online_settings, store, {pkey: end // 2 for pkey, end in until.items()})
+    write, read_watermarks, calls = store.write, store.watermarks, []
 
-    def restarting_empty_after_the_first(*args: object, **kwargs: object) -> FeatureWrite:
+    def restarting_empty_after_the_first_write(*args: object, **kwargs: object) -> FeatureWrite:
         result = write(*args, **kwargs)
         calls.append(result)
         if len(calls) == 1:
             store.clear()
         return result
-    monkeypatch.setattr(store, "write", restarting_empty_after_the_first)
+
+    def restarting_empty_after_the_first_read() -> dict[str, int]:
+        marks = read_watermarks()
+        monkeypatch.setattr(store, "watermarks", read_watermarks)
+        store.clear()
+        return marks
+    if lost == "after-the-first-write":
+        monkeypatch.setattr(store, "write", restarting_empty_after_the_first_write)
+    else:
+        monkeypatch.setattr(store, "watermarks", restarting_empty_after_the_first_read)
+        monkeypatch.setattr(store, "write", lambda *a, **k: calls.append(write(*a, **k)) or calls[-1])
     rebuild_features(online_settings, store, until, batch_events=300)
     assert store.item_event_counts() == dict(Counter(e["item_id"] for e in topic_events))
     assert store.watermarks() == until

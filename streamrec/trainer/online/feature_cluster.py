@@ -114,11 +114,17 @@ def replicas_to_wait_for(nodes: bytes | str, replication: Mapping[str, object]) 
     a replica that hangs without closing its socket stays connected until `repl-timeout` (60 s),
     and waiting for it meanwhile stalled every write where a dead replica should stop the wait
     after the node timeout. A replica only suspected by this master (`fail?`) still counts: the
-    others may see it, and promote it."""
+    others may see it, and promote it. Replicas are matched by address, so a cluster that
+    announces other addresses (`cluster-announce-ip`) than its replicas do to their masters
+    (`replica-announce-ip`) waits for a hung one until `repl-timeout` again."""
     lines = [line.split() for line in (nodes.decode() if isinstance(nodes, bytes) else nodes).splitlines()]
     lines = [fields for fields in lines if len(fields) > 3]
     me = next((fields[0] for fields in lines if "myself" in fields[2].split(",")), None)
-    failed = {_address(fields[1]) for fields in lines if {"fail", "noaddr", "handshake"} & set(fields[2].split(","))}
+    down = [{"fail", "noaddr"} & set(fields[2].split(",")) for fields in lines]
+    # an address is failed only when no live node holds it: a replica restarted with a new node id
+    # on the address of its old, failed entry is a replica again
+    failed = ({_address(fields[1]) for fields, bad in zip(lines, down) if bad}
+              - {_address(fields[1]) for fields, bad in zip(lines, down) if not bad})
     assigned = {_address(fields[1]) for fields in lines if fields[3] == me and "slave" in fields[2].split(",")}
     connected = {f"{value['ip']}:{value['port']}" for key, value in replication.items()
                  if key.startswith("slave") and isinstance(value, dict) and "ip" in value and "port" in value}
@@ -229,7 +235,7 @@ class ClusterFeatureStore(FeatureStore):
     def _run_buckets(self, calls: list[ScriptCall], done: dict[int, list[int]],
                      unconfirmed: dict[int, list[int]]) -> None:
         """Every bucket's call not yet `done` (its declared keys and its argument), one pipeline per
-        master ending with WAIT when the master has a replica connected, all masters at once; the
+        master ending with WAIT when the master has a replica to wait for, all masters at once; the
         replies of the masters that wrote and replicated their calls go into `done`, so a retry
         after a failover resends only the others' (their events would count as skipped otherwise),
         even when another master failed meanwhile; a master that failed after some of its calls

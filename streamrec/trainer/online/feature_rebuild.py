@@ -132,10 +132,11 @@ def rebuild_features(
     nothing for `idle_timeout_s` while records are still due.
 
     A store that loses state while it is rebuilt (a Redis, or a Cluster master with its replica,
-    restarted empty between two of the rebuild's writes) is rebuilt again from where it stands
-    then: each write after a partition's first holds that partition where the store lacks what the
-    rebuild wrote before (the floors are where the rebuild started), and reports it. Before, the
-    next write went on over the hole, its watermark moved past it, and nothing noticed the gap."""
+    restarted empty after the rebuild read its watermarks, or between two of its writes) is
+    rebuilt again from where it stands then: every write names the topic's earliest offsets as its
+    floors, so a write that does not start there holds its partition where the store lacks what
+    lies before it, and reports it. Before, the write went on over the hole, its watermark moved
+    past it, and nothing noticed the gap."""
     roles = roles or EventRoles()
     written = 0
     while True:
@@ -162,7 +163,7 @@ def _rebuild_once(settings: Settings, store: FeatureStore, until: Mapping[str, i
     _fill_window(settings, schema, window, ranges, batch_events, idle_timeout_s)
     pkeys = {tp: pkey for tp, (pkey, _, _, _) in ranges.items()}
     position = {tp: start for tp, (_, start, _, _) in ranges.items()}
-    floors = {pkey: start for pkey, start, _, _ in ranges.values()}
+    floors = {pkey: begin for pkey, _, _, begin in ranges.values()}  # the topic holds everything from there
     written = 0
     for records in read_ranges(settings.kafka_bootstrap,
                                {tp: (start, stop) for tp, (_, start, stop, _) in ranges.items()},

@@ -96,8 +96,9 @@ REFUSED_CONTENT = frozenset({"ValueError", "TypeError"})
 IDLE_PROBE_SECONDS = 5.0  # how often an idle trainer asks the shards whether one restarted
 # an idle trainer without partitions yet (its group is still forming) is not idle: nothing could
 # reach it. Kafka holds a new group's first assignment for 3 s (group.initial.rebalance.delay.ms),
-# and a trainer with `idle_exit_seconds` below that exited before it got a partition. Past this
-# long without one (the group's other members hold every partition), idle time counts again.
+# and a trainer with `idle_exit_seconds` below that exited before it got a partition. Idle time
+# starts again when the assignment changes (after the warm-up on new partitions), and counts
+# without one only past this long (the group's other members hold every partition).
 ASSIGNMENT_GRACE_SECONDS = 15.0
 PARTITION_FETCH_BYTES = 256 * 1024  # ~1,000 events per partition per fetch: a backlog interleaves in time
 
@@ -353,6 +354,7 @@ class OnlineTrainer:
         """Consume until stopped (SIGTERM/SIGINT via `stop_requested`, max_events, or idle)."""
         cfg = self.config
         started = idle_since = last_report = last_probe = last_fence_report = time.monotonic()
+        owned: set[TopicPartition] = set()  # the partitions held when idle time last started
         try:
             while not self.stop_requested.is_set():
                 records = self._collect()
@@ -366,8 +368,11 @@ class OnlineTrainer:
                     if cfg.max_events is not None and self.stats.consumed >= cfg.max_events:
                         break
                 else:
-                    if time.monotonic() - started < ASSIGNMENT_GRACE_SECONDS and not self.consumer.assignment():
-                        idle_since = time.monotonic()  # still joining its group: not idle yet
+                    holding = set(self.consumer.assignment())
+                    if holding != owned or (not holding and time.monotonic() - started < ASSIGNMENT_GRACE_SECONDS):
+                        # still joining its group, or just given partitions (and done warming up on
+                        # them, which can take seconds): not idle yet
+                        owned, idle_since = holding, time.monotonic()
                     idle_exit = (cfg.idle_exit_seconds is not None
                                  and time.monotonic() - idle_since > cfg.idle_exit_seconds)
                     if idle_exit or time.monotonic() - last_probe >= IDLE_PROBE_SECONDS:
