@@ -14,12 +14,13 @@ rule.
 
 Neural families are held to that rule on the weak-signal logs where their defaults meet it as a
 mean over the three draws (on `sessions`, where all but ncf-mlp clear it many times over on the
-first draw, on that draw alone: `neural_seeds`) (`NEURAL_ABOVE`, measured 2026-12-01, -02 and -04 with at least two standard errors
-to spare; docs/models.md, "Where the defaults still fall short"). Elsewhere they are held to the
-safety net only, the popularity blend (`popularity_blend=auto`, its weight chosen on the model's
-own validation split): one seed each, so the tolerance is two standard errors, since a blend
-weight chosen on a validation split of the same size moves the test figure by about one around
-popularity's (seeds 0-2 measured: at worst -1.5 SE on one draw, -0.9 SE as a mean).
+first draw, over that draw alone: `neural_seeds`; the pairs are `NEURAL_ABOVE`, measured
+2026-12-01, -02 and -04 with at least two standard errors to spare; docs/models.md, "Where the
+defaults still fall short"). Elsewhere they are held to the safety net only, the popularity blend
+(`popularity_blend=auto`, its weight chosen on the model's own validation split): one seed each, so
+the tolerance is two standard errors, since a blend weight chosen on a validation split of the same
+size moves the test figure by about one around popularity's (seeds 0-2 measured: at worst -1.5 SE
+on one draw, -0.9 SE as a mean).
 """
 
 from __future__ import annotations

@@ -36,8 +36,9 @@ def split_model_params(models: tuple[str, ...], pairs: tuple[str, ...]) -> dict[
 @click.option("--batch-seconds", type=float, default=0.5, show_default=True, help="most wait for a batch to fill")
 @click.option("--evaluate-every", type=int, default=10, show_default=True, help="prequential sample: every Nth event")
 @click.option("--max-events", type=int, help="stop after this many records")
-@click.option("--idle-exit", type=float, help="stop after this many seconds without records, counted once it holds partitions "
-              "(or 15 s after start without any)")
+@click.option("--idle-exit", type=float,
+              help="stop after this many seconds without records, counted once it holds partitions "
+                   "(or 15 s after start without any)")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="JSON report file, rewritten every 5 s")
 @click.option("--metrics-port", type=int, help="Prometheus port [settings.metrics_port]")
 @click.option("--no-feature-store", is_flag=True, help="do not write the Redis feature store")

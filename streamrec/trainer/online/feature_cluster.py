@@ -97,9 +97,8 @@ def _first_application(final: list, unconfirmed: list | None) -> list:
         return final
     applied, skipped = int(final[0]), int(final[1])
     moved = max(int(unconfirmed[0]) - applied, 0)
-    return [applied + moved, skipped - moved,
-            sorted({int(k) for k in (*unconfirmed[2], *final[2])}), sorted({int(k) for k in (*unconfirmed[3], *final[3])}),
-            list(dict.fromkeys((*unconfirmed[4], *final[4])))]
+    unmarked, behind = (sorted({int(k) for k in (*unconfirmed[n], *final[n])}) for n in (2, 3))
+    return [applied + moved, skipped - moved, unmarked, behind, list(dict.fromkeys((*unconfirmed[4], *final[4])))]
 
 
 def _address(field: str) -> str:
@@ -117,15 +116,16 @@ def replicas_to_wait_for(nodes: bytes | str, replication: Mapping[str, object]) 
     others may see it, and promote it. Replicas are matched by address, so a cluster that
     announces other addresses (`cluster-announce-ip`) than its replicas do to their masters
     (`replica-announce-ip`) waits for a hung one until `repl-timeout` again."""
-    lines = [line.split() for line in (nodes.decode() if isinstance(nodes, bytes) else nodes).splitlines()]
-    lines = [fields for fields in lines if len(fields) > 3]
-    me = next((fields[0] for fields in lines if "myself" in fields[2].split(",")), None)
-    down = [{"fail", "noaddr"} & set(fields[2].split(",")) for fields in lines]
+    # (node id, address, flags, its master's id) per line
+    text = nodes.decode() if isinstance(nodes, bytes) else nodes
+    lines = [(fields[0], _address(fields[1]), set(fields[2].split(",")), fields[3])
+             for fields in (line.split() for line in text.splitlines()) if len(fields) > 3]
+    me = next((node for node, _, flags, _ in lines if "myself" in flags), None)
     # an address is failed only when no live node holds it: a replica restarted with a new node id
     # on the address of its old, failed entry is a replica again
-    failed = ({_address(fields[1]) for fields, bad in zip(lines, down) if bad}
-              - {_address(fields[1]) for fields, bad in zip(lines, down) if not bad})
-    assigned = {_address(fields[1]) for fields in lines if fields[3] == me and "slave" in fields[2].split(",")}
+    failed = ({address for _, address, flags, _ in lines if flags & {"fail", "noaddr"}}
+              - {address for _, address, flags, _ in lines if not flags & {"fail", "noaddr"}})
+    assigned = {address for _, address, flags, master in lines if master == me and "slave" in flags}
     connected = {f"{value['ip']}:{value['port']}" for key, value in replication.items()
                  if key.startswith("slave") and isinstance(value, dict) and "ip" in value and "port" in value}
     return len((assigned | connected) - failed)
